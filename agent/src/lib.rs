@@ -1,0 +1,271 @@
+//! Flotilla's edge agent. It owns what happens on one node: its identity (joined once with a
+//! token), its link to the hub, its durable copy of the desired state, and the supervision of
+//! every replica assigned to it, run through one [`runtime::Runtime`] trait over the Wasm (and
+//! later container) runtimes.
+//!
+//! The agent is autonomous: it persists each assignment set before acknowledging it, and at
+//! boot starts from that copy at once, hub or no hub. It never schedules (the hub does) and
+//! never accepts work for another node: the hub's certificate check and the node's own
+//! certificate bind every assignment set to this node.
+//!
+//! Structure: [`supervisor`] is the sans-IO core (restart policy, backoff, template changes);
+//! this module is the I/O shell that feeds it events and executes its actions; [`link`] holds
+//! the QUIC connection; [`state`], [`logs`] and [`identity`] own their files in the data dir.
+
+pub mod facts;
+pub mod identity;
+pub mod link;
+pub mod logs;
+pub mod runtime;
+pub mod state;
+pub mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::manifest::Runtime as RuntimeKind;
+use proto::messages::{AssignmentSet, Termination};
+use proto::token::JoinToken;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::logs::LogStore;
+use crate::runtime::{RunContext, RunEvent, Runtime, WasmRuntime};
+use crate::state::StateFile;
+use crate::supervisor::{Action, Backoff, Now, Supervisor};
+
+/// How the agent is started. Built by the binary from flags; the library reads no environment.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Hub address, `host:port`.
+    pub hub: String,
+    /// Needed only to join; an agent that joined before reconnects with its certificate.
+    pub token: Option<JoinToken>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    /// Registries spoken to over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Bound on each replica's log file before rotation.
+    pub log_max_bytes: u64,
+    pub backoff: Backoff,
+}
+
+impl AgentConfig {
+    pub fn new(hub: String, name: String, data_dir: PathBuf) -> Self {
+        AgentConfig {
+            hub,
+            token: None,
+            name,
+            labels: BTreeMap::new(),
+            data_dir,
+            insecure_registries: Vec::new(),
+            log_max_bytes: 4 << 20,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid node name {name:?}: {message}")]
+    InvalidName { name: String, message: String },
+    #[error("cannot prepare {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the wasm runtime: {0}")]
+    Wasm(#[from] wasm_runtime::Error),
+    #[error("cannot open the image store: {0}")]
+    Images(String),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Link(#[from] link::Fatal),
+}
+
+fn now() -> Now {
+    let wall_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Now { mono: Instant::now(), wall_ms }
+}
+
+/// A run in flight: how to ask it to stop.
+struct RunHandle {
+    run_id: u64,
+    stop: watch::Sender<bool>,
+}
+
+/// Runs the agent until `shutdown` completes or the hub refuses this node.
+pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    proto::manifest::validate_name(&config.name)
+        .map_err(|message| AgentError::InvalidName { name: config.name.clone(), message })?;
+    let dir = |sub: &str| -> Result<PathBuf, AgentError> {
+        let p = config.data_dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(|source| AgentError::DataDir { path: p.clone(), source })?;
+        Ok(p)
+    };
+    let state = StateFile::new(&dir("state")?);
+    let logs = LogStore::open(dir("logs")?, config.log_max_bytes)
+        .map_err(|source| AgentError::DataDir { path: config.data_dir.join("logs"), source })?;
+    let host =
+        wasm_runtime::WasmHost::new(wasm_runtime::HostConfig { cache_dir: dir("wasm-cache")?, ..Default::default() })?;
+    let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
+    let registry =
+        oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
+    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime { host, registry: Arc::new(registry), blobs: Arc::new(blobs) });
+    let runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::from([(wasm.kind(), wasm)]);
+
+    // Autonomy: start the last persisted desired state before any hub contact.
+    let saved = match state.load() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "ignoring unreadable desired state; waiting for the hub");
+            AssignmentSet::default()
+        }
+    };
+    let mut generation = saved.generation;
+    let mut sup = Supervisor::new(config.backoff);
+    if !saved.assignments.is_empty() {
+        info!(generation, replicas = saved.assignments.len(), "starting persisted desired state");
+    }
+    sup.set_assignments(&saved.assignments, now());
+
+    let (acked_tx, acked_rx) = watch::channel(generation);
+    let (status_tx, status_rx) = watch::channel(sup.statuses());
+    let (assign_tx, mut assign_rx) = mpsc::channel::<AssignmentSet>(8);
+    let (connected_tx, _connected_rx) = watch::channel(false);
+    let link = link::Link {
+        hub: config.hub.clone(),
+        token: config.token.clone(),
+        node_name: config.name.clone(),
+        identity_dir: config.data_dir.join("identity"),
+        facts: facts::collect(&config.labels, runtimes.keys().copied().collect()),
+        tuning: transport::tls::Tuning::default(),
+        logs: logs.clone(),
+        acked: acked_rx,
+        statuses: status_rx,
+        assignments: assign_tx,
+        connected: connected_tx,
+    };
+    let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
+
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<RunEvent>();
+    let mut runs: HashMap<String, RunHandle> = HashMap::new();
+    tokio::pin!(shutdown);
+
+    let result = loop {
+        for action in sup.poll_actions(now()) {
+            execute(action, &mut sup, &mut runs, &runtimes, &logs, &events_tx);
+        }
+        let changes = sup.take_status_changes();
+        if !changes.is_empty() {
+            status_tx.send_replace(sup.statuses());
+        }
+        let deadline = sup.next_deadline();
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            fatal = &mut link_task => break match fatal {
+                Ok(f) => Err(AgentError::Link(f)),
+                Err(e) => { warn!(error = %e, "link task ended"); Ok(()) }
+            },
+            Some(set) = assign_rx.recv() => {
+                // The hub's current set wins; the same generation again is a replay.
+                if set.generation == generation && generation != 0 {
+                    continue;
+                }
+                if let Err(e) = state.save(&set) {
+                    // Not acknowledged: the hub resends at the next connect.
+                    warn!(error = %e, "cannot persist the assignment set");
+                    continue;
+                }
+                generation = set.generation;
+                info!(generation, replicas = set.assignments.len(), "new assignment set");
+                sup.set_assignments(&set.assignments, now());
+                acked_tx.send_replace(generation);
+            }
+            Some(ev) = events_rx.recv() => match ev {
+                RunEvent::Started { replica, run_id } => sup.on_started(&replica, run_id, now()),
+                RunEvent::Exited { replica, run_id, how } => {
+                    if runs.get(&replica).is_some_and(|h| h.run_id == run_id) {
+                        runs.remove(&replica);
+                    }
+                    info!(%replica, run_id, termination = %how, "run ended");
+                    sup.on_exited(&replica, run_id, how, now());
+                    if !sup.statuses().contains_key(&replica) && !runs.contains_key(&replica) {
+                        logs.remove(&replica);
+                    }
+                }
+            },
+            _ = sleep_until(deadline) => {}
+        }
+    };
+    // Stopping the agent does not stop Wasm replicas gracefully elsewhere: they live in this
+    // process, so they end with it and restart from persisted state at the next boot.
+    for (_, h) in runs.drain() {
+        let _ = h.stop.send(true);
+    }
+    link_task.abort();
+    result
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn execute(
+    action: Action,
+    sup: &mut Supervisor,
+    runs: &mut HashMap<String, RunHandle>,
+    runtimes: &HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    logs: &LogStore,
+    events: &mpsc::UnboundedSender<RunEvent>,
+) {
+    match action {
+        Action::Start { replica, run_id, assignment } => {
+            let kind = assignment.template.runtime;
+            let fail = |sup: &mut Supervisor, message: String| {
+                sup.on_exited(&replica, run_id, Termination::StartFailed { message }, now());
+            };
+            let Some(runtime) = runtimes.get(&kind) else {
+                fail(sup, format!("this node has no {kind} runtime"));
+                return;
+            };
+            if let Err(msg) = proto::manifest::validate_name(&replica) {
+                fail(sup, format!("invalid replica name: {msg}"));
+                return;
+            }
+            let log = match logs.sink(&replica) {
+                Ok(l) => l,
+                Err(e) => {
+                    fail(sup, format!("cannot open the log file: {e}"));
+                    return;
+                }
+            };
+            let (stop_tx, stop_rx) = watch::channel(false);
+            runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx });
+            let ctx = RunContext::new(replica.clone(), run_id, assignment.template, log, stop_rx, events.clone());
+            let fut = runtime.run(ctx);
+            let events = events.clone();
+            let span = info_span!("replica", %replica, run_id);
+            tokio::spawn(
+                async move {
+                    debug!("run starting");
+                    let how = fut.await;
+                    let _ = events.send(RunEvent::Exited { replica, run_id, how });
+                }
+                .instrument(span),
+            );
+        }
+        Action::Stop { replica, run_id } => match runs.get(&replica) {
+            Some(h) if h.run_id == run_id => {
+                let _ = h.stop.send(true);
+            }
+            // Nothing in flight: the stop is already complete.
+            _ => sup.on_stopped(&replica, run_id, now()),
+        },
+    }
+}

@@ -1,0 +1,227 @@
+//! The agent's link to the hub: join if needed, then hold one QUIC connection with mutual TLS,
+//! reconnecting with capped exponential backoff and jitter. Over it the agent sends hello,
+//! acknowledgements, status changes and heartbeats on the control stream, receives assignment
+//! sets, and answers the log streams the hub opens.
+//!
+//! The link never decides what runs: it forwards assignment sets to the agent's main loop and
+//! reads what to report from watch channels the main loop publishes, so a dropped connection
+//! loses nothing (the next hello carries the full state).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::messages::{AgentMsg, AssignmentSet, HubMsg, HubRequest, NodeFacts, ReplicaStatus, StreamStart};
+use proto::token::JoinToken;
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use transport::{ALPN_AGENT, frame, tls};
+
+use crate::identity::{self, IdentityError};
+use crate::logs::LogStore;
+
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct Link {
+    pub hub: String,
+    pub token: Option<JoinToken>,
+    pub node_name: String,
+    pub identity_dir: PathBuf,
+    pub facts: NodeFacts,
+    pub tuning: tls::Tuning,
+    pub logs: LogStore,
+    /// Generation the agent has persisted.
+    pub acked: watch::Receiver<u64>,
+    /// Current status of every replica.
+    pub statuses: watch::Receiver<BTreeMap<String, ReplicaStatus>>,
+    /// Assignment sets from the hub, to the main loop.
+    pub assignments: mpsc::Sender<AssignmentSet>,
+    /// Connection state for observers (tests, the CLI's local status).
+    pub connected: watch::Sender<bool>,
+}
+
+/// Why the link gave up for good.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Fatal(#[from] IdentityError);
+
+impl Link {
+    /// Runs until a fatal error (the hub refused this node's join).
+    pub async fn run(mut self) -> Fatal {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match self.session().await {
+                Ok(was_up) => {
+                    if was_up {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+                Err(SessionError::Fatal(e)) => return Fatal(e),
+                Err(SessionError::Transient(msg)) => warn!(hub = %self.hub, error = %msg, "cannot reach the hub"),
+            }
+            let _ = self.connected.send(false);
+            // Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
+            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            debug!(delay_ms = delay.as_millis() as u64, "reconnecting later");
+            tokio::time::sleep(delay).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection, from dial to loss. `Ok(true)` if the session was established.
+    async fn session(&mut self) -> Result<bool, SessionError> {
+        let id =
+            identity::load_or_join(&self.identity_dir, &self.hub, self.token.as_ref(), &self.node_name, &self.tuning)
+                .await
+                .map_err(|e| {
+                    if e.is_transient() { SessionError::Transient(e.to_string()) } else { SessionError::Fatal(e) }
+                })?;
+        let addr = tls::resolve(&self.hub).await.map_err(|e| SessionError::Transient(e.to_string()))?;
+        let config = tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, ALPN_AGENT, &self.tuning)
+            .map_err(|e| SessionError::Fatal(IdentityError::Protocol(e.to_string())))?;
+        let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
+        let conn = tls::connect(&endpoint, config, addr).await.map_err(|e| SessionError::Transient(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionError::Transient(e.to_string()))?;
+
+        let mut sent = self.statuses.borrow_and_update().clone();
+        let mut acked = *self.acked.borrow_and_update();
+        let hello = AgentMsg::Hello { facts: self.facts.clone(), generation: acked, statuses: sent.clone() };
+        frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
+        info!(hub = %self.hub, "connected to hub");
+        let _ = self.connected.send(true);
+
+        // Reads happen on their own task: frame::read is not cancel-safe.
+        let assignments = self.assignments.clone();
+        let mut reader = tokio::spawn(async move {
+            loop {
+                match frame::read::<HubMsg>(&mut recv).await {
+                    Ok(Some(HubMsg::Assign(set))) => {
+                        if assignments.send(set).await.is_err() {
+                            return "agent shutting down".to_string();
+                        }
+                    }
+                    Ok(Some(HubMsg::Refused { message })) => return format!("hub refused the session: {message}"),
+                    Ok(None) => return "hub closed the control stream".to_string(),
+                    Err(e) => return e.to_string(),
+                }
+            }
+        });
+
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        let reason = loop {
+            tokio::select! {
+                r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
+                _ = heartbeat.tick() => {
+                    if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await { break e.to_string() }
+                }
+                changed = self.acked.changed() => {
+                    if changed.is_err() { break "agent shutting down".into() }
+                    let g = *self.acked.borrow_and_update();
+                    if g != acked {
+                        acked = g;
+                        if let Err(e) = frame::write(&mut send, &AgentMsg::Ack { generation: g }).await { break e.to_string() }
+                    }
+                }
+                changed = self.statuses.changed() => {
+                    if changed.is_err() { break "agent shutting down".into() }
+                    let now = self.statuses.borrow_and_update().clone();
+                    let delta: BTreeMap<String, ReplicaStatus> =
+                        now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                    sent = now;
+                    if !delta.is_empty() {
+                        if let Err(e) = frame::write(&mut send, &AgentMsg::Status { statuses: delta }).await { break e.to_string() }
+                    }
+                }
+                stream = conn.accept_bi() => match stream {
+                    Ok((s, r)) => { tokio::spawn(serve_stream(self.logs.clone(), s, r)); }
+                    Err(e) => break e.to_string(),
+                },
+            }
+        };
+        reader.abort();
+        warn!(reason = %reason, "lost the hub connection");
+        conn.close(0u32.into(), b"agent reconnecting");
+        Ok(true)
+    }
+}
+
+enum SessionError {
+    Fatal(IdentityError),
+    Transient(String),
+}
+
+/// A stream the hub opened: one request, then the answer.
+async fn serve_stream(logs: LogStore, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let req = match frame::read::<HubRequest>(&mut recv).await {
+        Ok(Some(req)) => req,
+        _ => return,
+    };
+    match req {
+        HubRequest::Logs { replica, follow, tail_bytes } => {
+            if let Err(e) = stream_log(&logs, &mut send, &replica, follow, tail_bytes).await {
+                debug!(%replica, error = %e, "log stream ended");
+            }
+        }
+    }
+}
+
+async fn stream_log(
+    logs: &LogStore,
+    send: &mut quinn::SendStream,
+    replica: &str,
+    follow: bool,
+    tail_bytes: Option<u64>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // The name comes from the hub; it becomes a path, so it must be a plain name.
+    if proto::manifest::validate_name(replica).is_err() {
+        frame::write(send, &StreamStart::Error { message: format!("invalid replica name {replica:?}") }).await?;
+        return Ok(());
+    }
+    let path = logs.path(replica);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => {
+            frame::write(
+                send,
+                &StreamStart::Error { message: format!("no logs yet for replica {replica} on this node") },
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    frame::write(send, &StreamStart::Ok).await?;
+    let len = file.metadata().await?.len();
+    let mut pos = tail_bytes.map_or(0, |t| len.saturating_sub(t));
+    file.seek(std::io::SeekFrom::Start(pos)).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n > 0 {
+            send.write_all(&buf[..n]).await?;
+            pos += n as u64;
+            continue;
+        }
+        if !follow {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // The reader went away (the CLI stopped following).
+            _ = send.stopped() => return Ok(()),
+        }
+        // Rotation: the file at `path` is new (shorter than what we read); start it over.
+        if let Ok(meta) = tokio::fs::metadata(&path).await
+            && meta.len() < pos
+        {
+            file = tokio::fs::File::open(&path).await?;
+            pos = 0;
+        }
+    }
+    send.finish()?;
+    Ok(())
+}

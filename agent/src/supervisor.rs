@@ -1,0 +1,496 @@
+//! The supervisor: the agent's sans-IO core. It holds the replicas a node must run and what is
+//! happening to each, takes events in (`set_assignments`, `on_started`, `on_exited`,
+//! `on_stopped`) and hands decisions out (`poll_actions`, `next_deadline`,
+//! `take_status_changes`). It never touches a runtime, a socket or the clock: time is passed
+//! in, so restart policies and backoff are tested in microseconds.
+//!
+//! Each run of a replica has a `run_id`; events for an old run are ignored, so a late exit
+//! report can never confuse the state of the run that replaced it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use proto::messages::{Assignment, Phase, ReplicaStatus, Termination};
+
+/// Capped exponential backoff between restarts of one replica.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// A run that lasted this long resets the backoff.
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(30), reset_after: Duration::from_secs(60) }
+    }
+}
+
+impl Backoff {
+    /// Delay before restart number `failures` (1-based count of consecutive short runs).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        self.initial.saturating_mul(1 << exp).min(self.max)
+    }
+}
+
+/// "Now", as the shell sees it: a monotonic instant for timers and wall-clock milliseconds
+/// for the timestamps users read.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start { replica: String, run_id: u64, assignment: Assignment },
+    Stop { replica: String, run_id: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RunState {
+    /// Should start at the next poll.
+    Ready,
+    /// Start requested; the runtime is pulling or compiling.
+    Starting {
+        run_id: u64,
+    },
+    Running {
+        run_id: u64,
+        since: Instant,
+    },
+    /// Stop requested; `then_start` when the replica must come back (new template).
+    Stopping {
+        run_id: u64,
+        then_start: bool,
+    },
+    BackingOff {
+        until: Instant,
+    },
+    /// Ended for good under its restart policy.
+    Done,
+}
+
+#[derive(Debug)]
+struct Replica {
+    assignment: Assignment,
+    state: RunState,
+    consecutive_failures: u32,
+    status: ReplicaStatus,
+    /// Removed from the assignment set: forget it once stopped.
+    removed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    backoff: Backoff,
+    replicas: BTreeMap<String, Replica>,
+    next_run: u64,
+    changed: BTreeSet<String>,
+}
+
+impl Supervisor {
+    pub fn new(backoff: Backoff) -> Self {
+        Supervisor { backoff, ..Default::default() }
+    }
+
+    /// Replaces the desired set. New replicas start; removed ones stop; replicas whose
+    /// template changed stop and start again with the new template. Unchanged replicas are
+    /// untouched (no restart).
+    pub fn set_assignments(&mut self, assignments: &[Assignment], now: Now) {
+        let wanted: BTreeMap<&str, &Assignment> = assignments.iter().map(|a| (a.name.as_str(), a)).collect();
+        for (name, r) in self.replicas.iter_mut() {
+            if !wanted.contains_key(name.as_str()) && !r.removed {
+                r.removed = true;
+                r.state = match r.state {
+                    RunState::Starting { run_id } | RunState::Running { run_id, .. } => {
+                        RunState::Stopping { run_id, then_start: false }
+                    }
+                    RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then_start: false },
+                    _ => RunState::Done,
+                };
+            }
+        }
+        for (name, a) in wanted {
+            match self.replicas.get_mut(name) {
+                Some(r) if r.assignment.template_hash == a.template_hash && !r.removed => {}
+                Some(r) => {
+                    let was_removed = r.removed;
+                    r.assignment = a.clone();
+                    r.removed = false;
+                    r.consecutive_failures = 0;
+                    r.state = match r.state {
+                        RunState::Starting { run_id }
+                        | RunState::Running { run_id, .. }
+                        | RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then_start: true },
+                        _ => RunState::Ready,
+                    };
+                    if !was_removed {
+                        r.status.message = "updating to a new template".into();
+                    }
+                    r.status.phase = Phase::Pending;
+                    r.status.template_hash = a.template_hash.clone();
+                    r.status.observed_at_ms = now.wall_ms;
+                    self.changed.insert(name.to_string());
+                }
+                None => {
+                    let status = ReplicaStatus {
+                        phase: Phase::Pending,
+                        template_hash: a.template_hash.clone(),
+                        message: "starting".into(),
+                        observed_at_ms: now.wall_ms,
+                        ..Default::default()
+                    };
+                    self.replicas.insert(
+                        name.to_string(),
+                        Replica {
+                            assignment: a.clone(),
+                            state: RunState::Ready,
+                            consecutive_failures: 0,
+                            status,
+                            removed: false,
+                        },
+                    );
+                    self.changed.insert(name.to_string());
+                }
+            }
+        }
+        self.forget_finished_removals();
+    }
+
+    fn forget_finished_removals(&mut self) {
+        let gone: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.removed && r.state == RunState::Done)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            self.replicas.remove(&name);
+            self.changed.remove(&name);
+        }
+    }
+
+    /// The runtime started the run.
+    pub fn on_started(&mut self, replica: &str, run_id: u64, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        if r.state != (RunState::Starting { run_id }) {
+            return;
+        }
+        r.state = RunState::Running { run_id, since: now.mono };
+        r.status.phase = Phase::Running;
+        r.status.message.clear();
+        r.status.started_at_ms = Some(now.wall_ms);
+        r.status.observed_at_ms = now.wall_ms;
+        self.changed.insert(replica.to_string());
+    }
+
+    /// The run ended by itself (exit, trap) or could not start.
+    pub fn on_exited(&mut self, replica: &str, run_id: u64, how: Termination, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        let since = match r.state {
+            RunState::Running { run_id: id, since } if id == run_id => Some(since),
+            RunState::Starting { run_id: id } if id == run_id => None,
+            // Ended on its own while we were stopping it: the stop is complete.
+            RunState::Stopping { run_id: id, .. } if id == run_id => {
+                self.on_stopped(replica, run_id, now);
+                return;
+            }
+            _ => return,
+        };
+        let success = matches!(how, Termination::Exited { code: 0 });
+        let long_run = since.is_some_and(|s| now.mono.saturating_duration_since(s) >= self.backoff.reset_after);
+        r.consecutive_failures = if long_run { 1 } else { r.consecutive_failures + 1 };
+        // A start failure (missing image, invalid module) is retried whatever the policy,
+        // since the cause may be fixed outside the node (an image pushed late).
+        let start_failed = matches!(how, Termination::StartFailed { .. });
+        let restart = start_failed || r.assignment.template.restart_policy.restarts(success);
+        r.status.started_at_ms = None;
+        r.status.observed_at_ms = now.wall_ms;
+        if restart {
+            let delay = self.backoff.delay(r.consecutive_failures);
+            r.state = RunState::BackingOff { until: now.mono + delay };
+            r.status.phase = Phase::Pending;
+            r.status.message = format!("back-off {}s before restarting", delay.as_secs_f64().ceil() as u64);
+        } else {
+            r.state = RunState::Done;
+            r.status.phase = if success { Phase::Succeeded } else { Phase::Failed };
+            r.status.message.clear();
+        }
+        r.status.last_termination = Some(how);
+        self.changed.insert(replica.to_string());
+    }
+
+    /// The runtime finished stopping a run the supervisor asked to stop.
+    pub fn on_stopped(&mut self, replica: &str, run_id: u64, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        let RunState::Stopping { run_id: id, then_start } = r.state else { return };
+        if id != run_id {
+            return;
+        }
+        r.status.started_at_ms = None;
+        if then_start {
+            r.state = RunState::Ready;
+        } else {
+            r.state = RunState::Done;
+            r.status.phase = Phase::Succeeded;
+            r.status.message = "stopped".into();
+        }
+        r.status.observed_at_ms = now.wall_ms;
+        self.changed.insert(replica.to_string());
+        self.forget_finished_removals();
+    }
+
+    /// Actions due at `now`. Calling it again without new events returns nothing new.
+    pub fn poll_actions(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        for (name, r) in self.replicas.iter_mut() {
+            match r.state {
+                RunState::BackingOff { until } if until <= now.mono => {
+                    r.status.restarts += 1;
+                    r.state = RunState::Ready;
+                }
+                _ => {}
+            }
+            match r.state {
+                RunState::Ready => {
+                    self.next_run += 1;
+                    let run_id = self.next_run;
+                    r.state = RunState::Starting { run_id };
+                    if r.status.message.is_empty() || r.status.message.starts_with("back-off") {
+                        r.status.message = "starting".into();
+                        r.status.observed_at_ms = now.wall_ms;
+                        self.changed.insert(name.clone());
+                    }
+                    out.push(Action::Start { replica: name.clone(), run_id, assignment: r.assignment.clone() });
+                }
+                RunState::Stopping { run_id, .. } if !r.status.message.starts_with("stopping") => {
+                    r.status.message = "stopping".into();
+                    self.changed.insert(name.clone());
+                    out.push(Action::Stop { replica: name.clone(), run_id });
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// When `poll_actions` next has something to do by the clock alone.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.replicas
+            .values()
+            .filter_map(|r| match r.state {
+                RunState::BackingOff { until } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Statuses that changed since the last call.
+    pub fn take_status_changes(&mut self) -> BTreeMap<String, ReplicaStatus> {
+        let names = std::mem::take(&mut self.changed);
+        names.into_iter().filter_map(|n| self.replicas.get(&n).map(|r| (n, r.status.clone()))).collect()
+    }
+
+    /// Current status of every replica the node holds.
+    pub fn statuses(&self) -> BTreeMap<String, ReplicaStatus> {
+        self.replicas.iter().filter(|(_, r)| !r.removed).map(|(n, r)| (n.clone(), r.status.clone())).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::manifest::{ReplicaTemplate, RestartPolicy, Runtime};
+
+    fn assignment(name: &str, image: &str, policy: RestartPolicy) -> Assignment {
+        let template = ReplicaTemplate {
+            runtime: Runtime::Wasm,
+            image: image.into(),
+            args: vec![],
+            env: Default::default(),
+            restart_policy: policy,
+            memory_bytes: None,
+        };
+        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
+    }
+
+    struct Clock(Instant, u64);
+    impl Clock {
+        fn now(&self) -> Now {
+            Now { mono: self.0, wall_ms: self.1 }
+        }
+        fn advance(&mut self, d: Duration) {
+            self.0 += d;
+            self.1 += d.as_millis() as u64;
+        }
+    }
+
+    fn start_id(actions: &[Action]) -> u64 {
+        match actions {
+            [Action::Start { run_id, .. }] => *run_id,
+            other => panic!("expected one start, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn starts_new_replicas_once() {
+        let c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        assert!(s.poll_actions(c.now()).is_empty());
+        s.on_started("w-0", id, c.now());
+        assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+        // Re-applying the same set changes nothing.
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        assert!(s.poll_actions(c.now()).is_empty());
+        assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+    }
+
+    #[test]
+    fn restarts_with_capped_exponential_backoff() {
+        let mut c = Clock(Instant::now(), 0);
+        let b = Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            reset_after: Duration::from_secs(60),
+        };
+        let mut s = Supervisor::new(b);
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let mut delays = vec![];
+        for _ in 0..5 {
+            let id = start_id(&s.poll_actions(c.now()));
+            s.on_started("w-0", id, c.now());
+            s.on_exited("w-0", id, Termination::Exited { code: 1 }, c.now());
+            let d = s.next_deadline().unwrap() - c.0;
+            delays.push(d.as_secs());
+            // Not before the deadline.
+            assert!(s.poll_actions(c.now()).is_empty());
+            c.advance(d);
+        }
+        assert_eq!(delays, [1, 2, 4, 4, 4]);
+        let st = &s.statuses()["w-0"];
+        assert_eq!(st.restarts, 4);
+        assert_eq!(st.last_termination, Some(Termination::Exited { code: 1 }));
+    }
+
+    #[test]
+    fn a_long_run_resets_the_backoff() {
+        let mut c = Clock(Instant::now(), 0);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        for _ in 0..3 {
+            let id = start_id(&s.poll_actions(c.now()));
+            s.on_started("w-0", id, c.now());
+            s.on_exited("w-0", id, Termination::Exited { code: 1 }, c.now());
+            c.advance(s.next_deadline().unwrap() - c.0);
+        }
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id, c.now());
+        c.advance(Duration::from_secs(120));
+        s.on_exited("w-0", id, Termination::Exited { code: 1 }, c.now());
+        assert_eq!(s.next_deadline().unwrap() - c.0, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn restart_policies_decide_the_final_phase() {
+        let c = Clock(Instant::now(), 0);
+        for (policy, how, phase) in [
+            (RestartPolicy::Never, Termination::Exited { code: 0 }, Some(Phase::Succeeded)),
+            (RestartPolicy::Never, Termination::Trapped { message: "unreachable".into() }, Some(Phase::Failed)),
+            (RestartPolicy::OnFailure, Termination::Exited { code: 0 }, Some(Phase::Succeeded)),
+            (RestartPolicy::OnFailure, Termination::Exited { code: 2 }, None),
+            (RestartPolicy::Always, Termination::Exited { code: 0 }, None),
+            // Start failures are retried even under Never.
+            (RestartPolicy::Never, Termination::StartFailed { message: "image not found".into() }, None),
+        ] {
+            let mut s = Supervisor::new(Backoff::default());
+            s.set_assignments(&[assignment("w-0", "a", policy)], c.now());
+            let id = start_id(&s.poll_actions(c.now()));
+            if !matches!(how, Termination::StartFailed { .. }) {
+                s.on_started("w-0", id, c.now());
+            }
+            s.on_exited("w-0", id, how.clone(), c.now());
+            let st = &s.statuses()["w-0"];
+            match phase {
+                Some(p) => {
+                    assert_eq!(st.phase, p, "{policy:?} {how:?}");
+                    assert!(s.next_deadline().is_none());
+                }
+                None => {
+                    assert_eq!(st.phase, Phase::Pending, "{policy:?} {how:?}");
+                    assert!(st.message.contains("back-off"), "{}", st.message);
+                    assert!(s.next_deadline().is_some());
+                }
+            }
+            assert_eq!(st.last_termination.as_ref(), Some(&how));
+        }
+    }
+
+    #[test]
+    fn template_change_stops_then_starts_and_removal_stops() {
+        let c = Clock(Instant::now(), 0);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(
+            &[assignment("w-0", "a", RestartPolicy::Always), assignment("w-1", "a", RestartPolicy::Always)],
+            c.now(),
+        );
+        let actions = s.poll_actions(c.now());
+        assert_eq!(actions.len(), 2);
+        for a in &actions {
+            if let Action::Start { replica, run_id, .. } = a {
+                s.on_started(replica, *run_id, c.now());
+            }
+        }
+        let old_w0 = match &actions[0] {
+            Action::Start { run_id, .. } => *run_id,
+            _ => unreachable!(),
+        };
+        // w-0 gets a new image, w-1 is removed.
+        s.set_assignments(&[assignment("w-0", "b", RestartPolicy::Always)], c.now());
+        let stops = s.poll_actions(c.now());
+        assert_eq!(stops.len(), 2, "{stops:?}");
+        assert!(stops.contains(&Action::Stop { replica: "w-0".into(), run_id: old_w0 }));
+        assert!(!s.statuses().contains_key("w-1"));
+        // A late exit of the old run does not count as a crash.
+        for a in stops {
+            if let Action::Stop { replica, run_id } = a {
+                s.on_stopped(&replica, run_id, c.now());
+            }
+        }
+        let id = match s.poll_actions(c.now()).as_slice() {
+            [Action::Start { replica, run_id, assignment }] => {
+                assert_eq!(replica, "w-0");
+                assert_eq!(assignment.template.image, "b");
+                *run_id
+            }
+            other => panic!("{other:?}"),
+        };
+        s.on_exited("w-0", old_w0, Termination::Exited { code: 9 }, c.now());
+        s.on_started("w-0", id, c.now());
+        let st = &s.statuses()["w-0"];
+        assert_eq!(st.phase, Phase::Running);
+        assert_eq!(st.restarts, 0);
+        assert!(st.last_termination.is_none());
+        assert!(!s.replicas.contains_key("w-1"), "stopped removals are forgotten");
+    }
+
+    #[test]
+    fn status_changes_are_reported_once() {
+        let c = Clock(Instant::now(), 0);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        assert_eq!(s.take_status_changes().len(), 1);
+        assert!(s.take_status_changes().is_empty());
+        s.on_started("w-0", id, c.now());
+        assert_eq!(s.take_status_changes()["w-0"].phase, Phase::Running);
+    }
+}

@@ -1,0 +1,327 @@
+//! The admin API: one bi stream per request on an `admin:` connection. Requests are
+//! [`ApiRequest`] frames, answers [`ApiResponse`] frames; logs are a [`StreamStart`] frame and
+//! then raw bytes relayed from the agent that runs the replica.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use proto::manifest::{Kind, parse_manifests};
+use proto::messages::{
+    ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, NodeView, Phase, ReplicaView, ResourceKind,
+    StreamStart, WorkloadView,
+};
+use tracing::{debug, info, warn};
+use transport::frame;
+
+use crate::now_ms;
+use crate::server::{Shared, node_labels};
+use crate::store::{Applied, ReplicaRow, StoreError};
+
+pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(shared, send, recv).await {
+                debug!(error = %e, "API stream ended with an error");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    #[error("relaying logs: {0}")]
+    Relay(String),
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let Some(req) = frame::read::<ApiRequest>(&mut recv).await? else { return Ok(()) };
+    if let ApiRequest::Logs { replica, follow, tail_bytes } = req {
+        return relay_logs(&shared, &mut send, replica, follow, tail_bytes).await;
+    }
+    let response = match answer(&shared, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "API request failed");
+            ApiResponse::Error { message: e.to_string() }
+        }
+    };
+    frame::write(&mut send, &response).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
+    Ok(match req {
+        ApiRequest::Apply { source } => match parse_manifests(&source) {
+            Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
+            Ok(manifests) => {
+                let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
+                shared.trigger_reconcile();
+                let results = manifests
+                    .iter()
+                    .zip(outcomes)
+                    .map(|(m, o)| {
+                        let outcome = match o {
+                            Applied::Created => ApplyOutcome::Created,
+                            Applied::Configured => ApplyOutcome::Configured,
+                            Applied::Unchanged => ApplyOutcome::Unchanged,
+                        };
+                        info!(workload = %m.metadata.name, ?outcome, "applied");
+                        ApplyResult { kind: m.kind.to_string(), name: m.metadata.name.clone(), outcome }
+                    })
+                    .collect();
+                ApiResponse::Applied { results }
+            }
+        },
+        ApiRequest::Get { kind } => match kind {
+            ResourceKind::Node => ApiResponse::Nodes { items: node_views(shared).await? },
+            ResourceKind::Workload => ApiResponse::Workloads { items: workload_views(shared).await? },
+            ResourceKind::Replica => ApiResponse::Replicas { items: replica_views(shared).await? },
+        },
+        ApiRequest::Describe { kind, name } => match describe(shared, kind, &name).await? {
+            Some(text) => ApiResponse::Described { text },
+            None => ApiResponse::Error { message: format!("{} {name:?} not found", kind_name(kind)) },
+        },
+        ApiRequest::Delete { kind, name } => match kind {
+            ResourceKind::Workload => delete(shared, vec![name]).await?,
+            other => ApiResponse::Error {
+                message: format!("deleting a {} is not supported; delete its workload", kind_name(other)),
+            },
+        },
+        ApiRequest::DeleteManifests { source } => match parse_manifests(&source) {
+            Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
+            Ok(manifests) => {
+                let names =
+                    manifests.iter().filter(|m| m.kind == Kind::Workload).map(|m| m.metadata.name.clone()).collect();
+                delete(shared, names).await?
+            }
+        },
+        ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
+    })
+}
+
+async fn delete(shared: &Shared, names: Vec<String>) -> Result<ApiResponse, StoreError> {
+    let (deleted, nodes) = shared.store.delete_workloads(&names).await?;
+    shared.wake_nodes(&nodes);
+    shared.trigger_reconcile();
+    if deleted.is_empty() {
+        return Ok(ApiResponse::Error { message: format!("workload {} not found", names.join(", ")) });
+    }
+    info!(workloads = ?deleted, "deleted");
+    Ok(ApiResponse::Deleted { names: deleted })
+}
+
+fn kind_name(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Node => "node",
+        ResourceKind::Workload => "workload",
+        ResourceKind::Replica => "replica",
+    }
+}
+
+async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
+    Ok(shared
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeView {
+            ready: shared.is_connected(&n.name),
+            name: n.name,
+            facts: n.facts,
+            generation: n.generation,
+            acked_generation: n.acked_generation,
+            last_seen_ms: n.last_seen_ms,
+            joined_at_ms: n.joined_at_ms,
+        })
+        .collect())
+}
+
+fn is_ready(r: &ReplicaRow) -> bool {
+    r.status.phase == Phase::Running && r.status.template_hash == r.template_hash
+}
+
+async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError> {
+    let replicas = shared.store.replicas().await?;
+    Ok(shared
+        .store
+        .workloads()
+        .await?
+        .into_iter()
+        .map(|w| WorkloadView {
+            ready_replicas: replicas.iter().filter(|r| r.workload == w.manifest.metadata.name && is_ready(r)).count()
+                as u32,
+            manifest: w.manifest,
+            revision: w.revision,
+            created_at_ms: w.created_at_ms,
+        })
+        .collect())
+}
+
+fn replica_view(r: ReplicaRow) -> ReplicaView {
+    // A status reported for an older template says nothing about the current one.
+    let mut status = r.status;
+    if status.template_hash != r.template_hash && r.node.is_some() {
+        status.phase = Phase::Pending;
+        status.message = "waiting for the node to apply the new template".into();
+    }
+    ReplicaView {
+        name: r.name,
+        workload: r.workload,
+        node: r.node,
+        template_hash: r.template_hash,
+        status,
+        unschedulable: r.unschedulable,
+    }
+}
+
+async fn replica_views(shared: &Shared) -> Result<Vec<ReplicaView>, StoreError> {
+    Ok(shared.store.replicas().await?.into_iter().map(replica_view).collect())
+}
+
+/// Why a replica is in its phase, in one line.
+fn reason(r: &ReplicaView) -> String {
+    if r.node.is_none() {
+        return format!("unschedulable: {}", r.unschedulable);
+    }
+    let mut out = r.status.message.clone();
+    if let Some(t) = &r.status.last_termination {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        let _ = write!(out, "last run {t}");
+    }
+    out
+}
+
+async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Option<String>, StoreError> {
+    let mut s = String::new();
+    match kind {
+        ResourceKind::Workload => {
+            let Some(w) = workload_views(shared).await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+                return Ok(None);
+            };
+            let spec = &w.manifest.spec;
+            let _ = writeln!(s, "Name:           {name}");
+            let _ = writeln!(s, "Runtime:        {}", spec.runtime);
+            let _ = writeln!(s, "Image:          {}", spec.image);
+            let _ = writeln!(s, "Replicas:       {} desired, {} ready", spec.replicas, w.ready_replicas);
+            let _ = writeln!(s, "Revision:       {}", w.revision);
+            let _ = writeln!(s, "Restart policy: {:?}", spec.restart_policy);
+            if !spec.args.is_empty() {
+                let _ = writeln!(s, "Args:           {:?}", spec.args);
+            }
+            for (k, v) in &spec.env {
+                let _ = writeln!(s, "Env:            {k}={v}");
+            }
+            for (k, v) in &spec.node_selector {
+                let _ = writeln!(s, "Node selector:  {k}={v}");
+            }
+            let _ = writeln!(s, "Replicas:");
+            for r in replica_views(shared).await?.into_iter().filter(|r| r.workload == name) {
+                let _ = writeln!(
+                    s,
+                    "  {:<24} {:<16} {:<10} restarts={:<4} {}",
+                    r.name,
+                    r.node.as_deref().unwrap_or("<none>"),
+                    r.status.phase,
+                    r.status.restarts,
+                    reason(&r)
+                );
+            }
+        }
+        ResourceKind::Replica => {
+            let Some(r) = replica_views(shared).await?.into_iter().find(|r| r.name == name) else { return Ok(None) };
+            let _ = writeln!(s, "Name:          {}", r.name);
+            let _ = writeln!(s, "Workload:      {}", r.workload);
+            let _ = writeln!(s, "Node:          {}", r.node.as_deref().unwrap_or("<none>"));
+            let _ = writeln!(s, "Phase:         {}", r.status.phase);
+            let _ = writeln!(s, "Restarts:      {}", r.status.restarts);
+            let _ = writeln!(s, "Template:      {}", r.template_hash);
+            if r.node.is_none() {
+                let _ = writeln!(s, "Unschedulable: {}", r.unschedulable);
+            }
+            if !r.status.message.is_empty() {
+                let _ = writeln!(s, "Message:       {}", r.status.message);
+            }
+            if let Some(t) = &r.status.last_termination {
+                let _ = writeln!(s, "Last run:      {t}");
+            }
+        }
+        ResourceKind::Node => {
+            let Some(n) = node_views(shared).await?.into_iter().find(|n| n.name == name) else { return Ok(None) };
+            let f = &n.facts;
+            let _ = writeln!(s, "Name:         {}", n.name);
+            let _ = writeln!(s, "Ready:        {}", n.ready);
+            let _ = writeln!(s, "OS/arch:      {}/{} (kernel {})", f.os, f.arch, f.kernel);
+            let _ = writeln!(s, "CPUs:         {}", f.cpus);
+            let _ = writeln!(s, "Memory:       {} MiB", f.memory_bytes >> 20);
+            let runtimes: Vec<String> = f.runtimes.iter().map(|r| r.to_string()).collect();
+            let _ = writeln!(s, "Runtimes:     {}", runtimes.join(", "));
+            let _ = writeln!(s, "Agent:        {}", f.agent_version);
+            let _ = writeln!(s, "Generation:   {} (acknowledged {})", n.generation, n.acked_generation);
+            for (k, v) in node_labels(&n.name, f) {
+                let _ = writeln!(s, "Label:        {k}={v}");
+            }
+            let _ = writeln!(s, "Replicas:");
+            for r in replica_views(shared).await?.into_iter().filter(|r| r.node.as_deref() == Some(name)) {
+                let _ = writeln!(s, "  {:<24} {:<10} restarts={}", r.name, r.status.phase, r.status.restarts);
+            }
+        }
+    }
+    Ok(Some(s))
+}
+
+/// Relays a replica's log from the agent that runs it: one stream to the agent per request,
+/// bytes copied through until either side ends.
+async fn relay_logs(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    replica: String,
+    follow: bool,
+    tail_bytes: Option<u64>,
+) -> Result<(), StreamError> {
+    let fail = |message: String| StreamStart::Error { message };
+    let node = match shared.store.replicas().await {
+        Ok(rs) => rs.into_iter().find(|r| r.name == replica).map(|r| r.node),
+        Err(e) => {
+            frame::write(send, &fail(e.to_string())).await?;
+            return Ok(());
+        }
+    };
+    let conn = match node {
+        None => Err(format!("replica {replica:?} not found")),
+        Some(None) => Err(format!("replica {replica:?} is not placed on any node")),
+        Some(Some(node)) => {
+            shared.connection(&node).ok_or_else(|| format!("node {node:?} that runs {replica:?} is not connected"))
+        }
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(message) => {
+            frame::write(send, &fail(message)).await?;
+            return Ok(());
+        }
+    };
+    let (mut agent_send, mut agent_recv) = conn.open_bi().await.map_err(|e| StreamError::Relay(e.to_string()))?;
+    frame::write(&mut agent_send, &HubRequest::Logs { replica, follow, tail_bytes }).await?;
+    let start = frame::read::<StreamStart>(&mut agent_recv)
+        .await?
+        .unwrap_or(StreamStart::Error { message: "the agent closed the log stream".into() });
+    let ok = matches!(start, StreamStart::Ok);
+    frame::write(send, &start).await?;
+    if ok {
+        // Ends when the agent finishes (no follow) or when the CLI goes away (follow): a
+        // failed write drops both agent streams, which tells the agent to stop.
+        tokio::io::copy(&mut agent_recv, send).await.map_err(|e| StreamError::Relay(e.to_string()))?;
+    }
+    let _ = send.finish();
+    Ok(())
+}

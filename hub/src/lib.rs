@@ -1,0 +1,37 @@
+//! Flotilla's control plane: it owns the desired state (the SQLite store), the cluster CA, the
+//! scheduler, and the one QUIC endpoint that agents and the CLI connect to. It decides what runs
+//! where and tells each node its assignment set; it never runs a workload itself and never
+//! reaches out to an agent: agents dial in (NAT-friendly) and the hub pushes over that
+//! connection.
+//!
+//! Structure: [`scheduler`] is a pure function; [`store`] is the only module that speaks SQL;
+//! [`bootstrap`] owns the data dir and credentials; [`server`] is the I/O shell that accepts
+//! connections and runs the controller loop; [`api`] answers CLI requests.
+
+pub mod api;
+pub mod bootstrap;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use server::{Hub, HubError};
+
+/// How the hub is started. Built by the binary from flags; the library reads no environment.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Address clients should dial, written into `admin.yaml`. Defaults to the listen address
+    /// (with 127.0.0.1 for an unspecified IP).
+    pub advertise: Option<String>,
+    /// Extra DNS names or IPs for the serving certificate.
+    pub tls_names: Vec<String>,
+}
+
+/// Milliseconds since the Unix epoch, for timestamps shown to users.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,441 @@
+//! The hub's I/O shell: the QUIC endpoint, one task per connection, the controller loop, and
+//! the registry of connected agents.
+//!
+//! Who may do what is decided here, per ALPN: the join ALPN needs the token's secret, the agent
+//! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
+//! fails is refused with a reason and logged; every other connection keeps being served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::messages::{AgentMsg, HubMsg, JoinRequest, JoinResponse};
+use quinn::VarInt;
+use subtle::ConstantTimeEq;
+use tokio::sync::{Notify, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+use transport::pki::Ca;
+use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
+
+use crate::bootstrap::{self, BootstrapError};
+use crate::scheduler::{self, Placement, SchedNode, SchedWorkload};
+use crate::store::{Store, StoreError};
+use crate::{HubConfig, now_ms};
+
+/// Application close codes the hub sends.
+pub const CLOSE_UNAUTHORIZED: u32 = 0x401;
+pub const CLOSE_REPLACED: u32 = 0x409;
+pub const CLOSE_PROTOCOL: u32 = 0x400;
+
+const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
+/// The controller re-runs at least this often even without triggers (level-triggered safety).
+const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot set up the QUIC endpoint: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A connected agent.
+struct Session {
+    id: u64,
+    conn: quinn::Connection,
+    /// Woken when the node's assignment set may have changed.
+    wake: Arc<Notify>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    ca: Ca,
+    token_secret: String,
+    /// std Mutex: held only for map operations, never across an await.
+    sessions: Mutex<HashMap<String, Session>>,
+    next_session: AtomicU64,
+    reconcile: Notify,
+}
+
+impl Shared {
+    pub(crate) fn is_connected(&self, node: &str) -> bool {
+        self.sessions.lock().unwrap().contains_key(node)
+    }
+
+    pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        self.sessions.lock().unwrap().get(node).map(|s| s.conn.clone())
+    }
+
+    pub(crate) fn trigger_reconcile(&self) {
+        self.reconcile.notify_one();
+    }
+
+    pub(crate) fn wake_nodes<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {
+        let sessions = self.sessions.lock().unwrap();
+        for n in nodes {
+            if let Some(s) = sessions.get(n) {
+                s.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    admin_config: std::path::PathBuf,
+    token: String,
+}
+
+impl Hub {
+    /// Loads or creates the hub's state and starts listening. Returns once the endpoint is
+    /// bound; [`Hub::run`] serves.
+    pub async fn start(config: HubConfig) -> Result<Hub, HubError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| BootstrapError::Io {
+            action: "create",
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let advertise = config.advertise.clone().unwrap_or_else(|| {
+            let mut a = config.listen;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a.to_string()
+        });
+        let mut names = config.tls_names.clone();
+        if let Some(host) = advertise.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()) {
+            names.push(host);
+        }
+        let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names)?;
+        let store = Store::open(&config.data_dir.join("hub.db")).await?;
+        let server_config = tls::server_config(
+            &identity.server.cert_pem,
+            &identity.server.key_pem,
+            identity.ca.cert_pem(),
+            &tls::Tuning::default(),
+        )?;
+        let endpoint = tls::server_endpoint(server_config, config.listen)?;
+        info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), "hub listening");
+        Ok(Hub {
+            endpoint,
+            token: identity.token.to_string(),
+            admin_config: identity.admin_config_path,
+            shared: Arc::new(Shared {
+                store,
+                ca: identity.ca,
+                token_secret: identity.token.secret,
+                sessions: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+                reconcile: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The node join token (secret: print it only where the operator asked for it).
+    pub fn join_token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn admin_config_path(&self) -> &std::path::Path {
+        &self.admin_config
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), HubError> {
+        let controller = tokio::spawn(controller_loop(self.shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(conn) => handle_connection(shared, conn).instrument(info_span!("conn", %remote)).await,
+                            Err(e) => debug!(%remote, error = %e, "handshake failed"),
+                        }
+                    });
+                }
+            }
+        }
+        controller.abort();
+        self.endpoint.close(VarInt::from_u32(0), b"hub shutting down");
+        self.endpoint.wait_idle().await;
+        Ok(())
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let alpn = tls::negotiated_alpn(&conn).unwrap_or_default();
+    let cn = tls::peer_common_name(&conn);
+    if alpn == ALPN_JOIN {
+        join(shared, conn).await;
+    } else if alpn == ALPN_AGENT {
+        match cn.as_deref().and_then(|cn| cn.strip_prefix("node:")) {
+            Some(node) => {
+                let node = node.to_string();
+                agent_session(shared, conn, node.clone()).instrument(info_span!("agent", %node)).await
+            }
+            None => {
+                warn!(peer = ?cn, "agent connection without a node certificate refused");
+                conn.close(
+                    VarInt::from_u32(CLOSE_UNAUTHORIZED),
+                    b"a node certificate is required; join with a token first",
+                );
+            }
+        }
+    } else if alpn == ALPN_API {
+        match cn.as_deref() {
+            Some(cn) if cn.starts_with("admin:") => crate::api::serve(shared, conn).await,
+            _ => {
+                warn!(peer = ?cn, "API connection without the admin credential refused");
+                conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"the admin credential is required");
+            }
+        }
+    } else {
+        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"unknown protocol");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Join
+
+async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
+    let result = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
+        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+        let req: JoinRequest = match frame::read(&mut recv).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %e, "malformed join request");
+                return None;
+            }
+        };
+        let response = decide_join(&shared, &req);
+        let _ = frame::write(&mut send, &response).await;
+        let _ = send.finish();
+        Some(())
+    })
+    .await;
+    if matches!(result, Ok(Some(()))) {
+        // Let the agent read the answer and close; bounded so a silent peer costs nothing.
+        let _ = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, conn.closed()).await;
+    } else {
+        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"join request expected");
+    }
+}
+
+fn decide_join(shared: &Shared, req: &JoinRequest) -> JoinResponse {
+    let refuse = |message: String| {
+        warn!(node = %req.node_name, reason = %message, "join refused");
+        JoinResponse::Refused { message }
+    };
+    if !bool::from(req.secret.as_bytes().ct_eq(shared.token_secret.as_bytes())) {
+        return refuse("invalid join token".into());
+    }
+    if let Err(msg) = proto::manifest::validate_name(&req.node_name) {
+        return refuse(format!("invalid node name: {msg}"));
+    }
+    match shared.ca.sign_csr(&req.csr_pem, &format!("node:{}", req.node_name), NODE_CERT_VALIDITY) {
+        Ok(cert_pem) => {
+            info!(node = %req.node_name, "node joined");
+            JoinResponse::Accepted { cert_pem, ca_pem: shared.ca.cert_pem().to_string() }
+        }
+        Err(e) => refuse(format!("invalid certificate signing request: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent sessions
+
+async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: String) {
+    let opened = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        match frame::read::<AgentMsg>(&mut recv).await {
+            Ok(Some(AgentMsg::Hello { facts, generation, statuses })) => {
+                Some((send, recv, facts, generation, statuses))
+            }
+            other => {
+                warn!(?other, "agent session did not start with hello");
+                None
+            }
+        }
+    })
+    .await;
+    let Ok(Some((mut send, recv, facts, generation, statuses))) = opened else {
+        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hello expected on the control stream");
+        return;
+    };
+    info!(agent_generation = generation, replicas = statuses.len(), "agent connected");
+    let now = now_ms();
+    if let Err(e) = shared.store.upsert_node(&node, &facts, now).await {
+        warn!(error = %e, "cannot record node");
+        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
+        return;
+    }
+    if let Err(e) = shared.store.record_statuses(&node, &statuses).await {
+        warn!(error = %e, "cannot record statuses");
+    }
+
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let wake = Arc::new(Notify::new());
+    let old =
+        shared.sessions.lock().unwrap().insert(node.clone(), Session { id, conn: conn.clone(), wake: wake.clone() });
+    if let Some(old) = old {
+        old.conn.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a newer session of the same node");
+    }
+    shared.trigger_reconcile();
+
+    // Frames are read on their own task: `frame::read` is not cancel-safe, so it must not sit
+    // in a select! beside the wake-up.
+    let (tx, mut rx) = mpsc::channel::<AgentMsg>(64);
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        loop {
+            match frame::read::<AgentMsg>(&mut recv).await {
+                Ok(Some(msg)) => {
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "bad frame from agent");
+                    break;
+                }
+            }
+        }
+    });
+
+    let mut sent_generation: Option<u64> = None;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            match shared.store.assignment_set(&node).await {
+                Ok(set) if Some(set.generation) != sent_generation => {
+                    let generation = set.generation;
+                    debug!(generation, assignments = set.assignments.len(), "sending assignment set");
+                    if frame::write(&mut send, &HubMsg::Assign(set)).await.is_err() {
+                        break;
+                    }
+                    sent_generation = Some(generation);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot load assignment set"),
+            }
+        }
+        tokio::select! {
+            _ = wake.notified() => dirty = true,
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                handle_agent_msg(&shared, &node, msg).await;
+            }
+        }
+    }
+    reader.abort();
+    {
+        let mut sessions = shared.sessions.lock().unwrap();
+        if sessions.get(&node).is_some_and(|s| s.id == id) {
+            sessions.remove(&node);
+            info!("agent disconnected");
+        }
+    }
+    let _ = shared.store.touch_node(&node, now_ms()).await;
+}
+
+async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
+    let result = match msg {
+        AgentMsg::Ack { generation } => shared.store.ack_generation(node, generation).await,
+        AgentMsg::Status { statuses } => shared.store.record_statuses(node, &statuses).await.map(|_| ()),
+        AgentMsg::Heartbeat => shared.store.touch_node(node, now_ms()).await,
+        AgentMsg::Hello { .. } => {
+            warn!("duplicate hello ignored");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "cannot record agent message");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Controller
+
+async fn controller_loop(shared: Arc<Shared>) {
+    loop {
+        if let Err(e) = reconcile(&shared).await {
+            warn!(error = %e, "reconcile failed");
+        }
+        tokio::select! {
+            _ = shared.reconcile.notified() => {}
+            _ = tokio::time::sleep(RESYNC_PERIOD) => {}
+        }
+    }
+}
+
+/// Built-in labels every node carries, usable in node selectors.
+pub(crate) fn node_labels(name: &str, facts: &proto::messages::NodeFacts) -> BTreeMap<String, String> {
+    let mut labels = facts.labels.clone();
+    labels.insert("flotilla.dev/node".into(), name.to_string());
+    labels.insert("flotilla.dev/os".into(), facts.os.clone());
+    labels.insert("flotilla.dev/arch".into(), facts.arch.clone());
+    labels
+}
+
+/// One pass: snapshot the store, run the scheduler, write its decisions, wake the nodes whose
+/// assignment sets changed. Idempotent.
+async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
+    let workloads = shared.store.workloads().await?;
+    let nodes = shared.store.nodes().await?;
+    let replicas = shared.store.replicas().await?;
+
+    let sched_nodes: Vec<SchedNode> = nodes
+        .iter()
+        .map(|n| SchedNode {
+            name: n.name.clone(),
+            ready: shared.is_connected(&n.name),
+            runtimes: n.facts.runtimes.clone(),
+            labels: node_labels(&n.name, &n.facts),
+        })
+        .collect();
+    let sched_workloads: Vec<SchedWorkload> = workloads
+        .iter()
+        .map(|w| SchedWorkload {
+            name: w.manifest.metadata.name.clone(),
+            replicas: w.manifest.spec.replicas,
+            runtime: w.manifest.spec.runtime,
+            node_selector: w.manifest.spec.node_selector.clone(),
+        })
+        .collect();
+    let current: Vec<Placement> = replicas
+        .iter()
+        .map(|r| Placement {
+            replica: r.name.clone(),
+            workload: r.workload.clone(),
+            index: r.index,
+            node: r.node.clone(),
+        })
+        .collect();
+    let decisions = scheduler::schedule(&sched_nodes, &sched_workloads, &current);
+    let templates = workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
+    let changed = shared.store.write_placements(&decisions.placements, &templates, &decisions.unschedulable).await?;
+    if !changed.is_empty() {
+        debug!(nodes = ?changed, "assignment sets changed");
+        shared.wake_nodes(&changed);
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The image side of Flotilla's OCI runtime: a standalone library that pushes Wasm modules
+//! to OCI registries as CNCF Wasm artifacts and pulls them (tag or digest, following image
+//! indexes to their wasm platform entry) into a local content-addressed blob store, where a
+//! blob only becomes visible after its sha256 matched. It owns the on-disk layout under the
+//! store root (`blobs/sha256/`, `ingest/`, `refs.json`) and the fallback to the last pull of
+//! a reference when its registry is unreachable. It knows nothing of the hub, the agent or
+//! their protocol; it must never trust content it has not digest-verified, never let a digest
+//! or reference from a registry name a path outside the store, and never panic on what a
+//! registry sends.
+
+mod refs;
+mod registry;
+mod store;
+
+pub use refs::{RefEntry, RefsError, RefsFile};
+pub use registry::{
+    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, PulledWasm, Registry, RegistryConfig, RegistryError,
+    WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
+};
+pub use store::{BlobStore, Ingest, StoreError, sha256_digest, validate_digest};

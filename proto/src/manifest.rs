@@ -1,0 +1,436 @@
+//! Workload manifests: the YAML a user applies, its parsing and validation.
+//!
+//! The format is Kubernetes-shaped (`apiVersion`, `kind`, `metadata`, `spec`) but concise.
+//! Parsing is strict: an unknown field anywhere is an error that names the field's path, and
+//! a file with several documents is accepted or refused as a whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const API_VERSION: &str = "flotilla.dev/v1";
+
+/// Longest workload or node name; names become replica names and log file names.
+pub const MAX_NAME_LEN: usize = 53;
+/// Replicas one workload may ask for.
+pub const MAX_REPLICAS: u32 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Manifest {
+    pub api_version: String,
+    pub kind: Kind,
+    pub metadata: Metadata,
+    pub spec: WorkloadSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Workload,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Workload => f.write_str("Workload"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a workload runs and where. Everything in here except `replicas` is the replica
+/// template: changing it makes the agents restart replicas with the new template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub runtime: Runtime,
+    pub image: String,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Wasm,
+    Container,
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Runtime::Wasm => "wasm",
+            Runtime::Container => "container",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a replica that ended with `success` should be started again.
+    pub fn restarts(self, success: bool) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+/// Per-replica limits. Memory is a string with a binary suffix (`64Mi`, `1Gi`) or bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_none()
+    }
+}
+
+/// Why a manifest was refused. `document` counts from 1 in a multi-document file; `path`
+/// names the offending field (`spec.replicas`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}: {path}: {message}")]
+pub struct ManifestError {
+    pub document: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl ManifestError {
+    fn new(document: usize, path: impl Into<String>, message: impl Into<String>) -> Self {
+        ManifestError { document, path: path.into(), message: message.into() }
+    }
+}
+
+/// Parses every YAML document in `source` and validates each. Empty documents are skipped;
+/// a file with no manifest at all is an error. Two documents naming the same workload are
+/// refused, since one would silently overwrite the other.
+pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let mut out: Vec<Manifest> = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(source).enumerate() {
+        let document = i + 1;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| ManifestError::new(document, "(document)", strip_location(&e)))?;
+        if value.is_null() {
+            continue;
+        }
+        let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { "(document)".to_string() } else { path };
+            ManifestError::new(document, path, e.into_inner().to_string())
+        })?;
+        manifest.validate().map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
+        if out.iter().any(|m| m.kind == manifest.kind && m.metadata.name == manifest.metadata.name) {
+            return Err(ManifestError::new(
+                document,
+                "metadata.name",
+                format!("{} {:?} appears twice in this file", manifest.kind, manifest.metadata.name),
+            ));
+        }
+        out.push(manifest);
+    }
+    if out.is_empty() {
+        return Err(ManifestError::new(1, "(document)", "no manifest found"));
+    }
+    Ok(out)
+}
+
+fn strip_location(e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(loc) => format!("invalid YAML at line {} column {}: {e}", loc.line(), loc.column()),
+        None => format!("invalid YAML: {e}"),
+    }
+}
+
+impl Manifest {
+    /// Semantic checks beyond the shape serde already enforced. Returns the field path and
+    /// what is wrong with it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |path: &str, msg: String| Err((path.to_string(), msg));
+        if self.api_version != API_VERSION {
+            return err(
+                "apiVersion",
+                format!("unsupported apiVersion {:?}, expected {API_VERSION:?}", self.api_version),
+            );
+        }
+        if let Err(msg) = validate_name(&self.metadata.name) {
+            return err("metadata.name", msg);
+        }
+        for (k, v) in &self.metadata.labels {
+            if let Err(msg) = validate_label(k, v) {
+                return err(&format!("metadata.labels.{k}"), msg);
+            }
+        }
+        let spec = &self.spec;
+        if let Err(msg) = validate_image(&spec.image) {
+            return err("spec.image", msg);
+        }
+        if spec.replicas > MAX_REPLICAS {
+            return err("spec.replicas", format!("{} exceeds the maximum of {MAX_REPLICAS}", spec.replicas));
+        }
+        for (i, a) in spec.args.iter().enumerate() {
+            if a.contains('\0') {
+                return err(&format!("spec.args[{i}]"), "contains a NUL byte".into());
+            }
+        }
+        for (k, v) in &spec.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return err(
+                    &format!("spec.env.{k}"),
+                    "environment variable names must be non-empty and contain neither '=' nor NUL".into(),
+                );
+            }
+            if v.contains('\0') {
+                return err(&format!("spec.env.{k}"), "value contains a NUL byte".into());
+            }
+        }
+        for (k, v) in &spec.node_selector {
+            if let Err(msg) = validate_label(k, v) {
+                return err(&format!("spec.nodeSelector.{k}"), msg);
+            }
+        }
+        if let Some(m) = &spec.resources.memory
+            && let Err(msg) = parse_quantity(m)
+        {
+            return err("spec.resources.memory", msg);
+        }
+        Ok(())
+    }
+
+    /// The replica template this manifest describes.
+    pub fn template(&self) -> ReplicaTemplate {
+        let s = &self.spec;
+        ReplicaTemplate {
+            runtime: s.runtime,
+            image: s.image.clone(),
+            args: s.args.clone(),
+            env: s.env.clone(),
+            restart_policy: s.restart_policy,
+            memory_bytes: s.resources.memory.as_deref().and_then(|m| parse_quantity(m).ok()),
+        }
+    }
+}
+
+/// A lowercase DNS label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most [`MAX_NAME_LEN`].
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name must not be empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("name {name:?} is longer than {MAX_NAME_LEN} characters"));
+    }
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if !name.chars().all(ok_char) || name.starts_with('-') || name.ends_with('-') {
+        return Err(format!(
+            "name {name:?} must consist of lowercase letters, digits and '-', and start and end with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if key.is_empty() || key.len() > 253 || !ok(key) {
+        return Err(format!("label key {key:?} must be 1-253 characters of letters, digits, '-', '_', '.', '/'"));
+    }
+    if value.len() > 63 || !ok(value) {
+        return Err(format!(
+            "label value {value:?} must be at most 63 characters of letters, digits, '-', '_', '.', '/'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that an image reference has a registry or repository and no whitespace. Full
+/// reference grammar is checked by the registry client when the agent pulls.
+fn validate_image(image: &str) -> Result<(), String> {
+    if image.is_empty() {
+        return Err("image must not be empty".into());
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("image {image:?} contains whitespace or control characters"));
+    }
+    Ok(())
+}
+
+/// Parses a memory quantity: plain bytes, or a number with Ki, Mi, Gi (binary) or k, M, G
+/// (decimal) suffix.
+pub fn parse_quantity(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) =
+        [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 1_000_000), ("G", 1_000_000_000)]
+            .iter()
+            .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+            .unwrap_or((s, 1));
+    let n: u64 = num.parse().map_err(|_| format!("invalid quantity {s:?}; use bytes or a suffix such as 64Mi"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("quantity {s:?} is too large"))
+}
+
+/// What an agent needs to run one replica. Hashing it tells whether a running replica's
+/// template changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaTemplate {
+    pub runtime: Runtime,
+    pub image: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+impl ReplicaTemplate {
+    /// A stable hash of the template (hex sha256 of its canonical JSON, first 16 chars).
+    /// BTreeMaps keep the JSON canonical.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("template serializes");
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: flotilla.dev/v1
+kind: Workload
+metadata:
+  name: hello
+spec:
+  runtime: wasm
+  image: 127.0.0.1:5000/hello:v1
+  replicas: 2
+  args: ["--count", "3"]
+  env: {GREETING: hi}
+  nodeSelector: {site: store-1}
+  restartPolicy: OnFailure
+  resources: {memory: 64Mi}
+"#;
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = parse_manifests(GOOD).unwrap();
+        assert_eq!(m.len(), 1);
+        let s = &m[0].spec;
+        assert_eq!(s.replicas, 2);
+        assert_eq!(s.runtime, Runtime::Wasm);
+        assert_eq!(s.restart_policy, RestartPolicy::OnFailure);
+        assert_eq!(m[0].template().memory_bytes, Some(64 << 20));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let m = parse_manifests(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: a}\nspec: {runtime: wasm, image: r/a:1}\n",
+        )
+        .unwrap();
+        assert_eq!(m[0].spec.replicas, 1);
+        assert_eq!(m[0].spec.restart_policy, RestartPolicy::Always);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let bad = GOOD.replace("replicas: 2", "replica: 2");
+        let e = parse_manifests(&bad).unwrap_err();
+        assert_eq!(e.path, "spec.replica");
+        assert!(e.message.contains("unknown field `replica`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_path() {
+        let bad = GOOD.replace("replicas: 2", "replicas: two");
+        let e = parse_manifests(&bad).unwrap_err();
+        assert_eq!(e.path, "spec.replicas", "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (from, to, path) in [
+            ("name: hello", "name: Hello_World", "metadata.name"),
+            ("runtime: wasm", "runtime: jvm", "spec.runtime"),
+            ("restartPolicy: OnFailure", "restartPolicy: Sometimes", "spec.restartPolicy"),
+            ("memory: 64Mi", "memory: lots", "spec.resources.memory"),
+            ("apiVersion: flotilla.dev/v1", "apiVersion: v2", "apiVersion"),
+            ("image: 127.0.0.1:5000/hello:v1", "image: ''", "spec.image"),
+        ] {
+            let e = parse_manifests(&GOOD.replace(from, to)).unwrap_err();
+            assert_eq!(e.path, path, "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error() {
+        let e = parse_manifests("apiVersion: [unclosed").unwrap_err();
+        assert!(e.message.contains("invalid YAML"), "{e}");
+        assert!(parse_manifests("").is_err());
+    }
+
+    #[test]
+    fn multi_document_files_fail_as_a_whole() {
+        let two = format!("{GOOD}---\n{}", GOOD.replace("name: hello", "name: other"));
+        assert_eq!(parse_manifests(&two).unwrap().len(), 2);
+        let bad = format!("{GOOD}---\n{}", GOOD.replace("name: hello", "name: other").replace("image:", "imagee:"));
+        let e = parse_manifests(&bad).unwrap_err();
+        assert_eq!(e.document, 2);
+        let dup = format!("{GOOD}---\n{GOOD}");
+        assert!(parse_manifests(&dup).unwrap_err().message.contains("twice"));
+    }
+
+    #[test]
+    fn template_hash_tracks_the_template_only() {
+        let a = parse_manifests(GOOD).unwrap().remove(0);
+        let mut b = a.clone();
+        b.spec.replicas = 5;
+        assert_eq!(a.template().hash(), b.template().hash());
+        b.spec.env.insert("X".into(), "1".into());
+        assert_ne!(a.template().hash(), b.template().hash());
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("1024").unwrap(), 1024);
+        assert_eq!(parse_quantity("2Gi").unwrap(), 2 << 30);
+        assert_eq!(parse_quantity("5M").unwrap(), 5_000_000);
+        assert!(parse_quantity("-1").is_err());
+        assert!(parse_quantity("99999999999999999999Gi").is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! Messages between agent and hub (join and control streams) and between the CLI and the hub
+//! (API streams). Every message is one frame of [`crate::codec`].
+//!
+//! Times on the wire are milliseconds since the Unix epoch, taken by the sender; they are for
+//! display only, never for timeouts (those use each side's monotonic clock).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Manifest, ReplicaTemplate, Runtime};
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+/// What an agent reports about its machine when it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFacts {
+    pub os: String,
+    pub arch: String,
+    pub kernel: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub runtimes: Vec<Runtime>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assignments: what the hub wants a node to run
+
+/// One replica a node must run. `name` is unique in the cluster (`<workload>-<index>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    pub name: String,
+    pub workload: String,
+    pub template: ReplicaTemplate,
+    /// `template.hash()`, sent so both sides compare the same value.
+    pub template_hash: String,
+}
+
+/// Everything a node must run, at a generation. Generations only grow; an agent that holds
+/// generation `g` ignores any set with a generation `<= g` it has already persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignmentSet {
+    pub generation: u64,
+    pub assignments: Vec<Assignment>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replica status: what an agent observes
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Phase {
+    /// Placed, not yet running: pulling, compiling, or waiting out a restart backoff.
+    #[default]
+    Pending,
+    Running,
+    /// Ended with exit code 0 and will not be restarted.
+    Succeeded,
+    /// Ended unsuccessfully and will not be restarted, or cannot start.
+    Failed,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// How the last run of a replica ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Termination {
+    Exited {
+        code: i32,
+    },
+    Trapped {
+        message: String,
+    },
+    /// Could not start: image missing, module invalid, and the like.
+    StartFailed {
+        message: String,
+    },
+}
+
+impl fmt::Display for Termination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Termination::Exited { code } => write!(f, "exited with code {code}"),
+            Termination::Trapped { message } => write!(f, "trapped: {message}"),
+            Termination::StartFailed { message } => write!(f, "failed to start: {message}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub phase: Phase,
+    /// The template hash this status describes; a status for an old template is stale.
+    pub template_hash: String,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_termination: Option<Termination>,
+    /// A short human-readable reason for the phase ("pulling image", "backing off 4s after
+    /// exit code 1", "image not found ...").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the current run started (ms since epoch), if running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// When this status was observed (ms since epoch, agent clock).
+    pub observed_at_ms: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Join: ALPN flotilla-join/1, one bi stream, one request and one response
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinRequest {
+    /// The secret part of the join token.
+    pub secret: String,
+    pub node_name: String,
+    /// PEM certificate signing request; the private key never leaves the agent.
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum JoinResponse {
+    Accepted { cert_pem: String, ca_pem: String },
+    Refused { message: String },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent control: ALPN flotilla-agent/1. The agent opens one bi stream (the control stream).
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum AgentMsg {
+    /// First message on the control stream.
+    Hello {
+        facts: NodeFacts,
+        /// The generation the agent has persisted (0 if none).
+        generation: u64,
+        /// Current status of every replica the agent runs.
+        statuses: BTreeMap<String, ReplicaStatus>,
+    },
+    /// The agent has persisted this generation.
+    Ack {
+        generation: u64,
+    },
+    /// Replica status changes, in the order they happened.
+    Status {
+        statuses: BTreeMap<String, ReplicaStatus>,
+    },
+    Heartbeat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum HubMsg {
+    Assign(AssignmentSet),
+    /// The hub refuses the session; the agent logs the message and retries later.
+    Refused {
+        message: String,
+    },
+}
+
+/// Streams the hub opens to an agent (one bi stream each, one request frame first).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum HubRequest {
+    /// Stream a replica's log. The agent answers with a [`StreamStart`] frame, then raw log
+    /// bytes until the end of the log (or, with `follow`, until the stream is closed).
+    Logs { replica: String, follow: bool, tail_bytes: Option<u64> },
+}
+
+/// First frame of a stream whose remaining content is raw bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum StreamStart {
+    Ok,
+    Error { message: String },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client API: ALPN flotilla-api/1. One bi stream per request.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Node,
+    Workload,
+    Replica,
+}
+
+impl ResourceKind {
+    /// Accepts the singular, plural and short forms users type (`node`, `nodes`, `no`).
+    pub fn parse(s: &str) -> Option<ResourceKind> {
+        match s.to_ascii_lowercase().as_str() {
+            "node" | "nodes" | "no" => Some(ResourceKind::Node),
+            "workload" | "workloads" | "wl" => Some(ResourceKind::Workload),
+            "replica" | "replicas" | "rep" => Some(ResourceKind::Replica),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum ApiRequest {
+    /// Apply the manifests in `source` (YAML, possibly several documents) atomically.
+    Apply {
+        source: String,
+    },
+    Get {
+        kind: ResourceKind,
+    },
+    Describe {
+        kind: ResourceKind,
+        name: String,
+    },
+    /// Delete by name. `DeleteManifests` deletes what a file declares.
+    Delete {
+        kind: ResourceKind,
+        name: String,
+    },
+    DeleteManifests {
+        source: String,
+    },
+    /// Answered with [`StreamStart`] and then raw log bytes.
+    Logs {
+        replica: String,
+        follow: bool,
+        tail_bytes: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum ApiResponse {
+    Applied { results: Vec<ApplyResult> },
+    Nodes { items: Vec<NodeView> },
+    Workloads { items: Vec<WorkloadView> },
+    Replicas { items: Vec<ReplicaView> },
+    Described { text: String },
+    Deleted { names: Vec<String> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    pub kind: String,
+    pub name: String,
+    pub outcome: ApplyOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub name: String,
+    pub ready: bool,
+    pub facts: NodeFacts,
+    pub generation: u64,
+    pub acked_generation: u64,
+    pub last_seen_ms: Option<u64>,
+    pub joined_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadView {
+    pub manifest: Manifest,
+    /// Increases each time the manifest changes.
+    pub revision: u64,
+    pub ready_replicas: u32,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    pub name: String,
+    pub workload: String,
+    pub node: Option<String>,
+    pub template_hash: String,
+    pub status: ReplicaStatus,
+    /// Why the replica is not placed, when it is not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unschedulable: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    #[test]
+    fn messages_round_trip_through_the_codec() {
+        let msg = AgentMsg::Ack { generation: 7 };
+        let frame = codec::encode(&msg).unwrap();
+        match codec::decode::<AgentMsg>(&frame[4..]).unwrap() {
+            AgentMsg::Ack { generation } => assert_eq!(generation, 7),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_message_type_is_an_error() {
+        let e = codec::decode::<HubMsg>(br#"{"type":"Explode"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn resource_kinds_parse_like_kubectl() {
+        assert_eq!(ResourceKind::parse("nodes"), Some(ResourceKind::Node));
+        assert_eq!(ResourceKind::parse("Replica"), Some(ResourceKind::Replica));
+        assert_eq!(ResourceKind::parse("pods"), None);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client config file
+
+/// The CLI's credentials file (`admin.yaml` in the hub's data dir, K3s-style): where the hub
+/// is, the CA to trust, and the admin client certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientConfigFile {
+    pub hub: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}

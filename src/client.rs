@@ -1,0 +1,170 @@
+//! The CLI's connection to the hub: QUIC with the admin certificate from the client config,
+//! one bi stream per request.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, ReplicaView, ResourceKind, StreamStart};
+use transport::{ALPN_API, frame, tls};
+
+pub struct Client {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+/// Where the CLI looks for its config when neither --config nor FLOTILLA_CONFIG is given.
+fn default_config_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if let Some(home) = std::env::var_os("HOME") {
+        paths.push(PathBuf::from(home).join(".flotilla/config.yaml"));
+    }
+    paths.push(PathBuf::from("/var/lib/flotilla/hub/admin.yaml"));
+    paths
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<ClientConfigFile> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => default_config_paths().into_iter().find(|p| p.exists()).context(
+            "no CLI config found: pass --config, set FLOTILLA_CONFIG, or copy the hub's admin.yaml to ~/.flotilla/config.yaml",
+        )?,
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLI config {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))
+}
+
+impl Client {
+    pub async fn connect(config_path: Option<&Path>) -> Result<Client> {
+        let cfg = load_config(config_path)?;
+        let tuning = tls::Tuning::default();
+        let config = tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tuning)
+            .context("the CLI config's credentials are unusable")?;
+        let addr = tls::resolve(&cfg.hub).await?;
+        let endpoint = tls::client_endpoint()?;
+        let conn = tls::connect(&endpoint, config, addr)
+            .await
+            .with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
+        Ok(Client { conn, _endpoint: endpoint })
+    }
+
+    async fn open(&self, req: &ApiRequest) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(explain)?;
+        frame::write(&mut send, req).await.map_err(|e| explain_frame(e, &self.conn))?;
+        Ok((send, recv))
+    }
+
+    pub async fn request(&self, req: &ApiRequest) -> Result<ApiResponse> {
+        let (mut send, mut recv) = self.open(req).await?;
+        let _ = send.finish();
+        match frame::read::<ApiResponse>(&mut recv).await.map_err(|e| explain_frame(e, &self.conn))? {
+            Some(r) => Ok(r),
+            None => bail!("the hub closed the request without answering"),
+        }
+    }
+
+    /// Prints logs: of one replica, or of every replica of `workload` with each line prefixed
+    /// by the replica's name.
+    pub async fn logs(&self, workload: &str, replica: Option<&str>, follow: bool, tail: Option<u64>) -> Result<()> {
+        let replicas: Vec<String> = match replica {
+            Some(r) => vec![r.to_string()],
+            None => {
+                let ApiResponse::Replicas { items } =
+                    self.request(&ApiRequest::Get { kind: ResourceKind::Replica }).await?
+                else {
+                    bail!("unexpected answer listing replicas");
+                };
+                let mine: Vec<ReplicaView> =
+                    items.into_iter().filter(|r| r.workload == workload || r.name == workload).collect();
+                if mine.is_empty() {
+                    bail!("workload {workload:?} has no replicas");
+                }
+                mine.into_iter().map(|r| r.name).collect()
+            }
+        };
+        let prefix = replicas.len() > 1;
+        let mut tasks = Vec::new();
+        for r in replicas {
+            let (send, recv) = self.open(&ApiRequest::Logs { replica: r.clone(), follow, tail_bytes: tail }).await?;
+            tasks.push(tokio::spawn(print_log(r, send, recv, prefix)));
+        }
+        let mut first_err = None;
+        for t in tasks {
+            if let Err(e) = t.await? {
+                eprintln!("error: {e:#}");
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn print_log(
+    replica: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    prefix: bool,
+) -> Result<()> {
+    let _ = send.finish();
+    match frame::read::<StreamStart>(&mut recv).await? {
+        Some(StreamStart::Ok) => {}
+        Some(StreamStart::Error { message }) => bail!("{replica}: {message}"),
+        None => bail!("{replica}: the hub closed the log stream"),
+    }
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    while let Some(n) = recv.read(&mut buf).await? {
+        if !prefix {
+            emit(&buf[..n])?;
+            continue;
+        }
+        // Whole lines only, written under one lock, so replicas never interleave mid-line.
+        pending.extend_from_slice(&buf[..n]);
+        let Some(last) = pending.iter().rposition(|&b| b == b'\n') else { continue };
+        let lines: Vec<u8> = pending.drain(..=last).collect();
+        emit(&prefixed(&replica, &lines))?;
+    }
+    if !pending.is_empty() {
+        pending.push(b'\n');
+        emit(&prefixed(&replica, &pending))?;
+    }
+    Ok(())
+}
+
+fn prefixed(replica: &str, lines: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines.len() + 16);
+    for line in lines.split_inclusive(|&b| b == b'\n') {
+        out.extend_from_slice(format!("[{replica}] ").as_bytes());
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+/// Writes to stdout under its lock (a std lock: the write is short and the CLI has nothing
+/// else to do meanwhile).
+fn emit(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Turns "closed by peer: 0x401 ..." into the hub's own words.
+fn explain(e: quinn::ConnectionError) -> anyhow::Error {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            anyhow::anyhow!("the hub refused the connection: {}", String::from_utf8_lossy(&c.reason))
+        }
+        other => anyhow::anyhow!("connection to the hub failed: {other}"),
+    }
+}
+
+fn explain_frame(e: frame::FrameError, conn: &quinn::Connection) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => explain(reason),
+        None => anyhow::anyhow!("talking to the hub: {e}"),
+    }
+}

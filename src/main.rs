@@ -1,0 +1,263 @@
+//! The `flotilla` binary: `hub` and `agent` run the control plane and the edge agent; the other
+//! verbs are the CLI, which talks to the hub's API over QUIC with the admin credential. This
+//! file only parses arguments and hands typed configs to the libraries.
+
+mod client;
+mod output;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use proto::messages::{ApiRequest, ApiResponse, ResourceKind};
+use proto::token::JoinToken;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "Wasm-plus-OCI edge orchestrator: hub, agent and CLI in one binary")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// CLI config (hub address and admin credential). Default: ~/.flotilla/config.yaml, then
+    /// /var/lib/flotilla/hub/admin.yaml.
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Hub {
+        #[arg(long, default_value = "/var/lib/flotilla/hub")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Address clients dial, written into admin.yaml (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Extra DNS names or IPs for the hub's certificate.
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+    },
+    /// Run the edge agent.
+    Agent {
+        /// Hub address, HOST:PORT.
+        #[arg(long)]
+        hub: String,
+        /// Join token (from the hub's data dir). Needed only on first join.
+        #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// File holding the join token.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// Node name (default: the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// Node label KEY=VALUE, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value = "/var/lib/flotilla/agent")]
+        data_dir: PathBuf,
+        /// Registry HOST:PORT to reach over plain HTTP (loopback registries always are).
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+    },
+    /// Push a Wasm module to an OCI registry as a Wasm OCI artifact.
+    Push {
+        file: PathBuf,
+        reference: String,
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+    },
+    /// Create or update workloads from a manifest file (`-` for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// List nodes, workloads or replicas.
+    Get {
+        kind: String,
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Show one resource in detail, including why a replica is not running.
+    Describe { kind: String, name: String },
+    /// Print a workload's logs (all its replicas, or one).
+    Logs {
+        workload: String,
+        #[arg(long)]
+        replica: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N bytes of each log.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Delete workloads by name or as declared in a file.
+    Delete {
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
+        file: Option<PathBuf>,
+        kind: Option<String>,
+        name: Option<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_kind(s: &str) -> Result<ResourceKind> {
+    ResourceKind::parse(s).with_context(|| format!("unknown resource kind {s:?}; use nodes, workloads or replicas"))
+}
+
+fn read_source(path: &PathBuf) -> Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading manifest from stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,quinn=warn,sqlx=warn,wasmtime=warn,cranelift=warn")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Two worker threads at most: the agent targets small boards, and the hub is I/O bound.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Hub { data_dir, listen, advertise, tls_names } => {
+            init_tracing();
+            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names }).await?;
+            eprintln!("flotilla hub listening on {}", hub.local_addr()?);
+            eprintln!("admin config: {}", hub.admin_config_path().display());
+            eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());
+            hub.run(shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Agent { hub, token, token_file, name, labels, data_dir, insecure_registries } => {
+            init_tracing();
+            let token = match (token, token_file) {
+                (Some(t), _) => Some(t),
+                (None, Some(f)) => {
+                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
+                }
+                (None, None) => None,
+            };
+            let token = token.map(|t| t.parse::<JoinToken>()).transpose()?;
+            let mut config =
+                agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
+            config.token = token;
+            config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            config.insecure_registries = insecure_registries;
+            agent::run(config, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Push { file, reference, insecure_registries } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries });
+            let digest = registry.push_wasm(&reference, &wasm).await?;
+            println!("pushed {reference}@{digest}");
+            Ok(())
+        }
+        Command::Apply { file } => {
+            let source = read_source(&file)?;
+            // Validate locally first for a fast, offline error; the hub validates again.
+            proto::manifest::parse_manifests(&source)
+                .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::Apply { source }).await? {
+                ApiResponse::Applied { results } => {
+                    for r in results {
+                        println!("{}/{} {}", r.kind.to_lowercase(), r.name, format!("{:?}", r.outcome).to_lowercase());
+                    }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Get { kind, output } => {
+            let kind = parse_kind(&kind)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let response = client.request(&ApiRequest::Get { kind }).await?;
+            if let ApiResponse::Error { message } = response {
+                bail!("{message}");
+            }
+            print!("{}", output::render(&response, output)?);
+            Ok(())
+        }
+        Command::Describe { kind, name } => {
+            let kind = parse_kind(&kind)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::Describe { kind, name }).await? {
+                ApiResponse::Described { text } => {
+                    print!("{text}");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Logs { workload, replica, follow, tail } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            client.logs(&workload, replica.as_deref(), follow, tail).await
+        }
+        Command::Delete { file, kind, name } => {
+            let request = match (file, kind, name) {
+                (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
+                (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name },
+                _ => bail!("give either -f FILE or KIND NAME"),
+            };
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&request).await? {
+                ApiResponse::Deleted { names } => {
+                    for n in names {
+                        println!("workload/{n} deleted");
+                    }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+    }
+}
+
+fn unexpected(response: ApiResponse) -> Result<()> {
+    match response {
+        ApiResponse::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the hub: {other:?}"),
+    }
+}

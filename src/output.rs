@@ -1,0 +1,122 @@
+//! How `flotilla get` prints: aligned tables (`table`, `wide`) or the API's own JSON/YAML.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use proto::messages::ApiResponse;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+fn age(ms: u64) -> String {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("   ").trim_end());
+    }
+    out
+}
+
+pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
+    let items = match response {
+        ApiResponse::Nodes { items } => serde_json::to_value(items)?,
+        ApiResponse::Workloads { items } => serde_json::to_value(items)?,
+        ApiResponse::Replicas { items } => serde_json::to_value(items)?,
+        other => serde_json::to_value(other)?,
+    };
+    let wide = match format {
+        Format::Json => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
+        Format::Yaml => return Ok(serde_yaml::to_string(&items)?),
+        Format::Wide => true,
+        Format::Table => false,
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    match response {
+        ApiResponse::Nodes { items } => {
+            rows.push(["NAME", "STATUS", "RUNTIMES", "ARCH", "AGE"].map(String::from).to_vec());
+            if wide {
+                rows[0].extend(["KERNEL", "CPUS", "MEMORY", "GENERATION", "LABELS"].map(String::from));
+            }
+            for n in items {
+                let runtimes: Vec<String> = n.facts.runtimes.iter().map(|r| r.to_string()).collect();
+                let mut row = vec![
+                    n.name.clone(),
+                    if n.ready { "Ready" } else { "NotReady" }.into(),
+                    runtimes.join(","),
+                    n.facts.arch.clone(),
+                    age(n.joined_at_ms),
+                ];
+                if wide {
+                    let labels: Vec<String> = n.facts.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    row.extend([
+                        n.facts.kernel.clone(),
+                        n.facts.cpus.to_string(),
+                        format!("{}Mi", n.facts.memory_bytes >> 20),
+                        format!("{}/{}", n.acked_generation, n.generation),
+                        labels.join(","),
+                    ]);
+                }
+                rows.push(row);
+            }
+        }
+        ApiResponse::Workloads { items } => {
+            rows.push(["NAME", "RUNTIME", "READY", "REVISION", "AGE"].map(String::from).to_vec());
+            if wide {
+                rows[0].push("IMAGE".into());
+            }
+            for w in items {
+                let mut row = vec![
+                    w.manifest.metadata.name.clone(),
+                    w.manifest.spec.runtime.to_string(),
+                    format!("{}/{}", w.ready_replicas, w.manifest.spec.replicas),
+                    w.revision.to_string(),
+                    age(w.created_at_ms),
+                ];
+                if wide {
+                    row.push(w.manifest.spec.image.clone());
+                }
+                rows.push(row);
+            }
+        }
+        ApiResponse::Replicas { items } => {
+            rows.push(["NAME", "WORKLOAD", "NODE", "PHASE", "RESTARTS"].map(String::from).to_vec());
+            if wide {
+                rows[0].extend(["TEMPLATE", "MESSAGE"].map(String::from));
+            }
+            for r in items {
+                let mut row = vec![
+                    r.name.clone(),
+                    r.workload.clone(),
+                    r.node.clone().unwrap_or_else(|| "<none>".into()),
+                    r.status.phase.to_string(),
+                    r.status.restarts.to_string(),
+                ];
+                if wide {
+                    let msg = if r.node.is_none() { r.unschedulable.clone() } else { r.status.message.clone() };
+                    row.extend([r.template_hash.clone(), msg]);
+                }
+                rows.push(row);
+            }
+        }
+        _ => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
+    }
+    Ok(table(rows))
+}

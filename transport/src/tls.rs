@@ -1,0 +1,336 @@
+//! TLS and QUIC settings for every Flotilla endpoint.
+//!
+//! All configs use the *ring* provider explicitly and TLS 1.3 only (QUIC requires it). Clients
+//! always verify the hub as [`HUB_SERVER_NAME`], never as the address they dialled, so the hub's
+//! IP may change without reissuing its certificate.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+
+use crate::{ALPN_AGENT, ALPN_API, ALPN_JOIN, HUB_SERVER_NAME};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} is not a valid PEM certificate: {reason}")]
+    InvalidCertificate { what: &'static str, reason: String },
+    #[error("{what} is not a valid PEM private key: {reason}")]
+    InvalidKey { what: &'static str, reason: String },
+    #[error("certificate authority fingerprint {0:?} is not 64 hex digits")]
+    InvalidPin(String),
+    #[error("building the tls configuration failed: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("building the certificate verifier failed: {0}")]
+    Verifier(String),
+    #[error("tls configuration is unusable for quic: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("idle timeout of {0:?} is out of range")]
+    IdleTimeout(Duration),
+    #[error("binding udp socket on {addr} failed: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("resolving {addr:?} failed: {source}")]
+    Resolve { addr: String, source: std::io::Error },
+    #[error("resolving {0:?} returned no address")]
+    NoAddress(String),
+    #[error("connecting to hub at {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: quinn::ConnectError },
+    #[error("handshake with hub at {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: quinn::ConnectionError },
+}
+
+/// QUIC liveness settings shared by the hub and its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuning {
+    /// How often an idle connection sends a keep-alive (default 2s).
+    pub keep_alive: Duration,
+    /// How long without any packet before a connection is considered dead (default 8s).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { keep_alive: Duration::from_secs(2), idle_timeout: Duration::from_secs(8) }
+    }
+}
+
+impl Tuning {
+    fn transport(&self) -> Result<Arc<quinn::TransportConfig>, TlsError> {
+        let idle =
+            quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|_| TlsError::IdleTimeout(self.idle_timeout))?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(self.keep_alive)).max_idle_timeout(Some(idle));
+        Ok(Arc::new(transport))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server config: leaf + CA chain, optional client auth against the CA, ALPNs [JOIN, AGENT,
+/// API], tuning applied.
+///
+/// The CA is always sent after the leaf: joining agents have only a fingerprint of it and
+/// check what the hub presents. Clients may present a certificate signed by the CA (expired or
+/// foreign ones fail the handshake) or none; the hub decides per ALPN what it requires.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    tuning: &Tuning,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut chain = parse_certs(cert_pem, "server certificate")?;
+    let ca = parse_certs(ca_pem, "certificate authority")?;
+    let ca_cert = ca[0].clone();
+    if chain.last() != Some(&ca_cert) {
+        chain.push(ca_cert.clone());
+    }
+    let key = parse_key(key_pem, "server key")?;
+
+    let provider = provider();
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(root_store(ca_cert)?, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN_JOIN.to_vec(), ALPN_AGENT.to_vec(), ALPN_API.to_vec()];
+
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(tuning.transport()?);
+    Ok(config)
+}
+
+/// Client config for the join connection: the agent does not have the CA yet, only the
+/// fingerprint from its token. The hub must present `[leaf, ca]`; the CA's SHA-256 must equal
+/// the pin and the leaf must verify against it as [`HUB_SERVER_NAME`].
+///
+/// The pin is hex, case-insensitive; colons and a `sha256:` prefix are tolerated.
+pub fn client_config_pinned(
+    ca_fingerprint: &str,
+    alpn: &[u8],
+    tuning: &Tuning,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let pin = normalize_pin(ca_fingerprint)?;
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaVerifier { pin, provider: provider.clone() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    quic_client(tls, tuning)
+}
+
+/// Client config for mutual TLS: verifies the hub against `ca_pem` and presents
+/// `cert_pem`/`key_pem`.
+pub fn client_config_mtls(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+    tuning: &Tuning,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let ca = parse_certs(ca_pem, "certificate authority")?;
+    let chain = parse_certs(cert_pem, "client certificate")?;
+    let key = parse_key(key_pem, "client key")?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca[0].clone())?)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    quic_client(tls, tuning)
+}
+
+fn quic_client(tls: rustls::ClientConfig, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(tuning.transport()?);
+    Ok(config)
+}
+
+/// An endpoint for outgoing connections, bound to `[::]:0` (dual stack) or, where IPv6 is
+/// unavailable, `0.0.0.0:0`.
+pub fn client_endpoint() -> Result<quinn::Endpoint, TlsError> {
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+    match quinn::Endpoint::client(v6) {
+        Ok(endpoint) => Ok(endpoint),
+        Err(e) => {
+            tracing::debug!(error = %e, "ipv6 client endpoint unavailable, using ipv4");
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+            quinn::Endpoint::client(v4).map_err(|source| TlsError::Bind { addr: v4, source })
+        }
+    }
+}
+
+/// An endpoint accepting connections on `addr` with `config`.
+pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> Result<quinn::Endpoint, TlsError> {
+    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
+}
+
+/// Connects to the hub at `addr`, always verifying it as [`HUB_SERVER_NAME`], and waits for
+/// the handshake.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, TlsError> {
+    endpoint
+        .connect_with(config, addr, HUB_SERVER_NAME)
+        .map_err(|source| TlsError::Connect { addr, source })?
+        .await
+        .map_err(|source| TlsError::Handshake { addr, source })
+}
+
+/// CN of the peer's leaf certificate, if it presented one.
+pub fn peer_common_name(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = certs.first()?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let cn = x509.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// The ALPN negotiated on a connection.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<HandshakeData>().ok()?.protocol
+}
+
+/// Resolves "host:port" (DNS or IP) to a SocketAddr.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, TlsError> {
+    if let Ok(parsed) = addr.parse::<SocketAddr>() {
+        return Ok(parsed);
+    }
+    let mut addrs =
+        tokio::net::lookup_host(addr).await.map_err(|source| TlsError::Resolve { addr: addr.to_string(), source })?;
+    addrs.next().ok_or_else(|| TlsError::NoAddress(addr.to_string()))
+}
+
+fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::InvalidCertificate { what, reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::InvalidCertificate { what, reason: "no certificate found".into() });
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::InvalidKey { what, reason: e.to_string() })
+}
+
+fn root_store(ca: CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    Ok(Arc::new(roots))
+}
+
+fn normalize_pin(pin: &str) -> Result<String, TlsError> {
+    let trimmed = pin.trim();
+    let hex_part = trimmed.strip_prefix("sha256:").unwrap_or(trimmed);
+    let normalized: String = hex_part.chars().filter(|c| *c != ':').map(|c| c.to_ascii_lowercase()).collect();
+    if normalized.len() != 64 || !normalized.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TlsError::InvalidPin(pin.to_string()));
+    }
+    Ok(normalized)
+}
+
+/// Verifies the hub on the join connection, before the agent has the CA: the last certificate
+/// the hub presents must hash to the pinned fingerprint, and the leaf must verify against it
+/// with webpki (validity, signature, server name).
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    /// Lowercase hex SHA-256 of the CA certificate DER.
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some((ca, rest)) = intermediates.split_last() else {
+            return Err(rustls::Error::General(
+                "hub presented no certificate authority after its certificate, so the token's pin cannot be checked"
+                    .into(),
+            ));
+        };
+        let got = crate::pki::fingerprint_der(ca);
+        if got != self.pin {
+            return Err(rustls::Error::General(format!(
+                "hub certificate authority fingerprint {got} does not match the token's pin {}",
+                self.pin
+            )));
+        }
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|e| {
+            rustls::Error::General(format!(
+                "hub certificate authority matches the pin but is not a usable trust anchor: {e}"
+            ))
+        })?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("building the hub certificate verifier failed: {e}")))?;
+        webpki.verify_server_cert(end_entity, rest, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_is_normalized() {
+        let hex = "AB".repeat(32);
+        assert_eq!(normalize_pin(&hex).unwrap(), "ab".repeat(32));
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(normalize_pin(&format!("sha256:{colons}")).unwrap(), "ab".repeat(32));
+        assert!(matches!(normalize_pin("abc"), Err(TlsError::InvalidPin(_))));
+        assert!(matches!(normalize_pin(&"zz".repeat(32)), Err(TlsError::InvalidPin(_))));
+    }
+
+    #[test]
+    fn bad_pem_is_an_error() {
+        let err = server_config("nope", "nope", "nope", &Tuning::default()).unwrap_err();
+        assert!(err.to_string().contains("server certificate"), "{err}");
+    }
+}

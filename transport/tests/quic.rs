@@ -1,0 +1,190 @@
+//! Real QUIC handshakes on 127.0.0.1 against the configs the hub, agents and CLI use.
+
+mod common;
+
+use common::{HOUR, Hub, STEP, connect_ok, connect_refused};
+use flotilla_transport::pki::{self, Ca};
+use flotilla_transport::tls::{self, Tuning};
+use flotilla_transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, HUB_SERVER_NAME, frame};
+
+#[tokio::test]
+async fn pinned_join_succeeds_with_the_right_pin() {
+    let hub = Hub::start();
+    let config = tls::client_config_pinned(&hub.ca.fingerprint(), ALPN_JOIN, &Tuning::default()).unwrap();
+    let (client, server) = connect_ok(&hub, config).await;
+    assert_eq!(tls::negotiated_alpn(&client).as_deref(), Some(ALPN_JOIN));
+    assert_eq!(tls::negotiated_alpn(&server).as_deref(), Some(ALPN_JOIN));
+    assert_eq!(tls::peer_common_name(&server), None, "join clients present no certificate");
+    assert_eq!(tls::peer_common_name(&client).as_deref(), Some(HUB_SERVER_NAME));
+}
+
+#[tokio::test]
+async fn pinned_join_accepts_an_uppercase_colon_separated_pin() {
+    let hub = Hub::start();
+    let fp = hub.ca.fingerprint().to_uppercase();
+    let pin = fp.as_bytes().chunks(2).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect::<Vec<_>>().join(":");
+    let config = tls::client_config_pinned(&pin, ALPN_JOIN, &Tuning::default()).unwrap();
+    connect_ok(&hub, config).await;
+}
+
+#[tokio::test]
+async fn pinned_join_fails_with_a_wrong_pin_and_says_why() {
+    let hub = Hub::start();
+    let other = Ca::generate("someone else").unwrap();
+    let config = tls::client_config_pinned(&other.fingerprint(), ALPN_JOIN, &Tuning::default()).unwrap();
+    let server = hub.accept();
+    let endpoint = tls::client_endpoint().unwrap();
+    let err = tokio::time::timeout(STEP, tls::connect(&endpoint, config, hub.addr))
+        .await
+        .expect("client handshake timed out")
+        .expect_err("a wrong pin must fail the handshake")
+        .to_string();
+    eprintln!("wrong pin: {err}");
+    assert!(err.contains(&hub.ca.fingerprint()), "error should name the hub's fingerprint: {err}");
+    assert!(err.contains(&other.fingerprint()), "error should name the pin: {err}");
+    assert!(err.contains("does not match the token's pin"), "{err}");
+    let server = tokio::time::timeout(STEP, server).await.unwrap().unwrap();
+    assert!(server.is_err(), "server side must not get a connection");
+}
+
+#[tokio::test]
+async fn pinned_join_checks_the_server_name_too() {
+    // A certificate signed by the pinned CA but not for flotilla-hub is refused.
+    let ca = Ca::generate("flotilla test ca").unwrap();
+    let wrong = ca.issue_client("flotilla-hub", HOUR).unwrap(); // clientAuth only, no SAN
+    let config = tls::server_config(&wrong.cert_pem, &wrong.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
+    let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let incoming = endpoint.accept().await.unwrap();
+        incoming.await.is_err()
+    });
+    let client = tls::client_config_pinned(&ca.fingerprint(), ALPN_JOIN, &Tuning::default()).unwrap();
+    let result =
+        tokio::time::timeout(STEP, tls::connect(&tls::client_endpoint().unwrap(), client, addr)).await.unwrap();
+    assert!(result.is_err(), "a leaf that is not a server cert for flotilla-hub must be refused");
+    assert!(tokio::time::timeout(STEP, accept).await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn invalid_pin_is_refused_before_connecting() {
+    let err = tls::client_config_pinned("not-a-fingerprint", ALPN_JOIN, &Tuning::default()).unwrap_err();
+    assert!(matches!(err, tls::TlsError::InvalidPin(_)), "{err}");
+}
+
+#[tokio::test]
+async fn mtls_exposes_the_client_common_name() {
+    let hub = Hub::start();
+    let (client, server) = connect_ok(&hub, hub.mtls("node:alpha", ALPN_AGENT)).await;
+    assert_eq!(tls::peer_common_name(&server).as_deref(), Some("node:alpha"));
+    assert_eq!(tls::negotiated_alpn(&server).as_deref(), Some(ALPN_AGENT));
+    assert_eq!(tls::peer_common_name(&client).as_deref(), Some(HUB_SERVER_NAME));
+
+    // And the connection carries frames both ways.
+    let (mut send, mut recv) = client.open_bi().await.unwrap();
+    frame::write(&mut send, &"ping".to_string()).await.unwrap();
+    let (mut ssend, mut srecv) = server.accept_bi().await.unwrap();
+    assert_eq!(frame::read::<String>(&mut srecv).await.unwrap().as_deref(), Some("ping"));
+    frame::write(&mut ssend, &"pong".to_string()).await.unwrap();
+    assert_eq!(frame::read::<String>(&mut recv).await.unwrap().as_deref(), Some("pong"));
+}
+
+#[tokio::test]
+async fn mtls_with_a_csr_signed_certificate() {
+    let hub = Hub::start();
+    let (key_pem, csr_pem) = pki::generate_csr("admin:evil").unwrap();
+    let cert_pem = hub.ca.sign_csr(&csr_pem, "node:beta", HOUR).unwrap();
+    let config =
+        tls::client_config_mtls(hub.ca.cert_pem(), &cert_pem, &key_pem, ALPN_AGENT, &Tuning::default()).unwrap();
+    let (_client, server) = connect_ok(&hub, config).await;
+    assert_eq!(tls::peer_common_name(&server).as_deref(), Some("node:beta"));
+}
+
+#[tokio::test]
+async fn mtls_works_with_a_reloaded_ca() {
+    let ca = Ca::generate("flotilla test ca").unwrap();
+    let reloaded = Ca::load(ca.cert_pem(), &ca.key_pem()).unwrap();
+    let hub = Hub::start_with(reloaded);
+    // A client issued by the original CA object is still trusted by the reloaded hub.
+    let creds = ca.issue_client("admin:root", HOUR).unwrap();
+    let config =
+        tls::client_config_mtls(ca.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_API, &Tuning::default()).unwrap();
+    let (_client, server) = connect_ok(&hub, config).await;
+    assert_eq!(tls::peer_common_name(&server).as_deref(), Some("admin:root"));
+}
+
+#[tokio::test]
+async fn client_cert_from_a_foreign_ca_is_refused() {
+    let hub = Hub::start();
+    let foreign = Ca::generate("foreign").unwrap();
+    let creds = foreign.issue_client("node:intruder", HOUR).unwrap();
+    // The client trusts the real hub CA, so only its own certificate is wrong.
+    let config =
+        tls::client_config_mtls(hub.ca.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_AGENT, &Tuning::default())
+            .unwrap();
+    let (server_err, client_err) = connect_refused(&hub, config).await;
+    eprintln!("foreign: server {server_err}; client {client_err}");
+    let msg = server_err.to_string();
+    assert!(msg.to_lowercase().contains("certificate"), "server error should be a certificate failure: {msg}");
+}
+
+#[tokio::test]
+async fn expired_client_cert_is_refused() {
+    let hub = Hub::start();
+    let creds = hub.ca.issue_client_expired("node:stale").unwrap();
+    assert!(pki::cert_not_after(&creds.cert_pem).unwrap() < std::time::SystemTime::now());
+    let config =
+        tls::client_config_mtls(hub.ca.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_AGENT, &Tuning::default())
+            .unwrap();
+    let (server_err, client_err) = connect_refused(&hub, config).await;
+    eprintln!("expired: server {server_err}; client {client_err}");
+    let msg = server_err.to_string();
+    assert!(msg.to_lowercase().contains("expired"), "server error should say expired: {msg}");
+}
+
+#[tokio::test]
+async fn hub_from_another_ca_is_refused_by_mtls_clients() {
+    let hub = Hub::start();
+    let other = Ca::generate("other").unwrap();
+    let creds = other.issue_client("node:alpha", HOUR).unwrap();
+    let config =
+        tls::client_config_mtls(other.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_AGENT, &Tuning::default())
+            .unwrap();
+    let server = hub.accept();
+    let result =
+        tokio::time::timeout(STEP, tls::connect(&tls::client_endpoint().unwrap(), config, hub.addr)).await.unwrap();
+    let err = result.expect_err("client must not trust a hub signed by another CA").to_string();
+    assert!(err.contains("certificate"), "{err}");
+    assert!(tokio::time::timeout(STEP, server).await.unwrap().unwrap().is_err());
+}
+
+#[tokio::test]
+async fn connection_without_client_cert_is_accepted_at_tls_level() {
+    let hub = Hub::start();
+    // API ALPN, no client certificate: TLS lets it through, the hub decides what to require.
+    let config = tls::client_config_pinned(&hub.ca.fingerprint(), ALPN_API, &Tuning::default()).unwrap();
+    let (_client, server) = connect_ok(&hub, config).await;
+    assert_eq!(tls::peer_common_name(&server), None);
+    assert_eq!(tls::negotiated_alpn(&server).as_deref(), Some(ALPN_API));
+}
+
+#[tokio::test]
+async fn unknown_alpn_is_refused() {
+    let hub = Hub::start();
+    let config = tls::client_config_pinned(&hub.ca.fingerprint(), b"something-else/1", &Tuning::default()).unwrap();
+    let server = hub.accept();
+    let result =
+        tokio::time::timeout(STEP, tls::connect(&tls::client_endpoint().unwrap(), config, hub.addr)).await.unwrap();
+    assert!(result.is_err());
+    assert!(tokio::time::timeout(STEP, server).await.unwrap().unwrap().is_err());
+}
+
+#[tokio::test]
+async fn resolve_handles_ips_and_names() {
+    let addr = tls::resolve("127.0.0.1:4433").await.unwrap();
+    assert_eq!(addr, "127.0.0.1:4433".parse().unwrap());
+    let addr = tls::resolve("localhost:4433").await.unwrap();
+    assert!(addr.ip().is_loopback());
+    assert_eq!(addr.port(), 4433);
+    assert!(tls::resolve("no-port-here").await.is_err());
+}
