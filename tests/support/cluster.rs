@@ -1,0 +1,225 @@
+//! A real cluster for end-to-end tests: the `flotilla` binary started as separate hub and agent
+//! processes on loopback, driven through the CLI exactly as a user would.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::messages::{NodeView, ReplicaView, WorkloadView};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flotilla")
+}
+
+/// A free loopback UDP port (QUIC). Racy in principle; the OS rarely reuses a port at once.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed when dropped, its output kept in a file for post-mortems.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .env("FLOTILLA_LOG", "info,flotilla_agent=debug,flotilla_hub=debug,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc { child, log, name: name.to_string() }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} log ({}) -----\n{}", self.name, self.log.display(), self.log_text());
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub hub_addr: String,
+    pub hub: Proc,
+    pub agents: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Starts a hub and waits for its token and admin config.
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let hub_addr = format!("127.0.0.1:{}", free_udp_port());
+        let hub = start_hub(dir.path(), &hub_addr);
+        let c = Cluster { dir, hub_addr, hub, agents: Vec::new() };
+        c.wait_for("hub to write its token and admin config", Duration::from_secs(20), || {
+            c.token_path().exists() && c.config_path().exists()
+        });
+        c
+    }
+
+    pub fn hub_dir(&self) -> PathBuf {
+        self.dir.path().join("hub")
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.hub_dir().join("token")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.hub_dir().join("admin.yaml")
+    }
+
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{name}"))
+    }
+
+    /// Starts an agent that joins with the hub's token.
+    pub fn add_agent(&mut self, name: &str, extra: &[&str]) {
+        let token = self.token_path();
+        let data = self.agent_dir(name);
+        let mut args = vec![
+            "agent",
+            "--hub",
+            &self.hub_addr,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let log = self.dir.path().join(format!("agent-{name}.log"));
+        self.agents.push(Proc::spawn(&format!("agent {name}"), &args, log));
+    }
+
+    /// Kills and restarts the hub on the same data dir and address.
+    pub fn restart_hub(&mut self) {
+        self.hub.kill();
+        self.hub = start_hub(self.dir.path(), &self.hub_addr);
+    }
+
+    /// Runs a CLI command with the admin config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, None)
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config").arg(self.config_path()).args(args);
+        run_with_stdin(cmd, stdin)
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaView> {
+        serde_json::from_str(&self.ok(&["get", "replicas", "-o", "json"])).unwrap()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        serde_json::from_str(&self.ok(&["get", "nodes", "-o", "json"])).unwrap()
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadView> {
+        serde_json::from_str(&self.ok(&["get", "workloads", "-o", "json"])).unwrap()
+    }
+
+    /// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+fn start_hub(dir: &Path, addr: &str) -> Proc {
+    let data = dir.join("hub");
+    Proc::spawn("hub", &["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr], dir.join("hub.log"))
+}
+
+pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    // The CLI talks to local processes only; a hang here is a bug, so bound it.
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("CLI command timed out: {cmd:?}\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The example module built from `examples/hello` for wasm32-wasip1, building it if needed.
+pub fn example_wasm() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let wasm = root.join("examples/hello/target/wasm32-wasip1/release/hello.wasm");
+    if !wasm.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+            .arg(root.join("examples/hello/Cargo.toml"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building examples/hello for wasm32-wasip1 failed (is the target installed?)");
+    }
+    wasm
+}
