@@ -110,7 +110,11 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     r.status.restarts.to_string(),
                 ];
                 if wide {
-                    let msg = if r.node.is_none() { r.unschedulable.clone() } else { r.status.message.clone() };
+                    let msg = match (&r.node, &r.status.last_termination) {
+                        (None, _) => r.unschedulable.clone(),
+                        (Some(_), Some(t)) if r.status.message.is_empty() => format!("last run {t}"),
+                        (Some(_), _) => r.status.message.clone(),
+                    };
                     row.extend([r.template_hash.clone(), msg]);
                 }
                 rows.push(row);

@@ -13,7 +13,7 @@ mod registry;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cluster::{Cluster, Proc, run_with_stdin};
+use cluster::{Cluster, Proc};
 use proto::messages::{Phase, ReplicaView};
 use registry::TestRegistry;
 
@@ -27,14 +27,7 @@ fn manifest(name: &str, image: &str, replicas: u32, extra: &str) -> String {
 
 fn push(reg: &TestRegistry, wasm: &std::path::Path, name: &str) -> String {
     let reference = reg.reference(name);
-    let out = run_with_stdin(
-        {
-            let mut c = std::process::Command::new(cluster::bin());
-            c.arg("push").arg(wasm).arg(&reference);
-            c
-        },
-        None,
-    );
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), wasm.as_os_str(), reference.as_ref()]);
     assert!(out.status.success(), "push failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("sha256:"));
     reference
@@ -210,14 +203,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
     };
     let cfg = c.dir.path().join("node-as-admin.yaml");
     std::fs::write(&cfg, serde_yaml::to_string(&as_node).unwrap()).unwrap();
-    let out = run_with_stdin(
-        {
-            let mut cmd = std::process::Command::new(cluster::bin());
-            cmd.arg("--config").arg(&cfg).args(["get", "nodes"]);
-            cmd
-        },
-        None,
-    );
+    let out = cluster::flotilla(&["--config", cfg.to_str().unwrap(), "get", "nodes"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("admin credential is required"),
@@ -228,14 +214,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
     // A config with no usable credential at all.
     let none = proto::messages::ClientConfigFile { cert_pem: String::new(), key_pem: String::new(), ..admin };
     std::fs::write(&cfg, serde_yaml::to_string(&none).unwrap()).unwrap();
-    let out = run_with_stdin(
-        {
-            let mut cmd = std::process::Command::new(cluster::bin());
-            cmd.arg("--config").arg(&cfg).args(["get", "nodes"]);
-            cmd
-        },
-        None,
-    );
+    let out = cluster::flotilla(&["--config", cfg.to_str().unwrap(), "get", "nodes"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("credentials are unusable"),
@@ -320,4 +299,40 @@ fn hub_restart_keeps_credentials_state_and_running_replicas() {
     assert_eq!(r.status.phase, Phase::Running);
     assert_eq!(r.status.started_at_ms, started, "the replica was not restarted");
     assert_eq!(r.status.restarts, 0);
+}
+
+#[test]
+fn a_stopped_agent_leaves_at_once_and_its_replicas_show_unknown() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let image = push(&reg, &cluster::example_wasm(), "hello:v1");
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&manifest("hello", &image, 1, "")));
+    assert!(out.status.success());
+    c.wait_for("replica Running", WAIT, || all_running(&c, "hello", 1));
+
+    // SIGTERM: the agent closes its connection, so the hub sees it leave well before the
+    // 8 s idle timeout would have told it.
+    let pid = c.agents[0].child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = c.agents[0].wait_exit(WAIT).expect("agent exits on SIGTERM");
+    assert!(status.success(), "agent exit status {status:?}");
+    let left = std::time::Instant::now();
+    c.wait_for("node NotReady", Duration::from_secs(3), || c.nodes().iter().all(|n| !n.ready));
+    assert!(left.elapsed() < Duration::from_secs(3));
+    assert!(c.agents[0].log_text().contains("agent shutting down"));
+    let r = &c.replicas()[0];
+    assert_eq!(r.status.phase, Phase::Unknown);
+    assert!(r.status.message.contains("not connected; it last reported Running"), "{}", r.status.message);
+    assert!(c.ok(&["get", "workloads"]).contains("0/1"));
+
+    // Back on the same data dir: no token needed, the replica runs again.
+    c.agents.clear();
+    let data = c.agent_dir("edge-1");
+    c.agents.push(Proc::spawn(
+        "agent edge-1 (restarted)",
+        &["agent", "--hub", &c.hub_addr, "--name", "edge-1", "--data-dir", data.to_str().unwrap()],
+        c.dir.path().join("agent-edge-1-again.log"),
+    ));
+    c.wait_for("replica Running again", WAIT, || all_running(&c, "hello", 1));
 }

@@ -135,6 +135,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let (status_tx, status_rx) = watch::channel(sup.statuses());
     let (assign_tx, mut assign_rx) = mpsc::channel::<AssignmentSet>(8);
     let (connected_tx, _connected_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let link = link::Link {
         hub: config.hub.clone(),
         token: config.token.clone(),
@@ -147,6 +148,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         statuses: status_rx,
         assignments: assign_tx,
         connected: connected_tx,
+        shutdown: shutdown_rx,
     };
     let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
 
@@ -166,7 +168,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             fatal = &mut link_task => break match fatal {
-                Ok(f) => Err(AgentError::Link(f)),
+                Ok(Some(f)) => Err(AgentError::Link(f)),
+                Ok(None) => Ok(()),
                 Err(e) => { warn!(error = %e, "link task ended"); Ok(()) }
             },
             Some(set) = assign_rx.recv() => {
@@ -204,6 +207,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     // process, so they end with it and restart from persisted state at the next boot.
     for (_, h) in runs.drain() {
         let _ = h.stop.send(true);
+    }
+    let _ = shutdown_tx.send(true);
+    if !link_task.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut link_task).await;
     }
     link_task.abort();
     result

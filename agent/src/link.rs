@@ -42,6 +42,9 @@ pub struct Link {
     pub assignments: mpsc::Sender<AssignmentSet>,
     /// Connection state for observers (tests, the CLI's local status).
     pub connected: watch::Sender<bool>,
+    /// Turns true when the agent stops: the link closes its connection cleanly, so the hub
+    /// sees the node leave at once instead of after the idle timeout.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Why the link gave up for good.
@@ -50,8 +53,8 @@ pub struct Link {
 pub struct Fatal(#[from] IdentityError);
 
 impl Link {
-    /// Runs until a fatal error (the hub refused this node's join).
-    pub async fn run(mut self) -> Fatal {
+    /// Runs until shutdown (`None`) or a fatal error (the hub refused this node's join).
+    pub async fn run(mut self) -> Option<Fatal> {
         let mut backoff = BACKOFF_MIN;
         loop {
             match self.session().await {
@@ -60,14 +63,20 @@ impl Link {
                         backoff = BACKOFF_MIN;
                     }
                 }
-                Err(SessionError::Fatal(e)) => return Fatal(e),
+                Err(SessionError::Fatal(e)) => return Some(Fatal(e)),
                 Err(SessionError::Transient(msg)) => warn!(hub = %self.hub, error = %msg, "cannot reach the hub"),
             }
             let _ = self.connected.send(false);
+            if *self.shutdown.borrow() {
+                return None;
+            }
             // Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
             let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
             debug!(delay_ms = delay.as_millis() as u64, "reconnecting later");
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopping(&mut self.shutdown) => return None,
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -115,6 +124,14 @@ impl Link {
         heartbeat.tick().await;
         let reason = loop {
             tokio::select! {
+                _ = stopping(&mut self.shutdown) => {
+                    reader.abort();
+                    conn.close(0u32.into(), b"agent shutting down");
+                    // Bounded: a dead link must not hold up the agent's exit.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                    info!("disconnected from the hub: agent shutting down");
+                    return Ok(true);
+                }
                 r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
                 _ = heartbeat.tick() => {
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await { break e.to_string() }
@@ -148,6 +165,12 @@ impl Link {
         conn.close(0u32.into(), b"agent reconnecting");
         Ok(true)
     }
+}
+
+/// Completes when `shutdown` turns true (the guard `wait_for` returns is not `Send`, so it is
+/// dropped here rather than held in a select! arm).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 enum SessionError {
@@ -199,6 +222,14 @@ async fn stream_log(
     let mut pos = tail_bytes.map_or(0, |t| len.saturating_sub(t));
     file.seek(std::io::SeekFrom::Start(pos)).await?;
     let mut buf = vec![0u8; 64 * 1024];
+    if pos > 0 {
+        // A tail starts at the first whole line.
+        let n = file.read(&mut buf).await?;
+        pos += n as u64;
+        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
+            send.write_all(&buf[i + 1..n]).await?;
+        }
+    }
     loop {
         let n = file.read(&mut buf).await?;
         if n > 0 {

@@ -144,8 +144,10 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
         .collect())
 }
 
-fn is_ready(r: &ReplicaRow) -> bool {
-    r.status.phase == Phase::Running && r.status.template_hash == r.template_hash
+fn is_ready(shared: &Shared, r: &ReplicaRow) -> bool {
+    r.status.phase == Phase::Running
+        && r.status.template_hash == r.template_hash
+        && r.node.as_deref().is_some_and(|n| shared.is_connected(n))
 }
 
 async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError> {
@@ -156,8 +158,10 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
         .await?
         .into_iter()
         .map(|w| WorkloadView {
-            ready_replicas: replicas.iter().filter(|r| r.workload == w.manifest.metadata.name && is_ready(r)).count()
-                as u32,
+            ready_replicas: replicas
+                .iter()
+                .filter(|r| r.workload == w.manifest.metadata.name && is_ready(shared, r))
+                .count() as u32,
             manifest: w.manifest,
             revision: w.revision,
             created_at_ms: w.created_at_ms,
@@ -165,12 +169,18 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
         .collect())
 }
 
-fn replica_view(r: ReplicaRow) -> ReplicaView {
-    // A status reported for an older template says nothing about the current one.
+fn replica_view(shared: &Shared, r: ReplicaRow) -> ReplicaView {
     let mut status = r.status;
-    if status.template_hash != r.template_hash && r.node.is_some() {
-        status.phase = Phase::Pending;
-        status.message = "waiting for the node to apply the new template".into();
+    if let Some(node) = r.node.as_deref() {
+        if !shared.is_connected(node) {
+            // The node may be running it, or may be gone: say what is known, no more.
+            status.message = format!("node {node} is not connected; it last reported {}", status.phase);
+            status.phase = Phase::Unknown;
+        } else if status.template_hash != r.template_hash {
+            // A status reported for an older template says nothing about the current one.
+            status.phase = Phase::Pending;
+            status.message = "waiting for the node to apply the new template".into();
+        }
     }
     ReplicaView {
         name: r.name,
@@ -183,7 +193,7 @@ fn replica_view(r: ReplicaRow) -> ReplicaView {
 }
 
 async fn replica_views(shared: &Shared) -> Result<Vec<ReplicaView>, StoreError> {
-    Ok(shared.store.replicas().await?.into_iter().map(replica_view).collect())
+    Ok(shared.store.replicas().await?.into_iter().map(|r| replica_view(shared, r)).collect())
 }
 
 /// Why a replica is in its phase, in one line.

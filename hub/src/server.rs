@@ -313,7 +313,8 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(error = %e, "bad frame from agent");
+                    // Also how a normal disconnect ends the stream.
+                    debug!(error = %e, "control stream ended");
                     break;
                 }
             }

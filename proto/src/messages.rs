@@ -65,6 +65,9 @@ pub enum Phase {
     Succeeded,
     /// Ended unsuccessfully and will not be restarted, or cannot start.
     Failed,
+    /// The node that runs it is not connected; the last status it reported is in `message`.
+    /// Only the hub reports this phase.
+    Unknown,
 }
 
 impl fmt::Display for Phase {

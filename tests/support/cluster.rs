@@ -184,6 +184,13 @@ fn start_hub(dir: &Path, addr: &str) -> Proc {
     Proc::spawn("hub", &["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr], dir.join("hub.log"))
 }
 
+/// Runs `flotilla` with `args` (no stdin), bounded in time.
+pub fn flotilla<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    run_with_stdin(cmd, None)
+}
+
 pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
     use std::io::Write;
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
