@@ -150,8 +150,10 @@ impl Link {
                     let delta: BTreeMap<String, ReplicaStatus> =
                         now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
                     sent = now;
-                    if !delta.is_empty() {
-                        if let Err(e) = frame::write(&mut send, &AgentMsg::Status { statuses: delta }).await { break e.to_string() }
+                    if !delta.is_empty()
+                        && let Err(e) = frame::write(&mut send, &AgentMsg::Status { statuses: delta }).await
+                    {
+                        break e.to_string();
                     }
                 }
                 stream = conn.accept_bi() => match stream {

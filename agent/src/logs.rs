@@ -60,13 +60,12 @@ impl LogSink {
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.len + bytes.len() as u64 > self.max_bytes && inner.len > 0 {
-            if let Err(e) = rotate(&self.path).and_then(|f| {
-                inner.file = f;
-                Ok(())
-            }) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate log");
-            } else {
-                inner.len = 0;
+            match rotate(&self.path) {
+                Ok(f) => {
+                    inner.file = f;
+                    inner.len = 0;
+                }
+                Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate log"),
             }
         }
         // A full disk must not take the agent down; the bytes are lost and that is logged.
