@@ -100,6 +100,13 @@ struct RunHandle {
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     proto::manifest::validate_name(&config.name)
         .map_err(|message| AgentError::InvalidName { name: config.name.clone(), message })?;
+    // The data dir holds the node's key, env values of its workloads and their logs.
+    std::fs::create_dir_all(&config.data_dir)
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
     let dir = |sub: &str| -> Result<PathBuf, AgentError> {
         let p = config.data_dir.join(sub);
         std::fs::create_dir_all(&p).map_err(|source| AgentError::DataDir { path: p.clone(), source })?;

@@ -1,6 +1,6 @@
 //! The hub's state store: sqlx over one SQLite file in WAL mode. The schema lives in
-//! `hub/migrations` and is applied at open. Queries are written in the SQL common to SQLite and
-//! PostgreSQL so a PostgreSQL backend can share them.
+//! `hub/migrations` and is applied at open. Queries avoid SQLite-only features beyond `?`
+//! placeholders and two-argument `MAX`, which a PostgreSQL backend will need to translate.
 //!
 //! Invariants:
 //! - Every write that changes what a node must run bumps that node's `generation` in the same

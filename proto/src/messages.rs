@@ -43,8 +43,10 @@ pub struct Assignment {
     pub template_hash: String,
 }
 
-/// Everything a node must run, at a generation. Generations only grow; an agent that holds
-/// generation `g` ignores any set with a generation `<= g` it has already persisted.
+/// Everything a node must run, at a generation. The hub only ever raises a node's
+/// generation and sends the node its current set on every connect; the agent treats a set
+/// with the generation it already persisted as a replay and ignores it, and applies any other
+/// (the hub's current set is the truth, even after the hub's store was restored from backup).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AssignmentSet {
