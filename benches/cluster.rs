@@ -9,7 +9,8 @@
 //!    wasmtime and the status report back to the hub.
 //! 2. the agent's resident memory when idle with no workloads, and the hub's.
 //!
-//! Options (environment): BENCH_RUNS (default 200), BENCH_REPLICAS (default 3).
+//! Options (environment): BENCH_RUNS (default 200), BENCH_REPLICAS (default 3), BENCH_KEEP=1
+//! to keep the cluster's data dir and logs (printed at the end) for a post-mortem.
 
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
@@ -121,7 +122,11 @@ fn main() {
             let r = api.call(&ApiRequest::Apply { source: manifest(&name, &image, replicas) }).await;
             assert!(matches!(r, ApiResponse::Applied { .. }), "{r:?}");
             wait_running(name.clone(), replicas).await;
-            samples.push(start.elapsed());
+            let took = start.elapsed();
+            if took > Duration::from_secs(1) {
+                eprintln!("slow run {name}: {took:?} (ended at {:?})", std::time::SystemTime::now());
+            }
+            samples.push(took);
             api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name }).await;
         }
         samples.sort();
@@ -158,4 +163,8 @@ fn main() {
         rss_kib(c.agents[0].child.id()) as f64 / 1024.0,
         rss_kib(c.hub.child.id()) as f64 / 1024.0
     );
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        let dir = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap()).keep();
+        println!("cluster data and logs kept in {}", dir.display());
+    }
 }

@@ -33,6 +33,8 @@ const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
 /// The controller re-runs at least this often even without triggers (level-triggered safety).
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+/// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
+const RETRY_MIN: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -377,13 +379,23 @@ async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
 // Controller
 
 async fn controller_loop(shared: Arc<Shared>) {
+    let mut failures = 0u32;
     loop {
-        if let Err(e) = reconcile(&shared).await {
-            warn!(error = %e, "reconcile failed");
-        }
+        // A failed pass is retried soon with backoff, not at the next periodic resync.
+        let wait = match reconcile(&shared).await {
+            Ok(()) => {
+                failures = 0;
+                RESYNC_PERIOD
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "reconcile failed; retrying");
+                (RETRY_MIN * 2u32.saturating_pow(failures - 1)).min(RESYNC_PERIOD)
+            }
+        };
         tokio::select! {
             _ = shared.reconcile.notified() => {}
-            _ = tokio::time::sleep(RESYNC_PERIOD) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -103,13 +103,20 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// A transaction that takes SQLite's write lock at its start. A deferred transaction that
+    /// reads and then writes fails at once (SQLITE_BUSY_SNAPSHOT) when another writer
+    /// committed in between; taking the lock first makes it wait its turn instead.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     // -----------------------------------------------------------------------------------------
     // Workloads
 
     /// Stores `manifests` in one transaction: all or nothing. A manifest identical to the
     /// stored one is left untouched.
     pub async fn apply_workloads(&self, manifests: &[Manifest], now_ms: u64) -> Result<Vec<Applied>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut out = Vec::with_capacity(manifests.len());
         for m in manifests {
             let name = &m.metadata.name;
@@ -156,7 +163,7 @@ impl Store {
     /// Deletes the named workloads; returns those that existed and the nodes whose assignment
     /// sets changed (their replicas go with the workload and they get a new generation).
     pub async fn delete_workloads(&self, names: &[String]) -> Result<(Vec<String>, BTreeSet<String>)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut deleted = Vec::new();
         let mut nodes = BTreeSet::new();
         for name in names {
@@ -314,7 +321,7 @@ impl Store {
         templates: &BTreeMap<String, ReplicaTemplate>,
         unschedulable: &BTreeMap<String, String>,
     ) -> Result<BTreeSet<String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let rows =
             sqlx::query("SELECT name, node, template_hash, unschedulable FROM replicas").fetch_all(&mut *tx).await?;
         let mut existing: BTreeMap<String, (Option<String>, String, String)> =
@@ -391,7 +398,7 @@ impl Store {
     /// Records statuses a node reported. Only replicas assigned to that node are updated: a
     /// node cannot write another node's replicas. Returns how many rows changed.
     pub async fn record_statuses(&self, node: &str, statuses: &BTreeMap<String, ReplicaStatus>) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut n = 0;
         for (name, status) in statuses {
             n += sqlx::query("UPDATE replicas SET status = ? WHERE name = ? AND node = ?")
@@ -475,6 +482,46 @@ mod tests {
         assert!(s.replicas().await.unwrap().is_empty());
         let set = s.assignment_set("b").await.unwrap();
         assert_eq!((set.generation, set.assignments.len()), (2, 0));
+    }
+
+    /// The hub's writers run concurrently (API applies, the controller's placements, agents'
+    /// statuses). Each must wait its turn for the write lock, never fail with "database is
+    /// locked".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_do_not_fail() {
+        let (_d, s) = store().await;
+        s.upsert_node("a", &NodeFacts::default(), 1).await.unwrap();
+        let m = parse_manifests(M).unwrap();
+        s.apply_workloads(&m, 1).await.unwrap();
+        let templates = BTreeMap::from([("hello".to_string(), m[0].template())]);
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let s = s.clone();
+            let templates = templates.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let replicas = if (i + t) % 2 == 0 { 1 } else { 2 };
+                    let placements: Vec<Placement> = (0..replicas)
+                        .map(|idx| Placement {
+                            replica: format!("hello-{idx}"),
+                            workload: "hello".into(),
+                            index: idx,
+                            node: Some("a".into()),
+                        })
+                        .collect();
+                    s.write_placements(&placements, &templates, &BTreeMap::new()).await?;
+                    let changed = parse_manifests(&M.replace("r/hello:1", &format!("r/hello:{t}{i}"))).unwrap();
+                    s.apply_workloads(&changed, i).await?;
+                    let st = BTreeMap::from([("hello-0".to_string(), ReplicaStatus::default())]);
+                    s.record_statuses("a", &st).await?;
+                    s.ack_generation("a", i).await?;
+                }
+                Ok::<_, StoreError>(())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]
