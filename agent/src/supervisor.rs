@@ -317,6 +317,11 @@ mod tests {
             env: Default::default(),
             restart_policy: policy,
             memory_bytes: None,
+            cpu_time_ms: None,
+            fuel: None,
+            http: None,
+            volumes: vec![],
+            network: Default::default(),
         };
         Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
     }

@@ -11,9 +11,10 @@
 //! - New or displaced replicas go to Ready nodes that support the runtime and match the
 //!   selector, preferring the node with the fewest replicas of the same workload, then the
 //!   fewest replicas overall, then the name (deterministic ties).
+//! - A node holds at most one replica per host port (HTTP components listen on the node).
 //! - A replica no node can take is left unplaced with a reason that counts nodes per cause.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proto::manifest::Runtime;
 
@@ -32,6 +33,8 @@ pub struct SchedWorkload {
     pub replicas: u32,
     pub runtime: Runtime,
     pub node_selector: BTreeMap<String, String>,
+    /// Ports each replica binds on its node.
+    pub host_ports: Vec<u16>,
 }
 
 /// A replica and the node it is on (`None`: not placed).
@@ -60,13 +63,19 @@ enum Misfit {
     NotReady,
     Runtime,
     Selector,
+    PortInUse,
 }
 
-fn misfit(node: &SchedNode, w: &SchedWorkload) -> Option<Misfit> {
+/// Host ports taken on each node.
+type Ports<'a> = HashMap<&'a str, HashSet<u16>>;
+
+fn misfit(node: &SchedNode, w: &SchedWorkload, ports: &Ports) -> Option<Misfit> {
     if !node.runtimes.contains(&w.runtime) {
         Some(Misfit::Runtime)
     } else if !w.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
         Some(Misfit::Selector)
+    } else if ports.get(node.name.as_str()).is_some_and(|used| w.host_ports.iter().any(|p| used.contains(p))) {
+        Some(Misfit::PortInUse)
     } else if !node.ready {
         Some(Misfit::NotReady)
     } else {
@@ -81,6 +90,7 @@ pub fn schedule(nodes: &[SchedNode], workloads: &[SchedWorkload], current: &[Pla
 
     // Replicas per node over all workloads, counting only placements that survive.
     let mut load: HashMap<&str, u32> = HashMap::new();
+    let mut ports: Ports = HashMap::new();
     let mut kept: HashMap<(String, u32), String> = HashMap::new();
     let mut sorted: Vec<&SchedWorkload> = workloads.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -89,9 +99,12 @@ pub fn schedule(nodes: &[SchedNode], workloads: &[SchedWorkload], current: &[Pla
             let name = replica_name(&w.name, index);
             let Some(node) = current.get(name.as_str()).and_then(|p| p.node.as_deref()) else { continue };
             let Some(n) = by_name.get(node) else { continue };
-            // A not-ready node keeps what it has; only a real misfit displaces.
-            if matches!(misfit(n, w), None | Some(Misfit::NotReady)) {
+            // A not-ready node keeps what it has; only a real misfit displaces. Placements
+            // are kept in (workload, index) order, so of two replicas wanting one port the
+            // first keeps it.
+            if matches!(misfit(n, w, &ports), None | Some(Misfit::NotReady)) {
                 *load.entry(n.name.as_str()).or_default() += 1;
+                ports.entry(n.name.as_str()).or_default().extend(&w.host_ports);
                 kept.insert((w.name.clone(), index), n.name.clone());
             }
         }
@@ -105,14 +118,16 @@ pub fn schedule(nodes: &[SchedNode], workloads: &[SchedWorkload], current: &[Pla
                 *per_node.entry(by_name[node.as_str()].name.as_str()).or_default() += 1;
             }
         }
-        let mut candidates: Vec<&SchedNode> = nodes.iter().filter(|n| misfit(n, w).is_none()).collect();
-        candidates.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut sorted_nodes: Vec<&SchedNode> = nodes.iter().collect();
+        sorted_nodes.sort_by(|a, b| a.name.cmp(&b.name));
         for index in 0..w.replicas {
             let replica = replica_name(&w.name, index);
             let node = match kept.get(&(w.name.clone(), index)) {
                 Some(node) => Some(node.clone()),
                 None => {
-                    let best = candidates.iter().min_by_key(|n| {
+                    // Re-filtered per replica: placing one may take a port the next needs.
+                    let candidates = sorted_nodes.iter().filter(|n| misfit(n, w, &ports).is_none());
+                    let best = candidates.min_by_key(|n| {
                         let name = n.name.as_str();
                         (per_node.get(name).copied().unwrap_or(0), load.get(name).copied().unwrap_or(0), name)
                     });
@@ -120,10 +135,11 @@ pub fn schedule(nodes: &[SchedNode], workloads: &[SchedWorkload], current: &[Pla
                         Some(n) => {
                             *per_node.entry(n.name.as_str()).or_default() += 1;
                             *load.entry(n.name.as_str()).or_default() += 1;
+                            ports.entry(n.name.as_str()).or_default().extend(&w.host_ports);
                             Some(n.name.clone())
                         }
                         None => {
-                            out.unschedulable.insert(replica.clone(), explain(nodes, w));
+                            out.unschedulable.insert(replica.clone(), explain(nodes, w, &ports));
                             None
                         }
                     }
@@ -136,13 +152,13 @@ pub fn schedule(nodes: &[SchedNode], workloads: &[SchedWorkload], current: &[Pla
 }
 
 /// "0/3 nodes available: 2 lack runtime container, 1 does not match nodeSelector".
-fn explain(nodes: &[SchedNode], w: &SchedWorkload) -> String {
+fn explain(nodes: &[SchedNode], w: &SchedWorkload, ports: &Ports) -> String {
     if nodes.is_empty() {
         return "0/0 nodes available: no node has joined".into();
     }
     let mut counts: BTreeMap<Misfit, usize> = BTreeMap::new();
     for n in nodes {
-        if let Some(m) = misfit(n, w) {
+        if let Some(m) = misfit(n, w, ports) {
             *counts.entry(m).or_default() += 1;
         }
     }
@@ -152,6 +168,10 @@ fn explain(nodes: &[SchedNode], w: &SchedWorkload) -> String {
             Misfit::NotReady => format!("{c} not ready"),
             Misfit::Runtime => format!("{c} lack runtime {}", w.runtime),
             Misfit::Selector => format!("{c} do not match nodeSelector"),
+            Misfit::PortInUse => {
+                let list: Vec<String> = w.host_ports.iter().map(|p| p.to_string()).collect();
+                format!("{c} have port {} in use", list.join(","))
+            }
         })
         .collect();
     format!("0/{} nodes available: {}", nodes.len(), parts.join(", "))
@@ -176,6 +196,7 @@ mod tests {
             replicas,
             runtime: Runtime::Wasm,
             node_selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            host_ports: vec![],
         }
     }
 
@@ -249,6 +270,26 @@ mod tests {
         let first = schedule(&nodes, &[wl("w", 3, &[])], &[]);
         let second = schedule(&nodes, &[wl("w", 2, &[])], &first.placements);
         assert_eq!(second.placements, first.placements[..2]);
+    }
+
+    #[test]
+    fn a_host_port_holds_one_replica_per_node() {
+        let nodes = [node("a", true, WASM, &[]), node("b", true, WASM, &[])];
+        let mut web = wl("web", 3, &[]);
+        web.host_ports = vec![8080];
+        let d = schedule(&nodes, std::slice::from_ref(&web), &[]);
+        assert_eq!(nodes_of(&d), [Some("a"), Some("b"), None]);
+        assert_eq!(d.unschedulable["web-2"], "0/2 nodes available: 2 have port 8080 in use");
+        // Another workload on the same port finds no room either; one on another port does.
+        let mut other = wl("other", 1, &[]);
+        other.host_ports = vec![8080];
+        let mut third = wl("third", 1, &[]);
+        third.host_ports = vec![9090];
+        let d2 = schedule(&nodes, &[web, other, third], &d.placements);
+        let by_name: HashMap<_, _> = d2.placements.iter().map(|p| (p.replica.as_str(), p.node.as_deref())).collect();
+        assert_eq!(by_name["other-0"], None);
+        assert!(by_name["third-0"].is_some());
+        assert_eq!(by_name["web-0"], Some("a"), "placed replicas keep their port");
     }
 
     #[test]

@@ -432,6 +432,7 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
             replicas: w.manifest.spec.replicas,
             runtime: w.manifest.spec.runtime,
             node_selector: w.manifest.spec.node_selector.clone(),
+            host_ports: w.manifest.spec.http.iter().map(|h| h.port).collect(),
         })
         .collect();
     let current: Vec<Placement> = replicas

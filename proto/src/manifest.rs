@@ -66,6 +66,50 @@ pub struct WorkloadSpec {
     pub restart_policy: RestartPolicy,
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
+    /// Serve a `wasi:http/incoming-handler` component on this port of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Network access: `none` (the default: no sockets at all) or `host`.
+    #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
+    pub network: NetworkMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpSpec {
+    pub port: u16,
+    /// Instances handling requests at once; further requests wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+}
+
+/// A directory given to the workload. Without `hostPath` it is a scratch directory private to
+/// the replica, emptied when the replica leaves the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Volume {
+    pub name: String,
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    None,
+    Host,
+}
+
+impl NetworkMode {
+    pub fn is_none(&self) -> bool {
+        *self == NetworkMode::None
+    }
 }
 
 fn one() -> u32 {
@@ -113,11 +157,18 @@ impl RestartPolicy {
 pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// CPU time one run (or, for HTTP, one request) may spend executing before it is stopped,
+    /// as a duration (`500ms`, `2s`, `1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time: Option<String>,
+    /// Wasm instructions budget (wasmtime fuel) per run or request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
 }
 
 impl Resources {
     pub fn is_empty(&self) -> bool {
-        self.memory.is_none()
+        self.memory.is_none() && self.cpu_time.is_none() && self.fuel.is_none()
     }
 }
 
@@ -229,6 +280,44 @@ impl Manifest {
         {
             return err("spec.resources.memory", msg);
         }
+        if let Some(t) = &spec.resources.cpu_time
+            && let Err(msg) = parse_duration_ms(t)
+        {
+            return err("spec.resources.cpuTime", msg);
+        }
+        if let Some(h) = &spec.http {
+            if spec.runtime != Runtime::Wasm {
+                return err("spec.http", "http serving is for wasm components".into());
+            }
+            if h.port == 0 {
+                return err("spec.http.port", "port must be between 1 and 65535".into());
+            }
+            if h.max_concurrency == Some(0) {
+                return err("spec.http.maxConcurrency", "must be at least 1".into());
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut mounts = std::collections::BTreeSet::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let path = |f: &str| format!("spec.volumes[{i}].{f}");
+            if let Err(msg) = validate_name(&v.name) {
+                return err(&path("name"), msg);
+            }
+            if !names.insert(&v.name) {
+                return err(&path("name"), format!("volume {:?} is declared twice", v.name));
+            }
+            if let Err(msg) = validate_abs_path(&v.mount_path) {
+                return err(&path("mountPath"), msg);
+            }
+            if !mounts.insert(&v.mount_path) {
+                return err(&path("mountPath"), format!("{:?} is mounted twice", v.mount_path));
+            }
+            if let Some(h) = &v.host_path
+                && let Err(msg) = validate_abs_path(h)
+            {
+                return err(&path("hostPath"), msg);
+            }
+        }
         Ok(())
     }
 
@@ -242,6 +331,11 @@ impl Manifest {
             env: s.env.clone(),
             restart_policy: s.restart_policy,
             memory_bytes: s.resources.memory.as_deref().and_then(|m| parse_quantity(m).ok()),
+            cpu_time_ms: s.resources.cpu_time.as_deref().and_then(|t| parse_duration_ms(t).ok()),
+            fuel: s.resources.fuel,
+            http: s.http,
+            volumes: s.volumes.clone(),
+            network: s.network,
         }
     }
 }
@@ -288,6 +382,30 @@ fn validate_image(image: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An absolute path without `..` components or NUL bytes.
+fn validate_abs_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("{p:?} must be an absolute path"));
+    }
+    if p.contains('\0') || p.split('/').any(|c| c == "..") {
+        return Err(format!("{p:?} must not contain '..' or NUL"));
+    }
+    Ok(())
+}
+
+/// Parses a duration: a number with `ms`, `s`, `m` or `h`. Returns milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+        .iter()
+        .find_map(|(suf, m)| {
+            s.strip_suffix(suf).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).map(|n| (n, *m))
+        })
+        .ok_or_else(|| format!("invalid duration {s:?}; use a number with ms, s, m or h, such as 500ms or 2s"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    n.checked_mul(mult).filter(|ms| *ms > 0).ok_or_else(|| format!("duration {s:?} must be positive and not too large"))
+}
+
 /// Parses a memory quantity: plain bytes, or a number with Ki, Mi, Gi (binary) or k, M, G
 /// (decimal) suffix.
 pub fn parse_quantity(s: &str) -> Result<u64, String> {
@@ -315,6 +433,18 @@ pub struct ReplicaTemplate {
     pub restart_policy: RestartPolicy,
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    // Fields below are skipped when unset so that templates written before they existed keep
+    // their hash (a changed hash restarts replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
+    pub network: NetworkMode,
 }
 
 impl ReplicaTemplate {
@@ -423,6 +553,63 @@ spec:
         assert_eq!(a.template().hash(), b.template().hash());
         b.spec.env.insert("X".into(), "1".into());
         assert_ne!(a.template().hash(), b.template().hash());
+    }
+
+    #[test]
+    fn wasm_capabilities_parse_and_validate() {
+        let extra = "  http: {port: 8080, maxConcurrency: 16}\n  network: host\n  volumes:\n    - {name: scratch, mountPath: /data}\n    - {name: cfg, mountPath: /etc/app, hostPath: /srv/app, readOnly: true}\n";
+        let base =
+            GOOD.replace("  resources: {memory: 64Mi}\n", "  resources: {memory: 64Mi, cpuTime: 2s, fuel: 1000}\n");
+        let m = parse_manifests(&format!("{base}{extra}")).unwrap().remove(0);
+        let t = m.template();
+        assert_eq!(t.cpu_time_ms, Some(2000));
+        assert_eq!(t.fuel, Some(1000));
+        assert_eq!(t.http, Some(HttpSpec { port: 8080, max_concurrency: Some(16) }));
+        assert_eq!(t.network, NetworkMode::Host);
+        assert!(t.volumes[1].read_only && t.volumes[1].host_path.as_deref() == Some("/srv/app"));
+        for (bad, path) in [
+            ("port: 8080", "spec.http.port"),
+            ("mountPath: /data}", "spec.volumes[0].mountPath"),
+            ("hostPath: /srv/app", "spec.volumes[1].hostPath"),
+            ("name: cfg", "spec.volumes[1].name"),
+        ] {
+            let broken = match bad {
+                "port: 8080" => extra.replace(bad, "port: 0"),
+                "mountPath: /data}" => extra.replace(bad, "mountPath: data}"),
+                "hostPath: /srv/app" => extra.replace(bad, "hostPath: /srv/../etc"),
+                _ => extra.replace(bad, "name: scratch"),
+            };
+            let e = parse_manifests(&format!("{base}{broken}")).unwrap_err();
+            assert_eq!(e.path, path, "{e}");
+        }
+        let e = parse_manifests(&GOOD.replace("memory: 64Mi", "cpuTime: fast")).unwrap_err();
+        assert_eq!(e.path, "spec.resources.cpuTime");
+        let e = parse_manifests(&format!("{GOOD}  network: bridge\n")).unwrap_err();
+        assert_eq!(e.path, "spec.network");
+    }
+
+    #[test]
+    fn old_templates_keep_their_hash() {
+        // The JSON of a template with none of the newer fields set is what it always was.
+        let t = parse_manifests(GOOD).unwrap().remove(0).template();
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(
+            !json.contains("cpuTime")
+                && !json.contains("http")
+                && !json.contains("volumes")
+                && !json.contains("network"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_duration_ms("2s").unwrap(), 2000);
+        assert_eq!(parse_duration_ms("1m").unwrap(), 60_000);
+        for bad in ["", "5", "0s", "-1s", "1.5s", "s", "99999999999999999999h"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
