@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Installs what Flotilla's build, tests and quickstart need on Debian 12.
 # Idempotent: installs only missing packages (running `apt-get update` first
-# only when something is missing) and adds the wasm32-wasip1 Rust target.
+# only when something is missing) and adds the wasm32-wasip1 and wasm32-wasip2
+# Rust targets.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 
-PACKAGES=(docker-registry busybox-static ca-certificates curl procps)
+PACKAGES=(
+    docker-registry busybox-static ca-certificates curl procps
+    # examples/hello-c: make, Debian's clang and wasm-ld, wasi-libc (installed
+    # multiarch-style under /usr/include/wasm32-wasi and /usr/lib/wasm32-wasi,
+    # which clang --target=wasm32-wasi finds without --sysroot) and the wasm32
+    # compiler-rt builtins.
+    make clang lld wasi-libc libclang-rt-14-dev-wasm32
+)
 
 log() { printf '[install-deps] %s\n' "$*"; }
 
@@ -41,9 +49,12 @@ if ! command -v rustup >/dev/null 2>&1; then
     log "rustup not found: install Rust from https://rustup.rs first" >&2
     exit 1
 fi
-if rustup target list --installed | grep -qx wasm32-wasip1; then
-    log "rust target present: wasm32-wasip1"
-else
-    log "adding rust target wasm32-wasip1"
-    rustup target add wasm32-wasip1
-fi
+installed_targets=$(rustup target list --installed)
+for target in wasm32-wasip1 wasm32-wasip2; do
+    if grep -qx "$target" <<<"$installed_targets"; then
+        log "rust target present: $target"
+    else
+        log "adding rust target $target"
+        rustup target add "$target"
+    fi
+done

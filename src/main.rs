@@ -3,6 +3,7 @@
 //! file only parses arguments and hands typed configs to the libraries.
 
 mod client;
+mod local;
 mod output;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,8 @@ enum Command {
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
     },
+    /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
+    Run(local::RunArgs),
     /// Push a Wasm module to an OCI registry as a Wasm OCI artifact.
     Push {
         file: PathBuf,
@@ -191,6 +194,10 @@ async fn run(cli: Cli) -> Result<()> {
             config.insecure_registries = insecure_registries;
             agent::run(config, shutdown_signal()).await?;
             Ok(())
+        }
+        Command::Run(args) => {
+            let code = local::run(args).await?;
+            std::process::exit(code);
         }
         Command::Push { file, reference, insecure_registries } => {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;

@@ -120,7 +120,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
     let registry =
         oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
-    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime { host, registry: Arc::new(registry), blobs: Arc::new(blobs) });
+    let volumes = runtime::VolumeStore::new(dir("volumes")?);
+    let wasm: Arc<dyn Runtime> =
+        Arc::new(WasmRuntime { host, registry: Arc::new(registry), blobs: Arc::new(blobs), volumes: volumes.clone() });
     let runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::from([(wasm.kind(), wasm)]);
 
     // Autonomy: start the last persisted desired state before any hub contact.
@@ -204,6 +206,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     sup.on_exited(&replica, run_id, how, now());
                     if !sup.statuses().contains_key(&replica) && !runs.contains_key(&replica) {
                         logs.remove(&replica);
+                        volumes.remove(&replica);
                     }
                 }
             },

@@ -8,10 +8,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use oci_runtime::{BlobStore, Registry};
-use proto::manifest::{ReplicaTemplate, Runtime as RuntimeKind};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind, Volume};
 use proto::messages::Termination;
 use tokio::sync::{mpsc, watch};
-use wasm_runtime::{Exit, Limits, RunOptions, WasmHost};
+use wasm_runtime::{Exit, HttpOptions, Limits, Preopen, RunOptions, WasmHost};
 
 use crate::logs::LogSink;
 
@@ -60,12 +64,64 @@ pub trait Runtime: Send + Sync + 'static {
     fn run(&self, ctx: RunContext) -> RunFuture;
 }
 
-/// Wasm modules from OCI registries under wasmtime.
+/// Wasm modules and components from OCI registries under wasmtime: commands run to their
+/// end, `wasi:http` components are served on the workload's port until stopped.
 pub struct WasmRuntime {
     pub host: WasmHost,
     pub registry: Arc<Registry>,
     pub blobs: Arc<BlobStore>,
+    pub volumes: VolumeStore,
 }
+
+/// Per-replica scratch directories: `<dir>/<replica>/<volume>`, removed when the replica
+/// leaves the node.
+#[derive(Debug, Clone)]
+pub struct VolumeStore {
+    dir: PathBuf,
+}
+
+impl VolumeStore {
+    pub fn new(dir: PathBuf) -> Self {
+        VolumeStore { dir }
+    }
+
+    /// The directories a replica's volumes map to, scratch ones created on the way.
+    fn preopens(&self, replica: &str, volumes: &[Volume]) -> Result<Vec<Preopen>, String> {
+        volumes
+            .iter()
+            .map(|v| {
+                let host = match &v.host_path {
+                    Some(p) => {
+                        let p = PathBuf::from(p);
+                        if !p.is_dir() {
+                            return Err(format!(
+                                "volume {}: host path {} is not a directory on this node",
+                                v.name,
+                                p.display()
+                            ));
+                        }
+                        p
+                    }
+                    None => {
+                        let p = self.dir.join(replica).join(&v.name);
+                        std::fs::create_dir_all(&p)
+                            .map_err(|e| format!("volume {}: cannot create {}: {e}", v.name, p.display()))?;
+                        p
+                    }
+                };
+                Ok(Preopen { host, guest: v.mount_path.clone(), read_only: v.read_only })
+            })
+            .collect()
+    }
+
+    /// Deletes a replica's scratch directories.
+    pub fn remove(&self, replica: &str) {
+        let _ = std::fs::remove_dir_all(self.dir.join(replica));
+    }
+}
+
+/// Instances one HTTP workload runs at once when the manifest does not say.
+const DEFAULT_HTTP_CONCURRENCY: usize = 64;
 
 impl Runtime for WasmRuntime {
     fn kind(&self) -> RuntimeKind {
@@ -76,9 +132,11 @@ impl Runtime for WasmRuntime {
         let host = self.host.clone();
         let registry = self.registry.clone();
         let blobs = self.blobs.clone();
+        let volumes = self.volumes.clone();
         Box::pin(async move {
             let failed = |message: String| Termination::StartFailed { message };
-            let pulled = match registry.pull_wasm(&ctx.template.image, &blobs).await {
+            let t = &ctx.template;
+            let pulled = match registry.pull_wasm(&t.image, &blobs).await {
                 Ok(p) => p,
                 Err(e) => return failed(e.to_string()),
             };
@@ -88,24 +146,60 @@ impl Runtime for WasmRuntime {
                 Ok(Err(e)) => return failed(e.to_string()),
                 Err(e) => return failed(format!("module compilation did not finish: {e}")),
             };
-            let opts = RunOptions {
-                program_name: ctx.replica.clone(),
-                args: ctx.template.args.clone(),
-                env: ctx.template.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                stdout: ctx.log.clone(),
-                stderr: ctx.log.clone(),
-                limits: Limits { memory_bytes: ctx.template.memory_bytes },
+            let preopens = match volumes.preopens(&ctx.replica, &t.volumes) {
+                Ok(p) => p,
+                Err(e) => return failed(e),
             };
-            ctx.started();
-            tokio::select! {
-                exit = host.run(&program, opts) => match exit {
-                    Ok(Exit::Code(code)) => Termination::Exited { code },
-                    Ok(Exit::Trap(message)) => Termination::Trapped { message },
-                    Err(e) => failed(e.to_string()),
-                },
-                // Dropping the run future stops the guest at its next epoch tick.
-                _ = ctx.stop.wait_for(|s| *s) => Termination::Exited { code: 0 },
+            let limits = Limits {
+                memory_bytes: t.memory_bytes,
+                cpu_time: t.cpu_time_ms.map(Duration::from_millis),
+                fuel: t.fuel,
+            };
+            let env: Vec<(String, String)> = t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let network = t.network == NetworkMode::Host;
+            match (t.http, program.is_http()) {
+                (Some(http), true) => {
+                    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, http.port));
+                    let mut o = HttpOptions::new(addr, ctx.log.clone(), ctx.log.clone());
+                    o.max_concurrency = http.max_concurrency.map_or(DEFAULT_HTTP_CONCURRENCY, |c| c as usize);
+                    o.program_name = ctx.replica.clone();
+                    o.args = t.args.clone();
+                    (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
+                    let server = match host.serve_http(&program, o).await {
+                        Ok(s) => s,
+                        Err(e) => return failed(e.to_string()),
+                    };
+                    ctx.log.note(&format!("serving wasi:http on {}", server.local_addr()));
+                    ctx.started();
+                    let mut stop = ctx.stop.clone();
+                    match server.run(async move { stopping(&mut stop).await }).await {
+                        Ok(()) => Termination::Exited { code: 0 },
+                        Err(e) => Termination::Trapped { message: e.to_string() },
+                    }
+                }
+                (Some(_), false) => failed("spec.http is set but the image is not a wasi:http component".into()),
+                (None, true) => failed("the image is a wasi:http component; set spec.http.port to serve it".into()),
+                (None, false) => {
+                    let mut o = RunOptions::new(ctx.replica.clone(), ctx.log.clone(), ctx.log.clone());
+                    o.args = t.args.clone();
+                    (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
+                    ctx.started();
+                    tokio::select! {
+                        exit = host.run(&program, o) => match exit {
+                            Ok(Exit::Code(code)) => Termination::Exited { code },
+                            Ok(Exit::Trap(message)) => Termination::Trapped { message },
+                            Err(e) => failed(e.to_string()),
+                        },
+                        // Dropping the run future stops the guest at its next epoch tick.
+                        _ = stopping(&mut ctx.stop) => Termination::Exited { code: 0 },
+                    }
+                }
             }
         })
     }
+}
+
+/// Completes when the supervisor asks the run to stop.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

@@ -30,6 +30,9 @@ pub const MAX_MODULE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// First four bytes of every Wasm binary (core module or component).
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// The version and layer fields after the magic that mark a component-model binary
+/// (version 0x0d, layer 1); a core module has version 1, layer 0 (`01 00 00 00`).
+const COMPONENT_VERSION_LAYER: &[u8; 4] = b"\x0d\x00\x01\x00";
 /// Bound on establishing a TCP (and TLS) connection to a registry.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on waiting for the next piece of a response.
@@ -202,6 +205,7 @@ impl Registry {
     /// media type `application/vnd.wasm.config.v0+json` (config JSON like
     /// `{"architecture":"wasm","os":"wasip1","layerDigests":["sha256:.."]}`), one layer
     /// `application/wasm`, OCI image manifest. Returns the manifest digest ("sha256:..").
+    /// The config's `os` is `wasip2` for a component (see [`wasm_os`]), else `wasip1`.
     ///
     /// The reference must name a tag (or none, meaning `latest`), not a digest.
     pub async fn push_wasm(&self, reference: &str, wasm: &[u8]) -> Result<String, RegistryError> {
@@ -227,7 +231,7 @@ impl Registry {
         let layer_digest = sha256_digest(wasm);
         let config = serde_json::to_vec(&WasmConfig {
             architecture: "wasm",
-            os: "wasip1",
+            os: wasm_os(wasm),
             layer_digests: vec![layer_digest.clone()],
         })
         .map_err(|e| other(format!("cannot encode wasm config: {e}")))?;
@@ -586,6 +590,16 @@ pub fn is_loopback_registry(registry: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The config `os` for a Wasm binary that starts with the wasm magic: `wasip2` for a
+/// component (version/layer `0d 00 01 00`), `wasip1` for a core module or anything else.
+fn wasm_os(wasm: &[u8]) -> &'static str {
+    if wasm.get(WASM_MAGIC.len()..).is_some_and(|rest| rest.starts_with(COMPONENT_VERSION_LAYER)) {
+        "wasip2"
+    } else {
+        "wasip1"
+    }
+}
+
 /// Picks the Wasm entry of an image index: wasm/wasip1 first, then wasm/wasi.
 fn select_platform(entries: &[ImageIndexEntry]) -> Option<&ImageIndexEntry> {
     ["wasip1", "wasi"].into_iter().find_map(|os| {
@@ -855,6 +869,33 @@ mod tests {
             rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
         );
         assert!(!is_unreachable(&tls));
+    }
+
+    #[test]
+    fn config_os_follows_the_binary_kind() {
+        // A core module (version 1, layer 0) and a component (version 0x0d, layer 1).
+        assert_eq!(wasm_os(b"\0asm\x01\x00\x00\x00"), "wasip1");
+        assert_eq!(wasm_os(b"\0asm\x01\x00\x00\x00\x01\x04\x01\x60\x00\x00"), "wasip1");
+        assert_eq!(wasm_os(b"\0asm\x0d\x00\x01\x00"), "wasip2");
+        assert_eq!(wasm_os(b"\0asm\x0d\x00\x01\x00\x00\x08\x04name\x00\x00\x00"), "wasip2");
+        // Too short to tell, or a version this code does not know: the preview-1 default.
+        assert_eq!(wasm_os(b"\0asm"), "wasip1");
+        assert_eq!(wasm_os(b"\0asm\x0d\x00\x01"), "wasip1");
+        assert_eq!(wasm_os(b"\0asm\x0d\x00\x00\x00"), "wasip1");
+
+        let config = |wasm: &[u8]| {
+            serde_json::to_string(&WasmConfig {
+                architecture: "wasm",
+                os: wasm_os(wasm),
+                layer_digests: vec!["sha256:ab".to_owned()],
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            config(b"\0asm\x0d\x00\x01\x00"),
+            r#"{"architecture":"wasm","os":"wasip2","layerDigests":["sha256:ab"]}"#
+        );
+        assert!(config(b"\0asm\x01\x00\x00\x00").contains(r#""os":"wasip1""#));
     }
 
     #[test]

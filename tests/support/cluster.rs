@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several test crates, each using part of it
 //! A real cluster for end-to-end tests: the `flotilla` binary started as separate hub and agent
 //! processes on loopback, driven through the CLI exactly as a user would.
 
@@ -15,6 +16,11 @@ pub fn bin() -> &'static str {
 /// A free loopback UDP port (QUIC). Racy in principle; the OS rarely reuses a port at once.
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free loopback TCP port, for HTTP workloads.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process killed when dropped, its output kept in a file for post-mortems.

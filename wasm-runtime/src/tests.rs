@@ -23,14 +23,7 @@ fn host(dir: &Path) -> WasmHost {
 fn opts() -> (RunOptions, Arc<Capture>, Arc<Capture>) {
     let out = Arc::new(Capture::default());
     let err = Arc::new(Capture::default());
-    let opts = RunOptions {
-        program_name: "prog".into(),
-        args: vec![],
-        env: vec![],
-        stdout: out.clone(),
-        stderr: err.clone(),
-        limits: Limits::default(),
-    };
+    let opts = RunOptions::new("prog", out.clone(), err.clone());
     (opts, out, err)
 }
 
@@ -386,8 +379,12 @@ fn many_instances_on_current_thread_runtime_are_cancelled_promptly() {
 #[test]
 fn ticker_thread_stops_when_last_clone_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let host = WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), epoch_tick: Duration::from_secs(3600) })
-        .unwrap();
+    let host = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        epoch_tick: Duration::from_secs(3600),
+        ..HostConfig::default()
+    })
+    .unwrap();
     let alive: Arc<AtomicBool> = host.inner.ticker_alive.clone();
     let clone = host.clone();
     drop(host);
@@ -419,4 +416,464 @@ fn digest_validation() {
     assert!(digest_hex(&good.to_uppercase()).is_err());
     assert!(digest_hex("sha512:abcd").is_err());
     assert!(digest_hex(&good[..good.len() - 1]).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits: CPU time and fuel
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cpu_time_limit_stops_a_looping_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&looping()).unwrap();
+    let (mut o, _, _) = opts();
+    o.limits.cpu_time = Some(Duration::from_millis(300));
+    let started = Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(10), host.run(&program, o))
+        .await
+        .expect("cpu time limit did not stop the loop")
+        .unwrap();
+    let Exit::Trap(msg) = exit else { panic!("expected a trap, got {exit:?}") };
+    assert!(msg.contains("cpu time limit of 300ms exceeded"), "{msg}");
+    // It ran for at least its budget (ticks are only counted while it executes).
+    assert!(started.elapsed() >= Duration::from_millis(290), "{:?}", started.elapsed());
+}
+
+/// Sleeps `millis` via poll_oneoff, then returns.
+fn sleeping_for(millis: u64) -> Vec<u8> {
+    wasm(&format!(
+        r#"(module
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (i64.store (i32.const 0) (i64.const 7))
+                (i32.store8 (i32.const 8) (i32.const 0))
+                (i32.store (i32.const 16) (i32.const 1))
+                (i64.store (i32.const 24) (i64.const {nanos}))
+                (i64.store (i32.const 32) (i64.const 0))
+                (i32.store16 (i32.const 40) (i32.const 0))
+                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
+        nanos = millis * 1_000_000
+    ))
+}
+
+#[tokio::test]
+async fn sleeping_does_not_use_cpu_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&sleeping_for(600)).unwrap();
+    let (mut o, _, _) = opts();
+    o.limits.cpu_time = Some(Duration::from_millis(100));
+    let started = Instant::now();
+    assert_eq!(host.run(&program, o).await.unwrap(), Exit::Code(0));
+    assert!(started.elapsed() >= Duration::from_millis(590));
+}
+
+#[tokio::test]
+async fn fuel_limit_traps_when_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), fuel: true, ..HostConfig::default() })
+        .unwrap();
+    let looping = host.load_bytes(&looping()).unwrap();
+    let (mut o, _, _) = opts();
+    o.limits.fuel = Some(1_000_000);
+    let exit = tokio::time::timeout(Duration::from_secs(10), host.run(&looping, o)).await.unwrap().unwrap();
+    let Exit::Trap(msg) = exit else { panic!("expected a trap, got {exit:?}") };
+    assert!(msg.starts_with("fuel exhausted"), "{msg}");
+
+    // Without a fuel limit a fuel host runs programs normally.
+    let hello = host.load_bytes(&hello()).unwrap();
+    let (o, out, _) = opts();
+    assert_eq!(host.run(&hello, o).await.unwrap(), Exit::Code(0));
+    assert_eq!(out.contents(), b"hello, world\n");
+}
+
+#[tokio::test]
+async fn fuel_limit_needs_a_fuel_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&hello()).unwrap();
+    let (mut o, _, _) = opts();
+    o.limits.fuel = Some(10);
+    let err = host.run(&program, o).await.unwrap_err();
+    assert!(matches!(err, Error::FuelDisabled { fuel: 10 }), "{err}");
+    assert!(err.to_string().contains("HostConfig::fuel"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preopens
+// ---------------------------------------------------------------------------------------------
+
+/// Opens `in.txt` in the first preopen (fd 3) and copies it to stdout (exit 100+errno if that
+/// fails), then creates `out.txt` and writes 5 bytes to it; exits with the errno of that open.
+fn file_probe() -> Vec<u8> {
+    wasm(&format!(
+        r#"(module {FD_WRITE}
+            (import "wasi_snapshot_preview1" "path_open"
+                (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 100) "in.txt")
+            (data (i32.const 120) "out.txt")
+            (func (export "_start") (local $e i32)
+                (local.set $e (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 6)
+                    (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 200)))
+                (if (local.get $e) (then (call $exit (i32.add (i32.const 100) (local.get $e)))))
+                (i32.store (i32.const 300) (i32.const 1024))
+                (i32.store (i32.const 304) (i32.const 512))
+                (drop (call $fd_read (i32.load (i32.const 200)) (i32.const 300) (i32.const 1) (i32.const 320)))
+                (i32.store (i32.const 340) (i32.const 1024))
+                (i32.store (i32.const 344) (i32.load (i32.const 320)))
+                (drop (call $fd_write (i32.const 1) (i32.const 340) (i32.const 1) (i32.const 360)))
+                (local.set $e (call $path_open (i32.const 3) (i32.const 0) (i32.const 120) (i32.const 7)
+                    (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 200)))
+                (if (local.get $e) (then (call $exit (local.get $e))))
+                (i32.store (i32.const 344) (i32.const 5))
+                (drop (call $fd_write (i32.load (i32.const 200)) (i32.const 340) (i32.const 1) (i32.const 360)))))"#
+    ))
+}
+
+#[tokio::test]
+async fn read_only_preopen_allows_reading_but_not_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("in.txt"), "host file contents\n").unwrap();
+    let host = host(&dir.path().join("cache"));
+    let program = host.load_bytes(&file_probe()).unwrap();
+
+    let (mut o, out, _) = opts();
+    o.preopens = vec![Preopen { host: data.clone(), guest: "/data".into(), read_only: true }];
+    let exit = host.run(&program, o).await.unwrap();
+    assert_eq!(out.contents(), b"host file contents\n");
+    let Exit::Code(errno) = exit else { panic!("{exit:?}") };
+    assert_ne!(errno, 0, "creating a file in a read-only preopen succeeded");
+    assert!(!data.join("out.txt").exists());
+
+    let (mut o, out, _) = opts();
+    o.preopens = vec![Preopen { host: data.clone(), guest: "/data".into(), read_only: false }];
+    assert_eq!(host.run(&program, o).await.unwrap(), Exit::Code(0));
+    assert_eq!(out.contents(), b"host file contents\n");
+    assert_eq!(std::fs::read(data.join("out.txt")).unwrap(), b"host ");
+}
+
+#[tokio::test]
+async fn no_preopen_means_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&file_probe()).unwrap();
+    let exit = host.run(&program, opts().0).await.unwrap();
+    // path_open on fd 3 fails with EBADF (8).
+    assert_eq!(exit, Exit::Code(108));
+}
+
+#[tokio::test]
+async fn missing_preopen_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&hello()).unwrap();
+    let (mut o, _, _) = opts();
+    let missing = dir.path().join("no-such-dir");
+    o.preopens = vec![Preopen { host: missing.clone(), guest: "/data".into(), read_only: true }];
+    let err = host.run(&program, o).await.unwrap_err();
+    assert!(matches!(err, Error::Preopen { .. }), "{err}");
+    assert!(err.to_string().contains("no-such-dir"), "{err}");
+    assert!(err.to_string().contains("/data"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Components written in WAT
+// ---------------------------------------------------------------------------------------------
+
+/// A component whose `wasi:cli/run` returns `Ok` (`err = false`) or `Err`, optionally importing
+/// an interface nobody provides.
+fn wat_command(err: bool, extra_import: bool) -> Vec<u8> {
+    let import = if extra_import { r#"(import "foo:bar/baz" (instance (export "f" (func))))"# } else { "" };
+    wasm(&format!(
+        r#"(component
+            {import}
+            (core module $m (func (export "run") (result i32) i32.const {code}))
+            (core instance $i (instantiate $m))
+            (func $run (result (result)) (canon lift (core func $i "run")))
+            (instance $r (export "run" (func $run)))
+            (export "wasi:cli/run@0.2.0" (instance $r)))"#,
+        code = i32::from(err)
+    ))
+}
+
+#[test]
+fn kind_is_detected_from_the_header() {
+    assert_eq!(ProgramKind::detect(&hello()), ProgramKind::Module);
+    assert_eq!(ProgramKind::detect(&wat_command(false, false)), ProgramKind::Component);
+    assert_eq!(ProgramKind::detect(b""), ProgramKind::Module);
+    assert_eq!(ProgramKind::detect(b"\0asm\x0d\0\x01"), ProgramKind::Module);
+}
+
+#[tokio::test]
+async fn wat_component_run_ok_and_err() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let ok = host.load_bytes(&wat_command(false, false)).unwrap();
+    assert_eq!(ok.kind(), ProgramKind::Component);
+    assert!(!ok.is_http());
+    assert_eq!(host.run(&ok, opts().0).await.unwrap(), Exit::Code(0));
+    let err = host.load_bytes(&wat_command(true, false)).unwrap();
+    assert_eq!(host.run(&err, opts().0).await.unwrap(), Exit::Code(1));
+    let artifact = host.artifact_path(ok.digest()).unwrap();
+    assert!(artifact.to_string_lossy().ends_with(".component.cwasm"), "{}", artifact.display());
+    assert!(artifact.is_file());
+    let module = host.load_bytes(&hello()).unwrap();
+    assert_eq!(module.kind(), ProgramKind::Module);
+    assert!(host.artifact_path(module.digest()).unwrap().to_string_lossy().ends_with(".module.cwasm"));
+}
+
+#[tokio::test]
+async fn component_exit_with_code() {
+    let component = wasm(
+        r#"(component
+            (import "wasi:cli/exit@0.2.12" (instance $exit (export "exit-with-code" (func (param "status-code" u8)))))
+            (core func $exit_with_code (canon lower (func $exit "exit-with-code")))
+            (core module $m
+                (import "host" "exit" (func $exit (param i32)))
+                (func (export "run") (result i32) (call $exit (i32.const 3)) (i32.const 0)))
+            (core instance $host (export "exit" (func $exit_with_code)))
+            (core instance $i (instantiate $m (with "host" (instance $host))))
+            (func $run (result (result)) (canon lift (core func $i "run")))
+            (instance $r (export "run" (func $run)))
+            (export "wasi:cli/run@0.2.0" (instance $r)))"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&component).unwrap();
+    assert_eq!(host.run(&program, opts().0).await.unwrap(), Exit::Code(3));
+}
+
+#[tokio::test]
+async fn component_trap_and_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let trapping = host
+        .load_bytes(&wasm(
+            r#"(component
+                (core module $m (func $boom unreachable) (func (export "run") (result i32) (call $boom) (i32.const 0)))
+                (core instance $i (instantiate $m))
+                (func $run (result (result)) (canon lift (core func $i "run")))
+                (instance $r (export "run" (func $run)))
+                (export "wasi:cli/run@0.2.0" (instance $r)))"#,
+        ))
+        .unwrap();
+    let Exit::Trap(msg) = host.run(&trapping, opts().0).await.unwrap() else { panic!() };
+    assert!(msg.contains("unreachable"), "{msg}");
+
+    let bomb = host
+        .load_bytes(&wasm(
+            r#"(component
+                (core module $m (memory 1)
+                    (func (export "run") (result i32) (loop $l (drop (memory.grow (i32.const 16))) (br $l)) (i32.const 0)))
+                (core instance $i (instantiate $m))
+                (func $run (result (result)) (canon lift (core func $i "run")))
+                (instance $r (export "run" (func $run)))
+                (export "wasi:cli/run@0.2.0" (instance $r)))"#,
+        ))
+        .unwrap();
+    let (mut o, _, _) = opts();
+    o.limits.memory_bytes = Some(8 << 20);
+    let exit = tokio::time::timeout(Duration::from_secs(10), host.run(&bomb, o)).await.unwrap().unwrap();
+    let Exit::Trap(msg) = exit else { panic!("{exit:?}") };
+    assert!(msg.contains("memory limit exceeded"), "{msg}");
+}
+
+#[test]
+fn component_missing_import_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let err = host.load_bytes(&wat_command(false, true)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Link { kind: ProgramKind::Component, .. }), "{msg}");
+    assert!(msg.starts_with("cannot link wasm component sha256:"), "{msg}");
+    assert!(msg.contains("foo:bar/baz"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    // Unusable programs are not cached.
+    assert_eq!(std::fs::read_dir(host.artifact_dir()).unwrap().count(), 0);
+}
+
+#[test]
+fn component_exporting_neither_world_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let err = host.load_bytes(&wasm("(component)")).unwrap_err();
+    assert!(matches!(err, Error::NotRunnable { .. }), "{err}");
+    assert!(err.to_string().contains("exports neither wasi:cli/run nor wasi:http/incoming-handler"), "{err}");
+    assert!(err.to_string().ends_with("(it exports: nothing)"), "{err}");
+
+    let err = host
+        .load_bytes(&wasm(
+            r#"(component
+                (core module $m (func (export "f")))
+                (core instance $i (instantiate $m))
+                (func (export "hello") (canon lift (core func $i "f"))))"#,
+        ))
+        .unwrap_err();
+    assert!(err.to_string().ends_with("(it exports: hello)"), "{err}");
+}
+
+#[test]
+fn invalid_component_bytes_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let err = host.load_bytes(b"\0asm\x0d\0\x01\0\xff\xff").unwrap_err();
+    assert!(matches!(err, Error::InvalidModule { kind: ProgramKind::Component, .. }), "{err}");
+    assert!(err.to_string().starts_with("invalid wasm component sha256:"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_http_refuses_non_http_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&wat_command(false, false)).unwrap();
+    let out: Arc<dyn OutputSink> = Arc::new(Capture::default());
+    let opts = HttpOptions::new("127.0.0.1:0".parse().unwrap(), out.clone(), out);
+    let err = host.serve_http(&program, opts).await.unwrap_err();
+    assert!(matches!(err, Error::NotHttp { .. }), "{err}");
+    assert!(err.to_string().contains("does not export wasi:http/incoming-handler"), "{err}");
+}
+
+#[tokio::test]
+async fn legacy_cache_entries_are_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let bytes = hello();
+    let digest = sha256_digest(&bytes);
+    let legacy = host.artifact_dir().join(format!("{}.cwasm", digest_hex(&digest).unwrap()));
+    std::fs::write(&legacy, b"old").unwrap();
+    host.load_bytes(&bytes).unwrap();
+    assert!(!legacy.exists());
+    assert!(host.artifact_path_for(&digest, ProgramKind::Module).unwrap().is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Allocator sizing for small devices
+// ---------------------------------------------------------------------------------------------
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn pooling_plan_math_for_a_512_mib_board() {
+    let plan = PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB }.plan().unwrap();
+    assert_eq!(plan.max_memory_per_instance, 64 * MIB);
+    assert_eq!(plan.reserved_memory_bytes, 512 * MIB);
+    // Tables and stacks are a few MiB, not gigabytes.
+    assert!(plan.reserved_table_bytes + plan.reserved_stack_bytes < 32 * MIB, "{plan:?}");
+
+    // Uneven split: rounded down to whole 64 KiB pages, never over budget.
+    let plan = PoolingConfig { total_instances: 3, total_memory_bytes: 512 * MIB }.plan().unwrap();
+    assert_eq!(plan.max_memory_per_instance % WASM_PAGE_SIZE, 0);
+    assert_eq!(plan.max_memory_per_instance, 2730 * WASM_PAGE_SIZE);
+    assert!(plan.reserved_memory_bytes <= 512 * MIB);
+    assert!(512 * MIB - plan.reserved_memory_bytes < 3 * WASM_PAGE_SIZE);
+
+    for bad in [
+        PoolingConfig { total_instances: 0, total_memory_bytes: 512 * MIB },
+        PoolingConfig { total_instances: 16, total_memory_bytes: 16 * WASM_PAGE_SIZE - 1 },
+    ] {
+        let err = bad.plan().unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn pooling_host_within_512_mib_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        pooling: Some(PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB }),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let plan = host.pooling_plan().unwrap();
+    assert_eq!(plan.max_memory_per_instance, 64 * MIB);
+    // The engine reserves exactly one slot per memory: no 4 GiB reservations, no guard regions.
+    assert_eq!(host.inner.engine.get_memory_reservation(), 64 * MIB);
+    assert_eq!(host.inner.engine.get_memory_guard_size(), 0);
+    assert_eq!(host.inner.engine.get_memory_reservation_for_growth(), 0);
+    assert!(plan.total_reserved_bytes() < 512 * MIB + 32 * MIB, "{plan:?}");
+
+    // Programs run, and the pool's slot size caps memory like a limit.
+    let program = host.load_bytes(&hello()).unwrap();
+    let (o, out, _) = opts();
+    assert_eq!(host.run(&program, o).await.unwrap(), Exit::Code(0));
+    assert_eq!(out.contents(), b"hello, world\n");
+    let bomb = host
+        .load_bytes(&wasm(
+            r#"(module (memory (export "memory") 1)
+                (func (export "_start") (loop $l (drop (memory.grow (i32.const 16))) (br $l))))"#,
+        ))
+        .unwrap();
+    let exit = host.run(&bomb, opts().0).await.unwrap();
+    let Exit::Trap(msg) = exit else { panic!("{exit:?}") };
+    assert!(msg.contains("memory limit exceeded"), "{msg}");
+    assert!(msg.contains(&(64 * MIB).to_string()), "{msg}");
+
+    // A per-run limit below the slot still applies.
+    let (mut o, _, _) = opts();
+    o.limits.memory_bytes = Some(MIB);
+    let Exit::Trap(msg) = host.run(&bomb, o).await.unwrap() else { panic!() };
+    assert!(msg.contains(&MIB.to_string()), "{msg}");
+}
+
+#[tokio::test]
+async fn pooling_rejects_instances_beyond_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        pooling: Some(PoolingConfig { total_instances: 2, total_memory_bytes: 16 * MIB }),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let sleeping = host.load_bytes(&sleeping()).unwrap();
+    let a = tokio::spawn({
+        let (host, p) = (host.clone(), sleeping.clone());
+        async move { host.run(&p, opts().0).await }
+    });
+    let b = tokio::spawn({
+        let (host, p) = (host.clone(), sleeping.clone());
+        async move { host.run(&p, opts().0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = host.run(&sleeping, opts().0).await.unwrap_err();
+    assert!(matches!(err, Error::Instantiate { .. }), "{err}");
+    a.abort();
+    b.abort();
+    let _ = a.await;
+    let _ = b.await;
+    // Slots are returned when runs end.
+    let program = host.load_bytes(&hello()).unwrap();
+    assert_eq!(host.run(&program, opts().0).await.unwrap(), Exit::Code(0));
+}
+
+#[tokio::test]
+async fn max_memory_per_instance_bounds_reservation_and_growth() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        max_memory_per_instance: Some(32 * MIB),
+        memory_guard_size: Some(64 * 1024),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    assert_eq!(host.inner.engine.get_memory_reservation(), 32 * MIB);
+    assert_eq!(host.inner.engine.get_memory_guard_size(), 64 * 1024);
+    assert!(host.pooling_plan().is_none());
+    let bomb = host
+        .load_bytes(&wasm(
+            r#"(module (memory (export "memory") 1)
+                (func (export "_start") (loop $l (drop (memory.grow (i32.const 16))) (br $l))))"#,
+        ))
+        .unwrap();
+    let Exit::Trap(msg) = host.run(&bomb, opts().0).await.unwrap() else { panic!() };
+    assert!(msg.contains(&(32 * MIB).to_string()), "{msg}");
+    let program = host.load_bytes(&hello()).unwrap();
+    assert_eq!(host.run(&program, opts().0).await.unwrap(), Exit::Code(0));
 }

@@ -1,0 +1,202 @@
+//! End-to-end tests of the Wasm runtime through hub and agents: each kind of artifact users
+//! ship (Rust wasip1 module, C with wasi-libc, wasip2 component, wasi:http component) and each
+//! way a guest can go wrong, reported with its reason while the agent's other replicas keep
+//! running. Needs the registry and the examples (`scripts/test.sh` builds them).
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "../oci-runtime/tests/support/mod.rs"]
+mod registry;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cluster::Cluster;
+use proto::messages::{Phase, ReplicaView};
+use registry::TestRegistry;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn example(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    assert!(p.exists(), "{} is missing: build the examples first (scripts/test.sh does)", p.display());
+    p
+}
+
+fn push_file(reg: &TestRegistry, path: &Path, name: &str) -> String {
+    let reference = reg.reference(name);
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), path.as_os_str(), reference.as_ref()]);
+    assert!(out.status.success(), "push {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    reference
+}
+
+fn push_bytes(reg: &TestRegistry, dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(format!("{}.wasm", name.replace(':', "-")));
+    std::fs::write(&path, bytes).unwrap();
+    push_file(reg, &path, name)
+}
+
+fn workload(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  runtime: wasm\n  image: {image}\n{extra}"
+    )
+}
+
+fn apply(c: &Cluster, docs: &[String]) {
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&docs.join("---\n")));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn replica(c: &Cluster, name: &str) -> Option<ReplicaView> {
+    c.replicas().into_iter().find(|r| r.name == name)
+}
+
+fn phase_is(c: &Cluster, name: &str, phase: Phase) -> bool {
+    replica(c, name).is_some_and(|r| r.status.phase == phase && r.status.template_hash == r.template_hash)
+}
+
+/// A minimal HTTP/1.1 GET on loopback; returns (status, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+#[test]
+fn every_kind_of_wasm_artifact_runs_through_the_cluster() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let rust = push_file(&reg, &example("examples/hello/target/wasm32-wasip1/release/hello.wasm"), "hello:v1");
+    let c_prog = push_file(&reg, &example("examples/hello-c/build/hello.wasm"), "hello-c:v1");
+    let component = push_file(
+        &reg,
+        &example("examples/hello-component/target/wasm32-wasip2/release/hello-component.wasm"),
+        "hello-component:v1",
+    );
+    let http =
+        push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:v1");
+    let port = cluster::free_tcp_port();
+
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let args = "  args: [\"--interval-ms\", \"200\"]\n";
+    apply(
+        &c,
+        &[
+            workload("rust", &rust, &format!("{args}  env: {{GREETING: from-rust}}\n")),
+            workload("clang", &c_prog, &format!("{args}  env: {{GREETING: from-c}}\n")),
+            workload("comp", &component, &format!("{args}  env: {{GREETING: from-component}}\n")),
+            workload("web", &http, &format!("  http: {{port: {port}, maxConcurrency: 8}}\n  env: {{COLOR: teal}}\n")),
+        ],
+    );
+    for (name, greeting) in [("rust", "from-rust #"), ("clang", "from-c #"), ("comp", "from-component #")] {
+        c.wait_for(&format!("{name} logs"), WAIT, || c.ok(&["logs", name, "--tail", "500"]).contains(greeting));
+        assert!(phase_is(&c, &format!("{name}-0"), Phase::Running));
+    }
+    c.wait_for("web Running", WAIT, || phase_is(&c, "web-0", Phase::Running));
+    c.wait_for("web answers", WAIT, || http_get(port, "/").is_some_and(|(s, _)| s == 200));
+    let (status, body) = http_get(port, "/").unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello from flotilla over wasi:http\n"));
+    assert_eq!(http_get(port, "/env/COLOR").unwrap(), (200, "teal".to_string()));
+    assert_eq!(http_get(port, "/nowhere").unwrap().0, 404);
+    // Many requests in parallel, beyond maxConcurrency: all answered.
+    let handles: Vec<_> = (0..32).map(|_| std::thread::spawn(move || http_get(port, "/").map(|(s, _)| s))).collect();
+    assert!(handles.into_iter().all(|h| h.join().unwrap() == Some(200)));
+
+    // A second HTTP workload on the same port has no node to go to, and says why.
+    apply(&c, &[workload("web2", &http, &format!("  http: {{port: {port}}}\n"))]);
+    c.wait_for("web2 unschedulable", WAIT, || {
+        replica(&c, "web2-0").is_some_and(|r| r.unschedulable.contains("in use"))
+    });
+
+    // Deleting the HTTP workload frees the port.
+    c.ok(&["delete", "workload", "web"]);
+    c.wait_for("port closed", WAIT, || {
+        TcpStream::connect(("127.0.0.1", port)).is_err() || phase_is(&c, "web2-0", Phase::Running)
+    });
+}
+
+#[test]
+fn misbehaving_guests_fail_with_their_reason_and_nothing_else_stops() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let steady = push_file(&reg, &example("examples/hello/target/wasm32-wasip1/release/hello.wasm"), "hello:v1");
+    let wat = |w: &str| wat::parse_str(w).unwrap();
+    let spin = push_bytes(
+        &reg,
+        dir.path(),
+        "spin:v1",
+        &wat(r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#),
+    );
+    let bomb = push_bytes(
+        &reg,
+        dir.path(),
+        "bomb:v1",
+        &wat(r#"(module (memory (export "memory") 1)
+            (func (export "_start") (loop $l (drop (memory.grow (i32.const 16))) (br $l))))"#),
+    );
+    let trap = push_bytes(
+        &reg,
+        dir.path(),
+        "trap:v1",
+        &wat(r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#),
+    );
+    let garbage = push_bytes(&reg, dir.path(), "garbage:v1", b"\0asm\x01\0\0\0\xff\xff\xff\xff");
+    let missing = push_bytes(
+        &reg,
+        dir.path(),
+        "missing-import:v1",
+        &wat(
+            r#"(module (import "env" "launch_rockets" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+        ),
+    );
+
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &[workload("steady", &steady, "  args: [\"--interval-ms\", \"100\"]\n")]);
+    c.wait_for("steady Running", WAIT, || phase_is(&c, "steady-0", Phase::Running));
+    let started = replica(&c, "steady-0").unwrap().status.started_at_ms;
+
+    let never = "  restartPolicy: Never\n";
+    apply(
+        &c,
+        &[
+            workload("spin", &spin, &format!("{never}  resources: {{cpuTime: 1s}}\n")),
+            workload("bomb", &bomb, &format!("{never}  resources: {{memory: 16Mi}}\n")),
+            workload("trap", &trap, never),
+            workload("garbage", &garbage, never),
+            workload("missing", &missing, never),
+        ],
+    );
+    let reason = |name: &str| {
+        let r = replica(&c, name).unwrap();
+        format!("{} {}", r.status.message, r.status.last_termination.map(|t| t.to_string()).unwrap_or_default())
+    };
+    for (name, phase, expect) in [
+        ("spin-0", Phase::Failed, "cpu time limit"),
+        ("bomb-0", Phase::Failed, "memory limit"),
+        ("trap-0", Phase::Failed, "unreachable"),
+        // Start failures are retried with backoff whatever the policy; they stay Pending.
+        ("garbage-0", Phase::Pending, "invalid wasm module"),
+        ("missing-0", Phase::Pending, "launch_rockets"),
+    ] {
+        c.wait_for(&format!("{name} reported"), WAIT, || phase_is(&c, name, phase) && reason(name).contains(expect));
+        let d = c.ok(&["describe", "replica", name]);
+        assert!(d.contains(expect), "describe {name} lacks {expect:?}:\n{d}");
+    }
+    // The well-behaved replica never noticed.
+    let s = replica(&c, "steady-0").unwrap();
+    assert_eq!((s.status.phase, s.status.restarts, s.status.started_at_ms), (Phase::Running, 0, started));
+    let before = c.ok(&["logs", "steady"]).lines().count();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(c.ok(&["logs", "steady"]).lines().count() > before, "steady kept printing");
+    assert!(c.nodes()[0].ready);
+}

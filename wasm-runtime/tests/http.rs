@@ -1,0 +1,268 @@
+//! Serving `wasi:http/proxy` components built from `tests/guests` (see `common::guest`).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Capture, Client, get, load_guest, shared_host};
+use flotilla_wasm_runtime::{Error, HostConfig, HttpOptions, Limits, PoolingConfig, Program, WasmHost};
+use hyper::StatusCode;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    addr: SocketAddr,
+    stderr: Arc<Capture>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// Requests shutdown and waits (bounded) for `run` to return.
+    async fn shutdown(mut self) -> Duration {
+        let started = Instant::now();
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), &mut self.server)
+            .await
+            .expect("server did not shut down")
+            .unwrap()
+            .unwrap();
+        started.elapsed()
+    }
+}
+
+fn options(configure: impl FnOnce(&mut HttpOptions)) -> (HttpOptions, Arc<Capture>) {
+    let out = Arc::new(Capture::default());
+    let err = Arc::new(Capture::default());
+    let mut opts = HttpOptions::new("127.0.0.1:0".parse().unwrap(), out, err.clone());
+    configure(&mut opts);
+    (opts, err)
+}
+
+async fn serve(host: &WasmHost, program: &Program, configure: impl FnOnce(&mut HttpOptions)) -> Running {
+    let (opts, stderr) = options(configure);
+    let server = host.serve_http(program, opts).await.unwrap();
+    let addr = server.local_addr();
+    assert_ne!(addr.port(), 0);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stderr, stop: Some(stop), server }
+}
+
+#[tokio::test]
+async fn hello_component_answers_get() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_hello");
+    let running = serve(&host, &program, |o| o.env = vec![("GREETING".into(), "hi there".into())]).await;
+
+    let (status, body) = get(running.addr, "/greet?x=1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello from wasm: GET /greet?x=1\nhi there\n");
+
+    // Keep-alive: several requests on one connection, each with a fresh instance.
+    let mut client = Client::connect(running.addr).await;
+    for i in 0..5 {
+        let (status, body) = client.get(&format!("/{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, format!("hello from wasm: GET /{i}\nhi there\n"));
+    }
+    assert_eq!(running.stderr.text(), "");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_with_max_concurrency_4() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pool of exactly 4 instances: if the server ever ran a 5th instance concurrently, its
+    // instantiation would fail and the request would get a 500.
+    let host = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        pooling: Some(PoolingConfig { total_instances: 4, total_memory_bytes: 256 << 20 }),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let program = load_guest(&host, "guest_http_hello");
+    let running = serve(&host, &program, |o| o.max_concurrency = 4).await;
+
+    let requests: Vec<_> = (0..50)
+        .map(|i| {
+            let addr = running.addr;
+            tokio::spawn(async move { get(addr, &format!("/req/{i}")).await })
+        })
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(60), request).await.unwrap().unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+        assert_eq!(body, format!("hello from wasm: GET /req/{i}\n"));
+    }
+    assert_eq!(running.stderr.text(), "");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn spinning_handler_hits_cpu_limit_while_others_are_served() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let running = serve(&host, &program, |o| {
+        o.max_concurrency = 4;
+        o.limits = Limits { cpu_time: Some(Duration::from_millis(500)), ..Limits::default() };
+    })
+    .await;
+
+    let started = Instant::now();
+    let addr = running.addr;
+    let spin = tokio::spawn(async move { get(addr, "/spin").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Other requests are answered promptly while the spinner burns its budget.
+    let mut client = Client::connect(running.addr).await;
+    for _ in 0..5 {
+        let one = Instant::now();
+        let (status, body) = client.get("/").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
+        assert!(one.elapsed() < Duration::from_secs(2), "request took {:?}", one.elapsed());
+    }
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), spin).await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let stderr = running.stderr.text();
+    assert!(stderr.contains("wasi:http request GET /spin failed: cpu time limit of 500ms exceeded"), "{stderr}");
+
+    // Still serving afterwards.
+    assert_eq!(get(running.addr, "/").await, (StatusCode::OK, "ok\n".to_string()));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn trapping_handler_yields_500_and_server_keeps_serving() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let running = serve(&host, &program, |o| {
+        o.limits = Limits { memory_bytes: Some(32 << 20), ..Limits::default() };
+    })
+    .await;
+
+    let mut client = Client::connect(running.addr).await;
+    let (status, body) = client.get("/trap").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(body, "internal server error\n");
+    assert!(running.stderr.text().contains("GET /trap failed: wasm trap: wasm `unreachable` instruction executed"), "{}", running.stderr.text());
+    // The same keep-alive connection still works.
+    assert_eq!(client.get("/").await, (StatusCode::OK, "ok\n".to_string()));
+
+    let (status, _) = client.get("/noresponse").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(running.stderr.text().contains("GET /noresponse failed: handler returned without setting a response"), "{}", running.stderr.text());
+
+    let (status, _) = client.get("/grow").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(running.stderr.text().contains("GET /grow failed: memory limit exceeded"), "{}", running.stderr.text());
+
+    for _ in 0..3 {
+        assert_eq!(get(running.addr, "/").await, (StatusCode::OK, "ok\n".to_string()));
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn full_queue_answers_503() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let running = serve(&host, &program, |o| {
+        o.max_concurrency = 1;
+        o.max_queued = 1;
+        // Generous: epoch ticks are wall-clock ticks observed while wasm runs, so a loaded test
+        // machine charges the spinner faster than real CPU time.
+        o.limits = Limits { cpu_time: Some(Duration::from_secs(3)), ..Limits::default() };
+    })
+    .await;
+    let addr = running.addr;
+    let busy = tokio::spawn(async move { get(addr, "/spin").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = tokio::spawn(async move { get(addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = get(addr, "/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "service unavailable\n"));
+    assert_eq!(busy.await.unwrap().0, StatusCode::INTERNAL_SERVER_ERROR);
+    // The queued request ran once the spinner was stopped.
+    assert_eq!(queued.await.unwrap(), (StatusCode::OK, "ok\n".to_string()));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_timeout_yields_500() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let running = serve(&host, &program, |o| o.request_timeout = Some(Duration::from_millis(200))).await;
+    let started = Instant::now();
+    let (status, _) = get(running.addr, "/sleep").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(running.stderr.text().contains("GET /sleep failed: request timeout of 200ms exceeded"), "{}", running.stderr.text());
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_in_flight_requests_finish() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let running = serve(&host, &program, |_| {}).await;
+    let addr = running.addr;
+
+    // An idle keep-alive connection must not hold up shutdown.
+    let mut idle = Client::connect(addr).await;
+    assert_eq!(idle.get("/").await.0, StatusCode::OK);
+
+    let sleeping = tokio::spawn(async move { get(addr, "/sleep").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let took = running.shutdown().await;
+    // The in-flight request (1 s of sleep) completed normally before `run` returned.
+    assert_eq!(sleeping.await.unwrap(), (StatusCode::OK, "slept\n".to_string()));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // No longer accepting.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    assert!(idle.try_get("/").await.is_err());
+}
+
+#[tokio::test]
+async fn shutdown_grace_period_is_bounded() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    // No CPU limit: the spinner would run forever.
+    let running = serve(&host, &program, |o| o.shutdown_grace = Duration::from_millis(300)).await;
+    let addr = running.addr;
+    let spin = tokio::spawn(async move { Client::connect(addr).await.try_get("/spin").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let took = running.shutdown().await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The spinning request was cancelled: the client sees the connection close.
+    let result = tokio::time::timeout(Duration::from_secs(5), spin).await.unwrap().unwrap();
+    assert!(result.is_err() || result.unwrap().0 == StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn bind_failure_names_the_address() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_hello");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (mut opts, _) = options(|_| {});
+    opts.addr = addr;
+    let err = host.serve_http(&program, opts).await.unwrap_err();
+    assert!(matches!(err, Error::Bind { .. }), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn dropping_the_server_closes_the_listener() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_hello");
+    let (opts, _) = options(|_| {});
+    let server = host.serve_http(&program, opts).await.unwrap();
+    let addr = server.local_addr();
+    drop(server);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
