@@ -121,8 +121,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let registry =
         oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
-    let wasm: Arc<dyn Runtime> =
-        Arc::new(WasmRuntime { host, registry: Arc::new(registry), blobs: Arc::new(blobs), volumes: volumes.clone() });
+    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, registry, blobs, volumes.clone()));
     let runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::from([(wasm.kind(), wasm)]);
 
     // Autonomy: start the last persisted desired state before any hub contact.

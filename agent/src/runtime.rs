@@ -7,7 +7,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use oci_runtime::{BlobStore, Registry};
+use std::collections::HashMap;
+
+use oci_runtime::{BlobStore, PulledWasm, Registry};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,6 +73,42 @@ pub struct WasmRuntime {
     pub registry: Arc<Registry>,
     pub blobs: Arc<BlobStore>,
     pub volumes: VolumeStore,
+    /// Images this agent process already pulled: restarts and new replicas of the same
+    /// reference start from the verified blob without asking the registry (Kubernetes'
+    /// IfNotPresent). A moved tag is picked up by a new tag, a digest reference or an agent
+    /// restart.
+    pub resolved: Arc<std::sync::Mutex<HashMap<String, PulledWasm>>>,
+}
+
+impl WasmRuntime {
+    pub fn new(host: WasmHost, registry: Registry, blobs: BlobStore, volumes: VolumeStore) -> Self {
+        WasmRuntime {
+            host,
+            registry: Arc::new(registry),
+            blobs: Arc::new(blobs),
+            volumes,
+            resolved: Default::default(),
+        }
+    }
+}
+
+/// The image's module in the blob store: from this process's earlier pull when its blob is
+/// still there, else pulled (digest-verified) now.
+async fn fetch(
+    image: &str,
+    registry: &Registry,
+    blobs: &BlobStore,
+    resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
+) -> Result<PulledWasm, String> {
+    let known = resolved.lock().unwrap_or_else(|p| p.into_inner()).get(image).cloned();
+    if let Some(p) = known
+        && p.path.exists()
+    {
+        return Ok(p);
+    }
+    let pulled = registry.pull_wasm(image, blobs).await.map_err(|e| e.to_string())?;
+    resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
+    Ok(pulled)
 }
 
 /// Per-replica scratch directories: `<dir>/<replica>/<volume>`, removed when the replica
@@ -133,12 +171,13 @@ impl Runtime for WasmRuntime {
         let registry = self.registry.clone();
         let blobs = self.blobs.clone();
         let volumes = self.volumes.clone();
+        let resolved = self.resolved.clone();
         Box::pin(async move {
             let failed = |message: String| Termination::StartFailed { message };
             let t = &ctx.template;
-            let pulled = match registry.pull_wasm(&t.image, &blobs).await {
+            let pulled = match fetch(&t.image, &registry, &blobs, &resolved).await {
                 Ok(p) => p,
-                Err(e) => return failed(e.to_string()),
+                Err(e) => return failed(e),
             };
             let (h, digest, path) = (host.clone(), pulled.wasm_digest.clone(), pulled.path.clone());
             let program = match tokio::task::spawn_blocking(move || h.load(&digest, &path)).await {
