@@ -70,6 +70,13 @@ enum Command {
         /// Registry HOST:PORT to reach over plain HTTP (loopback registries always are).
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
+        /// Largest linear memory of one Wasm instance, e.g. 256Mi (default: the node's RAM
+        /// when under 4 GiB, else wasmtime's 4 GiB).
+        #[arg(long)]
+        wasm_max_memory: Option<String>,
+        /// Compile Wasm with fuel metering so workloads may set resources.fuel.
+        #[arg(long)]
+        wasm_fuel: bool,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
@@ -177,7 +184,17 @@ async fn run(cli: Cli) -> Result<()> {
             hub.run(shutdown_signal()).await?;
             Ok(())
         }
-        Command::Agent { hub, token, token_file, name, labels, data_dir, insecure_registries } => {
+        Command::Agent {
+            hub,
+            token,
+            token_file,
+            name,
+            labels,
+            data_dir,
+            insecure_registries,
+            wasm_max_memory,
+            wasm_fuel,
+        } => {
             init_tracing();
             let token = match (token, token_file) {
                 (Some(t), _) => Some(t),
@@ -192,6 +209,12 @@ async fn run(cli: Cli) -> Result<()> {
             config.token = token;
             config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
             config.insecure_registries = insecure_registries;
+            config.wasm_max_memory = wasm_max_memory
+                .as_deref()
+                .map(proto::manifest::parse_quantity)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
+            config.wasm_fuel = wasm_fuel;
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }

@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// Bound on each replica's log file before rotation.
     pub log_max_bytes: u64,
     pub backoff: Backoff,
+    /// Largest linear memory one Wasm instance may have; `None` sizes it from the node.
+    pub wasm_max_memory: Option<u64>,
+    /// Compile Wasm with fuel metering so workloads can set `resources.fuel`.
+    pub wasm_fuel: bool,
 }
 
 impl AgentConfig {
@@ -64,6 +68,8 @@ impl AgentConfig {
             insecure_registries: Vec::new(),
             log_max_bytes: 4 << 20,
             backoff: Backoff::default(),
+            wasm_max_memory: None,
+            wasm_fuel: false,
         }
     }
 }
@@ -115,8 +121,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let state = StateFile::new(&dir("state")?);
     let logs = LogStore::open(dir("logs")?, config.log_max_bytes)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.join("logs"), source })?;
-    let host =
-        wasm_runtime::WasmHost::new(wasm_runtime::HostConfig { cache_dir: dir("wasm-cache")?, ..Default::default() })?;
+    let node_facts = facts::collect(&config.labels, vec![RuntimeKind::Wasm]);
+    let host = wasm_runtime::WasmHost::new(wasm_runtime::HostConfig {
+        cache_dir: dir("wasm-cache")?,
+        max_memory_per_instance: wasm_max_memory(config.wasm_max_memory, node_facts.memory_bytes),
+        fuel: config.wasm_fuel,
+        ..Default::default()
+    })?;
     let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
     let registry =
         oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
@@ -149,7 +160,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         token: config.token.clone(),
         node_name: config.name.clone(),
         identity_dir: config.data_dir.join("identity"),
-        facts: facts::collect(&config.labels, runtimes.keys().copied().collect()),
+        facts: proto::messages::NodeFacts { runtimes: runtimes.keys().copied().collect(), ..node_facts },
         tuning: transport::tls::Tuning::default(),
         logs: logs.clone(),
         acked: acked_rx,
@@ -225,6 +236,15 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     result
 }
 
+/// The largest linear memory an instance may reserve and use. A 32-bit Wasm memory can reach
+/// 4 GiB, which wasmtime reserves up front on 64-bit hosts so bounds checks vanish. A board with
+/// less RAM than that caps each instance at its RAM (rounded to 64 KiB pages), so no instance
+/// reserves or grows beyond what the device has; larger machines keep wasmtime's default.
+fn wasm_max_memory(configured: Option<u64>, node_memory: u64) -> Option<u64> {
+    const PAGE: u64 = 64 << 10;
+    configured.or((node_memory > 0 && node_memory < (4 << 30)).then(|| (node_memory / PAGE).max(1) * PAGE))
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -283,5 +303,20 @@ fn execute(
             // Nothing in flight: the stop is already complete.
             _ => sup.on_stopped(&replica, run_id, now()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wasm_memory_is_sized_to_the_device() {
+        // A 512 MB gateway: instances never reserve more than the board has.
+        assert_eq!(super::wasm_max_memory(None, 512_000_000), Some(7812 * 65536));
+        // A server keeps wasmtime's 4 GiB reservation and its elided bounds checks.
+        assert_eq!(super::wasm_max_memory(None, 24 << 30), None);
+        // Unknown memory: no guess.
+        assert_eq!(super::wasm_max_memory(None, 0), None);
+        // The operator's setting wins.
+        assert_eq!(super::wasm_max_memory(Some(64 << 20), 512_000_000), Some(64 << 20));
     }
 }
