@@ -213,7 +213,9 @@ impl HttpServer {
 
     /// Accepts connections until `shutdown` completes, then stops accepting, lets in-flight
     /// requests finish for up to [`HttpOptions::shutdown_grace`] (idle keep-alive connections are
-    /// closed at once), cancels whatever is still running and returns.
+    /// closed at once), cancels whatever is still running and returns. Accept errors (e.g. out of
+    /// file descriptors) are logged and retried, so this currently always returns `Ok`.
+    /// Dropping the future instead cancels every connection and request at once.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let HttpServer { listener, local_addr, max_connections, shutdown_grace, shared } = self;
         let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
@@ -340,10 +342,15 @@ impl Shared {
         self.instances.clone().acquire_owned().await.ok()
     }
 
-    async fn handle(self: Arc<Self>, request: Request<Incoming>, phase: watch::Receiver<Phase>) -> Response<HyperOutgoingBody> {
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        phase: watch::Receiver<Phase>,
+    ) -> Response<HyperOutgoingBody> {
         let what = format!("{} {}", request.method(), request.uri().path());
         let Some(permit) = self.admit().await else {
-            self.report(&what, "too many queued requests; answered 503");
+            // Load shedding is not a guest failure: keep it out of the guest's stderr.
+            tracing::debug!(digest = %self.digest, request = %what, "too many queued wasi:http requests; answered 503");
             return plain(StatusCode::SERVICE_UNAVAILABLE, "service unavailable\n");
         };
         let mut store = match self.new_store() {
@@ -371,9 +378,9 @@ impl Shared {
         };
         // The handler runs in its own task because it keeps streaming the response body after
         // handing over the response head.
-        let guard = self.tasks.enter();
-        let guest =
-            tokio::spawn(self.clone().run_guest(store, incoming, outparam, what.clone(), permit, guard, phase));
+        let job =
+            GuestJob { store, incoming, outparam, what: what.clone(), _permit: permit, _guard: self.tasks.enter() };
+        let guest = tokio::spawn(self.clone().run_guest(job, phase));
         match receiver.await {
             Ok(Ok(response)) => response,
             Ok(Err(code)) => {
@@ -392,17 +399,8 @@ impl Shared {
 
     /// Instantiates the component and calls its handler. Returns whether the handler returned
     /// normally; failures are reported here.
-    #[allow(clippy::too_many_arguments)]
-    async fn run_guest(
-        self: Arc<Self>,
-        mut store: Store<ComponentState>,
-        request: Resource<HostIncomingRequest>,
-        outparam: Resource<HostResponseOutparam>,
-        what: String,
-        _permit: OwnedSemaphorePermit,
-        _guard: TaskGuard,
-        mut phase: watch::Receiver<Phase>,
-    ) -> bool {
+    async fn run_guest(self: Arc<Self>, job: GuestJob, mut phase: watch::Receiver<Phase>) -> bool {
+        let GuestJob { mut store, incoming: request, outparam, what, _permit, _guard } = job;
         let work = async {
             let proxy = self.pre.instantiate_async(&mut store).await?;
             proxy.wasi_http_incoming_handler().call_handle(&mut store, request, outparam).await
@@ -431,8 +429,22 @@ impl Shared {
     }
 }
 
+/// One request's instance-to-be and what it holds while it runs.
+struct GuestJob {
+    store: Store<ComponentState>,
+    incoming: Resource<HostIncomingRequest>,
+    outparam: Resource<HostResponseOutparam>,
+    /// `METHOD /path`, for reports.
+    what: String,
+    /// The instance slot; released when the handler is done.
+    _permit: OwnedSemaphorePermit,
+    /// Keeps graceful shutdown waiting for this handler.
+    _guard: TaskGuard,
+}
+
 fn plain(status: StatusCode, text: &'static str) -> Response<HyperOutgoingBody> {
-    let body = Full::new(Bytes::from_static(text.as_bytes())).map_err(|never: Infallible| match never {}).boxed_unsync();
+    let body =
+        Full::new(Bytes::from_static(text.as_bytes())).map_err(|never: Infallible| match never {}).boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -238,7 +238,9 @@ impl PoolingConfig {
         }
         if usize::try_from(per_instance).is_err() {
             return Err(Error::Config {
-                reason: format!("pooling memory of {per_instance} bytes per instance does not fit this host's address space"),
+                reason: format!(
+                    "pooling memory of {per_instance} bytes per instance does not fit this host's address space"
+                ),
             });
         }
         let pointer = std::mem::size_of::<usize>() as u64;
@@ -282,11 +284,12 @@ pub trait OutputSink: Send + Sync + 'static {
 pub struct Limits {
     /// Cap on the total size of all linear memories of one run; growing past it traps.
     pub memory_bytes: Option<u64>,
-    /// CPU time the guest may spend executing wasm in one run before it is stopped with
-    /// [`Exit::Trap`] ("cpu time limit of 2s exceeded"). Measured in epoch ticks
-    /// ([`HostConfig::epoch_tick`]) observed while wasm code runs, so time a guest spends blocked
+    /// CPU time the guest may spend executing wasm in one run (for HTTP: one request) before it
+    /// is stopped with [`Exit::Trap`] ("cpu time limit of 2s exceeded"). Measured in epoch ticks
+    /// ([`HostConfig::epoch_tick`]) that pass while wasm code runs: time a guest spends blocked
     /// in a host call (sleeping, waiting for I/O) is not charged, except that the first tick
-    /// noticed after such a wait is.
+    /// noticed after such a wait is; time the OS runs other threads while the guest is in wasm
+    /// is charged, so on an overloaded host guests use up their budget early.
     pub cpu_time: Option<Duration>,
     /// Fuel (roughly: wasm instructions) the guest may consume; running out traps with "fuel
     /// exhausted". Requires [`HostConfig::fuel`], else [`Error::FuelDisabled`].
@@ -805,7 +808,8 @@ impl WasmHost {
         let bytes = read()?;
         let kind = ProgramKind::detect(&bytes);
         let started = Instant::now();
-        let invalid = |e: wasmtime::Error| Error::InvalidModule { kind, digest: digest.to_string(), reason: one_line(&e) };
+        let invalid =
+            |e: wasmtime::Error| Error::InvalidModule { kind, digest: digest.to_string(), reason: one_line(&e) };
         let artifact = match kind {
             ProgramKind::Module => Artifact::Module(Module::from_binary(&self.inner.engine, &bytes).map_err(invalid)?),
             ProgramKind::Component => {
@@ -904,7 +908,9 @@ impl WasmHost {
             Artifact::Module(module) => Pre::Module(self.link_module(digest, module)?),
             Artifact::Component(component) => self.link_component(digest, component)?,
         };
-        Ok(Program { inner: Arc::new(ProgramInner { digest: digest.to_string(), engine: self.inner.engine.clone(), pre }) })
+        Ok(Program {
+            inner: Arc::new(ProgramInner { digest: digest.to_string(), engine: self.inner.engine.clone(), pre }),
+        })
     }
 
     fn link_module(&self, digest: &str, module: &Module) -> Result<InstancePre<StoreState>, Error> {
@@ -937,8 +943,11 @@ impl WasmHost {
             let exports = if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") };
             return Err(Error::NotRunnable { digest: digest.to_string(), exports });
         }
-        let link_error =
-            |e: wasmtime::Error| Error::Link { kind: ProgramKind::Component, digest: digest.to_string(), reason: one_line(&e) };
+        let link_error = |e: wasmtime::Error| Error::Link {
+            kind: ProgramKind::Component,
+            digest: digest.to_string(),
+            reason: one_line(&e),
+        };
         let pre = self.inner.component_linker.instantiate_pre(component).map_err(link_error)?;
         if http {
             Ok(Pre::Http(ProxyPre::new(pre).map_err(link_error)?))
@@ -1044,7 +1053,11 @@ impl WasmHost {
                 return Ok(Exit::Trap(describe_guest_failure(&e)));
             }
             Err(e) => {
-                return Err(Error::Instantiate { kind: ProgramKind::Module, digest: digest.to_string(), reason: one_line(&e) });
+                return Err(Error::Instantiate {
+                    kind: ProgramKind::Module,
+                    digest: digest.to_string(),
+                    reason: one_line(&e),
+                });
             }
         };
         let start = instance

@@ -473,8 +473,8 @@ async fn sleeping_does_not_use_cpu_time() {
 #[tokio::test]
 async fn fuel_limit_traps_when_exhausted() {
     let dir = tempfile::tempdir().unwrap();
-    let host = WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), fuel: true, ..HostConfig::default() })
-        .unwrap();
+    let host =
+        WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), fuel: true, ..HostConfig::default() }).unwrap();
     let looping = host.load_bytes(&looping()).unwrap();
     let (mut o, _, _) = opts();
     o.limits.fuel = Some(1_000_000);
@@ -876,4 +876,20 @@ async fn max_memory_per_instance_bounds_reservation_and_growth() {
     assert!(msg.contains(&(32 * MIB).to_string()), "{msg}");
     let program = host.load_bytes(&hello()).unwrap();
     assert_eq!(host.run(&program, opts().0).await.unwrap(), Exit::Code(0));
+}
+
+#[test]
+fn http_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    // Compile-time check only: the agent spawns both futures on a multi-threaded runtime.
+    #[allow(dead_code)]
+    fn run_is_send(server: HttpServer) {
+        assert_send(&server.run(async {}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&hello()).unwrap();
+    let out: Arc<dyn OutputSink> = Arc::new(Capture::default());
+    let fut = host.serve_http(&program, HttpOptions::new("127.0.0.1:0".parse().unwrap(), out.clone(), out));
+    assert_send(&fut);
 }

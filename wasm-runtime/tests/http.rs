@@ -149,13 +149,21 @@ async fn trapping_handler_yields_500_and_server_keeps_serving() {
     let (status, body) = client.get("/trap").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(body, "internal server error\n");
-    assert!(running.stderr.text().contains("GET /trap failed: wasm trap: wasm `unreachable` instruction executed"), "{}", running.stderr.text());
+    assert!(
+        running.stderr.text().contains("GET /trap failed: wasm trap: wasm `unreachable` instruction executed"),
+        "{}",
+        running.stderr.text()
+    );
     // The same keep-alive connection still works.
     assert_eq!(client.get("/").await, (StatusCode::OK, "ok\n".to_string()));
 
     let (status, _) = client.get("/noresponse").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(running.stderr.text().contains("GET /noresponse failed: handler returned without setting a response"), "{}", running.stderr.text());
+    assert!(
+        running.stderr.text().contains("GET /noresponse failed: handler returned without setting a response"),
+        "{}",
+        running.stderr.text()
+    );
 
     let (status, _) = client.get("/grow").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -201,7 +209,11 @@ async fn request_timeout_yields_500() {
     let (status, _) = get(running.addr, "/sleep").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
-    assert!(running.stderr.text().contains("GET /sleep failed: request timeout of 200ms exceeded"), "{}", running.stderr.text());
+    assert!(
+        running.stderr.text().contains("GET /sleep failed: request timeout of 200ms exceeded"),
+        "{}",
+        running.stderr.text()
+    );
     running.shutdown().await;
 }
 
