@@ -84,7 +84,7 @@ impl Client {
         let prefix = replicas.len() > 1;
         let mut tasks = Vec::new();
         for r in replicas {
-            let (send, recv) = self.open(&ApiRequest::Logs { replica: r.clone(), follow, tail_bytes: tail }).await?;
+            let (send, recv) = self.open(&ApiRequest::Logs { replica: r.clone(), follow, tail_lines: tail }).await?;
             tasks.push(tokio::spawn(print_log(r, send, recv, prefix)));
         }
         let mut first_err = None;

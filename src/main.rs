@@ -107,7 +107,7 @@ enum Command {
         replica: Option<String>,
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Only the last N bytes of each log.
+        /// Only the last N lines of each log.
         #[arg(long)]
         tail: Option<u64>,
     },

@@ -81,6 +81,9 @@ fn two_replica_workload_runs_updates_and_deletes_across_two_agents() {
     });
     let one = c.ok(&["logs", "hello", "--replica", "hello-1", "--tail", "200"]);
     assert!(one.contains("first-greeting #") && !one.contains("[hello-"), "{one}");
+    let last_two = c.ok(&["logs", "hello", "--replica", "hello-1", "--tail", "2"]);
+    assert_eq!(last_two.lines().count(), 2, "{last_two}");
+    assert!(last_two.lines().all(|l| l.contains("first-greeting #")), "{last_two}");
     let described = c.ok(&["describe", "workload", "hello"]);
     assert!(described.contains("2 desired, 2 ready"), "{described}");
 

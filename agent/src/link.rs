@@ -175,6 +175,44 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
+/// Where the last `lines` lines of a `len`-byte log start, reading backwards in blocks. A
+/// final line without its newline counts as a line.
+fn tail_offset(
+    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
+    len: u64,
+    lines: u64,
+) -> std::io::Result<u64> {
+    if lines == 0 {
+        return Ok(len);
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut end = len;
+    // The newline that ends the file's last line does not start a line.
+    let mut newlines_to_skip = 1;
+    let mut found = 0u64;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        let n = read_at(start, chunk)?;
+        for i in (0..n).rev() {
+            if chunk[i] != b'\n' {
+                newlines_to_skip = 0;
+                continue;
+            }
+            if newlines_to_skip > 0 {
+                newlines_to_skip = 0;
+                continue;
+            }
+            found += 1;
+            if found == lines {
+                return Ok(start + i as u64 + 1);
+            }
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
 enum SessionError {
     Fatal(IdentityError),
     Transient(String),
@@ -187,8 +225,8 @@ async fn serve_stream(logs: LogStore, mut send: quinn::SendStream, mut recv: qui
         _ => return,
     };
     match req {
-        HubRequest::Logs { replica, follow, tail_bytes } => {
-            if let Err(e) = stream_log(&logs, &mut send, &replica, follow, tail_bytes).await {
+        HubRequest::Logs { replica, follow, tail_lines } => {
+            if let Err(e) = stream_log(&logs, &mut send, &replica, follow, tail_lines).await {
                 debug!(%replica, error = %e, "log stream ended");
             }
         }
@@ -200,7 +238,7 @@ async fn stream_log(
     send: &mut quinn::SendStream,
     replica: &str,
     follow: bool,
-    tail_bytes: Option<u64>,
+    tail_lines: Option<u64>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The name comes from the hub; it becomes a path, so it must be a plain name.
     if proto::manifest::validate_name(replica).is_err() {
@@ -220,18 +258,20 @@ async fn stream_log(
         }
     };
     frame::write(send, &StreamStart::Ok).await?;
-    let len = file.metadata().await?.len();
-    let mut pos = tail_bytes.map_or(0, |t| len.saturating_sub(t));
+    let mut pos = match tail_lines {
+        Some(lines) => {
+            let std_file = file.try_clone().await?.into_std().await;
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let len = std_file.metadata()?.len();
+                tail_offset(|off, buf| std_file.read_at(buf, off), len, lines)
+            })
+            .await??
+        }
+        None => 0,
+    };
     file.seek(std::io::SeekFrom::Start(pos)).await?;
     let mut buf = vec![0u8; 64 * 1024];
-    if pos > 0 {
-        // A tail starts at the first whole line.
-        let n = file.read(&mut buf).await?;
-        pos += n as u64;
-        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
-            send.write_all(&buf[i + 1..n]).await?;
-        }
-    }
     loop {
         let n = file.read(&mut buf).await?;
         if n > 0 {
@@ -257,4 +297,39 @@ async fn stream_log(
     }
     send.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_offset;
+
+    fn tail(text: &str, lines: u64) -> &str {
+        let bytes = text.as_bytes();
+        let read_at = |off: u64, buf: &mut [u8]| {
+            let off = off as usize;
+            let n = buf.len().min(bytes.len() - off);
+            buf[..n].copy_from_slice(&bytes[off..off + n]);
+            Ok(n)
+        };
+        &text[tail_offset(read_at, bytes.len() as u64, lines).unwrap() as usize..]
+    }
+
+    #[test]
+    fn tails_whole_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(tail("a\nb\nc\n", 1), "c\n");
+        assert_eq!(tail("a\nb\nc\n", 9), "a\nb\nc\n");
+        assert_eq!(tail("a\nb\npartial", 1), "partial");
+        assert_eq!(tail("a\nb\npartial", 2), "b\npartial");
+        assert_eq!(tail("a\n\n", 1), "\n");
+        assert_eq!(tail("", 3), "");
+        assert_eq!(tail("a\nb\n", 0), "");
+    }
+
+    #[test]
+    fn tails_across_read_blocks() {
+        let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(tail(&text, 3), "line 19997\nline 19998\nline 19999\n");
+        assert_eq!(tail(&text, 20_000).len(), text.len());
+    }
 }

@@ -42,8 +42,8 @@ async fn handle(
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
     let Some(req) = frame::read::<ApiRequest>(&mut recv).await? else { return Ok(()) };
-    if let ApiRequest::Logs { replica, follow, tail_bytes } = req {
-        return relay_logs(&shared, &mut send, replica, follow, tail_bytes).await;
+    if let ApiRequest::Logs { replica, follow, tail_lines } = req {
+        return relay_logs(&shared, &mut send, replica, follow, tail_lines).await;
     }
     let response = match answer(&shared, req).await {
         Ok(r) => r,
@@ -296,7 +296,7 @@ async fn relay_logs(
     send: &mut quinn::SendStream,
     replica: String,
     follow: bool,
-    tail_bytes: Option<u64>,
+    tail_lines: Option<u64>,
 ) -> Result<(), StreamError> {
     let fail = |message: String| StreamStart::Error { message };
     let node = match shared.store.replicas().await {
@@ -321,7 +321,7 @@ async fn relay_logs(
         }
     };
     let (mut agent_send, mut agent_recv) = conn.open_bi().await.map_err(|e| StreamError::Relay(e.to_string()))?;
-    frame::write(&mut agent_send, &HubRequest::Logs { replica, follow, tail_bytes }).await?;
+    frame::write(&mut agent_send, &HubRequest::Logs { replica, follow, tail_lines }).await?;
     let start = frame::read::<StreamStart>(&mut agent_recv)
         .await?
         .unwrap_or(StreamStart::Error { message: "the agent closed the log stream".into() });

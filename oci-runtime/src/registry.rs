@@ -372,7 +372,7 @@ impl Registry {
             OciManifest::ImageIndex(index) => {
                 let entry = select_platform(&index.manifests).ok_or_else(|| {
                     not_wasm(format!(
-                        "image index has no wasm/wasip1 or wasm/wasi entry (platforms: [{}])",
+                        "image index has no wasm/wasip1, wasm/wasip2 or wasm/wasi entry (platforms: [{}])",
                         describe_platforms(&index.manifests)
                     ))
                 })?;
@@ -600,9 +600,9 @@ fn wasm_os(wasm: &[u8]) -> &'static str {
     }
 }
 
-/// Picks the Wasm entry of an image index: wasm/wasip1 first, then wasm/wasi.
+/// Picks the Wasm entry of an image index: wasm/wasip1 first, then wasm/wasip2, then wasm/wasi.
 fn select_platform(entries: &[ImageIndexEntry]) -> Option<&ImageIndexEntry> {
-    ["wasip1", "wasi"].into_iter().find_map(|os| {
+    ["wasip1", "wasip2", "wasi"].into_iter().find_map(|os| {
         entries.iter().find(|e| {
             e.platform.as_ref().is_some_and(|p| p.architecture.to_string() == "wasm" && p.os.to_string() == os)
         })

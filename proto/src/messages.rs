@@ -183,9 +183,10 @@ pub enum HubMsg {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum HubRequest {
-    /// Stream a replica's log. The agent answers with a [`StreamStart`] frame, then raw log
-    /// bytes until the end of the log (or, with `follow`, until the stream is closed).
-    Logs { replica: String, follow: bool, tail_bytes: Option<u64> },
+    /// Stream a replica's log, from its last `tail_lines` lines when given. The agent answers
+    /// with a [`StreamStart`] frame, then raw log bytes until the end of the log (or, with
+    /// `follow`, until the stream is closed).
+    Logs { replica: String, follow: bool, tail_lines: Option<u64> },
 }
 
 /// First frame of a stream whose remaining content is raw bytes.
@@ -245,7 +246,7 @@ pub enum ApiRequest {
     Logs {
         replica: String,
         follow: bool,
-        tail_bytes: Option<u64>,
+        tail_lines: Option<u64>,
     },
 }
 
