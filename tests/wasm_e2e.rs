@@ -152,6 +152,14 @@ fn misbehaving_guests_fail_with_their_reason_and_nothing_else_stops() {
         "trap:v1",
         &wat(r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#),
     );
+    let deep = push_bytes(
+        &reg,
+        dir.path(),
+        "deep:v1",
+        &wat(r#"(module (memory (export "memory") 1)
+            (func $down (param i64) (result i64) (call $down (i64.add (local.get 0) (i64.const 1))))
+            (func (export "_start") (drop (call $down (i64.const 0)))))"#),
+    );
     let garbage = push_bytes(&reg, dir.path(), "garbage:v1", b"\0asm\x01\0\0\0\xff\xff\xff\xff");
     let missing = push_bytes(
         &reg,
@@ -176,6 +184,7 @@ fn misbehaving_guests_fail_with_their_reason_and_nothing_else_stops() {
             workload("spin", &spin, &format!("{never}  resources: {{cpuTime: 1s}}\n")),
             workload("bomb", &bomb, &format!("{never}  resources: {{memory: 16Mi}}\n")),
             workload("trap", &trap, never),
+            workload("deep", &deep, never),
             workload("garbage", &garbage, never),
             workload("missing", &missing, never),
         ],
@@ -188,6 +197,7 @@ fn misbehaving_guests_fail_with_their_reason_and_nothing_else_stops() {
         ("spin-0", Phase::Failed, "cpu time limit"),
         ("bomb-0", Phase::Failed, "memory limit"),
         ("trap-0", Phase::Failed, "unreachable"),
+        ("deep-0", Phase::Failed, "call stack exhausted"),
         // Start failures are retried with backoff whatever the policy; they stay Pending.
         ("garbage-0", Phase::Pending, "invalid wasm module"),
         ("missing-0", Phase::Pending, "launch_rockets"),
