@@ -45,8 +45,16 @@ pub struct Now {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Start { replica: String, run_id: u64, assignment: Assignment },
-    Stop { replica: String, run_id: u64 },
+    /// The assignment is boxed: it carries the whole template, and actions are moved around.
+    Start {
+        replica: String,
+        run_id: u64,
+        assignment: Box<Assignment>,
+    },
+    Stop {
+        replica: String,
+        run_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,7 +272,11 @@ impl Supervisor {
                         r.status.observed_at_ms = now.wall_ms;
                         self.changed.insert(name.clone());
                     }
-                    out.push(Action::Start { replica: name.clone(), run_id, assignment: r.assignment.clone() });
+                    out.push(Action::Start {
+                        replica: name.clone(),
+                        run_id,
+                        assignment: Box::new(r.assignment.clone()),
+                    });
                 }
                 RunState::Stopping { run_id, .. } if !r.status.message.starts_with("stopping") => {
                     r.status.message = "stopping".into();
