@@ -12,49 +12,17 @@
 //! Options (environment): BENCH_RUNS (default 200), BENCH_REPLICAS (default 3), BENCH_KEEP=1
 //! to keep the cluster's data dir and logs (printed at the end) for a post-mortem.
 
+#[path = "../tests/support/api.rs"]
+mod api;
 #[path = "../tests/support/cluster.rs"]
-#[allow(dead_code)]
 mod cluster;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
 use std::time::{Duration, Instant};
 
-use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, Phase, ResourceKind};
-use transport::{ALPN_API, frame, tls};
-
-struct Api {
-    conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Api {
-    async fn connect(config: &std::path::Path) -> Api {
-        let cfg: ClientConfigFile = serde_yaml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
-        let client =
-            tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tls::Tuning::default())
-                .unwrap();
-        let endpoint = tls::client_endpoint().unwrap();
-        let conn = tls::connect(&endpoint, client, tls::resolve(&cfg.hub).await.unwrap()).await.unwrap();
-        Api { conn, _endpoint: endpoint }
-    }
-
-    async fn call(&self, req: &ApiRequest) -> ApiResponse {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        frame::write(&mut send, req).await.unwrap();
-        let _ = send.finish();
-        frame::read(&mut recv).await.unwrap().unwrap()
-    }
-
-    async fn running(&self, workload: &str, n: usize) -> bool {
-        let ApiResponse::Replicas { items } = self.call(&ApiRequest::Get { kind: ResourceKind::Replica }).await else {
-            panic!("unexpected answer")
-        };
-        let mine: Vec<_> = items.iter().filter(|r| r.workload == workload).collect();
-        mine.len() == n
-            && mine.iter().all(|r| r.status.phase == Phase::Running && r.status.template_hash == r.template_hash)
-    }
-}
+use api::Api;
+use proto::messages::{ApiRequest, ApiResponse, ResourceKind};
 
 fn manifest(name: &str, image: &str, replicas: usize) -> String {
     format!(

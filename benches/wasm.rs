@@ -33,6 +33,8 @@
 //! are skipped with a note. Needs docker-registry (Debian's package) for everything but 1(a)
 //! and 2.
 
+#[path = "../tests/support/api.rs"]
+mod api;
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 #[path = "../oci-runtime/tests/support/mod.rs"]
@@ -46,8 +48,8 @@ use std::time::{Duration, Instant};
 
 use agent::logs::LogStore;
 use agent::runtime::{RunContext, Runtime, VolumeStore, WasmRuntime};
-use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, Phase, ReplicaView, ResourceKind, Termination};
-use transport::{ALPN_API, frame, tls};
+use api::Api;
+use proto::messages::{ApiRequest, ApiResponse, Phase, ReplicaView, Termination};
 use wasm_runtime::{Exit, HostConfig, OutputSink, RunOptions, WasmHost};
 
 const HELLO_ARGS: [&str; 4] = ["--count", "1", "--interval-ms", "0"];
@@ -203,40 +205,6 @@ fn hello_opts(stdout: Arc<dyn OutputSink>) -> RunOptions {
 fn runtime() -> tokio::runtime::Runtime {
     // The agent's own runtime: two worker threads (src/main.rs).
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Admin API client (as in benches/cluster.rs)
-
-struct Api {
-    conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Api {
-    async fn connect(config: &Path) -> Api {
-        let cfg: ClientConfigFile = serde_yaml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
-        let client =
-            tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tls::Tuning::default())
-                .unwrap();
-        let endpoint = tls::client_endpoint().unwrap();
-        let conn = tls::connect(&endpoint, client, tls::resolve(&cfg.hub).await.unwrap()).await.unwrap();
-        Api { conn, _endpoint: endpoint }
-    }
-
-    async fn call(&self, req: &ApiRequest) -> ApiResponse {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        frame::write(&mut send, req).await.unwrap();
-        let _ = send.finish();
-        frame::read(&mut recv).await.unwrap().unwrap()
-    }
-
-    async fn replicas(&self, workload: &str) -> Vec<ReplicaView> {
-        let ApiResponse::Replicas { items } = self.call(&ApiRequest::Get { kind: ResourceKind::Replica }).await else {
-            panic!("unexpected answer")
-        };
-        items.into_iter().filter(|r| r.workload == workload).collect()
-    }
 }
 
 fn is_running(r: &ReplicaView) -> bool {

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Capture, guest, host, load_guest, run_opts, shared_host};
-use flotilla_wasm_runtime::{
-    CacheStats, Error, Exit, HostConfig, Limits, PoolingConfig, Preopen, ProgramKind, WasmHost, sha256_digest,
-};
+use flotilla_wasm_runtime::{CacheStats, Error, Exit, Limits, Preopen, ProgramKind, sha256_digest};
 
 #[tokio::test]
 async fn cli_component_gets_args_env_and_exit_code() {
@@ -177,12 +175,7 @@ async fn run_refuses_http_components() {
 #[tokio::test]
 async fn components_run_under_the_pooling_allocator() {
     let dir = tempfile::tempdir().unwrap();
-    let host = WasmHost::new(HostConfig {
-        cache_dir: dir.path().to_path_buf(),
-        pooling: Some(PoolingConfig { total_instances: 4, total_memory_bytes: 256 << 20 }),
-        ..HostConfig::default()
-    })
-    .unwrap();
+    let host = common::pooled_host(dir.path(), 4);
     let program = host.load_bytes(&guest("guest-cli")).unwrap();
     let mut runs = Vec::new();
     for i in 0..4 {

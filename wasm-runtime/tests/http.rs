@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Capture, Client, get, load_guest, shared_host};
-use flotilla_wasm_runtime::{Error, HostConfig, HttpOptions, Limits, PoolingConfig, Program, WasmHost};
+use flotilla_wasm_runtime::{Error, HttpOptions, Limits, Program, WasmHost};
 use hyper::StatusCode;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -79,12 +79,7 @@ async fn fifty_concurrent_requests_with_max_concurrency_4() {
     let dir = tempfile::tempdir().unwrap();
     // A pool of exactly 4 instances: if the server ever ran a 5th instance concurrently, its
     // instantiation would fail and the request would get a 500.
-    let host = WasmHost::new(HostConfig {
-        cache_dir: dir.path().to_path_buf(),
-        pooling: Some(PoolingConfig { total_instances: 4, total_memory_bytes: 256 << 20 }),
-        ..HostConfig::default()
-    })
-    .unwrap();
+    let host = common::pooled_host(dir.path(), 4);
     let program = load_guest(&host, "guest_http_hello");
     let running = serve(&host, &program, |o| o.max_concurrency = 4).await;
 

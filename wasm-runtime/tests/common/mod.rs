@@ -50,6 +50,20 @@ pub fn host(cache_dir: &Path) -> WasmHost {
     WasmHost::new(HostConfig { cache_dir: cache_dir.to_path_buf(), ..HostConfig::default() }).unwrap()
 }
 
+/// A host on the pooling allocator with room for exactly `instances` live instances (256 MiB of
+/// linear memory between them), so a test can tell if more ever run at once.
+pub fn pooled_host(cache_dir: &Path, instances: u32) -> WasmHost {
+    WasmHost::new(HostConfig {
+        cache_dir: cache_dir.to_path_buf(),
+        pooling: Some(flotilla_wasm_runtime::PoolingConfig {
+            total_instances: instances,
+            total_memory_bytes: 256 << 20,
+        }),
+        ..HostConfig::default()
+    })
+    .unwrap()
+}
+
 pub fn run_opts(args: &[&str]) -> (RunOptions, Arc<Capture>, Arc<Capture>) {
     let out = Arc::new(Capture::default());
     let err = Arc::new(Capture::default());
