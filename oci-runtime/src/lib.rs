@@ -8,6 +8,8 @@
 //! or reference from a registry name a path outside the store, and never panic on what a
 //! registry sends.
 
+pub mod container;
+pub mod image;
 mod refs;
 mod registry;
 mod store;
