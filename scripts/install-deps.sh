@@ -14,6 +14,10 @@ PACKAGES=(
     # which clang --target=wasm32-wasi finds without --sysroot) and the wasm32
     # compiler-rt builtins.
     make clang lld wasi-libc libclang-rt-14-dev-wasm32
+    # Containers: iproute2 for network namespaces in tests; runc, crun, skopeo,
+    # umoci and debootstrap are the peers the container benchmarks compare with
+    # and the tools that build their images.
+    iproute2 runc crun skopeo umoci debootstrap
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }
