@@ -14,9 +14,12 @@ mod refs;
 mod registry;
 mod store;
 
+pub use image::{
+    Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore, LayerRecord, Platform, UnpackOptions,
+};
 pub use refs::{RefEntry, RefsError, RefsFile};
 pub use registry::{
     LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, PulledWasm, Registry, RegistryConfig, RegistryError,
     WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
 };
-pub use store::{BlobStore, Ingest, StoreError, sha256_digest, validate_digest};
+pub use store::{BlobStore, Ingest, ResumableIngest, StoreError, sha256_digest, validate_digest};

@@ -16,6 +16,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Serialize;
 
+use crate::image::Credentials;
 use crate::refs::{RefEntry, RefsFile};
 use crate::store::{BlobStore, StoreError, sha256_digest};
 
@@ -36,7 +37,7 @@ const COMPONENT_VERSION_LAYER: &[u8; 4] = b"\x0d\x00\x01\x00";
 /// Bound on establishing a TCP (and TLS) connection to a registry.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on waiting for the next piece of a response.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const USER_AGENT: &str = concat!("flotilla-oci-runtime/", env!("CARGO_PKG_VERSION"));
 
 /// Errors talking to a registry. Every variant names the image reference as the caller gave it.
@@ -159,19 +160,20 @@ pub struct PulledWasm {
 #[derive(Clone)]
 pub struct Registry {
     cfg: RegistryConfig,
+    credentials: Credentials,
     https: Client,
     http: Client,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("cfg", &self.cfg).finish()
+        f.debug_struct("Registry").field("cfg", &self.cfg).field("credentials", &self.credentials).finish()
     }
 }
 
 /// What a failing client call was doing, to tell "image not found" from a missing blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     Manifest,
     Blob,
     Push,
@@ -193,7 +195,19 @@ impl Registry {
         // is chosen at compile time and building an HTTPS client without one panics. Install
         // ring as the process default; if another component installed one already, keep it.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { https: build_client(ClientProtocol::Https), http: build_client(ClientProtocol::Http), cfg }
+        Self {
+            https: build_client(ClientProtocol::Https),
+            http: build_client(ClientProtocol::Http),
+            cfg,
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// The same client, presenting `credentials` to the registries they name (basic or bearer;
+    /// oci-client exchanges basic credentials for a bearer token when the registry asks).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// The settings this client was built with.
@@ -485,7 +499,7 @@ impl Registry {
         Ok(PulledWasm { reference: reference.to_owned(), manifest_digest, wasm_digest, path, from_cache: false })
     }
 
-    fn client_for(&self, r: &Reference) -> &Client {
+    pub(crate) fn client_for(&self, r: &Reference) -> &Client {
         if self.cfg.is_plain_http(r.registry()) || self.cfg.is_plain_http(r.resolve_registry()) {
             &self.http
         } else {
@@ -493,13 +507,18 @@ impl Registry {
         }
     }
 
-    /// Credentials for the registry of `r`. Anonymous for now; basic or bearer credentials
-    /// per registry plug in here.
-    fn auth_for(&self, _r: &Reference) -> RegistryAuth {
-        RegistryAuth::Anonymous
+    /// Credentials for the registry of `r`: the configured ones for its host, else anonymous.
+    pub(crate) fn auth_for(&self, r: &Reference) -> RegistryAuth {
+        self.credentials.auth_for(r.registry(), r.resolve_registry())
     }
 
-    fn map_oci_error(&self, reference: &str, r: &Reference, op: Op, e: OciDistributionError) -> RegistryError {
+    pub(crate) fn map_oci_error(
+        &self,
+        reference: &str,
+        r: &Reference,
+        op: Op,
+        e: OciDistributionError,
+    ) -> RegistryError {
         use OciDistributionError as E;
         let registry = r.resolve_registry().to_owned();
         let reference = reference.to_owned();
@@ -538,7 +557,7 @@ impl Registry {
         RegistryError::Registry { reference, message: error_chain(&e) }
     }
 
-    fn map_io_error(&self, reference: &str, r: &Reference, e: io::Error) -> RegistryError {
+    pub(crate) fn map_io_error(&self, reference: &str, r: &Reference, e: io::Error) -> RegistryError {
         if is_unreachable(&e) {
             RegistryError::Unreachable {
                 registry: r.resolve_registry().to_owned(),
@@ -562,7 +581,7 @@ fn build_client(protocol: ClientProtocol) -> Client {
     })
 }
 
-fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
+pub(crate) fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
     reference
         .parse::<Reference>()
         .map_err(|e| RegistryError::InvalidReference { reference: reference.to_owned(), reason: e.to_string() })
@@ -570,7 +589,7 @@ fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
 
 /// Builds an HTTP header value without naming the `http` crate (oci-client does not re-export
 /// it); the type is inferred from the call site.
-fn header_value<H: std::str::FromStr>(s: &str) -> Option<H> {
+pub(crate) fn header_value<H: std::str::FromStr>(s: &str) -> Option<H> {
     s.parse().ok()
 }
 
@@ -654,7 +673,7 @@ fn select_layer(m: &OciImageManifest) -> Result<&OciDescriptor, String> {
     }
 }
 
-fn is_digest_verification(e: &io::Error) -> bool {
+pub(crate) fn is_digest_verification(e: &io::Error) -> bool {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<DigestError>())
         .is_some_and(|d| matches!(d, DigestError::VerificationError { .. }))
@@ -709,7 +728,7 @@ fn is_unreachable(e: &(dyn StdError + 'static)) -> bool {
 }
 
 /// `error: source: source...`, skipping sources whose text the previous level already shows.
-fn error_chain(e: &(dyn StdError + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn StdError + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {

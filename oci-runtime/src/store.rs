@@ -5,6 +5,7 @@
 //! ```text
 //! <root>/blobs/sha256/<hex>   verified blobs, named by the sha256 of their content
 //! <root>/ingest/<hex>-<n>     partial downloads, never read by anyone but their writer
+//! <root>/ingest/<hex>.partial resumable partial downloads, held under flock by their writer
 //! ```
 //!
 //! A blob only becomes visible under `blobs/` after its sha256 matched the digest it was
@@ -179,6 +180,171 @@ impl BlobStore {
         let hex = validate_digest(digest)?;
         let seq = INGEST_SEQ.fetch_add(1, Ordering::Relaxed);
         Ok(self.root.join("ingest").join(format!("{hex}-{}-{seq}", std::process::id())))
+    }
+}
+
+/// A download that survives interruption; see [`BlobStore::begin_resumable_ingest`].
+#[derive(Debug)]
+pub struct ResumableIngest {
+    expected: String,
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    file: Option<tokio::fs::File>,
+    hasher: Sha256,
+    written: u64,
+    finished: bool,
+    /// Whether the partial file stays for a later attempt when this is dropped uncommitted.
+    keep_partial: bool,
+}
+
+impl BlobStore {
+    /// Starts or resumes the download of the blob expected to have `digest`.
+    ///
+    /// The partial content lives in `ingest/<hex>.partial`. If a previous attempt left one,
+    /// its bytes are hashed again and [`ResumableIngest::offset`] says where to continue;
+    /// dropping the ingest without committing keeps the partial file for the next attempt.
+    /// The file is held under an exclusive `flock`; if another download of the same blob
+    /// holds it, this one writes a private temporary file instead (not resumable).
+    pub async fn begin_resumable_ingest(&self, digest: &str) -> Result<ResumableIngest, StoreError> {
+        let final_path = self.path(digest)?;
+        let hex = validate_digest(digest)?.to_owned();
+        let partial = self.root.join("ingest").join(format!("{hex}.partial"));
+        let fallback = self.ingest_path(digest)?;
+        let expected = digest.to_owned();
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&partial)
+                .map_err(StoreError::io(&partial))?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    let file = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&fallback)
+                        .map_err(StoreError::io(&fallback))?;
+                    return Ok((file, fallback, Sha256::new(), 0, false));
+                }
+                Err(e) => return Err(StoreError::Io { path: partial, source: e.into() }),
+            }
+            let mut hasher = Sha256::new();
+            let mut reader = io::BufReader::with_capacity(1 << 20, &file);
+            let written = io::copy(&mut reader, &mut HashWriter(&mut hasher)).map_err(StoreError::io(&partial))?;
+            drop(reader);
+            Ok((file, partial, hasher, written, true))
+        })
+        .await
+        .map_err(|e| StoreError::Io { path: final_path.clone(), source: io::Error::other(e.to_string()) })??;
+        let (file, tmp_path, hasher, written, keep_partial) = opened;
+        let mut file = tokio::fs::File::from_std(file);
+        tokio::io::AsyncSeekExt::seek(&mut file, io::SeekFrom::End(0)).await.map_err(StoreError::io(&tmp_path))?;
+        Ok(ResumableIngest {
+            expected,
+            final_path,
+            tmp_path,
+            file: Some(file),
+            hasher,
+            written,
+            finished: false,
+            keep_partial,
+        })
+    }
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ResumableIngest {
+    /// The digest the content is expected to have.
+    pub fn expected_digest(&self) -> &str {
+        &self.expected
+    }
+
+    /// Bytes present so far (from earlier attempts and this one); where a download continues.
+    pub fn offset(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether an interrupted attempt would leave its bytes for the next one.
+    pub fn is_resumable(&self) -> bool {
+        self.keep_partial
+    }
+
+    /// The digest of the bytes present so far.
+    pub fn digest_so_far(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    }
+
+    /// Drops the bytes present so far, to start over (for a server that ignored a range).
+    pub async fn restart(&mut self) -> Result<(), StoreError> {
+        let file = self.file_mut()?;
+        file.set_len(0).await.map_err(StoreError::io(&self.tmp_path))?;
+        let file = self.file_mut()?;
+        tokio::io::AsyncSeekExt::seek(file, io::SeekFrom::Start(0)).await.map_err(StoreError::io(&self.tmp_path))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Appends `chunk`.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let path = self.tmp_path.clone();
+        let file = self.file_mut()?;
+        file.write_all(chunk).await.map_err(StoreError::io(&path))?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Removes the partial file: the next attempt starts from nothing.
+    pub fn discard(mut self) {
+        self.keep_partial = false;
+    }
+
+    /// Verifies the content and, if it matches, moves the blob into place and returns its
+    /// path. On mismatch the partial file is deleted (a later attempt starts over) and
+    /// [`StoreError::DigestMismatch`] is returned.
+    pub async fn commit(mut self) -> Result<PathBuf, StoreError> {
+        if let Some(mut file) = self.file.take() {
+            file.flush().await.map_err(StoreError::io(&self.tmp_path))?;
+            file.sync_all().await.map_err(StoreError::io(&self.tmp_path))?;
+        }
+        let actual = self.digest_so_far();
+        if actual != self.expected {
+            self.keep_partial = false;
+            return Err(StoreError::DigestMismatch { expected: self.expected.clone(), actual });
+        }
+        tokio::fs::rename(&self.tmp_path, &self.final_path).await.map_err(StoreError::io(&self.final_path))?;
+        self.finished = true;
+        Ok(self.final_path.clone())
+    }
+
+    fn file_mut(&mut self) -> Result<&mut tokio::fs::File, StoreError> {
+        self.file.as_mut().ok_or_else(|| StoreError::Io {
+            path: self.tmp_path.clone(),
+            source: io::Error::other("ingest already finished"),
+        })
+    }
+}
+
+impl Drop for ResumableIngest {
+    fn drop(&mut self) {
+        if !self.finished && !self.keep_partial {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
     }
 }
 

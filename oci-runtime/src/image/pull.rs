@@ -1,0 +1,283 @@
+//! Pulling container images from a registry: reference → (index → platform entry) →
+//! manifest → layers and config, each blob digest-verified into the [`BlobStore`] before it
+//! becomes visible. Layer downloads are resumable: an interrupted download leaves
+//! `ingest/<hex>.partial`, and the next pull re-hashes it and asks for the rest with a range
+//! request (starting over if the registry answers with the whole blob). Manifests and the
+//! config are stored only after every layer verified, so a refused image leaves no manifest.
+
+use futures_util::StreamExt as _;
+use futures_util::stream::{self, TryStreamExt as _};
+use oci_client::client::BlobResponse;
+use oci_client::manifest::OciDescriptor;
+use oci_client::{Client, Reference};
+
+use super::spec::{self, Parsed};
+use super::{Image, ImageError, ImageRecord, ImageStore, Platform, build_record};
+use crate::registry::{Op, READ_TIMEOUT, Registry, RegistryError, is_digest_verification, parse_reference};
+use crate::store::{StoreError, sha256_digest, validate_digest};
+
+/// Largest manifest or index accepted.
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest image config accepted.
+const MAX_CONFIG_BYTES: u64 = 8 * 1024 * 1024;
+/// Layers downloaded at once.
+const PARALLEL_LAYERS: usize = 3;
+
+/// What one pull needs to talk to the registry.
+struct Session<'a> {
+    registry: &'a Registry,
+    client: &'a Client,
+    r: Reference,
+    reference: &'a str,
+}
+
+impl Session<'_> {
+    fn map(&self, op: Op) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
+        move |e| ImageError::Registry(self.registry.map_oci_error(self.reference, &self.r, op, e))
+    }
+
+    fn bad(&self, reason: String) -> ImageError {
+        ImageError::BadImage { reference: self.reference.to_owned(), reason }
+    }
+
+    /// Fetches the manifest or index that `r` names and checks its digest (against the
+    /// reference's digest if it has one, or `expected`).
+    async fn manifest(&self, r: &Reference, expected: Option<&str>) -> Result<(Vec<u8>, String), ImageError> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(r, &self.registry.auth_for(r), spec::ACCEPTED_MANIFESTS)
+            .await
+            .map_err(self.map(Op::Manifest))?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(self.bad(format!("manifest of {} bytes exceeds {MAX_MANIFEST_BYTES}", bytes.len())));
+        }
+        let actual = sha256_digest(&bytes);
+        if let Some(want) = expected.or(r.digest())
+            && want != actual
+        {
+            return Err(ImageError::DigestMismatch {
+                reference: self.reference.to_owned(),
+                digest: want.to_owned(),
+                actual,
+            });
+        }
+        Ok((bytes.to_vec(), actual))
+    }
+
+    /// Downloads a small blob into memory, verified.
+    async fn small_blob(&self, desc: &spec::Descriptor, limit: u64) -> Result<Vec<u8>, ImageError> {
+        let size =
+            u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
+        if size > limit {
+            return Err(ImageError::TooLarge {
+                reference: self.reference.to_owned(),
+                digest: desc.digest.clone(),
+                limit,
+            });
+        }
+        let mut stream =
+            self.client.pull_blob_stream(&self.r, &oci_descriptor(desc)).await.map_err(self.map(Op::Blob))?;
+        let mut out = Vec::new();
+        while let Some(chunk) = next_chunk(self, &mut stream.stream, &desc.digest).await? {
+            if out.len() as u64 + chunk.len() as u64 > size {
+                return Err(ImageError::TooLarge {
+                    reference: self.reference.to_owned(),
+                    digest: desc.digest.clone(),
+                    limit: size,
+                });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        let actual = sha256_digest(&out);
+        if actual != desc.digest {
+            return Err(ImageError::DigestMismatch {
+                reference: self.reference.to_owned(),
+                digest: desc.digest.clone(),
+                actual,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Downloads a layer blob into the store unless present, resuming an earlier partial
+    /// download.
+    async fn layer(&self, store: &ImageStore, desc: &spec::Descriptor) -> Result<(), ImageError> {
+        let blobs = store.blobs();
+        if blobs.contains(&desc.digest) {
+            tracing::debug!(reference = self.reference, digest = %desc.digest, "layer already present");
+            return Ok(());
+        }
+        let size =
+            u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
+        let store_err = ImageError::store(self.reference);
+        let mut ingest = blobs.begin_resumable_ingest(&desc.digest).await.map_err(store_err)?;
+        if ingest.offset() > size {
+            ingest.restart().await.map_err(ImageError::store(self.reference))?;
+        }
+        if ingest.offset() == size && size > 0 {
+            // An earlier attempt got everything but did not commit.
+            match ingest.commit().await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::DigestMismatch { .. }) => {
+                    ingest =
+                        blobs.begin_resumable_ingest(&desc.digest).await.map_err(ImageError::store(self.reference))?;
+                }
+                Err(e) => return Err(ImageError::store(self.reference)(e)),
+            }
+        }
+        let oci = oci_descriptor(desc);
+        let mut body = if ingest.offset() > 0 {
+            tracing::info!(reference = self.reference, digest = %desc.digest, offset = ingest.offset(), size, "resuming layer download");
+            match self
+                .client
+                .pull_blob_stream_partial(&self.r, &oci, ingest.offset(), None)
+                .await
+                .map_err(self.map(Op::Blob))?
+            {
+                BlobResponse::Partial(s) => s.stream,
+                BlobResponse::Full(s) => {
+                    tracing::info!(reference = self.reference, digest = %desc.digest, "registry ignored the range, starting over");
+                    ingest.restart().await.map_err(ImageError::store(self.reference))?;
+                    s.stream
+                }
+            }
+        } else {
+            self.client.pull_blob_stream(&self.r, &oci).await.map_err(self.map(Op::Blob))?.stream
+        };
+        while let Some(chunk) = next_chunk(self, &mut body, &desc.digest).await? {
+            if ingest.offset() + chunk.len() as u64 > size {
+                ingest.discard();
+                return Err(ImageError::TooLarge {
+                    reference: self.reference.to_owned(),
+                    digest: desc.digest.clone(),
+                    limit: size,
+                });
+            }
+            ingest.write(&chunk).await.map_err(ImageError::store(self.reference))?;
+        }
+        ingest.commit().await.map_err(ImageError::store(self.reference))?;
+        tracing::debug!(reference = self.reference, digest = %desc.digest, size, "layer downloaded");
+        Ok(())
+    }
+}
+
+/// The next chunk of a blob body, with a bound on waiting. oci-client's own digest check of a
+/// full body ends the stream (we hash independently and report with both digests).
+async fn next_chunk<S>(s: &Session<'_>, body: &mut S, digest: &str) -> Result<Option<bytes::Bytes>, ImageError>
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin,
+{
+    match tokio::time::timeout(READ_TIMEOUT, body.next()).await {
+        Err(_) => Err(ImageError::Registry(RegistryError::Unreachable {
+            registry: s.r.resolve_registry().to_owned(),
+            reference: s.reference.to_owned(),
+            reason: format!("no data for {} s while downloading {digest}", READ_TIMEOUT.as_secs()),
+        })),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(e))) if is_digest_verification(&e) => Ok(None),
+        Ok(Some(Err(e))) => Err(ImageError::Registry(s.registry.map_io_error(s.reference, &s.r, e))),
+    }
+}
+
+fn oci_descriptor(d: &spec::Descriptor) -> OciDescriptor {
+    OciDescriptor { media_type: d.media_type.clone(), digest: d.digest.clone(), size: d.size, ..Default::default() }
+}
+
+impl ImageStore {
+    /// Pulls `reference` (tag or digest) for `platform` and records it. Blobs already present
+    /// are not downloaded again. When the registry is unreachable and the reference was pulled
+    /// (or imported) for the same platform before, the recorded image is returned.
+    pub async fn pull(&self, registry: &Registry, reference: &str, platform: &Platform) -> Result<Image, ImageError> {
+        let r = parse_reference(reference)?;
+        let key = r.whole();
+        let _shared = self.inner.gc_lock.read().await;
+        let started = std::time::Instant::now();
+        match self.pull_remote(registry, reference, r, platform).await {
+            Ok(record) => {
+                let image = self.record(&key, record)?;
+                tracing::info!(
+                    reference = %key,
+                    manifest = %image.manifest_digest,
+                    layers = image.layers.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "pulled image"
+                );
+                Ok(image)
+            }
+            Err(err @ ImageError::Registry(RegistryError::Unreachable { .. })) => {
+                let Ok(image) = self.image(&key) else { return Err(err) };
+                let same_platform =
+                    image.platform.os == platform.os && image.platform.architecture == platform.architecture;
+                if !same_platform || !image.layers.iter().all(|l| self.blobs().contains(&l.digest)) {
+                    return Err(err);
+                }
+                tracing::warn!(reference = %key, error = %err, "registry unreachable, using the image from the last pull");
+                Ok(image)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pull_remote(
+        &self,
+        registry: &Registry,
+        reference: &str,
+        r: Reference,
+        platform: &Platform,
+    ) -> Result<ImageRecord, ImageError> {
+        let client = registry.client_for(&r);
+        client.store_auth_if_needed(r.resolve_registry(), &registry.auth_for(&r)).await;
+        let s = Session { registry, client, r, reference };
+
+        let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
+        let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
+            .map_err(|e| s.bad(e))?
+        {
+            Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
+            Parsed::Index(entries) => {
+                let entry = spec::select_platform(&entries, platform)
+                    .map_err(|reason| ImageError::Platform { reference: reference.to_owned(), reason })?;
+                validate_digest(&entry.digest).map_err(|e| s.bad(format!("index entry digest: {e}")))?;
+                tracing::debug!(reference, digest = %entry.digest, %platform, "following image index");
+                let child = s.r.clone_with_digest(entry.digest.clone());
+                let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
+                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e))? {
+                    Parsed::Manifest { config, layers } => {
+                        (Some((top_bytes, top_digest)), bytes, digest, config, layers)
+                    }
+                    Parsed::Index(_) => return Err(s.bad(format!("index entry {} is itself an index", entry.digest))),
+                }
+            }
+        };
+        validate_digest(&config.digest).map_err(|e| s.bad(format!("config digest: {e}")))?;
+        let config_bytes = match std::fs::read(self.blobs().path(&config.digest).map_err(ImageError::store(reference))?)
+        {
+            Ok(b) if self.blobs().contains(&config.digest) => b,
+            _ => s.small_blob(&config, MAX_CONFIG_BYTES).await?,
+        };
+        let record = build_record(
+            reference,
+            &manifest_digest,
+            index.as_ref().map(|(_, d)| d.clone()),
+            &config,
+            &layers,
+            &config_bytes,
+            platform,
+        )?;
+
+        stream::iter(layers.iter().map(|l| s.layer(self, l)))
+            .buffer_unordered(PARALLEL_LAYERS)
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        // Everything verified; now the small documents become visible too.
+        let blobs = self.blobs();
+        blobs.ingest_bytes(&config.digest, &config_bytes).map_err(ImageError::store(reference))?;
+        blobs.ingest_bytes(&manifest_digest, &manifest_bytes).map_err(ImageError::store(reference))?;
+        if let Some((bytes, digest)) = &index {
+            blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(reference))?;
+        }
+        Ok(record)
+    }
+}
