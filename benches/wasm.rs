@@ -541,7 +541,11 @@ impl InProc {
             // concurrency is 64 per workload.
             let pooling = WasmHost::new(HostConfig {
                 cache_dir: dir.path().join("b"),
-                pooling: Some(wasm_runtime::PoolingConfig { total_instances: 128, total_memory_bytes: 128 << 26 }),
+                pooling: Some(wasm_runtime::PoolingConfig {
+                    total_instances: 128,
+                    total_memory_bytes: 128 << 26,
+                    memory_guard_bytes: 0,
+                }),
                 ..Default::default()
             })
             .unwrap();

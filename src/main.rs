@@ -77,6 +77,11 @@ enum Command {
         /// Compile Wasm with fuel metering so workloads may set resources.fuel.
         #[arg(long)]
         wasm_fuel: bool,
+        /// Wasm instances (replicas plus in-flight HTTP requests) that may exist at once on the
+        /// pooling allocator; 0 selects the on-demand allocator (default: 2048 pooled on nodes
+        /// with 4 GiB or more, on-demand below).
+        #[arg(long)]
+        wasm_instances: Option<u32>,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
@@ -194,6 +199,7 @@ async fn run(cli: Cli) -> Result<()> {
             insecure_registries,
             wasm_max_memory,
             wasm_fuel,
+            wasm_instances,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -215,6 +221,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
             config.wasm_fuel = wasm_fuel;
+            config.wasm_instances = wasm_instances;
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }

@@ -55,6 +55,9 @@ pub struct AgentConfig {
     pub wasm_max_memory: Option<u64>,
     /// Compile Wasm with fuel metering so workloads can set `resources.fuel`.
     pub wasm_fuel: bool,
+    /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
+    /// on-demand allocator; `None` decides from the node (see [`wasm_pooling`]).
+    pub wasm_instances: Option<u32>,
 }
 
 impl AgentConfig {
@@ -70,6 +73,7 @@ impl AgentConfig {
             backoff: Backoff::default(),
             wasm_max_memory: None,
             wasm_fuel: false,
+            wasm_instances: None,
         }
     }
 }
@@ -122,9 +126,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let logs = LogStore::open(dir("logs")?, config.log_max_bytes)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.join("logs"), source })?;
     let node_facts = facts::collect(&config.labels, vec![RuntimeKind::Wasm]);
+    raise_open_files_limit();
+    let max_memory = wasm_max_memory(config.wasm_max_memory, node_facts.memory_bytes);
+    let pooling = wasm_pooling(max_memory, config.wasm_instances);
+    if let Some(p) = pooling {
+        info!(
+            instances = p.total_instances,
+            slot_bytes = p.total_memory_bytes / u64::from(p.total_instances),
+            "wasm pooling allocator"
+        );
+    }
     let host = wasm_runtime::WasmHost::new(wasm_runtime::HostConfig {
         cache_dir: dir("wasm-cache")?,
-        max_memory_per_instance: wasm_max_memory(config.wasm_max_memory, node_facts.memory_bytes),
+        max_memory_per_instance: max_memory,
+        pooling,
         fuel: config.wasm_fuel,
         ..Default::default()
     })?;
@@ -245,6 +260,51 @@ fn wasm_max_memory(configured: Option<u64>, node_memory: u64) -> Option<u64> {
     configured.or((node_memory > 0 && node_memory < (4 << 30)).then(|| (node_memory / PAGE).max(1) * PAGE))
 }
 
+/// Instances the pooling allocator holds by default on a node with 4 GiB or more: room for
+/// density (a thousand idle long-running replicas) plus the HTTP workloads' concurrent requests.
+const DEFAULT_POOL_INSTANCES: u32 = 2048;
+/// Guard after each 4 GiB slot, wasmtime's own default: with it compiled code elides bounds checks.
+const POOL_GUARD_BYTES: u64 = 32 << 20;
+
+/// Chooses the instance allocator. The pooling allocator reuses preallocated instance slots, so
+/// an HTTP request costs a few `madvise` calls instead of mapping and unmapping a 4 GiB
+/// reservation (whose TLB shootdowns made per-request instantiation the bottleneck); but its
+/// slots are fixed address space, `instances * (slot + guard)`, and cap how many instances
+/// live at once. So:
+/// - on 64-bit nodes with 4 GiB or more (no memory cap), 2048 slots of 4 GiB + 32 MiB guard:
+///   about 8 TiB of the 128 TiB address space, no RAM;
+/// - on smaller boards (memory capped to the board's RAM), the on-demand allocator by default,
+///   because hundreds of RAM-sized slots may not fit a 39-bit address space; the operator can
+///   ask for a pool of N slots of the capped size (no guard, explicit bounds checks);
+/// - `Some(0)` always selects the on-demand allocator.
+fn wasm_pooling(max_memory: Option<u64>, instances: Option<u32>) -> Option<wasm_runtime::PoolingConfig> {
+    const FOUR_GIB: u64 = 4 << 30;
+    if cfg!(not(target_pointer_width = "64")) && instances.is_none() {
+        return None;
+    }
+    let (slot, guard, n) = match (max_memory, instances) {
+        (_, Some(0)) => return None,
+        (None, n) => (FOUR_GIB, POOL_GUARD_BYTES, n.unwrap_or(DEFAULT_POOL_INSTANCES)),
+        (Some(_), None) => return None,
+        (Some(max), Some(n)) => (max, 0, n),
+    };
+    Some(wasm_runtime::PoolingConfig {
+        total_instances: n,
+        total_memory_bytes: slot.saturating_mul(u64::from(n)),
+        memory_guard_bytes: guard,
+    })
+}
+
+/// Lets the agent hold a file per replica log, volume and connection for thousands of replicas:
+/// raises the soft `RLIMIT_NOFILE` to the hard limit (systemd gives services 1024 soft, 512 Ki
+/// hard).
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => debug!(limit = n, "open files limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open files limit"),
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -318,5 +378,22 @@ mod tests {
         assert_eq!(super::wasm_max_memory(None, 0), None);
         // The operator's setting wins.
         assert_eq!(super::wasm_max_memory(Some(64 << 20), 512_000_000), Some(64 << 20));
+    }
+
+    #[test]
+    fn pooling_is_chosen_where_the_address_space_allows() {
+        use super::wasm_pooling;
+        // A server: 2048 slots of 4 GiB with a 32 MiB guard.
+        let p = wasm_pooling(None, None).unwrap();
+        assert_eq!(p.total_instances, 2048);
+        assert_eq!(p.total_memory_bytes / 2048, 4 << 30);
+        assert_eq!(p.memory_guard_bytes, 32 << 20);
+        // A small board keeps the on-demand allocator unless asked.
+        assert_eq!(wasm_pooling(Some(512 << 20), None), None);
+        let p = wasm_pooling(Some(512 << 20), Some(16)).unwrap();
+        assert_eq!((p.total_instances, p.total_memory_bytes, p.memory_guard_bytes), (16, 16 * (512 << 20), 0));
+        // Zero instances: on-demand everywhere.
+        assert_eq!(wasm_pooling(None, Some(0)), None);
+        assert_eq!(wasm_pooling(None, Some(100)).unwrap().total_instances, 100);
     }
 }

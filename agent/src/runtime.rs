@@ -78,6 +78,34 @@ pub struct WasmRuntime {
     /// IfNotPresent). A moved tag is picked up by a new tag, a digest reference or an agent
     /// restart.
     pub resolved: Arc<std::sync::Mutex<HashMap<String, PulledWasm>>>,
+    /// One pull and one compile per image however many replicas start at once: the first
+    /// replica of an image does them, the others wait and then find the results cached.
+    preparing: Arc<KeyedLocks>,
+}
+
+/// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
+#[derive(Default)]
+pub struct KeyedLocks {
+    // std Mutex: held only to look up or insert an entry, never across an await.
+    locks: std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            match locks.get(key).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    locks.retain(|_, weak| weak.strong_count() > 0);
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.to_string(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl WasmRuntime {
@@ -88,6 +116,7 @@ impl WasmRuntime {
             blobs: Arc::new(blobs),
             volumes,
             resolved: Default::default(),
+            preparing: Default::default(),
         }
     }
 }
@@ -172,9 +201,11 @@ impl Runtime for WasmRuntime {
         let blobs = self.blobs.clone();
         let volumes = self.volumes.clone();
         let resolved = self.resolved.clone();
+        let preparing = self.preparing.clone();
         Box::pin(async move {
             let failed = |message: String| Termination::StartFailed { message };
             let t = &ctx.template;
+            let preparing = preparing.lock(&t.image).await;
             let pulled = match fetch(&t.image, &registry, &blobs, &resolved).await {
                 Ok(p) => p,
                 Err(e) => return failed(e),
@@ -185,6 +216,7 @@ impl Runtime for WasmRuntime {
                 Ok(Err(e)) => return failed(e.to_string()),
                 Err(e) => return failed(format!("module compilation did not finish: {e}")),
             };
+            drop(preparing);
             let preopens = match volumes.preopens(&ctx.replica, &t.volumes) {
                 Ok(p) => p,
                 Err(e) => return failed(e),

@@ -177,8 +177,10 @@ impl Default for HostConfig {
 /// more than `total_memory_bytes` of address space.
 ///
 /// Each instance gets one linear-memory slot of `total_memory_bytes / total_instances` bytes,
-/// rounded down to whole 64 KiB pages, with no guard region (compiled code does explicit bounds
-/// checks). Programs with more than one linear memory (rare: Rust, C and Go guests have one)
+/// rounded down to whole 64 KiB pages, followed by `memory_guard_bytes` of inaccessible guard
+/// region. With 4 GiB slots and a guard (as `wasmtime serve` uses) compiled code elides bounds
+/// checks; with smaller slots or no guard it checks bounds explicitly, which costs a little
+/// speed and saves address space on small boards. Programs with more than one linear memory (rare: Rust, C and Go guests have one)
 /// cannot be instantiated. Instantiating beyond `total_instances` fails with
 /// [`Error::Instantiate`]. Tables and async stacks are pooled too and reserve a few MiB more; see
 /// [`PoolingPlan`].
@@ -186,6 +188,8 @@ impl Default for HostConfig {
 pub struct PoolingConfig {
     pub total_instances: u32,
     pub total_memory_bytes: u64,
+    /// Guard region after each slot (address space only); 0 for none.
+    pub memory_guard_bytes: u64,
 }
 
 /// What a [`PoolingConfig`] preallocates, as computed by [`PoolingConfig::plan`].
@@ -194,8 +198,10 @@ pub struct PoolingPlan {
     pub total_instances: u32,
     /// Largest linear memory one instance may have (also its address-space reservation).
     pub max_memory_per_instance: u64,
-    /// Address space reserved for all linear memories: `total_instances * max_memory_per_instance`,
-    /// never more than `total_memory_bytes`.
+    /// Guard region after each slot.
+    pub memory_guard_bytes: u64,
+    /// Address space reserved for all linear memories and their guards:
+    /// `total_instances * (max_memory_per_instance + memory_guard_bytes)`.
     pub reserved_memory_bytes: u64,
     /// Address space reserved for wasm tables (pointer-sized elements).
     pub reserved_table_bytes: u64,
@@ -245,10 +251,12 @@ impl PoolingConfig {
         }
         let pointer = std::mem::size_of::<usize>() as u64;
         let page = 4096;
+        let guard = self.memory_guard_bytes.next_multiple_of(page);
         Ok(PoolingPlan {
             total_instances: self.total_instances,
             max_memory_per_instance: per_instance,
-            reserved_memory_bytes: per_instance * instances,
+            memory_guard_bytes: guard,
+            reserved_memory_bytes: per_instance.saturating_add(guard).saturating_mul(instances),
             reserved_table_bytes: instances
                 * u64::from(POOL_TABLES_PER_INSTANCE)
                 * (POOL_TABLE_ELEMENTS as u64 * pointer).next_multiple_of(page),
@@ -467,6 +475,9 @@ struct HostInner {
     fuel: bool,
     pooling: Option<PoolingPlan>,
     programs: Mutex<HashMap<String, Program>>,
+    /// Digests being loaded right now: the lock their loaders queue on and how many loaders
+    /// hold or wait for it.
+    loading: Mutex<HashMap<String, (Arc<Mutex<()>>, usize)>>,
     compiled: AtomicU64,
     loaded_from_disk: AtomicU64,
     memory_hits: AtomicU64,
@@ -637,9 +648,9 @@ fn engine_config(cfg: &HostConfig) -> Result<(Config, Option<PoolingPlan>), Erro
                 .total_stacks(n)
                 .total_gc_heaps(n);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-            // Each memory slot is exactly its maximum size: no guard pages, no extra reservation.
+            // Each memory slot is exactly its maximum size plus the planned guard, never more.
             config.memory_reservation(slot);
-            config.memory_guard_size(0);
+            config.memory_guard_size(plan.memory_guard_bytes);
             config.memory_reservation_for_growth(0);
             config.guard_before_linear_memory(false);
         }
@@ -696,6 +707,7 @@ impl WasmHost {
             fuel: cfg.fuel,
             pooling,
             programs: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             compiled: AtomicU64::new(0),
             loaded_from_disk: AtomicU64::new(0),
             memory_hits: AtomicU64::new(0),
@@ -799,7 +811,39 @@ impl WasmHost {
             self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(program.clone());
         }
+        // Single flight: a thousand replicas of a new image compile it once. Loads of one
+        // digest queue behind a per-digest lock; the first fills the in-memory map and the rest
+        // find it there. Different digests compile in parallel.
+        let flight = {
+            let mut loading = lock(&self.inner.loading);
+            let entry = loading.entry(digest.to_string()).or_default();
+            entry.1 += 1;
+            entry.0.clone()
+        };
+        let result = {
+            let _turn = lock(&flight);
+            self.load_uncached(digest, read)
+        };
+        let mut loading = lock(&self.inner.loading);
+        // The last loader out removes the entry.
+        if let Some(entry) = loading.get_mut(digest) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                loading.remove(digest);
+            }
+        }
+        result
+    }
 
+    fn load_uncached<'b>(
+        &self,
+        digest: &str,
+        read: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
+    ) -> Result<Program, Error> {
+        if let Some(program) = lock(&self.inner.programs).get(digest) {
+            self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(program.clone());
+        }
         if let Some(artifact) = self.load_cached(digest)? {
             let program = self.link(digest, &artifact)?;
             return Ok(self.remember(program));

@@ -761,22 +761,24 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn pooling_plan_math_for_a_512_mib_board() {
-    let plan = PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB }.plan().unwrap();
+    let plan =
+        PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB, memory_guard_bytes: 0 }.plan().unwrap();
     assert_eq!(plan.max_memory_per_instance, 64 * MIB);
     assert_eq!(plan.reserved_memory_bytes, 512 * MIB);
     // Tables and stacks are a few MiB, not gigabytes.
     assert!(plan.reserved_table_bytes + plan.reserved_stack_bytes < 32 * MIB, "{plan:?}");
 
     // Uneven split: rounded down to whole 64 KiB pages, never over budget.
-    let plan = PoolingConfig { total_instances: 3, total_memory_bytes: 512 * MIB }.plan().unwrap();
+    let plan =
+        PoolingConfig { total_instances: 3, total_memory_bytes: 512 * MIB, memory_guard_bytes: 0 }.plan().unwrap();
     assert_eq!(plan.max_memory_per_instance % WASM_PAGE_SIZE, 0);
     assert_eq!(plan.max_memory_per_instance, 2730 * WASM_PAGE_SIZE);
     assert!(plan.reserved_memory_bytes <= 512 * MIB);
     assert!(512 * MIB - plan.reserved_memory_bytes < 3 * WASM_PAGE_SIZE);
 
     for bad in [
-        PoolingConfig { total_instances: 0, total_memory_bytes: 512 * MIB },
-        PoolingConfig { total_instances: 16, total_memory_bytes: 16 * WASM_PAGE_SIZE - 1 },
+        PoolingConfig { total_instances: 0, total_memory_bytes: 512 * MIB, memory_guard_bytes: 0 },
+        PoolingConfig { total_instances: 16, total_memory_bytes: 16 * WASM_PAGE_SIZE - 1, memory_guard_bytes: 0 },
     ] {
         let err = bad.plan().unwrap_err();
         assert!(matches!(err, Error::Config { .. }), "{err}");
@@ -788,7 +790,7 @@ async fn pooling_host_within_512_mib_budget() {
     let dir = tempfile::tempdir().unwrap();
     let host = WasmHost::new(HostConfig {
         cache_dir: dir.path().to_path_buf(),
-        pooling: Some(PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB }),
+        pooling: Some(PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB, memory_guard_bytes: 0 }),
         ..HostConfig::default()
     })
     .unwrap();
@@ -828,7 +830,7 @@ async fn pooling_rejects_instances_beyond_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let host = WasmHost::new(HostConfig {
         cache_dir: dir.path().to_path_buf(),
-        pooling: Some(PoolingConfig { total_instances: 2, total_memory_bytes: 16 * MIB }),
+        pooling: Some(PoolingConfig { total_instances: 2, total_memory_bytes: 16 * MIB, memory_guard_bytes: 0 }),
         ..HostConfig::default()
     })
     .unwrap();
@@ -892,4 +894,29 @@ fn http_futures_are_send() {
     let out: Arc<dyn OutputSink> = Arc::new(Capture::default());
     let fut = host.serve_http(&program, HttpOptions::new("127.0.0.1:0".parse().unwrap(), out.clone(), out));
     assert_send(&fut);
+}
+
+#[test]
+fn concurrent_loads_of_one_program_compile_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), ..HostConfig::default() }).unwrap();
+    let bytes = Arc::new(hello());
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (host, bytes, barrier) = (host.clone(), bytes.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                host.load_bytes(&bytes).map(|p| p.digest().to_string())
+            })
+        })
+        .collect();
+    let digests: Vec<String> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    assert!(digests.iter().all(|d| d == &digests[0]));
+    let stats = host.stats();
+    assert_eq!(stats.compiled, 1, "{stats:?}");
+    assert_eq!(stats.loaded_from_disk, 0, "{stats:?}");
+    assert_eq!(stats.memory_hits, 7, "{stats:?}");
+    // Nothing is left in flight.
+    assert!(lock(&host.inner.loading).is_empty());
 }

@@ -20,7 +20,7 @@ fn pooling_host_reserves_no_more_than_its_512_mib_budget() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = HostConfig {
         cache_dir: dir.path().to_path_buf(),
-        pooling: Some(PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB }),
+        pooling: Some(PoolingConfig { total_instances: 8, total_memory_bytes: 512 * MIB, memory_guard_bytes: 0 }),
         ..HostConfig::default()
     };
     let before = vm_size();

@@ -58,6 +58,7 @@ pub fn pooled_host(cache_dir: &Path, instances: u32) -> WasmHost {
         pooling: Some(flotilla_wasm_runtime::PoolingConfig {
             total_instances: instances,
             total_memory_bytes: 256 << 20,
+            memory_guard_bytes: 0,
         }),
         ..HostConfig::default()
     })
