@@ -334,6 +334,10 @@ mod tests {
             http: None,
             volumes: vec![],
             network: Default::default(),
+            command: vec![],
+            cpu_millis: None,
+            pids: None,
+            grace_ms: None,
         };
         Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
     }

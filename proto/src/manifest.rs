@@ -56,6 +56,10 @@ pub struct WorkloadSpec {
     pub image: String,
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Containers: the program to run instead of the image's `ENTRYPOINT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Arguments: for Wasm the program's, for containers instead of the image's `CMD`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -74,6 +78,9 @@ pub struct WorkloadSpec {
     /// Network access: `none` (the default: no sockets at all) or `host`.
     #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
     pub network: NetworkMode,
+    /// Containers: how long a stopping container gets between SIGTERM and SIGKILL (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_grace_period: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,11 +171,21 @@ pub struct Resources {
     /// Wasm instructions budget (wasmtime fuel) per run or request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel: Option<u64>,
+    /// Containers: CPU limit in cores (`500m`, `1`, `1.5`), enforced as a CFS quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Containers: the most processes and threads the container may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
 
 impl Resources {
     pub fn is_empty(&self) -> bool {
-        self.memory.is_none() && self.cpu_time.is_none() && self.fuel.is_none()
+        self.memory.is_none()
+            && self.cpu_time.is_none()
+            && self.fuel.is_none()
+            && self.cpu.is_none()
+            && self.pids.is_none()
     }
 }
 
@@ -285,6 +302,45 @@ impl Manifest {
         {
             return err("spec.resources.cpuTime", msg);
         }
+        match spec.runtime {
+            Runtime::Wasm => {
+                let container_only = [
+                    ("spec.command", !spec.command.is_empty()),
+                    ("spec.resources.cpu", spec.resources.cpu.is_some()),
+                    ("spec.resources.pids", spec.resources.pids.is_some()),
+                    ("spec.terminationGracePeriod", spec.termination_grace_period.is_some()),
+                ];
+                if let Some((path, _)) = container_only.iter().find(|(_, set)| *set) {
+                    return err(path, "applies to containers only (runtime: container)".into());
+                }
+            }
+            Runtime::Container => {
+                if spec.resources.cpu_time.is_some() {
+                    return err("spec.resources.cpuTime", "applies to Wasm only; limit containers with cpu".into());
+                }
+                if spec.resources.fuel.is_some() {
+                    return err("spec.resources.fuel", "applies to Wasm only".into());
+                }
+            }
+        }
+        for (i, a) in spec.command.iter().enumerate() {
+            if a.contains('\0') {
+                return err(&format!("spec.command[{i}]"), "contains a NUL byte".into());
+            }
+        }
+        if let Some(c) = &spec.resources.cpu
+            && let Err(msg) = parse_cpu_millis(c)
+        {
+            return err("spec.resources.cpu", msg);
+        }
+        if spec.resources.pids == Some(0) {
+            return err("spec.resources.pids", "must be at least 1".into());
+        }
+        if let Some(g) = &spec.termination_grace_period
+            && let Err(msg) = parse_duration_ms(g)
+        {
+            return err("spec.terminationGracePeriod", msg);
+        }
         if let Some(h) = &spec.http {
             if spec.runtime != Runtime::Wasm {
                 return err("spec.http", "http serving is for wasm components".into());
@@ -336,6 +392,10 @@ impl Manifest {
             http: s.http,
             volumes: s.volumes.clone(),
             network: s.network,
+            command: s.command.clone(),
+            cpu_millis: s.resources.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
+            pids: s.resources.pids,
+            grace_ms: s.termination_grace_period.as_deref().and_then(|g| parse_duration_ms(g).ok()),
         }
     }
 }
@@ -406,6 +466,32 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).filter(|ms| *ms > 0).ok_or_else(|| format!("duration {s:?} must be positive and not too large"))
 }
 
+/// Parses a CPU quantity into millicores: `250m`, or cores with up to three decimals (`1`, `0.5`).
+pub fn parse_cpu_millis(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let bad = || format!("invalid cpu {s:?}; use cores (1, 0.5) or millicores (250m)");
+    let millis: u64 = if let Some(m) = s.strip_suffix('m') {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        m.parse().map_err(|_| bad())?
+    } else {
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() || !digits(whole) || !digits(frac) || frac.len() > 3 {
+            return Err(bad());
+        }
+        let w: u64 = whole.parse().map_err(|_| bad())?;
+        let f: u64 = if frac.is_empty() { 0 } else { format!("{frac:0<3}").parse().map_err(|_| bad())? };
+        w.checked_mul(1000).and_then(|w| w.checked_add(f)).ok_or_else(bad)?
+    };
+    match u32::try_from(millis) {
+        Ok(0) => Err(format!("cpu {s:?} must be more than zero")),
+        Ok(m) if m <= 1_000_000 => Ok(m),
+        _ => Err(format!("cpu {s:?} is too large")),
+    }
+}
+
 /// Parses a memory quantity: plain bytes, or a number with Ki, Mi, Gi (binary) or k, M, G
 /// (decimal) suffix.
 pub fn parse_quantity(s: &str) -> Result<u64, String> {
@@ -445,6 +531,14 @@ pub struct ReplicaTemplate {
     pub volumes: Vec<Volume>,
     #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
     pub network: NetworkMode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
 }
 
 impl ReplicaTemplate {
@@ -495,6 +589,30 @@ spec:
         .unwrap();
         assert_eq!(m[0].spec.replicas, 1);
         assert_eq!(m[0].spec.restart_policy, RestartPolicy::Always);
+    }
+
+    #[test]
+    fn container_fields_parse_and_are_refused_where_they_do_not_apply() {
+        let c = GOOD.replace("runtime: wasm", "runtime: container").replace(
+            "resources: {memory: 64Mi}",
+            "resources: {memory: 64Mi, cpu: 250m, pids: 64}\n  command: [/bin/sh, -c]\n  terminationGracePeriod: 3s",
+        );
+        let m = parse_manifests(&c).unwrap();
+        let t = m[0].template();
+        assert_eq!((t.cpu_millis, t.pids, t.grace_ms), (Some(250), Some(64), Some(3000)));
+        assert_eq!(t.command, ["/bin/sh", "-c"]);
+        let e = parse_manifests(&c.replace("runtime: container", "runtime: wasm")).unwrap_err();
+        assert_eq!(e.path, "spec.command", "{e}");
+        let e = parse_manifests(&c.replace("cpu: 250m", "cpu: lots")).unwrap_err();
+        assert_eq!(e.path, "spec.resources.cpu", "{e}");
+        let e = parse_manifests(&c.replace("pids: 64", "pids: 64, fuel: 10")).unwrap_err();
+        assert_eq!(e.path, "spec.resources.fuel", "{e}");
+        for (text, millis) in [("250m", 250), ("1", 1000), ("1.5", 1500), ("0.001", 1)] {
+            assert_eq!(parse_cpu_millis(text), Ok(millis), "{text}");
+        }
+        for bad in ["0", "0m", "m", "1.2345", "-1", "1e3", ""] {
+            assert!(parse_cpu_millis(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
