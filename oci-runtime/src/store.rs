@@ -144,6 +144,45 @@ impl BlobStore {
         result.map(|()| final_path)
     }
 
+    /// Copies the file at `source` into the store under the `digest` it is expected to have,
+    /// hashing while copying; a mismatch leaves nothing behind. Blocking.
+    pub fn ingest_file(&self, digest: &str, source: &Path) -> Result<PathBuf, StoreError> {
+        let final_path = self.path(digest)?;
+        if final_path.is_file() {
+            return Ok(final_path);
+        }
+        let tmp_path = self.ingest_path(digest)?;
+        let result = (|| {
+            let mut input = fs::File::open(source).map_err(StoreError::io(source))?;
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp_path)
+                .map_err(StoreError::io(&tmp_path))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = input.read(&mut buf).map_err(StoreError::io(source))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(StoreError::io(&tmp_path))?;
+            }
+            let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if actual != digest {
+                return Err(StoreError::DigestMismatch { expected: digest.to_owned(), actual });
+            }
+            out.sync_all().map_err(StoreError::io(&tmp_path))?;
+            drop(out);
+            fs::rename(&tmp_path, &final_path).map_err(StoreError::io(&final_path))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        result.map(|()| final_path)
+    }
+
     /// Starts a streaming ingest of the blob expected to have `digest`. Write the content with
     /// [`Ingest::write`] and finish with [`Ingest::commit`]; dropping the [`Ingest`] without
     /// committing deletes the partial file.

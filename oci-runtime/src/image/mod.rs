@@ -14,7 +14,7 @@
 //! never panic on what a registry or an archive contains. It knows nothing of containers: the
 //! runtime mounts the lower directories [`ImageStore::unpack`] returns.
 
-// mod archive;
+mod archive;
 mod auth;
 mod gc;
 mod index;
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-// pub use archive::push_archive;
+pub use archive::push_archive;
 pub use auth::{AuthError, Credential, Credentials};
 pub use gc::GcReport;
 pub use index::{ImageIndex, ImageRecord, IndexError, LayerRecord};

@@ -1,0 +1,513 @@
+//! Air-gapped images: importing OCI image layouts (a directory or a tar of one) and `docker
+//! save` archives (`manifest.json` plus layer tars) into the store, and pushing such a layout
+//! or archive to a registry. Every blob is hashed against its digest before it is stored or
+//! pushed. Paths named inside an archive are confined to it (no `..`, no absolute paths), tar
+//! archives are read into a private directory under the store root holding only regular
+//! files, and nothing in an archive is executed or trusted before verification.
+
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use oci_client::Reference;
+use serde::Deserialize;
+
+use super::spec::{self, Descriptor, Parsed};
+use super::{Image, ImageError, ImageStore, Platform, build_record};
+use crate::registry::{Op, Registry, header_value, parse_reference};
+use crate::store::{sha256_digest, validate_digest};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+/// Largest manifest, index or config read from an archive.
+const MAX_DOC_BYTES: u64 = 8 * 1024 * 1024;
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A readable layout: the directory itself, or a private extraction of a tar archive that is
+/// removed when this is dropped.
+struct Source {
+    dir: PathBuf,
+    /// What the user named (for errors).
+    given: PathBuf,
+    cleanup: bool,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if self.cleanup {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn archive_err(path: &Path, reason: impl Into<String>) -> ImageError {
+    ImageError::Archive { path: path.to_owned(), reason: reason.into() }
+}
+
+/// `rel` inside `dir`, refusing `..` and absolute paths.
+fn inside(dir: &Path, rel: &str, given: &Path) -> Result<PathBuf, ImageError> {
+    let mut out = dir.to_owned();
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => return Err(archive_err(given, format!("path {rel:?} leaves the archive"))),
+        }
+    }
+    Ok(out)
+}
+
+impl Source {
+    /// Opens a layout directory, or extracts a (possibly gzip-compressed) tar into
+    /// `scratch_parent`.
+    fn open(path: &Path, scratch_parent: &Path) -> Result<Source, ImageError> {
+        let meta = fs::metadata(path).map_err(|e| archive_err(path, format!("cannot open: {e}")))?;
+        if meta.is_dir() {
+            return Ok(Source { dir: path.to_owned(), given: path.to_owned(), cleanup: false });
+        }
+        let dir =
+            scratch_parent.join(format!(".import-{}-{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
+        fs::create_dir_all(&dir).map_err(ImageError::io(&dir))?;
+        let source = Source { dir, given: path.to_owned(), cleanup: true };
+        let file = fs::File::open(path).map_err(|e| archive_err(path, format!("cannot open: {e}")))?;
+        let mut buffered = io::BufReader::new(file);
+        let head = io::BufRead::fill_buf(&mut buffered).map_err(|e| archive_err(path, e.to_string()))?;
+        let reader: Box<dyn io::Read> = if head.starts_with(&[0x1f, 0x8b]) {
+            Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+        } else {
+            Box::new(buffered)
+        };
+        let mut archive = tar::Archive::new(reader);
+        let entries = archive.entries().map_err(|e| archive_err(path, format!("not a tar archive: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| archive_err(path, format!("malformed tar: {e}")))?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+                if !kind.is_dir() {
+                    tracing::debug!(archive = %path.display(), entry = %name, ?kind, "skipping non-file archive entry");
+                }
+                continue;
+            }
+            let dest = inside(&source.dir, &name, path)?;
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(ImageError::io(parent))?;
+            }
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dest)
+                .map_err(|e| archive_err(path, format!("entry {name:?}: {e}")))?;
+            io::copy(&mut entry, &mut out).map_err(|e| archive_err(path, format!("entry {name:?}: {e}")))?;
+        }
+        Ok(source)
+    }
+
+    fn file(&self, rel: &str) -> Result<PathBuf, ImageError> {
+        inside(&self.dir, rel, &self.given)
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        let hex = validate_digest(digest).map_err(|e| archive_err(&self.given, e.to_string()))?;
+        Ok(self.dir.join("blobs").join("sha256").join(hex))
+    }
+
+    /// A small document from the layout's blobs, verified.
+    fn doc(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+        let path = self.blob_path(digest)?;
+        let bytes = read_limited(&path, &self.given)?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                reference: self.given.display().to_string(),
+                digest: digest.to_owned(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+fn read_limited(path: &Path, given: &Path) -> Result<Vec<u8>, ImageError> {
+    let meta = fs::metadata(path).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))?;
+    if meta.len() > MAX_DOC_BYTES {
+        return Err(archive_err(given, format!("{} is larger than {MAX_DOC_BYTES} bytes", path.display())));
+    }
+    fs::read(path).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerSaveEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+/// One image found in a layout or archive.
+struct Found {
+    /// References it carries (full references; tags only when `name` completes them).
+    references: Vec<String>,
+    manifest_digest: String,
+    manifest: Vec<u8>,
+    /// The index it was chosen from, if any: (digest, bytes).
+    index: Option<(String, Vec<u8>)>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    /// Where each blob (config and layers) lives in the source.
+    files: Vec<(String, PathBuf)>,
+}
+
+/// Turns an annotation into a full reference: itself if it is one, else `name:tag`.
+fn full_reference(annotation: Option<&str>, name: Option<&str>) -> Option<String> {
+    match (annotation, name) {
+        (Some(a), _) if a.contains('/') && parse_reference(a).is_ok() => parse_reference(a).ok().map(|r| r.whole()),
+        (Some(tag), Some(name)) => {
+            let repo = name.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(r, _)| r).unwrap_or(name);
+            parse_reference(&format!("{repo}:{tag}")).ok().map(|r| r.whole())
+        }
+        (None, Some(name)) => parse_reference(name).ok().map(|r| r.whole()),
+        (Some(_), None) | (None, None) => None,
+    }
+}
+
+/// Reads the images of a layout or docker-save archive for `platform`.
+fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<Vec<Found>, ImageError> {
+    let given = &src.given;
+    let index_path = src.file("index.json")?;
+    if index_path.is_file() {
+        let bytes = read_limited(&index_path, given)?;
+        let entries = match spec::parse_manifest(&bytes).map_err(|e| archive_err(given, format!("index.json: {e}")))? {
+            Parsed::Index(entries) => entries,
+            Parsed::Manifest { .. } => return Err(archive_err(given, "index.json is a manifest, not an index")),
+        };
+        let mut found = Vec::new();
+        for entry in &entries {
+            let annotations = entry.annotations.clone().unwrap_or_default();
+            let reference = full_reference(
+                annotations.get(CONTAINERD_NAME).or(annotations.get(REF_NAME)).map(String::as_str),
+                name,
+            );
+            let top = src.doc(&entry.digest)?;
+            let (index, manifest_digest, manifest) = match spec::parse_manifest(&top)
+                .map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))?
+            {
+                Parsed::Index(children) => {
+                    let child = spec::select_platform(&children, platform)
+                        .map_err(|reason| ImageError::Platform { reference: given.display().to_string(), reason })?;
+                    (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
+                }
+                Parsed::Manifest { .. } => {
+                    if let Some(p) = &entry.platform
+                        && platform.fit(&p.os, &p.architecture, p.variant.as_deref()).is_none()
+                    {
+                        continue;
+                    }
+                    (None, entry.digest.clone(), top)
+                }
+            };
+            let Parsed::Manifest { config, layers } =
+                spec::parse_manifest(&manifest).map_err(|e| archive_err(given, format!("{manifest_digest}: {e}")))?
+            else {
+                return Err(archive_err(given, format!("{manifest_digest} is an index inside an index")));
+            };
+            let mut files = vec![(config.digest.clone(), src.blob_path(&config.digest)?)];
+            for l in &layers {
+                files.push((l.digest.clone(), src.blob_path(&l.digest)?));
+            }
+            found.push(Found {
+                references: reference.into_iter().collect(),
+                manifest_digest,
+                manifest,
+                index,
+                config,
+                layers,
+                files,
+            });
+        }
+        if found.is_empty() {
+            return Err(ImageError::Platform {
+                reference: given.display().to_string(),
+                reason: format!("layout has no image for platform {platform}"),
+            });
+        }
+        return Ok(found);
+    }
+    let docker_manifest = src.file("manifest.json")?;
+    if !docker_manifest.is_file() {
+        return Err(archive_err(
+            given,
+            "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)",
+        ));
+    }
+    let bytes = read_limited(&docker_manifest, given)?;
+    let entries: Vec<DockerSaveEntry> =
+        serde_json::from_slice(&bytes).map_err(|e| archive_err(given, format!("manifest.json: {e}")))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let config_path = src.file(&entry.config)?;
+        let config_bytes = read_limited(&config_path, given)?;
+        let config = Descriptor {
+            media_type: spec::DOCKER_CONFIG.to_owned(),
+            digest: sha256_digest(&config_bytes),
+            size: config_bytes.len() as i64,
+            platform: None,
+            annotations: None,
+        };
+        let mut files = vec![(config.digest.clone(), config_path)];
+        let mut layers = Vec::new();
+        for rel in &entry.layers {
+            let path = src.file(rel)?;
+            let (digest, size, media_type) = hash_layer_file(&path, given)?;
+            layers.push(Descriptor { media_type, digest: digest.clone(), size, platform: None, annotations: None });
+            files.push((digest, path));
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": spec::DOCKER_MANIFEST,
+            "config": {"mediaType": config.media_type, "size": config.size, "digest": config.digest},
+            "layers": layers.iter().map(|l| serde_json::json!({
+                "mediaType": l.media_type, "size": l.size, "digest": l.digest,
+            })).collect::<Vec<_>>(),
+        }))
+        .map_err(|e| archive_err(given, format!("cannot encode manifest: {e}")))?;
+        let mut references: Vec<String> = entry
+            .repo_tags
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| parse_reference(t).ok().map(|r| r.whole()))
+            .collect();
+        if references.is_empty()
+            && let Some(r) = full_reference(None, name)
+        {
+            references.push(r);
+        }
+        found.push(Found {
+            references,
+            manifest_digest: sha256_digest(&manifest),
+            manifest,
+            index: None,
+            config,
+            layers,
+            files,
+        });
+    }
+    Ok(found)
+}
+
+/// Digest, size and media type (by its first bytes) of a layer file.
+fn hash_layer_file(path: &Path, given: &Path) -> Result<(String, i64, String), ImageError> {
+    use sha2::Digest as _;
+    let mut f = fs::File::open(path).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut head = Vec::new();
+    let mut size = 0i64;
+    loop {
+        let n = io::Read::read(&mut f, &mut buf).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 4 {
+            head.extend_from_slice(&buf[..n.min(4)]);
+        }
+        hasher.update(&buf[..n]);
+        size += n as i64;
+    }
+    let media_type = if head.starts_with(&[0x1f, 0x8b]) {
+        spec::DOCKER_LAYER_GZIP
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        spec::OCI_LAYER_ZSTD
+    } else {
+        spec::DOCKER_LAYER_TAR
+    };
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, media_type.to_owned()))
+}
+
+impl ImageStore {
+    /// Imports the images of an OCI image layout directory, an OCI layout tar (optionally
+    /// gzip-compressed) or a `docker save` archive, for `platform`, and records them under the
+    /// references the archive names (`io.containerd.image.name`, a full
+    /// `org.opencontainers.image.ref.name`, or `RepoTags`). A bare tag annotation is completed
+    /// with `name` (`repo[:tag]`), which also names images the archive leaves unnamed.
+    pub async fn import(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Image>, ImageError> {
+        let _shared = self.inner.gc_lock.read().await;
+        let this = self.clone();
+        let (path, platform, name) = (path.to_owned(), platform.clone(), name.map(str::to_owned));
+        let task_path = path.clone();
+        tokio::task::spawn_blocking(move || this.import_sync(&task_path, &platform, name.as_deref()))
+            .await
+            .map_err(|e| archive_err(&path, format!("import task failed: {e}")))?
+    }
+
+    fn import_sync(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Image>, ImageError> {
+        let src = Source::open(path, self.root())?;
+        let shown = path.display().to_string();
+        let mut images = Vec::new();
+        for found in find_images(&src, platform, name)? {
+            if found.references.is_empty() {
+                return Err(archive_err(
+                    path,
+                    format!("image {} has no reference in the archive; give it a name", found.manifest_digest),
+                ));
+            }
+            let config_path = &found.files[0].1;
+            let config_bytes = read_limited(config_path, path)?;
+            let record = build_record(
+                &shown,
+                &found.manifest_digest,
+                found.index.as_ref().map(|(d, _)| d.clone()),
+                &found.config,
+                &found.layers,
+                &config_bytes,
+                platform,
+            )?;
+            for (digest, file) in &found.files {
+                self.blobs().ingest_file(digest, file).map_err(ImageError::store(&shown))?;
+            }
+            self.blobs().ingest_bytes(&found.manifest_digest, &found.manifest).map_err(ImageError::store(&shown))?;
+            if let Some((digest, bytes)) = &found.index {
+                self.blobs().ingest_bytes(digest, bytes).map_err(ImageError::store(&shown))?;
+            }
+            for reference in &found.references {
+                let image = self.record(reference, record.clone())?;
+                tracing::info!(reference = %reference, archive = %shown, manifest = %image.manifest_digest, "imported image");
+                images.push(image);
+            }
+        }
+        Ok(images)
+    }
+}
+
+/// Pushes the image of an OCI layout (directory or tar) or `docker save` archive at `path` to
+/// `reference` (which must name a tag) and returns the digest of the manifest (or index)
+/// pushed. If the archive holds several images, the one whose reference or tag matches
+/// `reference` is pushed. An index is pushed with all its platform manifests. Every blob is
+/// verified against its digest before it is sent. A tar archive is extracted into a private
+/// directory under `scratch` for the duration of the push.
+pub async fn push_archive(
+    registry: &Registry,
+    path: &Path,
+    reference: &str,
+    scratch: &Path,
+) -> Result<String, ImageError> {
+    let r = parse_reference(reference)?;
+    if r.digest().is_some() {
+        return Err(ImageError::Registry(crate::registry::RegistryError::InvalidReference {
+            reference: reference.to_owned(),
+            reason: "a push needs a tag, not a digest".to_owned(),
+        }));
+    }
+    let (path_owned, r2, scratch) = (path.to_owned(), r.clone(), scratch.to_owned());
+    // The source (an extraction, for an archive) lives until the push is over.
+    let (_source, plan) = tokio::task::spawn_blocking(move || plan_push(&path_owned, &scratch, &r2))
+        .await
+        .map_err(|e| archive_err(path, format!("push task failed: {e}")))??;
+
+    let client = registry.client_for(&r);
+    let auth = registry.auth_for(&r);
+    client.store_auth_if_needed(r.resolve_registry(), &auth).await;
+    let rr = &r;
+    let map = |op: Op| move |e| ImageError::Registry(registry.map_oci_error(reference, rr, op, e));
+    for (digest, file) in &plan.blobs {
+        if client.blob_exists(&r, digest).await.map_err(map(Op::Push))? {
+            continue;
+        }
+        let bytes = tokio::fs::read(file).await.map_err(ImageError::io(file))?;
+        let actual = sha256_digest(&bytes);
+        if &actual != digest {
+            return Err(ImageError::DigestMismatch {
+                reference: path.display().to_string(),
+                digest: digest.clone(),
+                actual,
+            });
+        }
+        client.push_blob(&r, bytes::Bytes::from(bytes), digest).await.map_err(map(Op::Push))?;
+    }
+    let mut top = String::new();
+    for (i, (media_type, bytes)) in plan.manifests.iter().enumerate() {
+        let digest = sha256_digest(bytes);
+        let last = i + 1 == plan.manifests.len();
+        let target = if last { r.clone() } else { r.clone_with_digest(digest.clone()) };
+        let content_type =
+            header_value(media_type).ok_or_else(|| archive_err(path, format!("unusable media type {media_type:?}")))?;
+        client.push_manifest_raw(&target, bytes.clone(), content_type).await.map_err(map(Op::Push))?;
+        top = digest;
+    }
+    tracing::info!(reference, archive = %path.display(), digest = %top, "pushed image archive");
+    Ok(top)
+}
+
+struct PushPlan {
+    /// (digest, file) of every config and layer blob.
+    blobs: Vec<(String, PathBuf)>,
+    /// (media type, bytes) of manifests to push in order; the last one is tagged.
+    manifests: Vec<(String, Vec<u8>)>,
+}
+
+fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, PushPlan), ImageError> {
+    let src = Source::open(path, scratch)?;
+    let mut plan = PushPlan { blobs: Vec::new(), manifests: Vec::new() };
+    let index_path = src.file("index.json")?;
+    if !index_path.is_file() {
+        // docker save: one image, manifest synthesised.
+        let found = find_images(&src, &Platform::new("", "", None), Some(&r.whole()))?;
+        let wanted = r.whole();
+        let pick = match found.iter().position(|f| f.references.contains(&wanted)) {
+            Some(i) => i,
+            None if found.len() == 1 => 0,
+            None => {
+                return Err(archive_err(path, format!("archive holds {} images and none is {wanted}", found.len())));
+            }
+        };
+        let f = &found[pick];
+        plan.blobs = f.files.clone();
+        plan.manifests.push((spec::DOCKER_MANIFEST.to_owned(), f.manifest.clone()));
+        return Ok((src, plan));
+    }
+    let bytes = read_limited(&index_path, path)?;
+    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e))? else {
+        return Err(archive_err(path, "index.json is not an index"));
+    };
+    let tag = r.tag().unwrap_or("latest");
+    let wanted = r.whole();
+    let name_of =
+        |e: &Descriptor| e.annotations.as_ref().and_then(|a| a.get(CONTAINERD_NAME).or(a.get(REF_NAME))).cloned();
+    let entry = match entries
+        .iter()
+        .find(|e| name_of(e).is_some_and(|n| n == tag || full_reference(Some(&n), None).as_deref() == Some(&wanted)))
+    {
+        Some(e) => e,
+        None if entries.len() == 1 => &entries[0],
+        None => {
+            return Err(archive_err(path, format!("layout holds {} images and none is tagged {tag}", entries.len())));
+        }
+    };
+    let top = src.doc(&entry.digest)?;
+    let add_manifest = |plan: &mut PushPlan, digest: &str, bytes: Vec<u8>, media_type: &str| {
+        let Parsed::Manifest { config, layers } =
+            spec::parse_manifest(&bytes).map_err(|e| archive_err(path, format!("{digest}: {e}")))?
+        else {
+            return Err(archive_err(path, format!("{digest} is an index inside an index")));
+        };
+        for d in std::iter::once(&config).chain(&layers) {
+            plan.blobs.push((d.digest.clone(), src.blob_path(&d.digest)?));
+        }
+        plan.manifests.push((media_type.to_owned(), bytes));
+        Ok(())
+    };
+    match spec::parse_manifest(&top).map_err(|e| archive_err(path, e))? {
+        Parsed::Index(children) => {
+            for child in &children {
+                let bytes = src.doc(&child.digest)?;
+                add_manifest(&mut plan, &child.digest, bytes, &child.media_type)?;
+            }
+            plan.manifests.push((entry.media_type.clone(), top));
+        }
+        Parsed::Manifest { .. } => add_manifest(&mut plan, &entry.digest, top, &entry.media_type)?,
+    }
+    Ok((src, plan))
+}
