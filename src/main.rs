@@ -4,6 +4,7 @@
 
 mod client;
 mod local;
+mod oci_cli;
 mod output;
 
 use std::collections::BTreeMap;
@@ -85,6 +86,8 @@ enum Command {
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
+    /// Run OCI containers here (an OCI runtime with runc's verbs).
+    Oci(oci_cli::OciArgs),
     /// Push a Wasm module to an OCI registry as a Wasm OCI artifact.
     Push {
         file: PathBuf,
@@ -166,7 +169,13 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let Cli { global, command } = Cli::parse();
+    // Creating a container clones this process, which must then still be single-threaded.
+    let command = match command {
+        Command::Oci(args) => return oci_cli::main(args),
+        other => other,
+    };
+    let cli = Cli { global, command };
     // Two worker threads at most: the agent targets small boards, and the hub is I/O bound.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     match rt.block_on(run(cli)) {
@@ -225,6 +234,7 @@ async fn run(cli: Cli) -> Result<()> {
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Oci(_) => bail!("the oci command runs before the async runtime starts"),
         Command::Run(args) => {
             let code = local::run(args).await?;
             std::process::exit(code);

@@ -1,2 +1,35 @@
-//! The container executor: OCI runtime bundles run under Linux namespaces and cgroups.
-//! (Being built.)
+//! The container executor: OCI runtime bundles run under Linux namespaces and cgroups, written
+//! directly on `nix`/`libc` (no libcontainer) so that every step is ours to measure and trim.
+//! It owns the runtime state root (`<root>/<id>/`), the containers' cgroups and mount
+//! namespaces, and the per-container supervisor (shim) that outlives its caller. It must
+//! never clone from a multi-threaded process, never honour a spec field it does not
+//! implement (it refuses it by name), and never leave cgroups, mounts or state behind after
+//! a delete. `unsafe` lives in `sys.rs` only.
+//!
+//! - [`spec`]: the generated default spec and bundle loading into a checked plan.
+//! - [`runtime`]: create/start/state/kill/delete/run with runc's semantics.
+//! - [`cgroup`]: `CgroupManager` with v1 and v2 backends.
+//! - [`seccomp`]: OCI seccomp to classic BPF, and the default profile.
+//! - [`shim`]: the supervisor process and the agent's handle on it.
+//! - [`overlay`]: overlayfs rootfs mount helpers.
+
+pub mod cgroup;
+mod init;
+pub mod overlay;
+pub mod runtime;
+pub mod seccomp;
+pub mod shim;
+pub mod spec;
+mod sys;
+mod syscalls;
+
+pub use cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager, CgroupVersion, Resources};
+/// Signals as the runtime API takes them.
+pub use nix::sys::signal::Signal;
+pub use overlay::{OverlayError, mount_overlay, unmount};
+pub use runtime::{
+    ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, OciState, Runtime, RuntimeConfig,
+    Status,
+};
+pub use shim::{ShimError, ShimHandle, ShimOptions, run_shim};
+pub use spec::{BindMount, NetworkMode, Plan, SpecError, SpecInputs, default_spec, load_bundle};

@@ -1,0 +1,413 @@
+//! The container's first process between `clone` and `execve`: it waits for its parent to
+//! place it in the cgroup, builds the root filesystem (bind, the spec's mounts, /dev,
+//! pivot_root, masked and read-only paths), sets hostname, loopback, sysctls, rlimits, user,
+//! capabilities, no_new_privs and seccomp, reports ready, waits for `start` on the exec fifo
+//! and executes the user's program. It owns nothing after exec. It runs in a copy of a
+//! single-threaded parent, so it must never return into the parent's code: every path ends
+//! in `execve` or `sys::exit_now`, and errors travel to the parent as text on the sync pipe.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::CloneFlags;
+use nix::sys::stat::{Mode, makedev, mknod, umask};
+use nix::unistd::{Gid, Uid};
+
+use super::spec::{MountPlan, Plan};
+use super::sys;
+
+/// The descriptors the child works with.
+pub(crate) struct ChildFds {
+    /// Parent to child: one byte once the parent has placed the child in its cgroup.
+    pub go: OwnedFd,
+    /// Child to parent: `R` when ready, or `E` followed by an error message.
+    pub report: OwnedFd,
+    /// The exec fifo, opened read-write: a byte arrives when `start` runs.
+    pub fifo: OwnedFd,
+    /// Replacements for stdin, stdout and stderr (None keeps the inherited one).
+    pub stdio: [Option<OwnedFd>; 3],
+}
+
+/// Entry point of the child after clone. Never returns.
+pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
+    let ChildFds { go, report, fifo, stdio } = fds;
+    let mut report = fs::File::from(report);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(plan, go, stdio)));
+    let exec = match result {
+        Ok(Ok(exec)) => exec,
+        Ok(Err(message)) => fail(&mut report, &message),
+        Err(_) => fail(&mut report, "container init panicked"),
+    };
+    if report.write_all(b"R").is_err() {
+        sys::exit_now(127);
+    }
+    drop(report);
+    // Block until `start` writes a byte into the fifo.
+    let mut fifo = fs::File::from(fifo);
+    let mut byte = [0u8; 1];
+    if fifo.read_exact(&mut byte).is_err() {
+        sys::exit_now(127);
+    }
+    drop(fifo);
+    let _ = sys::cloexec_from(3);
+    sys::reset_signals();
+    if let Some(program) = plan.seccomp.as_ref().filter(|_| plan.no_new_privs)
+        && let Err(e) = sys::install_seccomp(&program.filter, program.flags)
+    {
+        let _ = writeln!(io::stderr(), "flotilla-oci: installing seccomp filter: {e}");
+        sys::exit_now(127);
+    }
+    let err = nix::unistd::execve(&exec.path, &exec.args, &exec.env).err();
+    let _ = writeln!(io::stderr(), "flotilla-oci: exec {:?}: {err:?}", exec.path);
+    sys::exit_now(127)
+}
+
+fn fail(report: &mut fs::File, message: &str) -> ! {
+    let _ = report.write_all(format!("E{message}").as_bytes());
+    sys::exit_now(1)
+}
+
+struct Exec {
+    path: CString,
+    args: Vec<CString>,
+    env: Vec<CString>,
+}
+
+fn ctx<E: std::fmt::Display>(what: impl Fn() -> String) -> impl FnOnce(E) -> String {
+    move |e| format!("{}: {e}", what())
+}
+
+fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec, String> {
+    let mut go = fs::File::from(go);
+    let mut byte = [0u8; 1];
+    go.read_exact(&mut byte).map_err(|e| format!("waiting for the runtime: {e}"))?;
+    drop(go);
+
+    let [stdin, stdout, stderr] = stdio;
+    if let Some(fd) = stdin {
+        nix::unistd::dup2_stdin(&fd).map_err(ctx(|| "redirecting stdin".into()))?;
+    }
+    if let Some(fd) = stdout {
+        nix::unistd::dup2_stdout(&fd).map_err(ctx(|| "redirecting stdout".into()))?;
+    }
+    if let Some(fd) = stderr {
+        nix::unistd::dup2_stderr(&fd).map_err(ctx(|| "redirecting stderr".into()))?;
+    }
+    if let Some(adj) = plan.oom_score_adj {
+        fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(ctx(|| "setting oom_score_adj".into()))?;
+    }
+    let last_cap: u32 =
+        fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
+
+    for (flag, path) in &plan.join_namespaces {
+        let file = fs::File::open(path).map_err(ctx(|| format!("opening namespace {}", path.display())))?;
+        nix::sched::setns(&file, *flag).map_err(ctx(|| format!("joining namespace {}", path.display())))?;
+    }
+    if plan.cgroup_ns {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(ctx(|| "creating cgroup namespace".into()))?;
+    }
+    if plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER) {
+        // Become root of the new user namespace so mounts and the rest are permitted.
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .map_err(ctx(|| "setting gid 0 in the user namespace".into()))?;
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .map_err(ctx(|| "setting uid 0 in the user namespace".into()))?;
+    }
+    umask(Mode::empty());
+    setup_rootfs(plan)?;
+
+    if let Some(name) = &plan.hostname {
+        nix::unistd::sethostname(name).map_err(ctx(|| format!("setting hostname {name:?}")))?;
+    }
+    if plan.clone_flags.contains(CloneFlags::CLONE_NEWNET) {
+        sys::loopback_up().map_err(ctx(|| "bringing up loopback".into()))?;
+    }
+    for (key, value) in &plan.sysctl {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        if key.contains("..") || key.contains('/') {
+            return Err(format!("sysctl {key:?} is not a valid name"));
+        }
+        fs::write(&path, value).map_err(ctx(|| format!("setting sysctl {key}")))?;
+    }
+    for (resource, soft, hard) in &plan.rlimits {
+        nix::sys::resource::setrlimit(*resource, *soft, *hard)
+            .map_err(ctx(|| format!("setting {resource:?} to {soft}/{hard}")))?;
+    }
+
+    if !plan.no_new_privs
+        && let Some(program) = &plan.seccomp
+    {
+        // Without no_new_privs the filter needs CAP_SYS_ADMIN, which is about to be dropped.
+        sys::install_seccomp(&program.filter, program.flags).map_err(ctx(|| "installing seccomp".into()))?;
+    }
+    let caps = plan.caps.unwrap_or_default();
+    for cap in 0..=last_cap {
+        if caps.bounding & (1u64 << cap) == 0 {
+            sys::drop_bounding_cap(cap).map_err(ctx(|| format!("dropping capability {cap}")))?;
+        }
+    }
+    sys::set_keep_caps(true).map_err(ctx(|| "keeping capabilities".into()))?;
+    let groups: Vec<Gid> = plan.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    if !plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER) || !groups.is_empty() {
+        nix::unistd::setgroups(&groups).map_err(ctx(|| format!("setting groups {:?}", plan.additional_gids)))?;
+    }
+    let gid = Gid::from_raw(plan.gid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(ctx(|| format!("setting gid {}", plan.gid)))?;
+    let uid = Uid::from_raw(plan.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(ctx(|| format!("setting uid {}", plan.uid)))?;
+    sys::set_keep_caps(false).map_err(ctx(|| "clearing keep-caps".into()))?;
+    sys::capset(caps.effective, caps.permitted, caps.inheritable).map_err(ctx(|| "setting capabilities".into()))?;
+    for cap in 0..=last_cap {
+        if caps.ambient & (1u64 << cap) != 0 {
+            sys::raise_ambient_cap(cap).map_err(ctx(|| format!("raising ambient capability {cap}")))?;
+        }
+    }
+    if plan.no_new_privs {
+        sys::set_no_new_privs().map_err(ctx(|| "setting no_new_privs".into()))?;
+    }
+    nix::unistd::chdir(&plan.cwd).map_err(ctx(|| format!("changing to cwd {}", plan.cwd.display())))?;
+    umask(Mode::from_bits_truncate(plan.umask.unwrap_or(0o022)));
+    resolve_exec(plan)
+}
+
+/// Finds the program: a path with a slash is used as is, otherwise the container's PATH is
+/// searched, as execvp would.
+fn resolve_exec(plan: &Plan) -> Result<Exec, String> {
+    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let program = &plan.args[0];
+    let path = if program.contains('/') {
+        PathBuf::from(program)
+    } else {
+        let search = plan
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        search
+            .split(':')
+            .map(|dir| Path::new(dir).join(program))
+            .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+            .ok_or_else(|| format!("executable {program:?} not found in PATH {search:?}"))?
+    };
+    nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK)
+        .map_err(|e| format!("executable {} cannot be run: {e}", path.display()))?;
+    Ok(Exec {
+        path: CString::new(path.as_os_str().as_bytes()).map_err(|_| "program path contains a NUL byte".to_string())?,
+        args: plan.args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        env: plan.env.iter().map(|e| cstr(e)).collect::<Result<_, _>>()?,
+    })
+}
+
+/// Joins `path` under `root` resolving symlinks as if `root` were `/`, so nothing in the
+/// image can point a mount outside the rootfs.
+pub(crate) fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, String> {
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| {
+            if let Component::Normal(n) = c {
+                Some(n.into())
+            } else if c == Component::ParentDir {
+                Some("..".into())
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate: PathBuf = std::iter::once(root.as_os_str().to_owned())
+            .chain(resolved.iter().cloned())
+            .chain(std::iter::once(part.clone()))
+            .collect();
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(format!("too many symlinks resolving {}", path.display()));
+                }
+                let target =
+                    fs::read_link(&candidate).map_err(|e| format!("reading link {}: {e}", candidate.display()))?;
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.into()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved.push(part),
+        }
+    }
+    Ok(std::iter::once(root.as_os_str().to_owned()).chain(resolved).collect())
+}
+
+fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> String {
+    let msg = format!("{what} {}", target.display());
+    move |e| format!("{msg}: {e}")
+}
+
+fn setup_rootfs(plan: &Plan) -> Result<(), String> {
+    let none: Option<&str> = None;
+    mount(none, "/", none, plan.rootfs_propagation, none)
+        .map_err(mount_err("setting propagation of", Path::new("/")))?;
+    let rootfs = &plan.rootfs;
+    mount(Some(rootfs), rootfs, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+        .map_err(mount_err("bind-mounting rootfs", rootfs))?;
+    for m in &plan.mounts {
+        mount_one(plan, m)?;
+    }
+    let dev = secure_join(rootfs, Path::new("/dev"))?;
+    for d in &plan.devices {
+        let target = secure_join(rootfs, &d.path)?;
+        create_device(d, &target)?;
+    }
+    if !plan.devices.is_empty() {
+        for (link, to) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("core", "/proc/kcore"),
+            ("ptmx", "pts/ptmx"),
+        ] {
+            match symlink(to, dev.join(link)) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(format!("creating /dev/{link}: {e}"));
+                }
+                _ => {}
+            }
+        }
+    }
+    nix::unistd::chdir(rootfs).map_err(mount_err("entering", rootfs))?;
+    nix::unistd::pivot_root(".", ".").map_err(mount_err("pivot_root to", rootfs))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(mount_err("detaching old root from", rootfs))?;
+    nix::unistd::chdir("/").map_err(mount_err("entering", Path::new("/")))?;
+
+    for p in &plan.masked_paths {
+        match fs::metadata(p) {
+            Err(_) => continue,
+            Ok(m) if m.is_dir() => mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, Some("size=0"))
+                .map_err(mount_err("masking", p))?,
+            Ok(_) => mount(Some("/dev/null"), p, none, MsFlags::MS_BIND, none).map_err(mount_err("masking", p))?,
+        }
+    }
+    for p in &plan.readonly_paths {
+        if fs::symlink_metadata(p).is_err() {
+            continue;
+        }
+        mount(Some(p), p, none, MsFlags::MS_BIND | MsFlags::MS_REC, none).map_err(mount_err("binding", p))?;
+        remount_readonly(p)?;
+    }
+    if plan.readonly_rootfs {
+        remount_readonly(Path::new("/"))?;
+    }
+    Ok(())
+}
+
+/// Remounts a bind mount read-only, keeping the flags the kernel would refuse to drop.
+fn remount_readonly(p: &Path) -> Result<(), String> {
+    use nix::sys::statvfs::FsFlags;
+    let none: Option<&str> = None;
+    let current = nix::sys::statvfs::statvfs(p).map(|s| s.flags()).unwrap_or(FsFlags::empty());
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (f, m) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if current.contains(f) {
+            flags |= m;
+        }
+    }
+    mount(none, p, none, flags, none).map_err(mount_err("remounting read-only", p))
+}
+
+fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
+    let none: Option<&str> = None;
+    let target = secure_join(&plan.rootfs, &m.destination)?;
+    if m.bind {
+        let source = m.source.as_deref().unwrap_or(Path::new(""));
+        let source = if source.is_absolute() { source.to_path_buf() } else { plan.bundle.join(source) };
+        let meta = fs::metadata(&source).map_err(|e| format!("bind source {}: {e}", source.display()))?;
+        if meta.is_dir() {
+            fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            }
+            if fs::symlink_metadata(&target).is_err() {
+                fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            }
+        }
+        mount(Some(&source), &target, none, MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC), none)
+            .map_err(mount_err("bind-mounting onto", &target))?;
+        let extra = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !extra.is_empty() {
+            mount(none, &target, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra, none)
+                .map_err(mount_err("remounting", &target))?;
+        }
+    } else {
+        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        let source = m.source.as_deref().map(Path::as_os_str).unwrap_or(std::ffi::OsStr::new(&m.fstype));
+        let data = if m.data.is_empty() { None } else { Some(m.data.as_str()) };
+        mount(Some(source), &target, Some(m.fstype.as_str()), m.flags, data)
+            .map_err(mount_err(&format!("mounting {} on", m.fstype), &target))?;
+    }
+    if !m.propagation.is_empty() {
+        mount(none, &target, none, m.propagation, none).map_err(mount_err("setting propagation of", &target))?;
+    }
+    Ok(())
+}
+
+fn create_device(d: &super::spec::DevicePlan, target: &Path) -> Result<(), String> {
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let _ = fs::remove_file(target);
+    match mknod(target, d.kind, Mode::from_bits_truncate(d.mode), makedev(d.major, d.minor)) {
+        Ok(()) => {
+            nix::unistd::chown(target, Some(Uid::from_raw(d.uid)), Some(Gid::from_raw(d.gid)))
+                .map_err(mount_err("changing owner of", target))?;
+        }
+        // In a user namespace device nodes cannot be created; bind the host's node instead.
+        Err(nix::Error::EPERM) => {
+            fs::File::create(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            let none: Option<&str> = None;
+            mount(Some(&d.path), target, none, MsFlags::MS_BIND, none).map_err(mount_err("binding device", target))?;
+        }
+        Err(e) => return Err(format!("creating device {}: {e}", target.display())),
+    }
+    let _ = fs::set_permissions(target, fs::Permissions::from_mode(d.mode));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_join_keeps_symlinks_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("real")).unwrap();
+        symlink("/real", root.path().join("abs")).unwrap();
+        symlink("../../../etc", root.path().join("escape")).unwrap();
+        assert_eq!(secure_join(root.path(), Path::new("/abs/x")).unwrap(), root.path().join("real/x"));
+        assert_eq!(secure_join(root.path(), Path::new("/escape/passwd")).unwrap(), root.path().join("etc/passwd"));
+        assert_eq!(secure_join(root.path(), Path::new("/../../proc")).unwrap(), root.path().join("proc"));
+    }
+}
