@@ -266,10 +266,10 @@ impl ImageStore {
             platform,
         )?;
 
-        stream::iter(layers.iter().map(|l| s.layer(self, l)))
-            .buffer_unordered(PARALLEL_LAYERS)
-            .try_collect::<Vec<()>>()
-            .await?;
+        // Collected first: a lazy `map` over borrowed descriptors makes the future's `Send`
+        // bound unprovable for callers that spawn it.
+        let fetches: Vec<_> = layers.iter().map(|l| s.layer(self, l)).collect();
+        stream::iter(fetches).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
 
         // Everything verified; now the small documents become visible too.
         let blobs = self.blobs();
@@ -279,5 +279,27 @@ impl ImageStore {
             blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(reference))?;
         }
         Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::{BlobStore, RegistryConfig};
+
+    /// The agent spawns these futures; this fails to compile if one stops being `Send`.
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path(), BlobStore::open(dir.path()).unwrap()).unwrap();
+        let registry = Registry::new(RegistryConfig::default());
+        let platform = Platform::host();
+        assert_send(&store.pull(&registry, "127.0.0.1:1/x:v1", &platform));
+        assert_send(&store.import(dir.path(), &platform, None));
+        assert_send(&store.gc(&HashSet::new(), 0));
+        assert_send(&crate::image::push_archive(&registry, dir.path(), "127.0.0.1:1/x:v1", dir.path()));
     }
 }
