@@ -83,12 +83,21 @@ enum Command {
         /// with 4 GiB or more, on-demand below).
         #[arg(long)]
         wasm_instances: Option<u32>,
+        /// Run container workloads: auto (when root with cgroups), on (required) or off.
+        #[arg(long, value_enum, default_value_t = Containers::Auto)]
+        containers: Containers,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
-    /// Push a Wasm module to an OCI registry as a Wasm OCI artifact.
+    /// Manage the images of an agent's local store (air-gapped sites).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Push a Wasm module (as a Wasm OCI artifact), or a container image from an OCI layout
+    /// (directory or tar) or `docker save` archive, to an OCI registry.
     Push {
         file: PathBuf,
         reference: String,
@@ -209,6 +218,7 @@ async fn run(cli: Cli) -> Result<()> {
             wasm_max_memory,
             wasm_fuel,
             wasm_instances,
+            containers,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -231,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
             config.wasm_fuel = wasm_fuel;
             config.wasm_instances = wasm_instances;
+            config.containers = containers.into();
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
@@ -240,10 +251,35 @@ async fn run(cli: Cli) -> Result<()> {
             std::process::exit(code);
         }
         Command::Push { file, reference, insecure_registries } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries });
-            let digest = registry.push_wasm(&reference, &wasm).await?;
+            let digest = if is_wasm_file(&file)? {
+                let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                registry.push_wasm(&reference, &wasm).await?
+            } else {
+                // An OCI image layout (directory or tar) or a `docker save` archive.
+                let scratch = tempfile::Builder::new()
+                    .prefix("flotilla-push-")
+                    .tempdir()
+                    .context("creating a scratch directory for the push")?;
+                oci_runtime::image::push_archive(&registry, &file, &reference, scratch.path())
+                    .await
+                    .with_context(|| format!("pushing {}", file.display()))?
+            };
             println!("pushed {reference}@{digest}");
+            Ok(())
+        }
+        Command::Image { command: ImageCommand::Import { file, data_dir, name } } => {
+            let blobs = oci_runtime::BlobStore::open(data_dir.join("images"))
+                .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
+            let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
+                .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
+            let images = store
+                .import(&file, &oci_runtime::Platform::host(), name.as_deref())
+                .await
+                .with_context(|| format!("importing {}", file.display()))?;
+            for image in images {
+                println!("imported {} ({})", image.reference, image.manifest_digest);
+            }
             Ok(())
         }
         Command::Apply { file } => {
@@ -328,4 +364,46 @@ fn unexpected(response: ApiResponse) -> Result<()> {
         ApiResponse::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the hub: {other:?}"),
     }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Containers {
+    Auto,
+    On,
+    Off,
+}
+
+impl From<Containers> for agent::ContainerSupport {
+    fn from(c: Containers) -> Self {
+        match c {
+            Containers::Auto => agent::ContainerSupport::Auto,
+            Containers::On => agent::ContainerSupport::On,
+            Containers::Off => agent::ContainerSupport::Off,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Load an OCI image layout (directory or tar) or `docker save` archive into an agent's
+    /// image store, so the agent runs it without a registry. Run it on the agent's machine.
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value = "/var/lib/flotilla/agent")]
+        data_dir: PathBuf,
+        /// Reference to record the image under when the archive names none.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Whether `path` is a Wasm binary (starts with `\0asm`), as opposed to an image archive.
+fn is_wasm_file(path: &std::path::Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    let mut head = [0u8; 4];
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let n = std::io::Read::read(&mut f, &mut head).with_context(|| format!("reading {}", path.display()))?;
+    Ok(n == 4 && head == *b"\0asm")
 }

@@ -12,6 +12,7 @@
 //! this module is the I/O shell that feeds it events and executes its actions; [`link`] holds
 //! the QUIC connection; [`state`], [`logs`] and [`identity`] own their files in the data dir.
 
+pub mod container;
 pub mod facts;
 pub mod identity;
 pub mod link;
@@ -55,6 +56,8 @@ pub struct AgentConfig {
     pub wasm_max_memory: Option<u64>,
     /// Compile Wasm with fuel metering so workloads can set `resources.fuel`.
     pub wasm_fuel: bool,
+    /// Whether to run containers (they need root and cgroups).
+    pub containers: ContainerSupport,
     /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
     /// on-demand allocator; `None` decides from the node (see [`wasm_pooling`]).
     pub wasm_instances: Option<u32>,
@@ -74,12 +77,26 @@ impl AgentConfig {
             wasm_max_memory: None,
             wasm_fuel: false,
             wasm_instances: None,
+            containers: ContainerSupport::Auto,
         }
     }
 }
 
+/// Container support of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContainerSupport {
+    /// When the node allows it (root, cgroups); otherwise Wasm only, with the reason logged.
+    #[default]
+    Auto,
+    /// Required: the agent refuses to start without it.
+    On,
+    Off,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("containers were required but cannot run on this node: {0}")]
+    Containers(String),
     #[error("invalid node name {name:?}: {message}")]
     InvalidName { name: String, message: String },
     #[error("cannot prepare {path}: {source}")]
@@ -125,7 +142,19 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let state = StateFile::new(&dir("state")?);
     let logs = LogStore::open(dir("logs")?, config.log_max_bytes)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.join("logs"), source })?;
-    let node_facts = facts::collect(&config.labels, vec![RuntimeKind::Wasm]);
+    // Containers need root and cgroups; without them the node offers Wasm only.
+    let containers = match (&config.containers, container::ContainerRuntime::supported()) {
+        (ContainerSupport::Off, _) => None,
+        (_, Ok(())) => Some(()),
+        (ContainerSupport::Auto, Err(why)) => {
+            info!(reason = %why, "containers disabled on this node");
+            None
+        }
+        (ContainerSupport::On, Err(why)) => return Err(AgentError::Containers(why)),
+    };
+    let kinds =
+        if containers.is_some() { vec![RuntimeKind::Wasm, RuntimeKind::Container] } else { vec![RuntimeKind::Wasm] };
+    let node_facts = facts::collect(&config.labels, kinds);
     raise_open_files_limit();
     let max_memory = wasm_max_memory(config.wasm_max_memory, node_facts.memory_bytes);
     let pooling = wasm_pooling(max_memory, config.wasm_instances);
@@ -147,8 +176,28 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let registry =
         oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
-    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, registry, blobs, volumes.clone()));
-    let runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::from([(wasm.kind(), wasm)]);
+    let registry = Arc::new(registry);
+    let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+    if containers.is_some() {
+        let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs.clone())
+            .map_err(|e| AgentError::Images(e.to_string()))?;
+        let exe =
+            std::env::current_exe().map_err(|source| AgentError::DataDir { path: "/proc/self/exe".into(), source })?;
+        let rt = container::ContainerRuntime::new(container::ContainerConfig {
+            images,
+            registry: registry.clone(),
+            exe,
+            state_root: dir("containers/state")?,
+            bundles: dir("containers/bundles")?,
+            logs_dir: config.data_dir.join("logs"),
+            log_max_bytes: config.log_max_bytes,
+            node: config.name.clone(),
+            volumes: volumes.clone(),
+        });
+        runtimes.insert(RuntimeKind::Container, Arc::new(rt));
+    }
+    let wasm = WasmRuntime::new(host, registry, blobs, volumes.clone());
+    runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.
     let saved = match state.load() {

@@ -109,10 +109,10 @@ impl KeyedLocks {
 }
 
 impl WasmRuntime {
-    pub fn new(host: WasmHost, registry: Registry, blobs: BlobStore, volumes: VolumeStore) -> Self {
+    pub fn new(host: WasmHost, registry: Arc<Registry>, blobs: BlobStore, volumes: VolumeStore) -> Self {
         WasmRuntime {
             host,
-            registry: Arc::new(registry),
+            registry,
             blobs: Arc::new(blobs),
             volumes,
             resolved: Default::default(),
@@ -152,8 +152,8 @@ impl VolumeStore {
         VolumeStore { dir }
     }
 
-    /// The directories a replica's volumes map to, scratch ones created on the way.
-    fn preopens(&self, replica: &str, volumes: &[Volume]) -> Result<Vec<Preopen>, String> {
+    /// The host directory of each of a replica's volumes, scratch ones created on the way.
+    pub fn host_dirs<'v>(&self, replica: &str, volumes: &'v [Volume]) -> Result<Vec<(PathBuf, &'v Volume)>, String> {
         volumes
             .iter()
             .map(|v| {
@@ -176,9 +176,18 @@ impl VolumeStore {
                         p
                     }
                 };
-                Ok(Preopen { host, guest: v.mount_path.clone(), read_only: v.read_only })
+                Ok((host, v))
             })
             .collect()
+    }
+
+    /// The directories a replica's volumes map to, as Wasm preopens.
+    fn preopens(&self, replica: &str, volumes: &[Volume]) -> Result<Vec<Preopen>, String> {
+        Ok(self
+            .host_dirs(replica, volumes)?
+            .into_iter()
+            .map(|(host, v)| Preopen { host, guest: v.mount_path.clone(), read_only: v.read_only })
+            .collect())
     }
 
     /// Deletes a replica's scratch directories.
@@ -271,6 +280,6 @@ impl Runtime for WasmRuntime {
 }
 
 /// Completes when the supervisor asks the run to stop.
-async fn stopping(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

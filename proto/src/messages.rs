@@ -92,6 +92,12 @@ pub enum Termination {
     StartFailed {
         message: String,
     },
+    /// A container's process was killed by a signal (other than for exceeding its memory).
+    Signaled {
+        signal: i32,
+    },
+    /// A container was killed for exceeding its memory limit.
+    OomKilled,
 }
 
 impl fmt::Display for Termination {
@@ -100,6 +106,8 @@ impl fmt::Display for Termination {
             Termination::Exited { code } => write!(f, "exited with code {code}"),
             Termination::Trapped { message } => write!(f, "trapped: {message}"),
             Termination::StartFailed { message } => write!(f, "failed to start: {message}"),
+            Termination::Signaled { signal } => write!(f, "killed by signal {signal}"),
+            Termination::OomKilled => write!(f, "OOMKilled: exceeded its memory limit"),
         }
     }
 }

@@ -126,8 +126,24 @@ pub fn run_shim(runtime: &Runtime, opts: &ShimOptions) -> Result<(), ShimError> 
     match sys::clone_process(0).map_err(io_err("fork", Path::new("shim")))? {
         Forked::Parent(_) => {
             drop(report_w);
-            let mut text = String::new();
-            let _ = fs::File::from(report_r).read_to_string(&mut text);
+            // The supervisor keeps its end open for its whole life: read the two-byte "OK"
+            // (or an error up to EOF), never to EOF after success.
+            let mut report = fs::File::from(report_r);
+            let mut head = [0u8; 2];
+            let mut n = 0;
+            while n < head.len() {
+                match report.read(&mut head[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if &head[..n] == b"OK" {
+                return Ok(());
+            }
+            let mut text = String::from_utf8_lossy(&head[..n]).into_owned();
+            let _ = report.read_to_string(&mut text);
             match text.strip_prefix("OK") {
                 Some(_) => Ok(()),
                 None => Err(ShimError::Failed {

@@ -1,0 +1,436 @@
+//! Containers behind the agent's [`Runtime`] trait: an image from `oci-runtime`'s image store,
+//! unpacked into shared layer snapshots, an overlayfs rootfs per replica, a bundle generated
+//! from the workload, and a per-container shim (`flotilla oci shim`) that outlives the agent.
+//!
+//! Container ids are replica names, so a restarted agent finds the container it started
+//! before and adopts it (same process, no restart) when its template is unchanged. Everything
+//! a container leaves on the node (shim state, cgroups, the overlay mount, the bundle with its
+//! writable layer) is removed when its run ends.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use oci_runtime::container::{self, BindMount, ExitInfo, RuntimeConfig, ShimHandle, ShimOptions, SpecInputs};
+use oci_runtime::{Image, ImageStore, Platform, Registry};
+use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
+use proto::messages::Termination;
+use tracing::{info, warn};
+
+use crate::runtime::{KeyedLocks, RunContext, RunFuture, Runtime, VolumeStore, stopping};
+
+/// Time between SIGTERM and SIGKILL when the workload does not say.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How often a running container's exit status is looked for.
+const EXIT_POLL: Duration = Duration::from_millis(50);
+
+/// The agent's container runtime.
+pub struct ContainerRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    images: ImageStore,
+    registry: Arc<Registry>,
+    platform: Platform,
+    /// The `flotilla` executable, run as `flotilla oci shim`.
+    exe: PathBuf,
+    oci: RuntimeConfig,
+    /// `<bundles>/<replica>/{config.json, rootfs, upper, work, template}`.
+    bundles: PathBuf,
+    logs_dir: PathBuf,
+    log_max_bytes: u64,
+    /// Cgroups live under `flotilla/<node>/<replica>`, so agents sharing a host never collide.
+    cgroup_parent: PathBuf,
+    volumes: VolumeStore,
+    preparing: KeyedLocks,
+}
+
+pub struct ContainerConfig {
+    pub images: ImageStore,
+    pub registry: Arc<Registry>,
+    pub exe: PathBuf,
+    pub state_root: PathBuf,
+    pub bundles: PathBuf,
+    pub logs_dir: PathBuf,
+    pub log_max_bytes: u64,
+    pub node: String,
+    pub volumes: VolumeStore,
+}
+
+impl ContainerRuntime {
+    pub fn new(c: ContainerConfig) -> Self {
+        let oci = RuntimeConfig { state_root: c.state_root, ..RuntimeConfig::default() };
+        ContainerRuntime {
+            inner: Arc::new(Inner {
+                images: c.images,
+                registry: c.registry,
+                platform: Platform::host(),
+                exe: c.exe,
+                oci,
+                bundles: c.bundles,
+                logs_dir: c.logs_dir,
+                log_max_bytes: c.log_max_bytes,
+                cgroup_parent: PathBuf::from("flotilla").join(&c.node),
+                volumes: c.volumes,
+                preparing: KeyedLocks::default(),
+            }),
+        }
+    }
+
+    /// Whether this node can run containers: root, and the cgroup controllers the executor
+    /// needs. Returns why not otherwise.
+    pub fn supported() -> Result<(), String> {
+        if !nix_is_root() {
+            return Err("the agent does not run as root".into());
+        }
+        let v1 = ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).is_dir());
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
+        if !v1 && !v2 {
+            return Err("no usable cgroup hierarchy (memory, cpu and pids) under /sys/fs/cgroup".into());
+        }
+        Ok(())
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: reading the effective uid through std's metadata of /proc/self.
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+impl Runtime for ContainerRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Container
+    }
+
+    fn run(&self, ctx: RunContext) -> RunFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.run(ctx).await })
+    }
+}
+
+impl Inner {
+    async fn run(self: Arc<Self>, mut ctx: RunContext) -> Termination {
+        let id = ctx.replica.clone();
+        let hash = ctx.template.hash();
+        let grace = ctx.template.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
+
+        // A container this replica left running (the agent restarted): adopt it when it runs
+        // the same template, else clear it away.
+        let adopted = {
+            let this = self.clone();
+            let (id, hash) = (id.clone(), hash.clone());
+            blocking(move || this.adopt(&id, &hash)).await
+        };
+        let handle = match adopted {
+            Some(Adopted::Running(h)) => {
+                ctx.log.note(&format!("adopted running container (pid {})", h.pid()));
+                h
+            }
+            Some(Adopted::Exited(exit)) => {
+                // It ended while the agent was away: report that end; the supervisor decides.
+                return termination(&exit);
+            }
+            None => match self.clone().start(&ctx, &hash).await {
+                Ok(h) => h,
+                Err(message) => {
+                    let this = self.clone();
+                    let id = id.clone();
+                    blocking(move || this.cleanup(&id, None)).await;
+                    return Termination::StartFailed { message };
+                }
+            },
+        };
+        ctx.started();
+
+        // Wait for the end, or for the supervisor to ask for it.
+        let exit = loop {
+            let h = handle.clone();
+            match blocking(move || h.try_exit()).await {
+                Ok(Some(exit)) => break Ok(exit),
+                Ok(None) if !handle.shim_alive() => {
+                    let h = handle.clone();
+                    break blocking(move || h.try_exit())
+                        .await
+                        .and_then(|e| e.ok_or_else(|| container::ShimError::Lost(id.clone())));
+                }
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(EXIT_POLL) => {}
+                _ = stopping(&mut ctx.stop) => {
+                    ctx.log.note(&format!("stopping: SIGTERM, SIGKILL after {}s", grace.as_secs_f64()));
+                    let h = handle.clone();
+                    break blocking(move || h.stop(grace)).await;
+                }
+            }
+        };
+        let this = self.clone();
+        let id2 = id.clone();
+        blocking(move || this.cleanup(&id2, Some(handle))).await;
+        match exit {
+            Ok(exit) => termination(&exit),
+            Err(e) => Termination::Trapped { message: format!("lost track of the container: {e}") },
+        }
+    }
+
+    /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
+    async fn start(self: Arc<Self>, ctx: &RunContext, hash: &str) -> Result<ShimHandle, String> {
+        let t = &ctx.template;
+        let image = {
+            let _turn = self.preparing.lock(&t.image).await;
+            let image = match self.images.image(&t.image) {
+                // Pulled before (IfNotPresent): no registry contact, works offline.
+                Ok(image) => image,
+                Err(_) => {
+                    self.images.pull(&self.registry, &t.image, &self.platform).await.map_err(|e| e.to_string())?
+                }
+            };
+            image
+        };
+        let lowers = self.images.unpack(&image).await.map_err(|e| e.to_string())?;
+        let this = self.clone();
+        let (replica, template, hash) = (ctx.replica.clone(), t.clone(), hash.to_string());
+        blocking(move || this.create(&replica, &template, &image, &lowers, &hash)).await
+    }
+
+    fn create(
+        &self,
+        id: &str,
+        t: &ReplicaTemplate,
+        image: &Image,
+        lowers: &[PathBuf],
+        hash: &str,
+    ) -> Result<ShimHandle, String> {
+        // Leftovers of an earlier run of this replica go first.
+        self.cleanup(id, None);
+        let bundle = self.bundles.join(id);
+        let rootfs = bundle.join("rootfs");
+        let (upper, work) = (bundle.join("upper"), bundle.join("work"));
+        for d in [&rootfs, &upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        container::mount_overlay(lowers, &upper, &work, &rootfs).map_err(|e| e.to_string())?;
+
+        let c = &image.config;
+        let args: Vec<String> = match (t.command.is_empty(), t.args.is_empty()) {
+            (false, _) => t.command.iter().chain(&t.args).cloned().collect(),
+            (true, false) => c.entrypoint.iter().chain(&t.args).cloned().collect(),
+            (true, true) => c.entrypoint.iter().chain(&c.cmd).cloned().collect(),
+        };
+        if args.is_empty() {
+            return Err(format!("image {} has no entrypoint or cmd; set spec.command", t.image));
+        }
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for kv in &c.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
+        env.extend(t.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (uid, gid) = resolve_user(c.user.as_deref().unwrap_or(""), &rootfs)?;
+        let binds = self
+            .volumes
+            .host_dirs(id, &t.volumes)?
+            .into_iter()
+            .map(|(source, v)| BindMount { source, destination: PathBuf::from(&v.mount_path), readonly: v.read_only })
+            .collect();
+        let inputs = SpecInputs {
+            args,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: c.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+            uid,
+            gid,
+            hostname: Some(id.to_string()),
+            memory_bytes: t.memory_bytes.and_then(|m| i64::try_from(m).ok()),
+            cpu_millicores: t.cpu_millis.map(u64::from),
+            pids_limit: t.pids.map(i64::from),
+            network: match t.network {
+                NetworkMode::None => container::NetworkMode::None,
+                NetworkMode::Host => container::NetworkMode::Host,
+            },
+            binds,
+            rootfs: "rootfs".into(),
+            ..SpecInputs::default()
+        };
+        let mut spec = container::default_spec(&inputs).map_err(|e| e.to_string())?;
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_cgroups_path(Some(self.cgroup_parent.join(id)));
+        }
+        let config = serde_json::to_vec_pretty(&spec).map_err(|e| format!("cannot encode the runtime spec: {e}"))?;
+        write_file(&bundle.join("config.json"), &config)?;
+        write_file(&bundle.join("template"), hash.as_bytes())?;
+        let opts = ShimOptions {
+            id: id.to_string(),
+            bundle: bundle.clone(),
+            log: self.logs_dir.join(format!("{id}.log")),
+            log_max_bytes: self.log_max_bytes,
+        };
+        let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts).map_err(|e| e.to_string())?;
+        info!(replica = id, pid = handle.pid(), shim = handle.shim_pid(), "container started");
+        Ok(handle)
+    }
+
+    fn adopt(&self, id: &str, hash: &str) -> Option<Adopted> {
+        if !self.oci.state_root.join(id).exists() {
+            return None;
+        }
+        let same_template = std::fs::read(self.bundles.join(id).join("template")).is_ok_and(|h| h == hash.as_bytes());
+        match ShimHandle::adopt(&self.oci, id) {
+            Ok(h) => match h.try_exit() {
+                Ok(Some(exit)) => {
+                    self.cleanup(id, Some(h));
+                    Some(Adopted::Exited(exit))
+                }
+                Ok(None) if same_template => Some(Adopted::Running(h)),
+                _ => {
+                    info!(replica = id, "replacing a container with an outdated template");
+                    let _ = h.stop(DEFAULT_GRACE);
+                    self.cleanup(id, Some(h));
+                    None
+                }
+            },
+            Err(e) => {
+                warn!(replica = id, error = %e, "clearing an unusable container left from before");
+                self.cleanup(id, None);
+                None
+            }
+        }
+    }
+
+    /// Removes the container's state, cgroups, overlay mount and bundle. Idempotent.
+    fn cleanup(&self, id: &str, handle: Option<ShimHandle>) {
+        let handle = handle.or_else(|| ShimHandle::adopt(&self.oci, id).ok());
+        match handle {
+            Some(h) => {
+                if let Err(e) = h.delete() {
+                    warn!(replica = id, error = %e, "cannot delete container");
+                }
+            }
+            None => {
+                if self.oci.state_root.join(id).exists() {
+                    let rt = container::Runtime::new(self.oci.clone());
+                    if let Err(e) = rt.delete(id, true) {
+                        warn!(replica = id, error = %e, "cannot delete container state");
+                    }
+                }
+            }
+        }
+        let bundle = self.bundles.join(id);
+        let rootfs = bundle.join("rootfs");
+        if is_mountpoint(&rootfs)
+            && let Err(e) = container::unmount(&rootfs)
+        {
+            warn!(replica = id, error = %e, "cannot unmount rootfs");
+            return;
+        }
+        if bundle.exists()
+            && let Err(e) = std::fs::remove_dir_all(&bundle)
+        {
+            warn!(replica = id, error = %e, "cannot remove bundle");
+        }
+    }
+}
+
+enum Adopted {
+    Running(ShimHandle),
+    Exited(ExitInfo),
+}
+
+fn termination(exit: &ExitInfo) -> Termination {
+    if exit.oom_killed {
+        Termination::OomKilled
+    } else if let Some(signal) = exit.signal {
+        Termination::Signaled { signal }
+    } else {
+        Termination::Exited { code: exit.code }
+    }
+}
+
+/// Runs blocking work (process spawning, polling files, unmounting) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Whether `path` is a mount point (listed in this process's mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+}
+
+/// The image's `USER` as numeric ids: `uid`, `uid:gid`, or names looked up in the rootfs's
+/// `/etc/passwd` and `/etc/group`.
+fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
+    let user = user.trim();
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str, field: usize| -> Option<(u32, Option<u32>)> {
+        let text = std::fs::read_to_string(rootfs.join("etc").join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name))
+                .then(|| Some((f.get(field)?.parse().ok()?, f.get(field + 1).and_then(|g| g.parse().ok()))))
+                .flatten()
+        })
+    };
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => {
+            lookup("passwd", u, 2).ok_or_else(|| format!("image user {u:?} is not in the image's /etc/passwd"))?
+        }
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup("group", g, 2)
+                .map(|(gid, _)| gid)
+                .ok_or_else(|| format!("image group {g:?} is not in /etc/group"))?,
+        },
+        None => primary.unwrap_or(0),
+    };
+    Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_users_resolve_to_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n")
+            .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user("", dir.path()), Ok((0, 0)));
+        assert_eq!(resolve_user("42", dir.path()), Ok((42, 0)));
+        assert_eq!(resolve_user("42:7", dir.path()), Ok((42, 7)));
+        assert_eq!(resolve_user("web", dir.path()), Ok((1000, 1001)));
+        assert_eq!(resolve_user("web:staff", dir.path()), Ok((1000, 50)));
+        assert!(resolve_user("nobody", dir.path()).unwrap_err().contains("nobody"));
+        assert!(resolve_user("web:nogroup", dir.path()).is_err());
+    }
+
+    #[test]
+    fn exits_map_to_terminations() {
+        let exit = |code, signal, oom_killed| ExitInfo { code, signal, oom_killed, finished_at: String::new() };
+        assert_eq!(termination(&exit(3, None, false)), Termination::Exited { code: 3 });
+        assert_eq!(termination(&exit(137, Some(9), false)), Termination::Signaled { signal: 9 });
+        assert_eq!(termination(&exit(137, Some(9), true)), Termination::OomKilled);
+    }
+}

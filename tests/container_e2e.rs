@@ -1,0 +1,308 @@
+//! End-to-end tests of container workloads through hub and agents: a busybox image built from
+//! Debian's `busybox-static`, pushed with `flotilla push` to a real registry, run under real
+//! namespaces and cgroups by agents started as separate processes. They need root and cgroup
+//! v1 or v2 controllers; without them they say why and skip, unless `CI` is set.
+
+#[path = "../oci-runtime/tests/support/busybox_image.rs"]
+mod busybox_image;
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "../oci-runtime/tests/support/mod.rs"]
+mod registry;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cluster::Cluster;
+use proto::messages::{Phase, ReplicaView, Termination};
+use registry::TestRegistry;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Root with cgroup controllers, or the reason these tests cannot run here.
+fn containers_possible() -> bool {
+    let why = if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        Some("not running as root")
+    } else if !Path::new("/sys/fs/cgroup/memory").is_dir() && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Some("no cgroup memory controller")
+    } else if !Path::new("/bin/busybox").exists() {
+        Some("/bin/busybox missing (Debian's busybox-static)")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("CI").is_some() => panic!("container tests cannot run: {why}; CI must run them"),
+        Some(why) => {
+            eprintln!("skipping container test: {why}");
+            false
+        }
+    }
+}
+
+/// Builds a busybox OCI layout running `cmd` and pushes it with `flotilla push`.
+fn push_busybox(reg: &TestRegistry, dir: &Path, name: &str, cmd: &[&str]) -> String {
+    let layout = dir.join(format!("layout-{}", name.replace(':', "-")));
+    assert!(busybox_image::write_busybox_layout(&layout, name, cmd), "cannot build the busybox image");
+    let reference = reg.reference(name);
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), layout.as_os_str(), reference.as_ref()]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    reference
+}
+
+fn workload(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  runtime: container\n  image: {image}\n{extra}"
+    )
+}
+
+fn apply(c: &Cluster, doc: &str) {
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(doc));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn replica(c: &Cluster, name: &str) -> Option<ReplicaView> {
+    c.replicas().into_iter().find(|r| r.name == name)
+}
+
+fn running(c: &Cluster, name: &str) -> bool {
+    replica(c, name).is_some_and(|r| r.status.phase == Phase::Running && r.status.template_hash == r.template_hash)
+}
+
+/// The pids in a replica's container cgroup (any controller hierarchy that has it).
+fn container_pids(node: &str, replica: &str) -> Vec<u32> {
+    for root in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
+        let procs = Path::new(root).join("flotilla").join(node).join(replica).join("cgroup.procs");
+        if let Ok(text) = std::fs::read_to_string(&procs) {
+            let mut pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            pids.sort_unstable();
+            return pids;
+        }
+    }
+    Vec::new()
+}
+
+/// Everything a replica's container could leave behind on the node.
+fn leftovers(c: &Cluster, node: &str, replica: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for ctl in ["memory", "cpu", "cpuacct", "pids", "devices", "freezer", "blkio", "cpuset", ""] {
+        let p = Path::new("/sys/fs/cgroup").join(ctl).join("flotilla").join(node).join(replica);
+        if p.exists() {
+            left.push(format!("cgroup {}", p.display()));
+        }
+    }
+    let agent_dir = c.agent_dir(node);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for l in mounts.lines() {
+        if let Some(m) = l.split(' ').nth(4)
+            && m.starts_with(agent_dir.to_str().unwrap())
+            && m.contains(replica)
+        {
+            left.push(format!("mount {m}"));
+        }
+    }
+    for sub in ["containers/state", "containers/bundles"] {
+        let p = agent_dir.join(sub).join(replica);
+        if p.exists() {
+            left.push(format!("dir {}", p.display()));
+        }
+    }
+    left
+}
+
+/// Removes what a test's agents may leave behind when the test fails half-way (containers,
+/// their cgroups, overlay mounts under the cluster dir). Declared after the cluster, so it
+/// runs before the cluster's temporary directory is removed.
+struct Janitor {
+    dir: PathBuf,
+    nodes: Vec<&'static str>,
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        let hierarchies: Vec<PathBuf> =
+            std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        for node in &self.nodes {
+            for h in &hierarchies {
+                let parent = h.join("flotilla").join(node);
+                let Ok(children) = std::fs::read_dir(&parent) else { continue };
+                for child in children.flatten().filter(|e| e.path().is_dir()) {
+                    let procs = std::fs::read_to_string(child.path().join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.dir.to_string_lossy().into_owned();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)) {
+            let _ = std::process::Command::new("umount").args(["-l", m]).status();
+        }
+        for node in &self.nodes {
+            for h in &hierarchies {
+                let parent = h.join("flotilla").join(node);
+                if let Ok(children) = std::fs::read_dir(&parent) {
+                    for child in children.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = std::fs::remove_dir(child.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&parent);
+            }
+        }
+    }
+}
+
+fn logs(c: &Cluster, replica: &str) -> String {
+    String::from_utf8_lossy(&c.cli(&["logs", replica]).stdout).into_owned()
+}
+
+#[test]
+fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothing() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1", "n2"] };
+    let image = push_busybox(
+        &reg,
+        c.dir.path(),
+        "busybox:v1",
+        &["sh", "-c", "echo hello from $(hostname) pid $$; exec sleep 100000"],
+    );
+    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("n2", &["--containers", "on"]);
+    c.wait_for("two nodes", WAIT, || c.nodes().len() == 2);
+
+    apply(&c, &workload("web", &image, "  replicas: 2\n  resources: {memory: 64Mi, cpu: 500m, pids: 32}\n"));
+    c.wait_for("both container replicas running", WAIT, || running(&c, "web-0") && running(&c, "web-1"));
+    let placed: Vec<(String, String)> =
+        ["web-0", "web-1"].iter().map(|r| (r.to_string(), replica(&c, r).unwrap().node.unwrap())).collect();
+    let nodes: std::collections::BTreeSet<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both agents: {placed:?}");
+
+    // Logs come through `flotilla logs`; the container sees its own hostname and is pid 1.
+    for (r, _) in &placed {
+        c.wait_for("container output in the logs", WAIT, || logs(&c, r).contains(&format!("hello from {r} pid 1")));
+    }
+
+    // SIGKILL the agent of web-0 and start it again: the container keeps running, adopted.
+    let (r0, n0) = placed[0].clone();
+    let before = container_pids(&n0, &r0);
+    assert!(!before.is_empty(), "no processes in the cgroup of {r0}");
+    let idx = c.agents.iter().position(|a| a.name == format!("agent {n0}")).unwrap();
+    c.agents[idx].kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(container_pids(&n0, &r0), before, "the container died with its agent");
+    let agent = c.agents.remove(idx);
+    drop(agent);
+    c.add_agent(&n0, &["--containers", "on"]);
+    c.wait_for("node back and replica running", WAIT, || {
+        c.nodes().iter().any(|n| n.name == n0 && n.ready) && running(&c, &r0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(container_pids(&n0, &r0), before, "the restarted agent replaced the container");
+    let st = replica(&c, &r0).unwrap().status;
+    assert_eq!(st.restarts, 0, "{st:?}");
+    assert!(
+        std::fs::read_to_string(c.agent_dir(&n0).join("logs").join(format!("{r0}.log")))
+            .unwrap()
+            .contains("adopted running container"),
+        "no adoption note"
+    );
+
+    // Deleting the workload removes containers, cgroups, mounts and state.
+    let out = c.cli(&["delete", "workload", "web"]);
+    assert!(out.status.success(), "delete: {}", String::from_utf8_lossy(&out.stderr));
+    c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
+    c.wait_for("nothing left behind on the nodes", WAIT, || placed.iter().all(|(r, n)| leftovers(&c, n, r).is_empty()));
+    for (r, n) in &placed {
+        assert!(leftovers(&c, n, r).is_empty(), "{:?}", leftovers(&c, n, r));
+        for pid in container_pids(n, r) {
+            panic!("process {pid} of {r} still runs");
+        }
+    }
+}
+
+#[test]
+fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let hog = push_busybox(&reg, c.dir.path(), "hog:v1", &["sh", "-c", "x=aaaaaaaa; while true; do x=$x$x; done"]);
+    let bomb = push_busybox(
+        &reg,
+        c.dir.path(),
+        "bomb:v1",
+        &["sh", "-c", "i=0; while [ $i -lt 500 ]; do sleep 300 & i=$((i+1)); done; echo spawned; sleep 300"],
+    );
+    let calm = push_busybox(&reg, c.dir.path(), "calm:v1", &["sleep", "100000"]);
+    c.add_agent("n1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+
+    apply(&c, &workload("calm", &calm, ""));
+    c.wait_for("calm running", WAIT, || running(&c, "calm-0"));
+    let calm_pids = container_pids("n1", "calm-0");
+
+    // Past its memory limit: OOMKilled, and restarted per policy (Always).
+    apply(&c, &workload("hog", &hog, "  resources: {memory: 32Mi}\n"));
+    c.wait_for("the hog OOMKilled and restarted", WAIT, || {
+        replica(&c, "hog-0")
+            .is_some_and(|r| r.status.restarts >= 1 && r.status.last_termination == Some(Termination::OomKilled))
+    });
+    let describe = String::from_utf8_lossy(&c.cli(&["describe", "workload", "hog"]).stdout).into_owned();
+    assert!(describe.contains("OOMKilled"), "{describe}");
+
+    // A fork bomb meets the pids limit: its forks fail, the shell gives up (exit 2) and the
+    // replica restarts per policy, while the node and its other containers hold.
+    apply(&c, &workload("bomb", &bomb, "  resources: {pids: 16}\n"));
+    c.wait_for("the bomb stopped by its pids limit", WAIT, || {
+        replica(&c, "bomb-0").is_some_and(|r| r.status.last_termination == Some(Termination::Exited { code: 2 }))
+            && logs(&c, "bomb-0").contains("can't fork")
+    });
+    assert!(!logs(&c, "bomb-0").contains("spawned"), "500 processes were spawned despite pids: 16");
+
+    // A layer changed in the registry after the push is refused with its digest. The image
+    // has a layer of its own (the busybox layer is shared and already on the node).
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let layer = busybox_image::layer_tar(&[busybox_image::file("data/unique", b"only in this image", 0o644)]);
+    let built = busybox_image::build_image(&[(layer, true)], "linux", arch, &["true"]);
+    let layout = c.dir.path().join("layout-tampered");
+    busybox_image::write_oci_layout(&layout, &built, "tampered:v1");
+    let tampered = reg.reference("tampered:v1");
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), layout.as_os_str(), tampered.as_ref()]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    let layer_digest = busybox_image::sha256(&built.layers[0].1);
+    let blob = reg.blob_data_path(&layer_digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    apply(&c, &workload("tampered", &tampered, ""));
+    c.wait_for("the tampered image refused", WAIT, || {
+        replica(&c, "tampered-0").is_some_and(|r| match &r.status.last_termination {
+            Some(Termination::StartFailed { message }) => message.contains(&layer_digest),
+            _ => false,
+        })
+    });
+    let images: PathBuf =
+        c.agent_dir("n1").join("images/blobs/sha256").join(layer_digest.trim_start_matches("sha256:"));
+    assert!(!images.exists(), "the tampered blob became visible");
+
+    // Through all of it the calm container kept running, untouched.
+    assert!(running(&c, "calm-0"));
+    assert_eq!(container_pids("n1", "calm-0"), calm_pids);
+
+    for w in ["hog", "bomb", "tampered", "calm"] {
+        c.cli(&["delete", "workload", w]);
+    }
+    c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
+    c.wait_for("nothing left behind", WAIT, || {
+        ["hog-0", "bomb-0", "tampered-0", "calm-0"].iter().all(|r| leftovers(&c, "n1", r).is_empty())
+    });
+}
