@@ -466,6 +466,13 @@ impl Runtime {
             let _ = nix::sys::signal::kill(Pid::from_raw(record.pid), Signal::SIGKILL);
         }
         Self::cgroup_manager(&record)?.destroy(DELETE_TIMEOUT)?;
+        // A shim writes exit.json once its container is gone; let it finish first.
+        if let (Some(pid), Some(start)) = (record.shim_pid, record.shim_start) {
+            let deadline = std::time::Instant::now() + DELETE_TIMEOUT;
+            while same_process(pid, start) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         // Reap the init if it is our child (it is when create ran in this process).
         let _ = waitpid(Pid::from_raw(record.pid), Some(WaitPidFlag::WNOHANG));
         for m in &record.owned_mounts {

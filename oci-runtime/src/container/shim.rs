@@ -126,8 +126,8 @@ pub fn run_shim(runtime: &Runtime, opts: &ShimOptions) -> Result<(), ShimError> 
     match sys::clone_process(0).map_err(io_err("fork", Path::new("shim")))? {
         Forked::Parent(_) => {
             drop(report_w);
-            // The supervisor keeps its end open for its whole life: read the two-byte "OK"
-            // (or an error up to EOF), never to EOF after success.
+            // Read the two-byte "OK" (or an error up to EOF); the container may still hold a
+            // copy of the write end until it execs, so success does not wait for EOF.
             let mut report = fs::File::from(report_r);
             let mut head = [0u8; 2];
             let mut n = 0;
@@ -154,12 +154,14 @@ pub fn run_shim(runtime: &Runtime, opts: &ShimOptions) -> Result<(), ShimError> 
         }
         Forked::Child => {
             drop(report_r);
-            let mut report = fs::File::from(report_w);
+            let mut report = Some(fs::File::from(report_w));
             let code = match supervise(runtime, opts, &mut report) {
                 Ok(()) => 0,
                 Err(e) => {
                     // Before the report this reaches the caller; after it, the log (stderr).
-                    let _ = report.write_all(format!("E{e}").as_bytes());
+                    if let Some(mut r) = report.take() {
+                        let _ = r.write_all(format!("E{e}").as_bytes());
+                    }
                     let _ = writeln!(io::stderr(), "flotilla-oci shim {}: {e}", opts.id);
                     1
                 }
@@ -169,7 +171,8 @@ pub fn run_shim(runtime: &Runtime, opts: &ShimOptions) -> Result<(), ShimError> 
     }
 }
 
-fn supervise(runtime: &Runtime, opts: &ShimOptions, report: &mut fs::File) -> Result<(), ShimError> {
+/// `report` is written and closed once the container runs, so the caller stops waiting.
+fn supervise(runtime: &Runtime, opts: &ShimOptions, report: &mut Option<fs::File>) -> Result<(), ShimError> {
     sys::set_child_subreaper().map_err(io_err("become subreaper", Path::new("shim")))?;
     let log = RotatingLog::open(&opts.log, opts.log_max_bytes).map_err(io_err("open", &opts.log))?;
     let null: OwnedFd = fs::File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?.into();
@@ -198,7 +201,9 @@ fn supervise(runtime: &Runtime, opts: &ShimOptions, report: &mut fs::File) -> Re
     if let Ok(f) = fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdin(&f);
     }
-    let _ = report.write_all(b"OK");
+    if let Some(mut r) = report.take() {
+        let _ = r.write_all(b"OK");
+    }
 
     // Block the forwarded signals in every thread (threads inherit the mask) and take them
     // synchronously in one thread.

@@ -1,0 +1,468 @@
+//! End-to-end tests of Flotilla's container executor through `flotilla oci` and the shim
+//! handle: real namespaces, cgroups (v1 on the development machine) and a busybox rootfs.
+//!
+//! They need root and Debian's busybox-static (`/bin/busybox`, statically linked). Without
+//! them each test says why and skips, unless `CI` is set: then it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use oci_runtime::container::shim::{ShimHandle, ShimOptions, rotated_path};
+use oci_runtime::container::{CgroupConfig, NetworkMode, RuntimeConfig, SpecInputs, default_spec};
+
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] =
+    &["sh", "true", "echo", "cat", "sleep", "ls", "hostname", "id", "head", "tail", "grep", "seq", "ip", "wc", "ps"];
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flotilla")
+}
+
+/// Whether the machine can run these tests; says why not (and fails under CI).
+fn can_run() -> bool {
+    let why = if !nix_is_root() {
+        "not running as root (namespaces and cgroups need it)"
+    } else if !Path::new(BUSYBOX).exists() {
+        "/bin/busybox is missing (install Debian's busybox-static)"
+    } else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI is set, so container tests must not be skipped");
+    }
+    eprintln!("skipping container test: {why}");
+    false
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// A bundle with a busybox rootfs and a state root, in one temp dir.
+struct Bundle {
+    dir: tempfile::TempDir,
+    id: String,
+}
+
+impl Bundle {
+    fn new(name: &str, args: &[&str], tweak: impl FnOnce(&mut SpecInputs)) -> Bundle {
+        let dir = tempfile::Builder::new().prefix("flotilla-oci-test-").tempdir().unwrap();
+        let rootfs = dir.path().join("bundle/rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+        for applet in APPLETS {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+        let mut inputs = SpecInputs { args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        tweak(&mut inputs);
+        let spec = default_spec(&inputs).unwrap();
+        std::fs::write(dir.path().join("bundle/config.json"), serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+        Bundle { dir, id: format!("{name}-{}", std::process::id()) }
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.dir.path().join("bundle")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn config(&self) -> RuntimeConfig {
+        RuntimeConfig { state_root: self.root(), cgroup: CgroupConfig::default() }
+    }
+
+    fn oci(&self, args: &[&str]) -> Output {
+        Command::new(bin()).arg("oci").arg("--root").arg(self.root()).args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `flotilla oci run`, with the container's output captured.
+    fn run(&self) -> Output {
+        self.oci(&["run", "-b", self.bundle().to_str().unwrap(), &self.id])
+    }
+
+    /// `flotilla oci create` with the container's stdout and stderr going to files (a
+    /// captured pipe would stay open as long as the container runs).
+    fn create(&self) -> Output {
+        let out = std::fs::File::create(self.dir.path().join("out")).unwrap();
+        Command::new(bin())
+            .arg("oci")
+            .arg("--root")
+            .arg(self.root())
+            .args(["create", "-b", self.bundle().to_str().unwrap(), &self.id])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .output()
+            .unwrap()
+    }
+
+    fn output_file(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("out")).unwrap_or_default()
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let out = self.oci(&["state", &self.id]);
+        assert!(out.status.success(), "state failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        ["memory", "cpu", "cpuacct", "pids"]
+            .iter()
+            .map(|c| Path::new("/sys/fs/cgroup").join(c).join("flotilla").join(&self.id))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
+    /// Asserts that nothing of the container remains: cgroups, mounts, state.
+    fn assert_gone(&self) {
+        assert_eq!(self.cgroup_dirs(), Vec::<PathBuf>::new(), "cgroup directories remain");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let rootfs = self.bundle().join("rootfs");
+        assert!(!mountinfo.contains(rootfs.to_str().unwrap()), "a mount of the rootfs remains");
+        assert!(!self.root().join(&self.id).exists(), "state directory remains");
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        // Best effort for failed tests: never leave a container running.
+        let _ = self.oci(&["delete", "--force", &self.id]);
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn run_returns_the_exit_code_and_output() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("exitcode", &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"], |_| {});
+    let out = b.run();
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "to-stdout\n");
+    assert!(stderr(&out).contains("to-stderr"));
+    b.assert_gone();
+
+    let ok = Bundle::new("true", &["true"], |_| {});
+    assert_eq!(ok.run().status.code(), Some(0));
+}
+
+#[test]
+fn the_container_is_isolated() {
+    if !can_run() {
+        return;
+    }
+    let script = "hostname; echo pid=$$; grep -E '^(NoNewPrivs|CapBnd|CapEff|Seccomp):' /proc/self/status; \
+                  echo masked=$(cat /proc/timer_list | wc -c); \
+                  (echo x > /proc/sys/kernel/domainname) 2>/dev/null && echo sysctl-writable || echo sysctl-readonly; \
+                  (echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo sys-writable || echo sys-readonly; \
+                  echo net=$(ls /sys/class/net); ls /dev | sort | tr '\\n' ' '";
+    let b = Bundle::new("isolated", &["sh", "-c", script], |i| i.hostname = Some("box-1".into()));
+    let out = b.run();
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "box-1");
+    assert_eq!(lines[1], "pid=1");
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+    // Docker's default set minus MKNOD: bits 0,1,3-8,10,13,18,29,31.
+    assert!(text.contains("CapBnd:\t00000000a00425fb"), "{text}");
+    assert!(text.contains("Seccomp:\t2"), "{text}");
+    assert!(text.contains("masked=0"), "a masked path is readable: {text}");
+    assert!(text.contains("sysctl-readonly"), "{text}");
+    assert!(text.contains("sys-readonly"), "{text}");
+    assert!(text.contains("net=lo\n"), "network none must have only loopback: {text}");
+    for dev in ["null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue", "fd", "ptmx"] {
+        assert!(text.split_whitespace().any(|w| w == dev), "/dev/{dev} missing: {text}");
+    }
+    b.assert_gone();
+}
+
+#[test]
+fn network_none_has_loopback_up_and_host_network_shares_the_host() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("lo", &["sh", "-c", "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags"], |_| {});
+    let out = b.run();
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    // IFF_UP is bit 0 of the flags.
+    let flags = stdout(&out).lines().nth(1).map(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).unwrap());
+    assert_eq!(flags.map(|f| f & 1), Some(1), "loopback is not up: {}", stdout(&out));
+
+    let host: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let b = Bundle::new("hostnet", &["ls", "/sys/class/net"], |i| i.network = NetworkMode::Host);
+    let out = b.run();
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let mut seen: Vec<String> = stdout(&out).split_whitespace().map(String::from).collect();
+    let mut host = host;
+    seen.sort();
+    host.sort();
+    assert_eq!(seen, host);
+}
+
+#[test]
+fn lifecycle_follows_runc_state_transitions() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("lifecycle", &["sleep", "1000"], |_| {});
+    let out = b.create();
+    assert!(out.status.success(), "create failed: {}", b.output_file());
+    let state = b.state();
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["id"], b.id.as_str());
+    assert_eq!(state["bundle"], b.bundle().to_str().unwrap());
+    let pid = state["pid"].as_i64().unwrap();
+    assert!(pid > 1);
+    assert_eq!(b.cgroup_dirs().len(), 4, "cgroups exist while created");
+
+    let again = b.create();
+    assert!(!again.status.success(), "a second create with the same id must fail");
+    assert!(b.output_file().contains("already exists"));
+
+    assert!(b.oci(&["start", &b.id]).status.success());
+    assert_eq!(b.state()["status"], "running");
+    assert_eq!(b.state()["pid"].as_i64(), Some(pid));
+    let restart = b.oci(&["start", &b.id]);
+    assert!(stderr(&restart).contains("is running, expected created"), "{}", stderr(&restart));
+
+    let busy = b.oci(&["delete", &b.id]);
+    assert!(!busy.status.success());
+    assert!(stderr(&busy).contains("use force"), "{}", stderr(&busy));
+
+    // sleep is pid 1 of its namespace and has no TERM handler: the kernel drops the signal.
+    assert!(b.oci(&["kill", &b.id, "TERM"]).status.success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(b.state()["status"], "running");
+    assert!(b.oci(&["kill", &b.id, "KILL"]).status.success());
+    wait_until("stopped", Duration::from_secs(5), || b.state()["status"] == "stopped");
+    assert_eq!(b.state()["pid"], 0);
+    let dead = b.oci(&["kill", &b.id, "KILL"]);
+    assert!(!dead.status.success());
+
+    let del = b.oci(&["delete", &b.id]);
+    assert!(del.status.success(), "{}", stderr(&del));
+    b.assert_gone();
+    let gone = b.oci(&["state", &b.id]);
+    assert!(stderr(&gone).contains("does not exist"), "{}", stderr(&gone));
+}
+
+#[test]
+fn fork_bomb_stops_at_the_pids_limit_and_still_deletes() {
+    if !can_run() {
+        return;
+    }
+    let script = "(for i in $(seq 100); do sleep 1000 & done) 2>/dev/null; echo spawned; sleep 1000";
+    let b = Bundle::new("forkbomb", &["sh", "-c", script], |i| i.pids_limit = Some(20));
+    assert!(b.create().status.success(), "{}", b.output_file());
+    assert!(b.oci(&["start", &b.id]).status.success());
+    let pids = Path::new("/sys/fs/cgroup/pids/flotilla").join(&b.id);
+    wait_until("the fork loop to finish", Duration::from_secs(10), || b.output_file().contains("spawned"));
+    // The subshell that forked has exited by now; the peak shows the cap was reached.
+    let peak: u32 = std::fs::read_to_string(pids.join("pids.peak")).unwrap().trim().parse().unwrap();
+    assert_eq!(peak, 20, "the pids limit must cap the container");
+    let events = std::fs::read_to_string(pids.join("pids.events")).unwrap();
+    assert!(!events.contains("max 0"), "no fork was refused: {events}");
+    let del = b.oci(&["delete", "--force", &b.id]);
+    assert!(del.status.success(), "{}", stderr(&del));
+    b.assert_gone();
+}
+
+#[test]
+fn memory_limit_kills_and_reports_oom() {
+    if !can_run() {
+        return;
+    }
+    // tail keeps the whole newline-free input in memory.
+    let b = Bundle::new("oom", &["sh", "-c", "head -c 200000000 /dev/zero | tail; echo survived"], |i| {
+        i.memory_bytes = Some(32 << 20)
+    });
+    let log = b.dir.path().join("oom.log");
+    let opts = ShimOptions { id: b.id.clone(), bundle: b.bundle(), log: log.clone(), log_max_bytes: 1 << 20 };
+    let handle = ShimHandle::spawn(Path::new(bin()), &b.config(), &opts).unwrap();
+    let exit = handle.wait_exit(Some(Duration::from_secs(30))).unwrap();
+    assert!(exit.oom_killed, "{exit:?}");
+    handle.delete().unwrap();
+    b.assert_gone();
+
+    let cli =
+        Bundle::new("oomcli", &["sh", "-c", "head -c 200000000 /dev/zero | tail"], |i| i.memory_bytes = Some(32 << 20));
+    let out = cli.run();
+    assert!(stderr(&out).contains("OOM killer"), "{}", stderr(&out));
+}
+
+#[test]
+fn shim_survives_its_spawner_and_is_adopted() {
+    if !can_run() {
+        return;
+    }
+    let script = "trap 'echo got-term; exit 3' TERM; i=0; while :; do echo line-$i; i=$((i+1)); sleep 0.05; done";
+    let b = Bundle::new("shim", &["sh", "-c", script], |_| {});
+    let log = b.dir.path().join("c.log");
+    // A stand-in for the agent: it starts the shim, then dies by SIGKILL.
+    let cmd = format!(
+        "{} oci --root {} shim --id {} --bundle {} --log {} --log-max-bytes 400 && exec sleep 1000",
+        bin(),
+        b.root().display(),
+        b.id,
+        b.bundle().display(),
+        log.display()
+    );
+    let mut agent = Command::new("sh").arg("-c").arg(cmd).spawn().unwrap();
+    let state = b.root().join(&b.id).join("state.json");
+    wait_until("the container to run", Duration::from_secs(10), || {
+        state.exists() && !b.root().join(&b.id).join("exec.fifo").exists()
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let handle = ShimHandle::adopt(&b.config(), &b.id).unwrap();
+    assert!(handle.shim_alive());
+    assert_eq!(Some(handle.pid() as i64), record["pid"].as_i64());
+    assert_eq!(Some(handle.shim_pid() as i64), record["shimPid"].as_i64());
+    assert_eq!(b.state()["status"], "running");
+
+    wait_until("the log to rotate", Duration::from_secs(10), || rotated_path(&log).exists());
+    let rotated = std::fs::read_to_string(rotated_path(&log)).unwrap();
+    assert!(rotated.contains("line-"), "{rotated}");
+
+    let start = Instant::now();
+    let exit = handle.stop(Duration::from_secs(5)).unwrap();
+    assert_eq!((exit.code, exit.signal, exit.oom_killed), (3, None, false), "{exit:?}");
+    assert!(start.elapsed() < Duration::from_secs(3), "SIGTERM was not forwarded");
+    let text = std::fs::read_to_string(&log).unwrap() + &rotated;
+    assert!(text.contains("got-term"), "{text}");
+    assert_eq!(handle.wait_exit(None).unwrap(), exit, "exit.json is stable");
+    handle.delete().unwrap();
+    b.assert_gone();
+}
+
+#[test]
+fn stop_kills_after_the_grace_period() {
+    if !can_run() {
+        return;
+    }
+    // pid 1 without a TERM handler ignores SIGTERM, so only SIGKILL ends it.
+    let b = Bundle::new("grace", &["sleep", "1000"], |_| {});
+    let opts =
+        ShimOptions { id: b.id.clone(), bundle: b.bundle(), log: b.dir.path().join("g.log"), log_max_bytes: 1 << 20 };
+    let handle = ShimHandle::spawn(Path::new(bin()), &b.config(), &opts).unwrap();
+    let start = Instant::now();
+    let exit = handle.stop(Duration::from_millis(300)).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert_eq!((exit.code, exit.signal), (137, Some(9)), "{exit:?}");
+    handle.delete().unwrap();
+    b.assert_gone();
+}
+
+#[test]
+fn bad_bundles_give_clear_errors_and_leave_nothing() {
+    if !can_run() {
+        return;
+    }
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        ("noconfig", Box::new(|b: &Path| std::fs::remove_file(b.join("config.json")).unwrap()), "has no config.json"),
+        ("badjson", Box::new(|b: &Path| std::fs::write(b.join("config.json"), "{ nope").unwrap()), "not a valid OCI"),
+        ("norootfs", Box::new(|b: &Path| std::fs::remove_dir_all(b.join("rootfs")).unwrap()), "rootfs"),
+        (
+            "badns",
+            Box::new(|b: &Path| {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+                v["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({"type": "bogus"}));
+                std::fs::write(b.join("config.json"), v.to_string()).unwrap();
+            }),
+            "unknown variant `bogus`",
+        ),
+        (
+            "noexe",
+            Box::new(|b: &Path| {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+                v["process"]["args"] = serde_json::json!(["no-such-program"]);
+                std::fs::write(b.join("config.json"), v.to_string()).unwrap();
+            }),
+            "\"no-such-program\" not found",
+        ),
+    ];
+    for (name, breakit, expected) in cases {
+        let b = Bundle::new(name, &["true"], |_| {});
+        breakit(&b.bundle());
+        let out = b.run();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(stderr(&out).contains(expected), "{name}: {}", stderr(&out));
+        b.assert_gone();
+    }
+}
+
+#[test]
+fn readonly_rootfs_and_bind_mounts() {
+    if !can_run() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in.txt"), "from-host\n").unwrap();
+    let script = "cat /data/in.txt; (echo x > /newfile) 2>/dev/null && echo root-writable || echo root-readonly; \
+                  (echo x > /data/w) 2>/dev/null && echo data-writable || echo data-readonly; echo ok > /dev/shm/x && cat /dev/shm/x";
+    let src = data.path().to_path_buf();
+    let b = Bundle::new("ro", &["sh", "-c", script], |i| {
+        i.readonly_rootfs = true;
+        i.binds = vec![oci_runtime::container::BindMount { source: src, destination: "/data".into(), readonly: true }];
+    });
+    let out = b.run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from-host\nroot-readonly\ndata-readonly\nok\n");
+    b.assert_gone();
+}
+
+#[test]
+fn user_namespace_maps_root() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("userns", &["sh", "-c", "id -u; cat /proc/self/uid_map"], |i| {
+        i.user_namespace = Some((200_000, 200_000))
+    });
+    // The mapped root must be able to reach and own its rootfs.
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [b.dir.path().to_path_buf(), b.bundle()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let chown = Command::new("chown").args(["-R", "-h", "200000:200000"]).arg(b.bundle().join("rootfs")).status();
+    assert!(chown.unwrap().success());
+    let out = b.run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("0"));
+    let map: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(map, ["0", "200000", "65536"]);
+    b.assert_gone();
+}
