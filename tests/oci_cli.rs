@@ -387,7 +387,8 @@ fn bad_bundles_give_clear_errors_and_leave_nothing() {
     if !can_run() {
         return;
     }
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         ("noconfig", Box::new(|b: &Path| std::fs::remove_file(b.join("config.json")).unwrap()), "has no config.json"),
         ("badjson", Box::new(|b: &Path| std::fs::write(b.join("config.json"), "{ nope").unwrap()), "not a valid OCI"),
         ("norootfs", Box::new(|b: &Path| std::fs::remove_dir_all(b.join("rootfs")).unwrap()), "rootfs"),
