@@ -86,6 +86,12 @@ enum Command {
         /// Run container workloads: auto (when root with cgroups), on (required) or off.
         #[arg(long, value_enum, default_value_t = Containers::Auto)]
         containers: Containers,
+        /// Remove unused container images while the image store is larger than this.
+        #[arg(long, default_value = "4Gi")]
+        image_gc_threshold: String,
+        /// Registry credentials: a Docker config.json (`auths`).
+        #[arg(long)]
+        registry_auth: Option<PathBuf>,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
@@ -219,6 +225,8 @@ async fn run(cli: Cli) -> Result<()> {
             wasm_fuel,
             wasm_instances,
             containers,
+            image_gc_threshold,
+            registry_auth,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -242,6 +250,13 @@ async fn run(cli: Cli) -> Result<()> {
             config.wasm_fuel = wasm_fuel;
             config.wasm_instances = wasm_instances;
             config.containers = containers.into();
+            config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
+                .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
+            if let Some(path) = registry_auth {
+                let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+            }
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }

@@ -7,7 +7,7 @@
 //! a container leaves on the node (shim state, cgroups, the overlay mount, the bundle with its
 //! writable layer) is removed when its run ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,8 @@ struct Inner {
     cgroup_parent: PathBuf,
     volumes: VolumeStore,
     preparing: KeyedLocks,
+    /// Images of runs in flight, with how many runs use each: never garbage-collected.
+    in_use: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 pub struct ContainerConfig {
@@ -57,12 +59,20 @@ pub struct ContainerConfig {
     pub log_max_bytes: u64,
     pub node: String,
     pub volumes: VolumeStore,
+    /// Unused images are removed, least recently used first, while the image store uses more
+    /// than this many bytes.
+    pub gc_threshold_bytes: u64,
+    /// How often the store's use is checked against the threshold.
+    pub gc_interval: Duration,
 }
 
 impl ContainerRuntime {
+    /// Creates the runtime and its image garbage collector (a task on the current tokio
+    /// runtime, ending with the runtime).
     pub fn new(c: ContainerConfig) -> Self {
         let oci = RuntimeConfig { state_root: c.state_root, ..RuntimeConfig::default() };
-        ContainerRuntime {
+        let (threshold, interval) = (c.gc_threshold_bytes, c.gc_interval);
+        let rt = ContainerRuntime {
             inner: Arc::new(Inner {
                 images: c.images,
                 registry: c.registry,
@@ -75,8 +85,18 @@ impl ContainerRuntime {
                 cgroup_parent: PathBuf::from("flotilla").join(&c.node),
                 volumes: c.volumes,
                 preparing: KeyedLocks::default(),
+                in_use: Default::default(),
             }),
-        }
+        };
+        let weak = Arc::downgrade(&rt.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.collect_garbage(threshold).await;
+            }
+        });
+        rt
     }
 
     /// Whether this node can run containers: root, and the cgroup controllers the executor
@@ -111,7 +131,21 @@ impl Runtime for ContainerRuntime {
 }
 
 impl Inner {
-    async fn run(self: Arc<Self>, mut ctx: RunContext) -> Termination {
+    async fn run(self: Arc<Self>, ctx: RunContext) -> Termination {
+        let image = ctx.template.image.clone();
+        *lock(&self.in_use).entry(image.clone()).or_default() += 1;
+        let how = self.clone().run_inner(ctx).await;
+        let mut in_use = lock(&self.in_use);
+        if let Some(n) = in_use.get_mut(&image) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&image);
+            }
+        }
+        how
+    }
+
+    async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> Termination {
         let id = ctx.replica.clone();
         let hash = ctx.template.hash();
         let grace = ctx.template.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
@@ -173,6 +207,21 @@ impl Inner {
         match exit {
             Ok(exit) => termination(&exit),
             Err(e) => Termination::Trapped { message: format!("lost track of the container: {e}") },
+        }
+    }
+
+    /// Removes unused images while the store is over `threshold` bytes.
+    async fn collect_garbage(&self, threshold: u64) {
+        let in_use: HashSet<String> = lock(&self.in_use).keys().cloned().collect();
+        match self.images.gc(&in_use, threshold).await {
+            Ok(r) if !r.removed_images.is_empty() => info!(
+                removed = ?r.removed_images,
+                bytes_before = r.bytes_before,
+                bytes_after = r.bytes_after,
+                "removed unused images"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "image garbage collection failed"),
         }
     }
 
@@ -355,6 +404,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map is a counter; a panicking holder cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {

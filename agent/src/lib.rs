@@ -58,6 +58,10 @@ pub struct AgentConfig {
     pub wasm_fuel: bool,
     /// Whether to run containers (they need root and cgroups).
     pub containers: ContainerSupport,
+    /// Container images not in use are removed while the image store exceeds this size.
+    pub image_gc_threshold_bytes: u64,
+    /// Registry credentials (e.g. from a Docker `config.json`).
+    pub registry_credentials: oci_runtime::Credentials,
     /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
     /// on-demand allocator; `None` decides from the node (see [`wasm_pooling`]).
     pub wasm_instances: Option<u32>,
@@ -78,6 +82,8 @@ impl AgentConfig {
             wasm_fuel: false,
             wasm_instances: None,
             containers: ContainerSupport::Auto,
+            image_gc_threshold_bytes: 4 << 30,
+            registry_credentials: oci_runtime::Credentials::default(),
         }
     }
 }
@@ -174,7 +180,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     })?;
     let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
     let registry =
-        oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() });
+        oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() })
+            .with_credentials(config.registry_credentials.clone());
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
     let registry = Arc::new(registry);
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
@@ -193,6 +200,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             log_max_bytes: config.log_max_bytes,
             node: config.name.clone(),
             volumes: volumes.clone(),
+            gc_threshold_bytes: config.image_gc_threshold_bytes,
+            gc_interval: std::time::Duration::from_secs(60),
         });
         runtimes.insert(RuntimeKind::Container, Arc::new(rt));
     }
