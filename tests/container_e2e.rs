@@ -306,3 +306,56 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
         ["hog-0", "bomb-0", "tampered-0", "calm-0"].iter().all(|r| leftovers(&c, "n1", r).is_empty())
     });
 }
+
+#[test]
+fn imported_image_runs_on_an_agent_without_any_registry() {
+    if !containers_possible() {
+        return;
+    }
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    // An air-gapped site: the image arrives as an OCI layout tar and is imported on the node;
+    // the reference names a registry that does not exist.
+    let layout = c.dir.path().join("layout");
+    assert!(busybox_image::write_busybox_layout(&layout, "v1", &["sh", "-c", "echo offline ok; exec sleep 100000"]));
+    let tar = c.dir.path().join("busybox.tar");
+    let st = std::process::Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(&layout).arg(".").status().unwrap();
+    assert!(st.success());
+    let reference = "registry.invalid/site/busybox:v1";
+    let agent_dir = c.agent_dir("n1");
+    let out = cluster::flotilla(&[
+        std::ffi::OsStr::new("image"),
+        "import".as_ref(),
+        tar.as_os_str(),
+        "--data-dir".as_ref(),
+        agent_dir.as_os_str(),
+        "--name".as_ref(),
+        reference.as_ref(),
+    ]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    c.add_agent("n1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+    apply(&c, &workload("offline", reference, ""));
+    c.wait_for("the imported image running", WAIT, || running(&c, "offline-0"));
+    c.wait_for("its output", WAIT, || logs(&c, "offline-0").contains("offline ok"));
+
+    // A corrupt archive is refused with a clear error and imports nothing.
+    let bad = c.dir.path().join("bad.tar");
+    std::fs::write(&bad, b"not a tar archive at all").unwrap();
+    let out = cluster::flotilla(&[
+        std::ffi::OsStr::new("image"),
+        "import".as_ref(),
+        bad.as_os_str(),
+        "--data-dir".as_ref(),
+        agent_dir.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.tar"), "{err}");
+
+    c.cli(&["delete", "workload", "offline"]);
+    c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
+    c.wait_for("nothing left behind", WAIT, || leftovers(&c, "n1", "offline-0").is_empty());
+}
