@@ -241,6 +241,10 @@ fn lifecycle_follows_runc_state_transitions() {
     let pid = state["pid"].as_i64().unwrap();
     assert!(pid > 1);
     assert_eq!(b.cgroup_dirs().len(), 4, "cgroups exist while created");
+    for dir in b.cgroup_dirs() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), pid.to_string(), "init joined {} before start", dir.display());
+    }
 
     let again = b.create();
     assert!(!again.status.success(), "a second create with the same id must fail");

@@ -32,13 +32,19 @@ pub(crate) struct ChildFds {
     pub fifo: OwnedFd,
     /// Replacements for stdin, stdout and stderr (None keeps the inherited one).
     pub stdio: [Option<OwnedFd>; 3],
+    /// cgroup v1 `tasks` files, opened by the parent, into which the child writes `0` to
+    /// join its cgroups itself (empty: the parent adds it).
+    pub attach: Vec<OwnedFd>,
 }
 
 /// Entry point of the child after clone. Never returns.
 pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
-    let ChildFds { go, report, fifo, stdio } = fds;
+    let ChildFds { go, report, fifo, stdio, attach } = fds;
     let mut report = fs::File::from(report);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(plan, go, stdio)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        join_cgroups(attach)?;
+        prepare(plan, go, stdio)
+    }));
     let exec = match result {
         Ok(Ok(exec)) => exec,
         Ok(Err(message)) => fail(&mut report, &message),
@@ -71,6 +77,15 @@ pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
 fn fail(report: &mut fs::File, message: &str) -> ! {
     let _ = report.write_all(format!("E{message}").as_bytes());
     sys::exit_now(1)
+}
+
+/// Moves this (single-threaded) process into its cgroups before it does anything else, so
+/// every later process and allocation is accounted there.
+fn join_cgroups(files: Vec<OwnedFd>) -> Result<(), String> {
+    for fd in files {
+        fs::File::from(fd).write_all(b"0").map_err(|e| format!("joining cgroup: {e}"))?;
+    }
+    Ok(())
 }
 
 struct Exec {

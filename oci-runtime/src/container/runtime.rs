@@ -308,16 +308,27 @@ impl Runtime {
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
         let (rep_r, rep_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
         let CreateOptions { stdio, shim_pid, owned_mounts, network_hook } = options;
+        let mut attach = Vec::new();
+        for file in cgroups.self_attach_files() {
+            let fd = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&file)
+                .map_err(io_err("open", &file))?;
+            attach.push(OwnedFd::from(fd));
+        }
+        let self_attach = !attach.is_empty();
 
         let pid = match sys::clone_process(plan.clone_flags.bits()).map_err(io_err("clone", bundle))? {
             Forked::Child => {
                 drop(go_w);
                 drop(rep_r);
-                child_main(plan, ChildFds { go: go_r, report: rep_w, fifo, stdio })
+                child_main(plan, ChildFds { go: go_r, report: rep_w, fifo, stdio, attach })
             }
             Forked::Parent(pid) => pid,
         };
-        drop((go_r, rep_w, fifo, stdio));
+        drop((go_r, rep_w, fifo, stdio, attach));
+        let cgroups = if self_attach { None } else { Some(cgroups) };
         let result = self.finish_create(id, pid, plan, cgroups, network_hook, go_w, rep_r);
         if let Err(e) = result {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -354,7 +365,7 @@ impl Runtime {
         id: &str,
         pid: i32,
         plan: &Plan,
-        cgroups: &AnyCgroupManager,
+        cgroups: Option<&AnyCgroupManager>,
         network_hook: Option<&dyn NetworkHook>,
         go: OwnedFd,
         report: OwnedFd,
@@ -365,7 +376,9 @@ impl Runtime {
                 fs::write(&path, map).map_err(io_err("write", &path))?;
             }
         }
-        cgroups.add_process(pid)?;
+        if let Some(cgroups) = cgroups {
+            cgroups.add_process(pid)?;
+        }
         if let Some(hook) = network_hook {
             hook.setup(id, pid).map_err(|message| ContainerError::Network { id: id.into(), message })?;
         }

@@ -1,0 +1,155 @@
+//! Container start benchmark: start-to-exit of `/bin/true` from one prepared busybox bundle,
+//! with `flotilla oci run`, `crun run` and `runc run` on the same `config.json` (the
+//! generated default spec: pid, mount, ipc, uts, cgroup and network namespaces, loopback up,
+//! Docker-like capabilities, no_new_privs, the default seccomp profile, masked and
+//! read-only paths, a minimal /dev, rlimits and memory/cpu/pids cgroup limits).
+//!
+//! `cargo bench --bench oci` runs the three runtimes interleaved (run i of each back to back),
+//! BENCH_RUNS times (default 100), and prints median, p90 and ratios. It needs root, busybox
+//! and the runc and crun binaries (`RUNC`, `CRUN` override their paths).
+//!
+//! crun refuses the hybrid cgroup layout (v1 controllers plus a v2 mount at
+//! /sys/fs/cgroup/unified), so the benchmark re-executes itself in a private mount namespace
+//! (`unshare -m --propagation private`) with the v2 mount detached; all three runtimes run
+//! in that same namespace, so none of them pays for it per run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use oci_runtime::container::{SpecInputs, default_spec};
+
+const NS_MARKER: &str = "FLOTILLA_BENCH_OCI_NAMESPACE";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn version(bin: &str) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
+        .unwrap_or_else(|e| format!("unavailable: {e}"))
+}
+
+fn prepare_bundle(dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("/bin/busybox (busybox-static) is needed");
+    for applet in ["sh", "true"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let spec = default_spec(&SpecInputs {
+        args: vec!["/bin/true".into()],
+        memory_bytes: Some(64 << 20),
+        cpu_millicores: Some(1000),
+        pids_limit: Some(64),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    bundle
+}
+
+struct Runner {
+    name: &'static str,
+    bin: String,
+    root: PathBuf,
+    samples: Vec<Duration>,
+}
+
+impl Runner {
+    fn run_once(&mut self, bundle: &Path, id: &str) {
+        let mut cmd = Command::new(&self.bin);
+        if self.name == "flotilla" {
+            cmd.arg("oci");
+        }
+        cmd.arg("--root").arg(&self.root);
+        cmd.arg("run").arg("-b").arg(bundle).arg(id).stdin(Stdio::null()).stdout(Stdio::null());
+        let start = Instant::now();
+        let status = cmd.status().unwrap();
+        let elapsed = start.elapsed();
+        assert!(status.success(), "{} run {id} failed: {status}", self.name);
+        self.samples.push(elapsed);
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent; only measure under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if std::env::var_os(NS_MARKER).is_none() {
+        use std::os::unix::process::CommandExt;
+        let me = std::env::current_exe().unwrap();
+        let err = Command::new("unshare")
+            .args(["-m", "--propagation", "private"])
+            .arg(me)
+            .args(std::env::args_os().skip(1))
+            .env(NS_MARKER, "1")
+            .exec();
+        panic!("cannot re-execute under unshare: {err}");
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.exists() {
+        let status = Command::new("umount").arg(unified).status().unwrap();
+        assert!(status.success(), "cannot detach {} in the benchmark's mount namespace", unified.display());
+    }
+
+    let runs = env_usize("BENCH_RUNS", 100);
+    let dir = tempfile::Builder::new().prefix("flotilla-bench-oci-").tempdir().unwrap();
+    let bundle = prepare_bundle(dir.path());
+    let runc = std::env::var("RUNC").unwrap_or_else(|_| "/usr/sbin/runc".into());
+    let crun = std::env::var("CRUN").unwrap_or_else(|_| "/usr/bin/crun".into());
+    let mut runners = vec![
+        Runner {
+            name: "flotilla",
+            bin: env!("CARGO_BIN_EXE_flotilla").into(),
+            root: dir.path().join("flotilla-state"),
+            samples: vec![],
+        },
+        Runner { name: "crun", bin: crun.clone(), root: dir.path().join("crun-state"), samples: vec![] },
+        Runner { name: "runc", bin: runc.clone(), root: dir.path().join("runc-state"), samples: vec![] },
+    ];
+    println!("flotilla: {}", env!("CARGO_BIN_EXE_flotilla"));
+    println!("crun:     {}", version(&crun));
+    println!("runc:     {}", version(&runc));
+    println!("bundle:   {} (/bin/true, generated default spec)", bundle.display());
+    // One warm-up run each: page cache, binaries, cgroup parents.
+    for r in runners.iter_mut() {
+        r.run_once(&bundle, &format!("warm-{}", r.name));
+        r.samples.clear();
+    }
+    for i in 0..runs {
+        for r in runners.iter_mut() {
+            r.run_once(&bundle, &format!("b{i}-{}", r.name));
+        }
+    }
+    println!("\n{runs} runs each, interleaved; start-to-exit wall time of `<runtime> run` for /bin/true");
+    println!("{:<10} {:>10} {:>10} {:>10}", "runtime", "median ms", "p90 ms", "min ms");
+    let mut medians = Vec::new();
+    for r in runners.iter_mut() {
+        r.samples.sort();
+        let (med, p90) = (percentile(&r.samples, 0.5), percentile(&r.samples, 0.9));
+        println!("{:<10} {:>10.2} {:>10.2} {:>10.2}", r.name, ms(med), ms(p90), ms(r.samples[0]));
+        medians.push((r.name, med, p90));
+    }
+    let (_, f_med, f_p90) = medians[0];
+    for (name, med, p90) in &medians[1..] {
+        println!(
+            "flotilla / {name}: median {:.2}x, p90 {:.2}x",
+            f_med.as_secs_f64() / med.as_secs_f64(),
+            f_p90.as_secs_f64() / p90.as_secs_f64()
+        );
+    }
+}
