@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Flotilla quickstart: one command from a fresh Debian 12 machine to a running
-# Wasm workload.
+# Wasm workload and, when run as root with cgroups, a container workload beside it.
 #
-#   scripts/quickstart.sh          # install deps, build, start registry + hub + agent, deploy examples/hello
+#   scripts/quickstart.sh          # install deps, build, start registry + hub + agent, deploy examples/hello (+ examples/busybox)
 #   scripts/quickstart.sh stop     # stop what the quickstart started
 #   scripts/quickstart.sh status   # show which quickstart processes are alive
 #
@@ -31,6 +31,9 @@ WORKLOAD=hello
 IMAGE=$REGISTRY/hello:v1
 WASM=$ROOT/examples/hello/target/wasm32-wasip1/release/hello.wasm
 CONFIG=$DIR/hub/admin.yaml
+CONTAINER_MANIFEST=$ROOT/examples/busybox.yaml
+CONTAINER_WORKLOAD=busybox
+CONTAINER_IMAGE=$REGISTRY/busybox:v1
 SERVICES=(agent hub registry) # stop order
 
 if [[ -t 1 ]]; then B=$'\e[1m' R=$'\e[31m' G=$'\e[32m' N=$'\e[0m'; else B='' R='' G='' N=''; fi
@@ -60,6 +63,17 @@ alive() { local p; p=$(pid_of "$1" 2>/dev/null) && [[ -n $p ]] && kill -0 "$p" 2
 
 stop_all() {
     local svc pid i
+    # Containers outlive their agent by design; delete the example's before stopping it.
+    if alive hub && alive agent && [[ -s $CONFIG ]] &&
+        "$BIN_FOR_STOP" --config "$CONFIG" get workloads 2>/dev/null | awk '{print $1}' | grep -qx "$CONTAINER_WORKLOAD"; then
+        "$BIN_FOR_STOP" --config "$CONFIG" delete workload "$CONTAINER_WORKLOAD" >/dev/null 2>&1 || true
+        # Wait (bounded) for the agent to stop the container and remove its state.
+        for ((i = 0; i < 75; i++)); do
+            [[ -z $(ls -A "$DIR/agent/containers/state" 2>/dev/null) ]] && break
+            sleep 0.2
+        done
+        info "container workload $CONTAINER_WORKLOAD deleted"
+    fi
     for svc in "${SERVICES[@]}"; do
         [[ -f $DIR/$svc.pid ]] || continue
         pid=$(cat "$DIR/$svc.pid")
@@ -90,6 +104,9 @@ status_all() {
         fi
     done
 }
+
+BIN_FOR_STOP=${FLOTILLA_BIN:-$ROOT/target/$PROFILE/flotilla}
+[[ $PROFILE != dev ]] || BIN_FOR_STOP=$ROOT/target/debug/flotilla
 
 case ${1:-start} in
     stop)
@@ -251,6 +268,35 @@ until replicas_running 2>/dev/null; do
 done
 info "Running"
 
+containers=0
+if [[ $(id -u) -eq 0 ]] && { [[ -d /sys/fs/cgroup/memory ]] || [[ -f /sys/fs/cgroup/cgroup.controllers ]]; }; then
+    containers=1
+    step "building the example container image (examples/busybox) and pushing it to $CONTAINER_IMAGE"
+    "$ROOT/examples/busybox/build.sh" "$DIR/busybox-layout" | sed 's/^/    /'
+    if ! out=$("$BIN" push "$DIR/busybox-layout" "$CONTAINER_IMAGE" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "flotilla push of the container image failed" "$DIR/registry.log"
+    fi
+    printf '%s\n' "$out" | sed 's/^/    /'
+    step "applying $CONTAINER_MANIFEST"
+    fl apply -f "$CONTAINER_MANIFEST" | sed 's/^/    /'
+    container_running() {
+        fl get replicas | awk -v w="$CONTAINER_WORKLOAD" '$2 == w && $4 == "Running" { n++ } END { exit !n }'
+    }
+    deadline=$((SECONDS + TIMEOUT))
+    until container_running 2>/dev/null; do
+        alive agent || die "the agent exited" "$DIR/agent.log"
+        if ((SECONDS >= deadline)); then
+            fl describe workload "$CONTAINER_WORKLOAD" >&2 || true
+            die "the container workload is not Running after ${TIMEOUT}s" "$DIR/agent.log"
+        fi
+        sleep 1
+    done
+    info "Running"
+else
+    step "skipping the container example: it needs root and cgroups (the Wasm example runs anyway)"
+fi
+
 step "flotilla get nodes"
 fl get nodes
 step "flotilla get workloads"
@@ -261,6 +307,10 @@ fl get replicas -o wide
 step "a few seconds of logs: flotilla logs $WORKLOAD --tail 400"
 sleep 3
 fl logs "$WORKLOAD" --tail 400
+if ((containers)); then
+    step "flotilla logs $CONTAINER_WORKLOAD --tail 5"
+    fl logs "$CONTAINER_WORKLOAD" --tail 5
+fi
 
 trap - ERR
 cat <<EOF

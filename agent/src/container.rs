@@ -99,6 +99,27 @@ impl ContainerRuntime {
         rt
     }
 
+    /// Removes containers (and their cgroups, mounts and bundles) of replicas that are not in
+    /// `keep`: left over when the agent stopped between a replica's removal and its cleanup.
+    /// Called at agent start, before any run begins.
+    pub fn remove_orphans(&self, keep: &HashSet<String>) {
+        let mut ids: HashSet<String> = HashSet::new();
+        for dir in [&self.inner.oci.state_root, &self.inner.bundles] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                ids.extend(entries.flatten().filter_map(|e| e.file_name().into_string().ok()));
+            }
+        }
+        for id in ids.difference(keep) {
+            info!(replica = %id, "removing a container whose replica left this node");
+            if let Some(h) = ShimHandle::adopt(&self.inner.oci, id).ok().filter(|h| h.shim_alive()) {
+                let _ = h.stop(DEFAULT_GRACE);
+                self.inner.cleanup(id, Some(h));
+            } else {
+                self.inner.cleanup(id, None);
+            }
+        }
+    }
+
     /// Whether this node can run containers: root, and the cgroup controllers the executor
     /// needs. Returns why not otherwise.
     pub fn supported() -> Result<(), String> {

@@ -185,6 +185,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
     let registry = Arc::new(registry);
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+    let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
     if containers.is_some() {
         let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs.clone())
             .map_err(|e| AgentError::Images(e.to_string()))?;
@@ -203,7 +204,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             gc_threshold_bytes: config.image_gc_threshold_bytes,
             gc_interval: std::time::Duration::from_secs(60),
         });
-        runtimes.insert(RuntimeKind::Container, Arc::new(rt));
+        let rt = Arc::new(rt);
+        containers_rt = Some(rt.clone());
+        runtimes.insert(RuntimeKind::Container, rt);
     }
     let wasm = WasmRuntime::new(host, registry, blobs, volumes.clone());
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
@@ -216,6 +219,11 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             AssignmentSet::default()
         }
     };
+    if let Some(rt) = &containers_rt {
+        let keep = saved.assignments.iter().map(|a| a.name.clone()).collect();
+        let rt = rt.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.remove_orphans(&keep)).await;
+    }
     let mut generation = saved.generation;
     let mut sup = Supervisor::new(config.backoff);
     if !saved.assignments.is_empty() {
