@@ -471,3 +471,32 @@ fn user_namespace_maps_root() {
     assert_eq!(map, ["0", "200000", "65536"]);
     b.assert_gone();
 }
+
+#[test]
+fn a_spec_written_by_runc_runs() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("runcspec", &["true"], |_| {});
+    std::fs::remove_file(b.bundle().join("config.json")).unwrap();
+    let made = Command::new("runc").arg("spec").current_dir(b.bundle()).status();
+    match made {
+        Ok(s) if s.success() => {}
+        other => {
+            assert!(std::env::var_os("CI").is_none(), "runc spec failed under CI: {other:?}");
+            eprintln!("skipping: runc is not installed ({other:?})");
+            return;
+        }
+    }
+    let path = b.bundle().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["process"]["terminal"] = serde_json::json!(false);
+    v["process"]["args"] =
+        serde_json::json!(["sh", "-c", "ls /sys/fs/cgroup/pids/cgroup.procs && grep CapAmb /proc/self/status"]);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let out = b.run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // runc's default: AUDIT_WRITE, KILL and NET_BIND_SERVICE, raised as ambient capabilities.
+    assert_eq!(stdout(&out), "/sys/fs/cgroup/pids/cgroup.procs\nCapAmb:\t0000000020000420\n");
+    b.assert_gone();
+}

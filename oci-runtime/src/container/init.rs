@@ -376,6 +376,8 @@ fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
             mount(none, &target, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra, none)
                 .map_err(mount_err("remounting", &target))?;
         }
+    } else if m.fstype == "cgroup" {
+        mount_cgroup(&target, m.flags)?;
     } else {
         fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
         let source = m.source.as_deref().map(Path::as_os_str).unwrap_or(std::ffi::OsStr::new(&m.fstype));
@@ -385,6 +387,47 @@ fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
     }
     if !m.propagation.is_empty() {
         mount(none, &target, none, m.propagation, none).map_err(mount_err("setting propagation of", &target))?;
+    }
+    Ok(())
+}
+
+/// A `cgroup` mount shows the container its own cgroups (the root of its cgroup namespace):
+/// cgroup2 where the host's /sys/fs/cgroup is cgroup2; otherwise a tmpfs with one mount per
+/// hierarchy the host has under /sys/fs/cgroup (v1 controllers, named hierarchies and a
+/// cgroup2 `unified`), read-only when the spec says so.
+fn mount_cgroup(target: &Path, flags: MsFlags) -> Result<(), String> {
+    let none: Option<&str> = None;
+    fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
+    let mut hierarchies = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(point) = left.split_whitespace().nth(4).map(Path::new) else { continue };
+        let mut fields = right.split_whitespace();
+        let (fstype, options) = (fields.next().unwrap_or(""), fields.nth(1).unwrap_or(""));
+        if point == Path::new("/sys/fs/cgroup") && fstype == "cgroup2" {
+            return mount(Some("cgroup2"), target, Some("cgroup2"), flags, none)
+                .map_err(mount_err("mounting cgroup2 on", target));
+        }
+        if point.parent() == Some(Path::new("/sys/fs/cgroup")) && (fstype == "cgroup" || fstype == "cgroup2") {
+            let data: Vec<&str> = options.split(',').filter(|o| *o != "rw" && *o != "ro").collect();
+            if let Some(name) = point.file_name() {
+                hierarchies.push((name.to_os_string(), fstype.to_string(), data.join(",")));
+            }
+        }
+    }
+    mount(Some("tmpfs"), target, Some("tmpfs"), flags & !MsFlags::MS_RDONLY, Some("mode=755"))
+        .map_err(mount_err("mounting tmpfs on", target))?;
+    for (name, fstype, data) in &hierarchies {
+        let dir = target.join(name);
+        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let data = if data.is_empty() { None } else { Some(data.as_str()) };
+        mount(Some(fstype.as_str()), &dir, Some(fstype.as_str()), flags, data)
+            .map_err(mount_err(&format!("mounting {fstype} on"), &dir))?;
+    }
+    if flags.contains(MsFlags::MS_RDONLY) {
+        mount(none, target, none, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags, none)
+            .map_err(mount_err("remounting read-only", target))?;
     }
     Ok(())
 }

@@ -612,7 +612,7 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
         let fstype = m.typ().clone().unwrap_or_else(|| if bind { "bind".into() } else { String::new() });
         let bind = bind || fstype == "bind";
         match fstype.as_str() {
-            "bind" | "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "overlay" => {}
+            "bind" | "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "overlay" | "cgroup" => {}
             other => {
                 return Err(SpecError::Unsupported(format!("mount type {other:?} at {}", m.destination().display())));
             }
@@ -662,13 +662,24 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
 
     let caps = match process.capabilities() {
         None => None,
-        Some(c) => Some(CapSets {
-            bounding: cap_mask(c.bounding())?,
-            effective: cap_mask(c.effective())?,
-            permitted: cap_mask(c.permitted())?,
-            inheritable: cap_mask(c.inheritable())?,
-            ambient: cap_mask(c.ambient())?,
-        }),
+        Some(c) => {
+            let sets = CapSets {
+                bounding: cap_mask(c.bounding())?,
+                effective: cap_mask(c.effective())?,
+                permitted: cap_mask(c.permitted())?,
+                inheritable: cap_mask(c.inheritable())?,
+                ambient: cap_mask(c.ambient())?,
+            };
+            if sets.ambient & !(sets.permitted & sets.bounding) != 0 {
+                return Err(SpecError::Inconsistent(
+                    "process.capabilities.ambient holds capabilities missing from permitted or bounding".into(),
+                ));
+            }
+            // The kernel raises an ambient capability only if it is also inheritable; a spec
+            // that asks for ambient capabilities (runc's default does, without inheritable)
+            // means them to survive exec, so they are made inheritable too.
+            Some(CapSets { inheritable: sets.inheritable | sets.ambient, ..sets })
+        }
     };
     let mut rlimits = Vec::new();
     for r in process.rlimits().iter().flatten() {
