@@ -5,7 +5,8 @@
 //! read-only paths, a minimal /dev, rlimits and memory/cpu/pids cgroup limits).
 //!
 //! `cargo bench --bench oci` runs the three runtimes interleaved (run i of each back to back),
-//! BENCH_RUNS times (default 100), and prints median, p90 and ratios. It needs root, busybox
+//! BENCH_RUNS times (default 100), then each runtime BENCH_RUNS times in a row, and prints
+//! median, p90 and ratios for both orders. It needs root, busybox
 //! and the runc and crun binaries (`RUNC`, `CRUN` override their paths).
 //!
 //! crun refuses the hybrid cgroup layout (v1 controllers plus a v2 mount at
@@ -135,7 +136,20 @@ fn main() {
             r.run_once(&bundle, &format!("b{i}-{}", r.name));
         }
     }
-    println!("\n{runs} runs each, interleaved; start-to-exit wall time of `<runtime> run` for /bin/true");
+    report(&format!("{runs} runs each, interleaved"), &mut runners);
+    // Back to back as well: a v1 cgroup attach by pid waits for an RCU grace period unless
+    // another attach just happened, so a runtime's cost depends on what ran before it.
+    for r in runners.iter_mut() {
+        r.samples.clear();
+        for i in 0..runs {
+            r.run_once(&bundle, &format!("s{i}-{}", r.name));
+        }
+    }
+    report(&format!("{runs} runs each, back to back per runtime"), &mut runners);
+}
+
+fn report(title: &str, runners: &mut [Runner]) {
+    println!("\n{title}; start-to-exit wall time of `<runtime> run` for /bin/true");
     println!("{:<10} {:>10} {:>10} {:>10}", "runtime", "median ms", "p90 ms", "min ms");
     let mut medians = Vec::new();
     for r in runners.iter_mut() {
