@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use oci_runtime::container::{
-    BindMount, CgroupConfig, CgroupVersion, CreateOptions, NetworkMode, Runtime, RuntimeConfig, ShimOptions, Signal,
-    SpecInputs, default_spec, run_shim,
+    BindMount, CgroupConfig, CgroupVersion, CreateOptions, NetworkMode, Runtime, RuntimeConfig, ShimOptions, SigSet,
+    Signal, SpecInputs, default_spec, run_shim, signal_process,
 };
 
 #[derive(Args)]
@@ -188,7 +188,27 @@ fn run(args: OciArgs) -> Result<u8> {
         OciCommand::Kill { id, signal, all } => runtime.kill(&id, parse_signal(&signal)?, all)?,
         OciCommand::Delete { id, force } => runtime.delete(&id, force)?,
         OciCommand::Run { bundle, id } => {
-            let exit = runtime.run(&id, &bundle, CreateOptions::default())?;
+            let created = runtime.create(&id, &bundle, CreateOptions::default())?;
+            if let Err(e) = runtime.start(&id) {
+                let _ = runtime.delete(&id, true);
+                return Err(e.into());
+            }
+            // As runc does: termination signals for this command go to the container, which
+            // decides; the command ends when the container does. Threads are fine now.
+            let mut mask = SigSet::empty();
+            for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+                mask.add(s);
+            }
+            mask.thread_block().context("blocking signals")?;
+            let pid = created.pid;
+            std::thread::spawn(move || {
+                while let Ok(sig) = mask.wait() {
+                    let _ = signal_process(pid, sig);
+                }
+            });
+            let exit = runtime.wait_child(&id, created.pid);
+            runtime.delete(&id, true)?;
+            let exit = exit?;
             if exit.oom_killed {
                 eprintln!("container {id} was killed by the OOM killer");
             }

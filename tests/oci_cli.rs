@@ -500,3 +500,29 @@ fn a_spec_written_by_runc_runs() {
     assert_eq!(stdout(&out), "/sys/fs/cgroup/pids/cgroup.procs\nCapAmb:\t0000000020000420\n");
     b.assert_gone();
 }
+
+#[test]
+fn run_forwards_termination_signals_to_the_container() {
+    if !can_run() {
+        return;
+    }
+    let script = "trap 'echo got-term; exit 5' TERM; echo ready; while :; do sleep 0.05; done";
+    let b = Bundle::new("forward", &["sh", "-c", script], |_| {});
+    let out = std::fs::File::create(b.dir.path().join("out")).unwrap();
+    let mut run = Command::new(bin())
+        .arg("oci")
+        .arg("--root")
+        .arg(b.root())
+        .args(["run", "-b", b.bundle().to_str().unwrap(), &b.id])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .spawn()
+        .unwrap();
+    wait_until("the container to be ready", Duration::from_secs(10), || b.output_file().contains("ready"));
+    let kill = Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "the container's trap decides the exit code");
+    assert!(b.output_file().contains("got-term"));
+    b.assert_gone();
+}

@@ -25,11 +25,11 @@ mod syscalls;
 
 pub use cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager, CgroupVersion, Resources};
 /// Signals as the runtime API takes them.
-pub use nix::sys::signal::Signal;
+pub use nix::sys::signal::{SigSet, Signal};
 pub use overlay::{OverlayError, mount_overlay, unmount};
 pub use runtime::{
     ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, OciState, Runtime, RuntimeConfig,
-    Status,
+    Status, signal_process,
 };
 pub use shim::{ShimError, ShimHandle, ShimOptions, run_shim};
 pub use spec::{BindMount, NetworkMode, Plan, SpecError, SpecInputs, default_spec, load_bundle};

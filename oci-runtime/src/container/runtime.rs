@@ -532,6 +532,11 @@ impl Runtime {
     }
 }
 
+/// Sends `signal` to a process (for callers forwarding signals to a container they run).
+pub fn signal_process(pid: i32, signal: Signal) -> Result<(), ContainerError> {
+    nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(sys_err(format!("signalling process {pid}")))
+}
+
 /// Writes a file by writing a temporary sibling and renaming it over the target.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ContainerError> {
     let tmp = path.with_extension("tmp");
