@@ -12,8 +12,10 @@ use oci_runtime::container::shim::{ShimHandle, ShimOptions, rotated_path};
 use oci_runtime::container::{CgroupConfig, NetworkMode, RuntimeConfig, SpecInputs, default_spec};
 
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] =
-    &["sh", "true", "echo", "cat", "sleep", "ls", "hostname", "id", "head", "tail", "grep", "seq", "ip", "wc", "ps"];
+const APPLETS: &[&str] = &[
+    "sh", "true", "echo", "cat", "sleep", "ls", "hostname", "id", "head", "tail", "grep", "seq", "ip", "wc", "ps",
+    "unshare", "mount",
+];
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_flotilla")
@@ -178,6 +180,8 @@ fn the_container_is_isolated() {
                   echo masked=$(cat /proc/timer_list | wc -c); \
                   (echo x > /proc/sys/kernel/domainname) 2>/dev/null && echo sysctl-writable || echo sysctl-readonly; \
                   (echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo sys-writable || echo sys-readonly; \
+                  (unshare -U true) 2>/dev/null && echo userns-allowed || echo userns-denied; \
+                  (mount -t tmpfs none /tmp) 2>/dev/null && echo mount-allowed || echo mount-denied; \
                   echo net=$(ls /sys/class/net); ls /dev | sort | tr '\\n' ' '";
     let b = Bundle::new("isolated", &["sh", "-c", script], |i| i.hostname = Some("box-1".into()));
     let out = b.run();
@@ -193,6 +197,8 @@ fn the_container_is_isolated() {
     assert!(text.contains("masked=0"), "a masked path is readable: {text}");
     assert!(text.contains("sysctl-readonly"), "{text}");
     assert!(text.contains("sys-readonly"), "{text}");
+    assert!(text.contains("userns-denied"), "{text}");
+    assert!(text.contains("mount-denied"), "{text}");
     assert!(text.contains("net=lo\n"), "network none must have only loopback: {text}");
     for dev in ["null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue", "fd", "ptmx"] {
         assert!(text.split_whitespace().any(|w| w == dev), "/dev/{dev} missing: {text}");
