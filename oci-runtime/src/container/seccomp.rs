@@ -335,7 +335,7 @@ mod tests {
                         4 => arch,
                         k => {
                             let a = args[((k - ARGS_OFFSET) / 8) as usize];
-                            if (k - ARGS_OFFSET) % 8 == 0 { a as u32 } else { (a >> 32) as u32 }
+                            if (k - ARGS_OFFSET).is_multiple_of(8) { a as u32 } else { (a >> 32) as u32 }
                         }
                     }
                 }
