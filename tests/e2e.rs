@@ -61,7 +61,16 @@ fn two_replica_workload_runs_updates_and_deletes_across_two_agents() {
     c.add_agent("edge-2", &["--label", "site=b"]);
     c.wait_for("two Ready nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
     let nodes = c.nodes();
-    assert!(nodes.iter().all(|n| n.facts.runtimes == [proto::Runtime::Wasm] && n.facts.cpus >= 1));
+    // Containers need root and cgroups; where the agent has them it offers both runtimes.
+    let containers = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        && (std::path::Path::new("/sys/fs/cgroup/memory").is_dir()
+            || std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists());
+    let offered = if containers {
+        vec![proto::Runtime::Wasm, proto::Runtime::Container]
+    } else {
+        vec![proto::Runtime::Wasm]
+    };
+    assert!(nodes.iter().all(|n| n.facts.runtimes == offered && n.facts.cpus >= 1), "{nodes:?}");
     assert_eq!(nodes.iter().find(|n| n.name == "edge-1").unwrap().facts.labels["site"], "a");
 
     let v1 = manifest("hello", &image, 2, "  args: [\"--interval-ms\", \"100\"]\n  env: {GREETING: first-greeting}\n");

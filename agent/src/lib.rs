@@ -241,7 +241,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         token: config.token.clone(),
         node_name: config.name.clone(),
         identity_dir: config.data_dir.join("identity"),
-        facts: proto::messages::NodeFacts { runtimes: runtimes.keys().copied().collect(), ..node_facts },
+        facts: proto::messages::NodeFacts {
+            runtimes: runtimes.keys().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            ..node_facts
+        },
         tuning: transport::tls::Tuning::default(),
         logs: logs.clone(),
         acked: acked_rx,
