@@ -17,6 +17,7 @@ pub mod facts;
 pub mod identity;
 pub mod link;
 pub mod logs;
+pub mod netwatch;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
@@ -252,6 +253,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         assignments: assign_tx,
         connected: connected_tx,
         shutdown: shutdown_rx,
+        network: netwatch::spawn(),
     };
     let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
 

@@ -25,6 +25,8 @@ use crate::logs::LogStore;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a burst of network change events gets to settle before a reconnect.
+const NETWORK_SETTLE: Duration = Duration::from_millis(200);
 
 pub struct Link {
     pub hub: String,
@@ -45,6 +47,9 @@ pub struct Link {
     /// Turns true when the agent stops: the link closes its connection cleanly, so the hub
     /// sees the node leave at once instead of after the idle timeout.
     pub shutdown: watch::Receiver<bool>,
+    /// Counts local network changes (`netwatch`): while the link is down, a change means the
+    /// network may be back, so the link retries at once instead of finishing its backoff.
+    pub network: watch::Receiver<u64>,
 }
 
 /// Why the link gave up for good.
@@ -73,11 +78,20 @@ impl Link {
             // Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
             let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
             debug!(delay_ms = delay.as_millis() as u64, "reconnecting later");
+            // Only changes from now on count: the one that cut the link is old news.
+            self.network.borrow_and_update();
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delay) => {
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Ok(()) = self.network.changed() => {
+                    // Let the burst settle (link up, then addresses, then routes).
+                    tokio::time::sleep(NETWORK_SETTLE).await;
+                    info!("local network changed; reconnecting now");
+                    backoff = BACKOFF_MIN;
+                }
                 _ = stopping(&mut self.shutdown) => return None,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
