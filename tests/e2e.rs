@@ -65,11 +65,8 @@ fn two_replica_workload_runs_updates_and_deletes_across_two_agents() {
     let containers = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         && (std::path::Path::new("/sys/fs/cgroup/memory").is_dir()
             || std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists());
-    let offered = if containers {
-        vec![proto::Runtime::Wasm, proto::Runtime::Container]
-    } else {
-        vec![proto::Runtime::Wasm]
-    };
+    let offered =
+        if containers { vec![proto::Runtime::Wasm, proto::Runtime::Container] } else { vec![proto::Runtime::Wasm] };
     assert!(nodes.iter().all(|n| n.facts.runtimes == offered && n.facts.cpus >= 1), "{nodes:?}");
     assert_eq!(nodes.iter().find(|n| n.name == "edge-1").unwrap().facts.labels["site"], "a");
 
