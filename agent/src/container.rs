@@ -251,14 +251,13 @@ impl Inner {
         let t = &ctx.template;
         let image = {
             let _turn = self.preparing.lock(&t.image).await;
-            let image = match self.images.image(&t.image) {
+            match self.images.image(&t.image) {
                 // Pulled before (IfNotPresent): no registry contact, works offline.
                 Ok(image) => image,
                 Err(_) => {
                     self.images.pull(&self.registry, &t.image, &self.platform).await.map_err(|e| e.to_string())?
                 }
-            };
-            image
+            }
         };
         let lowers = self.images.unpack(&image).await.map_err(|e| e.to_string())?;
         let this = self.clone();

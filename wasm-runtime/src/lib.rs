@@ -477,7 +477,7 @@ struct HostInner {
     programs: Mutex<HashMap<String, Program>>,
     /// Digests being loaded right now: the lock their loaders queue on and how many loaders
     /// hold or wait for it.
-    loading: Mutex<HashMap<String, (Arc<Mutex<()>>, usize)>>,
+    loading: Mutex<HashMap<String, InFlight>>,
     compiled: AtomicU64,
     loaded_from_disk: AtomicU64,
     memory_hits: AtomicU64,
@@ -619,6 +619,9 @@ impl GuestEnv<'_> {
         })
     }
 }
+
+/// A load in progress: the lock its loaders queue on, and how many loaders hold or wait for it.
+type InFlight = (Arc<Mutex<()>>, usize);
 
 /// Translates the host configuration into wasmtime's.
 fn engine_config(cfg: &HostConfig) -> Result<(Config, Option<PoolingPlan>), Error> {
