@@ -44,6 +44,21 @@ impl Proc {
         Proc { child, log, name: name.to_string() }
     }
 
+    /// Spawns `program args` (for example `nsenter --net=... -- flotilla agent ...`) with the
+    /// same environment and log capture as [`Proc::spawn`].
+    pub fn spawn_program(name: &str, program: &str, args: &[String], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .env("FLOTILLA_LOG", "info,flotilla_agent=debug,flotilla_hub=debug,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {program}: {e}"));
+        Proc { child, log, name: name.to_string() }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -80,6 +95,8 @@ pub struct Cluster {
     pub hub_addr: String,
     pub hub: Proc,
     pub agents: Vec<Proc>,
+    /// The hub's listen address when it differs from `hub_addr` (see [`Cluster::start_listening`]).
+    pub hub_listen: Option<String>,
 }
 
 impl Cluster {
@@ -88,7 +105,25 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let hub_addr = format!("127.0.0.1:{}", free_udp_port());
         let hub = start_hub(dir.path(), &hub_addr);
-        let c = Cluster { dir, hub_addr, hub, agents: Vec::new() };
+        let c = Cluster { dir, hub_addr, hub, agents: Vec::new(), hub_listen: None };
+        c.wait_for("hub to write its token and admin config", Duration::from_secs(20), || {
+            c.token_path().exists() && c.config_path().exists()
+        });
+        c
+    }
+
+    /// Starts a hub listening on `listen` (for example `0.0.0.0:PORT`, so agents in network
+    /// namespaces reach it at their host-side address) while the CLI dials `advertise`.
+    pub fn start_listening(listen: &str, advertise: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = start_hub_listening(dir.path(), listen, advertise);
+        let c = Cluster {
+            dir,
+            hub_addr: advertise.to_string(),
+            hub,
+            agents: Vec::new(),
+            hub_listen: Some(listen.to_string()),
+        };
         c.wait_for("hub to write its token and admin config", Duration::from_secs(20), || {
             c.token_path().exists() && c.config_path().exists()
         });
@@ -131,10 +166,37 @@ impl Cluster {
         self.agents.push(Proc::spawn(&format!("agent {name}"), &args, log));
     }
 
+    /// Starts an agent through a command prefix (for example [`nsenter`, `--net=...`, `--`]),
+    /// dialling the hub at `hub`. Its log is `agent-<name>.log` in the cluster dir, then
+    /// `agent-<name>.2.log`, ... for later starts.
+    pub fn add_agent_via(&mut self, prefix: &[String], hub: &str, name: &str, extra: &[&str]) {
+        let token = self.token_path();
+        let data = self.agent_dir(name);
+        let mut args: Vec<String> = prefix[1..].to_vec();
+        args.push(bin().to_string());
+        for a in ["agent", "--hub", hub, "--token-file", token.to_str().unwrap(), "--name", name, "--data-dir"] {
+            args.push(a.to_string());
+        }
+        args.push(data.to_str().unwrap().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        // A restarted agent gets a log of its own, so the earlier run's stays for post-mortems.
+        let mut log = self.dir.path().join(format!("agent-{name}.log"));
+        for k in 2.. {
+            if !log.exists() {
+                break;
+            }
+            log = self.dir.path().join(format!("agent-{name}.{k}.log"));
+        }
+        self.agents.push(Proc::spawn_program(&format!("agent {name}"), &prefix[0], &args, log));
+    }
+
     /// Kills and restarts the hub on the same data dir and address.
     pub fn restart_hub(&mut self) {
         self.hub.kill();
-        self.hub = start_hub(self.dir.path(), &self.hub_addr);
+        self.hub = match &self.hub_listen {
+            Some(listen) => start_hub_listening(self.dir.path(), listen, &self.hub_addr),
+            None => start_hub(self.dir.path(), &self.hub_addr),
+        };
     }
 
     /// Runs a CLI command with the admin config.
@@ -188,6 +250,15 @@ impl Cluster {
 fn start_hub(dir: &Path, addr: &str) -> Proc {
     let data = dir.join("hub");
     Proc::spawn("hub", &["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr], dir.join("hub.log"))
+}
+
+fn start_hub_listening(dir: &Path, listen: &str, advertise: &str) -> Proc {
+    let data = dir.join("hub");
+    Proc::spawn(
+        "hub",
+        &["hub", "--data-dir", data.to_str().unwrap(), "--listen", listen, "--advertise", advertise],
+        dir.join("hub.log"),
+    )
 }
 
 /// Runs `flotilla` with `args` (no stdin), bounded in time.
