@@ -256,6 +256,14 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
     });
     let describe = String::from_utf8_lossy(&c.cli(&["describe", "workload", "hog"]).stdout).into_owned();
     assert!(describe.contains("OOMKilled"), "{describe}");
+    // The replica's event history says why it is not simply running.
+    let describe = String::from_utf8_lossy(&c.cli(&["describe", "replica", "hog-0"]).stdout).into_owned();
+    let events = describe.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
+    for want in ["Started", "OomKilled", "OOMKilled: exceeded its memory limit", "BackOff", "restarting in"] {
+        assert!(events.contains(want), "no {want:?} in the events:\n{describe}");
+    }
+    let oom = events.find("OomKilled").unwrap();
+    assert!(events[oom..].contains("BackOff"), "BackOff should follow the OOM kill:\n{describe}");
 
     // A fork bomb meets the pids limit: its forks fail, the shell gives up (exit 2) and the
     // replica restarts per policy, while the node and its other containers hold.

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use proto::messages::{Assignment, Phase, ReplicaStatus, Termination};
+use proto::messages::{Assignment, EventReason, Phase, ReplicaStatus, Termination};
 
 /// Capped exponential backoff between restarts of one replica.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +137,11 @@ impl Supervisor {
                     };
                     if !was_removed {
                         r.status.message = "updating to a new template".into();
+                        r.status.record(
+                            now.wall_ms,
+                            EventReason::Updating,
+                            format!("new template {}", a.template_hash),
+                        );
                     }
                     r.status.phase = Phase::Pending;
                     r.status.template_hash = a.template_hash.clone();
@@ -188,6 +193,7 @@ impl Supervisor {
             return;
         }
         r.state = RunState::Running { run_id, since: now.mono };
+        r.status.record(now.wall_ms, EventReason::Started, "");
         r.status.phase = Phase::Running;
         r.status.message.clear();
         r.status.started_at_ms = Some(now.wall_ms);
@@ -217,11 +223,27 @@ impl Supervisor {
         let restart = start_failed || r.assignment.template.restart_policy.restarts(success);
         r.status.started_at_ms = None;
         r.status.observed_at_ms = now.wall_ms;
+        let reason = match &how {
+            Termination::StartFailed { .. } => EventReason::StartFailed,
+            Termination::OomKilled => EventReason::OomKilled,
+            _ => EventReason::Exited,
+        };
+        r.status.record(now.wall_ms, reason, how.to_string());
         if restart {
             let delay = self.backoff.delay(r.consecutive_failures);
             r.state = RunState::BackingOff { until: now.mono + delay };
             r.status.phase = Phase::Pending;
             r.status.message = format!("back-off {}s before restarting", delay.as_secs_f64().ceil() as u64);
+            let failures = r.consecutive_failures;
+            r.status.record(
+                now.wall_ms,
+                EventReason::BackOff,
+                format!(
+                    "restarting in {}s ({failures} failure{} in a row)",
+                    delay.as_secs_f64().ceil() as u64,
+                    if failures == 1 { "" } else { "s" }
+                ),
+            );
         } else {
             r.state = RunState::Done;
             r.status.phase = if success { Phase::Succeeded } else { Phase::Failed };
@@ -239,6 +261,7 @@ impl Supervisor {
             return;
         }
         r.status.started_at_ms = None;
+        r.status.record(now.wall_ms, EventReason::Stopped, "");
         if then_start {
             r.state = RunState::Ready;
         } else {
@@ -267,6 +290,12 @@ impl Supervisor {
                     self.next_run += 1;
                     let run_id = self.next_run;
                     r.state = RunState::Starting { run_id };
+                    r.status.record(
+                        now.wall_ms,
+                        EventReason::Starting,
+                        format!("image {}", r.assignment.template.image),
+                    );
+                    self.changed.insert(name.clone());
                     if r.status.message.is_empty() || r.status.message.starts_with("back-off") {
                         r.status.message = "starting".into();
                         r.status.observed_at_ms = now.wall_ms;
@@ -280,6 +309,7 @@ impl Supervisor {
                 }
                 RunState::Stopping { run_id, .. } if !r.status.message.starts_with("stopping") => {
                     r.status.message = "stopping".into();
+                    r.status.record(now.wall_ms, EventReason::Stopping, "");
                     self.changed.insert(name.clone());
                     out.push(Action::Stop { replica: name.clone(), run_id });
                 }
@@ -373,6 +403,34 @@ mod tests {
         s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
         assert!(s.poll_actions(c.now()).is_empty());
         assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_crash_loop_leaves_an_ordered_bounded_event_history() {
+        let mut c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id, c.now());
+        c.1 += 5;
+        s.on_exited("w-0", id, Termination::Exited { code: 3 }, c.now());
+        let events = &s.statuses()["w-0"].events;
+        let reasons: Vec<EventReason> = events.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, [EventReason::Starting, EventReason::Started, EventReason::Exited, EventReason::BackOff]);
+        assert_eq!(events[2].message, "exited with code 3");
+        assert_eq!(events[3].message, "restarting in 1s (1 failure in a row)");
+        assert!(events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        // Many more crashes: the history keeps the newest MAX_REPLICA_EVENTS, in order.
+        for _ in 0..20 {
+            c.advance(s.next_deadline().unwrap() - c.0);
+            let id = start_id(&s.poll_actions(c.now()));
+            s.on_exited("w-0", id, Termination::StartFailed { message: "image not found".into() }, c.now());
+        }
+        let events = &s.statuses()["w-0"].events;
+        assert_eq!(events.len(), proto::messages::MAX_REPLICA_EVENTS);
+        assert_eq!(events.last().unwrap().reason, EventReason::BackOff);
+        assert_eq!(events[events.len() - 2].reason, EventReason::StartFailed);
+        assert!(events.last().unwrap().message.contains("21 failures in a row"), "{events:?}");
     }
 
     #[test]

@@ -264,6 +264,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             if let Some(t) = &r.status.last_termination {
                 let _ = writeln!(s, "Last run:      {t}");
             }
+            write_events(&mut s, &r.status.events, now_ms());
         }
         ResourceKind::Node => {
             let Some(n) = node_views(shared).await?.into_iter().find(|n| n.name == name) else { return Ok(None) };
@@ -334,4 +335,23 @@ async fn relay_logs(
     }
     let _ = send.finish();
     Ok(())
+}
+
+/// A replica's events, oldest first, with their age by the hub's clock (agent clocks may be
+/// off; the order is the agent's).
+fn write_events(s: &mut String, events: &[proto::messages::ReplicaEvent], now_ms: u64) {
+    use std::fmt::Write as _;
+    if events.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "Events:");
+    for e in events {
+        let age = now_ms.saturating_sub(e.at_ms) / 1000;
+        let age = match age {
+            a if a < 120 => format!("{a}s"),
+            a if a < 7200 => format!("{}m", a / 60),
+            a => format!("{}h", a / 3600),
+        };
+        let _ = writeln!(s, "  {age:>5} ago  {:<11}  {}", e.reason.to_string(), e.message);
+    }
 }

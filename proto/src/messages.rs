@@ -130,6 +130,64 @@ pub struct ReplicaStatus {
     pub started_at_ms: Option<u64>,
     /// When this status was observed (ms since epoch, agent clock).
     pub observed_at_ms: u64,
+    /// The replica's recent history on its node, oldest first, at most
+    /// [`MAX_REPLICA_EVENTS`]. Events that happen while the node is offline reach the hub, in
+    /// order, with the first status after it reconnects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<ReplicaEvent>,
+}
+
+/// How many events a replica's status keeps.
+pub const MAX_REPLICA_EVENTS: usize = 16;
+
+/// One thing that happened to a replica on its node ("why isn't my target state applied?").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaEvent {
+    /// When (ms since epoch, agent clock).
+    pub at_ms: u64,
+    pub reason: EventReason,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// What kind of event, as a stable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventReason {
+    /// A run is being started.
+    Starting,
+    /// The workload runs.
+    Started,
+    /// A run ended by itself; the message says how.
+    Exited,
+    /// A run could not start (image, module, spec); the message says why.
+    StartFailed,
+    /// A run ended because the container exceeded its memory limit.
+    OomKilled,
+    /// Waiting before the next restart; the message says how long.
+    BackOff,
+    /// The replica's template changed: the old run stops, the new one starts.
+    Updating,
+    /// The run is being stopped (update, removal).
+    Stopping,
+    /// The run was stopped on request.
+    Stopped,
+}
+
+impl fmt::Display for EventReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl ReplicaStatus {
+    /// Appends an event, dropping the oldest beyond [`MAX_REPLICA_EVENTS`].
+    pub fn record(&mut self, at_ms: u64, reason: EventReason, message: impl Into<String>) {
+        if self.events.len() >= MAX_REPLICA_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(ReplicaEvent { at_ms, reason, message: message.into() });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
