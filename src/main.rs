@@ -89,6 +89,9 @@ enum Command {
         /// Remove unused container images while the image store is larger than this.
         #[arg(long, default_value = "4Gi")]
         image_gc_threshold: String,
+        /// Refuse pulls and container starts while the data dir's disk has less than this free.
+        #[arg(long, default_value = "256Mi")]
+        min_free_disk: String,
         /// Registry credentials: a Docker config.json (`auths`).
         #[arg(long)]
         registry_auth: Option<PathBuf>,
@@ -226,6 +229,7 @@ async fn run(cli: Cli) -> Result<()> {
             wasm_instances,
             containers,
             image_gc_threshold,
+            min_free_disk,
             registry_auth,
         } => {
             init_tracing();
@@ -252,6 +256,8 @@ async fn run(cli: Cli) -> Result<()> {
             config.containers = containers.into();
             config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
                 .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
+            config.min_free_disk_bytes =
+                proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
             if let Some(path) = registry_auth {
                 let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)

@@ -366,3 +366,31 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
     c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
     c.wait_for("nothing left behind", WAIT, || leftovers(&c, "n1", "offline-0").is_empty());
 }
+
+#[test]
+fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let image = push_busybox(&reg, c.dir.path(), "busybox:v1", &["sleep", "100000"]);
+    // No disk has a million GiB free: every pull and container start is refused.
+    c.add_agent("n1", &["--containers", "on", "--min-free-disk", "1000000Gi"]);
+    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+    apply(&c, &workload("big", &image, ""));
+    c.wait_for("the start refused for lack of disk", WAIT, || {
+        replica(&c, "big-0").is_some_and(|r| match &r.status.last_termination {
+            Some(Termination::StartFailed { message }) => message.contains("not enough disk space"),
+            _ => false,
+        })
+    });
+    let describe = String::from_utf8_lossy(&c.cli(&["describe", "replica", "big-0"]).stdout).into_owned();
+    assert!(describe.contains("StartFailed") && describe.contains("MiB required"), "{describe}");
+    // Nothing was pulled or unpacked.
+    let blobs = c.agent_dir("n1").join("images/blobs/sha256");
+    let pulled = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(pulled, 0, "blobs were written to a disk the agent considers full");
+    assert!(leftovers(&c, "n1", "big-0").is_empty(), "{:?}", leftovers(&c, "n1", "big-0"));
+}

@@ -45,6 +45,8 @@ struct Inner {
     cgroup_parent: PathBuf,
     volumes: VolumeStore,
     preparing: KeyedLocks,
+    /// Starts are refused while the disk has less than this free.
+    min_free_disk: u64,
     /// Images of runs in flight, with how many runs use each: never garbage-collected.
     in_use: std::sync::Mutex<HashMap<String, usize>>,
 }
@@ -64,6 +66,9 @@ pub struct ContainerConfig {
     pub gc_threshold_bytes: u64,
     /// How often the store's use is checked against the threshold.
     pub gc_interval: Duration,
+    /// Container starts (pull, unpack, writable layer) are refused while the disk holding the
+    /// agent's data has less than this free.
+    pub min_free_disk: u64,
 }
 
 impl ContainerRuntime {
@@ -86,6 +91,7 @@ impl ContainerRuntime {
                 volumes: c.volumes,
                 preparing: KeyedLocks::default(),
                 in_use: Default::default(),
+                min_free_disk: c.min_free_disk,
             }),
         };
         let weak = Arc::downgrade(&rt.inner);
@@ -249,6 +255,7 @@ impl Inner {
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
     async fn start(self: Arc<Self>, ctx: &RunContext, hash: &str) -> Result<ShimHandle, String> {
         let t = &ctx.template;
+        crate::runtime::check_disk_space(&self.bundles, self.min_free_disk)?;
         let image = {
             let _turn = self.preparing.lock(&t.image).await;
             match self.images.image(&t.image) {

@@ -61,6 +61,9 @@ pub struct AgentConfig {
     pub containers: ContainerSupport,
     /// Container images not in use are removed while the image store exceeds this size.
     pub image_gc_threshold_bytes: u64,
+    /// Pulls and container starts are refused (a start failure, retried with back-off) while
+    /// the disk holding the data dir has less than this free.
+    pub min_free_disk_bytes: u64,
     /// Registry credentials (e.g. from a Docker `config.json`).
     pub registry_credentials: oci_runtime::Credentials,
     /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
@@ -84,6 +87,7 @@ impl AgentConfig {
             wasm_instances: None,
             containers: ContainerSupport::Auto,
             image_gc_threshold_bytes: 4 << 30,
+            min_free_disk_bytes: 256 << 20,
             registry_credentials: oci_runtime::Credentials::default(),
         }
     }
@@ -204,12 +208,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             volumes: volumes.clone(),
             gc_threshold_bytes: config.image_gc_threshold_bytes,
             gc_interval: std::time::Duration::from_secs(60),
+            min_free_disk: config.min_free_disk_bytes,
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
         runtimes.insert(RuntimeKind::Container, rt);
     }
-    let wasm = WasmRuntime::new(host, registry, blobs, volumes.clone());
+    let mut wasm = WasmRuntime::new(host, registry, blobs, volumes.clone());
+    wasm.min_free_disk = config.min_free_disk_bytes;
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.

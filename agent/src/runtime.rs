@@ -81,6 +81,8 @@ pub struct WasmRuntime {
     /// One pull and one compile per image however many replicas start at once: the first
     /// replica of an image does them, the others wait and then find the results cached.
     preparing: Arc<KeyedLocks>,
+    /// Pulls are refused while the disk has less than this free.
+    pub min_free_disk: u64,
 }
 
 /// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
@@ -117,6 +119,7 @@ impl WasmRuntime {
             volumes,
             resolved: Default::default(),
             preparing: Default::default(),
+            min_free_disk: 0,
         }
     }
 }
@@ -128,6 +131,7 @@ async fn fetch(
     registry: &Registry,
     blobs: &BlobStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
+    min_free_disk: u64,
 ) -> Result<PulledWasm, String> {
     let known = resolved.lock().unwrap_or_else(|p| p.into_inner()).get(image).cloned();
     if let Some(p) = known
@@ -135,9 +139,32 @@ async fn fetch(
     {
         return Ok(p);
     }
+    check_disk_space(blobs.root(), min_free_disk)?;
     let pulled = registry.pull_wasm(image, blobs).await.map_err(|e| e.to_string())?;
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
+}
+
+/// Refuses work that writes to the node's disk (a pull, an unpack, a container's writable
+/// layer) when the file system holding `path` has less than `min_free` bytes left for
+/// unprivileged use, so that a full disk is a clear start failure (retried with back-off)
+/// rather than a half-written image or a node that cannot log.
+pub fn check_disk_space(path: &std::path::Path, min_free: u64) -> Result<(), String> {
+    if min_free == 0 {
+        return Ok(());
+    }
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| format!("cannot check free disk space on {}: {e}", path.display()))?;
+    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    if free < min_free {
+        return Err(format!(
+            "not enough disk space on {}: {} MiB free, {} MiB required (--min-free-disk)",
+            path.display(),
+            free >> 20,
+            min_free.div_ceil(1 << 20)
+        ));
+    }
+    Ok(())
 }
 
 /// Per-replica scratch directories: `<dir>/<replica>/<volume>`, removed when the replica
@@ -211,11 +238,12 @@ impl Runtime for WasmRuntime {
         let volumes = self.volumes.clone();
         let resolved = self.resolved.clone();
         let preparing = self.preparing.clone();
+        let min_free_disk = self.min_free_disk;
         Box::pin(async move {
             let failed = |message: String| Termination::StartFailed { message };
             let t = &ctx.template;
             let preparing = preparing.lock(&t.image).await;
-            let pulled = match fetch(&t.image, &registry, &blobs, &resolved).await {
+            let pulled = match fetch(&t.image, &registry, &blobs, &resolved, min_free_disk).await {
                 Ok(p) => p,
                 Err(e) => return failed(e),
             };
@@ -282,4 +310,19 @@ impl Runtime for WasmRuntime {
 /// Completes when the supervisor asks the run to stop.
 pub(crate) async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disk_guard_refuses_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(super::check_disk_space(dir.path(), 0), Ok(()));
+        assert_eq!(super::check_disk_space(dir.path(), 1), Ok(()));
+        let err = super::check_disk_space(dir.path(), 1 << 60).unwrap_err();
+        assert!(err.starts_with("not enough disk space on"), "{err}");
+        assert!(err.contains("MiB free, 1099511627776 MiB required"), "{err}");
+        let err = super::check_disk_space(&dir.path().join("missing"), 1).unwrap_err();
+        assert!(err.contains("cannot check free disk space"), "{err}");
+    }
 }
