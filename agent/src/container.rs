@@ -509,7 +509,8 @@ mod tests {
 
     #[test]
     fn exits_map_to_terminations() {
-        let exit = |code, signal, oom_killed| ExitInfo { code, signal, oom_killed, finished_at: String::new() };
+        let exit =
+            |code, signal, oom_killed| ExitInfo { code, signal, oom_killed, finished_at: String::new(), pid: None };
         assert_eq!(termination(&exit(3, None, false)), Termination::Exited { code: 3 });
         assert_eq!(termination(&exit(137, Some(9), false)), Termination::Signaled { signal: 9 });
         assert_eq!(termination(&exit(137, Some(9), true)), Termination::OomKilled);

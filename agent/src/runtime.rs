@@ -139,10 +139,36 @@ async fn fetch(
     {
         return Ok(p);
     }
+    // Pulled by an earlier agent process (IfNotPresent across restarts): start from the
+    // verified blob at once, with no registry contact. After a reboot with the network down
+    // this is the difference between running at once and waiting for connects to time out.
+    if let Some(p) = pulled_before(image, blobs) {
+        resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), p.clone());
+        return Ok(p);
+    }
     check_disk_space(blobs.root(), min_free_disk)?;
     let pulled = registry.pull_wasm(image, blobs).await.map_err(|e| e.to_string())?;
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
+}
+
+/// The module an earlier pull recorded for `image` in the store's `refs.json`, if its blob
+/// is still there. A digest reference must match the recorded manifest.
+fn pulled_before(image: &str, blobs: &BlobStore) -> Option<PulledWasm> {
+    let entry = oci_runtime::RefsFile::in_store(blobs.root()).get(image).ok().flatten()?;
+    if let Some((_, digest)) = image.rsplit_once('@')
+        && digest != entry.manifest_digest
+    {
+        return None;
+    }
+    let path = blobs.path(&entry.wasm_digest).ok().filter(|p| p.exists())?;
+    Some(PulledWasm {
+        reference: image.to_string(),
+        manifest_digest: entry.manifest_digest,
+        wasm_digest: entry.wasm_digest,
+        path,
+        from_cache: true,
+    })
 }
 
 /// Refuses work that writes to the node's disk (a pull, an unpack, a container's writable

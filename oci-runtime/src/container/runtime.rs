@@ -126,6 +126,10 @@ pub struct ExitInfo {
     pub oom_killed: bool,
     /// RFC 3339, UTC.
     pub finished_at: String,
+    /// The container init this status belongs to. A container id is reused when a replica
+    /// restarts; the pid tells one run's exit from another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
 }
 
 /// Runtime settings: where state and cgroups live.
@@ -528,7 +532,7 @@ impl Runtime {
             _ => (128, None),
         };
         let oom_killed = self.oom_killed(id).unwrap_or(false);
-        Ok(ExitInfo { code, signal, oom_killed, finished_at: rfc3339(SystemTime::now()) })
+        Ok(ExitInfo { code, signal, oom_killed, finished_at: rfc3339(SystemTime::now()), pid: Some(pid) })
     }
 }
 

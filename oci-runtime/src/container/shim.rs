@@ -254,8 +254,14 @@ fn supervise(runtime: &Runtime, opts: &ShimOptions, report: &mut Option<fs::File
             break;
         }
     }
+    // The state may already belong to a newer container of the same id (the agent removed
+    // this one and started another while this shim was finishing): then this exit is no one's
+    // business, and writing it would make the new container look dead.
+    if runtime.record(&opts.id).map_or(true, |r| r.pid != container) {
+        return Ok(());
+    }
     let oom_killed = runtime.oom_killed(&opts.id).unwrap_or(false);
-    let exit = ExitInfo { code, signal, oom_killed, finished_at: rfc3339(SystemTime::now()) };
+    let exit = ExitInfo { code, signal, oom_killed, finished_at: rfc3339(SystemTime::now()), pid: Some(container) };
     let json =
         serde_json::to_vec(&exit).map_err(|e| ShimError::BadExit { id: opts.id.clone(), message: e.to_string() })?;
     write_atomic(&runtime.state_dir(&opts.id).join("exit.json"), &json)?;
@@ -354,8 +360,8 @@ impl ShimHandle {
     pub fn try_exit(&self) -> Result<Option<ExitInfo>, ShimError> {
         let path = self.runtime.state_dir(&self.id).join("exit.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
+            Ok(bytes) => serde_json::from_slice::<ExitInfo>(&bytes)
+                .map(|exit| exit.pid.is_none_or(|pid| pid == self.pid).then_some(exit))
                 .map_err(|e| ShimError::BadExit { id: self.id.clone(), message: e.to_string() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ShimError::Io { action: "read", path, source: e }),
