@@ -18,6 +18,9 @@ PACKAGES=(
     # umoci and debootstrap are the peers the container benchmarks compare with
     # and the tools that build their images.
     iproute2 runc crun skopeo umoci debootstrap
+    # Fault injection in the autonomy tests: packet loss by iptables where the
+    # kernel lacks netem; nsenter (util-linux) runs agents in their namespaces.
+    iptables util-linux
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }
