@@ -222,3 +222,38 @@ fn s2_offline_reboot_runs_wasm_within_2s_and_containers_within_5s_before_hub_con
         "the container ran {box_at:?} after the agent started (required: 5 s); agent log:\n{log}"
     );
 }
+
+/// Scenario 4: the agent's address changes mid-connection (Wi-Fi to cellular): within 10 s
+/// the node is back, proven by a new workload pushed to it reaching Running, and nothing that
+/// ran before restarted.
+#[test]
+fn s4_address_change_mid_connection_is_back_within_10s() {
+    if !edge_site::possible() {
+        return;
+    }
+    let Some(mut site) = Site::start("edge-s4") else { return };
+    let pids = site.box_pids();
+    let new_ip = site.ns.change_agent_address();
+    eprintln!("agent address now {new_ip}");
+    let doc = format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: after-move}}\nspec:\n  runtime: wasm\n  image: {}\n  args: [\"--interval-ms\", \"500\"]\n",
+        site.wasm_image
+    );
+    let out = site.c.cli_with_stdin(&["apply", "-f", "-"], Some(&doc));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let back = Site::time_until(Duration::from_secs(60), POLL, || site.node_ready() && site.running("after-move-0"));
+    eprintln!("after the address change: new workload Running after {back:?}");
+    let back = back.unwrap_or_else(|| {
+        panic!("the node did not run a new workload within 60 s of its address change:\n{}", link_lines(&site))
+    });
+    assert!(
+        back <= Duration::from_secs(10),
+        "new workload Running {back:?} after the address change (required: 10 s); agent link log:\n{}",
+        link_lines(&site)
+    );
+    for r in [WASM_REPLICA, BOX_REPLICA] {
+        let st = site.replica(r).unwrap().status;
+        assert_eq!(st.restarts, 0, "{r} restarted: {st:?}");
+    }
+    assert_eq!(site.box_pids(), pids, "the container was replaced");
+}
