@@ -810,9 +810,8 @@ impl WasmHost {
         digest: &str,
         read: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
     ) -> Result<Program, Error> {
-        if let Some(program) = lock(&self.inner.programs).get(digest) {
-            self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(program.clone());
+        if let Some(program) = self.memory_hit(digest) {
+            return Ok(program);
         }
         // Single flight: a thousand replicas of a new image compile it once. Loads of one
         // digest queue behind a per-digest lock; the first fills the in-memory map and the rest
@@ -838,14 +837,21 @@ impl WasmHost {
         result
     }
 
+    /// The program already in memory, counted as a hit.
+    fn memory_hit(&self, digest: &str) -> Option<Program> {
+        let program = lock(&self.inner.programs).get(digest).cloned()?;
+        self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
+        Some(program)
+    }
+
     fn load_uncached<'b>(
         &self,
         digest: &str,
         read: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
     ) -> Result<Program, Error> {
-        if let Some(program) = lock(&self.inner.programs).get(digest) {
-            self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(program.clone());
+        // A loader that waited its turn finds what the one before it compiled.
+        if let Some(program) = self.memory_hit(digest) {
+            return Ok(program);
         }
         if let Some(artifact) = self.load_cached(digest)? {
             let program = self.link(digest, &artifact)?;
