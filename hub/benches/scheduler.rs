@@ -1,0 +1,2 @@
+//! Scheduler throughput benchmark (filled in with the scheduler's workload kinds).
+fn main() {}
