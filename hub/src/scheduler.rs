@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proto::manifest::Runtime;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SchedNode {
     pub name: String,
     pub ready: bool,
@@ -35,6 +35,18 @@ pub struct SchedWorkload {
     pub node_selector: BTreeMap<String, String>,
     /// Ports each replica binds on its node.
     pub host_ports: Vec<u16>,
+}
+
+impl Default for SchedWorkload {
+    fn default() -> Self {
+        SchedWorkload {
+            name: String::new(),
+            replicas: 0,
+            runtime: Runtime::Wasm,
+            node_selector: BTreeMap::new(),
+            host_ports: Vec::new(),
+        }
+    }
 }
 
 /// A replica and the node it is on (`None`: not placed).

@@ -423,6 +423,7 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
             ready: shared.is_connected(&n.name),
             runtimes: n.facts.runtimes.clone(),
             labels: node_labels(&n.name, &n.facts),
+            ..Default::default()
         })
         .collect();
     let sched_workloads: Vec<SchedWorkload> = workloads
@@ -433,6 +434,7 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
             runtime: w.manifest.spec.runtime,
             node_selector: w.manifest.spec.node_selector.clone(),
             host_ports: w.manifest.spec.http.iter().map(|h| h.port).collect(),
+            ..Default::default()
         })
         .collect();
     let current: Vec<Placement> = replicas

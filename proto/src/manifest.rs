@@ -45,6 +45,10 @@ pub struct Metadata {
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The stored revision this manifest was read at. An `apply` that carries it is refused
+    /// when the workload changed since (optimistic concurrency); without it the apply wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
 }
 
 /// What a workload runs and where. Everything in here except `replicas` is the replica
