@@ -97,7 +97,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
             }
         }
         ApiResponse::Replicas { items } => {
-            rows.push(["NAME", "WORKLOAD", "NODE", "PHASE", "RESTARTS"].map(String::from).to_vec());
+            rows.push(["NAME", "WORKLOAD", "NODE", "PHASE", "READY", "RESTARTS"].map(String::from).to_vec());
             if wide {
                 rows[0].extend(["TEMPLATE", "MESSAGE"].map(String::from));
             }
@@ -107,6 +107,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     r.workload.clone(),
                     r.node.clone().unwrap_or_else(|| "<none>".into()),
                     r.status.phase.to_string(),
+                    if r.status.ready { "yes" } else { "no" }.to_string(),
                     r.status.restarts.to_string(),
                 ];
                 if wide {

@@ -18,6 +18,7 @@ use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
 use proto::messages::Termination;
 use tracing::{info, warn};
 
+use crate::prober::{ExecTarget, ProbeTarget};
 use crate::runtime::{KeyedLocks, RunContext, RunFuture, Runtime, VolumeStore, stopping};
 
 /// Time between SIGTERM and SIGKILL when the workload does not say.
@@ -203,7 +204,7 @@ impl Inner {
                 }
             },
         };
-        ctx.started();
+        ctx.started_at(self.probe_target(&id, handle.pid(), ctx.template.network));
 
         // Wait for the end, or for the supervisor to ask for it.
         let exit = loop {
@@ -235,6 +236,39 @@ impl Inner {
             Ok(exit) => termination(&exit),
             Err(e) => Termination::Trapped { message: format!("lost track of the container: {e}") },
         }
+    }
+
+    /// How health probes reach a running container: its network namespace (held open, so a
+    /// recycled pid cannot redirect the probes) and `flotilla oci exec` with this runtime's
+    /// state and cgroup roots.
+    fn probe_target(&self, id: &str, pid: i32, network: NetworkMode) -> ProbeTarget {
+        let netns = match network {
+            NetworkMode::Host => None,
+            NetworkMode::None => match std::fs::File::open(format!("/proc/{pid}/ns/net")) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    // The probes then fail to connect and say so; the run itself is fine.
+                    warn!(replica = id, pid, error = %e, "cannot open the container's network namespace");
+                    None
+                }
+            },
+        };
+        let version = match self.oci.cgroup.version {
+            container::CgroupVersion::Auto => "auto",
+            container::CgroupVersion::V1 => "v1",
+            container::CgroupVersion::V2 => "v2",
+        };
+        let oci_argv = vec![
+            self.exe.clone().into_os_string(),
+            "oci".into(),
+            "--root".into(),
+            self.oci.state_root.clone().into_os_string(),
+            "--cgroup-root".into(),
+            self.oci.cgroup.root.clone().into_os_string(),
+            "--cgroup-version".into(),
+            version.into(),
+        ];
+        ProbeTarget { netns, exec: Some(ExecTarget { oci_argv, container_id: id.to_string() }) }
     }
 
     /// Removes unused images while the store is over `threshold` bytes.

@@ -18,6 +18,8 @@ pub mod identity;
 pub mod link;
 pub mod logs;
 pub mod netwatch;
+pub mod probe;
+pub mod prober;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
@@ -132,6 +134,37 @@ fn now() -> Now {
 struct RunHandle {
     run_id: u64,
     stop: watch::Sender<bool>,
+    /// The run's health probes, as its template defines them.
+    probes_of: proto::manifest::Probes,
+    /// The task probing the run once it started; dropping the handle stops it.
+    probes: Option<ProbeTask>,
+}
+
+/// A run's probe task, aborted when the run's handle goes.
+struct ProbeTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_probes(
+    replica: &str,
+    run_id: u64,
+    probes: &proto::manifest::Probes,
+    target: prober::ProbeTarget,
+    events: &mpsc::UnboundedSender<RunEvent>,
+) -> Option<ProbeTask> {
+    if probes.is_empty() {
+        return None;
+    }
+    let (events, replica) = (events.clone(), replica.to_string());
+    let report = move |verdict| {
+        let _ = events.send(RunEvent::Probe { replica: replica.clone(), run_id, verdict });
+    };
+    let task = prober::run(probes.clone(), Instant::now(), target, report);
+    Some(ProbeTask(tokio::spawn(task)))
 }
 
 /// Runs the agent until `shutdown` completes or the hub refuses this node.
@@ -299,7 +332,16 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 acked_tx.send_replace(generation);
             }
             Some(ev) = events_rx.recv() => match ev {
-                RunEvent::Started { replica, run_id } => sup.on_started(&replica, run_id, now()),
+                RunEvent::Started { replica, run_id, target } => {
+                    sup.on_started(&replica, run_id, now());
+                    if let Some(h) = runs.get_mut(&replica).filter(|h| h.run_id == run_id) {
+                        h.probes = spawn_probes(&replica, run_id, &h.probes_of, target, &events_tx);
+                    }
+                }
+                RunEvent::Probe { replica, run_id, verdict } => {
+                    info!(%replica, run_id, ?verdict, "probe verdict");
+                    sup.on_probe(&replica, run_id, verdict, now());
+                }
                 RunEvent::Exited { replica, run_id, how } => {
                     if runs.get(&replica).is_some_and(|h| h.run_id == run_id) {
                         runs.remove(&replica);
@@ -419,7 +461,8 @@ fn execute(
                 }
             };
             let (stop_tx, stop_rx) = watch::channel(false);
-            runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx });
+            let probes_of = assignment.template.probes.clone();
+            runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx, probes_of, probes: None });
             let ctx = RunContext::new(replica.clone(), run_id, assignment.template, log, stop_rx, events.clone());
             let fut = runtime.run(ctx);
             let events = events.clone();

@@ -20,12 +20,29 @@ use tokio::sync::{mpsc, watch};
 use wasm_runtime::{Exit, HttpOptions, Limits, Preopen, RunOptions, WasmHost};
 
 use crate::logs::LogSink;
+use crate::probe::Verdict;
+use crate::prober::ProbeTarget;
 
 /// What the shell learns about a run.
 #[derive(Debug)]
 pub enum RunEvent {
-    Started { replica: String, run_id: u64 },
-    Exited { replica: String, run_id: u64, how: Termination },
+    /// The workload runs; `target` says how its probes reach it.
+    Started {
+        replica: String,
+        run_id: u64,
+        target: ProbeTarget,
+    },
+    Exited {
+        replica: String,
+        run_id: u64,
+        how: Termination,
+    },
+    /// A verdict of the run's health probes.
+    Probe {
+        replica: String,
+        run_id: u64,
+        verdict: Verdict,
+    },
 }
 
 /// Everything one run needs.
@@ -51,9 +68,16 @@ impl RunContext {
         RunContext { replica, run_id, template, log, stop, events }
     }
 
-    /// Tells the supervisor the workload is now running.
+    /// Tells the supervisor the workload is now running in the agent's own network namespace
+    /// (Wasm), where HTTP and TCP probes reach it on 127.0.0.1.
     pub fn started(&self) {
-        let _ = self.events.send(RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id });
+        self.started_at(ProbeTarget::default());
+    }
+
+    /// Tells the supervisor the workload is now running, reachable by its probes as `target`
+    /// says.
+    pub fn started_at(&self, target: ProbeTarget) {
+        let _ = self.events.send(RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id, target });
     }
 }
 

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use proto::messages::{Assignment, EventReason, Phase, ReplicaStatus, Termination};
 
+use crate::probe::Verdict;
+
 /// Capped exponential backoff between restarts of one replica.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -69,16 +71,27 @@ enum RunState {
         run_id: u64,
         since: Instant,
     },
-    /// Stop requested; `then_start` when the replica must come back (new template).
+    /// Stop requested; `then` says what follows.
     Stopping {
         run_id: u64,
-        then_start: bool,
+        then: AfterStop,
     },
     BackingOff {
         until: Instant,
     },
     /// Ended for good under its restart policy.
     Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterStop {
+    /// Removed from the node: forget it.
+    Forget,
+    /// The template changed: start the new one.
+    Start,
+    /// Killed as unhealthy: the run ended `how` (it had run since `since`); the restart
+    /// policy and back-off decide what follows, as for an exit.
+    Ended { how: Termination, since: Instant },
 }
 
 #[derive(Debug)]
@@ -113,10 +126,9 @@ impl Supervisor {
             if !wanted.contains_key(name.as_str()) && !r.removed {
                 r.removed = true;
                 r.state = match r.state {
-                    RunState::Starting { run_id } | RunState::Running { run_id, .. } => {
-                        RunState::Stopping { run_id, then_start: false }
-                    }
-                    RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then_start: false },
+                    RunState::Starting { run_id }
+                    | RunState::Running { run_id, .. }
+                    | RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then: AfterStop::Forget },
                     _ => RunState::Done,
                 };
             }
@@ -132,7 +144,7 @@ impl Supervisor {
                     r.state = match r.state {
                         RunState::Starting { run_id }
                         | RunState::Running { run_id, .. }
-                        | RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then_start: true },
+                        | RunState::Stopping { run_id, .. } => RunState::Stopping { run_id, then: AfterStop::Start },
                         _ => RunState::Ready,
                     };
                     if !was_removed {
@@ -196,6 +208,7 @@ impl Supervisor {
         r.status.record(now.wall_ms, EventReason::Started, "");
         r.status.phase = Phase::Running;
         r.status.message.clear();
+        r.status.ready = crate::probe::ProbeSet::ready_at_start(&r.assignment.template.probes);
         r.status.started_at_ms = Some(now.wall_ms);
         r.status.observed_at_ms = now.wall_ms;
         self.changed.insert(replica.to_string());
@@ -214,14 +227,21 @@ impl Supervisor {
             }
             _ => return,
         };
+        Self::ended(r, how, since, self.backoff, now);
+        self.changed.insert(replica.to_string());
+    }
+
+    /// A run ended `how`: restart it under its policy with back-off, or finish it.
+    fn ended(r: &mut Replica, how: Termination, since: Option<Instant>, backoff: Backoff, now: Now) {
         let success = matches!(how, Termination::Exited { code: 0 });
-        let long_run = since.is_some_and(|s| now.mono.saturating_duration_since(s) >= self.backoff.reset_after);
+        let long_run = since.is_some_and(|s| now.mono.saturating_duration_since(s) >= backoff.reset_after);
         r.consecutive_failures = if long_run { 1 } else { r.consecutive_failures + 1 };
         // A start failure (missing image, invalid module) is retried whatever the policy,
         // since the cause may be fixed outside the node (an image pushed late).
         let start_failed = matches!(how, Termination::StartFailed { .. });
         let restart = start_failed || r.assignment.template.restart_policy.restarts(success);
         r.status.started_at_ms = None;
+        r.status.ready = false;
         r.status.observed_at_ms = now.wall_ms;
         let reason = match &how {
             Termination::StartFailed { .. } => EventReason::StartFailed,
@@ -230,7 +250,7 @@ impl Supervisor {
         };
         r.status.record(now.wall_ms, reason, how.to_string());
         if restart {
-            let delay = self.backoff.delay(r.consecutive_failures);
+            let delay = backoff.delay(r.consecutive_failures);
             r.state = RunState::BackingOff { until: now.mono + delay };
             r.status.phase = Phase::Pending;
             r.status.message = format!("back-off {}s before restarting", delay.as_secs_f64().ceil() as u64);
@@ -250,24 +270,57 @@ impl Supervisor {
             r.status.message.clear();
         }
         r.status.last_termination = Some(how);
+    }
+
+    /// A verdict of the running run's health probes.
+    pub fn on_probe(&mut self, replica: &str, run_id: u64, verdict: Verdict, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        let RunState::Running { run_id: id, since } = r.state else { return };
+        if id != run_id {
+            return;
+        }
+        match verdict {
+            Verdict::Ready { ready, message } => {
+                if r.status.ready == ready {
+                    return;
+                }
+                r.status.ready = ready;
+                let reason = if ready { EventReason::Ready } else { EventReason::NotReady };
+                r.status.record(now.wall_ms, reason, message);
+            }
+            Verdict::Kill { message } => {
+                r.status.ready = false;
+                r.status.record(now.wall_ms, EventReason::Unhealthy, format!("{message}; restarting"));
+                r.status.message = message.clone();
+                let how = Termination::Unhealthy { message };
+                r.state = RunState::Stopping { run_id, then: AfterStop::Ended { how, since } };
+            }
+        }
+        r.status.observed_at_ms = now.wall_ms;
         self.changed.insert(replica.to_string());
     }
 
     /// The runtime finished stopping a run the supervisor asked to stop.
     pub fn on_stopped(&mut self, replica: &str, run_id: u64, now: Now) {
         let Some(r) = self.replicas.get_mut(replica) else { return };
-        let RunState::Stopping { run_id: id, then_start } = r.state else { return };
-        if id != run_id {
+        let RunState::Stopping { run_id: id, then } = &r.state else { return };
+        if *id != run_id {
             return;
         }
+        let then = then.clone();
         r.status.started_at_ms = None;
-        r.status.record(now.wall_ms, EventReason::Stopped, "");
-        if then_start {
-            r.state = RunState::Ready;
-        } else {
-            r.state = RunState::Done;
-            r.status.phase = Phase::Succeeded;
-            r.status.message = "stopped".into();
+        r.status.ready = false;
+        if !matches!(then, AfterStop::Ended { .. }) {
+            r.status.record(now.wall_ms, EventReason::Stopped, "");
+        }
+        match then {
+            AfterStop::Start => r.state = RunState::Ready,
+            AfterStop::Forget => {
+                r.state = RunState::Done;
+                r.status.phase = Phase::Succeeded;
+                r.status.message = "stopped".into();
+            }
+            AfterStop::Ended { how, since } => Self::ended(r, how, Some(since), self.backoff, now),
         }
         r.status.observed_at_ms = now.wall_ms;
         self.changed.insert(replica.to_string());
@@ -368,6 +421,7 @@ mod tests {
             cpu_millis: None,
             pids: None,
             grace_ms: None,
+            probes: Default::default(),
         };
         Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
     }
@@ -571,5 +625,84 @@ mod tests {
         assert!(s.take_status_changes().is_empty());
         s.on_started("w-0", id, c.now());
         assert_eq!(s.take_status_changes()["w-0"].phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_failing_liveness_probe_stops_the_run_and_restarts_it_with_back_off() {
+        use proto::manifest::{Probe, ProbeAction};
+        let mut c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        let mut a = assignment("w-0", "a", RestartPolicy::Always);
+        let probe = Probe {
+            action: ProbeAction::Tcp { port: 80 },
+            initial_delay_ms: 0,
+            period_ms: 100,
+            timeout_ms: 100,
+            failure_threshold: 1,
+            success_threshold: 1,
+        };
+        a.template.probes.readiness = Some(probe.clone());
+        a.template.probes.liveness = Some(probe);
+        s.set_assignments(&[a], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id, c.now());
+        assert!(!s.statuses()["w-0"].ready, "a readiness probe must pass first");
+        s.on_probe("w-0", id, Verdict::Ready { ready: true, message: "readiness probe passed".into() }, c.now());
+        assert!(s.statuses()["w-0"].ready);
+        // A verdict for an old run changes nothing.
+        s.on_probe("w-0", id + 7, Verdict::Kill { message: "x".into() }, c.now());
+        assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+
+        s.on_probe(
+            "w-0",
+            id,
+            Verdict::Kill { message: "liveness probe failed 1 time in a row: refused".into() },
+            c.now(),
+        );
+        assert!(!s.statuses()["w-0"].ready);
+        assert_eq!(s.poll_actions(c.now()), [Action::Stop { replica: "w-0".into(), run_id: id }]);
+        c.advance(Duration::from_millis(50));
+        // The stopped run counts as a failure: back-off, then a new run.
+        s.on_exited("w-0", id, Termination::Signaled { signal: 15 }, c.now());
+        let st = &s.statuses()["w-0"];
+        assert_eq!(st.phase, Phase::Pending);
+        assert!(st.message.starts_with("back-off 1s"), "{}", st.message);
+        assert_eq!(
+            st.last_termination,
+            Some(Termination::Unhealthy { message: "liveness probe failed 1 time in a row: refused".into() })
+        );
+        let reasons: Vec<EventReason> = st.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons[2..],
+            [
+                EventReason::Ready,
+                EventReason::Unhealthy,
+                EventReason::Stopping,
+                EventReason::Exited,
+                EventReason::BackOff
+            ]
+        );
+        assert!(s.poll_actions(c.now()).is_empty());
+        c.advance(Duration::from_secs(1));
+        let id2 = start_id(&s.poll_actions(c.now()));
+        assert!(id2 > id);
+        assert_eq!(s.statuses()["w-0"].restarts, 1);
+    }
+
+    #[test]
+    fn an_unhealthy_kill_under_restart_policy_never_fails_the_replica() {
+        let c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Never)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id, c.now());
+        assert!(s.statuses()["w-0"].ready, "no probes: ready while it runs");
+        s.on_probe("w-0", id, Verdict::Kill { message: "startup probe failed".into() }, c.now());
+        s.poll_actions(c.now());
+        s.on_stopped("w-0", id, c.now());
+        let st = &s.statuses()["w-0"];
+        assert_eq!(st.phase, Phase::Failed);
+        assert!(!st.ready);
+        assert!(s.poll_actions(c.now()).is_empty());
     }
 }

@@ -146,6 +146,7 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
 
 fn is_ready(shared: &Shared, r: &ReplicaRow) -> bool {
     r.status.phase == Phase::Running
+        && r.status.ready
         && r.status.template_hash == r.template_hash
         && r.node.as_deref().is_some_and(|n| shared.is_connected(n))
 }
@@ -176,9 +177,11 @@ fn replica_view(shared: &Shared, r: ReplicaRow) -> ReplicaView {
             // The node may be running it, or may be gone: say what is known, no more.
             status.message = format!("node {node} is not connected; it last reported {}", status.phase);
             status.phase = Phase::Unknown;
+            status.ready = false;
         } else if status.template_hash != r.template_hash {
             // A status reported for an older template says nothing about the current one.
             status.phase = Phase::Pending;
+            status.ready = false;
             status.message = "waiting for the node to apply the new template".into();
         }
     }
@@ -253,6 +256,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let _ = writeln!(s, "Workload:      {}", r.workload);
             let _ = writeln!(s, "Node:          {}", r.node.as_deref().unwrap_or("<none>"));
             let _ = writeln!(s, "Phase:         {}", r.status.phase);
+            let _ = writeln!(s, "Ready:         {}", r.status.ready);
             let _ = writeln!(s, "Restarts:      {}", r.status.restarts);
             let _ = writeln!(s, "Template:      {}", r.template_hash);
             if r.node.is_none() {

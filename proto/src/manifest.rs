@@ -85,6 +85,73 @@ pub struct WorkloadSpec {
     /// Containers: how long a stopping container gets between SIGTERM and SIGKILL (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_grace_period: Option<String>,
+    /// Until it succeeds, liveness and readiness are not checked; failing it restarts the
+    /// replica (for slow starters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<ProbeSpec>,
+    /// Failing it restarts the replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+    /// Whether the replica should get work; reported to the hub and gating rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+}
+
+/// A health check, Kubernetes-shaped: one handler (`httpGet`, `tcpSocket` or `exec`) and its
+/// timing. Durations are strings (`500ms`, `10s`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProbeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocketAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecAction>,
+    /// Wait before the first check (default 0s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay: Option<String>,
+    /// Between checks (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// One check fails when it takes longer (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Failures in a row that make the probe fail (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    /// Successes in a row that make it pass again (default 1; must be 1 except for readiness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<u32>,
+}
+
+/// An HTTP GET on the replica; 200–399 passes. The port defaults to `spec.http.port` for Wasm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpGetAction {
+    #[serde(default = "root_path")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+/// A TCP connect to the replica's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpSocketAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Containers: a command run inside the container; exit code 0 passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExecAction {
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +423,18 @@ impl Manifest {
                 return err("spec.http.maxConcurrency", "must be at least 1".into());
             }
         }
+        for (field, probe, liveness_like) in [
+            ("startupProbe", &spec.startup_probe, true),
+            ("livenessProbe", &spec.liveness_probe, true),
+            ("readinessProbe", &spec.readiness_probe, false),
+        ] {
+            if let Some(p) = probe
+                && let Err((sub, msg)) = validate_probe(p, spec, liveness_like)
+            {
+                let path = if sub.is_empty() { format!("spec.{field}") } else { format!("spec.{field}.{sub}") };
+                return err(&path, msg);
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         let mut mounts = std::collections::BTreeSet::new();
         for (i, v) in spec.volumes.iter().enumerate() {
@@ -400,6 +479,143 @@ impl Manifest {
             cpu_millis: s.resources.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
             pids: s.resources.pids,
             grace_ms: s.termination_grace_period.as_deref().and_then(|g| parse_duration_ms(g).ok()),
+            probes: Probes {
+                startup: s.startup_probe.as_ref().and_then(|p| p.resolve(s).ok()),
+                liveness: s.liveness_probe.as_ref().and_then(|p| p.resolve(s).ok()),
+                readiness: s.readiness_probe.as_ref().and_then(|p| p.resolve(s).ok()),
+            },
+        }
+    }
+}
+
+/// Checks one probe of `spec`; returns the offending sub-path ("" for the probe itself).
+fn validate_probe(p: &ProbeSpec, spec: &WorkloadSpec, liveness_like: bool) -> Result<(), (String, String)> {
+    let handlers = [p.http_get.is_some(), p.tcp_socket.is_some(), p.exec.is_some()];
+    if handlers.iter().filter(|h| **h).count() != 1 {
+        return Err((String::new(), "set exactly one of httpGet, tcpSocket and exec".into()));
+    }
+    for (f, d) in [("initialDelay", &p.initial_delay), ("period", &p.period), ("timeout", &p.timeout)] {
+        if let Some(d) = d {
+            let ms = parse_duration_ms(d).map_err(|m| (f.to_string(), m))?;
+            if f != "initialDelay" && ms < 100 {
+                return Err((f.to_string(), format!("{d:?} is shorter than the minimum of 100ms")));
+            }
+        }
+    }
+    if p.failure_threshold == Some(0) {
+        return Err(("failureThreshold".into(), "must be at least 1".into()));
+    }
+    match p.success_threshold {
+        Some(0) => return Err(("successThreshold".into(), "must be at least 1".into())),
+        Some(n) if n != 1 && liveness_like => {
+            return Err(("successThreshold".into(), "must be 1 for liveness and startup probes".into()));
+        }
+        _ => {}
+    }
+    if let Some(e) = &p.exec {
+        if spec.runtime != Runtime::Container {
+            return Err(("exec".into(), "exec probes apply to containers only (runtime: container)".into()));
+        }
+        if e.command.is_empty() {
+            return Err(("exec.command".into(), "must name a program".into()));
+        }
+        if e.command.iter().any(|a| a.contains('\0')) {
+            return Err(("exec.command".into(), "contains a NUL byte".into()));
+        }
+    }
+    if let Some(h) = &p.http_get
+        && (!h.path.starts_with('/') || h.path.chars().any(|c| c.is_ascii_control() || c == ' '))
+    {
+        return Err(("httpGet.path".into(), format!("{:?} must start with '/' and have no spaces", h.path)));
+    }
+    if spec.runtime == Runtime::Wasm && spec.http.is_none() {
+        return Err((
+            String::new(),
+            "Wasm replicas are probed over HTTP: set spec.http to serve a wasi:http component".into(),
+        ));
+    }
+    p.resolve(spec).map(|_| ()).map_err(|m| {
+        let sub = if p.http_get.is_some() { "httpGet.port" } else { "tcpSocket.port" };
+        (sub.to_string(), m)
+    })
+}
+
+impl ProbeSpec {
+    /// The probe as the agent runs it, with defaults filled in.
+    fn resolve(&self, spec: &WorkloadSpec) -> Result<Probe, String> {
+        let ms = |d: &Option<String>, default: u64| d.as_deref().map_or(Ok(default), parse_duration_ms);
+        let port = |p: Option<u16>| -> Result<u16, String> {
+            let wasm_port = spec.http.map(|h| h.port);
+            match (spec.runtime, p) {
+                (_, Some(0)) => Err("port must be between 1 and 65535".into()),
+                (Runtime::Wasm, Some(p)) if Some(p) != wasm_port => {
+                    Err(format!("a Wasm component listens on spec.http.port only ({})", wasm_port.unwrap_or(0)))
+                }
+                (_, Some(p)) => Ok(p),
+                (Runtime::Wasm, None) => wasm_port.ok_or_else(|| "set a port".to_string()),
+                (Runtime::Container, None) => Err("set the port to probe".into()),
+            }
+        };
+        let action = match (&self.http_get, &self.tcp_socket, &self.exec) {
+            (Some(h), _, _) => ProbeAction::Http { path: h.path.clone(), port: port(h.port)? },
+            (_, Some(t), _) => ProbeAction::Tcp { port: port(t.port)? },
+            (_, _, Some(e)) => ProbeAction::Exec { command: e.command.clone() },
+            _ => return Err("no handler".into()),
+        };
+        Ok(Probe {
+            action,
+            initial_delay_ms: ms(&self.initial_delay, 0)?,
+            period_ms: ms(&self.period, 10_000)?,
+            timeout_ms: ms(&self.timeout, 1_000)?,
+            failure_threshold: self.failure_threshold.unwrap_or(3),
+            success_threshold: self.success_threshold.unwrap_or(1),
+        })
+    }
+}
+
+/// The probes of a replica template, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Probe>,
+}
+
+impl Probes {
+    pub fn is_empty(&self) -> bool {
+        self.startup.is_none() && self.liveness.is_none() && self.readiness.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    pub action: ProbeAction,
+    pub initial_delay_ms: u64,
+    pub period_ms: u64,
+    pub timeout_ms: u64,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeAction {
+    Http { path: String, port: u16 },
+    Tcp { port: u16 },
+    Exec { command: Vec<String> },
+}
+
+impl fmt::Display for ProbeAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeAction::Http { path, port } => write!(f, "http-get :{port}{path}"),
+            ProbeAction::Tcp { port } => write!(f, "tcp-socket :{port}"),
+            ProbeAction::Exec { command } => write!(f, "exec {}", command.join(" ")),
         }
     }
 }
@@ -543,6 +759,8 @@ pub struct ReplicaTemplate {
     pub pids: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Probes::is_empty")]
+    pub probes: Probes,
 }
 
 impl ReplicaTemplate {
@@ -617,6 +835,67 @@ spec:
         for bad in ["0", "0m", "m", "1.2345", "-1", "1e3", ""] {
             assert!(parse_cpu_millis(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn probes_resolve_with_defaults_and_bad_ones_are_refused_with_their_path() {
+        let c = GOOD.replace("runtime: wasm", "runtime: container").replace(
+            "resources: {memory: 64Mi}",
+            "livenessProbe: {httpGet: {path: /healthz, port: 8080}, period: 2s}\n  \
+             readinessProbe: {tcpSocket: {port: 8080}, successThreshold: 2}\n  \
+             startupProbe: {exec: {command: [cat, /ready]}, failureThreshold: 30, initialDelay: 500ms}",
+        );
+        let t = parse_manifests(&c).unwrap()[0].template();
+        let live = t.probes.liveness.as_ref().unwrap();
+        assert_eq!(live.action, ProbeAction::Http { path: "/healthz".into(), port: 8080 });
+        assert_eq!(
+            (live.period_ms, live.timeout_ms, live.failure_threshold, live.initial_delay_ms),
+            (2000, 1000, 3, 0)
+        );
+        assert_eq!(t.probes.readiness.as_ref().unwrap().success_threshold, 2);
+        let startup = t.probes.startup.as_ref().unwrap();
+        assert_eq!(startup.action, ProbeAction::Exec { command: vec!["cat".into(), "/ready".into()] });
+        assert_eq!((startup.failure_threshold, startup.initial_delay_ms), (30, 500));
+        // A template without probes keeps the hash it had before probes existed.
+        assert!(!serde_json::to_string(&parse_manifests(GOOD).unwrap()[0].template()).unwrap().contains("probes"));
+
+        for (from, to, path) in [
+            ("{httpGet: {path: /healthz, port: 8080}, period: 2s}", "{period: 2s}", "spec.livenessProbe"),
+            (
+                "{httpGet: {path: /healthz, port: 8080}, period: 2s}",
+                "{httpGet: {port: 1}, tcpSocket: {port: 1}}",
+                "spec.livenessProbe",
+            ),
+            ("period: 2s", "period: 10ms", "spec.livenessProbe.period"),
+            ("period: 2s", "period: soon", "spec.livenessProbe.period"),
+            ("period: 2s", "failureThreshold: 0", "spec.livenessProbe.failureThreshold"),
+            ("period: 2s", "successThreshold: 2", "spec.livenessProbe.successThreshold"),
+            ("path: /healthz, port: 8080", "path: healthz, port: 8080", "spec.livenessProbe.httpGet.path"),
+            ("path: /healthz, port: 8080", "path: /healthz", "spec.livenessProbe.httpGet.port"),
+            ("tcpSocket: {port: 8080}", "tcpSocket: {port: 0}", "spec.readinessProbe.tcpSocket.port"),
+            ("command: [cat, /ready]", "command: []", "spec.startupProbe.exec.command"),
+            (
+                "{port: 8080}, successThreshold: 2",
+                "{port: 8080}, periodSeconds: 2",
+                "spec.readinessProbe.periodSeconds",
+            ),
+        ] {
+            assert!(c.contains(from), "{from}");
+            let e = parse_manifests(&c.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(e.path, path, "{from} -> {to}: {e}");
+        }
+
+        // Wasm: HTTP components only, probed on their own port; no exec.
+        let w = GOOD.replace("resources: {memory: 64Mi}", "http: {port: 8080}\n  livenessProbe: {httpGet: {path: /}}");
+        let t = parse_manifests(&w).unwrap()[0].template();
+        assert_eq!(t.probes.liveness.unwrap().action, ProbeAction::Http { path: "/".into(), port: 8080 });
+        let e = parse_manifests(&w.replace("httpGet: {path: /}", "httpGet: {port: 9090}")).unwrap_err();
+        assert_eq!(e.path, "spec.livenessProbe.httpGet.port", "{e}");
+        let e = parse_manifests(&w.replace("httpGet: {path: /}", "exec: {command: [x]}")).unwrap_err();
+        assert_eq!(e.path, "spec.livenessProbe.exec", "{e}");
+        let e = parse_manifests(&w.replace("http: {port: 8080}\n  ", "")).unwrap_err();
+        assert_eq!(e.path, "spec.livenessProbe", "{e}");
+        assert!(e.message.contains("set spec.http"), "{e}");
     }
 
     #[test]

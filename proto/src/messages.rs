@@ -98,6 +98,10 @@ pub enum Termination {
     },
     /// A container was killed for exceeding its memory limit.
     OomKilled,
+    /// Stopped by the agent because its liveness or startup probe failed.
+    Unhealthy {
+        message: String,
+    },
 }
 
 impl fmt::Display for Termination {
@@ -108,6 +112,7 @@ impl fmt::Display for Termination {
             Termination::StartFailed { message } => write!(f, "failed to start: {message}"),
             Termination::Signaled { signal } => write!(f, "killed by signal {signal}"),
             Termination::OomKilled => write!(f, "OOMKilled: exceeded its memory limit"),
+            Termination::Unhealthy { message } => write!(f, "killed as unhealthy: {message}"),
         }
     }
 }
@@ -128,6 +133,10 @@ pub struct ReplicaStatus {
     /// When the current run started (ms since epoch), if running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
+    /// Running and passing its readiness probe (its startup probe, if any, has passed; a
+    /// replica without a readiness probe is ready while it runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ready: bool,
     /// When this status was observed (ms since epoch, agent clock).
     pub observed_at_ms: u64,
     /// The replica's recent history on its node, oldest first, at most
@@ -172,6 +181,12 @@ pub enum EventReason {
     Stopping,
     /// The run was stopped on request.
     Stopped,
+    /// A liveness or startup probe failed its threshold; the run is being restarted.
+    Unhealthy,
+    /// The readiness probe passed: the replica is ready.
+    Ready,
+    /// The readiness probe failed its threshold: the replica is not ready.
+    NotReady,
 }
 
 impl fmt::Display for EventReason {
