@@ -21,6 +21,9 @@ PACKAGES=(
     # Fault injection in the autonomy tests: packet loss by iptables where the
     # kernel lacks netem; nsenter (util-linux) runs agents in their namespaces.
     iptables util-linux
+    # The hub's PostgreSQL datastore: the store and multi-hub tests start their
+    # own throwaway server from /usr/lib/postgresql/<major>/bin as user postgres.
+    postgresql
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }
@@ -47,6 +50,21 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
     log "system packages present: ${PACKAGES[*]}"
+fi
+
+# Debian's postinst creates (and, with systemd, starts) a `main` cluster on
+# port 5432. Nothing here uses it: tests start their own server in a temp dir.
+# Stop it and keep it from starting at boot, so it holds no port or memory.
+if command -v pg_lsclusters >/dev/null 2>&1; then
+    while read -r version cluster _; do
+        [[ -n "$version" ]] || continue
+        conf="/etc/postgresql/$version/$cluster/start.conf"
+        if [[ -w "$conf" ]] && ! grep -qx disabled "$conf"; then
+            log "disabling the packaged PostgreSQL cluster $version/$cluster (tests start their own)"
+            echo disabled >"$conf"
+        fi
+        pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+    done < <(pg_lsclusters -h 2>/dev/null)
 fi
 
 if ! command -v rustup >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/rustup" ]]; then

@@ -1,0 +1,708 @@
+//! The hub's state store: the desired state (workloads), the nodes, the placements and their
+//! observed status, plus the few cluster-wide records several hubs share (the controller lease,
+//! the cluster identity). It is the only module that speaks SQL, and it never reads the clock:
+//! timestamps come from the caller, except lease expiry, which uses the database's own clock.
+//!
+//! Two backends, one schema and one text per query ([`db`] explains the dialect bridge):
+//! - **SQLite** (embedded default): one file in the hub's data dir, WAL, `synchronous=FULL`, so
+//!   a commit the API acknowledged survives a SIGKILL or a power loss. One hub.
+//! - **PostgreSQL** (`--datastore postgres://...`): several hubs share it. Read-modify-write
+//!   transactions take one cluster-wide advisory lock, the PostgreSQL twin of SQLite's
+//!   `BEGIN IMMEDIATE`; single-statement writes (heartbeats, acks) rely on row atomicity.
+//!   Serializing writers costs little at a hub's write rate and rules out lost updates,
+//!   deadlocks between multi-row writers and serialization-failure retries.
+//!
+//! Invariants:
+//! - Every write that changes what a node must run bumps that node's `generation` in the same
+//!   transaction, so an agent that acknowledged generation `g` has seen every change up to it;
+//!   generations only grow, whichever hub writes.
+//! - A workload's `revision` grows by one per stored change. Stored manifests never carry
+//!   `metadata.resourceVersion`; an apply that carries one is refused with
+//!   [`StoreError::Conflict`] unless it equals the stored revision (optimistic concurrency).
+//! - Placements written "as leader" commit only while the writer still holds the lease
+//!   (checked under the write lock, by the database clock): a deposed leader cannot overwrite
+//!   its successor's decisions.
+
+mod db;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use proto::manifest::{Manifest, ReplicaTemplate};
+use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+
+use self::db::{Pool, Rec, Tx};
+use crate::scheduler::Placement;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot migrate the store: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("corrupt {what} record {name:?} in the store: {source}")]
+    Corrupt { what: &'static str, name: String, source: serde_json::Error },
+    /// An apply carried `metadata.resourceVersion` and the stored workload moved on.
+    #[error("workload {name} was changed since revision {expected} ({now}); get it again and re-apply")]
+    Conflict { name: String, expected: u64, now: String },
+    /// A leader-only write whose writer no longer holds the lease.
+    #[error("lease {lease:?} is no longer held by {holder}; write refused")]
+    NotLeader { lease: String, holder: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a hub keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Datastore {
+    /// The embedded SQLite file `hub.db` in the hub's data dir.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL connection URL (`postgres://user:pass@host:port/db`), shared by all hubs.
+    Postgres(String),
+}
+
+impl FromStr for Datastore {
+    type Err = String;
+
+    /// `sqlite` (or an empty string) for the embedded store; `postgres://...` or
+    /// `postgresql://...` for PostgreSQL.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s.is_empty() || s == "sqlite" {
+            Ok(Datastore::Sqlite)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(Datastore::Postgres(s.to_string()))
+        } else {
+            Err(format!("unsupported datastore {s:?}: use sqlite or a postgres://USER@HOST:PORT/DB URL"))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadRow {
+    /// As applied, without `metadata.resourceVersion`.
+    pub manifest: Manifest,
+    pub revision: u64,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub name: String,
+    pub facts: NodeFacts,
+    pub generation: u64,
+    pub acked_generation: u64,
+    pub joined_at_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    /// The hub holding the node's agent session, if any (see [`Store::set_node_session`]).
+    pub connected_via: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub name: String,
+    pub workload: String,
+    pub index: u32,
+    pub node: Option<String>,
+    pub template: ReplicaTemplate,
+    pub template_hash: String,
+    pub status: ReplicaStatus,
+    pub unschedulable: String,
+}
+
+/// What `apply_workloads` did to one manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// A lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub holder: String,
+    /// Grows by one each time the lease changes holder.
+    pub term: u64,
+    /// Expiry by the database's clock.
+    pub expires_at_ms: u64,
+}
+
+/// A leader-only write names the lease and holder it is made under.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence<'a> {
+    pub lease: &'a str,
+    pub holder: &'a str,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+fn corrupt<'a>(what: &'static str, name: &'a str) -> impl FnOnce(serde_json::Error) -> StoreError + 'a {
+    move |source| StoreError::Corrupt { what, name: name.to_string(), source }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("store records serialize")
+}
+
+/// The manifest as stored: without the revision it was read at, so comparisons stay stable.
+fn stored_form(m: &Manifest) -> Manifest {
+    let mut m = m.clone();
+    m.metadata.resource_version = None;
+    m
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with synchronous=FULL: a commit the API acknowledged survives power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = Pool::open_sqlite(opts)
+            .await
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        pool.migrate().await?;
+        Ok(Store { pool })
+    }
+
+    /// Connects to the PostgreSQL database at `url` and applies migrations (once, however
+    /// many hubs start together).
+    pub async fn open_postgres(url: &str) -> Result<Store> {
+        let pool = Pool::open_postgres(url).await.map_err(|source| StoreError::Open { path: redact(url), source })?;
+        pool.migrate().await?;
+        Ok(Store { pool })
+    }
+
+    /// Opens the store `datastore` names; `data_dir` holds the SQLite file.
+    pub async fn connect(datastore: &Datastore, data_dir: &Path) -> Result<Store> {
+        match datastore {
+            Datastore::Sqlite => Store::open(&data_dir.join("hub.db")).await,
+            Datastore::Postgres(url) => Store::open_postgres(url).await,
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`, for logs.
+    pub fn backend_name(&self) -> &'static str {
+        match self.pool.backend() {
+            db::Backend::Sqlite => "sqlite",
+            db::Backend::Postgres => "postgres",
+        }
+    }
+
+    /// Whether other hubs may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.pool.backend() == db::Backend::Postgres
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Workloads
+
+    /// Stores `manifests` in one transaction: all or nothing. A manifest identical to the
+    /// stored one is left untouched. A manifest carrying `metadata.resourceVersion` is
+    /// refused with [`StoreError::Conflict`] (and nothing is stored) unless that is the
+    /// workload's current revision.
+    pub async fn apply_workloads(&self, manifests: &[Manifest], now_ms: u64) -> Result<Vec<Applied>> {
+        let mut tx = self.pool.write_tx().await?;
+        let mut out = Vec::with_capacity(manifests.len());
+        for given in manifests {
+            let m = stored_form(given);
+            let name = &m.metadata.name;
+            let json = to_json(&m);
+            let existing =
+                tx.fetch_optional("SELECT manifest, revision FROM workloads WHERE name = ?", &[name.into()]).await?;
+            let existing = match existing {
+                Some(r) => Some((r.text(0)?, r.u64(1)?)),
+                None => None,
+            };
+            if let Some(expected) = given.metadata.resource_version {
+                let current = existing.as_ref().map(|(_, rev)| *rev);
+                if current != Some(expected) {
+                    return Err(StoreError::Conflict {
+                        name: name.clone(),
+                        expected,
+                        now: match current {
+                            Some(rev) => format!("now {rev}"),
+                            None => "it was deleted".into(),
+                        },
+                    });
+                }
+            }
+            let outcome = match existing {
+                None => {
+                    tx.exec(
+                        "INSERT INTO workloads (name, manifest, revision, created_at_ms, updated_at_ms) VALUES (?, ?, 1, ?, ?)",
+                        &[name.into(), (&json).into(), now_ms.into(), now_ms.into()],
+                    )
+                    .await?;
+                    Applied::Created
+                }
+                Some((old_json, _)) => {
+                    let old: Manifest = serde_json::from_str(&old_json).map_err(corrupt("workload", name))?;
+                    if stored_form(&old) == m {
+                        Applied::Unchanged
+                    } else {
+                        tx.exec(
+                            "UPDATE workloads SET manifest = ?, revision = revision + 1, updated_at_ms = ? WHERE name = ?",
+                            &[(&json).into(), now_ms.into(), name.into()],
+                        )
+                        .await?;
+                        Applied::Configured
+                    }
+                }
+            };
+            out.push(outcome);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Deletes the named workloads; returns those that existed and the nodes whose assignment
+    /// sets changed (their replicas go with the workload and they get a new generation).
+    pub async fn delete_workloads(&self, names: &[String]) -> Result<(Vec<String>, BTreeSet<String>)> {
+        let mut tx = self.pool.write_tx().await?;
+        let mut deleted = Vec::new();
+        let mut nodes = BTreeSet::new();
+        for name in names {
+            let rows = tx
+                .fetch("SELECT DISTINCT node FROM replicas WHERE workload = ? AND node IS NOT NULL", &[name.into()])
+                .await?;
+            for r in &rows {
+                nodes.insert(r.text(0)?);
+            }
+            if tx.exec("DELETE FROM workloads WHERE name = ?", &[name.into()]).await? > 0 {
+                deleted.push(name.clone());
+            }
+        }
+        for node in &nodes {
+            bump_generation(&mut tx, node).await?;
+        }
+        tx.commit().await?;
+        Ok((deleted, nodes))
+    }
+
+    pub async fn workloads(&self) -> Result<Vec<WorkloadRow>> {
+        let rows =
+            self.pool.fetch("SELECT name, manifest, revision, created_at_ms FROM workloads ORDER BY name", &[]).await?;
+        rows.iter()
+            .map(|r| {
+                let name = r.text(0)?;
+                Ok(WorkloadRow {
+                    manifest: serde_json::from_str(&r.text(1)?).map_err(corrupt("workload", &name))?,
+                    revision: r.u64(2)?,
+                    created_at_ms: r.u64(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Each workload's revision: a cheap change detector for hubs that poll the store.
+    pub async fn workload_revisions(&self) -> Result<BTreeMap<String, u64>> {
+        let rows = self.pool.fetch("SELECT name, revision FROM workloads", &[]).await?;
+        rows.iter().map(|r| Ok((r.text(0)?, r.u64(1)?))).collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Nodes
+
+    /// Records a node's facts when it connects; creates the node on first contact.
+    pub async fn upsert_node(&self, name: &str, facts: &NodeFacts, now_ms: u64) -> Result<()> {
+        let facts = to_json(facts);
+        self.pool
+            .exec(
+                "INSERT INTO nodes (name, facts, joined_at_ms, last_seen_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET facts = excluded.facts, last_seen_ms = excluded.last_seen_ms",
+                &[name.into(), (&facts).into(), now_ms.into(), now_ms.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn touch_node(&self, name: &str, now_ms: u64) -> Result<()> {
+        self.pool.exec("UPDATE nodes SET last_seen_ms = ? WHERE name = ?", &[now_ms.into(), name.into()]).await?;
+        Ok(())
+    }
+
+    /// Records which hub holds the node's agent session: `Some(hub)` when a session starts,
+    /// `None` when it ends. Ending clears the mark only if `hub` still holds it, so a session
+    /// that moved to another hub is not marked gone by the old one. `hub` is required even
+    /// when ending, to name whose session ended.
+    pub async fn set_node_session(&self, name: &str, hub: &str, connected: bool, now_ms: u64) -> Result<()> {
+        if connected {
+            self.pool
+                .exec(
+                    "UPDATE nodes SET connected_via = ?, last_seen_ms = ? WHERE name = ?",
+                    &[hub.into(), now_ms.into(), name.into()],
+                )
+                .await?;
+        } else {
+            self.pool
+                .exec(
+                    "UPDATE nodes SET connected_via = NULL, last_seen_ms = ? WHERE name = ? AND connected_via = ?",
+                    &[now_ms.into(), name.into(), hub.into()],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Raises the node's acknowledged generation to `generation` (never lowers it).
+    pub async fn ack_generation(&self, name: &str, generation: u64) -> Result<()> {
+        self.pool
+            .exec(
+                "UPDATE nodes SET acked_generation = ? WHERE name = ? AND acked_generation < ?",
+                &[generation.into(), name.into(), generation.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = self
+            .pool
+            .fetch(
+                "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via \
+                 FROM nodes ORDER BY name",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let name = r.text(0)?;
+                Ok(NodeRow {
+                    facts: serde_json::from_str(&r.text(1)?).map_err(corrupt("node", &name))?,
+                    generation: r.u64(2)?,
+                    acked_generation: r.u64(3)?,
+                    joined_at_ms: r.u64(4)?,
+                    last_seen_ms: r.opt_u64(5)?,
+                    connected_via: r.opt_text(6)?,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// The assignment set a node must run, at its current generation.
+    pub async fn assignment_set(&self, node: &str) -> Result<AssignmentSet> {
+        let mut tx = self.pool.read_tx().await?;
+        let generation = match tx.fetch_optional("SELECT generation FROM nodes WHERE name = ?", &[node.into()]).await? {
+            Some(r) => r.u64(0)?,
+            None => 0,
+        };
+        let rows = tx
+            .fetch(
+                "SELECT name, workload, template, template_hash FROM replicas WHERE node = ? ORDER BY name",
+                &[node.into()],
+            )
+            .await?;
+        tx.commit().await?;
+        let assignments = rows
+            .iter()
+            .map(|r| {
+                let name = r.text(0)?;
+                Ok(Assignment {
+                    template: serde_json::from_str(&r.text(2)?).map_err(corrupt("replica", &name))?,
+                    workload: r.text(1)?,
+                    template_hash: r.text(3)?,
+                    name,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AssignmentSet { generation, assignments })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Replicas
+
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>> {
+        let rows = self
+            .pool
+            .fetch(
+                "SELECT name, workload, idx, node, template, template_hash, status, unschedulable \
+                 FROM replicas ORDER BY workload, idx",
+                &[],
+            )
+            .await?;
+        rows.iter().map(replica_row).collect()
+    }
+
+    /// Makes the replicas table match `placements` (the scheduler's full answer), with each
+    /// replica's template taken from its workload. Nodes whose assignment sets change get a
+    /// new generation; returns those nodes.
+    pub async fn write_placements(
+        &self,
+        placements: &[Placement],
+        templates: &BTreeMap<String, ReplicaTemplate>,
+        unschedulable: &BTreeMap<String, String>,
+    ) -> Result<BTreeSet<String>> {
+        self.write_placements_inner(None, placements, templates, unschedulable).await
+    }
+
+    /// [`Store::write_placements`] for a leader: refused with [`StoreError::NotLeader`] (and
+    /// nothing written) unless `fence.holder` holds `fence.lease` by the database's clock when
+    /// the write lock is taken.
+    pub async fn write_placements_fenced(
+        &self,
+        fence: Fence<'_>,
+        placements: &[Placement],
+        templates: &BTreeMap<String, ReplicaTemplate>,
+        unschedulable: &BTreeMap<String, String>,
+    ) -> Result<BTreeSet<String>> {
+        self.write_placements_inner(Some(fence), placements, templates, unschedulable).await
+    }
+
+    async fn write_placements_inner(
+        &self,
+        fence: Option<Fence<'_>>,
+        placements: &[Placement],
+        templates: &BTreeMap<String, ReplicaTemplate>,
+        unschedulable: &BTreeMap<String, String>,
+    ) -> Result<BTreeSet<String>> {
+        let mut tx = self.pool.write_tx().await?;
+        if let Some(f) = fence {
+            let held = tx
+                .fetch_optional(
+                    "SELECT holder FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > {now_ms}",
+                    &[f.lease.into(), f.holder.into()],
+                )
+                .await?;
+            if held.is_none() {
+                return Err(StoreError::NotLeader { lease: f.lease.to_string(), holder: f.holder.to_string() });
+            }
+        }
+        let rows = tx.fetch("SELECT name, node, template_hash, unschedulable FROM replicas", &[]).await?;
+        let mut existing: BTreeMap<String, (Option<String>, String, String)> = BTreeMap::new();
+        for r in &rows {
+            existing.insert(r.text(0)?, (r.opt_text(1)?, r.text(2)?, r.text(3)?));
+        }
+        let mut changed_nodes = BTreeSet::new();
+        let pending = to_json(&ReplicaStatus::default());
+
+        for p in placements {
+            let Some(template) = templates.get(&p.workload) else { continue };
+            let hash = template.hash();
+            let template_json = to_json(template);
+            let why = unschedulable.get(&p.replica).cloned().unwrap_or_default();
+            match existing.remove(&p.replica) {
+                Some((node, old_hash, old_why)) => {
+                    if node == p.node && old_hash == hash && old_why == why {
+                        continue;
+                    }
+                    if node != p.node || old_hash != hash {
+                        changed_nodes.extend(node.clone());
+                        changed_nodes.extend(p.node.clone());
+                    }
+                    // A replica that moved starts over as Pending; one whose template
+                    // changed keeps its status until the agent reports on the new template.
+                    if node != p.node {
+                        tx.exec(
+                            "UPDATE replicas SET node = ?, template = ?, template_hash = ?, unschedulable = ?, status = ? WHERE name = ?",
+                            &[
+                                p.node.as_deref().into(),
+                                (&template_json).into(),
+                                (&hash).into(),
+                                (&why).into(),
+                                (&pending).into(),
+                                (&p.replica).into(),
+                            ],
+                        )
+                        .await?;
+                    } else {
+                        tx.exec(
+                            "UPDATE replicas SET template = ?, template_hash = ?, unschedulable = ? WHERE name = ?",
+                            &[(&template_json).into(), (&hash).into(), (&why).into(), (&p.replica).into()],
+                        )
+                        .await?;
+                    }
+                }
+                None => {
+                    changed_nodes.extend(p.node.clone());
+                    tx.exec(
+                        "INSERT INTO replicas (name, workload, idx, node, template, template_hash, status, unschedulable) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        &[
+                            (&p.replica).into(),
+                            (&p.workload).into(),
+                            i64::from(p.index).into(),
+                            p.node.as_deref().into(),
+                            (&template_json).into(),
+                            (&hash).into(),
+                            (&pending).into(),
+                            (&why).into(),
+                        ],
+                    )
+                    .await?;
+                }
+            }
+        }
+        // Replicas the scheduler no longer wants.
+        for (name, (node, _, _)) in existing {
+            changed_nodes.extend(node);
+            tx.exec("DELETE FROM replicas WHERE name = ?", &[(&name).into()]).await?;
+        }
+        for node in &changed_nodes {
+            bump_generation(&mut tx, node).await?;
+        }
+        tx.commit().await?;
+        Ok(changed_nodes)
+    }
+
+    /// Records statuses a node reported. Only replicas assigned to that node are updated: a
+    /// node cannot write another node's replicas. Returns how many rows changed.
+    pub async fn record_statuses(&self, node: &str, statuses: &BTreeMap<String, ReplicaStatus>) -> Result<u64> {
+        if statuses.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.write_tx().await?;
+        let mut n = 0;
+        for (name, status) in statuses {
+            let status = to_json(status);
+            n += tx
+                .exec(
+                    "UPDATE replicas SET status = ? WHERE name = ? AND node = ?",
+                    &[(&status).into(), name.into(), node.into()],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Leases
+
+    /// Takes or renews lease `name` for `holder` until `ttl` past the database's clock, in one
+    /// compare-and-swap statement: it succeeds when the lease is free, expired, or already
+    /// `holder`'s. Returns the lease's term when `holder` holds it, `None` when another
+    /// holder's lease is still running. Hub clocks play no part, so skew cannot make two
+    /// holders.
+    pub async fn try_acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<u64>> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        let rows = self
+            .pool
+            .fetch(
+                "INSERT INTO leases (name, holder, term, expires_at_ms) VALUES (?, ?, 1, {now_ms} + ?) \
+                 ON CONFLICT (name) DO UPDATE SET \
+                   term = CASE WHEN leases.holder = excluded.holder THEN leases.term ELSE leases.term + 1 END, \
+                   holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
+                 WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= {now_ms} \
+                 RETURNING term",
+                &[name.into(), holder.into(), ttl_ms.into()],
+            )
+            .await?;
+        match rows.first() {
+            Some(r) => Ok(Some(r.u64(0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives up `holder`'s lease at once (a clean shutdown), so a successor need not wait for
+    /// it to expire. The row stays, keeping the term counting.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.pool
+            .exec("UPDATE leases SET expires_at_ms = 0 WHERE name = ? AND holder = ?", &[name.into(), holder.into()])
+            .await?;
+        Ok(())
+    }
+
+    /// The lease as stored, whoever holds it and whether or not it expired.
+    pub async fn lease(&self, name: &str) -> Result<Option<LeaseRow>> {
+        let rows =
+            self.pool.fetch("SELECT holder, term, expires_at_ms FROM leases WHERE name = ?", &[name.into()]).await?;
+        match rows.first() {
+            Some(r) => Ok(Some(LeaseRow { holder: r.text(0)?, term: r.u64(1)?, expires_at_ms: r.u64(2)? })),
+            None => Ok(None),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Cluster-wide values
+
+    /// Returns the stored value of `name`, storing `value` first when there is none. Hubs
+    /// racing to initialize all get the first writer's value.
+    pub async fn get_or_insert_secret(&self, name: &str, value: &str) -> Result<String> {
+        self.pool
+            .exec(
+                "INSERT INTO cluster_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                &[name.into(), value.into()],
+            )
+            .await?;
+        let rows = self.pool.fetch("SELECT value FROM cluster_secrets WHERE name = ?", &[name.into()]).await?;
+        match rows.first() {
+            Some(r) => Ok(r.text(0)?),
+            None => Err(StoreError::Query(sqlx::Error::RowNotFound)),
+        }
+    }
+
+    /// The stored value of `name`, if any.
+    pub async fn secret(&self, name: &str) -> Result<Option<String>> {
+        let rows = self.pool.fetch("SELECT value FROM cluster_secrets WHERE name = ?", &[name.into()]).await?;
+        match rows.first() {
+            Some(r) => Ok(Some(r.text(0)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn replica_row(r: &Rec) -> Result<ReplicaRow> {
+    let name = r.text(0)?;
+    Ok(ReplicaRow {
+        workload: r.text(1)?,
+        index: u32::try_from(r.i64(2)?).unwrap_or(u32::MAX),
+        node: r.opt_text(3)?,
+        template: serde_json::from_str(&r.text(4)?).map_err(corrupt("replica", &name))?,
+        template_hash: r.text(5)?,
+        status: serde_json::from_str(&r.text(6)?).map_err(corrupt("replica", &name))?,
+        unschedulable: r.text(7)?,
+        name,
+    })
+}
+
+async fn bump_generation(tx: &mut Tx, node: &str) -> Result<()> {
+    tx.exec("UPDATE nodes SET generation = generation + 1 WHERE name = ?", &[node.into()]).await?;
+    Ok(())
+}
+
+/// A connection URL with its password replaced, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datastore_flag_parses_and_urls_are_redacted() {
+        assert_eq!("sqlite".parse::<Datastore>().unwrap(), Datastore::Sqlite);
+        assert_eq!(
+            "postgres://u@h:5/db".parse::<Datastore>().unwrap(),
+            Datastore::Postgres("postgres://u@h:5/db".into())
+        );
+        assert!("mysql://x".parse::<Datastore>().unwrap_err().contains("unsupported datastore"));
+        assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

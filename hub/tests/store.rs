@@ -1,0 +1,350 @@
+//! The store's behaviour, run twice: against the embedded SQLite file and against a real
+//! PostgreSQL server started for the test (see `support/postgres.rs`). "Two hubs" are two
+//! `Store` handles (two connection pools) on the same database.
+
+#[path = "support/postgres.rs"]
+mod postgres;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flotilla_hub::scheduler::Placement;
+use flotilla_hub::store::{Applied, Fence, Store, StoreError};
+use proto::manifest::parse_manifests;
+use proto::messages::{NodeFacts, Phase, ReplicaStatus};
+
+use postgres::TestPostgres;
+
+const M: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: hello}\nspec: {runtime: wasm, image: r/hello:1, replicas: 2}\n";
+
+enum Backing {
+    Sqlite(tempfile::TempDir),
+    // The server lives as long as the backing; dropping it stops the server.
+    Postgres(#[allow(dead_code)] TestPostgres, String),
+}
+
+impl Backing {
+    /// Another handle on the same database, as a second hub would open it.
+    async fn open(&self) -> Store {
+        match self {
+            Backing::Sqlite(dir) => Store::open(&dir.path().join("hub.db")).await.unwrap(),
+            Backing::Postgres(_, url) => Store::open_postgres(url).await.unwrap(),
+        }
+    }
+}
+
+async fn sqlite() -> Backing {
+    Backing::Sqlite(tempfile::tempdir().unwrap())
+}
+
+async fn postgres() -> Option<Backing> {
+    let pg = TestPostgres::start()?;
+    let url = pg.create_database("flotilla");
+    Some(Backing::Postgres(pg, url))
+}
+
+/// Runs `body` once per backend, each in its own test.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::sqlite().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(b) = super::postgres().await else { return };
+                super::$name(b).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    apply_is_idempotent_and_tracks_revisions,
+    stale_resource_version_is_refused_and_nothing_is_stored,
+    concurrent_read_modify_write_applies_lose_no_update,
+    placements_bump_generations_and_statuses_are_fenced_per_node,
+    concurrent_writers_on_two_hubs_do_not_fail,
+    generations_stay_monotonic_with_two_writing_hubs,
+    lease_is_exclusive_and_taken_over_after_expiry,
+    first_hub_sets_cluster_secrets,
+    node_sessions_are_cleared_only_by_their_hub,
+    acknowledged_writes_survive_reopen,
+);
+
+async fn apply_is_idempotent_and_tracks_revisions(b: Backing) {
+    let s = b.open().await;
+    let m = parse_manifests(M).unwrap();
+    assert_eq!(s.apply_workloads(&m, 1).await.unwrap(), [Applied::Created]);
+    assert_eq!(s.apply_workloads(&m, 2).await.unwrap(), [Applied::Unchanged]);
+    // The revision it was read at does not make a manifest different.
+    let mut at_rev = m.clone();
+    at_rev[0].metadata.resource_version = Some(1);
+    assert_eq!(s.apply_workloads(&at_rev, 2).await.unwrap(), [Applied::Unchanged]);
+    let changed = parse_manifests(&M.replace("r/hello:1", "r/hello:2")).unwrap();
+    assert_eq!(s.apply_workloads(&changed, 3).await.unwrap(), [Applied::Configured]);
+    let w = s.workloads().await.unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].revision, 2);
+    assert_eq!(w[0].created_at_ms, 1);
+    assert_eq!(w[0].manifest.metadata.resource_version, None, "stored without resourceVersion");
+    assert_eq!(s.workload_revisions().await.unwrap(), BTreeMap::from([("hello".to_string(), 2)]));
+}
+
+async fn stale_resource_version_is_refused_and_nothing_is_stored(b: Backing) {
+    let s = b.open().await;
+    let m = parse_manifests(M).unwrap();
+    s.apply_workloads(&m, 1).await.unwrap();
+    let mut v2 = parse_manifests(&M.replace("r/hello:1", "r/hello:2")).unwrap();
+    v2[0].metadata.resource_version = Some(1);
+    assert_eq!(s.apply_workloads(&v2, 2).await.unwrap(), [Applied::Configured]);
+
+    // A second writer that read revision 1 too is refused, with the whole batch.
+    let other = M.replace("name: hello", "name: other");
+    let mut batch = parse_manifests(&format!("{other}---\n{}", M.replace("r/hello:1", "r/hello:3"))).unwrap();
+    batch[1].metadata.resource_version = Some(1);
+    let err = s.apply_workloads(&batch, 3).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { expected: 1, .. }), "{err:?}");
+    assert_eq!(err.to_string(), "workload hello was changed since revision 1 (now 2); get it again and re-apply");
+    let w = s.workloads().await.unwrap();
+    assert_eq!(w.len(), 1, "the batch's other workload was not stored");
+    assert_eq!(w[0].manifest.spec.image, "r/hello:2");
+
+    // A resourceVersion for a workload that is gone is refused as well.
+    s.delete_workloads(&["hello".into()]).await.unwrap();
+    let err = s.apply_workloads(&v2, 4).await.unwrap_err();
+    assert!(err.to_string().contains("was changed since revision 1 (it was deleted)"), "{err}");
+}
+
+/// Writers on two hubs each read the workload, bump a counter in its env, and apply with the
+/// revision they read, retrying on conflict: every increment must survive.
+async fn concurrent_read_modify_write_applies_lose_no_update(b: Backing) {
+    let hubs = [b.open().await, b.open().await];
+    hubs[0].apply_workloads(&parse_manifests(M).unwrap(), 0).await.unwrap();
+    const WRITERS: u64 = 4;
+    const EACH: u64 = 10;
+    let mut tasks = Vec::new();
+    for t in 0..WRITERS {
+        let s = hubs[(t % 2) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..EACH {
+                loop {
+                    let w = s.workloads().await.unwrap().remove(0);
+                    let mut m = w.manifest;
+                    let n: u64 = m.spec.env.get("COUNT").map(|v| v.parse().unwrap()).unwrap_or(0);
+                    m.spec.env.insert("COUNT".into(), (n + 1).to_string());
+                    m.metadata.resource_version = Some(w.revision);
+                    match s.apply_workloads(&[m], 1).await {
+                        Ok(_) => break,
+                        Err(StoreError::Conflict { .. }) => conflicts += 1,
+                        Err(e) => panic!("apply failed: {e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.unwrap();
+    }
+    let w = hubs[1].workloads().await.unwrap().remove(0);
+    assert_eq!(w.manifest.spec.env.get("COUNT").map(String::as_str), Some("40"), "{conflicts} conflicts");
+    assert_eq!(w.revision, 1 + WRITERS * EACH);
+}
+
+async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing) {
+    let s = b.open().await;
+    let m = parse_manifests(M).unwrap();
+    s.apply_workloads(&m, 1).await.unwrap();
+    for n in ["a", "b"] {
+        s.upsert_node(n, &NodeFacts::default(), 1).await.unwrap();
+    }
+    let templates = BTreeMap::from([("hello".to_string(), m[0].template())]);
+    let placements = vec![
+        Placement { replica: "hello-0".into(), workload: "hello".into(), index: 0, node: Some("a".into()) },
+        Placement { replica: "hello-1".into(), workload: "hello".into(), index: 1, node: Some("b".into()) },
+    ];
+    let changed = s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap();
+    assert_eq!(changed, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    let set = s.assignment_set("a").await.unwrap();
+    assert_eq!(set.generation, 1);
+    assert_eq!(set.assignments.len(), 1);
+    assert_eq!(set.assignments[0].name, "hello-0");
+    // Writing the same placements again changes nothing.
+    assert!(s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap().is_empty());
+
+    // Node b cannot report for a's replica.
+    let running = ReplicaStatus { phase: Phase::Running, ..Default::default() };
+    let st = BTreeMap::from([("hello-0".to_string(), running)]);
+    assert_eq!(s.record_statuses("b", &st).await.unwrap(), 0);
+    assert_eq!(s.record_statuses("a", &st).await.unwrap(), 1);
+    assert_eq!(s.replicas().await.unwrap()[0].status.phase, Phase::Running);
+
+    // Acks only move forward.
+    s.ack_generation("a", 1).await.unwrap();
+    s.ack_generation("a", 0).await.unwrap();
+    assert_eq!(s.nodes().await.unwrap()[0].acked_generation, 1);
+
+    // Deleting the workload removes its replicas and bumps both nodes.
+    let (deleted, nodes) = s.delete_workloads(&["hello".into(), "nope".into()]).await.unwrap();
+    assert_eq!(deleted, ["hello"]);
+    assert_eq!(nodes, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    assert!(s.replicas().await.unwrap().is_empty());
+    let set = s.assignment_set("b").await.unwrap();
+    assert_eq!((set.generation, set.assignments.len()), (2, 0));
+}
+
+/// API applies, the controller's placements and agents' statuses run at once, from two hubs.
+/// Each must wait its turn for the write lock, never fail ("database is locked", deadlock).
+async fn concurrent_writers_on_two_hubs_do_not_fail(b: Backing) {
+    let hubs = [b.open().await, b.open().await];
+    hubs[0].upsert_node("a", &NodeFacts::default(), 1).await.unwrap();
+    let m = parse_manifests(M).unwrap();
+    hubs[0].apply_workloads(&m, 1).await.unwrap();
+    let templates = BTreeMap::from([("hello".to_string(), m[0].template())]);
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let s = hubs[(t % 2) as usize].clone();
+        let templates = templates.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..30u64 {
+                let replicas = if (i + t) % 2 == 0 { 1 } else { 2 };
+                let placements: Vec<Placement> = (0..replicas)
+                    .map(|idx| Placement {
+                        replica: format!("hello-{idx}"),
+                        workload: "hello".into(),
+                        index: idx,
+                        node: Some("a".into()),
+                    })
+                    .collect();
+                s.write_placements(&placements, &templates, &BTreeMap::new()).await?;
+                let changed = parse_manifests(&M.replace("r/hello:1", &format!("r/hello:{t}{i}"))).unwrap();
+                s.apply_workloads(&changed, i).await?;
+                let st = BTreeMap::from([
+                    ("hello-0".to_string(), ReplicaStatus::default()),
+                    ("hello-1".to_string(), ReplicaStatus::default()),
+                ]);
+                s.record_statuses("a", &st).await?;
+                s.ack_generation("a", i).await?;
+                s.touch_node("a", i).await?;
+            }
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// Two hubs write placements that alternate for one node: every change bumps the node's
+/// generation exactly once, and a reader never sees it go back.
+async fn generations_stay_monotonic_with_two_writing_hubs(b: Backing) {
+    let hubs = [b.open().await, b.open().await];
+    hubs[0].upsert_node("a", &NodeFacts::default(), 1).await.unwrap();
+    let m = parse_manifests(M).unwrap();
+    hubs[0].apply_workloads(&m, 1).await.unwrap();
+    let templates = BTreeMap::from([("hello".to_string(), m[0].template())]);
+    let reader = {
+        let s = hubs[1].clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for _ in 0..200 {
+                let g = s.assignment_set("a").await.unwrap().generation;
+                assert!(g >= last, "generation went back from {last} to {g}");
+                last = g;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for (t, s) in hubs.iter().enumerate() {
+        let s = s.clone();
+        let templates = templates.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut bumps = 0u64;
+            for i in 0..25u32 {
+                let n = (i as usize + t) % 2 + 1;
+                let placements: Vec<Placement> = (0..n as u32)
+                    .map(|idx| Placement {
+                        replica: format!("hello-{idx}"),
+                        workload: "hello".into(),
+                        index: idx,
+                        node: Some("a".into()),
+                    })
+                    .collect();
+                if s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap().contains("a") {
+                    bumps += 1;
+                }
+            }
+            bumps
+        }));
+    }
+    let mut bumps = 0;
+    for t in tasks {
+        bumps += t.await.unwrap();
+    }
+    reader.await.unwrap();
+    assert!(bumps > 0);
+    assert_eq!(hubs[0].assignment_set("a").await.unwrap().generation, bumps);
+}
+
+async fn lease_is_exclusive_and_taken_over_after_expiry(b: Backing) {
+    let (h1, h2) = (b.open().await, b.open().await);
+    let ttl = Duration::from_millis(600);
+    assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), Some(1));
+    assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), None);
+    assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), Some(1), "renewal keeps the term");
+    let fence = |holder| Fence { lease: "controller", holder };
+    assert!(h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeMap::new()).await.is_ok());
+
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), Some(2), "expired lease taken over");
+    assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), None);
+    let err = h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeMap::new()).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotLeader { .. }), "{err:?}");
+    assert!(h2.write_placements_fenced(fence("hub-2"), &[], &BTreeMap::new(), &BTreeMap::new()).await.is_ok());
+
+    // A clean release hands over at once.
+    h2.release_lease("controller", "hub-2").await.unwrap();
+    assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), Some(3));
+    let lease = h2.lease("controller").await.unwrap().unwrap();
+    assert_eq!((lease.holder.as_str(), lease.term), ("hub-1", 3));
+}
+
+async fn first_hub_sets_cluster_secrets(b: Backing) {
+    let (h1, h2) = (b.open().await, b.open().await);
+    assert_eq!(h2.secret("identity").await.unwrap(), None);
+    let (a, c) = tokio::join!(h1.get_or_insert_secret("identity", "one"), h2.get_or_insert_secret("identity", "two"));
+    let (a, c) = (a.unwrap(), c.unwrap());
+    assert_eq!(a, c);
+    assert!(a == "one" || a == "two");
+    assert_eq!(h1.get_or_insert_secret("identity", "three").await.unwrap(), a);
+}
+
+async fn node_sessions_are_cleared_only_by_their_hub(b: Backing) {
+    let s = b.open().await;
+    s.upsert_node("a", &NodeFacts::default(), 1).await.unwrap();
+    s.set_node_session("a", "hub-1", true, 2).await.unwrap();
+    s.set_node_session("a", "hub-2", true, 3).await.unwrap();
+    // hub-1 notices its old session ended after the node moved to hub-2.
+    s.set_node_session("a", "hub-1", false, 4).await.unwrap();
+    let n = s.nodes().await.unwrap().remove(0);
+    assert_eq!((n.connected_via.as_deref(), n.last_seen_ms), (Some("hub-2"), Some(3)));
+    s.set_node_session("a", "hub-2", false, 5).await.unwrap();
+    let n = s.nodes().await.unwrap().remove(0);
+    assert_eq!((n.connected_via, n.last_seen_ms), (None, Some(5)));
+}
+
+async fn acknowledged_writes_survive_reopen(b: Backing) {
+    {
+        let s = b.open().await;
+        s.apply_workloads(&parse_manifests(M).unwrap(), 1).await.unwrap();
+        s.upsert_node("a", &NodeFacts::default(), 1).await.unwrap();
+    }
+    let s = b.open().await;
+    assert_eq!(s.workloads().await.unwrap().len(), 1);
+    assert_eq!(s.nodes().await.unwrap().len(), 1);
+}
