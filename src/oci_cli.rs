@@ -1,17 +1,21 @@
 //! `flotilla oci ...`: Flotilla's container executor as an OCI runtime command line with
-//! runc's verbs (create, start, state, kill, delete, run), `spec` to write a default bundle
-//! config, and the hidden `shim` the agent spawns per container. It only parses arguments
+//! runc's verbs (create, start, state, kill, delete, run, exec), `spec` to write a default
+//! bundle config, and the hidden `shim` the agent spawns per container. The agent also
+//! spawns `exec` for exec probes, so its path to the library stays short (no tokio, no
+//! logging setup). It only parses arguments
 //! and calls `oci_runtime::container`; it runs before any async runtime or thread exists,
 //! because creating a container clones the process.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use oci_runtime::container::{
-    BindMount, CgroupConfig, CgroupVersion, CreateOptions, NetworkMode, Runtime, RuntimeConfig, ShimOptions, SigSet,
-    Signal, SpecInputs, default_spec, run_shim, signal_process,
+    BindMount, CgroupConfig, CgroupVersion, CreateOptions, ExecRequest, NetworkMode, Runtime, RuntimeConfig,
+    ShimOptions, SigSet, Signal, SpecInputs, default_spec, exec, run_shim, signal_process,
 };
 
 #[derive(Args)]
@@ -62,6 +66,15 @@ enum OciCommand {
         bundle: PathBuf,
         id: String,
     },
+    /// Run a command inside a running container and wait for it.
+    ///
+    /// It joins the container's namespaces and cgroups and runs with the restrictions of the
+    /// container's process; what the command leaves running is killed when it exits. Its
+    /// output is printed once it has ended. Exit status: the command's; 128+N if a signal N
+    /// killed it; 124 if the timeout killed it; 125 if exec itself failed (unknown or
+    /// stopped container, bad arguments); 126 if the program cannot be run; 127 if it does
+    /// not exist.
+    Exec(ExecArgs),
     /// Write a default config.json into a bundle directory.
     Spec(SpecArgs),
     /// Supervise one container (spawned by the agent).
@@ -76,6 +89,27 @@ enum OciCommand {
         #[arg(long, default_value_t = 10 << 20)]
         log_max_bytes: u64,
     },
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// KEY=VALUE added to the container process's environment, repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the container (default: the container process's).
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Seconds (fractions allowed) after which the command and all it started are killed;
+    /// no limit by default.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+    /// Bytes of stdout and of stderr kept each; the rest is dropped.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    output_limit: usize,
+    id: String,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -140,6 +174,43 @@ fn parse_bind(s: &str) -> Result<BindMount, String> {
         _ => return Err(format!("bind {s:?} is not SOURCE:DEST[:ro|rw]")),
     };
     Ok(BindMount { source: source.into(), destination: destination.into(), readonly })
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("timeout {s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("timeout {s:?} is not a duration"))
+}
+
+/// `oci exec`: prints the command's output and returns its exit code (see `OciCommand::Exec`).
+fn run_exec(root: &std::path::Path, args: ExecArgs) -> u8 {
+    let req = ExecRequest {
+        args: args.command,
+        env: args.env,
+        cwd: args.cwd,
+        timeout: args.timeout.unwrap_or(Duration::MAX),
+        output_limit: args.output_limit,
+    };
+    match exec(root, &args.id, &req) {
+        Ok(outcome) => {
+            let _ = std::io::stdout().write_all(&outcome.stdout);
+            let _ = std::io::stdout().flush();
+            let mut err = std::io::stderr();
+            let _ = err.write_all(&outcome.stderr);
+            for (name, cut) in [("stdout", outcome.stdout_truncated), ("stderr", outcome.stderr_truncated)] {
+                if cut {
+                    let _ = writeln!(err, "flotilla: {name} of the command was cut at {} bytes", req.output_limit);
+                }
+            }
+            if outcome.timed_out {
+                let _ = writeln!(err, "flotilla: the command timed out after {:?} and was killed", req.timeout);
+            }
+            outcome.exit_code()
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 fn parse_signal(s: &str) -> Result<Signal> {
@@ -214,6 +285,7 @@ fn run(args: OciArgs) -> Result<u8> {
             }
             return Ok(u8::try_from(exit.code).unwrap_or(255));
         }
+        OciCommand::Exec(e) => return Ok(run_exec(&runtime.config().state_root, e)),
         OciCommand::Spec(s) => {
             let spec = default_spec(&SpecInputs {
                 args: s.args,

@@ -9,11 +9,13 @@
 //! - [`spec`]: the generated default spec and bundle loading into a checked plan.
 //! - [`runtime`]: create/start/state/kill/delete/run with runc's semantics.
 //! - [`cgroup`]: `CgroupManager` with v1 and v2 backends.
+//! - [`exec`]: a further process in a running container (exec probes, `oci exec`).
 //! - [`seccomp`]: OCI seccomp to classic BPF, and the default profile.
 //! - [`shim`]: the supervisor process and the agent's handle on it.
 //! - [`overlay`]: overlayfs rootfs mount helpers.
 
 pub mod cgroup;
+pub mod exec;
 mod init;
 pub mod overlay;
 pub mod runtime;
@@ -24,6 +26,7 @@ mod sys;
 mod syscalls;
 
 pub use cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager, CgroupVersion, Resources};
+pub use exec::{ExecError, ExecOutcome, ExecRequest, ExecStatus, exec};
 /// Signals as the runtime API takes them.
 pub use nix::sys::signal::{SigSet, Signal};
 pub use overlay::{OverlayError, mount_overlay, unmount};

@@ -65,6 +65,13 @@ pub(crate) fn set_child_subreaper() -> io::Result<()> {
     prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0)
 }
 
+/// Marks the process (not) dumpable: a non-dumpable process's /proc files (exe, fd, root,
+/// mem) are closed to other processes of the same user without CAP_SYS_PTRACE, and it
+/// cannot be ptraced by them. execve restores dumpability for the new program.
+pub(crate) fn set_dumpable(dumpable: bool) -> io::Result<()> {
+    prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong, 0)
+}
+
 pub(crate) fn drop_bounding_cap(cap: u32) -> io::Result<()> {
     match prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0) {
         // A capability the kernel does not know is not in the bounding set anyway.
