@@ -214,3 +214,51 @@ fn misbehaving_guests_fail_with_their_reason_and_nothing_else_stops() {
     assert!(c.ok(&["logs", "steady"]).lines().count() > before, "steady kept printing");
     assert!(c.nodes()[0].ready);
 }
+
+#[test]
+fn http_probes_gate_readiness_and_restart_an_unhealthy_component() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let http =
+        push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:v1");
+    let (good_port, sick_port) = (cluster::free_tcp_port(), cluster::free_tcp_port());
+
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let probe = |kind: &str, path: &str| format!("  {kind}: {{httpGet: {{path: {path}}}, period: 200ms}}\n");
+    apply(
+        &c,
+        &[
+            // Readiness on a path that answers 200: ready, counted in the workload's READY.
+            workload("good", &http, &format!("  http: {{port: {good_port}}}\n{}", probe("readinessProbe", "/"))),
+            // Liveness on a path that answers 404: killed after three failures and restarted.
+            workload(
+                "sick",
+                &http,
+                &format!(
+                    "  http: {{port: {sick_port}}}\n{}{}",
+                    probe("readinessProbe", "/"),
+                    probe("livenessProbe", "/healthz")
+                ),
+            ),
+        ],
+    );
+    c.wait_for("good ready", WAIT, || replica(&c, "good-0").is_some_and(|r| r.status.ready));
+    let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "good").unwrap();
+    assert_eq!(w.ready_replicas, 1);
+    assert!(c.ok(&["describe", "replica", "good-0"]).contains("Ready:         true"));
+
+    c.wait_for("sick restarted", WAIT, || replica(&c, "sick-0").is_some_and(|r| r.status.restarts >= 1));
+    let r = replica(&c, "sick-0").unwrap();
+    match &r.status.last_termination {
+        Some(proto::messages::Termination::Unhealthy { message }) => {
+            assert_eq!(message, "liveness probe failed 3 times in a row: GET /healthz: HTTP 404")
+        }
+        other => panic!("expected an unhealthy kill, got {other:?}"),
+    }
+    let text = c.ok(&["describe", "replica", "sick-0"]);
+    assert!(text.contains("Unhealthy") && text.contains("liveness probe failed"), "{text}");
+    // Readiness was reached between kills, and the good replica never restarted.
+    assert!(text.contains("readiness probe passed"), "{text}");
+    assert_eq!(replica(&c, "good-0").unwrap().status.restarts, 0);
+}
