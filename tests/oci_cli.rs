@@ -14,7 +14,7 @@ use oci_runtime::container::{CgroupConfig, NetworkMode, RuntimeConfig, SpecInput
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "true", "echo", "cat", "sleep", "ls", "hostname", "id", "head", "tail", "grep", "seq", "ip", "wc", "ps",
-    "unshare", "mount",
+    "unshare", "mount", "pwd", "kill", "tr",
 ];
 
 fn bin() -> &'static str {
@@ -102,6 +102,27 @@ impl Bundle {
             .stderr(out)
             .output()
             .unwrap()
+    }
+
+    /// Creates and starts the container, which must then be running.
+    fn start(&self) -> i32 {
+        let out = self.create();
+        assert!(out.status.success(), "create failed: {}", self.output_file());
+        let out = self.oci(&["start", &self.id]);
+        assert!(out.status.success(), "start failed: {}", stderr(&out));
+        let state = self.state();
+        assert_eq!(state["status"], "running");
+        state["pid"].as_i64().unwrap() as i32
+    }
+
+    /// `flotilla oci exec [options] ID -- command...`.
+    fn exec(&self, options: &[&str], command: &[&str]) -> Output {
+        let mut args = vec!["exec"];
+        args.extend_from_slice(options);
+        args.push(&self.id);
+        args.push("--");
+        args.extend_from_slice(command);
+        self.oci(&args)
     }
 
     fn output_file(&self) -> String {
@@ -531,4 +552,238 @@ fn run_forwards_termination_signals_to_the_container() {
     assert_eq!(status.code(), Some(5), "the container's trap decides the exit code");
     assert!(b.output_file().contains("got-term"));
     b.assert_gone();
+}
+
+/// Host pids of the processes whose parent is `ppid`.
+fn children_of(ppid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()) == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Host pids of processes whose command line is exactly `args`.
+fn processes_running(args: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = args.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+/// The `Cap*`, `NoNewPrivs`, `Seccomp`, `Uid`, `Gid` and `Groups` lines of a status file.
+fn privilege_lines(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .filter(|l| ["Cap", "NoNewPrivs", "Seccomp:", "Uid", "Gid", "Groups"].iter().any(|p| l.starts_with(p)))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn exec_runs_inside_the_container() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("exec", &["sleep", "1000"], |i| {
+        i.hostname = Some("exec-box".into());
+        i.env = vec!["FROM_SPEC=spec".into(), "SHARED=old".into()];
+    });
+    std::fs::write(b.bundle().join("rootfs/marker"), "in-the-rootfs\n").unwrap();
+    b.start();
+    let script = "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; cat /marker; pwd; \
+                  echo $FROM_SPEC $SHARED $EXTRA; echo to-stderr >&2; exit 7";
+    let out = b.exec(&["--env", "SHARED=new", "--env", "EXTRA=x", "--cwd", "/tmp"], &["sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "exec-box\nsleep 1000 \nin-the-rootfs\n/tmp\nspec new x\n");
+    assert_eq!(stderr(&out), "to-stderr\n");
+
+    // The container's pid namespace: its init is pid 1 and no host process is visible.
+    let out = b.exec(&[], &["ps"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ps = stdout(&out);
+    assert!(ps.lines().any(|l| l.trim_start().starts_with("1 ") && l.ends_with("sleep 1000")), "{ps}");
+    assert!(ps.lines().count() <= 5, "only the container's processes are visible: {ps}");
+
+    // The default cwd is the container process's, and a signal death is 128 + N.
+    assert_eq!(stdout(&b.exec(&[], &["pwd"])), "/\n");
+    assert_eq!(b.exec(&[], &["sh", "-c", "kill -TERM $$"]).status.code(), Some(143));
+    let del = b.oci(&["delete", "--force", &b.id]);
+    assert!(del.status.success(), "{}", stderr(&del));
+    b.assert_gone();
+}
+
+#[test]
+fn exec_has_the_privileges_of_the_container_process_and_no_more() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("execcaps", &["sleep", "1000"], |i| {
+        i.uid = 1000;
+        i.gid = 1000;
+        i.additional_gids = vec![2000];
+    });
+    let init = b.start();
+    let expected = privilege_lines(&std::fs::read_to_string(format!("/proc/{init}/status")).unwrap());
+    assert!(expected.iter().any(|l| l.starts_with("Uid:\t1000")), "{expected:?}");
+    let out = b.exec(&[], &["cat", "/proc/self/status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(privilege_lines(&stdout(&out)), expected);
+
+    // Root in the container gets the container's capability set, not the caller's.
+    let b = Bundle::new("execcaps0", &["sleep", "1000"], |_| {});
+    let init = b.start();
+    let expected = privilege_lines(&std::fs::read_to_string(format!("/proc/{init}/status")).unwrap());
+    let out = b.exec(&[], &["cat", "/proc/self/status"]);
+    let seen = privilege_lines(&stdout(&out));
+    assert_eq!(seen, expected);
+    assert!(seen.contains(&"CapEff:\t00000000a00425fb".to_string()), "{seen:?}");
+    assert!(seen.contains(&"NoNewPrivs:\t1".to_string()) && seen.contains(&"Seccomp:\t2".to_string()));
+    // The seccomp profile applies: unshare of a user namespace is refused.
+    let out = b.exec(&[], &["unshare", "-U", "true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+}
+
+#[test]
+fn exec_joins_the_container_cgroups_and_their_limits_apply() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("execcg", &["sleep", "1000"], |i| i.pids_limit = Some(4));
+    let init = b.start();
+    let mut cli = Command::new(bin())
+        .arg("oci")
+        .arg("--root")
+        .arg(b.root())
+        .args(["exec", &b.id, "--", "sleep", "3"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dirs = b.cgroup_dirs();
+    assert_eq!(dirs.len(), 4, "{dirs:?}");
+    wait_until("the exec'd sleep in every cgroup of the container", Duration::from_secs(10), || {
+        dirs.iter().all(|d| {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+            procs.lines().filter_map(|l| l.parse::<i32>().ok()).any(|pid| {
+                pid != init && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x003\x00")
+            })
+        })
+    });
+    assert!(cli.wait().unwrap().success());
+
+    // Inside, the cgroup namespace is the container's: its cgroups are the root.
+    let out = b.exec(&[], &["cat", "/proc/self/cgroup"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.lines().any(|l| l.ends_with(":pids:/")), "{text}");
+
+    // The pids limit counts the exec'd processes: init, the supervisor and sh leave room
+    // for one more, so some of these forks fail.
+    let out = b.exec(&[], &["sh", "-c", "for i in 1 2 3 4; do sleep 1 & done; wait"]);
+    assert!(stderr(&out).contains("can't fork"), "{}", stderr(&out));
+    let events = std::fs::read_to_string(Path::new("/sys/fs/cgroup/pids/flotilla").join(&b.id).join("pids.events"));
+    let refused: u64 = events.unwrap().trim().strip_prefix("max ").unwrap().parse().unwrap();
+    assert!(refused > 0, "no fork was refused by the container's pids limit");
+}
+
+#[test]
+fn exec_timeout_kills_the_command_and_all_it_started() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("exectimeout", &["sleep", "1000"], |_| {});
+    let init = b.start();
+    let start = Instant::now();
+    let out = b.exec(&["--timeout", "0.5"], &["sh", "-c", "echo started; sleep 1001 & sleep 1002"]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(124), "stderr: {}", stderr(&out));
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(stdout(&out), "started\n");
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    let assert_clean = || {
+        for dir in b.cgroup_dirs() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert_eq!(procs.trim(), init.to_string(), "only init is left in {}", dir.display());
+        }
+        assert_eq!(children_of(init), Vec::<i32>::new(), "the container's init holds no zombie");
+    };
+    assert_clean();
+    assert!(processes_running(&["sleep", "1001"]).is_empty() && processes_running(&["sleep", "1002"]).is_empty());
+
+    // A command that exits leaves nothing running behind it either.
+    let out = b.exec(&["--timeout", "10"], &["sh", "-c", "sleep 1003 & echo left"]);
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "left\n"), "{}", stderr(&out));
+    assert_clean();
+    assert!(processes_running(&["sleep", "1003"]).is_empty());
+}
+
+#[test]
+fn exec_errors_are_clear() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("execerr", &["sleep", "1000"], |_| {});
+    let unknown = b.exec(&[], &["true"]);
+    assert_eq!(unknown.status.code(), Some(125));
+    assert!(stderr(&unknown).contains("does not exist"), "{}", stderr(&unknown));
+
+    assert!(b.create().status.success(), "{}", b.output_file());
+    let created = b.exec(&[], &["true"]);
+    assert_eq!(created.status.code(), Some(125));
+    assert!(stderr(&created).contains("is created; exec needs it running"), "{}", stderr(&created));
+    assert!(b.oci(&["start", &b.id]).status.success());
+
+    let missing = b.exec(&[], &["no-such-program"]);
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(stderr(&missing).contains("\"no-such-program\" not found"), "{}", stderr(&missing));
+    let dir = b.exec(&[], &["/tmp"]);
+    assert_eq!(dir.status.code(), Some(126), "{}", stderr(&dir));
+    let cwd = b.exec(&["--cwd", "/no/such/dir"], &["true"]);
+    assert_eq!(cwd.status.code(), Some(125));
+    assert!(stderr(&cwd).contains("/no/such/dir"), "{}", stderr(&cwd));
+    let env = b.exec(&["--env", "NOEQUALS"], &["true"]);
+    assert_eq!(env.status.code(), Some(125));
+    assert!(stderr(&env).contains("not KEY=VALUE"), "{}", stderr(&env));
+
+    assert!(b.oci(&["kill", &b.id, "KILL"]).status.success());
+    wait_until("stopped", Duration::from_secs(5), || b.state()["status"] == "stopped");
+    let stopped = b.exec(&[], &["true"]);
+    assert_eq!(stopped.status.code(), Some(125));
+    assert!(stderr(&stopped).contains("is stopped; exec needs it running"), "{}", stderr(&stopped));
+    for out in [unknown, created, missing, dir, cwd, env, stopped] {
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn exec_joins_a_user_namespace() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("execuserns", &["sleep", "1000"], |i| i.user_namespace = Some((200_000, 200_000)));
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [b.dir.path().to_path_buf(), b.bundle()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let chown = Command::new("chown").args(["-R", "-h", "200000:200000"]).arg(b.bundle().join("rootfs")).status();
+    assert!(chown.unwrap().success());
+    b.start();
+    let out = b.exec(&[], &["sh", "-c", "id -u; cat /proc/self/uid_map; echo x > /tmp/owned && ls -n /tmp/owned"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines[0], ["0"]);
+    assert_eq!(lines[1], ["0", "200000", "65536"]);
+    assert_eq!(&lines[2][2..4], ["0", "0"], "the file is owned by the namespace's root: {text}");
+    let host = std::fs::metadata(b.bundle().join("rootfs/tmp/owned")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((host.uid(), host.gid()), (200_000, 200_000));
 }
