@@ -394,3 +394,59 @@ fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
     assert_eq!(pulled, 0, "blobs were written to a disk the agent considers full");
     assert!(leftovers(&c, "n1", "big-0").is_empty(), "{:?}", leftovers(&c, "n1", "big-0"));
 }
+
+#[test]
+fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    // Serves HTTP on 8080 inside its own network namespace and is healthy for two seconds.
+    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && touch /tmp/healthy && \
+                  httpd -f -p 8080 -h /tmp/www & (sleep 2; rm /tmp/healthy) & exec sleep 100000";
+    let image = push_busybox(&reg, c.dir.path(), "busybox:probes", &["sh", "-c", script]);
+    c.add_agent("n1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let probe = |kind: &str, handler: &str, extra: &str| {
+        format!("  {kind}: {{{handler}, period: 300ms, timeout: 2s{extra}}}\n")
+    };
+    let web = format!(
+        "{}{}",
+        probe("readinessProbe", "httpGet: {path: /index.html, port: 8080}", ""),
+        probe("livenessProbe", "exec: {command: [cat, /tmp/healthy]}", ", failureThreshold: 2"),
+    );
+    apply(&c, &workload("web", &image, &web));
+    // Nothing listens on 9999: running, never ready, never restarted for it.
+    apply(&c, &workload("shy", &image, &probe("readinessProbe", "tcpSocket: {port: 9999}", "")));
+
+    c.wait_for("web ready", WAIT, || replica(&c, "web-0").is_some_and(|r| r.status.ready));
+    c.wait_for("web killed by its liveness probe", WAIT, || {
+        replica(&c, "web-0").is_some_and(|r| matches!(r.status.last_termination, Some(Termination::Unhealthy { .. })))
+    });
+    let r = replica(&c, "web-0").unwrap();
+    let Some(Termination::Unhealthy { message }) = &r.status.last_termination else { unreachable!() };
+    assert!(
+        message.starts_with("liveness probe failed 2 times in a row: exec cat /tmp/healthy exited with code 1"),
+        "{message}"
+    );
+    // The restarted container is healthy and ready again (a fresh writable layer).
+    c.wait_for("web ready after its restart", WAIT, || {
+        replica(&c, "web-0")
+            .is_some_and(|r| r.status.restarts >= 1 && r.status.ready && r.status.phase == Phase::Running)
+    });
+    let text = String::from_utf8_lossy(&c.cli(&["describe", "replica", "web-0"]).stdout).into_owned();
+    assert!(text.contains("Unhealthy") && text.contains("readiness probe passed"), "{text}");
+
+    let shy = replica(&c, "shy-0").unwrap();
+    assert_eq!((shy.status.phase, shy.status.ready, shy.status.restarts), (Phase::Running, false, 0), "{shy:?}");
+    let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "shy").unwrap();
+    assert_eq!(w.ready_replicas, 0);
+    c.ok(&["delete", "workload", "web"]);
+    c.ok(&["delete", "workload", "shy"]);
+    c.wait_for("containers removed", WAIT, || c.replicas().is_empty());
+    c.wait_for("nothing left", WAIT, || {
+        leftovers(&c, "n1", "web-0").is_empty() && leftovers(&c, "n1", "shy-0").is_empty()
+    });
+}

@@ -232,7 +232,7 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, ref_name: &str) {
 /// Busybox applets the busybox image links into `/bin`.
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "ls", "env", "id", "hostname", "ps", "mount", "wget", "nc", "kill",
-    "test",
+    "test", "httpd", "mkdir", "rm", "touch",
 ];
 
 /// A one-layer linux image of the host's static `/bin/busybox` with its applets as symlinks,
