@@ -257,3 +257,89 @@ fn s4_address_change_mid_connection_is_back_within_10s() {
     }
     assert_eq!(site.box_pids(), pids, "the container was replaced");
 }
+
+/// Scenario 3: the hub is SIGKILLed and restarted. Nothing restarts on the agent, the agent
+/// reconnects by itself, and the hub's view converges to what runs (both replicas Running, a
+/// workload applied after the restart runs too).
+#[test]
+fn s3_hub_killed_and_restarted_restarts_nothing_and_status_converges() {
+    if !edge_site::possible() {
+        return;
+    }
+    let Some(mut site) = Site::start("edge-s3") else { return };
+    let pids = site.box_pids();
+    let lines = site.wasm_lines();
+
+    site.c.restart_hub();
+    let killed = Instant::now();
+    let back = Site::time_until(Duration::from_secs(60), POLL, || {
+        site.node_ready() && site.running(WASM_REPLICA) && site.running(BOX_REPLICA)
+    });
+    eprintln!("after the hub restart: node Ready, both replicas Running at the hub after {back:?}");
+    assert!(back.is_some(), "the hub's view did not converge within 60 s; agent link log:\n{}", link_lines(&site));
+    assert!(site.wasm_lines() > lines, "the Wasm replica stopped logging");
+    for r in [WASM_REPLICA, BOX_REPLICA] {
+        let st = site.replica(r).unwrap().status;
+        assert_eq!(st.restarts, 0, "{r} restarted: {st:?}");
+    }
+    assert_eq!(site.box_pids(), pids, "the container was replaced");
+    assert_eq!(site.box_starts(), 1, "the container started more than once");
+
+    let doc = format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: after-hub}}\nspec:\n  runtime: wasm\n  image: {}\n  args: [\"--interval-ms\", \"500\"]\n",
+        site.wasm_image
+    );
+    let out = site.c.cli_with_stdin(&["apply", "-f", "-"], Some(&doc));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    site.c
+        .wait_for("a workload applied after the restart runs", Duration::from_secs(30), || site.running("after-hub-0"));
+    eprintln!("hub restart to new workload Running: {:?}", killed.elapsed());
+    assert_eq!(site.box_pids(), pids, "the container was replaced");
+}
+
+/// Scenario 5: with 20 % of packets dropped each way on the agent's link, a new workload
+/// whose module the node must first pull through that link still reaches Running, and what
+/// already ran is untouched.
+#[test]
+fn s5_twenty_percent_loss_still_brings_a_new_workload_to_running() {
+    if !edge_site::possible() {
+        return;
+    }
+    let Some(mut site) = Site::start("edge-s5") else { return };
+    let pids = site.box_pids();
+    // A module the node has never pulled: the pull crosses the lossy link too.
+    let module = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-c/build/hello.wasm");
+    assert!(module.exists(), "{} is missing: build the examples first (scripts/test.sh does)", module.display());
+    let out = cluster::flotilla(&[
+        std::ffi::OsStr::new("push"),
+        module.as_os_str(),
+        site.reg.reference("hello-c:v1").as_ref(),
+    ]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+
+    let method = site.ns.set_loss(20);
+    eprintln!("20 % loss by {method:?}");
+    let doc = format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: lossy}}\nspec:\n  runtime: wasm\n  image: {}/hello-c:v1\n  args: [\"--interval-ms\", \"500\"]\n",
+        site.fwd.addr
+    );
+    let applied = Instant::now();
+    let out = site.c.cli_with_stdin(&["apply", "-f", "-"], Some(&doc));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let running = Site::time_until(Duration::from_secs(120), POLL, || site.running("lossy-0"));
+    eprintln!("under 20 % loss: new workload Running after {running:?}");
+    let running = running.unwrap_or_else(|| {
+        panic!(
+            "the new workload did not reach Running within 120 s under 20 % loss: {:?}\nagent link log:\n{}",
+            site.replica("lossy-0"),
+            link_lines(&site)
+        )
+    });
+    assert!(applied.elapsed() >= running);
+    site.ns.clear_loss();
+    for r in [WASM_REPLICA, BOX_REPLICA] {
+        let st = site.replica(r).unwrap().status;
+        assert_eq!(st.restarts, 0, "{r} restarted: {st:?}");
+    }
+    assert_eq!(site.box_pids(), pids, "the container was replaced");
+}
