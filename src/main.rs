@@ -48,10 +48,15 @@ enum Command {
         /// Extra DNS names or IPs for the hub's certificate.
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// State store: `sqlite` (a file in the data dir, one hub) or a PostgreSQL URL
+        /// `postgres://USER:PASSWORD@HOST:PORT/DB` shared by several hubs.
+        #[arg(long, env = "FLOTILLA_DATASTORE", hide_env_values = true, default_value = "sqlite")]
+        datastore: hub::Datastore,
     },
     /// Run the edge agent.
     Agent {
-        /// Hub address, HOST:PORT.
+        /// Hub address, HOST:PORT; several hubs sharing one store as HOST:PORT,HOST:PORT
+        /// (the agent moves to the next when one fails).
         #[arg(long)]
         hub: String,
         /// Join token (from the hub's data dir). Needed only on first join.
@@ -207,9 +212,9 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Hub { data_dir, listen, advertise, tls_names } => {
+        Command::Hub { data_dir, listen, advertise, tls_names, datastore } => {
             init_tracing();
-            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names }).await?;
+            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names, datastore }).await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
             eprintln!("admin config: {}", hub.admin_config_path().display());
             eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());

@@ -163,7 +163,12 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
                 .iter()
                 .filter(|r| r.workload == w.manifest.metadata.name && is_ready(shared, r))
                 .count() as u32,
-            manifest: w.manifest,
+            // Shown as resourceVersion, so `get -o yaml`, edit, `apply` is refused if the
+            // workload changed meanwhile.
+            manifest: proto::manifest::Manifest {
+                metadata: proto::manifest::Metadata { resource_version: Some(w.revision), ..w.manifest.metadata },
+                ..w.manifest
+            },
             revision: w.revision,
             created_at_ms: w.created_at_ms,
         })

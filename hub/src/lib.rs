@@ -1,15 +1,17 @@
-//! Flotilla's control plane: it owns the desired state (the SQLite store), the cluster CA, the
+//! Flotilla's control plane: it owns the desired state (the SQLite or PostgreSQL store), the cluster CA, the
 //! scheduler, and the one QUIC endpoint that agents and the CLI connect to. It decides what runs
 //! where and tells each node its assignment set; it never runs a workload itself and never
 //! reaches out to an agent: agents dial in (NAT-friendly) and the hub pushes over that
 //! connection.
 //!
 //! Structure: [`scheduler`] is a pure function; [`store`] is the only module that speaks SQL;
+//! [`leader`] elects the one hub (of several on a shared store) that runs the controllers;
 //! [`bootstrap`] owns the data dir and credentials; [`server`] is the I/O shell that accepts
 //! connections and runs the controller loop; [`api`] answers CLI requests.
 
 pub mod api;
 pub mod bootstrap;
+pub mod leader;
 pub mod scheduler;
 pub mod server;
 pub mod store;
@@ -18,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use server::{Hub, HubError};
+pub use store::Datastore;
 
 /// How the hub is started. Built by the binary from flags; the library reads no environment.
 #[derive(Debug, Clone)]
@@ -29,6 +32,9 @@ pub struct HubConfig {
     pub advertise: Option<String>,
     /// Extra DNS names or IPs for the serving certificate.
     pub tls_names: Vec<String>,
+    /// Where the state lives: the embedded SQLite file in `data_dir` (one hub), or a
+    /// PostgreSQL database several hubs share.
+    pub datastore: Datastore,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

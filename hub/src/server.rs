@@ -1,6 +1,15 @@
 //! The hub's I/O shell: the QUIC endpoint, one task per connection, the controller loop, and
 //! the registry of connected agents.
 //!
+//! Several hubs may share one PostgreSQL store. Every hub serves agents and the API; only the
+//! holder of the controller lease ([`crate::leader`]) runs [`reconcile`], and its placement
+//! writes are fenced by that lease. Each hub records in the store which nodes it holds
+//! sessions for, and on a shared store polls the nodes' generations (every
+//! `CLUSTER_POLL`): a node whose generation moved gets its session woken here, whichever hub
+//! wrote it, and nodes connected to other hubs count as ready while their heartbeats are
+//! fresh. Polling, not LISTEN/NOTIFY: it needs no dedicated connection, survives store
+//! reconnects without re-subscribing, and costs one small query per half second.
+//!
 //! Who may do what is decided here, per ALPN: the join ALPN needs the token's secret, the agent
 //! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
 //! fails is refused with a reason and logged; every other connection keeps being served.
@@ -14,14 +23,15 @@ use std::time::Duration;
 use proto::messages::{AgentMsg, HubMsg, JoinRequest, JoinResponse};
 use quinn::VarInt;
 use subtle::ConstantTimeEq;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::pki::Ca;
 use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
 
 use crate::bootstrap::{self, BootstrapError};
+use crate::leader::{self, LeaderConfig};
 use crate::scheduler::{self, Placement, SchedNode, SchedWorkload};
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, NodeRow, Store, StoreError};
 use crate::{HubConfig, now_ms};
 
 /// Application close codes the hub sends.
@@ -35,6 +45,13 @@ const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
 /// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
 const RETRY_MIN: Duration = Duration::from_millis(50);
+/// How often a hub on a shared store looks for generations other hubs wrote.
+const CLUSTER_POLL: Duration = Duration::from_millis(500);
+/// A node whose session another hub holds counts as connected while its last heartbeat is
+/// younger than this (three agent heartbeats). Compares hub clocks: keep them in NTP sync.
+const REMOTE_STALE_MS: u64 = 15_000;
+/// The cluster-wide record of the CA and join token on a shared store.
+const IDENTITY_SECRET: &str = "cluster-identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -44,6 +61,8 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("cannot set up the QUIC endpoint: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cluster identity: {0}")]
+    Identity(String),
 }
 
 /// A connected agent.
@@ -56,6 +75,13 @@ struct Session {
 
 pub(crate) struct Shared {
     pub(crate) store: Store,
+    /// This hub's name in leases and node sessions.
+    hub_id: String,
+    /// True while this hub holds the controller lease.
+    leader: watch::Receiver<bool>,
+    /// Nodes whose agent session another hub holds (shared stores only). std Mutex: map
+    /// operations only.
+    remote_connected: Mutex<std::collections::HashSet<String>>,
     ca: Ca,
     token_secret: String,
     /// std Mutex: held only for map operations, never across an await.
@@ -65,8 +91,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the node's agent is connected to this hub or, on a shared store, to another.
     pub(crate) fn is_connected(&self, node: &str) -> bool {
-        self.sessions.lock().unwrap().contains_key(node)
+        self.sessions.lock().unwrap().contains_key(node) || self.remote_connected.lock().unwrap().contains(node)
     }
 
     pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {
@@ -91,6 +118,7 @@ impl Shared {
 pub struct Hub {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    election: tokio::task::JoinHandle<()>,
     admin_config: std::path::PathBuf,
     token: String,
 }
@@ -115,8 +143,13 @@ impl Hub {
         if let Some(host) = advertise.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()) {
             names.push(host);
         }
+        let store = Store::connect(&config.datastore, &config.data_dir).await?;
+        if store.is_shared() {
+            share_identity(&store, &config.data_dir).await?;
+        }
         let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names)?;
-        let store = Store::open(&config.data_dir.join("hub.db")).await?;
+        let hub_id = hub_id(&config.data_dir)?;
+        let (leader, election) = leader::spawn(store.clone(), LeaderConfig::controller(hub_id.clone()));
         let server_config = tls::server_config(
             &identity.server.cert_pem,
             &identity.server.key_pem,
@@ -124,13 +157,17 @@ impl Hub {
             &tls::Tuning::default(),
         )?;
         let endpoint = tls::server_endpoint(server_config, config.listen)?;
-        info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), "hub listening");
+        info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), store = store.backend_name(), hub = %hub_id, "hub listening");
         Ok(Hub {
             endpoint,
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
+            election,
             shared: Arc::new(Shared {
                 store,
+                hub_id,
+                leader,
+                remote_connected: Mutex::new(Default::default()),
                 ca: identity.ca,
                 token_secret: identity.token.secret,
                 sessions: Mutex::new(HashMap::new()),
@@ -156,6 +193,7 @@ impl Hub {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), HubError> {
         let controller = tokio::spawn(controller_loop(self.shared.clone()));
+        let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -174,6 +212,14 @@ impl Hub {
             }
         }
         controller.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        // A clean stop hands the lease over at once instead of after its TTL.
+        self.election.abort();
+        if let Err(e) = self.shared.store.release_lease(leader::CONTROLLER_LEASE, &self.shared.hub_id).await {
+            warn!(error = %e, "cannot release the controller lease");
+        }
         self.endpoint.close(VarInt::from_u32(0), b"hub shutting down");
         self.endpoint.wait_idle().await;
         Ok(())
@@ -291,6 +337,9 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     if let Err(e) = shared.store.record_statuses(&node, &statuses).await {
         warn!(error = %e, "cannot record statuses");
     }
+    if let Err(e) = shared.store.set_node_session(&node, &shared.hub_id, true, now).await {
+        warn!(error = %e, "cannot record the node's session");
+    }
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let wake = Arc::new(Notify::new());
@@ -350,14 +399,20 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
     }
     reader.abort();
-    {
+    let ended = {
         let mut sessions = shared.sessions.lock().unwrap();
-        if sessions.get(&node).is_some_and(|s| s.id == id) {
+        let ours = sessions.get(&node).is_some_and(|s| s.id == id);
+        if ours {
             sessions.remove(&node);
             info!("agent disconnected");
         }
+        ours
+    };
+    if ended {
+        let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
+    } else {
+        let _ = shared.store.touch_node(&node, now_ms()).await;
     }
-    let _ = shared.store.touch_node(&node, now_ms()).await;
 }
 
 async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
@@ -380,7 +435,15 @@ async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
 
 async fn controller_loop(shared: Arc<Shared>) {
     let mut failures = 0u32;
+    let mut leader = shared.leader.clone();
     loop {
+        if !*leader.borrow_and_update() {
+            debug!("not the leader; controllers idle");
+            if leader.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         // A failed pass is retried soon with backoff, not at the next periodic resync.
         let wait = match reconcile(&shared).await {
             Ok(()) => {
@@ -396,8 +459,147 @@ async fn controller_loop(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.reconcile.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            _ = leader.changed() => {}
         }
     }
+}
+
+/// On a shared store: wakes this hub's sessions whose node generation another hub moved,
+/// keeps the set of nodes connected to other hubs, and asks for a reconcile when workloads or
+/// that set changed (an apply served by another hub, a node that moved).
+async fn watch_cluster(shared: Arc<Shared>) {
+    let mut generations: HashMap<String, u64> = HashMap::new();
+    let mut revisions = BTreeMap::new();
+    loop {
+        match shared.store.nodes().await {
+            Ok(nodes) => {
+                let moved: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| generations.insert(n.name.clone(), n.generation) != Some(n.generation))
+                    .map(|n| n.name.clone())
+                    .collect();
+                shared.wake_nodes(&moved);
+                let remote = remote_connected(&shared.hub_id, &nodes, now_ms());
+                let changed = {
+                    let mut current = shared.remote_connected.lock().unwrap();
+                    let changed = *current != remote;
+                    *current = remote;
+                    changed
+                };
+                if changed {
+                    shared.trigger_reconcile();
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot poll node generations"),
+        }
+        match shared.store.workload_revisions().await {
+            Ok(r) if r != revisions => {
+                revisions = r;
+                shared.trigger_reconcile();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot poll workload revisions"),
+        }
+        tokio::time::sleep(CLUSTER_POLL).await;
+    }
+}
+
+/// Nodes whose session another hub holds, with a heartbeat younger than `REMOTE_STALE_MS`.
+fn remote_connected(hub_id: &str, nodes: &[NodeRow], now_ms: u64) -> std::collections::HashSet<String> {
+    nodes
+        .iter()
+        .filter(|n| n.connected_via.as_deref().is_some_and(|h| h != hub_id))
+        .filter(|n| n.last_seen_ms.is_some_and(|seen| now_ms.saturating_sub(seen) < REMOTE_STALE_MS))
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// This hub's stable name: made once per data dir (so a restarted hub renews its own lease at
+/// once) and unique across data dirs. One hub process per data dir.
+fn hub_id(data_dir: &std::path::Path) -> Result<String, HubError> {
+    let path = data_dir.join("hub-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let mut bytes = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let id = format!("hub-{}", hex::encode(bytes));
+    bootstrap::write_private(&path, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
+/// The CA and join token as shared through the store.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedIdentity {
+    ca_cert_pem: String,
+    ca_key_pem: String,
+    token: String,
+}
+
+/// On a shared store every hub must have the same CA and join token, so agents trust and join
+/// any of them. The first hub stores its own (or new ones) in the store; every hub then writes
+/// the stored ones into its data dir, where [`bootstrap::load_or_create`] loads them. A data
+/// dir that already has a different CA is refused rather than silently replaced.
+async fn share_identity(store: &Store, data_dir: &std::path::Path) -> Result<(), HubError> {
+    let tls_dir = data_dir.join("tls");
+    std::fs::create_dir_all(&tls_dir).map_err(|source| BootstrapError::Io {
+        action: "create",
+        path: tls_dir.clone(),
+        source,
+    })?;
+    let (ca_cert, ca_key, token_path) = (tls_dir.join("ca.pem"), tls_dir.join("ca.key"), data_dir.join("token"));
+    let local = match (
+        std::fs::read_to_string(&ca_cert),
+        std::fs::read_to_string(&ca_key),
+        std::fs::read_to_string(&token_path),
+    ) {
+        (Ok(cert), Ok(key), Ok(token)) => {
+            Some(SharedIdentity { ca_cert_pem: cert, ca_key_pem: key, token: token.trim().to_string() })
+        }
+        _ => None,
+    };
+    let candidate = match &local {
+        Some(l) => SharedIdentity {
+            ca_cert_pem: l.ca_cert_pem.clone(),
+            ca_key_pem: l.ca_key_pem.clone(),
+            token: l.token.clone(),
+        },
+        None => {
+            let ca = Ca::generate("flotilla cluster CA")
+                .map_err(|source| BootstrapError::Pki { path: ca_cert.clone(), source })?;
+            let mut secret = [0u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+            let token = proto::token::JoinToken { ca_fingerprint: ca.fingerprint(), secret: hex::encode(secret) };
+            SharedIdentity {
+                ca_cert_pem: ca.cert_pem().to_string(),
+                ca_key_pem: ca.key_pem().to_string(),
+                token: token.to_string(),
+            }
+        }
+    };
+    let candidate_json = serde_json::to_string(&candidate).expect("identity serializes");
+    let stored = store.get_or_insert_secret(IDENTITY_SECRET, &candidate_json).await?;
+    let stored: SharedIdentity = serde_json::from_str(&stored)
+        .map_err(|e| HubError::Identity(format!("the store's {IDENTITY_SECRET} record is unreadable: {e}")))?;
+    if let Some(l) = &local {
+        if l.ca_cert_pem != stored.ca_cert_pem {
+            return Err(HubError::Identity(format!(
+                "{} holds a different cluster CA than the shared store; move the data dir's tls/ and token aside to join this cluster",
+                data_dir.display()
+            )));
+        }
+        if l.token == stored.token {
+            return Ok(());
+        }
+    }
+    bootstrap::write_private(&ca_key, stored.ca_key_pem.as_bytes())?;
+    bootstrap::write_private(&ca_cert, stored.ca_cert_pem.as_bytes())?;
+    bootstrap::write_private(&token_path, format!("{}\n", stored.token).as_bytes())?;
+    info!("cluster identity loaded from the shared store");
+    Ok(())
 }
 
 /// Built-in labels every node carries, usable in node selectors.
@@ -448,7 +650,12 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
         .collect();
     let decisions = scheduler::schedule(&sched_nodes, &sched_workloads, &current);
     let templates = workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
-    let changed = shared.store.write_placements(&decisions.placements, &templates, &decisions.unschedulable).await?;
+    // Fenced: if another hub took the lease since this pass started, nothing is written.
+    let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
+    let changed = shared
+        .store
+        .write_placements_fenced(fence, &decisions.placements, &templates, &decisions.unschedulable)
+        .await?;
     if !changed.is_empty() {
         debug!(nodes = ?changed, "assignment sets changed");
         shared.wake_nodes(&changed);
