@@ -415,7 +415,7 @@ fn utilisation_ppm(node: &SchedNode, used: Resources, extra: Resources) -> u64 {
             n += 1;
         }
     }
-    if n == 0 { 0 } else { (sum / n).min(u64::MAX as u128) as u64 }
+    sum.checked_div(n).map_or(0, |avg| avg.min(u128::from(u64::MAX)) as u64)
 }
 
 /// Computes the placements for `workloads` given the `current` ones, with no clock and every

@@ -480,7 +480,9 @@ fn job_plan_fills_parallelism_and_reports_phase() {
     assert_eq!(job_plan(&spec1, &progress, 5_000).active, [1]);
 
     // Failures beyond the limit fail the job.
-    progress.indexes.get_mut(&2).map(|o| o.failures = 3);
+    if let Some(o) = progress.indexes.get_mut(&2) {
+        o.failures = 3;
+    }
     let plan = job_plan(&spec, &progress, 5_000);
     assert_eq!((plan.phase, plan.active.len()), (JobPhase::Failed, 0));
 
