@@ -29,6 +29,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const NETWORK_SETTLE: Duration = Duration::from_millis(200);
 
 pub struct Link {
+    /// Hub address HOST:PORT, or several separated by commas (hubs sharing one store): the
+    /// link dials them in turn, moving to the next after each failed or lost connection.
     pub hub: String,
     pub token: Option<JoinToken>,
     pub node_name: String,
@@ -61,15 +63,21 @@ impl Link {
     /// Runs until shutdown (`None`) or a fatal error (the hub refused this node's join).
     pub async fn run(mut self) -> Option<Fatal> {
         let mut backoff = BACKOFF_MIN;
+        let hubs: Vec<String> =
+            self.hub.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect();
+        let hubs = if hubs.is_empty() { vec![self.hub.clone()] } else { hubs };
+        let mut turn = 0usize;
         loop {
-            match self.session().await {
+            let hub = hubs[turn % hubs.len()].clone();
+            turn = turn.wrapping_add(1);
+            match self.session(&hub).await {
                 Ok(was_up) => {
                     if was_up {
                         backoff = BACKOFF_MIN;
                     }
                 }
                 Err(SessionError::Fatal(e)) => return Some(Fatal(e)),
-                Err(SessionError::Transient(msg)) => warn!(hub = %self.hub, error = %msg, "cannot reach the hub"),
+                Err(SessionError::Transient(msg)) => warn!(%hub, error = %msg, "cannot reach the hub"),
             }
             let _ = self.connected.send(false);
             if *self.shutdown.borrow() {
@@ -96,14 +104,15 @@ impl Link {
     }
 
     /// One connection, from dial to loss. `Ok(true)` if the session was established.
-    async fn session(&mut self) -> Result<bool, SessionError> {
-        let id =
-            identity::load_or_join(&self.identity_dir, &self.hub, self.token.as_ref(), &self.node_name, &self.tuning)
-                .await
-                .map_err(|e| {
+    async fn session(&mut self, hub: &str) -> Result<bool, SessionError> {
+        let id = identity::load_or_join(&self.identity_dir, hub, self.token.as_ref(), &self.node_name, &self.tuning)
+            .await
+            .map_err(
+                |e| {
                     if e.is_transient() { SessionError::Transient(e.to_string()) } else { SessionError::Fatal(e) }
-                })?;
-        let addr = tls::resolve(&self.hub).await.map_err(|e| SessionError::Transient(e.to_string()))?;
+                },
+            )?;
+        let addr = tls::resolve(hub).await.map_err(|e| SessionError::Transient(e.to_string()))?;
         let config = tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, ALPN_AGENT, &self.tuning)
             .map_err(|e| SessionError::Fatal(IdentityError::Protocol(e.to_string())))?;
         let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
@@ -114,7 +123,7 @@ impl Link {
         let mut acked = *self.acked.borrow_and_update();
         let hello = AgentMsg::Hello { facts: self.facts.clone(), generation: acked, statuses: sent.clone() };
         frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
-        info!(hub = %self.hub, "connected to hub");
+        info!(%hub, "connected to hub");
         let _ = self.connected.send(true);
 
         // Reads happen on their own task: frame::read is not cancel-safe.
