@@ -1,7 +1,8 @@
 //! Several hubs on one PostgreSQL store: two `flotilla hub` processes share a real PostgreSQL
 //! server (Debian's package, started by the test), agents are given both hub addresses, and
 //! the leader is killed with SIGKILL. The other hub must take over within seconds (a new
-//! workload is scheduled and runs) while the replicas that were running keep running.
+//! workload is scheduled and runs) while the replicas that were running keep running. And a
+//! hub SIGKILLed while applies stream in keeps every apply it acknowledged, on either store.
 //!
 //! Needs root, `postgresql`, `docker-registry` and the wasm32-wasip1 target
 //! (`scripts/install-deps.sh`); skips and says why without them, except under CI.
@@ -39,10 +40,20 @@ struct HubProc {
 
 impl HubProc {
     fn start(root: &Path, name: &str, datastore: &str) -> HubProc {
+        Self::start_at(root, name, datastore, format!("127.0.0.1:{}", cluster::free_udp_port()))
+    }
+
+    fn start_at(root: &Path, name: &str, datastore: &str, addr: String) -> HubProc {
         let dir = root.join(name);
-        let addr = format!("127.0.0.1:{}", cluster::free_udp_port());
         let args = ["hub", "--data-dir", dir.to_str().unwrap(), "--listen", &addr, "--datastore", datastore];
-        let proc = Proc::spawn(name, &args, root.join(format!("{name}.log")));
+        let mut log = root.join(format!("{name}.log"));
+        for k in 2.. {
+            if !log.exists() {
+                break;
+            }
+            log = root.join(format!("{name}.{k}.log"));
+        }
+        let proc = Proc::spawn(name, &args, log);
         let h = HubProc { name: name.to_string(), dir, addr, proc };
         wait_for(&format!("{name} to write its admin config"), Duration::from_secs(30), || {
             h.dir.join("admin.yaml").exists() && h.dir.join("token").exists()
@@ -201,4 +212,62 @@ fn two_hubs_on_postgres_survive_the_leader_being_killed() {
     }
     drop(leader);
     drop(agents);
+}
+
+/// A hub SIGKILLed while applies stream in restarts with every apply it acknowledged.
+fn killed_mid_apply_keeps_every_acknowledged_write(datastore: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(root.path(), "hub", datastore);
+    let config = hub.dir.join("admin.yaml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let mut cmd = Command::new(cluster::bin());
+                cmd.arg("--config").arg(&config).args(["apply", "-f", "-"]);
+                let out = cluster::run_with_stdin(cmd, Some(&manifest(&format!("w-{i}"), "r/x:1", 1)));
+                if !out.status.success() {
+                    break;
+                }
+                acked.push(format!("w-{i}"));
+            }
+            acked
+        })
+    };
+    // Kill it while applies are in flight (each CLI apply takes tens of milliseconds).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut hub = hub;
+    hub.proc.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() >= 3, "too few applies before the kill to prove anything: {acked:?}");
+
+    let hub = HubProc::start_at(root.path(), "hub", datastore, hub.addr.clone());
+    let mut names = Vec::new();
+    wait_for("the restarted hub to answer", WAIT, || match hub.get::<Vec<WorkloadView>>("workloads") {
+        Some(w) => {
+            names = w.into_iter().map(|w| w.manifest.metadata.name).collect();
+            true
+        }
+        None => false,
+    });
+    for name in &acked {
+        assert!(names.contains(name), "acknowledged workload {name} lost; the store has {names:?}");
+    }
+}
+
+#[test]
+fn sqlite_hub_killed_mid_apply_keeps_every_acknowledged_write() {
+    killed_mid_apply_keeps_every_acknowledged_write("sqlite");
+}
+
+#[test]
+fn postgres_hub_killed_mid_apply_keeps_every_acknowledged_write() {
+    let Some(pg) = TestPostgres::start() else { return };
+    killed_mid_apply_keeps_every_acknowledged_write(&pg.create_database("flotilla"));
 }
