@@ -430,6 +430,8 @@ struct Plan<'a> {
     w: &'a SchedWorkload,
     /// Replicated / Job: (index, kept node). EveryNode: node → index.
     slots: Vec<(u32, Option<usize>)>,
+    /// Replicated / Job: the replica name of each slot.
+    names: Vec<String>,
     /// Replicated: kept replicas on draining nodes, (position in `slots`).
     drain: Vec<usize>,
     job: Option<JobPlan>,
@@ -508,7 +510,7 @@ pub fn schedule_at(
     let mut plans: Vec<Plan> = Vec::with_capacity(sorted.len());
     for &w in &sorted {
         let cur = by_workload.get(w.name.as_str()).unwrap_or(&no_current);
-        let mut plan = Plan { w, slots: Vec::new(), drain: Vec::new(), job: None };
+        let mut plan = Plan { w, slots: Vec::new(), names: Vec::new(), drain: Vec::new(), job: None };
         if w.kind == WorkloadKind::EveryNode {
             keep_every_node(w, cur, &nodes, &index_of, &mut state, &mut plan, &mut taken);
         } else {
@@ -539,6 +541,7 @@ pub fn schedule_at(
                     }
                 }
                 plan.slots.push((index, kept));
+                plan.names.push(name);
             }
         }
         plans.push(plan);
@@ -553,20 +556,20 @@ pub fn schedule_at(
             continue;
         }
         let pending: Vec<usize> = (0..plan.slots.len()).filter(|&s| plan.slots[s].1.is_none()).collect();
-        let available = |slot: &(u32, Option<usize>)| {
-            slot.1.is_some_and(|i| {
-                nodes[i].ready
-                    && observed.ready.get(&replica_name(&w.name, slot.0)).is_some_and(|n| *n == nodes[i].name)
-            })
+        let names = &plan.names;
+        let available = |s: usize| {
+            plan.slots[s]
+                .1
+                .is_some_and(|i| nodes[i].ready && observed.ready.get(&names[s]).is_some_and(|n| *n == nodes[i].name))
         };
-        let unavailable = plan.slots.iter().filter(|s| !available(s)).count() as u64;
-        let mut budget = u64::from(w.max_unavailable).saturating_sub(unavailable);
-        let drain_moves: Vec<(usize, bool)> = plan
-            .drain
-            .iter()
-            .map(|&s| (s, available(&plan.slots[s])))
-            .filter(|&(_, avail)| !avail || budget > 0)
-            .collect();
+        // Only a drain needs the budget; skip the lookups otherwise.
+        let mut budget = 0u64;
+        let mut drain_moves: Vec<(usize, bool)> = Vec::new();
+        if !plan.drain.is_empty() {
+            let unavailable = (0..plan.slots.len()).filter(|&s| !available(s)).count() as u64;
+            budget = u64::from(w.max_unavailable).saturating_sub(unavailable);
+            drain_moves = plan.drain.iter().map(|&s| (s, available(s))).filter(|&(_, a)| !a || budget > 0).collect();
+        }
         if !pending.is_empty() || !drain_moves.is_empty() {
             let domains = w.spread_by.as_deref().map(|key| {
                 &*spread_domains.entry(key).or_insert_with(|| {
@@ -586,19 +589,18 @@ pub fn schedule_at(
             });
             let mut pool = Pool::new(w, &nodes, &state, &plan.slots, domains);
             let mut reason: Option<String> = None;
-            let mut fail = |out: &mut Decisions, state: &[NodeState], index: u32| {
-                let why = reason.get_or_insert_with(|| explain(nodes.iter().copied().zip(state.iter()), w));
-                out.unschedulable.insert(replica_name(&w.name, index), why.clone());
-            };
             for s in pending {
                 match pool.take(w, &nodes, &mut state) {
                     Some(i) => plan.slots[s].1 = Some(i),
-                    None => fail(&mut out, &state, plan.slots[s].0),
+                    None => {
+                        let why = reason.get_or_insert_with(|| explain(nodes.iter().copied().zip(state.iter()), w));
+                        out.unschedulable.insert(plan.names[s].clone(), why.clone());
+                    }
                 }
             }
             for (s, avail) in drain_moves {
                 if avail && budget == 0 {
-                    break;
+                    continue;
                 }
                 let Some(from) = plan.slots[s].1 else { continue };
                 let Some(to) = pool.take(w, &nodes, &mut state) else { break };
@@ -610,8 +612,7 @@ pub fn schedule_at(
                 }
             }
         }
-        for &(index, node) in &plan.slots {
-            let replica = replica_name(&w.name, index);
+        for (&(index, node), replica) in plan.slots.iter().zip(std::mem::take(&mut plan.names)) {
             out.placements.push(Placement {
                 replica,
                 workload: w.name.clone(),

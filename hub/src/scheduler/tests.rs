@@ -545,3 +545,18 @@ fn decisions_do_not_depend_on_input_order() {
     cur.reverse();
     assert_eq!(schedule(&rn, &rw, &cur), d);
 }
+
+#[test]
+fn drain_moves_unready_replicas_without_spending_the_budget() {
+    let mut a = node("a", true, WASM, &[]);
+    a.draining = true;
+    let nodes = [a, node("b", true, WASM, &[])];
+    let mut w = wl("w", 3, &[]);
+    w.max_unavailable = 2;
+    let current = [at("w-0", "w", 0, "a"), at("w-1", "w", 1, "a"), at("w-2", "w", 2, "a")];
+    let mut ready = Observed::all_ready(&current);
+    ready.ready.remove("w-2");
+    let d = schedule_at(&nodes, &[w], &current, &ready);
+    assert_eq!(nodes_of(&d), [Some("b"), Some("a"), Some("b")]);
+    assert_eq!(d.drains["a"], 1);
+}
