@@ -156,7 +156,10 @@ impl Hub {
             identity.ca.cert_pem(),
             &tls::Tuning::default(),
         )?;
-        let endpoint = tls::server_endpoint(server_config, config.listen)?;
+        // Stateless resets keyed by the CA key: this hub, restarted, or another hub sharing the
+        // identity tells agents at once that a connection they still hold is gone.
+        let reset_secret = identity.ca.key_pem();
+        let endpoint = tls::server_endpoint(server_config, config.listen, Some(reset_secret.as_bytes()))?;
         info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), store = store.backend_name(), hub = %hub_id, "hub listening");
         Ok(Hub {
             endpoint,

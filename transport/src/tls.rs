@@ -175,8 +175,41 @@ pub fn client_endpoint() -> Result<quinn::Endpoint, TlsError> {
 }
 
 /// An endpoint accepting connections on `addr` with `config`.
-pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> Result<quinn::Endpoint, TlsError> {
-    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
+///
+/// `reset_secret` keys the stateless reset tokens the endpoint hands out. Derived from a secret
+/// that survives restarts (the hub passes one derived from its CA key), it lets a restarted hub
+/// answer the first packet of a connection its previous process held with a stateless reset:
+/// the agent learns at once that the connection is gone and reconnects, instead of waiting out
+/// its idle timeout. Without it, quinn picks a random key per process.
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+    reset_secret: Option<&[u8]>,
+) -> Result<quinn::Endpoint, TlsError> {
+    let bind = |source| TlsError::Bind { addr, source };
+    let Some(secret) = reset_secret else {
+        return quinn::Endpoint::server(config, addr).map_err(bind);
+    };
+    let derived = reset_key(secret);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived);
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    // The connection IDs carry a keyed check that lets an endpoint drop stray packets cheaply;
+    // keyed from the same secret, a restarted process still recognizes its predecessor's IDs
+    // and answers them with the reset instead of dropping them.
+    let cid_key = u64::from_le_bytes(derived[..8].try_into().unwrap_or_default());
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+/// The stateless reset key for `secret`: a hash under its own label, so the key reveals
+/// nothing about the secret and no other use of the secret yields the same bytes.
+fn reset_key(secret: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"flotilla quic stateless reset v1\0");
+    h.update(secret);
+    h.finalize().into()
 }
 
 /// Connects to the hub at `addr`, always verifying it as [`HUB_SERVER_NAME`], and waits for

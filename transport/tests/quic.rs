@@ -53,7 +53,7 @@ async fn pinned_join_checks_the_server_name_too() {
     let ca = Ca::generate("flotilla test ca").unwrap();
     let wrong = ca.issue_client("flotilla-hub", HOUR).unwrap(); // clientAuth only, no SAN
     let config = tls::server_config(&wrong.cert_pem, &wrong.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
-    let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap(), None).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let accept = tokio::spawn(async move {
         let incoming = endpoint.accept().await.unwrap();
@@ -187,4 +187,63 @@ async fn resolve_handles_ips_and_names() {
     assert!(addr.ip().is_loopback());
     assert_eq!(addr.port(), 4433);
     assert!(tls::resolve("no-port-here").await.is_err());
+}
+
+/// A restarted hub (same address, same reset secret) answers a packet of a connection its
+/// previous process held with a stateless reset: the client learns at once that the
+/// connection is gone instead of waiting out its idle timeout.
+#[test]
+fn a_restarted_endpoint_with_the_same_secret_resets_old_connections_at_once() {
+    let ca = Ca::generate("flotilla test ca").unwrap();
+    let server = ca.issue_server(&["127.0.0.1".to_string()], HOUR).unwrap();
+    let secret = ca.key_pem();
+    let config = || tls::server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
+    let creds = ca.issue_client("node:alpha", HOUR).unwrap();
+    let client_config =
+        tls::client_config_mtls(ca.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_AGENT, &Tuning::default())
+            .unwrap();
+
+    // The first hub lives on its own runtime, which is torn down without running another
+    // step: the process dies and sends nothing, as under SIGKILL.
+    let hub_rt = tokio::runtime::Runtime::new().unwrap();
+    let (addr, accepted) = hub_rt.block_on(async {
+        let endpoint = tls::server_endpoint(config(), "127.0.0.1:0".parse().unwrap(), Some(secret.as_bytes())).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepted = tokio::spawn(async move {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            std::future::pending::<()>().await;
+            drop((conn, endpoint));
+        });
+        (addr, accepted)
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        let endpoint = tls::client_endpoint().unwrap();
+        tokio::time::timeout(STEP, tls::connect(&endpoint, client_config, addr)).await.unwrap().unwrap()
+    });
+    drop(accepted);
+    hub_rt.shutdown_background();
+
+    rt.block_on(async {
+        let mut restarted = None;
+        for _ in 0..100 {
+            match tls::server_endpoint(config(), addr, Some(secret.as_bytes())) {
+                Ok(e) => {
+                    restarted = Some(e);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        let _restarted = restarted.expect("the dead hub's address was never released");
+        // Any packet from the client now draws a reset.
+        let started = std::time::Instant::now();
+        if let Ok(mut s) = client.open_uni().await {
+            let _ = s.write_all(b"ping").await;
+        }
+        let err = tokio::time::timeout(STEP, client.closed()).await.expect("the old connection was never reset");
+        eprintln!("old connection ended after {:?}: {err}", started.elapsed());
+        assert!(matches!(err, quinn::ConnectionError::Reset), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    });
 }

@@ -25,7 +25,7 @@ impl Hub {
     pub fn start_with(ca: Ca) -> Hub {
         let server = ca.issue_server(&["127.0.0.1".to_string()], HOUR).unwrap();
         let config = tls::server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
-        let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = endpoint.local_addr().unwrap();
         Hub { ca, endpoint, addr }
     }
