@@ -450,3 +450,69 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
         leftovers(&c, "n1", "web-0").is_empty() && leftovers(&c, "n1", "shy-0").is_empty()
     });
 }
+
+#[test]
+fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    // Serves /$PAGE on 8080 in its own network namespace; ready when /index.html answers.
+    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
+    let image = push_busybox(&reg, c.dir.path(), "busybox:rollout", &["sh", "-c", script]);
+    c.add_agent("n1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let revision = |page: &str, v: u32| {
+        workload(
+            "web",
+            &image,
+            &format!(
+                "  replicas: 3\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms}}\n"
+            ),
+        )
+    };
+    let hashes = |c: &Cluster| -> Vec<String> {
+        let mut rs = c.replicas();
+        rs.sort_by(|a, b| a.name.cmp(&b.name));
+        rs.into_iter().map(|r| r.template_hash).collect()
+    };
+    let available =
+        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
+    apply(&c, &revision("index.html", 1));
+    c.wait_for("3 ready", WAIT, || available(&c) == 3);
+    let v1 = hashes(&c)[0].clone();
+
+    // Revision 2 never gets ready: one replica moves to it, the other two keep serving v1.
+    apply(&c, &revision("other.html", 2));
+    c.wait_for("the first replica on revision 2", WAIT, || {
+        replica(&c, "web-0").is_some_and(|r| r.template_hash != v1 && r.status.phase == Phase::Running)
+    });
+    let v2 = replica(&c, "web-0").unwrap().template_hash;
+    let held_since = std::time::Instant::now();
+    while held_since.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            hashes(&c),
+            [v2.clone(), v1.clone(), v1.clone()],
+            "the rollout went past a replica that is not ready"
+        );
+        assert!(available(&c) >= 2, "{:?}", c.replicas());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r0 = replica(&c, "web-0").unwrap();
+    assert!(!r0.status.ready && r0.status.restarts == 0, "{r0:?}");
+
+    // Revision 3 is healthy: the stuck replica goes first, then one at a time, never fewer
+    // than two serving.
+    apply(&c, &revision("index.html", 3));
+    let mut min_available = 3;
+    c.wait_for("all on revision 3 and ready", WAIT, || {
+        min_available = min_available.min(available(&c));
+        let h = hashes(&c);
+        h.len() == 3 && h.iter().all(|x| *x != v1 && *x != v2) && available(&c) == 3
+    });
+    assert!(min_available >= 2, "{min_available} replicas served during the rollout (maxUnavailable 1)");
+    let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "web").unwrap();
+    assert_eq!(w.ready_replicas, 3);
+}

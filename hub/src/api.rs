@@ -144,7 +144,8 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
         .collect())
 }
 
-fn is_ready(shared: &Shared, r: &ReplicaRow) -> bool {
+/// Running its assigned template, ready, on a connected node.
+pub(crate) fn is_available(shared: &Shared, r: &ReplicaRow) -> bool {
     r.status.phase == Phase::Running
         && r.status.ready
         && r.status.template_hash == r.template_hash
@@ -161,7 +162,7 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
         .map(|w| WorkloadView {
             ready_replicas: replicas
                 .iter()
-                .filter(|r| r.workload == w.manifest.metadata.name && is_ready(shared, r))
+                .filter(|r| r.workload == w.manifest.metadata.name && is_available(shared, r))
                 .count() as u32,
             // Shown as resourceVersion, so `get -o yaml`, edit, `apply` is refused if the
             // workload changed meanwhile.

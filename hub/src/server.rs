@@ -14,7 +14,7 @@
 //! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
 //! fails is refused with a reason and logged; every other connection keeps being served.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,7 @@ use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
 
 use crate::bootstrap::{self, BootstrapError};
 use crate::leader::{self, LeaderConfig};
+use crate::rollout;
 use crate::scheduler::{self, Placement, SchedNode, SchedWorkload};
 use crate::store::{Fence, NodeRow, Store, StoreError};
 use crate::{HubConfig, now_ms};
@@ -421,7 +422,12 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
 async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
     let result = match msg {
         AgentMsg::Ack { generation } => shared.store.ack_generation(node, generation).await,
-        AgentMsg::Status { statuses } => shared.store.record_statuses(node, &statuses).await.map(|_| ()),
+        AgentMsg::Status { statuses } => {
+            let r = shared.store.record_statuses(node, &statuses).await.map(|_| ());
+            // A replica that became ready (or stopped being) may let a rollout advance.
+            shared.trigger_reconcile();
+            r
+        }
         AgentMsg::Heartbeat => shared.store.touch_node(node, now_ms()).await,
         AgentMsg::Hello { .. } => {
             warn!("duplicate hello ignored");
@@ -614,6 +620,34 @@ pub(crate) fn node_labels(name: &str, facts: &proto::messages::NodeFacts) -> BTr
     labels
 }
 
+/// Replicas that keep their old template this pass: each workload's rolling update advances
+/// only as its updated replicas become available (see [`rollout`]).
+fn rollout_holds(
+    shared: &Shared,
+    workloads: &[crate::store::WorkloadRow],
+    templates: &BTreeMap<String, proto::manifest::ReplicaTemplate>,
+    replicas: &[crate::store::ReplicaRow],
+) -> BTreeSet<String> {
+    let mut hold = BTreeSet::new();
+    for w in workloads {
+        let name = &w.manifest.metadata.name;
+        let Some(current) = templates.get(name).map(|t| t.hash()) else { continue };
+        let members: Vec<rollout::RolloutReplica> = replicas
+            .iter()
+            .filter(|r| &r.workload == name)
+            .map(|r| rollout::RolloutReplica {
+                name: r.name.clone(),
+                index: r.index,
+                template_hash: r.template_hash.clone(),
+                available: crate::api::is_available(shared, r),
+            })
+            .collect();
+        let max_unavailable = w.manifest.spec.strategy.max_unavailable(w.manifest.spec.replicas);
+        hold.extend(rollout::plan(&current, &members, max_unavailable).held);
+    }
+    hold
+}
+
 /// One pass: snapshot the store, run the scheduler, write its decisions, wake the nodes whose
 /// assignment sets changed. Idempotent.
 async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
@@ -652,12 +686,14 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
         })
         .collect();
     let decisions = scheduler::schedule(&sched_nodes, &sched_workloads, &current);
-    let templates = workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
+    let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
+        workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
+    let hold = rollout_holds(shared, &workloads, &templates, &replicas);
     // Fenced: if another hub took the lease since this pass started, nothing is written.
     let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
     let changed = shared
         .store
-        .write_placements_fenced(fence, &decisions.placements, &templates, &decisions.unschedulable)
+        .write_placements_fenced(fence, &decisions.placements, &templates, &hold, &decisions.unschedulable)
         .await?;
     if !changed.is_empty() {
         debug!(nodes = ?changed, "assignment sets changed");

@@ -167,14 +167,37 @@ async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing
         Placement { replica: "hello-0".into(), workload: "hello".into(), index: 0, node: Some("a".into()) },
         Placement { replica: "hello-1".into(), workload: "hello".into(), index: 1, node: Some("b".into()) },
     ];
-    let changed = s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap();
+    let changed = s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
     assert_eq!(changed, BTreeSet::from(["a".to_string(), "b".to_string()]));
     let set = s.assignment_set("a").await.unwrap();
     assert_eq!(set.generation, 1);
     assert_eq!(set.assignments.len(), 1);
     assert_eq!(set.assignments[0].name, "hello-0");
     // Writing the same placements again changes nothing.
-    assert!(s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap().is_empty());
+    assert!(s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap().is_empty());
+
+    // A new template reaches only the replicas a rollout releases; held ones keep theirs,
+    // even when they move.
+    let mut next = m[0].template();
+    next.env.insert("V".into(), "2".into());
+    let new_templates = BTreeMap::from([("hello".to_string(), next.clone())]);
+    let hold = BTreeSet::from(["hello-1".to_string()]);
+    let changed = s.write_placements(&placements, &new_templates, &hold, &BTreeMap::new()).await.unwrap();
+    assert_eq!(changed, BTreeSet::from(["a".to_string()]));
+    let hashes: BTreeMap<String, String> =
+        s.replicas().await.unwrap().into_iter().map(|r| (r.name, r.template_hash)).collect();
+    assert_eq!(
+        (hashes["hello-0"].as_str(), hashes["hello-1"].as_str()),
+        (next.hash().as_str(), m[0].template().hash().as_str())
+    );
+    let moved = vec![placements[0].clone(), Placement { node: Some("a".into()), ..placements[1].clone() }];
+    s.write_placements(&moved, &new_templates, &hold, &BTreeMap::new()).await.unwrap();
+    let r1 = s.replicas().await.unwrap().into_iter().find(|r| r.name == "hello-1").unwrap();
+    assert_eq!((r1.node.as_deref(), r1.template_hash), (Some("a"), m[0].template().hash()));
+    assert_eq!(s.assignment_set("a").await.unwrap().assignments.len(), 2);
+    // Released: the move back and the new template come together.
+    s.write_placements(&placements, &new_templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+    assert!(s.replicas().await.unwrap().iter().all(|r| r.template_hash == next.hash()));
 
     // Node b cannot report for a's replica.
     let running = ReplicaStatus { phase: Phase::Running, ..Default::default() };
@@ -189,12 +212,13 @@ async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing
     assert_eq!(s.nodes().await.unwrap()[0].acked_generation, 1);
 
     // Deleting the workload removes its replicas and bumps both nodes.
+    let b_before = s.assignment_set("b").await.unwrap().generation;
     let (deleted, nodes) = s.delete_workloads(&["hello".into(), "nope".into()]).await.unwrap();
     assert_eq!(deleted, ["hello"]);
     assert_eq!(nodes, BTreeSet::from(["a".to_string(), "b".to_string()]));
     assert!(s.replicas().await.unwrap().is_empty());
     let set = s.assignment_set("b").await.unwrap();
-    assert_eq!((set.generation, set.assignments.len()), (2, 0));
+    assert_eq!((set.generation, set.assignments.len()), (b_before + 1, 0));
 }
 
 /// API applies, the controller's placements and agents' statuses run at once, from two hubs.
@@ -220,7 +244,7 @@ async fn concurrent_writers_on_two_hubs_do_not_fail(b: Backing) {
                         node: Some("a".into()),
                     })
                     .collect();
-                s.write_placements(&placements, &templates, &BTreeMap::new()).await?;
+                s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await?;
                 let changed = parse_manifests(&M.replace("r/hello:1", &format!("r/hello:{t}{i}"))).unwrap();
                 s.apply_workloads(&changed, i).await?;
                 let st = BTreeMap::from([
@@ -275,7 +299,11 @@ async fn generations_stay_monotonic_with_two_writing_hubs(b: Backing) {
                         node: Some("a".into()),
                     })
                     .collect();
-                if s.write_placements(&placements, &templates, &BTreeMap::new()).await.unwrap().contains("a") {
+                if s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new())
+                    .await
+                    .unwrap()
+                    .contains("a")
+                {
                     bumps += 1;
                 }
             }
@@ -298,14 +326,25 @@ async fn lease_is_exclusive_and_taken_over_after_expiry(b: Backing) {
     assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), None);
     assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), Some(1), "renewal keeps the term");
     let fence = |holder| Fence { lease: "controller", holder };
-    assert!(h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeMap::new()).await.is_ok());
+    assert!(
+        h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
+            .await
+            .is_ok()
+    );
 
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), Some(2), "expired lease taken over");
     assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), None);
-    let err = h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeMap::new()).await.unwrap_err();
+    let err = h1
+        .write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotLeader { .. }), "{err:?}");
-    assert!(h2.write_placements_fenced(fence("hub-2"), &[], &BTreeMap::new(), &BTreeMap::new()).await.is_ok());
+    assert!(
+        h2.write_placements_fenced(fence("hub-2"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
+            .await
+            .is_ok()
+    );
 
     // A clean release hands over at once.
     h2.release_lease("controller", "hub-2").await.unwrap();

@@ -95,6 +95,31 @@ pub struct WorkloadSpec {
     /// Whether the replica should get work; reported to the hub and gating rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<ProbeSpec>,
+    /// How a template change rolls out over the replicas.
+    #[serde(default, skip_serializing_if = "Strategy::is_default")]
+    pub strategy: Strategy,
+}
+
+/// A rolling update: replicas move to a new template in place, a batch at a time, each batch
+/// only once the previous one is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Strategy {
+    /// Replicas that may be unavailable (updating, or not ready) at once during a rollout
+    /// (default: a quarter of the replicas, at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
+}
+
+impl Strategy {
+    pub fn is_default(&self) -> bool {
+        *self == Strategy::default()
+    }
+
+    /// The batch size for a workload of `replicas`.
+    pub fn max_unavailable(&self, replicas: u32) -> u32 {
+        self.max_unavailable.unwrap_or(replicas / 4).max(1)
+    }
 }
 
 /// A health check, Kubernetes-shaped: one handler (`httpGet`, `tcpSocket` or `exec`) and its
@@ -422,6 +447,9 @@ impl Manifest {
             if h.max_concurrency == Some(0) {
                 return err("spec.http.maxConcurrency", "must be at least 1".into());
             }
+        }
+        if spec.strategy.max_unavailable == Some(0) {
+            return err("spec.strategy.maxUnavailable", "must be at least 1 (replicas are updated in place)".into());
         }
         for (field, probe, liveness_like) in [
             ("startupProbe", &spec.startup_probe, true),

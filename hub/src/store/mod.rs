@@ -440,15 +440,17 @@ impl Store {
     }
 
     /// Makes the replicas table match `placements` (the scheduler's full answer), with each
-    /// replica's template taken from its workload. Nodes whose assignment sets change get a
-    /// new generation; returns those nodes.
+    /// replica's template taken from its workload, except the replicas in `hold`, which keep
+    /// the template they have (a rolling update has not reached them yet). Nodes whose
+    /// assignment sets change get a new generation; returns those nodes.
     pub async fn write_placements(
         &self,
         placements: &[Placement],
         templates: &BTreeMap<String, ReplicaTemplate>,
+        hold: &BTreeSet<String>,
         unschedulable: &BTreeMap<String, String>,
     ) -> Result<BTreeSet<String>> {
-        self.write_placements_inner(None, placements, templates, unschedulable).await
+        self.write_placements_inner(None, placements, templates, hold, unschedulable).await
     }
 
     /// [`Store::write_placements`] for a leader: refused with [`StoreError::NotLeader`] (and
@@ -459,9 +461,10 @@ impl Store {
         fence: Fence<'_>,
         placements: &[Placement],
         templates: &BTreeMap<String, ReplicaTemplate>,
+        hold: &BTreeSet<String>,
         unschedulable: &BTreeMap<String, String>,
     ) -> Result<BTreeSet<String>> {
-        self.write_placements_inner(Some(fence), placements, templates, unschedulable).await
+        self.write_placements_inner(Some(fence), placements, templates, hold, unschedulable).await
     }
 
     async fn write_placements_inner(
@@ -469,6 +472,7 @@ impl Store {
         fence: Option<Fence<'_>>,
         placements: &[Placement],
         templates: &BTreeMap<String, ReplicaTemplate>,
+        hold: &BTreeSet<String>,
         unschedulable: &BTreeMap<String, String>,
     ) -> Result<BTreeSet<String>> {
         let mut tx = self.pool.write_tx().await?;
@@ -483,21 +487,23 @@ impl Store {
                 return Err(StoreError::NotLeader { lease: f.lease.to_string(), holder: f.holder.to_string() });
             }
         }
-        let rows = tx.fetch("SELECT name, node, template_hash, unschedulable FROM replicas", &[]).await?;
-        let mut existing: BTreeMap<String, (Option<String>, String, String)> = BTreeMap::new();
+        let rows = tx.fetch("SELECT name, node, template_hash, unschedulable, template FROM replicas", &[]).await?;
+        let mut existing: BTreeMap<String, (Option<String>, String, String, String)> = BTreeMap::new();
         for r in &rows {
-            existing.insert(r.text(0)?, (r.opt_text(1)?, r.text(2)?, r.text(3)?));
+            existing.insert(r.text(0)?, (r.opt_text(1)?, r.text(2)?, r.text(3)?, r.text(4)?));
         }
         let mut changed_nodes = BTreeSet::new();
         let pending = to_json(&ReplicaStatus::default());
 
         for p in placements {
             let Some(template) = templates.get(&p.workload) else { continue };
-            let hash = template.hash();
-            let template_json = to_json(template);
+            let (mut hash, mut template_json) = (template.hash(), to_json(template));
             let why = unschedulable.get(&p.replica).cloned().unwrap_or_default();
             match existing.remove(&p.replica) {
-                Some((node, old_hash, old_why)) => {
+                Some((node, old_hash, old_why, old_template)) => {
+                    if hold.contains(&p.replica) {
+                        (hash, template_json) = (old_hash.clone(), old_template);
+                    }
                     if node == p.node && old_hash == hash && old_why == why {
                         continue;
                     }
@@ -549,7 +555,7 @@ impl Store {
             }
         }
         // Replicas the scheduler no longer wants.
-        for (name, (node, _, _)) in existing {
+        for (name, (node, ..)) in existing {
             changed_nodes.extend(node);
             tx.exec("DELETE FROM replicas WHERE name = ?", &[(&name).into()]).await?;
         }
