@@ -92,6 +92,10 @@ fn two_replica_workload_runs_updates_and_deletes_across_two_agents() {
     assert!(last_two.lines().all(|l| l.contains("first-greeting #")), "{last_two}");
     let described = c.ok(&["describe", "workload", "hello"]);
     assert!(described.contains("2 desired, 2 ready"), "{described}");
+    // Both clocks are this machine's: the skew reported is small, with no warning.
+    let node = c.ok(&["describe", "node", "edge-1"]);
+    let skew = node.lines().find(|l| l.starts_with("Clock skew:")).unwrap_or_else(|| panic!("{node}"));
+    assert!(skew.contains("the hub") && !skew.contains("time sync"), "{skew}");
 
     // Re-applying the same file changes nothing; a new template restarts the replicas with it.
     let same = c.cli_with_stdin(&["apply", "-f", "-"], Some(&v1));

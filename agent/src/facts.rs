@@ -15,6 +15,8 @@ pub fn collect(labels: &BTreeMap<String, String>, runtimes: Vec<Runtime>) -> Nod
         runtimes,
         labels: labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        clock_ms: None,
+        clock_skew_ms: None,
     }
 }
 

@@ -78,6 +78,15 @@ impl Link {
                 }
                 Err(SessionError::Fatal(e)) => return Some(Fatal(e)),
                 Err(SessionError::Transient(msg)) => warn!(%hub, error = %msg, "cannot reach the hub"),
+                Err(SessionError::NetworkChanged) => {
+                    let _ = self.connected.send(false);
+                    tokio::time::sleep(NETWORK_SETTLE).await;
+                    info!(%hub, "local network changed during the handshake; reconnecting now");
+                    backoff = BACKOFF_MIN;
+                    // The same hub again: the change, not the hub, ended the attempt.
+                    turn = turn.wrapping_sub(1);
+                    continue;
+                }
             }
             let _ = self.connected.send(false);
             if *self.shutdown.borrow() {
@@ -116,12 +125,17 @@ impl Link {
         let config = tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, ALPN_AGENT, &self.tuning)
             .map_err(|e| SessionError::Fatal(IdentityError::Protocol(e.to_string())))?;
         let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
-        let conn = tls::connect(&endpoint, config, addr).await.map_err(|e| SessionError::Transient(e.to_string()))?;
+        self.network.borrow_and_update();
+        let conn = tokio::select! {
+            r = tls::connect(&endpoint, config, addr) => r.map_err(|e| SessionError::Transient(e.to_string()))?,
+            Ok(()) = self.network.changed() => return Err(SessionError::NetworkChanged),
+        };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionError::Transient(e.to_string()))?;
 
         let mut sent = self.statuses.borrow_and_update().clone();
         let mut acked = *self.acked.borrow_and_update();
-        let hello = AgentMsg::Hello { facts: self.facts.clone(), generation: acked, statuses: sent.clone() };
+        let facts = proto::messages::NodeFacts { clock_ms: Some(wall_ms()), ..self.facts.clone() };
+        let hello = AgentMsg::Hello { facts, generation: acked, statuses: sent.clone() };
         frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
         info!(%hub, "connected to hub");
         let _ = self.connected.send(true);
@@ -239,6 +253,9 @@ fn tail_offset(
 enum SessionError {
     Fatal(IdentityError),
     Transient(String),
+    /// The local network changed while the handshake was in flight: it may have been sent
+    /// from an address that no longer exists, so it is abandoned and retried at once.
+    NetworkChanged,
 }
 
 /// A stream the hub opened: one request, then the answer.
@@ -355,4 +372,8 @@ mod tests {
         assert_eq!(tail(&text, 3), "line 19997\nline 19998\nline 19999\n");
         assert_eq!(tail(&text, 20_000).len(), text.len());
     }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -287,6 +287,12 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let runtimes: Vec<String> = f.runtimes.iter().map(|r| r.to_string()).collect();
             let _ = writeln!(s, "Runtimes:     {}", runtimes.join(", "));
             let _ = writeln!(s, "Agent:        {}", f.agent_version);
+            if let Some(skew) = f.clock_skew_ms {
+                let side = if skew >= 0 { "ahead of" } else { "behind" };
+                let warn =
+                    if skew.abs() > proto::messages::CLOCK_SKEW_WARN_MS { " (check the node's time sync)" } else { "" };
+                let _ = writeln!(s, "Clock skew:   {:.1}s {side} the hub{warn}", skew.abs() as f64 / 1000.0);
+            }
             let _ = writeln!(s, "Generation:   {} (acknowledged {})", n.generation, n.acked_generation);
             for (k, v) in node_labels(&n.name, f) {
                 let _ = writeln!(s, "Label:        {k}={v}");

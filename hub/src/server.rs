@@ -313,6 +313,13 @@ fn decide_join(shared: &Shared, req: &JoinRequest) -> JoinResponse {
 // ---------------------------------------------------------------------------------------------
 // Agent sessions
 
+/// The agent's clock minus the hub's: its hello was stamped about half a round trip before
+/// the hub read it.
+fn clock_skew_ms(agent_ms: u64, hub_ms: u64, rtt: Duration) -> i64 {
+    let sent_at_hub = hub_ms as i128 - (rtt.as_millis() / 2) as i128;
+    (agent_ms as i128 - sent_at_hub).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
 async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: String) {
     let opened = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
@@ -327,12 +334,19 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
     })
     .await;
-    let Ok(Some((mut send, recv, facts, generation, statuses))) = opened else {
+    let Ok(Some((mut send, recv, mut facts, generation, statuses))) = opened else {
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hello expected on the control stream");
         return;
     };
-    info!(agent_generation = generation, replicas = statuses.len(), "agent connected");
     let now = now_ms();
+    facts.clock_skew_ms = facts.clock_ms.map(|agent| clock_skew_ms(agent, now, conn.rtt()));
+    info!(agent_generation = generation, replicas = statuses.len(), skew_ms = ?facts.clock_skew_ms, "agent connected");
+    if let Some(skew) = facts.clock_skew_ms.filter(|s| s.abs() > proto::messages::CLOCK_SKEW_WARN_MS) {
+        warn!(
+            skew_ms = skew,
+            "the node's clock is off; it keeps working (timers are monotonic), but its timestamps are skewed"
+        );
+    }
     if let Err(e) = shared.store.upsert_node(&node, &facts, now).await {
         warn!(error = %e, "cannot record node");
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
@@ -700,4 +714,20 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
         shared.wake_nodes(&changed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock_skew_ms;
+    use std::time::Duration;
+
+    #[test]
+    fn clock_skew_allows_for_half_the_round_trip() {
+        // Stamped 100 ms (half of a 200 ms round trip) before the hub read it: no skew.
+        assert_eq!(clock_skew_ms(1_000_000, 1_000_100, Duration::from_millis(200)), 0);
+        assert_eq!(clock_skew_ms(1_005_000, 1_000_000, Duration::ZERO), 5_000);
+        // A board that booted at the epoch: hugely behind, and no overflow.
+        assert_eq!(clock_skew_ms(0, 1_700_000_000_000, Duration::ZERO), -1_700_000_000_000);
+        assert_eq!(clock_skew_ms(u64::MAX, 0, Duration::ZERO), i64::MAX);
+    }
 }

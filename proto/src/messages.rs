@@ -27,7 +27,18 @@ pub struct NodeFacts {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
+    /// The agent's wall clock when it sent its hello (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ms: Option<u64>,
+    /// Set by the hub at hello: the agent's clock minus the hub's, corrected for half the
+    /// round trip. Reported, never relied on: the agent times everything with its monotonic
+    /// clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_ms: Option<i64>,
 }
+
+/// Skew beyond which `describe node` warns about the node's clock.
+pub const CLOCK_SKEW_WARN_MS: i64 = 2_000;
 
 // ---------------------------------------------------------------------------------------------
 // Assignments: what the hub wants a node to run

@@ -148,10 +148,87 @@ pub fn client_config_mtls(
     let key = parse_key(key_pem, "client key")?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(root_store(ca[0].clone())?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SlowClockTolerant(
+            WebPkiServerVerifier::builder_with_provider(root_store(ca[0].clone())?, provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?,
+        )))
         .with_client_auth_cert(chain, key)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     quic_client(tls, tuning)
+}
+
+/// Verifies the hub like webpki does, except that a node whose clock is behind (a board
+/// without a battery-backed clock boots at the epoch, or years late) is not locked out: when
+/// the only objection is that the hub's certificate is not valid *yet*, the chain, signature
+/// and name are checked again as of the certificate's own start. Expiry is still judged by the
+/// node's clock, and the mutual TLS check on the hub side uses the hub's clock.
+#[derive(Debug)]
+struct SlowClockTolerant(Arc<WebPkiServerVerifier>);
+
+/// Runs `verify` at `now`, and once more at the certificate's start if it was only "not valid
+/// yet".
+fn tolerate_slow_clock(
+    end_entity: &CertificateDer<'_>,
+    now: UnixTime,
+    verify: impl Fn(UnixTime) -> Result<ServerCertVerified, rustls::Error>,
+) -> Result<ServerCertVerified, rustls::Error> {
+    use rustls::CertificateError::{NotValidYet, NotValidYetContext};
+    let not_before = match verify(now) {
+        Err(rustls::Error::InvalidCertificate(NotValidYetContext { not_before, .. })) => not_before,
+        Err(rustls::Error::InvalidCertificate(NotValidYet)) => {
+            let parsed = x509_parser::parse_x509_certificate(end_entity.as_ref())
+                .map_err(|_| rustls::Error::InvalidCertificate(NotValidYet))?;
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                u64::try_from(parsed.1.validity().not_before.timestamp()).unwrap_or(0),
+            ))
+        }
+        other => return other,
+    };
+    tracing::warn!(
+        node_clock = now.as_secs(),
+        certificate_start = not_before.as_secs(),
+        "this node's clock is behind the hub's certificate; verifying as of the certificate's start"
+    );
+    verify(UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_before.as_secs() + 1)))
+}
+
+impl ServerCertVerifier for SlowClockTolerant {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        tolerate_slow_clock(end_entity, now, |at| {
+            self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, at)
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 fn quic_client(tls: rustls::ClientConfig, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
@@ -321,7 +398,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(format!("building the hub certificate verifier failed: {e}")))?;
-        webpki.verify_server_cert(end_entity, rest, server_name, ocsp_response, now)
+        tolerate_slow_clock(end_entity, now, |at| {
+            webpki.verify_server_cert(end_entity, rest, server_name, ocsp_response, at)
+        })
     }
 
     fn verify_tls12_signature(

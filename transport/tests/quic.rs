@@ -247,3 +247,44 @@ fn a_restarted_endpoint_with_the_same_secret_resets_old_connections_at_once() {
         assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
     });
 }
+
+/// A hub certificate signed by `ca`, valid from `start` for `days` days.
+fn hub_cert_valid_from(ca: &Ca, start: time::OffsetDateTime, days: i64) -> (String, String) {
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(ca.cert_pem(), rcgen::KeyPair::from_pem(&ca.key_pem()).unwrap()).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![HUB_SERVER_NAME.to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = start;
+    params.not_after = start + time::Duration::days(days);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A node whose clock is a day behind the hub's (a board without a battery-backed clock)
+/// still connects: "not valid yet" is judged as of the certificate's start. An expired hub
+/// certificate is still refused.
+#[tokio::test]
+async fn a_node_clock_behind_the_hub_still_connects_but_expiry_is_enforced() {
+    let ca = Ca::generate("flotilla test ca").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for (start, days, ok) in [(now + time::Duration::days(1), 30, true), (now - time::Duration::days(3), 1, false)] {
+        let (cert, key) = hub_cert_valid_from(&ca, start, days);
+        let config = tls::server_config(&cert, &key, ca.cert_pem(), &Tuning::default()).unwrap();
+        let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let hub = common::Hub { ca: Ca::load(ca.cert_pem(), &ca.key_pem()).unwrap(), endpoint, addr };
+        let client = hub.mtls("node:alpha", ALPN_AGENT);
+        if ok {
+            connect_ok(&hub, client).await;
+        } else {
+            let _server = hub.accept();
+            let err = tokio::time::timeout(STEP, tls::connect(&tls::client_endpoint().unwrap(), client, hub.addr))
+                .await
+                .expect("handshake timed out")
+                .expect_err("an expired hub certificate must be refused")
+                .to_string();
+            assert!(err.to_lowercase().contains("expired"), "{err}");
+        }
+    }
+}
