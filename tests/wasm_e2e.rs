@@ -262,3 +262,38 @@ fn http_probes_gate_readiness_and_restart_an_unhealthy_component() {
     assert!(text.contains("readiness probe passed"), "{text}");
     assert_eq!(replica(&c, "good-0").unwrap().status.restarts, 0);
 }
+
+/// Autonomy scenario 6, first part: a replica that crash-loops backs off 1 s, 2 s, 4 s (doubling
+/// up to 30 s), and `describe replica` shows why, exit by exit.
+#[test]
+fn a_crash_loop_backs_off_doubling_and_describe_shows_why() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let crash = wat::parse_str(
+        r#"(module
+             (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (call $exit (i32.const 3))))"#,
+    )
+    .unwrap();
+    let image = push_bytes(&reg, dir.path(), "crash:v1", &crash);
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &[workload("crash", &image, "")]);
+    c.wait_for("three restarts", WAIT, || replica(&c, "crash-0").is_some_and(|r| r.status.restarts >= 3));
+    let r = replica(&c, "crash-0").unwrap();
+    assert_eq!(r.status.last_termination, Some(proto::messages::Termination::Exited { code: 3 }));
+    let text = c.ok(&["describe", "replica", "crash-0"]);
+    let events = text.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
+    // Each exit is followed by its back-off, doubling.
+    let delays: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once(' ').map(|(d, _)| d))
+        .collect();
+    let want = ["1s", "2s", "4s"];
+    let found = delays.windows(3).any(|w| w == want);
+    assert!(found, "expected back-offs 1s, 2s, 4s in order, got {delays:?}:\n{text}");
+    assert!(events.contains("exited with code 3"), "{text}");
+}
