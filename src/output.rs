@@ -86,7 +86,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                 let mut row = vec![
                     w.manifest.metadata.name.clone(),
                     w.manifest.spec.runtime.to_string(),
-                    format!("{}/{}", w.ready_replicas, w.manifest.spec.replicas),
+                    format!("{}/{}", w.ready_replicas, w.desired_replicas),
                     w.revision.to_string(),
                     age(w.created_at_ms),
                 ];

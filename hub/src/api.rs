@@ -160,6 +160,12 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
         .await?
         .into_iter()
         .map(|w| WorkloadView {
+            desired_replicas: match w.manifest.spec.kind {
+                proto::manifest::WorkloadKind::Replicated => w.manifest.spec.replicas(),
+                proto::manifest::WorkloadKind::EveryNode => {
+                    replicas.iter().filter(|r| r.workload == w.manifest.metadata.name).count() as u32
+                }
+            },
             ready_replicas: replicas
                 .iter()
                 .filter(|r| r.workload == w.manifest.metadata.name && is_available(shared, r))
@@ -231,7 +237,13 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let _ = writeln!(s, "Name:           {name}");
             let _ = writeln!(s, "Runtime:        {}", spec.runtime);
             let _ = writeln!(s, "Image:          {}", spec.image);
-            let _ = writeln!(s, "Replicas:       {} desired, {} ready", spec.replicas, w.ready_replicas);
+            let _ = writeln!(s, "Replicas:       {} desired, {} ready", w.desired_replicas, w.ready_replicas);
+            if spec.kind != proto::manifest::WorkloadKind::Replicated {
+                let _ = writeln!(s, "Kind:           {}", spec.kind);
+            }
+            if !spec.failover.is_never() {
+                let _ = writeln!(s, "Failover:       after {}ms", spec.failover.after_ms().unwrap_or(0));
+            }
             let _ = writeln!(s, "Revision:       {}", w.revision);
             let _ = writeln!(s, "Restart policy: {:?}", spec.restart_policy);
             if !spec.args.is_empty() {

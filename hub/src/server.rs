@@ -656,10 +656,73 @@ fn rollout_holds(
                 available: crate::api::is_available(shared, r),
             })
             .collect();
-        let max_unavailable = w.manifest.spec.strategy.max_unavailable(w.manifest.spec.replicas);
+        let max_unavailable = w.manifest.spec.strategy.max_unavailable(w.manifest.spec.replicas());
         hold.extend(rollout::plan(&current, &members, max_unavailable).held);
     }
     hold
+}
+
+/// What the scheduler needs of a manifest: everything but the replica template.
+pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
+    use proto::manifest as pm;
+    let s = &m.spec;
+    let effect = |e: pm::TaintEffect| match e {
+        pm::TaintEffect::NoSchedule => scheduler::TaintEffect::NoSchedule,
+        pm::TaintEffect::NoExecute => scheduler::TaintEffect::NoExecute,
+    };
+    let (cpu_millis, memory_bytes) = s.resources.requests.as_ref().map(|r| r.parsed()).unwrap_or_default();
+    SchedWorkload {
+        name: m.metadata.name.clone(),
+        replicas: s.replicas(),
+        runtime: s.runtime,
+        node_selector: s.node_selector.clone(),
+        host_ports: s.http.iter().map(|h| h.port).collect(),
+        kind: match s.kind {
+            pm::WorkloadKind::Replicated => scheduler::WorkloadKind::Replicated,
+            pm::WorkloadKind::EveryNode => scheduler::WorkloadKind::EveryNode,
+        },
+        os: s.os.clone(),
+        arch: s.arch.clone(),
+        match_expressions: s
+            .node_affinity
+            .iter()
+            .map(|r| scheduler::SelectorRequirement {
+                key: r.key.clone(),
+                operator: match r.operator {
+                    pm::SelectorOperator::In => scheduler::SelectorOperator::In,
+                    pm::SelectorOperator::NotIn => scheduler::SelectorOperator::NotIn,
+                    pm::SelectorOperator::Exists => scheduler::SelectorOperator::Exists,
+                    pm::SelectorOperator::DoesNotExist => scheduler::SelectorOperator::DoesNotExist,
+                },
+                values: r.values.clone(),
+            })
+            .collect(),
+        tolerations: s
+            .tolerations
+            .iter()
+            .map(|t| scheduler::Toleration {
+                key: t.key.clone(),
+                operator: match t.operator {
+                    pm::TolerationOperator::Equal => scheduler::TolerationOperator::Equal,
+                    pm::TolerationOperator::Exists => scheduler::TolerationOperator::Exists,
+                },
+                value: t.value.clone(),
+                effect: t.effect.map(effect),
+            })
+            .collect(),
+        requests: scheduler::Resources { cpu_millis, memory_bytes },
+        spread_by: s.spread_by.clone(),
+        packing: match s.packing {
+            pm::Packing::LeastAllocated => scheduler::Packing::LeastAllocated,
+            pm::Packing::BinPack => scheduler::Packing::BinPack,
+        },
+        failover: match s.failover.after_ms() {
+            None => scheduler::Failover::Never,
+            Some(ms) => scheduler::Failover::After(ms),
+        },
+        max_unavailable: s.strategy.max_unavailable(s.replicas()),
+        job_progress: Default::default(),
+    }
 }
 
 /// One pass: snapshot the store, run the scheduler, write its decisions, wake the nodes whose
@@ -679,17 +742,7 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
             ..Default::default()
         })
         .collect();
-    let sched_workloads: Vec<SchedWorkload> = workloads
-        .iter()
-        .map(|w| SchedWorkload {
-            name: w.manifest.metadata.name.clone(),
-            replicas: w.manifest.spec.replicas,
-            runtime: w.manifest.spec.runtime,
-            node_selector: w.manifest.spec.node_selector.clone(),
-            host_ports: w.manifest.spec.http.iter().map(|h| h.port).collect(),
-            ..Default::default()
-        })
-        .collect();
+    let sched_workloads: Vec<SchedWorkload> = workloads.iter().map(|w| sched_workload(&w.manifest)).collect();
     let current: Vec<Placement> = replicas
         .iter()
         .map(|r| Placement {
@@ -719,7 +772,35 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::clock_skew_ms;
+    use crate::scheduler::{self, Failover, Packing, WorkloadKind};
     use std::time::Duration;
+
+    #[test]
+    fn manifests_map_to_scheduler_workloads() {
+        let yaml = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: w}\nspec:\n  runtime: wasm\n  image: r/w:1\n  kind: EveryNode\n  nodeSelector: {site: a}\n  nodeAffinity: [{key: tier, operator: NotIn, values: [lab]}]\n  tolerations: [{key: k, value: v, effect: NoExecute}]\n  os: linux\n  arch: x86_64\n  resources: {requests: {cpu: 250m, memory: 64Mi}}\n  spreadBy: site\n  packing: binPack\n  failover: {after: 10s}\n  strategy: {maxUnavailable: 3}\n";
+        let m = proto::manifest::parse_manifests(yaml).unwrap().remove(0);
+        let w = super::sched_workload(&m);
+        assert_eq!(w.kind, WorkloadKind::EveryNode);
+        assert_eq!(w.node_selector.get("site").map(String::as_str), Some("a"));
+        assert_eq!(w.match_expressions[0].operator, scheduler::SelectorOperator::NotIn);
+        assert_eq!(w.tolerations[0].effect, Some(scheduler::TaintEffect::NoExecute));
+        assert_eq!((w.os.as_deref(), w.arch.as_deref()), (Some("linux"), Some("x86_64")));
+        assert_eq!(w.requests, scheduler::Resources { cpu_millis: 250, memory_bytes: 64 << 20 });
+        assert_eq!(w.spread_by.as_deref(), Some("site"));
+        assert_eq!(w.packing, Packing::BinPack);
+        assert_eq!(w.failover, Failover::After(10_000));
+        assert_eq!(w.max_unavailable, 3);
+        let plain = proto::manifest::parse_manifests(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: p}\nspec: {runtime: wasm, image: r/p:1, replicas: 8}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let w = super::sched_workload(&plain);
+        assert_eq!(
+            (w.kind, w.replicas, w.failover, w.max_unavailable),
+            (WorkloadKind::Replicated, 8, Failover::Never, 2)
+        );
+    }
 
     #[test]
     fn clock_skew_allows_for_half_the_round_trip() {

@@ -51,15 +51,23 @@ pub struct Metadata {
     pub resource_version: Option<u64>,
 }
 
-/// What a workload runs and where. Everything in here except `replicas` is the replica
-/// template: changing it makes the agents restart replicas with the new template.
+/// What a workload runs and where. Everything in here is the replica template (changing it
+/// makes the agents restart replicas with the new template) except `replicas`, `kind`,
+/// `strategy` and the placement fields (`nodeSelector`, `nodeAffinity`, `tolerations`, `os`,
+/// `arch`, `resources.requests`, `spreadBy`, `packing`, `failover`), which only the scheduler
+/// reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     pub runtime: Runtime,
     pub image: String,
-    #[serde(default = "one")]
-    pub replicas: u32,
+    /// Replicated only (default 1); must be absent with `kind: EveryNode`. Read it through
+    /// [`WorkloadSpec::replicas`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// `Replicated` (the default) or `EveryNode` (one replica on each matching node).
+    #[serde(default, skip_serializing_if = "WorkloadKind::is_default")]
+    pub kind: WorkloadKind,
     /// Containers: the program to run instead of the image's `ENTRYPOINT`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -70,6 +78,30 @@ pub struct WorkloadSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Node label expressions (Kubernetes `matchExpressions`), all of which must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_affinity: Vec<NodeSelectorRequirement>,
+    /// Node taints this workload may be placed on (or keep running on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Required node operating system (the `flotilla.dev/os` label, e.g. `linux`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// Required node CPU architecture (the `flotilla.dev/arch` label, e.g. `aarch64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Node label whose values are spread domains (`site`): replicas go to the domain with
+    /// the fewest of them, and only to nodes carrying the label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
+    /// `leastAllocated` (the default: spread load) or `binPack` (fill nodes).
+    #[serde(default, skip_serializing_if = "Packing::is_default")]
+    pub packing: Packing,
+    /// What happens to replicas of a node that is lost: `never` (the default: they stay, for
+    /// site-bound work) or `{after: 30s}` (moved elsewhere once the node has been NotReady
+    /// that long; the old copy is stopped when the node returns).
+    #[serde(default, skip_serializing_if = "Failover::is_never")]
+    pub failover: Failover,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
@@ -215,10 +247,6 @@ impl NetworkMode {
     }
 }
 
-fn one() -> u32 {
-    1
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
@@ -273,6 +301,10 @@ pub struct Resources {
     /// Containers: the most processes and threads the container may have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// What the scheduler reserves for each replica on its node (not a limit, not part of the
+    /// replica template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceRequests>,
 }
 
 impl Resources {
@@ -282,7 +314,219 @@ impl Resources {
             && self.fuel.is_none()
             && self.cpu.is_none()
             && self.pids.is_none()
+            && self.requests.is_none()
     }
+}
+
+/// CPU (`250m`, `0.5`) and memory (`64Mi`) a replica needs on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResourceRequests {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+impl ResourceRequests {
+    /// (millicores, bytes); unset or invalid values count as 0 (validation refuses invalid).
+    pub fn parsed(&self) -> (u64, u64) {
+        (
+            self.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()).map_or(0, u64::from),
+            self.memory.as_deref().and_then(|m| parse_quantity(m).ok()).unwrap_or(0),
+        )
+    }
+}
+
+/// How replicas of a workload are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum WorkloadKind {
+    /// `replicas` copies spread over matching nodes.
+    #[default]
+    Replicated,
+    /// One replica on each matching node, named `<workload>-<node>`, never moved.
+    EveryNode,
+}
+
+impl WorkloadKind {
+    pub fn is_default(&self) -> bool {
+        *self == WorkloadKind::default()
+    }
+}
+
+impl fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// How to choose among the nodes that may take a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Packing {
+    #[default]
+    LeastAllocated,
+    BinPack,
+}
+
+impl Packing {
+    pub fn is_default(&self) -> bool {
+        *self == Packing::default()
+    }
+}
+
+/// `never`, or `{after: DURATION}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Failover {
+    #[default]
+    Never,
+    After(String),
+}
+
+impl Failover {
+    pub fn is_never(&self) -> bool {
+        *self == Failover::Never
+    }
+
+    /// `None` for `never`; the delay in milliseconds otherwise (0 if invalid: validation
+    /// refuses those).
+    pub fn after_ms(&self) -> Option<u64> {
+        match self {
+            Failover::Never => None,
+            Failover::After(d) => Some(parse_duration_ms(d).unwrap_or(0)),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum FailoverRepr {
+    Word(String),
+    After(FailoverAfter),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverAfter {
+    after: String,
+}
+
+impl Serialize for Failover {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Failover::Never => FailoverRepr::Word("never".into()),
+            Failover::After(after) => FailoverRepr::After(FailoverAfter { after: after.clone() }),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Failover {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match FailoverRepr::deserialize(d) {
+            Ok(FailoverRepr::Word(w)) if w == "never" => Ok(Failover::Never),
+            Ok(FailoverRepr::After(a)) => Ok(Failover::After(a.after)),
+            Ok(FailoverRepr::Word(w)) => {
+                Err(D::Error::custom(format!("unknown failover {w:?}; use never or {{after: DURATION}}")))
+            }
+            Err(_) => Err(D::Error::custom("failover must be `never` or `{after: DURATION}` (such as {after: 30s})")),
+        }
+    }
+}
+
+/// One node label expression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeSelectorRequirement {
+    pub key: String,
+    pub operator: SelectorOperator,
+    /// Required by `In` and `NotIn`, refused by `Exists` and `DoesNotExist`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// What a node taint does to workloads that do not tolerate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TaintEffect {
+    /// No new replicas; running ones stay.
+    NoSchedule,
+    /// No new replicas, and running ones are moved off.
+    NoExecute,
+}
+
+impl fmt::Display for TaintEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A node taint, set on the agent (`--taint key=value:NoSchedule`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Taint {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    pub effect: TaintEffect,
+}
+
+impl Taint {
+    /// Parses `key=value:Effect` or `key:Effect`.
+    pub fn parse(s: &str) -> Result<Taint, String> {
+        let bad = || format!("taint {s:?} must be KEY=VALUE:EFFECT or KEY:EFFECT with EFFECT NoSchedule or NoExecute");
+        let (kv, effect) = s.rsplit_once(':').ok_or_else(bad)?;
+        let effect = match effect {
+            "NoSchedule" => TaintEffect::NoSchedule,
+            "NoExecute" => TaintEffect::NoExecute,
+            _ => return Err(bad()),
+        };
+        let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+        validate_label(key, value).map_err(|m| format!("taint {s:?}: {m}"))?;
+        Ok(Taint { key: key.into(), value: value.into(), effect })
+    }
+}
+
+impl fmt::Display for Taint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "{}:{}", self.key, self.effect)
+        } else {
+            write!(f, "{}={}:{}", self.key, self.value, self.effect)
+        }
+    }
+}
+
+/// Lets a workload onto (or keep running on) nodes with matching taints.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toleration {
+    /// Empty with `Exists`: every key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// Compared under `Equal`; must be empty under `Exists`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    /// Unset: every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TolerationOperator {
+    #[default]
+    Equal,
+    Exists,
 }
 
 /// Why a manifest was refused. `document` counts from 1 in a multi-document file; `path`
@@ -341,6 +585,16 @@ fn strip_location(e: &serde_yaml::Error) -> String {
     }
 }
 
+impl WorkloadSpec {
+    /// How many replicas a Replicated workload wants (default 1); 0 for other kinds.
+    pub fn replicas(&self) -> u32 {
+        match self.kind {
+            WorkloadKind::Replicated => self.replicas.unwrap_or(1),
+            WorkloadKind::EveryNode => 0,
+        }
+    }
+}
+
 impl Manifest {
     /// Semantic checks beyond the shape serde already enforced. Returns the field path and
     /// what is wrong with it.
@@ -364,8 +618,13 @@ impl Manifest {
         if let Err(msg) = validate_image(&spec.image) {
             return err("spec.image", msg);
         }
-        if spec.replicas > MAX_REPLICAS {
-            return err("spec.replicas", format!("{} exceeds the maximum of {MAX_REPLICAS}", spec.replicas));
+        if let Some(r) = spec.replicas
+            && r > MAX_REPLICAS
+        {
+            return err("spec.replicas", format!("{r} exceeds the maximum of {MAX_REPLICAS}"));
+        }
+        if let Err((path, msg)) = validate_placement(&self.metadata.name, spec) {
+            return err(&path, msg);
         }
         for (i, a) in spec.args.iter().enumerate() {
             if a.contains('\0') {
@@ -514,6 +773,95 @@ impl Manifest {
             },
         }
     }
+}
+
+/// Checks the fields only the scheduler reads; returns the offending path.
+fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, String)> {
+    let err = |path: String, msg: String| Err((path, msg));
+    if spec.kind == WorkloadKind::EveryNode {
+        if spec.replicas.is_some() {
+            return err(
+                "spec.replicas".into(),
+                "must be absent with kind EveryNode (one replica runs on each matching node)".into(),
+            );
+        }
+        // Replicas are named `<workload>-<node>`; leave room for at least a short node name.
+        if name.len() + 2 > MAX_NAME_LEN {
+            return err(
+                "metadata.name".into(),
+                format!(
+                    "an EveryNode workload's replicas are named <workload>-<node>, at most {MAX_NAME_LEN} characters; {name:?} leaves no room for a node name"
+                ),
+            );
+        }
+    }
+    for (i, r) in spec.node_affinity.iter().enumerate() {
+        let path = |f: &str| format!("spec.nodeAffinity[{i}].{f}");
+        if let Err(msg) = validate_label(&r.key, "") {
+            return err(path("key"), msg);
+        }
+        match r.operator {
+            SelectorOperator::In | SelectorOperator::NotIn if r.values.is_empty() => {
+                return err(path("values"), format!("operator {:?} needs at least one value", r.operator));
+            }
+            SelectorOperator::Exists | SelectorOperator::DoesNotExist if !r.values.is_empty() => {
+                return err(path("values"), format!("operator {:?} takes no values", r.operator));
+            }
+            _ => {}
+        }
+        for (j, v) in r.values.iter().enumerate() {
+            if let Err(msg) = validate_label(&r.key, v) {
+                return err(format!("spec.nodeAffinity[{i}].values[{j}]"), msg);
+            }
+        }
+    }
+    for (i, t) in spec.tolerations.iter().enumerate() {
+        let path = |f: &str| format!("spec.tolerations[{i}].{f}");
+        match t.operator {
+            TolerationOperator::Equal if t.key.is_empty() => {
+                return err(path("key"), "operator Equal needs a key (use Exists to tolerate every taint)".into());
+            }
+            TolerationOperator::Exists if !t.value.is_empty() => {
+                return err(path("value"), "operator Exists takes no value".into());
+            }
+            _ => {}
+        }
+        if !t.key.is_empty()
+            && let Err(msg) = validate_label(&t.key, &t.value)
+        {
+            return err(path("key"), msg);
+        }
+    }
+    for (field, v) in [("os", &spec.os), ("arch", &spec.arch)] {
+        if let Some(v) = v
+            && (v.is_empty() || validate_label("k", v).is_err())
+        {
+            return err(format!("spec.{field}"), format!("{v:?} must be 1-63 letters, digits, '-', '_', '.'"));
+        }
+    }
+    if let Some(key) = &spec.spread_by
+        && let Err(msg) = validate_label(key, "")
+    {
+        return err("spec.spreadBy".into(), msg);
+    }
+    if let Failover::After(d) = &spec.failover
+        && let Err(msg) = parse_duration_ms(d)
+    {
+        return err("spec.failover.after".into(), msg);
+    }
+    if let Some(r) = &spec.resources.requests {
+        if let Some(c) = &r.cpu
+            && let Err(msg) = parse_cpu_millis(c)
+        {
+            return err("spec.resources.requests.cpu".into(), msg);
+        }
+        if let Some(m) = &r.memory
+            && let Err(msg) = parse_quantity(m)
+        {
+            return err("spec.resources.requests.memory".into(), msg);
+        }
+    }
+    Ok(())
 }
 
 /// Checks one probe of `spec`; returns the offending sub-path ("" for the probe itself).
@@ -825,7 +1173,7 @@ spec:
         let m = parse_manifests(GOOD).unwrap();
         assert_eq!(m.len(), 1);
         let s = &m[0].spec;
-        assert_eq!(s.replicas, 2);
+        assert_eq!(s.replicas(), 2);
         assert_eq!(s.runtime, Runtime::Wasm);
         assert_eq!(s.restart_policy, RestartPolicy::OnFailure);
         assert_eq!(m[0].template().memory_bytes, Some(64 << 20));
@@ -837,7 +1185,7 @@ spec:
             "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: a}\nspec: {runtime: wasm, image: r/a:1}\n",
         )
         .unwrap();
-        assert_eq!(m[0].spec.replicas, 1);
+        assert_eq!(m[0].spec.replicas(), 1);
         assert_eq!(m[0].spec.restart_policy, RestartPolicy::Always);
     }
 
@@ -978,7 +1326,7 @@ spec:
     fn template_hash_tracks_the_template_only() {
         let a = parse_manifests(GOOD).unwrap().remove(0);
         let mut b = a.clone();
-        b.spec.replicas = 5;
+        b.spec.replicas = Some(5);
         assert_eq!(a.template().hash(), b.template().hash());
         b.spec.env.insert("X".into(), "1".into());
         assert_ne!(a.template().hash(), b.template().hash());
@@ -1029,6 +1377,92 @@ spec:
                 && !json.contains("network"),
             "{json}"
         );
+    }
+
+    #[test]
+    fn placement_fields_parse_validate_and_stay_out_of_the_template() {
+        let extra = "  nodeAffinity:\n    - {key: site, operator: In, values: [a, b]}\n    - {key: gpu, operator: DoesNotExist}\n  tolerations:\n    - {key: dedicated, operator: Equal, value: edge, effect: NoSchedule}\n    - {operator: Exists}\n  os: linux\n  arch: aarch64\n  spreadBy: site\n  packing: binPack\n  failover: {after: 10s}\n  strategy: {maxUnavailable: 2}\n";
+        let base =
+            GOOD.replace("resources: {memory: 64Mi}", "resources: {memory: 64Mi, requests: {cpu: 250m, memory: 32Mi}}");
+        let full = format!("{base}{extra}");
+        let m = parse_manifests(&full).unwrap().remove(0);
+        let s = &m.spec;
+        assert_eq!(s.node_affinity.len(), 2);
+        assert_eq!(s.node_affinity[1].operator, SelectorOperator::DoesNotExist);
+        assert_eq!(s.tolerations[0].effect, Some(TaintEffect::NoSchedule));
+        assert_eq!(s.tolerations[1].operator, TolerationOperator::Exists);
+        assert_eq!(
+            (s.os.as_deref(), s.arch.as_deref(), s.spread_by.as_deref()),
+            (Some("linux"), Some("aarch64"), Some("site"))
+        );
+        assert_eq!(s.packing, Packing::BinPack);
+        assert_eq!(s.failover.after_ms(), Some(10_000));
+        assert_eq!(s.resources.requests.as_ref().unwrap().parsed(), (250, 32 << 20));
+        // None of them is part of the replica template.
+        assert_eq!(m.template(), parse_manifests(GOOD).unwrap()[0].template());
+        // They survive a round trip through the stored JSON.
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        let never = parse_manifests(&format!("{GOOD}  failover: never\n")).unwrap().remove(0);
+        assert!(never.spec.failover.is_never());
+
+        for (from, to, path) in [
+            ("operator: In, values: [a, b]", "operator: In", "spec.nodeAffinity[0].values"),
+            ("operator: DoesNotExist", "operator: DoesNotExist, values: [x]", "spec.nodeAffinity[1].values"),
+            ("operator: DoesNotExist", "operator: Missing", "spec.nodeAffinity[1].operator"),
+            ("key: site, operator", "key: 'bad key', operator", "spec.nodeAffinity[0].key"),
+            ("{key: dedicated, operator: Equal", "{operator: Equal", "spec.tolerations[0].key"),
+            ("{operator: Exists}", "{operator: Exists, value: x}", "spec.tolerations[1].value"),
+            ("effect: NoSchedule", "effect: Sometimes", "spec.tolerations[0].effect"),
+            ("os: linux", "os: 'li nux'", "spec.os"),
+            ("spreadBy: site", "spreadBy: 'a b'", "spec.spreadBy"),
+            ("packing: binPack", "packing: tight", "spec.packing"),
+            ("failover: {after: 10s}", "failover: {after: soon}", "spec.failover.after"),
+            ("failover: {after: 10s}", "failover: always", "spec.failover"),
+            ("failover: {after: 10s}", "failover: {afterr: 10s}", "spec.failover"),
+            ("requests: {cpu: 250m", "requests: {cpu: lots", "spec.resources.requests.cpu"),
+            ("memory: 32Mi}", "memory: big}", "spec.resources.requests.memory"),
+            ("memory: 32Mi}", "memory: 32Mi, gpu: 1}", "spec.resources.requests.gpu"),
+        ] {
+            assert!(full.contains(from), "{from}");
+            let e = parse_manifests(&full.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(e.path, path, "{from} -> {to}: {e}");
+        }
+        let e = parse_manifests(&full.replace("failover: {after: 10s}", "failover: always")).unwrap_err();
+        assert!(e.message.contains("never"), "{e}");
+    }
+
+    #[test]
+    fn every_node_workloads_have_no_replica_count_and_room_for_node_names() {
+        let every = GOOD.replace("  replicas: 2\n", "  kind: EveryNode\n");
+        let m = parse_manifests(&every).unwrap().remove(0);
+        assert_eq!(m.spec.kind, WorkloadKind::EveryNode);
+        assert_eq!(m.spec.replicas(), 0);
+        assert_eq!(m.template(), parse_manifests(GOOD).unwrap()[0].template());
+        let e = parse_manifests(&format!("{every}  replicas: 3\n")).unwrap_err();
+        assert_eq!(e.path, "spec.replicas", "{e}");
+        let long = "a".repeat(MAX_NAME_LEN - 1);
+        let e = parse_manifests(&every.replace("name: hello", &format!("name: {long}"))).unwrap_err();
+        assert_eq!(e.path, "metadata.name", "{e}");
+        assert!(e.message.contains("<workload>-<node>"), "{e}");
+        let e = parse_manifests(&GOOD.replace("  replicas: 2\n", "  kind: Daemon\n")).unwrap_err();
+        assert_eq!(e.path, "spec.kind", "{e}");
+        // Without a kind, a manifest is Replicated with one replica, as before.
+        let plain = parse_manifests(&GOOD.replace("  replicas: 2\n", "")).unwrap().remove(0);
+        assert_eq!((plain.spec.kind, plain.spec.replicas()), (WorkloadKind::Replicated, 1));
+    }
+
+    #[test]
+    fn taints_parse_from_the_agent_flag_form() {
+        let t = Taint::parse("dedicated=edge:NoSchedule").unwrap();
+        assert_eq!((t.key.as_str(), t.value.as_str(), t.effect), ("dedicated", "edge", TaintEffect::NoSchedule));
+        assert_eq!(t.to_string(), "dedicated=edge:NoSchedule");
+        let t = Taint::parse("maintenance:NoExecute").unwrap();
+        assert_eq!((t.value.as_str(), t.effect), ("", TaintEffect::NoExecute));
+        assert_eq!(t.to_string(), "maintenance:NoExecute");
+        for bad in ["x", "x=y", "x=y:Sometimes", ":NoSchedule", "a b=c:NoSchedule"] {
+            assert!(Taint::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

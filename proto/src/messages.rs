@@ -389,6 +389,9 @@ pub struct WorkloadView {
     /// Increases each time the manifest changes.
     pub revision: u64,
     pub ready_replicas: u32,
+    /// Replicas wanted: `spec.replicas`, or for EveryNode the nodes it runs on.
+    #[serde(default)]
+    pub desired_replicas: u32,
     pub created_at_ms: u64,
 }
 

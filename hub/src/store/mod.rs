@@ -153,10 +153,15 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("store records serialize")
 }
 
-/// The manifest as stored: without the revision it was read at, so comparisons stay stable.
+/// The manifest as stored: without the revision it was read at, and with a Replicated
+/// workload's default replica count spelled out (as stores written before the count became
+/// optional hold it), so comparisons stay stable.
 fn stored_form(m: &Manifest) -> Manifest {
     let mut m = m.clone();
     m.metadata.resource_version = None;
+    if m.spec.kind == proto::manifest::WorkloadKind::Replicated && m.spec.replicas.is_none() {
+        m.spec.replicas = Some(1);
+    }
     m
 }
 
