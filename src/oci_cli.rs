@@ -72,8 +72,8 @@ enum OciCommand {
     /// container's process; what the command leaves running is killed when it exits. Its
     /// output is printed once it has ended. Exit status: the command's; 128+N if a signal N
     /// killed it; 124 if the timeout killed it; 125 if exec itself failed (unknown or
-    /// stopped container, bad arguments); 126 if the program cannot be run; 127 if it does
-    /// not exist.
+    /// stopped container, bad --env or --cwd); 126 if the program cannot be run; 127 if it
+    /// does not exist; 2 for a malformed command line.
     Exec(ExecArgs),
     /// Write a default config.json into a bundle directory.
     Spec(SpecArgs),
@@ -106,6 +106,7 @@ struct ExecArgs {
     /// Bytes of stdout and of stderr kept each; the rest is dropped.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     output_limit: usize,
+    /// The container, which must be running.
     id: String,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
