@@ -142,12 +142,12 @@ async fn exec_check(exec: &ExecTarget, command: &[String], timeout: Duration) ->
     let Some((program, args)) = exec.oci_argv.split_first() else {
         return Err("no exec command configured".into());
     };
-    let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
+    let secs = timeout.as_secs_f64().max(0.1);
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .arg("exec")
         .arg("--timeout")
-        .arg(secs.to_string())
+        .arg(format!("{secs:.3}"))
         .arg(&exec.container_id)
         .arg("--")
         .args(command)
@@ -158,13 +158,19 @@ async fn exec_check(exec: &ExecTarget, command: &[String], timeout: Duration) ->
     let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", program.to_string_lossy()))?;
     // The exec command enforces the timeout itself; this outer bound only guards against a
     // stuck executor.
-    let out = match tokio::time::timeout(Duration::from_secs(secs + 5), child.wait_with_output()).await {
+    let out = match tokio::time::timeout(timeout + Duration::from_secs(5), child.wait_with_output()).await {
         Ok(r) => r.map_err(|e| format!("exec {}: {e}", command.join(" ")))?,
         Err(_) => return Err(format!("exec {} did not finish", command.join(" "))),
     };
     match out.status.code() {
         Some(0) => Ok(()),
-        Some(124) => Err(format!("exec {} timed out after {secs}s", command.join(" "))),
+        Some(124) => Err(format!("exec {} timed out after {}", command.join(" "), humantime(timeout))),
+        // The executor's own failures: the probe could not run at all.
+        Some(code @ 125..=127) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            Err(format!("exec {} could not run (code {code}): {}", command.join(" "), truncate(last, 200)))
+        }
         code => {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
@@ -245,17 +251,24 @@ mod tests {
     async fn exec_reports_the_exit_code_and_last_stderr_line() {
         // Any program standing in for the executor: `sh -c SCRIPT exec --timeout N ID -- CMD`
         // sees the probe's arguments as $0.. and answers like `flotilla oci exec` would.
-        let target = ProbeTarget {
+        let target = |script: &str| ProbeTarget {
             netns: None,
             exec: Some(ExecTarget {
-                oci_argv: vec!["sh".into(), "-c".into(), "echo \"no such file: $5\" >&2; exit 127".into()],
+                oci_argv: vec!["sh".into(), "-c".into(), script.into()],
                 container_id: "c1".into(),
             }),
         };
-        let err = check(&ProbeAction::Exec { command: vec!["/bin/missing".into()] }, Duration::from_secs(1), &target)
-            .await
-            .unwrap_err();
-        assert_eq!(err, "exec /bin/missing exited with code 127: no such file: /bin/missing");
+        let probe = |cmd: &str| ProbeAction::Exec { command: vec![cmd.into()] };
+        let t = target("echo \"unhealthy: $5 ($2)\" >&2; exit 3");
+        let err = check(&probe("/bin/check"), Duration::from_millis(1500), &t).await.unwrap_err();
+        assert_eq!(err, "exec /bin/check exited with code 3: unhealthy: /bin/check (1.500)");
+        let t = target("echo \"no such file: $5\" >&2; exit 127");
+        let err = check(&probe("/bin/missing"), Duration::from_secs(1), &t).await.unwrap_err();
+        assert_eq!(err, "exec /bin/missing could not run (code 127): no such file: /bin/missing");
+        let t = target("exit 124");
+        let err = check(&probe("/bin/slow"), Duration::from_millis(300), &t).await.unwrap_err();
+        assert_eq!(err, "exec /bin/slow timed out after 300ms");
+        assert_eq!(check(&probe("/bin/ok"), Duration::from_secs(1), &target("exit 0")).await, Ok(()));
     }
 
     #[tokio::test]

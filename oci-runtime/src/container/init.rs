@@ -40,6 +40,10 @@ pub(crate) struct ChildFds {
 /// Entry point of the child after clone. Never returns.
 pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
     let ChildFds { go, report, fifo, stdio, attach } = fds;
+    // Until it execs the container's program this process is the flotilla binary running
+    // privileged inside the container: non-dumpable, so nothing in the container can open its
+    // /proc entries (and through /proc/<pid>/exe the binary on the host). execve resets it.
+    let _ = sys::set_dumpable(false);
     let mut report = fs::File::from(report);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         join_cgroups(attach)?;
