@@ -2,10 +2,14 @@
 //! one bi stream per request.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, ReplicaView, ResourceKind, StreamStart};
+use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, NodeView, ReplicaView, ResourceKind, StreamStart};
 use transport::{ALPN_API, frame, tls};
+
+/// How often `drain` looks at the node's progress.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
 
 pub struct Client {
     conn: quinn::Connection,
@@ -59,6 +63,45 @@ impl Client {
         match frame::read::<ApiResponse>(&mut recv).await.map_err(|e| explain_frame(e, &self.conn))? {
             Some(r) => Ok(r),
             None => bail!("the hub closed the request without answering"),
+        }
+    }
+
+    /// Sets a node's scheduling controls; returns the node as the hub now shows it.
+    pub async fn set_scheduling(&self, node: &str, cordoned: bool, draining: bool) -> Result<NodeView> {
+        let req = ApiRequest::SetScheduling { node: node.to_string(), cordoned, draining };
+        match self.request(&req).await? {
+            ApiResponse::Nodes { mut items } if items.len() == 1 => Ok(items.remove(0)),
+            ApiResponse::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the hub: {other:?}"),
+        }
+    }
+
+    /// Drains `node` and waits until none of its replicas is left to move, printing progress;
+    /// fails after `timeout` (the node stays draining).
+    pub async fn drain(&self, node: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut view = self.set_scheduling(node, true, true).await?;
+        let mut last = None;
+        loop {
+            if last != Some(view.movable_replicas) {
+                println!("node/{node} draining: {} replicas left", view.movable_replicas);
+                last = Some(view.movable_replicas);
+            }
+            if view.movable_replicas == 0 {
+                return Ok(());
+            }
+            if start.elapsed() >= timeout {
+                bail!(
+                    "node {node} still has {} replicas after {timeout:?}; it stays draining (see `flotilla describe node {node}`)",
+                    view.movable_replicas
+                );
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+            let ApiResponse::Nodes { items } = self.request(&ApiRequest::Get { kind: ResourceKind::Node }).await?
+            else {
+                bail!("unexpected answer listing nodes");
+            };
+            view = items.into_iter().find(|n| n.name == node).with_context(|| format!("node {node:?} is gone"))?;
         }
     }
 

@@ -71,6 +71,10 @@ enum Command {
         /// Node label KEY=VALUE, repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Node taint KEY=VALUE:EFFECT (EFFECT NoSchedule or NoExecute), repeatable: only
+        /// workloads that tolerate it are placed (NoExecute: or keep running) here.
+        #[arg(long = "taint", value_parser = proto::manifest::Taint::parse)]
+        taints: Vec<proto::manifest::Taint>,
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
         data_dir: PathBuf,
         /// Registry HOST:PORT to reach over plain HTTP (loopback registries always are).
@@ -141,6 +145,18 @@ enum Command {
         /// Only the last N lines of each log.
         #[arg(long)]
         tail: Option<u64>,
+    },
+    /// Stop placing new replicas on a node (what runs there stays).
+    Cordon { node: String },
+    /// Allow placements on a node again (ends a cordon or a drain).
+    Uncordon { node: String },
+    /// Cordon a node and move its replicas elsewhere, within each workload's
+    /// strategy.maxUnavailable; waits until none is left (EveryNode replicas stay).
+    Drain {
+        node: String,
+        /// Give up waiting after this long (the node stays draining), e.g. 90s or 5m.
+        #[arg(long, default_value = "5m")]
+        timeout: String,
     },
     /// Delete workloads by name or as declared in a file.
     Delete {
@@ -227,6 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
             token_file,
             name,
             labels,
+            taints,
             data_dir,
             insecure_registries,
             wasm_max_memory,
@@ -250,6 +267,7 @@ async fn run(cli: Cli) -> Result<()> {
                 agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
             config.token = token;
             config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            config.taints = taints;
             config.insecure_registries = insecure_registries;
             config.wasm_max_memory = wasm_max_memory
                 .as_deref()
@@ -348,6 +366,26 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Logs { workload, replica, follow, tail } => {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             client.logs(&workload, replica.as_deref(), follow, tail).await
+        }
+        Command::Cordon { node } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            client.set_scheduling(&node, true, false).await?;
+            println!("node/{node} cordoned");
+            Ok(())
+        }
+        Command::Uncordon { node } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            client.set_scheduling(&node, false, false).await?;
+            println!("node/{node} uncordoned");
+            Ok(())
+        }
+        Command::Drain { node, timeout } => {
+            let timeout =
+                proto::manifest::parse_duration_ms(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            client.drain(&node, std::time::Duration::from_millis(timeout)).await?;
+            println!("node/{node} drained");
+            Ok(())
         }
         Command::Delete { file, kind, name } => {
             let request = match (file, kind, name) {

@@ -53,17 +53,12 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         ApiResponse::Nodes { items } => {
             rows.push(["NAME", "STATUS", "RUNTIMES", "ARCH", "AGE"].map(String::from).to_vec());
             if wide {
-                rows[0].extend(["KERNEL", "CPUS", "MEMORY", "GENERATION", "LABELS"].map(String::from));
+                rows[0].extend(["KERNEL", "CPUS", "MEMORY", "GENERATION", "LABELS", "TAINTS"].map(String::from));
             }
             for n in items {
                 let runtimes: Vec<String> = n.facts.runtimes.iter().map(|r| r.to_string()).collect();
-                let mut row = vec![
-                    n.name.clone(),
-                    if n.ready { "Ready" } else { "NotReady" }.into(),
-                    runtimes.join(","),
-                    n.facts.arch.clone(),
-                    age(n.joined_at_ms),
-                ];
+                let mut row =
+                    vec![n.name.clone(), n.status(), runtimes.join(","), n.facts.arch.clone(), age(n.joined_at_ms)];
                 if wide {
                     let labels: Vec<String> = n.facts.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     row.extend([
@@ -72,6 +67,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                         format!("{}Mi", n.facts.memory_bytes >> 20),
                         format!("{}/{}", n.acked_generation, n.generation),
                         labels.join(","),
+                        n.facts.taints.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
                     ]);
                 }
                 rows.push(row);

@@ -17,6 +17,7 @@ pub fn collect(labels: &BTreeMap<String, String>, runtimes: Vec<Runtime>) -> Nod
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         clock_ms: None,
         clock_skew_ms: None,
+        taints: Vec::new(),
     }
 }
 

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub token: Option<JoinToken>,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Reported to the hub; workloads that do not tolerate them are kept off this node.
+    pub taints: Vec<proto::manifest::Taint>,
     pub data_dir: PathBuf,
     /// Registries spoken to over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
@@ -80,6 +82,7 @@ impl AgentConfig {
             token: None,
             name,
             labels: BTreeMap::new(),
+            taints: Vec::new(),
             data_dir,
             insecure_registries: Vec::new(),
             log_max_bytes: 4 << 20,
@@ -283,6 +286,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         identity_dir: config.data_dir.join("identity"),
         facts: proto::messages::NodeFacts {
             runtimes: runtimes.keys().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            taints: config.taints.clone(),
             ..node_facts
         },
         tuning: transport::tls::Tuning::default(),

@@ -103,6 +103,15 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
                 delete(shared, names).await?
             }
         },
+        ApiRequest::SetScheduling { node, cordoned, draining } => {
+            if !shared.store.set_node_scheduling(&node, cordoned, draining).await? {
+                return Ok(ApiResponse::Error { message: format!("node {node:?} not found") });
+            }
+            info!(%node, cordoned = cordoned || draining, draining, "node scheduling set");
+            shared.trigger_reconcile();
+            let items = node_views(shared).await?.into_iter().filter(|n| n.name == node).collect();
+            ApiResponse::Nodes { items }
+        }
         ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
     })
 }
@@ -127,6 +136,22 @@ fn kind_name(kind: ResourceKind) -> &'static str {
 }
 
 async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
+    let every_node: std::collections::HashSet<String> = shared
+        .store
+        .workloads()
+        .await?
+        .into_iter()
+        .filter(|w| w.manifest.spec.kind == proto::manifest::WorkloadKind::EveryNode)
+        .map(|w| w.manifest.metadata.name)
+        .collect();
+    let mut movable: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for r in shared.store.replicas().await? {
+        if let Some(node) = r.node
+            && !every_node.contains(&r.workload)
+        {
+            *movable.entry(node).or_default() += 1;
+        }
+    }
     Ok(shared
         .store
         .nodes()
@@ -134,12 +159,15 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
         .into_iter()
         .map(|n| NodeView {
             ready: shared.is_connected(&n.name),
+            movable_replicas: movable.get(&n.name).copied().unwrap_or(0),
             name: n.name,
             facts: n.facts,
             generation: n.generation,
             acked_generation: n.acked_generation,
             last_seen_ms: n.last_seen_ms,
             joined_at_ms: n.joined_at_ms,
+            cordoned: n.cordoned,
+            draining: n.draining,
         })
         .collect())
 }
@@ -293,6 +321,15 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let f = &n.facts;
             let _ = writeln!(s, "Name:         {}", n.name);
             let _ = writeln!(s, "Ready:        {}", n.ready);
+            let _ = writeln!(s, "Status:       {}", n.status());
+            if n.draining {
+                let _ = writeln!(s, "Draining:     true ({} replicas left to move)", n.movable_replicas);
+            } else if n.cordoned {
+                let _ = writeln!(s, "Cordoned:     true");
+            }
+            for t in &n.facts.taints {
+                let _ = writeln!(s, "Taint:        {t}");
+            }
             let _ = writeln!(s, "OS/arch:      {}/{} (kernel {})", f.os, f.arch, f.kernel);
             let _ = writeln!(s, "CPUs:         {}", f.cpus);
             let _ = writeln!(s, "Memory:       {} MiB", f.memory_bytes >> 20);

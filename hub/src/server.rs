@@ -44,6 +44,8 @@ const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
 /// The controller re-runs at least this often even without triggers (level-triggered safety).
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+/// Wait past a failover deadline before the pass that acts on it (clock granularity).
+const FAILOVER_SLACK: Duration = Duration::from_millis(20);
 /// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 /// How often a hub on a shared store looks for generations other hubs wrote.
@@ -89,6 +91,11 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<String, Session>>,
     next_session: AtomicU64,
     reconcile: Notify,
+    /// When this hub started (ms since the epoch): no node counts as NotReady from earlier.
+    started_ms: u64,
+    /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: map
+    /// operations only.
+    warned: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -177,6 +184,8 @@ impl Hub {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 reconcile: Notify::new(),
+                started_ms: now_ms(),
+                warned: Mutex::new(Default::default()),
             }),
         })
     }
@@ -428,6 +437,8 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     };
     if ended {
         let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
+        // Starts the node's failover clocks (see `sched_node`).
+        shared.trigger_reconcile();
     } else {
         let _ = shared.store.touch_node(&node, now_ms()).await;
     }
@@ -469,9 +480,10 @@ async fn controller_loop(shared: Arc<Shared>) {
         }
         // A failed pass is retried soon with backoff, not at the next periodic resync.
         let wait = match reconcile(&shared).await {
-            Ok(()) => {
+            Ok(deadline) => {
                 failures = 0;
-                RESYNC_PERIOD
+                // A failover deadline is met to within a few ms, not at the next resync.
+                deadline.map_or(RESYNC_PERIOD, |d| (d + FAILOVER_SLACK).min(RESYNC_PERIOD))
             }
             Err(e) => {
                 failures += 1;
@@ -725,23 +737,76 @@ pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
     }
 }
 
+/// The scheduler's view of a node. A node that is not connected has been NotReady since its
+/// last sign of life (`last_seen_ms`: the end of its session on this hub, else its last
+/// heartbeat), but never since before this hub started: a hub that was down did not see its
+/// nodes, so failover deadlines count from its start, giving agents time to reconnect.
+fn sched_node(shared: &Shared, n: &NodeRow) -> SchedNode {
+    let ready = shared.is_connected(&n.name);
+    let unknown_is_unlimited = |v: u64| if v == 0 { u64::MAX } else { v };
+    SchedNode {
+        name: n.name.clone(),
+        ready,
+        runtimes: n.facts.runtimes.clone(),
+        labels: node_labels(&n.name, &n.facts),
+        taints: n
+            .facts
+            .taints
+            .iter()
+            .map(|t| scheduler::Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: match t.effect {
+                    proto::manifest::TaintEffect::NoSchedule => scheduler::TaintEffect::NoSchedule,
+                    proto::manifest::TaintEffect::NoExecute => scheduler::TaintEffect::NoExecute,
+                },
+            })
+            .collect(),
+        cordoned: n.cordoned || n.draining,
+        draining: n.draining,
+        allocatable: (n.facts.cpus > 0 || n.facts.memory_bytes > 0).then(|| scheduler::Resources {
+            cpu_millis: unknown_is_unlimited(u64::from(n.facts.cpus) * 1000),
+            memory_bytes: unknown_is_unlimited(n.facts.memory_bytes),
+        }),
+        not_ready_since_ms: (!ready).then(|| n.last_seen_ms.unwrap_or(n.joined_at_ms).max(shared.started_ms)),
+    }
+}
+
+/// How long until the next failover deadline (a NotReady node holding a replica whose
+/// workload fails over), so the controller wakes for it rather than at the next resync.
+fn next_failover(
+    nodes: &[SchedNode],
+    workloads: &[SchedWorkload],
+    replicas: &[crate::store::ReplicaRow],
+    now_ms: u64,
+) -> Option<Duration> {
+    let since: HashMap<&str, u64> =
+        nodes.iter().filter_map(|n| Some((n.name.as_str(), n.not_ready_since_ms?))).collect();
+    let after: HashMap<&str, u64> = workloads
+        .iter()
+        .filter_map(|w| match w.failover {
+            scheduler::Failover::After(ms) => Some((w.name.as_str(), ms)),
+            scheduler::Failover::Never => None,
+        })
+        .collect();
+    replicas
+        .iter()
+        .filter_map(|r| {
+            let deadline = since.get(r.node.as_deref()?)?.saturating_add(*after.get(r.workload.as_str())?);
+            (deadline > now_ms).then(|| Duration::from_millis(deadline - now_ms))
+        })
+        .min()
+}
+
 /// One pass: snapshot the store, run the scheduler, write its decisions, wake the nodes whose
-/// assignment sets changed. Idempotent.
-async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
+/// assignment sets changed. Idempotent. Returns when the next failover deadline falls, if any.
+async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     let workloads = shared.store.workloads().await?;
     let nodes = shared.store.nodes().await?;
     let replicas = shared.store.replicas().await?;
+    let now = now_ms();
 
-    let sched_nodes: Vec<SchedNode> = nodes
-        .iter()
-        .map(|n| SchedNode {
-            name: n.name.clone(),
-            ready: shared.is_connected(&n.name),
-            runtimes: n.facts.runtimes.clone(),
-            labels: node_labels(&n.name, &n.facts),
-            ..Default::default()
-        })
-        .collect();
+    let sched_nodes: Vec<SchedNode> = nodes.iter().map(|n| sched_node(shared, n)).collect();
     let sched_workloads: Vec<SchedWorkload> = workloads.iter().map(|w| sched_workload(&w.manifest)).collect();
     let current: Vec<Placement> = replicas
         .iter()
@@ -752,7 +817,24 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
             node: r.node.clone(),
         })
         .collect();
-    let decisions = scheduler::schedule(&sched_nodes, &sched_workloads, &current);
+    let ready: HashMap<String, String> = replicas
+        .iter()
+        .filter(|r| crate::api::is_available(shared, r))
+        .filter_map(|r| Some((r.name.clone(), r.node.clone()?)))
+        .collect();
+    let decisions =
+        scheduler::schedule_at(&sched_nodes, &sched_workloads, &current, &scheduler::Observed { now_ms: now, ready });
+    {
+        // Logged once each, not on every pass.
+        let mut seen = shared.warned.lock().unwrap();
+        for w in decisions.warnings.iter().filter(|w| !seen.contains(*w)) {
+            warn!(warning = %w, "scheduler input ignored");
+        }
+        *seen = decisions.warnings.iter().cloned().collect();
+    }
+    for (node, left) in &decisions.drains {
+        debug!(%node, left, "draining");
+    }
     let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
         workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
     let hold = rollout_holds(shared, &workloads, &templates, &replicas);
@@ -766,7 +848,19 @@ async fn reconcile(shared: &Shared) -> Result<(), StoreError> {
         debug!(nodes = ?changed, "assignment sets changed");
         shared.wake_nodes(&changed);
     }
-    Ok(())
+    let moved: Vec<&Placement> = decisions
+        .placements
+        .iter()
+        .filter(|p| replicas.iter().any(|r| r.name == p.replica && r.node.is_some() && r.node != p.node))
+        .collect();
+    for p in moved {
+        info!(replica = %p.replica, to = ?p.node, "replica moved");
+    }
+    let after_write: Vec<crate::store::ReplicaRow> = replicas
+        .into_iter()
+        .filter(|r| decisions.placements.iter().any(|p| p.replica == r.name && p.node == r.node))
+        .collect();
+    Ok(next_failover(&sched_nodes, &sched_workloads, &after_write, now))
 }
 
 #[cfg(test)]
@@ -774,6 +868,39 @@ mod tests {
     use super::clock_skew_ms;
     use crate::scheduler::{self, Failover, Packing, WorkloadKind};
     use std::time::Duration;
+
+    #[test]
+    fn the_controller_wakes_for_the_next_failover_deadline() {
+        use crate::scheduler::{SchedNode, SchedWorkload};
+        let down = SchedNode { name: "down".into(), not_ready_since_ms: Some(1_000), ..Default::default() };
+        let up = SchedNode { name: "up".into(), ready: true, ..Default::default() };
+        let moves = SchedWorkload { name: "moves".into(), failover: Failover::After(10_000), ..Default::default() };
+        let stays = SchedWorkload { name: "stays".into(), ..Default::default() };
+        let row = |name: &str, workload: &str, node: &str| {
+            crate::store::ReplicaRow {
+            name: name.into(),
+            workload: workload.into(),
+            index: 0,
+            node: Some(node.into()),
+            template: proto::manifest::parse_manifests(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: x}\nspec: {runtime: wasm, image: r/x:1}\n",
+            )
+            .unwrap()[0]
+                .template(),
+            template_hash: String::new(),
+            status: Default::default(),
+            unschedulable: String::new(),
+        }
+        };
+        let nodes = [down, up];
+        let workloads = [moves, stays];
+        let next = |rows: &[crate::store::ReplicaRow], now| super::next_failover(&nodes, &workloads, rows, now);
+        assert_eq!(next(&[row("moves-0", "moves", "down")], 4_000), Some(Duration::from_millis(7_000)));
+        // Past the deadline (the pass just moved it), on a Ready node, or never failing over: no wake.
+        assert_eq!(next(&[row("moves-0", "moves", "down")], 11_000), None);
+        assert_eq!(next(&[row("moves-0", "moves", "up")], 4_000), None);
+        assert_eq!(next(&[row("stays-0", "stays", "down")], 4_000), None);
+    }
 
     #[test]
     fn manifests_map_to_scheduler_workloads() {

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Manifest, ReplicaTemplate, Runtime};
+use crate::manifest::{Manifest, ReplicaTemplate, Runtime, Taint};
 
 // ---------------------------------------------------------------------------------------------
 // Nodes
@@ -35,6 +35,10 @@ pub struct NodeFacts {
     /// clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_skew_ms: Option<i64>,
+    /// Set with `flotilla agent --taint`: workloads that do not tolerate them are kept off.
+    /// Absent from older agents' hellos.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
 }
 
 /// Skew beyond which `describe node` warns about the node's clock.
@@ -239,6 +243,8 @@ pub enum JoinResponse {
 // ---------------------------------------------------------------------------------------------
 // Agent control: ALPN flotilla-agent/1. The agent opens one bi stream (the control stream).
 
+// `Hello` is large and sent once per session; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum AgentMsg {
@@ -334,6 +340,13 @@ pub enum ApiRequest {
     DeleteManifests {
         source: String,
     },
+    /// Sets a node's scheduling controls (`cordon`: `cordoned`; `drain`: both; `uncordon`:
+    /// neither). Answered with [`ApiResponse::Nodes`] holding the node.
+    SetScheduling {
+        node: String,
+        cordoned: bool,
+        draining: bool,
+    },
     /// Answered with [`StreamStart`] and then raw log bytes.
     Logs {
         replica: String,
@@ -380,6 +393,23 @@ pub struct NodeView {
     pub acked_generation: u64,
     pub last_seen_ms: Option<u64>,
     pub joined_at_ms: u64,
+    /// No new placements.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// Cordoned, and its replicas are being moved off.
+    #[serde(default)]
+    pub draining: bool,
+    /// Replicas (other than EveryNode ones) still assigned to the node: what a drain waits for.
+    #[serde(default)]
+    pub movable_replicas: u32,
+}
+
+impl NodeView {
+    /// `Ready` or `NotReady`, with `,SchedulingDisabled` when cordoned (as kubectl shows it).
+    pub fn status(&self) -> String {
+        let ready = if self.ready { "Ready" } else { "NotReady" };
+        if self.cordoned { format!("{ready},SchedulingDisabled") } else { ready.to_string() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -427,6 +457,16 @@ mod tests {
     fn unknown_message_type_is_an_error() {
         let e = codec::decode::<HubMsg>(br#"{"type":"Explode"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn hellos_of_agents_without_taints_still_parse() {
+        let old = r#"{"os":"linux","arch":"x86_64","kernel":"6","cpus":2,"memoryBytes":1,"runtimes":["wasm"],"agentVersion":"0.1"}"#;
+        let facts: NodeFacts = serde_json::from_str(old).unwrap();
+        assert!(facts.taints.is_empty());
+        let tainted = NodeFacts { taints: vec![Taint::parse("k=v:NoExecute").unwrap()], ..facts };
+        let back: NodeFacts = serde_json::from_str(&serde_json::to_string(&tainted).unwrap()).unwrap();
+        assert_eq!(back, tainted);
     }
 
     #[test]

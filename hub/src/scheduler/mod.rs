@@ -552,7 +552,8 @@ pub fn schedule_at(
     for plan in &mut plans {
         let w = plan.w;
         if w.kind == WorkloadKind::EveryNode {
-            place_every_node(w, plan, &nodes, &mut state, &mut out, &mut taken);
+            let cur = by_workload.get(w.name.as_str()).unwrap_or(&no_current);
+            place_every_node(w, plan, cur, &nodes, &mut state, &mut out, &mut taken);
             continue;
         }
         let pending: Vec<usize> = (0..plan.slots.len()).filter(|&s| plan.slots[s].1.is_none()).collect();
@@ -677,34 +678,23 @@ fn keep_every_node(
 }
 
 /// Place pass of an EveryNode workload: a replica on each node that passes the static filters
-/// and has none yet, with the lowest free index.
+/// and has none yet. Its index is the one the replica had in `cur` (an unplaced replica keeps
+/// its index, so a node joining later cannot be given an index that is still taken), else the
+/// lowest free one. A replica whose name would be longer than a name may be is left unplaced:
+/// agents refuse such names.
 fn place_every_node(
     w: &SchedWorkload,
     plan: &Plan,
+    cur: &HashMap<&str, &Placement>,
     nodes: &[&SchedNode],
     state: &mut [NodeState],
     out: &mut Decisions,
     taken: &mut HashSet<String>,
 ) {
-    let mut used: Vec<u32> = plan.slots.iter().map(|s| s.0).collect();
-    used.sort_unstable();
+    let mut used: HashSet<u32> = plan.slots.iter().map(|s| s.0).collect();
     let has: HashSet<usize> = plan.slots.iter().filter_map(|s| s.1).collect();
-    let mut next_free = {
-        let mut cursor = 0u32;
-        let mut k = 0usize;
-        move || {
-            while k < used.len() && used[k] <= cursor {
-                if used[k] == cursor {
-                    cursor += 1;
-                }
-                k += 1;
-            }
-            let index = cursor;
-            cursor += 1;
-            index
-        }
-    };
-    let mut new = Vec::new();
+    // (node, replica name, index reused from `cur`).
+    let mut wanted: Vec<(usize, String, Option<u32>)> = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         if has.contains(&i) || static_misfit(n, w).is_some() {
             continue;
@@ -714,12 +704,34 @@ fn place_every_node(
             out.warnings.push(format!("replica name {replica:?} of workload {:?} is taken; not placed", w.name));
             continue;
         }
-        let index = next_free();
-        let node = if state[i].fits(n, w) {
+        let reused = cur.get(replica.as_str()).map(|p| p.index).filter(|&ix| used.insert(ix));
+        wanted.push((i, replica, reused));
+    }
+    let mut cursor = 0u32;
+    let mut new = Vec::new();
+    for (i, replica, reused) in wanted {
+        let index = reused.unwrap_or_else(|| {
+            while used.contains(&cursor) {
+                cursor += 1;
+            }
+            used.insert(cursor);
+            cursor
+        });
+        let n = nodes[i];
+        let node = if replica.len() > proto::manifest::MAX_NAME_LEN {
+            out.unschedulable.insert(
+                replica.clone(),
+                format!(
+                    "replica name {replica:?} (<workload>-<node>) is longer than {} characters; shorten the workload or node name",
+                    proto::manifest::MAX_NAME_LEN
+                ),
+            );
+            None
+        } else if state[i].fits(n, w) {
             state[i].add(w);
             Some(n.name.clone())
         } else {
-            out.unschedulable.insert(replica.clone(), explain(std::iter::once((*n, &state[i])), w));
+            out.unschedulable.insert(replica.clone(), explain(std::iter::once((n, &state[i])), w));
             None
         };
         new.push(Placement { replica, workload: w.name.clone(), index, node });

@@ -373,6 +373,38 @@ fn every_node_puts_one_replica_on_each_matching_node_and_never_moves_it() {
 }
 
 #[test]
+fn every_node_unplaced_replicas_keep_their_index_when_a_node_joins() {
+    // "agent-b" does not fit and stays unplaced at index 1; node "ab" joins and sorts before
+    // "b": it must not be given index 1, which the stored unplaced replica still holds.
+    let nodes = vec![sized("a", 1000, 1000), sized("b", 100, 100)];
+    let mut w = wl("agent", 0, &[]);
+    w.kind = WorkloadKind::EveryNode;
+    w.requests = Resources { cpu_millis: 200, memory_bytes: 10 };
+    let d = schedule(&nodes, std::slice::from_ref(&w), &[]);
+    let idx = |d: &Decisions, r: &str| d.placements.iter().find(|p| p.replica == r).map(|p| (p.index, p.node.clone()));
+    assert_eq!(idx(&d, "agent-b"), Some((1, None)));
+    let mut more = nodes.clone();
+    more.push(sized("ab", 1000, 1000));
+    let d2 = schedule(&more, std::slice::from_ref(&w), &d.placements);
+    assert_eq!(idx(&d2, "agent-b"), Some((1, None)));
+    assert_eq!(idx(&d2, "agent-ab"), Some((2, Some("ab".into()))));
+    assert_eq!(idx(&d2, "agent-a"), Some((0, Some("a".into()))));
+}
+
+#[test]
+fn every_node_replicas_with_overlong_names_are_not_placed() {
+    let long = "n".repeat(proto::manifest::MAX_NAME_LEN);
+    let nodes = [node("a", true, WASM, &[]), node(&long, true, WASM, &[])];
+    let mut w = wl("agent", 0, &[]);
+    w.kind = WorkloadKind::EveryNode;
+    let d = schedule(&nodes, &[w], &[]);
+    let replica = format!("agent-{long}");
+    assert_eq!(by_replica(&d)["agent-a"], Some("a"));
+    assert_eq!(by_replica(&d)[replica.as_str()], None);
+    assert!(d.unschedulable[&replica].contains("longer than"), "{:?}", d.unschedulable);
+}
+
+#[test]
 fn every_node_reports_a_node_without_room() {
     let nodes = [sized("a", 100, 100), sized("b", 1000, 1000)];
     let mut w = wl("agent", 0, &[]);

@@ -101,6 +101,10 @@ pub struct NodeRow {
     pub last_seen_ms: Option<u64>,
     /// The hub holding the node's agent session, if any (see [`Store::set_node_session`]).
     pub connected_via: Option<String>,
+    /// No new placements (see [`Store::set_node_scheduling`]).
+    pub cordoned: bool,
+    /// Cordoned, and its replicas are being moved off.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -364,6 +368,20 @@ impl Store {
         Ok(())
     }
 
+    /// Sets the operator's scheduling controls of a node (a drain implies a cordon: `draining`
+    /// also sets `cordoned`). Returns false when no such node exists.
+    pub async fn set_node_scheduling(&self, name: &str, cordoned: bool, draining: bool) -> Result<bool> {
+        let flag = |b: bool| i64::from(b);
+        let n = self
+            .pool
+            .exec(
+                "UPDATE nodes SET cordoned = ?, draining = ? WHERE name = ?",
+                &[flag(cordoned || draining).into(), flag(draining).into(), name.into()],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Raises the node's acknowledged generation to `generation` (never lowers it).
     pub async fn ack_generation(&self, name: &str, generation: u64) -> Result<()> {
         self.pool
@@ -379,8 +397,8 @@ impl Store {
         let rows = self
             .pool
             .fetch(
-                "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via \
-                 FROM nodes ORDER BY name",
+                "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via, \
+                 cordoned, draining FROM nodes ORDER BY name",
                 &[],
             )
             .await?;
@@ -394,6 +412,8 @@ impl Store {
                     joined_at_ms: r.u64(4)?,
                     last_seen_ms: r.opt_u64(5)?,
                     connected_via: r.opt_text(6)?,
+                    cordoned: r.i64(7)? != 0,
+                    draining: r.i64(8)? != 0,
                     name,
                 })
             })
