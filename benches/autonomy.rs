@@ -12,7 +12,9 @@
 //! 4. offline reboot: agent and container SIGKILLed with the link down, the agent started
 //!    again, time from the agent's start to the Wasm replica's first new log line and to the
 //!    container's new process and start line (local evidence only), then time to Ready once
-//!    the link returns.
+//!    the link returns;
+//! 5. hub SIGKILLed and restarted: time from the kill until the hub shows the node Ready and
+//!    both replicas Running (no replica restarts).
 //!
 //! Options (environment): BENCH_ROUNDS (default 5), BENCH_SHORT_CUT_S (15),
 //! BENCH_LONG_CUT_S (40). Needs root, iproute2, cgroups, busybox and docker-registry.
@@ -175,6 +177,23 @@ fn main() {
         std::thread::sleep(Duration::from_secs(5));
     }
 
+    // Hub SIGKILLed and restarted (scenario 3): from the kill until the hub shows the node
+    // Ready with both replicas Running again. Polled through the CLI, since the admin
+    // connection above dies with the hub.
+    let mut hub_restart = Series::default();
+    let pids = site.box_pids();
+    for round in 0..rounds {
+        let killed = Instant::now();
+        site.c.restart_hub();
+        let back = Site::time_until(Duration::from_secs(60), POLL, || {
+            site.node_ready() && site.running(WASM_REPLICA) && site.running(BOX_REPLICA)
+        });
+        assert!(back.is_some(), "round {round}: the hub's view did not converge within 60 s of its restart");
+        hub_restart.push(Some(killed.elapsed()));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(site.box_pids(), pids, "a hub restart replaced the container");
+
     println!("edge autonomy, {rounds} rounds (one agent in a network namespace, Wasm + container replica):");
     hub_detect.line("dead link: cut -> hub shows node NotReady", rounds * 2);
     agent_detect.line("dead link: cut -> agent logs 'lost the hub connection'", rounds * 2);
@@ -183,6 +202,7 @@ fn main() {
     boot_wasm.line("offline reboot: agent start -> Wasm replica running", rounds);
     boot_box.line("offline reboot: agent start -> container running", rounds);
     ready_reboot.line("offline reboot: link back -> node Ready", rounds);
+    hub_restart.line("hub SIGKILL + restart -> node Ready, replicas Running", rounds);
     for n in agent_notes {
         println!("  note: {n}");
     }
