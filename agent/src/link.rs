@@ -67,10 +67,13 @@ impl Link {
             self.hub.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect();
         let hubs = if hubs.is_empty() { vec![self.hub.clone()] } else { hubs };
         let mut turn = 0usize;
+        // One TLS client config for as long as the identity is the same: it holds the session
+        // tickets, so reconnects resume the TLS session instead of a full handshake.
+        let mut tls_cache: Option<(String, quinn::ClientConfig)> = None;
         loop {
             let hub = hubs[turn % hubs.len()].clone();
             turn = turn.wrapping_add(1);
-            match self.session(&hub).await {
+            match self.session(&hub, &mut tls_cache).await {
                 Ok(was_up) => {
                     if was_up {
                         backoff = BACKOFF_MIN;
@@ -113,7 +116,11 @@ impl Link {
     }
 
     /// One connection, from dial to loss. `Ok(true)` if the session was established.
-    async fn session(&mut self, hub: &str) -> Result<bool, SessionError> {
+    async fn session(
+        &mut self,
+        hub: &str,
+        tls_cache: &mut Option<(String, quinn::ClientConfig)>,
+    ) -> Result<bool, SessionError> {
         let id = identity::load_or_join(&self.identity_dir, hub, self.token.as_ref(), &self.node_name, &self.tuning)
             .await
             .map_err(
@@ -122,8 +129,15 @@ impl Link {
                 },
             )?;
         let addr = tls::resolve(hub).await.map_err(|e| SessionError::Transient(e.to_string()))?;
-        let config = tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, ALPN_AGENT, &self.tuning)
-            .map_err(|e| SessionError::Fatal(IdentityError::Protocol(e.to_string())))?;
+        let config = match tls_cache {
+            Some((cert, config)) if *cert == id.cert_pem => config.clone(),
+            _ => {
+                let config = tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, ALPN_AGENT, &self.tuning)
+                    .map_err(|e| SessionError::Fatal(IdentityError::Protocol(e.to_string())))?;
+                *tls_cache = Some((id.cert_pem.clone(), config.clone()));
+                config
+            }
+        };
         let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
         self.network.borrow_and_update();
         let conn = tokio::select! {

@@ -288,3 +288,30 @@ async fn a_node_clock_behind_the_hub_still_connects_but_expiry_is_enforced() {
         }
     }
 }
+
+/// A client that keeps its config between connections resumes its TLS session: the hub sends
+/// no certificate chain the second time, so the handshake carries fewer bytes (and needs no
+/// signature checks), which matters on slow, metered edge links. The hub's certificate is
+/// made large (many names) so that the chain dominates the handshake's size.
+#[tokio::test]
+async fn a_reused_client_config_resumes_the_tls_session() {
+    let ca = Ca::generate("flotilla test ca").unwrap();
+    let names: Vec<String> = (0..150).map(|i| format!("gateway-{i:03}.store.example")).collect();
+    let server = ca.issue_server(&names, HOUR).unwrap();
+    let config = tls::server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
+    let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let hub = common::Hub { ca, endpoint, addr };
+    let config = hub.mtls("node:alpha", ALPN_AGENT);
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let (client, server) = connect_ok(&hub, config.clone()).await;
+        // The server's session ticket follows the handshake; give it a moment to arrive.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(tls::peer_common_name(&server).as_deref(), Some("node:alpha"), "the client is still authenticated");
+        received.push(client.stats().udp_rx.bytes);
+        client.close(0u32.into(), b"done");
+    }
+    eprintln!("bytes received by the client: full handshake {}, resumed {}", received[0], received[1]);
+    assert!(received[1] + 3000 < received[0], "no resumption: {received:?}");
+}
