@@ -1,0 +1,316 @@
+//! Scheduling controls end to end: EveryNode workloads following node labels, failover of a
+//! node cut off from the hub (and fencing of the old copy when it returns), and cordon/drain
+//! through the CLI. Real hub and agent processes, Wasm replicas pulled from a real registry
+//! (Debian's docker-registry). The failover test runs agents in their own network namespaces
+//! (root, iproute2); without them, or without the registry, the tests say why and skip, unless
+//! `CI` is set.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "../oci-runtime/tests/support/mod.rs"]
+mod registry;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+use proto::messages::{Phase, ReplicaView};
+use registry::TestRegistry;
+
+const WAIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(100);
+/// The QUIC idle timeout after which the hub sees a silent agent as gone (transport's
+/// `Tuning::default()`): the "heartbeat grace" a failover deadline comes on top of.
+const HEARTBEAT_GRACE: Duration = Duration::from_secs(8);
+
+/// A Wasm workload running the tick module (a line every 200 ms); `extra` is more `spec`
+/// lines, each indented by two spaces.
+fn tick(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  runtime: wasm\n  image: {image}\n  args: [\"--interval-ms\", \"200\"]\n  env: {{GREETING: tick}}\n{extra}"
+    )
+}
+
+fn push_tick(reg: &TestRegistry) {
+    let wasm = cluster::example_wasm();
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), wasm.as_os_str(), reg.reference("tick:v1").as_ref()]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn apply(c: &Cluster, docs: &str) {
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(docs));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Replica name → node, for one workload.
+fn placements(c: &Cluster, workload: &str) -> BTreeMap<String, Option<String>> {
+    c.replicas().into_iter().filter(|r| r.workload == workload).map(|r| (r.name, r.node)).collect()
+}
+
+fn running(r: &ReplicaView) -> bool {
+    r.status.phase == Phase::Running && r.status.template_hash == r.template_hash
+}
+
+fn replica(c: &Cluster, name: &str) -> Option<ReplicaView> {
+    c.replicas().into_iter().find(|r| r.name == name)
+}
+
+fn running_on(c: &Cluster, name: &str, node: &str) -> bool {
+    replica(c, name).is_some_and(|r| r.node.as_deref() == Some(node) && running(&r))
+}
+
+fn nodes_ready(c: &Cluster, n: usize) -> bool {
+    c.nodes().iter().filter(|n| n.ready).count() == n
+}
+
+/// Lines a replica printed into its log file on `node`'s disk.
+fn tick_lines(c: &Cluster, node: &str, replica: &str) -> usize {
+    let path = c.agent_dir(node).join("logs").join(format!("{replica}.log"));
+    std::fs::read_to_string(path).map(|t| t.lines().filter(|l| l.contains("tick #")).count()).unwrap_or(0)
+}
+
+/// Polls `cond` until it holds or `limit` passes; the time it took.
+fn time_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+#[test]
+fn every_node_workload_follows_its_selector_onto_nodes_that_join_later() {
+    let Some(reg) = TestRegistry::start() else { return };
+    push_tick(&reg);
+    let image = reg.reference("tick:v1");
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &["--label", "role=edge"]);
+    c.add_agent("edge-2", &["--label", "role=edge"]);
+    c.add_agent("core-1", &["--label", "role=core"]);
+    c.wait_for("3 nodes Ready", WAIT, || nodes_ready(&c, 3));
+
+    apply(&c, &tick("tick", &image, "  kind: EveryNode\n  nodeSelector: {role: edge}\n"));
+    c.wait_for("tick on both edge nodes", WAIT, || {
+        running_on(&c, "tick-edge-1", "edge-1") && running_on(&c, "tick-edge-2", "edge-2")
+    });
+    let expected: BTreeMap<String, Option<String>> =
+        [("tick-edge-1", "edge-1"), ("tick-edge-2", "edge-2")].map(|(r, n)| (r.into(), Some(n.into()))).into();
+    assert_eq!(placements(&c, "tick"), expected, "exactly one replica per matching node");
+    let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "tick").unwrap();
+    assert_eq!(w.desired_replicas, 2);
+    let table = c.ok(&["get", "workloads"]);
+    assert!(table.lines().any(|l| l.starts_with("tick") && l.contains("2/2")), "{table}");
+
+    // A matching node that joins later gets its replica within seconds; a non-matching one never.
+    c.add_agent("edge-3", &["--label", "role=edge"]);
+    c.add_agent("core-2", &["--label", "role=core"]);
+    let joined = Instant::now();
+    c.wait_for("5 nodes Ready", WAIT, || nodes_ready(&c, 5));
+    let ready_after = joined.elapsed();
+    let took = time_until(WAIT, || running_on(&c, "tick-edge-3", "edge-3"))
+        .unwrap_or_else(|| panic!("edge-3 never ran tick: {:?}", placements(&c, "tick")));
+    eprintln!("edge-3 Ready {ready_after:?} after its agent started; its replica Running {took:?} later");
+    assert!(took < Duration::from_secs(15), "edge-3's replica took {took:?}");
+    // Let a few reconcile passes go by: still nothing on the core nodes.
+    std::thread::sleep(Duration::from_secs(6));
+    let now = placements(&c, "tick");
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(now.values().all(|n| n.as_deref().is_some_and(|n| n.starts_with("edge-"))), "{now:?}");
+    for core in ["core-1", "core-2"] {
+        assert_eq!(tick_lines(&c, core, &format!("tick-{core}")), 0, "{core} ran tick");
+    }
+}
+
+/// Two agents, each in its own network namespace; the registry is forwarded on the second
+/// one's host-side address, so the first reaches it while its link is up and the second
+/// always does. Dropped in field order: the hub and agents (killed), the data dir, the
+/// forwarder, the namespaces, the registry.
+struct TwoSites {
+    c: Cluster,
+    fwd: netns::TcpForward,
+    a: netns::Netns,
+    b: netns::Netns,
+    _reg: TestRegistry,
+    port: u16,
+}
+
+impl TwoSites {
+    fn start() -> Option<TwoSites> {
+        if !netns::netns_possible() {
+            return None;
+        }
+        let reg = TestRegistry::start()?;
+        push_tick(&reg);
+        let a = netns::Netns::create();
+        let b = netns::Netns::create();
+        let reg_addr: SocketAddr = reg.addr.parse().unwrap();
+        let fwd = netns::TcpForward::start(b.host_ip(), reg_addr);
+        let port = cluster::free_udp_port();
+        let c = Cluster::start_listening(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{port}"));
+        Some(TwoSites { c, fwd, a, b, _reg: reg, port })
+    }
+
+    fn image(&self) -> String {
+        format!("{}/tick:v1", self.fwd.addr)
+    }
+
+    fn add_agent(&mut self, on_a: bool, name: &str) {
+        let ns = if on_a { &self.a } else { &self.b };
+        let (prefix, hub) = (ns.exec_prefix(), format!("{}:{}", ns.host_ip(), self.port));
+        let registry = self.fwd.addr.to_string();
+        self.c.add_agent_via(&prefix, &hub, name, &["--insecure-registry", &registry]);
+    }
+}
+
+#[test]
+fn failover_moves_a_replica_off_a_cut_node_and_fences_it_when_the_node_returns() {
+    let Some(mut s) = TwoSites::start() else { return };
+    // Only site-a exists when the workloads are applied, so both start there.
+    s.add_agent(true, "site-a");
+    s.c.wait_for("site-a Ready", WAIT, || nodes_ready(&s.c, 1));
+    let image = s.image();
+    let docs = format!(
+        "{}---\n{}",
+        tick("mover", &image, "  failover: {after: 10s}\n"),
+        tick("pinned", &image, "  failover: never\n")
+    );
+    apply(&s.c, &docs);
+    s.c.wait_for("both replicas Running on site-a", WAIT, || {
+        running_on(&s.c, "mover-0", "site-a") && running_on(&s.c, "pinned-0", "site-a")
+    });
+    s.add_agent(false, "site-b");
+    s.c.wait_for("site-b Ready", WAIT, || nodes_ready(&s.c, 2));
+    assert!(running_on(&s.c, "mover-0", "site-a"), "a node joining moved nothing");
+
+    s.a.cut();
+    let cut = Instant::now();
+    let detected = time_until(Duration::from_secs(30), || !s.c.nodes().iter().any(|n| n.name == "site-a" && n.ready))
+        .expect("the hub still sees site-a Ready 30 s after the cut");
+    let limit = Duration::from_secs(10) + HEARTBEAT_GRACE + Duration::from_secs(4);
+    let moved = time_until(limit + Duration::from_secs(20), || {
+        replica(&s.c, "mover-0").is_some_and(|r| r.node.as_deref() == Some("site-b"))
+    })
+    .map(|_| cut.elapsed())
+    .unwrap_or_else(|| panic!("mover-0 was not moved off the cut node: {:?}", s.c.replicas()));
+    eprintln!(
+        "failover: site-a seen NotReady {detected:?} after the cut; mover-0 reassigned to site-b {moved:?} after the cut ({:?} after NotReady; failover after 10s)",
+        moved.saturating_sub(detected)
+    );
+    assert!(moved >= Duration::from_secs(10), "moved before its failover delay: {moved:?}");
+    assert!(moved <= limit, "failover took {moved:?}, more than 10 s + {HEARTBEAT_GRACE:?} heartbeat grace + slack");
+    s.c.wait_for("mover-0 Running on site-b", WAIT, || running_on(&s.c, "mover-0", "site-b"));
+    let pinned = replica(&s.c, "pinned-0").unwrap();
+    assert_eq!(pinned.node.as_deref(), Some("site-a"), "the failover: never replica left the cut node");
+    assert_eq!(pinned.status.phase, Phase::Unknown);
+    // The cut node keeps running both copies meanwhile: the edge runs through partitions.
+    let (m, p) = (tick_lines(&s.c, "site-a", "mover-0"), tick_lines(&s.c, "site-a", "pinned-0"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tick_lines(&s.c, "site-a", "pinned-0") > p, "pinned-0 stopped on the cut node");
+    assert!(tick_lines(&s.c, "site-a", "mover-0") > m, "mover-0 stopped on the cut node before it heard of the move");
+
+    // The link returns: the old copy is fenced, the pinned one keeps running untouched.
+    s.a.restore();
+    s.c.wait_for("site-a Ready again", WAIT, || nodes_ready(&s.c, 2));
+    s.c.wait_for("site-a acknowledged its new assignment set", WAIT, || {
+        s.c.nodes().iter().any(|n| n.name == "site-a" && n.acked_generation == n.generation)
+    });
+    let stopped = time_until(Duration::from_secs(20), || {
+        let before = tick_lines(&s.c, "site-a", "mover-0");
+        std::thread::sleep(Duration::from_millis(1500));
+        tick_lines(&s.c, "site-a", "mover-0") == before
+    });
+    assert!(stopped.is_some(), "the fenced copy of mover-0 still writes its log on site-a");
+    let on_a: Vec<String> =
+        s.c.replicas().into_iter().filter(|r| r.node.as_deref() == Some("site-a")).map(|r| r.name).collect();
+    assert_eq!(on_a, ["pinned-0"], "the hub's view of site-a");
+    assert!(running_on(&s.c, "mover-0", "site-b"));
+    s.c.wait_for("pinned-0 Running on site-a", WAIT, || running_on(&s.c, "pinned-0", "site-a"));
+    let pinned = replica(&s.c, "pinned-0").unwrap();
+    assert_eq!(pinned.status.restarts, 0, "pinned-0 was restarted: {pinned:?}");
+    let p = tick_lines(&s.c, "site-a", "pinned-0");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tick_lines(&s.c, "site-a", "pinned-0") > p, "pinned-0 stopped after the link returned");
+}
+
+#[test]
+fn drain_moves_replicas_within_max_unavailable_and_uncordon_allows_placement_again() {
+    let Some(reg) = TestRegistry::start() else { return };
+    push_tick(&reg);
+    let image = reg.reference("tick:v1");
+    let mut c = Cluster::start();
+    c.add_agent("n1", &[]);
+    c.wait_for("n1 Ready", WAIT, || nodes_ready(&c, 1));
+    apply(&c, &tick("web", &image, "  replicas: 2\n  strategy: {maxUnavailable: 1}\n"));
+    c.wait_for("both web replicas Running on n1", WAIT, || {
+        running_on(&c, "web-0", "n1") && running_on(&c, "web-1", "n1")
+    });
+    c.add_agent("n2", &[]);
+    c.add_agent("n3", &[]);
+    c.wait_for("3 nodes Ready", WAIT, || nodes_ready(&c, 3));
+
+    // Drain n1 through the CLI while watching how many web replicas are unavailable.
+    let mut drain = std::process::Command::new(cluster::bin())
+        .arg("--config")
+        .arg(c.config_path())
+        .args(["drain", "n1", "--timeout", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut most_unavailable = 0;
+    let status = loop {
+        if let Some(st) = drain.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "flotilla drain did not return");
+        let web: Vec<ReplicaView> = c.replicas().into_iter().filter(|r| r.workload == "web").collect();
+        let unavailable = web.iter().filter(|r| !(running(r) && r.status.ready)).count();
+        most_unavailable = most_unavailable.max(unavailable);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = drain.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(status.success(), "drain failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("drain took {:?}:\n{stdout}", start.elapsed());
+    assert!(stdout.contains("node/n1 draining: 2 replicas left"), "{stdout}");
+    assert!(stdout.contains("node/n1 drained"), "{stdout}");
+    assert!(most_unavailable <= 1, "{most_unavailable} web replicas were unavailable at once (maxUnavailable 1)");
+    let web = placements(&c, "web");
+    assert!(web.values().all(|n| matches!(n.as_deref(), Some("n2" | "n3"))), "{web:?}");
+    c.wait_for("web Running on n2/n3", WAIT, || {
+        c.replicas().iter().filter(|r| r.workload == "web").all(|r| running(r) && r.node.as_deref() != Some("n1"))
+    });
+    let nodes = c.ok(&["get", "nodes"]);
+    assert!(nodes.lines().any(|l| l.starts_with("n1 ") && l.contains("Ready,SchedulingDisabled")), "{nodes}");
+    assert!(c.ok(&["describe", "node", "n1"]).contains("Draining:     true (0 replicas left to move)"));
+
+    // Cordoned: a workload pinned to n1 waits, with the reason; uncordoned, it runs there.
+    apply(&c, &tick("pin", &image, "  nodeSelector: {flotilla.dev/node: n1}\n"));
+    c.wait_for("pin-0 unschedulable", WAIT, || {
+        replica(&c, "pin-0").is_some_and(|r| r.node.is_none() && r.unschedulable.contains("1 cordoned"))
+    });
+    let out = c.ok(&["uncordon", "n1"]);
+    assert!(out.contains("node/n1 uncordoned"), "{out}");
+    c.wait_for("pin-0 Running on n1", WAIT, || running_on(&c, "pin-0", "n1"));
+    let nodes = c.ok(&["get", "nodes"]);
+    assert!(nodes.lines().any(|l| l.starts_with("n1 ") && !l.contains("SchedulingDisabled")), "{nodes}");
+
+    // A plain cordon keeps what runs, and an unknown node is an error.
+    let before = placements(&c, "web");
+    let out = c.ok(&["cordon", "n2"]);
+    assert!(out.contains("node/n2 cordoned"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(placements(&c, "web"), before, "a cordon moved replicas");
+    let bad = c.cli(&["drain", "nope", "--timeout", "1s"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("node \"nope\" not found"), "{bad:?}");
+}
