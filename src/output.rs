@@ -74,7 +74,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
             }
         }
         ApiResponse::Workloads { items } => {
-            rows.push(["NAME", "RUNTIME", "READY", "REVISION", "AGE"].map(String::from).to_vec());
+            rows.push(["NAME", "RUNTIME", "READY", "COMPLETIONS", "REVISION", "AGE"].map(String::from).to_vec());
             if wide {
                 rows[0].push("IMAGE".into());
             }
@@ -83,6 +83,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     w.manifest.metadata.name.clone(),
                     w.manifest.spec.runtime.to_string(),
                     format!("{}/{}", w.ready_replicas, w.desired_replicas),
+                    w.job.as_ref().map_or("-".into(), |j| format!("{}/{} {}", j.succeeded, j.completions, j.phase)),
                     w.revision.to_string(),
                     age(w.created_at_ms),
                 ];

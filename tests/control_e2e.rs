@@ -314,3 +314,57 @@ fn drain_moves_replicas_within_max_unavailable_and_uncordon_allows_placement_aga
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("node \"nope\" not found"), "{bad:?}");
 }
+
+#[test]
+fn a_job_runs_its_indexes_to_completion_and_a_failing_one_stops_at_its_backoff_limit() {
+    let Some(reg) = TestRegistry::start() else { return };
+    push_tick(&reg);
+    let image = reg.reference("tick:v1");
+    let mut c = Cluster::start();
+    c.add_agent("j1", &[]);
+    c.add_agent("j2", &[]);
+    c.wait_for("2 nodes Ready", WAIT, || nodes_ready(&c, 2));
+    let job = |name: &str, args: &str, job: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  runtime: wasm\n  image: {image}\n  args: {args}\n  env: {{GREETING: tick}}\n  kind: Job\n  job: {job}\n"
+        )
+    };
+    apply(
+        &c,
+        &format!(
+            "{}---\n{}",
+            job("batch", "[\"--interval-ms\", \"300\", \"--count\", \"3\"]", "{completions: 4, parallelism: 2}"),
+            job(
+                "broken",
+                "[\"--count\", \"1\", \"--exit-code\", \"3\", \"--interval-ms\", \"50\"]",
+                "{backoffLimit: 1}"
+            )
+        ),
+    );
+    let view = |name: &str| c.workloads().into_iter().find(|w| w.manifest.metadata.name == name).and_then(|w| w.job);
+    let start = Instant::now();
+    let mut most_active = 0;
+    while view("batch").is_none_or(|j| j.phase != "Complete") {
+        assert!(start.elapsed() < WAIT, "batch did not complete: {:?}\n{:?}", view("batch"), c.replicas());
+        let attempts = c.replicas().iter().filter(|r| r.workload == "batch" && r.node.is_some()).count();
+        most_active = most_active.max(attempts);
+        std::thread::sleep(POLL);
+    }
+    let batch = view("batch").unwrap();
+    eprintln!("batch completed in {:?}: {batch:?}", start.elapsed());
+    assert_eq!((batch.succeeded, batch.completions, batch.failed), (4, 4, 0));
+    assert!((1..=2).contains(&most_active), "{most_active} attempts at once with parallelism 2");
+    let table = c.ok(&["get", "workloads"]);
+    assert!(table.lines().any(|l| l.starts_with("batch") && l.contains("4/4 Complete")), "{table}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.replicas().iter().all(|r| r.workload != "batch"), "a completed job runs nothing: {:?}", c.replicas());
+
+    // Each attempt exits 3: retried once after its back-off (10 s), then the job fails.
+    c.wait_for("broken to fail", Duration::from_secs(60), || view("broken").is_some_and(|j| j.phase == "Failed"));
+    let broken = view("broken").unwrap();
+    assert_eq!((broken.succeeded, broken.failed), (0, 2), "{broken:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.replicas().iter().all(|r| r.workload != "broken"), "a failed job runs nothing");
+    assert_eq!(view("broken").unwrap().failed, 2, "no attempt after the job failed");
+    assert!(c.ok(&["describe", "workload", "broken"]).contains("Job:            Failed (0/1 succeeded, 2 failed"));
+}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use proto::manifest::{Kind, parse_manifests};
 use proto::messages::{
-    ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, NodeView, Phase, ReplicaView, ResourceKind,
-    StreamStart, WorkloadView,
+    ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, NodeView, Phase, ReplicaView,
+    ResourceKind, StreamStart, WorkloadView,
 };
 use tracing::{debug, info, warn};
 use transport::frame;
@@ -181,31 +181,49 @@ pub(crate) fn is_available(shared: &Shared, r: &ReplicaRow) -> bool {
 }
 
 async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError> {
+    use proto::manifest::WorkloadKind;
     let replicas = shared.store.replicas().await?;
-    Ok(shared
-        .store
-        .workloads()
-        .await?
+    let workloads = shared.store.workloads().await?;
+    let recorded = if workloads.iter().any(|w| w.manifest.spec.kind == WorkloadKind::Job) {
+        shared.store.job_indexes().await?
+    } else {
+        Vec::new()
+    };
+    Ok(workloads
         .into_iter()
-        .map(|w| WorkloadView {
-            desired_replicas: match w.manifest.spec.kind {
-                proto::manifest::WorkloadKind::Replicated => w.manifest.spec.replicas(),
-                proto::manifest::WorkloadKind::EveryNode => {
-                    replicas.iter().filter(|r| r.workload == w.manifest.metadata.name).count() as u32
+        .map(|w| {
+            let name = &w.manifest.metadata.name;
+            let placed = replicas.iter().filter(|r| &r.workload == name && r.node.is_some()).count() as u32;
+            let job = (w.manifest.spec.kind == WorkloadKind::Job).then(|| {
+                let spec = crate::server::job_spec(&w.manifest);
+                let progress = crate::server::job_progress(name, &recorded, &replicas);
+                let plan = crate::scheduler::job_plan(&spec, &progress, now_ms());
+                JobView {
+                    phase: format!("{:?}", plan.phase),
+                    succeeded: plan.succeeded,
+                    completions: spec.completions,
+                    failed: plan.failed,
+                    active: progress.indexes.values().filter(|o| o.running).count() as u32,
                 }
-            },
-            ready_replicas: replicas
-                .iter()
-                .filter(|r| r.workload == w.manifest.metadata.name && is_available(shared, r))
-                .count() as u32,
-            // Shown as resourceVersion, so `get -o yaml`, edit, `apply` is refused if the
-            // workload changed meanwhile.
-            manifest: proto::manifest::Manifest {
-                metadata: proto::manifest::Metadata { resource_version: Some(w.revision), ..w.manifest.metadata },
-                ..w.manifest
-            },
-            revision: w.revision,
-            created_at_ms: w.created_at_ms,
+            });
+            WorkloadView {
+                desired_replicas: match w.manifest.spec.kind {
+                    WorkloadKind::Replicated => w.manifest.spec.replicas(),
+                    WorkloadKind::EveryNode => replicas.iter().filter(|r| &r.workload == name).count() as u32,
+                    WorkloadKind::Job => job.as_ref().map_or(0, |j| j.active).max(placed),
+                },
+                ready_replicas: replicas.iter().filter(|r| &r.workload == name && is_available(shared, r)).count()
+                    as u32,
+                job,
+                // Shown as resourceVersion, so `get -o yaml`, edit, `apply` is refused if the
+                // workload changed meanwhile.
+                manifest: proto::manifest::Manifest {
+                    metadata: proto::manifest::Metadata { resource_version: Some(w.revision), ..w.manifest.metadata },
+                    ..w.manifest
+                },
+                revision: w.revision,
+                created_at_ms: w.created_at_ms,
+            }
         })
         .collect())
 }
@@ -268,6 +286,13 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let _ = writeln!(s, "Replicas:       {} desired, {} ready", w.desired_replicas, w.ready_replicas);
             if spec.kind != proto::manifest::WorkloadKind::Replicated {
                 let _ = writeln!(s, "Kind:           {}", spec.kind);
+            }
+            if let Some(j) = &w.job {
+                let _ = writeln!(
+                    s,
+                    "Job:            {} ({}/{} succeeded, {} failed attempts, {} running)",
+                    j.phase, j.succeeded, j.completions, j.failed, j.active
+                );
             }
             if !spec.failover.is_never() {
                 let _ = writeln!(s, "Failover:       after {}ms", spec.failover.after_ms().unwrap_or(0));

@@ -674,7 +674,44 @@ fn rollout_holds(
     hold
 }
 
-/// What the scheduler needs of a manifest: everything but the replica template.
+/// A Job's progress: the outcomes the store recorded, and which indexes have an attempt on a
+/// node now.
+pub(crate) fn job_progress(
+    workload: &str,
+    recorded: &[crate::store::JobIndexRow],
+    replicas: &[crate::store::ReplicaRow],
+) -> scheduler::JobProgress {
+    let mut progress = scheduler::JobProgress::default();
+    for r in recorded.iter().filter(|r| r.workload == workload) {
+        progress.indexes.insert(
+            r.index,
+            scheduler::IndexOutcome {
+                succeeded: r.succeeded,
+                failures: r.failures,
+                running: false,
+                last_failure_ms: r.last_failure_ms,
+            },
+        );
+    }
+    for r in replicas.iter().filter(|r| r.workload == workload && r.node.is_some()) {
+        progress.indexes.entry(r.index).or_default().running = true;
+    }
+    progress
+}
+
+/// The scheduler's form of a manifest's `spec.job`.
+pub(crate) fn job_spec(m: &proto::manifest::Manifest) -> scheduler::JobSpec {
+    let j = m.spec.job.unwrap_or_default();
+    scheduler::JobSpec {
+        completions: j.completions(),
+        parallelism: j.parallelism(),
+        backoff_limit: j.backoff_limit(),
+        ..Default::default()
+    }
+}
+
+/// What the scheduler needs of a manifest: everything but the replica template. A Job's
+/// progress is filled in by the caller.
 pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
     use proto::manifest as pm;
     let s = &m.spec;
@@ -692,6 +729,7 @@ pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
         kind: match s.kind {
             pm::WorkloadKind::Replicated => scheduler::WorkloadKind::Replicated,
             pm::WorkloadKind::EveryNode => scheduler::WorkloadKind::EveryNode,
+            pm::WorkloadKind::Job => scheduler::WorkloadKind::Job(job_spec(m)),
         },
         os: s.os.clone(),
         arch: s.arch.clone(),
@@ -798,16 +836,61 @@ fn next_failover(
         .min()
 }
 
-/// One pass: snapshot the store, run the scheduler, write its decisions, wake the nodes whose
-/// assignment sets changed. Idempotent. Returns when the next failover deadline falls, if any.
+/// One pass: record finished Job attempts, snapshot the store, run the scheduler, write its
+/// decisions, wake the nodes whose assignment sets changed. Idempotent. Returns when the next
+/// failover deadline or Job retry falls, if any.
 async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     let workloads = shared.store.workloads().await?;
     let nodes = shared.store.nodes().await?;
-    let replicas = shared.store.replicas().await?;
+    let mut replicas = shared.store.replicas().await?;
     let now = now_ms();
+    let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
+
+    // Job attempts that ended on their node are recorded (and leave the node) first.
+    let jobs: BTreeSet<&str> = workloads
+        .iter()
+        .filter(|w| w.manifest.spec.kind == proto::manifest::WorkloadKind::Job)
+        .map(|w| w.manifest.metadata.name.as_str())
+        .collect();
+    let attempts: Vec<crate::store::JobAttempt> = replicas
+        .iter()
+        .filter(|r| jobs.contains(r.workload.as_str()) && r.status.template_hash == r.template_hash)
+        .filter_map(|r| {
+            let succeeded = match r.status.phase {
+                proto::messages::Phase::Succeeded => true,
+                proto::messages::Phase::Failed => false,
+                _ => return None,
+            };
+            Some(crate::store::JobAttempt {
+                replica: r.name.clone(),
+                workload: r.workload.clone(),
+                index: r.index,
+                node: r.node.clone()?,
+                succeeded,
+            })
+        })
+        .collect();
+    if !attempts.is_empty() {
+        for a in &attempts {
+            info!(job = %a.workload, index = a.index, node = %a.node, succeeded = a.succeeded, "job attempt finished");
+        }
+        let changed = shared.store.record_job_attempts(fence, &attempts, now).await?;
+        shared.wake_nodes(&changed);
+        replicas.retain(|r| !attempts.iter().any(|a| a.replica == r.name));
+    }
+    let recorded = if jobs.is_empty() { Vec::new() } else { shared.store.job_indexes().await? };
 
     let sched_nodes: Vec<SchedNode> = nodes.iter().map(|n| sched_node(shared, n)).collect();
-    let sched_workloads: Vec<SchedWorkload> = workloads.iter().map(|w| sched_workload(&w.manifest)).collect();
+    let sched_workloads: Vec<SchedWorkload> = workloads
+        .iter()
+        .map(|w| {
+            let mut sw = sched_workload(&w.manifest);
+            if matches!(sw.kind, scheduler::WorkloadKind::Job(_)) {
+                sw.job_progress = job_progress(&sw.name, &recorded, &replicas);
+            }
+            sw
+        })
+        .collect();
     let current: Vec<Placement> = replicas
         .iter()
         .map(|r| Placement {
@@ -839,7 +922,6 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
         workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
     let hold = rollout_holds(shared, &workloads, &templates, &replicas);
     // Fenced: if another hub took the lease since this pass started, nothing is written.
-    let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
     let changed = shared
         .store
         .write_placements_fenced(fence, &decisions.placements, &templates, &hold, &decisions.unschedulable)
@@ -860,7 +942,14 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
         .into_iter()
         .filter(|r| decisions.placements.iter().any(|p| p.replica == r.name && p.node == r.node))
         .collect();
-    Ok(next_failover(&sched_nodes, &sched_workloads, &after_write, now))
+    let failover = next_failover(&sched_nodes, &sched_workloads, &after_write, now);
+    let job_retry = decisions
+        .jobs
+        .values()
+        .filter_map(|j| j.retry_at_ms)
+        .map(|at| Duration::from_millis(at.saturating_sub(now)))
+        .min();
+    Ok(failover.into_iter().chain(job_retry).min())
 }
 
 #[cfg(test)]

@@ -68,6 +68,9 @@ pub struct WorkloadSpec {
     /// `Replicated` (the default) or `EveryNode` (one replica on each matching node).
     #[serde(default, skip_serializing_if = "WorkloadKind::is_default")]
     pub kind: WorkloadKind,
+    /// `kind: Job` only: completions, parallelism and retry limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
     /// Containers: the program to run instead of the image's `ENTRYPOINT`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -338,6 +341,35 @@ impl ResourceRequests {
     }
 }
 
+/// A run-to-completion workload (Kubernetes Indexed Job semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JobSpec {
+    /// Indexes that must each succeed once (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completions: Option<u32>,
+    /// Indexes running at once (default 1; 0 suspends the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    /// The job fails once its failed attempts exceed this (default 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<u32>,
+}
+
+impl JobSpec {
+    pub fn completions(&self) -> u32 {
+        self.completions.unwrap_or(1)
+    }
+
+    pub fn parallelism(&self) -> u32 {
+        self.parallelism.unwrap_or(1)
+    }
+
+    pub fn backoff_limit(&self) -> u32 {
+        self.backoff_limit.unwrap_or(6)
+    }
+}
+
 /// How replicas of a workload are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum WorkloadKind {
@@ -346,6 +378,9 @@ pub enum WorkloadKind {
     Replicated,
     /// One replica on each matching node, named `<workload>-<node>`, never moved.
     EveryNode,
+    /// Runs to completion: indexes `0..completions` must each exit 0 once (see `spec.job`).
+    /// Its replicas never restart on their node; a failed index is retried by the hub.
+    Job,
 }
 
 impl WorkloadKind {
@@ -590,7 +625,7 @@ impl WorkloadSpec {
     pub fn replicas(&self) -> u32 {
         match self.kind {
             WorkloadKind::Replicated => self.replicas.unwrap_or(1),
-            WorkloadKind::EveryNode => 0,
+            WorkloadKind::EveryNode | WorkloadKind::Job => 0,
         }
     }
 }
@@ -755,7 +790,8 @@ impl Manifest {
             image: s.image.clone(),
             args: s.args.clone(),
             env: s.env.clone(),
-            restart_policy: s.restart_policy,
+            // A Job's attempts end on their node; the hub schedules retries.
+            restart_policy: if s.kind == WorkloadKind::Job { RestartPolicy::Never } else { s.restart_policy },
             memory_bytes: s.resources.memory.as_deref().and_then(|m| parse_quantity(m).ok()),
             cpu_time_ms: s.resources.cpu_time.as_deref().and_then(|t| parse_duration_ms(t).ok()),
             fuel: s.resources.fuel,
@@ -794,6 +830,25 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
                 ),
             );
         }
+    }
+    match (spec.kind, &spec.job) {
+        (WorkloadKind::Job, job) => {
+            if spec.replicas.is_some() {
+                return err(
+                    "spec.replicas".into(),
+                    "must be absent with kind Job (set spec.job.completions and parallelism)".into(),
+                );
+            }
+            let job = job.unwrap_or_default();
+            if job.completions() == 0 || job.completions() > MAX_REPLICAS {
+                return err("spec.job.completions".into(), format!("must be between 1 and {MAX_REPLICAS}"));
+            }
+            if job.parallelism() > MAX_REPLICAS {
+                return err("spec.job.parallelism".into(), format!("must be at most {MAX_REPLICAS}"));
+            }
+        }
+        (_, Some(_)) => return err("spec.job".into(), "applies to kind Job only".into()),
+        (_, None) => {}
     }
     for (i, r) in spec.node_affinity.iter().enumerate() {
         let path = |f: &str| format!("spec.nodeAffinity[{i}].{f}");
@@ -1450,6 +1505,27 @@ spec:
         // Without a kind, a manifest is Replicated with one replica, as before.
         let plain = parse_manifests(&GOOD.replace("  replicas: 2\n", "")).unwrap().remove(0);
         assert_eq!((plain.spec.kind, plain.spec.replicas()), (WorkloadKind::Replicated, 1));
+    }
+
+    #[test]
+    fn jobs_parse_with_defaults_and_never_restart_on_their_node() {
+        let job = GOOD.replace("  replicas: 2\n", "  kind: Job\n  job: {completions: 3, parallelism: 2}\n");
+        let m = parse_manifests(&job).unwrap().remove(0);
+        let j = m.spec.job.unwrap();
+        assert_eq!((j.completions(), j.parallelism(), j.backoff_limit()), (3, 2, 6));
+        assert_eq!(m.spec.replicas(), 0);
+        assert_eq!(m.template().restart_policy, RestartPolicy::Never);
+        let bare = parse_manifests(&GOOD.replace("  replicas: 2\n", "  kind: Job\n")).unwrap().remove(0);
+        assert_eq!(bare.spec.job.unwrap_or_default().completions(), 1);
+        for (text, path) in [
+            (job.replace("completions: 3", "completions: 0"), "spec.job.completions"),
+            (job.replace("parallelism: 2", "parallel: 2"), "spec.job.parallel"),
+            (format!("{job}  replicas: 2\n"), "spec.replicas"),
+            (GOOD.replace("  replicas: 2\n", "  job: {completions: 3}\n"), "spec.job"),
+        ] {
+            let e = parse_manifests(&text).unwrap_err();
+            assert_eq!(e.path, path, "{e}");
+        }
     }
 
     #[test]

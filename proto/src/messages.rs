@@ -419,10 +419,28 @@ pub struct WorkloadView {
     /// Increases each time the manifest changes.
     pub revision: u64,
     pub ready_replicas: u32,
-    /// Replicas wanted: `spec.replicas`, or for EveryNode the nodes it runs on.
+    /// Replicas wanted: `spec.replicas`, for EveryNode the nodes it runs on, for a Job the
+    /// attempts that should run now.
     #[serde(default)]
     pub desired_replicas: u32,
+    /// Kind Job only: its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobView>,
     pub created_at_ms: u64,
+}
+
+/// How far a Job got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// `Running`, `Complete` or `Failed`.
+    pub phase: String,
+    pub succeeded: u32,
+    pub completions: u32,
+    /// Failed attempts over all indexes.
+    pub failed: u32,
+    /// Indexes with an attempt on a node now.
+    pub active: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

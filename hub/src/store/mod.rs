@@ -119,6 +119,26 @@ pub struct ReplicaRow {
     pub unschedulable: String,
 }
 
+/// What the indexes of a Job did so far (see [`Store::record_job_attempts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobIndexRow {
+    pub workload: String,
+    pub index: u32,
+    pub succeeded: bool,
+    pub failures: u32,
+    pub last_failure_ms: Option<u64>,
+}
+
+/// A Job replica whose attempt ended on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobAttempt {
+    pub replica: String,
+    pub workload: String,
+    pub index: u32,
+    pub node: String,
+    pub succeeded: bool,
+}
+
 /// What `apply_workloads` did to one manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -591,6 +611,77 @@ impl Store {
         Ok(changed_nodes)
     }
 
+    /// Every Job index outcome recorded so far.
+    pub async fn job_indexes(&self) -> Result<Vec<JobIndexRow>> {
+        let rows = self
+            .pool
+            .fetch(
+                "SELECT workload, idx, succeeded, failures, last_failure_ms FROM job_indexes ORDER BY workload, idx",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let last = r.u64(4)?;
+                Ok(JobIndexRow {
+                    workload: r.text(0)?,
+                    index: u32::try_from(r.i64(1)?).unwrap_or(u32::MAX),
+                    succeeded: r.i64(2)? != 0,
+                    failures: u32::try_from(r.i64(3)?).unwrap_or(u32::MAX),
+                    last_failure_ms: (last > 0).then_some(last),
+                })
+            })
+            .collect()
+    }
+
+    /// Records finished Job attempts as a leader: each attempt's replica row is removed (its
+    /// node gets a new generation, so the agent forgets it) and its index's outcome updated,
+    /// in one transaction. An attempt whose row is no longer on that node was recorded
+    /// before, so replays count nothing twice. Returns the nodes whose sets changed.
+    pub async fn record_job_attempts(
+        &self,
+        fence: Fence<'_>,
+        attempts: &[JobAttempt],
+        now_ms: u64,
+    ) -> Result<BTreeSet<String>> {
+        let mut tx = self.pool.write_tx().await?;
+        let held = tx
+            .fetch_optional(
+                "SELECT holder FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > {now_ms}",
+                &[fence.lease.into(), fence.holder.into()],
+            )
+            .await?;
+        if held.is_none() {
+            return Err(StoreError::NotLeader { lease: fence.lease.to_string(), holder: fence.holder.to_string() });
+        }
+        let mut nodes = BTreeSet::new();
+        for a in attempts {
+            let removed = tx
+                .exec("DELETE FROM replicas WHERE name = ? AND node = ?", &[(&a.replica).into(), (&a.node).into()])
+                .await?;
+            if removed == 0 {
+                continue;
+            }
+            nodes.insert(a.node.clone());
+            let (succeeded, failures, failed_at) = if a.succeeded { (1i64, 0i64, 0u64) } else { (0, 1, now_ms) };
+            tx.exec(
+                "INSERT INTO job_indexes (workload, idx, succeeded, failures, last_failure_ms) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (workload, idx) DO UPDATE SET \
+                   succeeded = CASE WHEN excluded.succeeded = 1 THEN 1 ELSE job_indexes.succeeded END, \
+                   failures = job_indexes.failures + excluded.failures, \
+                   last_failure_ms = CASE WHEN excluded.failures > 0 THEN excluded.last_failure_ms \
+                                     ELSE job_indexes.last_failure_ms END",
+                &[(&a.workload).into(), i64::from(a.index).into(), succeeded.into(), failures.into(), failed_at.into()],
+            )
+            .await?;
+        }
+        for node in &nodes {
+            bump_generation(&mut tx, node).await?;
+        }
+        tx.commit().await?;
+        Ok(nodes)
+    }
+
     /// Records statuses a node reported. Only replicas assigned to that node are updated: a
     /// node cannot write another node's replicas. Returns how many rows changed.
     pub async fn record_statuses(&self, node: &str, statuses: &BTreeMap<String, ReplicaStatus>) -> Result<u64> {
@@ -724,6 +815,65 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
+
+    #[tokio::test]
+    async fn node_scheduling_and_job_attempts_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
+        store.upsert_node("n", &NodeFacts::default(), 1).await.unwrap();
+        assert!(store.set_node_scheduling("n", false, true).await.unwrap());
+        let n = &store.nodes().await.unwrap()[0];
+        assert!(n.cordoned && n.draining, "a drain cordons");
+        assert!(store.set_node_scheduling("n", false, false).await.unwrap());
+        let n = &store.nodes().await.unwrap()[0];
+        assert!(!n.cordoned && !n.draining);
+        assert!(!store.set_node_scheduling("missing", true, false).await.unwrap());
+
+        let m = proto::manifest::parse_manifests(JOB).unwrap();
+        store.apply_workloads(&m, 1).await.unwrap();
+        let templates = BTreeMap::from([("j".to_string(), m[0].template())]);
+        let placements: Vec<Placement> = (0..2)
+            .map(|i| Placement { replica: format!("j-{i}"), workload: "j".into(), index: i, node: Some("n".into()) })
+            .collect();
+        store.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+        assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
+        let fence = Fence { lease: "controller", holder: "me" };
+        let attempt = |i: u32, succeeded| JobAttempt {
+            replica: format!("j-{i}"),
+            workload: "j".into(),
+            index: i,
+            node: "n".into(),
+            succeeded,
+        };
+        let generation = store.nodes().await.unwrap()[0].generation;
+        let changed = store.record_job_attempts(fence, &[attempt(0, true), attempt(1, false)], 50).await.unwrap();
+        assert_eq!(changed, BTreeSet::from(["n".to_string()]));
+        assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1);
+        assert!(store.replicas().await.unwrap().is_empty(), "finished attempts leave the node's set");
+        // A replay of the same attempts records nothing.
+        assert!(store.record_job_attempts(fence, &[attempt(1, false)], 60).await.unwrap().is_empty());
+        let rows = store.job_indexes().await.unwrap();
+        assert_eq!(
+            rows,
+            [
+                JobIndexRow { workload: "j".into(), index: 0, succeeded: true, failures: 0, last_failure_ms: None },
+                JobIndexRow {
+                    workload: "j".into(),
+                    index: 1,
+                    succeeded: false,
+                    failures: 1,
+                    last_failure_ms: Some(50)
+                },
+            ]
+        );
+        let other = Fence { lease: "controller", holder: "someone-else" };
+        assert!(matches!(store.record_job_attempts(other, &[], 70).await, Err(StoreError::NotLeader { .. })));
+        // Deleting the job forgets its progress.
+        store.delete_workloads(&["j".into()]).await.unwrap();
+        assert!(store.job_indexes().await.unwrap().is_empty());
+    }
 
     #[test]
     fn datastore_flag_parses_and_urls_are_redacted() {
