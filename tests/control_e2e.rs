@@ -87,7 +87,7 @@ fn time_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duratio
 }
 
 #[test]
-fn every_node_workload_follows_its_selector_onto_nodes_that_join_later() {
+fn every_node_workload_follows_its_selector_and_tolerations_onto_nodes_that_join_later() {
     let Some(reg) = TestRegistry::start() else { return };
     push_tick(&reg);
     let image = reg.reference("tick:v1");
@@ -109,24 +109,54 @@ fn every_node_workload_follows_its_selector_onto_nodes_that_join_later() {
     let table = c.ok(&["get", "workloads"]);
     assert!(table.lines().any(|l| l.starts_with("tick") && l.contains("2/2")), "{table}");
 
-    // A matching node that joins later gets its replica within seconds; a non-matching one never.
+    // A matching node that joins later gets its replica within seconds; a non-matching one
+    // never, nor a matching one with a taint the workload does not tolerate.
     c.add_agent("edge-3", &["--label", "role=edge"]);
     c.add_agent("core-2", &["--label", "role=core"]);
+    c.add_agent("edge-t", &["--label", "role=edge", "--taint", "dedicated=lab:NoSchedule"]);
     let joined = Instant::now();
-    c.wait_for("5 nodes Ready", WAIT, || nodes_ready(&c, 5));
+    c.wait_for("6 nodes Ready", WAIT, || nodes_ready(&c, 6));
     let ready_after = joined.elapsed();
     let took = time_until(WAIT, || running_on(&c, "tick-edge-3", "edge-3"))
         .unwrap_or_else(|| panic!("edge-3 never ran tick: {:?}", placements(&c, "tick")));
     eprintln!("edge-3 Ready {ready_after:?} after its agent started; its replica Running {took:?} later");
     assert!(took < Duration::from_secs(15), "edge-3's replica took {took:?}");
-    // Let a few reconcile passes go by: still nothing on the core nodes.
+    // Let a few reconcile passes go by: still nothing on the core nodes or the tainted one.
     std::thread::sleep(Duration::from_secs(6));
     let now = placements(&c, "tick");
-    assert_eq!(now.len(), 3, "{now:?}");
-    assert!(now.values().all(|n| n.as_deref().is_some_and(|n| n.starts_with("edge-"))), "{now:?}");
-    for core in ["core-1", "core-2"] {
-        assert_eq!(tick_lines(&c, core, &format!("tick-{core}")), 0, "{core} ran tick");
+    let want: Vec<&str> = vec!["tick-edge-1", "tick-edge-2", "tick-edge-3"];
+    assert_eq!(now.keys().map(String::as_str).collect::<Vec<_>>(), want, "{now:?}");
+    for (node, replica) in [("core-1", "tick-core-1"), ("core-2", "tick-core-2"), ("edge-t", "tick-edge-t")] {
+        assert_eq!(tick_lines(&c, node, replica), 0, "{node} ran tick");
     }
+    let described = c.ok(&["describe", "node", "edge-t"]);
+    assert!(described.contains("Taint:        dedicated=lab:NoSchedule"), "{described}");
+
+    // Tolerating the taint places a replica there, and restarts none of the others: placement
+    // fields are not part of the replica template.
+    let before: BTreeMap<String, (String, u32)> = c
+        .replicas()
+        .into_iter()
+        .filter(|r| r.workload == "tick")
+        .map(|r| (r.name, (r.template_hash, r.status.restarts)))
+        .collect();
+    let lines_before = tick_lines(&c, "edge-1", "tick-edge-1");
+    apply(
+        &c,
+        &tick(
+            "tick",
+            &image,
+            "  kind: EveryNode\n  nodeSelector: {role: edge}\n  tolerations: [{key: dedicated, operator: Exists}]\n",
+        ),
+    );
+    c.wait_for("tick on the tainted node", WAIT, || running_on(&c, "tick-edge-t", "edge-t"));
+    for r in c.replicas().into_iter().filter(|r| before.contains_key(&r.name)) {
+        assert_eq!(before[&r.name], (r.template_hash.clone(), r.status.restarts), "{} changed", r.name);
+        assert!(running(&r), "{} stopped", r.name);
+    }
+    let log = std::fs::read_to_string(c.agent_dir("edge-1").join("logs/tick-edge-1.log")).unwrap_or_default();
+    assert!(tick_lines(&c, "edge-1", "tick-edge-1") > lines_before, "tick-edge-1 stopped writing");
+    assert!(!log.lines().skip(lines_before).any(|l| l.contains("tick #1 ")), "tick-edge-1 started over:\n{log}");
 }
 
 /// Two agents, each in its own network namespace; the registry is forwarded on the second

@@ -876,7 +876,8 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
         }
         let changed = shared.store.record_job_attempts(fence, &attempts, now).await?;
         shared.wake_nodes(&changed);
-        replicas.retain(|r| !attempts.iter().any(|a| a.replica == r.name));
+        let done: BTreeSet<&str> = attempts.iter().map(|a| a.replica.as_str()).collect();
+        replicas.retain(|r| !done.contains(r.name.as_str()));
     }
     let recorded = if jobs.is_empty() { Vec::new() } else { shared.store.job_indexes().await? };
 
@@ -930,17 +931,19 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
         debug!(nodes = ?changed, "assignment sets changed");
         shared.wake_nodes(&changed);
     }
-    let moved: Vec<&Placement> = decisions
-        .placements
-        .iter()
-        .filter(|p| replicas.iter().any(|r| r.name == p.replica && r.node.is_some() && r.node != p.node))
-        .collect();
-    for p in moved {
-        info!(replica = %p.replica, to = ?p.node, "replica moved");
+    let decided: HashMap<&str, Option<&str>> =
+        decisions.placements.iter().map(|p| (p.replica.as_str(), p.node.as_deref())).collect();
+    for r in &replicas {
+        if let (Some(from), Some(to)) = (r.node.as_deref(), decided.get(r.name.as_str()))
+            && Some(from) != *to
+        {
+            info!(replica = %r.name, from, to = ?to, "replica moved");
+        }
     }
+    // Replicas still on the node they were on: those a failover deadline may apply to.
     let after_write: Vec<crate::store::ReplicaRow> = replicas
         .into_iter()
-        .filter(|r| decisions.placements.iter().any(|p| p.replica == r.name && p.node == r.node))
+        .filter(|r| decided.get(r.name.as_str()).is_some_and(|n| *n == r.node.as_deref()))
         .collect();
     let failover = next_failover(&sched_nodes, &sched_workloads, &after_write, now);
     let job_retry = decisions
