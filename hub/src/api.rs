@@ -294,8 +294,8 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
                     j.phase, j.succeeded, j.completions, j.failed, j.active
                 );
             }
-            if !spec.failover.is_never() {
-                let _ = writeln!(s, "Failover:       after {}ms", spec.failover.after_ms().unwrap_or(0));
+            if let proto::manifest::Failover::After(d) = &spec.failover {
+                let _ = writeln!(s, "Failover:       after {d}");
             }
             let _ = writeln!(s, "Revision:       {}", w.revision);
             let _ = writeln!(s, "Restart policy: {:?}", spec.restart_policy);
@@ -307,6 +307,17 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             }
             for (k, v) in &spec.node_selector {
                 let _ = writeln!(s, "Node selector:  {k}={v}");
+            }
+            for r in &spec.node_affinity {
+                let _ = writeln!(s, "Node affinity:  {} {:?} {}", r.key, r.operator, r.values.join(","));
+            }
+            for t in &spec.tolerations {
+                let key = if t.key.is_empty() { "*" } else { t.key.as_str() };
+                let effect = t.effect.map_or("any effect".to_string(), |e| e.to_string());
+                let _ = writeln!(s, "Toleration:     {key} {:?} {} ({effect})", t.operator, t.value);
+            }
+            if let Some(key) = &spec.spread_by {
+                let _ = writeln!(s, "Spread by:      {key}");
             }
             let _ = writeln!(s, "Replicas:");
             for r in replica_views(shared).await?.into_iter().filter(|r| r.workload == name) {

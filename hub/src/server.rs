@@ -10,6 +10,10 @@
 //! fresh. Polling, not LISTEN/NOTIFY: it needs no dedicated connection, survives store
 //! reconnects without re-subscribing, and costs one small query per half second.
 //!
+//! The controller runs [`reconcile`] on every trigger (an apply, a status, a session that
+//! starts or ends), at least every `RESYNC_PERIOD`, and at the next failover deadline or Job
+//! retry the scheduler's snapshot implies, so failover needs no outside event.
+//!
 //! Who may do what is decided here, per ALPN: the join ALPN needs the token's secret, the agent
 //! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
 //! fails is refused with a reason and logged; every other connection keeps being served.

@@ -19,6 +19,8 @@
 //! - A workload's `revision` grows by one per stored change. Stored manifests never carry
 //!   `metadata.resourceVersion`; an apply that carries one is refused with
 //!   [`StoreError::Conflict`] unless it equals the stored revision (optimistic concurrency).
+//! - A finished Job attempt's replica row is deleted in the transaction that records its
+//!   outcome in `job_indexes`, so each attempt counts once however often a pass is replayed.
 //! - Placements written "as leader" commit only while the writer still holds the lease
 //!   (checked under the write lock, by the database clock): a deposed leader cannot overwrite
 //!   its successor's decisions.
