@@ -353,6 +353,10 @@ async fn stream_log(
     Ok(())
 }
 
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::tail_offset;
@@ -386,8 +390,4 @@ mod tests {
         assert_eq!(tail(&text, 3), "line 19997\nline 19998\nline 19999\n");
         assert_eq!(tail(&text, 20_000).len(), text.len());
     }
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

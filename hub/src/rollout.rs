@@ -50,9 +50,8 @@ pub fn plan(current: &str, replicas: &[RolloutReplica], max_unavailable: u32) ->
     let mut budget = max_unavailable.max(1).saturating_sub(unavailable);
     let mut plan = Plan::default();
     for r in sorted {
-        let release = if r.template_hash == current {
-            true
-        } else if !r.available {
+        // Already updated, or not serving anyway: releasing it costs no availability.
+        let release = if r.template_hash == current || !r.available {
             true
         } else if budget > 0 {
             budget -= 1;
