@@ -9,8 +9,11 @@
 //!    wasmtime and the status report back to the hub.
 //! 2. the agent's resident memory when idle with no workloads, and the hub's.
 //!
-//! Options (environment): BENCH_RUNS (default 200), BENCH_REPLICAS (default 3), BENCH_KEEP=1
-//! to keep the cluster's data dir and logs (printed at the end) for a post-mortem.
+//! Options (environment): BENCH_RUNS (default 200), BENCH_REPLICAS (default 3), BENCH_AGENTS
+//! (default 1: agents on this machine, the replicas spread over them), BENCH_KEEP=1 to keep
+//! the cluster's data dir and logs (printed at the end) for a post-mortem. The control-plane
+//! figure "apply of a 1,000-replica workload across the local agents to all Running" is
+//! `BENCH_AGENTS=4 BENCH_REPLICAS=1000 BENCH_RUNS=5 cargo bench --bench cluster`.
 
 #[path = "../tests/support/api.rs"]
 mod api;
@@ -51,6 +54,9 @@ fn main() {
     }
     let runs = env_usize("BENCH_RUNS", 200);
     let replicas = env_usize("BENCH_REPLICAS", 3);
+    let agents = env_usize("BENCH_AGENTS", 1).max(1);
+    // Listing 1,000 replicas every millisecond would load the hub more than the work measured.
+    let poll = if replicas > 100 { Duration::from_millis(10) } else { Duration::from_millis(1) };
     let reg = registry::TestRegistry::start().expect("docker-registry is needed for this benchmark");
     let image = reg.reference("hello:v1");
     let status = std::process::Command::new(cluster::bin())
@@ -62,7 +68,10 @@ fn main() {
     assert!(status.success());
 
     let mut c = cluster::Cluster::start();
-    c.add_agent("bench-1", &[]);
+    for i in 1..=agents {
+        c.add_agent(&format!("bench-{i}"), &[]);
+    }
+    c.wait_for("agents Ready", Duration::from_secs(60), || c.nodes().iter().filter(|n| n.ready).count() == agents);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let api = Api::connect(&c.config_path()).await;
@@ -72,14 +81,15 @@ fn main() {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !api.running(&name, n).await {
                     assert!(Instant::now() < deadline, "{name} never reached Running");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(poll).await;
                 }
             }
         };
-        // Warm-up: the first run pulls the blob and compiles the module.
+        // Warm-up: the first run on each agent pulls the blob and compiles the module (one
+        // replica per agent: the scheduler spreads them).
         let cold = Instant::now();
-        api.call(&ApiRequest::Apply { source: manifest("warmup", &image, 1) }).await;
-        wait_running("warmup".into(), 1).await;
+        api.call(&ApiRequest::Apply { source: manifest("warmup", &image, agents) }).await;
+        wait_running("warmup".into(), agents).await;
         let cold = cold.elapsed();
         api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name: "warmup".into() }).await;
 
@@ -99,7 +109,7 @@ fn main() {
         }
         samples.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        println!("apply -> {replicas} replicas Running (cached module), {runs} runs:");
+        println!("apply -> {replicas} replicas Running on {agents} agent(s) (cached module), {runs} runs:");
         println!(
             "  p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   min {:.1} ms   max {:.1} ms",
             ms(percentile(&samples, 0.5)),
