@@ -158,12 +158,42 @@ enum Command {
         #[arg(long, default_value = "5m")]
         timeout: String,
     },
+    /// Rolling updates: status (waits until complete), history, undo.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
+    /// Set a Replicated workload's replica count.
+    Scale {
+        workload: String,
+        #[arg(long)]
+        replicas: u32,
+    },
     /// Delete workloads by name or as declared in a file.
     Delete {
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
         kind: Option<String>,
         name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Wait until the workload's current template is rolled out (updated and ready).
+    Status {
+        workload: String,
+        /// Give up after this long, e.g. 90s or 5m.
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+    },
+    /// The templates the workload has had, and why each was made.
+    History { workload: String },
+    /// Go back to the previous template, or to the given revision's.
+    Undo {
+        workload: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
     },
 }
 
@@ -386,6 +416,63 @@ async fn run(cli: Cli) -> Result<()> {
             client.drain(&node, std::time::Duration::from_millis(timeout)).await?;
             println!("node/{node} drained");
             Ok(())
+        }
+        Command::Rollout { action } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match action {
+                RolloutAction::Status { workload, timeout } => {
+                    let timeout =
+                        proto::manifest::parse_duration_ms(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout);
+                    let mut last = String::new();
+                    loop {
+                        match client.request(&ApiRequest::RolloutStatus { name: workload.clone() }).await? {
+                            ApiResponse::Rollout { complete, text } => {
+                                if text != last {
+                                    println!("{text}");
+                                    last = text;
+                                }
+                                if complete {
+                                    return Ok(());
+                                }
+                            }
+                            other => return unexpected(other),
+                        }
+                        if std::time::Instant::now() >= deadline {
+                            bail!("workload/{workload}: rollout not complete after {timeout} ms");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+                RolloutAction::History { workload } => {
+                    match client.request(&ApiRequest::RolloutHistory { name: workload }).await? {
+                        ApiResponse::Described { text } => {
+                            print!("{text}");
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+                RolloutAction::Undo { workload, to_revision } => {
+                    match client.request(&ApiRequest::RolloutUndo { name: workload.clone(), to_revision }).await? {
+                        ApiResponse::Applied { .. } => {
+                            println!("workload/{workload} rolled back");
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+            }
+        }
+        Command::Scale { workload, replicas } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::Scale { name: workload.clone(), replicas }).await? {
+                ApiResponse::Applied { .. } => {
+                    println!("workload/{workload} scaled to {replicas}");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
         }
         Command::Delete { file, kind, name } => {
             let request = match (file, kind, name) {

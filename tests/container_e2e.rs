@@ -516,3 +516,75 @@ fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() 
     let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "web").unwrap();
     assert_eq!(w.ready_replicas, 3);
 }
+
+#[test]
+fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_work() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
+    let image = push_busybox(&reg, c.dir.path(), "busybox:rollback", &["sh", "-c", script]);
+    c.add_agent("n1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let revision = |page: &str, v: u32| {
+        workload(
+            "web",
+            &image,
+            &format!(
+                "  replicas: 2\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1, progressDeadline: 4s}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms}}\n"
+            ),
+        )
+    };
+    let hashes = |c: &Cluster| -> Vec<String> {
+        let mut rs = c.replicas();
+        rs.sort_by(|a, b| a.name.cmp(&b.name));
+        rs.into_iter().map(|r| r.template_hash).collect()
+    };
+    let ready =
+        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
+
+    apply(&c, &revision("index.html", 1));
+    // `rollout status` waits for the rollout and says it completed.
+    let status = c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    assert!(status.contains("complete: 2/2 updated and available"), "{status}");
+    let v1 = hashes(&c)[0].clone();
+
+    // Revision 2 never gets ready: after its 4 s deadline the hub rolls it back by itself.
+    apply(&c, &revision("other.html", 2));
+    c.wait_for("revision 2 reaches web-0", WAIT, || hashes(&c)[0] != v1);
+    let v2 = hashes(&c)[0].clone();
+    c.wait_for("rolled back to revision 1's template, both ready", WAIT, || {
+        hashes(&c) == [v1.clone(), v1.clone()] && ready(&c) == 2
+    });
+    let history = c.ok(&["rollout", "history", "web"]);
+    let lines: Vec<&str> = history.lines().skip(2).collect();
+    assert_eq!(lines.len(), 3, "{history}");
+    assert!(lines[0].starts_with('1') && lines[0].contains(&v1) && lines[0].contains('*'), "{history}");
+    assert!(lines[1].contains(&v2) && !lines[1].contains('*'), "{history}");
+    assert!(
+        lines[2].contains(&v1) && lines[2].contains("rollback: template") && lines[2].contains("no progress"),
+        "{history}"
+    );
+    // The rollback kept what is not the template: still 2 replicas with the same strategy.
+    let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "web").unwrap();
+    assert_eq!(w.manifest.spec.replicas, Some(2));
+    assert_eq!(w.manifest.spec.env.get("V").map(String::as_str), Some("1"));
+
+    // Scale up, a new good revision, then undo to revision 1 by number.
+    c.ok(&["scale", "web", "--replicas", "3"]);
+    c.wait_for("3 ready", WAIT, || ready(&c) == 3);
+    apply(&c, &revision("index.html", 3).replace("replicas: 2", "replicas: 3"));
+    c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    let v3 = hashes(&c)[0].clone();
+    assert!(v3 != v1 && hashes(&c).iter().all(|h| *h == v3));
+    c.ok(&["rollout", "undo", "web", "--to-revision", "1"]);
+    c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    assert_eq!(hashes(&c), [v1.clone(), v1.clone(), v1.clone()]);
+    let undo = c.cli(&["rollout", "undo", "web", "--to-revision", "42"]);
+    assert!(!undo.status.success() && String::from_utf8_lossy(&undo.stderr).contains("no revision 42"));
+    let scale = c.cli(&["scale", "nope", "--replicas", "2"]);
+    assert!(!scale.status.success() && String::from_utf8_lossy(&scale.stderr).contains("not found"));
+}

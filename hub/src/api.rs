@@ -68,11 +68,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
                     .iter()
                     .zip(outcomes)
                     .map(|(m, o)| {
-                        let outcome = match o {
-                            Applied::Created => ApplyOutcome::Created,
-                            Applied::Configured => ApplyOutcome::Configured,
-                            Applied::Unchanged => ApplyOutcome::Unchanged,
-                        };
+                        let outcome = outcome(o);
                         info!(workload = %m.metadata.name, ?outcome, "applied");
                         ApplyResult { kind: m.kind.to_string(), name: m.metadata.name.clone(), outcome }
                     })
@@ -80,6 +76,51 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
                 ApiResponse::Applied { results }
             }
         },
+        ApiRequest::RolloutStatus { name } => {
+            let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+                return Ok(ApiResponse::Error { message: format!("workload {name:?} not found") });
+            };
+            let rows = shared.store.replicas().await?;
+            let mine: Vec<&ReplicaRow> = rows.iter().filter(|r| r.workload == name).collect();
+            let (complete, text) = crate::revisions::status(&w, &mine, |r| is_available(shared, r));
+            ApiResponse::Rollout { complete, text }
+        }
+        ApiRequest::RolloutHistory { name } => {
+            let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+                return Ok(ApiResponse::Error { message: format!("workload {name:?} not found") });
+            };
+            let revisions = shared.store.revisions(&name).await?;
+            ApiResponse::Described {
+                text: crate::revisions::history_text(&name, &revisions, &w.manifest.template().hash()),
+            }
+        }
+        ApiRequest::RolloutUndo { name, to_revision } => {
+            let cause = match to_revision {
+                Some(n) => format!("undo to revision {n}"),
+                None => "undo".to_string(),
+            };
+            match crate::revisions::rollback(&shared.store, &name, to_revision, &cause, now_ms()).await? {
+                Err(message) => ApiResponse::Error { message },
+                Ok((target, applied)) => {
+                    info!(workload = %name, target, "rolled back on request");
+                    shared.trigger_reconcile();
+                    ApiResponse::Applied {
+                        results: vec![ApplyResult { kind: "Workload".into(), name, outcome: outcome(applied) }],
+                    }
+                }
+            }
+        }
+        ApiRequest::Scale { name, replicas } => {
+            match crate::revisions::scale(&shared.store, &name, replicas, now_ms()).await? {
+                Err(message) => ApiResponse::Error { message },
+                Ok(applied) => {
+                    shared.trigger_reconcile();
+                    ApiResponse::Applied {
+                        results: vec![ApplyResult { kind: "Workload".into(), name, outcome: outcome(applied) }],
+                    }
+                }
+            }
+        }
         ApiRequest::Get { kind } => match kind {
             ResourceKind::Node => ApiResponse::Nodes { items: node_views(shared).await? },
             ResourceKind::Workload => ApiResponse::Workloads { items: workload_views(shared).await? },
@@ -170,6 +211,14 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
             draining: n.draining,
         })
         .collect())
+}
+
+fn outcome(a: Applied) -> ApplyOutcome {
+    match a {
+        Applied::Created => ApplyOutcome::Created,
+        Applied::Configured => ApplyOutcome::Configured,
+        Applied::Unchanged => ApplyOutcome::Unchanged,
+    }
 }
 
 /// Running its assigned template, ready, on a connected node.

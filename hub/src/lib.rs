@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bootstrap;
 pub mod leader;
+pub mod revisions;
 pub mod rollout;
 pub mod scheduler;
 pub mod server;

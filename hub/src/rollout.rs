@@ -71,6 +71,60 @@ pub fn plan(current: &str, replicas: &[RolloutReplica], max_unavailable: u32) ->
     plan
 }
 
+/// How a rollout is doing over time: when its count of updated, available replicas last
+/// grew. The controller keeps one per workload in memory (a new leader starts the clock
+/// again, which only delays a rollback).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub template_hash: String,
+    /// The most updated-and-available replicas seen for this template.
+    pub best: u32,
+    /// When `best` last grew, or the template changed.
+    pub since_ms: u64,
+    /// The rollout completed once: later failures are not the rollout's.
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Progressing,
+    Complete,
+    /// No progress within the deadline: roll back.
+    Stalled,
+}
+
+/// Advances `prev` with this pass's `plan` of a workload of `replicas` on template `current`.
+pub fn track(
+    prev: Option<&Progress>,
+    current: &str,
+    plan: &Plan,
+    replicas: u32,
+    now_ms: u64,
+    deadline_ms: u64,
+) -> (Progress, Verdict) {
+    let mut p = match prev {
+        Some(p) if p.template_hash == current => p.clone(),
+        _ => {
+            Progress { template_hash: current.to_string(), best: plan.updated_available, since_ms: now_ms, done: false }
+        }
+    };
+    if plan.updated_available > p.best {
+        p.best = plan.updated_available;
+        p.since_ms = now_ms;
+    }
+    if plan.complete(replicas) {
+        p.done = true;
+    }
+    let verdict = if p.done {
+        Verdict::Complete
+    } else if now_ms.saturating_sub(p.since_ms) > deadline_ms {
+        Verdict::Stalled
+    } else {
+        Verdict::Progressing
+    };
+    (p, verdict)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +180,33 @@ mod tests {
         let p = plan("same", &[r(0, "same", false), r(1, "same", true)], 1);
         assert!(p.held.is_empty());
         assert_eq!((p.updated, p.updated_available), (2, 1));
+    }
+
+    #[test]
+    fn a_rollout_that_stops_progressing_is_stalled_after_its_deadline_and_only_then() {
+        let plan = |updated_available, held: &[&str], updated| Plan {
+            held: held.iter().map(|h| h.to_string()).collect(),
+            updated,
+            updated_available,
+        };
+        // A new template: the clock starts.
+        let (p, v) = track(None, "new", &plan(0, &["w-1", "w-2"], 1), 3, 1_000, 5_000);
+        assert_eq!((v, p.since_ms), (Verdict::Progressing, 1_000));
+        // One replica ready at 4 s: progress, the clock restarts.
+        let (p, v) = track(Some(&p), "new", &plan(1, &["w-2"], 2), 3, 4_000, 5_000);
+        assert_eq!((v, p.since_ms, p.best), (Verdict::Progressing, 4_000, 1));
+        // Nothing more for 5 s: still within the deadline at 9 s, stalled after it.
+        let (p, v) = track(Some(&p), "new", &plan(1, &["w-2"], 2), 3, 9_000, 5_000);
+        assert_eq!(v, Verdict::Progressing);
+        let (_, v) = track(Some(&p), "new", &plan(1, &["w-2"], 2), 3, 9_001, 5_000);
+        assert_eq!(v, Verdict::Stalled);
+        // Completed once, a later outage is not the rollout's.
+        let (p, v) = track(Some(&p), "new", &plan(3, &[], 3), 3, 9_500, 5_000);
+        assert_eq!(v, Verdict::Complete);
+        let (_, v) = track(Some(&p), "new", &plan(0, &[], 3), 3, 99_000, 5_000);
+        assert_eq!(v, Verdict::Complete);
+        // Another template starts over.
+        let (p, v) = track(Some(&p), "newer", &plan(0, &["w-1", "w-2"], 1), 3, 100_000, 5_000);
+        assert_eq!((v, p.since_ms, p.done), (Verdict::Progressing, 100_000, false));
     }
 }

@@ -100,6 +100,9 @@ pub(crate) struct Shared {
     /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: map
     /// operations only.
     warned: Mutex<std::collections::HashSet<String>>,
+    /// Each workload's rollout progress, for the progress deadline. std Mutex: map
+    /// operations only. A new leader starts with none, which only delays a rollback.
+    rollouts: Mutex<HashMap<String, rollout::Progress>>,
 }
 
 impl Shared {
@@ -190,6 +193,7 @@ impl Hub {
                 reconcile: Notify::new(),
                 started_ms: now_ms(),
                 warned: Mutex::new(Default::default()),
+                rollouts: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -652,15 +656,25 @@ pub(crate) fn node_labels(name: &str, facts: &proto::messages::NodeFacts) -> BTr
 
 /// Replicas that keep their old template this pass: each workload's rolling update advances
 /// only as its updated replicas become available (see [`rollout`]).
+/// Also returns the workloads whose rollout made no progress within their
+/// `strategy.progressDeadline`: the caller rolls them back.
 fn rollout_holds(
     shared: &Shared,
     workloads: &[crate::store::WorkloadRow],
     templates: &BTreeMap<String, proto::manifest::ReplicaTemplate>,
     replicas: &[crate::store::ReplicaRow],
-) -> BTreeSet<String> {
+    now: u64,
+) -> (BTreeSet<String>, Vec<String>) {
     let mut hold = BTreeSet::new();
+    let mut stalled = Vec::new();
+    let mut progress = shared.rollouts.lock().unwrap();
+    progress.retain(|name, _| workloads.iter().any(|w| &w.manifest.metadata.name == name));
     for w in workloads {
         let name = &w.manifest.metadata.name;
+        // A Job's attempts run to their end; a template change reaches the next attempts.
+        if w.manifest.spec.kind == proto::manifest::WorkloadKind::Job {
+            continue;
+        }
         let Some(current) = templates.get(name).map(|t| t.hash()) else { continue };
         let members: Vec<rollout::RolloutReplica> = replicas
             .iter()
@@ -673,9 +687,48 @@ fn rollout_holds(
             })
             .collect();
         let max_unavailable = w.manifest.spec.strategy.max_unavailable(w.manifest.spec.replicas());
-        hold.extend(rollout::plan(&current, &members, max_unavailable).held);
+        let plan = rollout::plan(&current, &members, max_unavailable);
+        let deadline = w.manifest.spec.strategy.progress_deadline_ms();
+        let (p, verdict) = rollout::track(progress.get(name), &current, &plan, members.len() as u32, now, deadline);
+        progress.insert(name.clone(), p);
+        if verdict == rollout::Verdict::Stalled {
+            stalled.push(name.clone());
+        }
+        hold.extend(plan.held);
     }
-    hold
+    (hold, stalled)
+}
+
+/// Rolls back a workload whose rollout stopped progressing, unless its current template is
+/// itself a rollback (no ping-pong between two bad templates) or there is nothing to go back
+/// to. Either way the rollout is not looked at again until its template changes.
+async fn roll_back_stalled(shared: &Shared, name: &str, now: u64) -> Result<(), StoreError> {
+    let deadline = {
+        let mut progress = shared.rollouts.lock().unwrap();
+        let Some(p) = progress.get_mut(name) else { return Ok(()) };
+        p.done = true;
+        now.saturating_sub(p.since_ms)
+    };
+    let revisions = shared.store.revisions(name).await?;
+    let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+        return Ok(());
+    };
+    let current = w.manifest.template().hash();
+    if revisions.iter().rev().find(|r| r.template_hash == current).is_some_and(|r| r.cause.starts_with("rollback")) {
+        warn!(workload = %name, "rollout made no progress, and its template is already a rollback: left as it is");
+        return Ok(());
+    }
+    let cause = format!("rollback: template {current} made no progress in {}s", deadline / 1000);
+    match crate::revisions::rollback(&shared.store, name, None, &cause, now).await? {
+        Ok((to, _)) => {
+            warn!(workload = %name, to_revision = to, "rollout made no progress within its deadline; rolled back");
+            shared.trigger_reconcile();
+        }
+        Err(why) => {
+            warn!(workload = %name, reason = %why, "rollout made no progress within its deadline; cannot roll back")
+        }
+    }
+    Ok(())
 }
 
 /// A Job's progress: the outcomes the store recorded, and which indexes have an attempt on a
@@ -925,7 +978,7 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     }
     let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
         workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
-    let hold = rollout_holds(shared, &workloads, &templates, &replicas);
+    let (hold, stalled) = rollout_holds(shared, &workloads, &templates, &replicas, now);
     // Fenced: if another hub took the lease since this pass started, nothing is written.
     let changed = shared
         .store
@@ -934,6 +987,9 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     if !changed.is_empty() {
         debug!(nodes = ?changed, "assignment sets changed");
         shared.wake_nodes(&changed);
+    }
+    for name in &stalled {
+        roll_back_stalled(shared, name, now).await?;
     }
     let decided: HashMap<&str, Option<&str>> =
         decisions.placements.iter().map(|p| (p.replica.as_str(), p.node.as_deref())).collect();

@@ -71,7 +71,30 @@ on_both_backends!(
     first_hub_sets_cluster_secrets,
     node_sessions_are_cleared_only_by_their_hub,
     acknowledged_writes_survive_reopen,
+    template_changes_are_kept_as_revisions_with_their_cause,
 );
+
+async fn template_changes_are_kept_as_revisions_with_their_cause(b: Backing) {
+    let s = b.open().await;
+    let m = parse_manifests(M).unwrap().remove(0);
+    s.apply_workloads(std::slice::from_ref(&m), 1).await.unwrap();
+    // Scaling is not a new template.
+    let mut scaled = m.clone();
+    scaled.spec.replicas = Some(5);
+    s.apply_workloads_because(std::slice::from_ref(&scaled), 2, "scale").await.unwrap();
+    let mut changed = scaled.clone();
+    changed.spec.image = "r/hello:2".into();
+    s.apply_workloads_because(&[changed.clone()], 3, "undo to revision 1").await.unwrap();
+    let revs = s.revisions("hello").await.unwrap();
+    let got: Vec<(u64, &str, &str)> =
+        revs.iter().map(|r| (r.revision, r.template_hash.as_str(), r.cause.as_str())).collect();
+    let (h1, h2) = (m.template().hash(), changed.template().hash());
+    assert_eq!(got, [(1, h1.as_str(), "apply"), (3, h2.as_str(), "undo to revision 1")]);
+    assert_eq!(revs[1].manifest.spec.image, "r/hello:2");
+    // Deleting the workload deletes its history.
+    s.delete_workloads(&["hello".into()]).await.unwrap();
+    assert!(s.revisions("hello").await.unwrap().is_empty());
+}
 
 async fn apply_is_idempotent_and_tracks_revisions(b: Backing) {
     let s = b.open().await;

@@ -137,18 +137,33 @@ pub struct WorkloadSpec {
 
 /// A rolling update: replicas move to a new template in place, a batch at a time, each batch
 /// only once the previous one is ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Strategy {
     /// Replicas that may be unavailable (updating, or not ready) at once during a rollout
     /// (default: a quarter of the replicas, at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<u32>,
+    /// How long a rollout may go without an updated replica becoming available before the
+    /// hub rolls the workload back to its previous template (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
 }
+
+/// Default of `strategy.progressDeadline`, as Kubernetes'.
+pub const DEFAULT_PROGRESS_DEADLINE_MS: u64 = 600_000;
 
 impl Strategy {
     pub fn is_default(&self) -> bool {
         *self == Strategy::default()
+    }
+
+    /// `progressDeadline` in milliseconds.
+    pub fn progress_deadline_ms(&self) -> u64 {
+        self.progress_deadline
+            .as_deref()
+            .and_then(|d| parse_duration_ms(d).ok())
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE_MS)
     }
 
     /// The batch size for a workload of `replicas`.
@@ -742,6 +757,11 @@ impl Manifest {
                 return err("spec.http.maxConcurrency", "must be at least 1".into());
             }
         }
+        if let Some(d) = &spec.strategy.progress_deadline
+            && let Err(msg) = parse_duration_ms(d)
+        {
+            return err("spec.strategy.progressDeadline", msg);
+        }
         if spec.strategy.max_unavailable == Some(0) {
             return err("spec.strategy.maxUnavailable", "must be at least 1 (replicas are updated in place)".into());
         }
@@ -783,6 +803,29 @@ impl Manifest {
     }
 
     /// The replica template this manifest describes.
+    /// This manifest with the replica template of `other` (for rollbacks): every field that
+    /// [`Manifest::template`] reads comes from `other`, everything else (replicas, placement,
+    /// strategy) stays. Keep the two in step.
+    pub fn with_template_of(&self, other: &Manifest) -> Manifest {
+        let mut out = self.clone();
+        let (s, o) = (&mut out.spec, &other.spec);
+        s.runtime = o.runtime;
+        s.image = o.image.clone();
+        s.command = o.command.clone();
+        s.args = o.args.clone();
+        s.env = o.env.clone();
+        s.restart_policy = o.restart_policy;
+        s.resources = Resources { requests: s.resources.requests.clone(), ..o.resources.clone() };
+        s.http = o.http;
+        s.volumes = o.volumes.clone();
+        s.network = o.network;
+        s.termination_grace_period = o.termination_grace_period.clone();
+        s.startup_probe = o.startup_probe.clone();
+        s.liveness_probe = o.liveness_probe.clone();
+        s.readiness_probe = o.readiness_probe.clone();
+        out
+    }
+
     pub fn template(&self) -> ReplicaTemplate {
         let s = &self.spec;
         ReplicaTemplate {

@@ -347,6 +347,24 @@ pub enum ApiRequest {
         cordoned: bool,
         draining: bool,
     },
+    /// Where the workload's rollout stands; answered with [`ApiResponse::Rollout`].
+    RolloutStatus {
+        name: String,
+    },
+    /// The workload's template revisions; answered with [`ApiResponse::Described`].
+    RolloutHistory {
+        name: String,
+    },
+    /// Back to revision `to_revision`, or the previous template; answered with `Applied`.
+    RolloutUndo {
+        name: String,
+        to_revision: Option<u64>,
+    },
+    /// Sets a Replicated workload's replica count; answered with `Applied`.
+    Scale {
+        name: String,
+        replicas: u32,
+    },
     /// Answered with [`StreamStart`] and then raw log bytes.
     Logs {
         replica: String,
@@ -363,6 +381,7 @@ pub enum ApiResponse {
     Workloads { items: Vec<WorkloadView> },
     Replicas { items: Vec<ReplicaView> },
     Described { text: String },
+    Rollout { complete: bool, text: String },
     Deleted { names: Vec<String> },
     Error { message: String },
 }

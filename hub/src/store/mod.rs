@@ -141,6 +141,29 @@ pub struct JobAttempt {
     pub succeeded: bool,
 }
 
+/// One template a workload had (`flotilla rollout history`).
+#[derive(Debug, Clone)]
+pub struct RevisionRow {
+    /// The workload's revision when this template was applied.
+    pub revision: u64,
+    pub template_hash: String,
+    pub manifest: Manifest,
+    /// "apply", "undo to revision N", or why the controller rolled back.
+    pub cause: String,
+    pub created_at_ms: u64,
+}
+
+async fn record_revision(tx: &mut Tx, name: &str, revision: u64, m: &Manifest, cause: &str, now_ms: u64) -> Result<()> {
+    let (hash, json) = (m.template().hash(), to_json(m));
+    tx.exec(
+        "INSERT INTO workload_revisions (workload, revision, template_hash, manifest, cause, created_at_ms) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+        &[name.into(), revision.into(), (&hash).into(), (&json).into(), cause.into(), now_ms.into()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// What `apply_workloads` did to one manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -247,6 +270,16 @@ impl Store {
     /// refused with [`StoreError::Conflict`] (and nothing is stored) unless that is the
     /// workload's current revision.
     pub async fn apply_workloads(&self, manifests: &[Manifest], now_ms: u64) -> Result<Vec<Applied>> {
+        self.apply_workloads_because(manifests, now_ms, "apply").await
+    }
+
+    /// [`Store::apply_workloads`], recording `cause` with any new template revision.
+    pub async fn apply_workloads_because(
+        &self,
+        manifests: &[Manifest],
+        now_ms: u64,
+        cause: &str,
+    ) -> Result<Vec<Applied>> {
         let mut tx = self.pool.write_tx().await?;
         let mut out = Vec::with_capacity(manifests.len());
         for given in manifests {
@@ -279,9 +312,10 @@ impl Store {
                         &[name.into(), (&json).into(), now_ms.into(), now_ms.into()],
                     )
                     .await?;
+                    record_revision(&mut tx, name, 1, &m, cause, now_ms).await?;
                     Applied::Created
                 }
-                Some((old_json, _)) => {
+                Some((old_json, revision)) => {
                     let old: Manifest = serde_json::from_str(&old_json).map_err(corrupt("workload", name))?;
                     if stored_form(&old) == m {
                         Applied::Unchanged
@@ -291,6 +325,9 @@ impl Store {
                             &[(&json).into(), now_ms.into(), name.into()],
                         )
                         .await?;
+                        if old.template().hash() != m.template().hash() {
+                            record_revision(&mut tx, name, revision + 1, &m, cause, now_ms).await?;
+                        }
                         Applied::Configured
                     }
                 }
@@ -298,6 +335,29 @@ impl Store {
             out.push(outcome);
         }
         tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The templates `workload` has had, oldest first.
+    pub async fn revisions(&self, workload: &str) -> Result<Vec<RevisionRow>> {
+        let rows = self
+            .pool
+            .fetch(
+                "SELECT revision, template_hash, manifest, cause, created_at_ms FROM workload_revisions \
+                 WHERE workload = ? ORDER BY revision",
+                &[workload.into()],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(RevisionRow {
+                revision: r.u64(0)?,
+                template_hash: r.text(1)?,
+                manifest: serde_json::from_str(&r.text(2)?).map_err(corrupt("workload revision", workload))?,
+                cause: r.text(3)?,
+                created_at_ms: r.u64(4)?,
+            });
+        }
         Ok(out)
     }
 
