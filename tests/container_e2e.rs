@@ -232,7 +232,7 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["oom-1"] };
     let hog = push_busybox(&reg, c.dir.path(), "hog:v1", &["sh", "-c", "x=aaaaaaaa; while true; do x=$x$x; done"]);
     let bomb = push_busybox(
         &reg,
@@ -241,12 +241,12 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
         &["sh", "-c", "i=0; while [ $i -lt 500 ]; do sleep 300 & i=$((i+1)); done; echo spawned; sleep 300"],
     );
     let calm = push_busybox(&reg, c.dir.path(), "calm:v1", &["sleep", "100000"]);
-    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("oom-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().len() == 1);
 
     apply(&c, &workload("calm", &calm, ""));
     c.wait_for("calm running", WAIT, || running(&c, "calm-0"));
-    let calm_pids = container_pids("n1", "calm-0");
+    let calm_pids = container_pids("oom-1", "calm-0");
 
     // Past its memory limit: OOMKilled, and restarted per policy (Always).
     apply(&c, &workload("hog", &hog, "  resources: {memory: 32Mi}\n"));
@@ -298,19 +298,19 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
         })
     });
     let images: PathBuf =
-        c.agent_dir("n1").join("images/blobs/sha256").join(layer_digest.trim_start_matches("sha256:"));
+        c.agent_dir("oom-1").join("images/blobs/sha256").join(layer_digest.trim_start_matches("sha256:"));
     assert!(!images.exists(), "the tampered blob became visible");
 
     // Through all of it the calm container kept running, untouched.
     assert!(running(&c, "calm-0"));
-    assert_eq!(container_pids("n1", "calm-0"), calm_pids);
+    assert_eq!(container_pids("oom-1", "calm-0"), calm_pids);
 
     for w in ["hog", "bomb", "tampered", "calm"] {
         c.cli(&["delete", "workload", w]);
     }
     c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
     c.wait_for("nothing left behind", WAIT, || {
-        ["hog-0", "bomb-0", "tampered-0", "calm-0"].iter().all(|r| leftovers(&c, "n1", r).is_empty())
+        ["hog-0", "bomb-0", "tampered-0", "calm-0"].iter().all(|r| leftovers(&c, "oom-1", r).is_empty())
     });
 }
 
@@ -320,7 +320,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
         return;
     }
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["air-1"] };
     // An air-gapped site: the image arrives as an OCI layout tar and is imported on the node;
     // the reference names a registry that does not exist.
     let layout = c.dir.path().join("layout");
@@ -329,7 +329,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
     let st = std::process::Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(&layout).arg(".").status().unwrap();
     assert!(st.success());
     let reference = "registry.invalid/site/busybox:v1";
-    let agent_dir = c.agent_dir("n1");
+    let agent_dir = c.agent_dir("air-1");
     let out = cluster::flotilla(&[
         std::ffi::OsStr::new("image"),
         "import".as_ref(),
@@ -342,7 +342,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
     assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("imported"), "{}", String::from_utf8_lossy(&out.stdout));
 
-    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("air-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().len() == 1);
     apply(&c, &workload("offline", reference, ""));
     c.wait_for("the imported image running", WAIT, || running(&c, "offline-0"));
@@ -364,7 +364,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
 
     c.cli(&["delete", "workload", "offline"]);
     c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
-    c.wait_for("nothing left behind", WAIT, || leftovers(&c, "n1", "offline-0").is_empty());
+    c.wait_for("nothing left behind", WAIT, || leftovers(&c, "air-1", "offline-0").is_empty());
 }
 
 #[test]
@@ -374,10 +374,10 @@ fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["disk-1"] };
     let image = push_busybox(&reg, c.dir.path(), "busybox:v1", &["sleep", "100000"]);
     // No disk has a million GiB free: every pull and container start is refused.
-    c.add_agent("n1", &["--containers", "on", "--min-free-disk", "1000000Gi"]);
+    c.add_agent("disk-1", &["--containers", "on", "--min-free-disk", "1000000Gi"]);
     c.wait_for("node", WAIT, || c.nodes().len() == 1);
     apply(&c, &workload("big", &image, ""));
     c.wait_for("the start refused for lack of disk", WAIT, || {
@@ -389,10 +389,10 @@ fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
     let describe = String::from_utf8_lossy(&c.cli(&["describe", "replica", "big-0"]).stdout).into_owned();
     assert!(describe.contains("StartFailed") && describe.contains("MiB required"), "{describe}");
     // Nothing was pulled or unpacked.
-    let blobs = c.agent_dir("n1").join("images/blobs/sha256");
+    let blobs = c.agent_dir("disk-1").join("images/blobs/sha256");
     let pulled = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
     assert_eq!(pulled, 0, "blobs were written to a disk the agent considers full");
-    assert!(leftovers(&c, "n1", "big-0").is_empty(), "{:?}", leftovers(&c, "n1", "big-0"));
+    assert!(leftovers(&c, "disk-1", "big-0").is_empty(), "{:?}", leftovers(&c, "disk-1", "big-0"));
 }
 
 #[test]
@@ -402,12 +402,12 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["probe-1"] };
     // Serves HTTP on 8080 inside its own network namespace and is healthy for two seconds.
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && touch /tmp/healthy && \
                   httpd -f -p 8080 -h /tmp/www & (sleep 2; rm /tmp/healthy) & exec sleep 100000";
     let image = push_busybox(&reg, c.dir.path(), "busybox:probes", &["sh", "-c", script]);
-    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("probe-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let probe = |kind: &str, handler: &str, extra: &str| {
         format!("  {kind}: {{{handler}, period: 300ms, timeout: 2s{extra}}}\n")
@@ -447,7 +447,7 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     c.ok(&["delete", "workload", "shy"]);
     c.wait_for("containers removed", WAIT, || c.replicas().is_empty());
     c.wait_for("nothing left", WAIT, || {
-        leftovers(&c, "n1", "web-0").is_empty() && leftovers(&c, "n1", "shy-0").is_empty()
+        leftovers(&c, "probe-1", "web-0").is_empty() && leftovers(&c, "probe-1", "shy-0").is_empty()
     });
 }
 
@@ -458,18 +458,18 @@ fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() 
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["roll-1"] };
     // Serves /$PAGE on 8080 in its own network namespace; ready when /index.html answers.
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
     let image = push_busybox(&reg, c.dir.path(), "busybox:rollout", &["sh", "-c", script]);
-    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("roll-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |page: &str, v: u32| {
         workload(
             "web",
             &image,
             &format!(
-                "  replicas: 3\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms}}\n"
+                "  replicas: 3\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
             ),
         )
     };
@@ -524,17 +524,17 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1"] };
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["undo-1"] };
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
     let image = push_busybox(&reg, c.dir.path(), "busybox:rollback", &["sh", "-c", script]);
-    c.add_agent("n1", &["--containers", "on"]);
+    c.add_agent("undo-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |page: &str, v: u32| {
         workload(
             "web",
             &image,
             &format!(
-                "  replicas: 2\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1, progressDeadline: 4s}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms}}\n"
+                "  replicas: 2\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1, progressDeadline: 4s}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
             ),
         )
     };
@@ -587,4 +587,42 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
     assert!(!undo.status.success() && String::from_utf8_lossy(&undo.stderr).contains("no revision 42"));
     let scale = c.cli(&["scale", "nope", "--replicas", "2"]);
     assert!(!scale.status.success() && String::from_utf8_lossy(&scale.stderr).contains("not found"));
+}
+
+#[test]
+fn a_surge_rollout_never_drops_below_the_desired_count() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["surge-1"] };
+    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let image = push_busybox(&reg, c.dir.path(), "busybox:surge", &["sh", "-c", script]);
+    c.add_agent("surge-1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let revision = |v: u32| {
+        workload(
+            "web",
+            &image,
+            &format!(
+                "  replicas: 2\n  env: {{V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 0, maxSurge: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
+            ),
+        )
+    };
+    let ready =
+        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
+    apply(&c, &revision(1));
+    c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    let v1 = c.replicas()[0].template_hash.clone();
+    apply(&c, &revision(2));
+    let (mut min_ready, mut max_replicas) = (2, 2);
+    c.wait_for("all on revision 2, the stand-in gone", WAIT, || {
+        let rs = c.replicas();
+        min_ready = min_ready.min(ready(&c));
+        max_replicas = max_replicas.max(rs.len());
+        rs.len() == 2 && rs.iter().all(|r| r.template_hash != v1 && r.status.ready)
+    });
+    assert_eq!(max_replicas, 3, "the surge replica web-2 never appeared");
+    assert!(min_ready >= 2, "only {min_ready} replicas were ready during a maxUnavailable: 0 rollout");
 }

@@ -656,17 +656,27 @@ pub(crate) fn node_labels(name: &str, facts: &proto::messages::NodeFacts) -> BTr
 
 /// Replicas that keep their old template this pass: each workload's rolling update advances
 /// only as its updated replicas become available (see [`rollout`]).
-/// Also returns the workloads whose rollout made no progress within their
-/// `strategy.progressDeadline`: the caller rolls them back.
+/// What the rollouts want this pass.
+struct Rollouts {
+    /// Replicas that keep their old template.
+    hold: BTreeSet<String>,
+    /// Workloads whose rollout made no progress within `strategy.progressDeadline`: the
+    /// caller rolls them back.
+    stalled: Vec<String>,
+    /// Extra replicas each workload runs during its rollout (`maxSurge`).
+    surge: HashMap<String, u32>,
+}
+
 fn rollout_holds(
     shared: &Shared,
     workloads: &[crate::store::WorkloadRow],
     templates: &BTreeMap<String, proto::manifest::ReplicaTemplate>,
     replicas: &[crate::store::ReplicaRow],
     now: u64,
-) -> (BTreeSet<String>, Vec<String>) {
+) -> Rollouts {
     let mut hold = BTreeSet::new();
     let mut stalled = Vec::new();
+    let mut surge = HashMap::new();
     let mut progress = shared.rollouts.lock().unwrap();
     progress.retain(|name, _| workloads.iter().any(|w| &w.manifest.metadata.name == name));
     for w in workloads {
@@ -686,17 +696,30 @@ fn rollout_holds(
                 available: crate::api::is_available(shared, r),
             })
             .collect();
-        let max_unavailable = w.manifest.spec.strategy.max_unavailable(w.manifest.spec.replicas());
-        let plan = rollout::plan(&current, &members, max_unavailable);
+        let desired = w.manifest.spec.replicas();
+        let strategy = &w.manifest.spec.strategy;
+        let limits = rollout::Limits {
+            desired,
+            max_unavailable: strategy.max_unavailable(desired),
+            max_surge: if w.manifest.spec.kind == proto::manifest::WorkloadKind::Replicated {
+                strategy.max_surge.unwrap_or(0)
+            } else {
+                0
+            },
+        };
+        let plan = rollout::plan(&current, &members, limits);
+        if plan.surge > 0 {
+            surge.insert(name.clone(), plan.surge);
+        }
         let deadline = w.manifest.spec.strategy.progress_deadline_ms();
-        let (p, verdict) = rollout::track(progress.get(name), &current, &plan, members.len() as u32, now, deadline);
+        let (p, verdict) = rollout::track(progress.get(name), &current, &plan, desired, now, deadline);
         progress.insert(name.clone(), p);
         if verdict == rollout::Verdict::Stalled {
             stalled.push(name.clone());
         }
         hold.extend(plan.held);
     }
-    (hold, stalled)
+    Rollouts { hold, stalled, surge }
 }
 
 /// Rolls back a workload whose rollout stopped progressing, unless its current template is
@@ -827,7 +850,8 @@ pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
             None => scheduler::Failover::Never,
             Some(ms) => scheduler::Failover::After(ms),
         },
-        max_unavailable: s.strategy.max_unavailable(s.replicas()),
+        // A drain moves replicas one way only (no surge): it needs room for one at least.
+        max_unavailable: s.strategy.max_unavailable(s.replicas()).max(1),
         job_progress: Default::default(),
     }
 }
@@ -938,6 +962,11 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     }
     let recorded = if jobs.is_empty() { Vec::new() } else { shared.store.job_indexes().await? };
 
+    // Rollouts first: they decide which replicas keep their old template and how many
+    // surge replicas each workload runs on top of its desired count.
+    let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
+        workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
+    let rollouts = rollout_holds(shared, &workloads, &templates, &replicas, now);
     let sched_nodes: Vec<SchedNode> = nodes.iter().map(|n| sched_node(shared, n)).collect();
     let sched_workloads: Vec<SchedWorkload> = workloads
         .iter()
@@ -945,6 +974,9 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
             let mut sw = sched_workload(&w.manifest);
             if matches!(sw.kind, scheduler::WorkloadKind::Job(_)) {
                 sw.job_progress = job_progress(&sw.name, &recorded, &replicas);
+            }
+            if sw.kind == scheduler::WorkloadKind::Replicated {
+                sw.replicas += rollouts.surge.get(&sw.name).copied().unwrap_or(0);
             }
             sw
         })
@@ -976,9 +1008,7 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     for (node, left) in &decisions.drains {
         debug!(%node, left, "draining");
     }
-    let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
-        workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
-    let (hold, stalled) = rollout_holds(shared, &workloads, &templates, &replicas, now);
+    let Rollouts { hold, stalled, .. } = rollouts;
     // Fenced: if another hub took the lease since this pass started, nothing is written.
     let changed = shared
         .store

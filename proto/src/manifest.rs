@@ -144,6 +144,10 @@ pub struct Strategy {
     /// (default: a quarter of the replicas, at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<u32>,
+    /// Extra replicas (beyond `replicas`) a rollout may run while it replaces old ones
+    /// (default 0). With `maxUnavailable: 0`, availability never drops during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<u32>,
     /// How long a rollout may go without an updated replica becoming available before the
     /// hub rolls the workload back to its previous template (default 10m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,9 +170,13 @@ impl Strategy {
             .unwrap_or(DEFAULT_PROGRESS_DEADLINE_MS)
     }
 
-    /// The batch size for a workload of `replicas`.
+    /// The batch size for a workload of `replicas`: as set (0 only with a surge), else a
+    /// quarter of the replicas, at least 1.
     pub fn max_unavailable(&self, replicas: u32) -> u32 {
-        self.max_unavailable.unwrap_or(replicas / 4).max(1)
+        match self.max_unavailable {
+            Some(n) => n,
+            None => (replicas / 4).max(1),
+        }
     }
 }
 
@@ -762,8 +770,14 @@ impl Manifest {
         {
             return err("spec.strategy.progressDeadline", msg);
         }
-        if spec.strategy.max_unavailable == Some(0) {
-            return err("spec.strategy.maxUnavailable", "must be at least 1 (replicas are updated in place)".into());
+        if spec.strategy.max_unavailable == Some(0) && spec.strategy.max_surge.unwrap_or(0) == 0 {
+            return err(
+                "spec.strategy.maxUnavailable",
+                "must be at least 1 unless maxSurge is (replicas are updated in place)".into(),
+            );
+        }
+        if spec.strategy.max_surge.is_some() && spec.kind != WorkloadKind::Replicated {
+            return err("spec.strategy.maxSurge", "applies to Replicated workloads only".into());
         }
         for (field, probe, liveness_like) in [
             ("startupProbe", &spec.startup_probe, true),
