@@ -626,3 +626,47 @@ fn a_surge_rollout_never_drops_below_the_desired_count() {
     assert_eq!(max_replicas, 3, "the surge replica web-2 never appeared");
     assert!(min_ready >= 2, "only {min_ready} replicas were ready during a maxUnavailable: 0 rollout");
 }
+
+#[test]
+fn a_hub_killed_mid_rollout_finishes_it_after_restart_without_extra_restarts() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["kill-1"] };
+    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let image = push_busybox(&reg, c.dir.path(), "busybox:midroll", &["sh", "-c", script]);
+    c.add_agent("kill-1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let revision = |v: u32| {
+        workload(
+            "web",
+            &image,
+            &format!(
+                "  replicas: 3\n  env: {{V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 500ms, initialDelay: 1s, timeout: 3s, failureThreshold: 10}}\n"
+            ),
+        )
+    };
+    apply(&c, &revision(1));
+    c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    let v1 = c.replicas()[0].template_hash.clone();
+
+    // SIGKILL the hub once the rollout has started and before it is done.
+    apply(&c, &revision(2));
+    c.wait_for("the rollout under way", WAIT, || {
+        let rs = c.replicas();
+        let updated = rs.iter().filter(|r| r.template_hash != v1).count();
+        (1..3).contains(&updated)
+    });
+    c.restart_hub();
+    let status = c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
+    assert!(status.contains("complete: 3/3 updated and available"), "{status}");
+    for r in c.replicas() {
+        assert_ne!(r.template_hash, v1);
+        assert_eq!(r.status.restarts, 0, "{} restarted: {:?}", r.name, r.status);
+        // One start on revision 1, one on revision 2: nothing started twice.
+        let starts = r.status.events.iter().filter(|e| e.reason == proto::messages::EventReason::Started).count();
+        assert_eq!(starts, 2, "{} started {starts} times: {:?}", r.name, r.status.events);
+    }
+}
