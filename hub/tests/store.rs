@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use flotilla_hub::scheduler::Placement;
-use flotilla_hub::store::{Applied, Fence, Store, StoreError};
+use flotilla_hub::store::{Applied, Fence, JobAttempt, JobIndexRow, Store, StoreError};
 use proto::manifest::parse_manifests;
 use proto::messages::{NodeFacts, Phase, ReplicaStatus};
 
@@ -72,7 +72,59 @@ on_both_backends!(
     node_sessions_are_cleared_only_by_their_hub,
     acknowledged_writes_survive_reopen,
     template_changes_are_kept_as_revisions_with_their_cause,
+    node_scheduling_and_job_attempts_are_recorded_once,
 );
+
+const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
+
+async fn node_scheduling_and_job_attempts_are_recorded_once(b: Backing) {
+    let store = b.open().await;
+    store.upsert_node("n", &NodeFacts::default(), 1).await.unwrap();
+    assert!(store.set_node_scheduling("n", false, true).await.unwrap());
+    let n = &store.nodes().await.unwrap()[0];
+    assert!(n.cordoned && n.draining, "a drain cordons");
+    assert!(store.set_node_scheduling("n", false, false).await.unwrap());
+    let n = &store.nodes().await.unwrap()[0];
+    assert!(!n.cordoned && !n.draining);
+    assert!(!store.set_node_scheduling("missing", true, false).await.unwrap());
+
+    let m = parse_manifests(JOB).unwrap();
+    store.apply_workloads(&m, 1).await.unwrap();
+    let templates = BTreeMap::from([("j".to_string(), m[0].template())]);
+    let placements: Vec<Placement> = (0..2)
+        .map(|i| Placement { replica: format!("j-{i}"), workload: "j".into(), index: i, node: Some("n".into()) })
+        .collect();
+    store.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+    assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
+    let fence = Fence { lease: "controller", holder: "me" };
+    let attempt = |i: u32, succeeded| JobAttempt {
+        replica: format!("j-{i}"),
+        workload: "j".into(),
+        index: i,
+        node: "n".into(),
+        succeeded,
+    };
+    let generation = store.nodes().await.unwrap()[0].generation;
+    let changed = store.record_job_attempts(fence, &[attempt(0, true), attempt(1, false)], 50).await.unwrap();
+    assert_eq!(changed, BTreeSet::from(["n".to_string()]));
+    assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1);
+    assert!(store.replicas().await.unwrap().is_empty(), "finished attempts leave the node's set");
+    // A replay of the same attempts records nothing.
+    assert!(store.record_job_attempts(fence, &[attempt(1, false)], 60).await.unwrap().is_empty());
+    let rows = store.job_indexes().await.unwrap();
+    assert_eq!(
+        rows,
+        [
+            JobIndexRow { workload: "j".into(), index: 0, succeeded: true, failures: 0, last_failure_ms: None },
+            JobIndexRow { workload: "j".into(), index: 1, succeeded: false, failures: 1, last_failure_ms: Some(50) },
+        ]
+    );
+    let other = Fence { lease: "controller", holder: "someone-else" };
+    assert!(matches!(store.record_job_attempts(other, &[], 70).await, Err(StoreError::NotLeader { .. })));
+    // Deleting the job forgets its progress.
+    store.delete_workloads(&["j".into()]).await.unwrap();
+    assert!(store.job_indexes().await.unwrap().is_empty());
+}
 
 async fn template_changes_are_kept_as_revisions_with_their_cause(b: Backing) {
     let s = b.open().await;

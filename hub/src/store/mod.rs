@@ -878,65 +878,6 @@ pub fn redact(url: &str) -> String {
 mod tests {
     use super::*;
 
-    const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
-
-    #[tokio::test]
-    async fn node_scheduling_and_job_attempts_are_recorded_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
-        store.upsert_node("n", &NodeFacts::default(), 1).await.unwrap();
-        assert!(store.set_node_scheduling("n", false, true).await.unwrap());
-        let n = &store.nodes().await.unwrap()[0];
-        assert!(n.cordoned && n.draining, "a drain cordons");
-        assert!(store.set_node_scheduling("n", false, false).await.unwrap());
-        let n = &store.nodes().await.unwrap()[0];
-        assert!(!n.cordoned && !n.draining);
-        assert!(!store.set_node_scheduling("missing", true, false).await.unwrap());
-
-        let m = proto::manifest::parse_manifests(JOB).unwrap();
-        store.apply_workloads(&m, 1).await.unwrap();
-        let templates = BTreeMap::from([("j".to_string(), m[0].template())]);
-        let placements: Vec<Placement> = (0..2)
-            .map(|i| Placement { replica: format!("j-{i}"), workload: "j".into(), index: i, node: Some("n".into()) })
-            .collect();
-        store.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
-        assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
-        let fence = Fence { lease: "controller", holder: "me" };
-        let attempt = |i: u32, succeeded| JobAttempt {
-            replica: format!("j-{i}"),
-            workload: "j".into(),
-            index: i,
-            node: "n".into(),
-            succeeded,
-        };
-        let generation = store.nodes().await.unwrap()[0].generation;
-        let changed = store.record_job_attempts(fence, &[attempt(0, true), attempt(1, false)], 50).await.unwrap();
-        assert_eq!(changed, BTreeSet::from(["n".to_string()]));
-        assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1);
-        assert!(store.replicas().await.unwrap().is_empty(), "finished attempts leave the node's set");
-        // A replay of the same attempts records nothing.
-        assert!(store.record_job_attempts(fence, &[attempt(1, false)], 60).await.unwrap().is_empty());
-        let rows = store.job_indexes().await.unwrap();
-        assert_eq!(
-            rows,
-            [
-                JobIndexRow { workload: "j".into(), index: 0, succeeded: true, failures: 0, last_failure_ms: None },
-                JobIndexRow {
-                    workload: "j".into(),
-                    index: 1,
-                    succeeded: false,
-                    failures: 1,
-                    last_failure_ms: Some(50)
-                },
-            ]
-        );
-        let other = Fence { lease: "controller", holder: "someone-else" };
-        assert!(matches!(store.record_job_attempts(other, &[], 70).await, Err(StoreError::NotLeader { .. })));
-        // Deleting the job forgets its progress.
-        store.delete_workloads(&["j".into()]).await.unwrap();
-        assert!(store.job_indexes().await.unwrap().is_empty());
-    }
-
     #[test]
     fn datastore_flag_parses_and_urls_are_redacted() {
         assert_eq!("sqlite".parse::<Datastore>().unwrap(), Datastore::Sqlite);
