@@ -52,6 +52,10 @@ enum Command {
         /// `postgres://USER:PASSWORD@HOST:PORT/DB` shared by several hubs.
         #[arg(long, env = "FLOTILLA_DATASTORE", hide_env_values = true, default_value = "sqlite")]
         datastore: hub::Datastore,
+        /// A node whose link is silent this long is NotReady (QUIC uses the smaller of this
+        /// and the agent's --link-timeout), e.g. 8s or 30s.
+        #[arg(long, default_value = "8s", value_parser = parse_grace)]
+        node_grace: std::time::Duration,
     },
     /// Run the edge agent.
     Agent {
@@ -104,6 +108,10 @@ enum Command {
         /// Registry credentials: a Docker config.json (`auths`).
         #[arg(long)]
         registry_auth: Option<PathBuf>,
+        /// The hub link is dead after this long without a packet (QUIC uses the smaller of
+        /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
+        #[arg(long, default_value = "8s", value_parser = parse_grace)]
+        link_timeout: std::time::Duration,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
@@ -197,6 +205,15 @@ enum RolloutAction {
     },
 }
 
+/// A link timeout: a duration from 1 s to 10 min.
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    let ms = proto::manifest::parse_duration_ms(s)?;
+    if !(1_000..=600_000).contains(&ms) {
+        return Err(format!("{s:?} is outside 1s..10m"));
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
     Ok((k.to_string(), v.to_string()))
@@ -258,9 +275,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Hub { data_dir, listen, advertise, tls_names, datastore } => {
+        Command::Hub { data_dir, listen, advertise, tls_names, datastore, node_grace } => {
             init_tracing();
-            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names, datastore }).await?;
+            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names, datastore, node_grace })
+                .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
             eprintln!("admin config: {}", hub.admin_config_path().display());
             eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());
@@ -283,6 +301,7 @@ async fn run(cli: Cli) -> Result<()> {
             image_gc_threshold,
             min_free_disk,
             registry_auth,
+            link_timeout,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -309,6 +328,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.containers = containers.into();
             config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
                 .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
+            config.link_timeout = link_timeout;
             config.min_free_disk_bytes =
                 proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
             if let Some(path) = registry_auth {

@@ -349,3 +349,26 @@ fn a_stopped_agent_leaves_at_once_and_its_replicas_show_unknown() {
     ));
     c.wait_for("replica Running again", WAIT, || all_running(&c, "hello", 1));
 }
+
+/// The dead-link grace is configurable: an agent started with `--link-timeout 2s` (QUIC uses
+/// the smaller of the two sides' idle timeouts) that freezes is NotReady at the hub within a
+/// few seconds, not the default 8 to 10; thawed, it is Ready again.
+#[test]
+fn a_shorter_link_timeout_marks_a_frozen_node_not_ready_sooner() {
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &["--link-timeout", "2s"]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let pid = c.agents[0].child.id().to_string();
+    let signal = |sig: &str| assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let frozen = std::time::Instant::now();
+    c.wait_for("node NotReady", Duration::from_secs(30), || !c.nodes().iter().any(|n| n.ready));
+    let took = frozen.elapsed();
+    signal("-CONT");
+    eprintln!("frozen agent NotReady after {took:?}");
+    assert!(took < Duration::from_secs(6), "NotReady after {took:?} with a 2 s link timeout");
+    c.wait_for("node Ready again", WAIT, || c.nodes().iter().any(|n| n.ready));
+    // A bad value is refused up front.
+    let out = cluster::flotilla(&["agent", "--hub", "127.0.0.1:1", "--link-timeout", "50ms"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("outside 1s..10m"));
+}

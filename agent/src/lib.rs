@@ -73,6 +73,9 @@ pub struct AgentConfig {
     /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
     /// on-demand allocator; `None` decides from the node (see [`wasm_pooling`]).
     pub wasm_instances: Option<u32>,
+    /// How long the hub link may be silent before the agent treats it as dead and
+    /// reconnects (its QUIC idle timeout; QUIC uses the smaller of both sides').
+    pub link_timeout: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -94,6 +97,7 @@ impl AgentConfig {
             image_gc_threshold_bytes: 4 << 30,
             min_free_disk_bytes: 256 << 20,
             registry_credentials: oci_runtime::Credentials::default(),
+            link_timeout: std::time::Duration::from_secs(8),
         }
     }
 }
@@ -289,7 +293,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             taints: config.taints.clone(),
             ..node_facts
         },
-        tuning: transport::tls::Tuning::default(),
+        tuning: transport::tls::Tuning::with_idle_timeout(config.link_timeout),
         logs: logs.clone(),
         acked: acked_rx,
         statuses: status_rx,

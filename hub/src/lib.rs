@@ -37,6 +37,9 @@ pub struct HubConfig {
     /// Where the state lives: the embedded SQLite file in `data_dir` (one hub), or a
     /// PostgreSQL database several hubs share.
     pub datastore: Datastore,
+    /// How long a node's link may be silent before the hub marks it NotReady (the hub's QUIC
+    /// idle timeout; QUIC uses the smaller of the hub's and the agent's).
+    pub node_grace: std::time::Duration,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

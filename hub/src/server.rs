@@ -169,7 +169,7 @@ impl Hub {
             &identity.server.cert_pem,
             &identity.server.key_pem,
             identity.ca.cert_pem(),
-            &tls::Tuning::default(),
+            &tls::Tuning::with_idle_timeout(config.node_grace),
         )?;
         // Stateless resets keyed by the CA key: this hub, restarted, or another hub sharing the
         // identity tells agents at once that a connection they still hold is gone.

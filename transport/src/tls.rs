@@ -63,6 +63,14 @@ impl Default for Tuning {
 }
 
 impl Tuning {
+    /// Tuning that declares a connection dead after `idle_timeout` of silence, with
+    /// keep-alives four times as often (at most every 2 s). QUIC uses the smaller of the two
+    /// peers' idle timeouts.
+    pub fn with_idle_timeout(idle_timeout: Duration) -> Tuning {
+        let keep_alive = (idle_timeout / 4).min(Duration::from_secs(2)).max(Duration::from_millis(100));
+        Tuning { keep_alive, idle_timeout }
+    }
+
     fn transport(&self) -> Result<Arc<quinn::TransportConfig>, TlsError> {
         let idle =
             quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|_| TlsError::IdleTimeout(self.idle_timeout))?;
@@ -428,6 +436,17 @@ impl ServerCertVerifier for PinnedCaVerifier {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn idle_timeouts_set_keep_alives_to_a_quarter_at_most_two_seconds() {
+        let t = Tuning::with_idle_timeout(Duration::from_secs(8));
+        assert_eq!((t.keep_alive, t.idle_timeout), (Duration::from_secs(2), Duration::from_secs(8)));
+        let t = Tuning::with_idle_timeout(Duration::from_secs(3));
+        assert_eq!(t.keep_alive, Duration::from_millis(750));
+        let t = Tuning::with_idle_timeout(Duration::from_secs(60));
+        assert_eq!(t.keep_alive, Duration::from_secs(2));
+        assert!(t.transport().is_ok());
+    }
     use super::*;
 
     #[test]
