@@ -7,6 +7,8 @@
 mod busybox_image;
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
@@ -151,6 +153,37 @@ impl Drop for Janitor {
                 let _ = std::fs::remove_dir(&parent);
             }
         }
+    }
+}
+
+/// A hub listening on all addresses and one agent in a network namespace of its own, reaching
+/// the hub and the registry (forwarded on the namespace's host-side address) over its veth
+/// link. Dropped in field order: hub and agent, data dir, forwarder, namespace.
+struct NsSite {
+    c: Cluster,
+    fwd: netns::TcpForward,
+    _ns: netns::Netns,
+}
+
+impl NsSite {
+    /// `None` (after saying why) without root and iproute2, unless `CI` is set.
+    fn start(reg: &TestRegistry, node: &str) -> Option<NsSite> {
+        if !netns::netns_possible() {
+            return None;
+        }
+        let ns = netns::Netns::create();
+        let fwd = netns::TcpForward::start(ns.host_ip(), reg.addr.parse().unwrap());
+        let port = cluster::free_udp_port();
+        let mut c = Cluster::start_listening(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{port}"));
+        let registry = fwd.addr.to_string();
+        let hub = format!("{}:{port}", ns.host_ip());
+        c.add_agent_via(&ns.exec_prefix(), &hub, node, &["--containers", "on", "--insecure-registry", &registry]);
+        Some(NsSite { c, fwd, _ns: ns })
+    }
+
+    /// `reference` (pushed to the registry on loopback) as the agent pulls it, over its link.
+    fn via_link(&self, reg: &TestRegistry, reference: &str) -> String {
+        reference.replacen(&reg.addr, &self.fwd.addr.to_string(), 1)
     }
 }
 
@@ -457,12 +490,13 @@ fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() 
         return;
     }
     let Some(reg) = TestRegistry::start() else { return };
-    let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["roll-1"] };
+    let Some(mut site) = NsSite::start(&reg, "roll-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["roll-1"] };
     // Serves /$PAGE on 8080 in its own network namespace; ready when /index.html answers.
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, c.dir.path(), "busybox:rollout", &["sh", "-c", script]);
-    c.add_agent("roll-1", &["--containers", "on"]);
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:rollout", &["sh", "-c", script]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |page: &str, v: u32| {
         workload(
@@ -523,11 +557,12 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
         return;
     }
     let Some(reg) = TestRegistry::start() else { return };
-    let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["undo-1"] };
+    let Some(mut site) = NsSite::start(&reg, "undo-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["undo-1"] };
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, c.dir.path(), "busybox:rollback", &["sh", "-c", script]);
-    c.add_agent("undo-1", &["--containers", "on"]);
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:rollback", &["sh", "-c", script]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |page: &str, v: u32| {
         workload(
@@ -595,11 +630,12 @@ fn a_surge_rollout_never_drops_below_the_desired_count() {
         return;
     }
     let Some(reg) = TestRegistry::start() else { return };
-    let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["surge-1"] };
+    let Some(mut site) = NsSite::start(&reg, "surge-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["surge-1"] };
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, c.dir.path(), "busybox:surge", &["sh", "-c", script]);
-    c.add_agent("surge-1", &["--containers", "on"]);
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:surge", &["sh", "-c", script]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |v: u32| {
         workload(
@@ -633,11 +669,12 @@ fn a_hub_killed_mid_rollout_finishes_it_after_restart_without_extra_restarts() {
         return;
     }
     let Some(reg) = TestRegistry::start() else { return };
-    let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["kill-1"] };
+    let Some(mut site) = NsSite::start(&reg, "kill-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["kill-1"] };
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, c.dir.path(), "busybox:midroll", &["sh", "-c", script]);
-    c.add_agent("kill-1", &["--containers", "on"]);
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:midroll", &["sh", "-c", script]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let revision = |v: u32| {
         workload(
