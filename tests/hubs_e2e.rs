@@ -1,5 +1,6 @@
 //! Several hubs on one PostgreSQL store: two `flotilla hub` processes share a real PostgreSQL
-//! server (Debian's package, started by the test), agents are given both hub addresses, and
+//! server (Debian's package, started by the test), agents (each in a network namespace of its
+//! own) are given both hub addresses, and
 //! the leader is killed with SIGKILL. The other hub must take over within seconds (a new
 //! workload is scheduled and runs) while the replicas that were running keep running. And a
 //! hub SIGKILLed while applies stream in keeps every apply it acknowledged, on either store.
@@ -9,6 +10,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "../hub/tests/support/postgres.rs"]
 mod postgres;
 #[path = "../oci-runtime/tests/support/mod.rs"]
@@ -45,7 +48,20 @@ impl HubProc {
 
     fn start_at(root: &Path, name: &str, datastore: &str, addr: String) -> HubProc {
         let dir = root.join(name);
-        let args = ["hub", "--data-dir", dir.to_str().unwrap(), "--listen", &addr, "--datastore", datastore];
+        // Listening on all addresses, so agents in network namespaces reach it at their
+        // host-side address; the CLI dials loopback.
+        let listen = addr.replace("127.0.0.1", "0.0.0.0");
+        let args = [
+            "hub",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--advertise",
+            &addr,
+            "--datastore",
+            datastore,
+        ];
         let mut log = root.join(format!("{name}.log"));
         for k in 2.. {
             if !log.exists() {
@@ -111,12 +127,20 @@ fn running(replicas: &[ReplicaView], workload: &str, n: usize) -> bool {
 
 #[test]
 fn two_hubs_on_postgres_survive_the_leader_being_killed() {
+    if !netns::netns_possible() {
+        return;
+    }
     let Some(reg) = TestRegistry::start() else { return };
     let Some(pg) = TestPostgres::start() else { return };
     let datastore = pg.create_database("flotilla");
-    let image = reg.reference("hello:v1");
-    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), cluster::example_wasm().as_os_str(), image.as_ref()]);
+    let pushed = reg.reference("hello:v1");
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), cluster::example_wasm().as_os_str(), pushed.as_ref()]);
     assert!(out.status.success(), "push failed: {}", String::from_utf8_lossy(&out.stderr));
+    // Each agent runs in a network namespace of its own and reaches the hubs and the
+    // registry over its veth link.
+    let sites = [netns::Netns::create(), netns::Netns::create()];
+    let fwd = netns::TcpForward::start(sites[1].host_ip(), reg.addr.parse().unwrap());
+    let image = pushed.replacen(&reg.addr, &fwd.addr.to_string(), 1);
 
     let root = tempfile::tempdir().unwrap();
     let a = HubProc::start(root.path(), "hub-a", &datastore);
@@ -134,13 +158,23 @@ fn two_hubs_on_postgres_survive_the_leader_being_killed() {
     // Each agent knows both hubs; they start on different ones, so each hub serves one.
     let token_file = a.dir.join("token");
     let mut agents = Vec::new();
-    for (name, hubs) in [("edge-1", format!("{},{}", a.addr, b.addr)), ("edge-2", format!("{},{}", b.addr, a.addr))] {
+    let port = |h: &HubProc| h.addr.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap();
+    let registry = fwd.addr.to_string();
+    for (i, name) in ["edge-1", "edge-2"].into_iter().enumerate() {
+        let ip = sites[i].host_ip();
+        let (first, second) = if i == 0 { (&a, &b) } else { (&b, &a) };
+        let hubs = format!("{ip}:{},{ip}:{}", port(first), port(second));
         let data = root.path().join(format!("agent-{name}"));
-        let args =
-            ["agent", "--hub", &hubs, "--token-file", token_file.to_str().unwrap(), "--name", name, "--data-dir"];
-        let mut args: Vec<&str> = args.to_vec();
-        args.push(data.to_str().unwrap());
-        agents.push(Proc::spawn(name, &args, root.path().join(format!("{name}.log"))));
+        let prefix = sites[i].exec_prefix();
+        let mut args: Vec<String> = prefix[1..].to_vec();
+        args.push(cluster::bin().to_string());
+        for arg in ["agent", "--hub", &hubs, "--token-file", token_file.to_str().unwrap(), "--name", name] {
+            args.push(arg.to_string());
+        }
+        for arg in ["--insecure-registry", &registry, "--data-dir", data.to_str().unwrap()] {
+            args.push(arg.to_string());
+        }
+        agents.push(Proc::spawn_program(name, &prefix[0], &args, root.path().join(format!("{name}.log"))));
     }
     for h in [&a, &b] {
         wait_for(&format!("both nodes ready as seen by {}", h.name), WAIT, || {
@@ -212,6 +246,8 @@ fn two_hubs_on_postgres_survive_the_leader_being_killed() {
     }
     drop(leader);
     drop(agents);
+    drop(fwd);
+    drop(sites);
 }
 
 /// A hub SIGKILLed while applies stream in restarts with every apply it acknowledged.
