@@ -131,7 +131,11 @@ impl Drop for Janitor {
                 for child in children.flatten().filter(|e| e.path().is_dir()) {
                     let procs = std::fs::read_to_string(child.path().join("cgroup.procs")).unwrap_or_default();
                     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                        // A process may have exited since the cgroup was read: nothing to say then.
+                        let _ = std::process::Command::new("kill")
+                            .args(["-9", &pid.to_string()])
+                            .stderr(std::process::Stdio::null())
+                            .status();
                     }
                 }
             }
@@ -484,67 +488,84 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     });
 }
 
+/// A busybox httpd serving `/$PAGE` (default `index.html`) on port 8080 in the container's
+/// own network namespace: ready (to the probe on `/index.html`) unless PAGE names another page.
+const HTTPD: &str = "mkdir -p /tmp/www && echo ok > /tmp/www/${PAGE:-index.html} && exec httpd -f -p 8080 -h /tmp/www";
+
+/// Revision `v` of the httpd workload `web`: `replicas`, serving `page`, with `strategy`.
+fn web_revision(image: &str, replicas: u32, page: &str, v: u32, strategy: &str) -> String {
+    workload(
+        "web",
+        image,
+        &format!(
+            "  replicas: {replicas}\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {strategy}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
+        ),
+    )
+}
+
+/// The replicas' template hashes, by replica name.
+fn template_hashes(c: &Cluster) -> Vec<String> {
+    let mut rs = c.replicas();
+    rs.sort_by(|a, b| a.name.cmp(&b.name));
+    rs.into_iter().map(|r| r.template_hash).collect()
+}
+
+/// Replicas running and ready.
+fn ready_count(c: &Cluster) -> usize {
+    c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count()
+}
+
+/// An agent `node` in its own network namespace, Ready, and the httpd image as it pulls it.
+/// The janitor comes first so it is dropped (and cleans up) before the site.
+fn httpd_site(reg: &TestRegistry, node: &'static str, tag: &str) -> Option<(Janitor, NsSite, String)> {
+    if !containers_possible() {
+        return None;
+    }
+    let site = NsSite::start(reg, node)?;
+    let janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec![node] };
+    let image = push_busybox(reg, site.c.dir.path(), tag, &["sh", "-c", HTTPD]);
+    let image = site.via_link(reg, &image);
+    site.c.wait_for("node", WAIT, || site.c.nodes().iter().any(|n| n.ready));
+    Some((janitor, site, image))
+}
+
 #[test]
 fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() {
-    if !containers_possible() {
-        return;
-    }
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(mut site) = NsSite::start(&reg, "roll-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["roll-1"] };
-    // Serves /$PAGE on 8080 in its own network namespace; ready when /index.html answers.
-    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, site.c.dir.path(), "busybox:rollout", &["sh", "-c", script]);
-    let image = site.via_link(&reg, &image);
+    let Some((_janitor, mut site, image)) = httpd_site(&reg, "roll-1", "busybox:rollout") else { return };
     let c = &mut site.c;
-    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
-    let revision = |page: &str, v: u32| {
-        workload(
-            "web",
-            &image,
-            &format!(
-                "  replicas: 3\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
-            ),
-        )
-    };
-    let hashes = |c: &Cluster| -> Vec<String> {
-        let mut rs = c.replicas();
-        rs.sort_by(|a, b| a.name.cmp(&b.name));
-        rs.into_iter().map(|r| r.template_hash).collect()
-    };
-    let available =
-        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
-    apply(&c, &revision("index.html", 1));
-    c.wait_for("3 ready", WAIT, || available(&c) == 3);
-    let v1 = hashes(&c)[0].clone();
+    let revision = |page: &str, v: u32| web_revision(&image, 3, page, v, "{maxUnavailable: 1}");
+    apply(c, &revision("index.html", 1));
+    c.wait_for("3 ready", WAIT, || ready_count(c) == 3);
+    let v1 = template_hashes(c)[0].clone();
 
     // Revision 2 never gets ready: one replica moves to it, the other two keep serving v1.
-    apply(&c, &revision("other.html", 2));
+    apply(c, &revision("other.html", 2));
     c.wait_for("the first replica on revision 2", WAIT, || {
-        replica(&c, "web-0").is_some_and(|r| r.template_hash != v1 && r.status.phase == Phase::Running)
+        replica(c, "web-0").is_some_and(|r| r.template_hash != v1 && r.status.phase == Phase::Running)
     });
-    let v2 = replica(&c, "web-0").unwrap().template_hash;
+    let v2 = replica(c, "web-0").unwrap().template_hash;
     let held_since = std::time::Instant::now();
     while held_since.elapsed() < Duration::from_secs(6) {
         assert_eq!(
-            hashes(&c),
+            template_hashes(c),
             [v2.clone(), v1.clone(), v1.clone()],
             "the rollout went past a replica that is not ready"
         );
-        assert!(available(&c) >= 2, "{:?}", c.replicas());
+        assert!(ready_count(c) >= 2, "{:?}", c.replicas());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let r0 = replica(&c, "web-0").unwrap();
+    let r0 = replica(c, "web-0").unwrap();
     assert!(!r0.status.ready && r0.status.restarts == 0, "{r0:?}");
 
     // Revision 3 is healthy: the stuck replica goes first, then one at a time, never fewer
     // than two serving.
-    apply(&c, &revision("index.html", 3));
+    apply(c, &revision("index.html", 3));
     let mut min_available = 3;
     c.wait_for("all on revision 3 and ready", WAIT, || {
-        min_available = min_available.min(available(&c));
-        let h = hashes(&c);
-        h.len() == 3 && h.iter().all(|x| *x != v1 && *x != v2) && available(&c) == 3
+        min_available = min_available.min(ready_count(c));
+        let h = template_hashes(c);
+        h.len() == 3 && h.iter().all(|x| *x != v1 && *x != v2) && ready_count(c) == 3
     });
     assert!(min_available >= 2, "{min_available} replicas served during the rollout (maxUnavailable 1)");
     let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "web").unwrap();
@@ -553,46 +574,23 @@ fn a_rolling_update_advances_on_readiness_and_a_never_ready_revision_holds_it() 
 
 #[test]
 fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_work() {
-    if !containers_possible() {
-        return;
-    }
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(mut site) = NsSite::start(&reg, "undo-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["undo-1"] };
-    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/$PAGE && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, site.c.dir.path(), "busybox:rollback", &["sh", "-c", script]);
-    let image = site.via_link(&reg, &image);
+    let Some((_janitor, mut site, image)) = httpd_site(&reg, "undo-1", "busybox:rollback") else { return };
     let c = &mut site.c;
-    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
-    let revision = |page: &str, v: u32| {
-        workload(
-            "web",
-            &image,
-            &format!(
-                "  replicas: 2\n  env: {{PAGE: {page}, V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1, progressDeadline: 4s}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
-            ),
-        )
-    };
-    let hashes = |c: &Cluster| -> Vec<String> {
-        let mut rs = c.replicas();
-        rs.sort_by(|a, b| a.name.cmp(&b.name));
-        rs.into_iter().map(|r| r.template_hash).collect()
-    };
-    let ready =
-        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
+    let revision = |page: &str, v: u32| web_revision(&image, 2, page, v, "{maxUnavailable: 1, progressDeadline: 4s}");
 
-    apply(&c, &revision("index.html", 1));
+    apply(c, &revision("index.html", 1));
     // `rollout status` waits for the rollout and says it completed.
     let status = c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
     assert!(status.contains("complete: 2/2 updated and available"), "{status}");
-    let v1 = hashes(&c)[0].clone();
+    let v1 = template_hashes(c)[0].clone();
 
     // Revision 2 never gets ready: after its 4 s deadline the hub rolls it back by itself.
-    apply(&c, &revision("other.html", 2));
-    c.wait_for("revision 2 reaches web-0", WAIT, || hashes(&c)[0] != v1);
-    let v2 = hashes(&c)[0].clone();
+    apply(c, &revision("other.html", 2));
+    c.wait_for("revision 2 reaches web-0", WAIT, || template_hashes(c)[0] != v1);
+    let v2 = template_hashes(c)[0].clone();
     c.wait_for("rolled back to revision 1's template, both ready", WAIT, || {
-        hashes(&c) == [v1.clone(), v1.clone()] && ready(&c) == 2
+        template_hashes(c) == [v1.clone(), v1.clone()] && ready_count(c) == 2
     });
     let history = c.ok(&["rollout", "history", "web"]);
     let lines: Vec<&str> = history.lines().skip(2).collect();
@@ -610,14 +608,14 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
 
     // Scale up, a new good revision, then undo to revision 1 by number.
     c.ok(&["scale", "web", "--replicas", "3"]);
-    c.wait_for("3 ready", WAIT, || ready(&c) == 3);
-    apply(&c, &revision("index.html", 3).replace("replicas: 2", "replicas: 3"));
+    c.wait_for("3 ready", WAIT, || ready_count(c) == 3);
+    apply(c, &revision("index.html", 3).replace("replicas: 2", "replicas: 3"));
     c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
-    let v3 = hashes(&c)[0].clone();
-    assert!(v3 != v1 && hashes(&c).iter().all(|h| *h == v3));
+    let v3 = template_hashes(c)[0].clone();
+    assert!(v3 != v1 && template_hashes(c).iter().all(|h| *h == v3));
     c.ok(&["rollout", "undo", "web", "--to-revision", "1"]);
     c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
-    assert_eq!(hashes(&c), [v1.clone(), v1.clone(), v1.clone()]);
+    assert_eq!(template_hashes(c), [v1.clone(), v1.clone(), v1.clone()]);
     let undo = c.cli(&["rollout", "undo", "web", "--to-revision", "42"]);
     assert!(!undo.status.success() && String::from_utf8_lossy(&undo.stderr).contains("no revision 42"));
     let scale = c.cli(&["scale", "nope", "--replicas", "2"]);
@@ -626,36 +624,18 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
 
 #[test]
 fn a_surge_rollout_never_drops_below_the_desired_count() {
-    if !containers_possible() {
-        return;
-    }
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(mut site) = NsSite::start(&reg, "surge-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["surge-1"] };
-    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, site.c.dir.path(), "busybox:surge", &["sh", "-c", script]);
-    let image = site.via_link(&reg, &image);
+    let Some((_janitor, mut site, image)) = httpd_site(&reg, "surge-1", "busybox:surge") else { return };
     let c = &mut site.c;
-    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
-    let revision = |v: u32| {
-        workload(
-            "web",
-            &image,
-            &format!(
-                "  replicas: 2\n  env: {{V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 0, maxSurge: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 200ms, timeout: 3s, failureThreshold: 10}}\n"
-            ),
-        )
-    };
-    let ready =
-        |c: &Cluster| c.replicas().iter().filter(|r| r.status.ready && r.status.phase == Phase::Running).count();
-    apply(&c, &revision(1));
+    let revision = |v: u32| web_revision(&image, 2, "index.html", v, "{maxUnavailable: 0, maxSurge: 1}");
+    apply(c, &revision(1));
     c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
     let v1 = c.replicas()[0].template_hash.clone();
-    apply(&c, &revision(2));
+    apply(c, &revision(2));
     let (mut min_ready, mut max_replicas) = (2, 2);
     c.wait_for("all on revision 2, the stand-in gone", WAIT, || {
         let rs = c.replicas();
-        min_ready = min_ready.min(ready(&c));
+        min_ready = min_ready.min(ready_count(c));
         max_replicas = max_replicas.max(rs.len());
         rs.len() == 2 && rs.iter().all(|r| r.template_hash != v1 && r.status.ready)
     });
@@ -665,32 +645,16 @@ fn a_surge_rollout_never_drops_below_the_desired_count() {
 
 #[test]
 fn a_hub_killed_mid_rollout_finishes_it_after_restart_without_extra_restarts() {
-    if !containers_possible() {
-        return;
-    }
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(mut site) = NsSite::start(&reg, "kill-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["kill-1"] };
-    let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let image = push_busybox(&reg, site.c.dir.path(), "busybox:midroll", &["sh", "-c", script]);
-    let image = site.via_link(&reg, &image);
+    let Some((_janitor, mut site, image)) = httpd_site(&reg, "kill-1", "busybox:midroll") else { return };
     let c = &mut site.c;
-    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
-    let revision = |v: u32| {
-        workload(
-            "web",
-            &image,
-            &format!(
-                "  replicas: 3\n  env: {{V: \"{v}\"}}\n  terminationGracePeriod: 1s\n  strategy: {{maxUnavailable: 1}}\n  readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, period: 500ms, initialDelay: 1s, timeout: 3s, failureThreshold: 10}}\n"
-            ),
-        )
-    };
-    apply(&c, &revision(1));
+    let revision = |v: u32| web_revision(&image, 3, "index.html", v, "{maxUnavailable: 1}");
+    apply(c, &revision(1));
     c.ok(&["rollout", "status", "web", "--timeout", "90s"]);
     let v1 = c.replicas()[0].template_hash.clone();
 
     // SIGKILL the hub once the rollout has started and before it is done.
-    apply(&c, &revision(2));
+    apply(c, &revision(2));
     c.wait_for("the rollout under way", WAIT, || {
         let rs = c.replicas();
         let updated = rs.iter().filter(|r| r.template_hash != v1).count();
