@@ -696,17 +696,8 @@ fn rollout_holds(
                 available: crate::api::is_available(shared, r),
             })
             .collect();
-        let desired = w.manifest.spec.replicas();
-        let strategy = &w.manifest.spec.strategy;
-        let limits = rollout::Limits {
-            desired,
-            max_unavailable: strategy.max_unavailable(desired),
-            max_surge: if w.manifest.spec.kind == proto::manifest::WorkloadKind::Replicated {
-                strategy.max_surge.unwrap_or(0)
-            } else {
-                0
-            },
-        };
+        let limits = rollout_limits(&w.manifest, members.len() as u32);
+        let desired = limits.desired;
         let plan = rollout::plan(&current, &members, limits);
         if plan.surge > 0 {
             surge.insert(name.clone(), plan.surge);
@@ -720,6 +711,19 @@ fn rollout_holds(
         hold.extend(plan.held);
     }
     Rollouts { hold, stalled, surge }
+}
+
+/// A workload's rollout limits. An EveryNode workload wants as many replicas as it has (one
+/// per matching node), so its batches are a quarter of those by default, never all at once.
+fn rollout_limits(m: &proto::manifest::Manifest, current_replicas: u32) -> rollout::Limits {
+    let replicated = m.spec.kind == proto::manifest::WorkloadKind::Replicated;
+    let desired = if replicated { m.spec.replicas() } else { current_replicas };
+    let strategy = &m.spec.strategy;
+    rollout::Limits {
+        desired,
+        max_unavailable: strategy.max_unavailable(desired),
+        max_surge: if replicated { strategy.max_surge.unwrap_or(0) } else { 0 },
+    }
 }
 
 /// Rolls back a workload whose rollout stopped progressing, unless its current template is
@@ -1109,6 +1113,25 @@ mod tests {
             (w.kind, w.replicas, w.failover, w.max_unavailable),
             (WorkloadKind::Replicated, 8, Failover::Never, 2)
         );
+    }
+
+    #[test]
+    fn every_node_rollouts_go_in_batches_of_their_own_size() {
+        let m = |spec: &str| {
+            proto::manifest::parse_manifests(&format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{runtime: wasm, image: r/w:1, {spec}}}\n"
+            ))
+            .unwrap()
+            .remove(0)
+        };
+        // Eight gateways: two at a time by default, not all eight.
+        let l = super::rollout_limits(&m("kind: EveryNode"), 8);
+        assert_eq!((l.desired, l.max_unavailable, l.max_surge), (8, 2, 0));
+        let l = super::rollout_limits(&m("kind: EveryNode, strategy: {maxUnavailable: 1}"), 8);
+        assert_eq!(l.max_unavailable, 1);
+        // Replicated: the manifest's count, whatever runs now (surge replicas included).
+        let l = super::rollout_limits(&m("replicas: 4, strategy: {maxUnavailable: 0, maxSurge: 1}"), 5);
+        assert_eq!((l.desired, l.max_unavailable, l.max_surge), (4, 0, 1));
     }
 
     #[test]
