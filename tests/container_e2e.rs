@@ -438,13 +438,15 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
         return;
     }
     let Some(reg) = TestRegistry::start() else { return };
-    let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["probe-1"] };
+    // The agent runs in a network namespace of its own.
+    let Some(mut site) = NsSite::start(&reg, "probe-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["probe-1"] };
     // Serves HTTP on 8080 inside its own network namespace and is healthy for two seconds.
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && touch /tmp/healthy && \
                   httpd -f -p 8080 -h /tmp/www & (sleep 2; rm /tmp/healthy) & exec sleep 100000";
-    let image = push_busybox(&reg, c.dir.path(), "busybox:probes", &["sh", "-c", script]);
-    c.add_agent("probe-1", &["--containers", "on"]);
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:probes", &["sh", "-c", script]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     let probe = |kind: &str, handler: &str, extra: &str| {
         format!("  {kind}: {{{handler}, period: 300ms, timeout: 2s{extra}}}\n")
@@ -454,15 +456,15 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
         probe("readinessProbe", "httpGet: {path: /index.html, port: 8080}", ""),
         probe("livenessProbe", "exec: {command: [cat, /tmp/healthy]}", ", failureThreshold: 2"),
     );
-    apply(&c, &workload("web", &image, &web));
+    apply(c, &workload("web", &image, &web));
     // Nothing listens on 9999: running, never ready, never restarted for it.
-    apply(&c, &workload("shy", &image, &probe("readinessProbe", "tcpSocket: {port: 9999}", "")));
+    apply(c, &workload("shy", &image, &probe("readinessProbe", "tcpSocket: {port: 9999}", "")));
 
-    c.wait_for("web ready", WAIT, || replica(&c, "web-0").is_some_and(|r| r.status.ready));
+    c.wait_for("web ready", WAIT, || replica(c, "web-0").is_some_and(|r| r.status.ready));
     c.wait_for("web killed by its liveness probe", WAIT, || {
-        replica(&c, "web-0").is_some_and(|r| matches!(r.status.last_termination, Some(Termination::Unhealthy { .. })))
+        replica(c, "web-0").is_some_and(|r| matches!(r.status.last_termination, Some(Termination::Unhealthy { .. })))
     });
-    let r = replica(&c, "web-0").unwrap();
+    let r = replica(c, "web-0").unwrap();
     let Some(Termination::Unhealthy { message }) = &r.status.last_termination else { unreachable!() };
     assert!(
         message.starts_with("liveness probe failed 2 times in a row: exec cat /tmp/healthy exited with code 1"),
@@ -470,13 +472,13 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     );
     // The restarted container is healthy and ready again (a fresh writable layer).
     c.wait_for("web ready after its restart", WAIT, || {
-        replica(&c, "web-0")
+        replica(c, "web-0")
             .is_some_and(|r| r.status.restarts >= 1 && r.status.ready && r.status.phase == Phase::Running)
     });
     let text = String::from_utf8_lossy(&c.cli(&["describe", "replica", "web-0"]).stdout).into_owned();
     assert!(text.contains("Unhealthy") && text.contains("readiness probe passed"), "{text}");
 
-    let shy = replica(&c, "shy-0").unwrap();
+    let shy = replica(c, "shy-0").unwrap();
     assert_eq!((shy.status.phase, shy.status.ready, shy.status.restarts), (Phase::Running, false, 0), "{shy:?}");
     let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "shy").unwrap();
     assert_eq!(w.ready_replicas, 0);
@@ -484,7 +486,7 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     c.ok(&["delete", "workload", "shy"]);
     c.wait_for("containers removed", WAIT, || c.replicas().is_empty());
     c.wait_for("nothing left", WAIT, || {
-        leftovers(&c, "probe-1", "web-0").is_empty() && leftovers(&c, "probe-1", "shy-0").is_empty()
+        leftovers(c, "probe-1", "web-0").is_empty() && leftovers(c, "probe-1", "shy-0").is_empty()
     });
 }
 
@@ -670,4 +672,37 @@ fn a_hub_killed_mid_rollout_finishes_it_after_restart_without_extra_restarts() {
         let starts = r.status.events.iter().filter(|e| e.reason == proto::messages::EventReason::Started).count();
         assert_eq!(starts, 2, "{} started {starts} times: {:?}", r.name, r.status.events);
     }
+}
+
+/// Autonomy scenario 6, first part, with the agent in a network namespace of its own: a
+/// container that crash-loops backs off 1 s, 2 s, 4 s (doubling up to 30 s), and
+/// `describe replica` shows why, exit by exit.
+#[test]
+fn a_crash_looping_container_backs_off_doubling_and_describe_shows_why() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let Some(mut site) = NsSite::start(&reg, "crash-1") else { return };
+    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["crash-1"] };
+    let image = push_busybox(&reg, site.c.dir.path(), "busybox:crash", &["sh", "-c", "echo failing; exit 3"]);
+    let image = site.via_link(&reg, &image);
+    let c = &mut site.c;
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(c, &workload("crash", &image, ""));
+    c.wait_for("three restarts", WAIT, || replica(c, "crash-0").is_some_and(|r| r.status.restarts >= 3));
+    let r = replica(c, "crash-0").unwrap();
+    assert_eq!(r.status.last_termination, Some(Termination::Exited { code: 3 }));
+    let text = c.ok(&["describe", "replica", "crash-0"]);
+    let events = text.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
+    let delays: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once(' ').map(|(d, _)| d))
+        .collect();
+    assert!(
+        delays.windows(3).any(|w| w == ["1s", "2s", "4s"]),
+        "expected back-offs 1s, 2s, 4s in order, got {delays:?}:\n{text}"
+    );
+    assert!(events.contains("exited with code 3"), "{text}");
 }
