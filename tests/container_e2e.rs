@@ -695,11 +695,7 @@ fn a_crash_looping_container_backs_off_doubling_and_describe_shows_why() {
     assert_eq!(r.status.last_termination, Some(Termination::Exited { code: 3 }));
     let text = c.ok(&["describe", "replica", "crash-0"]);
     let events = text.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
-    let delays: Vec<&str> = events
-        .lines()
-        .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
-        .filter_map(|rest| rest.split_once(' ').map(|(d, _)| d))
-        .collect();
+    let delays = cluster::backoff_delays(&text);
     assert!(
         delays.windows(3).any(|w| w == ["1s", "2s", "4s"]),
         "expected back-offs 1s, 2s, 4s in order, got {delays:?}:\n{text}"

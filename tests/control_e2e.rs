@@ -72,20 +72,6 @@ fn tick_lines(c: &Cluster, node: &str, replica: &str) -> usize {
     std::fs::read_to_string(path).map(|t| t.lines().filter(|l| l.contains("tick #")).count()).unwrap_or(0)
 }
 
-/// Polls `cond` until it holds or `limit` passes; the time it took.
-fn time_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
 #[test]
 fn every_node_workload_follows_its_selector_and_tolerations_onto_nodes_that_join_later() {
     let Some(mut s) = Sites::start(6) else { return };
@@ -115,7 +101,7 @@ fn every_node_workload_follows_its_selector_and_tolerations_onto_nodes_that_join
     let joined = Instant::now();
     s.c.wait_for("6 nodes Ready", WAIT, || nodes_ready(&s.c, 6));
     let ready_after = joined.elapsed();
-    let took = time_until(WAIT, || running_on(&s.c, "tick-edge-3", "edge-3"))
+    let took = cluster::time_until(WAIT, POLL, || running_on(&s.c, "tick-edge-3", "edge-3"))
         .unwrap_or_else(|| panic!("edge-3 never ran tick: {:?}", placements(&s.c, "tick")));
     eprintln!("edge-3 Ready {ready_after:?} after its agent started; its replica Running {took:?} later");
     assert!(took < Duration::from_secs(15), "edge-3's replica took {took:?}");
@@ -222,10 +208,12 @@ fn failover_moves_a_replica_off_a_cut_node_and_fences_it_when_the_node_returns()
 
     s.ns[0].cut();
     let cut = Instant::now();
-    let detected = time_until(Duration::from_secs(30), || !s.c.nodes().iter().any(|n| n.name == "site-a" && n.ready))
-        .expect("the hub still sees site-a Ready 30 s after the cut");
+    let detected = cluster::time_until(Duration::from_secs(30), POLL, || {
+        !s.c.nodes().iter().any(|n| n.name == "site-a" && n.ready)
+    })
+    .expect("the hub still sees site-a Ready 30 s after the cut");
     let limit = Duration::from_secs(10) + HEARTBEAT_GRACE + Duration::from_secs(4);
-    let moved = time_until(limit + Duration::from_secs(20), || {
+    let moved = cluster::time_until(limit + Duration::from_secs(20), POLL, || {
         replica(&s.c, "mover-0").is_some_and(|r| r.node.as_deref() == Some("site-b"))
     })
     .map(|_| cut.elapsed())
@@ -252,7 +240,7 @@ fn failover_moves_a_replica_off_a_cut_node_and_fences_it_when_the_node_returns()
     s.c.wait_for("site-a acknowledged its new assignment set", WAIT, || {
         s.c.nodes().iter().any(|n| n.name == "site-a" && n.acked_generation == n.generation)
     });
-    let stopped = time_until(Duration::from_secs(20), || {
+    let stopped = cluster::time_until(Duration::from_secs(20), POLL, || {
         let before = tick_lines(&s.c, "site-a", "mover-0");
         std::thread::sleep(Duration::from_millis(1500));
         tick_lines(&s.c, "site-a", "mover-0") == before

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cluster::Proc;
+use cluster::{Proc, wait_for};
 use postgres::TestPostgres;
 use proto::messages::{NodeView, Phase, ReplicaView, WorkloadView};
 use registry::TestRegistry;
@@ -106,17 +106,6 @@ impl HubProc {
     fn leads(&self) -> bool {
         self.proc.log_text().contains("became leader")
     }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 fn running(replicas: &[ReplicaView], workload: &str, n: usize) -> bool {

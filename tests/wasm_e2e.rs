@@ -287,13 +287,8 @@ fn a_crash_loop_backs_off_doubling_and_describe_shows_why() {
     let text = c.ok(&["describe", "replica", "crash-0"]);
     let events = text.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
     // Each exit is followed by its back-off, doubling.
-    let delays: Vec<&str> = events
-        .lines()
-        .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
-        .filter_map(|rest| rest.split_once(' ').map(|(d, _)| d))
-        .collect();
-    let want = ["1s", "2s", "4s"];
-    let found = delays.windows(3).any(|w| w == want);
+    let delays = cluster::backoff_delays(&text);
+    let found = delays.windows(3).any(|w| w == ["1s", "2s", "4s"]);
     assert!(found, "expected back-offs 1s, 2s, 4s in order, got {delays:?}:\n{text}");
     assert!(events.contains("exited with code 3"), "{text}");
 }

@@ -43,6 +43,18 @@ async fn postgres() -> Option<Backing> {
     Some(Backing::Postgres(pg, url))
 }
 
+/// Replicas `hello-0 .. hello-(n-1)` of workload `hello`, all on node `a`.
+fn hello_on_a(n: u32) -> Vec<Placement> {
+    (0..n)
+        .map(|idx| Placement {
+            replica: format!("hello-{idx}"),
+            workload: "hello".into(),
+            index: idx,
+            node: Some("a".into()),
+        })
+        .collect()
+}
+
 /// Runs `body` once per backend, each in its own test.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -311,14 +323,7 @@ async fn concurrent_writers_on_two_hubs_do_not_fail(b: Backing) {
         tasks.push(tokio::spawn(async move {
             for i in 0..30u64 {
                 let replicas = if (i + t) % 2 == 0 { 1 } else { 2 };
-                let placements: Vec<Placement> = (0..replicas)
-                    .map(|idx| Placement {
-                        replica: format!("hello-{idx}"),
-                        workload: "hello".into(),
-                        index: idx,
-                        node: Some("a".into()),
-                    })
-                    .collect();
+                let placements = hello_on_a(replicas);
                 s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await?;
                 let changed = parse_manifests(&M.replace("r/hello:1", &format!("r/hello:{t}{i}"))).unwrap();
                 s.apply_workloads(&changed, i).await?;
@@ -366,14 +371,7 @@ async fn generations_stay_monotonic_with_two_writing_hubs(b: Backing) {
             let mut bumps = 0u64;
             for i in 0..25u32 {
                 let n = (i as usize + t) % 2 + 1;
-                let placements: Vec<Placement> = (0..n as u32)
-                    .map(|idx| Placement {
-                        replica: format!("hello-{idx}"),
-                        workload: "hello".into(),
-                        index: idx,
-                        node: Some("a".into()),
-                    })
-                    .collect();
+                let placements = hello_on_a(n as u32);
                 if s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new())
                     .await
                     .unwrap()

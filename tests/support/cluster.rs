@@ -32,16 +32,8 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str], log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(args)
-            .env("FLOTILLA_LOG", "info,flotilla_agent=debug,flotilla_hub=debug,quinn=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc { child, log, name: name.to_string() }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Proc::spawn_program(name, bin(), &args, log)
     }
 
     /// Spawns `program args` (for example `nsenter --net=... -- flotilla agent ...`) with the
@@ -234,17 +226,42 @@ impl Cluster {
         serde_json::from_str(&self.ok(&["get", "workloads", "-o", "json"])).unwrap()
     }
 
-    /// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`.
-    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if cond() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// [`wait_for`], for a test holding a cluster.
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+        wait_for(what, timeout, cond)
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    if time_until(timeout, Duration::from_millis(100), cond).is_none() {
         panic!("timed out after {timeout:?} waiting for {what}");
     }
+}
+
+/// Polls `cond` every `every` until it holds or `limit` passes; the time it took.
+pub fn time_until(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The back-off delays ("1s", "2s", ...) a `describe replica` text lists in its events,
+/// oldest first.
+pub fn backoff_delays(describe: &str) -> Vec<String> {
+    let events = describe.split_once("Events:").map_or("", |(_, e)| e);
+    events
+        .lines()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once(' ').map(|(d, _)| d.to_string()))
+        .collect()
 }
 
 fn start_hub(dir: &Path, addr: &str) -> Proc {

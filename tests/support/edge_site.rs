@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::messages::{Phase, ReplicaView};
 
@@ -180,17 +180,8 @@ impl Site {
     }
 
     /// Polls `cond` every `every` until it holds or `limit` passes; the time it took.
-    pub fn time_until(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-        let start = Instant::now();
-        loop {
-            if cond() {
-                return Some(start.elapsed());
-            }
-            if start.elapsed() >= limit {
-                return None;
-            }
-            std::thread::sleep(every);
-        }
+    pub fn time_until(limit: Duration, every: Duration, cond: impl FnMut() -> bool) -> Option<Duration> {
+        cluster::time_until(limit, every, cond)
     }
 }
 
