@@ -77,7 +77,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             }
         },
         ApiRequest::RolloutStatus { name } => {
-            let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+            let Some(w) = shared.store.workload(&name).await? else {
                 return Ok(ApiResponse::Error { message: format!("workload {name:?} not found") });
             };
             let rows = shared.store.replicas().await?;
@@ -86,7 +86,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             ApiResponse::Rollout { complete, text }
         }
         ApiRequest::RolloutHistory { name } => {
-            let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+            let Some(w) = shared.store.workload(&name).await? else {
                 return Ok(ApiResponse::Error { message: format!("workload {name:?} not found") });
             };
             let revisions = shared.store.revisions(&name).await?;

@@ -42,7 +42,7 @@ pub async fn rollback(
     cause: &str,
     now_ms: u64,
 ) -> Result<Result<(u64, Applied), Refusal>, StoreError> {
-    let Some(w) = store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+    let Some(w) = store.workload(name).await? else {
         return Ok(Err(format!("workload {name:?} not found")));
     };
     let revisions = store.revisions(name).await?;
@@ -63,7 +63,7 @@ pub async fn scale(
     replicas: u32,
     now_ms: u64,
 ) -> Result<Result<Applied, Refusal>, StoreError> {
-    let Some(w) = store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+    let Some(w) = store.workload(name).await? else {
         return Ok(Err(format!("workload {name:?} not found")));
     };
     if w.manifest.spec.kind != WorkloadKind::Replicated {

@@ -737,7 +737,7 @@ async fn roll_back_stalled(shared: &Shared, name: &str, now: u64) -> Result<(), 
         now.saturating_sub(p.since_ms)
     };
     let revisions = shared.store.revisions(name).await?;
-    let Some(w) = shared.store.workloads().await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
+    let Some(w) = shared.store.workload(name).await? else {
         return Ok(());
     };
     let current = w.manifest.template().hash();

@@ -141,6 +141,16 @@ pub struct JobAttempt {
     pub succeeded: bool,
 }
 
+/// A `SELECT name, manifest, revision, created_at_ms FROM workloads` row.
+fn workload_row(r: &Rec) -> Result<WorkloadRow> {
+    let name = r.text(0)?;
+    Ok(WorkloadRow {
+        manifest: serde_json::from_str(&r.text(1)?).map_err(corrupt("workload", &name))?,
+        revision: r.u64(2)?,
+        created_at_ms: r.u64(3)?,
+    })
+}
+
 /// One template a workload had (`flotilla rollout history`).
 #[derive(Debug, Clone)]
 pub struct RevisionRow {
@@ -388,16 +398,16 @@ impl Store {
     pub async fn workloads(&self) -> Result<Vec<WorkloadRow>> {
         let rows =
             self.pool.fetch("SELECT name, manifest, revision, created_at_ms FROM workloads ORDER BY name", &[]).await?;
-        rows.iter()
-            .map(|r| {
-                let name = r.text(0)?;
-                Ok(WorkloadRow {
-                    manifest: serde_json::from_str(&r.text(1)?).map_err(corrupt("workload", &name))?,
-                    revision: r.u64(2)?,
-                    created_at_ms: r.u64(3)?,
-                })
-            })
-            .collect()
+        rows.iter().map(workload_row).collect()
+    }
+
+    /// One workload, if it exists.
+    pub async fn workload(&self, name: &str) -> Result<Option<WorkloadRow>> {
+        let rows = self
+            .pool
+            .fetch("SELECT name, manifest, revision, created_at_ms FROM workloads WHERE name = ?", &[name.into()])
+            .await?;
+        rows.first().map(workload_row).transpose()
     }
 
     /// Each workload's revision: a cheap change detector for hubs that poll the store.
