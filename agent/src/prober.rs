@@ -167,25 +167,22 @@ async fn exec_check(exec: &ExecTarget, command: &[String], timeout: Duration) ->
         Some(124) => Err(format!("exec {} timed out after {}", command.join(" "), humantime(timeout))),
         // The executor's own failures: the probe could not run at all.
         Some(code @ 125..=127) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-            Err(format!("exec {} could not run (code {code}): {}", command.join(" "), truncate(last, 200)))
+            Err(format!("exec {} could not run (code {code}): {}", command.join(" "), last_line(&out.stderr)))
         }
         code => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
             let how = code.map_or_else(|| "was killed".to_string(), |c| format!("exited with code {c}"));
-            let detail = if last.is_empty() { String::new() } else { format!(": {}", truncate(last, 200)) };
+            let last = last_line(&out.stderr);
+            let detail = if last.is_empty() { String::new() } else { format!(": {last}") };
             Err(format!("exec {} {how}{detail}", command.join(" ")))
         }
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
+/// The last non-empty line of `stderr`, trimmed and cut at 200 characters.
+fn last_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    last.chars().take(200).collect()
 }
 
 #[cfg(test)]
