@@ -14,26 +14,44 @@
 //! ```
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::messages::ClientConfigFile;
 use proto::token::JoinToken;
 use rand::RngCore;
+use tracing::info;
 use transport::pki::{Ca, CertifiedKey};
 
+pub use crate::fsutil::WriteError;
+use crate::fsutil::write_private;
+use crate::store::{Store, StoreError};
+
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The cluster-wide record of the CA and join token on a shared store.
+const IDENTITY_SECRET: &str = "cluster-identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("cannot {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("certificate authority in {path}: {source}")]
     Pki { path: PathBuf, source: transport::pki::PkiError },
-    #[error("join token in {path} is unusable: {message}")]
-    Token { path: PathBuf, message: String },
+    #[error("join token in {path} is unusable: {source}")]
+    Token { path: PathBuf, source: proto::token::TokenError },
+    #[error("join token in {path} is unusable: it pins a different certificate authority than tls/ca.pem")]
+    TokenPinsOtherCa { path: PathBuf },
+    #[error("cluster identity: the store's {IDENTITY_SECRET} record is unreadable: {0}")]
+    SharedIdentityUnreadable(serde_json::Error),
+    #[error(
+        "cluster identity: {0} holds a different cluster CA than the shared store; move the data dir's tls/ and token aside to join this cluster"
+    )]
+    SharedIdentityConflict(PathBuf),
+    #[error("cluster identity: {0}")]
+    Store(#[from] StoreError),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BootstrapError + 'a {
@@ -48,47 +66,113 @@ pub struct Identity {
     pub admin_config_path: PathBuf,
 }
 
-/// Writes `data` to `path` atomically with mode 0600 (temp file, fsync, rename).
-pub fn write_private(path: &Path, data: &[u8]) -> Result<(), BootstrapError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    Ok(())
-}
-
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
 }
 
+/// The cluster CA, made once per cluster: by a hub's first start on its own data dir, or by
+/// the first hub on a shared store ([`share`]). This and [`new_token`] are the only places
+/// that create them.
+fn new_ca(path: &Path) -> Result<Ca, BootstrapError> {
+    let ca = Ca::generate("flotilla cluster CA").map_err(|source| BootstrapError::Pki { path: path.into(), source })?;
+    info!(fingerprint = %ca.fingerprint(), "created cluster certificate authority");
+    Ok(ca)
+}
+
+/// A join token pinning `ca`, with a fresh secret.
+fn new_token(ca: &Ca) -> JoinToken {
+    JoinToken { ca_fingerprint: ca.fingerprint(), secret: random_hex(24) }
+}
+
+/// Where the CA and token live in a data dir.
+struct Paths {
+    tls: PathBuf,
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    token: PathBuf,
+}
+
+impl Paths {
+    fn of(data_dir: &Path) -> Paths {
+        let tls = data_dir.join("tls");
+        Paths { ca_cert: tls.join("ca.pem"), ca_key: tls.join("ca.key"), token: data_dir.join("token"), tls }
+    }
+}
+
+/// The CA and join token as several hubs share them through the store.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedIdentity {
+    ca_cert_pem: String,
+    ca_key_pem: String,
+    token: String,
+}
+
+/// On a shared store every hub must have the same CA and join token, so agents trust and join
+/// any of them. The first hub stores its own (or new ones) in the store; every hub then writes
+/// the stored ones into its data dir, where [`load_or_create`] loads them. A data dir that
+/// already has a different CA is refused rather than silently replaced.
+pub async fn share(store: &Store, data_dir: &Path) -> Result<(), BootstrapError> {
+    let paths = Paths::of(data_dir);
+    fs::create_dir_all(&paths.tls).map_err(io("create", &paths.tls))?;
+    let local =
+        match (fs::read_to_string(&paths.ca_cert), fs::read_to_string(&paths.ca_key), fs::read_to_string(&paths.token))
+        {
+            (Ok(cert), Ok(key), Ok(token)) => {
+                Some(SharedIdentity { ca_cert_pem: cert, ca_key_pem: key, token: token.trim().to_string() })
+            }
+            _ => None,
+        };
+    let candidate = match &local {
+        Some(l) => SharedIdentity {
+            ca_cert_pem: l.ca_cert_pem.clone(),
+            ca_key_pem: l.ca_key_pem.clone(),
+            token: l.token.clone(),
+        },
+        None => {
+            let ca = new_ca(&paths.ca_cert)?;
+            let token = new_token(&ca);
+            SharedIdentity {
+                ca_cert_pem: ca.cert_pem().to_string(),
+                ca_key_pem: ca.key_pem().to_string(),
+                token: token.to_string(),
+            }
+        }
+    };
+    let candidate_json = serde_json::to_string(&candidate).expect("identity serializes");
+    let stored = store.get_or_insert_secret(IDENTITY_SECRET, &candidate_json).await?;
+    let stored: SharedIdentity = serde_json::from_str(&stored).map_err(BootstrapError::SharedIdentityUnreadable)?;
+    if let Some(l) = &local {
+        if l.ca_cert_pem != stored.ca_cert_pem {
+            return Err(BootstrapError::SharedIdentityConflict(data_dir.to_path_buf()));
+        }
+        if l.token == stored.token {
+            return Ok(());
+        }
+    }
+    write_private(&paths.ca_key, stored.ca_key_pem.as_bytes())?;
+    write_private(&paths.ca_cert, stored.ca_cert_pem.as_bytes())?;
+    write_private(&paths.token, format!("{}\n", stored.token).as_bytes())?;
+    info!("cluster identity loaded from the shared store");
+    Ok(())
+}
+
 /// Loads the hub's identity from `data_dir`, creating what is missing. `advertise` is the
 /// address written into the admin config; `extra_names` go into the serving certificate.
 pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) -> Result<Identity, BootstrapError> {
-    let tls = data_dir.join("tls");
+    let Paths { tls, ca_cert, ca_key, token: token_path } = Paths::of(data_dir);
     fs::create_dir_all(&tls).map_err(io("create", &tls))?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", data_dir))?;
 
-    let ca_cert = tls.join("ca.pem");
-    let ca_key = tls.join("ca.key");
     let ca = if ca_cert.exists() {
         let cert = fs::read_to_string(&ca_cert).map_err(io("read", &ca_cert))?;
         let key = fs::read_to_string(&ca_key).map_err(io("read", &ca_key))?;
         Ca::load(&cert, &key).map_err(|source| BootstrapError::Pki { path: ca_cert.clone(), source })?
     } else {
-        let ca = Ca::generate("flotilla cluster CA")
-            .map_err(|source| BootstrapError::Pki { path: ca_cert.clone(), source })?;
+        let ca = new_ca(&ca_cert)?;
         write_private(&ca_key, ca.key_pem().as_bytes())?;
         write_private(&ca_cert, ca.cert_pem().as_bytes())?;
-        tracing::info!(fingerprint = %ca.fingerprint(), "created cluster certificate authority");
         ca
     };
 
@@ -100,22 +184,16 @@ pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) 
     write_private(&tls.join("hub.pem"), server.cert_pem.as_bytes())?;
     write_private(&tls.join("hub.key"), server.key_pem.as_bytes())?;
 
-    let token_path = data_dir.join("token");
     let token = if token_path.exists() {
         let text = fs::read_to_string(&token_path).map_err(io("read", &token_path))?;
-        let token: JoinToken = text.parse().map_err(|e: proto::token::TokenError| BootstrapError::Token {
-            path: token_path.clone(),
-            message: e.to_string(),
-        })?;
+        let token: JoinToken =
+            text.parse().map_err(|source| BootstrapError::Token { path: token_path.clone(), source })?;
         if token.ca_fingerprint != ca.fingerprint() {
-            return Err(BootstrapError::Token {
-                path: token_path,
-                message: "it pins a different certificate authority than tls/ca.pem".into(),
-            });
+            return Err(BootstrapError::TokenPinsOtherCa { path: token_path });
         }
         token
     } else {
-        let token = JoinToken { ca_fingerprint: ca.fingerprint(), secret: random_hex(24) };
+        let token = new_token(&ca);
         write_private(&token_path, format!("{token}\n").as_bytes())?;
         token
     };

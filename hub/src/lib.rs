@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod fsutil;
 pub mod leader;
 pub mod revisions;
 pub mod rollout;

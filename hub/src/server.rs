@@ -57,8 +57,6 @@ const CLUSTER_POLL: Duration = Duration::from_millis(500);
 /// A node whose session another hub holds counts as connected while its last heartbeat is
 /// younger than this (three agent heartbeats). Compares hub clocks: keep them in NTP sync.
 const REMOTE_STALE_MS: u64 = 15_000;
-/// The cluster-wide record of the CA and join token on a shared store.
-const IDENTITY_SECRET: &str = "cluster-identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -68,8 +66,6 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("cannot set up the QUIC endpoint: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("cluster identity: {0}")]
-    Identity(String),
 }
 
 /// A connected agent.
@@ -160,7 +156,7 @@ impl Hub {
         }
         let store = Store::connect(&config.datastore, &config.data_dir).await?;
         if store.is_shared() {
-            share_identity(&store, &config.data_dir).await?;
+            bootstrap::share(&store, &config.data_dir).await?;
         }
         let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names)?;
         let hub_id = hub_id(&config.data_dir)?;
@@ -570,79 +566,8 @@ fn hub_id(data_dir: &std::path::Path) -> Result<String, HubError> {
     let mut bytes = [0u8; 8];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     let id = format!("hub-{}", hex::encode(bytes));
-    bootstrap::write_private(&path, format!("{id}\n").as_bytes())?;
+    crate::fsutil::write_private(&path, format!("{id}\n").as_bytes()).map_err(BootstrapError::from)?;
     Ok(id)
-}
-
-/// The CA and join token as shared through the store.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SharedIdentity {
-    ca_cert_pem: String,
-    ca_key_pem: String,
-    token: String,
-}
-
-/// On a shared store every hub must have the same CA and join token, so agents trust and join
-/// any of them. The first hub stores its own (or new ones) in the store; every hub then writes
-/// the stored ones into its data dir, where [`bootstrap::load_or_create`] loads them. A data
-/// dir that already has a different CA is refused rather than silently replaced.
-async fn share_identity(store: &Store, data_dir: &std::path::Path) -> Result<(), HubError> {
-    let tls_dir = data_dir.join("tls");
-    std::fs::create_dir_all(&tls_dir).map_err(|source| BootstrapError::Io {
-        action: "create",
-        path: tls_dir.clone(),
-        source,
-    })?;
-    let (ca_cert, ca_key, token_path) = (tls_dir.join("ca.pem"), tls_dir.join("ca.key"), data_dir.join("token"));
-    let local = match (
-        std::fs::read_to_string(&ca_cert),
-        std::fs::read_to_string(&ca_key),
-        std::fs::read_to_string(&token_path),
-    ) {
-        (Ok(cert), Ok(key), Ok(token)) => {
-            Some(SharedIdentity { ca_cert_pem: cert, ca_key_pem: key, token: token.trim().to_string() })
-        }
-        _ => None,
-    };
-    let candidate = match &local {
-        Some(l) => SharedIdentity {
-            ca_cert_pem: l.ca_cert_pem.clone(),
-            ca_key_pem: l.ca_key_pem.clone(),
-            token: l.token.clone(),
-        },
-        None => {
-            let ca = Ca::generate("flotilla cluster CA")
-                .map_err(|source| BootstrapError::Pki { path: ca_cert.clone(), source })?;
-            let mut secret = [0u8; 24];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
-            let token = proto::token::JoinToken { ca_fingerprint: ca.fingerprint(), secret: hex::encode(secret) };
-            SharedIdentity {
-                ca_cert_pem: ca.cert_pem().to_string(),
-                ca_key_pem: ca.key_pem().to_string(),
-                token: token.to_string(),
-            }
-        }
-    };
-    let candidate_json = serde_json::to_string(&candidate).expect("identity serializes");
-    let stored = store.get_or_insert_secret(IDENTITY_SECRET, &candidate_json).await?;
-    let stored: SharedIdentity = serde_json::from_str(&stored)
-        .map_err(|e| HubError::Identity(format!("the store's {IDENTITY_SECRET} record is unreadable: {e}")))?;
-    if let Some(l) = &local {
-        if l.ca_cert_pem != stored.ca_cert_pem {
-            return Err(HubError::Identity(format!(
-                "{} holds a different cluster CA than the shared store; move the data dir's tls/ and token aside to join this cluster",
-                data_dir.display()
-            )));
-        }
-        if l.token == stored.token {
-            return Ok(());
-        }
-    }
-    bootstrap::write_private(&ca_key, stored.ca_key_pem.as_bytes())?;
-    bootstrap::write_private(&ca_cert, stored.ca_cert_pem.as_bytes())?;
-    bootstrap::write_private(&token_path, format!("{}\n", stored.token).as_bytes())?;
-    info!("cluster identity loaded from the shared store");
-    Ok(())
 }
 
 /// Built-in labels every node carries, usable in node selectors.
