@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use transport::frame;
 
 use crate::now_ms;
+use crate::revisions::RevisionError;
 use crate::server::{Shared, node_labels};
 use crate::store::{Applied, ReplicaRow, StoreError};
 
@@ -32,8 +33,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
 enum StreamError {
     #[error(transparent)]
     Frame(#[from] frame::FrameError),
+    #[error("relaying logs: cannot open a stream to the agent: {0}")]
+    OpenAgentStream(#[from] quinn::ConnectionError),
     #[error("relaying logs: {0}")]
-    Relay(String),
+    Relay(#[from] std::io::Error),
+}
+
+/// Why a replica's log cannot be relayed; sent to the CLI as the stream's error.
+#[derive(Debug, thiserror::Error)]
+enum NoLogSource {
+    #[error("replica {0:?} not found")]
+    NotFound(String),
+    #[error("replica {0:?} is not placed on any node")]
+    NotPlaced(String),
+    #[error("node {node:?} that runs {replica:?} is not connected")]
+    NodeNotConnected { node: String, replica: String },
 }
 
 async fn handle(
@@ -99,8 +113,9 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
                 Some(n) => format!("undo to revision {n}"),
                 None => "undo".to_string(),
             };
-            match crate::revisions::rollback(&shared.store, &name, to_revision, &cause, now_ms()).await? {
-                Err(message) => ApiResponse::Error { message },
+            match crate::revisions::rollback(&shared.store, &name, to_revision, &cause, now_ms()).await {
+                Err(RevisionError::Store(e)) => return Err(e),
+                Err(refused) => ApiResponse::Error { message: refused.to_string() },
                 Ok((target, applied)) => {
                     info!(workload = %name, target, "rolled back on request");
                     shared.trigger_reconcile();
@@ -111,8 +126,9 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             }
         }
         ApiRequest::Scale { name, replicas } => {
-            match crate::revisions::scale(&shared.store, &name, replicas, now_ms()).await? {
-                Err(message) => ApiResponse::Error { message },
+            match crate::revisions::scale(&shared.store, &name, replicas, now_ms()).await {
+                Err(RevisionError::Store(e)) => return Err(e),
+                Err(refused) => ApiResponse::Error { message: refused.to_string() },
                 Ok(applied) => {
                     shared.trigger_reconcile();
                     ApiResponse::Applied {
@@ -458,20 +474,20 @@ async fn relay_logs(
         }
     };
     let conn = match node {
-        None => Err(format!("replica {replica:?} not found")),
-        Some(None) => Err(format!("replica {replica:?} is not placed on any node")),
-        Some(Some(node)) => {
-            shared.connection(&node).ok_or_else(|| format!("node {node:?} that runs {replica:?} is not connected"))
-        }
+        None => Err(NoLogSource::NotFound(replica.clone())),
+        Some(None) => Err(NoLogSource::NotPlaced(replica.clone())),
+        Some(Some(node)) => shared
+            .connection(&node)
+            .ok_or_else(|| NoLogSource::NodeNotConnected { node: node.clone(), replica: replica.clone() }),
     };
     let conn = match conn {
         Ok(c) => c,
-        Err(message) => {
-            frame::write(send, &fail(message)).await?;
+        Err(why) => {
+            frame::write(send, &fail(why.to_string())).await?;
             return Ok(());
         }
     };
-    let (mut agent_send, mut agent_recv) = conn.open_bi().await.map_err(|e| StreamError::Relay(e.to_string()))?;
+    let (mut agent_send, mut agent_recv) = conn.open_bi().await?;
     frame::write(&mut agent_send, &HubRequest::Logs { replica, follow, tail_lines }).await?;
     let start = frame::read::<StreamStart>(&mut agent_recv)
         .await?
@@ -481,7 +497,7 @@ async fn relay_logs(
     if ok {
         // Ends when the agent finishes (no follow) or when the CLI goes away (follow): a
         // failed write drops both agent streams, which tells the agent to stop.
-        tokio::io::copy(&mut agent_recv, send).await.map_err(|e| StreamError::Relay(e.to_string()))?;
+        tokio::io::copy(&mut agent_recv, send).await?;
     }
     let _ = send.finish();
     Ok(())

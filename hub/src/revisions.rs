@@ -9,8 +9,30 @@ use proto::manifest::WorkloadKind;
 
 use crate::store::{Applied, ReplicaRow, RevisionRow, Store, StoreError, WorkloadRow};
 
-/// Why an operation on a workload could not be done, for the user.
-pub type Refusal = String;
+/// Why an operation on a workload was not done. The messages are what the CLI prints.
+#[derive(Debug, thiserror::Error)]
+pub enum RevisionError {
+    #[error("workload {0:?} not found")]
+    NotFound(String),
+    #[error("workload {name:?} is {kind:?}; only Replicated workloads scale")]
+    NotScalable { name: String, kind: WorkloadKind },
+    /// The scaled manifest fails validation (`spec.replicas` out of range).
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// No revision to roll back to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("no revision {wanted} (revisions: {known})")]
+    NoSuchRevision { wanted: u64, known: String },
+    #[error("no earlier revision with a different template to roll back to")]
+    NoEarlierTemplate,
+}
 
 /// Which revision a rollback goes to: `to`, or the newest one before the current template
 /// whose template differs from it.
@@ -18,64 +40,51 @@ pub fn rollback_target<'a>(
     revisions: &'a [RevisionRow],
     current_hash: &str,
     to: Option<u64>,
-) -> Result<&'a RevisionRow, Refusal> {
+) -> Result<&'a RevisionRow, TargetError> {
     if let Some(n) = to {
         return revisions.iter().find(|r| r.revision == n).ok_or_else(|| {
             let known: Vec<String> = revisions.iter().map(|r| r.revision.to_string()).collect();
-            format!("no revision {n} (revisions: {})", known.join(", "))
+            TargetError::NoSuchRevision { wanted: n, known: known.join(", ") }
         });
     }
     // The current template's own revision is the newest with its hash; go before it.
     let current = revisions.iter().rposition(|r| r.template_hash == current_hash).unwrap_or(revisions.len());
-    revisions[..current]
-        .iter()
-        .rev()
-        .find(|r| r.template_hash != current_hash)
-        .ok_or_else(|| "no earlier revision with a different template to roll back to".to_string())
+    revisions[..current].iter().rev().find(|r| r.template_hash != current_hash).ok_or(TargetError::NoEarlierTemplate)
 }
 
-/// Rolls `name` back to revision `to` (or the previous template), recording `cause`.
+/// Rolls `name` back to revision `to` (or the previous template), recording `cause`: one
+/// read-modify-write under the store's write lock, so an apply landing meanwhile is never
+/// overwritten. Returns the revision whose template it took.
 pub async fn rollback(
     store: &Store,
     name: &str,
     to: Option<u64>,
     cause: &str,
     now_ms: u64,
-) -> Result<Result<(u64, Applied), Refusal>, StoreError> {
-    let Some(w) = store.workload(name).await? else {
-        return Ok(Err(format!("workload {name:?} not found")));
-    };
-    let revisions = store.revisions(name).await?;
-    let current = w.manifest.template().hash();
-    let target = match rollback_target(&revisions, &current, to) {
-        Ok(t) => t,
-        Err(why) => return Ok(Err(why)),
-    };
-    let manifest = w.manifest.with_template_of(&target.manifest);
-    let applied = store.apply_workloads_because(&[manifest], now_ms, cause).await?;
-    Ok(Ok((target.revision, applied.first().copied().unwrap_or(Applied::Unchanged))))
+) -> Result<(u64, Applied), RevisionError> {
+    let done = store
+        .modify_workload(name, cause, now_ms, |w, revisions| {
+            let target = rollback_target(revisions, &w.manifest.template().hash(), to)?;
+            Ok::<_, RevisionError>((w.manifest.with_template_of(&target.manifest), target.revision))
+        })
+        .await?;
+    done.ok_or_else(|| RevisionError::NotFound(name.to_string()))
 }
 
-/// Sets a Replicated workload's replica count.
-pub async fn scale(
-    store: &Store,
-    name: &str,
-    replicas: u32,
-    now_ms: u64,
-) -> Result<Result<Applied, Refusal>, StoreError> {
-    let Some(w) = store.workload(name).await? else {
-        return Ok(Err(format!("workload {name:?} not found")));
-    };
-    if w.manifest.spec.kind != WorkloadKind::Replicated {
-        return Ok(Err(format!("workload {name:?} is {:?}; only Replicated workloads scale", w.manifest.spec.kind)));
-    }
-    let mut m = w.manifest.clone();
-    m.spec.replicas = Some(replicas);
-    if let Err((path, message)) = m.validate() {
-        return Ok(Err(format!("{path}: {message}")));
-    }
-    let applied = store.apply_workloads_because(&[m], now_ms, "scale").await?;
-    Ok(Ok(applied.first().copied().unwrap_or(Applied::Unchanged)))
+/// Sets a Replicated workload's replica count, as one read-modify-write (see [`rollback`]).
+pub async fn scale(store: &Store, name: &str, replicas: u32, now_ms: u64) -> Result<Applied, RevisionError> {
+    let done = store
+        .modify_workload(name, "scale", now_ms, |w, _| {
+            if w.manifest.spec.kind != WorkloadKind::Replicated {
+                return Err(RevisionError::NotScalable { name: name.to_string(), kind: w.manifest.spec.kind });
+            }
+            let mut m = w.manifest.clone();
+            m.spec.replicas = Some(replicas);
+            m.validate().map_err(|(path, message)| RevisionError::Invalid { path, message })?;
+            Ok((m, ()))
+        })
+        .await?;
+    done.map(|((), applied)| applied).ok_or_else(|| RevisionError::NotFound(name.to_string()))
 }
 
 /// `flotilla rollout history` text.
@@ -133,7 +142,7 @@ mod tests {
         let revs = [rev(1, "a", "apply"), rev(3, "b", "apply"), rev(4, "c", "apply")];
         assert_eq!(rollback_target(&revs, "c", None).unwrap().revision, 3);
         assert_eq!(rollback_target(&revs, "c", Some(1)).unwrap().revision, 1);
-        assert!(rollback_target(&revs, "c", Some(2)).unwrap_err().contains("no revision 2 (revisions: 1, 3, 4)"));
+        assert_eq!(rollback_target(&revs, "c", Some(2)).unwrap_err().to_string(), "no revision 2 (revisions: 1, 3, 4)");
         // After an undo to a's template (revision 5), the previous different one is c.
         let revs = [rev(1, "a", "apply"), rev(3, "b", "apply"), rev(4, "c", "apply"), rev(5, "a", "undo")];
         assert_eq!(rollback_target(&revs, "a", None).unwrap().revision, 4);

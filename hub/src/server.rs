@@ -671,11 +671,12 @@ async fn roll_back_stalled(shared: &Shared, name: &str, now: u64) -> Result<(), 
         return Ok(());
     }
     let cause = format!("rollback: template {current} made no progress in {}s", deadline / 1000);
-    match crate::revisions::rollback(&shared.store, name, None, &cause, now).await? {
+    match crate::revisions::rollback(&shared.store, name, None, &cause, now).await {
         Ok((to, _)) => {
             warn!(workload = %name, to_revision = to, "rollout made no progress within its deadline; rolled back");
             shared.trigger_reconcile();
         }
+        Err(crate::revisions::RevisionError::Store(e)) => return Err(e),
         Err(why) => {
             warn!(workload = %name, reason = %why, "rollout made no progress within its deadline; cannot roll back")
         }

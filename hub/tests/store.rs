@@ -85,6 +85,7 @@ on_both_backends!(
     acknowledged_writes_survive_reopen,
     template_changes_are_kept_as_revisions_with_their_cause,
     node_scheduling_and_job_attempts_are_recorded_once,
+    scale_and_undo_lose_no_apply_that_lands_meanwhile,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -202,6 +203,54 @@ async fn stale_resource_version_is_refused_and_nothing_is_stored(b: Backing) {
     s.delete_workloads(&["hello".into()]).await.unwrap();
     let err = s.apply_workloads(&v2, 4).await.unwrap_err();
     assert!(err.to_string().contains("was changed since revision 1 (it was deleted)"), "{err}");
+}
+
+/// Applies that change a workload with the revision they read (retrying on conflict) race
+/// with `flotilla scale` and `flotilla rollout undo` from another hub. Scale and undo are one
+/// read-modify-write under the write lock: no apply's change is lost, and theirs neither.
+async fn scale_and_undo_lose_no_apply_that_lands_meanwhile(b: Backing) {
+    use flotilla_hub::revisions;
+    let hubs = [b.open().await, b.open().await];
+    hubs[0].apply_workloads(&parse_manifests(M).unwrap(), 0).await.unwrap();
+    // A second template to undo to and from.
+    hubs[0].apply_workloads(&parse_manifests(&M.replace("r/hello:1", "r/hello:2")).unwrap(), 0).await.unwrap();
+    const ROUNDS: u64 = 24;
+    // Bumps a counter in the workload's labels (not its template) with the revision it read.
+    let bump = |s: Store| async move {
+        for _ in 0..ROUNDS {
+            loop {
+                let w = s.workload("hello").await.unwrap().unwrap();
+                let mut m = w.manifest;
+                let n: u64 = m.metadata.labels.get("count").map(|v| v.parse().unwrap()).unwrap_or(0);
+                m.metadata.labels.insert("count".into(), (n + 1).to_string());
+                m.metadata.resource_version = Some(w.revision);
+                match s.apply_workloads(&[m], 1).await {
+                    Ok(_) => break,
+                    Err(StoreError::Conflict { .. }) => tokio::task::yield_now().await,
+                    Err(e) => panic!("apply failed: {e}"),
+                }
+            }
+        }
+    };
+    let other = hubs[1].clone();
+    let scale_and_undo = async move {
+        for i in 1..=ROUNDS {
+            revisions::scale(&other, "hello", i as u32, 2).await.unwrap();
+            revisions::rollback(&other, "hello", None, "undo", 2).await.unwrap();
+        }
+    };
+    tokio::join!(bump(hubs[0].clone()), scale_and_undo);
+    let w = hubs[0].workload("hello").await.unwrap().unwrap();
+    assert_eq!(
+        w.manifest.metadata.labels.get("count").map(String::as_str),
+        Some(ROUNDS.to_string().as_str()),
+        "an apply was lost"
+    );
+    assert_eq!(w.manifest.spec.replicas, Some(ROUNDS as u32), "a scale was lost");
+    // An even number of undos from hello:2 ends on hello:2; each undo is one revision.
+    assert_eq!(w.manifest.spec.image, "r/hello:2");
+    let undos = hubs[0].revisions("hello").await.unwrap().iter().filter(|r| r.cause == "undo").count();
+    assert_eq!(undos as u64, ROUNDS);
 }
 
 /// Writers on two hubs each read the workload, bump a counter in its env, and apply with the

@@ -69,18 +69,23 @@ pub enum Datastore {
     Postgres(String),
 }
 
+/// A `--datastore` value that names no supported store.
+#[derive(Debug, thiserror::Error)]
+#[error("unsupported datastore {0:?}: use sqlite or a postgres://USER@HOST:PORT/DB URL")]
+pub struct UnsupportedDatastore(pub String);
+
 impl FromStr for Datastore {
-    type Err = String;
+    type Err = UnsupportedDatastore;
 
     /// `sqlite` (or an empty string) for the embedded store; `postgres://...` or
     /// `postgresql://...` for PostgreSQL.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, UnsupportedDatastore> {
         if s.is_empty() || s == "sqlite" {
             Ok(Datastore::Sqlite)
         } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             Ok(Datastore::Postgres(s.to_string()))
         } else {
-            Err(format!("unsupported datastore {s:?}: use sqlite or a postgres://USER@HOST:PORT/DB URL"))
+            Err(UnsupportedDatastore(s.to_string()))
         }
     }
 }
@@ -172,6 +177,72 @@ async fn record_revision(tx: &mut Tx, name: &str, revision: u64, m: &Manifest, c
     )
     .await?;
     Ok(())
+}
+
+const REVISIONS_OF: &str = "SELECT revision, template_hash, manifest, cause, created_at_ms FROM workload_revisions \
+     WHERE workload = ? ORDER BY revision";
+
+/// A [`REVISIONS_OF`] row.
+fn revision_row(r: &Rec, workload: &str) -> Result<RevisionRow> {
+    Ok(RevisionRow {
+        revision: r.u64(0)?,
+        template_hash: r.text(1)?,
+        manifest: serde_json::from_str(&r.text(2)?).map_err(corrupt("workload revision", workload))?,
+        cause: r.text(3)?,
+        created_at_ms: r.u64(4)?,
+    })
+}
+
+/// Stores one manifest inside a write transaction (see [`Store::apply_workloads`]).
+async fn apply_in(tx: &mut Tx, given: &Manifest, now_ms: u64, cause: &str) -> Result<Applied> {
+    let m = stored_form(given);
+    let name = &m.metadata.name;
+    let json = to_json(&m);
+    let existing = tx.fetch_optional("SELECT manifest, revision FROM workloads WHERE name = ?", &[name.into()]).await?;
+    let existing = match existing {
+        Some(r) => Some((r.text(0)?, r.u64(1)?)),
+        None => None,
+    };
+    if let Some(expected) = given.metadata.resource_version {
+        let current = existing.as_ref().map(|(_, rev)| *rev);
+        if current != Some(expected) {
+            return Err(StoreError::Conflict {
+                name: name.clone(),
+                expected,
+                now: match current {
+                    Some(rev) => format!("now {rev}"),
+                    None => "it was deleted".into(),
+                },
+            });
+        }
+    }
+    Ok(match existing {
+        None => {
+            tx.exec(
+                "INSERT INTO workloads (name, manifest, revision, created_at_ms, updated_at_ms) VALUES (?, ?, 1, ?, ?)",
+                &[name.into(), (&json).into(), now_ms.into(), now_ms.into()],
+            )
+            .await?;
+            record_revision(tx, name, 1, &m, cause, now_ms).await?;
+            Applied::Created
+        }
+        Some((old_json, revision)) => {
+            let old: Manifest = serde_json::from_str(&old_json).map_err(corrupt("workload", name))?;
+            if stored_form(&old) == m {
+                Applied::Unchanged
+            } else {
+                tx.exec(
+                    "UPDATE workloads SET manifest = ?, revision = revision + 1, updated_at_ms = ? WHERE name = ?",
+                    &[(&json).into(), now_ms.into(), name.into()],
+                )
+                .await?;
+                if old.template().hash() != m.template().hash() {
+                    record_revision(tx, name, revision + 1, &m, cause, now_ms).await?;
+                }
+                Applied::Configured
+            }
+        }
+    })
 }
 
 /// What `apply_workloads` did to one manifest.
@@ -293,82 +364,47 @@ impl Store {
         let mut tx = self.pool.write_tx().await?;
         let mut out = Vec::with_capacity(manifests.len());
         for given in manifests {
-            let m = stored_form(given);
-            let name = &m.metadata.name;
-            let json = to_json(&m);
-            let existing =
-                tx.fetch_optional("SELECT manifest, revision FROM workloads WHERE name = ?", &[name.into()]).await?;
-            let existing = match existing {
-                Some(r) => Some((r.text(0)?, r.u64(1)?)),
-                None => None,
-            };
-            if let Some(expected) = given.metadata.resource_version {
-                let current = existing.as_ref().map(|(_, rev)| *rev);
-                if current != Some(expected) {
-                    return Err(StoreError::Conflict {
-                        name: name.clone(),
-                        expected,
-                        now: match current {
-                            Some(rev) => format!("now {rev}"),
-                            None => "it was deleted".into(),
-                        },
-                    });
-                }
-            }
-            let outcome = match existing {
-                None => {
-                    tx.exec(
-                        "INSERT INTO workloads (name, manifest, revision, created_at_ms, updated_at_ms) VALUES (?, ?, 1, ?, ?)",
-                        &[name.into(), (&json).into(), now_ms.into(), now_ms.into()],
-                    )
-                    .await?;
-                    record_revision(&mut tx, name, 1, &m, cause, now_ms).await?;
-                    Applied::Created
-                }
-                Some((old_json, revision)) => {
-                    let old: Manifest = serde_json::from_str(&old_json).map_err(corrupt("workload", name))?;
-                    if stored_form(&old) == m {
-                        Applied::Unchanged
-                    } else {
-                        tx.exec(
-                            "UPDATE workloads SET manifest = ?, revision = revision + 1, updated_at_ms = ? WHERE name = ?",
-                            &[(&json).into(), now_ms.into(), name.into()],
-                        )
-                        .await?;
-                        if old.template().hash() != m.template().hash() {
-                            record_revision(&mut tx, name, revision + 1, &m, cause, now_ms).await?;
-                        }
-                        Applied::Configured
-                    }
-                }
-            };
-            out.push(outcome);
+            out.push(apply_in(&mut tx, given, now_ms, cause).await?);
         }
         tx.commit().await?;
         Ok(out)
     }
 
+    /// Changes one workload in one transaction under the store's write lock: reads it and
+    /// its revisions, lets `change` compute the new manifest (or refuse, storing nothing), and
+    /// stores that with `cause`. No apply can land between the read and the write, so none
+    /// is overwritten unseen. `None`: there is no such workload.
+    pub async fn modify_workload<T, E: From<StoreError>>(
+        &self,
+        name: &str,
+        cause: &str,
+        now_ms: u64,
+        change: impl FnOnce(&WorkloadRow, &[RevisionRow]) -> std::result::Result<(Manifest, T), E>,
+    ) -> std::result::Result<Option<(T, Applied)>, E> {
+        let mut tx = self.pool.write_tx().await.map_err(StoreError::from)?;
+        let row = tx
+            .fetch_optional(
+                "SELECT name, manifest, revision, created_at_ms FROM workloads WHERE name = ?",
+                &[name.into()],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        let Some(row) = row else { return Ok(None) };
+        let workload = workload_row(&row)?;
+        let rows = tx.fetch(REVISIONS_OF, &[name.into()]).await.map_err(StoreError::from)?;
+        let revisions = rows.iter().map(|r| revision_row(r, name)).collect::<Result<Vec<_>>>()?;
+        let (mut manifest, out) = change(&workload, &revisions)?;
+        // What was read is what is written over: the change is made at the revision read.
+        manifest.metadata.resource_version = Some(workload.revision);
+        let applied = apply_in(&mut tx, &manifest, now_ms, cause).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Some((out, applied)))
+    }
+
     /// The templates `workload` has had, oldest first.
     pub async fn revisions(&self, workload: &str) -> Result<Vec<RevisionRow>> {
-        let rows = self
-            .pool
-            .fetch(
-                "SELECT revision, template_hash, manifest, cause, created_at_ms FROM workload_revisions \
-                 WHERE workload = ? ORDER BY revision",
-                &[workload.into()],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(RevisionRow {
-                revision: r.u64(0)?,
-                template_hash: r.text(1)?,
-                manifest: serde_json::from_str(&r.text(2)?).map_err(corrupt("workload revision", workload))?,
-                cause: r.text(3)?,
-                created_at_ms: r.u64(4)?,
-            });
-        }
-        Ok(out)
+        let rows = self.pool.fetch(REVISIONS_OF, &[workload.into()]).await?;
+        rows.iter().map(|r| revision_row(r, workload)).collect()
     }
 
     /// Deletes the named workloads; returns those that existed and the nodes whose assignment
@@ -895,7 +931,7 @@ mod tests {
             "postgres://u@h:5/db".parse::<Datastore>().unwrap(),
             Datastore::Postgres("postgres://u@h:5/db".into())
         );
-        assert!("mysql://x".parse::<Datastore>().unwrap_err().contains("unsupported datastore"));
+        assert!("mysql://x".parse::<Datastore>().unwrap_err().to_string().contains("unsupported datastore"));
         assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
