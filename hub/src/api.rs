@@ -13,9 +13,10 @@ use proto::messages::{
 use tracing::{debug, info, warn};
 use transport::frame;
 
+use crate::cluster::Shared;
+use crate::controller::{self, Reported, jobs, node_labels};
 use crate::now_ms;
 use crate::revisions::RevisionError;
-use crate::server::{Shared, node_labels};
 use crate::store::{Applied, ReplicaRow, StoreError};
 
 pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
@@ -237,12 +238,11 @@ fn outcome(a: Applied) -> ApplyOutcome {
     }
 }
 
-/// Running its assigned template, ready, on a connected node.
-pub(crate) fn is_available(shared: &Shared, r: &ReplicaRow) -> bool {
-    r.status.phase == Phase::Running
-        && r.status.ready
-        && r.status.template_hash == r.template_hash
-        && r.node.as_deref().is_some_and(|n| shared.is_connected(n))
+/// Available by the controller's rule ([`controller::is_available`]), on this hub's view of
+/// which nodes are connected.
+fn is_available(shared: &Shared, r: &ReplicaRow) -> bool {
+    let connected = r.node.as_deref().is_some_and(|n| shared.is_connected(n));
+    controller::is_available(&Reported::of(&r.status), &r.template_hash, connected)
 }
 
 async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError> {
@@ -260,9 +260,11 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
             let name = &w.manifest.metadata.name;
             let placed = replicas.iter().filter(|r| &r.workload == name && r.node.is_some()).count() as u32;
             let job = (w.manifest.spec.kind == WorkloadKind::Job).then(|| {
-                let spec = crate::server::job_spec(&w.manifest);
-                let progress = crate::server::job_progress(name, &recorded, &replicas);
-                let plan = crate::scheduler::job_plan(&spec, &progress, now_ms());
+                let spec = controller::job_spec(&w.manifest);
+                let attempts = replicas.iter().filter(|r| &r.workload == name).map(|r| (r.index, r.node.is_some()));
+                let progress = jobs::progress(name, &recorded, attempts);
+                // The phase and counts do not depend on the time; only which index runs next.
+                let plan = crate::scheduler::job_plan(&spec, &progress, 0);
                 JobView {
                     phase: format!("{:?}", plan.phase),
                     succeeded: plan.succeeded,

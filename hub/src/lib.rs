@@ -4,17 +4,22 @@
 //! reaches out to an agent: agents dial in (NAT-friendly) and the hub pushes over that
 //! connection.
 //!
-//! Structure: [`scheduler`] is a pure function; [`store`] is the only module that speaks SQL;
-//! [`leader`] elects the one hub (of several on a shared store) that runs the controllers;
-//! [`bootstrap`] owns the data dir and credentials; [`server`] is the I/O shell that accepts
-//! connections and runs the controller loop; [`api`] answers CLI requests.
+//! Structure: [`controller`] is the pure controller (a snapshot in, decisions out) and
+//! [`scheduler`] the pure placement function it calls; [`store`] is the only module that
+//! speaks SQL; [`leader`] elects the one hub (of several on a shared store) that runs the
+//! controller; [`control`] is the controller's I/O shell (read, pass, fenced write, wake);
+//! [`server`] accepts connections and holds the agent sessions, whose state [`cluster`]
+//! keeps; [`api`] answers CLI requests; [`bootstrap`] owns the data dir and credentials,
+//! written through [`fsutil`].
 
 pub mod api;
 pub mod bootstrap;
+pub(crate) mod cluster;
+pub(crate) mod control;
+pub mod controller;
 pub mod fsutil;
 pub mod leader;
 pub mod revisions;
-pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -1,12 +1,15 @@
-//! Rollout history and rollbacks over the store: `flotilla rollout history|undo|status`,
-//! `flotilla scale`, and the controller's automatic rollback of a rollout that stopped
-//! progressing. A rollback is an apply: the workload keeps its replicas, placement and strategy
-//! and takes an earlier revision's replica template, recorded as a new revision with its cause.
+//! The operator's rollout commands over the store: `flotilla rollout history|undo|status` and
+//! `flotilla scale`. An undo is an apply: the workload keeps its replicas, placement and
+//! strategy and takes an earlier revision's replica template (the revision
+//! [`rollback_target`] names, the rule the controller's automatic rollback uses too),
+//! recorded as a new revision with its cause. Undo and scale are each one read-modify-write
+//! under the store's write lock ([`Store::modify_workload`]).
 
 use std::fmt::Write as _;
 
 use proto::manifest::WorkloadKind;
 
+use crate::controller::rollout::{TargetError, rollback_target};
 use crate::store::{Applied, ReplicaRow, RevisionRow, Store, StoreError, WorkloadRow};
 
 /// Why an operation on a workload was not done. The messages are what the CLI prints.
@@ -25,31 +28,13 @@ pub enum RevisionError {
     Store(#[from] StoreError),
 }
 
-/// No revision to roll back to.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TargetError {
-    #[error("no revision {wanted} (revisions: {known})")]
-    NoSuchRevision { wanted: u64, known: String },
-    #[error("no earlier revision with a different template to roll back to")]
-    NoEarlierTemplate,
-}
-
-/// Which revision a rollback goes to: `to`, or the newest one before the current template
-/// whose template differs from it.
-pub fn rollback_target<'a>(
-    revisions: &'a [RevisionRow],
-    current_hash: &str,
-    to: Option<u64>,
-) -> Result<&'a RevisionRow, TargetError> {
-    if let Some(n) = to {
-        return revisions.iter().find(|r| r.revision == n).ok_or_else(|| {
-            let known: Vec<String> = revisions.iter().map(|r| r.revision.to_string()).collect();
-            TargetError::NoSuchRevision { wanted: n, known: known.join(", ") }
-        });
+impl crate::controller::rollout::Revision for RevisionRow {
+    fn revision(&self) -> u64 {
+        self.revision
     }
-    // The current template's own revision is the newest with its hash; go before it.
-    let current = revisions.iter().rposition(|r| r.template_hash == current_hash).unwrap_or(revisions.len());
-    revisions[..current].iter().rev().find(|r| r.template_hash != current_hash).ok_or(TargetError::NoEarlierTemplate)
+    fn template_hash(&self) -> &str {
+        &self.template_hash
+    }
 }
 
 /// Rolls `name` back to revision `to` (or the previous template), recording `cause`: one
@@ -125,29 +110,7 @@ pub fn status(w: &WorkloadRow, replicas: &[&ReplicaRow], available: impl Fn(&Rep
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use proto::manifest::parse_manifests;
-
-    fn rev(revision: u64, hash: &str, cause: &str) -> RevisionRow {
-        let m = parse_manifests(
-            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: w}\nspec: {runtime: wasm, image: r/w:1}\n",
-        )
-        .unwrap()
-        .remove(0);
-        RevisionRow { revision, template_hash: hash.into(), manifest: m, cause: cause.into(), created_at_ms: 0 }
-    }
-
-    #[test]
-    fn rollback_goes_to_the_previous_different_template_or_the_one_named() {
-        let revs = [rev(1, "a", "apply"), rev(3, "b", "apply"), rev(4, "c", "apply")];
-        assert_eq!(rollback_target(&revs, "c", None).unwrap().revision, 3);
-        assert_eq!(rollback_target(&revs, "c", Some(1)).unwrap().revision, 1);
-        assert_eq!(rollback_target(&revs, "c", Some(2)).unwrap_err().to_string(), "no revision 2 (revisions: 1, 3, 4)");
-        // After an undo to a's template (revision 5), the previous different one is c.
-        let revs = [rev(1, "a", "apply"), rev(3, "b", "apply"), rev(4, "c", "apply"), rev(5, "a", "undo")];
-        assert_eq!(rollback_target(&revs, "a", None).unwrap().revision, 4);
-        assert!(rollback_target(&revs[..1], "a", None).is_err());
-    }
 
     #[test]
     fn a_rollback_keeps_replicas_and_placement_and_takes_the_template() {

@@ -1,42 +1,39 @@
-//! The hub's I/O shell: the QUIC endpoint, one task per connection, the controller loop, and
-//! the registry of connected agents.
+//! The hub's I/O shell for connections: the QUIC endpoint, one task per connection, the
+//! per-ALPN authorization, joins, and one session per connected agent. It decides nothing
+//! about placement: the controller ([`crate::control`] around the pure
+//! [`crate::controller`]) does, and wakes sessions whose node's assignment set changed.
 //!
 //! Several hubs may share one PostgreSQL store. Every hub serves agents and the API; only the
-//! holder of the controller lease ([`crate::leader`]) runs [`reconcile`], and its placement
-//! writes are fenced by that lease. Each hub records in the store which nodes it holds
-//! sessions for, and on a shared store polls the nodes' generations (every
-//! `CLUSTER_POLL`): a node whose generation moved gets its session woken here, whichever hub
-//! wrote it, and nodes connected to other hubs count as ready while their heartbeats are
-//! fresh. Polling, not LISTEN/NOTIFY: it needs no dedicated connection, survives store
-//! reconnects without re-subscribing, and costs one small query per half second.
-//!
-//! The controller runs [`reconcile`] on every trigger (an apply, a status, a session that
-//! starts or ends), at least every `RESYNC_PERIOD`, and at the next failover deadline or Job
-//! retry the scheduler's snapshot implies, so failover needs no outside event.
+//! holder of the controller lease ([`crate::leader`]) runs the controller. Each hub records in
+//! the store which nodes it holds sessions for, and on a shared store polls the nodes'
+//! generations (every `CLUSTER_POLL`): a node whose generation moved gets its session woken
+//! here, whichever hub wrote it, and nodes connected to other hubs count as ready while the
+//! heartbeats recorded for them keep changing (by this hub's monotonic clock, see
+//! [`crate::controller::time::Presence`]). Polling, not LISTEN/NOTIFY: it needs no dedicated
+//! connection, survives store reconnects without re-subscribing, and costs one small query
+//! per half second.
 //!
 //! Who may do what is decided here, per ALPN: the join ALPN needs the token's secret, the agent
 //! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
 //! fails is refused with a reason and logged; every other connection keeps being served.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use proto::messages::{AgentMsg, HubMsg, JoinRequest, JoinResponse};
 use quinn::VarInt;
 use subtle::ConstantTimeEq;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
-use transport::pki::Ca;
 use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
 
 use crate::bootstrap::{self, BootstrapError};
+use crate::cluster::{Session, Shared};
 use crate::leader::{self, LeaderConfig};
-use crate::rollout;
-use crate::scheduler::{self, Placement, SchedNode, SchedWorkload};
-use crate::store::{Fence, NodeRow, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::{HubConfig, now_ms};
 
 /// Application close codes the hub sends.
@@ -46,17 +43,8 @@ pub const CLOSE_PROTOCOL: u32 = 0x400;
 
 const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
-/// The controller re-runs at least this often even without triggers (level-triggered safety).
-const RESYNC_PERIOD: Duration = Duration::from_secs(5);
-/// Wait past a failover deadline before the pass that acts on it (clock granularity).
-const FAILOVER_SLACK: Duration = Duration::from_millis(20);
-/// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
-const RETRY_MIN: Duration = Duration::from_millis(50);
 /// How often a hub on a shared store looks for generations other hubs wrote.
 const CLUSTER_POLL: Duration = Duration::from_millis(500);
-/// A node whose session another hub holds counts as connected while its last heartbeat is
-/// younger than this (three agent heartbeats). Compares hub clocks: keep them in NTP sync.
-const REMOTE_STALE_MS: u64 = 15_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -66,63 +54,6 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("cannot set up the QUIC endpoint: {0}")]
     Tls(#[from] tls::TlsError),
-}
-
-/// A connected agent.
-struct Session {
-    id: u64,
-    conn: quinn::Connection,
-    /// Woken when the node's assignment set may have changed.
-    wake: Arc<Notify>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) store: Store,
-    /// This hub's name in leases and node sessions.
-    hub_id: String,
-    /// True while this hub holds the controller lease.
-    leader: watch::Receiver<bool>,
-    /// Nodes whose agent session another hub holds (shared stores only). std Mutex: map
-    /// operations only.
-    remote_connected: Mutex<std::collections::HashSet<String>>,
-    ca: Ca,
-    token_secret: String,
-    /// std Mutex: held only for map operations, never across an await.
-    sessions: Mutex<HashMap<String, Session>>,
-    next_session: AtomicU64,
-    reconcile: Notify,
-    /// When this hub started (ms since the epoch): no node counts as NotReady from earlier.
-    started_ms: u64,
-    /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: map
-    /// operations only.
-    warned: Mutex<std::collections::HashSet<String>>,
-    /// Each workload's rollout progress, for the progress deadline. std Mutex: map
-    /// operations only. A new leader starts with none, which only delays a rollback.
-    rollouts: Mutex<HashMap<String, rollout::Progress>>,
-}
-
-impl Shared {
-    /// Whether the node's agent is connected to this hub or, on a shared store, to another.
-    pub(crate) fn is_connected(&self, node: &str) -> bool {
-        self.sessions.lock().unwrap().contains_key(node) || self.remote_connected.lock().unwrap().contains(node)
-    }
-
-    pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {
-        self.sessions.lock().unwrap().get(node).map(|s| s.conn.clone())
-    }
-
-    pub(crate) fn trigger_reconcile(&self) {
-        self.reconcile.notify_one();
-    }
-
-    pub(crate) fn wake_nodes<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {
-        let sessions = self.sessions.lock().unwrap();
-        for n in nodes {
-            if let Some(s) = sessions.get(n) {
-                s.wake.notify_one();
-            }
-        }
-    }
 }
 
 /// A running hub.
@@ -177,20 +108,7 @@ impl Hub {
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
-            shared: Arc::new(Shared {
-                store,
-                hub_id,
-                leader,
-                remote_connected: Mutex::new(Default::default()),
-                ca: identity.ca,
-                token_secret: identity.token.secret,
-                sessions: Mutex::new(HashMap::new()),
-                next_session: AtomicU64::new(1),
-                reconcile: Notify::new(),
-                started_ms: now_ms(),
-                warned: Mutex::new(Default::default()),
-                rollouts: Mutex::new(HashMap::new()),
-            }),
+            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, identity.token.secret)),
         })
     }
 
@@ -209,7 +127,7 @@ impl Hub {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), HubError> {
-        let controller = tokio::spawn(controller_loop(self.shared.clone()));
+        let controller = tokio::spawn(crate::control::controller_loop(self.shared.clone()));
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         tokio::pin!(shutdown);
         loop {
@@ -435,13 +353,14 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         let ours = sessions.get(&node).is_some_and(|s| s.id == id);
         if ours {
             sessions.remove(&node);
+            // Starts the node's failover clocks, by this hub's monotonic clock.
+            shared.presence.lock().unwrap().session_ended(&node, shared.mono_ms());
             info!("agent disconnected");
         }
         ours
     };
     if ended {
         let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
-        // Starts the node's failover clocks (see `sched_node`).
         shared.trigger_reconcile();
     } else {
         let _ = shared.store.touch_node(&node, now_ms()).await;
@@ -468,41 +387,6 @@ async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Controller
-
-async fn controller_loop(shared: Arc<Shared>) {
-    let mut failures = 0u32;
-    let mut leader = shared.leader.clone();
-    loop {
-        if !*leader.borrow_and_update() {
-            debug!("not the leader; controllers idle");
-            if leader.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
-        // A failed pass is retried soon with backoff, not at the next periodic resync.
-        let wait = match reconcile(&shared).await {
-            Ok(deadline) => {
-                failures = 0;
-                // A failover deadline is met to within a few ms, not at the next resync.
-                deadline.map_or(RESYNC_PERIOD, |d| (d + FAILOVER_SLACK).min(RESYNC_PERIOD))
-            }
-            Err(e) => {
-                failures += 1;
-                warn!(error = %e, failures, "reconcile failed; retrying");
-                (RETRY_MIN * 2u32.saturating_pow(failures - 1)).min(RESYNC_PERIOD)
-            }
-        };
-        tokio::select! {
-            _ = shared.reconcile.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = leader.changed() => {}
-        }
-    }
-}
-
 /// On a shared store: wakes this hub's sessions whose node generation another hub moved,
 /// keeps the set of nodes connected to other hubs, and asks for a reconcile when workloads or
 /// that set changed (an apply served by another hub, a node that moved).
@@ -518,7 +402,21 @@ async fn watch_cluster(shared: Arc<Shared>) {
                     .map(|n| n.name.clone())
                     .collect();
                 shared.wake_nodes(&moved);
-                let remote = remote_connected(&shared.hub_id, &nodes, now_ms());
+                let mono = shared.mono_ms();
+                let remote: HashSet<String> = {
+                    let mut presence = shared.presence.lock().unwrap();
+                    nodes
+                        .iter()
+                        .filter(|n| {
+                            // Every recorded heartbeat is a sign of life (and a change of it
+                            // one by this hub's clock); a node counts as held by another hub
+                            // while that hub's heartbeats for it keep changing.
+                            let fresh = presence.heartbeat(&n.name, n.last_seen_ms.unwrap_or(0), mono);
+                            fresh && n.connected_via.as_deref().is_some_and(|h| h != shared.hub_id)
+                        })
+                        .map(|n| n.name.clone())
+                        .collect()
+                };
                 let changed = {
                     let mut current = shared.remote_connected.lock().unwrap();
                     let changed = *current != remote;
@@ -543,16 +441,6 @@ async fn watch_cluster(shared: Arc<Shared>) {
     }
 }
 
-/// Nodes whose session another hub holds, with a heartbeat younger than `REMOTE_STALE_MS`.
-fn remote_connected(hub_id: &str, nodes: &[NodeRow], now_ms: u64) -> std::collections::HashSet<String> {
-    nodes
-        .iter()
-        .filter(|n| n.connected_via.as_deref().is_some_and(|h| h != hub_id))
-        .filter(|n| n.last_seen_ms.is_some_and(|seen| now_ms.saturating_sub(seen) < REMOTE_STALE_MS))
-        .map(|n| n.name.clone())
-        .collect()
-}
-
 /// This hub's stable name: made once per data dir (so a restarted hub renews its own lease at
 /// once) and unique across data dirs. One hub process per data dir.
 fn hub_id(data_dir: &std::path::Path) -> Result<String, HubError> {
@@ -570,495 +458,10 @@ fn hub_id(data_dir: &std::path::Path) -> Result<String, HubError> {
     Ok(id)
 }
 
-/// Built-in labels every node carries, usable in node selectors.
-pub(crate) fn node_labels(name: &str, facts: &proto::messages::NodeFacts) -> BTreeMap<String, String> {
-    let mut labels = facts.labels.clone();
-    labels.insert("flotilla.dev/node".into(), name.to_string());
-    labels.insert("flotilla.dev/os".into(), facts.os.clone());
-    labels.insert("flotilla.dev/arch".into(), facts.arch.clone());
-    labels
-}
-
-/// Replicas that keep their old template this pass: each workload's rolling update advances
-/// only as its updated replicas become available (see [`rollout`]).
-/// What the rollouts want this pass.
-struct Rollouts {
-    /// Replicas that keep their old template.
-    hold: BTreeSet<String>,
-    /// Workloads whose rollout made no progress within `strategy.progressDeadline`: the
-    /// caller rolls them back.
-    stalled: Vec<String>,
-    /// Extra replicas each workload runs during its rollout (`maxSurge`).
-    surge: HashMap<String, u32>,
-}
-
-fn rollout_holds(
-    shared: &Shared,
-    workloads: &[crate::store::WorkloadRow],
-    templates: &BTreeMap<String, proto::manifest::ReplicaTemplate>,
-    replicas: &[crate::store::ReplicaRow],
-    now: u64,
-) -> Rollouts {
-    let mut hold = BTreeSet::new();
-    let mut stalled = Vec::new();
-    let mut surge = HashMap::new();
-    let mut progress = shared.rollouts.lock().unwrap();
-    progress.retain(|name, _| workloads.iter().any(|w| &w.manifest.metadata.name == name));
-    for w in workloads {
-        let name = &w.manifest.metadata.name;
-        // A Job's attempts run to their end; a template change reaches the next attempts.
-        if w.manifest.spec.kind == proto::manifest::WorkloadKind::Job {
-            continue;
-        }
-        let Some(current) = templates.get(name).map(|t| t.hash()) else { continue };
-        let members: Vec<rollout::RolloutReplica> = replicas
-            .iter()
-            .filter(|r| &r.workload == name)
-            .map(|r| rollout::RolloutReplica {
-                name: r.name.clone(),
-                index: r.index,
-                template_hash: r.template_hash.clone(),
-                available: crate::api::is_available(shared, r),
-            })
-            .collect();
-        let limits = rollout_limits(&w.manifest, members.len() as u32);
-        let desired = limits.desired;
-        let plan = rollout::plan(&current, &members, limits);
-        if plan.surge > 0 {
-            surge.insert(name.clone(), plan.surge);
-        }
-        let deadline = w.manifest.spec.strategy.progress_deadline_ms();
-        let (p, verdict) = rollout::track(progress.get(name), &current, &plan, desired, now, deadline);
-        progress.insert(name.clone(), p);
-        if verdict == rollout::Verdict::Stalled {
-            stalled.push(name.clone());
-        }
-        hold.extend(plan.held);
-    }
-    Rollouts { hold, stalled, surge }
-}
-
-/// A workload's rollout limits. An EveryNode workload wants as many replicas as it has (one
-/// per matching node), so its batches are a quarter of those by default, never all at once.
-fn rollout_limits(m: &proto::manifest::Manifest, current_replicas: u32) -> rollout::Limits {
-    let replicated = m.spec.kind == proto::manifest::WorkloadKind::Replicated;
-    let desired = if replicated { m.spec.replicas() } else { current_replicas };
-    let strategy = &m.spec.strategy;
-    rollout::Limits {
-        desired,
-        max_unavailable: strategy.max_unavailable(desired),
-        max_surge: if replicated { strategy.max_surge.unwrap_or(0) } else { 0 },
-    }
-}
-
-/// Rolls back a workload whose rollout stopped progressing, unless its current template is
-/// itself a rollback (no ping-pong between two bad templates) or there is nothing to go back
-/// to. Either way the rollout is not looked at again until its template changes.
-async fn roll_back_stalled(shared: &Shared, name: &str, now: u64) -> Result<(), StoreError> {
-    let deadline = {
-        let mut progress = shared.rollouts.lock().unwrap();
-        let Some(p) = progress.get_mut(name) else { return Ok(()) };
-        p.done = true;
-        now.saturating_sub(p.since_ms)
-    };
-    let revisions = shared.store.revisions(name).await?;
-    let Some(w) = shared.store.workload(name).await? else {
-        return Ok(());
-    };
-    let current = w.manifest.template().hash();
-    if revisions.iter().rev().find(|r| r.template_hash == current).is_some_and(|r| r.cause.starts_with("rollback")) {
-        warn!(workload = %name, "rollout made no progress, and its template is already a rollback: left as it is");
-        return Ok(());
-    }
-    let cause = format!("rollback: template {current} made no progress in {}s", deadline / 1000);
-    match crate::revisions::rollback(&shared.store, name, None, &cause, now).await {
-        Ok((to, _)) => {
-            warn!(workload = %name, to_revision = to, "rollout made no progress within its deadline; rolled back");
-            shared.trigger_reconcile();
-        }
-        Err(crate::revisions::RevisionError::Store(e)) => return Err(e),
-        Err(why) => {
-            warn!(workload = %name, reason = %why, "rollout made no progress within its deadline; cannot roll back")
-        }
-    }
-    Ok(())
-}
-
-/// A Job's progress: the outcomes the store recorded, and which indexes have an attempt on a
-/// node now.
-pub(crate) fn job_progress(
-    workload: &str,
-    recorded: &[crate::store::JobIndexRow],
-    replicas: &[crate::store::ReplicaRow],
-) -> scheduler::JobProgress {
-    let mut progress = scheduler::JobProgress::default();
-    for r in recorded.iter().filter(|r| r.workload == workload) {
-        progress.indexes.insert(
-            r.index,
-            scheduler::IndexOutcome {
-                succeeded: r.succeeded,
-                failures: r.failures,
-                running: false,
-                last_failure_ms: r.last_failure_ms,
-            },
-        );
-    }
-    for r in replicas.iter().filter(|r| r.workload == workload && r.node.is_some()) {
-        progress.indexes.entry(r.index).or_default().running = true;
-    }
-    progress
-}
-
-/// The scheduler's form of a manifest's `spec.job`.
-pub(crate) fn job_spec(m: &proto::manifest::Manifest) -> scheduler::JobSpec {
-    let j = m.spec.job.unwrap_or_default();
-    scheduler::JobSpec {
-        completions: j.completions(),
-        parallelism: j.parallelism(),
-        backoff_limit: j.backoff_limit(),
-        ..Default::default()
-    }
-}
-
-/// What the scheduler needs of a manifest: everything but the replica template. A Job's
-/// progress is filled in by the caller.
-pub(crate) fn sched_workload(m: &proto::manifest::Manifest) -> SchedWorkload {
-    use proto::manifest as pm;
-    let s = &m.spec;
-    let effect = |e: pm::TaintEffect| match e {
-        pm::TaintEffect::NoSchedule => scheduler::TaintEffect::NoSchedule,
-        pm::TaintEffect::NoExecute => scheduler::TaintEffect::NoExecute,
-    };
-    let (cpu_millis, memory_bytes) = s.resources.requests.as_ref().map(|r| r.parsed()).unwrap_or_default();
-    SchedWorkload {
-        name: m.metadata.name.clone(),
-        replicas: s.replicas(),
-        runtime: s.runtime,
-        node_selector: s.node_selector.clone(),
-        host_ports: s.http.iter().map(|h| h.port).collect(),
-        kind: match s.kind {
-            pm::WorkloadKind::Replicated => scheduler::WorkloadKind::Replicated,
-            pm::WorkloadKind::EveryNode => scheduler::WorkloadKind::EveryNode,
-            pm::WorkloadKind::Job => scheduler::WorkloadKind::Job(job_spec(m)),
-        },
-        os: s.os.clone(),
-        arch: s.arch.clone(),
-        match_expressions: s
-            .node_affinity
-            .iter()
-            .map(|r| scheduler::SelectorRequirement {
-                key: r.key.clone(),
-                operator: match r.operator {
-                    pm::SelectorOperator::In => scheduler::SelectorOperator::In,
-                    pm::SelectorOperator::NotIn => scheduler::SelectorOperator::NotIn,
-                    pm::SelectorOperator::Exists => scheduler::SelectorOperator::Exists,
-                    pm::SelectorOperator::DoesNotExist => scheduler::SelectorOperator::DoesNotExist,
-                },
-                values: r.values.clone(),
-            })
-            .collect(),
-        tolerations: s
-            .tolerations
-            .iter()
-            .map(|t| scheduler::Toleration {
-                key: t.key.clone(),
-                operator: match t.operator {
-                    pm::TolerationOperator::Equal => scheduler::TolerationOperator::Equal,
-                    pm::TolerationOperator::Exists => scheduler::TolerationOperator::Exists,
-                },
-                value: t.value.clone(),
-                effect: t.effect.map(effect),
-            })
-            .collect(),
-        requests: scheduler::Resources { cpu_millis, memory_bytes },
-        spread_by: s.spread_by.clone(),
-        packing: match s.packing {
-            pm::Packing::LeastAllocated => scheduler::Packing::LeastAllocated,
-            pm::Packing::BinPack => scheduler::Packing::BinPack,
-        },
-        failover: match s.failover.after_ms() {
-            None => scheduler::Failover::Never,
-            Some(ms) => scheduler::Failover::After(ms),
-        },
-        // A drain moves replicas one way only (no surge): it needs room for one at least.
-        max_unavailable: s.strategy.max_unavailable(s.replicas()).max(1),
-        job_progress: Default::default(),
-    }
-}
-
-/// The scheduler's view of a node. A node that is not connected has been NotReady since its
-/// last sign of life (`last_seen_ms`: the end of its session on this hub, else its last
-/// heartbeat), but never since before this hub started: a hub that was down did not see its
-/// nodes, so failover deadlines count from its start, giving agents time to reconnect.
-fn sched_node(shared: &Shared, n: &NodeRow) -> SchedNode {
-    let ready = shared.is_connected(&n.name);
-    let unknown_is_unlimited = |v: u64| if v == 0 { u64::MAX } else { v };
-    SchedNode {
-        name: n.name.clone(),
-        ready,
-        runtimes: n.facts.runtimes.clone(),
-        labels: node_labels(&n.name, &n.facts),
-        taints: n
-            .facts
-            .taints
-            .iter()
-            .map(|t| scheduler::Taint {
-                key: t.key.clone(),
-                value: t.value.clone(),
-                effect: match t.effect {
-                    proto::manifest::TaintEffect::NoSchedule => scheduler::TaintEffect::NoSchedule,
-                    proto::manifest::TaintEffect::NoExecute => scheduler::TaintEffect::NoExecute,
-                },
-            })
-            .collect(),
-        cordoned: n.cordoned || n.draining,
-        draining: n.draining,
-        allocatable: (n.facts.cpus > 0 || n.facts.memory_bytes > 0).then(|| scheduler::Resources {
-            cpu_millis: unknown_is_unlimited(u64::from(n.facts.cpus) * 1000),
-            memory_bytes: unknown_is_unlimited(n.facts.memory_bytes),
-        }),
-        not_ready_since_ms: (!ready).then(|| n.last_seen_ms.unwrap_or(n.joined_at_ms).max(shared.started_ms)),
-    }
-}
-
-/// How long until the next failover deadline (a NotReady node holding a replica whose
-/// workload fails over), so the controller wakes for it rather than at the next resync.
-fn next_failover(
-    nodes: &[SchedNode],
-    workloads: &[SchedWorkload],
-    replicas: &[crate::store::ReplicaRow],
-    now_ms: u64,
-) -> Option<Duration> {
-    let since: HashMap<&str, u64> =
-        nodes.iter().filter_map(|n| Some((n.name.as_str(), n.not_ready_since_ms?))).collect();
-    let after: HashMap<&str, u64> = workloads
-        .iter()
-        .filter_map(|w| match w.failover {
-            scheduler::Failover::After(ms) => Some((w.name.as_str(), ms)),
-            scheduler::Failover::Never => None,
-        })
-        .collect();
-    replicas
-        .iter()
-        .filter_map(|r| {
-            let deadline = since.get(r.node.as_deref()?)?.saturating_add(*after.get(r.workload.as_str())?);
-            (deadline > now_ms).then(|| Duration::from_millis(deadline - now_ms))
-        })
-        .min()
-}
-
-/// One pass: record finished Job attempts, snapshot the store, run the scheduler, write its
-/// decisions, wake the nodes whose assignment sets changed. Idempotent. Returns when the next
-/// failover deadline or Job retry falls, if any.
-async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
-    let workloads = shared.store.workloads().await?;
-    let nodes = shared.store.nodes().await?;
-    let mut replicas = shared.store.replicas().await?;
-    let now = now_ms();
-    let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
-
-    // Job attempts that ended on their node are recorded (and leave the node) first.
-    let jobs: BTreeSet<&str> = workloads
-        .iter()
-        .filter(|w| w.manifest.spec.kind == proto::manifest::WorkloadKind::Job)
-        .map(|w| w.manifest.metadata.name.as_str())
-        .collect();
-    let attempts: Vec<crate::store::JobAttempt> = replicas
-        .iter()
-        .filter(|r| jobs.contains(r.workload.as_str()) && r.status.template_hash == r.template_hash)
-        .filter_map(|r| {
-            let succeeded = match r.status.phase {
-                proto::messages::Phase::Succeeded => true,
-                proto::messages::Phase::Failed => false,
-                _ => return None,
-            };
-            Some(crate::store::JobAttempt {
-                replica: r.name.clone(),
-                workload: r.workload.clone(),
-                index: r.index,
-                node: r.node.clone()?,
-                succeeded,
-            })
-        })
-        .collect();
-    if !attempts.is_empty() {
-        for a in &attempts {
-            info!(job = %a.workload, index = a.index, node = %a.node, succeeded = a.succeeded, "job attempt finished");
-        }
-        let changed = shared.store.record_job_attempts(fence, &attempts, now).await?;
-        shared.wake_nodes(&changed);
-        let done: BTreeSet<&str> = attempts.iter().map(|a| a.replica.as_str()).collect();
-        replicas.retain(|r| !done.contains(r.name.as_str()));
-    }
-    let recorded = if jobs.is_empty() { Vec::new() } else { shared.store.job_indexes().await? };
-
-    // Rollouts first: they decide which replicas keep their old template and how many
-    // surge replicas each workload runs on top of its desired count.
-    let templates: BTreeMap<String, proto::manifest::ReplicaTemplate> =
-        workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.template())).collect();
-    let rollouts = rollout_holds(shared, &workloads, &templates, &replicas, now);
-    let sched_nodes: Vec<SchedNode> = nodes.iter().map(|n| sched_node(shared, n)).collect();
-    let sched_workloads: Vec<SchedWorkload> = workloads
-        .iter()
-        .map(|w| {
-            let mut sw = sched_workload(&w.manifest);
-            if matches!(sw.kind, scheduler::WorkloadKind::Job(_)) {
-                sw.job_progress = job_progress(&sw.name, &recorded, &replicas);
-            }
-            if sw.kind == scheduler::WorkloadKind::Replicated {
-                sw.replicas += rollouts.surge.get(&sw.name).copied().unwrap_or(0);
-            }
-            sw
-        })
-        .collect();
-    let current: Vec<Placement> = replicas
-        .iter()
-        .map(|r| Placement {
-            replica: r.name.clone(),
-            workload: r.workload.clone(),
-            index: r.index,
-            node: r.node.clone(),
-        })
-        .collect();
-    let ready: HashMap<String, String> = replicas
-        .iter()
-        .filter(|r| crate::api::is_available(shared, r))
-        .filter_map(|r| Some((r.name.clone(), r.node.clone()?)))
-        .collect();
-    let decisions =
-        scheduler::schedule_at(&sched_nodes, &sched_workloads, &current, &scheduler::Observed { now_ms: now, ready });
-    {
-        // Logged once each, not on every pass.
-        let mut seen = shared.warned.lock().unwrap();
-        for w in decisions.warnings.iter().filter(|w| !seen.contains(*w)) {
-            warn!(warning = %w, "scheduler input ignored");
-        }
-        *seen = decisions.warnings.iter().cloned().collect();
-    }
-    for (node, left) in &decisions.drains {
-        debug!(%node, left, "draining");
-    }
-    let Rollouts { hold, stalled, .. } = rollouts;
-    // Fenced: if another hub took the lease since this pass started, nothing is written.
-    let changed = shared
-        .store
-        .write_placements_fenced(fence, &decisions.placements, &templates, &hold, &decisions.unschedulable)
-        .await?;
-    if !changed.is_empty() {
-        debug!(nodes = ?changed, "assignment sets changed");
-        shared.wake_nodes(&changed);
-    }
-    for name in &stalled {
-        roll_back_stalled(shared, name, now).await?;
-    }
-    let decided: HashMap<&str, Option<&str>> =
-        decisions.placements.iter().map(|p| (p.replica.as_str(), p.node.as_deref())).collect();
-    for r in &replicas {
-        if let (Some(from), Some(to)) = (r.node.as_deref(), decided.get(r.name.as_str()))
-            && Some(from) != *to
-        {
-            info!(replica = %r.name, from, to = ?to, "replica moved");
-        }
-    }
-    // Replicas still on the node they were on: those a failover deadline may apply to.
-    let after_write: Vec<crate::store::ReplicaRow> = replicas
-        .into_iter()
-        .filter(|r| decided.get(r.name.as_str()).is_some_and(|n| *n == r.node.as_deref()))
-        .collect();
-    let failover = next_failover(&sched_nodes, &sched_workloads, &after_write, now);
-    let job_retry = decisions
-        .jobs
-        .values()
-        .filter_map(|j| j.retry_at_ms)
-        .map(|at| Duration::from_millis(at.saturating_sub(now)))
-        .min();
-    Ok(failover.into_iter().chain(job_retry).min())
-}
-
 #[cfg(test)]
 mod tests {
     use super::clock_skew_ms;
-    use crate::scheduler::{self, Failover, Packing, WorkloadKind};
     use std::time::Duration;
-
-    #[test]
-    fn the_controller_wakes_for_the_next_failover_deadline() {
-        use crate::scheduler::{SchedNode, SchedWorkload};
-        let down = SchedNode { name: "down".into(), not_ready_since_ms: Some(1_000), ..Default::default() };
-        let up = SchedNode { name: "up".into(), ready: true, ..Default::default() };
-        let moves = SchedWorkload { name: "moves".into(), failover: Failover::After(10_000), ..Default::default() };
-        let stays = SchedWorkload { name: "stays".into(), ..Default::default() };
-        let row = |name: &str, workload: &str, node: &str| {
-            crate::store::ReplicaRow {
-            name: name.into(),
-            workload: workload.into(),
-            index: 0,
-            node: Some(node.into()),
-            template: proto::manifest::parse_manifests(
-                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: x}\nspec: {runtime: wasm, image: r/x:1}\n",
-            )
-            .unwrap()[0]
-                .template(),
-            template_hash: String::new(),
-            status: Default::default(),
-            unschedulable: String::new(),
-        }
-        };
-        let nodes = [down, up];
-        let workloads = [moves, stays];
-        let next = |rows: &[crate::store::ReplicaRow], now| super::next_failover(&nodes, &workloads, rows, now);
-        assert_eq!(next(&[row("moves-0", "moves", "down")], 4_000), Some(Duration::from_millis(7_000)));
-        // Past the deadline (the pass just moved it), on a Ready node, or never failing over: no wake.
-        assert_eq!(next(&[row("moves-0", "moves", "down")], 11_000), None);
-        assert_eq!(next(&[row("moves-0", "moves", "up")], 4_000), None);
-        assert_eq!(next(&[row("stays-0", "stays", "down")], 4_000), None);
-    }
-
-    #[test]
-    fn manifests_map_to_scheduler_workloads() {
-        let yaml = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: w}\nspec:\n  runtime: wasm\n  image: r/w:1\n  kind: EveryNode\n  nodeSelector: {site: a}\n  nodeAffinity: [{key: tier, operator: NotIn, values: [lab]}]\n  tolerations: [{key: k, value: v, effect: NoExecute}]\n  os: linux\n  arch: x86_64\n  resources: {requests: {cpu: 250m, memory: 64Mi}}\n  spreadBy: site\n  packing: binPack\n  failover: {after: 10s}\n  strategy: {maxUnavailable: 3}\n";
-        let m = proto::manifest::parse_manifests(yaml).unwrap().remove(0);
-        let w = super::sched_workload(&m);
-        assert_eq!(w.kind, WorkloadKind::EveryNode);
-        assert_eq!(w.node_selector.get("site").map(String::as_str), Some("a"));
-        assert_eq!(w.match_expressions[0].operator, scheduler::SelectorOperator::NotIn);
-        assert_eq!(w.tolerations[0].effect, Some(scheduler::TaintEffect::NoExecute));
-        assert_eq!((w.os.as_deref(), w.arch.as_deref()), (Some("linux"), Some("x86_64")));
-        assert_eq!(w.requests, scheduler::Resources { cpu_millis: 250, memory_bytes: 64 << 20 });
-        assert_eq!(w.spread_by.as_deref(), Some("site"));
-        assert_eq!(w.packing, Packing::BinPack);
-        assert_eq!(w.failover, Failover::After(10_000));
-        assert_eq!(w.max_unavailable, 3);
-        let plain = proto::manifest::parse_manifests(
-            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: p}\nspec: {runtime: wasm, image: r/p:1, replicas: 8}\n",
-        )
-        .unwrap()
-        .remove(0);
-        let w = super::sched_workload(&plain);
-        assert_eq!(
-            (w.kind, w.replicas, w.failover, w.max_unavailable),
-            (WorkloadKind::Replicated, 8, Failover::Never, 2)
-        );
-    }
-
-    #[test]
-    fn every_node_rollouts_go_in_batches_of_their_own_size() {
-        let m = |spec: &str| {
-            proto::manifest::parse_manifests(&format!(
-                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{runtime: wasm, image: r/w:1, {spec}}}\n"
-            ))
-            .unwrap()
-            .remove(0)
-        };
-        // Eight gateways: two at a time by default, not all eight.
-        let l = super::rollout_limits(&m("kind: EveryNode"), 8);
-        assert_eq!((l.desired, l.max_unavailable, l.max_surge), (8, 2, 0));
-        let l = super::rollout_limits(&m("kind: EveryNode, strategy: {maxUnavailable: 1}"), 8);
-        assert_eq!(l.max_unavailable, 1);
-        // Replicated: the manifest's count, whatever runs now (surge replicas included).
-        let l = super::rollout_limits(&m("replicas: 4, strategy: {maxUnavailable: 0, maxSurge: 1}"), 5);
-        assert_eq!((l.desired, l.max_unavailable, l.max_surge), (4, 0, 1));
-    }
 
     #[test]
     fn clock_skew_allows_for_half_the_round_trip() {

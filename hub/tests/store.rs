@@ -8,9 +8,11 @@ mod postgres;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use flotilla_hub::controller::time::ClockAnchor;
+use flotilla_hub::controller::{CurrentTemplate, JobAttempt, JobIndex, Pass, Replica, diff};
 use flotilla_hub::scheduler::Placement;
-use flotilla_hub::store::{Applied, Fence, JobAttempt, JobIndexRow, Store, StoreError};
-use proto::manifest::parse_manifests;
+use flotilla_hub::store::{Applied, Fence, Stale, Store, StoreError, Written};
+use proto::manifest::{ReplicaTemplate, parse_manifests};
 use proto::messages::{NodeFacts, Phase, ReplicaStatus};
 
 use postgres::TestPostgres;
@@ -55,6 +57,60 @@ fn hello_on_a(n: u32) -> Vec<Placement> {
         .collect()
 }
 
+fn anchor(cluster_ms: u64) -> ClockAnchor {
+    ClockAnchor { cluster_ms, clock: "test".into(), mono_ms: cluster_ms }
+}
+
+/// An empty pass over what the store holds now (its workloads' revisions).
+async fn empty_pass(s: &Store) -> Pass {
+    let rows = s.controller_rows().await.unwrap();
+    Pass {
+        revisions_seen: rows.workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.revision)).collect(),
+        ..Pass::default()
+    }
+}
+
+/// Makes the replica rows match `placements` the way the controller does: the controller's
+/// diff against the rows as read, written as a pass (fenced when `fence` is given), again
+/// from a fresh read while the store refuses it as stale (another writer came between).
+/// `hold`: replicas that keep their template. Returns the nodes whose sets changed.
+async fn place(
+    s: &Store,
+    fence: Option<Fence<'_>>,
+    placements: &[Placement],
+    templates: &BTreeMap<String, ReplicaTemplate>,
+    hold: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, StoreError> {
+    let hashes: BTreeMap<String, String> = templates.iter().map(|(w, t)| (w.clone(), t.hash())).collect();
+    let held: BTreeMap<String, String> = hold.iter().map(|h| (h.clone(), "held".into())).collect();
+    loop {
+        let rows = s.controller_rows().await?;
+        let current: Vec<&Replica> = rows.replicas.iter().collect();
+        let d = diff::placement_writes(
+            &current,
+            placements,
+            &BTreeMap::new(),
+            |w| hashes.get(w).map(String::as_str),
+            &held,
+            |_| true,
+        );
+        let pass = Pass {
+            revisions_seen: rows.workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.revision)).collect(),
+            writes: d.writes,
+            changed_nodes: d.changed_nodes.clone(),
+            templates: templates
+                .iter()
+                .map(|(w, t)| (w.clone(), CurrentTemplate { template: t.clone(), hash: t.hash() }))
+                .collect(),
+            ..Pass::default()
+        };
+        match s.write_pass(fence, &pass, &anchor(0), 0).await? {
+            Written::Done => return Ok(d.changed_nodes),
+            Written::Stale(_) => tokio::task::yield_now().await,
+        }
+    }
+}
+
 /// Runs `body` once per backend, each in its own test.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -86,6 +142,7 @@ on_both_backends!(
     template_changes_are_kept_as_revisions_with_their_cause,
     node_scheduling_and_job_attempts_are_recorded_once,
     scale_and_undo_lose_no_apply_that_lands_meanwhile,
+    a_pass_is_written_whole_and_only_over_what_it_read,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -107,7 +164,7 @@ async fn node_scheduling_and_job_attempts_are_recorded_once(b: Backing) {
     let placements: Vec<Placement> = (0..2)
         .map(|i| Placement { replica: format!("j-{i}"), workload: "j".into(), index: i, node: Some("n".into()) })
         .collect();
-    store.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+    place(&store, None, &placements, &templates, &BTreeSet::new()).await.unwrap();
     assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
     let fence = Fence { lease: "controller", holder: "me" };
     let attempt = |i: u32, succeeded| JobAttempt {
@@ -118,22 +175,32 @@ async fn node_scheduling_and_job_attempts_are_recorded_once(b: Backing) {
         succeeded,
     };
     let generation = store.nodes().await.unwrap()[0].generation;
-    let changed = store.record_job_attempts(fence, &[attempt(0, true), attempt(1, false)], 50).await.unwrap();
-    assert_eq!(changed, BTreeSet::from(["n".to_string()]));
+    let mut pass = empty_pass(&store).await;
+    pass.now_ms = 50;
+    pass.job_attempts = vec![attempt(0, true), attempt(1, false)];
+    pass.changed_nodes = BTreeSet::from(["n".to_string()]);
+    assert_eq!(store.write_pass(Some(fence), &pass, &anchor(50), 0).await.unwrap(), Written::Done);
     assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1);
     assert!(store.replicas().await.unwrap().is_empty(), "finished attempts leave the node's set");
-    // A replay of the same attempts records nothing.
-    assert!(store.record_job_attempts(fence, &[attempt(1, false)], 60).await.unwrap().is_empty());
+    // A replay of the same attempts records nothing: the rows they name are gone.
+    pass.now_ms = 60;
+    pass.job_attempts = vec![attempt(1, false)];
+    assert_eq!(
+        store.write_pass(Some(fence), &pass, &anchor(60), 0).await.unwrap(),
+        Written::Stale(Stale::Replica("j-1".into()))
+    );
+    assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1, "a stale pass bumps nothing");
     let rows = store.job_indexes().await.unwrap();
     assert_eq!(
         rows,
         [
-            JobIndexRow { workload: "j".into(), index: 0, succeeded: true, failures: 0, last_failure_ms: None },
-            JobIndexRow { workload: "j".into(), index: 1, succeeded: false, failures: 1, last_failure_ms: Some(50) },
+            JobIndex { workload: "j".into(), index: 0, succeeded: true, failures: 0, failed_at_ms: None },
+            JobIndex { workload: "j".into(), index: 1, succeeded: false, failures: 1, failed_at_ms: Some(50) },
         ]
     );
     let other = Fence { lease: "controller", holder: "someone-else" };
-    assert!(matches!(store.record_job_attempts(other, &[], 70).await, Err(StoreError::NotLeader { .. })));
+    let empty = empty_pass(&store).await;
+    assert!(matches!(store.write_pass(Some(other), &empty, &anchor(70), 0).await, Err(StoreError::NotLeader { .. })));
     // Deleting the job forgets its progress.
     store.delete_workloads(&["j".into()]).await.unwrap();
     assert!(store.job_indexes().await.unwrap().is_empty());
@@ -203,6 +270,96 @@ async fn stale_resource_version_is_refused_and_nothing_is_stored(b: Backing) {
     s.delete_workloads(&["hello".into()]).await.unwrap();
     let err = s.apply_workloads(&v2, 4).await.unwrap_err();
     assert!(err.to_string().contains("was changed since revision 1 (it was deleted)"), "{err}");
+}
+
+/// `write_pass` executes a controller pass as the controller's model of the store (the
+/// simulated fleet's fake store) does: whole or not at all, only over the rows it read;
+/// moves reset the status; rollout progress, rollbacks and cluster time are kept.
+async fn a_pass_is_written_whole_and_only_over_what_it_read(b: Backing) {
+    use flotilla_hub::controller::{Rollback, RolloutRecord, WriteOp};
+    let s = b.open().await;
+    let m = parse_manifests(M).unwrap();
+    s.apply_workloads(&m, 1).await.unwrap();
+    for n in ["a", "b"] {
+        s.upsert_node(n, &NodeFacts::default(), 1).await.unwrap();
+    }
+    let templates = BTreeMap::from([("hello".to_string(), m[0].template())]);
+    place(&s, None, &hello_on_a(2), &templates, &BTreeSet::new()).await.unwrap();
+    let running = ReplicaStatus {
+        phase: Phase::Running,
+        ready: true,
+        template_hash: m[0].template().hash(),
+        ..Default::default()
+    };
+    let st = BTreeMap::from([("hello-0".to_string(), running.clone()), ("hello-1".to_string(), running)]);
+    s.record_statuses("a", &st).await.unwrap();
+    assert_eq!(s.controller_rows().await.unwrap().clock, Some(anchor(0)));
+
+    // hello-0 moves to b; hello-1 is named on the wrong node: nothing is written.
+    let mut pass = empty_pass(&s).await;
+    let change = |replica: &str, from: &str, to: &str| flotilla_hub::controller::ReplicaWrite {
+        replica: replica.into(),
+        workload: "hello".into(),
+        index: replica[6..].parse().unwrap(),
+        op: WriteOp::Change {
+            from_node: Some(from.into()),
+            from_hash: m[0].template().hash(),
+            node: Some(to.into()),
+            new_template: false,
+            unschedulable: String::new(),
+        },
+    };
+    pass.writes = vec![change("hello-0", "a", "b"), change("hello-1", "b", "a")];
+    pass.changed_nodes = BTreeSet::from(["a".to_string(), "b".to_string()]);
+    let generations = |s: &Store| {
+        let s = s.clone();
+        async move { s.nodes().await.unwrap().iter().map(|n| n.generation).collect::<Vec<_>>() }
+    };
+    let before = generations(&s).await;
+    assert_eq!(
+        s.write_pass(None, &pass, &anchor(5), 0).await.unwrap(),
+        Written::Stale(Stale::Replica("hello-1".into()))
+    );
+    assert_eq!(generations(&s).await, before);
+    assert!(s.replicas().await.unwrap().iter().all(|r| r.node.as_deref() == Some("a")), "half a pass was written");
+    // Right this time: the move resets hello-0's status, the progress and the anchor are kept.
+    pass.writes.pop();
+    pass.changed_nodes = BTreeSet::from(["a".to_string(), "b".to_string()]);
+    let progress = RolloutRecord {
+        workload: "hello".into(),
+        template_hash: m[0].template().hash(),
+        best: 1,
+        since_ms: 5,
+        done: false,
+    };
+    pass.rollouts = vec![progress.clone()];
+    assert_eq!(s.write_pass(None, &pass, &anchor(5), 0).await.unwrap(), Written::Done);
+    let rows = s.controller_rows().await.unwrap();
+    let r0 = rows.replicas.iter().find(|r| r.name == "hello-0").unwrap();
+    assert_eq!((r0.node.as_deref(), r0.reported.phase), (Some("b"), Phase::Pending));
+    let r1 = rows.replicas.iter().find(|r| r.name == "hello-1").unwrap();
+    assert_eq!(r1.reported.phase, Phase::Running, "an untouched replica keeps its status");
+    assert_eq!(rows.rollouts, [progress]);
+    assert_eq!(rows.clock, Some(anchor(5)));
+    assert_eq!(generations(&s).await, before.iter().map(|g| g + 1).collect::<Vec<_>>());
+
+    // A rollback, computed before an apply landed: stale. Then at the right revision.
+    let v2 = parse_manifests(&M.replace("r/hello:1", "r/hello:2")).unwrap();
+    s.apply_workloads(&v2, 2).await.unwrap();
+    let mut pass = empty_pass(&s).await;
+    pass.rollbacks = vec![Rollback {
+        workload: "hello".into(),
+        expected_revision: 2,
+        to_revision: 1,
+        cause: "rollback: template x made no progress in 600s".into(),
+    }];
+    let stale = Pass { revisions_seen: BTreeMap::from([("hello".to_string(), 1)]), ..pass.clone() };
+    assert_eq!(s.write_pass(None, &stale, &anchor(6), 0).await.unwrap(), Written::Stale(Stale::Workloads));
+    assert_eq!(s.write_pass(None, &pass, &anchor(6), 0).await.unwrap(), Written::Done);
+    let w = s.workload("hello").await.unwrap().unwrap();
+    assert_eq!((w.revision, w.manifest.spec.image.as_str()), (3, "r/hello:1"));
+    let last = s.revisions("hello").await.unwrap().pop().unwrap();
+    assert_eq!((last.revision, last.cause.as_str()), (3, "rollback: template x made no progress in 600s"));
 }
 
 /// Applies that change a workload with the revision they read (retrying on conflict) race
@@ -303,14 +460,14 @@ async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing
         Placement { replica: "hello-0".into(), workload: "hello".into(), index: 0, node: Some("a".into()) },
         Placement { replica: "hello-1".into(), workload: "hello".into(), index: 1, node: Some("b".into()) },
     ];
-    let changed = s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+    let changed = place(&s, None, &placements, &templates, &BTreeSet::new()).await.unwrap();
     assert_eq!(changed, BTreeSet::from(["a".to_string(), "b".to_string()]));
     let set = s.assignment_set("a").await.unwrap();
     assert_eq!(set.generation, 1);
     assert_eq!(set.assignments.len(), 1);
     assert_eq!(set.assignments[0].name, "hello-0");
     // Writing the same placements again changes nothing.
-    assert!(s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap().is_empty());
+    assert!(place(&s, None, &placements, &templates, &BTreeSet::new()).await.unwrap().is_empty());
 
     // A new template reaches only the replicas a rollout releases; held ones keep theirs,
     // even when they move.
@@ -318,7 +475,7 @@ async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing
     next.env.insert("V".into(), "2".into());
     let new_templates = BTreeMap::from([("hello".to_string(), next.clone())]);
     let hold = BTreeSet::from(["hello-1".to_string()]);
-    let changed = s.write_placements(&placements, &new_templates, &hold, &BTreeMap::new()).await.unwrap();
+    let changed = place(&s, None, &placements, &new_templates, &hold).await.unwrap();
     assert_eq!(changed, BTreeSet::from(["a".to_string()]));
     let hashes: BTreeMap<String, String> =
         s.replicas().await.unwrap().into_iter().map(|r| (r.name, r.template_hash)).collect();
@@ -327,12 +484,12 @@ async fn placements_bump_generations_and_statuses_are_fenced_per_node(b: Backing
         (next.hash().as_str(), m[0].template().hash().as_str())
     );
     let moved = vec![placements[0].clone(), Placement { node: Some("a".into()), ..placements[1].clone() }];
-    s.write_placements(&moved, &new_templates, &hold, &BTreeMap::new()).await.unwrap();
+    place(&s, None, &moved, &new_templates, &hold).await.unwrap();
     let r1 = s.replicas().await.unwrap().into_iter().find(|r| r.name == "hello-1").unwrap();
     assert_eq!((r1.node.as_deref(), r1.template_hash), (Some("a"), m[0].template().hash()));
     assert_eq!(s.assignment_set("a").await.unwrap().assignments.len(), 2);
     // Released: the move back and the new template come together.
-    s.write_placements(&placements, &new_templates, &BTreeSet::new(), &BTreeMap::new()).await.unwrap();
+    place(&s, None, &placements, &new_templates, &BTreeSet::new()).await.unwrap();
     assert!(s.replicas().await.unwrap().iter().all(|r| r.template_hash == next.hash()));
 
     // Node b cannot report for a's replica.
@@ -373,7 +530,7 @@ async fn concurrent_writers_on_two_hubs_do_not_fail(b: Backing) {
             for i in 0..30u64 {
                 let replicas = if (i + t) % 2 == 0 { 1 } else { 2 };
                 let placements = hello_on_a(replicas);
-                s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new()).await?;
+                place(&s, None, &placements, &templates, &BTreeSet::new()).await?;
                 let changed = parse_manifests(&M.replace("r/hello:1", &format!("r/hello:{t}{i}"))).unwrap();
                 s.apply_workloads(&changed, i).await?;
                 let st = BTreeMap::from([
@@ -421,11 +578,7 @@ async fn generations_stay_monotonic_with_two_writing_hubs(b: Backing) {
             for i in 0..25u32 {
                 let n = (i as usize + t) % 2 + 1;
                 let placements = hello_on_a(n as u32);
-                if s.write_placements(&placements, &templates, &BTreeSet::new(), &BTreeMap::new())
-                    .await
-                    .unwrap()
-                    .contains("a")
-                {
+                if place(&s, None, &placements, &templates, &BTreeSet::new()).await.unwrap().contains("a") {
                     bumps += 1;
                 }
             }
@@ -448,25 +601,15 @@ async fn lease_is_exclusive_and_taken_over_after_expiry(b: Backing) {
     assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), None);
     assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), Some(1), "renewal keeps the term");
     let fence = |holder| Fence { lease: "controller", holder };
-    assert!(
-        h1.write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
-            .await
-            .is_ok()
-    );
+    let empty = empty_pass(&h1).await;
+    assert_eq!(h1.write_pass(Some(fence("hub-1")), &empty, &anchor(1), 0).await.unwrap(), Written::Done);
 
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert_eq!(h2.try_acquire_lease("controller", "hub-2", ttl).await.unwrap(), Some(2), "expired lease taken over");
     assert_eq!(h1.try_acquire_lease("controller", "hub-1", ttl).await.unwrap(), None);
-    let err = h1
-        .write_placements_fenced(fence("hub-1"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
-        .await
-        .unwrap_err();
+    let err = h1.write_pass(Some(fence("hub-1")), &empty, &anchor(2), 0).await.unwrap_err();
     assert!(matches!(err, StoreError::NotLeader { .. }), "{err:?}");
-    assert!(
-        h2.write_placements_fenced(fence("hub-2"), &[], &BTreeMap::new(), &BTreeSet::new(), &BTreeMap::new())
-            .await
-            .is_ok()
-    );
+    assert_eq!(h2.write_pass(Some(fence("hub-2")), &empty, &anchor(3), 0).await.unwrap(), Written::Done);
 
     // A clean release hands over at once.
     h2.release_lease("controller", "hub-2").await.unwrap();

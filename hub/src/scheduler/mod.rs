@@ -5,8 +5,8 @@
 //! change and after a crash without surprises. It never talks to nodes or the store.
 //!
 //! Workload kinds:
-//! - `Replicated`: replicas `<name>-0 .. <name>-(n-1)`, spread over nodes; scaling down drops
-//!   the highest indexes.
+//! - `Replicated`: replicas `<name>-0 .. <name>-(n-1)`, spread over nodes, then the rollout's
+//!   `surge` stand-ins `<name>-n ..` after them; scaling down drops the highest indexes.
 //! - `EveryNode`: one replica `<name>-<node>` on each node that passes the workload's runtime,
 //!   os/arch, selector and taint filters, whether cordoned or NotReady (as a Kubernetes
 //!   DaemonSet tolerates `unschedulable`): it is bound to its node and never moved. Its index
@@ -162,8 +162,11 @@ pub enum Failover {
 #[derive(Debug, Clone)]
 pub struct SchedWorkload {
     pub name: String,
-    /// Replicated only.
+    /// Replicated only: the desired count.
     pub replicas: u32,
+    /// Replicated only: extra replicas a rollout runs beyond `replicas` for now (its
+    /// `maxSurge` stand-ins, the indexes after the desired ones). Placed like the others.
+    pub surge: u32,
     pub runtime: Runtime,
     /// `matchLabels`.
     pub node_selector: BTreeMap<String, String>,
@@ -195,6 +198,7 @@ impl Default for SchedWorkload {
         SchedWorkload {
             name: String::new(),
             replicas: 0,
+            surge: 0,
             runtime: Runtime::Wasm,
             node_selector: BTreeMap::new(),
             host_ports: Vec::new(),
@@ -210,6 +214,14 @@ impl Default for SchedWorkload {
             max_unavailable: 1,
             job_progress: JobProgress::default(),
         }
+    }
+}
+
+impl SchedWorkload {
+    /// How many indexed replicas a Replicated workload runs now: the desired ones and the
+    /// rollout's stand-ins.
+    fn slots(&self) -> u32 {
+        self.replicas.saturating_add(self.surge)
     }
 }
 
@@ -497,7 +509,7 @@ pub fn schedule_at(
         for w in &sorted {
             match &w.kind {
                 WorkloadKind::EveryNode => {}
-                WorkloadKind::Replicated => taken.extend((0..w.replicas).map(|i| replica_name(&w.name, i))),
+                WorkloadKind::Replicated => taken.extend((0..w.slots()).map(|i| replica_name(&w.name, i))),
                 WorkloadKind::Job(_) => {
                     let active = job_plans.get(w.name.as_str()).map(|p| p.active.as_slice()).unwrap_or_default();
                     taken.extend(active.iter().map(|&i| replica_name(&w.name, i)));
@@ -519,7 +531,7 @@ pub fn schedule_at(
                     plan.job = job_plans.get(w.name.as_str()).cloned();
                     plan.job.as_ref().map(|p| p.active.clone()).unwrap_or_default()
                 }
-                _ => (0..w.replicas).collect(),
+                _ => (0..w.slots()).collect(),
             };
             for index in indexes {
                 let name = replica_name(&w.name, index);

@@ -592,3 +592,17 @@ fn drain_moves_unready_replicas_without_spending_the_budget() {
     assert_eq!(nodes_of(&d), [Some("b"), Some("a"), Some("b")]);
     assert_eq!(d.drains["a"], 1);
 }
+
+#[test]
+fn surge_replicas_follow_the_desired_ones_and_go_with_the_surge() {
+    let nodes = [node("a", true, WASM, &[]), node("b", true, WASM, &[])];
+    let mut w = wl("web", 2, &[]);
+    w.surge = 1;
+    let d = schedule(&nodes, std::slice::from_ref(&w), &[]);
+    let names: Vec<&str> = d.placements.iter().map(|p| p.replica.as_str()).collect();
+    assert_eq!(names, ["web-0", "web-1", "web-2"]);
+    // The surge ends: the stand-in goes, the desired ones stay where they are.
+    w.surge = 0;
+    let again = schedule(&nodes, &[w], &d.placements);
+    assert_eq!(again.placements, d.placements[..2]);
+}

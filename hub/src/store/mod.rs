@@ -19,11 +19,15 @@
 //! - A workload's `revision` grows by one per stored change. Stored manifests never carry
 //!   `metadata.resourceVersion`; an apply that carries one is refused with
 //!   [`StoreError::Conflict`] unless it equals the stored revision (optimistic concurrency).
-//! - A finished Job attempt's replica row is deleted in the transaction that records its
-//!   outcome in `job_indexes`, so each attempt counts once however often a pass is replayed.
-//! - Placements written "as leader" commit only while the writer still holds the lease
-//!   (checked under the write lock, by the database clock): a deposed leader cannot overwrite
-//!   its successor's decisions.
+//! - The store persists what a controller pass decided ([`Store::write_pass`]) and decides
+//!   nothing itself. A pass is written whole or not at all, and only while what it read still
+//!   holds: every workload at the revision it saw, every replica row it changes on the node
+//!   and template it saw. So a finished Job attempt's replica row is deleted in the
+//!   transaction that records its outcome in `job_indexes`, and each attempt counts once
+//!   however often a pass is replayed.
+//! - Passes written "as leader" commit only while the writer still holds the lease (checked
+//!   under the write lock, by the database clock): a deposed leader cannot overwrite its
+//!   successor's decisions.
 
 mod db;
 
@@ -37,7 +41,8 @@ use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
-use crate::scheduler::Placement;
+use crate::controller::time::ClockAnchor;
+use crate::controller::{self, JobIndex, Pass, Reported, RevisionEntry, RolloutRecord, WriteOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +57,9 @@ pub enum StoreError {
     /// An apply carried `metadata.resourceVersion` and the stored workload moved on.
     #[error("workload {name} was changed since revision {expected} ({now}); get it again and re-apply")]
     Conflict { name: String, expected: u64, now: String },
+    /// A controller pass that gives a replica a template it does not carry (a bug).
+    #[error("the controller pass gives replica {replica} the template of workload {workload} but carries none")]
+    PassWithoutTemplate { replica: String, workload: String },
     /// A leader-only write whose writer no longer holds the lease.
     #[error("lease {lease:?} is no longer held by {holder}; write refused")]
     NotLeader { lease: String, holder: String },
@@ -126,24 +134,34 @@ pub struct ReplicaRow {
     pub unschedulable: String,
 }
 
-/// What the indexes of a Job did so far (see [`Store::record_job_attempts`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobIndexRow {
-    pub workload: String,
-    pub index: u32,
-    pub succeeded: bool,
-    pub failures: u32,
-    pub last_failure_ms: Option<u64>,
+/// What the controller reads for one pass (see [`Store::controller_rows`]).
+#[derive(Debug, Clone)]
+pub struct ControllerRows {
+    pub workloads: Vec<WorkloadRow>,
+    pub nodes: Vec<NodeRow>,
+    pub replicas: Vec<controller::Replica>,
+    pub job_indexes: Vec<JobIndex>,
+    pub rollouts: Vec<RolloutRecord>,
+    pub revisions: Vec<RevisionEntry>,
+    /// Where cluster time stood at the last pass written ([`crate::controller::time`]).
+    pub clock: Option<ClockAnchor>,
 }
 
-/// A Job replica whose attempt ended on its node.
+/// What [`Store::write_pass`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobAttempt {
-    pub replica: String,
-    pub workload: String,
-    pub index: u32,
-    pub node: String,
-    pub succeeded: bool,
+pub enum Written {
+    Done,
+    /// Nothing: the pass was computed from rows that changed since. Run it again.
+    Stale(Stale),
+}
+
+/// What changed under a pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    #[error("workloads were applied or deleted since the pass read them")]
+    Workloads,
+    #[error("replica {0} changed since the pass read it")]
+    Replica(String),
 }
 
 /// A `SELECT name, manifest, revision, created_at_ms FROM workloads` row.
@@ -522,30 +540,8 @@ impl Store {
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = self
-            .pool
-            .fetch(
-                "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via, \
-                 cordoned, draining FROM nodes ORDER BY name",
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let name = r.text(0)?;
-                Ok(NodeRow {
-                    facts: serde_json::from_str(&r.text(1)?).map_err(corrupt("node", &name))?,
-                    generation: r.u64(2)?,
-                    acked_generation: r.u64(3)?,
-                    joined_at_ms: r.u64(4)?,
-                    last_seen_ms: r.opt_u64(5)?,
-                    connected_via: r.opt_text(6)?,
-                    cordoned: r.i64(7)? != 0,
-                    draining: r.i64(8)? != 0,
-                    name,
-                })
-            })
-            .collect()
+        let rows = self.pool.fetch(NODES, &[]).await?;
+        rows.iter().map(node_row).collect()
     }
 
     /// The assignment set a node must run, at its current generation.
@@ -592,202 +588,245 @@ impl Store {
         rows.iter().map(replica_row).collect()
     }
 
-    /// Makes the replicas table match `placements` (the scheduler's full answer), with each
-    /// replica's template taken from its workload, except the replicas in `hold`, which keep
-    /// the template they have (a rolling update has not reached them yet). Nodes whose
-    /// assignment sets change get a new generation; returns those nodes.
-    pub async fn write_placements(
-        &self,
-        placements: &[Placement],
-        templates: &BTreeMap<String, ReplicaTemplate>,
-        hold: &BTreeSet<String>,
-        unschedulable: &BTreeMap<String, String>,
-    ) -> Result<BTreeSet<String>> {
-        self.write_placements_inner(None, placements, templates, hold, unschedulable).await
-    }
-
-    /// [`Store::write_placements`] for a leader: refused with [`StoreError::NotLeader`] (and
-    /// nothing written) unless `fence.holder` holds `fence.lease` by the database's clock when
-    /// the write lock is taken.
-    pub async fn write_placements_fenced(
-        &self,
-        fence: Fence<'_>,
-        placements: &[Placement],
-        templates: &BTreeMap<String, ReplicaTemplate>,
-        hold: &BTreeSet<String>,
-        unschedulable: &BTreeMap<String, String>,
-    ) -> Result<BTreeSet<String>> {
-        self.write_placements_inner(Some(fence), placements, templates, hold, unschedulable).await
-    }
-
-    async fn write_placements_inner(
-        &self,
-        fence: Option<Fence<'_>>,
-        placements: &[Placement],
-        templates: &BTreeMap<String, ReplicaTemplate>,
-        hold: &BTreeSet<String>,
-        unschedulable: &BTreeMap<String, String>,
-    ) -> Result<BTreeSet<String>> {
-        let mut tx = self.pool.write_tx().await?;
-        if let Some(f) = fence {
-            let held = tx
-                .fetch_optional(
-                    "SELECT holder FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > {now_ms}",
-                    &[f.lease.into(), f.holder.into()],
-                )
-                .await?;
-            if held.is_none() {
-                return Err(StoreError::NotLeader { lease: f.lease.to_string(), holder: f.holder.to_string() });
-            }
-        }
-        let rows = tx.fetch("SELECT name, node, template_hash, unschedulable, template FROM replicas", &[]).await?;
-        let mut existing: BTreeMap<String, (Option<String>, String, String, String)> = BTreeMap::new();
-        for r in &rows {
-            existing.insert(r.text(0)?, (r.opt_text(1)?, r.text(2)?, r.text(3)?, r.text(4)?));
-        }
-        let mut changed_nodes = BTreeSet::new();
-        let pending = to_json(&ReplicaStatus::default());
-
-        for p in placements {
-            let Some(template) = templates.get(&p.workload) else { continue };
-            let (mut hash, mut template_json) = (template.hash(), to_json(template));
-            let why = unschedulable.get(&p.replica).cloned().unwrap_or_default();
-            match existing.remove(&p.replica) {
-                Some((node, old_hash, old_why, old_template)) => {
-                    if hold.contains(&p.replica) {
-                        (hash, template_json) = (old_hash.clone(), old_template);
-                    }
-                    if node == p.node && old_hash == hash && old_why == why {
-                        continue;
-                    }
-                    if node != p.node || old_hash != hash {
-                        changed_nodes.extend(node.clone());
-                        changed_nodes.extend(p.node.clone());
-                    }
-                    // A replica that moved starts over as Pending; one whose template
-                    // changed keeps its status until the agent reports on the new template.
-                    if node != p.node {
-                        tx.exec(
-                            "UPDATE replicas SET node = ?, template = ?, template_hash = ?, unschedulable = ?, status = ? WHERE name = ?",
-                            &[
-                                p.node.as_deref().into(),
-                                (&template_json).into(),
-                                (&hash).into(),
-                                (&why).into(),
-                                (&pending).into(),
-                                (&p.replica).into(),
-                            ],
-                        )
-                        .await?;
-                    } else {
-                        tx.exec(
-                            "UPDATE replicas SET template = ?, template_hash = ?, unschedulable = ? WHERE name = ?",
-                            &[(&template_json).into(), (&hash).into(), (&why).into(), (&p.replica).into()],
-                        )
-                        .await?;
-                    }
-                }
-                None => {
-                    changed_nodes.extend(p.node.clone());
-                    tx.exec(
-                        "INSERT INTO replicas (name, workload, idx, node, template, template_hash, status, unschedulable) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        &[
-                            (&p.replica).into(),
-                            (&p.workload).into(),
-                            i64::from(p.index).into(),
-                            p.node.as_deref().into(),
-                            (&template_json).into(),
-                            (&hash).into(),
-                            (&pending).into(),
-                            (&why).into(),
-                        ],
-                    )
-                    .await?;
-                }
-            }
-        }
-        // Replicas the scheduler no longer wants.
-        for (name, (node, ..)) in existing {
-            changed_nodes.extend(node);
-            tx.exec("DELETE FROM replicas WHERE name = ?", &[(&name).into()]).await?;
-        }
-        for node in &changed_nodes {
-            bump_generation(&mut tx, node).await?;
-        }
-        tx.commit().await?;
-        Ok(changed_nodes)
-    }
-
     /// Every Job index outcome recorded so far.
-    pub async fn job_indexes(&self) -> Result<Vec<JobIndexRow>> {
-        let rows = self
-            .pool
+    pub async fn job_indexes(&self) -> Result<Vec<JobIndex>> {
+        let rows = self.pool.fetch(JOB_INDEXES, &[]).await?;
+        rows.iter().map(job_index).collect()
+    }
+
+    /// What the controller reads for one pass, in one read transaction (one consistent view).
+    pub async fn controller_rows(&self) -> Result<ControllerRows> {
+        let mut tx = self.pool.read_tx().await?;
+        let workloads = tx
+            .fetch("SELECT name, manifest, revision, created_at_ms FROM workloads ORDER BY name", &[])
+            .await?
+            .iter()
+            .map(workload_row)
+            .collect::<Result<Vec<_>>>()?;
+        let nodes = tx.fetch(NODES, &[]).await?.iter().map(node_row).collect::<Result<Vec<_>>>()?;
+        // Not the template: the controller compares hashes, and a replica that takes a
+        // template takes its workload's.
+        let replicas = tx
             .fetch(
-                "SELECT workload, idx, succeeded, failures, last_failure_ms FROM job_indexes ORDER BY workload, idx",
+                "SELECT name, workload, idx, node, template_hash, status, unschedulable FROM replicas \
+                 ORDER BY workload, idx",
                 &[],
             )
-            .await?;
-        rows.iter()
+            .await?
+            .iter()
             .map(|r| {
-                let last = r.u64(4)?;
-                Ok(JobIndexRow {
-                    workload: r.text(0)?,
-                    index: u32::try_from(r.i64(1)?).unwrap_or(u32::MAX),
-                    succeeded: r.i64(2)? != 0,
-                    failures: u32::try_from(r.i64(3)?).unwrap_or(u32::MAX),
-                    last_failure_ms: (last > 0).then_some(last),
+                let name = r.text(0)?;
+                Ok(controller::Replica {
+                    workload: r.text(1)?,
+                    index: u32::try_from(r.i64(2)?).unwrap_or(u32::MAX),
+                    node: r.opt_text(3)?,
+                    template_hash: r.text(4)?,
+                    reported: serde_json::from_str::<Reported>(&r.text(5)?).map_err(corrupt("replica", &name))?,
+                    unschedulable: r.text(6)?,
+                    name,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let job_indexes = tx.fetch(JOB_INDEXES, &[]).await?.iter().map(job_index).collect::<Result<Vec<_>>>()?;
+        let rollouts = tx
+            .fetch("SELECT workload, template_hash, best, since_ms, done FROM rollouts ORDER BY workload", &[])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(RolloutRecord {
+                    workload: r.text(0)?,
+                    template_hash: r.text(1)?,
+                    best: u32::try_from(r.i64(2)?).unwrap_or(u32::MAX),
+                    since_ms: r.u64(3)?,
+                    done: r.i64(4)? != 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let revisions = tx
+            .fetch(
+                "SELECT workload, revision, template_hash, cause FROM workload_revisions ORDER BY workload, revision",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(RevisionEntry {
+                    workload: r.text(0)?,
+                    revision: r.u64(1)?,
+                    template_hash: r.text(2)?,
+                    cause: r.text(3)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let clock = tx.fetch_optional("SELECT cluster_ms, clock, mono_ms FROM cluster_clock WHERE id = 1", &[]).await?;
+        let clock = match clock {
+            Some(r) => Some(ClockAnchor { cluster_ms: r.u64(0)?, clock: r.text(1)?, mono_ms: r.u64(2)? }),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(ControllerRows { workloads, nodes, replicas, job_indexes, rollouts, revisions, clock })
     }
 
-    /// Records finished Job attempts as a leader: each attempt's replica row is removed (its
-    /// node gets a new generation, so the agent forgets it) and its index's outcome updated,
-    /// in one transaction. An attempt whose row is no longer on that node was recorded
-    /// before, so replays count nothing twice. Returns the nodes whose sets changed.
-    pub async fn record_job_attempts(
+    /// Writes a controller pass in one transaction, with cluster time's new `anchor`:
+    /// finished Job attempts (their replica rows leave their nodes, their indexes' outcomes
+    /// are updated), the replica writes, a new generation for every node whose set changed,
+    /// rollout progress and rollbacks. With a `fence`, refused with [`StoreError::NotLeader`]
+    /// unless its holder holds the lease by the database's clock once the write lock is held.
+    /// Nothing is written, and [`Written::Stale`] returned, when what the pass read changed
+    /// meanwhile: a workload's revision, or a replica row a write names. `wall_ms` stamps the
+    /// revisions a rollback records (for display).
+    pub async fn write_pass(
         &self,
-        fence: Fence<'_>,
-        attempts: &[JobAttempt],
-        now_ms: u64,
-    ) -> Result<BTreeSet<String>> {
+        fence: Option<Fence<'_>>,
+        pass: &Pass,
+        anchor: &ClockAnchor,
+        wall_ms: u64,
+    ) -> Result<Written> {
         let mut tx = self.pool.write_tx().await?;
-        let held = tx
-            .fetch_optional(
-                "SELECT holder FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > {now_ms}",
-                &[fence.lease.into(), fence.holder.into()],
-            )
-            .await?;
-        if held.is_none() {
-            return Err(StoreError::NotLeader { lease: fence.lease.to_string(), holder: fence.holder.to_string() });
+        if let Some(f) = fence {
+            check_fence(&mut tx, f).await?;
         }
-        let mut nodes = BTreeSet::new();
-        for a in attempts {
+        let rows = tx.fetch("SELECT name, revision FROM workloads", &[]).await?;
+        let revisions: BTreeMap<String, u64> =
+            rows.iter().map(|r| Ok((r.text(0)?, r.u64(1)?))).collect::<Result<_>>()?;
+        if revisions != pass.revisions_seen {
+            return Ok(Written::Stale(Stale::Workloads));
+        }
+        for a in &pass.job_attempts {
             let removed = tx
                 .exec("DELETE FROM replicas WHERE name = ? AND node = ?", &[(&a.replica).into(), (&a.node).into()])
                 .await?;
             if removed == 0 {
-                continue;
+                return Ok(Written::Stale(Stale::Replica(a.replica.clone())));
             }
-            nodes.insert(a.node.clone());
-            let (succeeded, failures, failed_at) = if a.succeeded { (1i64, 0i64, 0u64) } else { (0, 1, now_ms) };
+            let (succeeded, failures, failed_at) =
+                if a.succeeded { (1i64, 0i64, None) } else { (0, 1, Some(pass.now_ms)) };
             tx.exec(
-                "INSERT INTO job_indexes (workload, idx, succeeded, failures, last_failure_ms) VALUES (?, ?, ?, ?, ?) \
+                "INSERT INTO job_indexes (workload, idx, succeeded, failures, failed_at_ms) VALUES (?, ?, ?, ?, ?) \
                  ON CONFLICT (workload, idx) DO UPDATE SET \
                    succeeded = CASE WHEN excluded.succeeded = 1 THEN 1 ELSE job_indexes.succeeded END, \
                    failures = job_indexes.failures + excluded.failures, \
-                   last_failure_ms = CASE WHEN excluded.failures > 0 THEN excluded.last_failure_ms \
-                                     ELSE job_indexes.last_failure_ms END",
+                   failed_at_ms = CASE WHEN excluded.failures > 0 THEN excluded.failed_at_ms \
+                                  ELSE job_indexes.failed_at_ms END",
                 &[(&a.workload).into(), i64::from(a.index).into(), succeeded.into(), failures.into(), failed_at.into()],
             )
             .await?;
         }
-        for node in &nodes {
+        let templates: BTreeMap<&str, (String, &str)> =
+            pass.templates.iter().map(|(w, t)| (w.as_str(), (to_json(&t.template), t.hash.as_str()))).collect();
+        let pending = to_json(&ReplicaStatus::default());
+        for w in &pass.writes {
+            let template = || {
+                templates.get(w.workload.as_str()).ok_or_else(|| StoreError::PassWithoutTemplate {
+                    replica: w.replica.clone(),
+                    workload: w.workload.clone(),
+                })
+            };
+            let changed = match &w.op {
+                WriteOp::Create { node, unschedulable } => {
+                    let (json, hash) = template()?;
+                    tx.exec(
+                        "INSERT INTO replicas (name, workload, idx, node, template, template_hash, status, unschedulable) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        &[
+                            (&w.replica).into(),
+                            (&w.workload).into(),
+                            i64::from(w.index).into(),
+                            node.as_deref().into(),
+                            json.into(),
+                            (*hash).into(),
+                            (&pending).into(),
+                            unschedulable.into(),
+                        ],
+                    )
+                    .await?
+                }
+                WriteOp::Change { from_node, from_hash, node, new_template, unschedulable } => {
+                    // A replica that moved starts over as Pending; one whose template changed
+                    // keeps its status until the agent reports on the new template.
+                    let moved = from_node != node;
+                    let mut sql = String::from("UPDATE replicas SET node = ?, unschedulable = ?");
+                    let mut args: Vec<db::Arg> = vec![node.as_deref().into(), unschedulable.into()];
+                    if moved {
+                        sql.push_str(", status = ?");
+                        args.push((&pending).into());
+                    }
+                    if *new_template {
+                        let (json, hash) = template()?;
+                        sql.push_str(", template = ?, template_hash = ?");
+                        args.push(json.into());
+                        args.push((*hash).into());
+                    }
+                    sql.push_str(" WHERE name = ? AND node IS NOT DISTINCT FROM ? AND template_hash = ?");
+                    args.extend([(&w.replica).into(), from_node.as_deref().into(), from_hash.into()]);
+                    tx.exec(&sql, &args).await?
+                }
+                WriteOp::Delete { from_node } => {
+                    tx.exec(
+                        "DELETE FROM replicas WHERE name = ? AND node IS NOT DISTINCT FROM ?",
+                        &[(&w.replica).into(), from_node.as_deref().into()],
+                    )
+                    .await?
+                }
+            };
+            if changed == 0 {
+                return Ok(Written::Stale(Stale::Replica(w.replica.clone())));
+            }
+        }
+        for node in &pass.changed_nodes {
             bump_generation(&mut tx, node).await?;
         }
+        for p in &pass.rollouts {
+            tx.exec(
+                "INSERT INTO rollouts (workload, template_hash, best, since_ms, done) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (workload) DO UPDATE SET template_hash = excluded.template_hash, best = excluded.best, \
+                   since_ms = excluded.since_ms, done = excluded.done",
+                &[
+                    (&p.workload).into(),
+                    (&p.template_hash).into(),
+                    i64::from(p.best).into(),
+                    p.since_ms.into(),
+                    p.done.into(),
+                ],
+            )
+            .await?;
+        }
+        for r in &pass.rollbacks {
+            let current = tx
+                .fetch_optional(
+                    "SELECT name, manifest, revision, created_at_ms FROM workloads WHERE name = ?",
+                    &[(&r.workload).into()],
+                )
+                .await?;
+            let target = tx
+                .fetch_optional(
+                    "SELECT manifest FROM workload_revisions WHERE workload = ? AND revision = ?",
+                    &[(&r.workload).into(), r.to_revision.into()],
+                )
+                .await?;
+            let (Some(current), Some(target)) = (current, target) else {
+                return Ok(Written::Stale(Stale::Workloads));
+            };
+            let current = workload_row(&current)?;
+            let target: Manifest =
+                serde_json::from_str(&target.text(0)?).map_err(corrupt("workload revision", &r.workload))?;
+            let mut m = current.manifest.with_template_of(&target);
+            m.metadata.resource_version = Some(r.expected_revision);
+            match apply_in(&mut tx, &m, wall_ms, &r.cause).await {
+                Ok(_) => {}
+                Err(StoreError::Conflict { .. }) => return Ok(Written::Stale(Stale::Workloads)),
+                Err(e) => return Err(e),
+            }
+        }
+        tx.exec(
+            "INSERT INTO cluster_clock (id, cluster_ms, clock, mono_ms) VALUES (1, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET cluster_ms = excluded.cluster_ms, clock = excluded.clock, \
+               mono_ms = excluded.mono_ms",
+            &[anchor.cluster_ms.into(), (&anchor.clock).into(), anchor.mono_ms.into()],
+        )
+        .await?;
         tx.commit().await?;
-        Ok(nodes)
+        Ok(Written::Done)
     }
 
     /// Records statuses a node reported. Only replicas assigned to that node are updated: a
@@ -884,6 +923,54 @@ impl Store {
             Some(r) => Ok(Some(r.text(0)?)),
             None => Ok(None),
         }
+    }
+}
+
+const NODES: &str = "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via, \
+     cordoned, draining FROM nodes ORDER BY name";
+
+/// A [`NODES`] row.
+fn node_row(r: &Rec) -> Result<NodeRow> {
+    let name = r.text(0)?;
+    Ok(NodeRow {
+        facts: serde_json::from_str(&r.text(1)?).map_err(corrupt("node", &name))?,
+        generation: r.u64(2)?,
+        acked_generation: r.u64(3)?,
+        joined_at_ms: r.u64(4)?,
+        last_seen_ms: r.opt_u64(5)?,
+        connected_via: r.opt_text(6)?,
+        cordoned: r.i64(7)? != 0,
+        draining: r.i64(8)? != 0,
+        name,
+    })
+}
+
+const JOB_INDEXES: &str =
+    "SELECT workload, idx, succeeded, failures, failed_at_ms FROM job_indexes ORDER BY workload, idx";
+
+/// A [`JOB_INDEXES`] row.
+fn job_index(r: &Rec) -> Result<JobIndex> {
+    Ok(JobIndex {
+        workload: r.text(0)?,
+        index: u32::try_from(r.i64(1)?).unwrap_or(u32::MAX),
+        succeeded: r.i64(2)? != 0,
+        failures: u32::try_from(r.i64(3)?).unwrap_or(u32::MAX),
+        failed_at_ms: r.opt_u64(4)?,
+    })
+}
+
+/// Refuses a leader-only write whose writer no longer holds the lease (by the database's
+/// clock, under the write lock).
+async fn check_fence(tx: &mut Tx, f: Fence<'_>) -> Result<()> {
+    let held = tx
+        .fetch_optional(
+            "SELECT holder FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > {now_ms}",
+            &[f.lease.into(), f.holder.into()],
+        )
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NotLeader { lease: f.lease.to_string(), holder: f.holder.to_string() }),
     }
 }
 

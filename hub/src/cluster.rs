@@ -1,0 +1,105 @@
+//! What one hub process knows of the cluster beyond the store: its agent sessions, which
+//! nodes other hubs hold, when it last heard of each node, and its clocks. Shared by the
+//! session tasks ([`crate::server`]), the controller's shell ([`crate::control`]) and the API
+//! ([`crate::api`]); it decides nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+use transport::pki::Ca;
+
+use crate::controller::time::{ClusterClock, Presence};
+use crate::store::Store;
+
+/// A connected agent.
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    pub(crate) conn: quinn::Connection,
+    /// Woken when the node's assignment set may have changed.
+    pub(crate) wake: Arc<Notify>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    /// This hub's name in leases and node sessions.
+    pub(crate) hub_id: String,
+    /// True while this hub holds the controller lease.
+    pub(crate) leader: watch::Receiver<bool>,
+    /// Nodes whose agent session another hub holds (shared stores only). std Mutex: set
+    /// operations only, never held across an await.
+    pub(crate) remote_connected: Mutex<HashSet<String>>,
+    pub(crate) ca: Ca,
+    pub(crate) token_secret: String,
+    /// std Mutex: held only for map operations, never across an await.
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) next_session: AtomicU64,
+    pub(crate) reconcile: Notify,
+    /// The monotonic clock, anchored once at start: every timer and deadline of this hub
+    /// reads it through [`Shared::mono_ms`], never the wall clock.
+    started: Instant,
+    /// This process's reading of cluster time (see [`crate::controller::time`]).
+    pub(crate) clock: ClusterClock,
+    /// When each node was last heard of. std Mutex: map operations only.
+    pub(crate) presence: Mutex<Presence>,
+    /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: set
+    /// operations only.
+    pub(crate) warned: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        store: Store,
+        hub_id: String,
+        leader: watch::Receiver<bool>,
+        ca: Ca,
+        token_secret: String,
+    ) -> Shared {
+        let mut nonce = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
+        Shared {
+            clock: ClusterClock::new(format!("{hub_id}/{}", hex::encode(nonce))),
+            store,
+            hub_id,
+            leader,
+            remote_connected: Mutex::new(HashSet::new()),
+            ca,
+            token_secret,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            reconcile: Notify::new(),
+            started: Instant::now(),
+            presence: Mutex::new(Presence::new(0)),
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Milliseconds on this process's monotonic clock since the hub started.
+    pub(crate) fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the node's agent is connected to this hub or, on a shared store, to another.
+    pub(crate) fn is_connected(&self, node: &str) -> bool {
+        self.sessions.lock().unwrap().contains_key(node) || self.remote_connected.lock().unwrap().contains(node)
+    }
+
+    pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        self.sessions.lock().unwrap().get(node).map(|s| s.conn.clone())
+    }
+
+    pub(crate) fn trigger_reconcile(&self) {
+        self.reconcile.notify_one();
+    }
+
+    pub(crate) fn wake_nodes<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {
+        let sessions = self.sessions.lock().unwrap();
+        for n in nodes {
+            if let Some(s) = sessions.get(n) {
+                s.wake.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The controller's I/O shell. Only the holder of the controller lease runs it. A pass is:
+//! read the store in one read transaction, add what this hub observed (which nodes are
+//! connected, since when the others are not, cluster time), run the pure
+//! [`crate::controller::pass`], write its decisions in one transaction fenced by the lease,
+//! and wake the sessions of the nodes whose assignment sets changed. Nothing is decided here.
+//!
+//! The loop runs a pass on every trigger (an apply, a status, a session that starts or
+//! ends), at least every `RESYNC_PERIOD`, and at the next deadline the pass names (a
+//! failover, a Job retry, a rollout's progress deadline), so deadlines need no outside event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::cluster::Shared;
+use crate::controller::{self, Node, Snapshot, StopReason, Workload, WriteOp, time};
+use crate::leader;
+use crate::now_ms;
+use crate::store::{Fence, StoreError, Written};
+
+/// The controller re-runs at least this often even without triggers (level-triggered safety).
+const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+/// Wait past a deadline before the pass that acts on it (clock granularity).
+const DEADLINE_SLACK: Duration = Duration::from_millis(20);
+/// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+/// Passes computed from rows that changed before they were written are run again at once,
+/// this many times, then after `RETRY_MIN`.
+const STALE_RETRIES: u32 = 3;
+
+pub(crate) async fn controller_loop(shared: Arc<Shared>) {
+    let mut failures = 0u32;
+    let mut leader = shared.leader.clone();
+    loop {
+        if !*leader.borrow_and_update() {
+            debug!("not the leader; controllers idle");
+            if leader.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // A failed pass is retried soon with backoff, not at the next periodic resync.
+        let wait = match reconcile(&shared).await {
+            Ok(deadline) => {
+                failures = 0;
+                // A deadline is met to within a few ms, not at the next resync.
+                deadline.map_or(RESYNC_PERIOD, |d| (d + DEADLINE_SLACK).min(RESYNC_PERIOD))
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "reconcile failed; retrying");
+                (RETRY_MIN * 2u32.saturating_pow(failures - 1)).min(RESYNC_PERIOD)
+            }
+        };
+        tokio::select! {
+            _ = shared.reconcile.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = leader.changed() => {}
+        }
+    }
+}
+
+/// One pass: read → [`controller::pass`] → fenced write → wake. Returns how long until the
+/// next deadline the pass named, if any.
+async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
+    for _ in 0..STALE_RETRIES {
+        let rows = shared.store.controller_rows().await?;
+        let mono = shared.mono_ms();
+        let now = shared.clock.now(rows.clock.as_ref(), mono);
+        let nodes = {
+            let presence = shared.presence.lock().unwrap();
+            rows.nodes
+                .into_iter()
+                .map(|n| {
+                    let ready = shared.is_connected(&n.name);
+                    Node {
+                        not_ready_since_ms: (!ready)
+                            .then(|| time::to_cluster(presence.not_ready_since(&n.name), mono, now)),
+                        ready,
+                        cordoned: n.cordoned,
+                        draining: n.draining,
+                        facts: n.facts,
+                        name: n.name,
+                    }
+                })
+                .collect()
+        };
+        let snapshot = Snapshot {
+            now_ms: now,
+            workloads: rows.workloads.into_iter().map(|w| Workload::new(w.manifest, w.revision)).collect(),
+            nodes,
+            replicas: rows.replicas,
+            job_indexes: rows.job_indexes,
+            rollouts: rows.rollouts,
+            revisions: rows.revisions,
+        };
+        let pass = controller::pass(&snapshot);
+        {
+            // Logged once each, not on every pass.
+            let mut seen = shared.warned.lock().unwrap();
+            for w in pass.warnings.iter().filter(|w| !seen.contains(*w)) {
+                warn!(warning = %w, "scheduler input ignored");
+            }
+            *seen = pass.warnings.iter().cloned().collect();
+        }
+        let wake = pass.wake_at_ms.map(|at| Duration::from_millis(at.saturating_sub(now)));
+        if pass.writes_nothing() && !shared.clock.anchor_due(rows.clock.as_ref(), mono) {
+            return Ok(wake);
+        }
+        let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
+        let anchor = shared.clock.anchor(now, mono);
+        match shared.store.write_pass(Some(fence), &pass, &anchor, now_ms()).await? {
+            Written::Stale(why) => {
+                debug!(%why, "the store changed under the pass; running it again");
+                continue;
+            }
+            Written::Done => {}
+        }
+        report(&pass);
+        if !pass.changed_nodes.is_empty() {
+            debug!(nodes = ?pass.changed_nodes, "assignment sets changed");
+            shared.wake_nodes(&pass.changed_nodes);
+        }
+        if !pass.rollbacks.is_empty() {
+            // The rolled-back template is rolled out by the next pass.
+            shared.trigger_reconcile();
+        }
+        return Ok(wake);
+    }
+    Ok(Some(RETRY_MIN))
+}
+
+/// Logs what a written pass did.
+fn report(pass: &controller::Pass) {
+    for a in &pass.job_attempts {
+        info!(job = %a.workload, index = a.index, node = %a.node, succeeded = a.succeeded, "job attempt finished");
+    }
+    for s in pass.stops.iter().filter(|s| s.reason != StopReason::Removed) {
+        let to = pass.writes.iter().find_map(|w| match &w.op {
+            WriteOp::Change { node, .. } if w.replica == s.replica => Some(node.clone()),
+            _ => None,
+        });
+        let fenced = s.reason == StopReason::Fenced;
+        info!(replica = %s.replica, from = %s.node, to = ?to.flatten(), fenced, "replica moved");
+    }
+    for r in &pass.rollbacks {
+        warn!(workload = %r.workload, to_revision = r.to_revision, cause = %r.cause, "rollout made no progress within its deadline; rolled back");
+    }
+    for s in &pass.left_stalled {
+        warn!(workload = %s.workload, reason = %s.why, "rollout made no progress within its deadline; cannot roll back");
+    }
+    for (node, left) in &pass.drains {
+        debug!(%node, left, "draining");
+    }
+}
