@@ -14,6 +14,8 @@ PACKAGES=(
     # which clang --target=wasm32-wasi finds without --sysroot) and the wasm32
     # compiler-rt builtins.
     make clang lld wasi-libc libclang-rt-14-dev-wasm32
+    # tests/oci_cli.rs builds a static syscall probe (tests/fixtures/syscall_probe.c).
+    gcc libc6-dev
     # Containers: iproute2 for network namespaces in tests; runc, crun, skopeo,
     # umoci and debootstrap are the peers the container benchmarks compare with
     # and the tools that build their images.
