@@ -85,3 +85,12 @@ for target in wasm32-wasip1 wasm32-wasip2; do
         rustup target add "$target"
     fi
 done
+
+# Fuzzing (scripts/fuzz.sh, and its short run in scripts/test.sh): cargo-fuzz from crates.io.
+# It drives libFuzzer with the stable toolchain under RUSTC_BOOTSTRAP (see SECURITY.md).
+if cargo fuzz --version >/dev/null 2>&1; then
+    log "cargo-fuzz present"
+else
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
