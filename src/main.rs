@@ -177,13 +177,112 @@ enum Command {
         #[arg(long)]
         replicas: u32,
     },
-    /// Delete workloads by name or as declared in a file.
+    /// Join tokens: create one with limits, list them, revoke one.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) a node's admin labels; they override what the agent
+    /// claims, and only admins may set labels under node-restriction.flotilla.dev/.
+    Label {
+        /// `node`
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Set (KEY=VALUE:EFFECT or KEY:EFFECT) or remove (KEY-) a node's admin taints.
+    Taint {
+        /// `node`
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Node identity: let a node re-join under its existing name.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+    /// Delete workloads by name or as declared in a file, or a node (`delete node NAME`: its
+    /// certificate is revoked and its replicas are placed elsewhere).
     Delete {
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
         kind: Option<String>,
         name: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a join token; prints it (the only time it is shown).
+    Create {
+        /// Expire after this long, e.g. 30m or 24h (default: never).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Admit at most this many joins (default: no limit).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Admit only node names matching this glob, e.g. 'store-*' (default: any).
+        #[arg(long)]
+        name_pattern: Option<String>,
+        /// Admin label KEY=VALUE given to nodes that join with it, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Let the next join under this existing node's name through (its old certificate is then
+    /// revoked; placements and admin labels stay), within --for.
+    AllowRejoin {
+        name: String,
+        #[arg(long = "for", default_value = "1h")]
+        within: String,
+    },
+}
+
+/// `KEY=VALUE` to set and `KEY-` to remove, as kubectl's label takes them.
+fn parse_label_changes(changes: &[String]) -> Result<(BTreeMap<String, String>, Vec<String>)> {
+    let (mut set, mut remove) = (BTreeMap::new(), Vec::new());
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains('=')) {
+            remove.push(key.to_string());
+        } else {
+            let (k, v) = parse_label(c).map_err(|e| anyhow::anyhow!("{e} (or KEY- to remove)"))?;
+            set.insert(k, v);
+        }
+    }
+    Ok((set, remove))
+}
+
+/// `KEY=VALUE:EFFECT` or `KEY:EFFECT` to set and `KEY-` to remove.
+fn parse_taint_changes(changes: &[String]) -> Result<(Vec<proto::manifest::Taint>, Vec<String>)> {
+    let (mut set, mut remove) = (Vec::new(), Vec::new());
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains(['=', ':'])) {
+            remove.push(key.to_string());
+        } else {
+            set.push(proto::manifest::Taint::parse(c).map_err(|e| anyhow::anyhow!("{e} (or KEY- to remove)"))?);
+        }
+    }
+    Ok((set, remove))
+}
+
+fn node_kind(kind: &str) -> Result<()> {
+    match parse_kind(kind)? {
+        ResourceKind::Node => Ok(()),
+        _ => bail!("only nodes have admin labels and taints; use `node NAME`"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -502,6 +601,77 @@ async fn run(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
+        Command::Token { action } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match action {
+                TokenAction::Create { ttl, uses, name_pattern, labels } => {
+                    let ttl_ms = ttl
+                        .as_deref()
+                        .map(proto::manifest::parse_duration_ms)
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    let labels = labels.into_iter().collect();
+                    match client.request(&ApiRequest::TokenCreate { ttl_ms, uses, name_pattern, labels }).await? {
+                        ApiResponse::Token { token, view } => {
+                            println!("{token}");
+                            eprintln!("token {} created ({}; names {})", view.id, view.state, view.name_pattern);
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+                TokenAction::List { output } => {
+                    let response = client.request(&ApiRequest::TokenList).await?;
+                    if let ApiResponse::Error { message } = response {
+                        bail!("{message}");
+                    }
+                    print!("{}", output::render(&response, output)?);
+                    Ok(())
+                }
+                TokenAction::Revoke { id } => match client.request(&ApiRequest::TokenRevoke { id: id.clone() }).await? {
+                    ApiResponse::Tokens { .. } => {
+                        println!("token/{id} revoked");
+                        Ok(())
+                    }
+                    other => unexpected(other),
+                },
+            }
+        }
+        Command::Label { kind, name, changes } => {
+            node_kind(&kind)?;
+            let (set, remove) = parse_label_changes(&changes)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::LabelNode { node: name.clone(), set, remove }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} labeled");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Taint { kind, name, changes } => {
+            node_kind(&kind)?;
+            let (set, remove) = parse_taint_changes(&changes)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::TaintNode { node: name.clone(), set, remove }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} tainted");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Node { action: NodeAction::AllowRejoin { name, within } } => {
+            let for_ms = proto::manifest::parse_duration_ms(&within).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::AllowRejoin { node: name.clone(), for_ms }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} may re-join within {within}");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
         Command::Delete { file, kind, name } => {
             let request = match (file, kind, name) {
                 (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
@@ -509,10 +679,14 @@ async fn run(cli: Cli) -> Result<()> {
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let shown = match &request {
+                ApiRequest::Delete { kind: ResourceKind::Node, .. } => "node",
+                _ => "workload",
+            };
             match client.request(&request).await? {
                 ApiResponse::Deleted { names } => {
                     for n in names {
-                        println!("workload/{n} deleted");
+                        println!("{shown}/{n} deleted");
                     }
                     Ok(())
                 }

@@ -64,7 +64,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateFile::new(dir.path());
         assert_eq!(state.load().unwrap().generation, 0);
-        state.save(&AssignmentSet { generation: 4, assignments: vec![] }).unwrap();
+        state.save(&AssignmentSet { generation: 4, ..Default::default() }).unwrap();
         assert_eq!(state.load().unwrap().generation, 4);
         fs::write(dir.path().join("assignments.json"), b"{garbage").unwrap();
         assert!(matches!(state.load(), Err(StateError::Corrupt { .. })));

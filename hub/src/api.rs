@@ -58,6 +58,9 @@ async fn handle(
 }
 
 async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
+    if let Some(answer) = crate::admin::answer(shared, &req).await {
+        return answer;
+    }
     Ok(match req {
         ApiRequest::Apply { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
@@ -132,6 +135,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
         },
         ApiRequest::Delete { kind, name } => match kind {
             ResourceKind::Workload => delete(shared, vec![name]).await?,
+            ResourceKind::Node => crate::admin::delete_node(shared, &name).await?,
             other => ApiResponse::Error {
                 message: format!("deleting a {} is not supported; delete its workload", kind_name(other)),
             },
@@ -154,6 +158,13 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             ApiResponse::Nodes { items }
         }
         ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
+        // Answered by `crate::admin` above.
+        ApiRequest::TokenCreate { .. }
+        | ApiRequest::TokenList
+        | ApiRequest::TokenRevoke { .. }
+        | ApiRequest::LabelNode { .. }
+        | ApiRequest::TaintNode { .. }
+        | ApiRequest::AllowRejoin { .. } => ApiResponse::Error { message: "unexpected request".into() },
     })
 }
 
@@ -176,7 +187,7 @@ fn kind_name(kind: ResourceKind) -> &'static str {
     }
 }
 
-async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
+pub(crate) async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
     let every_node: std::collections::HashSet<String> = shared
         .store
         .workloads()
@@ -209,6 +220,12 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
             joined_at_ms: n.joined_at_ms,
             cordoned: n.cordoned,
             draining: n.draining,
+            claimed: Some(n.claimed),
+            admin_labels: n.admin_labels,
+            admin_taints: n.admin_taints,
+            notices: n.notices.iter().map(|x| x.to_string()).collect(),
+            problem: n.problem,
+            joined_with: n.joined_with,
         })
         .collect())
 }
@@ -431,6 +448,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             for (k, v) in node_labels(&n.name, f) {
                 let _ = writeln!(s, "Label:        {k}={v}");
             }
+            crate::admin::describe_identity(&mut s, &n);
             let _ = writeln!(s, "Replicas:");
             for r in replica_views(shared).await?.into_iter().filter(|r| r.node.as_deref() == Some(name)) {
                 let _ = writeln!(s, "  {:<24} {:<10} restarts={}", r.name, r.status.phase, r.status.restarts);

@@ -9,17 +9,22 @@
 //! [`bootstrap`] owns the data dir and credentials; [`server`] is the I/O shell that accepts
 //! connections and runs the controller loop; [`guard`] decides how many connections strangers
 //! may hold, bounds status reports and parses manifests off the async workers; [`api`] answers
-//! CLI requests.
+//! CLI requests, [`admin`] those about tokens and node identities. [`tokens`] (who may join)
+//! and [`identity`] (which certificate speaks for a node, which of its claims count) are pure
+//! rules.
 
+pub mod admin;
 pub mod api;
 pub mod bootstrap;
 pub mod guard;
+pub mod identity;
 pub mod leader;
 pub mod revisions;
 pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1140,6 +1140,11 @@ pub fn validate_name(name: &str) -> Result<(), InvalidValue> {
     Ok(())
 }
 
+/// A node label as a node selector can match it: the rules `metadata.labels` follow.
+pub fn validate_node_label(key: &str, value: &str) -> Result<(), InvalidValue> {
+    validate_label(key, value).map_err(InvalidValue)
+}
+
 fn validate_label(key: &str, value: &str) -> Result<(), String> {
     let ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
     if key.is_empty() || key.len() > 253 || !ok(key) {

@@ -330,6 +330,13 @@ pub fn peer_common_name(conn: &quinn::Connection) -> Option<String> {
     Some(cn.to_string())
 }
 
+/// SHA-256 (lowercase hex) of the peer's leaf certificate (DER), if it presented one: what the
+/// hub records as a node's current certificate.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    Some(crate::pki::fingerprint_der(certs.first()?))
+}
+
 /// The ALPN negotiated on a connection.
 pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<HandshakeData>().ok()?.protocol

@@ -40,6 +40,7 @@ pub(crate) enum Tx {
 /// A bound argument.
 pub(crate) enum Arg<'a> {
     I64(i64),
+    OptI64(Option<i64>),
     Text(&'a str),
     OptText(Option<&'a str>),
 }
@@ -65,6 +66,12 @@ impl<'a> From<Option<&'a str>> for Arg<'a> {
 impl From<i64> for Arg<'_> {
     fn from(v: i64) -> Self {
         Arg::I64(v)
+    }
+}
+
+impl From<Option<u64>> for Arg<'_> {
+    fn from(v: Option<u64>) -> Self {
+        Arg::OptI64(v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
     }
 }
 
@@ -146,6 +153,7 @@ macro_rules! bind_all {
         for a in $args {
             q = match a {
                 Arg::I64(v) => q.bind(*v),
+                Arg::OptI64(v) => q.bind(*v),
                 Arg::Text(v) => q.bind(v.to_string()),
                 Arg::OptText(v) => q.bind(v.map(str::to_string)),
             };

@@ -26,6 +26,7 @@
 //!   its successor's decisions.
 
 mod db;
+mod identity;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -37,6 +38,7 @@ use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
+pub use self::identity::{Admitted, NewToken, TokenRow};
 use crate::scheduler::Placement;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +98,26 @@ pub struct WorkloadRow {
 #[derive(Debug, Clone)]
 pub struct NodeRow {
     pub name: String,
+    /// What the hub uses: the agent's claims under the admin's labels and taints, reserved
+    /// labels dropped, capacity held to what it reported at join (see
+    /// [`crate::identity::effective`]).
     pub facts: NodeFacts,
+    /// What the agent claimed in its last hello.
+    pub claimed: NodeFacts,
+    /// What the hub ignored or held back of `claimed`.
+    pub notices: Vec<crate::identity::Notice>,
+    pub admin_labels: BTreeMap<String, String>,
+    pub admin_taints: Vec<proto::manifest::Taint>,
+    /// The node's current certificate (SHA-256 of its DER), once recorded.
+    pub cert_sha256: Option<String>,
+    /// The join token it joined with.
+    pub joined_with: String,
+    /// An admin let a join under this name through until then.
+    pub rejoin_until_ms: Option<u64>,
+    /// Capacity of its first hello after joining.
+    pub joined_capacity: Option<crate::identity::Capacity>,
+    /// Why it is not on its current set (the agent refused it, or it could not be sent).
+    pub problem: String,
     pub generation: u64,
     pub acked_generation: u64,
     pub joined_at_ms: u64,
@@ -202,6 +223,8 @@ pub struct Fence<'a> {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// The store's identity (see [`Store::id`]).
+    id: String,
 }
 
 fn corrupt<'a>(what: &'static str, name: &'a str) -> impl FnOnce(serde_json::Error) -> StoreError + 'a {
@@ -244,7 +267,8 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         pool.migrate().await?;
-        Ok(Store { pool })
+        let id = Store::load_identity(&pool).await?;
+        Ok(Store { pool, id })
     }
 
     /// Connects to the PostgreSQL database at `url` and applies migrations (once, however
@@ -252,7 +276,8 @@ impl Store {
     pub async fn open_postgres(url: &str) -> Result<Store> {
         let pool = Pool::open_postgres(url).await.map_err(|source| StoreError::Open { path: redact(url), source })?;
         pool.migrate().await?;
-        Ok(Store { pool })
+        let id = Store::load_identity(&pool).await?;
+        Ok(Store { pool, id })
     }
 
     /// Opens the store `datastore` names; `data_dir` holds the SQLite file.
@@ -490,30 +515,8 @@ impl Store {
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = self
-            .pool
-            .fetch(
-                "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via, \
-                 cordoned, draining FROM nodes ORDER BY name",
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let name = r.text(0)?;
-                Ok(NodeRow {
-                    facts: serde_json::from_str(&r.text(1)?).map_err(corrupt("node", &name))?,
-                    generation: r.u64(2)?,
-                    acked_generation: r.u64(3)?,
-                    joined_at_ms: r.u64(4)?,
-                    last_seen_ms: r.opt_u64(5)?,
-                    connected_via: r.opt_text(6)?,
-                    cordoned: r.i64(7)? != 0,
-                    draining: r.i64(8)? != 0,
-                    name,
-                })
-            })
-            .collect()
+        let rows = self.pool.fetch(&format!("SELECT {} ORDER BY name", identity::NODE_COLUMNS), &[]).await?;
+        rows.iter().map(identity::node_row).collect()
     }
 
     /// The assignment set a node must run, at its current generation.
@@ -542,7 +545,7 @@ impl Store {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AssignmentSet { generation, assignments })
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments })
     }
 
     // -----------------------------------------------------------------------------------------
