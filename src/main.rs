@@ -112,6 +112,20 @@ enum Command {
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
         link_timeout: std::time::Duration,
+        /// Stop every workload when the agent stops. Without it a stopped agent (SIGTERM,
+        /// SIGINT) leaves its containers running for the next agent process to adopt, and
+        /// hands its Wasm HTTP listeners on; only Wasm replicas restart with the agent.
+        #[arg(long)]
+        stop_workloads_on_exit: bool,
+    },
+    /// Holds a stopping agent's listening sockets for the next agent process (spawned by the
+    /// agent itself).
+    #[command(name = "agent-handoff", hide = true)]
+    AgentHandoff {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        timeout_ms: u64,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
@@ -259,6 +273,17 @@ fn main() -> std::process::ExitCode {
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
+        // A small single-threaded process: no async runtime needed.
+        Command::AgentHandoff { socket, timeout_ms } => {
+            init_tracing();
+            return match agent::handoff::hold(&socket, std::time::Duration::from_millis(timeout_ms)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let cli = Cli { global, command };
@@ -310,6 +335,7 @@ async fn run(cli: Cli) -> Result<()> {
             min_free_disk,
             registry_auth,
             link_timeout,
+            stop_workloads_on_exit,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -337,6 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
                 .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
             config.link_timeout = link_timeout;
+            config.stop_workloads_on_exit = stop_workloads_on_exit;
             config.min_free_disk_bytes =
                 proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
             if let Some(path) = registry_auth {
@@ -347,7 +374,9 @@ async fn run(cli: Cli) -> Result<()> {
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Oci(_) => bail!("the oci command runs before the async runtime starts"),
+        Command::Oci(_) | Command::AgentHandoff { .. } => {
+            bail!("this command runs before the async runtime starts")
+        }
         Command::Run(args) => {
             let code = local::run(args).await?;
             std::process::exit(code);

@@ -13,16 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oci_runtime::container::{self, BindMount, ExitInfo, RuntimeConfig, ShimHandle, ShimOptions, SpecInputs};
-use oci_runtime::{Image, ImageStore, Platform, Registry};
+use oci_runtime::{Image, ImageStore, Platform};
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
 use proto::messages::Termination;
 use tracing::{info, warn};
 
 use crate::prober::{ExecTarget, ProbeTarget};
-use crate::runtime::{KeyedLocks, RunContext, RunFuture, Runtime, VolumeStore, stopping};
+use crate::runtime::{KeyedLocks, RunContext, RunControl, RunEnd, RunFuture, Runtime, VolumeStore, stopping};
 
 /// Time between SIGTERM and SIGKILL when the workload does not say.
-const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// How often a running container's exit status is looked for.
 const EXIT_POLL: Duration = Duration::from_millis(50);
 
@@ -33,7 +33,7 @@ pub struct ContainerRuntime {
 
 struct Inner {
     images: ImageStore,
-    registry: Arc<Registry>,
+    registry: Arc<crate::runtime::LazyRegistry>,
     platform: Platform,
     /// The `flotilla` executable, run as `flotilla oci shim`.
     exe: PathBuf,
@@ -54,7 +54,7 @@ struct Inner {
 
 pub struct ContainerConfig {
     pub images: ImageStore,
-    pub registry: Arc<Registry>,
+    pub registry: Arc<crate::runtime::LazyRegistry>,
     pub exe: PathBuf,
     pub state_root: PathBuf,
     pub bundles: PathBuf,
@@ -159,7 +159,7 @@ impl Runtime for ContainerRuntime {
 }
 
 impl Inner {
-    async fn run(self: Arc<Self>, ctx: RunContext) -> Termination {
+    async fn run(self: Arc<Self>, ctx: RunContext) -> RunEnd {
         let image = ctx.template.image.clone();
         *lock(&self.in_use).entry(image.clone()).or_default() += 1;
         let how = self.clone().run_inner(ctx).await;
@@ -173,7 +173,7 @@ impl Inner {
         how
     }
 
-    async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> Termination {
+    async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> RunEnd {
         let id = ctx.replica.clone();
         let hash = ctx.template.hash();
         let grace = ctx.template.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
@@ -187,24 +187,28 @@ impl Inner {
         };
         let handle = match adopted {
             Some(Adopted::Running(h)) => {
-                ctx.log.note(&format!("adopted running container (pid {})", h.pid()));
+                let how = format!("adopted running container (pid {})", h.pid());
+                ctx.log.note(&how);
+                ctx.adopted(self.probe_target(&id, h.pid(), ctx.template.network), how);
                 h
             }
             Some(Adopted::Exited(exit)) => {
                 // It ended while the agent was away: report that end; the supervisor decides.
-                return termination(&exit);
+                return RunEnd::Ended(termination(&exit));
             }
             None => match self.clone().start(&ctx, &hash).await {
-                Ok(h) => h,
+                Ok(h) => {
+                    ctx.started_at(self.probe_target(&id, h.pid(), ctx.template.network));
+                    h
+                }
                 Err(message) => {
                     let this = self.clone();
                     let id = id.clone();
                     blocking(move || this.cleanup(&id, None)).await;
-                    return Termination::StartFailed { message };
+                    return RunEnd::Ended(Termination::StartFailed { message });
                 }
             },
         };
-        ctx.started_at(self.probe_target(&id, handle.pid(), ctx.template.network));
 
         // Wait for the end, or for the supervisor to ask for it.
         let exit = loop {
@@ -222,7 +226,14 @@ impl Inner {
             }
             tokio::select! {
                 _ = tokio::time::sleep(EXIT_POLL) => {}
-                _ = stopping(&mut ctx.stop) => {
+                how = stopping(&mut ctx.stop) => {
+                    if how == RunControl::Detach {
+                        // The agent is exiting and a new process will adopt the container:
+                        // the shim keeps it running, and its state, cgroup, mount and bundle
+                        // stay as they are.
+                        ctx.log.note("agent exiting: container left running under its shim");
+                        return RunEnd::Detached;
+                    }
                     ctx.log.note(&format!("stopping: SIGTERM, SIGKILL after {}s", grace.as_secs_f64()));
                     let h = handle.clone();
                     break blocking(move || h.stop(grace)).await;
@@ -232,10 +243,10 @@ impl Inner {
         let this = self.clone();
         let id2 = id.clone();
         blocking(move || this.cleanup(&id2, Some(handle))).await;
-        match exit {
+        RunEnd::Ended(match exit {
             Ok(exit) => termination(&exit),
             Err(e) => Termination::Trapped { message: format!("lost track of the container: {e}") },
-        }
+        })
     }
 
     /// How health probes reach a running container: its network namespace (held open, so a
