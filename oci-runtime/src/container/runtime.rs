@@ -50,6 +50,8 @@ pub enum ContainerError {
     Network { id: String, message: String },
     #[error("state of container {id} is unreadable: {message}")]
     BadState { id: String, message: String },
+    #[error(transparent)]
+    Durable(#[from] crate::durable::DurableError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerError + use<> {
@@ -541,11 +543,9 @@ pub fn signal_process(pid: i32, signal: Signal) -> Result<(), ContainerError> {
     nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(sys_err(format!("signalling process {pid}")))
 }
 
-/// Writes a file by writing a temporary sibling and renaming it over the target.
+/// Writes a state file (`state.json`, `exit.json`) with the crate's one durability level.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ContainerError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path))
+    Ok(crate::durable::write_atomic(path, data)?)
 }
 
 #[cfg(test)]
