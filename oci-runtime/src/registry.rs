@@ -175,7 +175,7 @@ impl Registry {
             });
         }
         let artifact = WasmArtifact::build(wasm)
-            .map_err(|found| RegistryError::NotWasm { reference: reference.to_owned(), found })?;
+            .map_err(|e| RegistryError::NotWasm { reference: reference.to_owned(), found: e.to_string() })?;
         let other = |message: String| RegistryError::Registry { reference: reference.to_owned(), message };
         let WasmArtifact { config, config_digest, layer_digest, manifest: manifest_bytes, manifest_digest, .. } =
             artifact;

@@ -33,8 +33,8 @@ pub use exec::{ExecError, ExecOutcome, ExecRequest, ExecStatus, exec};
 pub use nix::sys::signal::{SigSet, Signal};
 pub use overlay::{OverlayError, mount_overlay, unmount};
 pub use runtime::{
-    ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, OciState, Runtime, RuntimeConfig,
-    Status, signal_process,
+    ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, NetworkHookError, OciState,
+    Runtime, RuntimeConfig, Status, signal_process,
 };
 pub use shim::{ShimError, ShimHandle, ShimOptions, run_shim};
 pub use spec::{BindMount, NetworkMode, Plan, SpecError, SpecInputs, default_spec, load_bundle};

@@ -46,8 +46,8 @@ pub enum ContainerError {
     Sys { what: String, source: nix::Error },
     #[error("container {id} failed to start: {message}")]
     Init { id: String, message: String },
-    #[error("network hook for container {id}: {message}")]
-    Network { id: String, message: String },
+    #[error("network hook for container {id}: {source}")]
+    Network { id: String, source: NetworkHookError },
     #[error("state of container {id} is unreadable: {message}")]
     BadState { id: String, message: String },
     #[error(transparent)]
@@ -147,10 +147,13 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// An error of a [`NetworkHook`]: the hook's own error type, boxed.
+pub type NetworkHookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Called by `create` after the container's namespaces exist and before its process goes on:
 /// the place to plumb a veth pair into its network namespace (`/proc/<pid>/ns/net`).
 pub trait NetworkHook {
-    fn setup(&self, id: &str, pid: i32) -> Result<(), String>;
+    fn setup(&self, id: &str, pid: i32) -> Result<(), NetworkHookError>;
 }
 
 /// Per-create options.
@@ -386,7 +389,7 @@ impl Runtime {
             cgroups.add_process(pid)?;
         }
         if let Some(hook) = network_hook {
-            hook.setup(id, pid).map_err(|message| ContainerError::Network { id: id.into(), message })?;
+            hook.setup(id, pid).map_err(|source| ContainerError::Network { id: id.into(), source })?;
         }
         let mut go = fs::File::from(go);
         go.write_all(b"G").map_err(io_err("signal", Path::new("container init")))?;

@@ -197,20 +197,21 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
                 name,
             );
             let top = src.doc(&entry.digest)?;
-            let (index, manifest_digest, manifest) = match spec::parse_manifest(&top)
-                .map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))?
-            {
-                Parsed::Index(children) => {
-                    // The node's platform, else a Wasm entry: Wasm runs on any node.
-                    let child = match spec::select_platform(&children, platform) {
-                        Ok(child) => child,
-                        Err(reason) => wasm::select_platform(&children)
-                            .ok_or_else(|| ImageError::Platform { reference: given.display().to_string(), reason })?,
-                    };
-                    (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
-                }
-                Parsed::Manifest { .. } => (None, entry.digest.clone(), top),
-            };
+            let (index, manifest_digest, manifest) =
+                match spec::parse_manifest(&top).map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))? {
+                    Parsed::Index(children) => {
+                        // The node's platform, else a Wasm entry: Wasm runs on any node.
+                        let child = match spec::select_platform(&children, platform) {
+                            Ok(child) => child,
+                            Err(e) => wasm::select_platform(&children).ok_or_else(|| ImageError::Platform {
+                                reference: given.display().to_string(),
+                                reason: e.to_string(),
+                            })?,
+                        };
+                        (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
+                    }
+                    Parsed::Manifest { .. } => (None, entry.digest.clone(), top),
+                };
             let Parsed::Manifest { config, layers } =
                 spec::parse_manifest(&manifest).map_err(|e| archive_err(given, format!("{manifest_digest}: {e}")))?
             else {
@@ -454,7 +455,7 @@ impl ImageStore {
                 }
                 ArtifactKind::Wasm => {
                     let layer = wasm::select_layer(&found.config, &found.layers)
-                        .map_err(|found| ImageError::NotWasm { reference: shown.clone(), found })?;
+                        .map_err(|e| ImageError::NotWasm { reference: shown.clone(), found: e.to_string() })?;
                     validate_digest(&layer.digest).map_err(|e| archive_err(path, e.to_string()))?;
                     if !u64::try_from(layer.size).is_ok_and(|size| size <= MAX_MODULE_BYTES) {
                         return Err(ImageError::TooLarge {
@@ -534,8 +535,8 @@ pub fn save_wasm(wasm: &[u8], reference: &str, out: &Path) -> Result<String, Ima
             reason: "an archive names its image by tag, not by digest".to_owned(),
         }));
     }
-    let a =
-        WasmArtifact::build(wasm).map_err(|found| ImageError::NotWasm { reference: reference.to_owned(), found })?;
+    let a = WasmArtifact::build(wasm)
+        .map_err(|e| ImageError::NotWasm { reference: reference.to_owned(), found: e.to_string() })?;
     let mut annotations = std::collections::BTreeMap::new();
     annotations.insert(CONTAINERD_NAME.to_owned(), r.whole());
     annotations.insert(REF_NAME.to_owned(), r.tag().unwrap_or("latest").to_owned());
@@ -681,7 +682,7 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
         return Ok((src, plan));
     }
     let bytes = read_limited(&index_path, path)?;
-    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e))? else {
+    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e.to_string()))? else {
         return Err(archive_err(path, "index.json is not an index"));
     };
     let tag = r.tag().unwrap_or("latest");
@@ -711,7 +712,7 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
         plan.manifests.push((media_type.to_owned(), bytes));
         Ok(())
     };
-    match spec::parse_manifest(&top).map_err(|e| archive_err(path, e))? {
+    match spec::parse_manifest(&top).map_err(|e| archive_err(path, e.to_string()))? {
         Parsed::Index(children) => {
             for child in &children {
                 let bytes = src.doc(&child.digest)?;

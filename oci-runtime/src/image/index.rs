@@ -295,9 +295,9 @@ struct LegacyRef {
     wasm_digest: String,
 }
 
-fn read_legacy<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+fn read_legacy<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, IndexError> {
+    let bytes = fs::read(path).map_err(|source| IndexError::Io { path: path.to_owned(), source })?;
+    serde_json::from_slice(&bytes).map_err(|source| IndexError::Corrupt { path: path.to_owned(), source })
 }
 
 #[cfg(test)]

@@ -39,9 +39,9 @@ pub use auth::{AuthError, Credential, Credentials};
 pub use gc::{ArtifactHold, GcReport};
 pub use index::{ArtifactKind, ImageIndex, ImageRecord, IndexError, LayerRecord};
 pub use platform::Platform;
-pub use spec::chain_ids;
+pub use spec::{ManifestError, chain_ids};
 pub use unpack::{UnpackError, UnpackOptions, UnpackStats, can_unpack_whiteouts, unpack_layer};
-pub use wasm::{PulledWasm, WasmArtifact};
+pub use wasm::{PulledWasm, WasmArtifact, WasmError};
 
 use crate::registry::{RegistryError, parse_reference};
 use crate::store::{BlobStore, StoreError, validate_digest};

@@ -278,17 +278,17 @@ impl ImageStore {
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
         let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
-            .map_err(|e| s.bad(e))?
+            .map_err(|e| s.bad(e.to_string()))?
         {
             Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
             Parsed::Index(entries) => {
                 let entry = spec::select_platform(&entries, platform)
-                    .map_err(|reason| ImageError::Platform { reference: reference.to_owned(), reason })?;
+                    .map_err(|e| ImageError::Platform { reference: reference.to_owned(), reason: e.to_string() })?;
                 validate_digest(&entry.digest).map_err(|e| s.bad(format!("index entry digest: {e}")))?;
                 tracing::debug!(reference, digest = %entry.digest, %platform, "following image index");
                 let child = s.r.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
-                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e))? {
+                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e.to_string()))? {
                     Parsed::Manifest { config, layers } => {
                         (Some((top_bytes, top_digest)), bytes, digest, config, layers)
                     }

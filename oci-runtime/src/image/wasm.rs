@@ -27,6 +27,48 @@ const COMPONENT_VERSION_LAYER: &[u8; 4] = b"\x0d\x00\x01\x00";
 /// Largest config blob of a Wasm artifact accepted.
 const MAX_WASM_CONFIG_BYTES: u64 = 1024 * 1024;
 
+/// Why bytes or a manifest are not a Wasm artifact; the text says what was found instead.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    /// The bytes do not start with the Wasm magic.
+    #[error("{len} bytes starting with {head} instead of the wasm magic \\0asm")]
+    NotWasm {
+        /// How many bytes there are.
+        len: usize,
+        /// Their first bytes, described.
+        head: String,
+    },
+    /// A manifest without layers.
+    #[error("manifest has no layers; {manifest}")]
+    NoLayers {
+        /// The manifest's media types, described.
+        manifest: String,
+    },
+    /// Several layers, none typed as Wasm.
+    #[error("no wasm layer; {manifest}")]
+    NoWasmLayer {
+        /// The manifest's media types, described.
+        manifest: String,
+    },
+    /// More than one Wasm-typed layer.
+    #[error("{count} wasm layers where one is expected; {manifest}")]
+    SeveralWasmLayers {
+        /// How many.
+        count: usize,
+        /// The manifest's media types, described.
+        manifest: String,
+    },
+    /// A document could not be encoded.
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        /// Which document.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// A Wasm module in the artifact store: the result of [`ImageStore::pull_wasm`] and
 /// [`ImageStore::wasm`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,19 +120,15 @@ pub struct WasmArtifact {
 impl WasmArtifact {
     /// The artifact of `wasm`, which must start with the Wasm magic (the error says what it
     /// starts with instead).
-    pub fn build(wasm: &[u8]) -> Result<WasmArtifact, String> {
+    pub fn build(wasm: &[u8]) -> Result<WasmArtifact, WasmError> {
         if !wasm.starts_with(WASM_MAGIC) {
-            return Err(format!(
-                "{} bytes starting with {} instead of the wasm magic \\0asm",
-                wasm.len(),
-                describe_head(wasm)
-            ));
+            return Err(WasmError::NotWasm { len: wasm.len(), head: describe_head(wasm) });
         }
         let layer_digest = sha256_digest(wasm);
         let os = wasm_os(wasm);
         let config =
             serde_json::to_vec(&WasmConfig { architecture: "wasm", os, layer_digests: vec![layer_digest.clone()] })
-                .map_err(|e| format!("cannot encode wasm config: {e}"))?;
+                .map_err(|source| WasmError::Encode { what: "wasm config", source })?;
         let config_digest = sha256_digest(&config);
         // oci-client's manifest type, so the bytes (and digest) are those `flotilla push` has
         // always produced for the same module.
@@ -111,7 +149,8 @@ impl WasmArtifact {
             }],
             ..Default::default()
         };
-        let manifest = serde_json::to_vec(&manifest).map_err(|e| format!("cannot encode manifest: {e}"))?;
+        let manifest =
+            serde_json::to_vec(&manifest).map_err(|source| WasmError::Encode { what: "manifest", source })?;
         let manifest_digest = sha256_digest(&manifest);
         Ok(WasmArtifact { config, config_digest, layer_digest, manifest, manifest_digest, os })
     }
@@ -184,16 +223,15 @@ pub(crate) fn is_wasm_manifest(config: &Descriptor, layers: &[Descriptor]) -> bo
 /// The layer holding the module: the single layer typed as Wasm, else the only layer of a
 /// single-layer image (its content is checked for the Wasm magic later). The error says
 /// what was found.
-pub(crate) fn select_layer<'a>(config: &Descriptor, layers: &'a [Descriptor]) -> Result<&'a Descriptor, String> {
+pub(crate) fn select_layer<'a>(config: &Descriptor, layers: &'a [Descriptor]) -> Result<&'a Descriptor, WasmError> {
     let wasm: Vec<&Descriptor> = layers.iter().filter(|l| is_wasm_layer_type(&l.media_type)).collect();
+    let manifest = || describe_manifest(config, layers);
     match (wasm.as_slice(), layers) {
         ([layer], _) => Ok(layer),
         ([], [only]) => Ok(only),
-        ([], []) => Err(format!("manifest has no layers; {}", describe_manifest(config, layers))),
-        ([], _) => Err(format!("no wasm layer; {}", describe_manifest(config, layers))),
-        (several, _) => {
-            Err(format!("{} wasm layers where one is expected; {}", several.len(), describe_manifest(config, layers)))
-        }
+        ([], []) => Err(WasmError::NoLayers { manifest: manifest() }),
+        ([], _) => Err(WasmError::NoWasmLayer { manifest: manifest() }),
+        (several, _) => Err(WasmError::SeveralWasmLayers { count: several.len(), manifest: manifest() }),
     }
 }
 
@@ -299,10 +337,11 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let s = Session::open(registry, r, reference).await;
         let not_wasm = |found: String| ImageError::NotWasm { reference: reference.to_owned(), found };
+        let not_wasm_e = |e: &dyn std::fmt::Display| not_wasm(e.to_string());
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
         let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
-            .map_err(not_wasm)?
+            .map_err(|e| not_wasm_e(&e))?
         {
             Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
             Parsed::Index(entries) => {
@@ -317,7 +356,7 @@ impl ImageStore {
                 tracing::debug!(reference, digest = %entry.digest, "following image index");
                 let child = s.r.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
-                match spec::parse_manifest(&bytes).map_err(not_wasm)? {
+                match spec::parse_manifest(&bytes).map_err(|e| not_wasm_e(&e))? {
                     Parsed::Manifest { config, layers } => {
                         (Some((top_bytes, top_digest)), bytes, digest, config, layers)
                     }
@@ -327,7 +366,7 @@ impl ImageStore {
                 }
             }
         };
-        let layer = select_layer(&config, &layers).map_err(not_wasm)?.clone();
+        let layer = select_layer(&config, &layers).map_err(|e| not_wasm_e(&e))?.clone();
         validate_digest(&layer.digest).map_err(|e| s.bad(format!("wasm layer has an unusable digest: {e}")))?;
         validate_digest(&config.digest).map_err(|e| s.bad(format!("config digest: {e}")))?;
         if !u64::try_from(layer.size).is_ok_and(|size| size <= MAX_MODULE_BYTES) {
@@ -418,14 +457,14 @@ mod tests {
         assert_eq!(select_layer(&wasm_config, &l).unwrap().media_type, WASM_LAYER_MEDIA_TYPE);
 
         let l = layers(&["application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.oci.image.layer.v1.tar+gzip"]);
-        let err = select_layer(&oci_config, &l).unwrap_err();
+        let err = select_layer(&oci_config, &l).unwrap_err().to_string();
         assert!(err.contains("no wasm layer"), "{err}");
         assert!(err.contains("application/vnd.oci.image.layer.v1.tar+gzip"), "{err}");
         assert!(err.contains("application/vnd.oci.image.config.v1+json"), "{err}");
 
         let l = layers(&[WASM_LAYER_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE]);
-        assert!(select_layer(&wasm_config, &l).unwrap_err().contains("2 wasm layers"));
-        assert!(select_layer(&wasm_config, &[]).unwrap_err().contains("no layers"));
+        assert!(select_layer(&wasm_config, &l).unwrap_err().to_string().contains("2 wasm layers"));
+        assert!(select_layer(&wasm_config, &[]).unwrap_err().to_string().contains("no layers"));
     }
 
     #[test]
@@ -484,7 +523,7 @@ mod tests {
         assert_eq!(layers[0].size as usize, wasm.len());
         assert!(is_wasm_manifest(&config, &layers));
 
-        let err = WasmArtifact::build(b"MZ not wasm").unwrap_err();
+        let err = WasmArtifact::build(b"MZ not wasm").unwrap_err().to_string();
         assert!(err.contains("instead of the wasm magic") && err.contains("\"MZ n\""), "{err}");
     }
 }
