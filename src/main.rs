@@ -208,7 +208,7 @@ enum RolloutAction {
 
 /// A link timeout: a duration from 1 s to 10 min.
 fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
-    let ms = proto::manifest::parse_duration_ms(s)?;
+    let ms = proto::manifest::parse_duration_ms(s).map_err(|e| e.to_string())?;
     if !(1_000..=600_000).contains(&ms) {
         return Err(format!("{s:?} is outside 1s..10m"));
     }
@@ -278,8 +278,16 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Hub { data_dir, listen, advertise, tls_names, datastore, node_grace } => {
             init_tracing();
-            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names, datastore, node_grace })
-                .await?;
+            let hub = hub::Hub::start(hub::HubConfig {
+                data_dir,
+                listen,
+                advertise,
+                tls_names,
+                datastore,
+                node_grace,
+                limits: Default::default(),
+            })
+            .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
             eprintln!("admin config: {}", hub.admin_config_path().display());
             eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());

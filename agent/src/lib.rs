@@ -177,7 +177,7 @@ fn spawn_probes(
 /// Runs the agent until `shutdown` completes or the hub refuses this node.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     proto::manifest::validate_name(&config.name)
-        .map_err(|message| AgentError::InvalidName { name: config.name.clone(), message })?;
+        .map_err(|e| AgentError::InvalidName { name: config.name.clone(), message: e.to_string() })?;
     // The data dir holds the node's key, env values of its workloads and their logs.
     std::fs::create_dir_all(&config.data_dir)
         .and_then(|_| {

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use proto::manifest::{Kind, parse_manifests};
+use proto::manifest::Kind;
 use proto::messages::{
     ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, NodeView, Phase, ReplicaView,
     ResourceKind, StreamStart, WorkloadView,
@@ -59,7 +59,7 @@ async fn handle(
 
 async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
     Ok(match req {
-        ApiRequest::Apply { source } => match parse_manifests(&source) {
+        ApiRequest::Apply { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
                 let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
@@ -136,7 +136,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
                 message: format!("deleting a {} is not supported; delete its workload", kind_name(other)),
             },
         },
-        ApiRequest::DeleteManifests { source } => match parse_manifests(&source) {
+        ApiRequest::DeleteManifests { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
                 let names =

@@ -7,10 +7,13 @@
 //! Structure: [`scheduler`] is a pure function; [`store`] is the only module that speaks SQL;
 //! [`leader`] elects the one hub (of several on a shared store) that runs the controllers;
 //! [`bootstrap`] owns the data dir and credentials; [`server`] is the I/O shell that accepts
-//! connections and runs the controller loop; [`api`] answers CLI requests.
+//! connections and runs the controller loop; [`guard`] decides how many connections strangers
+//! may hold, bounds status reports and parses manifests off the async workers; [`api`] answers
+//! CLI requests.
 
 pub mod api;
 pub mod bootstrap;
+pub mod guard;
 pub mod leader;
 pub mod revisions;
 pub mod rollout;
@@ -40,6 +43,8 @@ pub struct HubConfig {
     /// How long a node's link may be silent before the hub marks it NotReady (the hub's QUIC
     /// idle timeout; QUIC uses the smaller of the hub's and the agent's).
     pub node_grace: std::time::Duration,
+    /// How many connections strangers and nodes may hold, and how fast they may start.
+    pub limits: guard::PeerLimits,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

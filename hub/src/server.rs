@@ -43,6 +43,8 @@ use crate::{HubConfig, now_ms};
 pub const CLOSE_UNAUTHORIZED: u32 = 0x401;
 pub const CLOSE_REPLACED: u32 = 0x409;
 pub const CLOSE_PROTOCOL: u32 = 0x400;
+/// A join connection over the hub's caps for strangers (see [`crate::guard`]).
+pub const CLOSE_BUSY: u32 = 0x429;
 
 const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,6 +134,8 @@ impl Shared {
 /// A running hub.
 pub struct Hub {
     endpoint: quinn::Endpoint,
+    /// Who may connect, how many and how fast.
+    gate: Arc<crate::guard::Gate>,
     shared: Arc<Shared>,
     election: tokio::task::JoinHandle<()>,
     admin_config: std::path::PathBuf,
@@ -178,6 +182,7 @@ impl Hub {
         info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), store = store.backend_name(), hub = %hub_id, "hub listening");
         Ok(Hub {
             endpoint,
+            gate: crate::guard::Gate::new(config.limits.clone()),
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
@@ -221,11 +226,13 @@ impl Hub {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Refused or retried here, before any handshake work, when over a cap.
+                    let Some((incoming, permit)) = self.gate.admit(incoming) else { continue };
                     let shared = self.shared.clone();
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(conn) => handle_connection(shared, conn).instrument(info_span!("conn", %remote)).await,
+                            Ok(conn) => handle_connection(shared, conn, permit).instrument(info_span!("conn", %remote)).await,
                             Err(e) => debug!(%remote, error = %e, "handshake failed"),
                         }
                     });
@@ -247,15 +254,23 @@ impl Hub {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+/// Serves one connection until it ends; `permit` holds its place at the gate meanwhile.
+async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection, mut permit: crate::guard::Permit) {
     let alpn = tls::negotiated_alpn(&conn).unwrap_or_default();
     let cn = tls::peer_common_name(&conn);
+    permit.handshake_done();
     if alpn == ALPN_JOIN {
+        if let Err(why) = permit.join() {
+            warn!(reason = %why, "join connection refused");
+            conn.close(VarInt::from_u32(CLOSE_BUSY), why.to_string().as_bytes());
+            return;
+        }
         join(shared, conn).await;
     } else if alpn == ALPN_AGENT {
         match cn.as_deref().and_then(|cn| cn.strip_prefix("node:")) {
             Some(node) => {
                 let node = node.to_string();
+                permit.authenticated(&conn, transport::limits::Session::Agent);
                 agent_session(shared, conn, node.clone()).instrument(info_span!("agent", %node)).await
             }
             None => {
@@ -268,7 +283,10 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         }
     } else if alpn == ALPN_API {
         match cn.as_deref() {
-            Some(cn) if cn.starts_with("admin:") => crate::api::serve(shared, conn).await,
+            Some(cn) if cn.starts_with("admin:") => {
+                permit.authenticated(&conn, transport::limits::Session::Api);
+                crate::api::serve(shared, conn).await
+            }
             _ => {
                 warn!(peer = ?cn, "API connection without the admin credential refused");
                 conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"the admin credential is required");
@@ -285,7 +303,8 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
 async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
     let result = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
         let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-        let req: JoinRequest = match frame::read(&mut recv).await {
+        // A stranger's frame: small, and never allocated before it arrives.
+        let req: JoinRequest = match frame::read_within(&mut recv, proto::codec::MAX_UNAUTHENTICATED_FRAME).await {
             Ok(Some(req)) => req,
             Ok(None) => return None,
             Err(e) => {
@@ -330,6 +349,18 @@ fn decide_join(shared: &Shared, req: &JoinRequest) -> JoinResponse {
 // ---------------------------------------------------------------------------------------------
 // Agent sessions
 
+/// `statuses` limited to the replicas in `held`, with a warning for the rest.
+fn held_statuses(
+    statuses: BTreeMap<String, proto::messages::ReplicaStatus>,
+    held: &BTreeSet<String>,
+) -> BTreeMap<String, proto::messages::ReplicaStatus> {
+    let (kept, dropped) = crate::guard::held_statuses(statuses, held);
+    if dropped > 0 {
+        warn!(dropped, kept = kept.len(), "status reported for replicas this node does not hold; ignored");
+    }
+    kept
+}
+
 /// The agent's clock minus the hub's: its hello was stamped about half a round trip before
 /// the hub read it.
 fn clock_skew_ms(agent_ms: u64, hub_ms: u64, rtt: Duration) -> i64 {
@@ -369,6 +400,15 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
         return;
     }
+    // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
+    let mut held: BTreeSet<String> = match shared.store.assignment_set(&node).await {
+        Ok(set) => set.assignments.into_iter().map(|a| a.name).collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot load assignment set");
+            BTreeSet::new()
+        }
+    };
+    let statuses = held_statuses(statuses, &held);
     if let Err(e) = shared.store.record_statuses(&node, &statuses).await {
         warn!(error = %e, "cannot record statuses");
     }
@@ -416,9 +456,11 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
                 Ok(set) if Some(set.generation) != sent_generation => {
                     let generation = set.generation;
                     debug!(generation, assignments = set.assignments.len(), "sending assignment set");
+                    let names = set.assignments.iter().map(|a| a.name.clone()).collect();
                     if frame::write(&mut send, &HubMsg::Assign(set)).await.is_err() {
                         break;
                     }
+                    held = names;
                     sent_generation = Some(generation);
                 }
                 Ok(_) => {}
@@ -429,6 +471,10 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
             _ = wake.notified() => dirty = true,
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
+                let msg = match msg {
+                    AgentMsg::Status { statuses } => AgentMsg::Status { statuses: held_statuses(statuses, &held) },
+                    other => other,
+                };
                 handle_agent_msg(&shared, &node, msg).await;
             }
         }

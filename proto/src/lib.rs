@@ -7,6 +7,7 @@ pub mod codec;
 pub mod manifest;
 pub mod messages;
 pub mod token;
+pub mod yaml;
 
 pub use manifest::{Manifest, ReplicaTemplate, RestartPolicy, Runtime};
 pub use messages::*;

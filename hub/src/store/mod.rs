@@ -227,6 +227,10 @@ fn stored_form(m: &Manifest) -> Manifest {
 impl Store {
     /// Opens (creating if needed) the SQLite store at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Store> {
+        // The store holds the cluster's secrets: only the hub's user may read it. SQLite gives
+        // its -wal and -shm files the database file's mode, so setting it here covers them.
+        private_file(path)
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), source: sqlx::Error::Io(e) })?;
         let opts = SqliteConnectOptions::from_str("sqlite://")
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?
             .filename(path)
@@ -870,6 +874,13 @@ async fn bump_generation(tx: &mut Tx, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` with mode 0600 if it does not exist, and makes an existing file 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// A connection URL with its password replaced, for error messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -898,5 +909,23 @@ mod tests {
         assert!("mysql://x".parse::<Datastore>().unwrap_err().contains("unsupported datastore"));
         assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        // A file left readable by an older version is tightened too.
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).await.unwrap();
+        store.apply_workloads(&proto::manifest::parse_manifests(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: a}\nspec: {runtime: wasm, image: r/a:1}\n",
+        ).unwrap(), 1).await.unwrap();
+        for file in ["hub.db", "hub.db-wal", "hub.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
     }
 }
