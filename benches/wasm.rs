@@ -299,10 +299,11 @@ fn warm(hello: &Path, reg: Option<&registry::TestRegistry>) {
     let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: Vec::new() });
     rt_b.block_on(registry.push_wasm(&image, &bytes)).unwrap();
     let blobs = oci_runtime::BlobStore::open(dir.path().join("images")).unwrap();
+    let images = oci_runtime::ImageStore::open(dir.path().join("images"), blobs).unwrap();
     let volumes = VolumeStore::new(dir.path().join("volumes"));
     let registry: Arc<agent::runtime::LazyRegistry> = Arc::new(std::sync::LazyLock::new(Box::new(move || registry)));
     let sockets = Arc::new(agent::handoff::Sockets::default());
-    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, registry, blobs, volumes, sockets));
+    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, registry, images, volumes, sockets));
     let logs = LogStore::open(dir.path().join("logs"), 4 << 20).unwrap();
     let manifest = format!(
         "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: warm}}\nspec: {{runtime: wasm, image: {image}, restartPolicy: Never, args: [\"--count\", \"1\", \"--interval-ms\", \"0\"]}}\n"

@@ -131,7 +131,8 @@ enum Command {
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
-    /// Manage the images of an agent's local store (air-gapped sites).
+    /// Manage the artifacts of an agent's local store (air-gapped sites): import them, or
+    /// save a Wasm module as an archive to import.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
@@ -404,13 +405,23 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
             let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
                 .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
-            let images = store
+            let imported = store
                 .import(&file, &oci_runtime::Platform::host(), name.as_deref())
                 .await
                 .with_context(|| format!("importing {}", file.display()))?;
-            for image in images {
-                println!("imported {} ({})", image.reference, image.manifest_digest);
+            for artifact in imported {
+                println!("imported {} ({}, {})", artifact.reference(), artifact.kind(), artifact.manifest_digest());
             }
+            Ok(())
+        }
+        Command::Image { command: ImageCommand::Save { file, reference, output } } => {
+            if !is_wasm_file(&file)? {
+                bail!("{} is not a Wasm module or component (it does not start with \\0asm)", file.display());
+            }
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let digest = oci_runtime::image::save_wasm(&wasm, &reference, &output)
+                .with_context(|| format!("saving {}", file.display()))?;
+            println!("saved {reference}@{digest} to {}", output.display());
             Ok(())
         }
         Command::Apply { file } => {
@@ -593,8 +604,9 @@ impl From<Containers> for agent::ContainerSupport {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Load an OCI image layout (directory or tar) or `docker save` archive into an agent's
-    /// image store, so the agent runs it without a registry. Run it on the agent's machine.
+    /// Load an OCI image layout (directory or tar) holding container images or Wasm
+    /// artifacts, or a `docker save` archive, into an agent's artifact store, so the agent
+    /// runs them without a registry. Run it on the agent's machine.
     Import {
         file: PathBuf,
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
@@ -602,6 +614,18 @@ enum ImageCommand {
         /// Reference to record the image under when the archive names none.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Write a Wasm module or component as an OCI image layout tar holding the artifact
+    /// `flotilla push` would make of it (same manifest digest), named REFERENCE, for
+    /// `flotilla image import` on a node without a registry.
+    Save {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// The reference the archive names the artifact by (workloads use it as `image`).
+        reference: String,
+        /// The archive to write.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
     },
 }
 

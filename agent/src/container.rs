@@ -7,7 +7,7 @@
 //! a container leaves on the node (shim state, cgroups, the overlay mount, the bundle with its
 //! writable layer) is removed when its run ends.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +48,6 @@ struct Inner {
     preparing: KeyedLocks,
     /// Starts are refused while the disk has less than this free.
     min_free_disk: u64,
-    /// Images of runs in flight, with how many runs use each: never garbage-collected.
-    in_use: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 pub struct ContainerConfig {
@@ -62,23 +60,17 @@ pub struct ContainerConfig {
     pub log_max_bytes: u64,
     pub node: String,
     pub volumes: VolumeStore,
-    /// Unused images are removed, least recently used first, while the image store uses more
-    /// than this many bytes.
-    pub gc_threshold_bytes: u64,
-    /// How often the store's use is checked against the threshold.
-    pub gc_interval: Duration,
     /// Container starts (pull, unpack, writable layer) are refused while the disk holding the
     /// agent's data has less than this free.
     pub min_free_disk: u64,
 }
 
 impl ContainerRuntime {
-    /// Creates the runtime and its image garbage collector (a task on the current tokio
-    /// runtime, ending with the runtime).
+    /// Creates the runtime. Its images are collected with every other artifact by the
+    /// store's collector ([`ImageStore::spawn_collector`]); each run holds its image.
     pub fn new(c: ContainerConfig) -> Self {
         let oci = RuntimeConfig { state_root: c.state_root, ..RuntimeConfig::default() };
-        let (threshold, interval) = (c.gc_threshold_bytes, c.gc_interval);
-        let rt = ContainerRuntime {
+        ContainerRuntime {
             inner: Arc::new(Inner {
                 images: c.images,
                 registry: c.registry,
@@ -91,19 +83,9 @@ impl ContainerRuntime {
                 cgroup_parent: PathBuf::from("flotilla").join(&c.node),
                 volumes: c.volumes,
                 preparing: KeyedLocks::default(),
-                in_use: Default::default(),
                 min_free_disk: c.min_free_disk,
             }),
-        };
-        let weak = Arc::downgrade(&rt.inner);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(inner) = weak.upgrade() else { return };
-                inner.collect_garbage(threshold).await;
-            }
-        });
-        rt
+        }
     }
 
     /// Removes containers (and their cgroups, mounts and bundles) of replicas that are not in
@@ -160,17 +142,9 @@ impl Runtime for ContainerRuntime {
 
 impl Inner {
     async fn run(self: Arc<Self>, ctx: RunContext) -> RunEnd {
-        let image = ctx.template.image.clone();
-        *lock(&self.in_use).entry(image.clone()).or_default() += 1;
-        let how = self.clone().run_inner(ctx).await;
-        let mut in_use = lock(&self.in_use);
-        if let Some(n) = in_use.get_mut(&image) {
-            *n -= 1;
-            if *n == 0 {
-                in_use.remove(&image);
-            }
-        }
-        how
+        // The image is never collected while a run of it lasts.
+        let _hold = self.images.hold(&ctx.template.image);
+        self.clone().run_inner(ctx).await
     }
 
     async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> RunEnd {
@@ -280,21 +254,6 @@ impl Inner {
             version.into(),
         ];
         ProbeTarget { netns, exec: Some(ExecTarget { oci_argv, container_id: id.to_string() }) }
-    }
-
-    /// Removes unused images while the store is over `threshold` bytes.
-    async fn collect_garbage(&self, threshold: u64) {
-        let in_use: HashSet<String> = lock(&self.in_use).keys().cloned().collect();
-        match self.images.gc(&in_use, threshold).await {
-            Ok(r) if !r.removed_images.is_empty() => info!(
-                removed = ?r.removed_images,
-                bytes_before = r.bytes_before,
-                bytes_after = r.bytes_after,
-                "removed unused images"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "image garbage collection failed"),
-        }
     }
 
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
@@ -476,11 +435,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The map is a counter; a panicking holder cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {

@@ -278,7 +278,12 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         fuel: config.wasm_fuel,
         ..Default::default()
     })?;
+    // One artifact store for Wasm and containers: blobs and index in images/, container
+    // snapshots in containers/images/, one collector for both.
     let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
+    let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs)
+        .map_err(|e| AgentError::Images(e.to_string()))?;
+    images.spawn_collector(config.image_gc_threshold_bytes, std::time::Duration::from_secs(60));
     let registry: Arc<runtime::LazyRegistry> = {
         let (insecure, credentials) = (config.insecure_registries.clone(), config.registry_credentials.clone());
         Arc::new(std::sync::LazyLock::new(Box::new(move || {
@@ -289,10 +294,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
     if containers.is_some() {
-        let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs.clone())
-            .map_err(|e| AgentError::Images(e.to_string()))?;
+        let exe =
+            std::env::current_exe().map_err(|source| AgentError::DataDir { path: "/proc/self/exe".into(), source })?;
         let rt = container::ContainerRuntime::new(container::ContainerConfig {
-            images,
+            images: images.clone(),
             registry: registry.clone(),
             exe: exe.clone(),
             state_root: dir("containers/state")?,
@@ -301,15 +306,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             log_max_bytes: config.log_max_bytes,
             node: config.name.clone(),
             volumes: volumes.clone(),
-            gc_threshold_bytes: config.image_gc_threshold_bytes,
-            gc_interval: std::time::Duration::from_secs(60),
             min_free_disk: config.min_free_disk_bytes,
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
         runtimes.insert(RuntimeKind::Container, rt);
     }
-    let mut wasm = WasmRuntime::new(host, registry, blobs, volumes.clone(), sockets.clone());
+    let mut wasm = WasmRuntime::new(host, registry, images, volumes.clone(), sockets.clone());
     wasm.min_free_disk = config.min_free_disk_bytes;
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use oci_runtime::{BlobStore, PulledWasm, Registry};
+use oci_runtime::{ImageStore, PulledWasm, Registry};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -138,7 +138,8 @@ pub type LazyRegistry = std::sync::LazyLock<Registry, Box<dyn FnOnce() -> Regist
 pub struct WasmRuntime {
     pub host: WasmHost,
     pub registry: Arc<LazyRegistry>,
-    pub blobs: Arc<BlobStore>,
+    /// The node's one artifact store, shared with the container runtime.
+    pub images: ImageStore,
     pub volumes: VolumeStore,
     /// Images this agent process already pulled: restarts and new replicas of the same
     /// reference start from the verified blob without asking the registry (Kubernetes'
@@ -184,14 +185,14 @@ impl WasmRuntime {
     pub fn new(
         host: WasmHost,
         registry: Arc<LazyRegistry>,
-        blobs: BlobStore,
+        images: ImageStore,
         volumes: VolumeStore,
         sockets: Arc<Sockets>,
     ) -> Self {
         WasmRuntime {
             host,
             registry,
-            blobs: Arc::new(blobs),
+            images,
             volumes,
             resolved: Default::default(),
             preparing: Default::default(),
@@ -201,12 +202,12 @@ impl WasmRuntime {
     }
 }
 
-/// The image's module in the blob store: from this process's earlier pull when its blob is
-/// still there, else pulled (digest-verified) now.
+/// The image's module in the artifact store: from this process's earlier pull when its blob
+/// is still there, else pulled (digest-verified) now.
 async fn fetch(
     image: &str,
     registry: &LazyRegistry,
-    blobs: &BlobStore,
+    images: &ImageStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
     min_free_disk: u64,
 ) -> Result<PulledWasm, String> {
@@ -216,36 +217,18 @@ async fn fetch(
     {
         return Ok(p);
     }
-    // Pulled by an earlier agent process (IfNotPresent across restarts): start from the
-    // verified blob at once, with no registry contact. After a reboot with the network down
-    // this is the difference between running at once and waiting for connects to time out.
-    if let Some(p) = pulled_before(image, blobs) {
+    // Pulled or imported before, by an earlier agent process too (IfNotPresent across
+    // restarts): start from the verified blob at once, with no registry contact. After a
+    // reboot with the network down this is the difference between running at once and
+    // waiting for connects to time out.
+    if let Ok(p) = images.wasm(image) {
         resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), p.clone());
         return Ok(p);
     }
-    check_disk_space(blobs.root(), min_free_disk)?;
-    let pulled = registry.pull_wasm(image, blobs).await.map_err(|e| e.to_string())?;
+    check_disk_space(images.blobs().root(), min_free_disk)?;
+    let pulled = images.pull_wasm(registry, image).await.map_err(|e| e.to_string())?;
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
-}
-
-/// The module an earlier pull recorded for `image` in the store's `refs.json`, if its blob
-/// is still there. A digest reference must match the recorded manifest.
-fn pulled_before(image: &str, blobs: &BlobStore) -> Option<PulledWasm> {
-    let entry = oci_runtime::RefsFile::in_store(blobs.root()).get(image).ok().flatten()?;
-    if let Some((_, digest)) = image.rsplit_once('@')
-        && digest != entry.manifest_digest
-    {
-        return None;
-    }
-    let path = blobs.path(&entry.wasm_digest).ok().filter(|p| p.exists())?;
-    Some(PulledWasm {
-        reference: image.to_string(),
-        manifest_digest: entry.manifest_digest,
-        wasm_digest: entry.wasm_digest,
-        path,
-        from_cache: true,
-    })
 }
 
 /// Refuses work that writes to the node's disk (a pull, an unpack, a container's writable
@@ -337,7 +320,7 @@ impl Runtime for WasmRuntime {
     fn run(&self, mut ctx: RunContext) -> RunFuture {
         let host = self.host.clone();
         let registry = self.registry.clone();
-        let blobs = self.blobs.clone();
+        let images = self.images.clone();
         let volumes = self.volumes.clone();
         let resolved = self.resolved.clone();
         let preparing = self.preparing.clone();
@@ -346,8 +329,10 @@ impl Runtime for WasmRuntime {
         Box::pin(async move {
             let failed = |message: String| RunEnd::Ended(Termination::StartFailed { message });
             let t = &ctx.template;
+            // The module stays in the store for as long as this run lasts.
+            let _hold = images.hold(&t.image);
             let preparing = preparing.lock(&t.image).await;
-            let pulled = match fetch(&t.image, &registry, &blobs, &resolved, min_free_disk).await {
+            let pulled = match fetch(&t.image, &registry, &images, &resolved, min_free_disk).await {
                 Ok(p) => p,
                 Err(e) => return failed(e),
             };
