@@ -112,12 +112,27 @@ enum Command {
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
         link_timeout: std::time::Duration,
+        /// Stop every workload when the agent stops. Without it a stopped agent (SIGTERM,
+        /// SIGINT) leaves its containers running for the next agent process to adopt, and
+        /// hands its Wasm HTTP listeners on; only Wasm replicas restart with the agent.
+        #[arg(long)]
+        stop_workloads_on_exit: bool,
+    },
+    /// Holds a stopping agent's listening sockets for the next agent process (spawned by the
+    /// agent itself).
+    #[command(name = "agent-handoff", hide = true)]
+    AgentHandoff {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        timeout_ms: u64,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
-    /// Manage the images of an agent's local store (air-gapped sites).
+    /// Manage the artifacts of an agent's local store (air-gapped sites): import them, or
+    /// save a Wasm module as an archive to import.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
@@ -358,6 +373,17 @@ fn main() -> std::process::ExitCode {
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
+        // A small single-threaded process: no async runtime needed.
+        Command::AgentHandoff { socket, timeout_ms } => {
+            init_tracing();
+            return match agent::handoff::hold(&socket, std::time::Duration::from_millis(timeout_ms)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let cli = Cli { global, command };
@@ -409,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
             min_free_disk,
             registry_auth,
             link_timeout,
+            stop_workloads_on_exit,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -436,6 +463,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
                 .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
             config.link_timeout = link_timeout;
+            config.stop_workloads_on_exit = stop_workloads_on_exit;
             config.min_free_disk_bytes =
                 proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
             if let Some(path) = registry_auth {
@@ -446,7 +474,9 @@ async fn run(cli: Cli) -> Result<()> {
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Oci(_) => bail!("the oci command runs before the async runtime starts"),
+        Command::Oci(_) | Command::AgentHandoff { .. } => {
+            bail!("this command runs before the async runtime starts")
+        }
         Command::Run(args) => {
             let code = local::run(args).await?;
             std::process::exit(code);
@@ -474,13 +504,23 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
             let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
                 .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
-            let images = store
+            let imported = store
                 .import(&file, &oci_runtime::Platform::host(), name.as_deref())
                 .await
                 .with_context(|| format!("importing {}", file.display()))?;
-            for image in images {
-                println!("imported {} ({})", image.reference, image.manifest_digest);
+            for artifact in imported {
+                println!("imported {} ({}, {})", artifact.reference(), artifact.kind(), artifact.manifest_digest());
             }
+            Ok(())
+        }
+        Command::Image { command: ImageCommand::Save { file, reference, output } } => {
+            if !is_wasm_file(&file)? {
+                bail!("{} is not a Wasm module or component (it does not start with \\0asm)", file.display());
+            }
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let digest = oci_runtime::image::save_wasm(&wasm, &reference, &output)
+                .with_context(|| format!("saving {}", file.display()))?;
+            println!("saved {reference}@{digest} to {}", output.display());
             Ok(())
         }
         Command::Apply { file } => {
@@ -738,8 +778,9 @@ impl From<Containers> for agent::ContainerSupport {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Load an OCI image layout (directory or tar) or `docker save` archive into an agent's
-    /// image store, so the agent runs it without a registry. Run it on the agent's machine.
+    /// Load an OCI image layout (directory or tar) holding container images or Wasm
+    /// artifacts, or a `docker save` archive, into an agent's artifact store, so the agent
+    /// runs them without a registry. Run it on the agent's machine.
     Import {
         file: PathBuf,
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
@@ -747,6 +788,18 @@ enum ImageCommand {
         /// Reference to record the image under when the archive names none.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Write a Wasm module or component as an OCI image layout tar holding the artifact
+    /// `flotilla push` would make of it (same manifest digest), named REFERENCE, for
+    /// `flotilla image import` on a node without a registry.
+    Save {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// The reference the archive names the artifact by (workloads use it as `image`).
+        reference: String,
+        /// The archive to write.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
     },
 }
 

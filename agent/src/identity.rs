@@ -13,8 +13,6 @@
 //!   new store on purpose, remove this file (or join again).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -70,13 +68,11 @@ pub fn mark_revoked(dir: &Path, reason: &str) -> Result<(), IdentityError> {
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), IdentityError> {
-    let io = |action| move |source| IdentityError::Io { action, path: path.to_path_buf(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io("create"))?;
-    f.write_all(data.as_bytes()).map_err(io("write"))?;
-    f.sync_all().map_err(io("sync"))?;
-    fs::rename(&tmp, path).map_err(io("rename"))
+    crate::durable::write_atomic(path, data.as_bytes(), 0o600).map_err(|source| IdentityError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Loads the saved identity if it exists and belongs to the cluster `token` pins (when a

@@ -187,7 +187,9 @@ pub struct ReplicaEvent {
     pub message: String,
 }
 
-/// What kind of event, as a stable code.
+/// What kind of event, as a stable code. A code this build does not know (sent by a newer
+/// agent) reads as [`EventReason::Other`], so a hub and an agent one version apart still
+/// understand each other's statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventReason {
     /// A run is being started.
@@ -214,6 +216,15 @@ pub enum EventReason {
     Ready,
     /// The readiness probe failed its threshold: the replica is not ready.
     NotReady,
+    /// The agent process restarted (stopped cleanly, crashed or the node rebooted); the
+    /// message says which. What happened to the replica follows as `Adopted` or `Starting`.
+    AgentRestarted,
+    /// A restarted agent found the replica's container still running and took it over: the
+    /// workload did not restart.
+    Adopted,
+    /// An event code from a newer version.
+    #[serde(other)]
+    Other,
 }
 
 impl fmt::Display for EventReason {
@@ -604,6 +615,14 @@ mod tests {
         let tainted = NodeFacts { taints: vec![Taint::parse("k=v:NoExecute").unwrap()], ..facts };
         let back: NodeFacts = serde_json::from_str(&serde_json::to_string(&tainted).unwrap()).unwrap();
         assert_eq!(back, tainted);
+    }
+
+    #[test]
+    fn event_reasons_of_a_newer_agent_still_parse() {
+        let e: ReplicaEvent = serde_json::from_str(r#"{"atMs":1,"reason":"SomethingNew","message":"m"}"#).unwrap();
+        assert_eq!(e.reason, EventReason::Other);
+        let e: ReplicaEvent = serde_json::from_str(r#"{"atMs":1,"reason":"Adopted"}"#).unwrap();
+        assert_eq!(e.reason, EventReason::Adopted);
     }
 
     #[test]
