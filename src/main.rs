@@ -668,13 +668,15 @@ async fn run(cli: Cli) -> Result<()> {
                     print!("{}", output::render(&response, output)?);
                     Ok(())
                 }
-                TokenAction::Revoke { id } => match client.request(&ApiRequest::TokenRevoke { id: id.clone() }).await? {
-                    ApiResponse::Tokens { .. } => {
-                        println!("token/{id} revoked");
-                        Ok(())
+                TokenAction::Revoke { id } => {
+                    match client.request(&ApiRequest::TokenRevoke { id: id.clone() }).await? {
+                        ApiResponse::Tokens { .. } => {
+                            println!("token/{id} revoked");
+                            Ok(())
+                        }
+                        other => unexpected(other),
                     }
-                    other => unexpected(other),
-                },
+                }
             }
         }
         Command::Label { kind, name, changes } => {

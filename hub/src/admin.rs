@@ -22,12 +22,8 @@ pub const REJOIN_DEFAULT_MS: u64 = 3_600_000;
 pub(crate) async fn answer(shared: &Shared, req: &ApiRequest) -> Option<Result<ApiResponse, StoreError>> {
     Some(match req {
         ApiRequest::TokenCreate { ttl_ms, uses, name_pattern, labels } => {
-            let spec = TokenSpec {
-                ttl_ms: *ttl_ms,
-                uses: *uses,
-                name_pattern: name_pattern.clone(),
-                labels: labels.clone(),
-            };
+            let spec =
+                TokenSpec { ttl_ms: *ttl_ms, uses: *uses, name_pattern: name_pattern.clone(), labels: labels.clone() };
             create_token(shared, spec).await
         }
         ApiRequest::TokenList => list_tokens(shared).await,

@@ -214,8 +214,8 @@ mod tests {
 
     #[test]
     fn admin_labels_win_and_reserved_or_malformed_claims_are_dropped() {
-        let admin = [("site".to_string(), "store-12".to_string()), (format!("{RESERVED_PREFIX}tier"), "gold".into())]
-            .into();
+        let admin =
+            [("site".to_string(), "store-12".to_string()), (format!("{RESERVED_PREFIX}tier"), "gold".into())].into();
         let (facts, notices) = effective(&claimed(), &admin, &[], None);
         assert_eq!(facts.labels.get("site").map(String::as_str), Some("store-12"));
         assert_eq!(facts.labels.get("zone").map(String::as_str), Some("a"));

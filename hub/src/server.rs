@@ -459,7 +459,11 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
             // A store restored from an older backup is behind the agent: its next set must
             // not look like a replay of one the agent has.
             if generation > row.generation {
-                info!(agent_generation = generation, store_generation = row.generation, "the agent is ahead of the store; raising its generation");
+                info!(
+                    agent_generation = generation,
+                    store_generation = row.generation,
+                    "the agent is ahead of the store; raising its generation"
+                );
                 if let Err(e) = shared.store.raise_generation(&node, generation).await {
                     warn!(error = %e, "cannot raise the node's generation");
                 }
@@ -648,7 +652,12 @@ enum SendError {
 /// set outgrows a frame.
 async fn send_set(send: &mut quinn::SendStream, set: &proto::messages::AssignmentSet) -> Result<(), SendError> {
     let parts = proto::pieces::split(set)?;
-    debug!(generation = set.generation, assignments = set.assignments.len(), pieces = parts.len(), "sending assignment set");
+    debug!(
+        generation = set.generation,
+        assignments = set.assignments.len(),
+        pieces = parts.len(),
+        "sending assignment set"
+    );
     if parts.len() == 1 {
         frame::write(send, &HubMsg::Assign(set.clone())).await?;
         return Ok(());
@@ -674,7 +683,10 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
         AgentMsg::Heartbeat => shared.store.touch_node_as(node, cert, now_ms()).await.map(|ok| current = ok),
         AgentMsg::SetRefused { generation, message } => {
             tracing::error!(generation, reason = %message, "the node refused its assignment set and keeps running what it has");
-            shared.store.set_node_problem(node, &format!("refused assignment set generation {generation}: {message}")).await
+            shared
+                .store
+                .set_node_problem(node, &format!("refused assignment set generation {generation}: {message}"))
+                .await
         }
         AgentMsg::Hello { .. } => {
             warn!("duplicate hello ignored");

@@ -8,8 +8,8 @@ mod postgres;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use flotilla_hub::scheduler::Placement;
 use flotilla_hub::identity::CertVerdict;
+use flotilla_hub::scheduler::Placement;
 use flotilla_hub::store::{Applied, Fence, JobAttempt, JobIndexRow, NewToken, Store, StoreError};
 use flotilla_hub::tokens::{self, Admit, JoinRefusal};
 use proto::manifest::parse_manifests;

@@ -441,17 +441,39 @@ pub enum ApiRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum ApiResponse {
-    Applied { results: Vec<ApplyResult> },
-    Nodes { items: Vec<NodeView> },
-    Workloads { items: Vec<WorkloadView> },
-    Replicas { items: Vec<ReplicaView> },
-    Described { text: String },
-    Rollout { complete: bool, text: String },
-    Deleted { names: Vec<String> },
-    Error { message: String },
+    Applied {
+        results: Vec<ApplyResult>,
+    },
+    Nodes {
+        items: Vec<NodeView>,
+    },
+    Workloads {
+        items: Vec<WorkloadView>,
+    },
+    Replicas {
+        items: Vec<ReplicaView>,
+    },
+    Described {
+        text: String,
+    },
+    Rollout {
+        complete: bool,
+        text: String,
+    },
+    Deleted {
+        names: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
     /// A token just created: `token` is the full `FLT1::...` string, shown once.
-    Token { token: String, view: TokenView },
-    Tokens { items: Vec<TokenView> },
+    Token {
+        token: String,
+        view: TokenView,
+    },
+    Tokens {
+        items: Vec<TokenView>,
+    },
 }
 
 /// A join token as `flotilla token list` shows it: never its secret.

@@ -102,7 +102,8 @@ pub struct Assembler {
 impl Assembler {
     /// Takes the next piece; returns the set when it was the last.
     pub fn push(&mut self, piece: AssignmentPart) -> Result<Option<AssignmentSet>, PieceError> {
-        let bad = |p: &AssignmentPart| PieceError::OutOfOrder { generation: p.generation, part: p.part, parts: p.parts };
+        let bad =
+            |p: &AssignmentPart| PieceError::OutOfOrder { generation: p.generation, part: p.part, parts: p.parts };
         if piece.parts == 0 || piece.parts > MAX_PIECES || piece.part >= piece.parts {
             self.pending = None;
             return Err(bad(&piece));
@@ -111,9 +112,7 @@ impl Assembler {
             self.pending = None;
         }
         let mut gathered = match self.pending.take() {
-            None if piece.part == 0 => {
-                AssignmentPart { assignments: Vec::new(), part: 0, ..piece.clone() }
-            }
+            None if piece.part == 0 => AssignmentPart { assignments: Vec::new(), part: 0, ..piece.clone() },
             Some(p)
                 if p.generation == piece.generation
                     && p.store == piece.store

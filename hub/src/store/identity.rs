@@ -207,7 +207,10 @@ impl Store {
             None => None,
         };
         let existing = tx
-            .fetch_optional("SELECT rejoin_until_ms, cert_sha256, admin_labels FROM nodes WHERE name = ?", &[name.into()])
+            .fetch_optional(
+                "SELECT rejoin_until_ms, cert_sha256, admin_labels FROM nodes WHERE name = ?",
+                &[name.into()],
+            )
             .await?;
         let (existing, old_cert, old_labels) = match &existing {
             Some(r) => (
@@ -359,10 +362,14 @@ impl Store {
     pub async fn edit_node_admin<E>(
         &self,
         name: &str,
-        edit: impl FnOnce(&BTreeMap<String, String>, &[Taint]) -> std::result::Result<(BTreeMap<String, String>, Vec<Taint>), E>,
+        edit: impl FnOnce(
+            &BTreeMap<String, String>,
+            &[Taint],
+        ) -> std::result::Result<(BTreeMap<String, String>, Vec<Taint>), E>,
     ) -> Result<Option<std::result::Result<(), E>>> {
         let mut tx = self.pool.write_tx().await?;
-        let Some(r) = tx.fetch_optional("SELECT admin_labels, admin_taints FROM nodes WHERE name = ?", &[name.into()]).await?
+        let Some(r) =
+            tx.fetch_optional("SELECT admin_labels, admin_taints FROM nodes WHERE name = ?", &[name.into()]).await?
         else {
             return Ok(None);
         };
@@ -415,8 +422,10 @@ impl Store {
 }
 
 async fn verdict_in(tx: &mut super::db::Tx, name: &str, cert_sha256: &str) -> Result<CertVerdict> {
-    let revoked =
-        tx.fetch_optional("SELECT node FROM revoked_certs WHERE cert_sha256 = ?", &[cert_sha256.into()]).await?.is_some();
+    let revoked = tx
+        .fetch_optional("SELECT node FROM revoked_certs WHERE cert_sha256 = ?", &[cert_sha256.into()])
+        .await?
+        .is_some();
     let recorded = match tx.fetch_optional("SELECT cert_sha256 FROM nodes WHERE name = ?", &[name.into()]).await? {
         Some(r) => Some(r.opt_text(0)?),
         None => None,
