@@ -47,7 +47,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::logs::LogStore;
-use agent::runtime::{RunContext, Runtime, VolumeStore, WasmRuntime};
+use agent::runtime::{RunContext, RunControl, RunEnd, Runtime, VolumeStore, WasmRuntime};
 use api::Api;
 use proto::messages::{ApiRequest, ApiResponse, Phase, ReplicaView, Termination};
 use wasm_runtime::{Exit, HostConfig, OutputSink, RunOptions, WasmHost};
@@ -299,8 +299,11 @@ fn warm(hello: &Path, reg: Option<&registry::TestRegistry>) {
     let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: Vec::new() });
     rt_b.block_on(registry.push_wasm(&image, &bytes)).unwrap();
     let blobs = oci_runtime::BlobStore::open(dir.path().join("images")).unwrap();
+    let images = oci_runtime::ImageStore::open(dir.path().join("images"), blobs).unwrap();
     let volumes = VolumeStore::new(dir.path().join("volumes"));
-    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, Arc::new(registry), blobs, volumes));
+    let registry: Arc<agent::runtime::LazyRegistry> = Arc::new(std::sync::LazyLock::new(Box::new(move || registry)));
+    let sockets = Arc::new(agent::handoff::Sockets::default());
+    let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(host, registry, images, volumes, sockets));
     let logs = LogStore::open(dir.path().join("logs"), 4 << 20).unwrap();
     let manifest = format!(
         "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: warm}}\nspec: {{runtime: wasm, image: {image}, restartPolicy: Never, args: [\"--count\", \"1\", \"--interval-ms\", \"0\"]}}\n"
@@ -313,7 +316,7 @@ fn warm(hello: &Path, reg: Option<&registry::TestRegistry>) {
         let mut first = Duration::ZERO;
         for i in 0..1 + warmup + runs {
             let template = template.clone();
-            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(RunControl::Run);
             // The agent's `execute(Action::Start)`: log sink, run context, runtime.run, spawn.
             let t0 = Instant::now();
             let log = logs.sink(&replica).unwrap();
@@ -321,7 +324,7 @@ fn warm(hello: &Path, reg: Option<&registry::TestRegistry>) {
             let fut = wasm.run(ctx);
             let how = tokio::spawn(fut).await.unwrap();
             let took = t0.elapsed();
-            assert!(matches!(how, Termination::Exited { code: 0 }), "run {i}: {how:?}");
+            assert!(matches!(how, RunEnd::Ended(Termination::Exited { code: 0 })), "run {i}: {how:?}");
             while events_rx.try_recv().is_ok() {}
             if i == 0 {
                 first = took;

@@ -14,6 +14,8 @@ PACKAGES=(
     # which clang --target=wasm32-wasi finds without --sysroot) and the wasm32
     # compiler-rt builtins.
     make clang lld wasi-libc libclang-rt-14-dev-wasm32
+    # tests/oci_cli.rs builds a static syscall probe (tests/fixtures/syscall_probe.c).
+    gcc libc6-dev
     # Containers: iproute2 for network namespaces in tests; runc, crun, skopeo,
     # umoci and debootstrap are the peers the container benchmarks compare with
     # and the tools that build their images.
@@ -83,3 +85,12 @@ for target in wasm32-wasip1 wasm32-wasip2; do
         rustup target add "$target"
     fi
 done
+
+# Fuzzing (scripts/fuzz.sh, and its short run in scripts/test.sh): cargo-fuzz from crates.io.
+# It drives libFuzzer with the stable toolchain under RUSTC_BOOTSTRAP (see SECURITY.md).
+if cargo fuzz --version >/dev/null 2>&1; then
+    log "cargo-fuzz present"
+else
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi

@@ -50,4 +50,7 @@ cargo test --manifest-path examples/hello/Cargo.toml
 cargo test --manifest-path examples/hello-component/Cargo.toml
 cargo test --manifest-path examples/hello-http/Cargo.toml
 
+step "fuzz smoke: the protocol fuzz targets for 5 s each (scripts/fuzz.sh; longer runs in SECURITY.md)"
+scripts/fuzz.sh 5 frame manifest
+
 step "all tests passed"

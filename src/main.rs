@@ -112,12 +112,27 @@ enum Command {
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
         link_timeout: std::time::Duration,
+        /// Stop every workload when the agent stops. Without it a stopped agent (SIGTERM,
+        /// SIGINT) leaves its containers running for the next agent process to adopt, and
+        /// hands its Wasm HTTP listeners on; only Wasm replicas restart with the agent.
+        #[arg(long)]
+        stop_workloads_on_exit: bool,
+    },
+    /// Holds a stopping agent's listening sockets for the next agent process (spawned by the
+    /// agent itself).
+    #[command(name = "agent-handoff", hide = true)]
+    AgentHandoff {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        timeout_ms: u64,
     },
     /// Run a Wasm module or component here, without a hub (compiled once, cached on disk).
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
-    /// Manage the images of an agent's local store (air-gapped sites).
+    /// Manage the artifacts of an agent's local store (air-gapped sites): import them, or
+    /// save a Wasm module as an archive to import.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
@@ -177,13 +192,112 @@ enum Command {
         #[arg(long)]
         replicas: u32,
     },
-    /// Delete workloads by name or as declared in a file.
+    /// Join tokens: create one with limits, list them, revoke one.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) a node's admin labels; they override what the agent
+    /// claims, and only admins may set labels under node-restriction.flotilla.dev/.
+    Label {
+        /// `node`
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Set (KEY=VALUE:EFFECT or KEY:EFFECT) or remove (KEY-) a node's admin taints.
+    Taint {
+        /// `node`
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Node identity: let a node re-join under its existing name.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+    /// Delete workloads by name or as declared in a file, or a node (`delete node NAME`: its
+    /// certificate is revoked and its replicas are placed elsewhere).
     Delete {
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
         kind: Option<String>,
         name: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a join token; prints it (the only time it is shown).
+    Create {
+        /// Expire after this long, e.g. 30m or 24h (default: never).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Admit at most this many joins (default: no limit).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Admit only node names matching this glob, e.g. 'store-*' (default: any).
+        #[arg(long)]
+        name_pattern: Option<String>,
+        /// Admin label KEY=VALUE given to nodes that join with it, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Let the next join under this existing node's name through (its old certificate is then
+    /// revoked; placements and admin labels stay), within --for.
+    AllowRejoin {
+        name: String,
+        #[arg(long = "for", default_value = "1h")]
+        within: String,
+    },
+}
+
+/// `KEY=VALUE` to set and `KEY-` to remove, as kubectl's label takes them.
+fn parse_label_changes(changes: &[String]) -> Result<(BTreeMap<String, String>, Vec<String>)> {
+    let (mut set, mut remove) = (BTreeMap::new(), Vec::new());
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains('=')) {
+            remove.push(key.to_string());
+        } else {
+            let (k, v) = parse_label(c).map_err(|e| anyhow::anyhow!("{e} (or KEY- to remove)"))?;
+            set.insert(k, v);
+        }
+    }
+    Ok((set, remove))
+}
+
+/// `KEY=VALUE:EFFECT` or `KEY:EFFECT` to set and `KEY-` to remove.
+fn parse_taint_changes(changes: &[String]) -> Result<(Vec<proto::manifest::Taint>, Vec<String>)> {
+    let (mut set, mut remove) = (Vec::new(), Vec::new());
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains(['=', ':'])) {
+            remove.push(key.to_string());
+        } else {
+            set.push(proto::manifest::Taint::parse(c).map_err(|e| anyhow::anyhow!("{e} (or KEY- to remove)"))?);
+        }
+    }
+    Ok((set, remove))
+}
+
+fn node_kind(kind: &str) -> Result<()> {
+    match parse_kind(kind)? {
+        ResourceKind::Node => Ok(()),
+        _ => bail!("only nodes have admin labels and taints; use `node NAME`"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -207,7 +321,7 @@ enum RolloutAction {
 
 /// A link timeout: a duration from 1 s to 10 min.
 fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
-    let ms = proto::manifest::parse_duration_ms(s)?;
+    let ms = proto::manifest::parse_duration_ms(s).map_err(|e| e.to_string())?;
     if !(1_000..=600_000).contains(&ms) {
         return Err(format!("{s:?} is outside 1s..10m"));
     }
@@ -259,6 +373,17 @@ fn main() -> std::process::ExitCode {
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
+        // A small single-threaded process: no async runtime needed.
+        Command::AgentHandoff { socket, timeout_ms } => {
+            init_tracing();
+            return match agent::handoff::hold(&socket, std::time::Duration::from_millis(timeout_ms)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let cli = Cli { global, command };
@@ -277,8 +402,16 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Hub { data_dir, listen, advertise, tls_names, datastore, node_grace } => {
             init_tracing();
-            let hub = hub::Hub::start(hub::HubConfig { data_dir, listen, advertise, tls_names, datastore, node_grace })
-                .await?;
+            let hub = hub::Hub::start(hub::HubConfig {
+                data_dir,
+                listen,
+                advertise,
+                tls_names,
+                datastore,
+                node_grace,
+                limits: Default::default(),
+            })
+            .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
             eprintln!("admin config: {}", hub.admin_config_path().display());
             eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());
@@ -302,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
             min_free_disk,
             registry_auth,
             link_timeout,
+            stop_workloads_on_exit,
         } => {
             init_tracing();
             let token = match (token, token_file) {
@@ -329,6 +463,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
                 .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
             config.link_timeout = link_timeout;
+            config.stop_workloads_on_exit = stop_workloads_on_exit;
             config.min_free_disk_bytes =
                 proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
             if let Some(path) = registry_auth {
@@ -339,7 +474,9 @@ async fn run(cli: Cli) -> Result<()> {
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Oci(_) => bail!("the oci command runs before the async runtime starts"),
+        Command::Oci(_) | Command::AgentHandoff { .. } => {
+            bail!("this command runs before the async runtime starts")
+        }
         Command::Run(args) => {
             let code = local::run(args).await?;
             std::process::exit(code);
@@ -367,13 +504,23 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
             let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
                 .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
-            let images = store
+            let imported = store
                 .import(&file, &oci_runtime::Platform::host(), name.as_deref())
                 .await
                 .with_context(|| format!("importing {}", file.display()))?;
-            for image in images {
-                println!("imported {} ({})", image.reference, image.manifest_digest);
+            for artifact in imported {
+                println!("imported {} ({}, {})", artifact.reference(), artifact.kind(), artifact.manifest_digest());
             }
+            Ok(())
+        }
+        Command::Image { command: ImageCommand::Save { file, reference, output } } => {
+            if !is_wasm_file(&file)? {
+                bail!("{} is not a Wasm module or component (it does not start with \\0asm)", file.display());
+            }
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let digest = oci_runtime::image::save_wasm(&wasm, &reference, &output)
+                .with_context(|| format!("saving {}", file.display()))?;
+            println!("saved {reference}@{digest} to {}", output.display());
             Ok(())
         }
         Command::Apply { file } => {
@@ -494,6 +641,79 @@ async fn run(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
+        Command::Token { action } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match action {
+                TokenAction::Create { ttl, uses, name_pattern, labels } => {
+                    let ttl_ms = ttl
+                        .as_deref()
+                        .map(proto::manifest::parse_duration_ms)
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    let labels = labels.into_iter().collect();
+                    match client.request(&ApiRequest::TokenCreate { ttl_ms, uses, name_pattern, labels }).await? {
+                        ApiResponse::Token { token, view } => {
+                            println!("{token}");
+                            eprintln!("token {} created ({}; names {})", view.id, view.state, view.name_pattern);
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+                TokenAction::List { output } => {
+                    let response = client.request(&ApiRequest::TokenList).await?;
+                    if let ApiResponse::Error { message } = response {
+                        bail!("{message}");
+                    }
+                    print!("{}", output::render(&response, output)?);
+                    Ok(())
+                }
+                TokenAction::Revoke { id } => {
+                    match client.request(&ApiRequest::TokenRevoke { id: id.clone() }).await? {
+                        ApiResponse::Tokens { .. } => {
+                            println!("token/{id} revoked");
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+            }
+        }
+        Command::Label { kind, name, changes } => {
+            node_kind(&kind)?;
+            let (set, remove) = parse_label_changes(&changes)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::LabelNode { node: name.clone(), set, remove }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} labeled");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Taint { kind, name, changes } => {
+            node_kind(&kind)?;
+            let (set, remove) = parse_taint_changes(&changes)?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::TaintNode { node: name.clone(), set, remove }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} tainted");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Node { action: NodeAction::AllowRejoin { name, within } } => {
+            let for_ms = proto::manifest::parse_duration_ms(&within).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::AllowRejoin { node: name.clone(), for_ms }).await? {
+                ApiResponse::Nodes { .. } => {
+                    println!("node/{name} may re-join within {within}");
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
         Command::Delete { file, kind, name } => {
             let request = match (file, kind, name) {
                 (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
@@ -501,10 +721,14 @@ async fn run(cli: Cli) -> Result<()> {
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let shown = match &request {
+                ApiRequest::Delete { kind: ResourceKind::Node, .. } => "node",
+                _ => "workload",
+            };
             match client.request(&request).await? {
                 ApiResponse::Deleted { names } => {
                     for n in names {
-                        println!("workload/{n} deleted");
+                        println!("{shown}/{n} deleted");
                     }
                     Ok(())
                 }
@@ -556,8 +780,9 @@ impl From<Containers> for agent::ContainerSupport {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Load an OCI image layout (directory or tar) or `docker save` archive into an agent's
-    /// image store, so the agent runs it without a registry. Run it on the agent's machine.
+    /// Load an OCI image layout (directory or tar) holding container images or Wasm
+    /// artifacts, or a `docker save` archive, into an agent's artifact store, so the agent
+    /// runs them without a registry. Run it on the agent's machine.
     Import {
         file: PathBuf,
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
@@ -565,6 +790,18 @@ enum ImageCommand {
         /// Reference to record the image under when the archive names none.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Write a Wasm module or component as an OCI image layout tar holding the artifact
+    /// `flotilla push` would make of it (same manifest digest), named REFERENCE, for
+    /// `flotilla image import` on a node without a registry.
+    Save {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// The reference the archive names the artifact by (workloads use it as `image`).
+        reference: String,
+        /// The archive to write.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
     },
 }
 

@@ -25,6 +25,13 @@ fn age(ms: u64) -> String {
     }
 }
 
+/// How long until `ms` ("in 23h"), or how long ago it passed ("5m ago").
+fn until(ms: u64) -> String {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    if ms > now { format!("in {}", age(now.saturating_sub(ms - now))) } else { format!("{} ago", age(ms)) }
+}
+
 fn table(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
@@ -40,6 +47,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         ApiResponse::Nodes { items } => serde_json::to_value(items)?,
         ApiResponse::Workloads { items } => serde_json::to_value(items)?,
         ApiResponse::Replicas { items } => serde_json::to_value(items)?,
+        ApiResponse::Tokens { items } => serde_json::to_value(items)?,
         other => serde_json::to_value(other)?,
     };
     let wide = match format {
@@ -116,6 +124,24 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     row.extend([r.template_hash.clone(), msg]);
                 }
                 rows.push(row);
+            }
+        }
+        ApiResponse::Tokens { items } => {
+            rows.push(["ID", "STATE", "USES", "EXPIRES", "NAMES", "LABELS", "AGE"].map(String::from).to_vec());
+            for t in items {
+                let labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                rows.push(vec![
+                    t.id.clone(),
+                    t.state.clone(),
+                    match t.max_uses {
+                        Some(max) => format!("{}/{max}", t.uses),
+                        None => t.uses.to_string(),
+                    },
+                    t.expires_at_ms.map_or("never".into(), until),
+                    t.name_pattern.clone(),
+                    if labels.is_empty() { "-".into() } else { labels.join(",") },
+                    age(t.created_at_ms),
+                ]);
             }
         }
         _ => return Ok(serde_json::to_string_pretty(&items)? + "\n"),

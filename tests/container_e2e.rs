@@ -702,3 +702,86 @@ fn a_crash_looping_container_backs_off_doubling_and_describe_shows_why() {
     );
     assert!(events.contains("exited with code 3"), "{text}");
 }
+
+/// The session id of a process (field 6 of /proc/PID/stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The parent pid of a process (field 4 of /proc/PID/stat).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `systemctl restart` with `KillMode=process`: SIGTERM to the agent's main pid only, wait for
+/// it to exit, start it again. Every container keeps its processes (same pids), RESTARTS stays
+/// 0, the restart and the adoption are events in `describe replica`, and the shims live in
+/// sessions of their own (a signal to the agent's session or group never reaches them). With
+/// `--stop-workloads-on-exit` the same SIGTERM stops the containers and leaves nothing behind.
+#[test]
+fn an_agent_stopped_with_sigterm_leaves_its_containers_running_and_adopts_them() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["term-1"] };
+    let image = push_busybox(&reg, c.dir.path(), "busybox:term", &["sh", "-c", "echo up; exec sleep 100000"]);
+    c.add_agent("term-1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &workload("calm", &image, "  replicas: 2\n"));
+    c.wait_for("both running", WAIT, || running(&c, "calm-0") && running(&c, "calm-1"));
+    let before: Vec<Vec<u32>> = ["calm-0", "calm-1"].iter().map(|r| container_pids("term-1", r)).collect();
+    assert!(before.iter().all(|p| !p.is_empty()), "no container processes: {before:?}");
+    let agent_pid = c.agents[0].child.id();
+    for pids in &before {
+        let shim = parent_of(pids[0]).expect("the container's parent");
+        assert_ne!(session_of(shim), session_of(agent_pid), "shim {shim} shares the agent's session");
+    }
+
+    let stop = |c: &mut Cluster| {
+        let pid = c.agents[0].child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = c.agents[0].wait_exit(WAIT).expect("the agent exits on SIGTERM");
+        assert!(status.success(), "agent exit status {status:?}");
+        c.agents.clear();
+    };
+    stop(&mut c);
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<Vec<u32>> = ["calm-0", "calm-1"].iter().map(|r| container_pids("term-1", r)).collect();
+    assert_eq!(after, before, "a graceful agent stop stopped its containers");
+
+    c.add_agent("term-1", &["--containers", "on"]);
+    c.wait_for("node back and both running", WAIT, || {
+        c.nodes().iter().any(|n| n.name == "term-1" && n.ready) && running(&c, "calm-0") && running(&c, "calm-1")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let adopted: Vec<Vec<u32>> = ["calm-0", "calm-1"].iter().map(|r| container_pids("term-1", r)).collect();
+    assert_eq!(adopted, before, "the restarted agent replaced a container");
+    for r in ["calm-0", "calm-1"] {
+        let st = replica(&c, r).unwrap().status;
+        assert_eq!(st.restarts, 0, "{r}: {st:?}");
+        let text = c.ok(&["describe", "replica", r]);
+        let events = text.split_once("Events:").map(|(_, e)| e.to_string()).unwrap_or_default();
+        assert!(events.contains("AgentRestarted") && events.contains("after a clean stop"), "{text}");
+        assert!(events.contains("Adopted") && events.contains("adopted running container"), "{text}");
+        // The history from before the restart is still there.
+        assert!(events.find("Started").unwrap() < events.find("AgentRestarted").unwrap(), "{text}");
+    }
+
+    // Stopping with --stop-workloads-on-exit stops them, and cleans up after them.
+    c.agents.clear();
+    c.wait_for("node gone", WAIT, || c.nodes().iter().all(|n| !n.ready));
+    c.add_agent("term-1", &["--containers", "on", "--stop-workloads-on-exit"]);
+    c.wait_for("node back and both running", WAIT, || {
+        c.nodes().iter().any(|n| n.name == "term-1" && n.ready) && running(&c, "calm-0") && running(&c, "calm-1")
+    });
+    stop(&mut c);
+    for r in ["calm-0", "calm-1"] {
+        assert!(container_pids("term-1", r).is_empty(), "{r} still runs");
+        assert!(leftovers(&c, "term-1", r).is_empty(), "{:?}", leftovers(&c, "term-1", r));
+    }
+}

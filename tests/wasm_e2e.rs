@@ -292,3 +292,103 @@ fn a_crash_loop_backs_off_doubling_and_describe_shows_why() {
     assert!(found, "expected back-offs 1s, 2s, 4s in order, got {delays:?}:\n{text}");
     assert!(events.contains("exited with code 3"), "{text}");
 }
+
+/// What a client loop saw while the agent restarted.
+#[derive(Debug, Default)]
+struct ClientLoop {
+    ok: u32,
+    refused: u32,
+    /// Requests that connected but got no proper answer (reset, timeout, bad status).
+    failed: Vec<String>,
+    /// The longest time from one answered request to the next.
+    longest_gap: Duration,
+    /// The longest single request, connect to last byte.
+    longest_request: Duration,
+}
+
+/// Requests `/` on a fresh connection each time until `stop`, as fast as answers come.
+fn client_loop(port: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> ClientLoop {
+    use std::sync::atomic::Ordering;
+    let mut seen = ClientLoop::default();
+    let mut last_ok = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let start = std::time::Instant::now();
+        let result = (|| -> std::io::Result<u16> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            write!(s, "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            Ok(resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+        })();
+        let took = start.elapsed();
+        seen.longest_request = seen.longest_request.max(took);
+        match result {
+            Ok(200) => {
+                seen.ok += 1;
+                seen.longest_gap = seen.longest_gap.max(last_ok.elapsed());
+                last_ok = std::time::Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => seen.refused += 1,
+            Ok(code) => seen.failed.push(format!("HTTP {code}")),
+            Err(e) => seen.failed.push(e.to_string()),
+        }
+    }
+    seen
+}
+
+/// An agent restarted as `systemctl restart` does it (SIGTERM to the main pid, wait for the
+/// exit, start again) refuses no connection to a Wasm HTTP component: the listening socket
+/// goes from one agent process to the next through the socket holder, and connections that
+/// arrive in between wait in its backlog. The component itself restarts with the agent (it
+/// lives in its process), which shows as a counted restart and an event.
+#[test]
+fn a_wasm_http_component_refuses_no_connection_while_its_agent_restarts() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let http =
+        push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:v1");
+    let port = cluster::free_tcp_port();
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &[workload("web", &http, &format!("  http: {{port: {port}}}\n"))]);
+    c.wait_for("web answers", WAIT, || http_get(port, "/").is_some_and(|(s, _)| s == 200));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = std::thread::spawn({
+        let stop = stop.clone();
+        move || client_loop(port, stop)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let restart = std::time::Instant::now();
+    let pid = c.agents[0].child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = c.agents[0].wait_exit(WAIT).expect("the agent exits on SIGTERM");
+    assert!(status.success(), "agent exit status {status:?}");
+    let exited = restart.elapsed();
+    c.agents.clear();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready again", WAIT, || c.nodes().iter().any(|n| n.ready));
+    c.wait_for("web Running again", WAIT, || phase_is(&c, "web-0", Phase::Running));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = client.join().unwrap();
+    eprintln!(
+        "agent restart (exit after {exited:?}): {} requests answered, {} refused, {} failed; longest gap between answers {:?}, longest request {:?}",
+        seen.ok,
+        seen.refused,
+        seen.failed.len(),
+        seen.longest_gap,
+        seen.longest_request
+    );
+    assert_eq!(seen.refused, 0, "connections were refused during the restart: {seen:?}");
+    assert!(seen.failed.is_empty(), "requests failed during the restart: {seen:?}");
+    assert!(seen.ok > 10, "{seen:?}");
+    let log = c.agents[0].log_text();
+    assert!(log.contains("took over listening sockets from the previous agent process"), "{log}");
+    // The component restarted with the agent: counted, and said so.
+    let r = replica(&c, "web-0").unwrap();
+    assert_eq!(r.status.restarts, 1, "{r:?}");
+    let text = c.ok(&["describe", "replica", "web-0"]);
+    assert!(text.contains("AgentRestarted") && text.contains("started again"), "{text}");
+}

@@ -7,22 +7,22 @@
 //! a container leaves on the node (shim state, cgroups, the overlay mount, the bundle with its
 //! writable layer) is removed when its run ends.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use oci_runtime::container::{self, BindMount, ExitInfo, RuntimeConfig, ShimHandle, ShimOptions, SpecInputs};
-use oci_runtime::{Image, ImageStore, Platform, Registry};
+use oci_runtime::{Image, ImageStore, Platform};
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
 use proto::messages::Termination;
 use tracing::{info, warn};
 
 use crate::prober::{ExecTarget, ProbeTarget};
-use crate::runtime::{KeyedLocks, RunContext, RunFuture, Runtime, VolumeStore, stopping};
+use crate::runtime::{KeyedLocks, RunContext, RunControl, RunEnd, RunFuture, Runtime, VolumeStore, stopping};
 
 /// Time between SIGTERM and SIGKILL when the workload does not say.
-const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// How often a running container's exit status is looked for.
 const EXIT_POLL: Duration = Duration::from_millis(50);
 
@@ -33,7 +33,7 @@ pub struct ContainerRuntime {
 
 struct Inner {
     images: ImageStore,
-    registry: Arc<Registry>,
+    registry: Arc<crate::runtime::LazyRegistry>,
     platform: Platform,
     /// The `flotilla` executable, run as `flotilla oci shim`.
     exe: PathBuf,
@@ -48,13 +48,11 @@ struct Inner {
     preparing: KeyedLocks,
     /// Starts are refused while the disk has less than this free.
     min_free_disk: u64,
-    /// Images of runs in flight, with how many runs use each: never garbage-collected.
-    in_use: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 pub struct ContainerConfig {
     pub images: ImageStore,
-    pub registry: Arc<Registry>,
+    pub registry: Arc<crate::runtime::LazyRegistry>,
     pub exe: PathBuf,
     pub state_root: PathBuf,
     pub bundles: PathBuf,
@@ -62,23 +60,17 @@ pub struct ContainerConfig {
     pub log_max_bytes: u64,
     pub node: String,
     pub volumes: VolumeStore,
-    /// Unused images are removed, least recently used first, while the image store uses more
-    /// than this many bytes.
-    pub gc_threshold_bytes: u64,
-    /// How often the store's use is checked against the threshold.
-    pub gc_interval: Duration,
     /// Container starts (pull, unpack, writable layer) are refused while the disk holding the
     /// agent's data has less than this free.
     pub min_free_disk: u64,
 }
 
 impl ContainerRuntime {
-    /// Creates the runtime and its image garbage collector (a task on the current tokio
-    /// runtime, ending with the runtime).
+    /// Creates the runtime. Its images are collected with every other artifact by the
+    /// store's collector ([`ImageStore::spawn_collector`]); each run holds its image.
     pub fn new(c: ContainerConfig) -> Self {
         let oci = RuntimeConfig { state_root: c.state_root, ..RuntimeConfig::default() };
-        let (threshold, interval) = (c.gc_threshold_bytes, c.gc_interval);
-        let rt = ContainerRuntime {
+        ContainerRuntime {
             inner: Arc::new(Inner {
                 images: c.images,
                 registry: c.registry,
@@ -91,19 +83,9 @@ impl ContainerRuntime {
                 cgroup_parent: PathBuf::from("flotilla").join(&c.node),
                 volumes: c.volumes,
                 preparing: KeyedLocks::default(),
-                in_use: Default::default(),
                 min_free_disk: c.min_free_disk,
             }),
-        };
-        let weak = Arc::downgrade(&rt.inner);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(inner) = weak.upgrade() else { return };
-                inner.collect_garbage(threshold).await;
-            }
-        });
-        rt
+        }
     }
 
     /// Removes containers (and their cgroups, mounts and bundles) of replicas that are not in
@@ -159,21 +141,13 @@ impl Runtime for ContainerRuntime {
 }
 
 impl Inner {
-    async fn run(self: Arc<Self>, ctx: RunContext) -> Termination {
-        let image = ctx.template.image.clone();
-        *lock(&self.in_use).entry(image.clone()).or_default() += 1;
-        let how = self.clone().run_inner(ctx).await;
-        let mut in_use = lock(&self.in_use);
-        if let Some(n) = in_use.get_mut(&image) {
-            *n -= 1;
-            if *n == 0 {
-                in_use.remove(&image);
-            }
-        }
-        how
+    async fn run(self: Arc<Self>, ctx: RunContext) -> RunEnd {
+        // The image is never collected while a run of it lasts.
+        let _hold = self.images.hold(&ctx.template.image);
+        self.clone().run_inner(ctx).await
     }
 
-    async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> Termination {
+    async fn run_inner(self: Arc<Self>, mut ctx: RunContext) -> RunEnd {
         let id = ctx.replica.clone();
         let hash = ctx.template.hash();
         let grace = ctx.template.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
@@ -187,24 +161,28 @@ impl Inner {
         };
         let handle = match adopted {
             Some(Adopted::Running(h)) => {
-                ctx.log.note(&format!("adopted running container (pid {})", h.pid()));
+                let how = format!("adopted running container (pid {})", h.pid());
+                ctx.log.note(&how);
+                ctx.adopted(self.probe_target(&id, h.pid(), ctx.template.network), how);
                 h
             }
             Some(Adopted::Exited(exit)) => {
                 // It ended while the agent was away: report that end; the supervisor decides.
-                return termination(&exit);
+                return RunEnd::Ended(termination(&exit));
             }
             None => match self.clone().start(&ctx, &hash).await {
-                Ok(h) => h,
+                Ok(h) => {
+                    ctx.started_at(self.probe_target(&id, h.pid(), ctx.template.network));
+                    h
+                }
                 Err(message) => {
                     let this = self.clone();
                     let id = id.clone();
                     blocking(move || this.cleanup(&id, None)).await;
-                    return Termination::StartFailed { message };
+                    return RunEnd::Ended(Termination::StartFailed { message });
                 }
             },
         };
-        ctx.started_at(self.probe_target(&id, handle.pid(), ctx.template.network));
 
         // Wait for the end, or for the supervisor to ask for it.
         let exit = loop {
@@ -222,7 +200,14 @@ impl Inner {
             }
             tokio::select! {
                 _ = tokio::time::sleep(EXIT_POLL) => {}
-                _ = stopping(&mut ctx.stop) => {
+                how = stopping(&mut ctx.stop) => {
+                    if how == RunControl::Detach {
+                        // The agent is exiting and a new process will adopt the container:
+                        // the shim keeps it running, and its state, cgroup, mount and bundle
+                        // stay as they are.
+                        ctx.log.note("agent exiting: container left running under its shim");
+                        return RunEnd::Detached;
+                    }
                     ctx.log.note(&format!("stopping: SIGTERM, SIGKILL after {}s", grace.as_secs_f64()));
                     let h = handle.clone();
                     break blocking(move || h.stop(grace)).await;
@@ -232,10 +217,10 @@ impl Inner {
         let this = self.clone();
         let id2 = id.clone();
         blocking(move || this.cleanup(&id2, Some(handle))).await;
-        match exit {
+        RunEnd::Ended(match exit {
             Ok(exit) => termination(&exit),
             Err(e) => Termination::Trapped { message: format!("lost track of the container: {e}") },
-        }
+        })
     }
 
     /// How health probes reach a running container: its network namespace (held open, so a
@@ -269,21 +254,6 @@ impl Inner {
             version.into(),
         ];
         ProbeTarget { netns, exec: Some(ExecTarget { oci_argv, container_id: id.to_string() }) }
-    }
-
-    /// Removes unused images while the store is over `threshold` bytes.
-    async fn collect_garbage(&self, threshold: u64) {
-        let in_use: HashSet<String> = lock(&self.in_use).keys().cloned().collect();
-        match self.images.gc(&in_use, threshold).await {
-            Ok(r) if !r.removed_images.is_empty() => info!(
-                removed = ?r.removed_images,
-                bytes_before = r.bytes_before,
-                bytes_after = r.bytes_after,
-                "removed unused images"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "image garbage collection failed"),
-        }
     }
 
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
@@ -465,11 +435,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The map is a counter; a panicking holder cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {

@@ -1,10 +1,18 @@
 //! The agent's identity: its private key (generated here, never sent anywhere), the node
 //! certificate the hub signed, and the cluster CA. Obtained once by joining with a token and
 //! kept in `<data-dir>/identity/`.
+//!
+//! Two more records live beside them:
+//! - `revoked`: the hub revoked this node's certificate (the node was deleted, or a re-join
+//!   replaced it). The saved identity is then unusable; the agent joins again when given a
+//!   token, and otherwise says it must.
+//! - `store`: the identity of the hub store this node takes assignment sets from, adopted
+//!   from the first set after joining ([`StoreBinding`]). A set from another store (a hub
+//!   whose store was reset) is refused, so a reset hub cannot make the node stop everything;
+//!   a store restored from a backup keeps its identity and is accepted. To move a node to a
+//!   new store on purpose, remove this file (or join again).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +26,9 @@ pub enum IdentityError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("this agent has not joined a cluster yet; pass --token")]
     NoToken,
+    /// The hub revoked this node's certificate; the text is the hub's reason.
+    #[error("the hub revoked this node's certificate ({0}); start the agent with --token to join again")]
+    Revoked(String),
     #[error("the hub refused to let this node join: {0}")]
     Refused(String),
     #[error("cannot reach the hub to join: {0}")]
@@ -46,14 +57,22 @@ fn files(dir: &Path) -> [PathBuf; 3] {
     [dir.join("ca.pem"), dir.join("node.pem"), dir.join("node.key")]
 }
 
+fn revoked_marker(dir: &Path) -> PathBuf {
+    dir.join("revoked")
+}
+
+/// Records that the hub revoked the saved identity (`reason` is the hub's), so the next start
+/// joins again instead of retrying a certificate the hub refuses.
+pub fn mark_revoked(dir: &Path, reason: &str) -> Result<(), IdentityError> {
+    write_private(&revoked_marker(dir), reason)
+}
+
 fn write_private(path: &Path, data: &str) -> Result<(), IdentityError> {
-    let io = |action| move |source| IdentityError::Io { action, path: path.to_path_buf(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io("create"))?;
-    f.write_all(data.as_bytes()).map_err(io("write"))?;
-    f.sync_all().map_err(io("sync"))?;
-    fs::rename(&tmp, path).map_err(io("rename"))
+    crate::durable::write_atomic(path, data.as_bytes(), 0o600).map_err(|source| IdentityError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Loads the saved identity if it exists and belongs to the cluster `token` pins (when a
@@ -66,7 +85,11 @@ pub async fn load_or_join(
     tuning: &tls::Tuning,
 ) -> Result<Identity, IdentityError> {
     let [ca_path, cert_path, key_path] = files(dir);
-    if ca_path.exists() && cert_path.exists() && key_path.exists() {
+    let revoked = fs::read_to_string(revoked_marker(dir)).ok();
+    if let (Some(reason), None) = (&revoked, token) {
+        return Err(IdentityError::Revoked(reason.trim().to_string()));
+    }
+    if revoked.is_none() && ca_path.exists() && cert_path.exists() && key_path.exists() {
         let read = |p: &Path| {
             fs::read_to_string(p).map_err(|source| IdentityError::Io { action: "read", path: p.to_path_buf(), source })
         };
@@ -88,6 +111,14 @@ pub async fn load_or_join(
     write_private(&key_path, &id.key_pem)?;
     write_private(&cert_path, &id.cert_pem)?;
     write_private(&ca_path, &id.ca_pem)?;
+    // A new identity: whatever store its hub has is this node's from now on.
+    for stale in [revoked_marker(dir), StoreBinding::path(dir)] {
+        if let Err(source) = fs::remove_file(&stale)
+            && source.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(IdentityError::Io { action: "remove", path: stale, source });
+        }
+    }
     tracing::info!(node = node_name, "joined the cluster");
     Ok(id)
 }
@@ -129,5 +160,115 @@ async fn join(hub: &str, token: &JoinToken, node_name: &str, tuning: &tls::Tunin
             Ok(Identity { ca_pem, cert_pem, key_pem })
         }
         JoinResponse::Refused { message } => Err(IdentityError::Refused(message)),
+    }
+}
+
+/// What to do with an assignment set from store `offered`, for a node bound to `known`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreVerdict {
+    /// The node's store (or a hub too old to name its store).
+    Same,
+    /// The first set since joining: the node is bound to this store from now on.
+    Adopt,
+    /// Another store than the node's: a hub whose store was reset or replaced.
+    Foreign { known: String },
+}
+
+pub fn store_verdict(known: Option<&str>, offered: &str) -> StoreVerdict {
+    match known {
+        _ if offered.is_empty() => StoreVerdict::Same,
+        None => StoreVerdict::Adopt,
+        Some(k) if k == offered => StoreVerdict::Same,
+        Some(k) => StoreVerdict::Foreign { known: k.to_string() },
+    }
+}
+
+/// The hub store this node takes its sets from, kept in `identity/store`.
+#[derive(Debug, Clone)]
+pub struct StoreBinding {
+    path: PathBuf,
+    known: Option<String>,
+}
+
+/// A set refused because it comes from another store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the set comes from store {offered}, but this node belongs to store {known}: the hub's store was reset or replaced, so the node keeps running what it has (remove {path} to move it to the new store on purpose)"
+)]
+pub struct ForeignStore {
+    pub known: String,
+    pub offered: String,
+    pub path: String,
+}
+
+impl StoreBinding {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("store")
+    }
+
+    /// The binding saved in `dir` (none yet is fine: the next set is adopted).
+    pub fn load(dir: &Path) -> StoreBinding {
+        let path = StoreBinding::path(dir);
+        let known = fs::read_to_string(&path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        StoreBinding { path, known }
+    }
+
+    /// Whether a set from `offered` may be applied; the first one is adopted (saved before the
+    /// set goes on).
+    pub fn check(&mut self, offered: &str) -> Result<(), ForeignStore> {
+        match store_verdict(self.known.as_deref(), offered) {
+            StoreVerdict::Same => Ok(()),
+            StoreVerdict::Adopt => {
+                if let Err(e) = write_private(&self.path, offered) {
+                    // Still applied: refusing the hub's set over a local write error would be
+                    // worse. The binding is made again at the next set.
+                    tracing::warn!(error = %e, "cannot save the store this node belongs to");
+                } else {
+                    tracing::info!(store = offered, "this node now takes its sets from this store");
+                }
+                self.known = Some(offered.to_string());
+                Ok(())
+            }
+            StoreVerdict::Foreign { known } => {
+                Err(ForeignStore { known, offered: offered.to_string(), path: self.path.display().to_string() })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_takes_sets_from_its_own_store_only() {
+        assert_eq!(store_verdict(None, "s1"), StoreVerdict::Adopt);
+        assert_eq!(store_verdict(Some("s1"), "s1"), StoreVerdict::Same);
+        assert_eq!(store_verdict(Some("s1"), ""), StoreVerdict::Same);
+        assert_eq!(store_verdict(Some("s1"), "s2"), StoreVerdict::Foreign { known: "s1".into() });
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = StoreBinding::load(dir.path());
+        b.check("s1").unwrap();
+        // Kept across restarts.
+        let mut b = StoreBinding::load(dir.path());
+        b.check("s1").unwrap();
+        let e = b.check("s2").unwrap_err();
+        assert_eq!((e.known.as_str(), e.offered.as_str()), ("s1", "s2"));
+        assert!(e.to_string().contains("keeps running what it has"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_revoked_identity_needs_a_token_to_join_again() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in files(dir.path()) {
+            fs::write(f, "x").unwrap();
+        }
+        mark_revoked(dir.path(), "the node was deleted").unwrap();
+        let tuning = tls::Tuning::default();
+        match load_or_join(dir.path(), "127.0.0.1:1", None, "n", &tuning).await {
+            Err(IdentityError::Revoked(reason)) => assert_eq!(reason, "the node was deleted"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 }

@@ -11,9 +11,17 @@
 //! Structure: [`supervisor`] is the sans-IO core (restart policy, backoff, template changes);
 //! this module is the I/O shell that feeds it events and executes its actions; [`link`] holds
 //! the QUIC connection; [`state`], [`logs`] and [`identity`] own their files in the data dir.
+//!
+//! Stopping the agent (SIGTERM, SIGINT) is not stopping its workloads: the agent saves the
+//! replicas' statuses, hands the listening sockets of its Wasm HTTP components to the next
+//! agent process ([`handoff`]), closes its link and exits, leaving every container to its
+//! shim. The next process adopts the containers and starts the Wasm replicas again. Only
+//! `--stop-workloads-on-exit` (or the hub taking replicas away, as a drain does) stops them.
 
 pub mod container;
+pub mod durable;
 pub mod facts;
+pub mod handoff;
 pub mod identity;
 pub mod link;
 pub mod logs;
@@ -36,9 +44,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::logs::LogStore;
-use crate::runtime::{RunContext, RunEvent, Runtime, WasmRuntime};
-use crate::state::StateFile;
-use crate::supervisor::{Action, Backoff, Now, Supervisor};
+use crate::runtime::{RunContext, RunControl, RunEnd, RunEvent, Runtime, WasmRuntime};
+use crate::state::{SavedStatuses, StateFile, StatusFile};
+use crate::supervisor::{Action, Backoff, Now, PreviousExit, Supervisor};
 
 /// How the agent is started. Built by the binary from flags; the library reads no environment.
 #[derive(Debug, Clone)]
@@ -76,6 +84,16 @@ pub struct AgentConfig {
     /// How long the hub link may be silent before the agent treats it as dead and
     /// reconnects (its QUIC idle timeout; QUIC uses the smaller of both sides').
     pub link_timeout: std::time::Duration,
+    /// Stop every workload when the agent stops. By default a stopping agent leaves its
+    /// containers running (the next agent process adopts them) and hands its Wasm HTTP
+    /// listeners on.
+    pub stop_workloads_on_exit: bool,
+    /// The `flotilla` executable: spawned as the container shims and as the holder of the
+    /// listening sockets handed to the next agent process.
+    pub exe: Option<PathBuf>,
+    /// How long the socket holder waits for the next agent process before closing the
+    /// listening sockets it holds.
+    pub handoff_timeout: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -98,6 +116,9 @@ impl AgentConfig {
             min_free_disk_bytes: 256 << 20,
             registry_credentials: oci_runtime::Credentials::default(),
             link_timeout: std::time::Duration::from_secs(8),
+            stop_workloads_on_exit: false,
+            exe: None,
+            handoff_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -140,7 +161,7 @@ fn now() -> Now {
 /// A run in flight: how to ask it to stop.
 struct RunHandle {
     run_id: u64,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<RunControl>,
     /// The run's health probes, as its template defines them.
     probes_of: proto::manifest::Probes,
     /// The task probing the run once it started; dropping the handle stops it.
@@ -174,10 +195,16 @@ fn spawn_probes(
     Some(ProbeTask(tokio::spawn(task)))
 }
 
+/// How often, at most, the replicas' statuses are saved while they change (and once more at
+/// a clean stop). Few writes on flash; a crash loses at most this much of the history.
+const STATUS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stopping agent waits for its runs to let go (detach) of their workloads.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs the agent until `shutdown` completes or the hub refuses this node.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     proto::manifest::validate_name(&config.name)
-        .map_err(|message| AgentError::InvalidName { name: config.name.clone(), message })?;
+        .map_err(|e| AgentError::InvalidName { name: config.name.clone(), message: e.to_string() })?;
     // The data dir holds the node's key, env values of its workloads and their logs.
     std::fs::create_dir_all(&config.data_dir)
         .and_then(|_| {
@@ -190,7 +217,35 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         std::fs::create_dir_all(&p).map_err(|source| AgentError::DataDir { path: p.clone(), source })?;
         Ok(p)
     };
+    let exe = match &config.exe {
+        Some(exe) => exe.clone(),
+        None => {
+            std::env::current_exe().map_err(|source| AgentError::DataDir { path: "/proc/self/exe".into(), source })?
+        }
+    };
+    // The listening sockets the previous agent process left with a holder, first: until they
+    // are served again, clients wait in their backlogs.
+    let handoff_socket = handoff::socket_path(&config.data_dir);
+    let inherited = {
+        let path = handoff_socket.clone();
+        match tokio::task::spawn_blocking(move || handoff::receive(&path)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot take over the previous agent's listening sockets");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(error = %e, "taking over the previous agent's listening sockets did not finish");
+                Vec::new()
+            }
+        }
+    };
+    if !inherited.is_empty() {
+        info!(sockets = inherited.len(), "took over listening sockets from the previous agent process");
+    }
+    let sockets = Arc::new(handoff::Sockets::new(inherited));
     let state = StateFile::new(&dir("state")?);
+    let status_file = Arc::new(StatusFile::new(&dir("state")?));
     let logs = LogStore::open(dir("logs")?, config.log_max_bytes)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.join("logs"), source })?;
     // Containers need root and cgroups; without them the node offers Wasm only.
@@ -223,38 +278,41 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         fuel: config.wasm_fuel,
         ..Default::default()
     })?;
+    // One artifact store for Wasm and containers: blobs and index in images/, container
+    // snapshots in containers/images/, one collector for both.
     let blobs = oci_runtime::BlobStore::open(dir("images")?).map_err(|e| AgentError::Images(e.to_string()))?;
-    let registry =
-        oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: config.insecure_registries.clone() })
-            .with_credentials(config.registry_credentials.clone());
+    let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs)
+        .map_err(|e| AgentError::Images(e.to_string()))?;
+    images.spawn_collector(config.image_gc_threshold_bytes, std::time::Duration::from_secs(60));
+    let registry: Arc<runtime::LazyRegistry> = {
+        let (insecure, credentials) = (config.insecure_registries.clone(), config.registry_credentials.clone());
+        Arc::new(std::sync::LazyLock::new(Box::new(move || {
+            oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure }).with_credentials(credentials)
+        })))
+    };
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
-    let registry = Arc::new(registry);
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
     if containers.is_some() {
-        let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs.clone())
-            .map_err(|e| AgentError::Images(e.to_string()))?;
         let exe =
             std::env::current_exe().map_err(|source| AgentError::DataDir { path: "/proc/self/exe".into(), source })?;
         let rt = container::ContainerRuntime::new(container::ContainerConfig {
-            images,
+            images: images.clone(),
             registry: registry.clone(),
-            exe,
+            exe: exe.clone(),
             state_root: dir("containers/state")?,
             bundles: dir("containers/bundles")?,
             logs_dir: config.data_dir.join("logs"),
             log_max_bytes: config.log_max_bytes,
             node: config.name.clone(),
             volumes: volumes.clone(),
-            gc_threshold_bytes: config.image_gc_threshold_bytes,
-            gc_interval: std::time::Duration::from_secs(60),
             min_free_disk: config.min_free_disk_bytes,
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
         runtimes.insert(RuntimeKind::Container, rt);
     }
-    let mut wasm = WasmRuntime::new(host, registry, blobs, volumes.clone());
+    let mut wasm = WasmRuntime::new(host, registry, images, volumes.clone(), sockets.clone());
     wasm.min_free_disk = config.min_free_disk_bytes;
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
@@ -277,6 +335,34 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         info!(generation, replicas = saved.assignments.len(), "starting persisted desired state");
     }
     sup.set_assignments(&saved.assignments, now());
+    sockets.keep_only(&http_addrs(&saved));
+    let boot_id = state::boot_id();
+    match status_file.load() {
+        Ok(Some(previous)) => {
+            let how = previous_exit(&previous, &boot_id);
+            info!(previous = ?how, "the previous agent process's statuses carry over");
+            sup.restore(&previous.statuses, how, now());
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "ignoring unreadable saved statuses"),
+    }
+    // From now on the saved statuses say "not a clean stop" until this process stops cleanly.
+    let mut status_seq = 0u64;
+    let mut saved_statuses = |sup: &Supervisor, clean: bool| {
+        status_seq += 1;
+        let saved = SavedStatuses {
+            clean,
+            workloads_stopped: clean && config.stop_workloads_on_exit,
+            boot_id: boot_id.clone(),
+            saved_at_ms: now().wall_ms,
+            statuses: sup.statuses(),
+        };
+        (status_seq, saved)
+    };
+    let (seq, first) = saved_statuses(&sup, false);
+    if let Err(e) = status_file.save(seq, &first) {
+        warn!(error = %e, "cannot save the replicas' statuses");
+    }
 
     let (acked_tx, acked_rx) = watch::channel(generation);
     let (status_tx, status_rx) = watch::channel(sup.statuses());
@@ -306,6 +392,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<RunEvent>();
     let mut runs: HashMap<String, RunHandle> = HashMap::new();
+    // Statuses changed since the last save, and when the next save may happen.
+    let mut unsaved = false;
+    let mut next_save = tokio::time::Instant::now();
     tokio::pin!(shutdown);
 
     let result = loop {
@@ -315,8 +404,23 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let changes = sup.take_status_changes();
         if !changes.is_empty() {
             status_tx.send_replace(sup.statuses());
+            unsaved = true;
+        }
+        if unsaved && tokio::time::Instant::now() >= next_save {
+            unsaved = false;
+            next_save = tokio::time::Instant::now() + STATUS_SAVE_INTERVAL;
+            let (seq, saved) = saved_statuses(&sup, false);
+            let file = status_file.clone();
+            // Off the async workers: an fsync on flash can take a while. Sequence numbers keep
+            // an older save from landing after a newer one.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = file.save(seq, &saved) {
+                    warn!(error = %e, "cannot save the replicas' statuses");
+                }
+            });
         }
         let deadline = sup.next_deadline();
+        let save_at = unsaved.then_some(next_save);
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             fatal = &mut link_task => break match fatal {
@@ -337,11 +441,15 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 generation = set.generation;
                 info!(generation, replicas = set.assignments.len(), "new assignment set");
                 sup.set_assignments(&set.assignments, now());
+                sockets.keep_only(&http_addrs(&set));
                 acked_tx.send_replace(generation);
             }
             Some(ev) = events_rx.recv() => match ev {
-                RunEvent::Started { replica, run_id, target } => {
-                    sup.on_started(&replica, run_id, now());
+                RunEvent::Started { replica, run_id, target, adopted } => {
+                    match adopted {
+                        Some(how) => sup.on_adopted(&replica, run_id, how, now()),
+                        None => sup.on_started(&replica, run_id, now()),
+                    }
                     if let Some(h) = runs.get_mut(&replica).filter(|h| h.run_id == run_id) {
                         h.probes = spawn_probes(&replica, run_id, &h.probes_of, target, &events_tx);
                     }
@@ -354,6 +462,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     if runs.get(&replica).is_some_and(|h| h.run_id == run_id) {
                         runs.remove(&replica);
                     }
+                    // Runs detach only when the agent stops, after this loop.
+                    let RunEnd::Ended(how) = how else { continue };
                     info!(%replica, run_id, termination = %how, "run ended");
                     sup.on_exited(&replica, run_id, how, now());
                     if !sup.statuses().contains_key(&replica) && !runs.contains_key(&replica) {
@@ -363,19 +473,88 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 }
             },
             _ = sleep_until(deadline) => {}
+            _ = sleep_until_tokio(save_at) => {}
         }
     };
-    // Stopping the agent does not stop Wasm replicas gracefully elsewhere: they live in this
-    // process, so they end with it and restart from persisted state at the next boot.
-    for (_, h) in runs.drain() {
-        let _ = h.stop.send(true);
-    }
+
+    // Stopping. The link closes first, while the runs go on (an HTTP component keeps serving
+    // what arrives meanwhile); then every run detaches (or stops, when asked to); then the
+    // statuses are saved as a clean stop's and the listeners handed on. What the next process
+    // has to wait for is only the last two steps.
     let _ = shutdown_tx.send(true);
     if !link_task.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut link_task).await;
     }
     link_task.abort();
+    let control = if config.stop_workloads_on_exit { RunControl::Stop } else { RunControl::Detach };
+    info!(runs = runs.len(), ?control, "agent stopping");
+    for h in runs.values() {
+        let _ = h.stop.send(control);
+    }
+    // A stop waits out each container's grace period; a detach is immediate, except for HTTP
+    // servers finishing the requests they accepted.
+    let max_grace = sup.max_grace(container::DEFAULT_GRACE);
+    let wait = if control == RunControl::Stop { max_grace + DETACH_WAIT } else { DETACH_WAIT };
+    let waited = tokio::time::timeout(wait, async {
+        while !runs.is_empty() {
+            match events_rx.recv().await {
+                Some(RunEvent::Exited { replica, run_id, .. }) => {
+                    if runs.get(&replica).is_some_and(|h| h.run_id == run_id) {
+                        runs.remove(&replica);
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        warn!(runs = ?runs.keys().collect::<Vec<_>>(), "runs still letting go at exit");
+    }
+    let (seq, last) = saved_statuses(&sup, true);
+    {
+        let file = status_file.clone();
+        match tokio::task::spawn_blocking(move || file.save(seq, &last)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot save the replicas' statuses"),
+            Err(e) => warn!(error = %e, "saving the replicas' statuses did not finish"),
+        }
+    }
+    let listeners = sockets.take_outgoing();
+    if !listeners.is_empty() {
+        let (exe, path, timeout) = (exe.clone(), handoff_socket.clone(), config.handoff_timeout);
+        match tokio::task::spawn_blocking(move || handoff::pass_on(&exe, &path, listeners, timeout)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot hand the listening sockets on; they close with this process"),
+            Err(e) => warn!(error = %e, "handing the listening sockets on did not finish"),
+        }
+    }
+    info!("agent stopped");
     result
+}
+
+/// How the process that saved `previous` ended, judged from this boot's id.
+fn previous_exit(previous: &SavedStatuses, boot_id: &str) -> PreviousExit {
+    if !previous.boot_id.is_empty() && !boot_id.is_empty() && previous.boot_id != boot_id {
+        PreviousExit::Reboot
+    } else if !previous.clean {
+        PreviousExit::Unclean
+    } else if previous.workloads_stopped {
+        PreviousExit::CleanStoppingWorkloads
+    } else {
+        PreviousExit::Clean
+    }
+}
+
+/// The addresses the set's Wasm HTTP components serve on.
+fn http_addrs(set: &AssignmentSet) -> Vec<std::net::SocketAddr> {
+    set.assignments
+        .iter()
+        .filter(|a| a.template.runtime == RuntimeKind::Wasm)
+        .filter_map(|a| a.template.http)
+        .map(|h| std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, h.port)))
+        .collect()
 }
 
 /// The largest linear memory an instance may reserve and use. A 32-bit Wasm memory can reach
@@ -433,8 +612,12 @@ fn raise_open_files_limit() {
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
+    sleep_until_tokio(deadline.map(Into::into)).await
+}
+
+async fn sleep_until_tokio(deadline: Option<tokio::time::Instant>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
+        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }
@@ -468,7 +651,7 @@ fn execute(
                     return;
                 }
             };
-            let (stop_tx, stop_rx) = watch::channel(false);
+            let (stop_tx, stop_rx) = watch::channel(RunControl::Run);
             let probes_of = assignment.template.probes.clone();
             runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx, probes_of, probes: None });
             let ctx = RunContext::new(replica.clone(), run_id, assignment.template, log, stop_rx, events.clone());
@@ -486,7 +669,7 @@ fn execute(
         }
         Action::Stop { replica, run_id } => match runs.get(&replica) {
             Some(h) if h.run_id == run_id => {
-                let _ = h.stop.send(true);
+                let _ = h.stop.send(RunControl::Stop);
             }
             // Nothing in flight: the stop is already complete.
             _ => sup.on_stopped(&replica, run_id, now()),

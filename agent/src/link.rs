@@ -5,13 +5,20 @@
 //!
 //! The link never decides what runs: it forwards assignment sets to the agent's main loop and
 //! reads what to report from watch channels the main loop publishes, so a dropped connection
-//! loses nothing (the next hello carries the full state).
+//! loses nothing (the next hello carries the full state). It does check where a set comes
+//! from, as it checks the hub's certificate: a set arrives whole or in pieces
+//! ([`proto::pieces`]) and is put together here, and a set from a store this node does not
+//! belong to ([`identity::StoreBinding`]) is refused and reported to the hub, never forwarded.
+//! A hub that revoked this node's certificate closes with [`CLOSE_REVOKED`]: the link then
+//! records it and gives up, instead of retrying a certificate that will never be accepted.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use proto::messages::{AgentMsg, AssignmentSet, HubMsg, HubRequest, NodeFacts, ReplicaStatus, StreamStart};
+use proto::messages::{
+    AgentMsg, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, ReplicaStatus, StreamStart,
+};
 use proto::token::JoinToken;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -144,6 +151,25 @@ impl Link {
             r = tls::connect(&endpoint, config, addr) => r.map_err(|e| SessionError::Transient(e.to_string()))?,
             Ok(()) = self.network.changed() => return Err(SessionError::NetworkChanged),
         };
+        let result = self.established(hub, &conn, &endpoint).await;
+        // However the session ended, a hub that revoked this certificate said so in its close.
+        if let Some(reason) = revoked(&conn) {
+            tracing::error!(%reason, "the hub revoked this node's certificate; not retrying");
+            if let Err(e) = identity::mark_revoked(&self.identity_dir, &reason) {
+                warn!(error = %e, "cannot record the revocation");
+            }
+            return Err(SessionError::Fatal(IdentityError::Revoked(reason)));
+        }
+        result
+    }
+
+    /// A session over an established connection, from hello to loss.
+    async fn established(
+        &mut self,
+        hub: &str,
+        conn: &quinn::Connection,
+        endpoint: &quinn::Endpoint,
+    ) -> Result<bool, SessionError> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionError::Transient(e.to_string()))?;
 
         let mut sent = self.statuses.borrow_and_update().clone();
@@ -156,17 +182,30 @@ impl Link {
 
         // Reads happen on their own task: frame::read is not cancel-safe.
         let assignments = self.assignments.clone();
+        let mut binding = identity::StoreBinding::load(&self.identity_dir);
+        let (refused_tx, mut refused_rx) = mpsc::channel::<AgentMsg>(4);
         let mut reader = tokio::spawn(async move {
+            let mut pieces = proto::pieces::Assembler::default();
             loop {
-                match frame::read::<HubMsg>(&mut recv).await {
-                    Ok(Some(HubMsg::Assign(set))) => {
-                        if assignments.send(set).await.is_err() {
-                            return "agent shutting down".to_string();
-                        }
-                    }
+                let set = match frame::read::<HubMsg>(&mut recv).await {
+                    Ok(Some(HubMsg::Assign(set))) => set,
+                    Ok(Some(HubMsg::AssignPart(part))) => match pieces.push(part) {
+                        Ok(Some(set)) => set,
+                        Ok(None) => continue,
+                        Err(e) => return format!("malformed assignment set: {e}"),
+                    },
                     Ok(Some(HubMsg::Refused { message })) => return format!("hub refused the session: {message}"),
                     Ok(None) => return "hub closed the control stream".to_string(),
                     Err(e) => return e.to_string(),
+                };
+                if let Err(foreign) = binding.check(&set.store) {
+                    tracing::error!(generation = set.generation, reason = %foreign, "assignment set refused");
+                    let report = AgentMsg::SetRefused { generation: set.generation, message: foreign.to_string() };
+                    let _ = refused_tx.try_send(report);
+                    continue;
+                }
+                if assignments.send(set).await.is_err() {
+                    return "agent shutting down".to_string();
                 }
             }
         });
@@ -184,6 +223,9 @@ impl Link {
                     return Ok(true);
                 }
                 r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
+                Some(report) = refused_rx.recv() => {
+                    if let Err(e) = frame::write(&mut send, &report).await { break e.to_string() }
+                }
                 _ = heartbeat.tick() => {
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await { break e.to_string() }
                 }
@@ -217,6 +259,16 @@ impl Link {
         warn!(reason = %reason, "lost the hub connection");
         conn.close(0u32.into(), b"agent reconnecting");
         Ok(true)
+    }
+}
+
+/// The hub's reason when it closed `conn` because it revoked this node's certificate.
+fn revoked(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(CLOSE_REVOKED) => {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! One trait over the agent's runtimes. The supervisor decides *that* a replica runs; a
 //! [`Runtime`] makes one run happen: fetch the artifact, start it, wait for its end. Wasm is
-//! adapted here from `wasm-runtime` and `oci-runtime`; containers will sit behind the same
-//! trait.
+//! adapted here from `wasm-runtime` and `oci-runtime`; containers sit behind the same trait
+//! in [`crate::container`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use oci_runtime::{BlobStore, PulledWasm, Registry};
+use oci_runtime::{ImageStore, PulledWasm, Registry};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,8 +17,9 @@ use std::time::Duration;
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind, Volume};
 use proto::messages::Termination;
 use tokio::sync::{mpsc, watch};
-use wasm_runtime::{Exit, HttpOptions, Limits, Preopen, RunOptions, WasmHost};
+use wasm_runtime::{Exit, HttpOptions, Limits, Preopen, RunOptions, Shutdown, WasmHost};
 
+use crate::handoff::Sockets;
 use crate::logs::LogSink;
 use crate::probe::Verdict;
 use crate::prober::ProbeTarget;
@@ -26,16 +27,18 @@ use crate::prober::ProbeTarget;
 /// What the shell learns about a run.
 #[derive(Debug)]
 pub enum RunEvent {
-    /// The workload runs; `target` says how its probes reach it.
+    /// The workload runs; `target` says how its probes reach it. `adopted` is set when the
+    /// run took over a workload an earlier agent process started (it did not start again).
     Started {
         replica: String,
         run_id: u64,
         target: ProbeTarget,
+        adopted: Option<String>,
     },
     Exited {
         replica: String,
         run_id: u64,
-        how: Termination,
+        how: RunEnd,
     },
     /// A verdict of the run's health probes.
     Probe {
@@ -45,14 +48,38 @@ pub enum RunEvent {
     },
 }
 
+/// What the agent wants of a run in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunControl {
+    /// Keep running.
+    Run,
+    /// Stop the workload: an update, a removal, a failed probe, or an agent that exits with
+    /// `--stop-workloads-on-exit`.
+    Stop,
+    /// The agent process is exiting and a new one will take over: leave the workload running
+    /// where it can outlive this process (a container, with its shim), hand over what can be
+    /// handed over (the listening socket of a Wasm HTTP component), and return at once.
+    Detach,
+}
+
+/// How a run's future ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The workload ended (or could not start).
+    Ended(Termination),
+    /// The run let go of a workload that goes on without this process (see
+    /// [`RunControl::Detach`]); nothing ended.
+    Detached,
+}
+
 /// Everything one run needs.
 pub struct RunContext {
     pub replica: String,
     pub run_id: u64,
     pub template: ReplicaTemplate,
     pub log: Arc<LogSink>,
-    /// Becomes `true` when the supervisor wants the run stopped.
-    pub stop: watch::Receiver<bool>,
+    /// Leaves [`RunControl::Run`] when the agent wants the run stopped or detached.
+    pub stop: watch::Receiver<RunControl>,
     events: mpsc::UnboundedSender<RunEvent>,
 }
 
@@ -62,7 +89,7 @@ impl RunContext {
         run_id: u64,
         template: ReplicaTemplate,
         log: Arc<LogSink>,
-        stop: watch::Receiver<bool>,
+        stop: watch::Receiver<RunControl>,
         events: mpsc::UnboundedSender<RunEvent>,
     ) -> Self {
         RunContext { replica, run_id, template, log, stop, events }
@@ -77,25 +104,42 @@ impl RunContext {
     /// Tells the supervisor the workload is now running, reachable by its probes as `target`
     /// says.
     pub fn started_at(&self, target: ProbeTarget) {
-        let _ = self.events.send(RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id, target });
+        let started = RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id, target, adopted: None };
+        let _ = self.events.send(started);
+    }
+
+    /// Tells the supervisor the run took over a workload that an earlier agent process
+    /// started and that kept running meanwhile (`how` says what was adopted).
+    pub fn adopted(&self, target: ProbeTarget, how: String) {
+        let started =
+            RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id, target, adopted: Some(how) };
+        let _ = self.events.send(started);
     }
 }
 
-pub type RunFuture = Pin<Box<dyn Future<Output = Termination> + Send>>;
+pub type RunFuture = Pin<Box<dyn Future<Output = RunEnd> + Send>>;
 
 pub trait Runtime: Send + Sync + 'static {
     fn kind(&self) -> RuntimeKind;
     /// Runs one run of a replica to its end. Calls `ctx.started()` once the workload runs;
-    /// returns how it ended. When `ctx.stop` turns true it stops the workload and returns.
+    /// returns how it ended. When `ctx.stop` says [`RunControl::Stop`] it stops the workload
+    /// and returns; on [`RunControl::Detach`] it lets go of it and returns
+    /// [`RunEnd::Detached`] (a workload that cannot outlive the agent just ends).
     fn run(&self, ctx: RunContext) -> RunFuture;
 }
+
+/// The registry client, built on first use (a pull). Building it (TLS roots, HTTP clients)
+/// takes a while on a small board, and an agent restarting with its images already local
+/// never needs it: its Wasm replicas and HTTP listeners come back that much sooner.
+pub type LazyRegistry = std::sync::LazyLock<Registry, Box<dyn FnOnce() -> Registry + Send>>;
 
 /// Wasm modules and components from OCI registries under wasmtime: commands run to their
 /// end, `wasi:http` components are served on the workload's port until stopped.
 pub struct WasmRuntime {
     pub host: WasmHost,
-    pub registry: Arc<Registry>,
-    pub blobs: Arc<BlobStore>,
+    pub registry: Arc<LazyRegistry>,
+    /// The node's one artifact store, shared with the container runtime.
+    pub images: ImageStore,
     pub volumes: VolumeStore,
     /// Images this agent process already pulled: restarts and new replicas of the same
     /// reference start from the verified blob without asking the registry (Kubernetes'
@@ -107,6 +151,9 @@ pub struct WasmRuntime {
     preparing: Arc<KeyedLocks>,
     /// Pulls are refused while the disk has less than this free.
     pub min_free_disk: u64,
+    /// Listening sockets of HTTP components handed over by the previous agent process, and
+    /// those this process hands on when it exits.
+    pub sockets: Arc<Sockets>,
 }
 
 /// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
@@ -135,25 +182,32 @@ impl KeyedLocks {
 }
 
 impl WasmRuntime {
-    pub fn new(host: WasmHost, registry: Arc<Registry>, blobs: BlobStore, volumes: VolumeStore) -> Self {
+    pub fn new(
+        host: WasmHost,
+        registry: Arc<LazyRegistry>,
+        images: ImageStore,
+        volumes: VolumeStore,
+        sockets: Arc<Sockets>,
+    ) -> Self {
         WasmRuntime {
             host,
             registry,
-            blobs: Arc::new(blobs),
+            images,
             volumes,
             resolved: Default::default(),
             preparing: Default::default(),
             min_free_disk: 0,
+            sockets,
         }
     }
 }
 
-/// The image's module in the blob store: from this process's earlier pull when its blob is
-/// still there, else pulled (digest-verified) now.
+/// The image's module in the artifact store: from this process's earlier pull when its blob
+/// is still there, else pulled (digest-verified) now.
 async fn fetch(
     image: &str,
-    registry: &Registry,
-    blobs: &BlobStore,
+    registry: &LazyRegistry,
+    images: &ImageStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
     min_free_disk: u64,
 ) -> Result<PulledWasm, String> {
@@ -163,36 +217,18 @@ async fn fetch(
     {
         return Ok(p);
     }
-    // Pulled by an earlier agent process (IfNotPresent across restarts): start from the
-    // verified blob at once, with no registry contact. After a reboot with the network down
-    // this is the difference between running at once and waiting for connects to time out.
-    if let Some(p) = pulled_before(image, blobs) {
+    // Pulled or imported before, by an earlier agent process too (IfNotPresent across
+    // restarts): start from the verified blob at once, with no registry contact. After a
+    // reboot with the network down this is the difference between running at once and
+    // waiting for connects to time out.
+    if let Ok(p) = images.wasm(image) {
         resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), p.clone());
         return Ok(p);
     }
-    check_disk_space(blobs.root(), min_free_disk)?;
-    let pulled = registry.pull_wasm(image, blobs).await.map_err(|e| e.to_string())?;
+    check_disk_space(images.blobs().root(), min_free_disk)?;
+    let pulled = images.pull_wasm(registry, image).await.map_err(|e| e.to_string())?;
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
-}
-
-/// The module an earlier pull recorded for `image` in the store's `refs.json`, if its blob
-/// is still there. A digest reference must match the recorded manifest.
-fn pulled_before(image: &str, blobs: &BlobStore) -> Option<PulledWasm> {
-    let entry = oci_runtime::RefsFile::in_store(blobs.root()).get(image).ok().flatten()?;
-    if let Some((_, digest)) = image.rsplit_once('@')
-        && digest != entry.manifest_digest
-    {
-        return None;
-    }
-    let path = blobs.path(&entry.wasm_digest).ok().filter(|p| p.exists())?;
-    Some(PulledWasm {
-        reference: image.to_string(),
-        manifest_digest: entry.manifest_digest,
-        wasm_digest: entry.wasm_digest,
-        path,
-        from_cache: true,
-    })
 }
 
 /// Refuses work that writes to the node's disk (a pull, an unpack, a container's writable
@@ -284,16 +320,19 @@ impl Runtime for WasmRuntime {
     fn run(&self, mut ctx: RunContext) -> RunFuture {
         let host = self.host.clone();
         let registry = self.registry.clone();
-        let blobs = self.blobs.clone();
+        let images = self.images.clone();
         let volumes = self.volumes.clone();
         let resolved = self.resolved.clone();
         let preparing = self.preparing.clone();
+        let sockets = self.sockets.clone();
         let min_free_disk = self.min_free_disk;
         Box::pin(async move {
-            let failed = |message: String| Termination::StartFailed { message };
+            let failed = |message: String| RunEnd::Ended(Termination::StartFailed { message });
             let t = &ctx.template;
+            // The module stays in the store for as long as this run lasts.
+            let _hold = images.hold(&t.image);
             let preparing = preparing.lock(&t.image).await;
-            let pulled = match fetch(&t.image, &registry, &blobs, &resolved, min_free_disk).await {
+            let pulled = match fetch(&t.image, &registry, &images, &resolved, min_free_disk).await {
                 Ok(p) => p,
                 Err(e) => return failed(e),
             };
@@ -323,16 +362,31 @@ impl Runtime for WasmRuntime {
                     o.program_name = ctx.replica.clone();
                     o.args = t.args.clone();
                     (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
+                    // The previous agent process's socket, if it handed one over: connections
+                    // that arrived during the restart wait in its backlog and are served now.
+                    o.listener = sockets.take(addr);
+                    let inherited = o.listener.is_some();
                     let server = match host.serve_http(&program, o).await {
                         Ok(s) => s,
                         Err(e) => return failed(e.to_string()),
                     };
-                    ctx.log.note(&format!("serving wasi:http on {}", server.local_addr()));
+                    let how = if inherited { "socket handed over by the previous agent process" } else { "bound" };
+                    ctx.log.note(&format!("serving wasi:http on {} ({how})", server.local_addr()));
                     ctx.started();
                     let mut stop = ctx.stop.clone();
-                    match server.run(async move { stopping(&mut stop).await }).await {
-                        Ok(()) => Termination::Exited { code: 0 },
-                        Err(e) => Termination::Trapped { message: e.to_string() },
+                    let shutdown = async move {
+                        match stopping(&mut stop).await {
+                            RunControl::Detach => Shutdown::HandOff,
+                            _ => Shutdown::Close,
+                        }
+                    };
+                    match server.serve(shutdown).await {
+                        Ok(Some(listener)) => {
+                            sockets.give(listener);
+                            RunEnd::Detached
+                        }
+                        Ok(None) => RunEnd::Ended(Termination::Exited { code: 0 }),
+                        Err(e) => RunEnd::Ended(Termination::Trapped { message: e.to_string() }),
                     }
                 }
                 (Some(_), false) => failed("spec.http is set but the image is not a wasi:http component".into()),
@@ -343,13 +397,18 @@ impl Runtime for WasmRuntime {
                     (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
                     ctx.started();
                     tokio::select! {
-                        exit = host.run(&program, o) => match exit {
+                        exit = host.run(&program, o) => RunEnd::Ended(match exit {
                             Ok(Exit::Code(code)) => Termination::Exited { code },
                             Ok(Exit::Trap(message)) => Termination::Trapped { message },
-                            Err(e) => failed(e.to_string()),
+                            Err(e) => Termination::StartFailed { message: e.to_string() },
+                        }),
+                        // Dropping the run future stops the guest at its next epoch tick. A
+                        // guest lives in the agent's process, so a detach ends it too: the next
+                        // agent process starts it again from the persisted set.
+                        how = stopping(&mut ctx.stop) => match how {
+                            RunControl::Detach => RunEnd::Detached,
+                            _ => RunEnd::Ended(Termination::Exited { code: 0 }),
                         },
-                        // Dropping the run future stops the guest at its next epoch tick.
-                        _ = stopping(&mut ctx.stop) => Termination::Exited { code: 0 },
                     }
                 }
             }
@@ -357,9 +416,13 @@ impl Runtime for WasmRuntime {
     }
 }
 
-/// Completes when the supervisor asks the run to stop.
-pub(crate) async fn stopping(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+/// Completes when the agent asks the run to stop or detach, with which. A dropped sender
+/// (the agent is gone) reads as a stop.
+pub(crate) async fn stopping(stop: &mut watch::Receiver<RunControl>) -> RunControl {
+    match stop.wait_for(|c| *c != RunControl::Run).await {
+        Ok(c) => *c,
+        Err(_) => RunControl::Stop,
+    }
 }
 
 #[cfg(test)]

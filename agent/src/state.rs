@@ -1,12 +1,17 @@
-//! The agent's durable desired state: the last assignment set it received, with its
-//! generation, written atomically and fsynced before the agent acknowledges it. On boot the
-//! agent starts from this file with no hub contact.
+//! The agent's durable state: the last assignment set it received, with its generation,
+//! written before the agent acknowledges it (on boot the agent starts from this file with no
+//! hub contact); and the replicas' last statuses, so restart counts and event histories
+//! carry over an agent restart and the next process can tell how the last one ended.
+//! Both go through [`crate::durable::write_atomic`].
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use proto::messages::AssignmentSet;
+use proto::messages::{AssignmentSet, ReplicaStatus};
+use serde::{Deserialize, Serialize};
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError + use<> {
     let path = path.to_path_buf();
@@ -19,6 +24,8 @@ pub enum StateError {
     Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("corrupt state file {path}: {source}")]
     Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("cannot encode {path}: {source}")]
+    Encode { path: PathBuf, source: serde_json::Error },
 }
 
 pub struct StateFile {
@@ -43,16 +50,76 @@ impl StateFile {
 
     /// Writes `set` durably: temp file, fsync, rename, fsync of the directory.
     pub fn save(&self, set: &AssignmentSet) -> Result<(), StateError> {
-        let dir = self.path.parent().expect("state file has a parent");
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(&serde_json::to_vec(set).expect("assignment set serializes")).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("sync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_err("rename", &self.path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))?;
+        save_json(&self.path, set)
+    }
+}
+
+fn save_json(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let bytes = serde_json::to_vec(value).map_err(|source| StateError::Encode { path: path.to_path_buf(), source })?;
+    crate::durable::write_atomic(path, &bytes, 0o600).map_err(io_err("write", path))
+}
+
+/// The replicas' statuses as one agent process left them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedStatuses {
+    /// Written by an agent that stopped cleanly (SIGTERM/SIGINT); a running agent keeps it
+    /// `false`, so a crash, a kill or a power cut leaves `false` behind.
+    pub clean: bool,
+    /// The agent stopped its workloads when it exited (`--stop-workloads-on-exit`).
+    #[serde(default)]
+    pub workloads_stopped: bool,
+    /// `/proc/sys/kernel/random/boot_id` of the boot the agent ran in: a different one at the
+    /// next start means the node rebooted.
+    #[serde(default)]
+    pub boot_id: String,
+    /// Wall-clock time of the save (ms since the epoch).
+    pub saved_at_ms: u64,
+    pub statuses: BTreeMap<String, ReplicaStatus>,
+}
+
+/// `state/statuses.json`. Saves may come from several tasks: each carries a sequence number
+/// and an older one never overwrites a newer one.
+pub struct StatusFile {
+    path: PathBuf,
+    // std Mutex: held for one small write, never across an await (saves run on blocking
+    // threads).
+    written: Mutex<u64>,
+}
+
+impl StatusFile {
+    pub fn new(dir: &Path) -> StatusFile {
+        StatusFile { path: dir.join("statuses.json"), written: Mutex::new(0) }
+    }
+
+    /// The statuses a previous agent process saved, if any.
+    pub fn load(&self) -> Result<Option<SavedStatuses>, StateError> {
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Corrupt { path: self.path.clone(), source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { action: "read", path: self.path.clone(), source }),
+        }
+    }
+
+    /// Saves `saved` as save number `seq`, unless a later save already happened.
+    pub fn save(&self, seq: u64, saved: &SavedStatuses) -> Result<(), StateError> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if seq <= *written {
+            return Ok(());
+        }
+        save_json(&self.path, saved)?;
+        *written = seq;
         Ok(())
     }
+}
+
+/// This boot's id, or an empty string where the kernel does not say.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -64,9 +131,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateFile::new(dir.path());
         assert_eq!(state.load().unwrap().generation, 0);
-        state.save(&AssignmentSet { generation: 4, assignments: vec![] }).unwrap();
+        state.save(&AssignmentSet { generation: 4, ..Default::default() }).unwrap();
         assert_eq!(state.load().unwrap().generation, 4);
         fs::write(dir.path().join("assignments.json"), b"{garbage").unwrap();
         assert!(matches!(state.load(), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_older_status_save_never_overwrites_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StatusFile::new(dir.path());
+        assert_eq!(file.load().unwrap(), None);
+        let newer = SavedStatuses { clean: true, saved_at_ms: 2, ..Default::default() };
+        file.save(2, &newer).unwrap();
+        file.save(1, &SavedStatuses { saved_at_ms: 1, ..Default::default() }).unwrap();
+        assert_eq!(file.load().unwrap(), Some(newer));
     }
 }

@@ -102,6 +102,36 @@ struct Replica {
     status: ReplicaStatus,
     /// Removed from the assignment set: forget it once stopped.
     removed: bool,
+    /// Restored from the previous agent process's statuses and not started since: whether it
+    /// was running then. Its next start is then either an adoption (it kept running) or a
+    /// restart caused by the agent's own restart, counted as one.
+    resumed: Option<bool>,
+}
+
+/// How the agent process before this one ended, as the next one finds out at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviousExit {
+    /// Stopped by SIGTERM/SIGINT, leaving its workloads running.
+    Clean,
+    /// Stopped, and stopped its workloads with it (`--stop-workloads-on-exit`).
+    CleanStoppingWorkloads,
+    /// Crashed, killed or cut from power: its last save was not a clean stop's.
+    Unclean,
+    /// The node rebooted since.
+    Reboot,
+}
+
+impl PreviousExit {
+    fn describe(self) -> &'static str {
+        match self {
+            PreviousExit::Clean => "the agent restarted after a clean stop",
+            PreviousExit::CleanStoppingWorkloads => {
+                "the agent restarted after a clean stop that stopped its workloads (--stop-workloads-on-exit)"
+            }
+            PreviousExit::Unclean => "the agent restarted after an unclean stop (crash, kill or power loss)",
+            PreviousExit::Reboot => "the node rebooted",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +206,7 @@ impl Supervisor {
                             consecutive_failures: 0,
                             status,
                             removed: false,
+                            resumed: None,
                         },
                     );
                     self.changed.insert(name.to_string());
@@ -198,14 +229,64 @@ impl Supervisor {
         }
     }
 
+    /// Carries the statuses a previous agent process saved over to the replicas it still
+    /// holds with the same template (restart counts, last termination, events), and records
+    /// the agent's restart as an event on each. Replicas that had finished for good stay
+    /// finished (a Job attempt is not run twice). Call after the first `set_assignments` and
+    /// before the first `poll_actions`.
+    pub fn restore(&mut self, saved: &BTreeMap<String, ReplicaStatus>, previous: PreviousExit, now: Now) {
+        for (name, r) in self.replicas.iter_mut().filter(|(_, r)| !r.removed && r.state == RunState::Ready) {
+            let Some(old) = saved.get(name).filter(|s| s.template_hash == r.assignment.template_hash) else {
+                continue;
+            };
+            r.status.restarts = old.restarts;
+            r.status.last_termination = old.last_termination.clone();
+            r.status.events = old.events.clone();
+            r.status.record(now.wall_ms, EventReason::AgentRestarted, previous.describe());
+            if matches!(old.phase, Phase::Succeeded | Phase::Failed) {
+                r.state = RunState::Done;
+                r.status.phase = old.phase;
+                r.status.message = old.message.clone();
+            } else {
+                r.resumed = Some(old.phase == Phase::Running);
+            }
+            r.status.observed_at_ms = now.wall_ms;
+            self.changed.insert(name.clone());
+        }
+    }
+
     /// The runtime started the run.
     pub fn on_started(&mut self, replica: &str, run_id: u64, now: Now) {
+        self.started(replica, run_id, None, now);
+    }
+
+    /// The runtime took over a workload an earlier agent process started, which kept running
+    /// (`how` says what it adopted): running again, and not a restart.
+    pub fn on_adopted(&mut self, replica: &str, run_id: u64, how: String, now: Now) {
+        self.started(replica, run_id, Some(how), now);
+    }
+
+    fn started(&mut self, replica: &str, run_id: u64, adopted: Option<String>, now: Now) {
         let Some(r) = self.replicas.get_mut(replica) else { return };
         if r.state != (RunState::Starting { run_id }) {
             return;
         }
         r.state = RunState::Running { run_id, since: now.mono };
-        r.status.record(now.wall_ms, EventReason::Started, "");
+        let was_running = r.resumed.take() == Some(true);
+        match adopted {
+            Some(how) => r.status.record(now.wall_ms, EventReason::Adopted, how),
+            // It ran in the previous agent process (a Wasm guest, or a container that did not
+            // survive): the agent's restart restarted it, and that counts.
+            None if was_running => {
+                r.status.restarts += 1;
+                r.status.record(
+                    now.wall_ms,
+                    EventReason::Started,
+                    "started again: it ran in the previous agent process",
+                );
+            }
+            None => r.status.record(now.wall_ms, EventReason::Started, ""),
+        }
         r.status.phase = Phase::Running;
         r.status.message.clear();
         r.status.ready = crate::probe::ProbeSet::ready_at_start(&r.assignment.template.probes);
@@ -381,6 +462,16 @@ impl Supervisor {
                 _ => None,
             })
             .min()
+    }
+
+    /// The longest stop grace period among the replicas' templates, `default` for those that
+    /// set none: how long stopping everything may take.
+    pub fn max_grace(&self, default: Duration) -> Duration {
+        self.replicas
+            .values()
+            .map(|r| r.assignment.template.grace_ms.map_or(default, Duration::from_millis))
+            .max()
+            .unwrap_or_default()
     }
 
     /// Statuses that changed since the last call.
@@ -704,5 +795,131 @@ mod tests {
         assert_eq!(st.phase, Phase::Failed);
         assert!(!st.ready);
         assert!(s.poll_actions(c.now()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use proto::manifest::{ReplicaTemplate, RestartPolicy, Runtime};
+
+    fn assignment(name: &str, image: &str, policy: RestartPolicy) -> Assignment {
+        let template = ReplicaTemplate {
+            runtime: Runtime::Wasm,
+            image: image.into(),
+            args: vec![],
+            env: Default::default(),
+            restart_policy: policy,
+            memory_bytes: None,
+            cpu_time_ms: None,
+            fuel: None,
+            http: None,
+            volumes: vec![],
+            network: Default::default(),
+            command: vec![],
+            cpu_millis: None,
+            pids: None,
+            grace_ms: None,
+            probes: Default::default(),
+        };
+        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
+    }
+
+    fn now(ms: u64) -> Now {
+        Now { mono: Instant::now(), wall_ms: ms }
+    }
+
+    /// A supervisor that ran `set` for a while (each replica crashed once, then ran) and the
+    /// statuses it would have saved.
+    fn previous_life(set: &[Assignment]) -> BTreeMap<String, ReplicaStatus> {
+        let b = Backoff { initial: Duration::ZERO, ..Backoff::default() };
+        let mut s = Supervisor::new(b);
+        s.set_assignments(set, now(1_000));
+        for a in s.poll_actions(now(1_000)) {
+            let Action::Start { replica, run_id, .. } = a else { panic!() };
+            s.on_started(&replica, run_id, now(1_001));
+            s.on_exited(&replica, run_id, Termination::Exited { code: 1 }, now(1_002));
+        }
+        for a in s.poll_actions(now(1_003)) {
+            let Action::Start { replica, run_id, .. } = a else { panic!() };
+            s.on_started(&replica, run_id, now(1_004));
+        }
+        s.statuses()
+    }
+
+    #[test]
+    fn restart_counts_and_events_carry_over_and_the_restart_is_an_event() {
+        let set = [assignment("box-0", "a", RestartPolicy::Always), assignment("wasm-0", "a", RestartPolicy::Always)];
+        let saved = previous_life(&set);
+        assert_eq!(saved["box-0"].restarts, 1);
+
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&set, now(5_000));
+        s.restore(&saved, PreviousExit::Clean, now(5_000));
+        let mut ids = BTreeMap::new();
+        for a in s.poll_actions(now(5_001)) {
+            let Action::Start { replica, run_id, .. } = a else { panic!() };
+            ids.insert(replica, run_id);
+        }
+        // The container was adopted (it kept running); the Wasm guest started again.
+        s.on_adopted("box-0", ids["box-0"], "adopted running container (pid 42)".into(), now(5_002));
+        s.on_started("wasm-0", ids["wasm-0"], now(5_002));
+        let st = s.statuses();
+        assert_eq!(st["box-0"].restarts, 1, "an adoption is not a restart");
+        assert_eq!(st["wasm-0"].restarts, 2, "a guest restarted with the agent counts");
+        for name in ["box-0", "wasm-0"] {
+            let reasons: Vec<EventReason> = st[name].events.iter().map(|e| e.reason).collect();
+            assert_eq!(
+                reasons[..4],
+                [EventReason::Starting, EventReason::Started, EventReason::Exited, EventReason::BackOff]
+            );
+            let restarted = st[name].events.iter().find(|e| e.reason == EventReason::AgentRestarted).unwrap();
+            assert_eq!(restarted.message, "the agent restarted after a clean stop");
+            assert_eq!(st[name].phase, Phase::Running);
+        }
+        let adopted = st["box-0"].events.last().unwrap();
+        assert_eq!(
+            (adopted.reason, adopted.message.as_str()),
+            (EventReason::Adopted, "adopted running container (pid 42)")
+        );
+        let started = st["wasm-0"].events.last().unwrap();
+        assert_eq!(started.reason, EventReason::Started);
+        assert!(started.message.contains("previous agent process"), "{started:?}");
+        // A later start of the same replica is an ordinary one.
+        s.on_exited("wasm-0", ids["wasm-0"], Termination::Exited { code: 1 }, now(5_003));
+        assert_eq!(s.statuses()["wasm-0"].restarts, 2);
+    }
+
+    #[test]
+    fn a_finished_replica_stays_finished_and_a_changed_template_starts_fresh() {
+        let c = now(1_000);
+        let mut before = Supervisor::new(Backoff::default());
+        let done = assignment("job-0", "a", RestartPolicy::Never);
+        before.set_assignments(std::slice::from_ref(&done), c);
+        let Action::Start { run_id, .. } = before.poll_actions(c).remove(0) else { panic!() };
+        before.on_started("job-0", run_id, c);
+        before.on_exited("job-0", run_id, Termination::Exited { code: 3 }, c);
+        let mut saved = before.statuses();
+        assert_eq!(saved["job-0"].phase, Phase::Failed);
+        let mut other = saved["job-0"].clone();
+        other.restarts = 7;
+        saved.insert("web-0".into(), other);
+
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[done, assignment("web-0", "b", RestartPolicy::Always)], now(2_000));
+        s.restore(&saved, PreviousExit::Unclean, now(2_000));
+        let actions = s.poll_actions(now(2_001));
+        assert!(
+            matches!(actions.as_slice(), [Action::Start { replica, .. }] if replica == "web-0"),
+            "a failed Job attempt is not run again: {actions:?}"
+        );
+        let st = s.statuses();
+        assert_eq!(st["job-0"].phase, Phase::Failed);
+        assert_eq!(st["job-0"].last_termination, Some(Termination::Exited { code: 3 }));
+        assert!(
+            st["job-0"].events.iter().any(|e| e.reason == EventReason::AgentRestarted && e.message.contains("unclean"))
+        );
+        assert_eq!(st["web-0"].restarts, 0, "another template's history does not carry over");
+        assert!(st["web-0"].events.iter().all(|e| e.reason != EventReason::AgentRestarted));
     }
 }

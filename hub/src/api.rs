@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use proto::manifest::{Kind, parse_manifests};
+use proto::manifest::Kind;
 use proto::messages::{
     ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, NodeView, Phase, ReplicaView,
     ResourceKind, StreamStart, WorkloadView,
@@ -73,8 +73,11 @@ async fn handle(
 }
 
 async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
+    if let Some(answer) = crate::admin::answer(shared, &req).await {
+        return answer;
+    }
     Ok(match req {
-        ApiRequest::Apply { source } => match parse_manifests(&source) {
+        ApiRequest::Apply { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
                 let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
@@ -149,11 +152,12 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
         },
         ApiRequest::Delete { kind, name } => match kind {
             ResourceKind::Workload => delete(shared, vec![name]).await?,
+            ResourceKind::Node => crate::admin::delete_node(shared, &name).await?,
             other => ApiResponse::Error {
                 message: format!("deleting a {} is not supported; delete its workload", kind_name(other)),
             },
         },
-        ApiRequest::DeleteManifests { source } => match parse_manifests(&source) {
+        ApiRequest::DeleteManifests { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
                 let names =
@@ -171,6 +175,13 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             ApiResponse::Nodes { items }
         }
         ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
+        // Answered by `crate::admin` above.
+        ApiRequest::TokenCreate { .. }
+        | ApiRequest::TokenList
+        | ApiRequest::TokenRevoke { .. }
+        | ApiRequest::LabelNode { .. }
+        | ApiRequest::TaintNode { .. }
+        | ApiRequest::AllowRejoin { .. } => ApiResponse::Error { message: "unexpected request".into() },
     })
 }
 
@@ -193,7 +204,7 @@ fn kind_name(kind: ResourceKind) -> &'static str {
     }
 }
 
-async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
+pub(crate) async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
     let every_node: std::collections::HashSet<String> = shared
         .store
         .workloads()
@@ -226,6 +237,12 @@ async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {
             joined_at_ms: n.joined_at_ms,
             cordoned: n.cordoned,
             draining: n.draining,
+            claimed: Some(n.claimed),
+            admin_labels: n.admin_labels,
+            admin_taints: n.admin_taints,
+            notices: n.notices.iter().map(|x| x.to_string()).collect(),
+            problem: n.problem,
+            joined_with: n.joined_with,
         })
         .collect())
 }
@@ -449,6 +466,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             for (k, v) in node_labels(&n.name, f) {
                 let _ = writeln!(s, "Label:        {k}={v}");
             }
+            crate::admin::describe_identity(&mut s, &n);
             let _ = writeln!(s, "Replicas:");
             for r in replica_views(shared).await?.into_iter().filter(|r| r.node.as_deref() == Some(name)) {
                 let _ = writeln!(s, "  {:<24} {:<10} restarts={}", r.name, r.status.phase, r.status.restarts);

@@ -32,7 +32,6 @@ pub(crate) struct Shared {
     /// operations only, never held across an await.
     pub(crate) remote_connected: Mutex<HashSet<String>>,
     pub(crate) ca: Ca,
-    pub(crate) token_secret: String,
     /// std Mutex: held only for map operations, never across an await.
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
@@ -55,7 +54,6 @@ impl Shared {
         hub_id: String,
         leader: watch::Receiver<bool>,
         ca: Ca,
-        token_secret: String,
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -66,7 +64,6 @@ impl Shared {
             leader,
             remote_connected: Mutex::new(HashSet::new()),
             ca,
-            token_secret,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),

@@ -9,20 +9,27 @@
 //! speaks SQL; [`leader`] elects the one hub (of several on a shared store) that runs the
 //! controller; [`control`] is the controller's I/O shell (read, pass, fenced write, wake);
 //! [`server`] accepts connections and holds the agent sessions, whose state [`cluster`]
-//! keeps; [`api`] answers CLI requests; [`bootstrap`] owns the data dir and credentials,
-//! written through [`fsutil`].
+//! keeps; [`guard`] decides how many connections strangers may hold, bounds status reports
+//! and parses manifests off the async workers; [`api`] answers CLI requests, [`admin`] those
+//! about tokens and node identities; [`bootstrap`] owns the data dir and credentials, written
+//! through [`fsutil`]. [`tokens`] (who may join) and [`identity`] (which certificate speaks
+//! for a node, which of its claims count) are pure rules.
 
+pub mod admin;
 pub mod api;
 pub mod bootstrap;
 pub(crate) mod cluster;
 pub(crate) mod control;
 pub mod controller;
 pub mod fsutil;
+pub mod guard;
+pub mod identity;
 pub mod leader;
 pub mod revisions;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +53,8 @@ pub struct HubConfig {
     /// How long a node's link may be silent before the hub marks it NotReady (the hub's QUIC
     /// idle timeout; QUIC uses the smaller of the hub's and the agent's).
     pub node_grace: std::time::Duration,
+    /// How many connections strangers and nodes may hold, and how fast they may start.
+    pub limits: guard::PeerLimits,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use proto::messages::{AgentMsg, HubMsg, JoinRequest, JoinResponse};
 use quinn::VarInt;
-use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
@@ -40,6 +39,11 @@ use crate::{HubConfig, now_ms};
 pub const CLOSE_UNAUTHORIZED: u32 = 0x401;
 pub const CLOSE_REPLACED: u32 = 0x409;
 pub const CLOSE_PROTOCOL: u32 = 0x400;
+/// The node's certificate is revoked (the node was deleted, or a re-join replaced it). The
+/// agent stops retrying and says it must join again.
+pub const CLOSE_REVOKED: u32 = proto::messages::CLOSE_REVOKED;
+/// A join connection over the hub's caps for strangers (see [`crate::guard`]).
+pub const CLOSE_BUSY: u32 = 0x429;
 
 const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,11 +58,15 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("cannot set up the QUIC endpoint: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cluster identity: {0}")]
+    Identity(String),
 }
 
 /// A running hub.
 pub struct Hub {
     endpoint: quinn::Endpoint,
+    /// Who may connect, how many and how fast.
+    gate: Arc<crate::guard::Gate>,
     shared: Arc<Shared>,
     election: tokio::task::JoinHandle<()>,
     admin_config: std::path::PathBuf,
@@ -90,6 +98,21 @@ impl Hub {
             bootstrap::share(&store, &config.data_dir).await?;
         }
         let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names)?;
+        // The cluster token keeps working for new names, as the token `cluster`; once revoked it
+        // stays revoked (the row is kept).
+        store
+            .ensure_token(
+                &crate::store::NewToken {
+                    id: crate::tokens::CLUSTER_TOKEN_ID.into(),
+                    secret_sha256: crate::tokens::secret_sha256(&identity.token.secret),
+                    expires_at_ms: None,
+                    max_uses: None,
+                    name_pattern: "*".into(),
+                    labels: Default::default(),
+                },
+                now_ms(),
+            )
+            .await?;
         let hub_id = hub_id(&config.data_dir)?;
         let (leader, election) = leader::spawn(store.clone(), LeaderConfig::controller(hub_id.clone()));
         let server_config = tls::server_config(
@@ -105,10 +128,11 @@ impl Hub {
         info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), store = store.backend_name(), hub = %hub_id, "hub listening");
         Ok(Hub {
             endpoint,
+            gate: crate::guard::Gate::new(config.limits.clone()),
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
-            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, identity.token.secret)),
+            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca)),
         })
     }
 
@@ -135,11 +159,13 @@ impl Hub {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Refused or retried here, before any handshake work, when over a cap.
+                    let Some((incoming, permit)) = self.gate.admit(incoming) else { continue };
                     let shared = self.shared.clone();
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(conn) => handle_connection(shared, conn).instrument(info_span!("conn", %remote)).await,
+                            Ok(conn) => handle_connection(shared, conn, permit).instrument(info_span!("conn", %remote)).await,
                             Err(e) => debug!(%remote, error = %e, "handshake failed"),
                         }
                     });
@@ -161,15 +187,23 @@ impl Hub {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+/// Serves one connection until it ends; `permit` holds its place at the gate meanwhile.
+async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection, mut permit: crate::guard::Permit) {
     let alpn = tls::negotiated_alpn(&conn).unwrap_or_default();
     let cn = tls::peer_common_name(&conn);
+    permit.handshake_done();
     if alpn == ALPN_JOIN {
+        if let Err(why) = permit.join() {
+            warn!(reason = %why, "join connection refused");
+            conn.close(VarInt::from_u32(CLOSE_BUSY), why.to_string().as_bytes());
+            return;
+        }
         join(shared, conn).await;
     } else if alpn == ALPN_AGENT {
         match cn.as_deref().and_then(|cn| cn.strip_prefix("node:")) {
             Some(node) => {
                 let node = node.to_string();
+                permit.authenticated(&conn, transport::limits::Session::Agent);
                 agent_session(shared, conn, node.clone()).instrument(info_span!("agent", %node)).await
             }
             None => {
@@ -182,7 +216,10 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         }
     } else if alpn == ALPN_API {
         match cn.as_deref() {
-            Some(cn) if cn.starts_with("admin:") => crate::api::serve(shared, conn).await,
+            Some(cn) if cn.starts_with("admin:") => {
+                permit.authenticated(&conn, transport::limits::Session::Api);
+                crate::api::serve(shared, conn).await
+            }
             _ => {
                 warn!(peer = ?cn, "API connection without the admin credential refused");
                 conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"the admin credential is required");
@@ -199,7 +236,8 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
 async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
     let result = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
         let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-        let req: JoinRequest = match frame::read(&mut recv).await {
+        // A stranger's frame: small, and never allocated before it arrives.
+        let req: JoinRequest = match frame::read_within(&mut recv, proto::codec::MAX_UNAUTHENTICATED_FRAME).await {
             Ok(Some(req)) => req,
             Ok(None) => return None,
             Err(e) => {
@@ -207,7 +245,8 @@ async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
                 return None;
             }
         };
-        let response = decide_join(&shared, &req);
+        // No answer (a store error): the agent retries later, as when the hub is unreachable.
+        let response = decide_join(&shared, &req).await?;
         let _ = frame::write(&mut send, &response).await;
         let _ = send.finish();
         Some(())
@@ -221,28 +260,65 @@ async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-fn decide_join(shared: &Shared, req: &JoinRequest) -> JoinResponse {
+/// A join: the token's secret, the name and the hub's rules ([`crate::tokens::admit`]) are
+/// checked before the hub signs anything, then again under the store's write lock, which
+/// counts the token's use and records the node's certificate. `None` when the store cannot
+/// be reached (the agent retries).
+async fn decide_join(shared: &Shared, req: &JoinRequest) -> Option<JoinResponse> {
+    let name = &req.node_name;
     let refuse = |message: String| {
-        warn!(node = %req.node_name, reason = %message, "join refused");
-        JoinResponse::Refused { message }
+        warn!(node = %name, reason = %message, "join refused");
+        Some(JoinResponse::Refused { message })
     };
-    if !bool::from(req.secret.as_bytes().ct_eq(shared.token_secret.as_bytes())) {
-        return refuse("invalid join token".into());
-    }
-    if let Err(msg) = proto::manifest::validate_name(&req.node_name) {
-        return refuse(format!("invalid node name: {msg}"));
-    }
-    match shared.ca.sign_csr(&req.csr_pem, &format!("node:{}", req.node_name), NODE_CERT_VALIDITY) {
-        Ok(cert_pem) => {
-            info!(node = %req.node_name, "node joined");
-            JoinResponse::Accepted { cert_pem, ca_pem: shared.ca.cert_pem().to_string() }
+    let secret = crate::tokens::secret_sha256(&req.secret);
+    let store_failed = |e: StoreError| {
+        warn!(node = %name, error = %e, "join not answered: store error");
+        None
+    };
+    // Before signing: strangers without a valid token cost no signature.
+    match shared.store.admit_node(&secret, name, None, now_ms()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(refusal)) => {
+            if matches!(refusal, crate::tokens::JoinRefusal::NodeExists { .. }) {
+                warn!(node = %name, "a join under an existing node's name was refused: its identity is not for the taking");
+            }
+            return refuse(refusal.to_string());
         }
-        Err(e) => refuse(format!("invalid certificate signing request: {e}")),
+        Err(e) => return store_failed(e),
+    }
+    let cert_pem = match shared.ca.sign_csr(&req.csr_pem, &format!("node:{name}"), NODE_CERT_VALIDITY) {
+        Ok(cert) => cert,
+        Err(e) => return refuse(format!("invalid certificate signing request: {e}")),
+    };
+    let Ok(fingerprint) = transport::pki::fingerprint_pem(&cert_pem) else {
+        return refuse("the hub could not read the certificate it signed".into());
+    };
+    match shared.store.admit_node(&secret, name, Some(&fingerprint), now_ms()).await {
+        Ok(Ok(admitted)) => {
+            info!(node = %name, token = %admitted.token, rejoin = admitted.admit == crate::tokens::Admit::Rejoin, "node joined");
+            // A re-join revoked the node's previous certificate: a session holding it ends.
+            shared.wake_nodes([name]);
+            Some(JoinResponse::Accepted { cert_pem, ca_pem: shared.ca.cert_pem().to_string() })
+        }
+        Ok(Err(refusal)) => refuse(refusal.to_string()),
+        Err(e) => store_failed(e),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Agent sessions
+
+/// `statuses` limited to the replicas in `held`, with a warning for the rest.
+fn held_statuses(
+    statuses: BTreeMap<String, proto::messages::ReplicaStatus>,
+    held: &BTreeSet<String>,
+) -> BTreeMap<String, proto::messages::ReplicaStatus> {
+    let (kept, dropped) = crate::guard::held_statuses(statuses, held);
+    if dropped > 0 {
+        warn!(dropped, kept = kept.len(), "status reported for replicas this node does not hold; ignored");
+    }
+    kept
+}
 
 /// The agent's clock minus the hub's: its hello was stamped about half a round trip before
 /// the hub read it.
@@ -252,6 +328,20 @@ fn clock_skew_ms(agent_ms: u64, hub_ms: u64, rtt: Duration) -> i64 {
 }
 
 async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: String) {
+    // Only the node's current, unrevoked certificate speaks for it (see `crate::identity`).
+    let Some(cert) = tls::peer_fingerprint(&conn) else {
+        conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"a node certificate is required");
+        return;
+    };
+    match shared.store.certificate_verdict(&node, &cert).await {
+        Ok(v) if v.admits() => {}
+        Ok(v) => return refuse_certificate(&conn, &node, v),
+        Err(e) => {
+            warn!(error = %e, "cannot check the node's certificate");
+            conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
+            return;
+        }
+    }
     let opened = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
         match frame::read::<AgentMsg>(&mut recv).await {
@@ -278,11 +368,41 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
             "the node's clock is off; it keeps working (timers are monotonic), but its timestamps are skewed"
         );
     }
-    if let Err(e) = shared.store.upsert_node(&node, &facts, now).await {
-        warn!(error = %e, "cannot record node");
-        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
-        return;
+    match shared.store.check_in(&node, &cert, &facts, now).await {
+        Ok((_, Some(row))) => {
+            // What the hub will not take from the agent's claims, said once per session.
+            for notice in &row.notices {
+                warn!(notice = %notice, "node claim not taken");
+            }
+            // A store restored from an older backup is behind the agent: its next set must
+            // not look like a replay of one the agent has.
+            if generation > row.generation {
+                info!(
+                    agent_generation = generation,
+                    store_generation = row.generation,
+                    "the agent is ahead of the store; raising its generation"
+                );
+                if let Err(e) = shared.store.raise_generation(&node, generation).await {
+                    warn!(error = %e, "cannot raise the node's generation");
+                }
+            }
+        }
+        Ok((v, _)) => return refuse_certificate(&conn, &node, v),
+        Err(e) => {
+            warn!(error = %e, "cannot record node");
+            conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
+            return;
+        }
     }
+    // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
+    let mut held: BTreeSet<String> = match shared.store.assignment_set(&node).await {
+        Ok(set) => set.assignments.into_iter().map(|a| a.name).collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot load assignment set");
+            BTreeSet::new()
+        }
+    };
+    let statuses = held_statuses(statuses, &held);
     if let Err(e) = shared.store.record_statuses(&node, &statuses).await {
         warn!(error = %e, "cannot record statuses");
     }
@@ -322,18 +442,44 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     });
 
     let mut sent_generation: Option<u64> = None;
+    // The set this hub could not send, so the failure is logged once and cleared when it goes.
+    let mut unsendable: Option<u64> = None;
+    let mut revoked = None;
     let mut dirty = true;
     loop {
         if dirty {
             dirty = false;
+            // A delete or a re-join revokes the certificate this session holds.
+            match shared.store.certificate_verdict(&node, &cert).await {
+                Ok(v) if !v.admits() => {
+                    revoked = Some(v);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot check the node's certificate"),
+            }
             match shared.store.assignment_set(&node).await {
                 Ok(set) if Some(set.generation) != sent_generation => {
                     let generation = set.generation;
-                    debug!(generation, assignments = set.assignments.len(), "sending assignment set");
-                    if frame::write(&mut send, &HubMsg::Assign(set)).await.is_err() {
-                        break;
+                    let names = set.assignments.iter().map(|a| a.name.clone()).collect();
+                    match send_set(&mut send, &set).await {
+                        Ok(()) => {
+                            held = names;
+                            sent_generation = Some(generation);
+                            if unsendable.take().is_some() {
+                                let _ = shared.store.set_node_problem(&node, "").await;
+                            }
+                        }
+                        Err(SendError::Stream(_)) => break,
+                        Err(SendError::Pieces(e)) => {
+                            if unsendable != Some(generation) {
+                                let problem = format!("assignment set generation {generation} cannot be sent: {e}");
+                                tracing::error!(generation, error = %e, "assignment set cannot be sent; the node keeps its previous set");
+                                let _ = shared.store.set_node_problem(&node, &problem).await;
+                                unsendable = Some(generation);
+                            }
+                        }
                     }
-                    sent_generation = Some(generation);
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot load assignment set"),
@@ -343,9 +489,20 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
             _ = wake.notified() => dirty = true,
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
-                handle_agent_msg(&shared, &node, msg).await;
+                let msg = match msg {
+                    AgentMsg::Status { statuses } => AgentMsg::Status { statuses: held_statuses(statuses, &held) },
+                    other => other,
+                };
+                if !handle_agent_msg(&shared, &node, &cert, msg).await {
+                    // The node is gone or holds another certificate now (another hub's
+                    // delete or re-join): check at once.
+                    dirty = true;
+                }
             }
         }
+    }
+    if let Some(verdict) = revoked {
+        fence_revoked(&conn, &mut send, &mut rx, &node, verdict, shared.store.id()).await;
     }
     reader.abort();
     let ended = {
@@ -367,7 +524,73 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     }
 }
 
-async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
+/// Ends a connection whose certificate may not speak for `node`, with the reason.
+fn refuse_certificate(conn: &quinn::Connection, node: &str, verdict: crate::identity::CertVerdict) {
+    let reason = verdict.reason(node);
+    warn!(reason = %reason, "agent connection with a revoked certificate refused");
+    conn.close(VarInt::from_u32(CLOSE_REVOKED), reason.as_bytes());
+}
+
+/// How long a revoked node's agent gets to take its empty set before the connection closes.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A session whose certificate was revoked while it ran: its agent is told to stop what it
+/// runs (an empty set; its replicas are placed elsewhere), given a few seconds to persist it,
+/// then the connection closes with the reason.
+async fn fence_revoked(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    rx: &mut mpsc::Receiver<AgentMsg>,
+    node: &str,
+    verdict: crate::identity::CertVerdict,
+    store: &str,
+) {
+    let empty = proto::messages::AssignmentSet { generation: 0, store: store.to_string(), assignments: Vec::new() };
+    if send_set(send, &empty).await.is_ok() {
+        let _ = tokio::time::timeout(FENCE_TIMEOUT, async {
+            while let Some(msg) = rx.recv().await {
+                if matches!(msg, AgentMsg::Ack { generation: 0 }) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    refuse_certificate(conn, node, verdict);
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Pieces(#[from] proto::pieces::PieceError),
+    #[error(transparent)]
+    Stream(#[from] frame::FrameError),
+}
+
+/// Sends a set: whole when it fits one piece, else in pieces (see [`proto::pieces`]), so no
+/// set outgrows a frame.
+async fn send_set(send: &mut quinn::SendStream, set: &proto::messages::AssignmentSet) -> Result<(), SendError> {
+    let parts = proto::pieces::split(set)?;
+    debug!(
+        generation = set.generation,
+        assignments = set.assignments.len(),
+        pieces = parts.len(),
+        "sending assignment set"
+    );
+    if parts.len() == 1 {
+        frame::write(send, &HubMsg::Assign(set.clone())).await?;
+        return Ok(());
+    }
+    for part in parts {
+        frame::write(send, &HubMsg::AssignPart(part)).await?;
+    }
+    Ok(())
+}
+
+/// Records one message of a node's session. False when the node's record says this session
+/// must be checked again (its heartbeat found the node gone or under another certificate).
+async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg) -> bool {
+    let mut current = true;
     let result = match msg {
         AgentMsg::Ack { generation } => shared.store.ack_generation(node, generation).await,
         AgentMsg::Status { statuses } => {
@@ -376,7 +599,14 @@ async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
             shared.trigger_reconcile();
             r
         }
-        AgentMsg::Heartbeat => shared.store.touch_node(node, now_ms()).await,
+        AgentMsg::Heartbeat => shared.store.touch_node_as(node, cert, now_ms()).await.map(|ok| current = ok),
+        AgentMsg::SetRefused { generation, message } => {
+            tracing::error!(generation, reason = %message, "the node refused its assignment set and keeps running what it has");
+            shared
+                .store
+                .set_node_problem(node, &format!("refused assignment set generation {generation}: {message}"))
+                .await
+        }
         AgentMsg::Hello { .. } => {
             warn!("duplicate hello ignored");
             Ok(())
@@ -385,6 +615,7 @@ async fn handle_agent_msg(shared: &Shared, node: &str, msg: AgentMsg) {
     if let Err(e) = result {
         warn!(error = %e, "cannot record agent message");
     }
+    current
 }
 
 /// On a shared store: wakes this hub's sessions whose node generation another hub moved,

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use flotilla_hub::controller::time::ClockAnchor;
 use flotilla_hub::controller::{CurrentTemplate, JobAttempt, JobIndex, Pass, Replica, diff};
+use flotilla_hub::identity::CertVerdict;
 use flotilla_hub::scheduler::Placement;
-use flotilla_hub::store::{Applied, Fence, Stale, Store, StoreError, Written};
+use flotilla_hub::store::{Applied, Fence, NewToken, Stale, Store, StoreError, Written};
+use flotilla_hub::tokens::{self, Admit, JoinRefusal};
 use proto::manifest::{ReplicaTemplate, parse_manifests};
 use proto::messages::{NodeFacts, Phase, ReplicaStatus};
 
@@ -143,6 +145,10 @@ on_both_backends!(
     node_scheduling_and_job_attempts_are_recorded_once,
     scale_and_undo_lose_no_apply_that_lands_meanwhile,
     a_pass_is_written_whole_and_only_over_what_it_read,
+    join_tokens_expire_run_out_are_revoked_and_restrict_names,
+    a_node_name_is_taken_only_with_an_admins_permission,
+    a_tokens_last_use_goes_to_one_of_two_racing_joins,
+    the_store_identity_is_one_per_database,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -651,4 +657,134 @@ async fn acknowledged_writes_survive_reopen(b: Backing) {
     let s = b.open().await;
     assert_eq!(s.workloads().await.unwrap().len(), 1);
     assert_eq!(s.nodes().await.unwrap().len(), 1);
+}
+
+fn token(id: &str, secret: &str) -> NewToken {
+    NewToken {
+        id: id.into(),
+        secret_sha256: tokens::secret_sha256(secret),
+        expires_at_ms: None,
+        max_uses: None,
+        name_pattern: "*".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+async fn join(s: &Store, secret: &str, name: &str, cert: &str, now: u64) -> Result<Admit, JoinRefusal> {
+    let secret = tokens::secret_sha256(secret);
+    // As the hub does: a read-only check before signing, then the decision that writes.
+    let checked = s.admit_node(&secret, name, None, now).await.unwrap().map(|a| a.admit);
+    let decided = s.admit_node(&secret, name, Some(cert), now).await.unwrap().map(|a| a.admit);
+    assert_eq!(checked, decided, "the check before signing agrees with the decision");
+    decided
+}
+
+async fn join_tokens_expire_run_out_are_revoked_and_restrict_names(b: Backing) {
+    let s = b.open().await;
+    let now = 1_000_000;
+    let mut t = token("stores", "s3cret");
+    t.max_uses = Some(2);
+    t.expires_at_ms = Some(now + 60_000);
+    t.name_pattern = "store-*".into();
+    t.labels = [("site".to_string(), "s12".to_string())].into();
+    s.create_token(&t, now).await.unwrap();
+
+    assert_eq!(join(&s, "wrong", "store-1", "c1", now).await, Err(JoinRefusal::UnknownToken));
+    assert!(matches!(join(&s, "s3cret", "edge-1", "c1", now).await, Err(JoinRefusal::NameNotAllowed { .. })));
+    assert_eq!(join(&s, "s3cret", "store-1", "c1", now).await, Ok(Admit::New));
+    // The token's labels are the node's admin labels: they decide placement, not the agent.
+    let n = s.node("store-1").await.unwrap().expect("joined node recorded");
+    assert_eq!(n.admin_labels.get("site").map(String::as_str), Some("s12"));
+    assert_eq!(n.cert_sha256.as_deref(), Some("c1"));
+    assert_eq!(n.joined_with, "stores");
+    // Refusals count no use.
+    assert_eq!(s.tokens().await.unwrap().iter().find(|t| t.id == "stores").unwrap().uses, 1);
+    // Expired before it ran out.
+    assert!(matches!(join(&s, "s3cret", "store-2", "c2", now + 60_001).await, Err(JoinRefusal::Expired { .. })));
+    assert_eq!(join(&s, "s3cret", "store-2", "c2", now + 1).await, Ok(Admit::New));
+    assert!(matches!(join(&s, "s3cret", "store-3", "c3", now + 2).await, Err(JoinRefusal::UsedUp { uses: 2, .. })));
+
+    s.create_token(&token("open", "open-secret"), now).await.unwrap();
+    assert_eq!(join(&s, "open-secret", "edge-1", "c4", now).await, Ok(Admit::New));
+    let revoked = s.revoke_token("open", now + 5).await.unwrap().expect("token exists");
+    assert_eq!(revoked.revoked_at_ms, Some(now + 5));
+    assert!(matches!(join(&s, "open-secret", "edge-2", "c5", now + 6).await, Err(JoinRefusal::Revoked { .. })));
+    // Revoked as of its first revocation; an unknown id is None.
+    assert_eq!(s.revoke_token("open", now + 9).await.unwrap().unwrap().revoked_at_ms, Some(now + 5));
+    assert!(s.revoke_token("nope", now).await.unwrap().is_none());
+    // The secret is never stored.
+    assert!(s.tokens().await.unwrap().iter().all(|t| !format!("{t:?}").contains("s3cret")));
+}
+
+async fn a_node_name_is_taken_only_with_an_admins_permission(b: Backing) {
+    let s = b.open().await;
+    let now = 5_000;
+    s.create_token(&token("t", "secret"), now).await.unwrap();
+    assert_eq!(join(&s, "secret", "edge-1", "real", now).await, Ok(Admit::New));
+    // An impostor holding a valid token cannot take the name, nor its certificate's place.
+    assert_eq!(
+        join(&s, "secret", "edge-1", "impostor", now).await,
+        Err(JoinRefusal::NodeExists { name: "edge-1".into() })
+    );
+    assert_eq!(s.certificate_verdict("edge-1", "real").await.unwrap(), CertVerdict::Current);
+    assert_eq!(s.certificate_verdict("edge-1", "impostor").await.unwrap(), CertVerdict::Replaced);
+
+    // An admin lets the node re-join (a new disk, say) for a while: the old certificate is
+    // revoked, admin labels stay.
+    s.edit_node_admin::<std::convert::Infallible>("edge-1", |l, t| {
+        let mut l = l.clone();
+        l.insert("tier".into(), "gold".into());
+        Ok((l, t.to_vec()))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    assert!(s.allow_rejoin("edge-1", now + 1_000).await.unwrap());
+    assert!(!s.allow_rejoin("nope", now + 1_000).await.unwrap());
+    assert!(matches!(join(&s, "secret", "edge-1", "late", now + 1_000).await, Err(JoinRefusal::NodeExists { .. })));
+    assert_eq!(join(&s, "secret", "edge-1", "new-disk", now + 10).await, Ok(Admit::Rejoin));
+    assert_eq!(s.certificate_verdict("edge-1", "real").await.unwrap(), CertVerdict::Revoked);
+    assert_eq!(s.certificate_verdict("edge-1", "new-disk").await.unwrap(), CertVerdict::Current);
+    let n = s.node("edge-1").await.unwrap().unwrap();
+    assert_eq!(n.admin_labels.get("tier").map(String::as_str), Some("gold"));
+    assert_eq!(n.rejoin_until_ms, None, "a permission is good for one re-join");
+    assert!(matches!(join(&s, "secret", "edge-1", "third", now + 20).await, Err(JoinRefusal::NodeExists { .. })));
+
+    // Deleted: its certificate is revoked for good, and the name is free for a new join.
+    assert!(s.delete_node("edge-1", now + 30).await.unwrap());
+    assert!(!s.delete_node("edge-1", now + 31).await.unwrap());
+    assert_eq!(s.certificate_verdict("edge-1", "new-disk").await.unwrap(), CertVerdict::Revoked);
+    let (verdict, row) = s.check_in("edge-1", "new-disk", &NodeFacts::default(), now + 32).await.unwrap();
+    assert_eq!((verdict, row.is_some()), (CertVerdict::Revoked, false), "a revoked certificate cannot check in");
+    assert!(s.node("edge-1").await.unwrap().is_none());
+    assert_eq!(join(&s, "secret", "edge-1", "fresh", now + 40).await, Ok(Admit::New));
+}
+
+async fn a_tokens_last_use_goes_to_one_of_two_racing_joins(b: Backing) {
+    let (h1, h2) = (b.open().await, b.open().await);
+    let mut t = token("once", "one-shot");
+    t.max_uses = Some(1);
+    h1.create_token(&t, 1).await.unwrap();
+    let secret = tokens::secret_sha256("one-shot");
+    let (a, c) = tokio::join!(
+        h1.admit_node(&secret, "store-a", Some("ca"), 2),
+        h2.admit_node(&secret, "store-b", Some("cb"), 2)
+    );
+    let wins = [a.unwrap(), c.unwrap()].into_iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "one use, one node");
+    assert_eq!(h1.nodes().await.unwrap().len(), 1);
+    assert_eq!(h2.tokens().await.unwrap()[0].uses, 1);
+}
+
+async fn the_store_identity_is_one_per_database(b: Backing) {
+    let (h1, h2) = (b.open().await, b.open().await);
+    assert_eq!(h1.id(), h2.id(), "hubs on one store share its identity");
+    assert_eq!(h1.id().len(), 32);
+    assert_eq!(b.open().await.id(), h1.id(), "kept across opens");
+    let other = match &b {
+        Backing::Sqlite(_) => sqlite().await,
+        Backing::Postgres(..) => postgres().await.expect("PostgreSQL is available: this backing runs on it"),
+    };
+    assert_ne!(other.open().await.id(), h1.id(), "a new store is another identity");
 }

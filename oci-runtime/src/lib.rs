@@ -1,27 +1,34 @@
-//! The image side of Flotilla's OCI runtime: a standalone library that pushes Wasm modules
-//! to OCI registries as CNCF Wasm artifacts and pulls them (tag or digest, following image
-//! indexes to their wasm platform entry) into a local content-addressed blob store, where a
-//! blob only becomes visible after its sha256 matched; and that pulls, imports, pushes,
-//! unpacks and collects container images ([`image`]): layers digest-verified and resumable,
-//! unpacked once each into overlay-style snapshots keyed by chain id. It owns the on-disk
-//! layout under the store root (`blobs/sha256/`, `ingest/`, `refs.json`, `images.json`,
-//! `snapshots/`) and the fallback to the last pull of a reference when its registry is
-//! unreachable. It knows nothing of the hub, the agent or their protocol; it must never trust
-//! content it has not digest-verified, never let a digest, reference or archive entry from
-//! outside name a path outside the store, and never panic on what a registry sends.
+//! Flotilla's OCI runtime: a standalone library with one artifact path for every kind of
+//! artifact, and a container executor ([`container`]).
+//!
+//! The artifact side ([`image`]) pulls container images and Wasm modules and components
+//! from OCI registries (tag or digest, image indexes followed to the right platform entry),
+//! imports them from archives, and keeps them in one content-addressed blob store with one
+//! index and one garbage collector: every blob digest-verified before it becomes visible,
+//! downloads resumable and single-flight per digest. It pushes Wasm modules as CNCF Wasm
+//! artifacts and container images from archives, and unpacks container layers once each
+//! into overlay-style snapshots keyed by chain id. It owns the on-disk layout under the store
+//! roots (`blobs/sha256/`, `ingest/`, `artifacts.json`, `snapshots/`) and the fallback to the
+//! last pull of a reference when its registry is unreachable.
+//!
+//! Shared rules live here once: durable writes of state and index files ([`durable`]), the
+//! privilege drop of container processes, typed errors. The crate knows nothing of the hub,
+//! the agent or their protocol; it must never trust content it has not digest-verified, never
+//! let a digest, reference or archive entry from outside name a path outside the store, and
+//! never panic on what a registry sends.
 
 pub mod container;
+pub mod durable;
 pub mod image;
-mod refs;
 mod registry;
 mod store;
 
 pub use image::{
-    Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore, LayerRecord, Platform, UnpackOptions,
+    ArtifactHold, ArtifactKind, Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore,
+    Imported, LayerRecord, Platform, PulledWasm, UnpackOptions, WasmArtifact,
 };
-pub use refs::{RefEntry, RefsError, RefsFile};
 pub use registry::{
-    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, PulledWasm, Registry, RegistryConfig, RegistryError,
-    WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
+    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryConfig, RegistryError, WASM_CONFIG_MEDIA_TYPE,
+    WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
 };
-pub use store::{BlobStore, Ingest, ResumableIngest, StoreError, sha256_digest, validate_digest};
+pub use store::{BlobStore, FetchTurn, ResumableIngest, StoreError, sha256_digest, validate_digest};

@@ -9,13 +9,18 @@
 //! ```
 //!
 //! A blob only becomes visible under `blobs/` after its sha256 matched the digest it was
-//! requested under; the final step is a rename within the same file system, so readers
-//! never see a half-written or unverified blob.
+//! requested under; the final step is a rename within the same file system followed by an
+//! fsync of the directory ([`crate::durable`]), so readers never see a half-written or
+//! unverified blob and a blob the index names survives a power cut. Downloads of one digest
+//! are single-flight within a process ([`BlobStore::fetch_turn`]): the second waits for the
+//! first and then finds the blob present.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
@@ -52,6 +57,54 @@ impl StoreError {
     fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { path, source }
+    }
+}
+
+impl From<crate::durable::DurableError> for StoreError {
+    fn from(e: crate::durable::DurableError) -> Self {
+        StoreError::Io { path: e.path, source: e.source }
+    }
+}
+
+/// Async locks by key, created on demand and forgotten once nobody holds or waits for them.
+#[derive(Default)]
+struct KeyedLocks {
+    // A std Mutex: held only to look an entry up or insert it, never across an await.
+    locks: Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    locks.retain(|_, weak| weak.strong_count() > 0);
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.to_owned(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// One lock per blob path in this process, whichever [`BlobStore`] handle asks: two handles
+/// on one store root share their turns.
+static FETCHES: LazyLock<KeyedLocks> = LazyLock::new(KeyedLocks::default);
+
+/// The right to download one blob: while it is held no other download of the same blob (in
+/// this process) starts. See [`BlobStore::fetch_turn`].
+#[must_use = "the turn ends when it is dropped"]
+pub struct FetchTurn {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::fmt::Debug for FetchTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FetchTurn")
     }
 }
 
@@ -113,6 +166,21 @@ impl BlobStore {
         self.path(digest).is_ok_and(|p| p.is_file())
     }
 
+    /// Waits for this process's turn to download the blob with `digest`: single flight per
+    /// digest. Whoever gets the turn checks [`BlobStore::contains`] first, so the second of two
+    /// concurrent pulls of one blob finds it stored by the first instead of downloading it
+    /// again.
+    pub async fn fetch_turn(&self, digest: &str) -> Result<FetchTurn, StoreError> {
+        let path = self.path(digest)?;
+        Ok(FetchTurn { _guard: FETCHES.lock(&path).await })
+    }
+
+    /// The size in bytes of the stored blob with `digest`.
+    pub fn size(&self, digest: &str) -> Result<u64, StoreError> {
+        let path = self.path(digest)?;
+        fs::metadata(&path).map(|m| m.len()).map_err(StoreError::io(&path))
+    }
+
     /// Stores `bytes` under the `digest` they are expected to have and returns the blob path.
     ///
     /// The content is hashed before anything is written, so a mismatch leaves nothing behind.
@@ -136,7 +204,7 @@ impl BlobStore {
             file.write_all(bytes).map_err(StoreError::io(&tmp_path))?;
             file.sync_all().map_err(StoreError::io(&tmp_path))?;
             drop(file);
-            fs::rename(&tmp_path, &final_path).map_err(StoreError::io(&final_path))
+            Ok(crate::durable::rename_durably(&tmp_path, &final_path)?)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp_path);
@@ -175,35 +243,12 @@ impl BlobStore {
             }
             out.sync_all().map_err(StoreError::io(&tmp_path))?;
             drop(out);
-            fs::rename(&tmp_path, &final_path).map_err(StoreError::io(&final_path))
+            Ok(crate::durable::rename_durably(&tmp_path, &final_path)?)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp_path);
         }
         result.map(|()| final_path)
-    }
-
-    /// Starts a streaming ingest of the blob expected to have `digest`. Write the content with
-    /// [`Ingest::write`] and finish with [`Ingest::commit`]; dropping the [`Ingest`] without
-    /// committing deletes the partial file.
-    pub async fn begin_ingest(&self, digest: &str) -> Result<Ingest, StoreError> {
-        let final_path = self.path(digest)?;
-        let tmp_path = self.ingest_path(digest)?;
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .await
-            .map_err(StoreError::io(&tmp_path))?;
-        Ok(Ingest {
-            expected: digest.to_owned(),
-            final_path,
-            tmp_path,
-            file: Some(file),
-            hasher: Sha256::new(),
-            written: 0,
-            finished: false,
-        })
     }
 
     /// Reads at most `n` bytes from the start of the blob with `digest`.
@@ -234,7 +279,12 @@ pub struct ResumableIngest {
     finished: bool,
     /// Whether the partial file stays for a later attempt when this is dropped uncommitted.
     keep_partial: bool,
+    /// The first [`HEAD_BYTES`] bytes of the content, from this attempt or an earlier one.
+    head: Vec<u8>,
 }
+
+/// How much of the start of a download [`ResumableIngest::head`] keeps.
+const HEAD_BYTES: usize = 16;
 
 impl BlobStore {
     /// Starts or resumes the download of the blob expected to have `digest`.
@@ -266,19 +316,21 @@ impl BlobStore {
                         .create_new(true)
                         .open(&fallback)
                         .map_err(StoreError::io(&fallback))?;
-                    return Ok((file, fallback, Sha256::new(), 0, false));
+                    return Ok((file, fallback, Sha256::new(), 0, false, Vec::new()));
                 }
                 Err(e) => return Err(StoreError::Io { path: partial, source: e.into() }),
             }
             let mut hasher = Sha256::new();
+            let mut head = Vec::with_capacity(HEAD_BYTES);
             let mut reader = io::BufReader::with_capacity(1 << 20, &file);
-            let written = io::copy(&mut reader, &mut HashWriter(&mut hasher)).map_err(StoreError::io(&partial))?;
+            let written = io::copy(&mut reader, &mut HashWriter { hasher: &mut hasher, head: &mut head })
+                .map_err(StoreError::io(&partial))?;
             drop(reader);
-            Ok((file, partial, hasher, written, true))
+            Ok((file, partial, hasher, written, true, head))
         })
         .await
         .map_err(|e| StoreError::Io { path: final_path.clone(), source: io::Error::other(e.to_string()) })??;
-        let (file, tmp_path, hasher, written, keep_partial) = opened;
+        let (file, tmp_path, hasher, written, keep_partial, head) = opened;
         let mut file = tokio::fs::File::from_std(file);
         tokio::io::AsyncSeekExt::seek(&mut file, io::SeekFrom::End(0)).await.map_err(StoreError::io(&tmp_path))?;
         Ok(ResumableIngest {
@@ -290,15 +342,26 @@ impl BlobStore {
             written,
             finished: false,
             keep_partial,
+            head,
         })
     }
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+/// Hashes what is written and keeps its first [`HEAD_BYTES`] bytes.
+struct HashWriter<'a> {
+    hasher: &'a mut Sha256,
+    head: &'a mut Vec<u8>,
+}
+
+fn keep_head(head: &mut Vec<u8>, chunk: &[u8]) {
+    let need = HEAD_BYTES.saturating_sub(head.len());
+    head.extend_from_slice(&chunk[..need.min(chunk.len())]);
+}
 
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
+        self.hasher.update(buf);
+        keep_head(self.head, buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -327,6 +390,12 @@ impl ResumableIngest {
         format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
     }
 
+    /// The first bytes of the content present so far (up to 16), whether written by this
+    /// attempt or an earlier one: enough to tell what kind of blob is arriving.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
     /// Drops the bytes present so far, to start over (for a server that ignored a range).
     pub async fn restart(&mut self) -> Result<(), StoreError> {
         let file = self.file_mut()?;
@@ -335,6 +404,7 @@ impl ResumableIngest {
         tokio::io::AsyncSeekExt::seek(file, io::SeekFrom::Start(0)).await.map_err(StoreError::io(&self.tmp_path))?;
         self.hasher = Sha256::new();
         self.written = 0;
+        self.head.clear();
         Ok(())
     }
 
@@ -344,6 +414,7 @@ impl ResumableIngest {
         let file = self.file_mut()?;
         file.write_all(chunk).await.map_err(StoreError::io(&path))?;
         self.hasher.update(chunk);
+        keep_head(&mut self.head, chunk);
         self.written += chunk.len() as u64;
         Ok(())
     }
@@ -366,7 +437,10 @@ impl ResumableIngest {
             self.keep_partial = false;
             return Err(StoreError::DigestMismatch { expected: self.expected.clone(), actual });
         }
-        tokio::fs::rename(&self.tmp_path, &self.final_path).await.map_err(StoreError::io(&self.final_path))?;
+        let (from, to) = (self.tmp_path.clone(), self.final_path.clone());
+        tokio::task::spawn_blocking(move || crate::durable::rename_durably(&from, &to))
+            .await
+            .map_err(|e| StoreError::Io { path: self.final_path.clone(), source: io::Error::other(e.to_string()) })??;
         self.finished = true;
         Ok(self.final_path.clone())
     }
@@ -382,74 +456,6 @@ impl ResumableIngest {
 impl Drop for ResumableIngest {
     fn drop(&mut self) {
         if !self.finished && !self.keep_partial {
-            let _ = fs::remove_file(&self.tmp_path);
-        }
-    }
-}
-
-/// A blob being written into the store; see [`BlobStore::begin_ingest`].
-#[derive(Debug)]
-pub struct Ingest {
-    expected: String,
-    final_path: PathBuf,
-    tmp_path: PathBuf,
-    file: Option<tokio::fs::File>,
-    hasher: Sha256,
-    written: u64,
-    finished: bool,
-}
-
-impl Ingest {
-    /// The digest the content is expected to have.
-    pub fn expected_digest(&self) -> &str {
-        &self.expected
-    }
-
-    /// Bytes written so far.
-    pub fn bytes_written(&self) -> u64 {
-        self.written
-    }
-
-    /// The digest of the bytes written so far.
-    pub fn digest_so_far(&self) -> String {
-        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
-    }
-
-    /// Appends `chunk` to the partial file.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
-        let file = self.file.as_mut().ok_or_else(|| StoreError::Io {
-            path: self.tmp_path.clone(),
-            source: io::Error::other("ingest already finished"),
-        })?;
-        file.write_all(chunk).await.map_err(StoreError::io(&self.tmp_path))?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
-    }
-
-    /// Verifies the content against the expected digest and, if it matches, moves the blob
-    /// into place and returns its path. On mismatch the partial file is deleted and
-    /// [`StoreError::DigestMismatch`] is returned.
-    pub async fn commit(mut self) -> Result<PathBuf, StoreError> {
-        if let Some(mut file) = self.file.take() {
-            file.flush().await.map_err(StoreError::io(&self.tmp_path))?;
-            file.sync_all().await.map_err(StoreError::io(&self.tmp_path))?;
-        }
-        let actual = self.digest_so_far();
-        if actual != self.expected {
-            // Drop removes the partial file.
-            return Err(StoreError::DigestMismatch { expected: self.expected.clone(), actual });
-        }
-        tokio::fs::rename(&self.tmp_path, &self.final_path).await.map_err(StoreError::io(&self.final_path))?;
-        self.finished = true;
-        Ok(self.final_path.clone())
-    }
-}
-
-impl Drop for Ingest {
-    fn drop(&mut self) {
-        if !self.finished {
-            // Best effort: a leftover partial file is harmless (never read) but wastes space.
             let _ = fs::remove_file(&self.tmp_path);
         }
     }
@@ -538,36 +544,64 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn streaming_ingest() {
+    async fn resumable_ingest_keeps_verifies_and_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let digest = sha256_digest(b"hello world");
+        let digest = sha256_digest(b"\0asm hello world");
 
-        // Mismatch: partial file removed, nothing visible.
-        let mut ing = store.begin_ingest(&digest).await.unwrap();
-        ing.write(b"hello ").await.unwrap();
-        ing.write(b"mars!").await.unwrap();
-        assert_eq!(ing.bytes_written(), 11);
-        let err = ing.commit().await.unwrap_err();
-        assert!(matches!(err, StoreError::DigestMismatch { .. }));
-        assert!(!store.contains(&digest));
-        assert!(dir_is_empty(&dir.path().join("ingest")));
-
-        // Abandoned ingest: removed on drop.
-        let mut ing = store.begin_ingest(&digest).await.unwrap();
-        ing.write(b"hello").await.unwrap();
+        // An interrupted attempt keeps its bytes; the next one re-hashes them and goes on.
+        let mut ing = store.begin_resumable_ingest(&digest).await.unwrap();
+        assert!(ing.is_resumable());
+        ing.write(b"\0as").await.unwrap();
+        assert_eq!(ing.head(), b"\0as");
+        ing.write(b"m hello").await.unwrap();
         drop(ing);
-        assert!(dir_is_empty(&dir.path().join("ingest")));
-        assert!(!store.contains(&digest));
-
-        // Match.
-        let mut ing = store.begin_ingest(&digest).await.unwrap();
-        ing.write(b"hello ").await.unwrap();
-        ing.write(b"world").await.unwrap();
+        let mut ing = store.begin_resumable_ingest(&digest).await.unwrap();
+        assert_eq!(ing.offset(), 10);
+        assert_eq!(ing.head(), b"\0asm hello");
+        // A second download of the same blob meanwhile writes a private file instead.
+        let other = store.begin_resumable_ingest(&digest).await.unwrap();
+        assert!(!other.is_resumable());
+        assert_eq!(other.offset(), 0);
+        drop(other);
+        ing.write(b" world").await.unwrap();
         assert_eq!(ing.digest_so_far(), digest);
         let p = ing.commit().await.unwrap();
-        assert_eq!(fs::read(p).unwrap(), b"hello world");
+        assert_eq!(fs::read(p).unwrap(), b"\0asm hello world");
         assert!(store.contains(&digest));
+        assert_eq!(store.size(&digest).unwrap(), 16);
         assert!(dir_is_empty(&dir.path().join("ingest")));
+
+        // A mismatch keeps nothing, not even the partial file.
+        let digest = sha256_digest(b"good");
+        let mut ing = store.begin_resumable_ingest(&digest).await.unwrap();
+        ing.write(b"evil").await.unwrap();
+        assert!(matches!(ing.commit().await, Err(StoreError::DigestMismatch { .. })));
+        assert!(!store.contains(&digest));
+        assert!(dir_is_empty(&dir.path().join("ingest")));
+
+        // A discarded attempt keeps nothing either.
+        let mut ing = store.begin_resumable_ingest(&digest).await.unwrap();
+        ing.write(b"go").await.unwrap();
+        ing.discard();
+        assert!(dir_is_empty(&dir.path().join("ingest")));
+    }
+
+    #[tokio::test]
+    async fn fetch_turns_are_one_at_a_time_per_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        // Another handle on the same root shares the turns.
+        let again = BlobStore::open(dir.path()).unwrap();
+        let (a, b) = (sha256_digest(b"a"), sha256_digest(b"b"));
+        let turn = store.fetch_turn(&a).await.unwrap();
+        // Another blob's turn is free.
+        let _other = tokio::time::timeout(std::time::Duration::from_secs(5), again.fetch_turn(&b)).await.unwrap();
+        let waiting = tokio::spawn(async move { again.fetch_turn(&a).await.map(|_| ()) });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a second turn on one blob must wait for the first");
+        drop(turn);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+        assert!(store.fetch_turn("sha256:../x").await.is_err());
     }
 }

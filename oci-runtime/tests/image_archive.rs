@@ -11,7 +11,7 @@ use std::path::Path;
 
 use busybox_image::{build_image, file, layer_tar, sha256, write_busybox_layout, write_oci_layout};
 use flotilla_oci_runtime::image::{can_unpack_whiteouts, push_archive};
-use flotilla_oci_runtime::{BlobStore, ImageError, ImageStore, Platform, Registry, RegistryConfig};
+use flotilla_oci_runtime::{BlobStore, Image, ImageError, ImageStore, Imported, Platform, Registry, RegistryConfig};
 use support::TestRegistry;
 
 fn host() -> Platform {
@@ -31,6 +31,11 @@ fn need_root(test: &str) -> bool {
 
 fn open_store(dir: &Path) -> ImageStore {
     ImageStore::open(dir, BlobStore::open(dir).unwrap()).unwrap()
+}
+
+/// The container images of an import (all of them must be).
+fn containers(imported: Vec<Imported>) -> Vec<Image> {
+    imported.into_iter().map(|i| i.into_image().expect("a container image")).collect()
 }
 
 fn tar_dir(src: &Path, dest: &Path) {
@@ -63,7 +68,7 @@ async fn import_busybox_layout_dir_and_tar_then_unpack() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let images = store.import(&layout, &host(), Some("example.com/flotilla/busybox")).await.unwrap();
+    let images = containers(store.import(&layout, &host(), Some("example.com/flotilla/busybox")).await.unwrap());
     assert_eq!(images.len(), 1);
     let image = &images[0];
     assert_eq!(image.reference, "example.com/flotilla/busybox:v1");
@@ -84,12 +89,13 @@ async fn import_busybox_layout_dir_and_tar_then_unpack() {
     let store2 = open_store(tempfile::tempdir().unwrap().keep().as_path());
     let err = store2.import(&archive, &host(), None).await.unwrap_err();
     assert!(matches!(err, ImageError::Archive { .. }) && err.to_string().contains("give it a name"), "{err}");
-    let imported = store2.import(&archive, &host(), Some("registry.lan/bb")).await.unwrap();
+    let imported = containers(store2.import(&archive, &host(), Some("registry.lan/bb")).await.unwrap());
     assert_eq!(imported[0].manifest_digest, image.manifest_digest);
     assert_eq!(imported[0].reference, "registry.lan/bb:v1");
     // No extraction left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(store2.root())
-        .unwrap()
+    let leftovers: Vec<_> = [store2.root().to_owned(), store2.blobs().root().join("ingest")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(".import"))
         .collect();
@@ -136,7 +142,7 @@ async fn docker_save_archive_import_and_push() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let images = store.import(&archive, &Platform::new("linux", "amd64", None), None).await.unwrap();
+    let images = containers(store.import(&archive, &Platform::new("linux", "amd64", None), None).await.unwrap());
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].reference, "docker.io/library/busybox:save");
     assert_eq!(images[0].config.cmd, vec!["/hello"]);
@@ -244,7 +250,7 @@ async fn gc_removes_least_recently_used_unshared_content() {
     for (name, img) in [("a", &a), ("b", &b), ("c", &c)] {
         let layout = work.path().join(name);
         write_oci_layout(&layout, img, name);
-        let image = store.import(&layout, &linux, Some("local/img")).await.unwrap().remove(0);
+        let image = containers(store.import(&layout, &linux, Some("local/img")).await.unwrap()).remove(0);
         store.unpack(&image).await.unwrap();
         images.push(image);
         // last_used has a one-second resolution.

@@ -4,14 +4,13 @@
 
 #[path = "support/busybox_image.rs"]
 mod busybox_image;
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 
 use busybox_image::{BuiltImage, TarEntry, build_image, build_image_from_blobs, build_index, file, layer_tar, sha256};
 use flotilla_oci_runtime::{
@@ -19,6 +18,7 @@ use flotilla_oci_runtime::{
 };
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::{Client, Reference};
+use proxy::CuttingProxy;
 use support::TestRegistry;
 
 fn raw_client() -> Client {
@@ -250,86 +250,6 @@ async fn index_selects_the_platform_or_names_the_choices() {
     assert!(matches!(err, ImageError::Registry(RegistryError::NotFound { .. })), "{err}");
 }
 
-/// A loopback proxy to the registry that asks for `Connection: close`, records whether any
-/// request carried a `Range` header, and on the first download of `cut_digest` forwards only
-/// `cut_after` bytes of the response before closing.
-struct CuttingProxy {
-    addr: String,
-    saw_range: Arc<AtomicBool>,
-    blob_requests: Arc<AtomicUsize>,
-    ranges: Arc<Mutex<Vec<String>>>,
-}
-
-impl CuttingProxy {
-    fn start(upstream: String, cut_digest: String, cut_after: usize) -> CuttingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let saw_range = Arc::new(AtomicBool::new(false));
-        let blob_requests = Arc::new(AtomicUsize::new(0));
-        let ranges = Arc::new(Mutex::new(Vec::new()));
-        let (sr, br, rs) = (saw_range.clone(), blob_requests.clone(), ranges.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(client) = conn else { break };
-                let (upstream, cut_digest, sr, br, rs) =
-                    (upstream.clone(), cut_digest.clone(), sr.clone(), br.clone(), rs.clone());
-                std::thread::spawn(move || {
-                    let _ = proxy_one(client, &upstream, &cut_digest, cut_after, &sr, &br, &rs);
-                });
-            }
-        });
-        CuttingProxy { addr, saw_range, blob_requests, ranges }
-    }
-}
-
-fn proxy_one(
-    mut client: TcpStream,
-    upstream: &str,
-    cut_digest: &str,
-    cut_after: usize,
-    saw_range: &AtomicBool,
-    blob_requests: &AtomicUsize,
-    ranges: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if client.read(&mut byte)? == 0 {
-            return Ok(());
-        }
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let mut lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
-    lines.retain(|l| !l.to_ascii_lowercase().starts_with("connection:"));
-    for l in &lines {
-        if l.to_ascii_lowercase().starts_with("range:") {
-            saw_range.store(true, Ordering::SeqCst);
-            ranges.lock().unwrap().push(l.to_string());
-        }
-    }
-    let is_cut_blob = lines[0].starts_with("GET ") && lines[0].contains(&format!("/blobs/{cut_digest}"));
-    let cut = is_cut_blob && blob_requests.fetch_add(1, Ordering::SeqCst) == 0;
-    let request = format!("{}\r\nConnection: close\r\n\r\n", lines.join("\r\n"));
-    let mut up = TcpStream::connect(upstream)?;
-    up.write_all(request.as_bytes())?;
-    let mut forwarded = 0usize;
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let n = up.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        let n = if cut { n.min(cut_after - forwarded) } else { n };
-        client.write_all(&buf[..n])?;
-        forwarded += n;
-        if cut && forwarded >= cut_after {
-            break;
-        }
-    }
-    client.shutdown(std::net::Shutdown::Both)
-}
-
 #[tokio::test]
 async fn interrupted_download_resumes_with_a_range_request() {
     let Some(reg) = TestRegistry::start() else { return };
@@ -371,4 +291,34 @@ async fn interrupted_download_resumes_with_a_range_request() {
     let stored = std::fs::read(store.blobs().path(&layer_digest).unwrap()).unwrap();
     assert_eq!(sha256(&stored), layer_digest);
     assert!(!partial.exists());
+}
+
+#[tokio::test]
+async fn concurrent_pulls_of_images_sharing_a_layer_download_it_once() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let base = layer_tar(&[file("base", &vec![7u8; 1 << 20], 0o644)]);
+    let base_digest = sha256(&busybox_image::gzip(&base));
+    let mk = |name: &str| {
+        let own = layer_tar(&[file(name, name.as_bytes(), 0o644)]);
+        build_image(&[(base.clone(), true), (own, false)], "linux", "amd64", &["/x"])
+    };
+    let (a, b) = (mk("a"), mk("b"));
+    assert_eq!(sha256(&a.layers[0].1), base_digest);
+    push_built(&reg.reference("flotilla/one:v1"), &a).await;
+    push_built(&reg.reference("flotilla/two:v1"), &b).await;
+    // Every download of the shared layer is held back, so both pulls want it at once.
+    let proxy =
+        CuttingProxy::start_with(reg.addr.clone(), base_digest.clone(), None, std::time::Duration::from_millis(700));
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path(), BlobStore::open(dir.path()).unwrap()).unwrap();
+    let registry = Registry::new(RegistryConfig::default());
+    let (one, two) = (format!("{}/flotilla/one:v1", proxy.addr), format!("{}/flotilla/two:v1", proxy.addr));
+    let platform = amd64();
+    let (x, y) = tokio::join!(store.pull(&registry, &one, &platform), store.pull(&registry, &two, &platform));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(proxy.blob_requests.load(Ordering::SeqCst), 1, "the shared layer is downloaded once");
+    assert_eq!(x.layers[0].digest, base_digest);
+    assert_eq!(y.layers[0].digest, base_digest);
+    assert!(store.blobs().contains(&base_digest));
+    assert!(is_empty_dir(&dir.path().join("ingest")));
 }

@@ -1,11 +1,17 @@
-//! Push and pull against a real registry (Debian's `docker-registry`); see `support/mod.rs`.
+//! Wasm artifacts pushed to and pulled from a real registry (Debian's `docker-registry`; see
+//! `support/mod.rs`) through the one artifact store.
 
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use flotilla_oci_runtime::{
-    BlobStore, RefsFile, Registry, RegistryConfig, RegistryError, WASM_LAYER_MEDIA_TYPE, sha256_digest,
+    ArtifactKind, BlobStore, ImageError, ImageStore, Registry, RegistryConfig, RegistryError, WASM_LAYER_MEDIA_TYPE,
+    sha256_digest,
 };
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{
@@ -13,6 +19,7 @@ use oci_client::manifest::{
 };
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use proxy::CuttingProxy;
 use support::TestRegistry;
 
 /// A minimal valid Wasm module, made unique by a custom section named `tag`.
@@ -24,6 +31,36 @@ fn module(tag: &str) -> Vec<u8> {
     m.push(tag.len() as u8);
     m.extend_from_slice(tag.as_bytes());
     m
+}
+
+/// A valid Wasm module of `size` bytes or a little more: one custom section of incompressible
+/// bytes.
+fn big_module(size: usize) -> Vec<u8> {
+    let mut payload = b"\x03big".to_vec();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while payload.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        payload.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut m = b"\0asm\x01\0\0\0\0".to_vec();
+    let mut len = payload.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            m.push(byte);
+            break;
+        }
+        m.push(byte | 0x80);
+    }
+    m.extend_from_slice(&payload);
+    m
+}
+
+fn open_store(dir: &Path) -> ImageStore {
+    ImageStore::open(dir, BlobStore::open(dir).unwrap()).unwrap()
 }
 
 fn dir_is_empty(p: &Path) -> bool {
@@ -116,7 +153,7 @@ async fn push_then_pull_round_trip() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let wasm = module("round-trip");
     let reference = reg.reference("flotilla/hello:v1");
 
@@ -125,7 +162,7 @@ async fn push_then_pull_round_trip() {
     // Pushing again is idempotent.
     assert_eq!(registry.push_wasm(&reference, &wasm).await.unwrap(), manifest_digest);
 
-    let pulled = registry.pull_wasm(&reference, &store).await.unwrap();
+    let pulled = store.pull_wasm(&registry, &reference).await.unwrap();
     assert_eq!(pulled.reference, reference);
     assert_eq!(pulled.manifest_digest, manifest_digest);
     assert_eq!(pulled.wasm_digest, layer_digest(&wasm));
@@ -133,7 +170,7 @@ async fn push_then_pull_round_trip() {
     assert!(pulled.path.starts_with(dir.path()));
     assert_eq!(std::fs::read(&pulled.path).unwrap(), wasm);
     assert_eq!(sha256_digest(&std::fs::read(&pulled.path).unwrap()), pulled.wasm_digest);
-    assert!(store.contains(&pulled.wasm_digest));
+    assert!(store.blobs().contains(&pulled.wasm_digest));
     assert!(dir_is_empty(&dir.path().join("ingest")));
 
     // The manifest is in the CNCF Wasm layout.
@@ -144,14 +181,21 @@ async fn push_then_pull_round_trip() {
     assert_eq!(manifest.layers.len(), 1);
     assert_eq!(manifest.layers[0].media_type, WASM_LAYER_MEDIA_TYPE);
 
-    // refs.json records the pull.
-    let entry = RefsFile::in_store(dir.path()).get(&reference).unwrap().expect("reference recorded");
+    // The artifact index records the pull, and the manifest and config are stored too.
+    let entry = store.images().unwrap().remove(&reference).expect("reference recorded");
+    assert_eq!(entry.kind, ArtifactKind::Wasm);
     assert_eq!(entry.manifest_digest, manifest_digest);
-    assert_eq!(entry.wasm_digest, pulled.wasm_digest);
+    assert_eq!(entry.layers[0].digest, pulled.wasm_digest);
+    for digest in entry.blobs() {
+        assert!(store.blobs().contains(digest), "{digest}");
+    }
+    // A lookup finds it without a registry.
+    let local = store.wasm(&reference).unwrap();
+    assert_eq!((local.wasm_digest.as_str(), local.from_cache), (pulled.wasm_digest.as_str(), true));
 
     // By digest.
     let by_digest = format!("{}@{manifest_digest}", reg.reference("flotilla/hello"));
-    let again = registry.pull_wasm(&by_digest, &store).await.unwrap();
+    let again = store.pull_wasm(&registry, &by_digest).await.unwrap();
     assert_eq!(again.wasm_digest, pulled.wasm_digest);
     assert_eq!(again.path, pulled.path);
 
@@ -159,7 +203,7 @@ async fn push_then_pull_round_trip() {
     // pull still succeeds with the verified local blob.
     let data = reg.blob_data_path(&pulled.wasm_digest);
     std::fs::write(&data, module("corrupted!")).unwrap();
-    let second = registry.pull_wasm(&reference, &store).await.unwrap();
+    let second = store.pull_wasm(&registry, &reference).await.unwrap();
     assert!(!second.from_cache);
     assert_eq!(second.path, pulled.path);
     assert_eq!(std::fs::read(&second.path).unwrap(), wasm);
@@ -172,23 +216,23 @@ async fn pull_of_missing_tag_is_not_found() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
 
     // Unknown repository.
     let reference = reg.reference("nothing/here:v1");
-    let err = registry.pull_wasm(&reference, &store).await.unwrap_err();
-    assert!(matches!(err, RegistryError::NotFound { .. }), "{err:?}");
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::Registry(RegistryError::NotFound { .. })), "{err:?}");
     assert_eq!(err.to_string(), format!("image {reference} not found in registry"));
 
     // Known repository, unknown tag.
     registry.push_wasm(&reg.reference("flotilla/app:v1"), &module("app")).await.unwrap();
     let reference = reg.reference("flotilla/app:v2");
-    let err = registry.pull_wasm(&reference, &store).await.unwrap_err();
-    assert!(matches!(err, RegistryError::NotFound { .. }), "{err:?}");
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::Registry(RegistryError::NotFound { .. })), "{err:?}");
     assert_eq!(err.to_string(), format!("image {reference} not found in registry"));
 
     // Nothing recorded, nothing stored.
-    assert!(RefsFile::in_store(dir.path()).load().unwrap().is_empty());
+    assert!(store.images().unwrap().is_empty());
     assert!(dir_is_empty(&dir.path().join("blobs/sha256")));
 }
 
@@ -199,7 +243,7 @@ async fn tampered_blob_is_refused() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let wasm = module("tamper-me");
     let reference = reg.reference("flotilla/tampered:v1");
     registry.push_wasm(&reference, &wasm).await.unwrap();
@@ -210,19 +254,19 @@ async fn tampered_blob_is_refused() {
     // Same length, still a Wasm module, different content.
     std::fs::write(&data, module("tamper-mE")).unwrap();
 
-    let err = registry.pull_wasm(&reference, &store).await.unwrap_err();
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
     match &err {
-        RegistryError::DigestMismatch { expected, actual, .. } => {
+        ImageError::DigestMismatch { digest: expected, actual, .. } => {
             assert_eq!(expected, &digest);
             assert_eq!(actual, &sha256_digest(&module("tamper-mE")));
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
     assert!(err.to_string().contains(&digest), "{err}");
-    assert!(!store.contains(&digest));
+    assert!(!store.blobs().contains(&digest));
     assert!(dir_is_empty(&dir.path().join("blobs/sha256")));
     assert!(dir_is_empty(&dir.path().join("ingest")));
-    assert!(RefsFile::in_store(dir.path()).load().unwrap().is_empty());
+    assert!(store.images().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -232,18 +276,18 @@ async fn unreachable_registry_falls_back_to_last_pull() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let wasm = module("offline");
     let reference = reg.reference("flotilla/offline:v1");
     let never_pulled = reg.reference("flotilla/offline:v2");
     registry.push_wasm(&reference, &wasm).await.unwrap();
     registry.push_wasm(&never_pulled, &module("v2")).await.unwrap();
-    let first = registry.pull_wasm(&reference, &store).await.unwrap();
+    let first = store.pull_wasm(&registry, &reference).await.unwrap();
     assert!(!first.from_cache);
 
     reg.stop();
 
-    let cached = registry.pull_wasm(&reference, &store).await.unwrap();
+    let cached = store.pull_wasm(&registry, &reference).await.unwrap();
     assert!(cached.from_cache);
     assert_eq!(cached.reference, reference);
     assert_eq!(cached.manifest_digest, first.manifest_digest);
@@ -251,8 +295,8 @@ async fn unreachable_registry_falls_back_to_last_pull() {
     assert_eq!(cached.path, first.path);
     assert_eq!(std::fs::read(&cached.path).unwrap(), wasm);
 
-    let err = registry.pull_wasm(&never_pulled, &store).await.unwrap_err();
-    assert!(matches!(err, RegistryError::Unreachable { .. }), "{err:?}");
+    let err = store.pull_wasm(&registry, &never_pulled).await.unwrap_err();
+    assert!(matches!(err, ImageError::Registry(RegistryError::Unreachable { .. })), "{err:?}");
     assert!(err.to_string().contains(&reg.addr), "{err}");
 }
 
@@ -263,19 +307,19 @@ async fn non_wasm_single_layer_is_refused() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let reference = reg.reference("flotilla/tarball:v1");
     let layer = b"definitely a tarball, not a module".to_vec();
     push_raw(&reference, "application/vnd.oci.image.config.v1+json", "application/vnd.oci.image.layer.v1.tar", &layer)
         .await;
 
-    let err = registry.pull_wasm(&reference, &store).await.unwrap_err();
-    assert!(matches!(err, RegistryError::NotWasm { .. }), "{err:?}");
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotWasm { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("not a wasm artifact"), "{msg}");
     assert!(msg.contains("application/vnd.oci.image.layer.v1.tar"), "{msg}");
     assert!(msg.contains(&reference), "{msg}");
-    assert!(!store.contains(&sha256_digest(&layer)));
+    assert!(!store.blobs().contains(&sha256_digest(&layer)));
     assert!(dir_is_empty(&dir.path().join("blobs/sha256")));
     assert!(dir_is_empty(&dir.path().join("ingest")));
 
@@ -291,14 +335,14 @@ async fn other_wasm_layouts_are_accepted() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
 
     // wasm-to-oci layout.
     let legacy = module("wasm-to-oci");
     let reference = reg.reference("flotilla/legacy:v1");
     push_raw(&reference, "application/vnd.wasm.config.v1+json", "application/vnd.wasm.content.layer.v1+wasm", &legacy)
         .await;
-    let pulled = registry.pull_wasm(&reference, &store).await.unwrap();
+    let pulled = store.pull_wasm(&registry, &reference).await.unwrap();
     assert_eq!(std::fs::read(&pulled.path).unwrap(), legacy);
 
     // A single-layer image whose layer is a raw module.
@@ -306,7 +350,7 @@ async fn other_wasm_layouts_are_accepted() {
     let reference = reg.reference("flotilla/single:v1");
     push_raw(&reference, "application/vnd.oci.image.config.v1+json", "application/vnd.oci.image.layer.v1.tar", &raw)
         .await;
-    let pulled = registry.pull_wasm(&reference, &store).await.unwrap();
+    let pulled = store.pull_wasm(&registry, &reference).await.unwrap();
     assert_eq!(std::fs::read(&pulled.path).unwrap(), raw);
 }
 
@@ -317,7 +361,7 @@ async fn image_index_is_followed_to_the_wasm_entry() {
     };
     let registry = Registry::new(RegistryConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let wasm = module("indexed");
     let wasm_manifest = registry.push_wasm(&reg.reference("flotilla/multi:wasm"), &wasm).await.unwrap();
     let linux_manifest = push_raw(
@@ -334,13 +378,80 @@ async fn image_index_is_followed_to_the_wasm_entry() {
         vec![index_entry(&linux_manifest, "linux", "amd64"), index_entry(&wasm_manifest, "wasip1", "wasm")],
     )
     .await;
-    let pulled = registry.pull_wasm(&reference, &store).await.unwrap();
+    let pulled = store.pull_wasm(&registry, &reference).await.unwrap();
     assert_eq!(pulled.manifest_digest, wasm_manifest);
     assert_eq!(std::fs::read(&pulled.path).unwrap(), wasm);
 
     let reference = reg.reference("flotilla/multi:linux-only");
     push_index(&reference, vec![index_entry(&linux_manifest, "linux", "amd64")]).await;
-    let err = registry.pull_wasm(&reference, &store).await.unwrap_err();
-    assert!(matches!(err, RegistryError::NotWasm { .. }), "{err:?}");
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotWasm { .. }), "{err:?}");
     assert!(err.to_string().contains("linux/amd64"), "{err}");
+}
+
+#[tokio::test]
+async fn interrupted_wasm_pull_resumes_with_a_range_request() {
+    let Some(reg) = TestRegistry::start() else {
+        return;
+    };
+    let registry = Registry::new(RegistryConfig::default());
+    let wasm = big_module(3 << 20);
+    let digest = layer_digest(&wasm);
+    registry.push_wasm(&reg.reference("flotilla/big:v1"), &wasm).await.unwrap();
+
+    // The first download of the module is cut after 1 MiB.
+    let proxy = CuttingProxy::start(reg.addr.clone(), digest.clone(), 1 << 20);
+    let reference = format!("{}/flotilla/big:v1", proxy.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+
+    let err = store.pull_wasm(&registry, &reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::Registry(_)), "{err}");
+    assert!(!store.blobs().contains(&digest));
+    assert!(store.images().unwrap().is_empty(), "nothing recorded for a failed pull");
+    let partial = dir.path().join("ingest").join(format!("{}.partial", &digest[7..]));
+    let kept = std::fs::metadata(&partial).expect("the partial download is kept").len();
+    assert!(kept > 0 && kept < wasm.len() as u64, "kept {kept} bytes");
+    assert!(!proxy.saw_range.load(Ordering::SeqCst));
+
+    let pulled = store.pull_wasm(&registry, &reference).await.unwrap();
+    let ranges = proxy.ranges.lock().unwrap().clone();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    assert!(ranges[0].to_ascii_lowercase().contains(&format!("bytes={kept}-")), "{ranges:?}");
+    assert_eq!(proxy.blob_requests.load(Ordering::SeqCst), 2);
+    assert_eq!(pulled.wasm_digest, digest);
+    assert_eq!(std::fs::read(&pulled.path).unwrap(), wasm);
+    assert!(!partial.exists());
+    assert!(dir_is_empty(&dir.path().join("ingest")));
+}
+
+#[tokio::test]
+async fn concurrent_pulls_of_one_module_download_it_once() {
+    let Some(reg) = TestRegistry::start() else {
+        return;
+    };
+    let registry = Registry::new(RegistryConfig::default());
+    let wasm = big_module(1 << 20);
+    let digest = layer_digest(&wasm);
+    for tag in ["a", "b"] {
+        registry.push_wasm(&reg.reference(&format!("flotilla/shared:{tag}")), &wasm).await.unwrap();
+    }
+    // Every download of the module is held back, so the two pulls are both at it at once.
+    let proxy = CuttingProxy::start_with(reg.addr.clone(), digest.clone(), None, Duration::from_millis(700));
+    let (ra, rb) = (format!("{}/flotilla/shared:a", proxy.addr), format!("{}/flotilla/shared:b", proxy.addr));
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    // A second handle on the same store, as another part of the agent would hold.
+    let other = open_store(dir.path());
+
+    let (a, b) = tokio::join!(store.pull_wasm(&registry, &ra), other.pull_wasm(&registry, &rb));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(proxy.blob_requests.load(Ordering::SeqCst), 1, "two pulls of one blob download it once");
+    assert_eq!((a.wasm_digest.as_str(), b.wasm_digest.as_str()), (digest.as_str(), digest.as_str()));
+    assert_eq!(a.path, b.path);
+    assert_eq!(std::fs::read(&a.path).unwrap(), wasm);
+    // Both references are recorded, by either handle.
+    let recorded = store.images().unwrap();
+    assert!(recorded.contains_key(&ra) && recorded.contains_key(&rb), "{:?}", recorded.keys());
+    assert!(dir_is_empty(&dir.path().join("ingest")));
 }

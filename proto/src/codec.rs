@@ -5,17 +5,22 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Largest frame a peer may send. An assignment set for a node with hundreds of replicas is
-/// tens of kilobytes; 16 MiB leaves room while keeping a hostile peer from exhausting memory.
+/// Largest frame an authenticated peer (an agent with its node certificate, the CLI with an
+/// admin credential) may send. An assignment set for a node with hundreds of replicas is tens
+/// of kilobytes; 16 MiB leaves room while keeping a peer from exhausting memory.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Largest frame a peer that has not authenticated may send: a join request (token secret,
+/// node name and a CSR) is under 2 KiB; 64 KiB leaves room for long names and keys.
+pub const MAX_UNAUTHENTICATED_FRAME: usize = 64 * 1024;
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME} bytes")]
-    TooLarge { len: usize },
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
 }
@@ -26,7 +31,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     serde_json::to_writer(&mut out, msg)?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME {
-        return Err(CodecError::TooLarge { len });
+        return Err(CodecError::TooLarge { len, limit: MAX_FRAME });
     }
     out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
@@ -34,9 +39,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Reads the body length from a frame header, refusing lengths over [`MAX_FRAME`].
 pub fn body_len(header: [u8; HEADER_LEN]) -> Result<usize, CodecError> {
+    body_len_within(header, MAX_FRAME)
+}
+
+/// Reads the body length from a frame header, refusing lengths over `limit` (itself never
+/// above [`MAX_FRAME`]).
+pub fn body_len_within(header: [u8; HEADER_LEN], limit: usize) -> Result<usize, CodecError> {
+    let limit = limit.min(MAX_FRAME);
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge { len });
+    if len > limit {
+        return Err(CodecError::TooLarge { len, limit });
     }
     Ok(len)
 }
@@ -63,6 +75,16 @@ mod tests {
     fn oversized_header_is_refused() {
         let err = body_len((MAX_FRAME as u32 + 1).to_be_bytes()).unwrap_err();
         assert!(matches!(err, CodecError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_smaller_limit_applies_and_a_larger_one_is_capped() {
+        let header = |n: usize| (n as u32).to_be_bytes();
+        assert_eq!(body_len_within(header(MAX_UNAUTHENTICATED_FRAME), MAX_UNAUTHENTICATED_FRAME).unwrap(), 65_536);
+        let err = body_len_within(header(MAX_UNAUTHENTICATED_FRAME + 1), MAX_UNAUTHENTICATED_FRAME).unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { len: 65_537, limit: 65_536 }), "{err}");
+        let err = body_len_within(header(MAX_FRAME + 1), usize::MAX).unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { limit: MAX_FRAME, .. }), "{err}");
     }
 
     #[test]

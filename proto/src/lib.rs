@@ -6,7 +6,9 @@
 pub mod codec;
 pub mod manifest;
 pub mod messages;
+pub mod pieces;
 pub mod token;
+pub mod yaml;
 
 pub use manifest::{Manifest, ReplicaTemplate, RestartPolicy, Runtime};
 pub use messages::*;

@@ -10,6 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::yaml;
+
 pub const API_VERSION: &str = "flotilla.dev/v1";
 
 /// Longest workload or node name; names become replica names and log file names.
@@ -539,8 +541,12 @@ pub struct Taint {
 
 impl Taint {
     /// Parses `key=value:Effect` or `key:Effect`.
-    pub fn parse(s: &str) -> Result<Taint, String> {
-        let bad = || format!("taint {s:?} must be KEY=VALUE:EFFECT or KEY:EFFECT with EFFECT NoSchedule or NoExecute");
+    pub fn parse(s: &str) -> Result<Taint, InvalidValue> {
+        let bad = || {
+            InvalidValue(format!(
+                "taint {s:?} must be KEY=VALUE:EFFECT or KEY:EFFECT with EFFECT NoSchedule or NoExecute"
+            ))
+        };
         let (kv, effect) = s.rsplit_once(':').ok_or_else(bad)?;
         let effect = match effect {
             "NoSchedule" => TaintEffect::NoSchedule,
@@ -548,7 +554,7 @@ impl Taint {
             _ => return Err(bad()),
         };
         let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
-        validate_label(key, value).map_err(|m| format!("taint {s:?}: {m}"))?;
+        validate_label(key, value).map_err(|m| InvalidValue(format!("taint {s:?}: {m}")))?;
         Ok(Taint { key: key.into(), value: value.into(), effect })
     }
 }
@@ -587,6 +593,18 @@ pub enum TolerationOperator {
     Exists,
 }
 
+/// A value that does not parse or is out of range: a name, a duration, a quantity, a taint
+/// (in a manifest field or a command-line flag). The message says which value and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
+impl From<String> for InvalidValue {
+    fn from(message: String) -> Self {
+        InvalidValue(message)
+    }
+}
+
 /// Why a manifest was refused. `document` counts from 1 in a multi-document file; `path`
 /// names the offending field (`spec.replicas`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -606,15 +624,17 @@ impl ManifestError {
 /// Parses every YAML document in `source` and validates each. Empty documents are skipped;
 /// a file with no manifest at all is an error. Two documents naming the same workload are
 /// refused, since one would silently overwrite the other.
+///
+/// The YAML is read within [`yaml::Limits::default`]: at most 3 MiB of input, 1.5 MiB per
+/// document as it expands through aliases, 32 levels of nesting. Within them, parsing takes
+/// milliseconds and never allocates much more than the input; the hub still runs it off its
+/// async workers and under a time budget.
 pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let values = yaml::documents(source, &yaml::Limits::default())
+        .map_err(|e| ManifestError::new(e.document(), "(document)", e.to_string()))?;
     let mut out: Vec<Manifest> = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(source).enumerate() {
+    for (i, value) in values.into_iter().enumerate() {
         let document = i + 1;
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| ManifestError::new(document, "(document)", strip_location(&e)))?;
-        if value.is_null() {
-            continue;
-        }
         let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { "(document)".to_string() } else { path };
@@ -634,13 +654,6 @@ pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
         return Err(ManifestError::new(1, "(document)", "no manifest found"));
     }
     Ok(out)
-}
-
-fn strip_location(e: &serde_yaml::Error) -> String {
-    match e.location() {
-        Some(loc) => format!("invalid YAML at line {} column {}: {e}", loc.line(), loc.column()),
-        None => format!("invalid YAML: {e}"),
-    }
 }
 
 impl WorkloadSpec {
@@ -664,7 +677,7 @@ impl Manifest {
                 format!("unsupported apiVersion {:?}, expected {API_VERSION:?}", self.api_version),
             );
         }
-        if let Err(msg) = validate_name(&self.metadata.name) {
+        if let Err(InvalidValue(msg)) = validate_name(&self.metadata.name) {
             return err("metadata.name", msg);
         }
         for (k, v) in &self.metadata.labels {
@@ -706,12 +719,12 @@ impl Manifest {
             }
         }
         if let Some(m) = &spec.resources.memory
-            && let Err(msg) = parse_quantity(m)
+            && let Err(InvalidValue(msg)) = parse_quantity(m)
         {
             return err("spec.resources.memory", msg);
         }
         if let Some(t) = &spec.resources.cpu_time
-            && let Err(msg) = parse_duration_ms(t)
+            && let Err(InvalidValue(msg)) = parse_duration_ms(t)
         {
             return err("spec.resources.cpuTime", msg);
         }
@@ -742,7 +755,7 @@ impl Manifest {
             }
         }
         if let Some(c) = &spec.resources.cpu
-            && let Err(msg) = parse_cpu_millis(c)
+            && let Err(InvalidValue(msg)) = parse_cpu_millis(c)
         {
             return err("spec.resources.cpu", msg);
         }
@@ -750,7 +763,7 @@ impl Manifest {
             return err("spec.resources.pids", "must be at least 1".into());
         }
         if let Some(g) = &spec.termination_grace_period
-            && let Err(msg) = parse_duration_ms(g)
+            && let Err(InvalidValue(msg)) = parse_duration_ms(g)
         {
             return err("spec.terminationGracePeriod", msg);
         }
@@ -766,7 +779,7 @@ impl Manifest {
             }
         }
         if let Some(d) = &spec.strategy.progress_deadline
-            && let Err(msg) = parse_duration_ms(d)
+            && let Err(InvalidValue(msg)) = parse_duration_ms(d)
         {
             return err("spec.strategy.progressDeadline", msg);
         }
@@ -795,7 +808,7 @@ impl Manifest {
         let mut mounts = std::collections::BTreeSet::new();
         for (i, v) in spec.volumes.iter().enumerate() {
             let path = |f: &str| format!("spec.volumes[{i}].{f}");
-            if let Err(msg) = validate_name(&v.name) {
+            if let Err(InvalidValue(msg)) = validate_name(&v.name) {
                 return err(&path("name"), msg);
             }
             if !names.insert(&v.name) {
@@ -957,18 +970,18 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
         return err("spec.spreadBy".into(), msg);
     }
     if let Failover::After(d) = &spec.failover
-        && let Err(msg) = parse_duration_ms(d)
+        && let Err(InvalidValue(msg)) = parse_duration_ms(d)
     {
         return err("spec.failover.after".into(), msg);
     }
     if let Some(r) = &spec.resources.requests {
         if let Some(c) = &r.cpu
-            && let Err(msg) = parse_cpu_millis(c)
+            && let Err(InvalidValue(msg)) = parse_cpu_millis(c)
         {
             return err("spec.resources.requests.cpu".into(), msg);
         }
         if let Some(m) = &r.memory
-            && let Err(msg) = parse_quantity(m)
+            && let Err(InvalidValue(msg)) = parse_quantity(m)
         {
             return err("spec.resources.requests.memory".into(), msg);
         }
@@ -984,7 +997,7 @@ fn validate_probe(p: &ProbeSpec, spec: &WorkloadSpec, liveness_like: bool) -> Re
     }
     for (f, d) in [("initialDelay", &p.initial_delay), ("period", &p.period), ("timeout", &p.timeout)] {
         if let Some(d) = d {
-            let ms = parse_duration_ms(d).map_err(|m| (f.to_string(), m))?;
+            let ms = parse_duration_ms(d).map_err(|InvalidValue(m)| (f.to_string(), m))?;
             if f != "initialDelay" && ms < 100 {
                 return Err((f.to_string(), format!("{d:?} is shorter than the minimum of 100ms")));
             }
@@ -1031,7 +1044,9 @@ fn validate_probe(p: &ProbeSpec, spec: &WorkloadSpec, liveness_like: bool) -> Re
 impl ProbeSpec {
     /// The probe as the agent runs it, with defaults filled in.
     fn resolve(&self, spec: &WorkloadSpec) -> Result<Probe, String> {
-        let ms = |d: &Option<String>, default: u64| d.as_deref().map_or(Ok(default), parse_duration_ms);
+        let ms = |d: &Option<String>, default: u64| {
+            d.as_deref().map_or(Ok(default), parse_duration_ms).map_err(|InvalidValue(m)| m)
+        };
         let port = |p: Option<u16>| -> Result<u16, String> {
             let wasm_port = spec.http.map(|h| h.port);
             match (spec.runtime, p) {
@@ -1109,20 +1124,25 @@ impl fmt::Display for ProbeAction {
 }
 
 /// A lowercase DNS label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most [`MAX_NAME_LEN`].
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), InvalidValue> {
     if name.is_empty() {
-        return Err("name must not be empty".into());
+        return Err(InvalidValue("name must not be empty".into()));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("name {name:?} is longer than {MAX_NAME_LEN} characters"));
+        return Err(InvalidValue(format!("name {name:?} is longer than {MAX_NAME_LEN} characters")));
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if !name.chars().all(ok_char) || name.starts_with('-') || name.ends_with('-') {
-        return Err(format!(
+        return Err(InvalidValue(format!(
             "name {name:?} must consist of lowercase letters, digits and '-', and start and end with a letter or digit"
-        ));
+        )));
     }
     Ok(())
+}
+
+/// A node label as a node selector can match it: the rules `metadata.labels` follow.
+pub fn validate_node_label(key: &str, value: &str) -> Result<(), InvalidValue> {
+    validate_label(key, value).map_err(InvalidValue)
 }
 
 fn validate_label(key: &str, value: &str) -> Result<(), String> {
@@ -1162,22 +1182,26 @@ fn validate_abs_path(p: &str) -> Result<(), String> {
 }
 
 /// Parses a duration: a number with `ms`, `s`, `m` or `h`. Returns milliseconds.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub fn parse_duration_ms(s: &str) -> Result<u64, InvalidValue> {
     let s = s.trim();
     let (num, mult) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
         .iter()
         .find_map(|(suf, m)| {
             s.strip_suffix(suf).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).map(|n| (n, *m))
         })
-        .ok_or_else(|| format!("invalid duration {s:?}; use a number with ms, s, m or h, such as 500ms or 2s"))?;
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    n.checked_mul(mult).filter(|ms| *ms > 0).ok_or_else(|| format!("duration {s:?} must be positive and not too large"))
+        .ok_or_else(|| {
+            InvalidValue(format!("invalid duration {s:?}; use a number with ms, s, m or h, such as 500ms or 2s"))
+        })?;
+    let n: u64 = num.parse().map_err(|_| InvalidValue(format!("invalid duration {s:?}")))?;
+    n.checked_mul(mult)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| InvalidValue(format!("duration {s:?} must be positive and not too large")))
 }
 
 /// Parses a CPU quantity into millicores: `250m`, or cores with up to three decimals (`1`, `0.5`).
-pub fn parse_cpu_millis(s: &str) -> Result<u32, String> {
+pub fn parse_cpu_millis(s: &str) -> Result<u32, InvalidValue> {
     let s = s.trim();
-    let bad = || format!("invalid cpu {s:?}; use cores (1, 0.5) or millicores (250m)");
+    let bad = || InvalidValue(format!("invalid cpu {s:?}; use cores (1, 0.5) or millicores (250m)"));
     let millis: u64 = if let Some(m) = s.strip_suffix('m') {
         if m.is_empty() || !m.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
@@ -1194,23 +1218,24 @@ pub fn parse_cpu_millis(s: &str) -> Result<u32, String> {
         w.checked_mul(1000).and_then(|w| w.checked_add(f)).ok_or_else(bad)?
     };
     match u32::try_from(millis) {
-        Ok(0) => Err(format!("cpu {s:?} must be more than zero")),
+        Ok(0) => Err(InvalidValue(format!("cpu {s:?} must be more than zero"))),
         Ok(m) if m <= 1_000_000 => Ok(m),
-        _ => Err(format!("cpu {s:?} is too large")),
+        _ => Err(InvalidValue(format!("cpu {s:?} is too large"))),
     }
 }
 
 /// Parses a memory quantity: plain bytes, or a number with Ki, Mi, Gi (binary) or k, M, G
 /// (decimal) suffix.
-pub fn parse_quantity(s: &str) -> Result<u64, String> {
+pub fn parse_quantity(s: &str) -> Result<u64, InvalidValue> {
     let s = s.trim();
     let (num, mult) =
         [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 1_000_000), ("G", 1_000_000_000)]
             .iter()
             .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
             .unwrap_or((s, 1));
-    let n: u64 = num.parse().map_err(|_| format!("invalid quantity {s:?}; use bytes or a suffix such as 64Mi"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("quantity {s:?} is too large"))
+    let n: u64 =
+        num.parse().map_err(|_| InvalidValue(format!("invalid quantity {s:?}; use bytes or a suffix such as 64Mi")))?;
+    n.checked_mul(mult).ok_or_else(|| InvalidValue(format!("quantity {s:?} is too large")))
 }
 
 /// What an agent needs to run one replica. Hashing it tells whether a running replica's

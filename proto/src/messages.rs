@@ -41,6 +41,11 @@ pub struct NodeFacts {
     pub taints: Vec<Taint>,
 }
 
+/// The application close code with which the hub ends an agent connection whose certificate
+/// it revoked (the node was deleted, or a re-join replaced the certificate). The close reason
+/// says which; the agent stops retrying and must join again.
+pub const CLOSE_REVOKED: u32 = 0x403;
+
 /// Skew beyond which `describe node` warns about the node's clock.
 pub const CLOCK_SKEW_WARN_MS: i64 = 2_000;
 
@@ -61,11 +66,18 @@ pub struct Assignment {
 /// Everything a node must run, at a generation. The hub only ever raises a node's
 /// generation and sends the node its current set on every connect; the agent treats a set
 /// with the generation it already persisted as a replay and ignores it, and applies any other
-/// (the hub's current set is the truth, even after the hub's store was restored from backup).
+/// from the same store (the hub's current set is the truth, even after the hub's store was
+/// restored from a backup). A set from a store the node has not seen (a hub whose store was
+/// reset) is refused: see [`AssignmentSet::store`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AssignmentSet {
     pub generation: u64,
+    /// The identity of the hub's store: a random id made with the store and shared by every
+    /// hub on it. A backup restored keeps it; a store deleted and made anew gets another.
+    /// Empty from hubs that predate it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store: String,
     pub assignments: Vec<Assignment>,
 }
 
@@ -175,7 +187,9 @@ pub struct ReplicaEvent {
     pub message: String,
 }
 
-/// What kind of event, as a stable code.
+/// What kind of event, as a stable code. A code this build does not know (sent by a newer
+/// agent) reads as [`EventReason::Other`], so a hub and an agent one version apart still
+/// understand each other's statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventReason {
     /// A run is being started.
@@ -202,6 +216,15 @@ pub enum EventReason {
     Ready,
     /// The readiness probe failed its threshold: the replica is not ready.
     NotReady,
+    /// The agent process restarted (stopped cleanly, crashed or the node rebooted); the
+    /// message says which. What happened to the replica follows as `Adopted` or `Starting`.
+    AgentRestarted,
+    /// A restarted agent found the replica's container still running and took it over: the
+    /// workload did not restart.
+    Adopted,
+    /// An event code from a newer version.
+    #[serde(other)]
+    Other,
 }
 
 impl fmt::Display for EventReason {
@@ -265,12 +288,20 @@ pub enum AgentMsg {
         statuses: BTreeMap<String, ReplicaStatus>,
     },
     Heartbeat,
+    /// The agent did not apply the set of this generation (it comes from a store this node
+    /// has not seen) and keeps running what it has; `message` says why, for `describe node`.
+    SetRefused {
+        generation: u64,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum HubMsg {
     Assign(AssignmentSet),
+    /// One piece of a set sent in pieces (see [`crate::pieces`]).
+    AssignPart(crate::pieces::AssignmentPart),
     /// The hub refuses the session; the agent logs the message and retries later.
     Refused {
         message: String,
@@ -371,19 +402,101 @@ pub enum ApiRequest {
         follow: bool,
         tail_lines: Option<u64>,
     },
+    /// A new join token; answered with [`ApiResponse::Token`], the only time its secret is
+    /// shown. `None` means no expiry, no use limit, any name.
+    TokenCreate {
+        ttl_ms: Option<u64>,
+        uses: Option<u32>,
+        name_pattern: Option<String>,
+        labels: BTreeMap<String, String>,
+    },
+    /// Answered with [`ApiResponse::Tokens`] (never a secret).
+    TokenList,
+    /// Answered with [`ApiResponse::Tokens`] holding the revoked token.
+    TokenRevoke {
+        id: String,
+    },
+    /// Sets (`set`) and removes (`remove`, by key) a node's admin labels; answered with
+    /// [`ApiResponse::Nodes`] holding the node.
+    LabelNode {
+        node: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// Sets (`set`, replacing the admin taints of the same key and effect) and removes
+    /// (`remove`, every admin taint of the key) a node's admin taints.
+    TaintNode {
+        node: String,
+        set: Vec<Taint>,
+        remove: Vec<String>,
+    },
+    /// Lets the next join under an existing node's name through within `for_ms`; answered
+    /// with `Nodes`.
+    AllowRejoin {
+        node: String,
+        for_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum ApiResponse {
-    Applied { results: Vec<ApplyResult> },
-    Nodes { items: Vec<NodeView> },
-    Workloads { items: Vec<WorkloadView> },
-    Replicas { items: Vec<ReplicaView> },
-    Described { text: String },
-    Rollout { complete: bool, text: String },
-    Deleted { names: Vec<String> },
-    Error { message: String },
+    Applied {
+        results: Vec<ApplyResult>,
+    },
+    Nodes {
+        items: Vec<NodeView>,
+    },
+    Workloads {
+        items: Vec<WorkloadView>,
+    },
+    Replicas {
+        items: Vec<ReplicaView>,
+    },
+    Described {
+        text: String,
+    },
+    Rollout {
+        complete: bool,
+        text: String,
+    },
+    Deleted {
+        names: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
+    /// A token just created: `token` is the full `FLT1::...` string, shown once.
+    Token {
+        token: String,
+        view: TokenView,
+    },
+    Tokens {
+        items: Vec<TokenView>,
+    },
+}
+
+/// A join token as `flotilla token list` shows it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenView {
+    pub id: String,
+    pub created_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// Joins it admits in all; `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u64>,
+    pub uses: u64,
+    /// Node names it admits (a glob: `*`, `?`, `[a-z]`).
+    pub name_pattern: String,
+    /// Hub-set labels given to the nodes that join with it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
+    /// `active`, `expired`, `used up` or `revoked`, as of the hub's clock when listed.
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,6 +534,26 @@ pub struct NodeView {
     /// Replicas (other than EveryNode ones) still assigned to the node: what a drain waits for.
     #[serde(default)]
     pub movable_replicas: u32,
+    /// What the agent claimed in its last hello, before the hub's rules (`facts` holds what
+    /// the hub uses: admin labels and taints applied, reserved labels dropped, capacity held
+    /// to what the node reported at join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<NodeFacts>,
+    /// Labels and taints an admin set (`flotilla label|taint node`, or the join token's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub admin_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_taints: Vec<Taint>,
+    /// What the hub ignored or held back of the agent's claims, one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
+    /// Something that keeps the node from its current set: the agent refused it, or the hub
+    /// could not send it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub problem: String,
+    /// The join token the node joined with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub joined_with: String,
 }
 
 impl NodeView {
@@ -504,6 +637,14 @@ mod tests {
         let tainted = NodeFacts { taints: vec![Taint::parse("k=v:NoExecute").unwrap()], ..facts };
         let back: NodeFacts = serde_json::from_str(&serde_json::to_string(&tainted).unwrap()).unwrap();
         assert_eq!(back, tainted);
+    }
+
+    #[test]
+    fn event_reasons_of_a_newer_agent_still_parse() {
+        let e: ReplicaEvent = serde_json::from_str(r#"{"atMs":1,"reason":"SomethingNew","message":"m"}"#).unwrap();
+        assert_eq!(e.reason, EventReason::Other);
+        let e: ReplicaEvent = serde_json::from_str(r#"{"atMs":1,"reason":"Adopted"}"#).unwrap();
+        assert_eq!(e.reason, EventReason::Adopted);
     }
 
     #[test]

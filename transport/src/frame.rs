@@ -1,8 +1,15 @@
 //! Framed messages over QUIC streams, using the wire format of [`proto::codec`].
+//!
+//! A frame's body is never allocated from its announced length: the buffer grows with the
+//! bytes that actually arrive (which flow control bounds), so a peer announcing 16 MiB and
+//! sending nothing costs nothing.
 
-use proto::codec::{self, CodecError, HEADER_LEN};
+use proto::codec::{self, CodecError, HEADER_LEN, MAX_FRAME};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+/// The first allocation for a body; it grows (doubling) as data arrives.
+const FIRST_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -23,9 +30,21 @@ pub async fn write<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Resul
     Ok(())
 }
 
-/// Reads one frame; Ok(None) on a clean end of stream before any header byte; a truncated
-/// frame, an oversized length (checked BEFORE allocating) or malformed JSON is an error.
+/// Reads one frame of at most [`MAX_FRAME`] bytes, for authenticated peers; see
+/// [`read_within`].
 pub async fn read<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, FrameError> {
+    read_within(recv, MAX_FRAME).await
+}
+
+/// Reads one frame whose body is at most `limit` bytes. Ok(None) on a clean end of stream
+/// before any header byte; a truncated frame, an oversized length (checked before anything
+/// is allocated for the body) or malformed JSON is an error.
+///
+/// Not cancel-safe: dropped mid-frame, the bytes read so far are lost.
+pub async fn read_within<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
@@ -37,11 +56,13 @@ pub async fn read<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<O
             }
         }
     }
-    let len = codec::body_len(header)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(got) => FrameError::Truncated { part: "body", got, expected: len },
-        quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
-    })?;
+    let len = codec::body_len_within(header, limit)?;
+    let mut body = Vec::with_capacity(len.min(FIRST_CHUNK));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(FrameError::Truncated { part: "body", got: body.len(), expected: len }),
+        }
+    }
     Ok(Some(codec::decode(&body)?))
 }

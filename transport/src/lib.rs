@@ -2,13 +2,15 @@
 //! and length-prefixed JSON frames on their streams. It owns every TLS and QUIC decision in
 //! the project: the CA and the certificates it issues ([`pki`]), the client and server
 //! configurations, the pinned verifier agents use to join before they hold the CA, ALPNs and
-//! keep-alive settings ([`tls`]), and reading and writing frames ([`frame`]). The hub, the
+//! keep-alive settings ([`tls`]), what a peer may make the hub hold before and after it
+//! authenticates ([`limits`]), and reading and writing frames ([`frame`]). The hub, the
 //! agent and the CLI build their endpoints only through it. It must never decide who is
 //! authorised to do what (it exposes the peer's common name and ALPN; the hub judges them),
 //! never trust a certificate that does not chain to the cluster CA or the pinned fingerprint,
 //! never rely on a process-wide rustls crypto provider, and never panic on peer input.
 
 pub mod frame;
+pub mod limits;
 pub mod pki;
 pub mod tls;
 

@@ -72,11 +72,16 @@ impl Tuning {
     }
 
     fn transport(&self) -> Result<Arc<quinn::TransportConfig>, TlsError> {
+        Ok(Arc::new(self.liveness()?))
+    }
+
+    /// Keep-alive and idle timeout, quinn's defaults otherwise.
+    fn liveness(&self) -> Result<quinn::TransportConfig, TlsError> {
         let idle =
             quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|_| TlsError::IdleTimeout(self.idle_timeout))?;
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(self.keep_alive)).max_idle_timeout(Some(idle));
-        Ok(Arc::new(transport))
+        Ok(transport)
     }
 }
 
@@ -85,7 +90,8 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Server config: leaf + CA chain, optional client auth against the CA, ALPNs [JOIN, AGENT,
-/// API], tuning applied.
+/// API], tuning applied, and the limits of an unauthenticated peer on every connection until
+/// the hub widens it ([`crate::limits`]).
 ///
 /// The CA is always sent after the leaf: joining agents have only a fingerprint of it and
 /// check what the hub presents. Clients may present a certificate signed by the CA (expired or
@@ -116,7 +122,11 @@ pub fn server_config(
     tls.alpn_protocols = vec![ALPN_JOIN.to_vec(), ALPN_AGENT.to_vec(), ALPN_API.to_vec()];
 
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(tuning.transport()?);
+    config
+        .transport_config(crate::limits::server_transport(tuning.liveness()?))
+        .max_incoming(crate::limits::MAX_INCOMING)
+        .incoming_buffer_size(crate::limits::INCOMING_BUFFER)
+        .incoming_buffer_size_total(crate::limits::INCOMING_BUFFER_TOTAL);
     Ok(config)
 }
 
@@ -318,6 +328,13 @@ pub fn peer_common_name(conn: &quinn::Connection) -> Option<String> {
     let (_, x509) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let cn = x509.subject().iter_common_name().next()?.as_str().ok()?;
     Some(cn.to_string())
+}
+
+/// SHA-256 (lowercase hex) of the peer's leaf certificate (DER), if it presented one: what the
+/// hub records as a node's current certificate.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    Some(crate::pki::fingerprint_der(certs.first()?))
 }
 
 /// The ALPN negotiated on a connection.

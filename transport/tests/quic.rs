@@ -238,7 +238,8 @@ fn a_restarted_endpoint_with_the_same_secret_resets_old_connections_at_once() {
         let _restarted = restarted.expect("the dead hub's address was never released");
         // Any packet from the client now draws a reset.
         let started = std::time::Instant::now();
-        if let Ok(mut s) = client.open_uni().await {
+        // (A bidirectional stream: the hub allows a peer no unidirectional ones.)
+        if let Ok((mut s, _)) = client.open_bi().await {
             let _ = s.write_all(b"ping").await;
         }
         let err = tokio::time::timeout(STEP, client.closed()).await.expect("the old connection was never reset");

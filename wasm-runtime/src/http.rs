@@ -43,6 +43,10 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub struct HttpOptions {
     /// Address to listen on; port 0 picks a free port (see [`HttpServer::local_addr`]).
     pub addr: SocketAddr,
+    /// A socket already listening on `addr` to serve on instead of binding one: handed over by
+    /// a previous process (see [`HttpServer::serve`] and [`Shutdown::HandOff`]), with the
+    /// connections that queued while nobody accepted. Default `None`.
+    pub listener: Option<std::net::TcpListener>,
     /// Most component instances (requests being handled) at once. Default 16. With a pooling
     /// host keep it at or below [`crate::PoolingConfig::total_instances`] (minus other guests),
     /// or excess requests fail to instantiate and get `500`.
@@ -79,6 +83,7 @@ impl HttpOptions {
     pub fn new(addr: SocketAddr, stdout: Arc<dyn OutputSink>, stderr: Arc<dyn OutputSink>) -> Self {
         HttpOptions {
             addr,
+            listener: None,
             max_concurrency: 16,
             max_queued: 1024,
             max_connections: 1024,
@@ -183,7 +188,11 @@ impl WasmHost {
         // Report a bad preopen now rather than as a 500 on every request.
         shared.guest_env().wasi_builder()?;
 
-        let listener = bind(opts.addr).map_err(|error| Error::Bind { addr: opts.addr, error })?;
+        let listener = match opts.listener {
+            Some(l) => adopt(l, opts.addr),
+            None => bind(opts.addr),
+        }
+        .map_err(|error| Error::Bind { addr: opts.addr, error })?;
         let local_addr = listener.local_addr().map_err(|error| Error::Bind { addr: opts.addr, error })?;
         tracing::info!(digest = %shared.digest, addr = %local_addr, "serving wasi:http component");
         Ok(HttpServer {
@@ -205,6 +214,30 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// A listener handed over by another process, checked to be the one asked for.
+fn adopt(listener: std::net::TcpListener, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let bound = listener.local_addr()?;
+    if bound != addr && addr.port() != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the handed-over socket listens on {bound}, not {addr}"),
+        ));
+    }
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// How [`HttpServer::serve`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Close the listening socket: new connections are refused.
+    Close,
+    /// Stop accepting but keep the listening socket open and return it, for another process
+    /// to serve on: connections arriving meanwhile wait in its backlog instead of being
+    /// refused.
+    HandOff,
+}
+
 impl HttpServer {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -217,22 +250,34 @@ impl HttpServer {
     /// file descriptors) are logged and retried, so this currently always returns `Ok`.
     /// Dropping the future instead cancels every connection and request at once.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        self.serve(async {
+            shutdown.await;
+            Shutdown::Close
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Like [`HttpServer::run`], but `shutdown` says what becomes of the listening socket:
+    /// with [`Shutdown::HandOff`] it is returned, still listening, once in-flight requests are
+    /// done (connections not yet accepted stay queued in it for whoever serves it next).
+    pub async fn serve(self, shutdown: impl Future<Output = Shutdown>) -> Result<Option<std::net::TcpListener>, Error> {
         let HttpServer { listener, local_addr, max_connections, shutdown_grace, shared } = self;
         let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
         let connections = Arc::new(Semaphore::new(max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
+        let how = loop {
             let permit = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                how = &mut shutdown => break how,
                 permit = connections.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => break, // never closed
+                    Err(_) => break Shutdown::Close, // never closed
                 },
             };
             let (stream, peer) = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                how = &mut shutdown => break how,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -247,8 +292,20 @@ impl HttpServer {
             let _ = stream.set_nodelay(true);
             let guard = shared.tasks.enter();
             tokio::spawn(serve_connection(shared.clone(), stream, peer, phase_rx.clone(), permit, guard));
-        }
-        drop(listener);
+        };
+        let kept = match how {
+            Shutdown::Close => None,
+            Shutdown::HandOff => match listener.into_std() {
+                Ok(l) => {
+                    tracing::info!(addr = %local_addr, "http listener kept open for the next process");
+                    Some(l)
+                }
+                Err(e) => {
+                    tracing::warn!(addr = %local_addr, error = %e, "cannot keep the http listener; closing it");
+                    None
+                }
+            },
+        };
 
         tracing::info!(addr = %local_addr, "http server shutting down; draining in-flight requests");
         phase_tx.send_replace(Phase::Draining);
@@ -259,7 +316,7 @@ impl HttpServer {
                 tracing::warn!(addr = %local_addr, "cancelled http requests did not wind down in time");
             }
         }
-        Ok(())
+        Ok(kept)
     }
 }
 

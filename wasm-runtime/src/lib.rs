@@ -43,7 +43,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 mod http;
 
-pub use http::{HttpOptions, HttpServer};
+pub use http::{HttpOptions, HttpServer, Shutdown};
 
 #[cfg(test)]
 mod tests;

@@ -273,3 +273,46 @@ async fn dropping_the_server_closes_the_listener() {
     drop(server);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_handed_off_listener_queues_connections_for_the_next_server() {
+    use flotilla_wasm_runtime::Shutdown;
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let (opts, _) = options(|_| {});
+    let server = host.serve_http(&program, opts).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let first = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+        Shutdown::HandOff
+    }));
+    // A request in flight when the hand-off starts completes on the old server.
+    let sleeping = tokio::spawn(async move { get(addr, "/sleep").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(());
+    let listener = tokio::time::timeout(Duration::from_secs(30), first).await.unwrap().unwrap().unwrap();
+    let listener = listener.expect("the listener is handed back");
+    assert_eq!(sleeping.await.unwrap(), (StatusCode::OK, "slept\n".to_string()));
+
+    // Nobody accepts now, yet a client connects (into the backlog) and is answered once a
+    // new server takes the listener over.
+    let waiting = tokio::spawn(async move { get(addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    let running = serve(&host, &program, |o| {
+        o.addr = addr;
+        o.listener = Some(listener);
+    })
+    .await;
+    assert_eq!(running.addr, addr);
+    assert_eq!(waiting.await.unwrap().0, StatusCode::OK);
+    running.shutdown().await;
+    // A listener for another address is refused by name.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut opts, _) = options(|_| {});
+    opts.addr = addr;
+    opts.listener = Some(other);
+    let err = host.serve_http(&program, opts).await.unwrap_err();
+    assert!(err.to_string().contains("not 127.0.0.1"), "{err}");
+}

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
 
@@ -66,6 +66,12 @@ impl<'a> From<Option<&'a str>> for Arg<'a> {
 impl From<i64> for Arg<'_> {
     fn from(v: i64) -> Self {
         Arg::I64(v)
+    }
+}
+
+impl From<Option<u64>> for Arg<'_> {
+    fn from(v: Option<u64>) -> Self {
+        Arg::OptI64(v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
     }
 }
 
@@ -168,15 +174,39 @@ macro_rules! bind_all {
     }};
 }
 
+/// Whether a PostgreSQL connection is either verified (`sslmode=verify-full`) or stays on this
+/// machine (a unix socket or a loopback address), where TLS adds nothing.
+fn verified_or_local(opts: &PgConnectOptions) -> bool {
+    if matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull) || opts.get_socket().is_some() {
+        return true;
+    }
+    let host = opts.get_host();
+    host == "localhost" || host.starts_with('/') || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Pool {
     pub(crate) async fn open_sqlite(opts: sqlx::sqlite::SqliteConnectOptions) -> Result<Pool, sqlx::Error> {
         let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         Ok(Pool::Sqlite(pool))
     }
 
+    /// Connects to PostgreSQL. TLS follows the URL's `sslmode` (and `sslrootcert`), as libpq
+    /// does: `verify-full` checks the server's chain and name; sqlx's default, `prefer`, uses
+    /// TLS when the server offers it but verifies nothing. The cluster's CA key and join token
+    /// travel over this connection, so anything short of `verify-full` to a server off this
+    /// machine is logged as a warning.
     pub(crate) async fn open_postgres(url: &str) -> Result<Pool, sqlx::Error> {
+        let opts: PgConnectOptions = url.parse()?;
+        if !verified_or_local(&opts) {
+            tracing::warn!(
+                host = opts.get_host(),
+                sslmode = ?opts.get_ssl_mode(),
+                "the PostgreSQL connection is not verified (add sslmode=verify-full&sslrootcert=CA.pem to the URL): \
+                 cluster secrets travel over it"
+            );
+        }
         let pool =
-            PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+            PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
         Ok(Pool::Postgres(pool))
     }
 
@@ -309,5 +339,17 @@ mod tests {
         );
         let lite = translate(Backend::Sqlite, sql);
         assert!(lite.starts_with("UPDATE t SET a = ? WHERE b = ? AND c < CAST((julianday"), "{lite}");
+    }
+
+    #[test]
+    fn unverified_postgres_off_this_machine_is_flagged() {
+        let opts = |url: &str| url.parse::<PgConnectOptions>().unwrap();
+        assert!(!verified_or_local(&opts("postgres://u@db.example/flotilla")));
+        assert!(!verified_or_local(&opts("postgres://u@10.0.0.5/flotilla?sslmode=require")));
+        assert!(!verified_or_local(&opts("postgres://u@db.example/flotilla?sslmode=verify-ca")));
+        assert!(verified_or_local(&opts("postgres://u@db.example/flotilla?sslmode=verify-full")));
+        assert!(verified_or_local(&opts("postgres://u@127.0.0.1:5432/flotilla")));
+        assert!(verified_or_local(&opts("postgres://u@localhost/flotilla")));
+        assert!(verified_or_local(&opts("postgres://u@%2Frun%2Fpostgresql/flotilla")));
     }
 }

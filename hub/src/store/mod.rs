@@ -30,6 +30,7 @@
 //!   successor's decisions.
 
 mod db;
+mod identity;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -41,6 +42,7 @@ use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
+pub use self::identity::{Admitted, NewToken, TokenRow};
 use crate::controller::time::ClockAnchor;
 use crate::controller::{self, JobIndex, Pass, Reported, RevisionEntry, RolloutRecord, WriteOp};
 
@@ -109,7 +111,26 @@ pub struct WorkloadRow {
 #[derive(Debug, Clone)]
 pub struct NodeRow {
     pub name: String,
+    /// What the hub uses: the agent's claims under the admin's labels and taints, reserved
+    /// labels dropped, capacity held to what it reported at join (see
+    /// [`crate::identity::effective`]).
     pub facts: NodeFacts,
+    /// What the agent claimed in its last hello.
+    pub claimed: NodeFacts,
+    /// What the hub ignored or held back of `claimed`.
+    pub notices: Vec<crate::identity::Notice>,
+    pub admin_labels: BTreeMap<String, String>,
+    pub admin_taints: Vec<proto::manifest::Taint>,
+    /// The node's current certificate (SHA-256 of its DER), once recorded.
+    pub cert_sha256: Option<String>,
+    /// The join token it joined with.
+    pub joined_with: String,
+    /// An admin let a join under this name through until then.
+    pub rejoin_until_ms: Option<u64>,
+    /// Capacity of its first hello after joining.
+    pub joined_capacity: Option<crate::identity::Capacity>,
+    /// Why it is not on its current set (the agent refused it, or it could not be sent).
+    pub problem: String,
     pub generation: u64,
     pub acked_generation: u64,
     pub joined_at_ms: u64,
@@ -291,6 +312,8 @@ pub struct Fence<'a> {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// The store's identity (see [`Store::id`]).
+    id: String,
 }
 
 fn corrupt<'a>(what: &'static str, name: &'a str) -> impl FnOnce(serde_json::Error) -> StoreError + 'a {
@@ -316,6 +339,10 @@ fn stored_form(m: &Manifest) -> Manifest {
 impl Store {
     /// Opens (creating if needed) the SQLite store at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Store> {
+        // The store holds the cluster's secrets: only the hub's user may read it. SQLite gives
+        // its -wal and -shm files the database file's mode, so setting it here covers them.
+        private_file(path)
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), source: sqlx::Error::Io(e) })?;
         let opts = SqliteConnectOptions::from_str("sqlite://")
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?
             .filename(path)
@@ -329,7 +356,8 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         pool.migrate().await?;
-        Ok(Store { pool })
+        let id = Store::load_identity(&pool).await?;
+        Ok(Store { pool, id })
     }
 
     /// Connects to the PostgreSQL database at `url` and applies migrations (once, however
@@ -337,7 +365,8 @@ impl Store {
     pub async fn open_postgres(url: &str) -> Result<Store> {
         let pool = Pool::open_postgres(url).await.map_err(|source| StoreError::Open { path: redact(url), source })?;
         pool.migrate().await?;
-        Ok(Store { pool })
+        let id = Store::load_identity(&pool).await?;
+        Ok(Store { pool, id })
     }
 
     /// Opens the store `datastore` names; `data_dir` holds the SQLite file.
@@ -540,8 +569,8 @@ impl Store {
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = self.pool.fetch(NODES, &[]).await?;
-        rows.iter().map(node_row).collect()
+        let rows = self.pool.fetch(&format!("SELECT {} ORDER BY name", identity::NODE_COLUMNS), &[]).await?;
+        rows.iter().map(identity::node_row).collect()
     }
 
     /// The assignment set a node must run, at its current generation.
@@ -570,7 +599,7 @@ impl Store {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AssignmentSet { generation, assignments })
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -603,7 +632,7 @@ impl Store {
             .iter()
             .map(workload_row)
             .collect::<Result<Vec<_>>>()?;
-        let nodes = tx.fetch(NODES, &[]).await?.iter().map(node_row).collect::<Result<Vec<_>>>()?;
+        let nodes = tx.fetch(&format!("SELECT {} ORDER BY name", identity::NODE_COLUMNS), &[]).await?.iter().map(identity::node_row).collect::<Result<Vec<_>>>()?;
         // Not the template: the controller compares hashes, and a replica that takes a
         // template takes its workload's.
         let replicas = tx
@@ -926,25 +955,6 @@ impl Store {
     }
 }
 
-const NODES: &str = "SELECT name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, connected_via, \
-     cordoned, draining FROM nodes ORDER BY name";
-
-/// A [`NODES`] row.
-fn node_row(r: &Rec) -> Result<NodeRow> {
-    let name = r.text(0)?;
-    Ok(NodeRow {
-        facts: serde_json::from_str(&r.text(1)?).map_err(corrupt("node", &name))?,
-        generation: r.u64(2)?,
-        acked_generation: r.u64(3)?,
-        joined_at_ms: r.u64(4)?,
-        last_seen_ms: r.opt_u64(5)?,
-        connected_via: r.opt_text(6)?,
-        cordoned: r.i64(7)? != 0,
-        draining: r.i64(8)? != 0,
-        name,
-    })
-}
-
 const JOB_INDEXES: &str =
     "SELECT workload, idx, succeeded, failures, failed_at_ms FROM job_indexes ORDER BY workload, idx";
 
@@ -993,6 +1003,13 @@ async fn bump_generation(tx: &mut Tx, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` with mode 0600 if it does not exist, and makes an existing file 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// A connection URL with its password replaced, for error messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -1021,5 +1038,23 @@ mod tests {
         assert!("mysql://x".parse::<Datastore>().unwrap_err().to_string().contains("unsupported datastore"));
         assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        // A file left readable by an older version is tightened too.
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).await.unwrap();
+        store.apply_workloads(&proto::manifest::parse_manifests(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: a}\nspec: {runtime: wasm, image: r/a:1}\n",
+        ).unwrap(), 1).await.unwrap();
+        for file in ["hub.db", "hub.db-wal", "hub.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
     }
 }

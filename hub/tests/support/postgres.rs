@@ -60,8 +60,24 @@ fn run_as_postgres(bin: &Path, tool: &str, args: &[&str]) -> Result<(), String> 
     }
 }
 
+/// A server certificate and key (PEM) for a server that accepts only TLS over TCP.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl TestPostgres {
     pub fn start() -> Option<TestPostgres> {
+        Self::start_with(None)
+    }
+
+    /// A server whose TCP connections must use TLS with this certificate (`hostssl` only in
+    /// `pg_hba.conf`; the unix socket stays open for `createdb`).
+    pub fn start_tls(tls: ServerTls) -> Option<TestPostgres> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Option<TestPostgres> {
         // Asking `id` keeps this file free of unsafe (no geteuid call).
         let uid =
             Command::new("id").arg("-u").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
@@ -88,11 +104,27 @@ impl TestPostgres {
         ) {
             return unavailable(&e);
         }
+        let mut ssl_opts = String::new();
+        if let Some(tls) = &tls {
+            // PostgreSQL refuses a key file others can read; it must belong to its user.
+            for (file, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = data.join(file);
+                std::fs::write(&path, pem).unwrap();
+                std::os::unix::fs::chown(&path, Some(pg_uid), None).unwrap();
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .unwrap();
+            ssl_opts = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
+        }
         // A few tries: the free port may be taken between the probe and the bind.
         for _ in 0..3 {
             let port = free_tcp_port();
             let opts = format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=100 -c fsync=on",
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=100 -c fsync=on{ssl_opts}",
                 sock.display()
             );
             let log = dir.path().join("postgres.log");

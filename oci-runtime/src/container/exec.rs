@@ -26,9 +26,10 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::Pid;
 
 use super::cgroup::{AnyCgroupManager, CgroupError, CgroupManager};
+use super::privileges;
 use super::runtime::{ContainerError, Runtime, RuntimeConfig, Status, same_process};
 use super::spec::{self, Plan, SpecError};
 use super::sys::{self, Forked};
@@ -563,8 +564,8 @@ fn helper_main(mut p: Prepared<'_>, stdio: [OwnedFd; 3], report: OwnedFd, pid_ou
     let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| join(&p, stdio)));
     match joined {
         Ok(Ok(())) => {}
-        Ok(Err(message)) => {
-            send(&mut report, &Report::Setup(message));
+        Ok(Err(e)) => {
+            send(&mut report, &Report::Setup(e.to_string()));
             sys::exit_now(1)
         }
         Err(_) => {
@@ -596,22 +597,27 @@ fn helper_main(mut p: Prepared<'_>, stdio: [OwnedFd; 3], report: OwnedFd, pid_ou
     }
 }
 
-fn join(p: &Prepared<'_>, stdio: [OwnedFd; 3]) -> Result<(), String> {
+fn join(p: &Prepared<'_>, stdio: [OwnedFd; 3]) -> Result<(), ExecError> {
     // Not dumpable: once in the container, its processes cannot open this one's /proc files
     // (exe is the runtime's binary on the host) nor trace it. Forks inherit it; exec resets it.
-    sys::set_dumpable(false).map_err(|e| format!("clearing dumpable: {e}"))?;
+    sys::set_dumpable(false).map_err(|e| sys_err("clearing dumpable")(errno(&e)))?;
     let [stdin, stdout, stderr] = stdio;
-    nix::unistd::dup2_stdin(&stdin).map_err(|e| format!("redirecting stdin: {e}"))?;
-    nix::unistd::dup2_stdout(&stdout).map_err(|e| format!("redirecting stdout: {e}"))?;
-    nix::unistd::dup2_stderr(&stderr).map_err(|e| format!("redirecting stderr: {e}"))?;
+    nix::unistd::dup2_stdin(&stdin).map_err(sys_err("redirecting stdin"))?;
+    nix::unistd::dup2_stdout(&stdout).map_err(sys_err("redirecting stdout"))?;
+    nix::unistd::dup2_stderr(&stderr).map_err(sys_err("redirecting stderr"))?;
     // Cgroups first, with this process's host credentials, before any namespace changes them.
     for fd in &p.attach {
-        nix::unistd::write(fd, b"0").map_err(|e| format!("joining the container's cgroup: {e}"))?;
+        nix::unistd::write(fd, b"0").map_err(sys_err("joining the container's cgroup"))?;
     }
     for (flag, file) in &p.namespaces {
-        nix::sched::setns(file, *flag).map_err(|e| format!("joining namespace {flag:?}: {e}"))?;
+        nix::sched::setns(file, *flag).map_err(sys_err(format!("joining namespace {flag:?}")))?;
     }
     Ok(())
+}
+
+/// The errno of an error from a system call.
+fn errno(e: &io::Error) -> nix::Error {
+    nix::Error::from_raw(e.raw_os_error().unwrap_or(0))
 }
 
 /// The supervisor, inside every namespace of the container and the caller's child. It never
@@ -661,49 +667,15 @@ fn supervise(p: &Prepared<'_>, report: &mut fs::File) -> Result<Report, Report> 
     Ok(wait_and_clear(child, &sfd, p.deadline))
 }
 
-/// The container process's rlimits, oom score, groups, ids, capabilities, no_new_privs and
-/// (without no_new_privs, while CAP_SYS_ADMIN is still held) seccomp, in init's order.
+/// The container process's oom score, then the privilege drop init does too
+/// ([`privileges::drop_privileges`]: rlimits, seccomp without no_new_privs, bounding set,
+/// groups, ids, capabilities, no_new_privs), then non-dumpable again.
 fn restrict(p: &Prepared<'_>) -> Result<(), Report> {
     let plan = p.plan;
     if let Some(adj) = plan.oom_score_adj {
         fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(setup(|| "setting oom_score_adj".into()))?;
     }
-    for (resource, soft, hard) in &plan.rlimits {
-        nix::sys::resource::setrlimit(*resource, *soft, *hard)
-            .map_err(setup(|| format!("setting {resource:?} to {soft}/{hard}")))?;
-    }
-    if !plan.no_new_privs
-        && let Some(program) = &plan.seccomp
-    {
-        sys::install_seccomp(&program.filter, program.flags).map_err(setup(|| "installing seccomp".into()))?;
-    }
-    let last_cap: u32 =
-        fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
-    let caps = plan.caps.unwrap_or_default();
-    for cap in 0..=last_cap {
-        if caps.bounding & (1u64 << cap) == 0 {
-            sys::drop_bounding_cap(cap).map_err(setup(|| format!("dropping capability {cap}")))?;
-        }
-    }
-    sys::set_keep_caps(true).map_err(setup(|| "keeping capabilities".into()))?;
-    let groups: Vec<Gid> = plan.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
-    if !p.user_ns || !groups.is_empty() {
-        nix::unistd::setgroups(&groups).map_err(setup(|| format!("setting groups {:?}", plan.additional_gids)))?;
-    }
-    let gid = Gid::from_raw(plan.gid);
-    nix::unistd::setresgid(gid, gid, gid).map_err(setup(|| format!("setting gid {}", plan.gid)))?;
-    let uid = Uid::from_raw(plan.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(setup(|| format!("setting uid {}", plan.uid)))?;
-    sys::set_keep_caps(false).map_err(setup(|| "clearing keep-caps".into()))?;
-    sys::capset(caps.effective, caps.permitted, caps.inheritable).map_err(setup(|| "setting capabilities".into()))?;
-    for cap in 0..=last_cap {
-        if caps.ambient & (1u64 << cap) != 0 {
-            sys::raise_ambient_cap(cap).map_err(setup(|| format!("raising ambient capability {cap}")))?;
-        }
-    }
-    if plan.no_new_privs {
-        sys::set_no_new_privs().map_err(setup(|| "setting no_new_privs".into()))?;
-    }
+    privileges::drop_privileges(plan, p.user_ns, privileges::last_cap()).map_err(|e| Report::Setup(e.to_string()))?;
     // Changing credentials may have reset it; keep the supervisor closed to the container.
     sys::set_dumpable(false).map_err(setup(|| "clearing dumpable".into()))?;
     Ok(())

@@ -4,7 +4,8 @@
 //! capabilities, no_new_privs and seccomp, reports ready, waits for `start` on the exec fifo
 //! and executes the user's program. It owns nothing after exec. It runs in a copy of a
 //! single-threaded parent, so it must never return into the parent's code: every path ends
-//! in `execve` or `sys::exit_now`, and errors travel to the parent as text on the sync pipe.
+//! in `execve` or `sys::exit_now`, and errors ([`InitError`]) travel to the parent as text on
+//! the sync pipe. The privilege drop is [`super::privileges`], shared with `exec`.
 
 use std::ffi::CString;
 use std::fs;
@@ -19,8 +20,74 @@ use nix::sched::CloneFlags;
 use nix::sys::stat::{Mode, makedev, mknod, umask};
 use nix::unistd::{Gid, Uid};
 
+use super::privileges::{self, PrivilegeError};
 use super::spec::{MountPlan, Plan};
 use super::sys;
+
+/// Why the container's init could not get to exec; its text goes to the parent, which
+/// reports "container X failed to start: <text>".
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InitError {
+    /// A system call failed while doing `what`.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done, with its input.
+        what: String,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// A file operation failed while doing `what`.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with its input.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Dropping privileges failed.
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    /// A sysctl name that would leave `/proc/sys`.
+    #[error("sysctl {0:?} is not a valid name")]
+    BadSysctl(String),
+    /// The program is not on the container's PATH.
+    #[error("executable {program:?} not found in PATH {search:?}")]
+    NotFound {
+        /// The program as given.
+        program: String,
+        /// The PATH searched.
+        search: String,
+    },
+    /// The program exists but cannot be executed.
+    #[error("executable {} cannot be run: {source}", path.display())]
+    CannotRun {
+        /// The program's path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// An argument, environment entry or path holds a NUL byte.
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    /// A path inside the rootfs resolves through too many symlinks.
+    #[error("too many symlinks resolving {}", .0.display())]
+    SymlinkLoop(PathBuf),
+}
+
+/// `InitError::Sys` for doing `what`.
+fn sys_err(what: impl Into<String>) -> impl FnOnce(nix::Error) -> InitError {
+    let what = what.into();
+    move |source| InitError::Sys { what, source }
+}
+
+/// `InitError::Io` for doing `what`.
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
+    let what = what.into();
+    move |source| InitError::Io { what, source }
+}
 
 /// The descriptors the child works with.
 pub(crate) struct ChildFds {
@@ -51,7 +118,7 @@ pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
     }));
     let exec = match result {
         Ok(Ok(exec)) => exec,
-        Ok(Err(message)) => fail(&mut report, &message),
+        Ok(Err(e)) => fail(&mut report, &e.to_string()),
         Err(_) => fail(&mut report, "container init panicked"),
     };
     if report.write_all(b"R").is_err() {
@@ -85,9 +152,9 @@ fn fail(report: &mut fs::File, message: &str) -> ! {
 
 /// Moves this (single-threaded) process into its cgroups before it does anything else, so
 /// every later process and allocation is accounted there.
-fn join_cgroups(files: Vec<OwnedFd>) -> Result<(), String> {
+fn join_cgroups(files: Vec<OwnedFd>) -> Result<(), InitError> {
     for fd in files {
-        fs::File::from(fd).write_all(b"0").map_err(|e| format!("joining cgroup: {e}"))?;
+        fs::File::from(fd).write_all(b"0").map_err(io_err("joining cgroup"))?;
     }
     Ok(())
 }
@@ -98,107 +165,69 @@ struct Exec {
     env: Vec<CString>,
 }
 
-fn ctx<E: std::fmt::Display>(what: impl Fn() -> String) -> impl FnOnce(E) -> String {
-    move |e| format!("{}: {e}", what())
-}
-
-fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec, String> {
+fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec, InitError> {
     let mut go = fs::File::from(go);
     let mut byte = [0u8; 1];
-    go.read_exact(&mut byte).map_err(|e| format!("waiting for the runtime: {e}"))?;
+    go.read_exact(&mut byte).map_err(io_err("waiting for the runtime"))?;
     drop(go);
 
     let [stdin, stdout, stderr] = stdio;
     if let Some(fd) = stdin {
-        nix::unistd::dup2_stdin(&fd).map_err(ctx(|| "redirecting stdin".into()))?;
+        nix::unistd::dup2_stdin(&fd).map_err(sys_err("redirecting stdin"))?;
     }
     if let Some(fd) = stdout {
-        nix::unistd::dup2_stdout(&fd).map_err(ctx(|| "redirecting stdout".into()))?;
+        nix::unistd::dup2_stdout(&fd).map_err(sys_err("redirecting stdout"))?;
     }
     if let Some(fd) = stderr {
-        nix::unistd::dup2_stderr(&fd).map_err(ctx(|| "redirecting stderr".into()))?;
+        nix::unistd::dup2_stderr(&fd).map_err(sys_err("redirecting stderr"))?;
     }
     if let Some(adj) = plan.oom_score_adj {
-        fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(ctx(|| "setting oom_score_adj".into()))?;
+        fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(io_err("setting oom_score_adj"))?;
     }
-    let last_cap: u32 =
-        fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
+    // Read while the host's /proc is still the one mounted.
+    let last_cap = privileges::last_cap();
 
     for (flag, path) in &plan.join_namespaces {
-        let file = fs::File::open(path).map_err(ctx(|| format!("opening namespace {}", path.display())))?;
-        nix::sched::setns(&file, *flag).map_err(ctx(|| format!("joining namespace {}", path.display())))?;
+        let file = fs::File::open(path).map_err(io_err(format!("opening namespace {}", path.display())))?;
+        nix::sched::setns(&file, *flag).map_err(sys_err(format!("joining namespace {}", path.display())))?;
     }
     if plan.cgroup_ns {
-        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(ctx(|| "creating cgroup namespace".into()))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys_err("creating cgroup namespace"))?;
     }
-    if plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER) {
+    let user_ns = plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER);
+    if user_ns {
         // Become root of the new user namespace so mounts and the rest are permitted.
         nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-            .map_err(ctx(|| "setting gid 0 in the user namespace".into()))?;
+            .map_err(sys_err("setting gid 0 in the user namespace"))?;
         nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-            .map_err(ctx(|| "setting uid 0 in the user namespace".into()))?;
+            .map_err(sys_err("setting uid 0 in the user namespace"))?;
     }
     umask(Mode::empty());
     setup_rootfs(plan)?;
 
     if let Some(name) = &plan.hostname {
-        nix::unistd::sethostname(name).map_err(ctx(|| format!("setting hostname {name:?}")))?;
+        nix::unistd::sethostname(name).map_err(sys_err(format!("setting hostname {name:?}")))?;
     }
     if plan.clone_flags.contains(CloneFlags::CLONE_NEWNET) {
-        sys::loopback_up().map_err(ctx(|| "bringing up loopback".into()))?;
+        sys::loopback_up().map_err(io_err("bringing up loopback"))?;
     }
     for (key, value) in &plan.sysctl {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
         if key.contains("..") || key.contains('/') {
-            return Err(format!("sysctl {key:?} is not a valid name"));
+            return Err(InitError::BadSysctl(key.clone()));
         }
-        fs::write(&path, value).map_err(ctx(|| format!("setting sysctl {key}")))?;
+        fs::write(&path, value).map_err(io_err(format!("setting sysctl {key}")))?;
     }
-    for (resource, soft, hard) in &plan.rlimits {
-        nix::sys::resource::setrlimit(*resource, *soft, *hard)
-            .map_err(ctx(|| format!("setting {resource:?} to {soft}/{hard}")))?;
-    }
-
-    if !plan.no_new_privs
-        && let Some(program) = &plan.seccomp
-    {
-        // Without no_new_privs the filter needs CAP_SYS_ADMIN, which is about to be dropped.
-        sys::install_seccomp(&program.filter, program.flags).map_err(ctx(|| "installing seccomp".into()))?;
-    }
-    let caps = plan.caps.unwrap_or_default();
-    for cap in 0..=last_cap {
-        if caps.bounding & (1u64 << cap) == 0 {
-            sys::drop_bounding_cap(cap).map_err(ctx(|| format!("dropping capability {cap}")))?;
-        }
-    }
-    sys::set_keep_caps(true).map_err(ctx(|| "keeping capabilities".into()))?;
-    let groups: Vec<Gid> = plan.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
-    if !plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER) || !groups.is_empty() {
-        nix::unistd::setgroups(&groups).map_err(ctx(|| format!("setting groups {:?}", plan.additional_gids)))?;
-    }
-    let gid = Gid::from_raw(plan.gid);
-    nix::unistd::setresgid(gid, gid, gid).map_err(ctx(|| format!("setting gid {}", plan.gid)))?;
-    let uid = Uid::from_raw(plan.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(ctx(|| format!("setting uid {}", plan.uid)))?;
-    sys::set_keep_caps(false).map_err(ctx(|| "clearing keep-caps".into()))?;
-    sys::capset(caps.effective, caps.permitted, caps.inheritable).map_err(ctx(|| "setting capabilities".into()))?;
-    for cap in 0..=last_cap {
-        if caps.ambient & (1u64 << cap) != 0 {
-            sys::raise_ambient_cap(cap).map_err(ctx(|| format!("raising ambient capability {cap}")))?;
-        }
-    }
-    if plan.no_new_privs {
-        sys::set_no_new_privs().map_err(ctx(|| "setting no_new_privs".into()))?;
-    }
-    nix::unistd::chdir(&plan.cwd).map_err(ctx(|| format!("changing to cwd {}", plan.cwd.display())))?;
+    privileges::drop_privileges(plan, user_ns, last_cap)?;
+    nix::unistd::chdir(&plan.cwd).map_err(sys_err(format!("changing to cwd {}", plan.cwd.display())))?;
     umask(Mode::from_bits_truncate(plan.umask.unwrap_or(0o022)));
     resolve_exec(plan)
 }
 
 /// Finds the program: a path with a slash is used as is, otherwise the container's PATH is
 /// searched, as execvp would.
-fn resolve_exec(plan: &Plan) -> Result<Exec, String> {
-    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+fn resolve_exec(plan: &Plan) -> Result<Exec, InitError> {
+    let cstr = |s: &str| CString::new(s).map_err(|_| InitError::Nul(s.to_owned()));
     let program = &plan.args[0];
     let path = if program.contains('/') {
         PathBuf::from(program)
@@ -212,12 +241,12 @@ fn resolve_exec(plan: &Plan) -> Result<Exec, String> {
             .split(':')
             .map(|dir| Path::new(dir).join(program))
             .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-            .ok_or_else(|| format!("executable {program:?} not found in PATH {search:?}"))?
+            .ok_or_else(|| InitError::NotFound { program: program.clone(), search: search.to_owned() })?
     };
     nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK)
-        .map_err(|e| format!("executable {} cannot be run: {e}", path.display()))?;
+        .map_err(|source| InitError::CannotRun { path: path.clone(), source })?;
     Ok(Exec {
-        path: CString::new(path.as_os_str().as_bytes()).map_err(|_| "program path contains a NUL byte".to_string())?,
+        path: CString::new(path.as_os_str().as_bytes()).map_err(|_| InitError::Nul(path.display().to_string()))?,
         args: plan.args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
         env: plan.env.iter().map(|e| cstr(e)).collect::<Result<_, _>>()?,
     })
@@ -225,7 +254,7 @@ fn resolve_exec(plan: &Plan) -> Result<Exec, String> {
 
 /// Joins `path` under `root` resolving symlinks as if `root` were `/`, so nothing in the
 /// image can point a mount outside the rootfs.
-pub(crate) fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, String> {
+pub(crate) fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, InitError> {
     let mut resolved: Vec<std::ffi::OsString> = Vec::new();
     let mut pending: Vec<std::ffi::OsString> = path
         .components()
@@ -254,10 +283,10 @@ pub(crate) fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, String> {
             Ok(m) if m.file_type().is_symlink() => {
                 links += 1;
                 if links > 40 {
-                    return Err(format!("too many symlinks resolving {}", path.display()));
+                    return Err(InitError::SymlinkLoop(path.to_owned()));
                 }
                 let target =
-                    fs::read_link(&candidate).map_err(|e| format!("reading link {}: {e}", candidate.display()))?;
+                    fs::read_link(&candidate).map_err(io_err(format!("reading link {}", candidate.display())))?;
                 if target.is_absolute() {
                     resolved.clear();
                 }
@@ -275,12 +304,11 @@ pub(crate) fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, String> {
     Ok(std::iter::once(root.as_os_str().to_owned()).chain(resolved).collect())
 }
 
-fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> String {
-    let msg = format!("{what} {}", target.display());
-    move |e| format!("{msg}: {e}")
+fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> InitError {
+    sys_err(format!("{what} {}", target.display()))
 }
 
-fn setup_rootfs(plan: &Plan) -> Result<(), String> {
+fn setup_rootfs(plan: &Plan) -> Result<(), InitError> {
     let none: Option<&str> = None;
     mount(none, "/", none, plan.rootfs_propagation, none)
         .map_err(mount_err("setting propagation of", Path::new("/")))?;
@@ -306,7 +334,7 @@ fn setup_rootfs(plan: &Plan) -> Result<(), String> {
         ] {
             match symlink(to, dev.join(link)) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                    return Err(format!("creating /dev/{link}: {e}"));
+                    return Err(InitError::Io { what: format!("creating /dev/{link}"), source: e });
                 }
                 _ => {}
             }
@@ -339,7 +367,7 @@ fn setup_rootfs(plan: &Plan) -> Result<(), String> {
 }
 
 /// Remounts a bind mount read-only, keeping the flags the kernel would refuse to drop.
-fn remount_readonly(p: &Path) -> Result<(), String> {
+fn remount_readonly(p: &Path) -> Result<(), InitError> {
     use nix::sys::statvfs::FsFlags;
     let none: Option<&str> = None;
     let current = nix::sys::statvfs::statvfs(p).map(|s| s.flags()).unwrap_or(FsFlags::empty());
@@ -356,21 +384,21 @@ fn remount_readonly(p: &Path) -> Result<(), String> {
     mount(none, p, none, flags, none).map_err(mount_err("remounting read-only", p))
 }
 
-fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
+fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), InitError> {
     let none: Option<&str> = None;
     let target = secure_join(&plan.rootfs, &m.destination)?;
     if m.bind {
         let source = m.source.as_deref().unwrap_or(Path::new(""));
         let source = if source.is_absolute() { source.to_path_buf() } else { plan.bundle.join(source) };
-        let meta = fs::metadata(&source).map_err(|e| format!("bind source {}: {e}", source.display()))?;
+        let meta = fs::metadata(&source).map_err(io_err(format!("bind source {}", source.display())))?;
         if meta.is_dir() {
-            fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            fs::create_dir_all(&target).map_err(io_err(format!("creating {}", target.display())))?;
         } else {
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
             }
             if fs::symlink_metadata(&target).is_err() {
-                fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+                fs::File::create(&target).map_err(io_err(format!("creating {}", target.display())))?;
             }
         }
         mount(Some(&source), &target, none, MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC), none)
@@ -383,7 +411,7 @@ fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
     } else if m.fstype == "cgroup" {
         mount_cgroup(&target, m.flags)?;
     } else {
-        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        fs::create_dir_all(&target).map_err(io_err(format!("creating {}", target.display())))?;
         let source = m.source.as_deref().map(Path::as_os_str).unwrap_or(std::ffi::OsStr::new(&m.fstype));
         let data = if m.data.is_empty() { None } else { Some(m.data.as_str()) };
         mount(Some(source), &target, Some(m.fstype.as_str()), m.flags, data)
@@ -399,10 +427,10 @@ fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), String> {
 /// cgroup2 where the host's /sys/fs/cgroup is cgroup2; otherwise a tmpfs with one mount per
 /// hierarchy the host has under /sys/fs/cgroup (v1 controllers, named hierarchies and a
 /// cgroup2 `unified`), read-only when the spec says so.
-fn mount_cgroup(target: &Path, flags: MsFlags) -> Result<(), String> {
+fn mount_cgroup(target: &Path, flags: MsFlags) -> Result<(), InitError> {
     let none: Option<&str> = None;
-    fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
+    fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading mountinfo"))?;
     let mut hierarchies = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };
@@ -424,7 +452,7 @@ fn mount_cgroup(target: &Path, flags: MsFlags) -> Result<(), String> {
         .map_err(mount_err("mounting tmpfs on", target))?;
     for (name, fstype, data) in &hierarchies {
         let dir = target.join(name);
-        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let data = if data.is_empty() { None } else { Some(data.as_str()) };
         mount(Some(fstype.as_str()), &dir, Some(fstype.as_str()), flags, data)
             .map_err(mount_err(&format!("mounting {fstype} on"), &dir))?;
@@ -436,9 +464,9 @@ fn mount_cgroup(target: &Path, flags: MsFlags) -> Result<(), String> {
     Ok(())
 }
 
-fn create_device(d: &super::spec::DevicePlan, target: &Path) -> Result<(), String> {
+fn create_device(d: &super::spec::DevicePlan, target: &Path) -> Result<(), InitError> {
     if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
     }
     let _ = fs::remove_file(target);
     match mknod(target, d.kind, Mode::from_bits_truncate(d.mode), makedev(d.major, d.minor)) {
@@ -448,11 +476,11 @@ fn create_device(d: &super::spec::DevicePlan, target: &Path) -> Result<(), Strin
         }
         // In a user namespace device nodes cannot be created; bind the host's node instead.
         Err(nix::Error::EPERM) => {
-            fs::File::create(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            fs::File::create(target).map_err(io_err(format!("creating {}", target.display())))?;
             let none: Option<&str> = None;
             mount(Some(&d.path), target, none, MsFlags::MS_BIND, none).map_err(mount_err("binding device", target))?;
         }
-        Err(e) => return Err(format!("creating device {}: {e}", target.display())),
+        Err(e) => return Err(sys_err(format!("creating device {}", target.display()))(e)),
     }
     let _ = fs::set_permissions(target, fs::Permissions::from_mode(d.mode));
     Ok(())

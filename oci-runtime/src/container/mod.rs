@@ -10,6 +10,7 @@
 //! - [`runtime`]: create/start/state/kill/delete/run with runc's semantics.
 //! - [`cgroup`]: `CgroupManager` with v1 and v2 backends.
 //! - [`exec`]: a further process in a running container (exec probes, `oci exec`).
+//! - `privileges`: the privilege drop of a container's processes, once for init and exec.
 //! - [`seccomp`]: OCI seccomp to classic BPF, and the default profile.
 //! - [`shim`]: the supervisor process and the agent's handle on it.
 //! - [`overlay`]: overlayfs rootfs mount helpers.
@@ -18,6 +19,7 @@ pub mod cgroup;
 pub mod exec;
 mod init;
 pub mod overlay;
+mod privileges;
 pub mod runtime;
 pub mod seccomp;
 pub mod shim;
@@ -31,8 +33,8 @@ pub use exec::{ExecError, ExecOutcome, ExecRequest, ExecStatus, exec};
 pub use nix::sys::signal::{SigSet, Signal};
 pub use overlay::{OverlayError, mount_overlay, unmount};
 pub use runtime::{
-    ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, OciState, Runtime, RuntimeConfig,
-    Status, signal_process,
+    ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, NetworkHookError, OciState,
+    Runtime, RuntimeConfig, Status, signal_process,
 };
 pub use shim::{ShimError, ShimHandle, ShimOptions, run_shim};
 pub use spec::{BindMount, NetworkMode, Plan, SpecError, SpecInputs, default_spec, load_bundle};

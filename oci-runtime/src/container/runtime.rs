@@ -46,10 +46,12 @@ pub enum ContainerError {
     Sys { what: String, source: nix::Error },
     #[error("container {id} failed to start: {message}")]
     Init { id: String, message: String },
-    #[error("network hook for container {id}: {message}")]
-    Network { id: String, message: String },
+    #[error("network hook for container {id}: {source}")]
+    Network { id: String, source: NetworkHookError },
     #[error("state of container {id} is unreadable: {message}")]
     BadState { id: String, message: String },
+    #[error(transparent)]
+    Durable(#[from] crate::durable::DurableError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerError + use<> {
@@ -145,10 +147,13 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// An error of a [`NetworkHook`]: the hook's own error type, boxed.
+pub type NetworkHookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Called by `create` after the container's namespaces exist and before its process goes on:
 /// the place to plumb a veth pair into its network namespace (`/proc/<pid>/ns/net`).
 pub trait NetworkHook {
-    fn setup(&self, id: &str, pid: i32) -> Result<(), String>;
+    fn setup(&self, id: &str, pid: i32) -> Result<(), NetworkHookError>;
 }
 
 /// Per-create options.
@@ -384,7 +389,7 @@ impl Runtime {
             cgroups.add_process(pid)?;
         }
         if let Some(hook) = network_hook {
-            hook.setup(id, pid).map_err(|message| ContainerError::Network { id: id.into(), message })?;
+            hook.setup(id, pid).map_err(|source| ContainerError::Network { id: id.into(), source })?;
         }
         let mut go = fs::File::from(go);
         go.write_all(b"G").map_err(io_err("signal", Path::new("container init")))?;
@@ -541,11 +546,9 @@ pub fn signal_process(pid: i32, signal: Signal) -> Result<(), ContainerError> {
     nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(sys_err(format!("signalling process {pid}")))
 }
 
-/// Writes a file by writing a temporary sibling and renaming it over the target.
+/// Writes a state file (`state.json`, `exit.json`) with the crate's one durability level.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ContainerError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path))
+    Ok(crate::durable::write_atomic(path, data)?)
 }
 
 #[cfg(test)]

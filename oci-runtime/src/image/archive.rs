@@ -1,9 +1,11 @@
-//! Air-gapped images: importing OCI image layouts (a directory or a tar of one) and `docker
-//! save` archives (`manifest.json` plus layer tars) into the store, and pushing such a layout
-//! or archive to a registry. Every blob is hashed against its digest before it is stored or
-//! pushed. Paths named inside an archive are confined to it (no `..`, no absolute paths), tar
-//! archives are read into a private directory under the store root holding only regular
-//! files, and nothing in an archive is executed or trusted before verification.
+//! Air-gapped artifacts: importing OCI image layouts (a directory or a tar of one) holding
+//! container images or Wasm artifacts, and `docker save` archives (`manifest.json` plus
+//! layer tars), into the one artifact store; saving a `.wasm` file as an OCI layout tar (the
+//! artifact `flotilla push` would make of it); and pushing such a layout or archive to a
+//! registry. Every blob is hashed against its digest before it is stored or pushed. Paths
+//! named inside an archive are confined to it (no `..`, no absolute paths), tar archives are
+//! read into a private directory under the store root holding only regular files, and
+//! nothing in an archive is executed or trusted before verification.
 
 use std::fs;
 use std::io;
@@ -14,8 +16,9 @@ use oci_client::Reference;
 use serde::Deserialize;
 
 use super::spec::{self, Descriptor, Parsed};
-use super::{Image, ImageError, ImageStore, Platform, build_record};
-use crate::registry::{Op, Registry, header_value, parse_reference};
+use super::wasm::{self, PulledWasm, WASM_MAGIC, WasmArtifact};
+use super::{ArtifactKind, Image, ImageError, ImageStore, Platform, build_record};
+use crate::registry::{MAX_MODULE_BYTES, Op, Registry, header_value, parse_reference};
 use crate::store::{sha256_digest, validate_digest};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -149,6 +152,8 @@ struct DockerSaveEntry {
 
 /// One image found in a layout or archive.
 struct Found {
+    /// A container image, or a Wasm artifact (whose one layer is the module).
+    kind: ArtifactKind,
     /// References it carries (full references; tags only when `name` completes them).
     references: Vec<String>,
     manifest_digest: String,
@@ -192,33 +197,44 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
                 name,
             );
             let top = src.doc(&entry.digest)?;
-            let (index, manifest_digest, manifest) = match spec::parse_manifest(&top)
-                .map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))?
-            {
-                Parsed::Index(children) => {
-                    let child = spec::select_platform(&children, platform)
-                        .map_err(|reason| ImageError::Platform { reference: given.display().to_string(), reason })?;
-                    (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
-                }
-                Parsed::Manifest { .. } => {
-                    if let Some(p) = &entry.platform
-                        && platform.fit(&p.os, &p.architecture, p.variant.as_deref()).is_none()
-                    {
-                        continue;
+            let (index, manifest_digest, manifest) =
+                match spec::parse_manifest(&top).map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))? {
+                    Parsed::Index(children) => {
+                        // The node's platform, else a Wasm entry: Wasm runs on any node.
+                        let child = match spec::select_platform(&children, platform) {
+                            Ok(child) => child,
+                            Err(e) => wasm::select_platform(&children).ok_or_else(|| ImageError::Platform {
+                                reference: given.display().to_string(),
+                                reason: e.to_string(),
+                            })?,
+                        };
+                        (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
                     }
-                    (None, entry.digest.clone(), top)
-                }
-            };
+                    Parsed::Manifest { .. } => (None, entry.digest.clone(), top),
+                };
             let Parsed::Manifest { config, layers } =
                 spec::parse_manifest(&manifest).map_err(|e| archive_err(given, format!("{manifest_digest}: {e}")))?
             else {
                 return Err(archive_err(given, format!("{manifest_digest} is an index inside an index")));
             };
+            let kind = if wasm::is_wasm_manifest(&config, &layers) || holds_raw_module(src, &layers)? {
+                ArtifactKind::Wasm
+            } else {
+                ArtifactKind::Container
+            };
+            if kind == ArtifactKind::Container
+                && index.is_none()
+                && let Some(p) = &entry.platform
+                && platform.fit(&p.os, &p.architecture, p.variant.as_deref()).is_none()
+            {
+                continue;
+            }
             let mut files = vec![(config.digest.clone(), src.blob_path(&config.digest)?)];
             for l in &layers {
                 files.push((l.digest.clone(), src.blob_path(&l.digest)?));
             }
             found.push(Found {
+                kind,
                 references: reference.into_iter().collect(),
                 manifest_digest,
                 manifest,
@@ -286,6 +302,7 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
             references.push(r);
         }
         found.push(Found {
+            kind: ArtifactKind::Container,
             references,
             manifest_digest: sha256_digest(&manifest),
             manifest,
@@ -296,6 +313,23 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
         });
     }
     Ok(found)
+}
+
+/// Whether a manifest whose media types do not say Wasm still holds a raw module: a single
+/// layer that is no layer tar and whose blob in the layout starts with the Wasm magic.
+fn holds_raw_module(src: &Source, layers: &[Descriptor]) -> Result<bool, ImageError> {
+    let [only] = layers else { return Ok(false) };
+    if spec::is_layer_media_type(&only.media_type) {
+        return Ok(false);
+    }
+    Ok(read_head(&src.blob_path(&only.digest)?).starts_with(WASM_MAGIC))
+}
+
+/// The first bytes of a file (fewer if it is shorter or unreadable).
+fn read_head(path: &Path) -> Vec<u8> {
+    let mut head = Vec::with_capacity(8);
+    let _ = fs::File::open(path).and_then(|f| io::Read::read_to_end(&mut io::Read::take(f, 8), &mut head));
+    head
 }
 
 /// Digest, size and media type (by its first bytes) of a layer file.
@@ -327,13 +361,64 @@ fn hash_layer_file(path: &Path, given: &Path) -> Result<(String, i64, String), I
     Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, media_type.to_owned()))
 }
 
+/// An artifact [`ImageStore::import`] recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    /// A container image.
+    Container(Box<Image>),
+    /// A Wasm module or component (`from_cache` is false).
+    Wasm(PulledWasm),
+}
+
+impl Imported {
+    /// The reference it was recorded under.
+    pub fn reference(&self) -> &str {
+        match self {
+            Imported::Container(i) => &i.reference,
+            Imported::Wasm(w) => &w.reference,
+        }
+    }
+
+    /// The digest of its manifest.
+    pub fn manifest_digest(&self) -> &str {
+        match self {
+            Imported::Container(i) => &i.manifest_digest,
+            Imported::Wasm(w) => &w.manifest_digest,
+        }
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> ArtifactKind {
+        match self {
+            Imported::Container(_) => ArtifactKind::Container,
+            Imported::Wasm(_) => ArtifactKind::Wasm,
+        }
+    }
+
+    /// The container image, if it is one.
+    pub fn into_image(self) -> Option<Image> {
+        match self {
+            Imported::Container(i) => Some(*i),
+            Imported::Wasm(_) => None,
+        }
+    }
+}
+
 impl ImageStore {
-    /// Imports the images of an OCI image layout directory, an OCI layout tar (optionally
-    /// gzip-compressed) or a `docker save` archive, for `platform`, and records them under the
-    /// references the archive names (`io.containerd.image.name`, a full
-    /// `org.opencontainers.image.ref.name`, or `RepoTags`). A bare tag annotation is completed
-    /// with `name` (`repo[:tag]`), which also names images the archive leaves unnamed.
-    pub async fn import(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Image>, ImageError> {
+    /// Imports the artifacts of an OCI image layout directory, an OCI layout tar (optionally
+    /// gzip-compressed) or a `docker save` archive and records them under the references the
+    /// archive names (`io.containerd.image.name`, a full `org.opencontainers.image.ref.name`,
+    /// or `RepoTags`). A bare tag annotation is completed with `name` (`repo[:tag]`), which
+    /// also names artifacts the archive leaves unnamed. Container images are taken for
+    /// `platform` (from an index: its entry for `platform`); Wasm artifacts (a Wasm config or
+    /// layer media type, or a single raw layer starting with the Wasm magic; from an index:
+    /// its wasm entry) for any platform.
+    pub async fn import(
+        &self,
+        path: &Path,
+        platform: &Platform,
+        name: Option<&str>,
+    ) -> Result<Vec<Imported>, ImageError> {
         let _shared = self.inner.gc_lock.read().await;
         let this = self.clone();
         let (path, platform, name) = (path.to_owned(), platform.clone(), name.map(str::to_owned));
@@ -343,10 +428,10 @@ impl ImageStore {
             .map_err(|e| archive_err(&path, format!("import task failed: {e}")))?
     }
 
-    fn import_sync(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Image>, ImageError> {
-        let src = Source::open(path, self.root())?;
+    fn import_sync(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Imported>, ImageError> {
+        let src = Source::open(path, &self.blobs().root().join("ingest"))?;
         let shown = path.display().to_string();
-        let mut images = Vec::new();
+        let mut imported = Vec::new();
         for found in find_images(&src, platform, name)? {
             if found.references.is_empty() {
                 return Err(archive_err(
@@ -354,18 +439,59 @@ impl ImageStore {
                     format!("image {} has no reference in the archive; give it a name", found.manifest_digest),
                 ));
             }
-            let config_path = &found.files[0].1;
-            let config_bytes = read_limited(config_path, path)?;
-            let record = build_record(
-                &shown,
-                &found.manifest_digest,
-                found.index.as_ref().map(|(d, _)| d.clone()),
-                &found.config,
-                &found.layers,
-                &config_bytes,
-                platform,
-            )?;
+            let record = match found.kind {
+                ArtifactKind::Container => {
+                    let config_path = &found.files[0].1;
+                    let config_bytes = read_limited(config_path, path)?;
+                    build_record(
+                        &shown,
+                        &found.manifest_digest,
+                        found.index.as_ref().map(|(d, _)| d.clone()),
+                        &found.config,
+                        &found.layers,
+                        &config_bytes,
+                        platform,
+                    )?
+                }
+                ArtifactKind::Wasm => {
+                    let layer = wasm::select_layer(&found.config, &found.layers)
+                        .map_err(|e| ImageError::NotWasm { reference: shown.clone(), found: e.to_string() })?;
+                    validate_digest(&layer.digest).map_err(|e| archive_err(path, e.to_string()))?;
+                    if !u64::try_from(layer.size).is_ok_and(|size| size <= MAX_MODULE_BYTES) {
+                        return Err(ImageError::TooLarge {
+                            reference: shown.clone(),
+                            digest: layer.digest.clone(),
+                            limit: MAX_MODULE_BYTES,
+                        });
+                    }
+                    let head = read_head(&src.blob_path(&layer.digest)?);
+                    if !head.starts_with(WASM_MAGIC) {
+                        return Err(ImageError::NotWasm {
+                            reference: shown.clone(),
+                            found: format!(
+                                "layer {} ({}) starts with {} instead of the wasm magic \\0asm; {}",
+                                layer.digest,
+                                layer.media_type,
+                                wasm::describe_head(&head),
+                                wasm::describe_manifest(&found.config, &found.layers)
+                            ),
+                        });
+                    }
+                    wasm::record(
+                        &found.manifest_digest,
+                        found.index.as_ref().map(|(d, _)| d.clone()),
+                        &found.config,
+                        layer,
+                        &head,
+                    )
+                }
+            };
+            // The layout's blobs are verified as they are copied in; only a Wasm artifact's
+            // config and module are needed of it (other layers of a Wasm manifest are not).
             for (digest, file) in &found.files {
+                if found.kind == ArtifactKind::Wasm && !record.blobs().any(|d| d == digest) {
+                    continue;
+                }
                 self.blobs().ingest_file(digest, file).map_err(ImageError::store(&shown))?;
             }
             self.blobs().ingest_bytes(&found.manifest_digest, &found.manifest).map_err(ImageError::store(&shown))?;
@@ -373,13 +499,100 @@ impl ImageStore {
                 self.blobs().ingest_bytes(digest, bytes).map_err(ImageError::store(&shown))?;
             }
             for reference in &found.references {
-                let image = self.record(reference, record.clone())?;
-                tracing::info!(reference = %reference, archive = %shown, manifest = %image.manifest_digest, "imported image");
-                images.push(image);
+                let artifact = match found.kind {
+                    ArtifactKind::Container => Imported::Container(Box::new(self.record(reference, record.clone())?)),
+                    ArtifactKind::Wasm => {
+                        let r = self.record_raw(reference, record.clone())?;
+                        let wasm_digest = r.layers[0].digest.clone();
+                        Imported::Wasm(PulledWasm {
+                            reference: reference.clone(),
+                            manifest_digest: r.manifest_digest,
+                            path: self.blobs().path(&wasm_digest).map_err(ImageError::store(&shown))?,
+                            wasm_digest,
+                            from_cache: false,
+                        })
+                    }
+                };
+                tracing::info!(reference = %reference, kind = %found.kind, archive = %shown, manifest = %found.manifest_digest, "imported artifact");
+                imported.push(artifact);
             }
         }
-        Ok(images)
+        Ok(imported)
     }
+}
+
+/// Writes the OCI artifact `flotilla push` would make of the Wasm binary `wasm`
+/// ([`WasmArtifact`]) as an OCI image layout tar at `out`, named `reference` (its full form in
+/// `io.containerd.image.name`, its tag in `org.opencontainers.image.ref.name`), for
+/// [`ImageStore::import`] on a node without a registry, `flotilla push` or `skopeo copy
+/// oci-archive:`. Returns the manifest digest, which is the one a push of the same binary
+/// gives. The archive is written beside `out` and renamed into place.
+pub fn save_wasm(wasm: &[u8], reference: &str, out: &Path) -> Result<String, ImageError> {
+    let r = parse_reference(reference)?;
+    if r.digest().is_some() {
+        return Err(ImageError::Registry(crate::registry::RegistryError::InvalidReference {
+            reference: reference.to_owned(),
+            reason: "an archive names its image by tag, not by digest".to_owned(),
+        }));
+    }
+    let a = WasmArtifact::build(wasm)
+        .map_err(|e| ImageError::NotWasm { reference: reference.to_owned(), found: e.to_string() })?;
+    let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert(CONTAINERD_NAME.to_owned(), r.whole());
+    annotations.insert(REF_NAME.to_owned(), r.tag().unwrap_or("latest").to_owned());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": spec::OCI_INDEX,
+        "manifests": [{
+            "mediaType": spec::OCI_MANIFEST,
+            "digest": a.manifest_digest,
+            "size": a.manifest.len(),
+            "platform": {"architecture": "wasm", "os": a.os},
+            "annotations": annotations,
+        }],
+    });
+    let index = serde_json::to_vec(&index).map_err(|e| archive_err(out, format!("cannot encode index.json: {e}")))?;
+    let blob = |digest: &str| format!("blobs/sha256/{}", &digest["sha256:".len()..]);
+    let entries: [(String, &[u8]); 5] = [
+        ("oci-layout".to_owned(), br#"{"imageLayoutVersion":"1.0.0"}"#),
+        ("index.json".to_owned(), &index),
+        (blob(&a.manifest_digest), &a.manifest),
+        (blob(&a.config_digest), &a.config),
+        (blob(&a.layer_digest), wasm),
+    ];
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let written = (|| -> io::Result<()> {
+        let mut tar = tar::Builder::new(io::BufWriter::new(fs::File::create(&tmp)?));
+        for dir in ["blobs/", "blobs/sha256/"] {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            tar.append_data(&mut h, dir, io::empty())?;
+        }
+        for (name, data) in &entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_mtime(0);
+            tar.append_data(&mut h, name, *data)?;
+        }
+        let file = tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&tmp, out)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(archive_err(out, format!("cannot write: {e}")));
+    }
+    tracing::info!(reference, archive = %out.display(), digest = %a.manifest_digest, "saved wasm artifact");
+    Ok(a.manifest_digest)
 }
 
 /// Pushes the image of an OCI layout (directory or tar) or `docker save` archive at `path` to
@@ -469,7 +682,7 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
         return Ok((src, plan));
     }
     let bytes = read_limited(&index_path, path)?;
-    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e))? else {
+    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e.to_string()))? else {
         return Err(archive_err(path, "index.json is not an index"));
     };
     let tag = r.tag().unwrap_or("latest");
@@ -499,7 +712,7 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
         plan.manifests.push((media_type.to_owned(), bytes));
         Ok(())
     };
-    match spec::parse_manifest(&top).map_err(|e| archive_err(path, e))? {
+    match spec::parse_manifest(&top).map_err(|e| archive_err(path, e.to_string()))? {
         Parsed::Index(children) => {
             for child in &children {
                 let bytes = src.doc(&child.digest)?;

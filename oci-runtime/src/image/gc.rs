@@ -1,16 +1,17 @@
-//! Garbage collection of images: when the store's disk use (blobs, snapshots, partial
-//! downloads) passes a threshold, images not in use are forgotten least recently used first,
-//! and their blobs and snapshots deleted unless a remaining image, or a Wasm module recorded
-//! in `refs.json`, still needs them. It never removes an image named in `in_use` (by
-//! reference or by manifest or index digest), and holds the store's collection lock so no pull
-//! or unpack runs meanwhile.
+//! Garbage collection of the artifact store, one collector for every kind: when the store's
+//! disk use (blobs, snapshots, partial downloads) passes a threshold, artifacts nobody holds
+//! (container images and Wasm modules alike) are forgotten least recently used first, and
+//! their blobs (and, for container images, snapshots) deleted unless a remaining artifact
+//! still needs them. It never removes an artifact named in `in_use` (by reference or by
+//! manifest or index digest) or held through [`ImageStore::hold`], and holds the store's
+//! collection lock so no pull, import or unpack runs meanwhile.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
+use std::time::Duration;
 
-use super::{ImageError, ImageRecord, ImageStore};
-use crate::refs::RefsFile;
+use super::{ImageError, ImageRecord, ImageStore, now_unix};
 
 /// What a collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,7 +28,52 @@ pub struct GcReport {
     pub removed_snapshots: usize,
 }
 
+/// Who holds which artifact, and when each was last let go.
+#[derive(Debug, Default)]
+pub(super) struct Holds {
+    /// Holders per normalised reference.
+    count: HashMap<String, usize>,
+    /// When the last holder of a reference let go (seconds since the epoch): a use the index
+    /// does not record, so least-recently-used order sees it without an index write per run.
+    released: HashMap<String, u64>,
+}
+
+/// A runtime's claim on an artifact it runs: while it lives, collection keeps the artifact.
+/// Dropping it lets go (and counts as a use for least-recently-used order).
+#[derive(Debug)]
+pub struct ArtifactHold {
+    store: ImageStore,
+    key: String,
+}
+
+impl Drop for ArtifactHold {
+    fn drop(&mut self) {
+        let mut holds = self.store.inner.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = holds.count.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                holds.count.remove(&self.key);
+            }
+        }
+        holds.released.insert(self.key.clone(), now_unix());
+    }
+}
+
 impl ImageStore {
+    /// Holds the artifact `reference` names (whether or not it is stored yet) until the
+    /// returned guard is dropped: collection never removes it meanwhile. Runtimes hold the
+    /// artifact of every run they start, for as long as the run lasts.
+    pub fn hold(&self, reference: &str) -> ArtifactHold {
+        let key = super::normalize_reference(reference).unwrap_or_else(|_| reference.to_owned());
+        *self.inner.holds.lock().unwrap_or_else(|p| p.into_inner()).count.entry(key.clone()).or_default() += 1;
+        ArtifactHold { store: self.clone(), key }
+    }
+
+    /// The references held right now.
+    pub fn held(&self) -> HashSet<String> {
+        self.inner.holds.lock().unwrap_or_else(|p| p.into_inner()).count.keys().cloned().collect()
+    }
+
     /// Disk use of the store in bytes (allocated blocks of blobs, snapshots and partial
     /// downloads; hard-linked files counted once).
     pub fn disk_usage(&self) -> u64 {
@@ -41,19 +87,41 @@ impl ImageStore {
         total
     }
 
-    /// Collects unused images while disk use exceeds `threshold_bytes`, least recently used
+    /// Collects unused artifacts while disk use exceeds `threshold_bytes`, least recently used
     /// first. `in_use` holds references (as given or normalised) or manifest/index digests
-    /// of images that must stay.
+    /// of artifacts that must stay, besides those held through [`ImageStore::hold`].
     pub async fn gc(&self, in_use: &HashSet<String>, threshold_bytes: u64) -> Result<GcReport, ImageError> {
         let _exclusive = self.inner.gc_lock.write().await;
         let this = self.clone();
-        let in_use = in_use.clone();
-        tokio::task::spawn_blocking(move || this.gc_sync(&in_use, threshold_bytes)).await.map_err(|e| {
-            ImageError::Io {
-                path: self.root().to_owned(),
-                source: std::io::Error::other(format!("gc task failed: {e}")),
-            }
+        let mut keep = in_use.clone();
+        keep.extend(self.held());
+        tokio::task::spawn_blocking(move || this.gc_sync(&keep, threshold_bytes)).await.map_err(|e| ImageError::Io {
+            path: self.root().to_owned(),
+            source: std::io::Error::other(format!("gc task failed: {e}")),
         })?
+    }
+
+    /// Runs [`ImageStore::gc`] every `interval` (with nothing in use but what is held) on the
+    /// current tokio runtime, until the store is dropped or the runtime ends.
+    pub fn spawn_collector(&self, threshold_bytes: u64, interval: Duration) {
+        let weak = std::sync::Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = ImageStore { inner };
+                match store.gc(&HashSet::new(), threshold_bytes).await {
+                    Ok(r) if !r.removed_images.is_empty() => tracing::info!(
+                        removed = ?r.removed_images,
+                        bytes_before = r.bytes_before,
+                        bytes_after = r.bytes_after,
+                        "removed unused artifacts"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "artifact garbage collection failed"),
+                }
+            }
+        });
     }
 
     fn gc_sync(&self, in_use: &HashSet<String>, threshold: u64) -> Result<GcReport, ImageError> {
@@ -64,6 +132,7 @@ impl ImageStore {
         }
         let keep_refs: HashSet<String> =
             in_use.iter().flat_map(|r| [Some(r.clone()), super::normalize_reference(r).ok()]).flatten().collect();
+        let released = self.inner.holds.lock().unwrap_or_else(|p| p.into_inner()).released.clone();
         let mut images = self.inner.index.load()?;
         let mut candidates: Vec<(u64, String)> = images
             .iter()
@@ -72,47 +141,30 @@ impl ImageStore {
                     && !keep_refs.contains(&rec.manifest_digest)
                     && !rec.index_digest.as_ref().is_some_and(|d| keep_refs.contains(d))
             })
-            .map(|(key, rec)| (rec.last_used_unix, key.clone()))
+            .map(|(key, rec)| (rec.last_used_unix.max(released.get(key).copied().unwrap_or(0)), key.clone()))
             .collect();
         candidates.sort();
-        // Wasm modules share the blob store; their blobs are never collected here.
-        let wasm_blobs: HashSet<String> = match RefsFile::in_store(self.blobs().root()).load() {
-            Ok(refs) => refs.into_values().flat_map(|e| [e.manifest_digest, e.wasm_digest]).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the wasm reference cache; collecting nothing");
-                return Ok(report);
-            }
-        };
 
         for (_, key) in candidates {
             if report.bytes_after <= threshold {
                 break;
             }
             let Some(removed) = images.remove(&key) else { continue };
-            {
-                let _guard = self.inner.index_lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.inner.index.update(|m| m.remove(&key))?;
-            }
-            self.delete_unshared(&removed, &images, &wasm_blobs, &mut report);
+            self.inner.index.update(|m| m.remove(&key))?;
+            self.delete_unshared(&removed, &images, &mut report);
             report.removed_images.push(key.clone());
             report.bytes_after = self.disk_usage();
-            tracing::info!(reference = %key, bytes_after = report.bytes_after, "collected image");
+            tracing::info!(reference = %key, kind = %removed.kind, bytes_after = report.bytes_after, "collected artifact");
         }
         Ok(report)
     }
 
-    fn delete_unshared(
-        &self,
-        removed: &ImageRecord,
-        remaining: &BTreeMap<String, ImageRecord>,
-        wasm_blobs: &HashSet<String>,
-        report: &mut GcReport,
-    ) {
+    fn delete_unshared(&self, removed: &ImageRecord, remaining: &BTreeMap<String, ImageRecord>, report: &mut GcReport) {
         let needed_blobs: HashSet<&str> = remaining.values().flat_map(|r| r.blobs()).collect();
         let needed_chains: HashSet<&str> =
             remaining.values().flat_map(|r| r.chain_ids.iter().map(String::as_str)).collect();
         for digest in removed.blobs() {
-            if needed_blobs.contains(digest) || wasm_blobs.contains(digest) {
+            if needed_blobs.contains(digest) {
                 continue;
             }
             if let Ok(path) = self.blobs().path(digest) {

@@ -1,18 +1,21 @@
-//! Container images: pulling them from OCI distribution registries (index → platform manifest
-//! → config and layers, every blob digest-verified into the shared [`BlobStore`], interrupted
-//! layer downloads resumed with range requests), importing them from OCI layouts and
-//! `docker save` archives, unpacking layers once each into overlay-style snapshots keyed by
-//! chain id, and collecting images nobody uses when the disk fills.
+//! The one artifact store of a node: container images and Wasm modules and components alike
+//! are pulled from OCI distribution registries or imported from archives into one
+//! content-addressed [`BlobStore`], recorded in one index ([`ImageIndex`],
+//! `<blob root>/artifacts.json`) and collected by one garbage collector. Every blob is
+//! digest-verified before it becomes visible; downloads are resumable (range requests) and
+//! single-flight per digest ([`pull`]). Container images (index → platform manifest → config
+//! and layers) are also unpacked, layer by layer, into overlay-style snapshots keyed by chain
+//! id; Wasm artifacts ([`wasm`]) are a module blob the Wasm runtime loads as it is.
 //!
-//! [`ImageStore`] owns, under its root, `snapshots/<chain id hex>/` (one directory per layer
-//! holding only that layer's files, overlayfs whiteouts included; complete or absent, never
-//! partial, since each is renamed into place from a `snapshots/.tmp-*` directory) and
-//! `images.json` (reference → manifest, config, layers, chain ids; written atomically). The
-//! blobs themselves live in the [`BlobStore`], which it shares with Wasm modules. It must never
-//! make content visible before its digest (or diff id) matched, never write outside a snapshot
-//! while unpacking, never delete a blob a remaining image or a recorded Wasm module needs, and
-//! never panic on what a registry or an archive contains. It knows nothing of containers: the
-//! runtime mounts the lower directories [`ImageStore::unpack`] returns.
+//! [`ImageStore`] owns the index, the snapshots under its root (`snapshots/<chain id hex>/`,
+//! one directory per layer holding only that layer's files, overlayfs whiteouts included;
+//! complete or absent, never partial, since each is renamed into place from a
+//! `snapshots/.tmp-*` directory) and the holds runtimes take on the artifacts they run. It
+//! must never make content visible before its digest (or diff id) matched, never write
+//! outside a snapshot while unpacking, never delete a blob a remaining artifact needs or an
+//! artifact someone holds, and never panic on what a registry or an archive contains. It
+//! knows nothing of containers or Wasm instances: the runtimes mount the lower directories
+//! [`ImageStore::unpack`] returns, or load the module [`ImageStore::pull_wasm`] returns.
 
 mod archive;
 mod auth;
@@ -22,6 +25,7 @@ mod platform;
 mod pull;
 mod spec;
 mod unpack;
+mod wasm;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -30,13 +34,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use archive::push_archive;
+pub use archive::{Imported, push_archive, save_wasm};
 pub use auth::{AuthError, Credential, Credentials};
-pub use gc::GcReport;
-pub use index::{ImageIndex, ImageRecord, IndexError, LayerRecord};
+pub use gc::{ArtifactHold, GcReport};
+pub use index::{ArtifactKind, ImageIndex, ImageRecord, IndexError, LayerRecord};
 pub use platform::Platform;
-pub use spec::chain_ids;
+pub use spec::{ManifestError, chain_ids};
 pub use unpack::{UnpackError, UnpackOptions, UnpackStats, can_unpack_whiteouts, unpack_layer};
+pub use wasm::{PulledWasm, WasmArtifact, WasmError};
 
 use crate::registry::{RegistryError, parse_reference};
 use crate::store::{BlobStore, StoreError, validate_digest};
@@ -66,6 +71,24 @@ pub enum ImageError {
         /// Which platform was wanted and which exist.
         reason: String,
     },
+    /// The artifact is not a Wasm module or component (what it is instead is said).
+    #[error("image {reference} is not a wasm artifact: {found}")]
+    NotWasm {
+        /// The reference (or archive).
+        reference: String,
+        /// What was found instead (media types, platforms, first bytes).
+        found: String,
+    },
+    /// The reference is recorded as another kind of artifact than the one asked for.
+    #[error("image {reference} is a {found}, not a {wanted}")]
+    WrongKind {
+        /// The reference.
+        reference: String,
+        /// What it is.
+        found: ArtifactKind,
+        /// What was asked for.
+        wanted: ArtifactKind,
+    },
     /// A manifest, config or layer description is unusable.
     #[error("image {reference} is not a usable container image: {reason}")]
     BadImage {
@@ -74,8 +97,8 @@ pub enum ImageError {
         /// What is wrong.
         reason: String,
     },
-    /// A blob is larger than its descriptor says.
-    #[error("blob {digest} of image {reference} is larger than its declared {limit} bytes")]
+    /// A blob is larger than its descriptor says, or than the limit for its kind.
+    #[error("blob {digest} of image {reference} is larger than {limit} bytes")]
     TooLarge {
         /// The reference.
         reference: String,
@@ -84,7 +107,7 @@ pub enum ImageError {
         /// The declared size.
         limit: u64,
     },
-    /// The image is not in the local store.
+    /// The artifact is not in the local store.
     #[error("image {reference} is not in the local image store")]
     NotFound {
         /// The reference.
@@ -193,7 +216,7 @@ pub struct Image {
     pub chain_ids: Vec<String>,
 }
 
-/// The local image store; cheap to clone (shared state).
+/// The node's artifact store; cheap to clone (shared state).
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     inner: Arc<Inner>,
@@ -207,8 +230,8 @@ struct Inner {
     /// Pulls, imports and unpacks hold it shared; collection holds it exclusively, so it never
     /// deletes a blob or snapshot that one of them is about to use.
     gc_lock: tokio::sync::RwLock<()>,
-    /// Serialises read-modify-write cycles of `images.json`.
-    index_lock: std::sync::Mutex<()>,
+    /// Artifacts runtimes hold, by normalised reference; see [`ImageStore::hold`].
+    holds: std::sync::Mutex<gc::Holds>,
     unpack: UnpackOptions,
 }
 
@@ -219,9 +242,11 @@ fn now_unix() -> u64 {
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) an image store rooted at `root`, keeping blobs in `blobs`
-    /// (the root may be the blob store's own). Removes snapshot directories left half-made by
-    /// an earlier crash.
+    /// Opens (creating if needed) the artifact store whose blobs and index live in `blobs`
+    /// (`<blob root>/artifacts.json`) and whose container snapshots live under `root` (which
+    /// may be the blob store's own root). Removes snapshot directories left half-made by an
+    /// earlier crash, and folds the indexes of earlier versions (`<root>/images.json`,
+    /// `<blob root>/refs.json`) into the one index.
     pub fn open(root: impl Into<PathBuf>, blobs: BlobStore) -> Result<Self, ImageError> {
         Self::open_with(root, blobs, UnpackOptions::default())
     }
@@ -240,14 +265,20 @@ impl ImageStore {
                 }
             }
         }
-        let index = ImageIndex::in_root(&root);
+        let index = ImageIndex::in_root(blobs.root());
+        index.migrate(
+            &root.join("images.json"),
+            &blobs.root().join("refs.json"),
+            |digest| blobs.path(digest).ok(),
+            now_unix(),
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 root,
                 blobs,
                 index,
                 gc_lock: tokio::sync::RwLock::new(()),
-                index_lock: std::sync::Mutex::new(()),
+                holds: Default::default(),
                 unpack,
             }),
         })
@@ -269,14 +300,18 @@ impl ImageStore {
         Ok(self.inner.root.join("snapshots").join(hex))
     }
 
-    /// The image recorded for `reference`, from the local store only.
+    /// The container image recorded for `reference`, from the local store only.
+    /// [`ImageError::WrongKind`] if the reference is a Wasm artifact.
     pub fn image(&self, reference: &str) -> Result<Image, ImageError> {
         let key = normalize_reference(reference)?;
         let record = self.inner.index.load()?.remove(&key).ok_or(ImageError::NotFound { reference: key.clone() })?;
+        if record.kind != ArtifactKind::Container {
+            return Err(ImageError::WrongKind { reference: key, found: record.kind, wanted: ArtifactKind::Container });
+        }
         self.image_from_record(&key, record)
     }
 
-    /// Every recorded image, by normalised reference.
+    /// Every recorded artifact (container images and Wasm alike), by normalised reference.
     pub fn images(&self) -> Result<BTreeMap<String, ImageRecord>, ImageError> {
         Ok(self.inner.index.load()?)
     }
@@ -351,7 +386,6 @@ impl ImageStore {
 
     /// Marks `reference` as used now (for least-recently-used collection). Best effort.
     fn touch(&self, reference: &str) {
-        let _guard = self.inner.index_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();
         if let Err(e) = self.inner.index.update(|images| {
             if let Some(r) = images.get_mut(reference) {
@@ -362,29 +396,33 @@ impl ImageStore {
         }
     }
 
-    /// Records `record` under `key` and returns the image.
-    fn record(&self, key: &str, mut record: ImageRecord) -> Result<Image, ImageError> {
+    /// Records `record` under `key`, used now, and returns it.
+    fn record_raw(&self, key: &str, mut record: ImageRecord) -> Result<ImageRecord, ImageError> {
         record.last_used_unix = now_unix();
-        {
-            let _guard = self.inner.index_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let r = record.clone();
-            self.inner.index.update(|images| images.insert(key.to_owned(), r))?;
-        }
+        let r = record.clone();
+        self.inner.index.update(|images| images.insert(key.to_owned(), r))?;
+        Ok(record)
+    }
+
+    /// Records the container image `record` under `key` and returns the image.
+    fn record(&self, key: &str, record: ImageRecord) -> Result<Image, ImageError> {
+        let record = self.record_raw(key, record)?;
         self.image_from_record(key, record)
     }
 
     fn image_from_record(&self, key: &str, record: ImageRecord) -> Result<Image, ImageError> {
-        let path = self.inner.blobs.path(&record.config_digest).map_err(ImageError::store(key))?;
+        let config_digest = record.config_digest.ok_or(ImageError::NotFound { reference: key.to_owned() })?;
+        let path = self.inner.blobs.path(&config_digest).map_err(ImageError::store(key))?;
         let bytes = std::fs::read(&path).map_err(|_| ImageError::NotFound { reference: key.to_owned() })?;
         let doc: spec::ConfigDoc = serde_json::from_slice(&bytes).map_err(|e| ImageError::BadImage {
             reference: key.to_owned(),
-            reason: format!("config {} is not valid json: {e}", record.config_digest),
+            reason: format!("config {config_digest} is not valid json: {e}"),
         })?;
         Ok(Image {
             reference: key.to_owned(),
             manifest_digest: record.manifest_digest,
             index_digest: record.index_digest,
-            config_digest: record.config_digest,
+            config_digest,
             platform: record.platform,
             config: exec_config(&doc),
             layers: record.layers,
@@ -454,9 +492,10 @@ fn build_record(
         Platform::new(&doc.os, &doc.architecture, doc.variant.as_deref())
     };
     Ok(ImageRecord {
+        kind: ArtifactKind::Container,
         manifest_digest: manifest_digest.to_owned(),
         index_digest,
-        config_digest: config.digest.clone(),
+        config_digest: Some(config.digest.clone()),
         chain_ids: spec::chain_ids(&diff_ids),
         layers: out,
         platform,

@@ -1,9 +1,13 @@
-//! Pulling container images from a registry: reference → (index → platform entry) →
-//! manifest → layers and config, each blob digest-verified into the [`BlobStore`] before it
-//! becomes visible. Layer downloads are resumable: an interrupted download leaves
+//! Pulling from a registry: the one download path of every artifact kind. A [`Session`]
+//! fetches manifests (digest-checked), small documents into memory and large blobs into the
+//! [`BlobStore`](crate::BlobStore), each digest-verified before it becomes visible. Blob
+//! downloads are single-flight per digest within the process (the second waits for the first
+//! and finds the blob present) and resumable: an interrupted download leaves
 //! `ingest/<hex>.partial`, and the next pull re-hashes it and asks for the rest with a range
-//! request (starting over if the registry answers with the whole blob). Manifests and the
-//! config are stored only after every layer verified, so a refused image leaves no manifest.
+//! request (starting over if the registry answers with the whole blob). Container images
+//! (reference → (index → platform entry) → manifest → layers and config) are pulled here;
+//! Wasm artifacts in [`super::wasm`] through the same session. Manifests and the config are
+//! stored only after every layer verified, so a refused image leaves no manifest.
 
 use futures_util::StreamExt as _;
 use futures_util::stream::{self, TryStreamExt as _};
@@ -24,25 +28,40 @@ const MAX_CONFIG_BYTES: u64 = 8 * 1024 * 1024;
 const PARALLEL_LAYERS: usize = 3;
 
 /// What one pull needs to talk to the registry.
-struct Session<'a> {
+pub(super) struct Session<'a> {
     registry: &'a Registry,
     client: &'a Client,
-    r: Reference,
+    pub(super) r: Reference,
     reference: &'a str,
 }
 
-impl Session<'_> {
+/// Checks the first bytes of a blob as they arrive (`complete` once the whole blob is in):
+/// an error stops the download and keeps nothing of it.
+pub(super) type HeadCheck<'c> = &'c (dyn Fn(&[u8], bool) -> Result<(), ImageError> + Sync);
+
+impl<'a> Session<'a> {
+    /// A session for `r` with the registry's credentials for its host.
+    pub(super) async fn open(registry: &'a Registry, r: Reference, reference: &'a str) -> Session<'a> {
+        let client = registry.client_for(&r);
+        client.store_auth_if_needed(r.resolve_registry(), &registry.auth_for(&r)).await;
+        Session { registry, client, r, reference }
+    }
+
     fn map(&self, op: Op) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
         move |e| ImageError::Registry(self.registry.map_oci_error(self.reference, &self.r, op, e))
     }
 
-    fn bad(&self, reason: String) -> ImageError {
+    pub(super) fn bad(&self, reason: String) -> ImageError {
         ImageError::BadImage { reference: self.reference.to_owned(), reason }
     }
 
     /// Fetches the manifest or index that `r` names and checks its digest (against the
     /// reference's digest if it has one, or `expected`).
-    async fn manifest(&self, r: &Reference, expected: Option<&str>) -> Result<(Vec<u8>, String), ImageError> {
+    pub(super) async fn manifest(
+        &self,
+        r: &Reference,
+        expected: Option<&str>,
+    ) -> Result<(Vec<u8>, String), ImageError> {
         let (bytes, _) = self
             .client
             .pull_manifest_raw(r, &self.registry.auth_for(r), spec::ACCEPTED_MANIFESTS)
@@ -65,7 +84,7 @@ impl Session<'_> {
     }
 
     /// Downloads a small blob into memory, verified.
-    async fn small_blob(&self, desc: &spec::Descriptor, limit: u64) -> Result<Vec<u8>, ImageError> {
+    pub(super) async fn small_blob(&self, desc: &spec::Descriptor, limit: u64) -> Result<Vec<u8>, ImageError> {
         let size =
             u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
         if size > limit {
@@ -99,16 +118,27 @@ impl Session<'_> {
         Ok(out)
     }
 
-    /// Downloads a layer blob into the store unless present, resuming an earlier partial
-    /// download.
-    async fn layer(&self, store: &ImageStore, desc: &spec::Descriptor) -> Result<(), ImageError> {
+    /// Downloads a blob of at most its declared size into the store unless present, resuming
+    /// an earlier partial download, once per digest however many pulls want it at a time.
+    /// `check` (if any) sees the first bytes as they arrive and can refuse the blob.
+    pub(super) async fn blob(
+        &self,
+        store: &ImageStore,
+        desc: &spec::Descriptor,
+        check: Option<HeadCheck<'_>>,
+    ) -> Result<(), ImageError> {
         let blobs = store.blobs();
         if blobs.contains(&desc.digest) {
-            tracing::debug!(reference = self.reference, digest = %desc.digest, "layer already present");
+            tracing::debug!(reference = self.reference, digest = %desc.digest, "blob already present");
             return Ok(());
         }
         let size =
             u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
+        let _turn = blobs.fetch_turn(&desc.digest).await.map_err(ImageError::store(self.reference))?;
+        if blobs.contains(&desc.digest) {
+            tracing::debug!(reference = self.reference, digest = %desc.digest, "blob fetched by another pull meanwhile");
+            return Ok(());
+        }
         let store_err = ImageError::store(self.reference);
         let mut ingest = blobs.begin_resumable_ingest(&desc.digest).await.map_err(store_err)?;
         if ingest.offset() > size {
@@ -116,6 +146,12 @@ impl Session<'_> {
         }
         if ingest.offset() == size && size > 0 {
             // An earlier attempt got everything but did not commit.
+            if let Some(check) = check
+                && let Err(e) = check(ingest.head(), true)
+            {
+                ingest.discard();
+                return Err(e);
+            }
             match ingest.commit().await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::DigestMismatch { .. }) => {
@@ -154,9 +190,21 @@ impl Session<'_> {
                 });
             }
             ingest.write(&chunk).await.map_err(ImageError::store(self.reference))?;
+            if let Some(check) = check
+                && let Err(e) = check(ingest.head(), false)
+            {
+                ingest.discard();
+                return Err(e);
+            }
+        }
+        if let Some(check) = check
+            && let Err(e) = check(ingest.head(), true)
+        {
+            ingest.discard();
+            return Err(e);
         }
         ingest.commit().await.map_err(ImageError::store(self.reference))?;
-        tracing::debug!(reference = self.reference, digest = %desc.digest, size, "layer downloaded");
+        tracing::debug!(reference = self.reference, digest = %desc.digest, size, "blob downloaded");
         Ok(())
     }
 }
@@ -226,23 +274,21 @@ impl ImageStore {
         r: Reference,
         platform: &Platform,
     ) -> Result<ImageRecord, ImageError> {
-        let client = registry.client_for(&r);
-        client.store_auth_if_needed(r.resolve_registry(), &registry.auth_for(&r)).await;
-        let s = Session { registry, client, r, reference };
+        let s = Session::open(registry, r, reference).await;
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
         let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
-            .map_err(|e| s.bad(e))?
+            .map_err(|e| s.bad(e.to_string()))?
         {
             Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
             Parsed::Index(entries) => {
                 let entry = spec::select_platform(&entries, platform)
-                    .map_err(|reason| ImageError::Platform { reference: reference.to_owned(), reason })?;
+                    .map_err(|e| ImageError::Platform { reference: reference.to_owned(), reason: e.to_string() })?;
                 validate_digest(&entry.digest).map_err(|e| s.bad(format!("index entry digest: {e}")))?;
                 tracing::debug!(reference, digest = %entry.digest, %platform, "following image index");
                 let child = s.r.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
-                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e))? {
+                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e.to_string()))? {
                     Parsed::Manifest { config, layers } => {
                         (Some((top_bytes, top_digest)), bytes, digest, config, layers)
                     }
@@ -268,7 +314,7 @@ impl ImageStore {
 
         // Collected first: a lazy `map` over borrowed descriptors makes the future's `Send`
         // bound unprovable for callers that spawn it.
-        let fetches: Vec<_> = layers.iter().map(|l| s.layer(self, l)).collect();
+        let fetches: Vec<_> = layers.iter().map(|l| s.blob(self, l, None)).collect();
         stream::iter(fetches).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
 
         // Everything verified; now the small documents become visible too.

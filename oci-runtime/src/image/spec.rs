@@ -106,24 +106,46 @@ pub enum Parsed {
     },
 }
 
+/// What is wrong with a manifest or index document, or with the choice among its entries.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not JSON of a manifest or index.
+    #[error("not a manifest or index: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// A schema version other than 2.
+    #[error("unsupported schemaVersion {0}")]
+    SchemaVersion(u32),
+    /// Neither entries (an index) nor a config (a manifest).
+    #[error("document (media type {media_type}) is neither an image index nor an image manifest")]
+    Neither {
+        /// The document's media type, or "unspecified".
+        media_type: String,
+    },
+    /// No entry of an index fits the platform.
+    #[error("no manifest for platform {wanted} in image index (platforms: [{}])", available.join(", "))]
+    NoPlatform {
+        /// The platform wanted.
+        wanted: Platform,
+        /// The platforms the index has.
+        available: Vec<String>,
+    },
+}
+
 /// Parses a manifest or index; the error says what is wrong.
-pub fn parse_manifest(bytes: &[u8]) -> Result<Parsed, String> {
-    let m: AnyManifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest or index: {e}"))?;
+pub fn parse_manifest(bytes: &[u8]) -> Result<Parsed, ManifestError> {
+    let m: AnyManifest = serde_json::from_slice(bytes).map_err(ManifestError::NotJson)?;
     if m.schema_version != 2 {
-        return Err(format!("unsupported schemaVersion {}", m.schema_version));
+        return Err(ManifestError::SchemaVersion(m.schema_version));
     }
     match (m.manifests, m.config, m.layers) {
         (Some(entries), None, _) => Ok(Parsed::Index(entries)),
         (None, Some(config), layers) => Ok(Parsed::Manifest { config, layers: layers.unwrap_or_default() }),
-        _ => Err(format!(
-            "document (media type {}) is neither an image index nor an image manifest",
-            m.media_type.as_deref().unwrap_or("unspecified")
-        )),
+        _ => Err(ManifestError::Neither { media_type: m.media_type.unwrap_or_else(|| "unspecified".to_owned()) }),
     }
 }
 
 /// Picks the index entry for `platform`; the error lists the platforms the index has.
-pub fn select_platform<'a>(entries: &'a [Descriptor], platform: &Platform) -> Result<&'a Descriptor, String> {
+pub fn select_platform<'a>(entries: &'a [Descriptor], platform: &Platform) -> Result<&'a Descriptor, ManifestError> {
     entries
         .iter()
         .filter_map(|e| {
@@ -134,15 +156,15 @@ pub fn select_platform<'a>(entries: &'a [Descriptor], platform: &Platform) -> Re
         .rev()
         .max_by_key(|(rank, _)| *rank)
         .map(|(_, e)| e)
-        .ok_or_else(|| {
-            let available: Vec<String> = entries
+        .ok_or_else(|| ManifestError::NoPlatform {
+            wanted: platform.clone(),
+            available: entries
                 .iter()
                 .map(|e| match &e.platform {
                     Some(p) => Platform::new(&p.os, &p.architecture, p.variant.as_deref()).to_string(),
                     None => "unspecified".to_owned(),
                 })
-                .collect();
-            format!("no manifest for platform {platform} in image index (platforms: [{}])", available.join(", "))
+                .collect(),
         })
 }
 
@@ -264,7 +286,7 @@ mod tests {
         assert_eq!(pick("linux/arm/v7").unwrap(), entries[1].digest);
         assert_eq!(pick("linux/amd64").unwrap(), entries[3].digest);
         assert_eq!(pick("linux/amd64/v3").unwrap(), entries[2].digest);
-        let err = pick("linux/riscv64").unwrap_err();
+        let err = pick("linux/riscv64").unwrap_err().to_string();
         assert!(err.contains("linux/riscv64"), "{err}");
         assert!(err.contains("linux/arm/v6, linux/arm/v7, linux/amd64/v3, linux/amd64, unknown/unknown"), "{err}");
     }
@@ -276,9 +298,9 @@ mod tests {
         let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",
             "config":{"mediaType":"x","digest":"sha256:00","size":2},"layers":[]}"#;
         assert!(matches!(parse_manifest(m), Ok(Parsed::Manifest { .. })));
-        assert!(parse_manifest(br#"{"schemaVersion":1}"#).unwrap_err().contains("schemaVersion 1"));
-        assert!(parse_manifest(br#"{"schemaVersion":2}"#).unwrap_err().contains("neither"));
-        assert!(parse_manifest(b"nope").unwrap_err().contains("not a manifest"));
+        assert!(parse_manifest(br#"{"schemaVersion":1}"#).unwrap_err().to_string().contains("schemaVersion 1"));
+        assert!(parse_manifest(br#"{"schemaVersion":2}"#).unwrap_err().to_string().contains("neither"));
+        assert!(parse_manifest(b"nope").unwrap_err().to_string().contains("not a manifest"));
         assert!(is_layer_media_type(OCI_LAYER_ZSTD));
         assert!(is_layer_media_type("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"));
         assert!(!is_layer_media_type("application/wasm"));
