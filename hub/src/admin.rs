@@ -9,9 +9,9 @@ use std::fmt::Write as _;
 use proto::messages::{ApiRequest, ApiResponse, NodeView};
 use tracing::info;
 
+use crate::cluster::Shared;
 use crate::identity::{EditError, edit_labels, edit_taints};
 use crate::now_ms;
-use crate::server::Shared;
 use crate::store::{NewToken, StoreError};
 use crate::tokens::{self, TokenSpec};
 

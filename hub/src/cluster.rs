@@ -49,12 +49,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(
-        store: Store,
-        hub_id: String,
-        leader: watch::Receiver<bool>,
-        ca: Ca,
-    ) -> Shared {
+    pub(crate) fn new(store: Store, hub_id: String, leader: watch::Receiver<bool>, ca: Ca) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
         Shared {

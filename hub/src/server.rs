@@ -17,7 +17,7 @@
 //! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
 //! fails is refused with a reason and logged; every other connection keeps being served.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -83,12 +83,6 @@ impl From<u64> for Arg<'_> {
     }
 }
 
-impl From<Option<u64>> for Arg<'_> {
-    fn from(v: Option<u64>) -> Self {
-        Arg::OptI64(v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
-    }
-}
-
 impl From<bool> for Arg<'_> {
     fn from(v: bool) -> Self {
         Arg::I64(i64::from(v))

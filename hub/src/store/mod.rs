@@ -632,7 +632,12 @@ impl Store {
             .iter()
             .map(workload_row)
             .collect::<Result<Vec<_>>>()?;
-        let nodes = tx.fetch(&format!("SELECT {} ORDER BY name", identity::NODE_COLUMNS), &[]).await?.iter().map(identity::node_row).collect::<Result<Vec<_>>>()?;
+        let nodes = tx
+            .fetch(&format!("SELECT {} ORDER BY name", identity::NODE_COLUMNS), &[])
+            .await?
+            .iter()
+            .map(identity::node_row)
+            .collect::<Result<Vec<_>>>()?;
         // Not the template: the controller compares hashes, and a replica that takes a
         // template takes its workload's.
         let replicas = tx
