@@ -211,7 +211,7 @@ fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothi
     );
     c.add_agent("n1", &["--containers", "on"]);
     c.add_agent("n2", &["--containers", "on"]);
-    c.wait_for("two nodes", WAIT, || c.nodes().len() == 2);
+    c.wait_for("two Ready nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
 
     apply(&c, &workload("web", &image, "  replicas: 2\n  resources: {memory: 64Mi, cpu: 500m, pids: 32}\n"));
     c.wait_for("both container replicas running", WAIT, || running(&c, "web-0") && running(&c, "web-1"));
@@ -279,7 +279,7 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
     );
     let calm = push_busybox(&reg, c.dir.path(), "calm:v1", &["sleep", "100000"]);
     c.add_agent("oom-1", &["--containers", "on"]);
-    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
 
     apply(&c, &workload("calm", &calm, ""));
     c.wait_for("calm running", WAIT, || running(&c, "calm-0"));
@@ -380,7 +380,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("imported"), "{}", String::from_utf8_lossy(&out.stdout));
 
     c.add_agent("air-1", &["--containers", "on"]);
-    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     apply(&c, &workload("offline", reference, ""));
     c.wait_for("the imported image running", WAIT, || running(&c, "offline-0"));
     c.wait_for("its output", WAIT, || logs(&c, "offline-0").contains("offline ok"));
@@ -415,7 +415,7 @@ fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
     let image = push_busybox(&reg, c.dir.path(), "busybox:v1", &["sleep", "100000"]);
     // No disk has a million GiB free: every pull and container start is refused.
     c.add_agent("disk-1", &["--containers", "on", "--min-free-disk", "1000000Gi"]);
-    c.wait_for("node", WAIT, || c.nodes().len() == 1);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
     apply(&c, &workload("big", &image, ""));
     c.wait_for("the start refused for lack of disk", WAIT, || {
         replica(&c, "big-0").is_some_and(|r| match &r.status.last_termination {

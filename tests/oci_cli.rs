@@ -474,6 +474,49 @@ fn readonly_rootfs_and_bind_mounts() {
     b.assert_gone();
 }
 
+/// `readOnly` on a host path holds for every mount below it: with the host's `/` bound
+/// read-only, its `/proc/sys` (where `kernel/core_pattern` is a known way out of a container)
+/// and a tmpfs mounted under the bound dir refuse writes. The write to core_pattern writes
+/// back the value it read, so the host is unchanged even if the mount were writable.
+#[test]
+fn a_readonly_bind_is_readonly_all_the_way_down() {
+    if !can_run() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let sub = data.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&sub).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs under the bound dir");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(sub.clone());
+    let before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    let script = "(echo x > /data/sub/w) 2>/dev/null && echo sub-writable || echo sub-readonly; \
+                  p=$(cat /host/proc/sys/kernel/core_pattern); \
+                  (echo \"$p\" > /host/proc/sys/kernel/core_pattern) 2>/dev/null && echo proc-writable || echo proc-readonly; \
+                  (echo x > /host/tmp/flotilla-rro-probe) 2>/dev/null && echo host-writable || echo host-readonly";
+    let src = data.path().to_path_buf();
+    let b = Bundle::new("rro", &["sh", "-c", script], |i| {
+        i.binds = vec![
+            oci_runtime::container::BindMount { source: src, destination: "/data".into(), readonly: true },
+            oci_runtime::container::BindMount { source: "/".into(), destination: "/host".into(), readonly: true },
+        ];
+    });
+    let out = b.run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "sub-readonly\nproc-readonly\nhost-readonly\n");
+    assert!(!Path::new("/tmp/flotilla-rro-probe").exists());
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(), before);
+    // The host's own mounts are untouched: the tmpfs under the bound dir is still writable.
+    std::fs::write(sub.join("w"), "host side").unwrap();
+    b.assert_gone();
+}
+
 #[test]
 fn user_namespace_maps_root() {
     if !can_run() {

@@ -280,9 +280,16 @@ fn build_client(protocol: ClientProtocol) -> Client {
 }
 
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
-    reference
-        .parse::<Reference>()
-        .map_err(|e| RegistryError::InvalidReference { reference: reference.to_owned(), reason: e.to_string() })
+    let invalid = |reason: String| RegistryError::InvalidReference { reference: reference.to_owned(), reason };
+    let parsed = reference.parse::<Reference>().map_err(|e| invalid(e.to_string()))?;
+    // The normalised form is the artifact index's key, so it must name the same thing when
+    // read again. It does not when an upper-case first component ("Ux/app") is taken for a
+    // registry host but printed under docker.io (found by the `oci_json` fuzz target).
+    let whole = parsed.whole();
+    match whole.parse::<Reference>() {
+        Ok(again) if again.whole() == whole => Ok(parsed),
+        _ => Err(invalid(format!("ambiguous: it normalises to {whole:?}, which names something else"))),
+    }
 }
 
 /// Builds an HTTP header value without naming the `http` crate (oci-client does not re-export
@@ -400,7 +407,9 @@ mod tests {
 
     #[test]
     fn invalid_reference_is_named() {
-        for bad in ["", "a b", "x@sha256:abc", "x:tag:tag", "/x"] {
+        // "Ux/arm6441v/v8": the fuzz target's find, a reference whose normal form reads back as
+        // another.
+        for bad in ["", "a b", "x@sha256:abc", "x:tag:tag", "/x", "Ux/arm6441v/v8"] {
             let err = parse_reference(bad).unwrap_err();
             assert!(matches!(err, RegistryError::InvalidReference { .. }), "{bad}");
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");

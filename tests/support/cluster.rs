@@ -82,13 +82,15 @@ impl Drop for Proc {
     }
 }
 
+/// Dropped in field order: the agents, then the hub (each printing its log when the test
+/// panicked), and the directory holding those logs last.
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
-    pub hub_addr: String,
-    pub hub: Proc,
     pub agents: Vec<Proc>,
+    pub hub: Proc,
+    pub hub_addr: String,
     /// The hub's listen address when it differs from `hub_addr` (see [`Cluster::start_listening`]).
     pub hub_listen: Option<String>,
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {

@@ -408,6 +408,13 @@ fn mount_one(plan: &Plan, m: &MountPlan) -> Result<(), InitError> {
             mount(none, &target, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra, none)
                 .map_err(mount_err("remounting", &target))?;
         }
+        if m.recursive_readonly {
+            // Never silently weaker: a kernel without mount_setattr (before 5.12) fails the start.
+            sys::set_readonly_recursive(&target).map_err(|source| InitError::Io {
+                what: format!("making {} read-only recursively (mount_setattr, Linux 5.12 or later)", target.display()),
+                source,
+            })?;
+        }
     } else if m.fstype == "cgroup" {
         mount_cgroup(&target, m.flags)?;
     } else {

@@ -174,7 +174,9 @@ pub fn default_spec(inputs: &SpecInputs) -> Result<Spec, SpecError> {
     }
     for b in &inputs.binds {
         let mut options = vec!["rbind", "nosuid", "nodev"];
-        options.push(if b.readonly { "ro" } else { "rw" });
+        // Read-only all the way down: a host path's submounts (its /proc, /sys, cgroups when
+        // the path is `/`) are read-only too.
+        options.extend(if b.readonly { ["ro", "rro"].as_slice() } else { ["rw"].as_slice() });
         mounts.push(json!({"destination": b.destination, "type": "bind", "source": b.source, "options": options}));
     }
     let mut resources = serde_json::Map::new();
@@ -226,6 +228,10 @@ pub(crate) struct MountPlan {
     pub bind: bool,
     /// Propagation to set after mounting (MS_PRIVATE, MS_SLAVE, … with MS_REC).
     pub propagation: MsFlags,
+    /// `rro` (runtime-spec 1.1): read-only through every mount below the destination too
+    /// (`mount_setattr` with `AT_RECURSIVE`); plain `ro` leaves the submounts of an `rbind`
+    /// (a host's /proc, /sys, cgroups under `/`) writable.
+    pub recursive_readonly: bool,
 }
 
 /// A device node to create under /dev.
@@ -427,8 +433,20 @@ fn rlimit_resource(t: PosixRlimitType) -> Result<nix::sys::resource::Resource, S
     })
 }
 
+/// A mount's options, parsed.
+#[derive(Debug, PartialEq, Eq)]
+struct MountOptions {
+    flags: MsFlags,
+    bind: bool,
+    propagation: MsFlags,
+    /// What the filesystem gets as data: the options that are not flags.
+    data: String,
+    recursive_readonly: bool,
+}
+
 /// Mount options: flags to set, flags to clear, propagation, and the rest as fs data.
-fn parse_mount_options(options: &[String]) -> Result<(MsFlags, bool, MsFlags, String), SpecError> {
+fn parse_mount_options(options: &[String]) -> Result<MountOptions, SpecError> {
+    let mut recursive_readonly = false;
     let mut flags = MsFlags::empty();
     let mut propagation = MsFlags::empty();
     let mut bind = false;
@@ -437,6 +455,10 @@ fn parse_mount_options(options: &[String]) -> Result<(MsFlags, bool, MsFlags, St
         let (set, clear) = match o.as_str() {
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
             "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "rro" => {
+                recursive_readonly = true;
+                (MsFlags::MS_RDONLY, MsFlags::empty())
+            }
             "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
             "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
             "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
@@ -479,7 +501,7 @@ fn parse_mount_options(options: &[String]) -> Result<(MsFlags, bool, MsFlags, St
         };
         flags = (flags | set) & !clear;
     }
-    Ok((flags, bind, propagation, data.join(",")))
+    Ok(MountOptions { flags, bind, propagation, data: data.join(","), recursive_readonly })
 }
 
 fn propagation_flags(name: &str) -> Result<MsFlags, SpecError> {
@@ -608,7 +630,8 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
                 m.destination().display()
             )));
         }
-        let (flags, bind, propagation, data) = parse_mount_options(m.options().as_deref().unwrap_or(&[]))?;
+        let MountOptions { flags, bind, propagation, data, recursive_readonly } =
+            parse_mount_options(m.options().as_deref().unwrap_or(&[]))?;
         let fstype = m.typ().clone().unwrap_or_else(|| if bind { "bind".into() } else { String::new() });
         let bind = bind || fstype == "bind";
         match fstype.as_str() {
@@ -616,6 +639,12 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
             other => {
                 return Err(SpecError::Unsupported(format!("mount type {other:?} at {}", m.destination().display())));
             }
+        }
+        if recursive_readonly && !bind {
+            return Err(SpecError::Unsupported(format!(
+                "rro at {}: recursive read-only is for bind mounts",
+                m.destination().display()
+            )));
         }
         if bind && m.source().is_none() {
             return Err(SpecError::Inconsistent(format!("bind mount at {} has no source", m.destination().display())));
@@ -633,6 +662,7 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
             data,
             bind,
             propagation,
+            recursive_readonly,
         });
     }
     let mut devices = if dev_tmpfs { default_devices() } else { Vec::new() };
@@ -862,10 +892,13 @@ mod tests {
     #[test]
     fn mount_options_split_into_flags_and_data() {
         let opts: Vec<String> = ["nosuid", "ro", "mode=755", "size=1k", "rbind", "rslave"].map(String::from).to_vec();
-        let (flags, bind, prop, data) = parse_mount_options(&opts).unwrap();
-        assert!(flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC));
-        assert!(bind);
-        assert_eq!(prop, MsFlags::MS_SLAVE | MsFlags::MS_REC);
-        assert_eq!(data, "mode=755,size=1k");
+        let o = parse_mount_options(&opts).unwrap();
+        assert!(o.flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC));
+        assert!(o.bind);
+        assert_eq!(o.propagation, MsFlags::MS_SLAVE | MsFlags::MS_REC);
+        assert_eq!(o.data, "mode=755,size=1k");
+        assert!(!o.recursive_readonly, "plain ro is not recursive");
+        let o = parse_mount_options(&["rbind".to_string(), "rro".to_string()]).unwrap();
+        assert!(o.recursive_readonly && o.flags.contains(MsFlags::MS_RDONLY));
     }
 }

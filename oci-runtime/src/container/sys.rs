@@ -1,9 +1,9 @@
 //! The container executor's raw system calls: the few operations neither `std` nor `nix`
 //! offers safely (a fork-like `clone` with namespace flags, capability sets, ambient and
 //! bounding capabilities, seccomp filter installation, signal disposition reset, bringing up
-//! loopback, marking descriptors close-on-exec). This is the only file of the executor with
-//! `unsafe`; every block says why it is sound. It owns no state and must never be called from
-//! a process with more than one thread where it says so.
+//! loopback, marking descriptors close-on-exec, recursive read-only mounts). This is the only
+//! file of the executor with `unsafe`; every block says why it is sound. It owns no state and
+//! must never be called from a process with more than one thread where it says so.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -233,4 +233,28 @@ pub(crate) fn proc_start_time(pid: i32) -> Option<(u64, char)> {
 /// Number of threads of the calling process.
 pub(crate) fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Makes the mount at `path` and every mount below it read-only (`mount_setattr` with
+/// `AT_RECURSIVE`, Linux 5.12): a remount with `MS_RDONLY` changes only the top mount of an
+/// `rbind`, leaving a bound host `/`'s `/proc`, `/sys` and cgroups writable.
+pub(crate) fn set_readonly_recursive(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let attr = libc::mount_attr { attr_set: libc::MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: `c_path` is a NUL-terminated string and `attr` a fully initialised mount_attr,
+    // both alive for the call; the kernel reads `size_of::<mount_attr>()` bytes of `attr` and
+    // writes nothing to our memory.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            (libc::AT_RECURSIVE | libc::AT_NO_AUTOMOUNT) as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
