@@ -319,17 +319,28 @@ enum RolloutAction {
     },
 }
 
+/// A command-line value that does not parse; clap prints it with the flag it came from.
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error(transparent)]
+    Duration(#[from] proto::manifest::InvalidValue),
+    #[error("{value:?} is outside 1s..10m")]
+    GraceRange { value: String },
+    #[error("label {value:?} must be KEY=VALUE")]
+    Label { value: String },
+}
+
 /// A link timeout: a duration from 1 s to 10 min.
-fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
-    let ms = proto::manifest::parse_duration_ms(s).map_err(|e| e.to_string())?;
+fn parse_grace(s: &str) -> Result<std::time::Duration, ArgError> {
+    let ms = proto::manifest::parse_duration_ms(s)?;
     if !(1_000..=600_000).contains(&ms) {
-        return Err(format!("{s:?} is outside 1s..10m"));
+        return Err(ArgError::GraceRange { value: s.to_string() });
     }
     Ok(std::time::Duration::from_millis(ms))
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
+fn parse_label(s: &str) -> Result<(String, String), ArgError> {
+    let (k, v) = s.split_once('=').ok_or_else(|| ArgError::Label { value: s.to_string() })?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -814,4 +825,18 @@ fn is_wasm_file(path: &std::path::Path) -> Result<bool> {
     let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let n = std::io::Read::read(&mut f, &mut head).with_context(|| format!("reading {}", path.display()))?;
     Ok(n == 4 && head == *b"\0asm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_timeouts_and_labels_parse_or_say_why_not() {
+        assert_eq!(parse_grace("8s").unwrap(), std::time::Duration::from_secs(8));
+        assert_eq!(parse_grace("20m").unwrap_err().to_string(), "\"20m\" is outside 1s..10m");
+        assert!(matches!(parse_grace("soon"), Err(ArgError::Duration(_))));
+        assert_eq!(parse_label("a=b").unwrap(), ("a".to_string(), "b".to_string()));
+        assert_eq!(parse_label("ab").unwrap_err().to_string(), "label \"ab\" must be KEY=VALUE");
+    }
 }

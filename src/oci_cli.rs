@@ -149,37 +149,52 @@ struct SpecArgs {
     args: Vec<String>,
 }
 
-fn parse_version(s: &str) -> Result<CgroupVersion, String> {
+/// A command-line value of `flotilla oci` that does not parse; clap prints it with its flag.
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("cgroup version {value:?} is not auto, v1 or v2")]
+    CgroupVersion { value: String },
+    #[error("network {value:?} is not none or host")]
+    Network { value: String },
+    #[error("bind {value:?} is not SOURCE:DEST[:ro|rw]")]
+    Bind { value: String },
+    #[error("timeout {value:?} is not a number of seconds")]
+    TimeoutNotNumber { value: String },
+    #[error("timeout {value:?} is not a duration")]
+    TimeoutRange { value: String },
+}
+
+fn parse_version(s: &str) -> Result<CgroupVersion, ArgError> {
     match s {
         "auto" => Ok(CgroupVersion::Auto),
         "v1" | "1" => Ok(CgroupVersion::V1),
         "v2" | "2" => Ok(CgroupVersion::V2),
-        _ => Err(format!("cgroup version {s:?} is not auto, v1 or v2")),
+        _ => Err(ArgError::CgroupVersion { value: s.to_string() }),
     }
 }
 
-fn parse_network(s: &str) -> Result<NetworkMode, String> {
+fn parse_network(s: &str) -> Result<NetworkMode, ArgError> {
     match s {
         "none" => Ok(NetworkMode::None),
         "host" => Ok(NetworkMode::Host),
-        _ => Err(format!("network {s:?} is not none or host")),
+        _ => Err(ArgError::Network { value: s.to_string() }),
     }
 }
 
-fn parse_bind(s: &str) -> Result<BindMount, String> {
+fn parse_bind(s: &str) -> Result<BindMount, ArgError> {
     let parts: Vec<&str> = s.split(':').collect();
     let (source, destination, readonly) = match parts.as_slice() {
         [s, d] => (s, d, false),
         [s, d, "ro"] => (s, d, true),
         [s, d, "rw"] => (s, d, false),
-        _ => return Err(format!("bind {s:?} is not SOURCE:DEST[:ro|rw]")),
+        _ => return Err(ArgError::Bind { value: s.to_string() }),
     };
     Ok(BindMount { source: source.into(), destination: destination.into(), readonly })
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("timeout {s:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("timeout {s:?} is not a duration"))
+fn parse_timeout(s: &str) -> Result<Duration, ArgError> {
+    let secs: f64 = s.parse().map_err(|_| ArgError::TimeoutNotNumber { value: s.to_string() })?;
+    Duration::try_from_secs_f64(secs).map_err(|_| ArgError::TimeoutRange { value: s.to_string() })
 }
 
 /// `oci exec`: prints the command's output and returns its exit code (see `OciCommand::Exec`).
@@ -315,4 +330,23 @@ fn run(args: OciArgs) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_say_what_was_expected() {
+        assert!(matches!(parse_version("v2"), Ok(CgroupVersion::V2)));
+        let err = parse_version("v3").unwrap_err();
+        assert_eq!(err.to_string(), "cgroup version \"v3\" is not auto, v1 or v2");
+        assert_eq!(parse_network("bridge").unwrap_err().to_string(), "network \"bridge\" is not none or host");
+        let bind = parse_bind("/a:/b:ro").unwrap();
+        assert!(bind.readonly);
+        assert_eq!(parse_bind("/a").unwrap_err().to_string(), "bind \"/a\" is not SOURCE:DEST[:ro|rw]");
+        assert_eq!(parse_timeout("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_timeout("soon").unwrap_err().to_string(), "timeout \"soon\" is not a number of seconds");
+        assert_eq!(parse_timeout("-1").unwrap_err().to_string(), "timeout \"-1\" is not a duration");
+    }
 }

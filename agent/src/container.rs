@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oci_runtime::container::{self, BindMount, ExitInfo, RuntimeConfig, ShimHandle, ShimOptions, SpecInputs};
-use oci_runtime::{Image, ImageStore, Platform};
+use oci_runtime::{Image, ImageError, ImageStore, Platform};
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
 use proto::messages::Termination;
 use tracing::{info, warn};
 
 use crate::prober::{ExecTarget, ProbeTarget};
-use crate::runtime::{KeyedLocks, RunContext, RunControl, RunEnd, RunFuture, Runtime, VolumeStore, stopping};
+use crate::runtime::{
+    KeyedLocks, PrepareError, RunContext, RunControl, RunEnd, RunFuture, Runtime, VolumeStore, stopping,
+};
 
 /// Time between SIGTERM and SIGKILL when the workload does not say.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -111,17 +113,60 @@ impl ContainerRuntime {
 
     /// Whether this node can run containers: root, and the cgroup controllers the executor
     /// needs. Returns why not otherwise.
-    pub fn supported() -> Result<(), String> {
+    pub fn supported() -> Result<(), Unsupported> {
         if !nix_is_root() {
-            return Err("the agent does not run as root".into());
+            return Err(Unsupported::NotRoot);
         }
         let v1 = ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).is_dir());
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
         if !v1 && !v2 {
-            return Err("no usable cgroup hierarchy (memory, cpu and pids) under /sys/fs/cgroup".into());
+            return Err(Unsupported::NoCgroups);
         }
         Ok(())
     }
+}
+
+/// Why this node cannot run containers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    #[error("the agent does not run as root")]
+    NotRoot,
+    #[error("no usable cgroup hierarchy (memory, cpu and pids) under /sys/fs/cgroup")]
+    NoCgroups,
+}
+
+/// Why a container could not start: the run's start failure, as users read it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("cannot create {}: {error}", path.display())]
+    CreateDir { path: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    Overlay(#[from] container::OverlayError),
+    #[error("image {image} has no entrypoint or cmd; set spec.command")]
+    NoEntrypoint { image: String },
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Spec(#[from] container::SpecError),
+    #[error("cannot encode the runtime spec: {0}")]
+    EncodeSpec(serde_json::Error),
+    #[error("cannot write {}: {error}", path.display())]
+    Write { path: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    Shim(#[from] container::ShimError),
+}
+
+/// The image's `USER` names an account the image does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("image user {user:?} is not in the image's /etc/passwd")]
+    UnknownUser { user: String },
+    #[error("image group {group:?} is not in /etc/group")]
+    UnknownGroup { group: String },
 }
 
 fn nix_is_root() -> bool {
@@ -175,11 +220,11 @@ impl Inner {
                     ctx.started_at(self.probe_target(&id, h.pid(), ctx.template.network));
                     h
                 }
-                Err(message) => {
+                Err(e) => {
                     let this = self.clone();
                     let id = id.clone();
                     blocking(move || this.cleanup(&id, None)).await;
-                    return RunEnd::Ended(Termination::StartFailed { message });
+                    return RunEnd::Ended(Termination::StartFailed { message: e.to_string() });
                 }
             },
         };
@@ -257,7 +302,7 @@ impl Inner {
     }
 
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
-    async fn start(self: Arc<Self>, ctx: &RunContext, hash: &str) -> Result<ShimHandle, String> {
+    async fn start(self: Arc<Self>, ctx: &RunContext, hash: &str) -> Result<ShimHandle, StartError> {
         let t = &ctx.template;
         crate::runtime::check_disk_space(&self.bundles, self.min_free_disk)?;
         let image = {
@@ -265,12 +310,10 @@ impl Inner {
             match self.images.image(&t.image) {
                 // Pulled before (IfNotPresent): no registry contact, works offline.
                 Ok(image) => image,
-                Err(_) => {
-                    self.images.pull(&self.registry, &t.image, &self.platform).await.map_err(|e| e.to_string())?
-                }
+                Err(_) => self.images.pull(&self.registry, &t.image, &self.platform).await?,
             }
         };
-        let lowers = self.images.unpack(&image).await.map_err(|e| e.to_string())?;
+        let lowers = self.images.unpack(&image).await?;
         let this = self.clone();
         let (replica, template, hash) = (ctx.replica.clone(), t.clone(), hash.to_string());
         blocking(move || this.create(&replica, &template, &image, &lowers, &hash)).await
@@ -283,16 +326,16 @@ impl Inner {
         image: &Image,
         lowers: &[PathBuf],
         hash: &str,
-    ) -> Result<ShimHandle, String> {
+    ) -> Result<ShimHandle, StartError> {
         // Leftovers of an earlier run of this replica go first.
         self.cleanup(id, None);
         let bundle = self.bundles.join(id);
         let rootfs = bundle.join("rootfs");
         let (upper, work) = (bundle.join("upper"), bundle.join("work"));
         for d in [&rootfs, &upper, &work] {
-            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(|error| StartError::CreateDir { path: d.clone(), error })?;
         }
-        container::mount_overlay(lowers, &upper, &work, &rootfs).map_err(|e| e.to_string())?;
+        container::mount_overlay(lowers, &upper, &work, &rootfs)?;
 
         let c = &image.config;
         let args: Vec<String> = match (t.command.is_empty(), t.args.is_empty()) {
@@ -301,7 +344,7 @@ impl Inner {
             (true, true) => c.entrypoint.iter().chain(&c.cmd).cloned().collect(),
         };
         if args.is_empty() {
-            return Err(format!("image {} has no entrypoint or cmd; set spec.command", t.image));
+            return Err(StartError::NoEntrypoint { image: t.image.clone() });
         }
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for kv in &c.env {
@@ -335,11 +378,11 @@ impl Inner {
             rootfs: "rootfs".into(),
             ..SpecInputs::default()
         };
-        let mut spec = container::default_spec(&inputs).map_err(|e| e.to_string())?;
+        let mut spec = container::default_spec(&inputs)?;
         if let Some(linux) = spec.linux_mut() {
             linux.set_cgroups_path(Some(self.cgroup_parent.join(id)));
         }
-        let config = serde_json::to_vec_pretty(&spec).map_err(|e| format!("cannot encode the runtime spec: {e}"))?;
+        let config = serde_json::to_vec_pretty(&spec).map_err(StartError::EncodeSpec)?;
         write_file(&bundle.join("config.json"), &config)?;
         write_file(&bundle.join("template"), hash.as_bytes())?;
         let opts = ShimOptions {
@@ -348,7 +391,7 @@ impl Inner {
             log: self.logs_dir.join(format!("{id}.log")),
             log_max_bytes: self.log_max_bytes,
         };
-        let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts).map_err(|e| e.to_string())?;
+        let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts)?;
         info!(replica = id, pid = handle.pid(), shim = handle.shim_pid(), "container started");
         Ok(handle)
     }
@@ -437,8 +480,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
+    std::fs::write(path, bytes).map_err(|error| StartError::Write { path: path.to_path_buf(), error })
 }
 
 /// Whether `path` is a mount point (listed in this process's mountinfo).
@@ -450,7 +493,7 @@ fn is_mountpoint(path: &Path) -> bool {
 
 /// The image's `USER` as numeric ids: `uid`, `uid:gid`, or names looked up in the rootfs's
 /// `/etc/passwd` and `/etc/group`.
-fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
+fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), UserError> {
     let user = user.trim();
     if user.is_empty() {
         return Ok((0, 0));
@@ -470,16 +513,14 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
     };
     let (uid, primary) = match u.parse::<u32>() {
         Ok(n) => (n, None),
-        Err(_) => {
-            lookup("passwd", u, 2).ok_or_else(|| format!("image user {u:?} is not in the image's /etc/passwd"))?
-        }
+        Err(_) => lookup("passwd", u, 2).ok_or_else(|| UserError::UnknownUser { user: u.to_string() })?,
     };
     let gid = match g {
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
             Err(_) => lookup("group", g, 2)
                 .map(|(gid, _)| gid)
-                .ok_or_else(|| format!("image group {g:?} is not in /etc/group"))?,
+                .ok_or_else(|| UserError::UnknownGroup { group: g.to_string() })?,
         },
         None => primary.unwrap_or(0),
     };
@@ -502,7 +543,8 @@ mod tests {
         assert_eq!(resolve_user("42:7", dir.path()), Ok((42, 7)));
         assert_eq!(resolve_user("web", dir.path()), Ok((1000, 1001)));
         assert_eq!(resolve_user("web:staff", dir.path()), Ok((1000, 50)));
-        assert!(resolve_user("nobody", dir.path()).unwrap_err().contains("nobody"));
+        assert_eq!(resolve_user("nobody", dir.path()), Err(UserError::UnknownUser { user: "nobody".into() }));
+        assert!(resolve_user("nobody", dir.path()).unwrap_err().to_string().contains("nobody"));
         assert!(resolve_user("web:nogroup", dir.path()).is_err());
     }
 

@@ -137,7 +137,7 @@ pub enum ContainerSupport {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("containers were required but cannot run on this node: {0}")]
-    Containers(String),
+    Containers(container::Unsupported),
     #[error("invalid node name {name:?}: {message}")]
     InvalidName { name: String, message: String },
     #[error("cannot prepare {path}: {source}")]

@@ -139,8 +139,10 @@ impl ProbeSet {
         }
     }
 
-    /// Takes the result of one check of `kind` that finished at `now`.
-    pub fn record(&mut self, kind: ProbeKind, result: Result<(), String>, now: Instant) -> Option<Verdict> {
+    /// Takes the result of one check of `kind` that finished at `now`. A failure's error (the
+    /// shell's [`crate::prober::CheckError`]) is only ever shown, in the verdict's message: what
+    /// the probes decide depends on whether the check passed, never on why it failed.
+    pub fn record<E: fmt::Display>(&mut self, kind: ProbeKind, result: Result<(), E>, now: Instant) -> Option<Verdict> {
         if self.dead {
             return None;
         }
@@ -154,7 +156,7 @@ impl ProbeSet {
         let (failure_threshold, success_threshold) =
             (tracker.probe.failure_threshold.max(1), tracker.probe.success_threshold.max(1));
         let why = |n: u32| {
-            let err = result.as_ref().err().map(String::as_str).unwrap_or("");
+            let err = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
             format!("{kind} probe failed {n} time{} in a row: {err}", if n == 1 { "" } else { "s" })
         };
         match kind {
@@ -204,6 +206,11 @@ mod tests {
         }
     }
 
+    /// A passed check (its error type is never used).
+    fn ok() -> Result<(), &'static str> {
+        Ok(())
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -215,12 +222,12 @@ mod tests {
         let mut s = ProbeSet::new(&probes, t0);
         assert!(ProbeSet::ready_at_start(&probes), "no readiness probe: ready while running");
         assert_eq!(s.next_due(), Some((ProbeKind::Liveness, t0 + ms(500))));
-        let fail = || Err("connection refused".to_string());
+        let fail = || Err("connection refused");
         assert_eq!(s.record(ProbeKind::Liveness, fail(), t0 + ms(500)), None);
         assert_eq!(s.next_due(), Some((ProbeKind::Liveness, t0 + ms(1500))));
         assert_eq!(s.record(ProbeKind::Liveness, fail(), t0 + ms(1500)), None);
         // A success in between resets the streak.
-        assert_eq!(s.record(ProbeKind::Liveness, Ok(()), t0 + ms(2500)), None);
+        assert_eq!(s.record(ProbeKind::Liveness, ok(), t0 + ms(2500)), None);
         assert_eq!(s.record(ProbeKind::Liveness, fail(), t0 + ms(3500)), None);
         assert_eq!(s.record(ProbeKind::Liveness, fail(), t0 + ms(4500)), None);
         let v = s.record(ProbeKind::Liveness, fail(), t0 + ms(5500));
@@ -238,19 +245,19 @@ mod tests {
         let probes = Probes { readiness: Some(probe(0, 100, 2, 2)), ..Default::default() };
         assert!(!ProbeSet::ready_at_start(&probes));
         let mut s = ProbeSet::new(&probes, t0);
-        assert_eq!(s.record(ProbeKind::Readiness, Ok(()), t0), None);
-        let v = s.record(ProbeKind::Readiness, Ok(()), t0 + ms(100));
+        assert_eq!(s.record(ProbeKind::Readiness, ok(), t0), None);
+        let v = s.record(ProbeKind::Readiness, ok(), t0 + ms(100));
         assert_eq!(v, Some(Verdict::Ready { ready: true, message: "readiness probe passed".into() }));
-        assert_eq!(s.record(ProbeKind::Readiness, Ok(()), t0 + ms(200)), None, "no repeated verdicts");
-        assert_eq!(s.record(ProbeKind::Readiness, Err("HTTP 503".into()), t0 + ms(300)), None);
-        let v = s.record(ProbeKind::Readiness, Err("HTTP 503".into()), t0 + ms(400));
+        assert_eq!(s.record(ProbeKind::Readiness, ok(), t0 + ms(200)), None, "no repeated verdicts");
+        assert_eq!(s.record(ProbeKind::Readiness, Err("HTTP 503"), t0 + ms(300)), None);
+        let v = s.record(ProbeKind::Readiness, Err("HTTP 503"), t0 + ms(400));
         assert_eq!(
             v,
             Some(Verdict::Ready { ready: false, message: "readiness probe failed 2 times in a row: HTTP 503".into() })
         );
         // Readiness never kills.
         for i in 0..10 {
-            assert_eq!(s.record(ProbeKind::Readiness, Err("x".into()), t0 + ms(500 + i * 100)), None);
+            assert_eq!(s.record(ProbeKind::Readiness, Err("x"), t0 + ms(500 + i * 100)), None);
         }
         assert!(s.next_due().is_some());
     }
@@ -262,18 +269,18 @@ mod tests {
             Probes { startup: Some(probe(0, 100, 3, 1)), liveness: Some(probe(1000, 500, 1, 1)), readiness: None };
         let mut s = ProbeSet::new(&probes, t0);
         assert_eq!(s.next_due(), Some((ProbeKind::Startup, t0)));
-        assert_eq!(s.record(ProbeKind::Startup, Err("refused".into()), t0), None);
+        assert_eq!(s.record(ProbeKind::Startup, Err("refused"), t0), None);
         // Passing startup makes the run ready (no readiness probe) and hands over to liveness,
         // which keeps its own initial delay.
-        let v = s.record(ProbeKind::Startup, Ok(()), t0 + ms(100));
+        let v = s.record(ProbeKind::Startup, ok(), t0 + ms(100));
         assert_eq!(v, Some(Verdict::Ready { ready: true, message: "startup probe passed".into() }));
         assert_eq!(s.next_due(), Some((ProbeKind::Liveness, t0 + ms(1000))));
 
         let mut s = ProbeSet::new(&probes, t0);
         for i in 0..2 {
-            assert_eq!(s.record(ProbeKind::Startup, Err("refused".into()), t0 + ms(i * 100)), None);
+            assert_eq!(s.record(ProbeKind::Startup, Err("refused"), t0 + ms(i * 100)), None);
         }
-        let v = s.record(ProbeKind::Startup, Err("refused".into()), t0 + ms(200));
+        let v = s.record(ProbeKind::Startup, Err("refused"), t0 + ms(200));
         assert!(matches!(v, Some(Verdict::Kill { message }) if message.starts_with("startup probe failed 3 times")));
     }
 
@@ -284,9 +291,9 @@ mod tests {
             Probes { liveness: Some(probe(0, 300, 3, 1)), readiness: Some(probe(100, 200, 1, 1)), startup: None };
         let mut s = ProbeSet::new(&probes, t0);
         assert_eq!(s.next_due(), Some((ProbeKind::Liveness, t0)));
-        s.record(ProbeKind::Liveness, Ok(()), t0);
+        s.record(ProbeKind::Liveness, ok(), t0);
         assert_eq!(s.next_due(), Some((ProbeKind::Readiness, t0 + ms(100))));
-        s.record(ProbeKind::Readiness, Ok(()), t0 + ms(100));
+        s.record(ProbeKind::Readiness, ok(), t0 + ms(100));
         assert_eq!(s.next_due(), Some((ProbeKind::Liveness, t0 + ms(300))));
     }
 }

@@ -24,6 +24,27 @@ use crate::logs::LogSink;
 use crate::probe::Verdict;
 use crate::prober::ProbeTarget;
 
+/// Why a run could not get what it needs before it starts: disk space, its artifact, its
+/// volumes. Shown to users as the run's start failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot check free disk space on {}: {error}", path.display())]
+    DiskSpaceUnknown { path: PathBuf, error: nix::Error },
+    #[error(
+        "not enough disk space on {}: {} MiB free, {} MiB required (--min-free-disk)",
+        path.display(),
+        free >> 20,
+        required.div_ceil(1 << 20)
+    )]
+    DiskFull { path: PathBuf, free: u64, required: u64 },
+    #[error(transparent)]
+    Image(#[from] oci_runtime::ImageError),
+    #[error("volume {volume}: host path {} is not a directory on this node", path.display())]
+    VolumeNotDirectory { volume: String, path: PathBuf },
+    #[error("volume {volume}: cannot create {}: {error}", path.display())]
+    VolumeCreate { volume: String, path: PathBuf, error: std::io::Error },
+}
+
 /// What the shell learns about a run.
 #[derive(Debug)]
 pub enum RunEvent {
@@ -210,7 +231,7 @@ async fn fetch(
     images: &ImageStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
     min_free_disk: u64,
-) -> Result<PulledWasm, String> {
+) -> Result<PulledWasm, PrepareError> {
     let known = resolved.lock().unwrap_or_else(|p| p.into_inner()).get(image).cloned();
     if let Some(p) = known
         && p.path.exists()
@@ -226,7 +247,7 @@ async fn fetch(
         return Ok(p);
     }
     check_disk_space(images.blobs().root(), min_free_disk)?;
-    let pulled = images.pull_wasm(registry, image).await.map_err(|e| e.to_string())?;
+    let pulled = images.pull_wasm(registry, image).await?;
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
 }
@@ -235,20 +256,15 @@ async fn fetch(
 /// layer) when the file system holding `path` has less than `min_free` bytes left for
 /// unprivileged use, so that a full disk is a clear start failure (retried with back-off)
 /// rather than a half-written image or a node that cannot log.
-pub fn check_disk_space(path: &std::path::Path, min_free: u64) -> Result<(), String> {
+pub fn check_disk_space(path: &std::path::Path, min_free: u64) -> Result<(), PrepareError> {
     if min_free == 0 {
         return Ok(());
     }
     let st = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| format!("cannot check free disk space on {}: {e}", path.display()))?;
+        .map_err(|error| PrepareError::DiskSpaceUnknown { path: path.to_path_buf(), error })?;
     let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
     if free < min_free {
-        return Err(format!(
-            "not enough disk space on {}: {} MiB free, {} MiB required (--min-free-disk)",
-            path.display(),
-            free >> 20,
-            min_free.div_ceil(1 << 20)
-        ));
+        return Err(PrepareError::DiskFull { path: path.to_path_buf(), free, required: min_free });
     }
     Ok(())
 }
@@ -266,7 +282,11 @@ impl VolumeStore {
     }
 
     /// The host directory of each of a replica's volumes, scratch ones created on the way.
-    pub fn host_dirs<'v>(&self, replica: &str, volumes: &'v [Volume]) -> Result<Vec<(PathBuf, &'v Volume)>, String> {
+    pub fn host_dirs<'v>(
+        &self,
+        replica: &str,
+        volumes: &'v [Volume],
+    ) -> Result<Vec<(PathBuf, &'v Volume)>, PrepareError> {
         volumes
             .iter()
             .map(|v| {
@@ -274,18 +294,15 @@ impl VolumeStore {
                     Some(p) => {
                         let p = PathBuf::from(p);
                         if !p.is_dir() {
-                            return Err(format!(
-                                "volume {}: host path {} is not a directory on this node",
-                                v.name,
-                                p.display()
-                            ));
+                            return Err(PrepareError::VolumeNotDirectory { volume: v.name.clone(), path: p });
                         }
                         p
                     }
                     None => {
                         let p = self.dir.join(replica).join(&v.name);
-                        std::fs::create_dir_all(&p)
-                            .map_err(|e| format!("volume {}: cannot create {}: {e}", v.name, p.display()))?;
+                        if let Err(error) = std::fs::create_dir_all(&p) {
+                            return Err(PrepareError::VolumeCreate { volume: v.name.clone(), path: p, error });
+                        }
                         p
                     }
                 };
@@ -295,7 +312,7 @@ impl VolumeStore {
     }
 
     /// The directories a replica's volumes map to, as Wasm preopens.
-    fn preopens(&self, replica: &str, volumes: &[Volume]) -> Result<Vec<Preopen>, String> {
+    fn preopens(&self, replica: &str, volumes: &[Volume]) -> Result<Vec<Preopen>, PrepareError> {
         Ok(self
             .host_dirs(replica, volumes)?
             .into_iter()
@@ -334,7 +351,7 @@ impl Runtime for WasmRuntime {
             let preparing = preparing.lock(&t.image).await;
             let pulled = match fetch(&t.image, &registry, &images, &resolved, min_free_disk).await {
                 Ok(p) => p,
-                Err(e) => return failed(e),
+                Err(e) => return failed(e.to_string()),
             };
             let (h, digest, path) = (host.clone(), pulled.wasm_digest.clone(), pulled.path.clone());
             let program = match tokio::task::spawn_blocking(move || h.load(&digest, &path)).await {
@@ -345,7 +362,7 @@ impl Runtime for WasmRuntime {
             drop(preparing);
             let preopens = match volumes.preopens(&ctx.replica, &t.volumes) {
                 Ok(p) => p,
-                Err(e) => return failed(e),
+                Err(e) => return failed(e.to_string()),
             };
             let limits = Limits {
                 memory_bytes: t.memory_bytes,
@@ -430,12 +447,17 @@ mod tests {
     #[test]
     fn disk_guard_refuses_with_the_numbers() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(super::check_disk_space(dir.path(), 0), Ok(()));
-        assert_eq!(super::check_disk_space(dir.path(), 1), Ok(()));
+        for min_free in [0, 1] {
+            let r = super::check_disk_space(dir.path(), min_free);
+            assert!(r.is_ok(), "{r:?}");
+        }
         let err = super::check_disk_space(dir.path(), 1 << 60).unwrap_err();
+        assert!(matches!(err, super::PrepareError::DiskFull { required, .. } if required == 1 << 60), "{err:?}");
+        let err = err.to_string();
         assert!(err.starts_with("not enough disk space on"), "{err}");
         assert!(err.contains("MiB free, 1099511627776 MiB required"), "{err}");
         let err = super::check_disk_space(&dir.path().join("missing"), 1).unwrap_err();
-        assert!(err.contains("cannot check free disk space"), "{err}");
+        assert!(matches!(err, super::PrepareError::DiskSpaceUnknown { .. }), "{err:?}");
+        assert!(err.to_string().contains("cannot check free disk space"), "{err}");
     }
 }

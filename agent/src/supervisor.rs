@@ -94,11 +94,57 @@ enum AfterStop {
     Ended { how: Termination, since: Instant },
 }
 
+/// What a replica's status message currently says, as a type: the supervisor decides on this,
+/// never on the message text, and [`Replica::note`] writes both together so they cannot drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Note {
+    /// No message (running, or finished under its policy).
+    None,
+    /// About to start, or starting: "starting".
+    Starting,
+    /// The template changed and the new one is on its way: "updating to a new template".
+    Updating,
+    /// Waiting to restart: "back-off 3s before restarting".
+    BackOff { secs: u64 },
+    /// The stop of the current run has been asked of the runtime: "stopping".
+    Stopping,
+    /// Stopped because it was removed from the node: "stopped".
+    Stopped,
+    /// A liveness or startup probe failed; the run is being killed.
+    Unhealthy(String),
+    /// Carried over from the previous agent process's saved status of a finished replica (it
+    /// stays finished until a new template replaces the note with `Updating`).
+    Restored(String),
+}
+
+impl Note {
+    /// The human message users see.
+    fn message(&self) -> String {
+        match self {
+            Note::None => String::new(),
+            Note::Starting => "starting".into(),
+            Note::Updating => "updating to a new template".into(),
+            Note::BackOff { secs } => format!("back-off {secs}s before restarting"),
+            Note::Stopping => "stopping".into(),
+            Note::Stopped => "stopped".into(),
+            Note::Unhealthy(message) | Note::Restored(message) => message.clone(),
+        }
+    }
+
+    /// A start replaces no message, or a back-off's; other notes (an update in progress, a
+    /// probe failure) stay until the run has started.
+    fn replaced_by_start(&self) -> bool {
+        matches!(self, Note::None | Note::BackOff { .. })
+    }
+}
+
 #[derive(Debug)]
 struct Replica {
     assignment: Assignment,
     state: RunState,
     consecutive_failures: u32,
+    /// Why `status.message` says what it says; set only through [`Replica::note`].
+    note: Note,
     status: ReplicaStatus,
     /// Removed from the assignment set: forget it once stopped.
     removed: bool,
@@ -106,6 +152,14 @@ struct Replica {
     /// was running then. Its next start is then either an adoption (it kept running) or a
     /// restart caused by the agent's own restart, counted as one.
     resumed: Option<bool>,
+}
+
+impl Replica {
+    /// Sets what the status message says, and the message itself.
+    fn note(&mut self, note: Note) {
+        self.status.message = note.message();
+        self.note = note;
+    }
 }
 
 /// How the agent process before this one ended, as the next one finds out at start.
@@ -178,7 +232,7 @@ impl Supervisor {
                         _ => RunState::Ready,
                     };
                     if !was_removed {
-                        r.status.message = "updating to a new template".into();
+                        r.note(Note::Updating);
                         r.status.record(
                             now.wall_ms,
                             EventReason::Updating,
@@ -194,21 +248,20 @@ impl Supervisor {
                     let status = ReplicaStatus {
                         phase: Phase::Pending,
                         template_hash: a.template_hash.clone(),
-                        message: "starting".into(),
                         observed_at_ms: now.wall_ms,
                         ..Default::default()
                     };
-                    self.replicas.insert(
-                        name.to_string(),
-                        Replica {
-                            assignment: a.clone(),
-                            state: RunState::Ready,
-                            consecutive_failures: 0,
-                            status,
-                            removed: false,
-                            resumed: None,
-                        },
-                    );
+                    let mut replica = Replica {
+                        assignment: a.clone(),
+                        state: RunState::Ready,
+                        consecutive_failures: 0,
+                        note: Note::None,
+                        status,
+                        removed: false,
+                        resumed: None,
+                    };
+                    replica.note(Note::Starting);
+                    self.replicas.insert(name.to_string(), replica);
                     self.changed.insert(name.to_string());
                 }
             }
@@ -246,7 +299,7 @@ impl Supervisor {
             if matches!(old.phase, Phase::Succeeded | Phase::Failed) {
                 r.state = RunState::Done;
                 r.status.phase = old.phase;
-                r.status.message = old.message.clone();
+                r.note(Note::Restored(old.message.clone()));
             } else {
                 r.resumed = Some(old.phase == Phase::Running);
             }
@@ -288,7 +341,7 @@ impl Supervisor {
             None => r.status.record(now.wall_ms, EventReason::Started, ""),
         }
         r.status.phase = Phase::Running;
-        r.status.message.clear();
+        r.note(Note::None);
         r.status.ready = crate::probe::ProbeSet::ready_at_start(&r.assignment.template.probes);
         r.status.started_at_ms = Some(now.wall_ms);
         r.status.observed_at_ms = now.wall_ms;
@@ -334,21 +387,18 @@ impl Supervisor {
             let delay = backoff.delay(r.consecutive_failures);
             r.state = RunState::BackingOff { until: now.mono + delay };
             r.status.phase = Phase::Pending;
-            r.status.message = format!("back-off {}s before restarting", delay.as_secs_f64().ceil() as u64);
+            let secs = delay.as_secs_f64().ceil() as u64;
+            r.note(Note::BackOff { secs });
             let failures = r.consecutive_failures;
             r.status.record(
                 now.wall_ms,
                 EventReason::BackOff,
-                format!(
-                    "restarting in {}s ({failures} failure{} in a row)",
-                    delay.as_secs_f64().ceil() as u64,
-                    if failures == 1 { "" } else { "s" }
-                ),
+                format!("restarting in {secs}s ({failures} failure{} in a row)", if failures == 1 { "" } else { "s" }),
             );
         } else {
             r.state = RunState::Done;
             r.status.phase = if success { Phase::Succeeded } else { Phase::Failed };
-            r.status.message.clear();
+            r.note(Note::None);
         }
         r.status.last_termination = Some(how);
     }
@@ -372,7 +422,7 @@ impl Supervisor {
             Verdict::Kill { message } => {
                 r.status.ready = false;
                 r.status.record(now.wall_ms, EventReason::Unhealthy, format!("{message}; restarting"));
-                r.status.message = message.clone();
+                r.note(Note::Unhealthy(message.clone()));
                 let how = Termination::Unhealthy { message };
                 r.state = RunState::Stopping { run_id, then: AfterStop::Ended { how, since } };
             }
@@ -399,7 +449,7 @@ impl Supervisor {
             AfterStop::Forget => {
                 r.state = RunState::Done;
                 r.status.phase = Phase::Succeeded;
-                r.status.message = "stopped".into();
+                r.note(Note::Stopped);
             }
             AfterStop::Ended { how, since } => Self::ended(r, how, Some(since), self.backoff, now),
         }
@@ -430,8 +480,8 @@ impl Supervisor {
                         format!("image {}", r.assignment.template.image),
                     );
                     self.changed.insert(name.clone());
-                    if r.status.message.is_empty() || r.status.message.starts_with("back-off") {
-                        r.status.message = "starting".into();
+                    if r.note.replaced_by_start() {
+                        r.note(Note::Starting);
                         r.status.observed_at_ms = now.wall_ms;
                         self.changed.insert(name.clone());
                     }
@@ -441,8 +491,9 @@ impl Supervisor {
                         assignment: Box::new(r.assignment.clone()),
                     });
                 }
-                RunState::Stopping { run_id, .. } if !r.status.message.starts_with("stopping") => {
-                    r.status.message = "stopping".into();
+                // The note says whether this stop was already asked for.
+                RunState::Stopping { run_id, .. } if r.note != Note::Stopping => {
+                    r.note(Note::Stopping);
                     r.status.record(now.wall_ms, EventReason::Stopping, "");
                     self.changed.insert(name.clone());
                     out.push(Action::Stop { replica: name.clone(), run_id });
@@ -795,6 +846,21 @@ mod tests {
         assert_eq!(st.phase, Phase::Failed);
         assert!(!st.ready);
         assert!(s.poll_actions(c.now()).is_empty());
+    }
+
+    #[test]
+    fn decisions_do_not_depend_on_what_a_message_says() {
+        // A probe's failure text that reads like the supervisor's own messages must neither
+        // hold back the stop nor be mistaken for a back-off.
+        let c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id, c.now());
+        s.on_probe("w-0", id, Verdict::Kill { message: "stopping: GET /healthz: HTTP 500".into() }, c.now());
+        assert_eq!(s.poll_actions(c.now()), vec![Action::Stop { replica: "w-0".into(), run_id: id }]);
+        assert_eq!(s.statuses()["w-0"].message, "stopping");
+        assert!(s.poll_actions(c.now()).is_empty(), "one stop per run");
     }
 }
 

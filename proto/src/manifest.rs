@@ -554,7 +554,7 @@ impl Taint {
             _ => return Err(bad()),
         };
         let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
-        validate_label(key, value).map_err(|m| InvalidValue(format!("taint {s:?}: {m}")))?;
+        validate_label(key, value).map_err(|e| InvalidValue(format!("taint {s:?}: {e}")))?;
         Ok(Taint { key: key.into(), value: value.into(), effect })
     }
 }
@@ -603,6 +603,37 @@ impl From<String> for InvalidValue {
     fn from(message: String) -> Self {
         InvalidValue(message)
     }
+}
+
+/// A manifest field's value that breaks one of the rules below (labels, images, paths, probe
+/// handlers). The caller names the field; the text says what is wrong with the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("label key {key:?} must be 1-253 characters of letters, digits, '-', '_', '.', '/'")]
+    LabelKey { key: String },
+    #[error("label value {value:?} must be at most 63 characters of letters, digits, '-', '_', '.', '/'")]
+    LabelValue { value: String },
+    #[error("image must not be empty")]
+    EmptyImage,
+    #[error("image {image:?} contains whitespace or control characters")]
+    ImageCharacters { image: String },
+    #[error("{path:?} must be an absolute path")]
+    NotAbsolute { path: String },
+    #[error("{path:?} must not contain '..' or NUL")]
+    PathEscapes { path: String },
+    #[error("port must be between 1 and 65535")]
+    PortZero,
+    /// A Wasm probe names a port other than the one its component serves on.
+    #[error("a Wasm component listens on spec.http.port only ({http_port})")]
+    NotTheWasmPort { http_port: u16 },
+    #[error("set a port")]
+    NoPort,
+    #[error("set the port to probe")]
+    NoContainerPort,
+    #[error("no handler")]
+    NoHandler,
+    #[error(transparent)]
+    Value(#[from] InvalidValue),
 }
 
 /// Why a manifest was refused. `document` counts from 1 in a multi-document file; `path`
@@ -682,12 +713,12 @@ impl Manifest {
         }
         for (k, v) in &self.metadata.labels {
             if let Err(msg) = validate_label(k, v) {
-                return err(&format!("metadata.labels.{k}"), msg);
+                return err(&format!("metadata.labels.{k}"), msg.to_string());
             }
         }
         let spec = &self.spec;
         if let Err(msg) = validate_image(&spec.image) {
-            return err("spec.image", msg);
+            return err("spec.image", msg.to_string());
         }
         if let Some(r) = spec.replicas
             && r > MAX_REPLICAS
@@ -715,7 +746,7 @@ impl Manifest {
         }
         for (k, v) in &spec.node_selector {
             if let Err(msg) = validate_label(k, v) {
-                return err(&format!("spec.nodeSelector.{k}"), msg);
+                return err(&format!("spec.nodeSelector.{k}"), msg.to_string());
             }
         }
         if let Some(m) = &spec.resources.memory
@@ -815,7 +846,7 @@ impl Manifest {
                 return err(&path("name"), format!("volume {:?} is declared twice", v.name));
             }
             if let Err(msg) = validate_abs_path(&v.mount_path) {
-                return err(&path("mountPath"), msg);
+                return err(&path("mountPath"), msg.to_string());
             }
             if !mounts.insert(&v.mount_path) {
                 return err(&path("mountPath"), format!("{:?} is mounted twice", v.mount_path));
@@ -823,7 +854,7 @@ impl Manifest {
             if let Some(h) = &v.host_path
                 && let Err(msg) = validate_abs_path(h)
             {
-                return err(&path("hostPath"), msg);
+                return err(&path("hostPath"), msg.to_string());
             }
         }
         Ok(())
@@ -923,7 +954,7 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
     for (i, r) in spec.node_affinity.iter().enumerate() {
         let path = |f: &str| format!("spec.nodeAffinity[{i}].{f}");
         if let Err(msg) = validate_label(&r.key, "") {
-            return err(path("key"), msg);
+            return err(path("key"), msg.to_string());
         }
         match r.operator {
             SelectorOperator::In | SelectorOperator::NotIn if r.values.is_empty() => {
@@ -936,7 +967,7 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
         }
         for (j, v) in r.values.iter().enumerate() {
             if let Err(msg) = validate_label(&r.key, v) {
-                return err(format!("spec.nodeAffinity[{i}].values[{j}]"), msg);
+                return err(format!("spec.nodeAffinity[{i}].values[{j}]"), msg.to_string());
             }
         }
     }
@@ -954,7 +985,7 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
         if !t.key.is_empty()
             && let Err(msg) = validate_label(&t.key, &t.value)
         {
-            return err(path("key"), msg);
+            return err(path("key"), msg.to_string());
         }
     }
     for (field, v) in [("os", &spec.os), ("arch", &spec.arch)] {
@@ -967,7 +998,7 @@ fn validate_placement(name: &str, spec: &WorkloadSpec) -> Result<(), (String, St
     if let Some(key) = &spec.spread_by
         && let Err(msg) = validate_label(key, "")
     {
-        return err("spec.spreadBy".into(), msg);
+        return err("spec.spreadBy".into(), msg.to_string());
     }
     if let Failover::After(d) = &spec.failover
         && let Err(InvalidValue(msg)) = parse_duration_ms(d)
@@ -1035,35 +1066,33 @@ fn validate_probe(p: &ProbeSpec, spec: &WorkloadSpec, liveness_like: bool) -> Re
             "Wasm replicas are probed over HTTP: set spec.http to serve a wasi:http component".into(),
         ));
     }
-    p.resolve(spec).map(|_| ()).map_err(|m| {
+    p.resolve(spec).map(|_| ()).map_err(|e| {
         let sub = if p.http_get.is_some() { "httpGet.port" } else { "tcpSocket.port" };
-        (sub.to_string(), m)
+        (sub.to_string(), e.to_string())
     })
 }
 
 impl ProbeSpec {
     /// The probe as the agent runs it, with defaults filled in.
-    fn resolve(&self, spec: &WorkloadSpec) -> Result<Probe, String> {
-        let ms = |d: &Option<String>, default: u64| {
-            d.as_deref().map_or(Ok(default), parse_duration_ms).map_err(|InvalidValue(m)| m)
-        };
-        let port = |p: Option<u16>| -> Result<u16, String> {
+    fn resolve(&self, spec: &WorkloadSpec) -> Result<Probe, FieldError> {
+        let ms = |d: &Option<String>, default: u64| d.as_deref().map_or(Ok(default), parse_duration_ms);
+        let port = |p: Option<u16>| -> Result<u16, FieldError> {
             let wasm_port = spec.http.map(|h| h.port);
             match (spec.runtime, p) {
-                (_, Some(0)) => Err("port must be between 1 and 65535".into()),
+                (_, Some(0)) => Err(FieldError::PortZero),
                 (Runtime::Wasm, Some(p)) if Some(p) != wasm_port => {
-                    Err(format!("a Wasm component listens on spec.http.port only ({})", wasm_port.unwrap_or(0)))
+                    Err(FieldError::NotTheWasmPort { http_port: wasm_port.unwrap_or(0) })
                 }
                 (_, Some(p)) => Ok(p),
-                (Runtime::Wasm, None) => wasm_port.ok_or_else(|| "set a port".to_string()),
-                (Runtime::Container, None) => Err("set the port to probe".into()),
+                (Runtime::Wasm, None) => wasm_port.ok_or(FieldError::NoPort),
+                (Runtime::Container, None) => Err(FieldError::NoContainerPort),
             }
         };
         let action = match (&self.http_get, &self.tcp_socket, &self.exec) {
             (Some(h), _, _) => ProbeAction::Http { path: h.path.clone(), port: port(h.port)? },
             (_, Some(t), _) => ProbeAction::Tcp { port: port(t.port)? },
             (_, _, Some(e)) => ProbeAction::Exec { command: e.command.clone() },
-            _ => return Err("no handler".into()),
+            _ => return Err(FieldError::NoHandler),
         };
         Ok(Probe {
             action,
@@ -1142,41 +1171,39 @@ pub fn validate_name(name: &str) -> Result<(), InvalidValue> {
 
 /// A node label as a node selector can match it: the rules `metadata.labels` follow.
 pub fn validate_node_label(key: &str, value: &str) -> Result<(), InvalidValue> {
-    validate_label(key, value).map_err(InvalidValue)
+    validate_label(key, value).map_err(|e| InvalidValue(e.to_string()))
 }
 
-fn validate_label(key: &str, value: &str) -> Result<(), String> {
+fn validate_label(key: &str, value: &str) -> Result<(), FieldError> {
     let ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
     if key.is_empty() || key.len() > 253 || !ok(key) {
-        return Err(format!("label key {key:?} must be 1-253 characters of letters, digits, '-', '_', '.', '/'"));
+        return Err(FieldError::LabelKey { key: key.to_string() });
     }
     if value.len() > 63 || !ok(value) {
-        return Err(format!(
-            "label value {value:?} must be at most 63 characters of letters, digits, '-', '_', '.', '/'"
-        ));
+        return Err(FieldError::LabelValue { value: value.to_string() });
     }
     Ok(())
 }
 
 /// Checks that an image reference has a registry or repository and no whitespace. Full
 /// reference grammar is checked by the registry client when the agent pulls.
-fn validate_image(image: &str) -> Result<(), String> {
+fn validate_image(image: &str) -> Result<(), FieldError> {
     if image.is_empty() {
-        return Err("image must not be empty".into());
+        return Err(FieldError::EmptyImage);
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("image {image:?} contains whitespace or control characters"));
+        return Err(FieldError::ImageCharacters { image: image.to_string() });
     }
     Ok(())
 }
 
 /// An absolute path without `..` components or NUL bytes.
-fn validate_abs_path(p: &str) -> Result<(), String> {
+fn validate_abs_path(p: &str) -> Result<(), FieldError> {
     if !p.starts_with('/') {
-        return Err(format!("{p:?} must be an absolute path"));
+        return Err(FieldError::NotAbsolute { path: p.to_string() });
     }
     if p.contains('\0') || p.split('/').any(|c| c == "..") {
-        return Err(format!("{p:?} must not contain '..' or NUL"));
+        return Err(FieldError::PathEscapes { path: p.to_string() });
     }
     Ok(())
 }

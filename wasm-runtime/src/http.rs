@@ -30,9 +30,10 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
-use crate::{
-    ComponentState, Error, GuestEnv, Limits, OutputSink, Pre, Preopen, Program, WasmHost, describe_guest_failure,
-};
+use crate::program::Pre;
+use crate::run::describe_guest_failure;
+use crate::wasi::{ComponentState, GuestEnv};
+use crate::{Error, Limits, OutputSink, Preopen, Program, WasmHost};
 
 /// How long [`HttpServer::run`] waits, after cancelling the requests still running at the end of
 /// the grace period, for them to wind down (they stop at their next epoch tick).

@@ -1,5 +1,8 @@
 use super::*;
+use crate::cache::digest_hex;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 #[derive(Default)]
 struct Capture(Mutex<Vec<u8>>);
