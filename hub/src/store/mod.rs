@@ -37,7 +37,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use proto::manifest::{Manifest, ReplicaTemplate};
+use proto::manifest::Manifest;
 use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
@@ -143,13 +143,15 @@ pub struct NodeRow {
     pub draining: bool,
 }
 
+/// A replica as the API shows it: placement and status, and which template it runs by hash.
+/// The template itself (as large as a workload's environment) is read only where a node's
+/// set is built ([`Store::assignment_set`]), so listing replicas stays cheap.
 #[derive(Debug, Clone)]
 pub struct ReplicaRow {
     pub name: String,
     pub workload: String,
     pub index: u32,
     pub node: Option<String>,
-    pub template: ReplicaTemplate,
     pub template_hash: String,
     pub status: ReplicaStatus,
     pub unschedulable: String,
@@ -609,7 +611,7 @@ impl Store {
         let rows = self
             .pool
             .fetch(
-                "SELECT name, workload, idx, node, template, template_hash, status, unschedulable \
+                "SELECT name, workload, idx, node, template_hash, status, unschedulable \
                  FROM replicas ORDER BY workload, idx",
                 &[],
             )
@@ -995,10 +997,9 @@ fn replica_row(r: &Rec) -> Result<ReplicaRow> {
         workload: r.text(1)?,
         index: u32::try_from(r.i64(2)?).unwrap_or(u32::MAX),
         node: r.opt_text(3)?,
-        template: serde_json::from_str(&r.text(4)?).map_err(corrupt("replica", &name))?,
-        template_hash: r.text(5)?,
-        status: serde_json::from_str(&r.text(6)?).map_err(corrupt("replica", &name))?,
-        unschedulable: r.text(7)?,
+        template_hash: r.text(4)?,
+        status: serde_json::from_str(&r.text(5)?).map_err(corrupt("replica", &name))?,
+        unschedulable: r.text(6)?,
         name,
     })
 }
