@@ -257,7 +257,11 @@ impl Link {
         };
         reader.abort();
         warn!(reason = %reason, "lost the hub connection");
-        conn.close(0u32.into(), b"agent reconnecting");
+        // A connection the hub closed keeps the hub's reason (quinn replaces it with
+        // `LocallyClosed` on a local close), so the caller can still read a revocation.
+        if conn.close_reason().is_none() {
+            conn.close(0u32.into(), b"agent reconnecting");
+        }
         Ok(true)
     }
 }
