@@ -6,6 +6,7 @@
 use std::error::Error as StdError;
 use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -15,6 +16,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use crate::image::{Credentials, WasmArtifact};
+
+mod manifest;
+pub(crate) use manifest::ManifestError;
 
 /// Config media type of the CNCF Wasm OCI artifact layout.
 pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
@@ -118,6 +122,8 @@ pub struct Registry {
     credentials: Credentials,
     https: Client,
     http: Client,
+    /// Manifests and indexes are read through this, with a bound (see [`manifest`]).
+    manifests: Arc<manifest::ManifestReader>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -144,6 +150,7 @@ impl Registry {
         Self {
             https: build_client(ClientProtocol::Https),
             http: build_client(ClientProtocol::Http),
+            manifests: Arc::new(manifest::ManifestReader::new()),
             cfg,
             credentials: Credentials::default(),
         }
@@ -204,6 +211,19 @@ impl Registry {
         } else {
             &self.https
         }
+    }
+
+    /// The manifest or index `r` names, reading at most `limit` bytes of it, with the
+    /// registry's `Docker-Content-Digest` if it sent one.
+    pub(crate) async fn manifest_bounded(
+        &self,
+        r: &Reference,
+        accepted: &[&str],
+        limit: u64,
+    ) -> Result<(Vec<u8>, Option<String>), ManifestError> {
+        let plain = self.cfg.is_plain_http(r.registry()) || self.cfg.is_plain_http(r.resolve_registry());
+        let scheme = if plain { "http" } else { "https" };
+        self.manifests.get(self.client_for(r), scheme, r, &self.auth_for(r), accepted, limit).await
     }
 
     /// Credentials for the registry of `r`: the configured ones for its host, else anonymous.

@@ -17,7 +17,7 @@ use oci_client::{Client, Reference};
 
 use super::spec::{self, Parsed};
 use super::{Image, ImageError, ImageRecord, ImageStore, Platform, build_record};
-use crate::registry::{Op, READ_TIMEOUT, Registry, RegistryError, is_digest_verification, parse_reference};
+use crate::registry::{ManifestError, Op, READ_TIMEOUT, Registry, RegistryError, is_digest_verification, parse_reference};
 use crate::store::{StoreError, sha256_digest, validate_digest};
 
 /// Largest manifest or index accepted.
@@ -62,16 +62,19 @@ impl<'a> Session<'a> {
         r: &Reference,
         expected: Option<&str>,
     ) -> Result<(Vec<u8>, String), ImageError> {
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(r, &self.registry.auth_for(r), spec::ACCEPTED_MANIFESTS)
-            .await
-            .map_err(self.map(Op::Manifest))?;
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(self.bad(format!("manifest of {} bytes exceeds {MAX_MANIFEST_BYTES}", bytes.len())));
-        }
+        let (bytes, sent_digest) = match self.registry.manifest_bounded(r, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
+            Ok(got) => got,
+            Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
+            Err(ManifestError::TooLarge { limit, declared }) => {
+                let size = declared.map_or_else(|| "more than that".to_owned(), |n| format!("{n} bytes"));
+                return Err(self.bad(format!("manifest larger than the {limit}-byte limit ({size}); not read")));
+            }
+        };
         let actual = sha256_digest(&bytes);
-        if let Some(want) = expected.or(r.digest())
+        // The digest the registry says it sent is checked too when it is a sha256 one, as
+        // oci-client did: content changed on the way is refused even when pulled by tag.
+        let said = sent_digest.as_deref().filter(|d| d.starts_with("sha256:"));
+        if let Some(want) = expected.or(r.digest()).or(said)
             && want != actual
         {
             return Err(ImageError::DigestMismatch {
