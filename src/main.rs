@@ -56,6 +56,14 @@ enum Command {
         /// and the agent's --link-timeout), e.g. 8s or 30s.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
         node_grace: std::time::Duration,
+        /// How long node certificates last, e.g. 90d or 2160h (at least 30s). Agents renew
+        /// theirs two thirds into its life, over their link.
+        #[arg(long, default_value = "90d", value_parser = parse_cert_validity)]
+        node_cert_validity: std::time::Duration,
+        /// How long after its expiry a node certificate may still be renewed (an agent that was
+        /// offline past it), e.g. 30d; past it the node must join again with a token.
+        #[arg(long, default_value = "30d", value_parser = parse_cert_grace)]
+        node_cert_grace: std::time::Duration,
     },
     /// Run the edge agent.
     Agent {
@@ -326,6 +334,8 @@ enum ArgError {
     Duration(#[from] proto::manifest::InvalidValue),
     #[error("{value:?} is outside 1s..10m")]
     GraceRange { value: String },
+    #[error("{value:?} is outside {range}")]
+    Range { value: String, range: &'static str },
     #[error("label {value:?} must be KEY=VALUE")]
     Label { value: String },
 }
@@ -335,6 +345,24 @@ fn parse_grace(s: &str) -> Result<std::time::Duration, ArgError> {
     let ms = proto::manifest::parse_duration_ms(s)?;
     if !(1_000..=600_000).contains(&ms) {
         return Err(ArgError::GraceRange { value: s.to_string() });
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// A node certificate lifetime: 30 s to 10 years (the CA's own life).
+fn parse_cert_validity(s: &str) -> Result<std::time::Duration, ArgError> {
+    parse_range(s, 30_000, 10 * 365 * 86_400_000, "30s..3650d")
+}
+
+/// A renewal grace: up to a year.
+fn parse_cert_grace(s: &str) -> Result<std::time::Duration, ArgError> {
+    parse_range(s, 1_000, 365 * 86_400_000, "1s..365d")
+}
+
+fn parse_range(s: &str, min_ms: u64, max_ms: u64, range: &'static str) -> Result<std::time::Duration, ArgError> {
+    let ms = proto::manifest::parse_duration_ms(s)?;
+    if !(min_ms..=max_ms).contains(&ms) {
+        return Err(ArgError::Range { value: s.to_string(), range });
     }
     Ok(std::time::Duration::from_millis(ms))
 }
@@ -411,7 +439,16 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Hub { data_dir, listen, advertise, tls_names, datastore, node_grace } => {
+        Command::Hub {
+            data_dir,
+            listen,
+            advertise,
+            tls_names,
+            datastore,
+            node_grace,
+            node_cert_validity,
+            node_cert_grace,
+        } => {
             init_tracing();
             let hub = hub::Hub::start(hub::HubConfig {
                 data_dir,
@@ -421,6 +458,7 @@ async fn run(cli: Cli) -> Result<()> {
                 datastore,
                 node_grace,
                 limits: Default::default(),
+                certs: hub::identity::CertPolicy { node_validity: node_cert_validity, grace: node_cert_grace },
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);

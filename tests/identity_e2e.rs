@@ -10,6 +10,9 @@
 //!   certificate; its replica runs elsewhere.
 //! - A hub whose store was deleted and made anew stops nothing on its nodes.
 //! - An assignment set larger than a frame (20 MB) reaches its node.
+//! - Node certificates that last a minute renew over the link several times with no replica
+//!   restart and no NotReady, and an agent that was offline past its certificate's expiry
+//!   renews it within the hub's grace and comes back.
 //!
 //! Needs `/usr/bin/docker-registry` and the wasm32-wasip1 target (`scripts/install-deps.sh`);
 //! without the registry the tests skip and say why, except under CI (`CI` set), where they
@@ -101,7 +104,7 @@ fn an_impostor_cannot_take_a_nodes_name_and_the_real_replica_never_restarts() {
     let data = c.dir.path().join("impostor");
     let mut impostor = agent(&c, "edge-1", &data, Some(&c.token_path()), "impostor", &[]);
     refused(&mut impostor, "already exists");
-    assert!(!data.join("identity/node.crt").exists(), "no certificate was signed for the impostor");
+    assert!(!data.join("identity/node.pem").exists(), "no certificate was signed for the impostor");
     assert!(c.hub.log_text().contains("identity is not for the taking"), "the hub warns:\n{}", c.hub.log_text());
 
     // The real node kept its session the whole time.
@@ -245,4 +248,72 @@ fn an_assignment_set_larger_than_a_frame_reaches_its_node() {
     });
     let n = node(&c, "edge-1").unwrap();
     assert!(n.problem.is_empty(), "{}", n.problem);
+}
+
+/// Lines of the hub's log that record a renewal of `node`'s certificate.
+fn renewals(c: &Cluster, node: &str) -> usize {
+    c.hub
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("node certificate renewed") && l.contains(&format!("node={node}")))
+        .count()
+}
+
+fn cert_fingerprint(data: &Path) -> String {
+    transport::pki::fingerprint_pem(&std::fs::read_to_string(data.join("identity/node.pem")).unwrap()).unwrap()
+}
+
+#[test]
+fn node_certificates_renew_over_the_link_and_after_an_offline_expiry() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let image = push_hello(&reg);
+    let mut c = Cluster::start_with(&["--node-cert-validity", "60s", "--node-cert-grace", "10m"]);
+    c.add_agent("edge-1", &["--label", "site=one"]);
+    apply(&c, &manifest("hello", &image, 1, "  nodeSelector: {site: one}\n"));
+    c.wait_for("replica Running", WAIT, || running(&c, "hello").len() == 1);
+    let before = running(&c, "hello").remove(0);
+    let first_cert = cert_fingerprint(&c.agent_dir("edge-1"));
+
+    // edge-2 joins and goes offline at once; its certificate expires while it is away.
+    let data2 = c.dir.path().join("edge-2");
+    let mut edge2 = agent(&c, "edge-2", &data2, Some(&c.token_path()), "edge-2", &[]);
+    c.wait_for("edge-2 Ready", WAIT, || node(&c, "edge-2").is_some_and(|n| n.ready));
+    let offline_at = std::time::Instant::now();
+    edge2.kill();
+    let expired_cert = cert_fingerprint(&data2);
+
+    // Three renewals of edge-1's certificate (at 40 s, 80 s and 120 s), watched every second.
+    let start = std::time::Instant::now();
+    let mut not_ready = Vec::new();
+    let mut back = None;
+    while renewals(&c, "edge-1") < 3 || back.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(170), "3 renewals within 170 s; hub log:\n{}", c.hub.log_text());
+        if !node(&c, "edge-1").is_some_and(|n| n.ready) {
+            not_ready.push(start.elapsed());
+        }
+        if back.is_none() && offline_at.elapsed() > Duration::from_secs(70) {
+            // Offline past its certificate's end: it renews over the join protocol and comes back.
+            back = Some(agent(&c, "edge-2", &data2, None, "edge-2-back", &[]));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut back = back.unwrap();
+    c.wait_for("edge-2 Ready again", WAIT, || node(&c, "edge-2").is_some_and(|n| n.ready));
+    let back_log = back.log_text();
+    assert!(back_log.contains("certificate has expired; asking the hub to renew it"), "{back_log}");
+    assert_ne!(cert_fingerprint(&data2), expired_cert, "edge-2 holds a renewed certificate");
+    assert!(renewals(&c, "edge-2") >= 1);
+    back.kill();
+
+    assert!(not_ready.is_empty(), "edge-1 was NotReady at {not_ready:?}");
+    let after = running(&c, "hello");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].status.restarts, 0);
+    assert_eq!(after[0].status.started_at_ms, before.status.started_at_ms, "the replica was never restarted");
+    let log = c.agents[0].log_text();
+    assert!(!log.contains("lost the hub connection"), "renewals cost no reconnect:\n{log}");
+    assert!(log.matches("node certificate renewed").count() >= 3, "{log}");
+    assert_ne!(cert_fingerprint(&c.agent_dir("edge-1")), first_cert, "the renewed certificate is saved");
+    let described = c.ok(&["describe", "node", "edge-1"]);
+    assert!(described.contains("Certificate:  expires in"), "{described}");
 }

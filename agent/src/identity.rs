@@ -31,6 +31,11 @@ pub enum IdentityError {
     Revoked(String),
     #[error("the hub refused to let this node join: {0}")]
     Refused(String),
+    /// The certificate expired and the hub will not renew it; the text is the hub's reason.
+    #[error(
+        "this node's certificate expired and the hub will not renew it ({0}); start the agent with --token to join again"
+    )]
+    Expired(String),
     #[error("cannot reach the hub to join: {0}")]
     Unreachable(String),
     #[error("join failed: {0}")]
@@ -125,30 +130,9 @@ pub async fn load_or_join(
 
 async fn join(hub: &str, token: &JoinToken, node_name: &str, tuning: &tls::Tuning) -> Result<Identity, IdentityError> {
     let (key_pem, csr_pem) = pki::generate_csr(&format!("node:{node_name}"))?;
-    let addr = tls::resolve(hub).await.map_err(|e| IdentityError::Unreachable(e.to_string()))?;
-    let config = tls::client_config_pinned(&token.ca_fingerprint, ALPN_JOIN, tuning)
-        .map_err(|e| IdentityError::Protocol(e.to_string()))?;
-    let endpoint = tls::client_endpoint().map_err(|e| IdentityError::Unreachable(e.to_string()))?;
-    let conn = tls::connect(&endpoint, config, addr).await.map_err(|e| {
-        // A pin mismatch is not transient: the hub is not the one the token names.
-        let msg = e.to_string();
-        if msg.contains("fingerprint") { IdentityError::Refused(msg) } else { IdentityError::Unreachable(msg) }
-    })?;
-    let result = tokio::time::timeout(Duration::from_secs(15), async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| IdentityError::Unreachable(e.to_string()))?;
-        let req = JoinRequest { secret: token.secret.clone(), node_name: node_name.to_string(), csr_pem };
-        frame::write(&mut send, &req).await.map_err(|e| IdentityError::Protocol(e.to_string()))?;
-        let _ = send.finish();
-        frame::read::<JoinResponse>(&mut recv)
-            .await
-            .map_err(|e| IdentityError::Protocol(e.to_string()))?
-            .ok_or_else(|| IdentityError::Protocol("the hub closed the join stream without answering".into()))
-    })
-    .await
-    .map_err(|_| IdentityError::Unreachable("timed out waiting for the hub's answer".into()))?;
-    conn.close(0u32.into(), b"joined");
-    endpoint.wait_idle().await;
-    match result? {
+    let req =
+        JoinRequest { secret: token.secret.clone(), node_name: node_name.to_string(), csr_pem, renew_cert_pem: None };
+    match exchange(hub, &token.ca_fingerprint, &req, tuning).await? {
         JoinResponse::Accepted { cert_pem, ca_pem } => {
             // The hub could only have passed the pinned handshake with this CA, but check the
             // CA it hands over is the same one.
@@ -161,6 +145,86 @@ async fn join(hub: &str, token: &JoinToken, node_name: &str, tuning: &tls::Tunin
         }
         JoinResponse::Refused { message } => Err(IdentityError::Refused(message)),
     }
+}
+
+/// The request that renews `id`'s certificate: for the same key, which its signature proves
+/// this node holds.
+pub fn renewal_csr(id: &Identity, node_name: &str) -> Result<String, IdentityError> {
+    Ok(pki::csr_for_key(&id.key_pem, &format!("node:{node_name}"))?)
+}
+
+/// Renews a certificate that expired while the node was offline (the hub allows this for a
+/// grace period), over the join protocol: a session cannot be made with it. Saves and returns
+/// the renewed identity; [`IdentityError::Expired`] when the hub refuses.
+pub async fn renew_expired(
+    dir: &Path,
+    hub: &str,
+    id: &Identity,
+    node_name: &str,
+    tuning: &tls::Tuning,
+) -> Result<Identity, IdentityError> {
+    let req = JoinRequest {
+        secret: String::new(),
+        node_name: node_name.to_string(),
+        csr_pem: renewal_csr(id, node_name)?,
+        renew_cert_pem: Some(id.cert_pem.clone()),
+    };
+    match exchange(hub, &pki::fingerprint_pem(&id.ca_pem)?, &req, tuning).await? {
+        JoinResponse::Accepted { cert_pem, .. } => save_renewed(dir, id, &cert_pem),
+        JoinResponse::Refused { message } => Err(IdentityError::Expired(message)),
+    }
+}
+
+/// Saves `cert_pem`, the hub's renewal of `id`'s certificate, after checking it is for the
+/// same name and key (the node's key never changes on renewal, so one file write replaces the
+/// certificate atomically and a crash leaves the old or the new one, both usable).
+pub fn save_renewed(dir: &Path, id: &Identity, cert_pem: &str) -> Result<Identity, IdentityError> {
+    let old = pki::leaf_facts(&id.cert_pem)?;
+    let new = pki::leaf_facts(cert_pem)?;
+    if new.public_key != old.public_key || new.common_name != old.common_name {
+        return Err(IdentityError::Protocol(format!(
+            "the renewed certificate is for {:?} with another key; keeping the current one",
+            new.common_name
+        )));
+    }
+    let [_, cert_path, _] = files(dir);
+    write_private(&cert_path, cert_pem)?;
+    let expires = new.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    tracing::info!(expires_unix = expires, "node certificate renewed");
+    Ok(Identity { cert_pem: cert_pem.to_string(), ..id.clone() })
+}
+
+/// One request and one answer over a join connection to `hub`, whose CA must have the
+/// fingerprint `pin`.
+async fn exchange(
+    hub: &str,
+    pin: &str,
+    req: &JoinRequest,
+    tuning: &tls::Tuning,
+) -> Result<JoinResponse, IdentityError> {
+    let addr = tls::resolve(hub).await.map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let config =
+        tls::client_config_pinned(pin, ALPN_JOIN, tuning).map_err(|e| IdentityError::Protocol(e.to_string()))?;
+    let endpoint = tls::client_endpoint().map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let conn = tls::connect(&endpoint, config, addr).await.map_err(|e| {
+        // A pin mismatch is not transient: the hub is not the one the token names.
+        let msg = e.to_string();
+        if msg.contains("fingerprint") { IdentityError::Refused(msg) } else { IdentityError::Unreachable(msg) }
+    })?;
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+        frame::write(&mut send, req).await.map_err(|e| IdentityError::Protocol(e.to_string()))?;
+        let _ = send.finish();
+        frame::read::<JoinResponse>(&mut recv)
+            .await
+            .map_err(|e| IdentityError::Protocol(e.to_string()))?
+            .ok_or_else(|| IdentityError::Protocol("the hub closed the join stream without answering".into()))
+    })
+    .await
+    .map_err(|_| IdentityError::Unreachable("timed out waiting for the hub's answer".into()))?;
+    conn.close(0u32.into(), b"joined");
+    endpoint.wait_idle().await;
+    result
 }
 
 /// What to do with an assignment set from store `offered`, for a node bound to `known`.

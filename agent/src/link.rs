@@ -17,14 +17,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::messages::{
-    AgentMsg, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, ReplicaStatus, StreamStart,
+    AgentMsg, AgentRequest, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, RenewResponse, ReplicaStatus,
+    StreamStart,
 };
 use proto::token::JoinToken;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use transport::{ALPN_AGENT, frame, tls};
+use transport::{ALPN_AGENT, frame, pki, tls};
 
 use crate::identity::{self, IdentityError};
 use crate::logs::LogStore;
@@ -34,6 +35,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a burst of network change events gets to settle before a reconnect.
 const NETWORK_SETTLE: Duration = Duration::from_millis(200);
+/// How long a certificate renewal over the session may take.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Link {
     /// Hub address HOST:PORT, or several separated by commas (hubs sharing one store): the
@@ -77,10 +80,13 @@ impl Link {
         // One TLS client config for as long as the identity is the same: it holds the session
         // tickets, so reconnects resume the TLS session instead of a full handshake.
         let mut tls_cache: Option<(String, quinn::ClientConfig)> = None;
+        // Set when a hub refused the handshake because this node's certificate expired (by the
+        // hub's clock, which may be ahead of this node's): the next attempt renews it first.
+        let mut expired = false;
         loop {
             let hub = hubs[turn % hubs.len()].clone();
             turn = turn.wrapping_add(1);
-            match self.session(&hub, &mut tls_cache).await {
+            match self.session(&hub, &mut tls_cache, &mut expired).await {
                 Ok(was_up) => {
                     if was_up {
                         backoff = BACKOFF_MIN;
@@ -127,14 +133,30 @@ impl Link {
         &mut self,
         hub: &str,
         tls_cache: &mut Option<(String, quinn::ClientConfig)>,
+        expired: &mut bool,
     ) -> Result<bool, SessionError> {
-        let id = identity::load_or_join(&self.identity_dir, hub, self.token.as_ref(), &self.node_name, &self.tuning)
-            .await
-            .map_err(
-                |e| {
-                    if e.is_transient() { SessionError::Transient(e.to_string()) } else { SessionError::Fatal(e) }
-                },
-            )?;
+        let classify = |e: IdentityError| {
+            if e.is_transient() { SessionError::Transient(e.to_string()) } else { SessionError::Fatal(e) }
+        };
+        let mut id =
+            identity::load_or_join(&self.identity_dir, hub, self.token.as_ref(), &self.node_name, &self.tuning)
+                .await
+                .map_err(classify)?;
+        let lapsed = pki::leaf_facts(&id.cert_pem).is_ok_and(|l| l.not_after <= std::time::SystemTime::now());
+        if lapsed || *expired {
+            // A node back from a long time offline: no session can be made with an expired
+            // certificate, so renew it over the join protocol, within the hub's grace period.
+            info!(%hub, "this node's certificate has expired; asking the hub to renew it");
+            id = identity::renew_expired(&self.identity_dir, hub, &id, &self.node_name, &self.tuning)
+                .await
+                .map_err(|e| {
+                    if let IdentityError::Expired(reason) = &e {
+                        tracing::error!(%reason, "the hub will not renew this node's expired certificate; join again with a token");
+                    }
+                    classify(e)
+                })?;
+            *expired = false;
+        }
         let addr = tls::resolve(hub).await.map_err(|e| SessionError::Transient(e.to_string()))?;
         let config = match tls_cache {
             Some((cert, config)) if *cert == id.cert_pem => config.clone(),
@@ -148,10 +170,17 @@ impl Link {
         let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
         self.network.borrow_and_update();
         let conn = tokio::select! {
-            r = tls::connect(&endpoint, config, addr) => r.map_err(|e| SessionError::Transient(e.to_string()))?,
+            r = tls::connect(&endpoint, config, addr) => r.map_err(|e| {
+                let msg = e.to_string();
+                // The hub's TLS refuses an expired client certificate with alert 45.
+                if msg.contains("error 45") || msg.to_ascii_lowercase().contains("expired") {
+                    *expired = true;
+                }
+                SessionError::Transient(msg)
+            })?,
             Ok(()) = self.network.changed() => return Err(SessionError::NetworkChanged),
         };
-        let result = self.established(hub, &conn, &endpoint).await;
+        let result = self.established(hub, &conn, &endpoint, id).await;
         // However the session ended, a hub that revoked this certificate said so in its close.
         if let Some(reason) = revoked(&conn) {
             tracing::error!(%reason, "the hub revoked this node's certificate; not retrying");
@@ -169,8 +198,12 @@ impl Link {
         hub: &str,
         conn: &quinn::Connection,
         endpoint: &quinn::Endpoint,
+        mut id: identity::Identity,
     ) -> Result<bool, SessionError> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionError::Transient(e.to_string()))?;
+        // The certificate is renewed over this session two thirds into its life.
+        let mut renew_at = renewal_deadline(&id.cert_pem);
+        let mut renewal: Option<tokio::task::JoinHandle<Result<String, String>>> = None;
 
         let mut sent = self.statuses.borrow_and_update().clone();
         let mut acked = *self.acked.borrow_and_update();
@@ -229,6 +262,35 @@ impl Link {
                 _ = heartbeat.tick() => {
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await { break e.to_string() }
                 }
+                _ = tokio::time::sleep_until(renew_at.unwrap_or_else(far_future)), if renewal.is_none() && renew_at.is_some() => {
+                    match identity::renewal_csr(&id, &self.node_name) {
+                        Ok(csr_pem) => {
+                            info!("renewing this node's certificate");
+                            renewal = Some(tokio::spawn(request_renewal(conn.clone(), csr_pem)));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot make a certificate renewal request");
+                            renew_at = None;
+                        }
+                    }
+                }
+                done = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
+                    renewal = None;
+                    let saved = done
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                        .and_then(|cert_pem| identity::save_renewed(&self.identity_dir, &id, &cert_pem).map_err(|e| e.to_string()));
+                    match saved {
+                        Ok(renewed) => {
+                            id = renewed;
+                            renew_at = renewal_deadline(&id.cert_pem);
+                        }
+                        Err(e) => {
+                            let retry = renewal_retry(&id.cert_pem);
+                            warn!(error = %e, retry_ms = retry.as_millis() as u64, "certificate renewal failed; retrying");
+                            renew_at = Some(tokio::time::Instant::now() + retry);
+                        }
+                    }
+                }
                 changed = self.acked.changed() => {
                     if changed.is_err() { break "agent shutting down".into() }
                     let g = *self.acked.borrow_and_update();
@@ -256,6 +318,9 @@ impl Link {
             }
         };
         reader.abort();
+        if let Some(r) = renewal {
+            r.abort();
+        }
         warn!(reason = %reason, "lost the hub connection");
         // A connection the hub closed keeps the hub's reason (quinn replaces it with
         // `LocallyClosed` on a local close), so the caller can still read a revocation.
@@ -264,6 +329,46 @@ impl Link {
         }
         Ok(true)
     }
+}
+
+/// When to renew the certificate `cert_pem` (two thirds into its life), on the monotonic
+/// clock; `None` if it cannot be read.
+fn renewal_deadline(cert_pem: &str) -> Option<tokio::time::Instant> {
+    let leaf = pki::leaf_facts(cert_pem).ok()?;
+    let wait = leaf.renew_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    Some(tokio::time::Instant::now() + wait)
+}
+
+/// How long to wait before trying a failed renewal again: a tenth of what is left of the
+/// certificate's life, from 1 s to 10 min.
+fn renewal_retry(cert_pem: &str) -> Duration {
+    let left = pki::leaf_facts(cert_pem)
+        .ok()
+        .and_then(|l| l.not_after.duration_since(std::time::SystemTime::now()).ok())
+        .unwrap_or_default();
+    (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(600))
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Asks the hub, over the session, to renew the certificate the session was made with.
+/// Returns the new certificate (PEM) or why not.
+async fn request_renewal(conn: quinn::Connection, csr_pem: String) -> Result<String, String> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        frame::write(&mut send, &AgentRequest::Renew { csr_pem }).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match frame::read::<RenewResponse>(&mut recv).await.map_err(|e| e.to_string())? {
+            Some(RenewResponse::Renewed { cert_pem }) => Ok(cert_pem),
+            Some(RenewResponse::Refused { message }) => Err(format!("the hub refused: {message}")),
+            None => Err("the hub closed the stream without answering".into()),
+        }
+    };
+    tokio::time::timeout(RENEW_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer from the hub (one too old to renew certificates?)".into()))
 }
 
 /// The hub's reason when it closed `conn` because it revoked this node's certificate.

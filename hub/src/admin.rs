@@ -146,6 +146,15 @@ pub(crate) fn describe_identity(s: &mut String, n: &NodeView) {
     if !n.joined_with.is_empty() {
         let _ = writeln!(s, "Joined with:  token {}", n.joined_with);
     }
+    if let Some(expires) = n.cert_expires_ms {
+        let now = now_ms();
+        let when = if expires > now {
+            format!("expires in {}", crate::identity::span(std::time::Duration::from_millis(expires - now)))
+        } else {
+            format!("expired {} ago", crate::identity::span(std::time::Duration::from_millis(now - expires)))
+        };
+        let _ = writeln!(s, "Certificate:  {when} (renewed by the agent two thirds into its life)");
+    }
     if !n.problem.is_empty() {
         let _ = writeln!(s, "Problem:      {}", n.problem);
     }

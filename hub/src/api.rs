@@ -243,6 +243,7 @@ pub(crate) async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreEr
             notices: n.notices.iter().map(|x| x.to_string()).collect(),
             problem: n.problem,
             joined_with: n.joined_with,
+            cert_expires_ms: n.cert_not_after_ms,
         })
         .collect())
 }

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     /// operations only, never held across an await.
     pub(crate) remote_connected: Mutex<HashSet<String>>,
     pub(crate) ca: Ca,
+    /// Node certificate lifetime and renewal grace.
+    pub(crate) certs: crate::identity::CertPolicy,
     /// std Mutex: held only for map operations, never across an await.
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
@@ -49,7 +51,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(store: Store, hub_id: String, leader: watch::Receiver<bool>, ca: Ca) -> Shared {
+    pub(crate) fn new(
+        store: Store,
+        hub_id: String,
+        leader: watch::Receiver<bool>,
+        ca: Ca,
+        certs: crate::identity::CertPolicy,
+    ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
         Shared {
@@ -59,6 +67,7 @@ impl Shared {
             leader,
             remote_connected: Mutex::new(HashSet::new()),
             ca,
+            certs,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),

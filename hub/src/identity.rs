@@ -8,6 +8,12 @@
 //!   CA-signed certificate for a name the store has no record of (a store reset or restored
 //!   from an older backup, or a node that joined before certificates were recorded) is
 //!   recorded at its first connect, so such a store does not lock its fleet out.
+//! - **Renewal.** [`check_renewal`] decides whether a node certificate may be renewed: it
+//!   must name the node, be the CA's (checked by the caller), be within the grace period after
+//!   its expiry, and the request must be signed by the key the certificate names (renewal
+//!   keeps the node's key, so a request is proof of holding it). The certificate it replaces
+//!   stays admitted as the node's *previous* one until the next renewal or a re-join, so an
+//!   agent that lost the new certificate before saving it can still connect and renew again.
 //! - **Labels and taints.** The agent claims labels, taints and capacity in its hello; admins
 //!   set labels and taints with `flotilla label|taint node` or through the token a node joins
 //!   with. [`effective`] makes what the scheduler sees: admin labels override claimed ones,
@@ -99,6 +105,21 @@ pub fn effective(
     (facts, notices)
 }
 
+/// How long node certificates last and how long after expiry they may still be renewed
+/// (`hub --node-cert-validity`, `--node-cert-grace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertPolicy {
+    pub node_validity: std::time::Duration,
+    pub grace: std::time::Duration,
+}
+
+impl Default for CertPolicy {
+    fn default() -> Self {
+        const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+        CertPolicy { node_validity: DAY * 90, grace: DAY * 30 }
+    }
+}
+
 /// What the store knows of the certificate a node presents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertVerdict {
@@ -106,6 +127,9 @@ pub enum CertVerdict {
     Current,
     /// No certificate is recorded for the name: record this one.
     Record,
+    /// The certificate the current one renewed: still admitted (an agent may have lost the
+    /// new one before saving it).
+    Previous,
     /// The name has another current certificate (a re-join replaced this one).
     Replaced,
     /// Revoked: the node was deleted, or this certificate was replaced.
@@ -114,13 +138,13 @@ pub enum CertVerdict {
 
 impl CertVerdict {
     pub fn admits(self) -> bool {
-        matches!(self, CertVerdict::Current | CertVerdict::Record)
+        matches!(self, CertVerdict::Current | CertVerdict::Record | CertVerdict::Previous)
     }
 
     /// The close reason a refused agent gets (it logs it and stops retrying).
     pub fn reason(self, node: &str) -> String {
         match self {
-            CertVerdict::Current | CertVerdict::Record => String::new(),
+            CertVerdict::Current | CertVerdict::Record | CertVerdict::Previous => String::new(),
             CertVerdict::Replaced => format!(
                 "the certificate of node {node} was replaced by a re-join; this one is revoked: join again with a token"
             ),
@@ -132,17 +156,86 @@ impl CertVerdict {
 }
 
 /// `recorded` is `None` when the store has no node of that name, else the node's recorded
-/// certificate (`None` when none is recorded yet); `revoked` whether the store revoked
-/// `presented`.
-pub fn certificate_verdict(recorded: Option<Option<&str>>, revoked: bool, presented: &str) -> CertVerdict {
+/// certificate (`None` when none is recorded yet); `previous` the one the current certificate
+/// renewed; `revoked` whether the store revoked `presented`.
+pub fn certificate_verdict(
+    recorded: Option<Option<&str>>,
+    previous: Option<&str>,
+    revoked: bool,
+    presented: &str,
+) -> CertVerdict {
     if revoked {
         return CertVerdict::Revoked;
     }
     match recorded {
         None | Some(None) => CertVerdict::Record,
         Some(Some(current)) if current == presented => CertVerdict::Current,
+        Some(Some(_)) if previous == Some(presented) => CertVerdict::Previous,
         Some(Some(_)) => CertVerdict::Replaced,
     }
+}
+
+/// Why the hub will not renew a node certificate. The agent logs it; once its certificate
+/// has expired, it must join again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewRefusal {
+    #[error("the certificate is not one this cluster's CA issued to a node: {0}")]
+    NotOurs(String),
+    #[error("the certificate is for {cert:?}, not for node {node:?}")]
+    OtherNode { cert: String, node: String },
+    #[error("the signing request is not for the certificate's key (renewal keeps the node's key)")]
+    OtherKey,
+    #[error(
+        "the certificate expired {} ago, past the {} grace period for renewal: join again with a token",
+        span(*ago),
+        span(*grace)
+    )]
+    PastGrace { ago: std::time::Duration, grace: std::time::Duration },
+    /// Revoked or replaced: the verdict's own reason.
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// Whether `presented` (already checked to be the CA's) may be renewed for `node` with a
+/// request for the key `csr_key`, at `now`, allowing `grace` after its expiry. Whether the
+/// store still admits the certificate is checked with it, under the write lock.
+pub fn check_renewal(
+    node: &str,
+    presented: &transport::pki::LeafFacts,
+    csr_key: &[u8],
+    now: std::time::SystemTime,
+    grace: std::time::Duration,
+) -> Result<(), RenewRefusal> {
+    if presented.common_name.strip_prefix("node:") != Some(node) {
+        return Err(RenewRefusal::OtherNode { cert: presented.common_name.clone(), node: node.to_string() });
+    }
+    if presented.public_key != csr_key {
+        return Err(RenewRefusal::OtherKey);
+    }
+    if let Ok(ago) = now.duration_since(presented.not_after)
+        && ago > grace
+    {
+        return Err(RenewRefusal::PastGrace { ago, grace });
+    }
+    Ok(())
+}
+
+/// A duration as people read one: its two largest units (`3d 4h`, `12m 5s`).
+pub fn span(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut parts = Vec::new();
+    let mut rest = s;
+    for (size, unit) in units {
+        if rest >= size || (parts.is_empty() && size == 1) {
+            parts.push(format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+        if parts.len() == 2 {
+            break;
+        }
+    }
+    parts.join(" ")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,14 +345,50 @@ mod tests {
 
     #[test]
     fn only_the_current_unrevoked_certificate_speaks_for_a_node() {
-        assert_eq!(certificate_verdict(Some(Some("a")), false, "a"), CertVerdict::Current);
-        assert_eq!(certificate_verdict(Some(Some("a")), false, "b"), CertVerdict::Replaced);
-        assert_eq!(certificate_verdict(Some(Some("a")), true, "a"), CertVerdict::Revoked);
-        assert_eq!(certificate_verdict(Some(None), false, "a"), CertVerdict::Record);
-        assert_eq!(certificate_verdict(None, false, "a"), CertVerdict::Record);
-        assert_eq!(certificate_verdict(None, true, "a"), CertVerdict::Revoked);
+        assert_eq!(certificate_verdict(Some(Some("a")), None, false, "a"), CertVerdict::Current);
+        assert_eq!(certificate_verdict(Some(Some("a")), None, false, "b"), CertVerdict::Replaced);
+        assert_eq!(certificate_verdict(Some(Some("a")), None, true, "a"), CertVerdict::Revoked);
+        assert_eq!(certificate_verdict(Some(None), None, false, "a"), CertVerdict::Record);
+        assert_eq!(certificate_verdict(None, None, false, "a"), CertVerdict::Record);
+        assert_eq!(certificate_verdict(None, None, true, "a"), CertVerdict::Revoked);
         assert!(!CertVerdict::Revoked.admits() && CertVerdict::Record.admits());
         assert!(CertVerdict::Revoked.reason("edge-1").contains("join again"));
+        // The certificate the current one renewed, and only that one, is still admitted.
+        assert_eq!(certificate_verdict(Some(Some("b")), Some("a"), false, "a"), CertVerdict::Previous);
+        assert_eq!(certificate_verdict(Some(Some("c")), Some("b"), false, "a"), CertVerdict::Replaced);
+        assert_eq!(certificate_verdict(Some(Some("b")), Some("a"), true, "a"), CertVerdict::Revoked);
+        assert!(CertVerdict::Previous.admits());
+    }
+
+    #[test]
+    fn renewal_needs_the_nodes_certificate_its_key_and_the_grace() {
+        use std::time::{Duration, SystemTime};
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let cert = transport::pki::LeafFacts {
+            common_name: "node:edge-1".into(),
+            not_before: now - hour * 2,
+            not_after: now - hour,
+            public_key: vec![1, 2, 3],
+            fingerprint: "f".into(),
+        };
+        assert_eq!(check_renewal("edge-1", &cert, &[1, 2, 3], now, hour * 2), Ok(()));
+        // Not yet expired: always renewable.
+        let fresh = transport::pki::LeafFacts { not_after: now + hour, ..cert.clone() };
+        assert_eq!(check_renewal("edge-1", &fresh, &[1, 2, 3], now, Duration::ZERO), Ok(()));
+        let past = check_renewal("edge-1", &cert, &[1, 2, 3], now, hour / 2).unwrap_err();
+        assert!(matches!(past, RenewRefusal::PastGrace { .. }));
+        assert!(past.to_string().contains("expired 1h ago, past the 30m grace"), "{past}");
+        assert!(matches!(
+            check_renewal("edge-2", &cert, &[1, 2, 3], now, hour * 2),
+            Err(RenewRefusal::OtherNode { .. })
+        ));
+        assert_eq!(check_renewal("edge-1", &cert, &[9], now, hour * 2), Err(RenewRefusal::OtherKey));
+        let admin = transport::pki::LeafFacts { common_name: "admin:root".into(), ..cert };
+        assert!(check_renewal("root", &admin, &[1, 2, 3], now, hour * 2).is_err());
+        assert_eq!(span(Duration::from_secs(90_061)), "1d 1h");
+        assert_eq!(span(Duration::from_secs(725)), "12m 5s");
+        assert_eq!(span(Duration::ZERO), "0s");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod api;
 pub mod bootstrap;
+mod certs;
 pub(crate) mod cluster;
 pub(crate) mod control;
 pub mod controller;
@@ -55,6 +56,8 @@ pub struct HubConfig {
     pub node_grace: std::time::Duration,
     /// How many connections strangers and nodes may hold, and how fast they may start.
     pub limits: guard::PeerLimits,
+    /// Node certificate lifetime and renewal grace.
+    pub certs: identity::CertPolicy,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

@@ -45,7 +45,6 @@ pub const CLOSE_REVOKED: u32 = proto::messages::CLOSE_REVOKED;
 /// A join connection over the hub's caps for strangers (see [`crate::guard`]).
 pub const CLOSE_BUSY: u32 = 0x429;
 
-const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a hub on a shared store looks for generations other hubs wrote.
 const CLUSTER_POLL: Duration = Duration::from_millis(500);
@@ -132,7 +131,7 @@ impl Hub {
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
-            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca)),
+            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, config.certs)),
         })
     }
 
@@ -266,6 +265,9 @@ async fn join(shared: Arc<Shared>, conn: quinn::Connection) {
 /// be reached (the agent retries).
 async fn decide_join(shared: &Shared, req: &JoinRequest) -> Option<JoinResponse> {
     let name = &req.node_name;
+    if let Some(cert_pem) = &req.renew_cert_pem {
+        return crate::certs::renew_expired(shared, name, cert_pem, &req.csr_pem).await;
+    }
     let refuse = |message: String| {
         warn!(node = %name, reason = %message, "join refused");
         Some(JoinResponse::Refused { message })
@@ -286,7 +288,7 @@ async fn decide_join(shared: &Shared, req: &JoinRequest) -> Option<JoinResponse>
         }
         Err(e) => return store_failed(e),
     }
-    let cert_pem = match shared.ca.sign_csr(&req.csr_pem, &format!("node:{name}"), NODE_CERT_VALIDITY) {
+    let cert_pem = match shared.ca.sign_csr(&req.csr_pem, &format!("node:{name}"), shared.certs.node_validity) {
         Ok(cert) => cert,
         Err(e) => return refuse(format!("invalid certificate signing request: {e}")),
     };
@@ -329,10 +331,12 @@ fn clock_skew_ms(agent_ms: u64, hub_ms: u64, rtt: Duration) -> i64 {
 
 async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: String) {
     // Only the node's current, unrevoked certificate speaks for it (see `crate::identity`).
-    let Some(cert) = tls::peer_fingerprint(&conn) else {
+    let Some(mut leaf) = tls::peer_leaf(&conn) else {
         conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"a node certificate is required");
         return;
     };
+    // The certificate this session speaks with: the handshake's, then each one it renews.
+    let mut cert = leaf.fingerprint.clone();
     match shared.store.certificate_verdict(&node, &cert).await {
         Ok(v) if v.admits() => {}
         Ok(v) => return refuse_certificate(&conn, &node, v),
@@ -368,7 +372,8 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
             "the node's clock is off; it keeps working (timers are monotonic), but its timestamps are skewed"
         );
     }
-    match shared.store.check_in(&node, &cert, &facts, now).await {
+    let not_after_ms = leaf.not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+    match shared.store.check_in(&node, &cert, not_after_ms, &facts, now).await {
         Ok((_, Some(row))) => {
             // What the hub will not take from the agent's claims, said once per session.
             for notice in &row.notices {
@@ -441,6 +446,7 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
     });
 
+    let (renewed_tx, mut renewed_rx) = mpsc::channel::<crate::certs::Renewed>(1);
     let mut sent_generation: Option<u64> = None;
     // The set this hub could not send, so the failure is logged once and cleared when it goes.
     let mut unsendable: Option<u64> = None;
@@ -487,6 +493,18 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
         tokio::select! {
             _ = wake.notified() => dirty = true,
+            // Streams the agent opens: certificate renewals (see `crate::certs`).
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => {
+                    let task = crate::certs::serve_stream(shared.clone(), node.clone(), leaf.clone(), s, r, renewed_tx.clone());
+                    tokio::spawn(task.in_current_span());
+                }
+                Err(_) => break,
+            },
+            Some(renewed) = renewed_rx.recv() => {
+                cert = renewed.facts.fingerprint.clone();
+                leaf = renewed.facts;
+            }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 let msg = match msg {

@@ -149,6 +149,7 @@ on_both_backends!(
     a_node_name_is_taken_only_with_an_admins_permission,
     a_tokens_last_use_goes_to_one_of_two_racing_joins,
     the_store_identity_is_one_per_database,
+    renewed_certificates_replace_the_current_one_and_keep_one_previous,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -755,10 +756,44 @@ async fn a_node_name_is_taken_only_with_an_admins_permission(b: Backing) {
     assert!(s.delete_node("edge-1", now + 30).await.unwrap());
     assert!(!s.delete_node("edge-1", now + 31).await.unwrap());
     assert_eq!(s.certificate_verdict("edge-1", "new-disk").await.unwrap(), CertVerdict::Revoked);
-    let (verdict, row) = s.check_in("edge-1", "new-disk", &NodeFacts::default(), now + 32).await.unwrap();
+    let (verdict, row) = s.check_in("edge-1", "new-disk", None, &NodeFacts::default(), now + 32).await.unwrap();
     assert_eq!((verdict, row.is_some()), (CertVerdict::Revoked, false), "a revoked certificate cannot check in");
     assert!(s.node("edge-1").await.unwrap().is_none());
     assert_eq!(join(&s, "secret", "edge-1", "fresh", now + 40).await, Ok(Admit::New));
+}
+
+async fn renewed_certificates_replace_the_current_one_and_keep_one_previous(b: Backing) {
+    let s = b.open().await;
+    let now = 7_000;
+    s.create_token(&token("t", "secret"), now).await.unwrap();
+    assert_eq!(join(&s, "secret", "edge-1", "a", now).await, Ok(Admit::New));
+    let (v, row) = s.check_in("edge-1", "a", Some(90_000), &NodeFacts::default(), now).await.unwrap();
+    assert_eq!((v, row.unwrap().cert_not_after_ms), (CertVerdict::Current, Some(90_000)));
+
+    // a → b: b is current, a still admitted (the agent may not have saved b yet).
+    assert_eq!(s.renew_node_cert("edge-1", "a", "b", 150_000, now + 1).await.unwrap(), CertVerdict::Current);
+    assert_eq!(s.certificate_verdict("edge-1", "b").await.unwrap(), CertVerdict::Current);
+    assert_eq!(s.certificate_verdict("edge-1", "a").await.unwrap(), CertVerdict::Previous);
+    assert_eq!(s.node("edge-1").await.unwrap().unwrap().cert_not_after_ms, Some(150_000));
+    assert!(s.touch_node_as("edge-1", "a", now + 2).await.unwrap(), "a session on the previous certificate lives");
+
+    // b → c: a is no longer admitted.
+    assert_eq!(s.renew_node_cert("edge-1", "b", "c", 210_000, now + 3).await.unwrap(), CertVerdict::Current);
+    assert_eq!(s.certificate_verdict("edge-1", "a").await.unwrap(), CertVerdict::Replaced);
+    assert_eq!(s.renew_node_cert("edge-1", "a", "x", 1, now + 4).await.unwrap(), CertVerdict::Replaced);
+    assert_eq!(s.certificate_verdict("edge-1", "x").await.unwrap(), CertVerdict::Replaced, "nothing recorded");
+
+    // The agent lost c and renews from b again: c is revoked, d current, b previous.
+    assert_eq!(s.renew_node_cert("edge-1", "b", "d", 270_000, now + 5).await.unwrap(), CertVerdict::Previous);
+    assert_eq!(s.certificate_verdict("edge-1", "c").await.unwrap(), CertVerdict::Revoked);
+    assert_eq!(s.certificate_verdict("edge-1", "d").await.unwrap(), CertVerdict::Current);
+    assert_eq!(s.certificate_verdict("edge-1", "b").await.unwrap(), CertVerdict::Previous);
+
+    // Deleting the node revokes both it still admits.
+    assert!(s.delete_node("edge-1", now + 6).await.unwrap());
+    assert_eq!(s.certificate_verdict("edge-1", "d").await.unwrap(), CertVerdict::Revoked);
+    assert_eq!(s.certificate_verdict("edge-1", "b").await.unwrap(), CertVerdict::Revoked);
+    assert_eq!(s.renew_node_cert("edge-1", "d", "e", 1, now + 7).await.unwrap(), CertVerdict::Revoked);
 }
 
 async fn a_tokens_last_use_goes_to_one_of_two_racing_joins(b: Backing) {

@@ -1211,13 +1211,13 @@ fn validate_abs_path(p: &str) -> Result<(), FieldError> {
 /// Parses a duration: a number with `ms`, `s`, `m` or `h`. Returns milliseconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, InvalidValue> {
     let s = s.trim();
-    let (num, mult) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+    let (num, mult) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)]
         .iter()
         .find_map(|(suf, m)| {
             s.strip_suffix(suf).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).map(|n| (n, *m))
         })
         .ok_or_else(|| {
-            InvalidValue(format!("invalid duration {s:?}; use a number with ms, s, m or h, such as 500ms or 2s"))
+            InvalidValue(format!("invalid duration {s:?}; use a number with ms, s, m, h or d, such as 500ms or 2s"))
         })?;
     let n: u64 = num.parse().map_err(|_| InvalidValue(format!("invalid duration {s:?}")))?;
     n.checked_mul(mult)

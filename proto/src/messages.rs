@@ -254,6 +254,11 @@ pub struct JoinRequest {
     pub node_name: String,
     /// PEM certificate signing request; the private key never leaves the agent.
     pub csr_pem: String,
+    /// Not a join but the renewal of this node certificate (PEM), which may have expired up to
+    /// the hub's grace period: `secret` is empty, and `csr_pem` must be signed by the key the
+    /// certificate names, which proves the sender holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_cert_pem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +311,22 @@ pub enum HubMsg {
     Refused {
         message: String,
     },
+}
+
+/// Streams an agent opens beside its control stream (one bi stream each, one request frame
+/// and one answer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum AgentRequest {
+    /// Renew the certificate this connection was made with; `csr_pem` is for the same key.
+    Renew { csr_pem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum RenewResponse {
+    Renewed { cert_pem: String },
+    Refused { message: String },
 }
 
 /// Streams the hub opens to an agent (one bi stream each, one request frame first).
@@ -554,6 +575,9 @@ pub struct NodeView {
     /// The join token the node joined with.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub joined_with: String,
+    /// When the node's current certificate expires (ms since the epoch), once the hub has seen it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expires_ms: Option<u64>,
 }
 
 impl NodeView {

@@ -96,9 +96,14 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a hub and waits for its token and admin config.
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// Starts a hub with `extra` flags and waits for its token and admin config.
+    pub fn start_with(extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let hub_addr = format!("127.0.0.1:{}", free_udp_port());
-        let hub = start_hub(dir.path(), &hub_addr);
+        let hub = start_hub(dir.path(), &hub_addr, extra);
         let c = Cluster { dir, hub_addr, hub, agents: Vec::new(), hub_listen: None };
         c.wait_for("hub to write its token and admin config", Duration::from_secs(20), || {
             c.token_path().exists() && c.config_path().exists()
@@ -189,7 +194,7 @@ impl Cluster {
         self.hub.kill();
         self.hub = match &self.hub_listen {
             Some(listen) => start_hub_listening(self.dir.path(), listen, &self.hub_addr),
-            None => start_hub(self.dir.path(), &self.hub_addr),
+            None => start_hub(self.dir.path(), &self.hub_addr, &[]),
         };
     }
 
@@ -266,9 +271,11 @@ pub fn backoff_delays(describe: &str) -> Vec<String> {
         .collect()
 }
 
-fn start_hub(dir: &Path, addr: &str) -> Proc {
+fn start_hub(dir: &Path, addr: &str, extra: &[&str]) -> Proc {
     let data = dir.join("hub");
-    Proc::spawn("hub", &["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr], dir.join("hub.log"))
+    let mut args = vec!["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr];
+    args.extend_from_slice(extra);
+    Proc::spawn("hub", &args, dir.join("hub.log"))
 }
 
 fn start_hub_listening(dir: &Path, listen: &str, advertise: &str) -> Proc {

@@ -207,6 +207,74 @@ pub fn generate_csr(common_name: &str) -> Result<(String, String), PkiError> {
     Ok((key.serialize_pem(), csr))
 }
 
+/// A CSR with subject CN `common_name` for the existing key `key_pem`: what an agent sends to
+/// renew its certificate. Its signature proves the sender holds the key the certificate names.
+pub fn csr_for_key(key_pem: &str, common_name: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(PkiError::InvalidKey)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject(common_name);
+    params.serialize_request(&key).map_err(PkiError::Signing)?.pem().map_err(PkiError::Signing)
+}
+
+/// The public key (the raw subjectPublicKey bits) of a PEM CSR, after checking its signature.
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rcgen::PublicKeyData as _;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::InvalidCsr)?;
+    Ok(csr.public_key.der_bytes().to_vec())
+}
+
+/// What the hub and agents read from a certificate: its name, its validity, its key and its
+/// fingerprint. Nothing here is verified; see [`crate::tls::verify_client_cert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafFacts {
+    /// The subject's common name (`node:<name>`, `admin:<name>`), empty if it has none.
+    pub common_name: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The raw subjectPublicKey bits, comparable with [`csr_public_key`].
+    pub public_key: Vec<u8>,
+    /// As [`fingerprint_pem`].
+    pub fingerprint: String,
+}
+
+impl LeafFacts {
+    /// When to renew: two thirds into the certificate's life, counted from when it was issued
+    /// (certificates are backdated by a few minutes for slow clocks; that is not life used).
+    pub fn renew_after(&self) -> SystemTime {
+        let issued = (self.not_before + BACKDATE).min(self.not_after);
+        let life = self.not_after.duration_since(issued).unwrap_or_default();
+        issued + life * 2 / 3
+    }
+}
+
+/// Reads the first certificate of `cert_pem`.
+pub fn leaf_facts(cert_pem: &str) -> Result<LeafFacts, PkiError> {
+    leaf_facts_der(&parse_cert_pem(cert_pem)?)
+}
+
+pub(crate) fn leaf_facts_der(der: &[u8]) -> Result<LeafFacts, PkiError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
+    let common_name =
+        x509.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default().to_string();
+    Ok(LeafFacts {
+        common_name,
+        not_before: system_time(x509.validity().not_before.timestamp())?,
+        not_after: system_time(x509.validity().not_after.timestamp())?,
+        public_key: x509.public_key().subject_public_key.data.to_vec(),
+        fingerprint: fingerprint_der(der),
+    })
+}
+
+fn system_time(secs: i64) -> Result<SystemTime, PkiError> {
+    let out = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    out.ok_or_else(|| PkiError::InvalidCertificate("validity date is out of range".into()))
+}
+
 /// Lowercase hex SHA-256 of the DER of the first certificate in `cert_pem`.
 pub fn fingerprint_pem(cert_pem: &str) -> Result<String, PkiError> {
     Ok(fingerprint_der(&parse_cert_pem(cert_pem)?))
@@ -214,16 +282,7 @@ pub fn fingerprint_pem(cert_pem: &str) -> Result<String, PkiError> {
 
 /// The end of the validity period of the first certificate in `cert_pem`.
 pub fn cert_not_after(cert_pem: &str) -> Result<SystemTime, PkiError> {
-    let der = parse_cert_pem(cert_pem)?;
-    let (_, x509) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
-    let secs = x509.validity().not_after.timestamp();
-    let out = if secs >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    };
-    out.ok_or_else(|| PkiError::InvalidCertificate("expiry date is out of range".into()))
+    Ok(leaf_facts(cert_pem)?.not_after)
 }
 
 pub(crate) fn fingerprint_der(der: &[u8]) -> String {
@@ -318,6 +377,25 @@ mod tests {
         let client = eku.as_ref().is_some_and(|e| e.client_auth);
         let server = eku.as_ref().is_some_and(|e| e.server_auth);
         (cn, x509.is_ca(), sans, client, server)
+    }
+
+    #[test]
+    fn a_renewal_csr_names_the_key_of_the_certificate_it_renews() {
+        let ca = Ca::generate("test ca").unwrap();
+        let (key_pem, csr_pem) = generate_csr("node:edge-1").unwrap();
+        let cert = ca.sign_csr(&csr_pem, "node:edge-1", HOUR * 3).unwrap();
+        let facts = leaf_facts(&cert).unwrap();
+        assert_eq!(facts.common_name, "node:edge-1");
+        assert_eq!(facts.fingerprint, fingerprint_pem(&cert).unwrap());
+        let renewal = csr_for_key(&key_pem, "node:edge-1").unwrap();
+        assert_eq!(csr_public_key(&renewal).unwrap(), facts.public_key);
+        let (_, other) = generate_csr("node:edge-1").unwrap();
+        assert_ne!(csr_public_key(&other).unwrap(), facts.public_key);
+        assert!(csr_public_key("not a csr").is_err());
+        // Two hours into a three-hour life, not counting the backdating.
+        let issued = facts.not_before + BACKDATE;
+        let renew = facts.renew_after().duration_since(issued).unwrap();
+        assert!(renew.abs_diff(HOUR * 2) <= Duration::from_secs(2), "{renew:?}");
     }
 
     #[test]

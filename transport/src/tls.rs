@@ -321,6 +321,33 @@ pub async fn connect(
         .map_err(|source| TlsError::Handshake { addr, source })
 }
 
+/// What the peer's leaf certificate says (name, validity, key), if it presented one. The
+/// handshake verified it; this only reads it.
+pub fn peer_leaf(conn: &quinn::Connection) -> Option<crate::pki::LeafFacts> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    crate::pki::leaf_facts_der(certs.first()?).ok()
+}
+
+/// Checks that `cert_pem` is a client certificate the CA `ca_pem` issued, as webpki checks one
+/// at a handshake but as of the last second of the certificate's own validity, and returns what
+/// it says. For renewing a certificate that has expired: the caller judges the expiry.
+pub fn verify_client_cert(ca_pem: &str, cert_pem: &str) -> Result<crate::pki::LeafFacts, TlsError> {
+    let invalid = |reason: String| TlsError::InvalidCertificate { what: "the certificate to renew", reason };
+    let ca = parse_certs(ca_pem, "certificate authority")?;
+    let leaf = parse_certs(cert_pem, "the certificate to renew")?;
+    let facts = crate::pki::leaf_facts_der(&leaf[0]).map_err(|e| invalid(e.to_string()))?;
+    let at = facts
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| invalid("it expired before 1970".into()))?
+        .saturating_sub(Duration::from_secs(1));
+    let verifier = WebPkiClientVerifier::builder_with_provider(root_store(ca[0].clone())?, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    verifier.verify_client_cert(&leaf[0], &[], UnixTime::since_unix_epoch(at)).map_err(|e| invalid(e.to_string()))?;
+    Ok(facts)
+}
+
 /// CN of the peer's leaf certificate, if it presented one.
 pub fn peer_common_name(conn: &quinn::Connection) -> Option<String> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
@@ -474,6 +501,22 @@ mod tests {
         assert_eq!(normalize_pin(&format!("sha256:{colons}")).unwrap(), "ab".repeat(32));
         assert!(matches!(normalize_pin("abc"), Err(TlsError::InvalidPin(_))));
         assert!(matches!(normalize_pin(&"zz".repeat(32)), Err(TlsError::InvalidPin(_))));
+    }
+
+    #[test]
+    fn an_expired_certificate_is_verified_as_of_its_own_life_and_only_if_ours() {
+        let ca = crate::pki::Ca::generate("test ca").unwrap();
+        let expired = ca.issue_client_expired("node:edge-1").unwrap();
+        let facts = verify_client_cert(ca.cert_pem(), &expired.cert_pem).unwrap();
+        assert_eq!(facts.common_name, "node:edge-1");
+        assert!(facts.not_after < std::time::SystemTime::now());
+        let other = crate::pki::Ca::generate("another ca").unwrap();
+        let foreign = other.issue_client("node:edge-1", Duration::from_secs(600)).unwrap();
+        let err = verify_client_cert(ca.cert_pem(), &foreign.cert_pem).unwrap_err();
+        assert!(err.to_string().contains("certificate to renew"), "{err}");
+        // A server certificate is not a client one.
+        let server = ca.issue_server(&[], Duration::from_secs(600)).unwrap();
+        assert!(verify_client_cert(ca.cert_pem(), &server.cert_pem).is_err());
     }
 
     #[test]

@@ -68,7 +68,7 @@ fn token_row(r: &Rec) -> Result<TokenRow> {
 /// The columns [`node_row`] reads, in its order.
 pub(super) const NODE_COLUMNS: &str = "name, facts, generation, acked_generation, joined_at_ms, last_seen_ms, \
      connected_via, cordoned, draining, cert_sha256, joined_with, rejoin_until_ms, admin_labels, admin_taints, \
-     joined_cpus, joined_memory_bytes, problem FROM nodes";
+     joined_cpus, joined_memory_bytes, problem, cert_not_after_ms FROM nodes";
 
 /// A node as the hub uses it: the agent's claims under the admin's settings (see
 /// [`identity::effective`]).
@@ -102,6 +102,7 @@ pub(super) fn node_row(r: &Rec) -> Result<NodeRow> {
         joined_capacity,
         notices,
         problem: r.text(16)?,
+        cert_not_after_ms: r.opt_u64(17)?,
         name,
     })
 }
@@ -208,17 +209,18 @@ impl Store {
         };
         let existing = tx
             .fetch_optional(
-                "SELECT rejoin_until_ms, cert_sha256, admin_labels FROM nodes WHERE name = ?",
+                "SELECT rejoin_until_ms, cert_sha256, admin_labels, prev_cert_sha256 FROM nodes WHERE name = ?",
                 &[name.into()],
             )
             .await?;
-        let (existing, old_cert, old_labels) = match &existing {
+        let (existing, old_cert, old_labels, old_prev) = match &existing {
             Some(r) => (
                 Some(Existing { rejoin_until_ms: r.opt_u64(0)? }),
                 r.opt_text(1)?,
                 serde_json::from_str::<BTreeMap<String, String>>(&r.text(2)?).map_err(corrupt("node", name))?,
+                r.opt_text(3)?,
             ),
-            None => (None, None, BTreeMap::new()),
+            None => (None, None, BTreeMap::new(), None),
         };
         let admit = match tokens::admit(token.as_ref(), existing, name, now_ms) {
             Ok(a) => a,
@@ -250,12 +252,15 @@ impl Store {
                 .await?;
             }
             Admit::Rejoin => {
-                if let Some(old) = old_cert.as_deref().filter(|old| *old != cert_sha256) {
-                    revoke_cert(&mut tx, old, name, "replaced by a re-join", now_ms).await?;
+                for old in [old_cert.as_deref(), old_prev.as_deref()].into_iter().flatten() {
+                    if old != cert_sha256 {
+                        revoke_cert(&mut tx, old, name, "replaced by a re-join", now_ms).await?;
+                    }
                 }
                 tx.exec(
                     "UPDATE nodes SET cert_sha256 = ?, joined_with = ?, admin_labels = ?, rejoin_until_ms = NULL, \
-                     joined_cpus = NULL, joined_memory_bytes = NULL, problem = '' WHERE name = ?",
+                     joined_cpus = NULL, joined_memory_bytes = NULL, problem = '', prev_cert_sha256 = NULL, \
+                     cert_not_after_ms = NULL WHERE name = ?",
                     &[cert_sha256.into(), (&token.id).into(), (&labels).into(), name.into()],
                 )
                 .await?;
@@ -276,6 +281,41 @@ impl Store {
         Ok(verdict)
     }
 
+    /// Records a renewal of node `name`'s certificate `presented` by `renewed` (expiring at
+    /// `not_after_ms`), under the write lock, if the store still admits `presented`: `renewed`
+    /// becomes current and `presented` the previous one. Renewing from the previous certificate
+    /// (the agent lost the current one before saving it) revokes the current one. A node the
+    /// store has no record of is recorded at its next connect. Returns the verdict on
+    /// `presented`; nothing is written unless it admits.
+    pub async fn renew_node_cert(
+        &self,
+        name: &str,
+        presented: &str,
+        renewed: &str,
+        not_after_ms: u64,
+        now_ms: u64,
+    ) -> Result<CertVerdict> {
+        let mut tx = self.pool.write_tx().await?;
+        let verdict = verdict_in(&mut tx, name, presented).await?;
+        match verdict {
+            CertVerdict::Current | CertVerdict::Record => {}
+            CertVerdict::Previous => {
+                let r = tx.fetch_optional("SELECT cert_sha256 FROM nodes WHERE name = ?", &[name.into()]).await?;
+                if let Some(lost) = r.map(|r| r.opt_text(0)).transpose()?.flatten() {
+                    revoke_cert(&mut tx, &lost, name, "lost before the node saved it; renewed again", now_ms).await?;
+                }
+            }
+            CertVerdict::Replaced | CertVerdict::Revoked => return Ok(verdict),
+        }
+        tx.exec(
+            "UPDATE nodes SET cert_sha256 = ?, prev_cert_sha256 = ?, cert_not_after_ms = ? WHERE name = ?",
+            &[renewed.into(), presented.into(), not_after_ms.into(), name.into()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(verdict)
+    }
+
     /// A node's hello: checks its certificate again under the write lock and, if it is
     /// admitted, records the claims (creating the node when the store has no record of it),
     /// its certificate when none is recorded, the capacity of its first hello after joining,
@@ -285,6 +325,7 @@ impl Store {
         &self,
         name: &str,
         cert_sha256: &str,
+        cert_not_after_ms: Option<u64>,
         claimed: &NodeFacts,
         now_ms: u64,
     ) -> Result<(CertVerdict, Option<NodeRow>)> {
@@ -314,6 +355,13 @@ impl Store {
             ],
         )
         .await?;
+        if let Some(not_after) = cert_not_after_ms {
+            tx.exec(
+                "UPDATE nodes SET cert_not_after_ms = ? WHERE name = ? AND cert_sha256 = ?",
+                &[not_after.into(), name.into(), cert_sha256.into()],
+            )
+            .await?;
+        }
         let row = tx.fetch_optional(&format!("SELECT {NODE_COLUMNS} WHERE name = ?"), &[name.into()]).await?;
         let row = row.as_ref().map(node_row).transpose()?;
         tx.commit().await?;
@@ -326,8 +374,9 @@ impl Store {
         let n = self
             .pool
             .exec(
-                "UPDATE nodes SET last_seen_ms = ? WHERE name = ? AND (cert_sha256 = ? OR cert_sha256 IS NULL)",
-                &[now_ms.into(), name.into(), cert_sha256.into()],
+                "UPDATE nodes SET last_seen_ms = ? WHERE name = ? \
+                 AND (cert_sha256 = ? OR prev_cert_sha256 = ? OR cert_sha256 IS NULL)",
+                &[now_ms.into(), name.into(), cert_sha256.into(), cert_sha256.into()],
             )
             .await?;
         Ok(n > 0)
@@ -403,10 +452,12 @@ impl Store {
     /// when there is no such node.
     pub async fn delete_node(&self, name: &str, now_ms: u64) -> Result<bool> {
         let mut tx = self.pool.write_tx().await?;
-        let Some(r) = tx.fetch_optional("SELECT cert_sha256 FROM nodes WHERE name = ?", &[name.into()]).await? else {
+        let Some(r) =
+            tx.fetch_optional("SELECT cert_sha256, prev_cert_sha256 FROM nodes WHERE name = ?", &[name.into()]).await?
+        else {
             return Ok(false);
         };
-        if let Some(cert) = r.opt_text(0)? {
+        for cert in [r.opt_text(0)?, r.opt_text(1)?].into_iter().flatten() {
             revoke_cert(&mut tx, &cert, name, "node deleted", now_ms).await?;
         }
         tx.exec("DELETE FROM nodes WHERE name = ?", &[name.into()]).await?;
@@ -426,11 +477,19 @@ async fn verdict_in(tx: &mut super::db::Tx, name: &str, cert_sha256: &str) -> Re
         .fetch_optional("SELECT node FROM revoked_certs WHERE cert_sha256 = ?", &[cert_sha256.into()])
         .await?
         .is_some();
-    let recorded = match tx.fetch_optional("SELECT cert_sha256 FROM nodes WHERE name = ?", &[name.into()]).await? {
-        Some(r) => Some(r.opt_text(0)?),
-        None => None,
+    let (recorded, previous) = match tx
+        .fetch_optional("SELECT cert_sha256, prev_cert_sha256 FROM nodes WHERE name = ?", &[name.into()])
+        .await?
+    {
+        Some(r) => (Some(r.opt_text(0)?), r.opt_text(1)?),
+        None => (None, None),
     };
-    Ok(identity::certificate_verdict(recorded.as_ref().map(Option::as_deref), revoked, cert_sha256))
+    Ok(identity::certificate_verdict(
+        recorded.as_ref().map(Option::as_deref),
+        previous.as_deref(),
+        revoked,
+        cert_sha256,
+    ))
 }
 
 async fn revoke_cert(tx: &mut super::db::Tx, cert: &str, node: &str, reason: &str, now_ms: u64) -> Result<()> {

@@ -123,6 +123,9 @@ pub struct NodeRow {
     pub admin_taints: Vec<proto::manifest::Taint>,
     /// The node's current certificate (SHA-256 of its DER), once recorded.
     pub cert_sha256: Option<String>,
+    /// When the current certificate expires, once the hub has seen it (at a connect or a
+    /// renewal).
+    pub cert_not_after_ms: Option<u64>,
     /// The join token it joined with.
     pub joined_with: String,
     /// An admin let a join under this name through until then.

@@ -17,7 +17,9 @@ use oci_client::{Client, Reference};
 
 use super::spec::{self, Parsed};
 use super::{Image, ImageError, ImageRecord, ImageStore, Platform, build_record};
-use crate::registry::{ManifestError, Op, READ_TIMEOUT, Registry, RegistryError, is_digest_verification, parse_reference};
+use crate::registry::{
+    ManifestError, Op, READ_TIMEOUT, Registry, RegistryError, is_digest_verification, parse_reference,
+};
 use crate::store::{StoreError, sha256_digest, validate_digest};
 
 /// Largest manifest or index accepted.
@@ -62,14 +64,15 @@ impl<'a> Session<'a> {
         r: &Reference,
         expected: Option<&str>,
     ) -> Result<(Vec<u8>, String), ImageError> {
-        let (bytes, sent_digest) = match self.registry.manifest_bounded(r, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
-            Ok(got) => got,
-            Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
-            Err(ManifestError::TooLarge { limit, declared }) => {
-                let size = declared.map_or_else(|| "more than that".to_owned(), |n| format!("{n} bytes"));
-                return Err(self.bad(format!("manifest larger than the {limit}-byte limit ({size}); not read")));
-            }
-        };
+        let (bytes, sent_digest) =
+            match self.registry.manifest_bounded(r, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
+                Ok(got) => got,
+                Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
+                Err(ManifestError::TooLarge { limit, declared }) => {
+                    let size = declared.map_or_else(|| "more than that".to_owned(), |n| format!("{n} bytes"));
+                    return Err(self.bad(format!("manifest larger than the {limit}-byte limit ({size}); not read")));
+                }
+            };
         let actual = sha256_digest(&bytes);
         // The digest the registry says it sent is checked too when it is a sha256 one, as
         // oci-client did: content changed on the way is refused even when pulled by tag.

@@ -40,12 +40,16 @@ impl From<reqwest::Error> for ManifestError {
     }
 }
 
+/// (registry, repository): the key pull credentials are cached under.
+type RepoKey = (String, String);
+/// When the credentials were found, and the bearer token (`None` for basic/anonymous).
+type FoundToken = (Instant, Option<String>);
+
 /// The HTTP side of bounded manifest reads: one reqwest client (the same crate and TLS
 /// stack oci-client uses) and the pull credentials last found per repository.
 pub(crate) struct ManifestReader {
     http: reqwest::Client,
-    /// (registry, repository) → (when found, bearer token or `None` for basic/anonymous).
-    tokens: Mutex<HashMap<(String, String), (Instant, Option<String>)>>,
+    tokens: Mutex<HashMap<RepoKey, FoundToken>>,
 }
 
 impl std::fmt::Debug for ManifestReader {
@@ -114,16 +118,18 @@ impl ManifestReader {
                 let body = read_bounded(&mut response, limit).await.unwrap_or_default();
                 return Err(status_error(status, &body, &url).into());
             }
-            let digest = response
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let digest =
+                response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
             return Ok((read_bounded(&mut response, limit).await?, digest));
         }
     }
 
-    async fn token(&self, client: &Client, r: &Reference, auth: &RegistryAuth) -> Result<Option<String>, ManifestError> {
+    async fn token(
+        &self,
+        client: &Client,
+        r: &Reference,
+        auth: &RegistryAuth,
+    ) -> Result<Option<String>, ManifestError> {
         let key = (r.resolve_registry().to_owned(), r.repository().to_owned());
         if let Some((at, token)) = self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && at.elapsed() < TOKEN_REUSE
@@ -208,9 +214,15 @@ mod tests {
     #[test]
     fn statuses_become_the_errors_oci_client_gives() {
         let url = "http://r/v2/a/manifests/b";
-        assert!(matches!(status_error(reqwest::StatusCode::UNAUTHORIZED, b"", url), OciDistributionError::UnauthorizedError { .. }));
+        assert!(matches!(
+            status_error(reqwest::StatusCode::UNAUTHORIZED, b"", url),
+            OciDistributionError::UnauthorizedError { .. }
+        ));
         let envelope = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
-        assert!(matches!(status_error(reqwest::StatusCode::NOT_FOUND, envelope, url), OciDistributionError::RegistryError { .. }));
+        assert!(matches!(
+            status_error(reqwest::StatusCode::NOT_FOUND, envelope, url),
+            OciDistributionError::RegistryError { .. }
+        ));
         assert!(matches!(
             status_error(reqwest::StatusCode::NOT_FOUND, b"nope", url),
             OciDistributionError::ServerError { code: 404, .. }
