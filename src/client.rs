@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, NodeView, ReplicaView, ResourceKind, StreamStart};
-use transport::{ALPN_API, frame, tls};
+use proto::messages::{
+    ApiRequest, ApiResponse, ClientConfigFile, NodeView, ReplicaView, ResourceKind, Role, StreamStart,
+};
+use transport::{ALPN_API, frame, pki, tls};
 
 /// How often `drain` looks at the node's progress.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
@@ -14,6 +16,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 pub struct Client {
     conn: quinn::Connection,
     _endpoint: quinn::Endpoint,
+    /// The hub address and CA of the config it connected with (copied into configs it writes).
+    hub: String,
+    ca_pem: String,
 }
 
 /// Where the CLI looks for its config when neither --config nor FLOTILLA_CONFIG is given.
@@ -26,7 +31,8 @@ fn default_config_paths() -> Vec<PathBuf> {
     paths
 }
 
-pub fn load_config(path: Option<&Path>) -> Result<ClientConfigFile> {
+/// The config file the CLI uses, and what it says.
+fn find_config(path: Option<&Path>) -> Result<(PathBuf, ClientConfigFile)> {
     let path = match path {
         Some(p) => p.to_path_buf(),
         None => default_config_paths().into_iter().find(|p| p.exists()).context(
@@ -34,12 +40,45 @@ pub fn load_config(path: Option<&Path>) -> Result<ClientConfigFile> {
         )?,
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLI config {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))
+    let config = serde_yaml::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))?;
+    Ok((path, config))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Writes `config` to `path` (mode 0600): replacing it atomically, or, with `create_new`,
+/// only if nothing is there.
+fn write_config(path: &Path, config: &ClientConfigFile, create_new: bool) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let yaml = serde_yaml::to_string(config)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".flotilla-config")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.write_all(yaml.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    if create_new {
+        // Fails if the file exists: a credential is never overwritten by another.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (choose another --output)", path.display()))?;
+    }
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 impl Client {
     pub async fn connect(config_path: Option<&Path>) -> Result<Client> {
-        let cfg = load_config(config_path)?;
+        let (path, cfg) = find_config(config_path)?;
         let tuning = tls::Tuning::default();
         let config = tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tuning)
             .context("the CLI config's credentials are unusable")?;
@@ -48,7 +87,47 @@ impl Client {
         let conn = tls::connect(&endpoint, config, addr)
             .await
             .with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
-        Ok(Client { conn, _endpoint: endpoint })
+        let client = Client { conn, _endpoint: endpoint, hub: cfg.hub.clone(), ca_pem: cfg.ca_pem.clone() };
+        // Two thirds into its life the credential asks for its successor (same key, same
+        // user); a failure costs nothing now, so it is reported and the command goes on.
+        if pki::leaf_facts(&cfg.cert_pem).is_ok_and(|f| f.renew_after() <= std::time::SystemTime::now())
+            && let Err(e) = client.renew(&path, cfg).await
+        {
+            eprintln!("warning: could not renew the credential in {}: {e:#}", path.display());
+        }
+        Ok(client)
+    }
+
+    /// Replaces the certificate in the config at `path` with a renewed one.
+    async fn renew(&self, path: &Path, mut cfg: ClientConfigFile) -> Result<()> {
+        let subject = pki::leaf_facts(&cfg.cert_pem)?.common_name;
+        let csr_pem = pki::csr_for_key(&cfg.key_pem, &subject)?;
+        match self.request(&ApiRequest::RenewCredential { csr_pem }).await? {
+            ApiResponse::CredentialRenewed { cert_pem } => {
+                cfg.cert_pem = cert_pem;
+                write_config(path, &cfg, false)
+            }
+            ApiResponse::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the hub: {other:?}"),
+        }
+    }
+
+    /// Adds user `name` with `role`: its key is made here, never sent; the hub certifies it
+    /// and its CLI config (this one's hub and CA) is written to `output`.
+    pub async fn add_user(&self, name: &str, role: Role, ttl_ms: Option<u64>, output: &Path) -> Result<()> {
+        if output.exists() {
+            bail!("{} exists; choose another --output", output.display());
+        }
+        let (key_pem, csr_pem) = pki::generate_csr(&format!("user:{name}"))?;
+        let req = ApiRequest::UserAdd { name: name.to_string(), role, ttl_ms, csr_pem };
+        match self.request(&req).await? {
+            ApiResponse::UserCreated { cert_pem, .. } => {
+                let config = ClientConfigFile { hub: self.hub.clone(), ca_pem: self.ca_pem.clone(), cert_pem, key_pem };
+                write_config(output, &config, true)
+            }
+            ApiResponse::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the hub: {other:?}"),
+        }
     }
 
     async fn open(&self, req: &ApiRequest) -> Result<(quinn::SendStream, quinn::RecvStream)> {

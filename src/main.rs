@@ -64,6 +64,17 @@ enum Command {
         /// offline past it), e.g. 30d; past it the node must join again with a token.
         #[arg(long, default_value = "30d", value_parser = parse_cert_grace)]
         node_cert_grace: std::time::Duration,
+        /// How long API users' certificates last unless `user add --ttl` says otherwise, e.g.
+        /// 30d; the CLI renews its own two thirds into its life.
+        #[arg(long, default_value = "30d", value_parser = parse_user_cert_validity)]
+        user_cert_validity: std::time::Duration,
+        /// A host directory (and what is under it) workloads may mount as a volume's
+        /// hostPath; repeatable. Default: none.
+        #[arg(long = "allow-host-path", value_parser = parse_host_path_prefix)]
+        allow_host_paths: Vec<String>,
+        /// Let workloads use the host's network (`network: host`). Default: refused.
+        #[arg(long)]
+        allow_host_network: bool,
     },
     /// Run the edge agent.
     Agent {
@@ -227,6 +238,29 @@ enum Command {
         #[command(subcommand)]
         action: NodeAction,
     },
+    /// API users with roles: add one (writes its CLI config), list them, revoke one.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// The audit log: every change made through the API (and every one refused), who made
+    /// it, when and from where.
+    Audit {
+        /// The newest this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only entries from the last DURATION, e.g. 1h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Certificates: `certs status` shows when the CA, your credential, each user's and each
+    /// node's certificate expire.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Delete workloads by name or as declared in a file, or a node (`delete node NAME`: its
     /// certificate is revoked and its replicas are placed elsewhere).
     Delete {
@@ -261,6 +295,39 @@ enum TokenAction {
     },
     /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Add a user with a role; its key is made here and its CLI config written to --output
+    /// (hub address, CA, certificate and key; mode 0600). Hand that file to the user.
+    Add {
+        name: String,
+        /// viewer (read and logs), operator (+ apply, delete, scale, rollout, cordon, drain)
+        /// or admin (+ nodes, tokens, users, audit).
+        #[arg(long)]
+        role: proto::messages::Role,
+        /// Lifetime of its certificate, e.g. 12h or 30d (default: the hub's
+        /// --user-cert-validity). The CLI renews it two thirds into its life.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Where to write its CLI config (default: ./NAME.yaml); never overwritten.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// List users.
+    List {
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Revoke a user: every certificate it holds is refused from its next connection.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// When each certificate the cluster depends on expires.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -352,6 +419,19 @@ fn parse_grace(s: &str) -> Result<std::time::Duration, ArgError> {
 /// A node certificate lifetime: 30 s to 10 years (the CA's own life).
 fn parse_cert_validity(s: &str) -> Result<std::time::Duration, ArgError> {
     parse_range(s, 30_000, 10 * 365 * 86_400_000, "30s..3650d")
+}
+
+/// A user certificate's lifetime: 30 s to a year (as `user add --ttl`).
+fn parse_user_cert_validity(s: &str) -> Result<std::time::Duration, ArgError> {
+    parse_range(s, 30_000, 366 * 86_400_000, "30s..366d")
+}
+
+/// An absolute path without `..` or empty components.
+fn parse_host_path_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.split('/').any(|c| c == ".." || c == ".") || s.contains("//") {
+        return Err(format!("{s:?} is not an absolute path without . or .. components"));
+    }
+    Ok(s.to_string())
 }
 
 /// A renewal grace: up to a year.
@@ -448,6 +528,9 @@ async fn run(cli: Cli) -> Result<()> {
             node_grace,
             node_cert_validity,
             node_cert_grace,
+            user_cert_validity,
+            allow_host_paths,
+            allow_host_network,
         } => {
             init_tracing();
             let hub = hub::Hub::start(hub::HubConfig {
@@ -458,7 +541,12 @@ async fn run(cli: Cli) -> Result<()> {
                 datastore,
                 node_grace,
                 limits: Default::default(),
-                certs: hub::identity::CertPolicy { node_validity: node_cert_validity, grace: node_cert_grace },
+                certs: hub::identity::CertPolicy {
+                    node_validity: node_cert_validity,
+                    grace: node_cert_grace,
+                    user_validity: user_cert_validity,
+                },
+                host_policy: hub::access::HostPolicy { host_paths: allow_host_paths, host_network: allow_host_network },
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
@@ -726,6 +814,64 @@ async fn run(cli: Cli) -> Result<()> {
                         other => unexpected(other),
                     }
                 }
+            }
+        }
+        Command::User { action } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match action {
+                UserAction::Add { name, role, ttl, output } => {
+                    let ttl_ms = ttl
+                        .as_deref()
+                        .map(proto::manifest::parse_duration_ms)
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    let path = output.unwrap_or_else(|| PathBuf::from(format!("{name}.yaml")));
+                    client.add_user(&name, role, ttl_ms, &path).await?;
+                    println!("user/{name} added ({role}); its CLI config is {}", path.display());
+                    Ok(())
+                }
+                UserAction::List { output } => {
+                    let response = client.request(&ApiRequest::UserList).await?;
+                    if let ApiResponse::Error { message } = response {
+                        bail!("{message}");
+                    }
+                    print!("{}", output::render(&response, output)?);
+                    Ok(())
+                }
+                UserAction::Revoke { name } => {
+                    match client.request(&ApiRequest::UserRevoke { name: name.clone() }).await? {
+                        ApiResponse::Users { .. } => {
+                            println!("user/{name} revoked");
+                            Ok(())
+                        }
+                        other => unexpected(other),
+                    }
+                }
+            }
+        }
+        Command::Audit { limit, since, output } => {
+            let since_ms = since
+                .as_deref()
+                .map(proto::manifest::parse_duration_ms)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?
+                .map(|ago| client::now_ms().saturating_sub(ago));
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let response = client.request(&ApiRequest::Audit { limit, since_ms }).await?;
+            if let ApiResponse::Error { message } = response {
+                bail!("{message}");
+            }
+            print!("{}", output::render(&response, output)?);
+            Ok(())
+        }
+        Command::Certs { action: CertsAction::Status } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::CertsStatus).await? {
+                ApiResponse::Described { text } => {
+                    print!("{text}");
+                    Ok(())
+                }
+                other => unexpected(other),
             }
         }
         Command::Label { kind, name, changes } => {

@@ -32,6 +32,15 @@ fn until(ms: u64) -> String {
     if ms > now { format!("in {}", age(now.saturating_sub(ms - now))) } else { format!("{} ago", age(ms)) }
 }
 
+/// `ms` since the epoch as UTC RFC 3339, to the second.
+fn rfc3339(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
 fn table(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
@@ -48,6 +57,8 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         ApiResponse::Workloads { items } => serde_json::to_value(items)?,
         ApiResponse::Replicas { items } => serde_json::to_value(items)?,
         ApiResponse::Tokens { items } => serde_json::to_value(items)?,
+        ApiResponse::Users { items } => serde_json::to_value(items)?,
+        ApiResponse::Audit { items } => serde_json::to_value(items)?,
         other => serde_json::to_value(other)?,
     };
     let wide = match format {
@@ -144,7 +155,46 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                 ]);
             }
         }
+        ApiResponse::Users { items } => {
+            rows.push(["NAME", "ROLE", "STATE", "CERTIFICATE", "ADDED BY", "AGE"].map(String::from).to_vec());
+            for u in items {
+                rows.push(vec![
+                    u.name.clone(),
+                    u.role.to_string(),
+                    if u.revoked_at_ms.is_some() { "revoked".into() } else { "active".into() },
+                    u.cert_expires_ms.map_or("-".into(), |ms| format!("expires {}", until(ms))),
+                    u.created_by.clone(),
+                    age(u.created_at_ms),
+                ]);
+            }
+        }
+        ApiResponse::Audit { items } => {
+            rows.push(["TIME", "USER", "ROLE", "FROM", "ACTION", "TARGET", "OUTCOME"].map(String::from).to_vec());
+            for a in items {
+                rows.push(vec![
+                    rfc3339(a.at_ms),
+                    a.user.clone(),
+                    a.role.to_string(),
+                    a.peer.clone(),
+                    a.action.clone(),
+                    if a.target.is_empty() { "-".into() } else { a.target.clone() },
+                    a.outcome.clone(),
+                ]);
+            }
+        }
         _ => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
     }
     Ok(table(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn timestamps_print_as_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_515_199_000), "2026-12-05T23:59:59Z");
+    }
 }

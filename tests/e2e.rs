@@ -219,7 +219,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
     let out = cluster::flotilla(&["--config", cfg.to_str().unwrap(), "get", "nodes"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("admin credential is required"),
+        String::from_utf8_lossy(&out.stderr).contains("a user's credential is required"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

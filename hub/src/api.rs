@@ -1,4 +1,5 @@
-//! The admin API: one bi stream per request on an `admin:` connection. Requests are
+//! The API: one bi stream per request on a user's connection, each held to the user's role
+//! ([`crate::access`]) and each change recorded in the audit log. Requests are
 //! [`ApiRequest`] frames, answers [`ApiResponse`] frames; logs are a [`StreamStart`] frame and
 //! then raw bytes relayed from the agent that runs the replica.
 
@@ -13,17 +14,21 @@ use proto::messages::{
 use tracing::{debug, info, warn};
 use transport::frame;
 
+use crate::access::{self, Caller};
 use crate::cluster::Shared;
 use crate::controller::{self, Reported, jobs, node_labels};
 use crate::now_ms;
 use crate::revisions::RevisionError;
-use crate::store::{Applied, ReplicaRow, StoreError};
+use crate::store::{Applied, AuditEntry, ReplicaRow, StoreError};
+use transport::pki::LeafFacts;
 
-pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
+pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection, caller: Caller, leaf: LeafFacts) {
+    let caller = Arc::new(caller);
+    let leaf = Arc::new(leaf);
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let shared = shared.clone();
+        let (shared, caller, leaf) = (shared.clone(), caller.clone(), leaf.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(shared, send, recv).await {
+            if let Err(e) = handle(shared, &caller, &leaf, send, recv).await {
                 debug!(error = %e, "API stream ended with an error");
             }
         });
@@ -53,23 +58,69 @@ enum NoLogSource {
 
 async fn handle(
     shared: Arc<Shared>,
+    caller: &Caller,
+    leaf: &LeafFacts,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
     let Some(req) = frame::read::<ApiRequest>(&mut recv).await? else { return Ok(()) };
+    let audited = access::audited(&req);
+    if let Some(why) = access::denial(caller.role, &req) {
+        warn!(user = %caller.user, role = %caller.role, reason = %why, "API request denied");
+        if let Some(a) = &audited {
+            audit(&shared, caller, a, format!("denied: {why}")).await;
+        }
+        frame::write(&mut send, &ApiResponse::Error { message: format!("user {:?}: {why}", caller.user) }).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     if let ApiRequest::Logs { replica, follow, tail_lines } = req {
         return relay_logs(&shared, &mut send, replica, follow, tail_lines).await;
     }
-    let response = match answer(&shared, req).await {
+    let response = match crate::users::answer(&shared, caller, leaf, &req).await {
+        Some(answer) => answer,
+        None => answer(&shared, req).await,
+    };
+    let response = match response {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "API request failed");
             ApiResponse::Error { message: e.to_string() }
         }
     };
+    if let Some(a) = &audited {
+        let outcome = match &response {
+            ApiResponse::Error { message } => format!("failed: {message}"),
+            ApiResponse::Applied { results } if a.target.is_empty() => {
+                let names: Vec<String> = results.iter().map(|r| format!("{} {:?}", r.name, r.outcome)).collect();
+                format!("ok: {}", names.join(", "))
+            }
+            ApiResponse::Deleted { names } => format!("ok: {}", names.join(", ")),
+            ApiResponse::Token { view, .. } => format!("ok: token {}", view.id),
+            _ => "ok".to_string(),
+        };
+        audit(&shared, caller, a, outcome).await;
+    }
     frame::write(&mut send, &response).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// Adds an entry to the audit log. A store that cannot take it loses the entry, loudly: the
+/// change itself is already made (or refused).
+async fn audit(shared: &Shared, caller: &Caller, what: &access::Audited, outcome: String) {
+    let entry = AuditEntry {
+        at_ms: now_ms(),
+        user: caller.user.clone(),
+        role: caller.role,
+        peer: caller.peer.clone(),
+        action: what.action.to_string(),
+        target: access::bounded(&what.target),
+        outcome: access::bounded(&outcome),
+    };
+    if let Err(e) = shared.store.record_audit(&entry).await {
+        warn!(error = %e, user = %entry.user, action = %entry.action, outcome = %entry.outcome, "audit entry not recorded");
+    }
 }
 
 async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
@@ -80,6 +131,10 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
         ApiRequest::Apply { source } => match crate::guard::parse_manifests(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
+                // All or nothing, as the apply itself.
+                if let Some(why) = manifests.iter().find_map(|m| shared.host_policy.denial(m)) {
+                    return Ok(ApiResponse::Error { message: format!("refused: {why}") });
+                }
                 let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
                 shared.trigger_reconcile();
                 let results = manifests
@@ -181,7 +236,14 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
         | ApiRequest::TokenRevoke { .. }
         | ApiRequest::LabelNode { .. }
         | ApiRequest::TaintNode { .. }
-        | ApiRequest::AllowRejoin { .. } => ApiResponse::Error { message: "unexpected request".into() },
+        | ApiRequest::AllowRejoin { .. }
+        // Answered by `crate::users` before.
+        | ApiRequest::UserAdd { .. }
+        | ApiRequest::UserList
+        | ApiRequest::UserRevoke { .. }
+        | ApiRequest::RenewCredential { .. }
+        | ApiRequest::Audit { .. }
+        | ApiRequest::CertsStatus => ApiResponse::Error { message: "unexpected request".into() },
     })
 }
 

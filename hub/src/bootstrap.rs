@@ -22,7 +22,7 @@ use proto::messages::ClientConfigFile;
 use proto::token::JoinToken;
 use rand::RngCore;
 use tracing::info;
-use transport::pki::{Ca, CertifiedKey};
+use transport::pki::{Ca, CertifiedKey, leaf_facts};
 
 pub use crate::fsutil::WriteError;
 use crate::fsutil::write_private;
@@ -64,6 +64,8 @@ pub struct Identity {
     pub server: CertifiedKey,
     pub token: JoinToken,
     pub admin_config_path: PathBuf,
+    /// The certificate in `admin.yaml` (the hub records it as the first admin's).
+    pub admin_cert_pem: String,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -198,18 +200,22 @@ pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) 
         token
     };
 
-    // The admin config is rewritten at every start so it follows the advertised address; the
-    // admin key is kept so configs copied elsewhere stay valid.
+    // The admin config is rewritten at every start so it follows the advertised address. Its
+    // certificate is kept (configs copied elsewhere stay valid, and the CLI renews its own)
+    // until two thirds of its year are gone; then it is issued afresh.
     let admin_config_path = data_dir.join("admin.yaml");
-    let admin = match fs::read_to_string(&admin_config_path)
+    let kept = fs::read_to_string(&admin_config_path)
         .ok()
         .and_then(|t| serde_yaml::from_str::<ClientConfigFile>(&t).ok())
-    {
-        Some(old) if old.ca_pem == ca.cert_pem() => CertifiedKey { cert_pem: old.cert_pem, key_pem: old.key_pem },
-        _ => ca
-            .issue_client("admin:admin", 10 * YEAR)
+        .filter(|old| old.ca_pem == ca.cert_pem())
+        .filter(|old| leaf_facts(&old.cert_pem).is_ok_and(|f| f.renew_after() > std::time::SystemTime::now()));
+    let admin = match kept {
+        Some(old) => CertifiedKey { cert_pem: old.cert_pem, key_pem: old.key_pem },
+        None => ca
+            .issue_client("admin:admin", YEAR)
             .map_err(|source| BootstrapError::Pki { path: admin_config_path.clone(), source })?,
     };
+    let admin_cert_pem = admin.cert_pem.clone();
     let config = ClientConfigFile {
         hub: advertise.to_string(),
         ca_pem: ca.cert_pem().to_string(),
@@ -219,7 +225,7 @@ pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) 
     let yaml = serde_yaml::to_string(&config).expect("client config serializes");
     write_private(&admin_config_path, yaml.as_bytes())?;
 
-    Ok(Identity { ca, server, token, admin_config_path })
+    Ok(Identity { ca, server, token, admin_config_path, admin_cert_pem })
 }
 
 #[cfg(test)]

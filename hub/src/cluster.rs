@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) ca: Ca,
     /// Node certificate lifetime and renewal grace.
     pub(crate) certs: crate::identity::CertPolicy,
+    /// Which host paths and whether the host network workloads may be given.
+    pub(crate) host_policy: crate::access::HostPolicy,
     /// std Mutex: held only for map operations, never across an await.
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
@@ -57,6 +59,7 @@ impl Shared {
         leader: watch::Receiver<bool>,
         ca: Ca,
         certs: crate::identity::CertPolicy,
+        host_policy: crate::access::HostPolicy,
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -68,6 +71,7 @@ impl Shared {
             remote_connected: Mutex::new(HashSet::new()),
             ca,
             certs,
+            host_policy,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),

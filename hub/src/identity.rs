@@ -111,12 +111,15 @@ pub fn effective(
 pub struct CertPolicy {
     pub node_validity: std::time::Duration,
     pub grace: std::time::Duration,
+    /// How long an API user's certificate lasts unless `user add --ttl` says otherwise
+    /// (`hub --user-cert-validity`).
+    pub user_validity: std::time::Duration,
 }
 
 impl Default for CertPolicy {
     fn default() -> Self {
         const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-        CertPolicy { node_validity: DAY * 90, grace: DAY * 30 }
+        CertPolicy { node_validity: DAY * 90, grace: DAY * 30, user_validity: DAY * 30 }
     }
 }
 

@@ -11,10 +11,12 @@
 //! [`server`] accepts connections and holds the agent sessions, whose state [`cluster`]
 //! keeps; [`guard`] decides how many connections strangers may hold, bounds status reports
 //! and parses manifests off the async workers; [`api`] answers CLI requests, [`admin`] those
-//! about tokens and node identities; [`bootstrap`] owns the data dir and credentials, written
+//! about tokens and node identities, [`users`] those about API users and the audit log (under
+//! the pure rules of [`access`]: which role may ask what); [`bootstrap`] owns the data dir and credentials, written
 //! through [`fsutil`]. [`tokens`] (who may join) and [`identity`] (which certificate speaks
 //! for a node, which of its claims count) are pure rules.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod bootstrap;
@@ -31,6 +33,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +61,8 @@ pub struct HubConfig {
     pub limits: guard::PeerLimits,
     /// Node certificate lifetime and renewal grace.
     pub certs: identity::CertPolicy,
+    /// Which host paths and whether the host network workloads may be given.
+    pub host_policy: access::HostPolicy,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

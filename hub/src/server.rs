@@ -14,8 +14,10 @@
 //! per half second.
 //!
 //! Who may do what is decided here, per ALPN: the join ALPN needs the token's secret, the agent
-//! ALPN a `node:<name>` certificate, the API ALPN an `admin:<name>` certificate. A peer that
-//! fails is refused with a reason and logged; every other connection keeps being served.
+//! ALPN a `node:<name>` certificate, the API ALPN a certificate the store recorded for a user
+//! not revoked ([`crate::users::identify`]); each API request is then held to the user's role
+//! ([`crate::access`]). A peer that fails is refused with a reason and logged; every other
+//! connection keeps being served.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -112,6 +114,23 @@ impl Hub {
                 now_ms(),
             )
             .await?;
+        // The admin this hub made (or kept) in admin.yaml is the user `admin`; made once per
+        // cluster (a revoked `admin` stays revoked), each hub's admin.yaml recorded as its.
+        let admin = transport::pki::leaf_facts(&identity.admin_cert_pem)
+            .map_err(|e| HubError::Identity(format!("the admin certificate is unreadable: {e}")))?;
+        store
+            .ensure_user(
+                &crate::store::NewUser {
+                    name: crate::users::FIRST_ADMIN.into(),
+                    role: proto::messages::Role::Admin,
+                    created_by: "hub".into(),
+                    cert_validity_ms: config.certs.user_validity.as_millis() as u64,
+                },
+                &admin.fingerprint,
+                admin.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                now_ms(),
+            )
+            .await?;
         let hub_id = hub_id(&config.data_dir)?;
         let (leader, election) = leader::spawn(store.clone(), LeaderConfig::controller(hub_id.clone()));
         let server_config = tls::server_config(
@@ -131,7 +150,7 @@ impl Hub {
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
-            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, config.certs)),
+            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, config.certs, config.host_policy)),
         })
     }
 
@@ -214,14 +233,18 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection, mut per
             }
         }
     } else if alpn == ALPN_API {
-        match cn.as_deref() {
-            Some(cn) if cn.starts_with("admin:") => {
+        let Some(leaf) = tls::peer_leaf(&conn) else {
+            conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"a user's credential is required");
+            return;
+        };
+        match crate::users::identify(&shared, &leaf, conn.remote_address().to_string()).await {
+            Ok(caller) => {
                 permit.authenticated(&conn, transport::limits::Session::Api);
-                crate::api::serve(shared, conn).await
+                crate::api::serve(shared, conn, caller, leaf).await
             }
-            _ => {
-                warn!(peer = ?cn, "API connection without the admin credential refused");
-                conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"the admin credential is required");
+            Err(why) => {
+                warn!(peer = ?cn, reason = %why, "API connection refused");
+                conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), why.to_string().as_bytes());
             }
         }
     } else {

@@ -150,6 +150,8 @@ on_both_backends!(
     a_tokens_last_use_goes_to_one_of_two_racing_joins,
     the_store_identity_is_one_per_database,
     renewed_certificates_replace_the_current_one_and_keep_one_previous,
+    users_hold_roles_and_certificates_and_the_last_admin_stays,
+    the_audit_log_keeps_the_newest_entries_in_order,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -822,4 +824,75 @@ async fn the_store_identity_is_one_per_database(b: Backing) {
         Backing::Postgres(..) => postgres().await.expect("PostgreSQL is available: this backing runs on it"),
     };
     assert_ne!(other.open().await.id(), h1.id(), "a new store is another identity");
+}
+
+fn user(name: &str, role: proto::messages::Role) -> flotilla_hub::store::NewUser {
+    flotilla_hub::store::NewUser { name: name.into(), role, created_by: "admin".into(), cert_validity_ms: 60_000 }
+}
+
+async fn users_hold_roles_and_certificates_and_the_last_admin_stays(b: Backing) {
+    use flotilla_hub::store::UserRefusal;
+    use proto::messages::Role;
+    let s = b.open().await;
+    let now = 10_000;
+    s.ensure_user(&user("admin", Role::Admin), "admin-cert-1", now + 60_000, now).await.unwrap();
+    // A second hub's admin.yaml: the same user, another certificate; the user is not remade.
+    s.ensure_user(&user("admin", Role::Viewer), "admin-cert-2", now + 60_000, now + 1).await.unwrap();
+    let admin = s.user_by_cert("admin-cert-2").await.unwrap().expect("recorded");
+    assert_eq!((admin.name.as_str(), admin.role), ("admin", Role::Admin));
+
+    let v = s.add_user(&user("vic", Role::Viewer), "vic-1", now + 60_000, now).await.unwrap().unwrap();
+    assert_eq!((v.role, v.cert_expires_ms, v.revoked_at_ms), (Role::Viewer, Some(now + 60_000), None));
+    assert_eq!(
+        s.add_user(&user("vic", Role::Admin), "vic-2", now, now).await.unwrap(),
+        Err(UserRefusal::Exists("vic".into()))
+    );
+    assert!(s.user_by_cert("vic-2").await.unwrap().is_none(), "a refused add records no certificate");
+    assert!(s.user_by_cert("nobody").await.unwrap().is_none());
+
+    // A renewal adds a certificate; the newest expiry is shown; long-expired ones are dropped.
+    s.add_user_cert("vic", "vic-3", now + 200_000, now + 70_000).await.unwrap();
+    assert_eq!(s.user_by_cert("vic-3").await.unwrap().unwrap().cert_expires_ms, Some(now + 200_000));
+    assert!(s.user_by_cert("vic-1").await.unwrap().is_none(), "vic-1 expired before the renewal");
+
+    // The last admin cannot be revoked; with a second one it can, once.
+    assert_eq!(s.revoke_user("admin", now).await.unwrap(), Err(UserRefusal::LastAdmin("admin".into())));
+    s.add_user(&user("ada", Role::Admin), "ada-1", now + 60_000, now).await.unwrap().unwrap();
+    let revoked = s.revoke_user("admin", now + 5).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at_ms, Some(now + 5));
+    assert_eq!(s.revoke_user("ada", now + 6).await.unwrap(), Err(UserRefusal::LastAdmin("ada".into())));
+    assert_eq!(s.revoke_user("admin", now + 9).await.unwrap().unwrap().revoked_at_ms, Some(now + 5));
+    assert_eq!(s.revoke_user("zed", now).await.unwrap(), Err(UserRefusal::NotFound("zed".into())));
+    // A revoked user stays revoked when a hub starts again.
+    s.ensure_user(&user("admin", Role::Admin), "admin-cert-3", now + 60_000, now + 10).await.unwrap();
+    assert_eq!(s.user_by_cert("admin-cert-3").await.unwrap().unwrap().revoked_at_ms, Some(now + 5));
+    let names: Vec<String> = s.users().await.unwrap().into_iter().map(|u| u.name).collect();
+    assert_eq!(names, ["ada", "admin", "vic"]);
+}
+
+async fn the_audit_log_keeps_the_newest_entries_in_order(b: Backing) {
+    use proto::messages::Role;
+    let s = b.open().await;
+    for i in 0..12u64 {
+        let entry = flotilla_hub::store::AuditEntry {
+            at_ms: 1_000 + i,
+            user: format!("u{i}"),
+            role: Role::Operator,
+            peer: "127.0.0.1:5000".into(),
+            action: "apply".into(),
+            target: String::new(),
+            outcome: "ok".into(),
+        };
+        s.record_audit(&entry).await.unwrap();
+    }
+    let all = s.audit(100, 0).await.unwrap();
+    assert_eq!(all.len(), 12);
+    assert_eq!((all[0].at_ms, all[11].at_ms), (1_000, 1_011), "oldest first");
+    let newest = s.audit(3, 0).await.unwrap();
+    assert_eq!(newest.iter().map(|a| a.user.as_str()).collect::<Vec<_>>(), ["u9", "u10", "u11"]);
+    assert_eq!(s.audit(100, 1_010).await.unwrap().len(), 2);
+    s.prune_audit(5).await.unwrap();
+    let kept = s.audit(100, 0).await.unwrap();
+    assert_eq!(kept.iter().map(|a| a.at_ms).collect::<Vec<_>>(), [1_007, 1_008, 1_009, 1_010, 1_011]);
+    assert_eq!((kept[0].role, kept[0].peer.as_str()), (Role::Operator, "127.0.0.1:5000"));
 }

@@ -457,6 +457,107 @@ pub enum ApiRequest {
         node: String,
         for_ms: u64,
     },
+    /// A new API user with `role`, certified for the key of `csr_pem` for `ttl_ms` (the hub's
+    /// default when `None`); answered with [`ApiResponse::UserCreated`].
+    UserAdd {
+        name: String,
+        role: Role,
+        ttl_ms: Option<u64>,
+        csr_pem: String,
+    },
+    /// Answered with [`ApiResponse::Users`].
+    UserList,
+    /// Revokes a user and every certificate it holds; answered with `Users` holding it.
+    UserRevoke {
+        name: String,
+    },
+    /// A new certificate for the caller's own key (the CLI asks two thirds into its
+    /// credential's life); answered with [`ApiResponse::CredentialRenewed`].
+    RenewCredential {
+        csr_pem: String,
+    },
+    /// The newest `limit` audit entries (at or after `since_ms`), newest last; answered with
+    /// [`ApiResponse::Audit`].
+    Audit {
+        limit: u32,
+        since_ms: Option<u64>,
+    },
+    /// Who the caller is, and the certificates the cluster depends on; answered with
+    /// [`ApiResponse::Described`].
+    CertsStatus,
+}
+
+/// What an API user may do. Each role holds the rights of the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read and logs.
+    Viewer,
+    /// And apply, delete, scale, rollout, cordon, drain.
+    Operator,
+    /// And nodes, tokens, users, audit.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: expected viewer, operator or admin")),
+        }
+    }
+}
+
+/// An API user as `flotilla user list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserView {
+    pub name: String,
+    pub role: Role,
+    pub created_at_ms: u64,
+    /// The user who added it (`hub` for the admin the hub made at its first start).
+    pub created_by: String,
+    /// When its newest certificate expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expires_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// One change (or refused attempt) as `flotilla audit` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditView {
+    pub at_ms: u64,
+    pub user: String,
+    pub role: Role,
+    /// The address the request came from.
+    pub peer: String,
+    /// What was asked (`apply`, `delete workload`, `token create`, ...).
+    pub action: String,
+    /// What it was asked of (workload names, a node, a user), possibly empty.
+    pub target: String,
+    /// `ok`, `denied: ...` or `failed: ...`.
+    pub outcome: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -494,6 +595,20 @@ pub enum ApiResponse {
     },
     Tokens {
         items: Vec<TokenView>,
+    },
+    Users {
+        items: Vec<UserView>,
+    },
+    /// A user just added: its certificate for the key the request named.
+    UserCreated {
+        cert_pem: String,
+        view: UserView,
+    },
+    CredentialRenewed {
+        cert_pem: String,
+    },
+    Audit {
+        items: Vec<AuditView>,
     },
 }
 

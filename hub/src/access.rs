@@ -1,0 +1,307 @@
+//! Who may ask the API what, and what of it the audit log keeps: pure functions of the
+//! request and the caller's role. The I/O shell is [`crate::api`] (it checks every request
+//! before answering it and records the audited ones) and [`crate::users`] (who the caller is).
+//!
+//! [`HostPolicy`] says which host resources (paths, the network) any workload may be given.
+//!
+//! Roles nest: a viewer reads and follows logs; an operator also changes workloads and
+//! schedules nodes (apply, delete, scale, rollout undo, cordon, drain); an admin also decides
+//! who belongs to the cluster (nodes, tokens, users) and reads the audit log.
+
+use proto::manifest::{Kind, Manifest, NetworkMode};
+use proto::messages::{ApiRequest, ResourceKind, Role};
+
+/// The API user a connection's certificate names, and where it connects from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: String,
+    pub role: Role,
+    pub peer: String,
+}
+
+/// What the audit log records of a request: `None` for the ones that change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audited {
+    pub action: &'static str,
+    pub target: String,
+}
+
+/// The least role that may make `req`.
+pub fn required_role(req: &ApiRequest) -> Role {
+    match req {
+        ApiRequest::Get { .. }
+        | ApiRequest::Describe { .. }
+        | ApiRequest::RolloutStatus { .. }
+        | ApiRequest::RolloutHistory { .. }
+        | ApiRequest::Logs { .. }
+        // Each caller renews only its own credential and sees its own expiry.
+        | ApiRequest::RenewCredential { .. }
+        | ApiRequest::CertsStatus => Role::Viewer,
+        ApiRequest::Apply { .. }
+        | ApiRequest::DeleteManifests { .. }
+        | ApiRequest::SetScheduling { .. }
+        | ApiRequest::RolloutUndo { .. }
+        | ApiRequest::Scale { .. } => Role::Operator,
+        ApiRequest::Delete { kind, .. } => match kind {
+            ResourceKind::Node => Role::Admin,
+            ResourceKind::Workload | ResourceKind::Replica => Role::Operator,
+        },
+        ApiRequest::TokenCreate { .. }
+        | ApiRequest::TokenList
+        | ApiRequest::TokenRevoke { .. }
+        | ApiRequest::LabelNode { .. }
+        | ApiRequest::TaintNode { .. }
+        | ApiRequest::AllowRejoin { .. }
+        | ApiRequest::UserAdd { .. }
+        | ApiRequest::UserList
+        | ApiRequest::UserRevoke { .. }
+        | ApiRequest::Audit { .. } => Role::Admin,
+    }
+}
+
+/// Why `role` may not make `req`, or `None` when it may.
+pub fn denial(role: Role, req: &ApiRequest) -> Option<String> {
+    let needed = required_role(req);
+    (role < needed).then(|| {
+        let what = audited(req).map(|a| a.action).unwrap_or_else(|| read_action(req));
+        format!("the {role} role may not {what}: that needs the {needed} role")
+    })
+}
+
+fn read_action(req: &ApiRequest) -> &'static str {
+    match req {
+        ApiRequest::TokenList => "list join tokens",
+        ApiRequest::UserList => "list users",
+        ApiRequest::Audit { .. } => "read the audit log",
+        _ => "read",
+    }
+}
+
+/// What the audit log keeps of `req`: every request that changes something (a renewal too:
+/// it issues a certificate). Reads are not kept.
+pub fn audited(req: &ApiRequest) -> Option<Audited> {
+    let (action, target) = match req {
+        ApiRequest::Apply { .. } => ("apply", String::new()),
+        ApiRequest::DeleteManifests { .. } => ("delete manifests", String::new()),
+        ApiRequest::Delete { kind: ResourceKind::Node, name } => ("delete node", name.clone()),
+        ApiRequest::Delete { name, .. } => ("delete workload", name.clone()),
+        ApiRequest::SetScheduling { node, cordoned, draining } => {
+            let action = match (cordoned, draining) {
+                (_, true) => "drain",
+                (true, false) => "cordon",
+                (false, false) => "uncordon",
+            };
+            (action, node.clone())
+        }
+        ApiRequest::RolloutUndo { name, .. } => ("rollout undo", name.clone()),
+        ApiRequest::Scale { name, replicas } => ("scale", format!("{name} to {replicas}")),
+        ApiRequest::TokenCreate { .. } => ("token create", String::new()),
+        ApiRequest::TokenRevoke { id } => ("token revoke", id.clone()),
+        ApiRequest::LabelNode { node, .. } => ("label node", node.clone()),
+        ApiRequest::TaintNode { node, .. } => ("taint node", node.clone()),
+        ApiRequest::AllowRejoin { node, .. } => ("allow rejoin", node.clone()),
+        ApiRequest::UserAdd { name, role, .. } => ("user add", format!("{name} ({role})")),
+        ApiRequest::UserRevoke { name } => ("user revoke", name.clone()),
+        ApiRequest::RenewCredential { .. } => ("renew credential", String::new()),
+        ApiRequest::Get { .. }
+        | ApiRequest::Describe { .. }
+        | ApiRequest::RolloutStatus { .. }
+        | ApiRequest::RolloutHistory { .. }
+        | ApiRequest::Logs { .. }
+        | ApiRequest::TokenList
+        | ApiRequest::UserList
+        | ApiRequest::Audit { .. }
+        | ApiRequest::CertsStatus => return None,
+    };
+    Some(Audited { action, target })
+}
+
+/// The most characters of an outcome or target the audit log keeps.
+pub const AUDIT_TEXT_MAX: usize = 300;
+
+/// `text` cut to [`AUDIT_TEXT_MAX`] characters (a caller's input must not grow the log).
+pub fn bounded(text: &str) -> String {
+    match text.char_indices().nth(AUDIT_TEXT_MAX) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// Which host resources workloads may be given (`hub --allow-host-path`,
+/// `--allow-host-network`). By default none: a workload gets scratch volumes and no network
+/// beyond its own loopback, whoever applies it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPolicy {
+    /// Host directories (and everything under them) a volume may mount.
+    pub host_paths: Vec<String>,
+    /// Whether a workload may use the host's network.
+    pub host_network: bool,
+}
+
+impl HostPolicy {
+    /// Why `m` may not be applied under this policy, or `None` when it may. Checked at apply:
+    /// a workload applied under a wider policy keeps running after the hub restarts with a
+    /// narrower one.
+    pub fn denial(&self, m: &Manifest) -> Option<String> {
+        if m.kind != Kind::Workload {
+            return None;
+        }
+        let name = &m.metadata.name;
+        let t = m.template();
+        if t.network == NetworkMode::Host && !self.host_network {
+            return Some(format!(
+                "workload {name}: the host network is not allowed by the hub's policy (hub --allow-host-network)"
+            ));
+        }
+        for v in &t.volumes {
+            if let Some(host) = &v.host_path
+                && !self.host_paths.iter().any(|allowed| under(host, allowed))
+            {
+                let allowed = if self.host_paths.is_empty() { "none".to_string() } else { self.host_paths.join(", ") };
+                return Some(format!(
+                    "workload {name}: volume {:?} mounts host path {host}, which the hub's policy does not allow \
+                     (allowed: {allowed}; hub --allow-host-path)",
+                    v.name
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Whether `path` is `prefix` or under it, component by component (`/srv/app` is under
+/// `/srv`, `/srvx` is not). Paths reach here validated: absolute, no `..`.
+fn under(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true; // "/" allows everything
+    }
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn workload(extra: &str) -> Manifest {
+        let text = format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  runtime: container\n  image: r/w:1\n{extra}"
+        );
+        proto::manifest::parse_manifests(&text).unwrap().remove(0)
+    }
+
+    #[test]
+    fn host_paths_and_the_host_network_only_where_the_policy_allows() {
+        let none = HostPolicy::default();
+        let root = workload("  volumes:\n    - {name: root, mountPath: /host, hostPath: /, readOnly: true}\n");
+        let why = none.denial(&root).expect("no host path is allowed by default");
+        assert!(why.contains("mounts host path /") && why.contains("allowed: none"), "{why}");
+        assert_eq!(none.denial(&workload("  volumes:\n    - {name: s, mountPath: /data}\n")), None, "scratch is fine");
+        let net = workload("  network: host\n");
+        assert!(none.denial(&net).unwrap().contains("host network"));
+
+        let srv = HostPolicy { host_paths: vec!["/srv/flotilla/".into()], host_network: true };
+        assert_eq!(srv.denial(&net), None);
+        assert_eq!(
+            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla/app}\n")),
+            None
+        );
+        assert_eq!(
+            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla}\n")),
+            None
+        );
+        assert!(
+            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla-x}\n")).is_some()
+        );
+        assert!(srv.denial(&root).is_some());
+        let all = HostPolicy { host_paths: vec!["/".into()], host_network: false };
+        assert_eq!(all.denial(&root), None);
+    }
+
+    fn apply() -> ApiRequest {
+        ApiRequest::Apply { source: "kind: Workload".into() }
+    }
+
+    #[test]
+    fn a_viewer_reads_but_cannot_change_anything() {
+        let reads = [
+            ApiRequest::Get { kind: ResourceKind::Workload },
+            ApiRequest::Describe { kind: ResourceKind::Node, name: "n".into() },
+            ApiRequest::Logs { replica: "r".into(), follow: true, tail_lines: None },
+            ApiRequest::RolloutStatus { name: "w".into() },
+            ApiRequest::CertsStatus,
+        ];
+        for r in &reads {
+            assert_eq!(denial(Role::Viewer, r), None, "{r:?}");
+            assert_eq!(audited(r), None, "reads are not audited: {r:?}");
+        }
+        assert_eq!(
+            denial(Role::Viewer, &apply()).as_deref(),
+            Some("the viewer role may not apply: that needs the operator role")
+        );
+        assert!(denial(Role::Viewer, &ApiRequest::Scale { name: "w".into(), replicas: 3 }).is_some());
+        assert!(
+            denial(Role::Viewer, &ApiRequest::SetScheduling { node: "n".into(), cordoned: true, draining: false })
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn an_operator_runs_workloads_but_decides_nothing_about_membership() {
+        for r in [
+            apply(),
+            ApiRequest::Delete { kind: ResourceKind::Workload, name: "w".into() },
+            ApiRequest::SetScheduling { node: "n".into(), cordoned: true, draining: true },
+            ApiRequest::RolloutUndo { name: "w".into(), to_revision: None },
+        ] {
+            assert_eq!(denial(Role::Operator, &r), None, "{r:?}");
+        }
+        for r in [
+            ApiRequest::Delete { kind: ResourceKind::Node, name: "n".into() },
+            ApiRequest::TokenCreate { ttl_ms: None, uses: None, name_pattern: None, labels: BTreeMap::new() },
+            ApiRequest::TokenList,
+            ApiRequest::LabelNode { node: "n".into(), set: BTreeMap::new(), remove: vec![] },
+            ApiRequest::UserAdd { name: "u".into(), role: Role::Viewer, ttl_ms: None, csr_pem: String::new() },
+            ApiRequest::UserRevoke { name: "u".into() },
+            ApiRequest::Audit { limit: 10, since_ms: None },
+        ] {
+            let why = denial(Role::Operator, &r).unwrap_or_else(|| panic!("an operator may not {r:?}"));
+            assert!(why.ends_with("needs the admin role"), "{why}");
+            assert_eq!(denial(Role::Admin, &r), None);
+        }
+        assert_eq!(
+            denial(Role::Operator, &ApiRequest::TokenList).as_deref(),
+            Some("the operator role may not list join tokens: that needs the admin role")
+        );
+    }
+
+    #[test]
+    fn every_change_is_audited_with_its_target() {
+        let cases = [
+            (ApiRequest::SetScheduling { node: "n1".into(), cordoned: true, draining: true }, "drain", "n1"),
+            (ApiRequest::SetScheduling { node: "n1".into(), cordoned: false, draining: false }, "uncordon", "n1"),
+            (ApiRequest::Delete { kind: ResourceKind::Node, name: "n2".into() }, "delete node", "n2"),
+            (ApiRequest::Scale { name: "web".into(), replicas: 4 }, "scale", "web to 4"),
+            (
+                ApiRequest::UserAdd { name: "ann".into(), role: Role::Operator, ttl_ms: None, csr_pem: String::new() },
+                "user add",
+                "ann (operator)",
+            ),
+            (ApiRequest::TokenRevoke { id: "t1".into() }, "token revoke", "t1"),
+        ];
+        for (req, action, target) in cases {
+            assert_eq!(audited(&req), Some(Audited { action, target: target.into() }));
+        }
+    }
+
+    #[test]
+    fn audit_text_is_bounded_on_a_character_boundary() {
+        let long = "é".repeat(AUDIT_TEXT_MAX + 50);
+        let cut = bounded(&long);
+        assert_eq!(cut.chars().count(), AUDIT_TEXT_MAX + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(bounded("short"), "short");
+    }
+}
