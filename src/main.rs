@@ -75,6 +75,11 @@ enum Command {
         /// Let workloads use the host's network (`network: host`). Default: refused.
         #[arg(long)]
         allow_host_network: bool,
+        /// With a PostgreSQL store: the file holding the cluster key that seals the CA key and
+        /// join token in the database (default: DATA_DIR/cluster.key, made by the first hub).
+        /// Every hub sharing the store needs a copy.
+        #[arg(long, env = "FLOTILLA_CLUSTER_KEY_FILE")]
+        cluster_key_file: Option<PathBuf>,
     },
     /// Run the edge agent.
     Agent {
@@ -531,6 +536,7 @@ async fn run(cli: Cli) -> Result<()> {
             user_cert_validity,
             allow_host_paths,
             allow_host_network,
+            cluster_key_file,
         } => {
             init_tracing();
             let hub = hub::Hub::start(hub::HubConfig {
@@ -547,6 +553,7 @@ async fn run(cli: Cli) -> Result<()> {
                     user_validity: user_cert_validity,
                 },
                 host_policy: hub::access::HostPolicy { host_paths: allow_host_paths, host_network: allow_host_network },
+                cluster_key_file,
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);

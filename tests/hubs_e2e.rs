@@ -51,8 +51,13 @@ impl HubProc {
         // Listening on all addresses, so agents in network namespaces reach it at their
         // host-side address; the CLI dials loopback.
         let listen = addr.replace("127.0.0.1", "0.0.0.0");
+        // One cluster key for every hub of the test (the first makes it): the store holds the
+        // CA key and token sealed with it.
+        let key = root.join("cluster.key");
         let args = [
             "hub",
+            "--cluster-key-file",
+            key.to_str().unwrap(),
             "--data-dir",
             dir.to_str().unwrap(),
             "--listen",

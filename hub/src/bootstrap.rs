@@ -26,6 +26,7 @@ use transport::pki::{Ca, CertifiedKey, leaf_facts};
 
 pub use crate::fsutil::WriteError;
 use crate::fsutil::write_private;
+use crate::sealed::ClusterKey;
 use crate::store::{Store, StoreError};
 
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -52,6 +53,16 @@ pub enum BootstrapError {
     SharedIdentityConflict(PathBuf),
     #[error("cluster identity: {0}")]
     Store(#[from] StoreError),
+    #[error("cluster key {path}: {source}")]
+    ClusterKey { path: PathBuf, source: crate::sealed::SealError },
+    #[error(
+        "cluster identity: the shared store's CA key and token are sealed with a cluster key this hub does not have at {0}; copy the cluster key file from a hub of this cluster there (or pass --cluster-key-file)"
+    )]
+    NoClusterKey(PathBuf),
+    #[error(
+        "cluster identity: the store's {IDENTITY_SECRET} record does not open with the cluster key {path}: {source}"
+    )]
+    Unseal { path: PathBuf, source: crate::sealed::SealError },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BootstrapError + 'a {
@@ -111,13 +122,64 @@ struct SharedIdentity {
     token: String,
 }
 
+/// Where a hub looks for the cluster key without `--cluster-key-file`.
+pub fn default_cluster_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster.key")
+}
+
+/// Reads the cluster key at `path`; `None` when there is no such file.
+fn read_cluster_key(path: &Path) -> Result<Option<ClusterKey>, BootstrapError> {
+    match fs::read(path) {
+        Ok(material) => ClusterKey::from_material(&material)
+            .map(Some)
+            .map_err(|source| BootstrapError::ClusterKey { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path)(e)),
+    }
+}
+
+/// Makes a new cluster key at `path` (0600).
+fn create_cluster_key(path: &Path) -> Result<ClusterKey, BootstrapError> {
+    let material = ClusterKey::generate_material()
+        .map_err(|source| BootstrapError::ClusterKey { path: path.to_path_buf(), source })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    write_private(path, material.as_bytes())?;
+    info!(path = %path.display(), "cluster key created: every hub sharing this store needs a copy");
+    ClusterKey::from_material(material.as_bytes())
+        .map_err(|source| BootstrapError::ClusterKey { path: path.to_path_buf(), source })
+}
+
 /// On a shared store every hub must have the same CA and join token, so agents trust and join
-/// any of them. The first hub stores its own (or new ones) in the store; every hub then writes
-/// the stored ones into its data dir, where [`load_or_create`] loads them. A data dir that
-/// already has a different CA is refused rather than silently replaced.
-pub async fn share(store: &Store, data_dir: &Path) -> Result<(), BootstrapError> {
+/// any of them. The first hub stores its own (or new ones) in the store, sealed with the
+/// cluster key at `key_path` ([`crate::sealed`]; made there if the store holds no identity
+/// yet); every hub then opens the stored ones and writes them into its data dir, where
+/// [`load_or_create`] loads them. A data dir that already has a different CA is refused rather
+/// than silently replaced; a hub without the cluster key is refused with where to put it; a
+/// record from before sealing is sealed in place.
+pub async fn share(store: &Store, data_dir: &Path, key_path: &Path) -> Result<(), BootstrapError> {
     let paths = Paths::of(data_dir);
     fs::create_dir_all(&paths.tls).map_err(io("create", &paths.tls))?;
+    let existing = store.secret(IDENTITY_SECRET).await?;
+    let key = match (read_cluster_key(key_path)?, &existing) {
+        (Some(key), _) => key,
+        (None, Some(v)) if crate::sealed::is_sealed(v) => {
+            return Err(BootstrapError::NoClusterKey(key_path.to_path_buf()));
+        }
+        // A new cluster, or one from before sealing: this hub's key seals it from now on.
+        (None, _) => create_cluster_key(key_path)?,
+    };
+    let unseal = |value: &str| {
+        key.open(IDENTITY_SECRET, value)
+            .map_err(|source| BootstrapError::Unseal { path: key_path.to_path_buf(), source })
+    };
+    if let Some(plain) = existing.as_deref().filter(|v| !crate::sealed::is_sealed(v)) {
+        let sealed = seal(&key, key_path, plain)?;
+        if store.replace_secret(IDENTITY_SECRET, plain, &sealed).await? {
+            info!("the store's cluster identity was stored in clear; it is now sealed with the cluster key");
+        }
+    }
     let local =
         match (fs::read_to_string(&paths.ca_cert), fs::read_to_string(&paths.ca_key), fs::read_to_string(&paths.token))
         {
@@ -143,7 +205,8 @@ pub async fn share(store: &Store, data_dir: &Path) -> Result<(), BootstrapError>
         }
     };
     let candidate_json = serde_json::to_string(&candidate).expect("identity serializes");
-    let stored = store.get_or_insert_secret(IDENTITY_SECRET, &candidate_json).await?;
+    let stored = store.get_or_insert_secret(IDENTITY_SECRET, &seal(&key, key_path, &candidate_json)?).await?;
+    let stored = unseal(&stored)?;
     let stored: SharedIdentity = serde_json::from_str(&stored).map_err(BootstrapError::SharedIdentityUnreadable)?;
     if let Some(l) = &local {
         if l.ca_cert_pem != stored.ca_cert_pem {
@@ -158,6 +221,11 @@ pub async fn share(store: &Store, data_dir: &Path) -> Result<(), BootstrapError>
     write_private(&paths.token, format!("{}\n", stored.token).as_bytes())?;
     info!("cluster identity loaded from the shared store");
     Ok(())
+}
+
+fn seal(key: &ClusterKey, key_path: &Path, value: &str) -> Result<String, BootstrapError> {
+    key.seal(IDENTITY_SECRET, value)
+        .map_err(|source| BootstrapError::ClusterKey { path: key_path.to_path_buf(), source })
 }
 
 /// Loads the hub's identity from `data_dir`, creating what is missing. `advertise` is the

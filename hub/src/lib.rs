@@ -30,6 +30,7 @@ pub mod identity;
 pub mod leader;
 pub mod revisions;
 pub mod scheduler;
+pub mod sealed;
 pub mod server;
 pub mod store;
 pub mod tokens;
@@ -63,6 +64,9 @@ pub struct HubConfig {
     pub certs: identity::CertPolicy,
     /// Which host paths and whether the host network workloads may be given.
     pub host_policy: access::HostPolicy,
+    /// The cluster key that seals the CA key and join token in a shared store (default
+    /// `<data dir>/cluster.key`, made by the first hub; see [`sealed`]).
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

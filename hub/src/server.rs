@@ -96,7 +96,11 @@ impl Hub {
         }
         let store = Store::connect(&config.datastore, &config.data_dir).await?;
         if store.is_shared() {
-            bootstrap::share(&store, &config.data_dir).await?;
+            let key_path = config
+                .cluster_key_file
+                .clone()
+                .unwrap_or_else(|| bootstrap::default_cluster_key_path(&config.data_dir));
+            bootstrap::share(&store, &config.data_dir, &key_path).await?;
         }
         let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names)?;
         // The cluster token keeps working for new names, as the token `cluster`; once revoked it

@@ -152,6 +152,8 @@ on_both_backends!(
     renewed_certificates_replace_the_current_one_and_keep_one_previous,
     users_hold_roles_and_certificates_and_the_last_admin_stays,
     the_audit_log_keeps_the_newest_entries_in_order,
+    the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key,
+    a_cluster_identity_stored_in_clear_is_sealed_in_place,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -895,4 +897,70 @@ async fn the_audit_log_keeps_the_newest_entries_in_order(b: Backing) {
     let kept = s.audit(100, 0).await.unwrap();
     assert_eq!(kept.iter().map(|a| a.at_ms).collect::<Vec<_>>(), [1_007, 1_008, 1_009, 1_010, 1_011]);
     assert_eq!((kept[0].role, kept[0].peer.as_str()), (Role::Operator, "127.0.0.1:5000"));
+}
+
+fn read(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+async fn the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key(b: Backing) {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use flotilla_hub::bootstrap::share;
+    let s = b.open().await;
+    let root = tempfile::tempdir().unwrap();
+    let key = root.path().join("keys/cluster.key");
+    let dir = |n: &str| root.path().join(n);
+
+    share(&s, &dir("a"), &key).await.unwrap();
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "made by the first hub, private");
+    let raw = s.secret("cluster-identity").await.unwrap().expect("stored");
+    assert!(raw.starts_with("sealed:v1:"), "{raw}");
+    for clear in ["PRIVATE KEY", "CERTIFICATE", "FLT1"] {
+        assert!(!raw.contains(clear), "the database holds no {clear}");
+    }
+
+    // Another hub with a copy of the key gets the same CA and token.
+    share(&s, &dir("b"), &key).await.unwrap();
+    for f in ["tls/ca.pem", "tls/ca.key", "token"] {
+        assert_eq!(read(&dir("a").join(f)), read(&dir("b").join(f)), "{f}");
+    }
+
+    // Without the key: refused, with where to put it, and nothing written.
+    let missing = dir("c").join("cluster.key");
+    let e = share(&s, &dir("c"), &missing).await.unwrap_err().to_string();
+    assert!(e.contains("copy the cluster key file") && e.contains(missing.to_str().unwrap()), "{e}");
+    assert!(!dir("c").join("tls/ca.key").exists() && !missing.exists());
+
+    // With another cluster's key: refused.
+    let other = dir("other.key");
+    std::fs::write(&other, "0123456789abcdef0123456789abcdef-another").unwrap();
+    let e = share(&s, &dir("d"), &other).await.unwrap_err().to_string();
+    assert!(e.contains("does not open with the cluster key"), "{e}");
+    assert!(!dir("d").join("tls/ca.key").exists());
+    // A key too short to be one.
+    std::fs::write(&other, "short").unwrap();
+    assert!(share(&s, &dir("d"), &other).await.unwrap_err().to_string().contains("at least 32"));
+}
+
+async fn a_cluster_identity_stored_in_clear_is_sealed_in_place(b: Backing) {
+    use flotilla_hub::bootstrap::share;
+    use flotilla_hub::sealed::ClusterKey;
+    let s = b.open().await;
+    let root = tempfile::tempdir().unwrap();
+    let key = root.path().join("cluster.key");
+    share(&s, &root.path().join("a"), &key).await.unwrap();
+    // As a hub from before sealing left it: the same identity, in clear.
+    let sealed = s.secret("cluster-identity").await.unwrap().unwrap();
+    let clear = ClusterKey::from_material(read(&key).as_bytes()).unwrap().open("cluster-identity", &sealed).unwrap();
+    assert!(s.replace_secret("cluster-identity", &sealed, &clear).await.unwrap());
+
+    // A hub with no cluster key yet makes one and seals the record; the CA is kept.
+    let fresh = root.path().join("fresh.key");
+    share(&s, &root.path().join("b"), &fresh).await.unwrap();
+    let now = s.secret("cluster-identity").await.unwrap().unwrap();
+    assert!(now.starts_with("sealed:v1:") && !now.contains("PRIVATE KEY"), "{now}");
+    let reopened = ClusterKey::from_material(read(&fresh).as_bytes()).unwrap().open("cluster-identity", &now).unwrap();
+    assert_eq!(reopened, clear);
+    assert_eq!(read(&root.path().join("a/tls/ca.pem")), read(&root.path().join("b/tls/ca.pem")));
 }

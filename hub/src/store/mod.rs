@@ -957,6 +957,18 @@ impl Store {
         }
     }
 
+    /// Replaces the value of `name` if it is still `old`; whether it was replaced.
+    pub async fn replace_secret(&self, name: &str, old: &str, new: &str) -> Result<bool> {
+        let n = self
+            .pool
+            .exec(
+                "UPDATE cluster_secrets SET value = ? WHERE name = ? AND value = ?",
+                &[new.into(), name.into(), old.into()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     /// The stored value of `name`, if any.
     pub async fn secret(&self, name: &str) -> Result<Option<String>> {
         let rows = self.pool.fetch("SELECT value FROM cluster_secrets WHERE name = ?", &[name.into()]).await?;
