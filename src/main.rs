@@ -68,6 +68,10 @@ enum Command {
         /// 30d; the CLI renews its own two thirds into its life.
         #[arg(long, default_value = "30d", value_parser = parse_user_cert_validity)]
         user_cert_validity: std::time::Duration,
+        /// How long the hub's serving certificate lasts, e.g. 365d (at least 30s). It is issued
+        /// at every start, and again by the running hub two thirds into its life.
+        #[arg(long, default_value = "365d", value_parser = parse_cert_validity)]
+        hub_cert_validity: std::time::Duration,
         /// A host directory (and what is under it) workloads may mount as a volume's
         /// hostPath; repeatable. Default: none.
         #[arg(long = "allow-host-path", value_parser = parse_host_path_prefix)]
@@ -534,6 +538,7 @@ async fn run(cli: Cli) -> Result<()> {
             node_cert_validity,
             node_cert_grace,
             user_cert_validity,
+            hub_cert_validity,
             allow_host_paths,
             allow_host_network,
             cluster_key_file,
@@ -551,6 +556,7 @@ async fn run(cli: Cli) -> Result<()> {
                     node_validity: node_cert_validity,
                     grace: node_cert_grace,
                     user_validity: user_cert_validity,
+                    hub_validity: hub_cert_validity,
                 },
                 host_policy: hub::access::HostPolicy { host_paths: allow_host_paths, host_network: allow_host_network },
                 cluster_key_file,

@@ -10,6 +10,7 @@
 //!   certificate; its replica runs elsewhere.
 //! - A hub whose store was deleted and made anew stops nothing on its nodes.
 //! - An assignment set larger than a frame (20 MB) reaches its node.
+//! - The hub's serving certificate renews while the hub runs, cutting no agent link.
 //! - Node certificates that last a minute renew over the link several times with no replica
 //!   restart and no NotReady, and an agent that was offline past its certificate's expiry
 //!   renews it within the hub's grace and comes back.
@@ -316,4 +317,36 @@ fn node_certificates_renew_over_the_link_and_after_an_offline_expiry() {
     assert_ne!(cert_fingerprint(&c.agent_dir("edge-1")), first_cert, "the renewed certificate is saved");
     let described = c.ok(&["describe", "node", "edge-1"]);
     assert!(described.contains("Certificate:  expires in"), "{described}");
+}
+
+#[test]
+fn the_hubs_serving_certificate_renews_while_it_runs() {
+    let mut c = Cluster::start_with(&["--hub-cert-validity", "30s"]);
+    let hub_pem = c.hub_dir().join("tls/hub.pem");
+    let first = transport::pki::leaf_facts(&std::fs::read_to_string(&hub_pem).unwrap()).unwrap();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("edge-1 Ready", WAIT, || node(&c, "edge-1").is_some_and(|n| n.ready));
+
+    // Past the first certificate's expiry, new connections still verify the hub's.
+    while std::time::SystemTime::now() < first.not_after + Duration::from_secs(2) {
+        assert!(node(&c, "edge-1").is_some_and(|n| n.ready), "edge-1 stays Ready while the hub's certificate renews");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let now = transport::pki::leaf_facts(&std::fs::read_to_string(&hub_pem).unwrap()).unwrap();
+    assert_ne!(now.fingerprint, first.fingerprint, "a new serving certificate was written");
+    assert!(now.not_after > first.not_after);
+    let hub_log = c.hub.log_text();
+    assert!(hub_log.contains("hub serving certificate renewed"), "{hub_log}");
+    let agent_log = c.agents[0].log_text();
+    assert!(!agent_log.contains("lost the hub connection"), "the agent's link was never cut:\n{agent_log}");
+
+    // A restarted agent makes a full handshake with the renewed certificate.
+    c.agents[0].kill();
+    let data = c.agent_dir("edge-1");
+    let log = c.dir.path().join("agent-edge-1.2.log");
+    let args = ["agent", "--hub", &c.hub_addr, "--name", "edge-1", "--data-dir", data.to_str().unwrap()];
+    c.agents.push(Proc::spawn("agent edge-1 again", &args, log));
+    c.wait_for("edge-1 Ready after its restart", WAIT, || {
+        node(&c, "edge-1").is_some_and(|n| n.ready) && c.agents[1].log_text().contains("connected to hub")
+    });
 }

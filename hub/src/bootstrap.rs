@@ -29,7 +29,7 @@ use crate::fsutil::write_private;
 use crate::sealed::ClusterKey;
 use crate::store::{Store, StoreError};
 
-const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The cluster-wide record of the CA and join token on a shared store.
 const IDENTITY_SECRET: &str = "cluster-identity";
 
@@ -228,9 +228,30 @@ fn seal(key: &ClusterKey, key_path: &Path, value: &str) -> Result<String, Bootst
         .map_err(|source| BootstrapError::ClusterKey { path: key_path.to_path_buf(), source })
 }
 
+/// Issues the hub's serving certificate for `names` (and `flotilla-hub`) and writes it to
+/// `tls/hub.{pem,key}`.
+pub fn issue_serving(
+    ca: &Ca,
+    data_dir: &Path,
+    names: &[String],
+    validity: Duration,
+) -> Result<CertifiedKey, BootstrapError> {
+    let tls = data_dir.join("tls");
+    let server =
+        ca.issue_server(names, validity).map_err(|source| BootstrapError::Pki { path: tls.join("hub.pem"), source })?;
+    write_private(&tls.join("hub.pem"), server.cert_pem.as_bytes())?;
+    write_private(&tls.join("hub.key"), server.key_pem.as_bytes())?;
+    Ok(server)
+}
+
 /// Loads the hub's identity from `data_dir`, creating what is missing. `advertise` is the
 /// address written into the admin config; `extra_names` go into the serving certificate.
-pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) -> Result<Identity, BootstrapError> {
+pub fn load_or_create(
+    data_dir: &Path,
+    advertise: &str,
+    extra_names: &[String],
+    serving_validity: Duration,
+) -> Result<Identity, BootstrapError> {
     let Paths { tls, ca_cert, ca_key, token: token_path } = Paths::of(data_dir);
     fs::create_dir_all(&tls).map_err(io("create", &tls))?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", data_dir))?;
@@ -247,12 +268,8 @@ pub fn load_or_create(data_dir: &Path, advertise: &str, extra_names: &[String]) 
     };
 
     // The serving certificate is cheap to make and its names depend on flags, so it is issued
-    // afresh at every start.
-    let server = ca
-        .issue_server(extra_names, YEAR)
-        .map_err(|source| BootstrapError::Pki { path: tls.join("hub.pem"), source })?;
-    write_private(&tls.join("hub.pem"), server.cert_pem.as_bytes())?;
-    write_private(&tls.join("hub.key"), server.key_pem.as_bytes())?;
+    // afresh at every start (and by a running hub two thirds into its life).
+    let server = issue_serving(&ca, data_dir, extra_names, serving_validity)?;
 
     let token = if token_path.exists() {
         let text = fs::read_to_string(&token_path).map_err(io("read", &token_path))?;
@@ -303,10 +320,10 @@ mod tests {
     #[test]
     fn restart_keeps_ca_token_and_admin_key() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create(dir.path(), "127.0.0.1:7443", &[]).unwrap();
+        let a = load_or_create(dir.path(), "127.0.0.1:7443", &[], YEAR).unwrap();
         let admin_a: ClientConfigFile =
             serde_yaml::from_str(&fs::read_to_string(&a.admin_config_path).unwrap()).unwrap();
-        let b = load_or_create(dir.path(), "10.0.0.1:7443", &[]).unwrap();
+        let b = load_or_create(dir.path(), "10.0.0.1:7443", &[], YEAR).unwrap();
         let admin_b: ClientConfigFile =
             serde_yaml::from_str(&fs::read_to_string(&b.admin_config_path).unwrap()).unwrap();
         assert_eq!(a.ca.fingerprint(), b.ca.fingerprint());
@@ -321,10 +338,10 @@ mod tests {
     #[test]
     fn a_token_pinning_another_ca_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        load_or_create(dir.path(), "x:1", &[]).unwrap();
+        load_or_create(dir.path(), "x:1", &[], YEAR).unwrap();
         let other = JoinToken { ca_fingerprint: "0".repeat(64), secret: "1".repeat(48) };
         fs::write(dir.path().join("token"), other.to_string()).unwrap();
-        let err = load_or_create(dir.path(), "x:1", &[]).err().unwrap();
+        let err = load_or_create(dir.path(), "x:1", &[], YEAR).err().unwrap();
         assert!(err.to_string().contains("different certificate authority"), "{err}");
     }
 }

@@ -114,12 +114,15 @@ pub struct CertPolicy {
     /// How long an API user's certificate lasts unless `user add --ttl` says otherwise
     /// (`hub --user-cert-validity`).
     pub user_validity: std::time::Duration,
+    /// How long the hub's serving certificate lasts (`hub --hub-cert-validity`); a running
+    /// hub issues its successor two thirds into its life.
+    pub hub_validity: std::time::Duration,
 }
 
 impl Default for CertPolicy {
     fn default() -> Self {
         const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-        CertPolicy { node_validity: DAY * 90, grace: DAY * 30, user_validity: DAY * 30 }
+        CertPolicy { node_validity: DAY * 90, grace: DAY * 30, user_validity: DAY * 30, hub_validity: DAY * 365 }
     }
 }
 
