@@ -72,13 +72,15 @@ enum Command {
         /// at every start, and again by the running hub two thirds into its life.
         #[arg(long, default_value = "365d", value_parser = parse_cert_validity)]
         hub_cert_validity: std::time::Duration,
-        /// A host directory (and what is under it) workloads may mount as a volume's
-        /// hostPath; repeatable. Default: none.
-        #[arg(long = "allow-host-path", value_parser = parse_host_path_prefix)]
-        allow_host_paths: Vec<String>,
-        /// Let workloads use the host's network (`network: host`). Default: refused.
-        #[arg(long)]
-        allow_host_network: bool,
+        /// A host directory (and what is under it) workloads may mount as a volume's hostPath,
+        /// as PREFIX (operators and admins) or ROLE:PREFIX (e.g. admin:/ for admins only);
+        /// repeatable. Default: none.
+        #[arg(long = "allow-host-path")]
+        allow_host_paths: Vec<hub::access::HostPath>,
+        /// Let workloads use the host's network (`network: host`), applied by operators and
+        /// admins, or by the role given and above (--allow-host-network=admin). Default: refused.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "operator")]
+        allow_host_network: Option<proto::messages::Role>,
         /// With a PostgreSQL store: the file holding the cluster key that seals the CA key and
         /// join token in the database (default: DATA_DIR/cluster.key, made by the first hub).
         /// Every hub sharing the store needs a copy.
@@ -433,14 +435,6 @@ fn parse_cert_validity(s: &str) -> Result<std::time::Duration, ArgError> {
 /// A user certificate's lifetime: 30 s to a year (as `user add --ttl`).
 fn parse_user_cert_validity(s: &str) -> Result<std::time::Duration, ArgError> {
     parse_range(s, 30_000, 366 * 86_400_000, "30s..366d")
-}
-
-/// An absolute path without `..` or empty components.
-fn parse_host_path_prefix(s: &str) -> Result<String, String> {
-    if !s.starts_with('/') || s.split('/').any(|c| c == ".." || c == ".") || s.contains("//") {
-        return Err(format!("{s:?} is not an absolute path without . or .. components"));
-    }
-    Ok(s.to_string())
 }
 
 /// A renewal grace: up to a year.

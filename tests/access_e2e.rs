@@ -181,29 +181,44 @@ fn a_short_lived_credential_renews_itself_and_outlives_its_first_certificate() {
 
 #[test]
 fn host_paths_and_the_host_network_only_where_the_hubs_policy_allows() {
-    let c = Cluster::start_with(&["--allow-host-path", "/srv/flotilla"]);
+    let c = Cluster::start_with(&["--allow-host-path", "/srv/flotilla", "--allow-host-path", "admin:/"]);
     let dir = c.dir.path();
-    let apply = |name: &str, extra: &str| {
+    let otto = dir.join("otto.yaml");
+    c.ok(&["user", "add", "otto", "--role", "operator", "-o", otto.to_str().unwrap()]);
+    let apply = |config: &Path, name: &str, extra: &str| {
         let file = dir.join(format!("{name}.yaml"));
         std::fs::write(&file, format!("{WORKLOAD}{extra}").replace("name: web", &format!("name: {name}"))).unwrap();
-        c.cli(&["apply", "-f", file.to_str().unwrap()])
+        as_user(config, &["apply", "-f", file.to_str().unwrap()])
     };
-    let root = apply("root", "  volumes:\n    - {name: host, mountPath: /host, hostPath: /, readOnly: true}\n");
-    assert!(!root.status.success());
+    let root = "  volumes:\n    - {name: host, mountPath: /host, hostPath: /, readOnly: true}\n";
+    let refused = apply(&otto, "root", root);
+    assert!(!refused.status.success());
     assert!(
-        stderr(&root).contains(
-            "volume \"host\" mounts host path /, which the hub's policy does not allow (allowed: /srv/flotilla"
+        stderr(&refused).contains(
+            "volume \"host\" mounts host path /, which the hub's policy does not allow the operator role (allowed: /srv/flotilla;"
         ),
         "{}",
-        stderr(&root)
+        stderr(&refused)
     );
-    let net = apply("net", "  network: host\n");
-    assert!(!net.status.success() && stderr(&net).contains("host network is not allowed"), "{}", stderr(&net));
-    let sibling = apply("sib", "  volumes:\n    - {name: d, mountPath: /d, hostPath: /srv/flotilla-other}\n");
+    let net = apply(&c.config_path(), "net", "  network: host\n");
+    assert!(
+        !net.status.success() && stderr(&net).contains("host network is allowed by the hub's policy to nobody"),
+        "{}",
+        stderr(&net)
+    );
+    let sibling = apply(&otto, "sib", "  volumes:\n    - {name: d, mountPath: /d, hostPath: /srv/flotilla-other}\n");
     assert!(!sibling.status.success(), "a sibling of an allowed path is not under it");
     assert!(workloads(&c.config_path()).is_empty(), "nothing refused was applied");
-    let ok = apply("data", "  volumes:\n    - {name: d, mountPath: /d, hostPath: /srv/flotilla/data}\n");
+
+    let ok = apply(&otto, "data", "  volumes:\n    - {name: d, mountPath: /d, hostPath: /srv/flotilla/data}\n");
     assert!(ok.status.success(), "{}", stderr(&ok));
-    let names: Vec<String> = workloads(&c.config_path()).into_iter().map(|w| w.manifest.metadata.name).collect();
-    assert_eq!(names, ["data"]);
+    let admin = apply(&c.config_path(), "root", root);
+    assert!(admin.status.success(), "admin:/ lets admins mount /: {}", stderr(&admin));
+    let mut names: Vec<String> = workloads(&c.config_path()).into_iter().map(|w| w.manifest.metadata.name).collect();
+    names.sort();
+    assert_eq!(names, ["data", "root"]);
+    // The refusals are in the audit log.
+    let entries: Vec<AuditView> = serde_json::from_str(&c.ok(&["audit", "-o", "json"])).unwrap();
+    let refused = entries.iter().filter(|a| a.action == "apply" && a.outcome.starts_with("failed: refused")).count();
+    assert_eq!(refused, 3, "{entries:#?}");
 }

@@ -127,40 +127,70 @@ pub fn bounded(text: &str) -> String {
     }
 }
 
-/// Which host resources workloads may be given (`hub --allow-host-path`,
-/// `--allow-host-network`). By default none: a workload gets scratch volumes and no network
-/// beyond its own loopback, whoever applies it.
+/// Which host resources workloads may be given, and by whom (`hub --allow-host-path
+/// [ROLE:]PREFIX`, `--allow-host-network[=ROLE]`). By default none: a workload gets scratch
+/// volumes and no network beyond its own loopback, whoever applies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostPolicy {
-    /// Host directories (and everything under them) a volume may mount.
-    pub host_paths: Vec<String>,
-    /// Whether a workload may use the host's network.
-    pub host_network: bool,
+    /// Host directories (and everything under them) a volume may mount, each with the least
+    /// role that may apply such a workload.
+    pub host_paths: Vec<HostPath>,
+    /// The least role that may apply a workload on the host's network; `None`: nobody.
+    pub host_network: Option<Role>,
+}
+
+/// One allowed host path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPath {
+    pub prefix: String,
+    pub role: Role,
+}
+
+impl std::str::FromStr for HostPath {
+    type Err = String;
+    /// `PREFIX` (any role that may apply) or `ROLE:PREFIX` (that role or a higher one).
+    fn from_str(s: &str) -> Result<HostPath, String> {
+        let (role, prefix) = match s.split_once(':') {
+            Some((role, prefix)) => (role.parse()?, prefix),
+            None => (Role::Operator, s),
+        };
+        if !prefix.starts_with('/') || prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
+            return Err(format!("{prefix:?} is not an absolute path without . or .. components"));
+        }
+        Ok(HostPath { prefix: prefix.to_string(), role })
+    }
 }
 
 impl HostPolicy {
-    /// Why `m` may not be applied under this policy, or `None` when it may. Checked at apply:
-    /// a workload applied under a wider policy keeps running after the hub restarts with a
-    /// narrower one.
-    pub fn denial(&self, m: &Manifest) -> Option<String> {
+    /// Why `role` may not apply `m` under this policy, or `None` when it may. Checked at
+    /// apply: a workload applied under a wider policy keeps running after the hub restarts
+    /// with a narrower one.
+    pub fn denial(&self, role: Role, m: &Manifest) -> Option<String> {
         if m.kind != Kind::Workload {
             return None;
         }
         let name = &m.metadata.name;
         let t = m.template();
-        if t.network == NetworkMode::Host && !self.host_network {
+        if t.network == NetworkMode::Host && self.host_network.is_none_or(|least| role < least) {
+            let who = match self.host_network {
+                None => "nobody".to_string(),
+                Some(least) => format!("the {least} role and above"),
+            };
             return Some(format!(
-                "workload {name}: the host network is not allowed by the hub's policy (hub --allow-host-network)"
+                "workload {name}: the host network is allowed by the hub's policy to {who}, not the {role} role \
+                 (hub --allow-host-network)"
             ));
         }
         for v in &t.volumes {
             if let Some(host) = &v.host_path
-                && !self.host_paths.iter().any(|allowed| under(host, allowed))
+                && !self.host_paths.iter().any(|a| role >= a.role && under(host, &a.prefix))
             {
-                let allowed = if self.host_paths.is_empty() { "none".to_string() } else { self.host_paths.join(", ") };
+                let mine: Vec<&str> =
+                    self.host_paths.iter().filter(|a| role >= a.role).map(|a| a.prefix.as_str()).collect();
+                let allowed = if mine.is_empty() { "none".to_string() } else { mine.join(", ") };
                 return Some(format!(
                     "workload {name}: volume {:?} mounts host path {host}, which the hub's policy does not allow \
-                     (allowed: {allowed}; hub --allow-host-path)",
+                     the {role} role (allowed: {allowed}; hub --allow-host-path)",
                     v.name
                 ));
             }
@@ -192,32 +222,52 @@ mod tests {
         proto::manifest::parse_manifests(&text).unwrap().remove(0)
     }
 
+    fn paths(specs: &[&str]) -> Vec<HostPath> {
+        specs.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
     #[test]
     fn host_paths_and_the_host_network_only_where_the_policy_allows() {
+        let op = Role::Operator;
         let none = HostPolicy::default();
         let root = workload("  volumes:\n    - {name: root, mountPath: /host, hostPath: /, readOnly: true}\n");
-        let why = none.denial(&root).expect("no host path is allowed by default");
+        let why = none.denial(Role::Admin, &root).expect("no host path is allowed by default, even to admins");
         assert!(why.contains("mounts host path /") && why.contains("allowed: none"), "{why}");
-        assert_eq!(none.denial(&workload("  volumes:\n    - {name: s, mountPath: /data}\n")), None, "scratch is fine");
+        assert_eq!(
+            none.denial(op, &workload("  volumes:\n    - {name: s, mountPath: /data}\n")),
+            None,
+            "scratch is fine"
+        );
         let net = workload("  network: host\n");
-        assert!(none.denial(&net).unwrap().contains("host network"));
-
-        let srv = HostPolicy { host_paths: vec!["/srv/flotilla/".into()], host_network: true };
-        assert_eq!(srv.denial(&net), None);
-        assert_eq!(
-            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla/app}\n")),
-            None
-        );
-        assert_eq!(
-            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla}\n")),
-            None
-        );
         assert!(
-            srv.denial(&workload("  volumes:\n    - {name: a, mountPath: /a, hostPath: /srv/flotilla-x}\n")).is_some()
+            none.denial(Role::Admin, &net).unwrap().contains("host network is allowed by the hub's policy to nobody")
         );
-        assert!(srv.denial(&root).is_some());
-        let all = HostPolicy { host_paths: vec!["/".into()], host_network: false };
-        assert_eq!(all.denial(&root), None);
+
+        let srv = HostPolicy { host_paths: paths(&["/srv/flotilla/"]), host_network: Some(op) };
+        assert_eq!(srv.denial(op, &net), None);
+        let vol = |p: &str| workload(&format!("  volumes:\n    - {{name: a, mountPath: /a, hostPath: {p}}}\n"));
+        assert_eq!(srv.denial(op, &vol("/srv/flotilla/app")), None);
+        assert_eq!(srv.denial(op, &vol("/srv/flotilla")), None);
+        assert!(srv.denial(op, &vol("/srv/flotilla-x")).is_some());
+        assert!(srv.denial(op, &root).is_some());
+
+        // Per role: operators under /srv/flotilla, admins anywhere and on the host network.
+        let split = HostPolicy { host_paths: paths(&["/srv/flotilla", "admin:/"]), host_network: Some(Role::Admin) };
+        assert_eq!(split.denial(Role::Admin, &root), None);
+        let why = split.denial(op, &root).unwrap();
+        assert!(why.contains("not allow the operator role (allowed: /srv/flotilla;"), "{why}");
+        assert_eq!(split.denial(op, &vol("/srv/flotilla/x")), None);
+        assert!(split.denial(op, &net).unwrap().contains("to the admin role and above, not the operator role"));
+        assert_eq!(split.denial(Role::Admin, &net), None);
+    }
+
+    #[test]
+    fn host_path_flags_name_an_optional_role() {
+        assert_eq!("/srv".parse::<HostPath>(), Ok(HostPath { prefix: "/srv".into(), role: Role::Operator }));
+        assert_eq!("admin:/".parse::<HostPath>(), Ok(HostPath { prefix: "/".into(), role: Role::Admin }));
+        assert!("root:/".parse::<HostPath>().unwrap_err().contains("unknown role"));
+        assert!("srv".parse::<HostPath>().is_err());
+        assert!("/srv/../etc".parse::<HostPath>().is_err());
     }
 
     fn apply() -> ApiRequest {

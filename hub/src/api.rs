@@ -79,7 +79,7 @@ async fn handle(
     }
     let response = match crate::users::answer(&shared, caller, leaf, &req).await {
         Some(answer) => answer,
-        None => answer(&shared, req).await,
+        None => answer(&shared, caller, req).await,
     };
     let response = match response {
         Ok(r) => r,
@@ -123,7 +123,7 @@ async fn audit(shared: &Shared, caller: &Caller, what: &access::Audited, outcome
     }
 }
 
-async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreError> {
+async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<ApiResponse, StoreError> {
     if let Some(answer) = crate::admin::answer(shared, &req).await {
         return answer;
     }
@@ -132,7 +132,7 @@ async fn answer(shared: &Shared, req: ApiRequest) -> Result<ApiResponse, StoreEr
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
             Ok(manifests) => {
                 // All or nothing, as the apply itself.
-                if let Some(why) = manifests.iter().find_map(|m| shared.host_policy.denial(m)) {
+                if let Some(why) = manifests.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
                     return Ok(ApiResponse::Error { message: format!("refused: {why}") });
                 }
                 let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
