@@ -454,6 +454,16 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hello expected on the control stream");
         return;
     };
+    // The version skew policy: outside it the node is told why, and keeps what it runs.
+    if let Err(skew) = proto::version::check(proto::version::VERSION, &facts.agent_version) {
+        let why = skew.to_string();
+        warn!(agent_version = %facts.agent_version, reason = %why, "agent session refused: version skew");
+        if let Err(e) = shared.store.set_node_problem(&node, &why).await {
+            debug!(error = %e, "cannot record the node's problem");
+        }
+        conn.close(VarInt::from_u32(proto::version::CLOSE_VERSION), why.as_bytes());
+        return;
+    }
     let now = now_ms();
     facts.clock_skew_ms = facts.clock_ms.map(|agent| clock_skew_ms(agent, now, conn.rtt()));
     info!(agent_generation = generation, replicas = statuses.len(), skew_ms = ?facts.clock_skew_ms, "agent connected");

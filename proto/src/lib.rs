@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod messages;
 pub mod pieces;
 pub mod token;
+pub mod version;
 pub mod yaml;
 
 pub use manifest::{Manifest, ReplicaTemplate, RestartPolicy, Runtime};
