@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::messages::{
-    ApiRequest, ApiResponse, ClientConfigFile, NodeView, ReplicaView, ResourceKind, Role, StreamStart,
-};
+use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, NodeView, ResourceKind, Role, StreamStart};
 use transport::{ALPN_API, frame, pki, tls};
 
 /// How often `drain` looks at the node's progress.
@@ -184,41 +182,71 @@ impl Client {
         }
     }
 
-    /// Prints logs: of one replica, or of every replica of `workload` with each line prefixed
-    /// by the replica's name.
-    pub async fn logs(&self, workload: &str, replica: Option<&str>, follow: bool, tail: Option<u64>) -> Result<()> {
-        let replicas: Vec<String> = match replica {
-            Some(r) => vec![r.to_string()],
-            None => {
-                let ApiResponse::Replicas { items } =
-                    self.request(&ApiRequest::Get { kind: ResourceKind::Replica }).await?
-                else {
-                    bail!("unexpected answer listing replicas");
-                };
-                let mine: Vec<ReplicaView> =
-                    items.into_iter().filter(|r| r.workload == workload || r.name == workload).collect();
-                if mine.is_empty() {
-                    bail!("workload {workload:?} has no replicas");
-                }
-                mine.into_iter().map(|r| r.name).collect()
-            }
+    /// Prints logs: of one replica, or of every replica of `workload` (for a Job, each
+    /// index's latest attempt or attempt `attempt`), with each line prefixed by the replica's
+    /// name when there are several. Each stream's error is printed once: one failure is
+    /// returned (the caller prints it), several are printed here and summed up.
+    pub async fn logs(&self, workload: &str, req: &LogsRequest) -> Result<()> {
+        let ask = ApiRequest::LogSources {
+            workload: workload.to_string(),
+            replica: req.replica.clone(),
+            attempt: req.attempt,
+            wait_ms: req.wait_ms,
         };
-        let prefix = replicas.len() > 1;
+        let sources = match self.request(&ask).await? {
+            ApiResponse::LogSources { sources } => sources,
+            ApiResponse::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the hub: {other:?}"),
+        };
+        let prefix = sources.len() > 1;
         let mut tasks = Vec::new();
-        for r in replicas {
-            let (send, recv) = self.open(&ApiRequest::Logs { replica: r.clone(), follow, tail_lines: tail }).await?;
-            tasks.push(tokio::spawn(print_log(r, send, recv, prefix)));
+        for s in sources {
+            let label = match s.attempt {
+                Some(n) if req.attempt.is_some() || prefix => format!("{} attempt {n}", s.replica),
+                _ => s.replica.clone(),
+            };
+            let ask = ApiRequest::Logs {
+                replica: s.replica,
+                follow: req.follow,
+                tail_lines: req.tail,
+                attempt: s.attempt,
+                wait_ms: req.wait_ms,
+            };
+            let (send, recv) = self.open(&ask).await?;
+            tasks.push(tokio::spawn(print_log(label, send, recv, prefix)));
         }
-        let mut first_err = None;
+        let mut errors = Vec::new();
         for t in tasks {
             if let Err(e) = t.await? {
-                eprintln!("error: {e:#}");
-                first_err.get_or_insert(e);
+                errors.push(e);
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        one_error(errors)
+    }
+}
+
+/// What `flotilla logs` asks for besides the workload.
+#[derive(Debug, Clone, Default)]
+pub struct LogsRequest {
+    pub replica: Option<String>,
+    pub follow: bool,
+    pub tail: Option<u64>,
+    pub attempt: Option<u32>,
+    /// With `follow`: how long the hub waits for a replica that has not started.
+    pub wait_ms: u64,
+}
+
+/// The errors of several log streams as one result, each printed once: a single error is
+/// returned as it is (the caller prints it); several are printed here, and a summary returned.
+fn one_error(mut errors: Vec<anyhow::Error>) -> Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        n => {
+            for e in &errors {
+                eprintln!("error: {e:#}");
+            }
+            bail!("{n} log streams failed")
         }
     }
 }
@@ -288,5 +316,19 @@ fn explain_frame(e: frame::FrameError, conn: &quinn::Connection) -> anyhow::Erro
     match conn.close_reason() {
         Some(reason) => explain(reason),
         None => anyhow::anyhow!("talking to the hub: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_error;
+
+    #[test]
+    fn one_failed_stream_is_returned_once_and_several_are_summed_up() {
+        assert!(one_error(Vec::new()).is_ok());
+        let e = one_error(vec![anyhow::anyhow!("w-0: boom")]).unwrap_err();
+        assert_eq!(format!("{e:#}"), "w-0: boom");
+        let e = one_error(vec![anyhow::anyhow!("a"), anyhow::anyhow!("b")]).unwrap_err();
+        assert_eq!(e.to_string(), "2 log streams failed");
     }
 }

@@ -188,7 +188,8 @@ enum Command {
     },
     /// Show one resource in detail, including why a replica is not running.
     Describe { kind: String, name: String },
-    /// Print a workload's logs (all its replicas, or one).
+    /// Print a workload's logs (all its replicas, or one). For a Job, each index's latest
+    /// attempt, finished and failed ones included.
     Logs {
         workload: String,
         #[arg(long)]
@@ -198,6 +199,13 @@ enum Command {
         /// Only the last N lines of each log.
         #[arg(long)]
         tail: Option<u64>,
+        /// Jobs: the log of attempt N (1 is the first) instead of the latest.
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// With -f: how long to wait for a replica that has not started yet (e.g. right after
+        /// apply) before saying why, e.g. 30s or 5m.
+        #[arg(long, default_value = "60s")]
+        wait: String,
     },
     /// Stop placing new replicas on a node (what runs there stays).
     Cordon { node: String },
@@ -704,9 +712,11 @@ async fn run(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Logs { workload, replica, follow, tail } => {
+        Command::Logs { workload, replica, follow, tail, attempt, wait } => {
+            let wait = proto::manifest::parse_duration_ms(&wait).map_err(|e| anyhow::anyhow!("--wait: {e}"))?;
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
-            client.logs(&workload, replica.as_deref(), follow, tail).await
+            let which = client::LogsRequest { replica, follow, tail, attempt, wait_ms: if follow { wait } else { 0 } };
+            client.logs(&workload, &which).await
         }
         Command::Cordon { node } => {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;

@@ -263,6 +263,46 @@ fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothi
 }
 
 #[test]
+fn a_failed_container_job_shows_why_and_its_output_stays_readable_through_the_hub() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    // A node name of its own: the janitor clears every container of its nodes.
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["cj1"] };
+    let image = push_busybox(
+        &reg,
+        c.dir.path(),
+        "busybox:job",
+        &["sh", "-c", "echo container step one; echo cannot reach the ledger >&2; exit 4"],
+    );
+    c.add_agent("cj1", &["--containers", "on"]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &workload("cjob", &image, "  kind: Job\n  job: {backoffLimit: 0}\n"));
+    let phase = |c: &Cluster| {
+        c.workloads().into_iter().find(|w| w.manifest.metadata.name == "cjob").and_then(|w| w.job).map(|j| j.phase)
+    };
+    c.wait_for("the job to fail", WAIT, || phase(&c).as_deref() == Some("Failed"));
+
+    let text = c.ok(&["describe", "workload", "cjob"]);
+    let attempt = text.lines().find(|l| l.contains("cjob-0 attempt 1 on cj1")).unwrap_or_default();
+    assert!(attempt.ends_with("exited with code 4"), "{text}");
+    assert!(text.contains("| container step one") && text.contains("| cannot reach the ledger"), "{text}");
+    assert!(text.contains("Command:        <the image's entrypoint>"), "{text}");
+    // The shim wrote the container's output into the attempt's own log, which the hub reads.
+    let out = c.ok(&["logs", "cjob"]);
+    assert!(out.contains("container step one") && out.contains("cannot reach the ledger"), "{out}");
+    let logs_dir = c.agent_dir("cj1").join("logs");
+    assert!(logs_dir.join("attempts/cjob/cjob-0.1.log").exists());
+    assert!(!logs_dir.join("cjob-0.log").exists(), "an attempt writes no replica log");
+    c.wait_for("the ended attempt's container to go", WAIT, || leftovers(&c, "cj1", "cjob-0").is_empty());
+
+    c.ok(&["delete", "workload", "cjob"]);
+    c.wait_for("the attempt logs to go with the job", WAIT, || !logs_dir.join("attempts/cjob").exists());
+}
+
+#[test]
 fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
     if !containers_possible() {
         return;

@@ -42,7 +42,6 @@ struct Inner {
     oci: RuntimeConfig,
     /// `<bundles>/<replica>/{config.json, rootfs, upper, work, template}`.
     bundles: PathBuf,
-    logs_dir: PathBuf,
     log_max_bytes: u64,
     /// Cgroups live under `flotilla/<node>/<replica>`, so agents sharing a host never collide.
     cgroup_parent: PathBuf,
@@ -58,7 +57,7 @@ pub struct ContainerConfig {
     pub exe: PathBuf,
     pub state_root: PathBuf,
     pub bundles: PathBuf,
-    pub logs_dir: PathBuf,
+    /// Rotation bound of the container logs the shims write (each run's sink names the file).
     pub log_max_bytes: u64,
     pub node: String,
     pub volumes: VolumeStore,
@@ -80,7 +79,6 @@ impl ContainerRuntime {
                 exe: c.exe,
                 oci,
                 bundles: c.bundles,
-                logs_dir: c.logs_dir,
                 log_max_bytes: c.log_max_bytes,
                 cgroup_parent: PathBuf::from("flotilla").join(&c.node),
                 volumes: c.volumes,
@@ -316,7 +314,10 @@ impl Inner {
         let lowers = self.images.unpack(&image).await?;
         let this = self.clone();
         let (replica, template, hash) = (ctx.replica.clone(), t.clone(), hash.to_string());
-        blocking(move || this.create(&replica, &template, &image, &lowers, &hash)).await
+        // The shim writes the container's output itself, into the run's log (a Job attempt's
+        // own, for attempts).
+        let log = ctx.log.path().to_path_buf();
+        blocking(move || this.create(&replica, &template, &image, &lowers, &hash, log)).await
     }
 
     fn create(
@@ -326,6 +327,7 @@ impl Inner {
         image: &Image,
         lowers: &[PathBuf],
         hash: &str,
+        log: PathBuf,
     ) -> Result<ShimHandle, StartError> {
         // Leftovers of an earlier run of this replica go first.
         self.cleanup(id, None);
@@ -385,12 +387,7 @@ impl Inner {
         let config = serde_json::to_vec_pretty(&spec).map_err(StartError::EncodeSpec)?;
         write_file(&bundle.join("config.json"), &config)?;
         write_file(&bundle.join("template"), hash.as_bytes())?;
-        let opts = ShimOptions {
-            id: id.to_string(),
-            bundle: bundle.clone(),
-            log: self.logs_dir.join(format!("{id}.log")),
-            log_max_bytes: self.log_max_bytes,
-        };
+        let opts = ShimOptions { id: id.to_string(), bundle: bundle.clone(), log, log_max_bytes: self.log_max_bytes };
         let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts)?;
         info!(replica = id, pid = handle.pid(), shim = handle.shim_pid(), "container started");
         Ok(handle)

@@ -302,7 +302,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             exe: exe.clone(),
             state_root: dir("containers/state")?,
             bundles: dir("containers/bundles")?,
-            logs_dir: config.data_dir.join("logs"),
             log_max_bytes: config.log_max_bytes,
             node: config.name.clone(),
             volumes: volumes.clone(),
@@ -443,6 +442,12 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 sup.set_assignments(&set.assignments, now());
                 sockets.keep_only(&http_addrs(&set));
                 acked_tx.send_replace(generation);
+                // Logs nothing names any more: replicas removed while not running, Job attempt
+                // logs of deleted workloads. Runs still stopping keep theirs until they exit.
+                // Inline, like the state save above: a sweep on another thread could race a
+                // replica of the next set creating its log.
+                let (replicas, workloads) = logs::kept(&set, sup.statuses().into_keys().chain(runs.keys().cloned()));
+                logs.sweep(&replicas, &workloads);
             }
             Some(ev) = events_rx.recv() => match ev {
                 RunEvent::Started { replica, run_id, target, adopted } => {
@@ -458,13 +463,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     info!(%replica, run_id, ?verdict, "probe verdict");
                     sup.on_probe(&replica, run_id, verdict, now());
                 }
-                RunEvent::Exited { replica, run_id, how } => {
+                RunEvent::Exited { replica, run_id, how, last_output } => {
                     if runs.get(&replica).is_some_and(|h| h.run_id == run_id) {
                         runs.remove(&replica);
                     }
                     // Runs detach only when the agent stops, after this loop.
                     let RunEnd::Ended(how) = how else { continue };
                     info!(%replica, run_id, termination = %how, "run ended");
+                    sup.on_output(&replica, run_id, last_output);
                     sup.on_exited(&replica, run_id, how, now());
                     if !sup.statuses().contains_key(&replica) && !runs.contains_key(&replica) {
                         logs.remove(&replica);
@@ -644,7 +650,18 @@ fn execute(
                 fail(sup, format!("invalid replica name: {msg}"));
                 return;
             }
-            let log = match logs.sink(&replica) {
+            // A Job attempt's log lives under its workload's name.
+            if assignment.attempt.is_some()
+                && let Err(msg) = proto::manifest::validate_name(&assignment.workload)
+            {
+                fail(sup, format!("invalid workload name: {msg}"));
+                return;
+            }
+            let log = match assignment.attempt {
+                Some(n) => logs.attempt_sink(&assignment.workload, &replica, n),
+                None => logs.sink(&replica),
+            };
+            let log = match log {
                 Ok(l) => l,
                 Err(e) => {
                     fail(sup, format!("cannot open the log file: {e}"));
@@ -653,6 +670,7 @@ fn execute(
             };
             let (stop_tx, stop_rx) = watch::channel(RunControl::Run);
             let probes_of = assignment.template.probes.clone();
+            let log_path = log.path().to_path_buf();
             runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx, probes_of, probes: None });
             let ctx = RunContext::new(replica.clone(), run_id, assignment.template, log, stop_rx, events.clone());
             let fut = runtime.run(ctx);
@@ -662,7 +680,14 @@ fn execute(
                 async move {
                     debug!("run starting");
                     let how = fut.await;
-                    let _ = events.send(RunEvent::Exited { replica, run_id, how });
+                    // What the run wrote last, for `describe` (read off the event loop).
+                    let last_output = match how {
+                        RunEnd::Ended(_) => {
+                            tokio::task::spawn_blocking(move || logs::last_output(&log_path)).await.unwrap_or_default()
+                        }
+                        RunEnd::Detached => Vec::new(),
+                    };
+                    let _ = events.send(RunEvent::Exited { replica, run_id, how, last_output });
                 }
                 .instrument(span),
             );

@@ -440,40 +440,69 @@ async fn serve_stream(logs: LogStore, mut send: quinn::SendStream, mut recv: qui
         _ => return,
     };
     match req {
-        HubRequest::Logs { replica, follow, tail_lines } => {
-            if let Err(e) = stream_log(&logs, &mut send, &replica, follow, tail_lines).await {
-                debug!(%replica, error = %e, "log stream ended");
+        HubRequest::Logs { replica, follow, tail_lines, attempt, workload, wait_ms } => {
+            let which = LogRequest { replica, attempt, workload, follow, tail_lines, wait_ms };
+            if let Err(e) = stream_log(&logs, &mut send, &which).await {
+                debug!(replica = %which.replica, error = %e, "log stream ended");
             }
         }
     }
 }
 
+/// A log the hub asked for.
+struct LogRequest {
+    replica: String,
+    attempt: Option<u32>,
+    workload: Option<String>,
+    follow: bool,
+    tail_lines: Option<u64>,
+    wait_ms: u64,
+}
+
+/// How often a follower looks for new bytes, or for a log that does not exist yet.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// The longest a follower waits for a log to appear, whatever the hub asks.
+const MAX_LOG_WAIT_MS: u64 = 600_000;
+
 async fn stream_log(
     logs: &LogStore,
     send: &mut quinn::SendStream,
-    replica: &str,
-    follow: bool,
-    tail_lines: Option<u64>,
+    req: &LogRequest,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    // The name comes from the hub; it becomes a path, so it must be a plain name.
-    if proto::manifest::validate_name(replica).is_err() {
-        frame::write(send, &StreamStart::Error { message: format!("invalid replica name {replica:?}") }).await?;
-        return Ok(());
-    }
-    let path = logs.path(replica);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(_) => {
-            frame::write(
-                send,
-                &StreamStart::Error { message: format!("no logs yet for replica {replica} on this node") },
-            )
-            .await?;
+    let (replica, follow) = (req.replica.as_str(), req.follow);
+    // The names come from the hub; they become a path, so they must be plain names.
+    let path = match log_path(logs, req) {
+        Ok(p) => p,
+        Err(message) => {
+            frame::write(send, &StreamStart::Error { message }).await?;
             return Ok(());
         }
     };
+    let what = match req.attempt {
+        Some(n) => format!("attempt {n} of replica {replica}"),
+        None => format!("replica {replica}"),
+    };
+    // Following a run that has not started yet: wait (bounded) for its first output.
+    let wait = if follow { req.wait_ms.min(MAX_LOG_WAIT_MS) } else { 0 };
+    let wait_until = tokio::time::Instant::now() + Duration::from_millis(wait);
+    let mut file = loop {
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => break f,
+            Err(_) if tokio::time::Instant::now() < wait_until => {
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    _ = send.stopped() => return Ok(()),
+                }
+            }
+            Err(_) => {
+                let message = format!("no logs yet for {what} on this node");
+                frame::write(send, &StreamStart::Error { message }).await?;
+                return Ok(());
+            }
+        }
+    };
     frame::write(send, &StreamStart::Ok).await?;
-    let mut pos = match tail_lines {
+    let mut pos = match req.tail_lines {
         Some(lines) => {
             let std_file = file.try_clone().await?.into_std().await;
             tokio::task::spawn_blocking(move || {
@@ -498,7 +527,7 @@ async fn stream_log(
             break;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
             // The reader went away (the CLI stopped following).
             _ = send.stopped() => return Ok(()),
         }
@@ -512,6 +541,20 @@ async fn stream_log(
     }
     send.finish()?;
     Ok(())
+}
+
+/// The file a log request names, or why it names none.
+fn log_path(logs: &LogStore, req: &LogRequest) -> Result<PathBuf, String> {
+    let valid = |name: &str| proto::manifest::validate_name(name).is_ok();
+    if !valid(&req.replica) {
+        return Err(format!("invalid replica name {:?}", req.replica));
+    }
+    match (req.attempt, req.workload.as_deref()) {
+        (None, _) => Ok(logs.path(&req.replica)),
+        (Some(n), Some(w)) if valid(w) => Ok(logs.attempt_path(w, &req.replica, n)),
+        (Some(_), Some(w)) => Err(format!("invalid workload name {w:?}")),
+        (Some(_), None) => Err("a Job attempt's log needs its workload".into()),
+    }
 }
 
 fn wall_ms() -> u64 {

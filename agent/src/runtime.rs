@@ -50,23 +50,16 @@ pub enum PrepareError {
 pub enum RunEvent {
     /// The workload runs; `target` says how its probes reach it. `adopted` is set when the
     /// run took over a workload an earlier agent process started (it did not start again).
-    Started {
-        replica: String,
-        run_id: u64,
-        target: ProbeTarget,
-        adopted: Option<String>,
-    },
+    Started { replica: String, run_id: u64, target: ProbeTarget, adopted: Option<String> },
     Exited {
         replica: String,
         run_id: u64,
         how: RunEnd,
+        /// The last lines the run wrote ([`crate::logs::last_output`]); empty when it detached.
+        last_output: Vec<String>,
     },
     /// A verdict of the run's health probes.
-    Probe {
-        replica: String,
-        run_id: u64,
-        verdict: Verdict,
-    },
+    Probe { replica: String, run_id: u64, verdict: Verdict },
 }
 
 /// What the agent wants of a run in flight.

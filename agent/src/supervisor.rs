@@ -218,8 +218,20 @@ impl Supervisor {
             }
         }
         for (name, a) in wanted {
+            // Another Job attempt under the same name is a new replica, even on the same
+            // template (the set that removed the previous attempt may have been missed): once
+            // the old attempt no longer runs it starts over with a fresh status.
+            if self.replicas.get(name).is_some_and(|r| {
+                r.assignment.attempt != a.attempt
+                    && matches!(r.state, RunState::Done | RunState::Ready | RunState::BackingOff { .. })
+            }) {
+                self.replicas.remove(name);
+            }
             match self.replicas.get_mut(name) {
-                Some(r) if r.assignment.template_hash == a.template_hash && !r.removed => {}
+                Some(r)
+                    if r.assignment.template_hash == a.template_hash
+                        && r.assignment.attempt == a.attempt
+                        && !r.removed => {}
                 Some(r) => {
                     let was_removed = r.removed;
                     r.assignment = a.clone();
@@ -349,6 +361,21 @@ impl Supervisor {
     }
 
     /// The run ended by itself (exit, trap) or could not start.
+    /// What run `run_id` wrote last, reported as it ended (before [`Supervisor::on_exited`]):
+    /// kept in the status beside the termination. Ignored for any other run.
+    pub fn on_output(&mut self, replica: &str, run_id: u64, lines: Vec<String>) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        let current = match r.state {
+            RunState::Starting { run_id: id } | RunState::Running { run_id: id, .. } => id == run_id,
+            RunState::Stopping { run_id: id, .. } => id == run_id,
+            _ => false,
+        };
+        if current {
+            r.status.last_output = lines;
+            self.changed.insert(replica.to_string());
+        }
+    }
+
     pub fn on_exited(&mut self, replica: &str, run_id: u64, how: Termination, now: Now) {
         let Some(r) = self.replicas.get_mut(replica) else { return };
         let since = match r.state {
@@ -565,7 +592,7 @@ mod tests {
             grace_ms: None,
             probes: Default::default(),
         };
-        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
+        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template, attempt: None }
     }
 
     struct Clock(Instant, u64);
@@ -599,6 +626,33 @@ mod tests {
         s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
         assert!(s.poll_actions(c.now()).is_empty());
         assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_new_job_attempt_under_the_same_name_runs_again_with_a_fresh_status() {
+        let c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        let attempt = |n| Assignment { attempt: Some(n), ..assignment("j-0", "a", RestartPolicy::Never) };
+        s.set_assignments(&[attempt(1)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_started("j-0", id, c.now());
+        s.on_output("j-0", id, vec!["boom".into()]);
+        s.on_exited("j-0", id, Termination::Exited { code: 3 }, c.now());
+        let st = &s.statuses()["j-0"];
+        assert_eq!((st.phase, st.last_output.as_slice()), (Phase::Failed, ["boom".to_string()].as_slice()));
+        // The same attempt again: a replay, nothing runs.
+        s.set_assignments(&[attempt(1)], c.now());
+        assert!(s.poll_actions(c.now()).is_empty());
+        // Attempt 2 on the same template (the set without attempt 1 was missed): it runs.
+        s.set_assignments(&[attempt(2)], c.now());
+        let id2 = start_id(&s.poll_actions(c.now()));
+        assert_ne!(id, id2);
+        let st = &s.statuses()["j-0"];
+        assert_eq!(st.phase, Phase::Pending);
+        assert!(st.last_termination.is_none() && st.last_output.is_empty(), "{st:?}");
+        // Output reported for the old run is not taken for the new one.
+        s.on_output("j-0", id, vec!["stale".into()]);
+        assert!(s.statuses()["j-0"].last_output.is_empty());
     }
 
     #[test]
@@ -888,7 +942,7 @@ mod restore_tests {
             grace_ms: None,
             probes: Default::default(),
         };
-        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template }
+        Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template, attempt: None }
     }
 
     fn now(ms: u64) -> Now {

@@ -34,6 +34,7 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::RolloutStatus { .. }
         | ApiRequest::RolloutHistory { .. }
         | ApiRequest::Logs { .. }
+        | ApiRequest::LogSources { .. }
         // Each caller renews only its own credential and sees its own expiry.
         | ApiRequest::RenewCredential { .. }
         | ApiRequest::CertsStatus => Role::Viewer,
@@ -108,6 +109,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::RolloutStatus { .. }
         | ApiRequest::RolloutHistory { .. }
         | ApiRequest::Logs { .. }
+        | ApiRequest::LogSources { .. }
         | ApiRequest::TokenList
         | ApiRequest::UserList
         | ApiRequest::Audit { .. }
@@ -279,7 +281,7 @@ mod tests {
         let reads = [
             ApiRequest::Get { kind: ResourceKind::Workload },
             ApiRequest::Describe { kind: ResourceKind::Node, name: "n".into() },
-            ApiRequest::Logs { replica: "r".into(), follow: true, tail_lines: None },
+            ApiRequest::Logs { replica: "r".into(), follow: true, tail_lines: None, attempt: None, wait_ms: 0 },
             ApiRequest::RolloutStatus { name: "w".into() },
             ApiRequest::CertsStatus,
         ];

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use proto::manifest::Kind;
 use proto::messages::{
-    ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, NodeView, Phase, ReplicaView,
+    ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, LogSource, NodeView, Phase, ReplicaView,
     ResourceKind, StreamStart, WorkloadView,
 };
 use tracing::{debug, info, warn};
@@ -17,9 +17,17 @@ use transport::frame;
 use crate::access::{self, Caller};
 use crate::cluster::Shared;
 use crate::controller::{self, Reported, jobs, node_labels};
+use crate::logs::{EndedAttempt, LiveReplica, LogSourceError};
 use crate::now_ms;
 use crate::revisions::RevisionError;
-use crate::store::{Applied, AuditEntry, ReplicaRow, StoreError};
+use crate::store::{Applied, AuditEntry, JobAttemptRow, ReplicaRow, StoreError};
+
+/// How often a waiting `logs -f` looks again for a replica to read.
+const LOG_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest a `logs -f` request may wait for a replica to start, whatever it asks.
+const MAX_LOG_WAIT_MS: u64 = 600_000;
+/// Failed attempts `describe workload` shows for a Job (the latest).
+const DESCRIBED_FAILED_ATTEMPTS: usize = 10;
 use transport::pki::LeafFacts;
 
 pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection, caller: Caller, leaf: LeafFacts) {
@@ -50,10 +58,18 @@ enum StreamError {
 enum NoLogSource {
     #[error("replica {0:?} not found")]
     NotFound(String),
+    #[error("replica {0:?} has no attempt {1}")]
+    NoAttempt(String, u32),
     #[error("replica {0:?} is not placed on any node")]
     NotPlaced(String),
     #[error("node {node:?} that runs {replica:?} is not connected")]
     NodeNotConnected { node: String, replica: String },
+    #[error("node {node:?} that ran {replica:?} is not connected")]
+    RanOnNodeNotConnected { node: String, replica: String },
+    #[error("replica {replica:?} did not start within {secs}s: {why}")]
+    NotStarted { replica: String, secs: u64, why: String },
+    #[error("replica {replica:?} wrote no output within {secs}s: {why}")]
+    NoOutput { replica: String, secs: u64, why: String },
 }
 
 async fn handle(
@@ -74,8 +90,10 @@ async fn handle(
         let _ = send.finish();
         return Ok(());
     }
-    if let ApiRequest::Logs { replica, follow, tail_lines } = req {
-        return relay_logs(&shared, &mut send, replica, follow, tail_lines).await;
+    if let ApiRequest::Logs { replica, follow, tail_lines, attempt, wait_ms } = req {
+        let wait_ms = if follow { wait_ms.min(MAX_LOG_WAIT_MS) } else { 0 };
+        let req = LogRequest { replica, attempt, follow, tail_lines, wait_ms };
+        return relay_logs(&shared, &mut send, req).await;
     }
     let response = match crate::users::answer(&shared, caller, leaf, &req).await {
         Some(answer) => answer,
@@ -230,6 +248,20 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             ApiResponse::Nodes { items }
         }
         ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
+        ApiRequest::LogSources { workload, replica, attempt, wait_ms } => {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(wait_ms.min(MAX_LOG_WAIT_MS));
+            loop {
+                match log_sources(shared, &workload, replica.as_deref(), attempt).await? {
+                    Err(e) => break ApiResponse::Error { message: e.to_string() },
+                    Ok(sources) if !sources.is_empty() => break ApiResponse::LogSources { sources },
+                    Ok(_) if std::time::Instant::now() < until => tokio::time::sleep(LOG_WAIT_POLL).await,
+                    Ok(_) => {
+                        let waited = if wait_ms > 0 { format!(" after {}s", wait_ms / 1000) } else { String::new() };
+                        break ApiResponse::Error { message: format!("workload {workload:?} has no replicas{waited}") };
+                    }
+                }
+            }
+        }
         // Answered by `crate::admin` above.
         ApiRequest::TokenCreate { .. }
         | ApiRequest::TokenList
@@ -345,12 +377,13 @@ async fn workload_views(shared: &Shared) -> Result<Vec<WorkloadView>, StoreError
                 let progress = jobs::progress(name, &recorded, attempts);
                 // The phase and counts do not depend on the time; only which index runs next.
                 let plan = crate::scheduler::job_plan(&spec, &progress, 0);
+                let active = progress.indexes.values().filter(|o| o.running).count() as u32;
                 JobView {
-                    phase: format!("{:?}", plan.phase),
+                    phase: jobs::display_phase(&plan, active).to_string(),
                     succeeded: plan.succeeded,
                     completions: spec.completions,
                     failed: plan.failed,
-                    active: progress.indexes.values().filter(|o| o.running).count() as u32,
+                    active,
                 }
             });
             WorkloadView {
@@ -427,10 +460,10 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
                 return Ok(None);
             };
             let spec = &w.manifest.spec;
+            let template = w.manifest.template();
             let _ = writeln!(s, "Name:           {name}");
             let _ = writeln!(s, "Runtime:        {}", spec.runtime);
             let _ = writeln!(s, "Image:          {}", spec.image);
-            let _ = writeln!(s, "Replicas:       {} desired, {} ready", w.desired_replicas, w.ready_replicas);
             if spec.kind != proto::manifest::WorkloadKind::Replicated {
                 let _ = writeln!(s, "Kind:           {}", spec.kind);
             }
@@ -445,13 +478,18 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
                 let _ = writeln!(s, "Failover:       after {d}");
             }
             let _ = writeln!(s, "Revision:       {}", w.revision);
-            let _ = writeln!(s, "Restart policy: {:?}", spec.restart_policy);
-            if !spec.args.is_empty() {
-                let _ = writeln!(s, "Args:           {:?}", spec.args);
+            // What the replicas run with, which for a Job is not what the manifest says.
+            let policy = template.restart_policy;
+            if spec.kind == proto::manifest::WorkloadKind::Job {
+                let limit = controller::job_spec(&w.manifest).backoff_limit;
+                let _ = writeln!(
+                    s,
+                    "Restart policy: {policy:?} (each Job attempt runs once; the hub retries a failed one after a back-off until failures exceed backoffLimit {limit})"
+                );
+            } else {
+                let _ = writeln!(s, "Restart policy: {policy:?}");
             }
-            for (k, v) in &spec.env {
-                let _ = writeln!(s, "Env:            {k}={v}");
-            }
+            write_run_spec(&mut s, spec);
             for (k, v) in &spec.node_selector {
                 let _ = writeln!(s, "Node selector:  {k}={v}");
             }
@@ -466,7 +504,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             if let Some(key) = &spec.spread_by {
                 let _ = writeln!(s, "Spread by:      {key}");
             }
-            let _ = writeln!(s, "Replicas:");
+            let _ = writeln!(s, "Replicas:       {} desired, {} ready", w.desired_replicas, w.ready_replicas);
             for r in replica_views(shared).await?.into_iter().filter(|r| r.workload == name) {
                 let _ = writeln!(
                     s,
@@ -477,6 +515,10 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
                     r.status.restarts,
                     reason(&r)
                 );
+            }
+            if w.job.is_some() {
+                let attempts = shared.store.job_attempts(name).await?;
+                write_failed_attempts(&mut s, &attempts, now_ms());
             }
         }
         ResourceKind::Replica => {
@@ -496,6 +538,9 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             }
             if let Some(t) = &r.status.last_termination {
                 let _ = writeln!(s, "Last run:      {t}");
+            }
+            for line in &r.status.last_output {
+                let _ = writeln!(s, "  | {line}");
             }
             write_events(&mut s, &r.status.events, now_ms());
         }
@@ -539,42 +584,166 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
     Ok(Some(s))
 }
 
-/// Relays a replica's log from the agent that runs it: one stream to the agent per request,
-/// bytes copied through until either side ends.
-async fn relay_logs(
+/// The logs `flotilla logs` reads for `workload` ([`crate::logs::sources`]).
+async fn log_sources(
     shared: &Shared,
-    send: &mut quinn::SendStream,
+    workload: &str,
+    replica: Option<&str>,
+    attempt: Option<u32>,
+) -> Result<Result<Vec<LogSource>, LogSourceError>, StoreError> {
+    let Some(w) = shared.store.workload(workload).await? else {
+        // `flotilla logs REPLICA` names one replica directly.
+        let one = shared.store.replicas().await?.into_iter().find(|r| r.name == workload);
+        return Ok(match one {
+            Some(r) if replica.is_none() && attempt.is_none() => {
+                Ok(vec![LogSource { replica: r.name, attempt: r.attempt }])
+            }
+            _ => Err(LogSourceError::NotFound(workload.to_string())),
+        });
+    };
+    let is_job = w.manifest.spec.kind == proto::manifest::WorkloadKind::Job;
+    let live: Vec<LiveReplica> = shared
+        .store
+        .replicas()
+        .await?
+        .into_iter()
+        .filter(|r| r.workload == workload)
+        .map(|r| LiveReplica { name: r.name, index: r.index, attempt: r.attempt })
+        .collect();
+    let ended: Vec<EndedAttempt> = if is_job {
+        shared
+            .store
+            .job_attempts(workload)
+            .await?
+            .into_iter()
+            .map(|a| EndedAttempt { replica: a.replica, index: a.index, attempt: a.attempt })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(crate::logs::sources(workload, is_job, &live, &ended, replica, attempt))
+}
+
+/// A log the CLI asked for.
+struct LogRequest {
     replica: String,
+    attempt: Option<u32>,
     follow: bool,
     tail_lines: Option<u64>,
-) -> Result<(), StreamError> {
+    /// How long to wait for the replica to start (0 unless following).
+    wait_ms: u64,
+}
+
+/// Where a log is: the node's connection and, for a Job attempt, its workload.
+struct Located {
+    conn: quinn::Connection,
+    workload: Option<String>,
+}
+
+/// Finds the node holding the log `req` names: the replica's (or its running attempt's)
+/// node, or the node an ended Job attempt ran on.
+async fn locate(shared: &Shared, req: &LogRequest) -> Result<Result<Located, NoLogSource>, StoreError> {
+    let live = shared.store.replicas().await?.into_iter().find(|r| r.name == req.replica);
+    let live = live.filter(|r| req.attempt.is_none() || r.attempt == req.attempt);
+    if let Some(r) = live {
+        let Some(node) = r.node else { return Ok(Err(NoLogSource::NotPlaced(req.replica.clone()))) };
+        let workload = r.attempt.map(|_| r.workload);
+        return Ok(match shared.connection(&node) {
+            Some(conn) => Ok(Located { conn, workload }),
+            None => Err(NoLogSource::NodeNotConnected { node, replica: req.replica.clone() }),
+        });
+    }
+    let Some(n) = req.attempt else { return Ok(Err(NoLogSource::NotFound(req.replica.clone()))) };
+    let Some(a) = shared.store.job_attempt(&req.replica, n).await? else {
+        return Ok(Err(NoLogSource::NoAttempt(req.replica.clone(), n)));
+    };
+    Ok(match shared.connection(&a.node) {
+        Some(conn) => Ok(Located { conn, workload: Some(a.workload) }),
+        None => Err(NoLogSource::RanOnNodeNotConnected { node: a.node, replica: req.replica.clone() }),
+    })
+}
+
+/// Why a replica has not started, in the words `describe` uses.
+async fn why_not_started(shared: &Shared, replica: &str) -> String {
+    match replica_views(shared).await {
+        Ok(views) => match views.into_iter().find(|r| r.name == replica) {
+            Some(r) if r.node.is_none() => reason(&r),
+            Some(r) => {
+                let why = reason(&r);
+                if why.is_empty() {
+                    format!("it is {}", r.status.phase)
+                } else {
+                    format!("it is {}: {why}", r.status.phase)
+                }
+            }
+            None => "it no longer exists".into(),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Relays a log from the agent that holds it: one stream to the agent per request, bytes
+/// copied through until either side ends. Following a replica that has not started yet
+/// waits (up to `wait_ms`) for it to be placed, for its node, and for its first output.
+async fn relay_logs(shared: &Shared, send: &mut quinn::SendStream, req: LogRequest) -> Result<(), StreamError> {
     let fail = |message: String| StreamStart::Error { message };
-    let node = match shared.store.replicas().await {
-        Ok(rs) => rs.into_iter().find(|r| r.name == replica).map(|r| r.node),
-        Err(e) => {
-            frame::write(send, &fail(e.to_string())).await?;
-            return Ok(());
+    let started = std::time::Instant::now();
+    let until = started + std::time::Duration::from_millis(req.wait_ms);
+    let located = loop {
+        match locate(shared, &req).await {
+            Err(e) => {
+                frame::write(send, &fail(e.to_string())).await?;
+                return Ok(());
+            }
+            Ok(Ok(l)) => break l,
+            // Not placed or its node not connected yet: worth waiting for.
+            Ok(Err(NoLogSource::NotPlaced(_) | NoLogSource::NodeNotConnected { .. }))
+                if std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(LOG_WAIT_POLL).await;
+            }
+            Ok(Err(why)) => {
+                let why = match why {
+                    NoLogSource::NotPlaced(_) | NoLogSource::NodeNotConnected { .. } if req.wait_ms > 0 => {
+                        NoLogSource::NotStarted {
+                            replica: req.replica.clone(),
+                            secs: req.wait_ms / 1000,
+                            why: why_not_started(shared, &req.replica).await,
+                        }
+                    }
+                    other => other,
+                };
+                frame::write(send, &fail(why.to_string())).await?;
+                return Ok(());
+            }
         }
     };
-    let conn = match node {
-        None => Err(NoLogSource::NotFound(replica.clone())),
-        Some(None) => Err(NoLogSource::NotPlaced(replica.clone())),
-        Some(Some(node)) => shared
-            .connection(&node)
-            .ok_or_else(|| NoLogSource::NodeNotConnected { node: node.clone(), replica: replica.clone() }),
+    let wait_ms = until.saturating_duration_since(std::time::Instant::now()).as_millis() as u64;
+    let (mut agent_send, mut agent_recv) = located.conn.open_bi().await?;
+    let ask = HubRequest::Logs {
+        replica: req.replica.clone(),
+        follow: req.follow,
+        tail_lines: req.tail_lines,
+        attempt: req.attempt,
+        workload: located.workload,
+        wait_ms,
     };
-    let conn = match conn {
-        Ok(c) => c,
-        Err(why) => {
-            frame::write(send, &fail(why.to_string())).await?;
-            return Ok(());
-        }
-    };
-    let (mut agent_send, mut agent_recv) = conn.open_bi().await?;
-    frame::write(&mut agent_send, &HubRequest::Logs { replica, follow, tail_lines }).await?;
+    frame::write(&mut agent_send, &ask).await?;
     let start = frame::read::<StreamStart>(&mut agent_recv)
         .await?
         .unwrap_or(StreamStart::Error { message: "the agent closed the log stream".into() });
+    let start = match start {
+        // The agent waited for the first output in vain: say why, as `describe` would.
+        StreamStart::Error { .. } if req.wait_ms > 0 => StreamStart::Error {
+            message: NoLogSource::NoOutput {
+                replica: req.replica.clone(),
+                secs: req.wait_ms / 1000,
+                why: why_not_started(shared, &req.replica).await,
+            }
+            .to_string(),
+        },
+        other => other,
+    };
     let ok = matches!(start, StreamStart::Ok);
     frame::write(send, &start).await?;
     if ok {
@@ -586,6 +755,74 @@ async fn relay_logs(
     Ok(())
 }
 
+/// What a workload's replicas run: command, args, env, volumes, network and ports.
+fn write_run_spec(s: &mut String, spec: &proto::manifest::WorkloadSpec) {
+    use proto::manifest::{NetworkMode, Runtime};
+    let command = match (spec.command.is_empty(), spec.runtime) {
+        (false, _) => format!("{:?}", spec.command),
+        (true, Runtime::Container) => "<the image's entrypoint>".into(),
+        (true, _) => "<the module's entry point>".into(),
+    };
+    let _ = writeln!(s, "Command:        {command}");
+    if !spec.args.is_empty() {
+        let _ = writeln!(s, "Args:           {:?}", spec.args);
+    }
+    for (k, v) in &spec.env {
+        let _ = writeln!(s, "Env:            {k}={v}");
+    }
+    if spec.volumes.is_empty() {
+        let _ = writeln!(s, "Volumes:        <none>");
+    }
+    for v in &spec.volumes {
+        let source = v.host_path.as_deref().map_or("scratch".to_string(), |p| format!("hostPath {p}"));
+        let ro = if v.read_only { ", read-only" } else { "" };
+        let _ = writeln!(s, "Volume:         {} at {} ({source}{ro})", v.name, v.mount_path);
+    }
+    let network = match spec.network {
+        NetworkMode::None => "none",
+        NetworkMode::Host => "host",
+    };
+    let _ = writeln!(s, "Network:        {network}");
+    match spec.http {
+        Some(h) => {
+            let _ = writeln!(s, "Ports:          {}/tcp (wasi:http)", h.port);
+        }
+        None => {
+            let _ = writeln!(s, "Ports:          <none>");
+        }
+    }
+}
+
+/// A Job's failed attempts, the latest [`DESCRIBED_FAILED_ATTEMPTS`]: where each ran, how it
+/// ended, and the last lines it wrote.
+fn write_failed_attempts(s: &mut String, attempts: &[JobAttemptRow], now_ms: u64) {
+    let failed: Vec<&JobAttemptRow> = attempts.iter().filter(|a| !a.succeeded).collect();
+    if failed.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "Failed attempts:");
+    let skip = failed.len().saturating_sub(DESCRIBED_FAILED_ATTEMPTS);
+    if skip > 0 {
+        let _ = writeln!(s, "  ({skip} earlier not shown)");
+    }
+    for a in &failed[skip..] {
+        let how = a.status.last_termination.as_ref().map_or_else(|| "failed".to_string(), |t| t.to_string());
+        let age = age(now_ms.saturating_sub(a.finished_at_ms) / 1000);
+        let _ = writeln!(s, "  {} attempt {} on {}, {age} ago: {how}", a.replica, a.attempt, a.node);
+        for line in &a.status.last_output {
+            let _ = writeln!(s, "    | {line}");
+        }
+    }
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        a if a < 120 => format!("{a}s"),
+        a if a < 7200 => format!("{}m", a / 60),
+        a => format!("{}h", a / 3600),
+    }
+}
+
 /// A replica's events, oldest first, with their age by the hub's clock (agent clocks may be
 /// off; the order is the agent's).
 fn write_events(s: &mut String, events: &[proto::messages::ReplicaEvent], now_ms: u64) {
@@ -595,12 +832,7 @@ fn write_events(s: &mut String, events: &[proto::messages::ReplicaEvent], now_ms
     }
     let _ = writeln!(s, "Events:");
     for e in events {
-        let age = now_ms.saturating_sub(e.at_ms) / 1000;
-        let age = match age {
-            a if a < 120 => format!("{a}s"),
-            a if a < 7200 => format!("{}m", a / 60),
-            a => format!("{}h", a / 3600),
-        };
+        let age = age(now_ms.saturating_sub(e.at_ms) / 1000);
         let _ = writeln!(s, "  {age:>5} ago  {:<11}  {}", e.reason.to_string(), e.message);
     }
 }

@@ -28,6 +28,7 @@ pub mod fsutil;
 pub mod guard;
 pub mod identity;
 pub mod leader;
+pub mod logs;
 pub mod revisions;
 pub mod scheduler;
 pub mod sealed;

@@ -664,7 +664,12 @@ async fn fence_revoked(
     verdict: crate::identity::CertVerdict,
     store: &str,
 ) {
-    let empty = proto::messages::AssignmentSet { generation: 0, store: store.to_string(), assignments: Vec::new() };
+    let empty = proto::messages::AssignmentSet {
+        generation: 0,
+        store: store.to_string(),
+        assignments: Vec::new(),
+        kept_logs: Vec::new(),
+    };
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {
             while let Some(msg) = rx.recv().await {

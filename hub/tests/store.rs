@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use flotilla_hub::controller::time::ClockAnchor;
-use flotilla_hub::controller::{CurrentTemplate, JobAttempt, JobIndex, Pass, Replica, diff};
+use flotilla_hub::controller::{CurrentTemplate, JobAttempt, JobIndex, Pass, Replica, ReplicaWrite, WriteOp, diff};
 use flotilla_hub::identity::CertVerdict;
 use flotilla_hub::scheduler::Placement;
 use flotilla_hub::store::{Applied, Fence, NewToken, Stale, Store, StoreError, Written};
 use flotilla_hub::tokens::{self, Admit, JoinRefusal};
 use proto::manifest::{ReplicaTemplate, parse_manifests};
-use proto::messages::{NodeFacts, Phase, ReplicaStatus};
+use proto::messages::{NodeFacts, Phase, ReplicaStatus, Termination};
 
 use postgres::TestPostgres;
 
@@ -143,6 +143,7 @@ on_both_backends!(
     acknowledged_writes_survive_reopen,
     template_changes_are_kept_as_revisions_with_their_cause,
     node_scheduling_and_job_attempts_are_recorded_once,
+    ended_job_attempts_keep_their_number_node_and_status_until_the_job_goes,
     scale_and_undo_lose_no_apply_that_lands_meanwhile,
     a_pass_is_written_whole_and_only_over_what_it_read,
     join_tokens_expire_run_out_are_revoked_and_restrict_names,
@@ -215,6 +216,88 @@ async fn node_scheduling_and_job_attempts_are_recorded_once(b: Backing) {
     // Deleting the job forgets its progress.
     store.delete_workloads(&["j".into()]).await.unwrap();
     assert!(store.job_indexes().await.unwrap().is_empty());
+}
+
+/// A pass that creates `replica` (index `index` of Job `j`) on node `n` as attempt `attempt`.
+async fn create_attempt(store: &Store, template: &ReplicaTemplate, index: u32, attempt: u32) {
+    let replica = format!("j-{index}");
+    let mut pass = empty_pass(store).await;
+    pass.writes = vec![ReplicaWrite {
+        replica: replica.clone(),
+        workload: "j".into(),
+        index,
+        op: WriteOp::Create { node: Some("n".into()), unschedulable: String::new() },
+    }];
+    pass.templates =
+        BTreeMap::from([("j".to_string(), CurrentTemplate { template: template.clone(), hash: template.hash() })]);
+    pass.attempt_numbers = BTreeMap::from([(replica, attempt)]);
+    pass.changed_nodes = BTreeSet::from(["n".to_string()]);
+    assert_eq!(store.write_pass(None, &pass, &anchor(0), 0).await.unwrap(), Written::Done);
+}
+
+/// Reports `replica` ended (exit `code`) with `output`, and records the attempt in a pass.
+async fn end_attempt(store: &Store, replica: &str, index: u32, code: i32, output: &[&str], wall_ms: u64) {
+    let hash = store.replicas().await.unwrap().into_iter().find(|r| r.name == replica).unwrap().template_hash;
+    let status = ReplicaStatus {
+        phase: if code == 0 { Phase::Succeeded } else { Phase::Failed },
+        template_hash: hash,
+        last_termination: Some(Termination::Exited { code }),
+        last_output: output.iter().map(|s| s.to_string()).collect(),
+        ..ReplicaStatus::default()
+    };
+    store.record_statuses("n", &BTreeMap::from([(replica.to_string(), status)])).await.unwrap();
+    let mut pass = empty_pass(store).await;
+    pass.job_attempts = vec![JobAttempt {
+        replica: replica.into(),
+        workload: "j".into(),
+        index,
+        node: "n".into(),
+        succeeded: code == 0,
+    }];
+    pass.changed_nodes = BTreeSet::from(["n".to_string()]);
+    assert_eq!(store.write_pass(None, &pass, &anchor(wall_ms), wall_ms).await.unwrap(), Written::Done);
+}
+
+async fn ended_job_attempts_keep_their_number_node_and_status_until_the_job_goes(b: Backing) {
+    let store = b.open().await;
+    store.upsert_node("n", &NodeFacts::default(), 1).await.unwrap();
+    let m = parse_manifests(JOB).unwrap();
+    store.apply_workloads(&m, 1).await.unwrap();
+    let template = m[0].template();
+    // j-0 fails once and succeeds at its second attempt; j-1 succeeds at once.
+    create_attempt(&store, &template, 0, 1).await;
+    create_attempt(&store, &template, 1, 1).await;
+    let set = store.assignment_set("n").await.unwrap();
+    let attempts: Vec<(&str, Option<u32>)> = set.assignments.iter().map(|a| (a.name.as_str(), a.attempt)).collect();
+    assert_eq!(attempts, [("j-0", Some(1)), ("j-1", Some(1))]);
+    assert!(set.kept_logs.is_empty(), "no attempt ended yet");
+    end_attempt(&store, "j-0", 0, 3, &["disk full"], 1_000).await;
+    create_attempt(&store, &template, 0, 2).await;
+    let rows = store.replicas().await.unwrap();
+    assert_eq!(rows.iter().find(|r| r.name == "j-0").unwrap().attempt, Some(2));
+    let set = store.assignment_set("n").await.unwrap();
+    assert_eq!(set.kept_logs, ["j"], "the node keeps the logs of j's ended attempts");
+    assert_eq!(set.assignments.iter().find(|a| a.name == "j-0").unwrap().attempt, Some(2));
+    end_attempt(&store, "j-0", 0, 0, &[], 2_000).await;
+    end_attempt(&store, "j-1", 1, 0, &["done"], 3_000).await;
+
+    let ended = store.job_attempts("j").await.unwrap();
+    let got: Vec<(u32, u32, &str, bool, u64)> =
+        ended.iter().map(|a| (a.index, a.attempt, a.node.as_str(), a.succeeded, a.finished_at_ms)).collect();
+    assert_eq!(got, [(0, 1, "n", false, 1_000), (0, 2, "n", true, 2_000), (1, 1, "n", true, 3_000)]);
+    assert_eq!(ended[0].status.last_termination, Some(Termination::Exited { code: 3 }));
+    assert_eq!(ended[0].status.last_output, ["disk full"]);
+    assert_eq!(store.job_attempt("j-0", 1).await.unwrap().unwrap().status.last_output, ["disk full"]);
+    assert!(store.job_attempt("j-0", 3).await.unwrap().is_none());
+    assert!(store.replicas().await.unwrap().is_empty());
+
+    // Nothing of j runs on n any more, but n keeps its logs: deleting j changes n's set.
+    let generation = store.nodes().await.unwrap()[0].generation;
+    let (deleted, nodes) = store.delete_workloads(&["j".into()]).await.unwrap();
+    assert_eq!((deleted, nodes), (vec!["j".to_string()], BTreeSet::from(["n".to_string()])));
+    assert_eq!(store.nodes().await.unwrap()[0].generation, generation + 1);
+    assert!(store.job_attempts("j").await.unwrap().is_empty());
+    assert!(store.assignment_set("n").await.unwrap().kept_logs.is_empty());
 }
 
 async fn template_changes_are_kept_as_revisions_with_their_cause(b: Backing) {

@@ -61,6 +61,11 @@ pub struct Assignment {
     pub template: ReplicaTemplate,
     /// `template.hash()`, sent so both sides compare the same value.
     pub template_hash: String,
+    /// Job replicas only: which attempt of its index this is (1, 2, ...). Each attempt is a
+    /// new run with a log of its own, kept on the node after the attempt ends (see
+    /// [`AssignmentSet::kept_logs`]). `None` from hubs that predate it and for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// Everything a node must run, at a generation. The hub only ever raises a node's
@@ -79,6 +84,11 @@ pub struct AssignmentSet {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub store: String,
     pub assignments: Vec<Assignment>,
+    /// Job workloads whose finished attempts ran on this node: the node keeps those
+    /// attempts' logs, and deletes the attempt logs of any other workload that is not in
+    /// `assignments` (the workload was deleted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_logs: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +181,16 @@ pub struct ReplicaStatus {
     /// order, with the first status after it reconnects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<ReplicaEvent>,
+    /// The last lines the last ended run wrote (at most [`LAST_OUTPUT_LINES`] lines of at most
+    /// [`LAST_OUTPUT_LINE_BYTES`] bytes each), so `describe` can show why it ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_output: Vec<String>,
 }
+
+/// How many lines of a run's output its status keeps once the run ended.
+pub const LAST_OUTPUT_LINES: usize = 5;
+/// Longest kept output line; longer ones are cut (at a character boundary).
+pub const LAST_OUTPUT_LINE_BYTES: usize = 240;
 
 /// How many events a replica's status keeps.
 pub const MAX_REPLICA_EVENTS: usize = 16;
@@ -336,7 +355,21 @@ pub enum HubRequest {
     /// Stream a replica's log, from its last `tail_lines` lines when given. The agent answers
     /// with a [`StreamStart`] frame, then raw log bytes until the end of the log (or, with
     /// `follow`, until the stream is closed).
-    Logs { replica: String, follow: bool, tail_lines: Option<u64> },
+    Logs {
+        replica: String,
+        follow: bool,
+        tail_lines: Option<u64>,
+        /// A Job attempt's log (kept after the attempt ended) instead of the replica's.
+        /// Needs `workload`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<String>,
+        /// With `follow`: how long to wait for a log that does not exist yet (the run has not
+        /// started) before answering an error. 0: answer at once.
+        #[serde(default)]
+        wait_ms: u64,
+    },
 }
 
 /// First frame of a stream whose remaining content is raw bytes.
@@ -422,6 +455,26 @@ pub enum ApiRequest {
         replica: String,
         follow: bool,
         tail_lines: Option<u64>,
+        /// A Job attempt (see [`ApiRequest::LogSources`]); `None`: the replica's current log.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+        /// With `follow`: how long to wait for a replica that has not started (not placed, its
+        /// node not connected, no log yet) before answering why.
+        #[serde(default)]
+        wait_ms: u64,
+    },
+    /// Which logs `flotilla logs` reads for a workload: its replicas, or for a Job each
+    /// index's latest attempt (or attempt `attempt`), finished ones included. With `wait_ms`,
+    /// a workload with nothing to read yet is waited for that long. Answered with
+    /// [`ApiResponse::LogSources`].
+    LogSources {
+        workload: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+        #[serde(default)]
+        wait_ms: u64,
     },
     /// A new join token; answered with [`ApiResponse::Token`], the only time its secret is
     /// shown. `None` means no expiry, no use limit, any name.
@@ -610,6 +663,18 @@ pub enum ApiResponse {
     Audit {
         items: Vec<AuditView>,
     },
+    LogSources {
+        sources: Vec<LogSource>,
+    },
+}
+
+/// One log `flotilla logs` reads: a replica's, or a Job attempt's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogSource {
+    pub replica: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// A join token as `flotilla token list` shows it: never its secret.
@@ -724,7 +789,8 @@ pub struct WorkloadView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
-    /// `Running`, `Complete` or `Failed`.
+    /// `Running`, `BackOff` (no attempt runs: a failed index waits out its back-off),
+    /// `Complete` or `Failed`.
     pub phase: String,
     pub succeeded: u32,
     pub completions: u32,
@@ -784,6 +850,25 @@ mod tests {
         assert_eq!(e.reason, EventReason::Other);
         let e: ReplicaEvent = serde_json::from_str(r#"{"atMs":1,"reason":"Adopted"}"#).unwrap();
         assert_eq!(e.reason, EventReason::Adopted);
+    }
+
+    #[test]
+    fn log_requests_and_sets_of_older_peers_still_parse() {
+        let r: HubRequest =
+            serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":true,"tailLines":null}"#).unwrap();
+        let HubRequest::Logs { attempt, workload, wait_ms, .. } = r;
+        assert_eq!((attempt, workload, wait_ms), (None, None, 0));
+        let r: ApiRequest =
+            serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":false,"tailLines":3}"#).unwrap();
+        assert!(matches!(r, ApiRequest::Logs { attempt: None, wait_ms: 0, .. }), "{r:?}");
+        let set: AssignmentSet = serde_json::from_str(r#"{"generation":3,"assignments":[]}"#).unwrap();
+        assert!(set.kept_logs.is_empty());
+        let status: ReplicaStatus =
+            serde_json::from_str(r#"{"phase":"Failed","templateHash":"h","restarts":0,"observedAtMs":1}"#).unwrap();
+        assert!(status.last_output.is_empty());
+        // And a set without Job attempts says nothing new to an older agent.
+        let json = serde_json::to_string(&AssignmentSet { generation: 3, ..AssignmentSet::default() }).unwrap();
+        assert!(!json.contains("keptLogs"), "{json}");
     }
 
     #[test]

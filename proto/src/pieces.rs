@@ -33,6 +33,9 @@ pub struct AssignmentPart {
     pub part: u32,
     pub parts: u32,
     pub assignments: Vec<Assignment>,
+    /// The set's [`AssignmentSet::kept_logs`], on every piece.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_logs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,6 +90,7 @@ fn split_within(set: &AssignmentSet, budget: usize, frame: usize) -> Result<Vec<
             part: i as u32,
             parts,
             assignments,
+            kept_logs: set.kept_logs.clone(),
         })
         .collect())
 }
@@ -130,6 +134,7 @@ impl Assembler {
                 generation: gathered.generation,
                 store: gathered.store,
                 assignments: gathered.assignments,
+                kept_logs: gathered.kept_logs,
             }));
         }
         self.pending = Some(gathered);
@@ -160,8 +165,11 @@ mod tests {
                     workload: "w".into(),
                     template: template.clone(),
                     template_hash: hash.clone(),
+                    attempt: (i % 2 == 1).then_some(2),
                 })
                 .collect(),
+            // Carried on every piece, so the assembled set has it however it was split.
+            kept_logs: vec!["finished-job".into()],
         }
     }
 

@@ -58,6 +58,26 @@ pub fn record(indexes: &[JobIndex], attempts: &[JobAttempt], now_ms: u64) -> BTr
     out
 }
 
+/// The number of the next attempt of `workload`'s index `index`, given the outcomes
+/// recorded (this pass's included): every ended attempt either succeeded (and the index
+/// never runs again) or counted a failure, so it is the failures so far plus one.
+pub fn attempt_number(recorded: &BTreeMap<(String, u32), JobIndex>, workload: &str, index: u32) -> u32 {
+    recorded.get(&(workload.to_string(), index)).map_or(0, |i| i.failures).saturating_add(1)
+}
+
+/// A Job's phase as `get workloads` shows it: the plan's, except that a running Job with
+/// nothing on a node after a failure is waiting out a back-off, shown as `BackOff` (not
+/// `Running`, as nothing runs).
+pub fn display_phase(plan: &crate::scheduler::JobPlan, active: u32) -> &'static str {
+    use crate::scheduler::JobPhase;
+    match plan.phase {
+        JobPhase::Complete => "Complete",
+        JobPhase::Failed => "Failed",
+        JobPhase::Running if active == 0 && plan.failed > 0 => "BackOff",
+        JobPhase::Running => "Running",
+    }
+}
+
 /// A Job's progress: the outcomes recorded, and which indexes have an attempt on a node now.
 pub fn progress<'a>(
     workload: &str,
@@ -135,5 +155,23 @@ mod tests {
         let p = progress("j", after.values(), [(1, true), (3, false)]);
         assert!(p.indexes[&1].running && !p.indexes.contains_key(&3));
         assert_eq!(p.indexes[&1].last_failure_ms, Some(90));
+        // Attempts are numbered from the failures recorded: index 0 failed twice, 1 once,
+        // 3 never ran.
+        assert_eq!(attempt_number(&after, "j", 0), 3);
+        assert_eq!(attempt_number(&after, "j", 1), 2);
+        assert_eq!(attempt_number(&after, "j", 3), 1);
+        assert_eq!(attempt_number(&after, "other", 0), 1);
+    }
+
+    #[test]
+    fn a_running_job_with_nothing_placed_after_a_failure_shows_back_off() {
+        use crate::scheduler::{JobPhase, JobPlan};
+        let plan = |phase, failed| JobPlan { phase, failed, ..JobPlan::default() };
+        assert_eq!(display_phase(&plan(JobPhase::Running, 1), 0), "BackOff");
+        assert_eq!(display_phase(&plan(JobPhase::Running, 1), 1), "Running");
+        // Not started yet: no failure, nothing placed.
+        assert_eq!(display_phase(&plan(JobPhase::Running, 0), 0), "Running");
+        assert_eq!(display_phase(&plan(JobPhase::Failed, 3), 0), "Failed");
+        assert_eq!(display_phase(&plan(JobPhase::Complete, 1), 0), "Complete");
     }
 }

@@ -231,6 +231,9 @@ pub struct Pass {
     pub revisions_seen: BTreeMap<String, u64>,
     pub job_attempts: Vec<JobAttempt>,
     pub writes: Vec<ReplicaWrite>,
+    /// The attempt number of each Job replica `writes` create: the index's failures so far
+    /// plus one ([`jobs::attempt_number`]).
+    pub attempt_numbers: BTreeMap<String, u32>,
     /// Templates of the workloads `writes` give their current template to.
     pub templates: BTreeMap<String, CurrentTemplate>,
     /// Nodes whose assignment sets change: each gets a new generation.
@@ -419,6 +422,11 @@ pub fn pass(s: &Snapshot) -> Pass {
             out.templates
                 .entry(w.workload.clone())
                 .or_insert_with(|| CurrentTemplate { template: c.template.clone(), hash: c.hash.to_string() });
+        }
+    }
+    for w in &out.writes {
+        if matches!(w.op, WriteOp::Create { .. }) && job_names.contains(w.workload.as_str()) {
+            out.attempt_numbers.insert(w.replica.clone(), jobs::attempt_number(&job_indexes, &w.workload, w.index));
         }
     }
     out.drains = decisions.drains;

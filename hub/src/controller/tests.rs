@@ -276,6 +276,7 @@ fn job_attempts_are_recorded_once_and_a_failed_index_waits_out_its_back_off_in_c
     let created: Vec<&str> =
         p.writes.iter().filter(|w| matches!(w.op, WriteOp::Create { .. })).map(|w| w.replica.as_str()).collect();
     assert_eq!(created, ["j-1"]);
+    assert_eq!(p.attempt_numbers, BTreeMap::from([("j-1".to_string(), 1)]), "j-1's first attempt");
     write_back(&mut s, &p);
     assert_eq!(s.job_indexes[&("j".to_string(), 0)].failed_at_ms, Some(5_000));
     let hash = s.replicas["j-1"].replica.template_hash.clone();
@@ -289,6 +290,7 @@ fn job_attempts_are_recorded_once_and_a_failed_index_waits_out_its_back_off_in_c
     assert!(pass_at(&s, 6_000, &[]).job_attempts.is_empty());
     let p = pass_at(&s, 15_000, &[]);
     assert!(p.writes.iter().any(|w| w.replica == "j-0" && matches!(w.op, WriteOp::Create { .. })));
+    assert_eq!(p.attempt_numbers.get("j-0"), Some(&2), "j-0 runs its second attempt: {p:#?}");
 }
 
 #[test]

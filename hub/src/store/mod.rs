@@ -160,6 +160,23 @@ pub struct ReplicaRow {
     pub template_hash: String,
     pub status: ReplicaStatus,
     pub unschedulable: String,
+    /// A Job replica's attempt number (see migration 0010); `None` for other kinds.
+    pub attempt: Option<u32>,
+}
+
+/// A Job attempt that ended (table `job_attempts`): where it ran and the status its node
+/// last reported (its termination and last output lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobAttemptRow {
+    pub workload: String,
+    pub index: u32,
+    pub attempt: u32,
+    pub replica: String,
+    pub node: String,
+    pub succeeded: bool,
+    pub status: ReplicaStatus,
+    /// When the attempt was recorded (hub wall clock, for display).
+    pub finished_at_ms: u64,
 }
 
 /// What the controller reads for one pass (see [`Store::controller_rows`]).
@@ -468,8 +485,13 @@ impl Store {
         let mut deleted = Vec::new();
         let mut nodes = BTreeSet::new();
         for name in names {
+            // The nodes that run its replicas, and those that keep logs of its Job attempts
+            // (their next set no longer names the workload, so they delete them).
             let rows = tx
-                .fetch("SELECT DISTINCT node FROM replicas WHERE workload = ? AND node IS NOT NULL", &[name.into()])
+                .fetch(
+                    "SELECT node FROM replicas WHERE workload = ? AND node IS NOT NULL                      UNION SELECT node FROM job_attempts WHERE workload = ?",
+                    &[name.into(), name.into()],
+                )
                 .await?;
             for r in &rows {
                 nodes.insert(r.text(0)?);
@@ -589,10 +611,16 @@ impl Store {
         };
         let rows = tx
             .fetch(
-                "SELECT name, workload, template, template_hash FROM replicas WHERE node = ? ORDER BY name",
+                "SELECT name, workload, template, template_hash, attempt FROM replicas WHERE node = ? ORDER BY name",
                 &[node.into()],
             )
             .await?;
+        let kept_logs = tx
+            .fetch("SELECT DISTINCT workload FROM job_attempts WHERE node = ? ORDER BY workload", &[node.into()])
+            .await?
+            .iter()
+            .map(|r| r.text(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         tx.commit().await?;
         let assignments = rows
             .iter()
@@ -602,11 +630,12 @@ impl Store {
                     template: serde_json::from_str(&r.text(2)?).map_err(corrupt("replica", &name))?,
                     workload: r.text(1)?,
                     template_hash: r.text(3)?,
+                    attempt: opt_u32(r.opt_u64(4)?),
                     name,
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AssignmentSet { generation, store: self.id.clone(), assignments })
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -616,12 +645,33 @@ impl Store {
         let rows = self
             .pool
             .fetch(
-                "SELECT name, workload, idx, node, template_hash, status, unschedulable \
+                "SELECT name, workload, idx, node, template_hash, status, unschedulable, attempt \
                  FROM replicas ORDER BY workload, idx",
                 &[],
             )
             .await?;
         rows.iter().map(replica_row).collect()
+    }
+
+    /// The ended attempts of Job `workload`, by index and attempt.
+    pub async fn job_attempts(&self, workload: &str) -> Result<Vec<JobAttemptRow>> {
+        let rows = self
+            .pool
+            .fetch(&format!("{JOB_ATTEMPTS} WHERE workload = ? ORDER BY idx, attempt"), &[workload.into()])
+            .await?;
+        rows.iter().map(job_attempt_row).collect()
+    }
+
+    /// Ended attempt `attempt` of Job replica `replica`, if recorded.
+    pub async fn job_attempt(&self, replica: &str, attempt: u32) -> Result<Option<JobAttemptRow>> {
+        let rows = self
+            .pool
+            .fetch(
+                &format!("{JOB_ATTEMPTS} WHERE replica = ? AND attempt = ? ORDER BY finished_at_ms DESC"),
+                &[replica.into(), i64::from(attempt).into()],
+            )
+            .await?;
+        rows.first().map(job_attempt_row).transpose()
     }
 
     /// Every Job index outcome recorded so far.
@@ -734,12 +784,47 @@ impl Store {
             return Ok(Written::Stale(Stale::Workloads));
         }
         for a in &pass.job_attempts {
-            let removed = tx
-                .exec("DELETE FROM replicas WHERE name = ? AND node = ?", &[(&a.replica).into(), (&a.node).into()])
-                .await?;
-            if removed == 0 {
+            // The attempt's last status (exit, reason, output) is kept with its number.
+            let Some(row) = tx
+                .fetch_optional(
+                    "SELECT status, attempt FROM replicas WHERE name = ? AND node = ?",
+                    &[(&a.replica).into(), (&a.node).into()],
+                )
+                .await?
+            else {
                 return Ok(Written::Stale(Stale::Replica(a.replica.clone())));
-            }
+            };
+            let (status, numbered) = (row.text(0)?, opt_u32(row.opt_u64(1)?));
+            let failures_before = tx
+                .fetch_optional(
+                    "SELECT failures FROM job_indexes WHERE workload = ? AND idx = ?",
+                    &[(&a.workload).into(), i64::from(a.index).into()],
+                )
+                .await?
+                .map(|r| r.u64(0))
+                .transpose()?
+                .unwrap_or(0);
+            // Rows from before attempt numbers: the attempt after the failures so far.
+            let attempt = numbered.map_or(failures_before.saturating_add(1), u64::from);
+            tx.exec(
+                "INSERT INTO job_attempts (workload, idx, attempt, replica, node, succeeded, status, finished_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workload, idx, attempt) DO UPDATE SET \
+                   replica = excluded.replica, node = excluded.node, succeeded = excluded.succeeded, \
+                   status = excluded.status, finished_at_ms = excluded.finished_at_ms",
+                &[
+                    (&a.workload).into(),
+                    i64::from(a.index).into(),
+                    attempt.into(),
+                    (&a.replica).into(),
+                    (&a.node).into(),
+                    a.succeeded.into(),
+                    (&status).into(),
+                    wall_ms.into(),
+                ],
+            )
+            .await?;
+            tx.exec("DELETE FROM replicas WHERE name = ? AND node = ?", &[(&a.replica).into(), (&a.node).into()])
+                .await?;
             let (succeeded, failures, failed_at) =
                 if a.succeeded { (1i64, 0i64, None) } else { (0, 1, Some(pass.now_ms)) };
             tx.exec(
@@ -767,8 +852,9 @@ impl Store {
                 WriteOp::Create { node, unschedulable } => {
                     let (json, hash) = template()?;
                     tx.exec(
-                        "INSERT INTO replicas (name, workload, idx, node, template, template_hash, status, unschedulable) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        "INSERT INTO replicas \
+                         (name, workload, idx, node, template, template_hash, status, unschedulable, attempt) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         &[
                             (&w.replica).into(),
                             (&w.workload).into(),
@@ -778,6 +864,7 @@ impl Store {
                             (*hash).into(),
                             (&pending).into(),
                             unschedulable.into(),
+                            pass.attempt_numbers.get(&w.replica).map(|&n| u64::from(n)).into(),
                         ],
                     )
                     .await?
@@ -1017,8 +1104,30 @@ fn replica_row(r: &Rec) -> Result<ReplicaRow> {
         template_hash: r.text(4)?,
         status: serde_json::from_str(&r.text(5)?).map_err(corrupt("replica", &name))?,
         unschedulable: r.text(6)?,
+        attempt: opt_u32(r.opt_u64(7)?),
         name,
     })
+}
+
+const JOB_ATTEMPTS: &str =
+    "SELECT workload, idx, attempt, replica, node, succeeded, status, finished_at_ms FROM job_attempts";
+
+fn job_attempt_row(r: &Rec) -> Result<JobAttemptRow> {
+    let replica = r.text(3)?;
+    Ok(JobAttemptRow {
+        workload: r.text(0)?,
+        index: u32::try_from(r.i64(1)?).unwrap_or(u32::MAX),
+        attempt: u32::try_from(r.i64(2)?).unwrap_or(u32::MAX),
+        node: r.text(4)?,
+        succeeded: r.i64(5)? != 0,
+        status: serde_json::from_str(&r.text(6)?).map_err(corrupt("job attempt", &replica))?,
+        finished_at_ms: r.u64(7)?,
+        replica,
+    })
+}
+
+fn opt_u32(v: Option<u64>) -> Option<u32> {
+    v.map(|v| u32::try_from(v).unwrap_or(u32::MAX))
 }
 
 async fn bump_generation(tx: &mut Tx, node: &str) -> Result<()> {
