@@ -299,7 +299,9 @@ fn status_for_replicas_a_node_does_not_hold_is_ignored() {
         let endpoint = tls::client_endpoint().unwrap();
         let conn = tls::connect(&endpoint, config, c.hub_addr.parse().unwrap()).await.unwrap();
         let (mut send, _recv) = conn.open_bi().await.unwrap();
-        let hello = AgentMsg::Hello { facts: NodeFacts::default(), generation: 0, statuses: invented(20_000) };
+        // A hostile node speaks a version the hub serves: the skew check is no defence here.
+        let facts = NodeFacts { agent_version: proto::version::VERSION.into(), ..NodeFacts::default() };
+        let hello = AgentMsg::Hello { facts, generation: 0, statuses: invented(20_000) };
         frame::write(&mut send, &hello).await.unwrap();
         for _ in 0..5 {
             frame::write(&mut send, &AgentMsg::Status { statuses: invented(20_000) }).await.unwrap();
