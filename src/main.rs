@@ -274,6 +274,11 @@ enum Command {
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
+    /// Shell completions: `source <(flotilla completion bash)`, or write them where your shell
+    /// looks (zsh: a `_flotilla` file on $fpath; fish: ~/.config/fish/completions/flotilla.fish).
+    Completion { shell: clap_complete::Shell },
+    /// This CLI's version and the hub's (the hub's only when its config is found and it answers).
+    Version,
     /// Certificates: `certs status` shows when the CA, your credential, each user's and each
     /// node's certificate expire.
     Certs {
@@ -504,6 +509,21 @@ fn main() -> std::process::ExitCode {
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
         // A small single-threaded process: no async runtime needed.
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut script);
+            return match std::io::stdout().write_all(&script) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing the completion script: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::AgentHandoff { socket, timeout_ms } => {
             init_tracing();
             return match agent::handoff::hold(&socket, std::time::Duration::from_millis(timeout_ms)) {
@@ -626,7 +646,7 @@ async fn run(cli: Cli) -> Result<()> {
             agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Oci(_) | Command::AgentHandoff { .. } => {
+        Command::Oci(_) | Command::AgentHandoff { .. } | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")
         }
         Command::Run(args) => {
@@ -880,6 +900,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
             print!("{}", output::render(&response, output)?);
             Ok(())
+        }
+        Command::Version => {
+            println!("client: {}", proto::version::VERSION);
+            let client = client::Client::connect(cli.global.config.as_deref()).await.context("hub: unknown")?;
+            match client.request(&ApiRequest::Version).await? {
+                ApiResponse::Version { version } => {
+                    println!("hub:    {version}");
+                    if let Err(skew) = proto::version::check(&version, proto::version::VERSION) {
+                        eprintln!("warning: {skew}");
+                    }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
         }
         Command::Certs { action: CertsAction::Status } => {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;

@@ -37,7 +37,8 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::LogSources { .. }
         // Each caller renews only its own credential and sees its own expiry.
         | ApiRequest::RenewCredential { .. }
-        | ApiRequest::CertsStatus => Role::Viewer,
+        | ApiRequest::CertsStatus
+        | ApiRequest::Version => Role::Viewer,
         ApiRequest::Apply { .. }
         | ApiRequest::DeleteManifests { .. }
         | ApiRequest::SetScheduling { .. }
@@ -113,7 +114,8 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::TokenList
         | ApiRequest::UserList
         | ApiRequest::Audit { .. }
-        | ApiRequest::CertsStatus => return None,
+        | ApiRequest::CertsStatus
+        | ApiRequest::Version => return None,
     };
     Some(Audited { action, target })
 }

@@ -276,6 +276,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         | ApiRequest::RenewCredential { .. }
         | ApiRequest::Audit { .. }
         | ApiRequest::CertsStatus => ApiResponse::Error { message: "unexpected request".into() },
+        ApiRequest::Version => ApiResponse::Version { version: proto::version::VERSION.to_string() },
     })
 }
 

@@ -538,6 +538,8 @@ pub enum ApiRequest {
     /// Who the caller is, and the certificates the cluster depends on; answered with
     /// [`ApiResponse::Described`].
     CertsStatus,
+    /// The hub's version; answered with [`ApiResponse::Version`].
+    Version,
 }
 
 /// What an API user may do. Each role holds the rights of the ones before it.
@@ -659,6 +661,9 @@ pub enum ApiResponse {
     },
     CredentialRenewed {
         cert_pem: String,
+    },
+    Version {
+        version: String,
     },
     Audit {
         items: Vec<AuditView>,

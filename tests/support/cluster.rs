@@ -303,19 +303,31 @@ pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
     if let Some(input) = stdin {
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
+    // Drained while the command runs, so output larger than a pipe's buffer cannot stall it.
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
     // The CLI talks to local processes only; a hang here is a bug, so bound it.
     let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if start.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("CLI command timed out: {cmd:?}\n{}", String::from_utf8_lossy(&out.stderr));
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            panic!("CLI command timed out: {cmd:?}\n{}", String::from_utf8_lossy(&err));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
 }
 
 /// The example module built from `examples/hello` for wasm32-wasip1, building it if needed.
