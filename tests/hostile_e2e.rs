@@ -7,6 +7,7 @@
 //! - Manifests built to stall the parser (deep nesting, alias expansion) are refused in
 //!   milliseconds while the agents stay Ready.
 //! - A node reporting status for replicas it does not hold costs the store nothing.
+//! - A node outside the version window is closed with the reason, held back first.
 //!
 //! Attackers use source addresses 127.0.0.2 and up (all of 127/8 is loopback on Linux), so
 //! the per-address caps can be told from the total ones. Run under the e2e lock:
@@ -325,4 +326,41 @@ fn status_for_replicas_a_node_does_not_hold_is_ignored() {
     c.wait_for("the hub to log the ignored statuses", WAIT, || {
         c.hub.log_text().contains("status reported for replicas this node does not hold")
     });
+}
+
+#[test]
+fn an_agent_outside_the_version_window_is_told_why_and_held_back() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = Cluster::start();
+    let hub = c.hub_dir();
+    let ca = transport::pki::Ca::load(
+        &std::fs::read_to_string(hub.join("tls/ca.pem")).unwrap(),
+        &std::fs::read_to_string(hub.join("tls/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let creds = ca.issue_client("node:future", Duration::from_secs(3600)).unwrap();
+    let config =
+        tls::client_config_mtls(ca.cert_pem(), &creds.cert_pem, &creds.key_pem, ALPN_AGENT, &tls::Tuning::default())
+            .unwrap();
+    let (held, reason) = rt.block_on(async {
+        let endpoint = tls::client_endpoint().unwrap();
+        let conn = tls::connect(&endpoint, config, c.hub_addr.parse().unwrap()).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let facts = NodeFacts { agent_version: "9.0.0".into(), ..NodeFacts::default() };
+        let started = Instant::now();
+        frame::write(&mut send, &AgentMsg::Hello { facts, generation: 0, statuses: BTreeMap::new() }).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(60), conn.closed()).await.expect("the hub closes it");
+        (started.elapsed(), closed)
+    });
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(proto::version::CLOSE_VERSION));
+            let why = String::from_utf8_lossy(&close.reason);
+            assert!(why.contains("agent 9.0.0 is too new for hub") && why.contains("upgrade the hub first"), "{why}");
+        }
+        other => panic!("closed with {other:?}"),
+    }
+    // Held before the close, so agents that retry at once cannot make a storm of handshakes.
+    assert!(held >= Duration::from_secs(15), "closed after {held:?}");
+    assert_eq!(c.hub.log_text().matches("agent session refused: version skew").count(), 1);
 }

@@ -189,6 +189,12 @@ impl Link {
             }
             return Err(SessionError::Fatal(IdentityError::Revoked(reason)));
         }
+        // A hub outside this agent's version window: keep running what is assigned, and retry
+        // with a growing back-off (one side will be upgraded), not at once as after a session.
+        if let Some(reason) = version_refused(&conn) {
+            tracing::error!(%reason, "the hub does not serve this agent's version; workloads keep running");
+            return Err(SessionError::Transient(format!("version skew: {reason}")));
+        }
         result
     }
 
@@ -375,6 +381,18 @@ async fn request_renewal(conn: quinn::Connection, csr_pem: String) -> Result<Str
 fn revoked(conn: &quinn::Connection) -> Option<String> {
     match conn.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(CLOSE_REVOKED) => {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The hub's reason when it closed `conn` for this agent's version.
+fn version_refused(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(proto::version::CLOSE_VERSION) =>
+        {
             Some(String::from_utf8_lossy(&c.reason).into_owned())
         }
         _ => None,

@@ -50,6 +50,10 @@ pub(crate) struct Shared {
     /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: set
     /// operations only.
     pub(crate) warned: Mutex<HashSet<String>>,
+    /// The agent version each node was last refused for (version skew), so the refusal is
+    /// logged and recorded once per node and version. One entry per node at most. std Mutex:
+    /// map operations only.
+    pub(crate) skew_refused: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
@@ -78,6 +82,7 @@ impl Shared {
             started: Instant::now(),
             presence: Mutex::new(Presence::new(0)),
             warned: Mutex::new(HashSet::new()),
+            skew_refused: Mutex::new(HashMap::new()),
         }
     }
 

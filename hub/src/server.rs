@@ -46,6 +46,8 @@ pub const CLOSE_PROTOCOL: u32 = 0x400;
 pub const CLOSE_REVOKED: u32 = proto::messages::CLOSE_REVOKED;
 /// A join connection over the hub's caps for strangers (see [`crate::guard`]).
 pub const CLOSE_BUSY: u32 = 0x429;
+/// How long a session refused for the agent's version is held before it is closed.
+const SKEW_HOLD: Duration = Duration::from_secs(20);
 
 const HANDSHAKE_MSG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a hub on a shared store looks for generations other hubs wrote.
@@ -457,10 +459,19 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     // The version skew policy: outside it the node is told why, and keeps what it runs.
     if let Err(skew) = proto::version::check(proto::version::VERSION, &facts.agent_version) {
         let why = skew.to_string();
-        warn!(agent_version = %facts.agent_version, reason = %why, "agent session refused: version skew");
-        if let Err(e) = shared.store.set_node_problem(&node, &why).await {
-            debug!(error = %e, "cannot record the node's problem");
+        // Said (and recorded) once per node and version, not at every retry of a fleet.
+        let version: String = facts.agent_version.chars().take(64).collect();
+        let first = shared.skew_refused.lock().unwrap_or_else(|e| e.into_inner()).insert(node.clone(), version.clone())
+            != Some(version);
+        if first {
+            warn!(agent_version = %facts.agent_version, reason = %why, "agent session refused: version skew");
+            if let Err(e) = shared.store.set_node_problem(&node, &why).await {
+                debug!(error = %e, "cannot record the node's problem");
+            }
         }
+        // Held a while before the close: an agent that retries at once after a session (one
+        // older than this rule) then costs a handshake per node every SKEW_HOLD, not a storm.
+        tokio::time::sleep(SKEW_HOLD).await;
         conn.close(VarInt::from_u32(proto::version::CLOSE_VERSION), why.as_bytes());
         return;
     }
