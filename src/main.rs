@@ -489,7 +489,8 @@ fn init_tracing() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        // Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .with_writer(std::io::stderr)
         .init();
 }

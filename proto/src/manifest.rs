@@ -1208,21 +1208,56 @@ fn validate_abs_path(p: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Parses a duration: a number with `ms`, `s`, `m` or `h`. Returns milliseconds.
+/// Parses a duration into milliseconds: a number with `ms`, `s`, `m`, `h` or `d`, or a
+/// sequence of them as Go and Kubernetes write durations (`1m30s`, `1h15m`), each number
+/// possibly with decimals (`1.5s`, `0.25h`). Must come to at least a millisecond.
 pub fn parse_duration_ms(s: &str) -> Result<u64, InvalidValue> {
     let s = s.trim();
-    let (num, mult) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)]
-        .iter()
-        .find_map(|(suf, m)| {
-            s.strip_suffix(suf).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).map(|n| (n, *m))
-        })
-        .ok_or_else(|| {
-            InvalidValue(format!("invalid duration {s:?}; use a number with ms, s, m, h or d, such as 500ms or 2s"))
-        })?;
-    let n: u64 = num.parse().map_err(|_| InvalidValue(format!("invalid duration {s:?}")))?;
-    n.checked_mul(mult)
-        .filter(|ms| *ms > 0)
-        .ok_or_else(|| InvalidValue(format!("duration {s:?} must be positive and not too large")))
+    let bad = || {
+        InvalidValue(format!("invalid duration {s:?}; use a number with ms, s, m, h or d, such as 500ms, 2s or 1m30s"))
+    };
+    if s.is_empty() {
+        return Err(bad());
+    }
+    // Nanoseconds in u128, so `0.5ms` and sums of parts are exact until the end.
+    let mut total_ns: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
+        let (num, tail) = rest.split_at(num_len);
+        let unit_len = tail.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let (unit, tail) = tail.split_at(unit_len);
+        let unit_ns: u128 = match unit {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            _ => return Err(bad()),
+        };
+        total_ns = total_ns.checked_add(decimal_times(num, unit_ns).ok_or_else(bad)?).ok_or_else(bad)?;
+        rest = tail;
+    }
+    let ms = total_ns.div_ceil(1_000_000);
+    match u64::try_from(ms) {
+        Ok(ms) if ms > 0 && ms <= u64::MAX / 2 => Ok(ms),
+        _ => Err(InvalidValue(format!("duration {s:?} must be positive and not too large"))),
+    }
+}
+
+/// `num` (digits with at most one `.` and at most 9 decimals) times `unit`, rounded up;
+/// `None` if malformed or too large.
+fn decimal_times(num: &str, unit: u128) -> Option<u128> {
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 9 {
+        return None;
+    }
+    let scale = 10u128.pow(frac.len() as u32);
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let frac: u128 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let scaled = whole.checked_mul(scale)?.checked_add(frac)?;
+    Some(scaled.checked_mul(unit)?.div_ceil(scale))
 }
 
 /// Parses a CPU quantity into millicores: `250m`, or cores with up to three decimals (`1`, `0.5`).
@@ -1251,18 +1286,51 @@ pub fn parse_cpu_millis(s: &str) -> Result<u32, InvalidValue> {
     }
 }
 
-/// Parses a memory quantity: plain bytes, or a number with Ki, Mi, Gi (binary) or k, M, G
-/// (decimal) suffix.
+/// Parses a memory quantity in bytes as Kubernetes writes them: a number, possibly with
+/// decimals (`1.5Gi`), with a binary suffix (`Ki`, `Mi`, `Gi`, `Ti`, `Pi`, `Ei`), a decimal
+/// one (`k`, `M`, `G`, `T`, `P`, `E`) or an exponent (`128e6`), or none. A fraction of a byte
+/// is rounded up.
 pub fn parse_quantity(s: &str) -> Result<u64, InvalidValue> {
     let s = s.trim();
+    let bad = || InvalidValue(format!("invalid quantity {s:?}; use bytes or a suffix such as 64Mi or 1.5Gi"));
+    const SUFFIXES: [(&str, u128); 12] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+    ];
     let (num, mult) =
-        [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 1_000_000), ("G", 1_000_000_000)]
-            .iter()
-            .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
-            .unwrap_or((s, 1));
-    let n: u64 =
-        num.parse().map_err(|_| InvalidValue(format!("invalid quantity {s:?}; use bytes or a suffix such as 64Mi")))?;
-    n.checked_mul(mult).ok_or_else(|| InvalidValue(format!("quantity {s:?} is too large")))
+        if let Some((num, mult)) = SUFFIXES.iter().find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m))) {
+            (num, mult)
+        } else if let Some((num, exp)) = s.split_once(['e', 'E']) {
+            let exp: u32 = exp.parse().map_err(|_| bad())?;
+            (num, 10u128.checked_pow(exp).ok_or_else(bad)?)
+        } else {
+            (s, 1)
+        };
+    let bytes = decimal_times(num, mult).ok_or_else(bad)?;
+    u64::try_from(bytes).map_err(|_| InvalidValue(format!("quantity {s:?} is too large")))
+}
+
+/// The architecture name a node reports (Rust's, `std::env::consts::ARCH`) for one a user
+/// may write: Go's and OCI's names (`amd64`, `arm64`, `386`, `ppc64le`) are the same machines.
+pub fn canonical_arch(arch: &str) -> &str {
+    match arch {
+        "amd64" | "x86-64" => "x86_64",
+        "arm64" | "aarch64_be" => "aarch64",
+        "386" | "i386" | "i686" => "x86",
+        "ppc64le" => "powerpc64",
+        "riscv64gc" => "riscv64",
+        other => other,
+    }
 }
 
 /// What an agent needs to run one replica. Hashing it tells whether a running replica's
@@ -1341,6 +1409,16 @@ spec:
         assert_eq!(s.runtime, Runtime::Wasm);
         assert_eq!(s.restart_policy, RestartPolicy::OnFailure);
         assert_eq!(m[0].template().memory_bytes, Some(64 << 20));
+    }
+
+    #[test]
+    fn kubernetes_spellings_of_quantities_and_durations_are_taken() {
+        let c = GOOD.replace("runtime: wasm", "runtime: container").replace(
+            "resources: {memory: 64Mi}",
+            "resources: {memory: 1.5Gi}\n  terminationGracePeriod: 1m30s",
+        );
+        let t = parse_manifests(&c).unwrap()[0].template();
+        assert_eq!((t.memory_bytes, t.grace_ms), (Some(3 << 29), Some(90_000)));
     }
 
     #[test]
@@ -1655,9 +1733,32 @@ spec:
         assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
         assert_eq!(parse_duration_ms("2s").unwrap(), 2000);
         assert_eq!(parse_duration_ms("1m").unwrap(), 60_000);
-        for bad in ["", "5", "0s", "-1s", "1.5s", "s", "99999999999999999999h"] {
+        assert_eq!(parse_duration_ms("30d").unwrap(), 30 * 86_400_000);
+        // As Go and Kubernetes write them.
+        assert_eq!(parse_duration_ms("1m30s").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("1h15m").unwrap(), 4_500_000);
+        assert_eq!(parse_duration_ms("2h45m10s500ms").unwrap(), 9_910_500);
+        assert_eq!(parse_duration_ms("1.5s").unwrap(), 1500);
+        assert_eq!(parse_duration_ms("0.25h").unwrap(), 900_000);
+        assert_eq!(parse_duration_ms(".5s").unwrap(), 500);
+        assert_eq!(parse_duration_ms("0.1ms").unwrap(), 1, "rounded up to a millisecond");
+        for bad in [
+            "",
+            "5",
+            "0s",
+            "-1s",
+            "s",
+            "1.s5",
+            "1..5s",
+            "1m30",
+            "1x",
+            "1s 2s",
+            "1.0000000001s",
+            "99999999999999999999h",
+        ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
+        assert!(parse_duration_ms("1m30").unwrap_err().to_string().contains("1m30s"));
     }
 
     #[test]
@@ -1665,7 +1766,24 @@ spec:
         assert_eq!(parse_quantity("1024").unwrap(), 1024);
         assert_eq!(parse_quantity("2Gi").unwrap(), 2 << 30);
         assert_eq!(parse_quantity("5M").unwrap(), 5_000_000);
-        assert!(parse_quantity("-1").is_err());
-        assert!(parse_quantity("99999999999999999999Gi").is_err());
+        // As Kubernetes writes them.
+        assert_eq!(parse_quantity("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_quantity("0.5Mi").unwrap(), 512 << 10);
+        assert_eq!(parse_quantity("1Ti").unwrap(), 1 << 40);
+        assert_eq!(parse_quantity("128e6").unwrap(), 128_000_000);
+        assert_eq!(parse_quantity("1.5").unwrap(), 2, "a fraction of a byte rounds up");
+        assert_eq!(parse_quantity("2E").unwrap(), 2_000_000_000_000_000_000);
+        for bad in ["", "-1", "1.5.1Gi", "Gi", "1Gb", "1m", "1e", "99999999999999999999Gi", "20E"] {
+            assert!(parse_quantity(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn go_architecture_names_are_the_nodes_own() {
+        assert_eq!(canonical_arch("amd64"), "x86_64");
+        assert_eq!(canonical_arch("arm64"), "aarch64");
+        assert_eq!(canonical_arch("x86_64"), "x86_64");
+        assert_eq!(canonical_arch("arm"), "arm");
+        assert_eq!(canonical_arch("riscv64"), "riscv64");
     }
 }

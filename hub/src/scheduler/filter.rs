@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::{SchedNode, SchedWorkload, SelectorOperator, SelectorRequirement, Taint, TaintEffect, Toleration};
+use proto::manifest::canonical_arch;
 
 /// Node label carrying the agent's operating system (`linux`).
 pub const OS_LABEL: &str = "flotilla.dev/os";
@@ -48,7 +49,12 @@ pub(super) fn selector_matches(w: &SchedWorkload, labels: &BTreeMap<String, Stri
 
 pub(super) fn platform_matches(w: &SchedWorkload, labels: &BTreeMap<String, String>) -> bool {
     let is = |want: &Option<String>, key: &str| want.as_ref().is_none_or(|want| labels.get(key) == Some(want));
-    is(&w.os, OS_LABEL) && is(&w.arch, ARCH_LABEL)
+    // `arch: amd64` (Go's and OCI's name) is the node that reports x86_64.
+    let arch = w
+        .arch
+        .as_ref()
+        .is_none_or(|want| labels.get(ARCH_LABEL).is_some_and(|have| canonical_arch(have) == canonical_arch(want)));
+    is(&w.os, OS_LABEL) && arch
 }
 
 /// Whether `node` has a taint with one of `effects` that `w` does not tolerate.

@@ -191,9 +191,14 @@ fn os_and_arch_come_from_the_builtin_labels() {
     let mut w = wl("w", 1, &[]);
     w.arch = Some("aarch64".into());
     assert_eq!(nodes_of(&schedule(&nodes, std::slice::from_ref(&w), &[])), [Some("b")]);
+    // Go's names are the same machines.
+    w.arch = Some("amd64".into());
+    assert_eq!(nodes_of(&schedule(&nodes, std::slice::from_ref(&w), &[])), [Some("a")]);
+    w.arch = Some("arm64".into());
+    assert_eq!(nodes_of(&schedule(&nodes, std::slice::from_ref(&w), &[])), [Some("b")]);
     w.os = Some("windows".into());
     let d = schedule(&nodes, &[w], &[]);
-    assert_eq!(d.unschedulable["w-0"], "0/2 nodes available: 2 are not windows/aarch64");
+    assert_eq!(d.unschedulable["w-0"], "0/2 nodes available: 2 are not windows/arm64");
 }
 
 #[test]
