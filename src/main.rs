@@ -183,6 +183,8 @@ enum Command {
     /// List nodes, workloads or replicas.
     Get {
         kind: String,
+        /// Only these, by name (`get workload web`); each must exist.
+        names: Vec<String>,
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
@@ -468,6 +470,14 @@ fn parse_label(s: &str) -> Result<(String, String), ArgError> {
     Ok((k.to_string(), v.to_string()))
 }
 
+fn kind_word(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Node => "node",
+        ResourceKind::Workload => "workload",
+        ResourceKind::Replica => "replica",
+    }
+}
+
 fn parse_kind(s: &str) -> Result<ResourceKind> {
     ResourceKind::parse(s).with_context(|| format!("unknown resource kind {s:?}; use nodes, workloads or replicas"))
 }
@@ -712,15 +722,22 @@ async fn run(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Get { kind, output } => {
+        Command::Get { kind, names, output } => {
             let kind = parse_kind(&kind)?;
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             let response = client.request(&ApiRequest::Get { kind }).await?;
             if let ApiResponse::Error { message } = response {
                 bail!("{message}");
             }
-            print!("{}", output::render(&response, output)?);
-            Ok(())
+            let (response, missing) = output::only_named(response, &names);
+            if names.is_empty() || missing.len() < names.len() {
+                print!("{}", output::render(&response, output)?);
+            }
+            match missing.as_slice() {
+                [] => Ok(()),
+                [one] => bail!("{} {one:?} not found", kind_word(kind)),
+                many => bail!("{} {} not found", kind_word(kind), many.join(", ")),
+            }
         }
         Command::Describe { kind, name } => {
             let kind = parse_kind(&kind)?;

@@ -51,6 +51,35 @@ fn table(rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// `response`'s items named in `names` (all of them when `names` is empty), and the names
+/// that matched none, in the order given.
+pub fn only_named(response: ApiResponse, names: &[String]) -> (ApiResponse, Vec<String>) {
+    if names.is_empty() {
+        return (response, Vec::new());
+    }
+    let wanted = |n: &String| names.contains(n);
+    let (response, found): (ApiResponse, Vec<String>) = match response {
+        ApiResponse::Nodes { mut items } => {
+            items.retain(|i| wanted(&i.name));
+            let found = items.iter().map(|i| i.name.clone()).collect();
+            (ApiResponse::Nodes { items }, found)
+        }
+        ApiResponse::Workloads { mut items } => {
+            items.retain(|i| wanted(&i.manifest.metadata.name));
+            let found = items.iter().map(|i| i.manifest.metadata.name.clone()).collect();
+            (ApiResponse::Workloads { items }, found)
+        }
+        ApiResponse::Replicas { mut items } => {
+            items.retain(|i| wanted(&i.name));
+            let found = items.iter().map(|i| i.name.clone()).collect();
+            (ApiResponse::Replicas { items }, found)
+        }
+        other => return (other, Vec::new()),
+    };
+    let missing = names.iter().filter(|n| !found.contains(n)).cloned().collect();
+    (response, missing)
+}
+
 pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
     let items = match response {
         ApiResponse::Nodes { items } => serde_json::to_value(items)?,

@@ -70,3 +70,31 @@ fn version_shows_the_client_and_the_hub() {
         String::from_utf8_lossy(&none.stderr)
     );
 }
+
+#[test]
+fn get_takes_names_as_kubectl_does() {
+    let c = Cluster::start();
+    let wl = |name: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec: {{runtime: wasm, image: r/{name}:1}}\n"
+        )
+    };
+    let both = format!("{}---\n{}", wl("web"), wl("api"));
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&both));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let one: Vec<serde_json::Value> = serde_json::from_str(&c.ok(&["get", "workload", "web", "-o", "json"])).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0]["manifest"]["metadata"]["name"], "web");
+    let table = c.ok(&["get", "workloads", "api", "web"]);
+    assert_eq!(table.lines().count(), 3, "a header and two rows:\n{table}");
+
+    let none = c.cli(&["get", "workload", "nope"]);
+    assert!(!none.status.success());
+    assert!(none.stdout.is_empty(), "nothing printed for a name that is not there");
+    assert_eq!(String::from_utf8_lossy(&none.stderr).trim(), "error: workload \"nope\" not found");
+    let some = c.cli(&["get", "workload", "web", "nope", "-o", "json"]);
+    assert!(!some.status.success());
+    let printed: Vec<serde_json::Value> = serde_json::from_slice(&some.stdout).unwrap();
+    assert_eq!(printed.len(), 1, "what exists is printed");
+}

@@ -1413,10 +1413,9 @@ spec:
 
     #[test]
     fn kubernetes_spellings_of_quantities_and_durations_are_taken() {
-        let c = GOOD.replace("runtime: wasm", "runtime: container").replace(
-            "resources: {memory: 64Mi}",
-            "resources: {memory: 1.5Gi}\n  terminationGracePeriod: 1m30s",
-        );
+        let c = GOOD
+            .replace("runtime: wasm", "runtime: container")
+            .replace("resources: {memory: 64Mi}", "resources: {memory: 1.5Gi}\n  terminationGracePeriod: 1m30s");
         let t = parse_manifests(&c).unwrap()[0].template();
         assert_eq!((t.memory_bytes, t.grace_ms), (Some(3 << 29), Some(90_000)));
     }
