@@ -11,6 +11,8 @@ pub enum Format {
     Wide,
     Json,
     Yaml,
+    /// `kind/name`, one per line (kubectl's `-o name`), for scripts.
+    Name,
 }
 
 fn age(ms: u64) -> String {
@@ -81,6 +83,19 @@ pub fn only_named(response: ApiResponse, names: &[String]) -> (ApiResponse, Vec<
 }
 
 pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
+    if matches!(format, Format::Name) {
+        let names: Vec<String> = match response {
+            ApiResponse::Nodes { items } => items.iter().map(|i| format!("node/{}", i.name)).collect(),
+            ApiResponse::Workloads { items } => {
+                items.iter().map(|i| format!("workload/{}", i.manifest.metadata.name)).collect()
+            }
+            ApiResponse::Replicas { items } => items.iter().map(|i| format!("replica/{}", i.name)).collect(),
+            ApiResponse::Tokens { items } => items.iter().map(|i| format!("token/{}", i.id)).collect(),
+            ApiResponse::Users { items } => items.iter().map(|i| format!("user/{}", i.name)).collect(),
+            _ => anyhow::bail!("-o name is for lists of nodes, workloads, replicas, tokens or users"),
+        };
+        return Ok(names.iter().map(|n| format!("{n}\n")).collect());
+    }
     let items = match response {
         ApiResponse::Nodes { items } => serde_json::to_value(items)?,
         ApiResponse::Workloads { items } => serde_json::to_value(items)?,
@@ -94,7 +109,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         Format::Json => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
         Format::Yaml => return Ok(serde_yaml::to_string(&items)?),
         Format::Wide => true,
-        Format::Table => false,
+        Format::Table | Format::Name => false,
     };
     let mut rows: Vec<Vec<String>> = Vec::new();
     match response {

@@ -72,7 +72,7 @@ fn version_shows_the_client_and_the_hub() {
 }
 
 #[test]
-fn get_takes_names_as_kubectl_does() {
+fn get_takes_names_and_prints_names_as_kubectl_does() {
     let c = Cluster::start();
     let wl = |name: &str| {
         format!(
@@ -88,6 +88,9 @@ fn get_takes_names_as_kubectl_does() {
     assert_eq!(one[0]["manifest"]["metadata"]["name"], "web");
     let table = c.ok(&["get", "workloads", "api", "web"]);
     assert_eq!(table.lines().count(), 3, "a header and two rows:\n{table}");
+
+    assert_eq!(c.ok(&["get", "workloads", "-o", "name"]), "workload/api\nworkload/web\n");
+    assert_eq!(c.ok(&["get", "workload", "web", "-o", "name"]), "workload/web\n");
 
     let none = c.cli(&["get", "workload", "nope"]);
     assert!(!none.status.success());
