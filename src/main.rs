@@ -38,8 +38,10 @@ struct Global {
 enum Command {
     /// Run the control plane.
     Hub {
+        /// Where the hub keeps its store, CA, token and admin config.
         #[arg(long, default_value = "/var/lib/flotilla/hub")]
         data_dir: PathBuf,
+        /// UDP address to serve agents and the CLI on (QUIC).
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
         /// Address clients dial, written into admin.yaml (default: the listen address).
@@ -109,6 +111,7 @@ enum Command {
         /// workloads that tolerate it are placed (NoExecute: or keep running) here.
         #[arg(long = "taint", value_parser = proto::manifest::Taint::parse)]
         taints: Vec<proto::manifest::Taint>,
+        /// Where the agent keeps its identity, desired state, logs and artifact store.
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
         data_dir: PathBuf,
         /// Registry HOST:PORT to reach over plain HTTP (loopback registries always are).
@@ -170,32 +173,46 @@ enum Command {
     /// Push a Wasm module (as a Wasm OCI artifact), or a container image from an OCI layout
     /// (directory or tar) or `docker save` archive, to an OCI registry.
     Push {
+        /// A `.wasm` module or component, an OCI layout (directory or tar) or a `docker save` archive.
         file: PathBuf,
+        /// Where to push it, e.g. registry.example:5000/hello:v1.
         reference: String,
+        /// A registry HOST:PORT to reach over plain HTTP; repeatable.
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
     },
     /// Create or update workloads from a manifest file (`-` for stdin).
     Apply {
+        /// The manifest file (YAML, several documents allowed), or `-` for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
     /// List nodes, workloads or replicas.
     Get {
+        /// nodes, workloads or replicas (singular and short forms work too).
         kind: String,
         /// Only these, by name (`get workload web`); each must exist.
         names: Vec<String>,
+        /// table, wide, json, yaml or name.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
     /// Show one resource in detail, including why a replica is not running.
-    Describe { kind: String, name: String },
+    Describe {
+        /// node, workload or replica.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
     /// Print a workload's logs (all its replicas, or one). For a Job, each index's latest
     /// attempt, finished and failed ones included.
     Logs {
+        /// The workload (or a replica's name).
         workload: String,
+        /// Only this replica's log.
         #[arg(long)]
         replica: Option<String>,
+        /// Keep printing what is written (waits for the first output, see --wait).
         #[arg(short = 'f', long)]
         follow: bool,
         /// Only the last N lines of each log.
@@ -210,12 +227,19 @@ enum Command {
         wait: String,
     },
     /// Stop placing new replicas on a node (what runs there stays).
-    Cordon { node: String },
+    Cordon {
+        /// The node.
+        node: String,
+    },
     /// Allow placements on a node again (ends a cordon or a drain).
-    Uncordon { node: String },
+    Uncordon {
+        /// The node.
+        node: String,
+    },
     /// Cordon a node and move its replicas elsewhere, within each workload's
     /// strategy.maxUnavailable; waits until none is left (EveryNode replicas stay).
     Drain {
+        /// The node.
         node: String,
         /// Give up waiting after this long (the node stays draining), e.g. 90s or 5m.
         #[arg(long, default_value = "5m")]
@@ -228,7 +252,9 @@ enum Command {
     },
     /// Set a Replicated workload's replica count.
     Scale {
+        /// A Replicated workload.
         workload: String,
+        /// How many replicas it should have.
         #[arg(long)]
         replicas: u32,
     },
@@ -242,7 +268,9 @@ enum Command {
     Label {
         /// `node`
         kind: String,
+        /// The node.
         name: String,
+        /// KEY=VALUE to set, KEY- to remove; several allowed.
         #[arg(required = true)]
         changes: Vec<String>,
     },
@@ -250,7 +278,9 @@ enum Command {
     Taint {
         /// `node`
         kind: String,
+        /// The node.
         name: String,
+        /// KEY=VALUE:EFFECT or KEY:EFFECT to set, KEY- to remove; several allowed.
         #[arg(required = true)]
         changes: Vec<String>,
     },
@@ -273,12 +303,16 @@ enum Command {
         /// Only entries from the last DURATION, e.g. 1h or 7d.
         #[arg(long)]
         since: Option<String>,
+        /// table, wide, json, yaml.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
     /// Shell completions: `source <(flotilla completion bash)`, or write them where your shell
     /// looks (zsh: a `_flotilla` file on $fpath; fish: ~/.config/fish/completions/flotilla.fish).
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// This CLI's version and the hub's (the hub's only when its config is found and it answers).
     Version,
     /// Certificates: `certs status` shows when the CA, your credential, each user's and each
@@ -290,9 +324,12 @@ enum Command {
     /// Delete workloads by name or as declared in a file, or a node (`delete node NAME`: its
     /// certificate is revoked and its replicas are placed elsewhere).
     Delete {
+        /// Delete the workloads this manifest file declares (`-` for stdin).
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
+        /// workload or node.
         kind: Option<String>,
+        /// Its name.
         name: Option<String>,
     },
 }
@@ -316,11 +353,15 @@ enum TokenAction {
     },
     /// List join tokens (never their secrets).
     List {
+        /// table, wide, json, yaml or name.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
     /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (`token list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,6 +369,7 @@ enum UserAction {
     /// Add a user with a role; its key is made here and its CLI config written to --output
     /// (hub address, CA, certificate and key; mode 0600). Hand that file to the user.
     Add {
+        /// The user's name (a DNS label).
         name: String,
         /// viewer (read and logs), operator (+ apply, delete, scale, rollout, cordon, drain)
         /// or admin (+ nodes, tokens, users, audit).
@@ -343,11 +385,15 @@ enum UserAction {
     },
     /// List users.
     List {
+        /// table, wide, json, yaml or name.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
     /// Revoke a user: every certificate it holds is refused from its next connection.
-    Revoke { name: String },
+    Revoke {
+        /// The user.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,7 +407,9 @@ enum NodeAction {
     /// Let the next join under this existing node's name through (its old certificate is then
     /// revoked; placements and admin labels stay), within --for.
     AllowRejoin {
+        /// The node.
         name: String,
+        /// How long the permission lasts, e.g. 30m or 1h.
         #[arg(long = "for", default_value = "1h")]
         within: String,
     },
@@ -405,16 +453,22 @@ fn node_kind(kind: &str) -> Result<()> {
 enum RolloutAction {
     /// Wait until the workload's current template is rolled out (updated and ready).
     Status {
+        /// The workload.
         workload: String,
         /// Give up after this long, e.g. 90s or 5m.
         #[arg(long, default_value = "10m")]
         timeout: String,
     },
     /// The templates the workload has had, and why each was made.
-    History { workload: String },
+    History {
+        /// The workload.
+        workload: String,
+    },
     /// Go back to the previous template, or to the given revision's.
     Undo {
+        /// The workload.
         workload: String,
+        /// The revision to go back to (`rollout history` lists them); default the previous.
         #[arg(long)]
         to_revision: Option<u64>,
     },
@@ -1048,7 +1102,9 @@ enum ImageCommand {
     /// artifacts, or a `docker save` archive, into an agent's artifact store, so the agent
     /// runs them without a registry. Run it on the agent's machine.
     Import {
+        /// The archive: an OCI layout (directory or tar) or a `docker save` tar.
         file: PathBuf,
+        /// The agent's data dir, whose artifact store takes it.
         #[arg(long, default_value = "/var/lib/flotilla/agent")]
         data_dir: PathBuf,
         /// Reference to record the image under when the archive names none.
@@ -1091,5 +1147,34 @@ mod tests {
         assert!(matches!(parse_grace("soon"), Err(ArgError::Duration(_))));
         assert_eq!(parse_label("a=b").unwrap(), ("a".to_string(), "b".to_string()));
         assert_eq!(parse_label("ab").unwrap_err().to_string(), "label \"ab\" must be KEY=VALUE");
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory as _;
+
+    /// Every argument a user can see, as `command path: --arg`, that has no help text.
+    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if a.is_hide_set() || matches!(a.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path}: {}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if !sub.is_hide_set() && sub.get_name() != "help" {
+                without_help(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        let mut missing = Vec::new();
+        without_help(&super::Cli::command(), "flotilla", &mut missing);
+        assert!(missing.is_empty(), "{} arguments without help:\n{}", missing.len(), missing.join("\n"));
     }
 }

@@ -37,17 +37,27 @@ pub struct OciArgs {
 enum OciCommand {
     /// Create a container from a bundle; its process waits for `start`.
     Create {
+        /// The bundle directory (config.json and rootfs).
         #[arg(short, long, default_value = ".")]
         bundle: PathBuf,
+        /// The container's id.
         id: String,
     },
     /// Let a created container execute its program.
-    Start { id: String },
+    Start {
+        /// The container's id.
+        id: String,
+    },
     /// Print the OCI state of a container as JSON.
-    State { id: String },
+    State {
+        /// The container's id.
+        id: String,
+    },
     /// Send a signal (name or number, default TERM) to a container.
     Kill {
+        /// The container's id.
         id: String,
+        /// TERM, KILL, HUP, ... or a number.
         #[arg(default_value = "TERM")]
         signal: String,
         /// Signal every process of the container, not only its init.
@@ -56,14 +66,18 @@ enum OciCommand {
     },
     /// Delete a stopped container (--force: kill it first).
     Delete {
+        /// The container's id.
         id: String,
+        /// Kill it first if it still runs.
         #[arg(short, long)]
         force: bool,
     },
     /// Create, start and wait for a container; exits with its exit code.
     Run {
+        /// The bundle directory (config.json and rootfs).
         #[arg(short, long, default_value = ".")]
         bundle: PathBuf,
+        /// The container's id.
         id: String,
     },
     /// Run a command inside a running container and wait for it.
@@ -115,8 +129,10 @@ struct ExecArgs {
 
 #[derive(Args)]
 struct SpecArgs {
+    /// The bundle directory to write config.json into.
     #[arg(short, long, default_value = ".")]
     bundle: PathBuf,
+    /// The container's hostname (its own UTS namespace).
     #[arg(long)]
     hostname: Option<String>,
     /// Memory limit in bytes (swap is limited to the same total).
@@ -125,15 +141,19 @@ struct SpecArgs {
     /// CPU limit in millicores.
     #[arg(long)]
     cpu_millicores: Option<u64>,
+    /// Most processes the container may have.
     #[arg(long)]
     pids: Option<i64>,
     /// none (own network namespace with loopback) or host.
     #[arg(long, default_value = "none", value_parser = parse_network)]
     network: NetworkMode,
+    /// The user id the program runs as.
     #[arg(long, default_value_t = 0)]
     uid: u32,
+    /// The group id the program runs as.
     #[arg(long, default_value_t = 0)]
     gid: u32,
+    /// The program's working directory inside the container.
     #[arg(long, default_value = "/")]
     cwd: String,
     /// KEY=VALUE, repeatable.
@@ -142,6 +162,7 @@ struct SpecArgs {
     /// SOURCE:DEST[:ro], repeatable.
     #[arg(long = "bind", value_parser = parse_bind)]
     binds: Vec<BindMount>,
+    /// Mount the root filesystem read-only.
     #[arg(long)]
     readonly_rootfs: bool,
     /// The program and its arguments.
