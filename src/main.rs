@@ -524,12 +524,14 @@ fn parse_label(s: &str) -> Result<(String, String), ArgError> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn kind_word(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::Node => "node",
-        ResourceKind::Workload => "workload",
-        ResourceKind::Replica => "replica",
+/// Asks for a list and prints it in `format`; the hub's refusal is the command's error.
+async fn print_list(client: &client::Client, req: &ApiRequest, format: output::Format) -> Result<()> {
+    let response = client.request(req).await?;
+    if let ApiResponse::Error { message } = response {
+        bail!("{message}");
     }
+    print!("{}", output::render(&response, format)?);
+    Ok(())
 }
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
@@ -789,8 +791,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
             match missing.as_slice() {
                 [] => Ok(()),
-                [one] => bail!("{} {one:?} not found", kind_word(kind)),
-                many => bail!("{} {} not found", kind_word(kind), many.join(", ")),
+                [one] => bail!("{} {one:?} not found", kind.singular()),
+                many => bail!("{} {} not found", kind.singular(), many.join(", ")),
             }
         }
         Command::Describe { kind, name } => {
@@ -906,14 +908,7 @@ async fn run(cli: Cli) -> Result<()> {
                         other => unexpected(other),
                     }
                 }
-                TokenAction::List { output } => {
-                    let response = client.request(&ApiRequest::TokenList).await?;
-                    if let ApiResponse::Error { message } = response {
-                        bail!("{message}");
-                    }
-                    print!("{}", output::render(&response, output)?);
-                    Ok(())
-                }
+                TokenAction::List { output } => print_list(&client, &ApiRequest::TokenList, output).await,
                 TokenAction::Revoke { id } => {
                     match client.request(&ApiRequest::TokenRevoke { id: id.clone() }).await? {
                         ApiResponse::Tokens { .. } => {
@@ -939,14 +934,7 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("user/{name} added ({role}); its CLI config is {}", path.display());
                     Ok(())
                 }
-                UserAction::List { output } => {
-                    let response = client.request(&ApiRequest::UserList).await?;
-                    if let ApiResponse::Error { message } = response {
-                        bail!("{message}");
-                    }
-                    print!("{}", output::render(&response, output)?);
-                    Ok(())
-                }
+                UserAction::List { output } => print_list(&client, &ApiRequest::UserList, output).await,
                 UserAction::Revoke { name } => {
                     match client.request(&ApiRequest::UserRevoke { name: name.clone() }).await? {
                         ApiResponse::Users { .. } => {
@@ -966,12 +954,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--since: {e}"))?
                 .map(|ago| client::now_ms().saturating_sub(ago));
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
-            let response = client.request(&ApiRequest::Audit { limit, since_ms }).await?;
-            if let ApiResponse::Error { message } = response {
-                bail!("{message}");
-            }
-            print!("{}", output::render(&response, output)?);
-            Ok(())
+            print_list(&client, &ApiRequest::Audit { limit, since_ms }, output).await
         }
         Command::Version => {
             println!("client: {}", proto::version::VERSION);

@@ -209,7 +209,7 @@ impl Link {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionError::Transient(e.to_string()))?;
         // The certificate is renewed over this session two thirds into its life.
         let mut renew_at = renewal_deadline(&id.cert_pem);
-        let mut renewal: Option<tokio::task::JoinHandle<Result<String, String>>> = None;
+        let mut renewal: Option<tokio::task::JoinHandle<Result<String, RenewError>>> = None;
 
         let mut sent = self.statuses.borrow_and_update().clone();
         let mut acked = *self.acked.borrow_and_update();
@@ -283,8 +283,8 @@ impl Link {
                 done = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
                     renewal = None;
                     let saved = done
-                        .unwrap_or_else(|e| Err(e.to_string()))
-                        .and_then(|cert_pem| identity::save_renewed(&self.identity_dir, &id, &cert_pem).map_err(|e| e.to_string()));
+                        .unwrap_or_else(|e| Err(RenewError::Task(e.to_string())))
+                        .and_then(|cert_pem| Ok(identity::save_renewed(&self.identity_dir, &id, &cert_pem)?));
                     match saved {
                         Ok(renewed) => {
                             id = renewed;
@@ -359,22 +359,39 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
+/// Why a renewal over the session did not give this node a new certificate.
+#[derive(Debug, thiserror::Error)]
+enum RenewError {
+    #[error(transparent)]
+    Stream(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    #[error("the hub refused: {0}")]
+    Refused(String),
+    #[error("the hub closed the stream without answering")]
+    NoAnswer,
+    #[error("no answer from the hub (one too old to renew certificates?)")]
+    TimedOut,
+    #[error("the renewal task ended: {0}")]
+    Task(String),
+    #[error(transparent)]
+    Save(#[from] IdentityError),
+}
+
 /// Asks the hub, over the session, to renew the certificate the session was made with.
 /// Returns the new certificate (PEM) or why not.
-async fn request_renewal(conn: quinn::Connection, csr_pem: String) -> Result<String, String> {
+async fn request_renewal(conn: quinn::Connection, csr_pem: String) -> Result<String, RenewError> {
     let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        frame::write(&mut send, &AgentRequest::Renew { csr_pem }).await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        frame::write(&mut send, &AgentRequest::Renew { csr_pem }).await?;
         let _ = send.finish();
-        match frame::read::<RenewResponse>(&mut recv).await.map_err(|e| e.to_string())? {
+        match frame::read::<RenewResponse>(&mut recv).await? {
             Some(RenewResponse::Renewed { cert_pem }) => Ok(cert_pem),
-            Some(RenewResponse::Refused { message }) => Err(format!("the hub refused: {message}")),
-            None => Err("the hub closed the stream without answering".into()),
+            Some(RenewResponse::Refused { message }) => Err(RenewError::Refused(message)),
+            None => Err(RenewError::NoAnswer),
         }
     };
-    tokio::time::timeout(RENEW_TIMEOUT, exchange)
-        .await
-        .unwrap_or_else(|_| Err("no answer from the hub (one too old to renew certificates?)".into()))
+    tokio::time::timeout(RENEW_TIMEOUT, exchange).await.unwrap_or(Err(RenewError::TimedOut))
 }
 
 /// The hub's reason when it closed `conn` because it revoked this node's certificate.
@@ -491,8 +508,8 @@ async fn stream_log(
     // The names come from the hub; they become a path, so they must be plain names.
     let path = match log_path(logs, req) {
         Ok(p) => p,
-        Err(message) => {
-            frame::write(send, &StreamStart::Error { message }).await?;
+        Err(why) => {
+            frame::write(send, &StreamStart::Error { message: why.to_string() }).await?;
             return Ok(());
         }
     };
@@ -561,17 +578,28 @@ async fn stream_log(
     Ok(())
 }
 
+/// Why a log request names no file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+enum BadLogRequest {
+    #[error("invalid replica name {0:?}")]
+    Replica(String),
+    #[error("invalid workload name {0:?}")]
+    Workload(String),
+    #[error("a Job attempt's log needs its workload")]
+    NoWorkload,
+}
+
 /// The file a log request names, or why it names none.
-fn log_path(logs: &LogStore, req: &LogRequest) -> Result<PathBuf, String> {
+fn log_path(logs: &LogStore, req: &LogRequest) -> Result<PathBuf, BadLogRequest> {
     let valid = |name: &str| proto::manifest::validate_name(name).is_ok();
     if !valid(&req.replica) {
-        return Err(format!("invalid replica name {:?}", req.replica));
+        return Err(BadLogRequest::Replica(req.replica.clone()));
     }
     match (req.attempt, req.workload.as_deref()) {
         (None, _) => Ok(logs.path(&req.replica)),
         (Some(n), Some(w)) if valid(w) => Ok(logs.attempt_path(w, &req.replica, n)),
-        (Some(_), Some(w)) => Err(format!("invalid workload name {w:?}")),
-        (Some(_), None) => Err("a Job attempt's log needs its workload".into()),
+        (Some(_), Some(w)) => Err(BadLogRequest::Workload(w.to_string())),
+        (Some(_), None) => Err(BadLogRequest::NoWorkload),
     }
 }
 

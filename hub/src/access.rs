@@ -150,16 +150,25 @@ pub struct HostPath {
     pub role: Role,
 }
 
+/// Why a `--allow-host-path` value is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadHostPath {
+    #[error(transparent)]
+    Role(#[from] proto::messages::UnknownRole),
+    #[error("{0:?} is not an absolute path without . or .. components")]
+    Path(String),
+}
+
 impl std::str::FromStr for HostPath {
-    type Err = String;
+    type Err = BadHostPath;
     /// `PREFIX` (any role that may apply) or `ROLE:PREFIX` (that role or a higher one).
-    fn from_str(s: &str) -> Result<HostPath, String> {
+    fn from_str(s: &str) -> Result<HostPath, BadHostPath> {
         let (role, prefix) = match s.split_once(':') {
             Some((role, prefix)) => (role.parse()?, prefix),
             None => (Role::Operator, s),
         };
         if !prefix.starts_with('/') || prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
-            return Err(format!("{prefix:?} is not an absolute path without . or .. components"));
+            return Err(BadHostPath::Path(prefix.to_string()));
         }
         Ok(HostPath { prefix: prefix.to_string(), role })
     }
@@ -269,7 +278,7 @@ mod tests {
     fn host_path_flags_name_an_optional_role() {
         assert_eq!("/srv".parse::<HostPath>(), Ok(HostPath { prefix: "/srv".into(), role: Role::Operator }));
         assert_eq!("admin:/".parse::<HostPath>(), Ok(HostPath { prefix: "/".into(), role: Role::Admin }));
-        assert!("root:/".parse::<HostPath>().unwrap_err().contains("unknown role"));
+        assert!("root:/".parse::<HostPath>().unwrap_err().to_string().contains("unknown role"));
         assert!("srv".parse::<HostPath>().is_err());
         assert!("/srv/../etc".parse::<HostPath>().is_err());
     }

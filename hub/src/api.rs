@@ -221,13 +221,13 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         },
         ApiRequest::Describe { kind, name } => match describe(shared, kind, &name).await? {
             Some(text) => ApiResponse::Described { text },
-            None => ApiResponse::Error { message: format!("{} {name:?} not found", kind_name(kind)) },
+            None => ApiResponse::Error { message: format!("{} {name:?} not found", kind.singular()) },
         },
         ApiRequest::Delete { kind, name } => match kind {
             ResourceKind::Workload => delete(shared, vec![name]).await?,
             ResourceKind::Node => crate::admin::delete_node(shared, &name).await?,
             other => ApiResponse::Error {
-                message: format!("deleting a {} is not supported; delete its workload", kind_name(other)),
+                message: format!("deleting a {} is not supported; delete its workload", other.singular()),
             },
         },
         ApiRequest::DeleteManifests { source } => match crate::guard::parse_manifests(source).await {
@@ -289,14 +289,6 @@ async fn delete(shared: &Shared, names: Vec<String>) -> Result<ApiResponse, Stor
     }
     info!(workloads = ?deleted, "deleted");
     Ok(ApiResponse::Deleted { names: deleted })
-}
-
-fn kind_name(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::Node => "node",
-        ResourceKind::Workload => "workload",
-        ResourceKind::Replica => "replica",
-    }
 }
 
 pub(crate) async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreError> {

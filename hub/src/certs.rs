@@ -1,4 +1,5 @@
-//! Node certificate renewal: the I/O shell around [`crate::identity::check_renewal`].
+//! Certificate renewal: nodes' (the I/O shell around [`crate::identity::check_renewal`]) and
+//! the hub's own serving certificate ([`renew_serving`]).
 //!
 //! An agent renews its certificate two thirds into its life, over its own session (a stream
 //! beside the control stream; [`serve_stream`]), so nothing reconnects. An agent whose
@@ -134,6 +135,61 @@ pub(crate) async fn serve_stream(
     };
     let _ = frame::write(&mut send, &response).await;
     let _ = send.finish();
+}
+
+/// What the hub needs to issue its own serving certificate again while it runs.
+pub(crate) struct Serving {
+    pub(crate) data_dir: std::path::PathBuf,
+    pub(crate) names: Vec<String>,
+    pub(crate) node_grace: Duration,
+    pub(crate) cert_pem: String,
+}
+
+/// Issues the hub's serving certificate again two thirds into its life and serves new
+/// connections with it (`Endpoint::set_server_config`); connections already made keep theirs.
+/// The wall clock is looked at least every six hours, so a clock that jumps is followed.
+pub(crate) async fn renew_serving(endpoint: quinn::Endpoint, shared: Arc<Shared>, serving: Serving) {
+    const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(6 * 3600);
+    const RETRY: Duration = Duration::from_secs(60);
+    let mut current = serving.cert_pem.clone();
+    loop {
+        let due = match transport::pki::leaf_facts(&current) {
+            Ok(f) => f.renew_after(),
+            Err(_) => std::time::SystemTime::now(),
+        };
+        let wait = due.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait.min(LOOK_AT_LEAST_EVERY)).await;
+            continue;
+        }
+        let issued =
+            crate::bootstrap::issue_serving(&shared.ca, &serving.data_dir, &serving.names, shared.certs.hub_validity)
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    let config = tls::server_config(
+                        &c.cert_pem,
+                        &c.key_pem,
+                        shared.ca.cert_pem(),
+                        &tls::Tuning::with_idle_timeout(serving.node_grace),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Ok((c.cert_pem, config))
+                });
+        match issued {
+            Ok((cert_pem, config)) => {
+                endpoint.set_server_config(Some(config));
+                let expires = transport::pki::leaf_facts(&cert_pem)
+                    .map(|f| f.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+                    .unwrap_or(0);
+                info!(expires_unix = expires, "hub serving certificate renewed");
+                current = cert_pem;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew the hub's serving certificate; retrying in a minute");
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
 }
 
 fn ms(t: SystemTime) -> u64 {

@@ -74,15 +74,7 @@ pub struct Hub {
     election: tokio::task::JoinHandle<()>,
     admin_config: std::path::PathBuf,
     token: String,
-    serving: Serving,
-}
-
-/// What the hub needs to issue its own serving certificate again while it runs.
-struct Serving {
-    data_dir: std::path::PathBuf,
-    names: Vec<String>,
-    node_grace: Duration,
-    cert_pem: String,
+    serving: crate::certs::Serving,
 }
 
 impl Hub {
@@ -159,7 +151,7 @@ impl Hub {
         let reset_secret = identity.ca.key_pem();
         let endpoint = tls::server_endpoint(server_config, config.listen, Some(reset_secret.as_bytes()))?;
         info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), data_dir = %config.data_dir.display(), store = store.backend_name(), hub = %hub_id, "hub listening");
-        let serving = Serving {
+        let serving = crate::certs::Serving {
             data_dir: config.data_dir.clone(),
             names,
             node_grace: config.node_grace,
@@ -192,7 +184,8 @@ impl Hub {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), HubError> {
         let controller = tokio::spawn(crate::control::controller_loop(self.shared.clone()));
-        let renewer = tokio::spawn(renew_serving(self.endpoint.clone(), self.shared.clone(), self.serving));
+        let renewer =
+            tokio::spawn(crate::certs::renew_serving(self.endpoint.clone(), self.shared.clone(), self.serving));
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         tokio::pin!(shutdown);
         loop {
@@ -226,52 +219,6 @@ impl Hub {
         self.endpoint.close(VarInt::from_u32(0), b"hub shutting down");
         self.endpoint.wait_idle().await;
         Ok(())
-    }
-}
-
-/// Issues the hub's serving certificate again two thirds into its life and serves new
-/// connections with it (`Endpoint::set_server_config`); connections already made keep theirs.
-/// The wall clock is looked at least every six hours, so a clock that jumps is followed.
-async fn renew_serving(endpoint: quinn::Endpoint, shared: Arc<Shared>, serving: Serving) {
-    const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(6 * 3600);
-    const RETRY: Duration = Duration::from_secs(60);
-    let mut current = serving.cert_pem.clone();
-    loop {
-        let due = match transport::pki::leaf_facts(&current) {
-            Ok(f) => f.renew_after(),
-            Err(_) => std::time::SystemTime::now(),
-        };
-        let wait = due.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-        if !wait.is_zero() {
-            tokio::time::sleep(wait.min(LOOK_AT_LEAST_EVERY)).await;
-            continue;
-        }
-        let issued = bootstrap::issue_serving(&shared.ca, &serving.data_dir, &serving.names, shared.certs.hub_validity)
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                let config = tls::server_config(
-                    &c.cert_pem,
-                    &c.key_pem,
-                    shared.ca.cert_pem(),
-                    &tls::Tuning::with_idle_timeout(serving.node_grace),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok((c.cert_pem, config))
-            });
-        match issued {
-            Ok((cert_pem, config)) => {
-                endpoint.set_server_config(Some(config));
-                let expires = transport::pki::leaf_facts(&cert_pem)
-                    .map(|f| f.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
-                    .unwrap_or(0);
-                info!(expires_unix = expires, "hub serving certificate renewed");
-                current = cert_pem;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot renew the hub's serving certificate; retrying in a minute");
-                tokio::time::sleep(RETRY).await;
-            }
-        }
     }
 }
 

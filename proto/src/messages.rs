@@ -401,6 +401,15 @@ impl ResourceKind {
             _ => None,
         }
     }
+
+    /// The singular name, as messages say it (`workload "web" not found`).
+    pub fn singular(self) -> &'static str {
+        match self {
+            ResourceKind::Node => "node",
+            ResourceKind::Workload => "workload",
+            ResourceKind::Replica => "replica",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -570,14 +579,19 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// A role name that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected viewer, operator or admin")]
+pub struct UnknownRole(pub String);
+
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
         match s {
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: expected viewer, operator or admin")),
+            other => Err(UnknownRole(other.to_string())),
         }
     }
 }

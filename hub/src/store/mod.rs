@@ -56,6 +56,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("user {user:?} in the store has an {source}")]
+    BadRole { user: String, source: proto::messages::UnknownRole },
     #[error("corrupt {what} record {name:?} in the store: {source}")]
     Corrupt { what: &'static str, name: String, source: serde_json::Error },
     /// An apply carried `metadata.resourceVersion` and the stored workload moved on.

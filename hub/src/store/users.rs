@@ -73,7 +73,7 @@ const USER_COLUMNS: &str = "u.name, u.role, u.created_at_ms, u.created_by, u.cer
      (SELECT MAX(c.not_after_ms) FROM user_certs c WHERE c.name = u.name) FROM users u";
 
 fn role(text: &str, name: &str) -> Result<Role> {
-    text.parse().map_err(|why: String| StoreError::Query(sqlx::Error::Decode(format!("user {name:?}: {why}").into())))
+    text.parse().map_err(|source| StoreError::BadRole { user: name.to_string(), source })
 }
 
 fn user_row(r: &Rec) -> Result<UserRow> {
