@@ -413,6 +413,12 @@ impl ResumableIngest {
         let path = self.tmp_path.clone();
         let file = self.file_mut()?;
         file.write_all(chunk).await.map_err(StoreError::io(&path))?;
+        // tokio's `File` hands the write to a blocking task and returns before it lands;
+        // waiting for it here means that, once a write returns, the bytes are in the file
+        // and dropping the ingest closes the file (releasing its `flock`) at once. Without
+        // it the next attempt could find the partial file still locked, or short, and
+        // start over from nothing instead of resuming.
+        file.flush().await.map_err(StoreError::io(&path))?;
         self.hasher.update(chunk);
         keep_head(&mut self.head, chunk);
         self.written += chunk.len() as u64;
