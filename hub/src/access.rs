@@ -38,6 +38,7 @@ pub fn required_role(req: &ApiRequest) -> Role {
         // Each caller renews only its own credential and sees its own expiry.
         | ApiRequest::RenewCredential { .. }
         | ApiRequest::CertsStatus
+        | ApiRequest::UpgradeStatus
         | ApiRequest::Version => Role::Viewer,
         ApiRequest::Apply { .. }
         | ApiRequest::DeleteManifests { .. }
@@ -57,7 +58,8 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::UserAdd { .. }
         | ApiRequest::UserList
         | ApiRequest::UserRevoke { .. }
-        | ApiRequest::Audit { .. } => Role::Admin,
+        | ApiRequest::Audit { .. }
+        | ApiRequest::UpgradeAgents { .. } => Role::Admin,
     }
 }
 
@@ -105,6 +107,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         ApiRequest::UserAdd { name, role, .. } => ("user add", format!("{name} ({role})")),
         ApiRequest::UserRevoke { name } => ("user revoke", name.clone()),
         ApiRequest::RenewCredential { .. } => ("renew credential", String::new()),
+        ApiRequest::UpgradeAgents { image, .. } => ("upgrade agents", image.clone()),
         ApiRequest::Get { .. }
         | ApiRequest::Describe { .. }
         | ApiRequest::RolloutStatus { .. }
@@ -115,6 +118,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::UserList
         | ApiRequest::Audit { .. }
         | ApiRequest::CertsStatus
+        | ApiRequest::UpgradeStatus
         | ApiRequest::Version => return None,
     };
     Some(Audited { action, target })

@@ -277,6 +277,10 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         | ApiRequest::Audit { .. }
         | ApiRequest::CertsStatus => ApiResponse::Error { message: "unexpected request".into() },
         ApiRequest::Version => ApiResponse::Version { version: proto::version::VERSION.to_string() },
+        ApiRequest::UpgradeAgents { image, selector, max_unavailable, deadline_ms } => {
+            crate::upgrade::shell::start(shared, &caller.user, &image, &selector, max_unavailable, deadline_ms).await?
+        }
+        ApiRequest::UpgradeStatus => ApiResponse::Upgrade { upgrade: crate::upgrade::shell::status(shared).await? },
     })
 }
 

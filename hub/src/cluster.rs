@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     /// logged and recorded once per node and version. One entry per node at most. std Mutex:
     /// map operations only.
     pub(crate) skew_refused: Mutex<HashMap<String, String>>,
+    /// Wakes the agent upgrade loop ([`crate::upgrade::shell`]) before its next tick.
+    pub(crate) upgrades: Notify,
 }
 
 impl Shared {
@@ -83,6 +85,7 @@ impl Shared {
             presence: Mutex::new(Presence::new(0)),
             warned: Mutex::new(HashSet::new()),
             skew_refused: Mutex::new(HashMap::new()),
+            upgrades: Notify::new(),
         }
     }
 
@@ -98,6 +101,11 @@ impl Shared {
 
     pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {
         self.sessions.lock().unwrap().get(node).map(|s| s.conn.clone())
+    }
+
+    /// The node's session on this hub: its id (new at each connect) and connection.
+    pub(crate) fn session(&self, node: &str) -> Option<(u64, quinn::Connection)> {
+        self.sessions.lock().unwrap().get(node).map(|s| (s.id, s.conn.clone()))
     }
 
     pub(crate) fn trigger_reconcile(&self) {

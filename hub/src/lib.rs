@@ -35,6 +35,7 @@ pub mod sealed;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod upgrade;
 pub mod users;
 
 use std::net::SocketAddr;

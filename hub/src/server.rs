@@ -187,6 +187,7 @@ impl Hub {
         let renewer =
             tokio::spawn(crate::certs::renew_serving(self.endpoint.clone(), self.shared.clone(), self.serving));
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
+        let upgrades = tokio::spawn(crate::upgrade::shell::upgrade_loop(self.shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -208,6 +209,7 @@ impl Hub {
         }
         controller.abort();
         renewer.abort();
+        upgrades.abort();
         if let Some(w) = watcher {
             w.abort();
         }
@@ -482,6 +484,8 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         old.conn.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a newer session of the same node");
     }
     shared.trigger_reconcile();
+    // The node may be back on a new agent binary, or have an order waiting.
+    shared.upgrades.notify_one();
 
     // Frames are read on their own task: `frame::read` is not cancel-safe, so it must not sit
     // in a select! beside the wake-up.

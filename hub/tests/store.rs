@@ -155,6 +155,7 @@ on_both_backends!(
     the_audit_log_keeps_the_newest_entries_in_order,
     the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key,
     a_cluster_identity_stored_in_clear_is_sealed_in_place,
+    agent_upgrades_replace_each_other_and_only_the_leader_writes_their_passes,
 );
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
@@ -1046,4 +1047,56 @@ async fn a_cluster_identity_stored_in_clear_is_sealed_in_place(b: Backing) {
     let reopened = ClusterKey::from_material(read(&fresh).as_bytes()).unwrap().open("cluster-identity", &now).unwrap();
     assert_eq!(reopened, clear);
     assert_eq!(read(&root.path().join("a/tls/ca.pem")), read(&root.path().join("b/tls/ca.pem")));
+}
+
+async fn agent_upgrades_replace_each_other_and_only_the_leader_writes_their_passes(b: Backing) {
+    use flotilla_hub::store::NewUpgrade;
+    use flotilla_hub::upgrade::{NodeProgress, NodeState, Plan};
+    let store = b.open().await;
+    assert!(store.agent_upgrade().await.unwrap().is_none());
+    let new = NewUpgrade {
+        image: "reg/flotilla-agent:2".into(),
+        selector: BTreeMap::from([("ring".to_string(), "canary".to_string())]),
+        max_unavailable: 2,
+        deadline_ms: 60_000,
+        started_by: "admin".into(),
+    };
+    let up = store.start_agent_upgrade(&new, 1_000).await.unwrap();
+    assert_eq!((up.attempt, up.max_unavailable, up.selector.len(), up.paused.as_str()), (1, 2, 1, ""));
+    let order = |node: &str, state| NodeProgress {
+        node: node.into(),
+        attempt: 1,
+        state,
+        ordered_at_ms: 2_000,
+        message: String::new(),
+    };
+    let pass = Plan { writes: vec![order("a", NodeState::Ordered), order("b", NodeState::Ordered)], ..Plan::default() };
+    // Not the leader: refused, nothing written.
+    let fence = Fence { lease: "controller", holder: "me" };
+    assert!(matches!(store.write_upgrade_plan(fence, 1, &pass, 2_000).await, Err(StoreError::NotLeader { .. })));
+    assert!(store.upgrade_orders().await.unwrap().is_empty());
+    assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
+    assert!(store.write_upgrade_plan(fence, 1, &pass, 2_000).await.unwrap());
+    let orders = store.upgrade_orders().await.unwrap();
+    assert_eq!(orders.iter().map(|o| (o.node.as_str(), o.image.as_str())).collect::<Vec<_>>(), [("a", "reg/flotilla-agent:2"), ("b", "reg/flotilla-agent:2")]);
+    // A refusal recorded by any hub fails the node, and a pass that had not seen it does not
+    // undo it.
+    store.fail_upgrade_order("b", 1, "pull failed").await.unwrap();
+    let stale = Plan { writes: vec![order("b", NodeState::Done)], pause: Some("node b: x".into()), complete: false };
+    assert!(store.write_upgrade_plan(fence, 1, &stale, 3_000).await.unwrap());
+    let (up, progress) = store.agent_upgrade().await.unwrap().unwrap();
+    assert_eq!((progress["b"].state, progress["b"].message.as_str()), (NodeState::Failed, "pull failed"));
+    assert_eq!(up.paused, "node b: x");
+    assert_eq!(store.upgrade_orders().await.unwrap().len(), 1);
+    // A pass for an upgrade that was replaced meanwhile writes nothing; the new one starts
+    // clean, with the next attempt number.
+    let next = store.start_agent_upgrade(&NewUpgrade { image: "reg/flotilla-agent:3".into(), ..new }, 4_000).await.unwrap();
+    assert_eq!((next.attempt, next.paused.as_str()), (2, ""));
+    assert!(!store.write_upgrade_plan(fence, 1, &pass, 5_000).await.unwrap());
+    let (_, progress) = store.agent_upgrade().await.unwrap().unwrap();
+    assert!(progress.is_empty(), "{progress:?}");
+    assert!(store.upgrade_orders().await.unwrap().is_empty());
+    let done = Plan { complete: true, ..Plan::default() };
+    assert!(store.write_upgrade_plan(fence, 2, &done, 6_000).await.unwrap());
+    assert_eq!(store.agent_upgrade().await.unwrap().unwrap().0.completed_at_ms, Some(6_000));
 }

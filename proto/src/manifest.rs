@@ -1187,7 +1187,7 @@ fn validate_label(key: &str, value: &str) -> Result<(), FieldError> {
 
 /// Checks that an image reference has a registry or repository and no whitespace. Full
 /// reference grammar is checked by the registry client when the agent pulls.
-fn validate_image(image: &str) -> Result<(), FieldError> {
+pub fn validate_image(image: &str) -> Result<(), FieldError> {
     if image.is_empty() {
         return Err(FieldError::EmptyImage);
     }

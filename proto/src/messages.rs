@@ -39,6 +39,36 @@ pub struct NodeFacts {
     /// Absent from older agents' hellos.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<Taint>,
+    /// The agent binary the node runs, when a fleet upgrade installed it (`flotilla upgrade
+    /// agents`); `None` for the binary the node was installed with. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_binary: Option<AgentBinary>,
+    /// How the last upgrade the node was ordered ended (ok, or rolled back and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade: Option<UpgradeOutcome>,
+}
+
+/// An agent binary from a registry: the reference it was ordered as and the digest of the
+/// binary itself (the blob the agent verified before installing it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentBinary {
+    pub image: String,
+    pub digest: String,
+}
+
+/// The end of one upgrade order on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeOutcome {
+    /// The fleet upgrade's number (see [`HubRequest::Upgrade`]).
+    pub attempt: u64,
+    pub image: String,
+    /// False: the new binary did not reach the hub in time and the agent went back to the
+    /// previous one.
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// The application close code with which the hub ends an agent connection whose certificate
@@ -370,6 +400,31 @@ pub enum HubRequest {
         #[serde(default)]
         wait_ms: u64,
     },
+    /// Replace the agent binary with `image` (an agent artifact, see `flotilla push --agent`)
+    /// for this node's platform. The agent pulls and verifies it, answers with one
+    /// [`UpgradeAnswer`], and on `Restarting` stops like a graceful stop (its containers keep
+    /// running) and starts the new binary in its place. A new binary that has not reached
+    /// the hub within `deadline_ms` is replaced by the previous one again. `attempt` numbers
+    /// the fleet upgrade; the agent reports how it ended in [`NodeFacts::last_upgrade`].
+    /// Agents older than remote upgrades cannot read it and close the stream.
+    Upgrade {
+        image: String,
+        attempt: u64,
+        deadline_ms: u64,
+    },
+}
+
+/// The agent's answer to [`HubRequest::Upgrade`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum UpgradeAnswer {
+    /// Installed (the previous binary kept); the agent restarts into `digest` now.
+    Restarting { digest: String },
+    /// The agent already runs this image (an order sent again after the restart).
+    Current { digest: String },
+    /// Not installed: the pull, the verification or the install failed, or this attempt was
+    /// already rolled back.
+    Refused { message: String },
 }
 
 /// First frame of a stream whose remaining content is raw bytes.
@@ -549,6 +604,19 @@ pub enum ApiRequest {
     CertsStatus,
     /// The hub's version; answered with [`ApiResponse::Version`].
     Version,
+    /// Starts a fleet upgrade of the agents matching `selector` (all labels equal; empty:
+    /// every node) to the agent artifact `image`, at most `max_unavailable` at a time, each
+    /// given `deadline_ms` to come back on the new binary. Replaces the upgrade before it
+    /// (a paused one goes on this way). Answered with [`ApiResponse::Upgrade`].
+    UpgradeAgents {
+        image: String,
+        #[serde(default)]
+        selector: BTreeMap<String, String>,
+        max_unavailable: u32,
+        deadline_ms: u64,
+    },
+    /// Where the fleet upgrade stands; answered with [`ApiResponse::Upgrade`].
+    UpgradeStatus,
 }
 
 /// What an API user may do. Each role holds the rights of the ones before it.
@@ -685,6 +753,47 @@ pub enum ApiResponse {
     LogSources {
         sources: Vec<LogSource>,
     },
+    /// The fleet upgrade, if one was ever started.
+    Upgrade {
+        upgrade: Option<UpgradeView>,
+    },
+}
+
+/// A fleet upgrade of agents as `flotilla upgrade status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeView {
+    /// Numbers the upgrades of this cluster (1, 2, ...).
+    pub attempt: u64,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    pub max_unavailable: u32,
+    pub deadline_ms: u64,
+    pub started_at_ms: u64,
+    pub started_by: String,
+    /// `Progressing`, `Paused` (a node failed; nothing new is ordered) or `Complete`.
+    pub phase: String,
+    /// Why it is paused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Every node the selector matches, by name.
+    pub nodes: Vec<NodeUpgradeView>,
+}
+
+/// One node of a fleet upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUpgradeView {
+    pub node: String,
+    /// `Pending`, `Upgrading`, `Upgraded` or `Failed`; `Pending (NotReady)` while offline.
+    pub state: String,
+    /// The agent's version and binary, as its last hello reported them.
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<AgentBinary>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// One log `flotilla logs` reads: a replica's, or a Job attempt's.
@@ -875,7 +984,7 @@ mod tests {
     fn log_requests_and_sets_of_older_peers_still_parse() {
         let r: HubRequest =
             serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":true,"tailLines":null}"#).unwrap();
-        let HubRequest::Logs { attempt, workload, wait_ms, .. } = r;
+        let HubRequest::Logs { attempt, workload, wait_ms, .. } = r else { panic!("{r:?}") };
         assert_eq!((attempt, workload, wait_ms), (None, None, 0));
         let r: ApiRequest =
             serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":false,"tailLines":3}"#).unwrap();
@@ -888,6 +997,28 @@ mod tests {
         // And a set without Job attempts says nothing new to an older agent.
         let json = serde_json::to_string(&AssignmentSet { generation: 3, ..AssignmentSet::default() }).unwrap();
         assert!(!json.contains("keptLogs"), "{json}");
+    }
+
+    #[test]
+    fn facts_of_agents_older_than_remote_upgrades_parse_and_new_facts_say_nothing_new() {
+        let old = r#"{"os":"linux","arch":"x86_64","kernel":"6","cpus":2,"memoryBytes":1,"runtimes":["wasm"],"agentVersion":"0.1"}"#;
+        let facts: NodeFacts = serde_json::from_str(old).unwrap();
+        assert_eq!((facts.agent_binary.clone(), facts.last_upgrade.clone()), (None, None));
+        let json = serde_json::to_string(&facts).unwrap();
+        assert!(!json.contains("agentBinary") && !json.contains("lastUpgrade"), "{json}");
+        let upgraded = NodeFacts {
+            agent_binary: Some(AgentBinary { image: "reg/flotilla:2".into(), digest: "sha256:ab".into() }),
+            last_upgrade: Some(UpgradeOutcome { attempt: 3, image: "reg/flotilla:2".into(), ok: true, message: String::new() }),
+            ..facts
+        };
+        let back: NodeFacts = serde_json::from_str(&serde_json::to_string(&upgraded).unwrap()).unwrap();
+        assert_eq!(back, upgraded);
+        let order = HubRequest::Upgrade { image: "reg/flotilla:2".into(), attempt: 3, deadline_ms: 60_000 };
+        let json = serde_json::to_string(&order).unwrap();
+        assert_eq!(json, r#"{"type":"upgrade","image":"reg/flotilla:2","attempt":3,"deadline_ms":60000}"#);
+        // An agent older than upgrades reads the order as an unknown request: an error, never
+        // a log request.
+        assert!(codec::decode::<UpgradeAnswer>(br#"{"result":"restarting","digest":"sha256:ab"}"#).is_ok());
     }
 
     #[test]

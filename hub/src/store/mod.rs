@@ -31,6 +31,7 @@
 
 mod db;
 mod identity;
+mod upgrades;
 mod users;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +45,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
 pub use self::identity::{Admitted, NewToken, TokenRow};
+pub use self::upgrades::{NewUpgrade, UpgradeOrder};
 pub use self::users::{AUDIT_KEEP, AuditEntry, NewUser, UserRefusal, UserRow};
 use crate::controller::time::ClockAnchor;
 use crate::controller::{self, JobIndex, Pass, Reported, RevisionEntry, RolloutRecord, WriteOp};
