@@ -6,7 +6,8 @@
 //! imports them from archives, and keeps them in one content-addressed blob store with one
 //! index and one garbage collector: every blob digest-verified before it becomes visible,
 //! downloads resumable and single-flight per digest. It pushes Wasm modules as CNCF Wasm
-//! artifacts and container images from archives, and unpacks container layers once each
+//! artifacts, Flotilla agent binaries (one per platform, under an image index) for agent
+//! upgrades, and container images from archives, and unpacks container layers once each
 //! into overlay-style snapshots keyed by chain id. It owns the on-disk layout under the store
 //! roots (`blobs/sha256/`, `ingest/`, `artifacts.json`, `snapshots/`) and the fallback to the
 //! last pull of a reference when its registry is unreachable.
@@ -24,8 +25,9 @@ mod registry;
 mod store;
 
 pub use image::{
-    ArtifactHold, ArtifactKind, Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore,
-    Imported, LayerRecord, Platform, PulledWasm, UnpackOptions, WasmArtifact,
+    AGENT_BINARY_MEDIA_TYPE, AGENT_CONFIG_MEDIA_TYPE, AgentArtifact, AgentError, ArtifactHold, ArtifactKind,
+    Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore, Imported, LayerRecord, Platform,
+    PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
 };
 pub use registry::{
     LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryConfig, RegistryError, WASM_CONFIG_MEDIA_TYPE,

@@ -1,7 +1,7 @@
 //! Talking to OCI registries: the client (plain HTTP for loopback and `--insecure`
 //! registries, credentials per host, timeouts), the mapping of its errors onto
-//! [`RegistryError`], and pushing Wasm modules as OCI artifacts. Pulls of every artifact kind
-//! go through [`crate::ImageStore`], which uses this client.
+//! [`RegistryError`], and pushing Wasm modules and agent binaries as OCI artifacts. Pulls of
+//! every artifact kind go through [`crate::ImageStore`], which uses this client.
 
 use std::error::Error as StdError;
 use std::io;
@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
-use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
-use crate::image::{Credentials, WasmArtifact};
+use crate::image::{AgentArtifact, AgentError, Credentials, Platform, WasmArtifact};
+use crate::store::sha256_digest;
 
 mod manifest;
 pub(crate) use manifest::ManifestError;
@@ -89,6 +90,16 @@ pub enum RegistryError {
         reference: String,
         /// What was found instead (media types, platforms, first bytes).
         found: String,
+    },
+    /// The binaries given for an agent artifact are unusable (not a Linux executable, built
+    /// for another platform than the one given, a platform twice).
+    #[error("cannot push agent binaries as {reference}: {source}")]
+    BadAgent {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong.
+        #[source]
+        source: AgentError,
     },
     /// Any other failure reported by the registry or the client.
     #[error("registry error for image {reference}: {message}")]
@@ -174,35 +185,84 @@ impl Registry {
     ///
     /// The reference must name a tag (or none, meaning `latest`), not a digest.
     pub async fn push_wasm(&self, reference: &str, wasm: &[u8]) -> Result<String, RegistryError> {
-        let r = parse_reference(reference)?;
-        if r.digest().is_some() {
-            return Err(RegistryError::InvalidReference {
-                reference: reference.to_owned(),
-                reason: "a push needs a tag, not a digest".to_owned(),
-            });
-        }
+        let r = parse_push_reference(reference)?;
         let artifact = WasmArtifact::build(wasm)
             .map_err(|e| RegistryError::NotWasm { reference: reference.to_owned(), found: e.to_string() })?;
-        let other = |message: String| RegistryError::Registry { reference: reference.to_owned(), message };
-        let WasmArtifact { config, config_digest, layer_digest, manifest: manifest_bytes, manifest_digest, .. } =
-            artifact;
+        let WasmArtifact { config, config_digest, layer_digest, manifest, manifest_digest, .. } = artifact;
+        let blobs = [(wasm, layer_digest.as_str()), (&config[..], config_digest.as_str())];
+        self.push_documents(reference, &r, &blobs, vec![(manifest, OCI_IMAGE_MEDIA_TYPE)]).await?;
+        tracing::info!(reference, %manifest_digest, "pushed wasm module");
+        Ok(manifest_digest)
+    }
 
-        let client = self.client_for(&r);
-        let auth = self.auth_for(&r);
+    /// Pushes Flotilla agent binaries, one per platform, as one artifact ([`AgentArtifact`]:
+    /// an OCI image index with one manifest per platform, each with the raw binary as its one
+    /// layer), annotated with `version` if given. Returns the index digest ("sha256:..").
+    ///
+    /// Each binary must be a Linux ELF executable for the OS and architecture it is given
+    /// for, and no platform may come twice ([`RegistryError::BadAgent`] says which is not).
+    /// The reference must name a tag (or none, meaning `latest`), not a digest.
+    pub async fn push_agent(
+        &self,
+        reference: &str,
+        binaries: &[(Platform, &[u8])],
+        version: Option<&str>,
+    ) -> Result<String, RegistryError> {
+        let r = parse_push_reference(reference)?;
+        let artifact = AgentArtifact::build(binaries, version)
+            .map_err(|source| RegistryError::BadAgent { reference: reference.to_owned(), source })?;
+        let mut blobs = Vec::with_capacity(2 * artifact.manifests.len());
+        let mut manifests = Vec::with_capacity(artifact.manifests.len() + 1);
+        for m in &artifact.manifests {
+            // `build` refuses duplicates, so each platform names one binary.
+            let Some((_, binary)) = binaries.iter().find(|(p, _)| *p == m.platform) else { continue };
+            blobs.push((*binary, m.binary_digest.as_str()));
+            blobs.push((&m.config[..], m.config_digest.as_str()));
+            manifests.push((m.manifest.clone(), OCI_IMAGE_MEDIA_TYPE));
+        }
+        manifests.push((artifact.index.clone(), OCI_IMAGE_INDEX_MEDIA_TYPE));
+        self.push_documents(reference, &r, &blobs, manifests).await?;
+        tracing::info!(
+            reference,
+            index_digest = %artifact.index_digest,
+            platforms = artifact.manifests.len(),
+            version,
+            "pushed agent binaries"
+        );
+        Ok(artifact.index_digest)
+    }
+
+    /// Pushes the `(content, digest)` blobs the registry does not have yet, then the
+    /// `(bytes, media type)` manifests in order: each by its digest, except the last, which
+    /// `r` tags. A manifest's blobs (and, for an index, its manifests) must come before it.
+    async fn push_documents(
+        &self,
+        reference: &str,
+        r: &Reference,
+        blobs: &[(&[u8], &str)],
+        manifests: Vec<(Vec<u8>, &str)>,
+    ) -> Result<(), RegistryError> {
+        let client = self.client_for(r);
+        let auth = self.auth_for(r);
         client.store_auth_if_needed(r.resolve_registry(), &auth).await;
-        let map = |e| self.map_oci_error(reference, &r, Op::Push, e);
-        for (data, digest) in [(wasm, &layer_digest), (&config[..], &config_digest)] {
-            if client.blob_exists(&r, digest).await.map_err(map)? {
+        let map = |e| self.map_oci_error(reference, r, Op::Push, e);
+        for (data, digest) in blobs {
+            if client.blob_exists(r, digest).await.map_err(map)? {
                 tracing::debug!(reference, digest, "blob already in registry");
                 continue;
             }
-            client.push_blob(&r, bytes::Bytes::copy_from_slice(data), digest).await.map_err(map)?;
+            client.push_blob(r, bytes::Bytes::copy_from_slice(data), digest).await.map_err(map)?;
         }
-        let content_type =
-            header_value(OCI_IMAGE_MEDIA_TYPE).ok_or_else(|| other("cannot build content-type header".to_owned()))?;
-        client.push_manifest_raw(&r, manifest_bytes, content_type).await.map_err(map)?;
-        tracing::info!(reference, %manifest_digest, "pushed wasm module");
-        Ok(manifest_digest)
+        let count = manifests.len();
+        for (i, (bytes, media_type)) in manifests.into_iter().enumerate() {
+            let target = if i + 1 == count { r.clone() } else { r.clone_with_digest(sha256_digest(&bytes)) };
+            let content_type = header_value(media_type).ok_or_else(|| RegistryError::Registry {
+                reference: reference.to_owned(),
+                message: format!("cannot build a content-type header of {media_type}"),
+            })?;
+            client.push_manifest_raw(&target, bytes, content_type).await.map_err(map)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn client_for(&self, r: &Reference) -> &Client {
@@ -297,6 +357,18 @@ fn build_client(protocol: ClientProtocol) -> Client {
         user_agent: USER_AGENT,
         ..Default::default()
     })
+}
+
+/// [`parse_reference`] of a reference to push to: it must name a tag (or none), not a digest.
+fn parse_push_reference(reference: &str) -> Result<Reference, RegistryError> {
+    let r = parse_reference(reference)?;
+    if r.digest().is_some() {
+        return Err(RegistryError::InvalidReference {
+            reference: reference.to_owned(),
+            reason: "a push needs a tag, not a digest".to_owned(),
+        });
+    }
+    Ok(r)
 }
 
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
@@ -479,5 +551,7 @@ mod tests {
         let reg = Registry::new(RegistryConfig::default());
         let push = reg.push_wasm("127.0.0.1:1/x:v1", b"\0asm");
         assert_send(&push);
+        let binaries = [(Platform::host(), &b"\x7fELF"[..])];
+        assert_send(&reg.push_agent("127.0.0.1:1/x:v1", &binaries, Some("1")));
     }
 }

@@ -283,8 +283,9 @@ pub struct ResumableIngest {
     head: Vec<u8>,
 }
 
-/// How much of the start of a download [`ResumableIngest::head`] keeps.
-const HEAD_BYTES: usize = 16;
+/// How much of the start of a download [`ResumableIngest::head`] keeps: enough for the Wasm
+/// magic and version, and for an ELF header up to its `e_machine` (an agent binary's platform).
+const HEAD_BYTES: usize = 20;
 
 impl BlobStore {
     /// Starts or resumes the download of the blob expected to have `digest`.

@@ -2,7 +2,8 @@
 //! container images or Wasm artifacts, and `docker save` archives (`manifest.json` plus
 //! layer tars), into the one artifact store; saving a `.wasm` file as an OCI layout tar (the
 //! artifact `flotilla push` would make of it); and pushing such a layout or archive to a
-//! registry. Every blob is hashed against its digest before it is stored or pushed. Paths
+//! registry. Agent binary artifacts are refused by import (only an agent upgrade, from a
+//! registry, takes them). Every blob is hashed against its digest before it is stored or pushed. Paths
 //! named inside an archive are confined to it (no `..`, no absolute paths), tar archives are
 //! read into a private directory under the store root holding only regular files, and
 //! nothing in an archive is executed or trusted before verification.
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use oci_client::Reference;
 use serde::Deserialize;
 
+use super::agent;
 use super::spec::{self, Descriptor, Parsed};
 use super::wasm::{self, PulledWasm, WASM_MAGIC, WasmArtifact};
 use super::{ArtifactKind, Image, ImageError, ImageStore, Platform, build_record};
@@ -217,7 +219,9 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
             else {
                 return Err(archive_err(given, format!("{manifest_digest} is an index inside an index")));
             };
-            let kind = if wasm::is_wasm_manifest(&config, &layers) || holds_raw_module(src, &layers)? {
+            let kind = if agent::is_agent_manifest(&config) {
+                ArtifactKind::Agent
+            } else if wasm::is_wasm_manifest(&config, &layers) || holds_raw_module(src, &layers)? {
                 ArtifactKind::Wasm
             } else {
                 ArtifactKind::Container
@@ -440,6 +444,18 @@ impl ImageStore {
                 ));
             }
             let record = match found.kind {
+                // Only an agent upgrade takes one, and it pulls from a registry; an agent binary
+                // recorded here would only sit in the store until collected.
+                ArtifactKind::Agent => {
+                    return Err(archive_err(
+                        path,
+                        format!(
+                            "{} is an agent binary artifact, which is not imported: import takes container \
+                             images and wasm artifacts; agents take their binaries from a registry when upgraded",
+                            found.manifest_digest
+                        ),
+                    ));
+                }
                 ArtifactKind::Container => {
                     let config_path = &found.files[0].1;
                     let config_bytes = read_limited(config_path, path)?;
@@ -500,7 +516,10 @@ impl ImageStore {
             }
             for reference in &found.references {
                 let artifact = match found.kind {
-                    ArtifactKind::Container => Imported::Container(Box::new(self.record(reference, record.clone())?)),
+                    // Agent binaries were refused above.
+                    ArtifactKind::Container | ArtifactKind::Agent => {
+                        Imported::Container(Box::new(self.record(reference, record.clone())?))
+                    }
                     ArtifactKind::Wasm => {
                         let r = self.record_raw(reference, record.clone())?;
                         let wasm_digest = r.layers[0].digest.clone();

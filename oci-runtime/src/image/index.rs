@@ -1,7 +1,7 @@
 //! The artifact index: `<blob store root>/artifacts.json`, the one record of every artifact
 //! on the node, whatever its kind: each reference pulled or imported, with the kind (a
-//! container image or a Wasm module or component), its manifest, config and layers and, for
-//! container images, their chain ids. It is what lets an agent restart find its artifacts
+//! container image, a Wasm module or component, or an agent binary), its manifest, config and
+//! layers and, for container images, their chain ids. It is what lets an agent restart find its artifacts
 //! without a registry, and what garbage collection reads to know which blobs are still
 //! needed. Written with the crate's one durable write ([`crate::durable::write_atomic`]); the
 //! caller serialises read-modify-write cycles. It never holds blob content, only digests.
@@ -58,6 +58,10 @@ pub enum ArtifactKind {
     Container,
     /// A Wasm module or component: one layer that is the binary itself.
     Wasm,
+    /// A Flotilla agent binary for one platform (an ELF executable): one layer that is the
+    /// binary itself, chosen from an image index by platform. Nothing runs it in place; an
+    /// agent upgrade copies it out of the store.
+    Agent,
 }
 
 impl std::fmt::Display for ArtifactKind {
@@ -65,7 +69,20 @@ impl std::fmt::Display for ArtifactKind {
         f.write_str(match self {
             ArtifactKind::Container => "container image",
             ArtifactKind::Wasm => "wasm artifact",
+            ArtifactKind::Agent => "agent binary",
         })
+    }
+}
+
+impl ArtifactKind {
+    /// The kind with its indefinite article ("a container image", "an agent binary"), for
+    /// messages.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            ArtifactKind::Container => "a container image",
+            ArtifactKind::Wasm => "a wasm artifact",
+            ArtifactKind::Agent => "an agent binary",
+        }
     }
 }
 
@@ -99,12 +116,13 @@ pub struct ImageRecord {
     /// modules migrated from a `refs.json`, which never stored their config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_digest: Option<String>,
-    /// Layers, bottom first (a Wasm artifact has one: the binary).
+    /// Layers, bottom first (a Wasm artifact or an agent binary has one: the binary).
     pub layers: Vec<LayerRecord>,
-    /// Chain ids, bottom first (one per layer of a container image; none for Wasm).
+    /// Chain ids, bottom first (one per layer of a container image; none for the other kinds).
     #[serde(default)]
     pub chain_ids: Vec<String>,
-    /// Platform the manifest was chosen for (`wasip1/wasm`, `wasip2/wasm` for Wasm).
+    /// Platform the manifest was chosen for (`wasip1/wasm`, `wasip2/wasm` for Wasm; the
+    /// binary's, e.g. `linux/arm64`, for an agent binary).
     pub platform: Platform,
     /// Last pull, import or unpack, in seconds since the Unix epoch (for LRU collection).
     pub last_used_unix: u64,

@@ -5,7 +5,8 @@
 //! digest-verified before it becomes visible; downloads are resumable (range requests) and
 //! single-flight per digest ([`pull`]). Container images (index → platform manifest → config
 //! and layers) are also unpacked, layer by layer, into overlay-style snapshots keyed by chain
-//! id; Wasm artifacts ([`wasm`]) are a module blob the Wasm runtime loads as it is.
+//! id; Wasm artifacts ([`wasm`]) are a module blob the Wasm runtime loads as it is; agent
+//! binaries ([`agent`]) are an executable blob an agent upgrade copies out of the store.
 //!
 //! [`ImageStore`] owns the index, the snapshots under its root (`snapshots/<chain id hex>/`,
 //! one directory per layer holding only that layer's files, overlayfs whiteouts included;
@@ -17,6 +18,7 @@
 //! knows nothing of containers or Wasm instances: the runtimes mount the lower directories
 //! [`ImageStore::unpack`] returns, or load the module [`ImageStore::pull_wasm`] returns.
 
+mod agent;
 mod archive;
 mod auth;
 mod gc;
@@ -34,6 +36,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use agent::{
+    AGENT_BINARY_MEDIA_TYPE, AGENT_CONFIG_MEDIA_TYPE, AgentArtifact, AgentError, AgentManifest, MAX_AGENT_BYTES,
+    PulledAgent, elf_platform,
+};
 pub use archive::{Imported, push_archive, save_wasm};
 pub use auth::{AuthError, Credential, Credentials};
 pub use gc::{ArtifactHold, GcReport};
@@ -80,7 +86,7 @@ pub enum ImageError {
         found: String,
     },
     /// The reference is recorded as another kind of artifact than the one asked for.
-    #[error("image {reference} is a {found}, not a {wanted}")]
+    #[error("image {reference} is {}, not {}", found.with_article(), wanted.with_article())]
     WrongKind {
         /// The reference.
         reference: String,
@@ -88,6 +94,14 @@ pub enum ImageError {
         found: ArtifactKind,
         /// What was asked for.
         wanted: ArtifactKind,
+    },
+    /// An agent binary artifact's manifest, config or binary is unusable.
+    #[error("image {reference} is not a usable agent binary artifact: {reason}")]
+    BadAgent {
+        /// The reference.
+        reference: String,
+        /// What is wrong.
+        reason: String,
     },
     /// A manifest, config or layer description is unusable.
     #[error("image {reference} is not a usable container image: {reason}")]

@@ -350,6 +350,7 @@ mod tests {
         let registry = Registry::new(RegistryConfig::default());
         let platform = Platform::host();
         assert_send(&store.pull(&registry, "127.0.0.1:1/x:v1", &platform));
+        assert_send(&store.pull_agent_binary(&registry, "127.0.0.1:1/x:v1", &platform));
         assert_send(&store.import(dir.path(), &platform, None));
         assert_send(&store.gc(&HashSet::new(), 0));
         assert_send(&crate::image::push_archive(&registry, dir.path(), "127.0.0.1:1/x:v1", dir.path()));
