@@ -151,6 +151,26 @@ enum Command {
         #[arg(long)]
         stop_workloads_on_exit: bool,
     },
+    /// Watches a new agent binary after an upgrade and rolls it back if it does not reach the
+    /// hub in time (spawned by the agent itself).
+    #[command(name = "agent-upgrade-watch", hide = true)]
+    AgentUpgradeWatch {
+        /// The upgrade state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The agent process.
+        #[arg(long)]
+        pid: u32,
+        /// Set on the watcher proper (the first process only starts it).
+        #[arg(long)]
+        detached: bool,
+    },
+    /// Fleet upgrades of agents: `upgrade agents --to IMAGE` rolls an agent binary pushed with
+    /// `flotilla push --agent` out in batches; `upgrade status` shows where it stands.
+    Upgrade {
+        #[command(subcommand)]
+        action: UpgradeAction,
+    },
     /// Holds a stopping agent's listening sockets for the next agent process (spawned by the
     /// agent itself).
     #[command(name = "agent-handoff", hide = true)]
@@ -397,6 +417,38 @@ enum UserAction {
 }
 
 #[derive(Subcommand)]
+enum UpgradeAction {
+    /// Upgrade the agents to the agent binary IMAGE, a batch at a time: each agent pulls and
+    /// verifies it, swaps it in (keeping the previous one), restarts into it with its
+    /// containers left running, and goes back to the previous binary by itself if the new one
+    /// has not reached the hub within the deadline. The first failure pauses the upgrade;
+    /// start another to go on.
+    Agents {
+        /// The agent artifact, e.g. registry.example:5000/flotilla-agent:1.4.0.
+        #[arg(long = "to")]
+        image: String,
+        /// Only nodes with these labels (K=V, comma-separated or repeated).
+        #[arg(short = 'l', long = "selector", value_delimiter = ',', value_parser = parse_label)]
+        selector: Vec<(String, String)>,
+        /// Nodes upgrading at once.
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
+        /// How long each new binary has to reach the hub before it is rolled back, e.g. 2m.
+        #[arg(long, default_value = "2m")]
+        deadline: String,
+        /// How to show the upgrade once started: table, json or yaml.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+    /// Where the agent upgrade stands, node by node.
+    Status {
+        /// table, json or yaml.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertsAction {
     /// When each certificate the cluster depends on expires.
     Status,
@@ -591,6 +643,10 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::AgentUpgradeWatch { state, pid, detached } => {
+            init_tracing();
+            return watch_upgrade(&state, pid, detached);
+        }
         Command::AgentHandoff { socket, timeout_ms } => {
             init_tracing();
             return match agent::handoff::hold(&socket, std::time::Duration::from_millis(timeout_ms)) {
@@ -606,8 +662,17 @@ fn main() -> std::process::ExitCode {
     let cli = Cli { global, command };
     // Two worker threads at most: the agent targets small boards, and the hub is I/O bound.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let result = rt.block_on(run(cli));
+    // Blocking tasks (a save, a collector pass) get a moment to end before an exec.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(None) => std::process::ExitCode::SUCCESS,
+        Ok(Some(invocation)) => {
+            // A fleet upgrade installed a new binary: become it (same pid, same arguments).
+            let e = agent::upgrade::exec(&invocation);
+            eprintln!("error: cannot start the new agent binary {}: {e}", invocation.exe.display());
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
@@ -615,7 +680,121 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// `flotilla agent-upgrade-watch`: the first process starts the watcher proper in a process
+/// group of its own and exits (the agent reaps it); the watcher waits for the new binary and
+/// rolls it back when needed, then becomes the previous agent unless a service manager
+/// restarts it.
+fn watch_upgrade(state: &std::path::Path, pid: u32, detached: bool) -> std::process::ExitCode {
+    use agent::upgrade::{self, Watched};
+    if !detached {
+        return match upgrade::detach_watcher(state, pid) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot start the upgrade watcher: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    match upgrade::watch(state, pid) {
+        Ok(Watched::Settled) | Ok(Watched::RolledBack { restart: false }) => std::process::ExitCode::SUCCESS,
+        Ok(Watched::RolledBack { restart: true }) => {
+            let e = match upgrade::restart_previous(state) {
+                Ok(e) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            eprintln!("error: cannot start the previous agent binary again: {e}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: upgrade watcher: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command; `Some` when the agent stopped for an upgrade and the caller must exec the
+/// new binary.
+async fn run(cli: Cli) -> Result<Option<agent::upgrade::Invocation>> {
+    if let Command::Agent { .. } = cli.command {
+        return run_agent(cli.command).await;
+    }
+    run_command(cli).await.map(|()| None)
+}
+
+/// `flotilla agent`.
+async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation>> {
+    let Command::Agent {
+            hub,
+            token,
+            token_file,
+            name,
+            labels,
+            taints,
+            data_dir,
+            insecure_registries,
+            wasm_max_memory,
+            wasm_fuel,
+            wasm_instances,
+            containers,
+            image_gc_threshold,
+            min_free_disk,
+            registry_auth,
+            link_timeout,
+            stop_workloads_on_exit,
+    } = command
+    else {
+        bail!("not the agent command")
+    };
+    {
+            init_tracing();
+            let token = match (token, token_file) {
+                (Some(t), _) => Some(t),
+                (None, Some(f)) => {
+                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
+                }
+                (None, None) => None,
+            };
+            let token = token.map(|t| t.parse::<JoinToken>()).transpose()?;
+            let mut config =
+                agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
+            config.token = token;
+            config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            config.taints = taints;
+            config.insecure_registries = insecure_registries;
+            config.wasm_max_memory = wasm_max_memory
+                .as_deref()
+                .map(proto::manifest::parse_quantity)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
+            config.wasm_fuel = wasm_fuel;
+            config.wasm_instances = wasm_instances;
+            config.containers = containers.into();
+            config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
+                .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
+            config.link_timeout = link_timeout;
+            config.stop_workloads_on_exit = stop_workloads_on_exit;
+            config.min_free_disk_bytes =
+                proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
+            if let Some(path) = registry_auth {
+                let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+            }
+            config.upgrade = match agent::upgrade::Invocation::of_this_process() {
+                Ok(inv) => Some(inv),
+                Err(e) => {
+                    eprintln!("warning: this agent cannot take upgrades: {e}");
+                    None
+                }
+            };
+            match agent::run(config, shutdown_signal()).await? {
+                agent::Stopped::Shutdown => Ok(None),
+                agent::Stopped::Upgrade(invocation) => Ok(Some(invocation)),
+            }
+    }
+}
+
+async fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Hub {
             data_dir,
@@ -657,63 +836,8 @@ async fn run(cli: Cli) -> Result<()> {
             hub.run(shutdown_signal()).await?;
             Ok(())
         }
-        Command::Agent {
-            hub,
-            token,
-            token_file,
-            name,
-            labels,
-            taints,
-            data_dir,
-            insecure_registries,
-            wasm_max_memory,
-            wasm_fuel,
-            wasm_instances,
-            containers,
-            image_gc_threshold,
-            min_free_disk,
-            registry_auth,
-            link_timeout,
-            stop_workloads_on_exit,
-        } => {
-            init_tracing();
-            let token = match (token, token_file) {
-                (Some(t), _) => Some(t),
-                (None, Some(f)) => {
-                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
-                }
-                (None, None) => None,
-            };
-            let token = token.map(|t| t.parse::<JoinToken>()).transpose()?;
-            let mut config =
-                agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
-            config.token = token;
-            config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
-            config.taints = taints;
-            config.insecure_registries = insecure_registries;
-            config.wasm_max_memory = wasm_max_memory
-                .as_deref()
-                .map(proto::manifest::parse_quantity)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
-            config.wasm_fuel = wasm_fuel;
-            config.wasm_instances = wasm_instances;
-            config.containers = containers.into();
-            config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
-                .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
-            config.link_timeout = link_timeout;
-            config.stop_workloads_on_exit = stop_workloads_on_exit;
-            config.min_free_disk_bytes =
-                proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
-            if let Some(path) = registry_auth {
-                let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
-                    .with_context(|| format!("parsing {}", path.display()))?;
-            }
-            agent::run(config, shutdown_signal()).await?;
-            Ok(())
-        }
-        Command::Oci(_) | Command::AgentHandoff { .. } | Command::Completion { .. } => {
+        Command::Agent { .. } => bail!("the agent runs through run_agent"),
+        Command::Oci(_) | Command::AgentHandoff { .. } | Command::AgentUpgradeWatch { .. } | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")
         }
         Command::Run(args) => {
@@ -955,6 +1079,21 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|ago| client::now_ms().saturating_sub(ago));
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             print_list(&client, &ApiRequest::Audit { limit, since_ms }, output).await
+        }
+        Command::Upgrade { action: UpgradeAction::Agents { image, selector, max_unavailable, deadline, output } } => {
+            let deadline_ms = proto::manifest::parse_duration_ms(&deadline).map_err(|e| anyhow::anyhow!("--deadline: {e}"))?;
+            let req = ApiRequest::UpgradeAgents {
+                image,
+                selector: selector.into_iter().collect(),
+                max_unavailable,
+                deadline_ms,
+            };
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            print_list(&client, &req, output).await
+        }
+        Command::Upgrade { action: UpgradeAction::Status { output } } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            print_list(&client, &ApiRequest::UpgradeStatus, output).await
         }
         Command::Version => {
             println!("client: {}", proto::version::VERSION);

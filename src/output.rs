@@ -103,6 +103,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         ApiResponse::Tokens { items } => serde_json::to_value(items)?,
         ApiResponse::Users { items } => serde_json::to_value(items)?,
         ApiResponse::Audit { items } => serde_json::to_value(items)?,
+        ApiResponse::Upgrade { upgrade } => serde_json::to_value(upgrade)?,
         other => serde_json::to_value(other)?,
     };
     let wide = match format {
@@ -225,6 +226,32 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     a.outcome.clone(),
                 ]);
             }
+        }
+        ApiResponse::Upgrade { upgrade: None } => return Ok("no agent upgrade was started\n".into()),
+        ApiResponse::Upgrade { upgrade: Some(u) } => {
+            let selector: Vec<String> = u.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut head = format!(
+                "Upgrade {} to {}: {}{}\nNodes: {}  Max unavailable: {}  Deadline: {}s  Started {} ago by {}\n",
+                u.attempt,
+                u.image,
+                u.phase,
+                if u.message.is_empty() { String::new() } else { format!(" ({})", u.message) },
+                if selector.is_empty() { "all".to_string() } else { selector.join(",") },
+                u.max_unavailable,
+                u.deadline_ms / 1000,
+                age(u.started_at_ms),
+                u.started_by,
+            );
+            rows.push(["NODE", "STATE", "VERSION", "BINARY", "MESSAGE"].map(String::from).to_vec());
+            for n in &u.nodes {
+                let binary = n.binary.as_ref().map_or("as installed".to_string(), |b| {
+                    let short = b.digest.strip_prefix("sha256:").unwrap_or(&b.digest);
+                    format!("{} ({})", b.image, &short[..short.len().min(12)])
+                });
+                rows.push(vec![n.node.clone(), n.state.clone(), n.version.clone(), binary, n.message.clone()]);
+            }
+            head.push_str(&table(rows));
+            return Ok(head);
         }
         _ => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
     }

@@ -18,6 +18,8 @@ pub fn collect(labels: &BTreeMap<String, String>, runtimes: Vec<Runtime>) -> Nod
         clock_ms: None,
         clock_skew_ms: None,
         taints: Vec::new(),
+        agent_binary: None,
+        last_upgrade: None,
     }
 }
 

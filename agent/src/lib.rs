@@ -31,6 +31,7 @@ pub mod prober;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ use std::time::Instant;
 use proto::manifest::Runtime as RuntimeKind;
 use proto::messages::{AssignmentSet, Termination};
 use proto::token::JoinToken;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::logs::LogStore;
@@ -94,6 +95,9 @@ pub struct AgentConfig {
     /// How long the socket holder waits for the next agent process before closing the
     /// listening sockets it holds.
     pub handoff_timeout: std::time::Duration,
+    /// How the agent restarts into a new binary on a fleet upgrade (the `flotilla` binary
+    /// sets it from its own process); `None`: upgrade orders are refused.
+    pub upgrade: Option<upgrade::Invocation>,
 }
 
 impl AgentConfig {
@@ -119,6 +123,7 @@ impl AgentConfig {
             stop_workloads_on_exit: false,
             exe: None,
             handoff_timeout: std::time::Duration::from_secs(30),
+            upgrade: None,
         }
     }
 }
@@ -201,8 +206,60 @@ const STATUS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 /// How long a stopping agent waits for its runs to let go (detach) of their workloads.
 const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Runs the agent until `shutdown` completes or the hub refuses this node.
-pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+/// How the agent stopped.
+#[derive(Debug)]
+pub enum Stopped {
+    /// Asked to (a signal), or the link ended for good.
+    Shutdown,
+    /// For a fleet upgrade: the new binary is installed; the caller [`upgrade::exec`]s it.
+    Upgrade(upgrade::Invocation),
+}
+
+/// An upgrade in flight: the order's reply and the task pulling and installing the binary.
+struct Upgrading {
+    reply: oneshot::Sender<(proto::messages::UpgradeAnswer, oneshot::Sender<()>)>,
+    task: tokio::task::JoinHandle<Result<String, String>>,
+}
+
+/// Pulls the agent artifact `image` for this platform (its digest verified by the blob store)
+/// and installs it in place of the running binary. The digest of the new binary, or why not.
+async fn take_upgrade(
+    images: oci_runtime::ImageStore,
+    registry: Arc<runtime::LazyRegistry>,
+    call: (String, u64, u64),
+    invocation: upgrade::Invocation,
+    previous: Option<proto::messages::AgentBinary>,
+    state_path: PathBuf,
+) -> Result<String, String> {
+    let (image, attempt, deadline_ms) = call;
+    let platform = oci_runtime::Platform::host();
+    let pulled =
+        images.pull_agent_binary(&registry, &image, &platform).await.map_err(|e| format!("cannot pull {image}: {e}"))?;
+    let digest = pulled.binary_digest.clone();
+    let install = upgrade::Install {
+        attempt,
+        image,
+        digest: digest.clone(),
+        binary: pulled.path.clone(),
+        invocation,
+        deadline: std::time::Duration::from_millis(deadline_ms),
+        previous,
+        state_path,
+    };
+    tokio::task::spawn_blocking(move || {
+        // The pulled blob stays held (safe from the collector) until it is copied.
+        let _held = pulled;
+        upgrade::install(&install, upgrade::spawn_watcher)
+    })
+    .await
+    .map_err(|e| format!("the install did not finish: {e}"))?
+    .map_err(|e| e.to_string())?;
+    Ok(digest)
+}
+
+/// Runs the agent until `shutdown` completes, the hub refuses this node, or a fleet upgrade
+/// installed a new binary.
+pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<Stopped, AgentError> {
     proto::manifest::validate_name(&config.name)
         .map_err(|e| AgentError::InvalidName { name: config.name.clone(), message: e.to_string() })?;
     // The data dir holds the node's key, env values of its workloads and their logs.
@@ -284,12 +341,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let images = oci_runtime::ImageStore::open(dir("containers/images")?, blobs)
         .map_err(|e| AgentError::Images(e.to_string()))?;
     images.spawn_collector(config.image_gc_threshold_bytes, std::time::Duration::from_secs(60));
+    let upgrade_images = images.clone();
     let registry: Arc<runtime::LazyRegistry> = {
         let (insecure, credentials) = (config.insecure_registries.clone(), config.registry_credentials.clone());
         Arc::new(std::sync::LazyLock::new(Box::new(move || {
             oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure }).with_credentials(credentials)
         })))
     };
+    let upgrade_registry = registry.clone();
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
@@ -347,11 +406,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     // From now on the saved statuses say "not a clean stop" until this process stops cleanly.
     let mut status_seq = 0u64;
+    // Whether a clean stop of this process stops the workloads (never for an upgrade).
+    let stops_workloads = std::cell::Cell::new(config.stop_workloads_on_exit);
     let mut saved_statuses = |sup: &Supervisor, clean: bool| {
         status_seq += 1;
         let saved = SavedStatuses {
             clean,
-            workloads_stopped: clean && config.stop_workloads_on_exit,
+            workloads_stopped: clean && stops_workloads.get(),
             boot_id: boot_id.clone(),
             saved_at_ms: now().wall_ms,
             statuses: sup.statuses(),
@@ -368,6 +429,22 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let (assign_tx, mut assign_rx) = mpsc::channel::<AssignmentSet>(8);
     let (connected_tx, _connected_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The last fleet upgrade of this agent's binary, as the hello reports it.
+    let upgrade_state_path = upgrade::state_path(&config.data_dir);
+    let upgrade_state = match upgrade::load(&upgrade_state_path) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "ignoring an unreadable upgrade state");
+            None
+        }
+    };
+    let mut on_trial = upgrade_state.as_ref().is_some_and(|s| s.phase == upgrade::Phase::Trying);
+    if on_trial {
+        info!("this agent binary is on trial after an upgrade: confirmed once the hub sends a set");
+    }
+    let (agent_binary, last_upgrade) = upgrade_state.as_ref().map(upgrade::State::facts).unwrap_or_default();
+    let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<link::UpgradeCall>(4);
+    let mut upgrading: Option<Upgrading> = None;
     let link = link::Link {
         hub: config.hub.clone(),
         token: config.token.clone(),
@@ -376,6 +453,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         facts: proto::messages::NodeFacts {
             runtimes: runtimes.keys().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
             taints: config.taints.clone(),
+            agent_binary: agent_binary.clone(),
+            last_upgrade,
             ..node_facts
         },
         tuning: transport::tls::Tuning::with_idle_timeout(config.link_timeout),
@@ -386,6 +465,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         connected: connected_tx,
         shutdown: shutdown_rx,
         network: netwatch::spawn(),
+        upgrades: upgrade_tx,
     };
     let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
 
@@ -421,13 +501,70 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let deadline = sup.next_deadline();
         let save_at = unsaved.then_some(next_save);
         tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown => break Ok(Stopped::Shutdown),
             fatal = &mut link_task => break match fatal {
                 Ok(Some(f)) => Err(AgentError::Link(f)),
-                Ok(None) => Ok(()),
-                Err(e) => { warn!(error = %e, "link task ended"); Ok(()) }
+                Ok(None) => Ok(Stopped::Shutdown),
+                Err(e) => { warn!(error = %e, "link task ended"); Ok(Stopped::Shutdown) }
             },
+            Some(call) = upgrade_rx.recv() => {
+                let answer = |message: String| proto::messages::UpgradeAnswer::Refused { message };
+                let current = upgrade::load(&upgrade_state_path).ok().flatten();
+                let early = if upgrading.is_some() {
+                    Some(answer("an upgrade is already in progress".into()))
+                } else if let Some(a) = upgrade::precheck(current.as_ref(), &call.image, call.attempt) {
+                    Some(a)
+                } else if config.upgrade.is_none() {
+                    Some(answer("this agent cannot replace its binary (it was not started as the flotilla binary)".into()))
+                } else {
+                    None
+                };
+                if let Some(a) = early {
+                    let _ = call.reply.send((a, oneshot::channel().0));
+                    continue;
+                }
+                let Some(invocation) = config.upgrade.clone() else { continue };
+                info!(image = %call.image, attempt = call.attempt, "upgrade ordered: pulling the new agent binary");
+                let task = tokio::spawn(take_upgrade(
+                    upgrade_images.clone(),
+                    upgrade_registry.clone(),
+                    (call.image, call.attempt, call.deadline_ms),
+                    invocation,
+                    agent_binary.clone(),
+                    upgrade_state_path.clone(),
+                ));
+                upgrading = Some(Upgrading { reply: call.reply, task });
+            }
+            done = async { (&mut upgrading.as_mut().expect("guarded").task).await }, if upgrading.is_some() => {
+                let Some(Upgrading { reply, .. }) = upgrading.take() else { continue };
+                let done = done.unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")));
+                match done {
+                    Ok(digest) => {
+                        let (delivered_tx, delivered_rx) = oneshot::channel();
+                        let _ = reply.send((proto::messages::UpgradeAnswer::Restarting { digest }, delivered_tx));
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), delivered_rx).await;
+                        match config.upgrade.clone() {
+                            Some(inv) => break Ok(Stopped::Upgrade(inv)),
+                            None => continue,
+                        }
+                    }
+                    Err(message) => {
+                        warn!(reason = %message, "upgrade not taken");
+                        let _ = reply.send((proto::messages::UpgradeAnswer::Refused { message }, oneshot::channel().0));
+                    }
+                }
+            }
             Some(set) = assign_rx.recv() => {
+                // The first set from the hub confirms a binary on trial: its session is up.
+                if on_trial {
+                    on_trial = false;
+                    let path = upgrade_state_path.clone();
+                    match tokio::task::spawn_blocking(move || upgrade::confirm(&path)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %e, "cannot confirm the upgrade"),
+                        Err(e) => warn!(error = %e, "confirming the upgrade did not finish"),
+                    }
+                }
                 // The hub's current set wins; the same generation again is a replay.
                 if set.generation == generation && generation != 0 {
                     continue;
@@ -492,7 +629,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut link_task).await;
     }
     link_task.abort();
-    let control = if config.stop_workloads_on_exit { RunControl::Stop } else { RunControl::Detach };
+    if matches!(result, Ok(Stopped::Upgrade(_))) {
+        stops_workloads.set(false);
+    }
+    let control = if stops_workloads.get() { RunControl::Stop } else { RunControl::Detach };
     info!(runs = runs.len(), ?control, "agent stopping");
     for h in runs.values() {
         let _ = h.stop.send(control);
@@ -529,7 +669,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let listeners = sockets.take_outgoing();
     if !listeners.is_empty() {
-        let (exe, path, timeout) = (exe.clone(), handoff_socket.clone(), config.handoff_timeout);
+        // After an upgrade the path holds the new binary; the holder is the one running now.
+        let exe = if matches!(result, Ok(Stopped::Upgrade(_))) { PathBuf::from("/proc/self/exe") } else { exe.clone() };
+        let (path, timeout) = (handoff_socket.clone(), config.handoff_timeout);
         match tokio::task::spawn_blocking(move || handoff::pass_on(&exe, &path, listeners, timeout)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "cannot hand the listening sockets on; they close with this process"),

@@ -18,12 +18,13 @@ use std::time::Duration;
 
 use proto::messages::{
     AgentMsg, AgentRequest, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, RenewResponse, ReplicaStatus,
+    UpgradeAnswer,
     StreamStart,
 };
 use proto::token::JoinToken;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use transport::{ALPN_AGENT, frame, pki, tls};
 
@@ -62,6 +63,17 @@ pub struct Link {
     /// Counts local network changes (`netwatch`): while the link is down, a change means the
     /// network may be back, so the link retries at once instead of finishing its backoff.
     pub network: watch::Receiver<u64>,
+    /// Upgrade orders from the hub, to the main loop.
+    pub upgrades: mpsc::Sender<UpgradeCall>,
+}
+
+/// An upgrade order from the hub, for the main loop, which answers through `reply` with the
+/// answer and a sender the stream fires once the answer is on its way to the hub.
+pub struct UpgradeCall {
+    pub image: String,
+    pub attempt: u64,
+    pub deadline_ms: u64,
+    pub reply: oneshot::Sender<(UpgradeAnswer, oneshot::Sender<()>)>,
 }
 
 /// Why the link gave up for good.
@@ -318,7 +330,7 @@ impl Link {
                     }
                 }
                 stream = conn.accept_bi() => match stream {
-                    Ok((s, r)) => { tokio::spawn(serve_stream(self.logs.clone(), s, r)); }
+                    Ok((s, r)) => { tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), s, r)); }
                     Err(e) => break e.to_string(),
                 },
             }
@@ -469,7 +481,12 @@ enum SessionError {
 }
 
 /// A stream the hub opened: one request, then the answer.
-async fn serve_stream(logs: LogStore, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    logs: LogStore,
+    upgrades: mpsc::Sender<UpgradeCall>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let req = match frame::read::<HubRequest>(&mut recv).await {
         Ok(Some(req)) => req,
         _ => return,
@@ -481,7 +498,25 @@ async fn serve_stream(logs: LogStore, mut send: quinn::SendStream, mut recv: qui
                 debug!(replica = %which.replica, error = %e, "log stream ended");
             }
         }
+        HubRequest::Upgrade { image, attempt, deadline_ms } => {
+            let (reply, answer) = oneshot::channel();
+            let call = UpgradeCall { image, attempt, deadline_ms, reply };
+            let (answer, delivered) = match upgrades.send(call).await {
+                Ok(()) => answer.await.unwrap_or_else(|_| (stopping_answer(), oneshot::channel().0)),
+                Err(_) => (stopping_answer(), oneshot::channel().0),
+            };
+            if frame::write(&mut send, &answer).await.is_ok() && send.finish().is_ok() {
+                // The agent may restart next: the answer must reach the hub before the
+                // connection closes.
+                let _ = tokio::time::timeout(Duration::from_secs(3), send.stopped()).await;
+            }
+            let _ = delivered.send(());
+        }
     }
+}
+
+fn stopping_answer() -> UpgradeAnswer {
+    UpgradeAnswer::Refused { message: "the agent is stopping".into() }
 }
 
 /// A log the hub asked for.
