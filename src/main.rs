@@ -191,12 +191,22 @@ enum Command {
         command: ImageCommand,
     },
     /// Push a Wasm module (as a Wasm OCI artifact), or a container image from an OCI layout
-    /// (directory or tar) or `docker save` archive, to an OCI registry.
+    /// (directory or tar) or `docker save` archive, to an OCI registry; with `--agent`,
+    /// Flotilla agent binaries, one per platform, as one image index that agents upgrade to.
     Push {
-        /// A `.wasm` module or component, an OCI layout (directory or tar) or a `docker save` archive.
-        file: PathBuf,
+        /// What to push: one `.wasm` module or component, OCI layout (directory or tar) or
+        /// `docker save` archive; with `--agent`, one agent binary per platform.
+        #[arg(required = true, num_args = 1.., value_name = "FILE")]
+        files: Vec<PathBuf>,
         /// Where to push it, e.g. registry.example:5000/hello:v1.
         reference: String,
+        /// Push the FILEs as Flotilla agent binaries (Linux executables; each one's platform is
+        /// read from its ELF header), for `flotilla` agents to upgrade to.
+        #[arg(long)]
+        agent: bool,
+        /// The version to label the agent binaries with (`org.opencontainers.image.version`).
+        #[arg(long, value_name = "V", requires = "agent")]
+        agent_version: Option<String>,
         /// A registry HOST:PORT to reach over plain HTTP; repeatable.
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
@@ -844,10 +854,16 @@ async fn run_command(cli: Cli) -> Result<()> {
             let code = local::run(args).await?;
             std::process::exit(code);
         }
-        Command::Push { file, reference, insecure_registries } => {
+        Command::Push { files, reference, agent, agent_version, insecure_registries } => {
             let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries });
-            let digest = if is_wasm_file(&file)? {
-                let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if agent {
+                return push_agent(&registry, &files, &reference, agent_version.as_deref()).await;
+            }
+            let [file] = files.as_slice() else {
+                bail!("push takes one FILE, not {}; several are for agent binaries (--agent)", files.len());
+            };
+            let digest = if is_wasm_file(file)? {
+                let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
                 registry.push_wasm(&reference, &wasm).await?
             } else {
                 // An OCI image layout (directory or tar) or a `docker save` archive.
@@ -855,7 +871,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                     .prefix("flotilla-push-")
                     .tempdir()
                     .context("creating a scratch directory for the push")?;
-                oci_runtime::image::push_archive(&registry, &file, &reference, scratch.path())
+                oci_runtime::image::push_archive(&registry, file, &reference, scratch.path())
                     .await
                     .with_context(|| format!("pushing {}", file.display()))?
             };
@@ -1245,6 +1261,40 @@ enum ImageCommand {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+}
+
+/// `flotilla push --agent`: pushes `files`, each labelled with the platform its ELF header
+/// names, as one agent artifact, and prints its digest and a line per platform.
+async fn push_agent(
+    registry: &oci_runtime::Registry,
+    files: &[PathBuf],
+    reference: &str,
+    version: Option<&str>,
+) -> Result<()> {
+    let mut binaries: Vec<(oci_runtime::Platform, &PathBuf, Vec<u8>)> = Vec::with_capacity(files.len());
+    for file in files {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let Some(platform) = oci_runtime::elf_platform(&bytes) else {
+            let what = if bytes.starts_with(b"\x7fELF") { "an ELF file but" } else { "not an ELF file, so" };
+            bail!(
+                "{} is {what} not a Linux executable for a known platform (amd64, arm64, arm/v7, 386, riscv64, \
+                 ppc64le, ppc64, s390x, loong64)",
+                file.display()
+            );
+        };
+        if let Some((_, other, _)) = binaries.iter().find(|(p, _, _)| *p == platform) {
+            bail!("{} and {} are both for {platform}; give one binary per platform", other.display(), file.display());
+        }
+        binaries.push((platform, file, bytes));
+    }
+    binaries.sort_by(|a, b| a.0.cmp(&b.0));
+    let pairs: Vec<(oci_runtime::Platform, &[u8])> = binaries.iter().map(|(p, _, b)| (p.clone(), &b[..])).collect();
+    let digest = registry.push_agent(reference, &pairs, version).await?;
+    println!("pushed {reference}@{digest}");
+    for (platform, file, bytes) in &binaries {
+        println!("  {platform} {} ({} bytes)", file.display(), bytes.len());
+    }
+    Ok(())
 }
 
 /// Whether `path` is a Wasm binary (starts with `\0asm`), as opposed to an image archive.

@@ -1,10 +1,13 @@
-//! The CLI as a shell user meets it: completions for bash, zsh and fish, and `version`.
+//! The CLI as a shell user meets it: completions for bash, zsh and fish, `version`, `get`,
+//! and `push --agent` into a real registry (Debian's `docker-registry`).
 //!
 //! The bash completion is loaded into a real bash and asked to complete; zsh and fish are not
 //! installed here, so their scripts are checked for what those shells look for.
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "../oci-runtime/tests/support/mod.rs"]
+mod registry;
 
 use cluster::Cluster;
 
@@ -100,4 +103,95 @@ fn get_takes_names_and_prints_names_as_kubectl_does() {
     assert!(!some.status.success());
     let printed: Vec<serde_json::Value> = serde_json::from_slice(&some.stdout).unwrap();
     assert_eq!(printed.len(), 1, "what exists is printed");
+}
+
+/// A small fake Linux executable for a platform other than the host's: a 64-bit
+/// little-endian ELF header for aarch64 (x86_64 on an aarch64 host), then `code`.
+fn foreign_elf(code: &str) -> Vec<u8> {
+    let machine: u16 = if oci_runtime::Platform::host().architecture == "arm64" { 62 } else { 183 };
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little-endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // an executable
+    elf[18..20].copy_from_slice(&machine.to_le_bytes());
+    elf.extend_from_slice(code.as_bytes());
+    elf
+}
+
+#[test]
+fn push_agent_pushes_one_binary_per_platform_that_an_agent_pulls_back() {
+    let Some(reg) = registry::TestRegistry::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // This very `flotilla` binary for the host, and a fake one for another platform.
+    let host = std::path::PathBuf::from(cluster::bin());
+    let host_platform = oci_runtime::elf_platform(&std::fs::read(&host).unwrap()).unwrap();
+    let fake = dir.path().join("flotilla-other");
+    std::fs::write(&fake, foreign_elf("other")).unwrap();
+    let fake_platform = oci_runtime::elf_platform(&std::fs::read(&fake).unwrap()).unwrap();
+    let reference = reg.reference("flotilla/agent:1.4.0");
+
+    let (host_s, fake_s) = (host.to_str().unwrap(), fake.to_str().unwrap());
+    let printed = out(&["push", "--agent", host_s, fake_s, &reference, "--agent-version", "1.4.0"]);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 3, "{printed}");
+    let digest = lines[0].strip_prefix(&format!("pushed {reference}@")).unwrap_or_else(|| panic!("{printed}"));
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{printed}");
+    for (platform, file) in [(&host_platform, &host), (&fake_platform, &fake)] {
+        let line = format!("  {platform} {}", file.display());
+        assert!(lines.iter().any(|l| l.starts_with(&line)), "no line {line:?} in\n{printed}");
+    }
+
+    // An agent on this host gets this binary back, byte for byte.
+    let store_dir = tempfile::tempdir().unwrap();
+    let blobs = oci_runtime::BlobStore::open(store_dir.path()).unwrap();
+    let store = oci_runtime::ImageStore::open(store_dir.path(), blobs).unwrap();
+    let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig::default());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pulled = rt.block_on(store.pull_agent_binary(&registry, &reference, &oci_runtime::Platform::host())).unwrap();
+    assert_eq!(pulled.index_digest.as_deref(), Some(digest));
+    assert_eq!(pulled.version.as_deref(), Some("1.4.0"));
+    assert!(std::fs::read(&pulled.path).unwrap() == std::fs::read(&host).unwrap(), "the pulled binary differs");
+
+    // What is no agent binary is refused by name, before anything is pushed.
+    let script = dir.path().join("agent.sh");
+    std::fs::write(&script, "#!/bin/sh\necho not a binary\n").unwrap();
+    let refused = cluster::flotilla(&[
+        "push".as_ref(),
+        "--agent".as_ref(),
+        script.as_os_str(),
+        reg.reference("flotilla/agent:bad").as_ref(),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains(&format!("{} is not an ELF file", script.display())), "{stderr}");
+    // Two binaries for one platform, named.
+    let twice = cluster::flotilla(&[
+        "push".as_ref(),
+        "--agent".as_ref(),
+        fake.as_os_str(),
+        fake.as_os_str(),
+        reg.reference("flotilla/agent:twice").as_ref(),
+    ]);
+    assert!(String::from_utf8_lossy(&twice.stderr).contains(&format!("are both for {fake_platform}")));
+    // Without --agent, one file as ever.
+    let wasm = dir.path().join("empty.wasm");
+    std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+    let module = reg.reference("flotilla/module:v1");
+    assert!(out(&["push", wasm.to_str().unwrap(), &module]).starts_with(&format!("pushed {module}@sha256:")));
+    // Several files without --agent, and --agent-version without --agent.
+    let several = cluster::flotilla(&["push".as_ref(), fake.as_os_str(), fake.as_os_str(), reference.as_ref()]);
+    assert!(String::from_utf8_lossy(&several.stderr).contains("push takes one FILE, not 2"));
+    let version_alone = cluster::flotilla(&[
+        "push".as_ref(),
+        fake.as_os_str(),
+        reference.as_ref(),
+        "--agent-version".as_ref(),
+        "1".as_ref(),
+    ]);
+    assert!(!version_alone.status.success());
+    assert!(String::from_utf8_lossy(&version_alone.stderr).contains("--agent"));
 }
