@@ -734,73 +734,70 @@ async fn run(cli: Cli) -> Result<Option<agent::upgrade::Invocation>> {
 /// `flotilla agent`.
 async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation>> {
     let Command::Agent {
-            hub,
-            token,
-            token_file,
-            name,
-            labels,
-            taints,
-            data_dir,
-            insecure_registries,
-            wasm_max_memory,
-            wasm_fuel,
-            wasm_instances,
-            containers,
-            image_gc_threshold,
-            min_free_disk,
-            registry_auth,
-            link_timeout,
-            stop_workloads_on_exit,
+        hub,
+        token,
+        token_file,
+        name,
+        labels,
+        taints,
+        data_dir,
+        insecure_registries,
+        wasm_max_memory,
+        wasm_fuel,
+        wasm_instances,
+        containers,
+        image_gc_threshold,
+        min_free_disk,
+        registry_auth,
+        link_timeout,
+        stop_workloads_on_exit,
     } = command
     else {
         bail!("not the agent command")
     };
     {
-            init_tracing();
-            let token = match (token, token_file) {
-                (Some(t), _) => Some(t),
-                (None, Some(f)) => {
-                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
-                }
-                (None, None) => None,
-            };
-            let token = token.map(|t| t.parse::<JoinToken>()).transpose()?;
-            let mut config =
-                agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
-            config.token = token;
-            config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
-            config.taints = taints;
-            config.insecure_registries = insecure_registries;
-            config.wasm_max_memory = wasm_max_memory
-                .as_deref()
-                .map(proto::manifest::parse_quantity)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
-            config.wasm_fuel = wasm_fuel;
-            config.wasm_instances = wasm_instances;
-            config.containers = containers.into();
-            config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
-                .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
-            config.link_timeout = link_timeout;
-            config.stop_workloads_on_exit = stop_workloads_on_exit;
-            config.min_free_disk_bytes =
-                proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
-            if let Some(path) = registry_auth {
-                let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
-                    .with_context(|| format!("parsing {}", path.display()))?;
+        init_tracing();
+        let token = match (token, token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
+            (None, None) => None,
+        };
+        let token = token.map(|t| t.parse::<JoinToken>()).transpose()?;
+        let mut config = agent::AgentConfig::new(hub, name.unwrap_or_else(agent::facts::default_node_name), data_dir);
+        config.token = token;
+        config.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+        config.taints = taints;
+        config.insecure_registries = insecure_registries;
+        config.wasm_max_memory = wasm_max_memory
+            .as_deref()
+            .map(proto::manifest::parse_quantity)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--wasm-max-memory: {e}"))?;
+        config.wasm_fuel = wasm_fuel;
+        config.wasm_instances = wasm_instances;
+        config.containers = containers.into();
+        config.image_gc_threshold_bytes = proto::manifest::parse_quantity(&image_gc_threshold)
+            .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
+        config.link_timeout = link_timeout;
+        config.stop_workloads_on_exit = stop_workloads_on_exit;
+        config.min_free_disk_bytes =
+            proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
+        if let Some(path) = registry_auth {
+            let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
+                .with_context(|| format!("parsing {}", path.display()))?;
+        }
+        config.upgrade = match agent::upgrade::Invocation::of_this_process() {
+            Ok(inv) => Some(inv),
+            Err(e) => {
+                eprintln!("warning: this agent cannot take upgrades: {e}");
+                None
             }
-            config.upgrade = match agent::upgrade::Invocation::of_this_process() {
-                Ok(inv) => Some(inv),
-                Err(e) => {
-                    eprintln!("warning: this agent cannot take upgrades: {e}");
-                    None
-                }
-            };
-            match agent::run(config, shutdown_signal()).await? {
-                agent::Stopped::Shutdown => Ok(None),
-                agent::Stopped::Upgrade(invocation) => Ok(Some(invocation)),
-            }
+        };
+        match agent::run(config, shutdown_signal()).await? {
+            agent::Stopped::Shutdown => Ok(None),
+            agent::Stopped::Upgrade(invocation) => Ok(Some(invocation)),
+        }
     }
 }
 
@@ -847,7 +844,10 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Agent { .. } => bail!("the agent runs through run_agent"),
-        Command::Oci(_) | Command::AgentHandoff { .. } | Command::AgentUpgradeWatch { .. } | Command::Completion { .. } => {
+        Command::Oci(_)
+        | Command::AgentHandoff { .. }
+        | Command::AgentUpgradeWatch { .. }
+        | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")
         }
         Command::Run(args) => {
@@ -1097,7 +1097,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             print_list(&client, &ApiRequest::Audit { limit, since_ms }, output).await
         }
         Command::Upgrade { action: UpgradeAction::Agents { image, selector, max_unavailable, deadline, output } } => {
-            let deadline_ms = proto::manifest::parse_duration_ms(&deadline).map_err(|e| anyhow::anyhow!("--deadline: {e}"))?;
+            let deadline_ms =
+                proto::manifest::parse_duration_ms(&deadline).map_err(|e| anyhow::anyhow!("--deadline: {e}"))?;
             let req = ApiRequest::UpgradeAgents {
                 image,
                 selector: selector.into_iter().collect(),

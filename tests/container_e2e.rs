@@ -825,3 +825,154 @@ fn an_agent_stopped_with_sigterm_leaves_its_containers_running_and_adopts_them()
         assert!(leftovers(&c, "term-1", r).is_empty(), "{:?}", leftovers(&c, "term-1", r));
     }
 }
+
+/// Kills, when dropped, every process whose command line names `dir`: agents that a rollback
+/// restarted (no longer children of the test) and their helpers.
+struct Orphans(PathBuf);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+fn upgrade_status(c: &Cluster) -> serde_json::Value {
+    serde_json::from_str(&c.ok(&["upgrade", "status", "-o", "json"])).unwrap()
+}
+
+fn node_state<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or_else(|| panic!("{node} in {status}"))
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
+}
+
+/// `flotilla upgrade agents` end to end, two agents each running a copy of the binary of its
+/// own, with a container on each. The new binary is this build with bytes appended (another
+/// digest, the same code: the previous commit's binary cannot take upgrade orders, which this
+/// change introduces). One node at a time is upgraded; each agent restarts into the new binary
+/// in the same process with its container untouched (same pids, 0 restarts) and reports the
+/// new digest, keeping the previous binary beside it. Then a broken binary (`/bin/false`,
+/// which exits at once): the first node's agent goes back to the previous binary by itself,
+/// its container still untouched, and the upgrade pauses with the second node never ordered.
+#[test]
+fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_back_and_pauses() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["up-1", "up-2"] };
+    let _orphans = Orphans(c.dir.path().to_path_buf());
+    let nodes = ["up-1", "up-2"];
+    let root = c.dir.path().to_path_buf();
+    let exe = |node: &str| root.join(format!("bin-{node}")).join("flotilla");
+    let original = std::fs::read(cluster::bin()).unwrap();
+    for node in nodes {
+        std::fs::create_dir_all(exe(node).parent().unwrap()).unwrap();
+        std::fs::copy(cluster::bin(), exe(node)).unwrap();
+        let program = exe(node);
+        c.add_agent_from(&program, node, &["--containers", "on"]);
+    }
+    c.wait_for("both nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
+    let image = push_busybox(&reg, c.dir.path(), "busybox:upgrade", &["sh", "-c", "echo up; exec sleep 100000"]);
+    apply(&c, &workload("calm", &image, "  kind: EveryNode\n"));
+    let all_running = |c: &Cluster| {
+        let reps = c.replicas();
+        reps.len() == 2
+            && reps.iter().all(|r| r.status.phase == Phase::Running && r.status.template_hash == r.template_hash)
+    };
+    c.wait_for("a container on each node", WAIT, || all_running(&c));
+    let placed: Vec<(String, String)> =
+        c.replicas().into_iter().map(|r| (r.node.clone().unwrap(), r.name.clone())).collect();
+    let pids = || -> Vec<Vec<u32>> { placed.iter().map(|(n, r)| container_pids(n, r)).collect() };
+    let before = pids();
+    assert!(before.iter().all(|p| !p.is_empty()), "{before:?} {placed:?}");
+
+    // The next binary: this build plus a trailer, pushed as an agent artifact.
+    let next = c.dir.path().join("next").join("flotilla");
+    std::fs::create_dir_all(next.parent().unwrap()).unwrap();
+    let mut bytes = original.clone();
+    bytes.extend_from_slice(b"\nflotilla upgrade test trailer\n");
+    std::fs::write(&next, &bytes).unwrap();
+    let next_digest = sha256_of(&next);
+    let next_ref = reg.reference("flotilla-agent:next");
+    let out = cluster::flotilla(&["push", "--agent", next.to_str().unwrap(), &next_ref, "--agent-version", "next"]);
+    assert!(out.status.success(), "push --agent: {}", String::from_utf8_lossy(&out.stderr));
+
+    let started = c.ok(&["upgrade", "agents", "--to", &next_ref, "--max-unavailable", "1", "--deadline", "60s"]);
+    assert!(started.contains("Progressing"), "{started}");
+    let mut most_at_once = 0;
+    c.wait_for("the upgrade to complete", Duration::from_secs(180), || {
+        let s = upgrade_status(&c);
+        let upgrading = s["nodes"].as_array().unwrap().iter().filter(|n| n["state"] == "Upgrading").count();
+        most_at_once = most_at_once.max(upgrading);
+        assert_ne!(s["phase"], "Paused", "{s}");
+        s["phase"] == "Complete"
+    });
+    assert!(most_at_once <= 1, "{most_at_once} nodes upgrading at once with --max-unavailable 1");
+    let s = upgrade_status(&c);
+    for node in nodes {
+        let n = node_state(&s, node);
+        assert_eq!(n["state"], "Upgraded", "{s}");
+        assert_eq!(n["binary"]["digest"], next_digest.as_str(), "{s}");
+        assert_eq!(n["binary"]["image"], next_ref.as_str(), "{s}");
+        assert_eq!(std::fs::read(exe(node)).unwrap(), bytes, "{node} runs the new binary from its path");
+        let previous = exe(node).with_file_name("flotilla.previous");
+        assert_eq!(std::fs::read(previous).unwrap(), original, "{node} kept the previous binary");
+    }
+    // The same agent processes (an exec keeps the pid), the same containers, no restarts.
+    for a in c.agents.iter_mut() {
+        assert!(a.child.try_wait().unwrap().is_none(), "{} exited", a.name);
+    }
+    assert_eq!(pids(), before, "an agent upgrade restarted a container");
+    c.wait_for("both running after the upgrade", WAIT, || all_running(&c));
+    for r in c.replicas() {
+        assert_eq!(r.status.restarts, 0, "{}: {:?}", r.name, r.status);
+    }
+    let text = c.ok(&["describe", "node", "up-1"]);
+    assert!(text.contains("Ready") || text.contains("ready"), "{text}");
+
+    // A binary that exits at start: rolled back by the agent itself, and the upgrade pauses.
+    let broken_ref = reg.reference("flotilla-agent:broken");
+    let out = cluster::flotilla(&["push", "--agent", "/bin/false", &broken_ref]);
+    assert!(out.status.success(), "push --agent: {}", String::from_utf8_lossy(&out.stderr));
+    c.ok(&["upgrade", "agents", "--to", &broken_ref, "--max-unavailable", "1", "--deadline", "30s"]);
+    c.wait_for("the upgrade to pause", Duration::from_secs(180), || upgrade_status(&c)["phase"] == "Paused");
+    let s = upgrade_status(&c);
+    let message = s["message"].as_str().unwrap();
+    assert!(message.starts_with("node up-1:") && message.contains("rolled back"), "{s}");
+    let failed = node_state(&s, "up-1");
+    assert_eq!(failed["state"], "Failed", "{s}");
+    assert_eq!(node_state(&s, "up-2")["state"], "Pending", "the second node was ordered after a failure: {s}");
+    // up-1 is back on the previous binary (the one the last upgrade installed), connected.
+    c.wait_for("up-1 back", WAIT, || c.nodes().iter().any(|n| n.name == "up-1" && n.ready));
+    let s = upgrade_status(&c);
+    assert_eq!(node_state(&s, "up-1")["binary"]["digest"], next_digest.as_str(), "{s}");
+    assert_eq!(std::fs::read(exe("up-1")).unwrap(), bytes, "the previous binary is back in place");
+    assert_eq!(pids(), before, "a rolled-back upgrade restarted a container");
+    c.wait_for("both running after the rollback", WAIT, || all_running(&c));
+    for r in c.replicas() {
+        assert_eq!(r.status.restarts, 0, "{}: {:?}", r.name, r.status);
+    }
+    let audit = c.ok(&["audit"]);
+    assert!(audit.contains("upgrade agents") && audit.contains(&broken_ref), "{audit}");
+}

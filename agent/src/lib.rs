@@ -233,8 +233,10 @@ async fn take_upgrade(
 ) -> Result<String, String> {
     let (image, attempt, deadline_ms) = call;
     let platform = oci_runtime::Platform::host();
-    let pulled =
-        images.pull_agent_binary(&registry, &image, &platform).await.map_err(|e| format!("cannot pull {image}: {e}"))?;
+    let pulled = images
+        .pull_agent_binary(&registry, &image, &platform)
+        .await
+        .map_err(|e| format!("cannot pull {image}: {e}"))?;
     let digest = pulled.binary_digest.clone();
     let install = upgrade::Install {
         attempt,

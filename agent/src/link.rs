@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use proto::messages::{
     AgentMsg, AgentRequest, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, RenewResponse, ReplicaStatus,
-    UpgradeAnswer,
-    StreamStart,
+    StreamStart, UpgradeAnswer,
 };
 use proto::token::JoinToken;
 use rand::Rng;

@@ -438,11 +438,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(dir.path());
         assert_eq!(precheck(None, "reg/x:1", 1), None);
-        assert_eq!(precheck(Some(&s), "reg/flotilla-agent:2", 2), Some(UpgradeAnswer::Current { digest: "sha256:22".into() }));
+        assert_eq!(
+            precheck(Some(&s), "reg/flotilla-agent:2", 2),
+            Some(UpgradeAnswer::Current { digest: "sha256:22".into() })
+        );
         assert_eq!(precheck(Some(&s), "reg/flotilla-agent:3", 3), None);
         s.phase = Phase::RolledBack;
         s.message = "exited".into();
-        assert!(matches!(precheck(Some(&s), "reg/flotilla-agent:2", 2), Some(UpgradeAnswer::Refused { message }) if message.contains("exited")));
+        assert!(
+            matches!(precheck(Some(&s), "reg/flotilla-agent:2", 2), Some(UpgradeAnswer::Refused { message }) if message.contains("exited"))
+        );
         // A new attempt for the image that failed may try again.
         assert_eq!(precheck(Some(&s), "reg/flotilla-agent:2", 3), None);
     }

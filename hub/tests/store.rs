@@ -1078,7 +1078,10 @@ async fn agent_upgrades_replace_each_other_and_only_the_leader_writes_their_pass
     assert!(store.try_acquire_lease("controller", "me", Duration::from_secs(30)).await.unwrap().is_some());
     assert!(store.write_upgrade_plan(fence, 1, &pass, 2_000).await.unwrap());
     let orders = store.upgrade_orders().await.unwrap();
-    assert_eq!(orders.iter().map(|o| (o.node.as_str(), o.image.as_str())).collect::<Vec<_>>(), [("a", "reg/flotilla-agent:2"), ("b", "reg/flotilla-agent:2")]);
+    assert_eq!(
+        orders.iter().map(|o| (o.node.as_str(), o.image.as_str())).collect::<Vec<_>>(),
+        [("a", "reg/flotilla-agent:2"), ("b", "reg/flotilla-agent:2")]
+    );
     // A refusal recorded by any hub fails the node, and a pass that had not seen it does not
     // undo it.
     store.fail_upgrade_order("b", 1, "pull failed").await.unwrap();
@@ -1090,7 +1093,8 @@ async fn agent_upgrades_replace_each_other_and_only_the_leader_writes_their_pass
     assert_eq!(store.upgrade_orders().await.unwrap().len(), 1);
     // A pass for an upgrade that was replaced meanwhile writes nothing; the new one starts
     // clean, with the next attempt number.
-    let next = store.start_agent_upgrade(&NewUpgrade { image: "reg/flotilla-agent:3".into(), ..new }, 4_000).await.unwrap();
+    let next =
+        store.start_agent_upgrade(&NewUpgrade { image: "reg/flotilla-agent:3".into(), ..new }, 4_000).await.unwrap();
     assert_eq!((next.attempt, next.paused.as_str()), (2, ""));
     assert!(!store.write_upgrade_plan(fence, 1, &pass, 5_000).await.unwrap());
     let (_, progress) = store.agent_upgrade().await.unwrap().unwrap();

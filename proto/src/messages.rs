@@ -407,11 +407,7 @@ pub enum HubRequest {
     /// the hub within `deadline_ms` is replaced by the previous one again. `attempt` numbers
     /// the fleet upgrade; the agent reports how it ended in [`NodeFacts::last_upgrade`].
     /// Agents older than remote upgrades cannot read it and close the stream.
-    Upgrade {
-        image: String,
-        attempt: u64,
-        deadline_ms: u64,
-    },
+    Upgrade { image: String, attempt: u64, deadline_ms: u64 },
 }
 
 /// The agent's answer to [`HubRequest::Upgrade`].
@@ -1008,7 +1004,12 @@ mod tests {
         assert!(!json.contains("agentBinary") && !json.contains("lastUpgrade"), "{json}");
         let upgraded = NodeFacts {
             agent_binary: Some(AgentBinary { image: "reg/flotilla:2".into(), digest: "sha256:ab".into() }),
-            last_upgrade: Some(UpgradeOutcome { attempt: 3, image: "reg/flotilla:2".into(), ok: true, message: String::new() }),
+            last_upgrade: Some(UpgradeOutcome {
+                attempt: 3,
+                image: "reg/flotilla:2".into(),
+                ok: true,
+                message: String::new(),
+            }),
             ..facts
         };
         let back: NodeFacts = serde_json::from_str(&serde_json::to_string(&upgraded).unwrap()).unwrap();

@@ -165,6 +165,22 @@ impl Cluster {
         self.agents.push(Proc::spawn(&format!("agent {name}"), &args, log));
     }
 
+    /// Starts an agent that joins with the hub's token, running the `flotilla` binary at
+    /// `program` (a copy of its own, for tests that replace it).
+    pub fn add_agent_from(&mut self, program: &Path, name: &str, extra: &[&str]) {
+        let token = self.token_path();
+        let data = self.agent_dir(name);
+        let mut args: Vec<String> =
+            ["agent", "--hub", &self.hub_addr, "--token-file", token.to_str().unwrap(), "--name", name]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(["--data-dir".to_string(), data.to_str().unwrap().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = self.dir.path().join(format!("agent-{name}.log"));
+        self.agents.push(Proc::spawn_program(&format!("agent {name}"), program.to_str().unwrap(), &args, log));
+    }
+
     /// Starts an agent through a command prefix (for example [`nsenter`, `--net=...`, `--`]),
     /// dialling the hub at `hub`. Its log is `agent-<name>.log` in the cluster dir, then
     /// `agent-<name>.2.log`, ... for later starts.

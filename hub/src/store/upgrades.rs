@@ -127,7 +127,13 @@ impl Store {
                  ON CONFLICT (node) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, \
                  ordered_at_ms = excluded.ordered_at_ms, message = excluded.message \
                  WHERE agent_upgrade_nodes.state <> 'failed' OR agent_upgrade_nodes.attempt <> excluded.attempt",
-                &[(&w.node).into(), w.attempt.into(), w.state.as_str().into(), w.ordered_at_ms.into(), (&w.message).into()],
+                &[
+                    (&w.node).into(),
+                    w.attempt.into(),
+                    w.state.as_str().into(),
+                    w.ordered_at_ms.into(),
+                    (&w.message).into(),
+                ],
             )
             .await?;
         }
@@ -158,7 +164,9 @@ impl Store {
             )
             .await?;
         rows.iter()
-            .map(|r| Ok(UpgradeOrder { node: r.text(0)?, attempt: r.u64(1)?, image: r.text(2)?, deadline_ms: r.u64(3)? }))
+            .map(|r| {
+                Ok(UpgradeOrder { node: r.text(0)?, attempt: r.u64(1)?, image: r.text(2)?, deadline_ms: r.u64(3)? })
+            })
             .collect()
     }
 

@@ -78,7 +78,9 @@ async fn plan_pass(shared: &Shared) -> Result<(), StoreError> {
     }
     for w in &pass.writes {
         match w.state {
-            super::NodeState::Ordered => info!(node = %w.node, image = %up.image, attempt = up.attempt, "agent upgrade ordered"),
+            super::NodeState::Ordered => {
+                info!(node = %w.node, image = %up.image, attempt = up.attempt, "agent upgrade ordered")
+            }
             super::NodeState::Done => info!(node = %w.node, image = %up.image, "agent upgraded"),
             super::NodeState::Failed => warn!(node = %w.node, reason = %w.message, "agent upgrade failed"),
         }
@@ -110,7 +112,8 @@ async fn deliver(shared: &Arc<Shared>, sent: &mut HashSet<(String, u64, u64)>) -
 
 /// Sends one order and waits for the agent's answer (it pulls and installs the binary first).
 async fn send_order(shared: Arc<Shared>, conn: quinn::Connection, order: UpgradeOrder) {
-    let req = HubRequest::Upgrade { image: order.image.clone(), attempt: order.attempt, deadline_ms: order.deadline_ms };
+    let req =
+        HubRequest::Upgrade { image: order.image.clone(), attempt: order.attempt, deadline_ms: order.deadline_ms };
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         frame::write(&mut send, &req).await.map_err(|e| e.to_string())?;
@@ -174,11 +177,7 @@ pub(crate) async fn start(
         return refuse("max unavailable must be at least 1".into());
     }
     if !(MIN_DEADLINE_MS..=MAX_DEADLINE_MS).contains(&deadline_ms) {
-        return refuse(format!(
-            "deadline must be between {}s and {}s",
-            MIN_DEADLINE_MS / 1000,
-            MAX_DEADLINE_MS / 1000
-        ));
+        return refuse(format!("deadline must be between {}s and {}s", MIN_DEADLINE_MS / 1000, MAX_DEADLINE_MS / 1000));
     }
     let new = NewUpgrade {
         image: image.to_string(),

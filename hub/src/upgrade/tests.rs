@@ -80,7 +80,16 @@ fn nodes_are_ordered_in_batches_of_max_unavailable_and_the_next_batch_waits() {
     // One back on the new binary: done, and one more ordered.
     nodes[1] = node("a").on(IMAGE);
     let p = plan(&up, &inputs(&nodes), &progress, 3_000);
-    assert_eq!(p.writes[0], NodeProgress { node: "a".into(), attempt: 4, state: NodeState::Done, ordered_at_ms: 1_000, message: String::new() });
+    assert_eq!(
+        p.writes[0],
+        NodeProgress {
+            node: "a".into(),
+            attempt: 4,
+            state: NodeState::Done,
+            ordered_at_ms: 1_000,
+            message: String::new()
+        }
+    );
     assert_eq!(ordered(&p), ["c"]);
     apply(&mut progress, &p);
     for (i, name) in [(2, "b"), (0, "c")] {
@@ -102,7 +111,10 @@ fn a_node_already_on_the_image_is_done_without_an_order_and_offline_ones_wait() 
     offline.connected = false;
     let nodes = vec![node("a").on(IMAGE), offline, node("c").on("reg/flotilla-agent:1")];
     let p = plan(&up, &inputs(&nodes), &BTreeMap::new(), 1_000);
-    assert_eq!(p.writes.iter().map(|w| (w.node.as_str(), w.state)).collect::<Vec<_>>(), [("a", NodeState::Done), ("c", NodeState::Ordered)]);
+    assert_eq!(
+        p.writes.iter().map(|w| (w.node.as_str(), w.state)).collect::<Vec<_>>(),
+        [("a", NodeState::Done), ("c", NodeState::Ordered)]
+    );
     assert!(!p.complete, "b is still to do");
 }
 
@@ -168,7 +180,13 @@ fn rows_of_an_earlier_attempt_count_for_nothing() {
     let mut progress = BTreeMap::new();
     progress.insert(
         "a".to_string(),
-        NodeProgress { node: "a".into(), attempt: 3, state: NodeState::Failed, ordered_at_ms: 0, message: "old".into() },
+        NodeProgress {
+            node: "a".into(),
+            attempt: 3,
+            state: NodeState::Failed,
+            ordered_at_ms: 0,
+            message: "old".into(),
+        },
     );
     let p = plan(&up, &inputs(&nodes), &progress, 1_000);
     assert_eq!(ordered(&p), ["a"]);
