@@ -6,6 +6,9 @@
 #   scripts/compat.sh            # against HEAD~1
 #   scripts/compat.sh v0.1.0     # against a release
 #
+# It also upgrades an agent of REV to this build with `flotilla upgrade agents` (when REV
+# takes upgrade orders, as every build from the one that introduced them does).
+#
 # Not part of scripts/test.sh: building another revision takes minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
