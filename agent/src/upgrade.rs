@@ -261,35 +261,30 @@ fn copy_synced(from: &Path, to: &Path, mode: u32) -> io::Result<()> {
 /// now, whatever the path holds later) `agent-upgrade-watch`, which starts the real watcher
 /// in a process group of its own and exits, so the watcher is nobody's child to reap.
 pub fn spawn_watcher(state_path: &Path) -> io::Result<()> {
-    let status = Command::new("/proc/self/exe")
-        .arg("agent-upgrade-watch")
-        .arg("--state")
-        .arg(state_path)
-        .arg("--pid")
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .process_group(0)
-        .status()?;
+    let status = watcher_command(state_path, std::process::id()).status()?;
     if !status.success() {
         return Err(io::Error::other(format!("the upgrade watcher did not start: {status}")));
     }
     Ok(())
 }
 
-/// Body of `agent-upgrade-watch` (without `--detached`): starts the watcher proper and
-/// returns.
-pub fn detach_watcher(state_path: &Path, pid: u32) -> io::Result<()> {
-    Command::new("/proc/self/exe")
-        .arg("agent-upgrade-watch")
+/// `/proc/self/exe agent-upgrade-watch --state S --pid P`, in a process group of its own.
+fn watcher_command(state_path: &Path, pid: u32) -> Command {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg("agent-upgrade-watch")
         .arg("--state")
         .arg(state_path)
         .arg("--pid")
         .arg(pid.to_string())
-        .arg("--detached")
         .stdin(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map(drop)
+        .process_group(0);
+    cmd
+}
+
+/// Body of `agent-upgrade-watch` (without `--detached`): starts the watcher proper and
+/// returns.
+pub fn detach_watcher(state_path: &Path, pid: u32) -> io::Result<()> {
+    watcher_command(state_path, pid).arg("--detached").spawn().map(drop)
 }
 
 /// Replaces this process with the agent's executable (the new binary), same arguments.
