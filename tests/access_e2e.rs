@@ -222,3 +222,44 @@ fn host_paths_and_the_host_network_only_where_the_hubs_policy_allows() {
     let refused = entries.iter().filter(|a| a.action == "apply" && a.outcome.starts_with("failed: refused")).count();
     assert_eq!(refused, 3, "{entries:#?}");
 }
+
+/// A fleet upgrade of agents is the admin's to start (a viewer may watch it), and one that
+/// names a bad image, no batch or a deadline out of bounds is refused with why before
+/// anything is recorded.
+#[test]
+fn only_an_admin_starts_an_agent_upgrade_and_a_bad_one_is_refused_with_why() {
+    let c = Cluster::start();
+    let dir = c.dir.path();
+    let (vic, otto) = (dir.join("vic.yaml"), dir.join("otto.yaml"));
+    c.ok(&["user", "add", "vic", "--role", "viewer", "-o", vic.to_str().unwrap()]);
+    c.ok(&["user", "add", "otto", "--role", "operator", "-o", otto.to_str().unwrap()]);
+    let none = as_user(&vic, &["upgrade", "status"]);
+    assert!(none.status.success(), "{}", stderr(&none));
+    assert_eq!(String::from_utf8_lossy(&none.stdout), "no agent upgrade was started\n");
+    let denied = as_user(&otto, &["upgrade", "agents", "--to", "registry.invalid/flotilla-agent:2"]);
+    assert!(
+        !denied.status.success() && stderr(&denied).contains("may not upgrade agents: that needs the admin role"),
+        "{}",
+        stderr(&denied)
+    );
+    for (args, why) in [
+        (vec!["--to", "Not An Image!"], "image \"Not An Image!\""),
+        (vec!["--to", "registry.invalid/a:1", "--max-unavailable", "0"], "max unavailable must be at least 1"),
+        (vec!["--to", "registry.invalid/a:1", "--deadline", "1s"], "deadline must be between 10s and 3600s"),
+        (vec!["--to", "registry.invalid/a:1", "-l", "bad key=x"], "selector bad key=x"),
+    ] {
+        let mut full = vec!["upgrade", "agents"];
+        full.extend(args);
+        let out = c.cli(&full);
+        assert!(!out.status.success() && stderr(&out).contains(why), "{full:?}: {}", stderr(&out));
+    }
+    assert_eq!(String::from_utf8_lossy(&c.cli(&["upgrade", "status"]).stdout), "no agent upgrade was started\n");
+    // A good one with no node to upgrade yet: recorded, progressing, audited.
+    let started = c.ok(&["upgrade", "agents", "--to", "registry.invalid/flotilla-agent:2", "-l", "ring=canary"]);
+    assert!(started.contains("Upgrade 1 to registry.invalid/flotilla-agent:2: Progressing"), "{started}");
+    let seen = as_user(&vic, &["upgrade", "status", "-o", "json"]);
+    let view: serde_json::Value = serde_json::from_slice(&seen.stdout).unwrap();
+    assert_eq!((view["attempt"].as_u64(), view["selector"]["ring"].as_str()), (Some(1), Some("canary")), "{view}");
+    let audit = c.ok(&["audit"]);
+    assert!(audit.contains("upgrade agents") && audit.contains("denied"), "{audit}");
+}

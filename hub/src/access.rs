@@ -299,6 +299,7 @@ mod tests {
             ApiRequest::Logs { replica: "r".into(), follow: true, tail_lines: None, attempt: None, wait_ms: 0 },
             ApiRequest::RolloutStatus { name: "w".into() },
             ApiRequest::CertsStatus,
+            ApiRequest::UpgradeStatus,
         ];
         for r in &reads {
             assert_eq!(denial(Role::Viewer, r), None, "{r:?}");
@@ -333,6 +334,12 @@ mod tests {
             ApiRequest::UserAdd { name: "u".into(), role: Role::Viewer, ttl_ms: None, csr_pem: String::new() },
             ApiRequest::UserRevoke { name: "u".into() },
             ApiRequest::Audit { limit: 10, since_ms: None },
+            ApiRequest::UpgradeAgents {
+                image: "reg/flotilla-agent:2".into(),
+                selector: BTreeMap::new(),
+                max_unavailable: 1,
+                deadline_ms: 60_000,
+            },
         ] {
             let why = denial(Role::Operator, &r).unwrap_or_else(|| panic!("an operator may not {r:?}"));
             assert!(why.ends_with("needs the admin role"), "{why}");
