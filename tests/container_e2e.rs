@@ -918,6 +918,7 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
     let out = cluster::flotilla(&["push", "--agent", next.to_str().unwrap(), &next_ref, "--agent-version", "next"]);
     assert!(out.status.success(), "push --agent: {}", String::from_utf8_lossy(&out.stderr));
 
+    let clock = std::time::Instant::now();
     let started = c.ok(&["upgrade", "agents", "--to", &next_ref, "--max-unavailable", "1", "--deadline", "60s"]);
     assert!(started.contains("Progressing"), "{started}");
     let mut most_at_once = 0;
@@ -928,6 +929,7 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
         assert_ne!(s["phase"], "Paused", "{s}");
         s["phase"] == "Complete"
     });
+    eprintln!("upgrade of 2 nodes, one at a time: complete after {:?}", clock.elapsed());
     assert!(most_at_once <= 1, "{most_at_once} nodes upgrading at once with --max-unavailable 1");
     let s = upgrade_status(&c);
     for node in nodes {
@@ -955,11 +957,15 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
     let broken_ref = reg.reference("flotilla-agent:broken");
     let out = cluster::flotilla(&["push", "--agent", "/bin/false", &broken_ref]);
     assert!(out.status.success(), "push --agent: {}", String::from_utf8_lossy(&out.stderr));
+    let clock = std::time::Instant::now();
     c.ok(&["upgrade", "agents", "--to", &broken_ref, "--max-unavailable", "1", "--deadline", "30s"]);
     c.wait_for("the upgrade to pause", Duration::from_secs(180), || upgrade_status(&c)["phase"] == "Paused");
+    eprintln!("broken binary: upgrade paused after {:?}", clock.elapsed());
     let s = upgrade_status(&c);
     let message = s["message"].as_str().unwrap();
+    // The watcher's own words: the new binary ran, exited, and the previous one came back.
     assert!(message.starts_with("node up-1:") && message.contains("rolled back"), "{s}");
+    assert!(message.contains("exited before it reached the hub; back on the previous binary"), "{s}");
     let failed = node_state(&s, "up-1");
     assert_eq!(failed["state"], "Failed", "{s}");
     assert_eq!(node_state(&s, "up-2")["state"], "Pending", "the second node was ordered after a failure: {s}");
