@@ -6,6 +6,7 @@ mod client;
 mod local;
 mod oci_cli;
 mod output;
+mod sim;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -171,6 +172,10 @@ enum Command {
         #[command(subcommand)]
         action: UpgradeAction,
     },
+    /// Simulate a fleet of agents against a hub, for scale measurements: each simulated node
+    /// joins, holds its own QUIC connection and speaks the agent protocol, and reports its
+    /// replicas Running without running anything (see BENCHMARKS.md, "Fleet scale").
+    Sim(sim::SimArgs),
     /// Holds a stopping agent's listening sockets for the next agent process (spawned by the
     /// agent itself).
     #[command(name = "agent-handoff", hide = true)]
@@ -1111,6 +1116,10 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Upgrade { action: UpgradeAction::Status { output } } => {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             print_list(&client, &ApiRequest::UpgradeStatus, output).await
+        }
+        Command::Sim(args) => {
+            init_tracing();
+            sim::run(args).await
         }
         Command::Version => {
             println!("client: {}", proto::version::VERSION);

@@ -129,10 +129,36 @@ pub async fn load_or_join(
 }
 
 async fn join(hub: &str, token: &JoinToken, node_name: &str, tuning: &tls::Tuning) -> Result<Identity, IdentityError> {
+    let (key_pem, req) = join_request(token, node_name)?;
+    let response = exchange(hub, &token.ca_fingerprint, &req, tuning).await?;
+    accept_join(token, response, key_pem)
+}
+
+/// Joins as `node_name` through the caller's `endpoint` to the hub at `addr`, without saving
+/// anything: for the fleet simulator, whose simulated nodes share endpoints bound to
+/// addresses of their own.
+pub async fn join_via(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    token: &JoinToken,
+    node_name: &str,
+    tuning: &tls::Tuning,
+) -> Result<Identity, IdentityError> {
+    let (key_pem, req) = join_request(token, node_name)?;
+    let response = exchange_via(endpoint, addr, &token.ca_fingerprint, &req, tuning).await?;
+    accept_join(token, response, key_pem)
+}
+
+/// A new key, and the join request for a certificate of it.
+fn join_request(token: &JoinToken, node_name: &str) -> Result<(String, JoinRequest), IdentityError> {
     let (key_pem, csr_pem) = pki::generate_csr(&format!("node:{node_name}"))?;
     let req =
         JoinRequest { secret: token.secret.clone(), node_name: node_name.to_string(), csr_pem, renew_cert_pem: None };
-    match exchange(hub, &token.ca_fingerprint, &req, tuning).await? {
+    Ok((key_pem, req))
+}
+
+fn accept_join(token: &JoinToken, response: JoinResponse, key_pem: String) -> Result<Identity, IdentityError> {
+    match response {
         JoinResponse::Accepted { cert_pem, ca_pem } => {
             // The hub could only have passed the pinned handshake with this CA, but check the
             // CA it hands over is the same one.
@@ -203,10 +229,22 @@ async fn exchange(
     tuning: &tls::Tuning,
 ) -> Result<JoinResponse, IdentityError> {
     let addr = tls::resolve(hub).await.map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let endpoint = tls::client_endpoint().map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let result = exchange_via(&endpoint, addr, pin, req, tuning).await;
+    endpoint.wait_idle().await;
+    result
+}
+
+async fn exchange_via(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    pin: &str,
+    req: &JoinRequest,
+    tuning: &tls::Tuning,
+) -> Result<JoinResponse, IdentityError> {
     let config =
         tls::client_config_pinned(pin, ALPN_JOIN, tuning).map_err(|e| IdentityError::Protocol(e.to_string()))?;
-    let endpoint = tls::client_endpoint().map_err(|e| IdentityError::Unreachable(e.to_string()))?;
-    let conn = tls::connect(&endpoint, config, addr).await.map_err(|e| {
+    let conn = tls::connect(endpoint, config, addr).await.map_err(|e| {
         // A pin mismatch is not transient: the hub is not the one the token names.
         let msg = e.to_string();
         if msg.contains("fingerprint") { IdentityError::Refused(msg) } else { IdentityError::Unreachable(msg) }
@@ -223,7 +261,6 @@ async fn exchange(
     .await
     .map_err(|_| IdentityError::Unreachable("timed out waiting for the hub's answer".into()))?;
     conn.close(0u32.into(), b"joined");
-    endpoint.wait_idle().await;
     result
 }
 
