@@ -188,6 +188,7 @@ impl Hub {
             tokio::spawn(crate::certs::renew_serving(self.endpoint.clone(), self.shared.clone(), self.serving));
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         let upgrades = tokio::spawn(crate::upgrade::shell::upgrade_loop(self.shared.clone()));
+        let heartbeats = tokio::spawn(flush_heartbeats(self.shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -210,6 +211,7 @@ impl Hub {
         controller.abort();
         renewer.abort();
         upgrades.abort();
+        heartbeats.abort();
         if let Some(w) = watcher {
             w.abort();
         }
@@ -574,11 +576,7 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
                     AgentMsg::Status { statuses } => AgentMsg::Status { statuses: held_statuses(statuses, &held) },
                     other => other,
                 };
-                if !handle_agent_msg(&shared, &node, &cert, msg).await {
-                    // The node is gone or holds another certificate now (another hub's
-                    // delete or re-join): check at once.
-                    dirty = true;
-                }
+                handle_agent_msg(&shared, &node, &cert, msg).await;
             }
         }
     }
@@ -673,10 +671,10 @@ async fn send_set(send: &mut quinn::SendStream, set: &proto::messages::Assignmen
     Ok(())
 }
 
-/// Records one message of a node's session. False when the node's record says this session
-/// must be checked again (its heartbeat found the node gone or under another certificate).
-async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg) -> bool {
-    let mut current = true;
+/// Records one message of a node's session. A heartbeat is queued for
+/// [`flush_heartbeats`], which wakes the session when its node is gone or holds another
+/// certificate now (another hub's delete or re-join), so it checks at once.
+async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg) {
     let result = match msg {
         AgentMsg::Ack { generation } => shared.store.ack_generation(node, generation).await,
         AgentMsg::Status { statuses } => {
@@ -685,7 +683,12 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
             shared.trigger_reconcile();
             r
         }
-        AgentMsg::Heartbeat => shared.store.touch_node_as(node, cert, now_ms()).await.map(|ok| current = ok),
+        AgentMsg::Heartbeat => {
+            // Recorded by the flusher with the others; a node found gone or under another
+            // certificate there has its session woken to check.
+            shared.heartbeats.lock().unwrap().insert(node.to_string(), cert.to_string());
+            Ok(())
+        }
         AgentMsg::SetRefused { generation, message } => {
             tracing::error!(generation, reason = %message, "the node refused its assignment set and keeps running what it has");
             shared
@@ -701,7 +704,27 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
     if let Err(e) = result {
         warn!(error = %e, "cannot record agent message");
     }
-    current
+}
+
+/// How often the heartbeats received meanwhile are written, in one transaction.
+const HEARTBEAT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Writes the heartbeats the sessions received, all in one transaction a second (one write
+/// each cost 2,000 transactions a second at 10,000 nodes: BENCHMARKS.md, "Fleet scale"), and
+/// wakes the sessions whose node is gone or holds another certificate now.
+async fn flush_heartbeats(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(HEARTBEAT_FLUSH).await;
+        let beats: Vec<(String, String)> =
+            std::mem::take(&mut *shared.heartbeats.lock().unwrap()).into_iter().collect();
+        if beats.is_empty() {
+            continue;
+        }
+        match shared.store.touch_nodes_as(&beats, now_ms()).await {
+            Ok(stale) => shared.wake_nodes(&stale),
+            Err(e) => warn!(error = %e, heartbeats = beats.len(), "cannot record heartbeats"),
+        }
+    }
 }
 
 /// On a shared store: wakes this hub's sessions whose node generation another hub moved,

@@ -870,6 +870,12 @@ async fn renewed_certificates_replace_the_current_one_and_keep_one_previous(b: B
     assert_eq!(s.certificate_verdict("edge-1", "a").await.unwrap(), CertVerdict::Replaced);
     assert_eq!(s.renew_node_cert("edge-1", "a", "x", 1, now + 4).await.unwrap(), CertVerdict::Replaced);
     assert_eq!(s.certificate_verdict("edge-1", "x").await.unwrap(), CertVerdict::Replaced, "nothing recorded");
+    // Heartbeats recorded in one batch: the ones whose node is gone or no longer admits the
+    // session's certificate come back, for their sessions to check.
+    let beats = [("edge-1", "c"), ("edge-1", "a"), ("ghost", "z")].map(|(n, c)| (n.to_string(), c.to_string()));
+    let stale = s.touch_nodes_as(&beats, now + 4).await.unwrap();
+    assert_eq!(stale, ["edge-1", "ghost"], "a replaced certificate and a node that is gone");
+    assert_eq!(s.node("edge-1").await.unwrap().unwrap().last_seen_ms, Some(now + 4));
 
     // The agent lost c and renews from b again: c is revoked, d current, b previous.
     assert_eq!(s.renew_node_cert("edge-1", "b", "d", 270_000, now + 5).await.unwrap(), CertVerdict::Previous);

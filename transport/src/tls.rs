@@ -83,6 +83,16 @@ impl Tuning {
         transport.keep_alive_interval(Some(self.keep_alive)).max_idle_timeout(Some(idle));
         Ok(transport)
     }
+
+    /// The hub's side: the idle timeout only. Clients send the keep-alives (an agent's every
+    /// `keep_alive`), and any packet received, an ACK of one included, restarts each side's
+    /// idle timer, so pings from both sides would only double the idle traffic of every
+    /// connection (measured with `flotilla sim`, BENCHMARKS.md "Fleet scale").
+    fn server_liveness(&self) -> Result<quinn::TransportConfig, TlsError> {
+        let mut transport = self.liveness()?;
+        transport.keep_alive_interval(None);
+        Ok(transport)
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -123,7 +133,7 @@ pub fn server_config(
 
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     config
-        .transport_config(crate::limits::server_transport(tuning.liveness()?))
+        .transport_config(crate::limits::server_transport(tuning.server_liveness()?))
         .max_incoming(crate::limits::MAX_INCOMING)
         .incoming_buffer_size(crate::limits::INCOMING_BUFFER)
         .incoming_buffer_size_total(crate::limits::INCOMING_BUFFER_TOTAL);

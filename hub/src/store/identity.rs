@@ -371,15 +371,31 @@ impl Store {
     /// Records a heartbeat of the node's session holding `cert_sha256`. False when the node
     /// is gone or holds another certificate now: the session must end.
     pub async fn touch_node_as(&self, name: &str, cert_sha256: &str, now_ms: u64) -> Result<bool> {
-        let n = self
-            .pool
-            .exec(
-                "UPDATE nodes SET last_seen_ms = ? WHERE name = ? \
-                 AND (cert_sha256 = ? OR prev_cert_sha256 = ? OR cert_sha256 IS NULL)",
-                &[now_ms.into(), name.into(), cert_sha256.into(), cert_sha256.into()],
-            )
-            .await?;
-        Ok(n > 0)
+        let stale = self.touch_nodes_as(&[(name.to_string(), cert_sha256.to_string())], now_ms).await?;
+        Ok(stale.is_empty())
+    }
+
+    /// Records the heartbeats of many sessions in one transaction (the hub batches them, so a
+    /// fleet's heartbeats cost one write a second, not one each): each `(node, cert_sha256)`
+    /// seen at `now_ms`. Returns the nodes whose record is gone or holds another certificate
+    /// now: their sessions must check it.
+    pub async fn touch_nodes_as(&self, beats: &[(String, String)], now_ms: u64) -> Result<Vec<String>> {
+        let mut tx = self.pool.write_tx().await?;
+        let mut stale = Vec::new();
+        for (name, cert) in beats {
+            let n = tx
+                .exec(
+                    "UPDATE nodes SET last_seen_ms = ? WHERE name = ? \
+                     AND (cert_sha256 = ? OR prev_cert_sha256 = ? OR cert_sha256 IS NULL)",
+                    &[now_ms.into(), name.into(), cert.into(), cert.into()],
+                )
+                .await?;
+            if n == 0 {
+                stale.push(name.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(stale)
     }
 
     /// Raises the node's generation to at least `above + 1`. An agent reporting a generation
