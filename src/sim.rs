@@ -78,8 +78,8 @@ pub struct SimArgs {
     hub_pid: Option<u32>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    proto::manifest::parse_duration_ms(s).map(Duration::from_millis).map_err(|e| e.to_string())
+fn parse_duration(s: &str) -> Result<Duration, proto::manifest::InvalidValue> {
+    proto::manifest::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 /// What the simulated nodes did, shared by their tasks and the scenario.

@@ -218,7 +218,7 @@ pub enum Stopped {
 /// An upgrade in flight: the order's reply and the task pulling and installing the binary.
 struct Upgrading {
     reply: oneshot::Sender<(proto::messages::UpgradeAnswer, oneshot::Sender<()>)>,
-    task: tokio::task::JoinHandle<Result<String, String>>,
+    task: tokio::task::JoinHandle<Result<String, upgrade::UpgradeError>>,
 }
 
 /// Pulls the agent artifact `image` for this platform (its digest verified by the blob store)
@@ -230,13 +230,13 @@ async fn take_upgrade(
     invocation: upgrade::Invocation,
     previous: Option<proto::messages::AgentBinary>,
     state_path: PathBuf,
-) -> Result<String, String> {
+) -> Result<String, upgrade::UpgradeError> {
     let (image, attempt, deadline_ms) = call;
     let platform = oci_runtime::Platform::host();
-    let pulled = images
-        .pull_agent_binary(&registry, &image, &platform)
-        .await
-        .map_err(|e| format!("cannot pull {image}: {e}"))?;
+    let pulled = match images.pull_agent_binary(&registry, &image, &platform).await {
+        Ok(p) => p,
+        Err(e) => return Err(upgrade::UpgradeError::Pull { image, source: Box::new(e) }),
+    };
     let digest = pulled.binary_digest.clone();
     let install = upgrade::Install {
         attempt,
@@ -253,9 +253,7 @@ async fn take_upgrade(
         let _held = pulled;
         upgrade::install(&install, upgrade::spawn_watcher)
     })
-    .await
-    .map_err(|e| format!("the install did not finish: {e}"))?
-    .map_err(|e| e.to_string())?;
+    .await??;
     Ok(digest)
 }
 
@@ -539,8 +537,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             }
             done = async { (&mut upgrading.as_mut().expect("guarded").task).await }, if upgrading.is_some() => {
                 let Some(Upgrading { reply, .. }) = upgrading.take() else { continue };
-                let done = done.unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")));
-                match done {
+                match done.map_err(upgrade::UpgradeError::from).and_then(|r| r) {
                     Ok(digest) => {
                         let (delivered_tx, delivered_rx) = oneshot::channel();
                         let _ = reply.send((proto::messages::UpgradeAnswer::Restarting { digest }, delivered_tx));
@@ -550,9 +547,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                             None => continue,
                         }
                     }
-                    Err(message) => {
-                        warn!(reason = %message, "upgrade not taken");
-                        let _ = reply.send((proto::messages::UpgradeAnswer::Refused { message }, oneshot::channel().0));
+                    Err(e) => {
+                        warn!(reason = %e, "upgrade not taken");
+                        let refused = proto::messages::UpgradeAnswer::Refused { message: e.to_string() };
+                        let _ = reply.send((refused, oneshot::channel().0));
                     }
                 }
             }

@@ -97,6 +97,10 @@ pub enum UpgradeError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("{0}")]
     Refused(String),
+    #[error("cannot pull {image}: {source}")]
+    Pull { image: String, source: Box<oci_runtime::ImageError> },
+    #[error("the install did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> UpgradeError + 'a {

@@ -114,14 +114,13 @@ fn selected(up: &Upgrade, n: &NodeInput<'_>) -> bool {
     up.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v))
 }
 
-/// How this attempt ended on the node, if its agent said: `Err(message)` for a rollback.
-fn reported(up: &Upgrade, n: &NodeInput<'_>) -> Option<Result<(), String>> {
-    let o = n.last_upgrade.filter(|o| o.attempt == up.attempt)?;
-    Some(if o.ok { Ok(()) } else { Err(o.message.clone()) })
+/// Why this attempt was rolled back on the node, if its agent said it was.
+fn rolled_back<'a>(up: &Upgrade, n: &NodeInput<'a>) -> Option<&'a str> {
+    n.last_upgrade.filter(|o| o.attempt == up.attempt && !o.ok).map(|o| o.message.as_str())
 }
 
 fn on_image(up: &Upgrade, n: &NodeInput<'_>) -> bool {
-    n.agent_binary.is_some_and(|b| b.image == up.image) && !matches!(reported(up, n), Some(Err(_)))
+    n.agent_binary.is_some_and(|b| b.image == up.image) && rolled_back(up, n).is_none()
 }
 
 /// One pass over the upgrade. `progress` holds the node rows of this attempt.
@@ -152,7 +151,7 @@ pub fn plan(up: &Upgrade, nodes: &[NodeInput<'_>], progress: &BTreeMap<String, N
                 first_failure.get_or_insert(format!("node {}: {message}", n.name));
             }
             Some((state @ (NodeState::Ordered | NodeState::Done), ordered_at)) => {
-                if let Some(Err(why)) = reported(up, n) {
+                if let Some(why) = rolled_back(up, n) {
                     let message = format!("rolled back: {why}");
                     first_failure.get_or_insert(format!("node {}: {message}", n.name));
                     out.writes.push(failed(message, ordered_at));
