@@ -39,13 +39,7 @@ impl StateFile {
 
     /// The persisted set, or an empty set at generation 0 if none was ever saved.
     pub fn load(&self) -> Result<AssignmentSet, StateError> {
-        match fs::read(&self.path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path: self.path.clone(), source })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(AssignmentSet::default()),
-            Err(source) => Err(StateError::Io { action: "read", path: self.path.clone(), source }),
-        }
+        Ok(load_json(&self.path)?.unwrap_or_default())
     }
 
     /// Writes `set` durably: temp file, fsync, rename, fsync of the directory.
@@ -54,7 +48,19 @@ impl StateFile {
     }
 }
 
-fn save_json(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+/// The JSON file at `path`, or `None` if there is none.
+pub(crate) fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Corrupt { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io { action: "read", path: path.to_path_buf(), source }),
+    }
+}
+
+/// Writes `value` as JSON to `path` durably (0600), creating its directory.
+pub(crate) fn save_json(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let bytes = serde_json::to_vec(value).map_err(|source| StateError::Encode { path: path.to_path_buf(), source })?;
@@ -96,13 +102,7 @@ impl StatusFile {
 
     /// The statuses a previous agent process saved, if any.
     pub fn load(&self) -> Result<Option<SavedStatuses>, StateError> {
-        match fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StateError::Corrupt { path: self.path.clone(), source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Io { action: "read", path: self.path.clone(), source }),
-        }
+        load_json(&self.path)
     }
 
     /// Saves `saved` as save number `seq`, unless a later save already happened.

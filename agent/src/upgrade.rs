@@ -93,8 +93,8 @@ impl State {
 pub enum UpgradeError {
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: io::Error },
-    #[error("corrupt upgrade state {path}: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("{0}")]
     Refused(String),
     #[error("cannot pull {image}: {source}")]
@@ -113,21 +113,11 @@ pub fn state_path(data_dir: &Path) -> PathBuf {
 }
 
 pub fn load(path: &Path) -> Result<Option<State>, UpgradeError> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| UpgradeError::Corrupt { path: path.to_path_buf(), source }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("read", path)(e)),
-    }
+    Ok(crate::state::load_json(path)?)
 }
 
 pub fn save(path: &Path, state: &State) -> Result<(), UpgradeError> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    }
-    let json = serde_json::to_vec_pretty(state).expect("upgrade state serializes");
-    crate::durable::write_atomic(path, &json, 0o600).map_err(io_err("write", path))
+    Ok(crate::state::save_json(path, state)?)
 }
 
 /// Called once the new binary's session is up: the attempt on trial is confirmed. True when
