@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use proto::manifest::Runtime;
-use proto::messages::{AgentMsg, AssignmentSet, HubMsg, NodeFacts, Phase, ReplicaStatus};
+use proto::messages::{AgentMsg, AssignmentSet, NodeFacts, Phase, ReplicaStatus};
 use proto::token::JoinToken;
 use tokio::sync::mpsc;
 use transport::{ALPN_AGENT, frame, tls};
@@ -350,16 +350,9 @@ impl Node {
             let mut recv = recv;
             let mut pieces = proto::pieces::Assembler::default();
             loop {
-                let set = match frame::read::<HubMsg>(&mut recv).await {
-                    Ok(Some(HubMsg::Assign(set))) => set,
-                    Ok(Some(HubMsg::AssignPart(part))) => match pieces.push(part) {
-                        Ok(Some(set)) => set,
-                        Ok(None) => continue,
-                        Err(e) => return format!("malformed set: {e}"),
-                    },
-                    Ok(Some(HubMsg::Refused { message })) => return format!("refused: {message}"),
-                    Ok(None) => return "the hub closed the control stream".into(),
-                    Err(e) => return e.to_string(),
+                let set = match agent::link::next_set(&mut recv, &mut pieces).await {
+                    Ok(set) => set,
+                    Err(end) => return end.to_string(),
                 };
                 if sets_tx.send(set).await.is_err() {
                     return "stopped".into();

@@ -237,16 +237,9 @@ impl Link {
         let mut reader = tokio::spawn(async move {
             let mut pieces = proto::pieces::Assembler::default();
             loop {
-                let set = match frame::read::<HubMsg>(&mut recv).await {
-                    Ok(Some(HubMsg::Assign(set))) => set,
-                    Ok(Some(HubMsg::AssignPart(part))) => match pieces.push(part) {
-                        Ok(Some(set)) => set,
-                        Ok(None) => continue,
-                        Err(e) => return format!("malformed assignment set: {e}"),
-                    },
-                    Ok(Some(HubMsg::Refused { message })) => return format!("hub refused the session: {message}"),
-                    Ok(None) => return "hub closed the control stream".to_string(),
-                    Err(e) => return e.to_string(),
+                let set = match next_set(&mut recv, &mut pieces).await {
+                    Ok(set) => set,
+                    Err(end) => return end.to_string(),
                 };
                 if let Err(foreign) = binding.check(&set.store) {
                     tracing::error!(generation = set.generation, reason = %foreign, "assignment set refused");
@@ -345,6 +338,39 @@ impl Link {
             conn.close(0u32.into(), b"agent reconnecting");
         }
         Ok(true)
+    }
+}
+
+/// Why the hub's control stream gave no more sets.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlEnd {
+    #[error("malformed assignment set: {0}")]
+    Malformed(#[from] proto::pieces::PieceError),
+    #[error("hub refused the session: {0}")]
+    Refused(String),
+    #[error("hub closed the control stream")]
+    Closed,
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+}
+
+/// The next whole assignment set on the hub's control stream, its pieces put together. Used
+/// by the link and by the fleet simulator (`flotilla sim`).
+pub async fn next_set(
+    recv: &mut quinn::RecvStream,
+    pieces: &mut proto::pieces::Assembler,
+) -> Result<AssignmentSet, ControlEnd> {
+    loop {
+        match frame::read::<HubMsg>(recv).await? {
+            Some(HubMsg::Assign(set)) => return Ok(set),
+            Some(HubMsg::AssignPart(part)) => {
+                if let Some(set) = pieces.push(part)? {
+                    return Ok(set);
+                }
+            }
+            Some(HubMsg::Refused { message }) => return Err(ControlEnd::Refused(message)),
+            None => return Err(ControlEnd::Closed),
+        }
     }
 }
 
