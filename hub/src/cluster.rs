@@ -54,10 +54,8 @@ pub(crate) struct Shared {
     /// logged and recorded once per node and version. One entry per node at most. std Mutex:
     /// map operations only.
     pub(crate) skew_refused: Mutex<HashMap<String, String>>,
-    /// Heartbeats received since the last flush: node → the certificate its session holds.
-    /// Written in one transaction a second ([`crate::server`]'s heartbeat flusher). At most one
-    /// entry per node. std Mutex: map operations only.
-    pub(crate) heartbeats: Mutex<HashMap<String, String>>,
+    /// Heartbeats received since the last flush (see [`crate::heartbeats`]).
+    pub(crate) heartbeats: crate::heartbeats::Heartbeats,
     /// Wakes the agent upgrade loop ([`crate::upgrade::shell`]) before its next tick.
     pub(crate) upgrades: Notify,
 }
@@ -90,7 +88,7 @@ impl Shared {
             warned: Mutex::new(HashSet::new()),
             skew_refused: Mutex::new(HashMap::new()),
             upgrades: Notify::new(),
-            heartbeats: Mutex::new(HashMap::new()),
+            heartbeats: Default::default(),
         }
     }
 

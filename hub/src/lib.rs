@@ -26,6 +26,7 @@ pub(crate) mod control;
 pub mod controller;
 pub mod fsutil;
 pub mod guard;
+mod heartbeats;
 pub mod identity;
 pub mod leader;
 pub mod logs;

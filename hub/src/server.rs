@@ -188,7 +188,7 @@ impl Hub {
             tokio::spawn(crate::certs::renew_serving(self.endpoint.clone(), self.shared.clone(), self.serving));
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         let upgrades = tokio::spawn(crate::upgrade::shell::upgrade_loop(self.shared.clone()));
-        let heartbeats = tokio::spawn(flush_heartbeats(self.shared.clone()));
+        let heartbeats = tokio::spawn(crate::heartbeats::flush_loop(self.shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -672,7 +672,7 @@ async fn send_set(send: &mut quinn::SendStream, set: &proto::messages::Assignmen
 }
 
 /// Records one message of a node's session. A heartbeat is queued for
-/// [`flush_heartbeats`], which wakes the session when its node is gone or holds another
+/// [`crate::heartbeats::flush_loop`], which wakes the session when its node is gone or holds another
 /// certificate now (another hub's delete or re-join), so it checks at once.
 async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg) {
     let result = match msg {
@@ -684,9 +684,7 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
             r
         }
         AgentMsg::Heartbeat => {
-            // Recorded by the flusher with the others; a node found gone or under another
-            // certificate there has its session woken to check.
-            shared.heartbeats.lock().unwrap().insert(node.to_string(), cert.to_string());
+            shared.heartbeats.record(node, cert);
             Ok(())
         }
         AgentMsg::SetRefused { generation, message } => {
@@ -703,27 +701,6 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
     };
     if let Err(e) = result {
         warn!(error = %e, "cannot record agent message");
-    }
-}
-
-/// How often the heartbeats received meanwhile are written, in one transaction.
-const HEARTBEAT_FLUSH: Duration = Duration::from_secs(1);
-
-/// Writes the heartbeats the sessions received, all in one transaction a second (one write
-/// each cost 2,000 transactions a second at 10,000 nodes: BENCHMARKS.md, "Fleet scale"), and
-/// wakes the sessions whose node is gone or holds another certificate now.
-async fn flush_heartbeats(shared: Arc<Shared>) {
-    loop {
-        tokio::time::sleep(HEARTBEAT_FLUSH).await;
-        let beats: Vec<(String, String)> =
-            std::mem::take(&mut *shared.heartbeats.lock().unwrap()).into_iter().collect();
-        if beats.is_empty() {
-            continue;
-        }
-        match shared.store.touch_nodes_as(&beats, now_ms()).await {
-            Ok(stale) => shared.wake_nodes(&stale),
-            Err(e) => warn!(error = %e, heartbeats = beats.len(), "cannot record heartbeats"),
-        }
     }
 }
 
