@@ -6,6 +6,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "../oci-runtime/tests/support/elf.rs"]
+mod elf;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
@@ -105,21 +107,6 @@ fn get_takes_names_and_prints_names_as_kubectl_does() {
     assert_eq!(printed.len(), 1, "what exists is printed");
 }
 
-/// A small fake Linux executable for a platform other than the host's: a 64-bit
-/// little-endian ELF header for aarch64 (x86_64 on an aarch64 host), then `code`.
-fn foreign_elf(code: &str) -> Vec<u8> {
-    let machine: u16 = if oci_runtime::Platform::host().architecture == "arm64" { 62 } else { 183 };
-    let mut elf = vec![0u8; 64];
-    elf[..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2; // 64-bit
-    elf[5] = 1; // little-endian
-    elf[6] = 1; // version
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // an executable
-    elf[18..20].copy_from_slice(&machine.to_le_bytes());
-    elf.extend_from_slice(code.as_bytes());
-    elf
-}
-
 #[test]
 fn push_agent_pushes_one_binary_per_platform_that_an_agent_pulls_back() {
     let Some(reg) = registry::TestRegistry::start() else {
@@ -130,7 +117,7 @@ fn push_agent_pushes_one_binary_per_platform_that_an_agent_pulls_back() {
     let host = std::path::PathBuf::from(cluster::bin());
     let host_platform = oci_runtime::elf_platform(&std::fs::read(&host).unwrap()).unwrap();
     let fake = dir.path().join("flotilla-other");
-    std::fs::write(&fake, foreign_elf("other")).unwrap();
+    std::fs::write(&fake, elf::foreign_elf("other")).unwrap();
     let fake_platform = oci_runtime::elf_platform(&std::fs::read(&fake).unwrap()).unwrap();
     let reference = reg.reference("flotilla/agent:1.4.0");
 

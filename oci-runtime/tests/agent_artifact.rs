@@ -5,6 +5,8 @@
 //! never answered from the store while a digest is; and an agent artifact in an OCI layout,
 //! which `image import` refuses.
 
+#[path = "support/elf.rs"]
+mod elf;
 mod support;
 
 use std::collections::HashSet;
@@ -35,18 +37,9 @@ fn host_binary() -> (Platform, Vec<u8>) {
     (platform, bytes)
 }
 
-/// A small fake executable for a platform other than the host's: a 64-bit little-endian ELF
-/// header for aarch64 (x86_64 on an aarch64 host) and `tag` as its "code".
+/// A small fake executable for a platform other than the host's, with `tag` as its "code".
 fn foreign_binary(tag: &str) -> (Platform, Vec<u8>) {
-    let machine: u16 = if Platform::host().architecture == "arm64" { 62 } else { 183 };
-    let mut elf = vec![0u8; 64];
-    elf[..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2; // 64-bit
-    elf[5] = 1; // little-endian
-    elf[6] = 1; // version
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // an executable
-    elf[18..20].copy_from_slice(&machine.to_le_bytes());
-    elf.extend_from_slice(tag.as_bytes());
+    let elf = elf::foreign_elf(tag);
     let platform = elf_platform(&elf).unwrap();
     (platform, elf)
 }

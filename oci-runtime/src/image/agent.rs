@@ -497,11 +497,7 @@ impl ImageStore {
                 limit: MAX_AGENT_BYTES,
             });
         }
-        let config_bytes = match std::fs::read(self.blobs().path(&config.digest).map_err(ImageError::store(reference))?)
-        {
-            Ok(b) if self.blobs().contains(&config.digest) => b,
-            _ => s.small_blob(&config, MAX_AGENT_CONFIG_BYTES).await?,
-        };
+        let config_bytes = s.config(self, &config, MAX_AGENT_CONFIG_BYTES).await?;
         let doc: AgentConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad(format!("config {} is not an agent config: {e}", config.digest)))?;
         let found = Platform::new(&doc.os, &doc.architecture, doc.variant.as_deref());
@@ -533,12 +529,12 @@ impl ImageStore {
         check(&head, true)?;
 
         // Everything verified; now the small documents become visible too.
-        let blobs = self.blobs();
-        blobs.ingest_bytes(&config.digest, &config_bytes).map_err(ImageError::store(reference))?;
-        blobs.ingest_bytes(&manifest_digest, &manifest_bytes).map_err(ImageError::store(reference))?;
-        if let Some((bytes, digest)) = &index {
-            blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(reference))?;
-        }
+        s.publish_documents(
+            self,
+            (&config_bytes, &config.digest),
+            (&manifest_bytes, &manifest_digest),
+            index.as_ref(),
+        )?;
         let record = ImageRecord {
             kind: ArtifactKind::Agent,
             manifest_digest,

@@ -53,6 +53,38 @@ impl<'a> Session<'a> {
         move |e| ImageError::Registry(self.registry.map_oci_error(self.reference, &self.r, op, e))
     }
 
+    /// The artifact's config: from `store` when it holds it already, else from the registry
+    /// (at most `limit` bytes). Kept in memory until [`Session::publish_documents`].
+    pub(super) async fn config(
+        &self,
+        store: &ImageStore,
+        config: &spec::Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, ImageError> {
+        let path = store.blobs().path(&config.digest).map_err(ImageError::store(self.reference))?;
+        match std::fs::read(path) {
+            Ok(b) if store.blobs().contains(&config.digest) => Ok(b),
+            _ => self.small_blob(config, limit).await,
+        }
+    }
+
+    /// Once every layer verified, makes the artifact's small documents visible in `store`:
+    /// its config, its manifest and the index it was chosen from (bytes and digest each).
+    pub(super) fn publish_documents(
+        &self,
+        store: &ImageStore,
+        config: (&[u8], &str),
+        manifest: (&[u8], &str),
+        index: Option<&(Vec<u8>, String)>,
+    ) -> Result<(), ImageError> {
+        let blobs = store.blobs();
+        let index = index.map(|(bytes, digest)| (bytes.as_slice(), digest.as_str()));
+        for (bytes, digest) in [Some(config), Some(manifest), index].into_iter().flatten() {
+            blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(self.reference))?;
+        }
+        Ok(())
+    }
+
     pub(super) fn bad(&self, reason: String) -> ImageError {
         ImageError::BadImage { reference: self.reference.to_owned(), reason }
     }
@@ -303,11 +335,7 @@ impl ImageStore {
             }
         };
         validate_digest(&config.digest).map_err(|e| s.bad(format!("config digest: {e}")))?;
-        let config_bytes = match std::fs::read(self.blobs().path(&config.digest).map_err(ImageError::store(reference))?)
-        {
-            Ok(b) if self.blobs().contains(&config.digest) => b,
-            _ => s.small_blob(&config, MAX_CONFIG_BYTES).await?,
-        };
+        let config_bytes = s.config(self, &config, MAX_CONFIG_BYTES).await?;
         let record = build_record(
             reference,
             &manifest_digest,
@@ -324,12 +352,12 @@ impl ImageStore {
         stream::iter(fetches).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
 
         // Everything verified; now the small documents become visible too.
-        let blobs = self.blobs();
-        blobs.ingest_bytes(&config.digest, &config_bytes).map_err(ImageError::store(reference))?;
-        blobs.ingest_bytes(&manifest_digest, &manifest_bytes).map_err(ImageError::store(reference))?;
-        if let Some((bytes, digest)) = &index {
-            blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(reference))?;
-        }
+        s.publish_documents(
+            self,
+            (&config_bytes, &config.digest),
+            (&manifest_bytes, &manifest_digest),
+            index.as_ref(),
+        )?;
         Ok(record)
     }
 }

@@ -385,11 +385,7 @@ impl ImageStore {
                 describe_manifest(&config, &layers)
             ))
         };
-        let config_bytes = match std::fs::read(self.blobs().path(&config.digest).map_err(ImageError::store(reference))?)
-        {
-            Ok(b) if self.blobs().contains(&config.digest) => b,
-            _ => s.small_blob(&config, MAX_WASM_CONFIG_BYTES).await?,
-        };
+        let config_bytes = s.config(self, &config, MAX_WASM_CONFIG_BYTES).await?;
         // The magic is checked as soon as four bytes are in, so a tarball behind a mistaken
         // reference is refused without downloading it, and before it becomes visible.
         let check = |head: &[u8], complete: bool| -> Result<(), ImageError> {
@@ -405,12 +401,12 @@ impl ImageStore {
         check(&head, true)?;
 
         // Everything verified; now the small documents become visible too.
-        let blobs = self.blobs();
-        blobs.ingest_bytes(&config.digest, &config_bytes).map_err(ImageError::store(reference))?;
-        blobs.ingest_bytes(&manifest_digest, &manifest_bytes).map_err(ImageError::store(reference))?;
-        if let Some((bytes, digest)) = &index {
-            blobs.ingest_bytes(digest, bytes).map_err(ImageError::store(reference))?;
-        }
+        s.publish_documents(
+            self,
+            (&config_bytes, &config.digest),
+            (&manifest_bytes, &manifest_digest),
+            index.as_ref(),
+        )?;
         Ok(record(&manifest_digest, index.map(|(_, d)| d), &config, &layer, &head))
     }
 }
