@@ -51,16 +51,7 @@ async fn plan_pass(shared: &Shared) -> Result<(), StoreError> {
         return Ok(());
     }
     let nodes = shared.store.nodes().await?;
-    let inputs: Vec<NodeInput<'_>> = nodes
-        .iter()
-        .map(|n| NodeInput {
-            name: &n.name,
-            labels: &n.facts.labels,
-            connected: shared.is_connected(&n.name),
-            agent_binary: n.facts.agent_binary.as_ref(),
-            last_upgrade: n.facts.last_upgrade.as_ref(),
-        })
-        .collect();
+    let inputs: Vec<NodeInput<'_>> = nodes.iter().map(|n| input(shared, n)).collect();
     let now = now_ms();
     let pass = plan(&up, &inputs, &progress, now);
     if pass.is_empty() {
@@ -92,6 +83,17 @@ async fn plan_pass(shared: &Shared) -> Result<(), StoreError> {
         info!(attempt = up.attempt, image = %up.image, "agent upgrade complete");
     }
     Ok(())
+}
+
+/// What the planner needs of a stored node, with this hub's view of its connection.
+fn input<'a>(shared: &Shared, n: &'a crate::store::NodeRow) -> NodeInput<'a> {
+    NodeInput {
+        name: &n.name,
+        labels: &n.facts.labels,
+        connected: shared.is_connected(&n.name),
+        agent_binary: n.facts.agent_binary.as_ref(),
+        last_upgrade: n.facts.last_upgrade.as_ref(),
+    }
 }
 
 async fn deliver(shared: &Arc<Shared>, sent: &mut HashSet<(String, u64, u64)>) -> Result<(), StoreError> {
@@ -196,18 +198,7 @@ pub(crate) async fn start(
 pub(crate) async fn status(shared: &Shared) -> Result<Option<proto::messages::UpgradeView>, StoreError> {
     let Some((up, progress)) = shared.store.agent_upgrade().await? else { return Ok(None) };
     let nodes = shared.store.nodes().await?;
-    let facts: Vec<NodeFactsOf<'_>> = nodes
-        .iter()
-        .map(|n| NodeFactsOf {
-            input: NodeInput {
-                name: &n.name,
-                labels: &n.facts.labels,
-                connected: shared.is_connected(&n.name),
-                agent_binary: n.facts.agent_binary.as_ref(),
-                last_upgrade: n.facts.last_upgrade.as_ref(),
-            },
-            version: &n.facts.agent_version,
-        })
-        .collect();
+    let facts: Vec<NodeFactsOf<'_>> =
+        nodes.iter().map(|n| NodeFactsOf { input: input(shared, n), version: &n.facts.agent_version }).collect();
     Ok(Some(view(&up, &facts, &progress)))
 }
