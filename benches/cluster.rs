@@ -91,7 +91,7 @@ fn main() {
         api.call(&ApiRequest::Apply { source: manifest("warmup", &image, agents) }).await;
         wait_running("warmup".into(), agents).await;
         let cold = cold.elapsed();
-        api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name: "warmup".into() }).await;
+        api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name: "warmup".into(), force: false }).await;
 
         let mut samples = Vec::with_capacity(runs);
         for i in 0..runs {
@@ -105,7 +105,7 @@ fn main() {
                 eprintln!("slow run {name}: {took:?} (ended at {:?})", std::time::SystemTime::now());
             }
             samples.push(took);
-            api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name }).await;
+            api.call(&ApiRequest::Delete { kind: ResourceKind::Workload, name, force: false }).await;
         }
         samples.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;

@@ -142,6 +142,15 @@ enum Command {
         /// Registry credentials: a Docker config.json (`auths`).
         #[arg(long)]
         registry_auth: Option<PathBuf>,
+        /// The key that seals the configs and secrets this node keeps on disk (made if
+        /// absent; default DATA_DIR/identity/objects.key). Kept apart from the data dir, a
+        /// copy of the data dir reveals no secret.
+        #[arg(long, value_name = "PATH")]
+        objects_key_file: Option<PathBuf>,
+        /// Where config and secret volumes are written; must be a tmpfs (default
+        /// /dev/shm/flotilla-<hash of the data dir>).
+        #[arg(long, value_name = "DIR")]
+        secrets_dir: Option<PathBuf>,
         /// The hub link is dead after this long without a packet (QUIC uses the smaller of
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
@@ -362,11 +371,42 @@ enum Command {
         /// Delete the workloads this manifest file declares (`-` for stdin).
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         file: Option<PathBuf>,
-        /// workload or node.
+        /// workload, node, config or secret.
         kind: Option<String>,
         /// Its name.
         name: Option<String>,
+        /// Delete a config or secret even while workloads read it (their replicas then wait
+        /// for it to exist again).
+        #[arg(long)]
+        force: bool,
     },
+    /// Create or update a config or a secret from literal values and files
+    /// (`create secret db --from-literal password=s3cret --from-file tls.key`).
+    Create {
+        #[command(subcommand)]
+        what: CreateWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum CreateWhat {
+    /// A secret: its values are sealed on the hub, never shown, and given only to the nodes
+    /// that run its readers.
+    Secret(ObjectArgs),
+    /// A config: plain settings and files for workloads.
+    Config(ObjectArgs),
+}
+
+#[derive(clap::Args)]
+struct ObjectArgs {
+    /// Its name.
+    name: String,
+    /// KEY=VALUE; repeatable.
+    #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+    literals: Vec<String>,
+    /// A file whose name is the key (or KEY=PATH); repeatable.
+    #[arg(long = "from-file", value_name = "[KEY=]PATH")]
+    files: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -754,6 +794,8 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         image_gc_threshold,
         min_free_disk,
         registry_auth,
+        objects_key_file,
+        secrets_dir,
         link_timeout,
         stop_workloads_on_exit,
     } = command
@@ -785,6 +827,8 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
             .map_err(|e| anyhow::anyhow!("--image-gc-threshold: {e}"))?;
         config.link_timeout = link_timeout;
         config.stop_workloads_on_exit = stop_workloads_on_exit;
+        config.objects_key_file = objects_key_file;
+        config.secrets_dir = secrets_dir;
         config.min_free_disk_bytes =
             proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
         if let Some(path) = registry_auth {
@@ -910,7 +954,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Apply { file } => {
             let source = read_source(&file)?;
             // Validate locally first for a fast, offline error; the hub validates again.
-            proto::manifest::parse_manifests(&source)
+            proto::manifest::parse_documents(&source)
                 .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             match client.request(&ApiRequest::Apply { source }).await? {
@@ -1180,21 +1224,42 @@ async fn run_command(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Delete { file, kind, name } => {
+        Command::Delete { file, kind, name, force } => {
             let request = match (file, kind, name) {
                 (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
-                (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name },
+                (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name, force },
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             let shown = match &request {
-                ApiRequest::Delete { kind: ResourceKind::Node, .. } => "node",
-                _ => "workload",
+                ApiRequest::Delete { kind: ResourceKind::Node, .. } => "node/",
+                ApiRequest::Delete { kind: ResourceKind::Workload, .. } => "workload/",
+                // Configs and secrets come back as `secret/NAME`.
+                _ => "",
             };
             match client.request(&request).await? {
                 ApiResponse::Deleted { names } => {
                     for n in names {
-                        println!("{shown}/{n} deleted");
+                        let shown = if shown.is_empty() && !n.contains('/') { "workload/" } else { shown };
+                        println!("{shown}{n} deleted");
+                    }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Create { what } => {
+            let (kind, args) = match what {
+                CreateWhat::Secret(a) => ("Secret", a),
+                CreateWhat::Config(a) => ("Config", a),
+            };
+            let source = object_manifest(kind, &args)?;
+            proto::manifest::parse_documents(&source).map_err(|e| anyhow::anyhow!("{kind} {}: {e}", args.name))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::Apply { source }).await? {
+                ApiResponse::Applied { results } => {
+                    for r in results {
+                        println!("{}/{} {}", r.kind.to_lowercase(), r.name, format!("{:?}", r.outcome).to_lowercase());
                     }
                     Ok(())
                 }
@@ -1202,6 +1267,56 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// A `kind: Secret` or `kind: Config` document of `args` (values as base64 binaryData, so
+/// any file goes).
+fn object_manifest(kind: &str, args: &ObjectArgs) -> Result<String> {
+    use base64::Engine as _;
+    let mut data = std::collections::BTreeMap::new();
+    for l in &args.literals {
+        let (k, v) = l.split_once('=').with_context(|| format!("--from-literal {l:?}: expected KEY=VALUE"))?;
+        if data.insert(k.to_string(), v.as_bytes().to_vec()).is_some() {
+            bail!("key {k:?} given twice");
+        }
+    }
+    for f in &args.files {
+        let (k, path) = match f.split_once('=') {
+            Some((k, p)) => (k.to_string(), PathBuf::from(p)),
+            None => {
+                let p = PathBuf::from(f);
+                let k = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("--from-file {f:?}: no file name"))?;
+                (k.to_string(), p)
+            }
+        };
+        let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.len() > proto::objects::MAX_OBJECT_DATA as u64 {
+            bail!(
+                "{} holds {} bytes; a {kind} holds at most {} bytes (1 MiB)",
+                path.display(),
+                meta.len(),
+                proto::objects::MAX_OBJECT_DATA
+            );
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if data.insert(k.clone(), bytes).is_some() {
+            bail!("key {k:?} given twice");
+        }
+    }
+    if data.is_empty() {
+        bail!("give at least one --from-literal or --from-file");
+    }
+    let doc = serde_json::json!({
+        "apiVersion": proto::manifest::API_VERSION,
+        "kind": kind,
+        "metadata": {"name": args.name},
+        "binaryData": data.iter().map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    // JSON is YAML.
+    Ok(serde_json::to_string(&doc)?)
 }
 
 /// The error and its causes, skipping a cause whose text the message before it already

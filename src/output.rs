@@ -76,6 +76,11 @@ pub fn only_named(response: ApiResponse, names: &[String]) -> (ApiResponse, Vec<
             let found = items.iter().map(|i| i.name.clone()).collect();
             (ApiResponse::Replicas { items }, found)
         }
+        ApiResponse::Objects { mut items } => {
+            items.retain(|i| wanted(&i.name));
+            let found = items.iter().map(|i| i.name.clone()).collect();
+            (ApiResponse::Objects { items }, found)
+        }
         other => return (other, Vec::new()),
     };
     let missing = names.iter().filter(|n| !found.contains(n)).cloned().collect();
@@ -92,6 +97,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
             ApiResponse::Replicas { items } => items.iter().map(|i| format!("replica/{}", i.name)).collect(),
             ApiResponse::Tokens { items } => items.iter().map(|i| format!("token/{}", i.id)).collect(),
             ApiResponse::Users { items } => items.iter().map(|i| format!("user/{}", i.name)).collect(),
+            ApiResponse::Objects { items } => items.iter().map(|i| format!("{}/{}", i.kind.word(), i.name)).collect(),
             _ => anyhow::bail!("-o name is for lists of nodes, workloads, replicas, tokens or users"),
         };
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());
@@ -102,6 +108,7 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
         ApiResponse::Replicas { items } => serde_json::to_value(items)?,
         ApiResponse::Tokens { items } => serde_json::to_value(items)?,
         ApiResponse::Users { items } => serde_json::to_value(items)?,
+        ApiResponse::Objects { items } => serde_json::to_value(items)?,
         ApiResponse::Audit { items } => serde_json::to_value(items)?,
         ApiResponse::Upgrade { upgrade } => serde_json::to_value(upgrade)?,
         other => serde_json::to_value(other)?,
@@ -211,6 +218,26 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
                     u.created_by.clone(),
                     age(u.created_at_ms),
                 ]);
+            }
+        }
+        ApiResponse::Objects { items } => {
+            rows.push(["NAME", "KEYS", "BYTES", "VERSION", "USED BY"].map(String::from).to_vec());
+            if wide {
+                rows[0].push("DIGEST".into());
+            }
+            for o in items {
+                let keys: Vec<&str> = o.keys.keys().map(String::as_str).collect();
+                let mut row = vec![
+                    o.name.clone(),
+                    keys.join(","),
+                    o.keys.values().sum::<u64>().to_string(),
+                    o.version.to_string(),
+                    if o.used_by.is_empty() { "-".into() } else { o.used_by.join(",") },
+                ];
+                if wide {
+                    row.push(format!("sha256:{}", o.digest));
+                }
+                rows.push(row);
             }
         }
         ApiResponse::Audit { items } => {

@@ -646,7 +646,7 @@ fn a_rollout_that_makes_no_progress_rolls_back_by_itself_and_history_undo_scale_
     // The rollback kept what is not the template: still 2 replicas with the same strategy.
     let w = c.workloads().into_iter().find(|w| w.manifest.metadata.name == "web").unwrap();
     assert_eq!(w.manifest.spec.replicas, Some(2));
-    assert_eq!(w.manifest.spec.env.get("V").map(String::as_str), Some("1"));
+    assert_eq!(w.manifest.spec.env.get("V").map(|v| v.to_string()).as_deref(), Some("1"));
 
     // Scale up, a new good revision, then undo to revision 1 by number.
     c.ok(&["scale", "web", "--replicas", "3"]);
@@ -981,4 +981,122 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
     }
     let audit = c.ok(&["audit"]);
     assert!(audit.contains("upgrade agents") && audit.contains(&broken_ref), "{audit}");
+}
+
+/// Every file under `dir` (symlinks not followed) that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        let path = e.path();
+        if kind.is_dir() {
+            found.extend(files_holding(&path, needle));
+        } else if kind.is_file()
+            && let Ok(bytes) = std::fs::read(&path)
+            && bytes.windows(needle.len()).any(|w| w == needle)
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_never_on_disk() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let mut c = Cluster::start();
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["s1", "s2"] };
+    // The container shows digests of what it reads, never the secret itself.
+    let image = push_busybox(
+        &reg,
+        c.dir.path(),
+        "busybox:objects",
+        &[
+            "sh",
+            "-c",
+            "echo env=$(printf %s \"$DB_PASS\" | sha256sum | cut -d' ' -f1); \
+             while true; do echo file=$(sha256sum < /run/secrets/password | cut -d' ' -f1) mode=$(cat /etc/app/mode) pid=$$; sleep 0.5; done",
+        ],
+    );
+    c.add_agent("s1", &["--containers", "on"]);
+    c.add_agent("s2", &["--containers", "on"]);
+    c.wait_for("two Ready nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
+    let suffix: u64 = rand::random();
+    let (p1, p2) = (format!("first-secret-{suffix:x}"), format!("second-secret-{suffix:x}"));
+
+    // The reader first: it waits, saying which object it lacks.
+    apply(
+        &c,
+        &workload(
+            "app",
+            &image,
+            "  env: {DB_PASS: {valueFrom: {secret: db, key: password}}}\n  volumes:\n  - {name: creds, mountPath: /run/secrets, secret: db}\n  - {name: settings, mountPath: /etc/app, config: app}\n",
+        ),
+    );
+    apply(&c, "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {mode: one}\n");
+    c.wait_for("the replica waiting for the secret, saying so", WAIT, || {
+        replica(&c, "app-0").is_some_and(|r| {
+            r.status.phase != Phase::Running
+                && r.status.last_termination.as_ref().is_some_and(|t| t.to_string().contains("secret/db not found"))
+        })
+    });
+    // Deleting a config in use is refused.
+    let out = c.cli(&["delete", "config", "app"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by app"), "{out:?}");
+
+    let out = c.cli(&["create", "secret", "db", "--from-literal", &format!("password={p1}")]);
+    assert!(out.status.success(), "create secret: {}", String::from_utf8_lossy(&out.stderr));
+    c.wait_for("the replica running once the secret exists", WAIT, || running(&c, "app-0"));
+    let (s1, f1) = (sha256_hex(p1.as_bytes()), sha256_hex(p1.as_bytes()));
+    c.wait_for("the secret read as env and as a file, the config as a file", WAIT, || {
+        let l = logs(&c, "app-0");
+        l.contains(&format!("env={s1}")) && l.contains(&format!("file={f1} mode=one"))
+    });
+    let before = replica(&c, "app-0").unwrap();
+
+    // A config change reaches the running container in place: no restart.
+    apply(&c, "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {mode: two}\n");
+    c.wait_for("the new config file seen by the running container", WAIT, || logs(&c, "app-0").contains("mode=two"));
+    let after = replica(&c, "app-0").unwrap();
+    assert_eq!((after.status.restarts, &after.template_hash), (before.status.restarts, &before.template_hash));
+    assert_eq!(after.status.started_at_ms, before.status.started_at_ms, "the container was not restarted");
+
+    // A secret read through the environment rolls the workload out.
+    let out = c.cli(&["create", "secret", "db", "--from-literal", &format!("password={p2}")]);
+    assert!(out.status.success(), "update secret: {}", String::from_utf8_lossy(&out.stderr));
+    let s2 = sha256_hex(p2.as_bytes());
+    c.wait_for("the workload rolled out with the new secret in its environment", WAIT, || {
+        running(&c, "app-0") && logs(&c, "app-0").contains(&format!("env={s2}"))
+    });
+    assert_ne!(replica(&c, "app-0").unwrap().template_hash, before.template_hash);
+    let history = c.ok(&["rollout", "history", "app"]);
+    assert!(history.contains("secret/db changed"), "{history}");
+
+    // What is shown: keys, sizes, a digest; never a value.
+    let shown = [
+        c.ok(&["get", "secrets", "-o", "yaml"]),
+        c.ok(&["get", "secrets", "-o", "wide"]),
+        c.ok(&["describe", "secret", "db"]),
+        c.ok(&["get", "workloads", "-o", "yaml"]),
+        c.ok(&["describe", "workload", "app"]),
+    ]
+    .join("\n");
+    assert!(shown.contains("password"), "{shown}");
+    assert!(!shown.contains(&p1) && !shown.contains(&p2), "a secret value was shown:\n{shown}");
+
+    // Nowhere on disk: not the hub's store or logs, not the agents' data dirs (their state,
+    // caches, container bundles), not any log file of the cluster.
+    for p in [&p1, &p2] {
+        let found = files_holding(c.dir.path(), p.as_bytes());
+        assert!(found.is_empty(), "the plaintext of a secret is on disk in {found:?}");
+    }
 }

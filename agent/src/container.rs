@@ -49,6 +49,8 @@ struct Inner {
     preparing: KeyedLocks,
     /// Starts are refused while the disk has less than this free.
     min_free_disk: u64,
+    /// See [`ContainerConfig::private`].
+    private: PathBuf,
 }
 
 pub struct ContainerConfig {
@@ -64,6 +66,10 @@ pub struct ContainerConfig {
     /// Container starts (pull, unpack, writable layer) are refused while the disk holding the
     /// agent's data has less than this free.
     pub min_free_disk: u64,
+    /// A tmpfs directory: each container's `config.json` is written to `<private>/<replica>/`
+    /// (the bundle holds a symlink to it), so environment values taken from secrets never
+    /// reach the disk.
+    pub private: PathBuf,
 }
 
 impl ContainerRuntime {
@@ -84,6 +90,7 @@ impl ContainerRuntime {
                 volumes: c.volumes,
                 preparing: KeyedLocks::default(),
                 min_free_disk: c.min_free_disk,
+                private: c.private,
             }),
         }
     }
@@ -385,7 +392,28 @@ impl Inner {
             linux.set_cgroups_path(Some(self.cgroup_parent.join(id)));
         }
         let config = serde_json::to_vec_pretty(&spec).map_err(StartError::EncodeSpec)?;
-        write_file(&bundle.join("config.json"), &config)?;
+        // On tmpfs, private to root: the spec holds the environment (secret values too).
+        let private = self.private.join(id);
+        crate::objects::ensure_tmpfs(&self.private)
+            .and_then(|_| std::fs::create_dir_all(&private))
+            .map_err(|error| StartError::Write { path: private.clone(), error })?;
+        let private_config = private.join("config.json");
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&private_config)
+                .and_then(|mut f| f.write_all(&config))
+                .map_err(|error| StartError::Write { path: private_config.clone(), error })?;
+        }
+        let link = bundle.join("config.json");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&private_config, &link)
+            .map_err(|error| StartError::Write { path: link.clone(), error })?;
         write_file(&bundle.join("template"), hash.as_bytes())?;
         let opts = ShimOptions { id: id.to_string(), bundle: bundle.clone(), log, log_max_bytes: self.log_max_bytes };
         let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts)?;

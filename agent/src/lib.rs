@@ -19,6 +19,7 @@
 //! `--stop-workloads-on-exit` (or the hub taking replicas away, as a drain does) stops them.
 
 pub mod container;
+pub mod delivery;
 pub mod durable;
 pub mod facts;
 pub mod handoff;
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod link;
 pub mod logs;
 pub mod netwatch;
+pub mod objects;
 pub mod probe;
 pub mod prober;
 pub mod runtime;
@@ -40,6 +42,7 @@ use std::time::Instant;
 
 use proto::manifest::Runtime as RuntimeKind;
 use proto::messages::{AssignmentSet, Termination};
+use proto::objects::ObjectRef;
 use proto::token::JoinToken;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -98,6 +101,13 @@ pub struct AgentConfig {
     /// How the agent restarts into a new binary on a fleet upgrade (the `flotilla` binary
     /// sets it from its own process); `None`: upgrade orders are refused.
     pub upgrade: Option<upgrade::Invocation>,
+    /// The key that seals the configs and secrets this node keeps on disk (made if absent;
+    /// default `<data dir>/identity/objects.key`). Keep it apart from the data dir (another
+    /// medium, a TPM-unsealed file) and a copy of the data dir reveals no secret.
+    pub objects_key_file: Option<PathBuf>,
+    /// Where config and secret volumes are written: must be on tmpfs (default
+    /// `/dev/shm/flotilla-<hash of the data dir>`).
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -124,7 +134,18 @@ impl AgentConfig {
             exe: None,
             handoff_timeout: std::time::Duration::from_secs(30),
             upgrade: None,
+            objects_key_file: None,
+            secrets_dir: None,
         }
+    }
+
+    /// The tmpfs directory config and secret volumes go to.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.secrets_dir.clone().unwrap_or_else(|| {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(self.data_dir.as_os_str().as_encoded_bytes());
+            PathBuf::from(format!("/dev/shm/flotilla-{}", hex::encode(&digest[..6])))
+        })
     }
 }
 
@@ -155,6 +176,8 @@ pub enum AgentError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Link(#[from] link::Fatal),
+    #[error("cannot use the node key for configs and secrets: {0}")]
+    ObjectsKey(objects::ObjectsError),
 }
 
 fn now() -> Now {
@@ -350,6 +373,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     };
     let upgrade_registry = registry.clone();
     let volumes = runtime::VolumeStore::new(dir("volumes")?);
+    let objects_key_path =
+        config.objects_key_file.clone().unwrap_or_else(|| config.data_dir.join("identity").join("objects.key"));
+    let node_key = objects::NodeKey::load_or_create(&objects_key_path).map_err(AgentError::ObjectsKey)?;
+    let mut objs = delivery::Objects::open(objects::ObjectCache::new(dir("objects")?, node_key), config.secrets_dir());
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
     if containers.is_some() {
@@ -365,6 +392,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             node: config.name.clone(),
             volumes: volumes.clone(),
             min_free_disk: config.min_free_disk_bytes,
+            private: config.secrets_dir(),
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
@@ -394,6 +422,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     sup.set_assignments(&saved.assignments, now());
     sockets.keep_only(&http_addrs(&saved));
+    let mut to_fetch = objs.want(&saved);
+    let mut templates = templates_of(&saved);
     let boot_id = state::boot_id();
     match status_file.load() {
         Ok(Some(previous)) => {
@@ -444,6 +474,15 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let (agent_binary, last_upgrade) = upgrade_state.as_ref().map(upgrade::State::facts).unwrap_or_default();
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<link::UpgradeCall>(4);
+    let (session_tx, session_rx) = watch::channel::<Option<quinn::Connection>>(None);
+    let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel::<(ObjectRef, Result<_, String>)>();
+    let spawn_fetch = |r: ObjectRef| {
+        let (conn, done) = (session_rx.clone(), fetched_tx.clone());
+        tokio::spawn(async move {
+            let result = delivery::fetch(conn, r.clone()).await;
+            let _ = done.send((r, result));
+        });
+    };
     let mut upgrading: Option<Upgrading> = None;
     let link = link::Link {
         hub: config.hub.clone(),
@@ -466,7 +505,11 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         shutdown: shutdown_rx,
         network: netwatch::spawn(),
         upgrades: upgrade_tx,
+        session: session_tx,
     };
+    for r in to_fetch.drain(..) {
+        spawn_fetch(r);
+    }
     let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<RunEvent>();
@@ -478,7 +521,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
 
     let result = loop {
         for action in sup.poll_actions(now()) {
-            execute(action, &mut sup, &mut runs, &runtimes, &logs, &events_tx);
+            execute(action, &mut sup, &mut runs, &runtimes, &logs, &objs, &events_tx);
         }
         let changes = sup.take_status_changes();
         if !changes.is_empty() {
@@ -565,6 +608,11 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                         Err(e) => warn!(error = %e, "confirming the upgrade did not finish"),
                     }
                 }
+                // Objects the set names that this node does not hold at their version, also
+                // on a replay (the hub sends its set at each connect: fetches retry then).
+                for r in objs.want(&set) {
+                    spawn_fetch(r);
+                }
                 // The hub's current set wins; the same generation again is a replay.
                 if set.generation == generation && generation != 0 {
                     continue;
@@ -575,6 +623,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     continue;
                 }
                 generation = set.generation;
+                templates = templates_of(&set);
                 info!(generation, replicas = set.assignments.len(), "new assignment set");
                 sup.set_assignments(&set.assignments, now());
                 sockets.keep_only(&http_addrs(&set));
@@ -585,6 +634,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 // replica of the next set creating its log.
                 let (replicas, workloads) = logs::kept(&set, sup.statuses().into_keys().chain(runs.keys().cloned()));
                 logs.sweep(&replicas, &workloads);
+            }
+            Some((r, result)) = fetched_rx.recv() => {
+                if objs.fetched(&r, result) {
+                    // Running readers see the new files in place; replicas waiting for the
+                    // object start now rather than at the end of their back-off.
+                    for (replica, t) in &templates {
+                        if t.objects().contains(&r) {
+                            if runs.contains_key(replica) {
+                                objs.refresh(replica, t, &r);
+                            }
+                            sup.retry_now(replica, now());
+                        }
+                    }
+                }
             }
             Some(ev) = events_rx.recv() => match ev {
                 RunEvent::Started { replica, run_id, target, adopted } => {
@@ -612,6 +675,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     if !sup.statuses().contains_key(&replica) && !runs.contains_key(&replica) {
                         logs.remove(&replica);
                         volumes.remove(&replica);
+                        objs.remove_replica(&replica);
                     }
                 }
             },
@@ -695,6 +759,11 @@ fn previous_exit(previous: &SavedStatuses, boot_id: &str) -> PreviousExit {
     }
 }
 
+/// Each replica's template in `set`.
+fn templates_of(set: &AssignmentSet) -> HashMap<String, proto::manifest::ReplicaTemplate> {
+    set.assignments.iter().map(|a| (a.name.clone(), a.template.clone())).collect()
+}
+
 /// The addresses the set's Wasm HTTP components serve on.
 fn http_addrs(set: &AssignmentSet) -> Vec<std::net::SocketAddr> {
     set.assignments
@@ -776,6 +845,7 @@ fn execute(
     runs: &mut HashMap<String, RunHandle>,
     runtimes: &HashMap<RuntimeKind, Arc<dyn Runtime>>,
     logs: &LogStore,
+    objs: &delivery::Objects,
     events: &mpsc::UnboundedSender<RunEvent>,
 ) {
     match action {
@@ -810,11 +880,20 @@ fn execute(
                     return;
                 }
             };
+            // Configs and secrets filled in; a missing one is a start failure that says which
+            // (retried at once when it arrives).
+            let template = match objs.resolve(&replica, &assignment.template) {
+                Ok(t) => t,
+                Err(message) => {
+                    fail(sup, message);
+                    return;
+                }
+            };
             let (stop_tx, stop_rx) = watch::channel(RunControl::Run);
             let probes_of = assignment.template.probes.clone();
             let log_path = log.path().to_path_buf();
             runs.insert(replica.clone(), RunHandle { run_id, stop: stop_tx, probes_of, probes: None });
-            let ctx = RunContext::new(replica.clone(), run_id, assignment.template, log, stop_rx, events.clone());
+            let ctx = RunContext::new(replica.clone(), run_id, template, log, stop_rx, events.clone());
             let fut = runtime.run(ctx);
             let events = events.clone();
             let span = info_span!("replica", %replica, run_id);

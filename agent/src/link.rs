@@ -64,6 +64,9 @@ pub struct Link {
     pub network: watch::Receiver<u64>,
     /// Upgrade orders from the hub, to the main loop.
     pub upgrades: mpsc::Sender<UpgradeCall>,
+    /// The current connection while a session is up, for requests the agent makes of the
+    /// hub on it (configs and secrets, see [`crate::delivery`]).
+    pub session: watch::Sender<Option<quinn::Connection>>,
 }
 
 /// An upgrade order from the hub, for the main loop, which answers through `reply` with the
@@ -116,6 +119,7 @@ impl Link {
                 }
             }
             let _ = self.connected.send(false);
+            self.session.send_replace(None);
             if *self.shutdown.borrow() {
                 return None;
             }
@@ -229,6 +233,7 @@ impl Link {
         frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
         info!(%hub, "connected to hub");
         let _ = self.connected.send(true);
+        self.session.send_replace(Some(conn.clone()));
 
         // Reads happen on their own task: frame::read is not cancel-safe.
         let assignments = self.assignments.clone();

@@ -531,6 +531,16 @@ impl Supervisor {
         out
     }
 
+    /// Ends the back-off of `replica` now (what it waited for arrived: a config or secret it
+    /// reads); its next start comes with the next `poll_actions`.
+    pub fn retry_now(&mut self, replica: &str, now: Now) {
+        if let Some(r) = self.replicas.get_mut(replica)
+            && let RunState::BackingOff { until } = &mut r.state
+        {
+            *until = (*until).min(now.mono);
+        }
+    }
+
     /// When `poll_actions` next has something to do by the clock alone.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.replicas
@@ -591,6 +601,9 @@ mod tests {
             pids: None,
             grace_ms: None,
             probes: Default::default(),
+            env_refs: Default::default(),
+            env_from: vec![],
+            object_versions: Default::default(),
         };
         Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template, attempt: None }
     }
@@ -941,6 +954,9 @@ mod restore_tests {
             pids: None,
             grace_ms: None,
             probes: Default::default(),
+            env_refs: Default::default(),
+            env_from: vec![],
+            object_versions: Default::default(),
         };
         Assignment { name: name.into(), workload: "w".into(), template_hash: template.hash(), template, attempt: None }
     }

@@ -47,7 +47,9 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::Scale { .. } => Role::Operator,
         ApiRequest::Delete { kind, .. } => match kind {
             ResourceKind::Node => Role::Admin,
-            ResourceKind::Workload | ResourceKind::Replica => Role::Operator,
+            ResourceKind::Workload | ResourceKind::Replica | ResourceKind::Config | ResourceKind::Secret => {
+                Role::Operator
+            }
         },
         ApiRequest::TokenCreate { .. }
         | ApiRequest::TokenList
@@ -87,7 +89,9 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
     let (action, target) = match req {
         ApiRequest::Apply { .. } => ("apply", String::new()),
         ApiRequest::DeleteManifests { .. } => ("delete manifests", String::new()),
-        ApiRequest::Delete { kind: ResourceKind::Node, name } => ("delete node", name.clone()),
+        ApiRequest::Delete { kind: ResourceKind::Node, name, .. } => ("delete node", name.clone()),
+        ApiRequest::Delete { kind: ResourceKind::Config, name, .. } => ("delete config", name.clone()),
+        ApiRequest::Delete { kind: ResourceKind::Secret, name, .. } => ("delete secret", name.clone()),
         ApiRequest::Delete { name, .. } => ("delete workload", name.clone()),
         ApiRequest::SetScheduling { node, cordoned, draining } => {
             let action = match (cordoned, draining) {
@@ -320,14 +324,14 @@ mod tests {
     fn an_operator_runs_workloads_but_decides_nothing_about_membership() {
         for r in [
             apply(),
-            ApiRequest::Delete { kind: ResourceKind::Workload, name: "w".into() },
+            ApiRequest::Delete { kind: ResourceKind::Workload, name: "w".into(), force: false },
             ApiRequest::SetScheduling { node: "n".into(), cordoned: true, draining: true },
             ApiRequest::RolloutUndo { name: "w".into(), to_revision: None },
         ] {
             assert_eq!(denial(Role::Operator, &r), None, "{r:?}");
         }
         for r in [
-            ApiRequest::Delete { kind: ResourceKind::Node, name: "n".into() },
+            ApiRequest::Delete { kind: ResourceKind::Node, name: "n".into(), force: false },
             ApiRequest::TokenCreate { ttl_ms: None, uses: None, name_pattern: None, labels: BTreeMap::new() },
             ApiRequest::TokenList,
             ApiRequest::LabelNode { node: "n".into(), set: BTreeMap::new(), remove: vec![] },
@@ -356,7 +360,7 @@ mod tests {
         let cases = [
             (ApiRequest::SetScheduling { node: "n1".into(), cordoned: true, draining: true }, "drain", "n1"),
             (ApiRequest::SetScheduling { node: "n1".into(), cordoned: false, draining: false }, "uncordon", "n1"),
-            (ApiRequest::Delete { kind: ResourceKind::Node, name: "n2".into() }, "delete node", "n2"),
+            (ApiRequest::Delete { kind: ResourceKind::Node, name: "n2".into(), force: false }, "delete node", "n2"),
             (ApiRequest::Scale { name: "web".into(), replicas: 4 }, "scale", "web to 4"),
             (
                 ApiRequest::UserAdd { name: "ann".into(), role: Role::Operator, ttl_ms: None, csr_pem: String::new() },

@@ -6,11 +6,12 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use proto::manifest::Kind;
+use proto::manifest::{Document, Kind};
 use proto::messages::{
     ApiRequest, ApiResponse, ApplyOutcome, ApplyResult, HubRequest, JobView, LogSource, NodeView, Phase, ReplicaView,
     ResourceKind, StreamStart, WorkloadView,
 };
+use proto::objects::{ObjectKind, ObjectRef};
 use tracing::{debug, info, warn};
 use transport::frame;
 
@@ -146,26 +147,9 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         return answer;
     }
     Ok(match req {
-        ApiRequest::Apply { source } => match crate::guard::parse_manifests(source).await {
+        ApiRequest::Apply { source } => match crate::guard::parse_documents(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
-            Ok(manifests) => {
-                // All or nothing, as the apply itself.
-                if let Some(why) = manifests.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
-                    return Ok(ApiResponse::Error { message: format!("refused: {why}") });
-                }
-                let outcomes = shared.store.apply_workloads(&manifests, now_ms()).await?;
-                shared.trigger_reconcile();
-                let results = manifests
-                    .iter()
-                    .zip(outcomes)
-                    .map(|(m, o)| {
-                        let outcome = outcome(o);
-                        info!(workload = %m.metadata.name, ?outcome, "applied");
-                        ApplyResult { kind: m.kind.to_string(), name: m.metadata.name.clone(), outcome }
-                    })
-                    .collect();
-                ApiResponse::Applied { results }
-            }
+            Ok(documents) => apply(shared, caller, documents).await?,
         },
         ApiRequest::RolloutStatus { name } => {
             let Some(w) = shared.store.workload(&name).await? else {
@@ -218,25 +202,27 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             ResourceKind::Node => ApiResponse::Nodes { items: node_views(shared).await? },
             ResourceKind::Workload => ApiResponse::Workloads { items: workload_views(shared).await? },
             ResourceKind::Replica => ApiResponse::Replicas { items: replica_views(shared).await? },
+            ResourceKind::Config => crate::objects::get(shared, ObjectKind::Config).await?,
+            ResourceKind::Secret => crate::objects::get(shared, ObjectKind::Secret).await?,
         },
         ApiRequest::Describe { kind, name } => match describe(shared, kind, &name).await? {
             Some(text) => ApiResponse::Described { text },
             None => ApiResponse::Error { message: format!("{} {name:?} not found", kind.singular()) },
         },
-        ApiRequest::Delete { kind, name } => match kind {
+        ApiRequest::Delete { kind, name, force } => match kind {
             ResourceKind::Workload => delete(shared, vec![name]).await?,
             ResourceKind::Node => crate::admin::delete_node(shared, &name).await?,
-            other => ApiResponse::Error {
-                message: format!("deleting a {} is not supported; delete its workload", other.singular()),
+            ResourceKind::Config | ResourceKind::Secret => {
+                let kind = kind.object_kind().expect("an object kind");
+                crate::objects::delete(shared, &ObjectRef::new(kind, name), force).await?
+            }
+            ResourceKind::Replica => ApiResponse::Error {
+                message: "deleting a replica is not supported; delete its workload".to_string(),
             },
         },
-        ApiRequest::DeleteManifests { source } => match crate::guard::parse_manifests(source).await {
+        ApiRequest::DeleteManifests { source } => match crate::guard::parse_documents(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
-            Ok(manifests) => {
-                let names =
-                    manifests.iter().filter(|m| m.kind == Kind::Workload).map(|m| m.metadata.name.clone()).collect();
-                delete(shared, names).await?
-            }
+            Ok(documents) => delete_documents(shared, documents).await?,
         },
         ApiRequest::SetScheduling { node, cordoned, draining } => {
             if !shared.store.set_node_scheduling(&node, cordoned, draining).await? {
@@ -282,6 +268,76 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         }
         ApiRequest::UpgradeStatus => ApiResponse::Upgrade { upgrade: crate::upgrade::shell::status(shared).await? },
     })
+}
+
+/// Applies a file's documents: its configs and secrets sealed, then all of it in one
+/// transaction.
+async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Result<ApiResponse, StoreError> {
+    let (mut workloads, mut objects) = (Vec::new(), Vec::new());
+    for d in &documents {
+        match d {
+            Document::Workload(m) => workloads.push(m.as_ref().clone()),
+            Document::Object(o) => match crate::objects::seal(&shared.objects_key, o) {
+                Ok(sealed) => objects.push(sealed),
+                Err(e) => return Ok(ApiResponse::Error { message: format!("cannot seal {}: {e}", o.reference()) }),
+            },
+        }
+    }
+    // All or nothing, as the apply itself.
+    if let Some(why) = workloads.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
+        return Ok(ApiResponse::Error { message: format!("refused: {why}") });
+    }
+    let applied = shared.store.apply_documents(&objects, &workloads, now_ms()).await?;
+    shared.wake_nodes(&applied.nodes);
+    shared.trigger_reconcile();
+    let (mut objects_done, mut workloads_done) = (applied.objects.into_iter(), applied.workloads.into_iter());
+    let results = documents
+        .iter()
+        .map(|d| {
+            let o = match d {
+                Document::Workload(_) => workloads_done.next(),
+                Document::Object(_) => objects_done.next(),
+            };
+            let outcome = outcome(o.unwrap_or(Applied::Unchanged));
+            match d {
+                Document::Workload(m) => info!(workload = %m.metadata.name, ?outcome, "applied"),
+                Document::Object(o) => info!(object = %o.reference(), ?outcome, "applied"),
+            }
+            ApplyResult { kind: d.kind(), name: d.name().to_string(), outcome }
+        })
+        .collect();
+    Ok(ApiResponse::Applied { results })
+}
+
+/// `delete -f FILE`: its workloads, then its configs and secrets (refused while still read).
+async fn delete_documents(shared: &Shared, documents: Vec<Document>) -> Result<ApiResponse, StoreError> {
+    let names: Vec<String> = documents
+        .iter()
+        .filter_map(|d| match d {
+            Document::Workload(m) if m.kind == Kind::Workload => Some(m.metadata.name.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut deleted = Vec::new();
+    if !names.is_empty() {
+        match delete(shared, names).await? {
+            ApiResponse::Deleted { names } => deleted.extend(names),
+            other => return Ok(other),
+        }
+    }
+    for d in &documents {
+        if let Document::Object(o) = d {
+            match crate::objects::delete(shared, &o.reference(), false).await? {
+                ApiResponse::Deleted { names } => deleted.extend(names),
+                other if deleted.is_empty() => return Ok(other),
+                ApiResponse::Error { message } => {
+                    return Ok(ApiResponse::Error { message: format!("deleted {}; {message}", deleted.join(", ")) });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(ApiResponse::Deleted { names: deleted })
 }
 
 async fn delete(shared: &Shared, names: Vec<String>) -> Result<ApiResponse, StoreError> {
@@ -452,6 +508,10 @@ fn reason(r: &ReplicaView) -> String {
 async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Option<String>, StoreError> {
     let mut s = String::new();
     match kind {
+        ResourceKind::Config | ResourceKind::Secret => {
+            let kind = kind.object_kind().expect("an object kind");
+            return crate::objects::describe(shared, &ObjectRef::new(kind, name)).await;
+        }
         ResourceKind::Workload => {
             let Some(w) = workload_views(shared).await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
                 return Ok(None);
@@ -810,6 +870,11 @@ fn write_failed_attempts(s: &mut String, attempts: &[JobAttemptRow], now_ms: u64
             let _ = writeln!(s, "    | {line}");
         }
     }
+}
+
+/// How long ago `ms` (wall clock) was.
+pub(crate) fn age_since_ms(ms: u64) -> String {
+    age(now_ms().saturating_sub(ms) / 1000)
 }
 
 fn age(secs: u64) -> String {

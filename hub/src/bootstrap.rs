@@ -151,6 +151,14 @@ fn create_cluster_key(path: &Path) -> Result<ClusterKey, BootstrapError> {
         .map_err(|source| BootstrapError::ClusterKey { path: path.to_path_buf(), source })
 }
 
+/// The cluster key at `path`, made there if absent.
+pub fn cluster_key(path: &Path) -> Result<ClusterKey, BootstrapError> {
+    match read_cluster_key(path)? {
+        Some(key) => Ok(key),
+        None => create_cluster_key(path),
+    }
+}
+
 /// On a shared store every hub must have the same CA and join token, so agents trust and join
 /// any of them. The first hub stores its own (or new ones) in the store, sealed with the
 /// cluster key at `key_path` ([`crate::sealed`]; made there if the store holds no identity

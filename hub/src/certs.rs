@@ -122,6 +122,12 @@ pub(crate) async fn serve_stream(
             Outcome::Refused(message) => RenewResponse::Refused { message },
             Outcome::StoreDown => RenewResponse::Refused { message: "the hub's store is unreachable; retry".into() },
         },
+        Ok(Ok(Some(AgentRequest::Object { object }))) => {
+            let answer = crate::objects::answer_node(&shared, &node, &object).await;
+            let _ = frame::write(&mut send, &answer).await;
+            let _ = send.finish();
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             warn!(%node, error = %e, "malformed request from the agent");

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) heartbeats: crate::heartbeats::Heartbeats,
     /// Wakes the agent upgrade loop ([`crate::upgrade::shell`]) before its next tick.
     pub(crate) upgrades: Notify,
+    /// Seals configs and secrets in the store ([`crate::objects`]): the cluster key.
+    pub(crate) objects_key: crate::sealed::ClusterKey,
 }
 
 impl Shared {
@@ -68,6 +70,7 @@ impl Shared {
         ca: Ca,
         certs: crate::identity::CertPolicy,
         host_policy: crate::access::HostPolicy,
+        objects_key: crate::sealed::ClusterKey,
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -89,6 +92,7 @@ impl Shared {
             skew_refused: Mutex::new(HashMap::new()),
             upgrades: Notify::new(),
             heartbeats: Default::default(),
+            objects_key,
         }
     }
 

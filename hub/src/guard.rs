@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::manifest::{Manifest, ManifestError};
+use proto::manifest::ManifestError;
 use proto::messages::ReplicaStatus;
 use tokio::sync::Semaphore;
 
@@ -305,14 +305,14 @@ pub enum ParseError {
 /// Parses `source` on the blocking pool, at most [`PARSE_POOL`] at a time, within
 /// [`PARSE_BUDGET`]. The parser's own limits (`proto::yaml`) keep each parse short; the budget
 /// is the backstop. A parse that outlives it finishes on its thread and is dropped.
-pub async fn parse_manifests(source: String) -> Result<Vec<Manifest>, ParseError> {
+pub async fn parse_documents(source: String) -> Result<Vec<proto::manifest::Document>, ParseError> {
     let work = async {
         let permit = PARSERS.acquire().await.map_err(|_| ParseError::Budget(PARSE_BUDGET))?;
         // The permit goes with the parse: one that outlives the budget still holds its place,
         // so abandoned parses never add up past the pool.
         let parsed = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            proto::manifest::parse_manifests(&source)
+            proto::manifest::parse_documents(&source)
         })
         .await
         .map_err(|_| ParseError::Budget(PARSE_BUDGET))?;
@@ -470,10 +470,10 @@ mod tests {
     async fn manifests_parse_off_the_workers_and_a_deep_one_is_refused_fast() {
         let ok =
             "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: w}\nspec: {runtime: wasm, image: r/w:1}\n";
-        assert_eq!(parse_manifests(ok.to_string()).await.unwrap().len(), 1);
+        assert_eq!(parse_documents(ok.to_string()).await.unwrap().len(), 1);
         let deep = format!("apiVersion: {}{}", "[".repeat(100_000), "]".repeat(100_000));
         let started = Instant::now();
-        let err = parse_manifests(deep).await.unwrap_err();
+        let err = parse_documents(deep).await.unwrap_err();
         assert!(matches!(err, ParseError::Manifest(_)), "{err}");
         assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
     }

@@ -30,6 +30,7 @@ mod heartbeats;
 pub mod identity;
 pub mod leader;
 pub mod logs;
+mod objects;
 pub mod revisions;
 pub mod scheduler;
 pub mod sealed;

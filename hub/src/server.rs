@@ -98,13 +98,13 @@ impl Hub {
             names.push(host);
         }
         let store = Store::connect(&config.datastore, &config.data_dir).await?;
+        let key_path =
+            config.cluster_key_file.clone().unwrap_or_else(|| bootstrap::default_cluster_key_path(&config.data_dir));
         if store.is_shared() {
-            let key_path = config
-                .cluster_key_file
-                .clone()
-                .unwrap_or_else(|| bootstrap::default_cluster_key_path(&config.data_dir));
             bootstrap::share(&store, &config.data_dir, &key_path).await?;
         }
+        // Configs and secrets are sealed with the cluster key on every store.
+        let objects_key = bootstrap::cluster_key(&key_path)?;
         let identity = bootstrap::load_or_create(&config.data_dir, &advertise, &names, config.certs.hub_validity)?;
         // The cluster token keeps working for new names, as the token `cluster`; once revoked it
         // stays revoked (the row is kept).
@@ -164,7 +164,15 @@ impl Hub {
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
             election,
-            shared: Arc::new(Shared::new(store, hub_id, leader, identity.ca, config.certs, config.host_policy)),
+            shared: Arc::new(Shared::new(
+                store,
+                hub_id,
+                leader,
+                identity.ca,
+                config.certs,
+                config.host_policy,
+                objects_key,
+            )),
         })
     }
 
@@ -629,6 +637,7 @@ async fn fence_revoked(
         store: store.to_string(),
         assignments: Vec::new(),
         kept_logs: Vec::new(),
+        objects: Vec::new(),
     };
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {

@@ -156,7 +156,101 @@ on_both_backends!(
     the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key,
     a_cluster_identity_stored_in_clear_is_sealed_in_place,
     agent_upgrades_replace_each_other_and_only_the_leader_writes_their_passes,
+    objects_are_versioned_stamped_into_env_readers_and_given_only_to_their_nodes,
 );
+
+fn new_object(kind: proto::objects::ObjectKind, name: &str, value: &str) -> flotilla_hub::store::NewObject {
+    flotilla_hub::store::NewObject {
+        kind,
+        name: name.into(),
+        digest: format!("digest-of-{value}"),
+        keys: BTreeMap::from([("k".to_string(), value.len() as u64)]),
+        sealed: format!("sealed:{value}"),
+    }
+}
+
+async fn objects_are_versioned_stamped_into_env_readers_and_given_only_to_their_nodes(b: Backing) {
+    use flotilla_hub::store::ObjectDeletion;
+    use proto::objects::{ObjectKind, ObjectRef};
+    let s = b.open().await;
+    let secret = ObjectRef::new(ObjectKind::Secret, "db");
+    let config = ObjectRef::new(ObjectKind::Config, "app");
+    // Readers: `env` reads the secret through the environment, `files` the config as files.
+    let reader = |name: &str, extra: &str| {
+        parse_manifests(&format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec: {{runtime: wasm, image: r/hello:1, {extra}}}\n"
+        ))
+        .unwrap()
+    };
+    let env = reader("env", "env: {PASS: {valueFrom: {secret: db, key: k}}}");
+    let files = reader("files", "volumes: [{name: c, mountPath: /etc/app, config: app}]");
+    // A reader applied before its secret exists carries no version for it.
+    let applied = s.apply_documents(&[], &[env[0].clone(), files[0].clone()], 1).await.unwrap();
+    assert_eq!(applied.workloads, [Applied::Created, Applied::Created]);
+    let stored = |name: &'static str| {
+        let s = s.clone();
+        async move { s.workload(name).await.unwrap().unwrap() }
+    };
+    assert!(stored("env").await.manifest.metadata.object_versions.is_empty());
+    for n in ["a", "b"] {
+        s.upsert_node(n, &NodeFacts::default(), 1).await.unwrap();
+    }
+    let templates = BTreeMap::from([
+        ("env".to_string(), stored("env").await.manifest.template()),
+        ("files".to_string(), stored("files").await.manifest.template()),
+    ]);
+    let placements = vec![
+        Placement { replica: "env-0".into(), workload: "env".into(), index: 0, node: Some("a".into()) },
+        Placement { replica: "files-0".into(), workload: "files".into(), index: 0, node: Some("b".into()) },
+    ];
+    place(&s, None, &placements, &templates, &BTreeSet::new()).await.unwrap();
+    let gen_b = s.assignment_set("b").await.unwrap().generation;
+
+    // Created: the env reader gets version 1 stamped (a new revision); the node of the file
+    // reader gets a new generation naming the config's version.
+    let applied = s
+        .apply_documents(
+            &[new_object(ObjectKind::Secret, "db", "v1"), new_object(ObjectKind::Config, "app", "c1")],
+            &[],
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.objects, [Applied::Created, Applied::Created]);
+    assert_eq!(applied.nodes, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    let env_w = stored("env").await;
+    assert_eq!(env_w.manifest.metadata.object_versions, BTreeMap::from([("secret/db".to_string(), 1)]));
+    let revs = s.revisions("env").await.unwrap();
+    assert_eq!(revs.last().unwrap().cause, "secret/db changed");
+    assert!(stored("files").await.manifest.metadata.object_versions.is_empty(), "files are updated in place");
+    let set_b = s.assignment_set("b").await.unwrap();
+    assert_eq!(set_b.generation, gen_b + 1);
+    assert_eq!(set_b.objects.iter().map(|v| (v.reference(), v.version)).collect::<Vec<_>>(), [(config.clone(), 1)]);
+
+    // The same content again changes nothing; new content is version 2.
+    let again = s.apply_documents(&[new_object(ObjectKind::Secret, "db", "v1")], &[], 3).await.unwrap();
+    assert_eq!((again.objects.as_slice(), again.nodes.len()), ([Applied::Unchanged].as_slice(), 0));
+    s.apply_documents(&[new_object(ObjectKind::Secret, "db", "v2")], &[], 4).await.unwrap();
+    assert_eq!(s.object(&secret).await.unwrap().unwrap().version, 2);
+    assert_eq!(stored("env").await.manifest.metadata.object_versions["secret/db"], 2);
+    // Re-applying the reader as written keeps the stamp: unchanged.
+    assert_eq!(s.apply_workloads(&env, 5).await.unwrap(), [Applied::Unchanged]);
+
+    // Only a node running a reader may read an object (by its replicas' templates).
+    assert!(s.node_reads("b", &config).await.unwrap());
+    assert!(!s.node_reads("b", &secret).await.unwrap());
+    assert!(!s.node_reads("a", &config).await.unwrap());
+
+    // In use: deleting is refused unless forced.
+    let (refused, _) = s.delete_object(&config, false, 6).await.unwrap();
+    assert_eq!(refused, ObjectDeletion::InUse(vec!["files".into()]));
+    assert_eq!(s.object_readers(&config).await.unwrap(), ["files"]);
+    let (deleted, nodes) = s.delete_object(&config, true, 7).await.unwrap();
+    assert_eq!((deleted, nodes), (ObjectDeletion::Deleted, BTreeSet::from(["b".to_string()])));
+    assert!(s.assignment_set("b").await.unwrap().objects.is_empty());
+    assert_eq!(s.delete_object(&config, false, 8).await.unwrap().0, ObjectDeletion::NotFound);
+    assert_eq!(s.objects(ObjectKind::Secret).await.unwrap().len(), 1);
+}
 
 const JOB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: j}\nspec: {runtime: wasm, image: r/j:1, kind: Job, job: {completions: 2}}\n";
 
@@ -521,8 +615,8 @@ async fn concurrent_read_modify_write_applies_lose_no_update(b: Backing) {
                 loop {
                     let w = s.workloads().await.unwrap().remove(0);
                     let mut m = w.manifest;
-                    let n: u64 = m.spec.env.get("COUNT").map(|v| v.parse().unwrap()).unwrap_or(0);
-                    m.spec.env.insert("COUNT".into(), (n + 1).to_string());
+                    let n: u64 = m.spec.env.get("COUNT").map(|v| v.to_string().parse().unwrap()).unwrap_or(0);
+                    m.spec.env.insert("COUNT".into(), (n + 1).to_string().into());
                     m.metadata.resource_version = Some(w.revision);
                     match s.apply_workloads(&[m], 1).await {
                         Ok(_) => break,
@@ -539,7 +633,7 @@ async fn concurrent_read_modify_write_applies_lose_no_update(b: Backing) {
         conflicts += t.await.unwrap();
     }
     let w = hubs[1].workloads().await.unwrap().remove(0);
-    assert_eq!(w.manifest.spec.env.get("COUNT").map(String::as_str), Some("40"), "{conflicts} conflicts");
+    assert_eq!(w.manifest.spec.env.get("COUNT").map(|v| v.to_string()).as_deref(), Some("40"), "{conflicts} conflicts");
     assert_eq!(w.revision, 1 + WRITERS * EACH);
 }
 

@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod manifest;
 pub mod messages;
+pub mod objects;
 pub mod pieces;
 pub mod token;
 pub mod version;

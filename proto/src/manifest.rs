@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::objects::{ObjectData, ObjectKind, ObjectRef, validate_key};
 use crate::yaml;
 
 pub const API_VERSION: &str = "flotilla.dev/v1";
@@ -51,6 +52,11 @@ pub struct Metadata {
     /// when the workload changed since (optimistic concurrency); without it the apply wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
+    /// Set by the hub, ignored on apply: the version of each config and secret (`secret/db`)
+    /// the workload reads through environment variables. It is part of the replica template,
+    /// so a change of such an object rolls the workload out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub object_versions: BTreeMap<String, u64>,
 }
 
 /// What a workload runs and where. Everything in here is the replica template (changing it
@@ -79,8 +85,12 @@ pub struct WorkloadSpec {
     /// Arguments: for Wasm the program's, for containers instead of the image's `CMD`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// Environment variables: a text value, or `{valueFrom: {secret|config: NAME, key: K}}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
+    /// Every key of these configs and secrets as an environment variable (`env` wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<ObjectSource>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
     /// Node label expressions (Kubernetes `matchExpressions`), all of which must hold.
@@ -248,8 +258,10 @@ pub struct HttpSpec {
     pub max_concurrency: Option<u32>,
 }
 
-/// A directory given to the workload. Without `hostPath` it is a scratch directory private to
-/// the replica, emptied when the replica leaves the node.
+/// A directory given to the workload: a host directory (`hostPath`), the keys of a config or
+/// secret as read-only files (`config`, `secret`, optionally only the `items` named), or
+/// without any of them a scratch directory private to the replica, emptied when the replica
+/// leaves the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Volume {
@@ -259,6 +271,160 @@ pub struct Volume {
     pub host_path: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Which keys become which files (default: every key, as a file of its name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+}
+
+impl Volume {
+    /// The config or secret whose keys this volume holds.
+    pub fn object(&self) -> Option<ObjectRef> {
+        object_of(&self.config, &self.secret)
+    }
+}
+
+/// One key of a config or secret volume as a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeyToPath {
+    pub key: String,
+    /// Relative to the mount path (`tls/server.key`); no `..`.
+    pub path: String,
+    /// Octal permission bits as text (`"0400"`); default `0444`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// File mode of config and secret files unless an item says otherwise.
+pub const DEFAULT_FILE_MODE: u32 = 0o444;
+
+impl KeyToPath {
+    pub fn mode(&self) -> u32 {
+        self.mode.as_deref().and_then(|m| parse_mode(m).ok()).unwrap_or(DEFAULT_FILE_MODE)
+    }
+}
+
+fn parse_mode(m: &str) -> Result<u32, InvalidValue> {
+    let digits = m.strip_prefix("0o").unwrap_or(m);
+    match u32::from_str_radix(digits, 8) {
+        Ok(v) if v <= 0o777 => Ok(v),
+        _ => Err(InvalidValue(format!("mode {m:?} must be octal permission bits such as \"0400\""))),
+    }
+}
+
+fn object_of(config: &Option<String>, secret: &Option<String>) -> Option<ObjectRef> {
+    match (config, secret) {
+        (Some(c), None) => Some(ObjectRef::new(ObjectKind::Config, c.clone())),
+        (None, Some(s)) => Some(ObjectRef::new(ObjectKind::Secret, s.clone())),
+        _ => None,
+    }
+}
+
+/// An environment variable's value in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    Text(String),
+    /// `{valueFrom: {secret: NAME, key: K}}` or `{valueFrom: {config: NAME, key: K}}`.
+    From(KeySelector),
+}
+
+impl fmt::Display for EnvValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvValue::Text(t) => f.write_str(t),
+            EnvValue::From(sel) => match sel.object() {
+                Some(r) => write!(f, "<key {} of {r}>", sel.key),
+                None => f.write_str("<invalid reference>"),
+            },
+        }
+    }
+}
+
+impl From<&str> for EnvValue {
+    fn from(s: &str) -> EnvValue {
+        EnvValue::Text(s.to_string())
+    }
+}
+
+impl From<String> for EnvValue {
+    fn from(s: String) -> EnvValue {
+        EnvValue::Text(s)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ValueFrom {
+    value_from: KeySelector,
+}
+
+impl Serialize for EnvValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EnvValue::Text(t) => s.serialize_str(t),
+            EnvValue::From(k) => ValueFrom { value_from: k.clone() }.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EnvValue, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, or {valueFrom: {secret|config: NAME, key: KEY}}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EnvValue, A::Error> {
+                let v = ValueFrom::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EnvValue::From(v.value_from))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One key of a config or secret (`secret` or `config`, and `key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeySelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub key: String,
+}
+
+impl KeySelector {
+    pub fn object(&self) -> Option<ObjectRef> {
+        object_of(&self.config, &self.secret)
+    }
+}
+
+/// A whole config or secret (`envFrom` entries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl ObjectSource {
+    pub fn object(&self) -> Option<ObjectRef> {
+        object_of(&self.config, &self.secret)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -647,7 +813,7 @@ pub struct ManifestError {
 }
 
 impl ManifestError {
-    fn new(document: usize, path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(document: usize, path: impl Into<String>, message: impl Into<String>) -> Self {
         ManifestError { document, path: path.into(), message: message.into() }
     }
 }
@@ -660,31 +826,78 @@ impl ManifestError {
 /// document as it expands through aliases, 32 levels of nesting. Within them, parsing takes
 /// milliseconds and never allocates much more than the input; the hub still runs it off its
 /// async workers and under a time budget.
-pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
+pub fn parse_documents(source: &str) -> Result<Vec<Document>, ManifestError> {
     let values = yaml::documents(source, &yaml::Limits::default())
         .map_err(|e| ManifestError::new(e.document(), "(document)", e.to_string()))?;
-    let mut out: Vec<Manifest> = Vec::new();
+    let mut out: Vec<Document> = Vec::new();
     for (i, value) in values.into_iter().enumerate() {
         let document = i + 1;
-        let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { "(document)".to_string() } else { path };
-            ManifestError::new(document, path, e.into_inner().to_string())
-        })?;
-        manifest.validate().map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
-        if out.iter().any(|m| m.kind == manifest.kind && m.metadata.name == manifest.metadata.name) {
+        let is_object = matches!(value.get("kind").and_then(|k| k.as_str()), Some("Config" | "Secret"));
+        let parsed = if is_object {
+            Document::Object(crate::objects::parse_object(document, value)?)
+        } else {
+            let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { "(document)".to_string() } else { path };
+                ManifestError::new(document, path, e.into_inner().to_string())
+            })?;
+            manifest.validate().map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
+            Document::Workload(Box::new(manifest))
+        };
+        if out.iter().any(|d| d.kind() == parsed.kind() && d.name() == parsed.name()) {
             return Err(ManifestError::new(
                 document,
                 "metadata.name",
-                format!("{} {:?} appears twice in this file", manifest.kind, manifest.metadata.name),
+                format!("{} {:?} appears twice in this file", parsed.kind(), parsed.name()),
             ));
         }
-        out.push(manifest);
+        out.push(parsed);
     }
     if out.is_empty() {
         return Err(ManifestError::new(1, "(document)", "no manifest found"));
     }
     Ok(out)
+}
+
+/// The workloads of [`parse_documents`] (configs and secrets are left out); an error when
+/// there are none.
+pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let workloads: Vec<Manifest> = parse_documents(source)?
+        .into_iter()
+        .filter_map(|d| match d {
+            Document::Workload(m) => Some(*m),
+            Document::Object(_) => None,
+        })
+        .collect();
+    if workloads.is_empty() {
+        return Err(ManifestError::new(1, "(document)", "no workload found"));
+    }
+    Ok(workloads)
+}
+
+/// One document of a manifest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Document {
+    Workload(Box<Manifest>),
+    /// A `kind: Config` or `kind: Secret`.
+    Object(ObjectData),
+}
+
+impl Document {
+    /// `Workload`, `Config` or `Secret`.
+    pub fn kind(&self) -> String {
+        match self {
+            Document::Workload(m) => m.kind.to_string(),
+            Document::Object(o) => o.kind.to_string(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Document::Workload(m) => &m.metadata.name,
+            Document::Object(o) => &o.name,
+        }
+    }
 }
 
 impl WorkloadSpec {
@@ -740,9 +953,22 @@ impl Manifest {
                     "environment variable names must be non-empty and contain neither '=' nor NUL".into(),
                 );
             }
-            if v.contains('\0') {
-                return err(&format!("spec.env.{k}"), "value contains a NUL byte".into());
+            match v {
+                EnvValue::Text(v) if v.contains('\0') => {
+                    return err(&format!("spec.env.{k}"), "value contains a NUL byte".into());
+                }
+                EnvValue::Text(_) => {}
+                EnvValue::From(sel) => {
+                    let path = format!("spec.env.{k}.valueFrom");
+                    validate_object_names(&sel.config, &sel.secret).map_err(|m| (path.clone(), m))?;
+                    if let Err(InvalidValue(m)) = validate_key(&sel.key) {
+                        return err(&format!("{path}.key"), m);
+                    }
+                }
             }
+        }
+        for (i, from) in spec.env_from.iter().enumerate() {
+            validate_object_names(&from.config, &from.secret).map_err(|m| (format!("spec.envFrom[{i}]"), m))?;
         }
         for (k, v) in &spec.node_selector {
             if let Err(msg) = validate_label(k, v) {
@@ -856,6 +1082,32 @@ impl Manifest {
             {
                 return err(&path("hostPath"), msg.to_string());
             }
+            if v.config.is_some() || v.secret.is_some() {
+                if v.host_path.is_some() {
+                    return err(&path("hostPath"), "a volume is a host path, a config or a secret: set one".into());
+                }
+                validate_object_names(&v.config, &v.secret).map_err(|m| (format!("spec.volumes[{i}]"), m))?;
+            } else if !v.items.is_empty() {
+                return err(&path("items"), "applies to config and secret volumes only".into());
+            }
+            let mut files = std::collections::BTreeSet::new();
+            for (j, item) in v.items.iter().enumerate() {
+                let path = |f: &str| format!("spec.volumes[{i}].items[{j}].{f}");
+                if let Err(InvalidValue(m)) = validate_key(&item.key) {
+                    return err(&path("key"), m);
+                }
+                if let Err(m) = validate_item_path(&item.path) {
+                    return err(&path("path"), m);
+                }
+                if !files.insert(item.path.as_str()) {
+                    return err(&path("path"), format!("{:?} is named twice", item.path));
+                }
+                if let Some(m) = &item.mode
+                    && let Err(InvalidValue(m)) = parse_mode(m)
+                {
+                    return err(&path("mode"), m);
+                }
+            }
         }
         Ok(())
     }
@@ -872,6 +1124,8 @@ impl Manifest {
         s.command = o.command.clone();
         s.args = o.args.clone();
         s.env = o.env.clone();
+        s.env_from = o.env_from.clone();
+        out.metadata.object_versions = other.metadata.object_versions.clone();
         s.restart_policy = o.restart_policy;
         s.resources = Resources { requests: s.resources.requests.clone(), ..o.resources.clone() };
         s.http = o.http;
@@ -890,7 +1144,24 @@ impl Manifest {
             runtime: s.runtime,
             image: s.image.clone(),
             args: s.args.clone(),
-            env: s.env.clone(),
+            env: s
+                .env
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    EnvValue::Text(t) => Some((k.clone(), t.clone())),
+                    EnvValue::From(_) => None,
+                })
+                .collect(),
+            env_refs: s
+                .env
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    EnvValue::From(sel) => Some((k.clone(), sel.clone())),
+                    EnvValue::Text(_) => None,
+                })
+                .collect(),
+            env_from: s.env_from.clone(),
+            object_versions: self.metadata.object_versions.clone(),
             // A Job's attempts end on their node; the hub schedules retries.
             restart_policy: if s.kind == WorkloadKind::Job { RestartPolicy::Never } else { s.restart_policy },
             memory_bytes: s.resources.memory.as_deref().and_then(|m| parse_quantity(m).ok()),
@@ -910,6 +1181,28 @@ impl Manifest {
             },
         }
     }
+}
+
+/// Exactly one of `config` and `secret`, a valid name.
+fn validate_object_names(config: &Option<String>, secret: &Option<String>) -> Result<(), String> {
+    match object_of(config, secret) {
+        None => Err("set exactly one of config and secret".into()),
+        Some(r) => validate_name(&r.name).map_err(|InvalidValue(m)| m),
+    }
+}
+
+/// A file inside a config or secret volume: relative, no `..` or empty components, and no
+/// component starting with `..` (the updater's own names do).
+fn validate_item_path(p: &str) -> Result<(), String> {
+    let bad = p.is_empty()
+        || p.len() > 1024
+        || p.starts_with('/')
+        || p.contains('\0')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c.starts_with(".."));
+    if bad {
+        return Err(format!("{p:?} must be a relative path without '.', '..' or empty components"));
+    }
+    Ok(())
 }
 
 /// Checks the fields only the scheduler reads; returns the offending path.
@@ -1369,9 +1662,33 @@ pub struct ReplicaTemplate {
     pub grace_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Probes::is_empty")]
     pub probes: Probes,
+    /// Environment variables whose values are keys of configs and secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_refs: BTreeMap<String, KeySelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<ObjectSource>,
+    /// The versions of the objects read through the environment (see
+    /// [`Metadata::object_versions`]): a new one changes the hash.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub object_versions: BTreeMap<String, u64>,
 }
 
 impl ReplicaTemplate {
+    /// Every config and secret the replica reads.
+    pub fn objects(&self) -> std::collections::BTreeSet<ObjectRef> {
+        let mut out = self.env_objects();
+        out.extend(self.volumes.iter().filter_map(Volume::object));
+        out
+    }
+
+    /// The configs and secrets read through environment variables.
+    pub fn env_objects(&self) -> std::collections::BTreeSet<ObjectRef> {
+        let mut out: std::collections::BTreeSet<ObjectRef> =
+            self.env_refs.values().filter_map(KeySelector::object).collect();
+        out.extend(self.env_from.iter().filter_map(ObjectSource::object));
+        out
+    }
+
     /// A stable hash of the template (hex sha256 of its canonical JSON, first 16 chars).
     /// BTreeMaps keep the JSON canonical.
     pub fn hash(&self) -> String {
@@ -1784,5 +2101,87 @@ spec:
         assert_eq!(canonical_arch("x86_64"), "x86_64");
         assert_eq!(canonical_arch("arm"), "arm");
         assert_eq!(canonical_arch("riscv64"), "riscv64");
+    }
+
+    #[test]
+    fn workloads_read_configs_and_secrets_through_env_and_volumes() {
+        let w = |spec: &str| {
+            format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{runtime: container, image: r/w:1, {spec}}}\n"
+            )
+        };
+        let m = parse_manifests(&w(
+            "env: {A: plain, B: {valueFrom: {secret: db, key: password}}}, envFrom: [{config: app}], \
+             volumes: [{name: tls, mountPath: /tls, secret: certs, items: [{key: tls.key, path: keys/server.key, mode: '0400'}]}]",
+        ))
+        .unwrap()
+        .remove(0);
+        let t = m.template();
+        assert_eq!(t.env, BTreeMap::from([("A".to_string(), "plain".to_string())]));
+        assert_eq!(t.env_refs["B"].object(), Some(ObjectRef::new(ObjectKind::Secret, "db")));
+        let objects: Vec<String> = t.objects().iter().map(|r| r.to_string()).collect();
+        assert_eq!(objects, ["config/app", "secret/certs", "secret/db"]);
+        let env: Vec<String> = t.env_objects().iter().map(|r| r.to_string()).collect();
+        assert_eq!(env, ["config/app", "secret/db"]);
+        assert_eq!(t.volumes[0].items[0].mode(), 0o400);
+        // Round trip through the stored form: text stays text, references stay references.
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains(r#""A":"plain""#) && json.contains(r#""valueFrom""#), "{json}");
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
+        // The hub's stamp is part of the template: a new version is a new template.
+        let mut stamped = m.clone();
+        stamped.metadata.object_versions.insert("secret/db".into(), 2);
+        assert_ne!(stamped.template().hash(), t.hash());
+        // A workload without references keeps the hash it had before references existed.
+        let plain = parse_manifests(&w("env: {A: plain}")).unwrap().remove(0).template();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("envRefs"));
+
+        for (spec, path) in [
+            ("env: {B: {valueFrom: {key: k}}}", "spec.env.B.valueFrom"),
+            ("env: {B: {valueFrom: {secret: db, config: c, key: k}}}", "spec.env.B.valueFrom"),
+            ("env: {B: {valueFrom: {secret: db, key: '../k'}}}", "spec.env.B.valueFrom.key"),
+            ("env: {B: {value: x}}", "spec.env.B.value"),
+            ("envFrom: [{}]", "spec.envFrom[0]"),
+            ("volumes: [{name: v, mountPath: /v, secret: s, hostPath: /h}]", "spec.volumes[0].hostPath"),
+            ("volumes: [{name: v, mountPath: /v, items: [{key: k, path: p}]}]", "spec.volumes[0].items"),
+            (
+                "volumes: [{name: v, mountPath: /v, secret: s, items: [{key: k, path: ../p}]}]",
+                "spec.volumes[0].items[0].path",
+            ),
+            (
+                "volumes: [{name: v, mountPath: /v, secret: s, items: [{key: k, path: ..data}]}]",
+                "spec.volumes[0].items[0].path",
+            ),
+            (
+                "volumes: [{name: v, mountPath: /v, secret: s, items: [{key: k, path: p, mode: '0999'}]}]",
+                "spec.volumes[0].items[0].mode",
+            ),
+            (
+                "volumes: [{name: v, mountPath: /v, secret: s, items: [{key: k, path: p}, {key: j, path: p}]}]",
+                "spec.volumes[0].items[1].path",
+            ),
+        ] {
+            let e = parse_manifests(&w(spec)).unwrap_err();
+            assert_eq!(e.path, path, "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_file_may_hold_workloads_configs_and_secrets() {
+        let docs = parse_documents(
+            "apiVersion: flotilla.dev/v1\nkind: Secret\nmetadata: {name: db}\ndata: {password: pw}\n---\n\
+             apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: db}\ndata: {host: h}\n---\n\
+             apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: db}\nspec: {runtime: wasm, image: r/w:1}\n",
+        )
+        .unwrap();
+        let kinds: Vec<String> = docs.iter().map(Document::kind).collect();
+        assert_eq!(kinds, ["Secret", "Config", "Workload"], "one name may be a secret, a config and a workload");
+        assert_eq!(parse_manifests(&docs_source()).unwrap_err().message, "no workload found");
+        let twice = format!("{}---\n{}", docs_source(), docs_source());
+        assert_eq!(parse_documents(&twice).unwrap_err().path, "metadata.name");
+    }
+
+    fn docs_source() -> String {
+        "apiVersion: flotilla.dev/v1\nkind: Secret\nmetadata: {name: db}\ndata: {password: pw}\n".into()
     }
 }

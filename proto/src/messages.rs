@@ -119,6 +119,10 @@ pub struct AssignmentSet {
     /// `assignments` (the workload was deleted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kept_logs: Vec<String>,
+    /// The current version of each config and secret the assignments read (those that
+    /// exist): the agent fetches a version it does not hold ([`AgentRequest::Object`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<crate::objects::ObjectVersion>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,6 +373,17 @@ pub enum HubMsg {
 pub enum AgentRequest {
     /// Renew the certificate this connection was made with; `csr_pem` is for the same key.
     Renew { csr_pem: String },
+    /// A config's or secret's current content, answered with an [`ObjectAnswer`]. Given
+    /// only to a node running a replica that reads it.
+    Object { object: crate::objects::ObjectRef },
+}
+
+/// The hub's answer to [`AgentRequest::Object`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum ObjectAnswer {
+    Found { version: crate::objects::ObjectVersion, data: crate::objects::ObjectData },
+    Refused { message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,6 +455,8 @@ pub enum ResourceKind {
     Node,
     Workload,
     Replica,
+    Config,
+    Secret,
 }
 
 impl ResourceKind {
@@ -449,6 +466,8 @@ impl ResourceKind {
             "node" | "nodes" | "no" => Some(ResourceKind::Node),
             "workload" | "workloads" | "wl" => Some(ResourceKind::Workload),
             "replica" | "replicas" | "rep" => Some(ResourceKind::Replica),
+            "config" | "configs" | "cfg" => Some(ResourceKind::Config),
+            "secret" | "secrets" => Some(ResourceKind::Secret),
             _ => None,
         }
     }
@@ -459,6 +478,17 @@ impl ResourceKind {
             ResourceKind::Node => "node",
             ResourceKind::Workload => "workload",
             ResourceKind::Replica => "replica",
+            ResourceKind::Config => "config",
+            ResourceKind::Secret => "secret",
+        }
+    }
+
+    /// The object kind, for configs and secrets.
+    pub fn object_kind(self) -> Option<crate::objects::ObjectKind> {
+        match self {
+            ResourceKind::Config => Some(crate::objects::ObjectKind::Config),
+            ResourceKind::Secret => Some(crate::objects::ObjectKind::Secret),
+            _ => None,
         }
     }
 }
@@ -481,6 +511,9 @@ pub enum ApiRequest {
     Delete {
         kind: ResourceKind,
         name: String,
+        /// A config or secret that workloads read is deleted only with `force`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     DeleteManifests {
         source: String,
@@ -707,6 +740,10 @@ pub enum ApiResponse {
     },
     Replicas {
         items: Vec<ReplicaView>,
+    },
+    /// Configs or secrets: keys, sizes and digests, never values.
+    Objects {
+        items: Vec<crate::objects::ObjectView>,
     },
     Described {
         text: String,

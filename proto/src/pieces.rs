@@ -36,6 +36,9 @@ pub struct AssignmentPart {
     /// The set's [`AssignmentSet::kept_logs`], on every piece.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kept_logs: Vec<String>,
+    /// The set's [`AssignmentSet::objects`], on every piece.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<crate::objects::ObjectVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +94,7 @@ fn split_within(set: &AssignmentSet, budget: usize, frame: usize) -> Result<Vec<
             parts,
             assignments,
             kept_logs: set.kept_logs.clone(),
+            objects: set.objects.clone(),
         })
         .collect())
 }
@@ -135,6 +139,7 @@ impl Assembler {
                 store: gathered.store,
                 assignments: gathered.assignments,
                 kept_logs: gathered.kept_logs,
+                objects: gathered.objects,
             }));
         }
         self.pending = Some(gathered);
@@ -170,6 +175,12 @@ mod tests {
                 .collect(),
             // Carried on every piece, so the assembled set has it however it was split.
             kept_logs: vec!["finished-job".into()],
+            objects: vec![crate::objects::ObjectVersion {
+                kind: crate::objects::ObjectKind::Secret,
+                name: "db".into(),
+                version: 3,
+                digest: "d".into(),
+            }],
         }
     }
 

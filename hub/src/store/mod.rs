@@ -31,6 +31,7 @@
 
 mod db;
 mod identity;
+mod objects;
 mod upgrades;
 mod users;
 
@@ -45,6 +46,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
 pub use self::identity::{Admitted, NewToken, TokenRow};
+pub use self::objects::{AppliedDocuments, NewObject, ObjectDeletion, ObjectRow};
 pub use self::upgrades::{NewUpgrade, UpgradeOrder};
 pub use self::users::{AUDIT_KEEP, AuditEntry, NewUser, UserRefusal, UserRow};
 use crate::controller::time::ClockAnchor;
@@ -262,7 +264,7 @@ fn revision_row(r: &Rec, workload: &str) -> Result<RevisionRow> {
 
 /// Stores one manifest inside a write transaction (see [`Store::apply_workloads`]).
 async fn apply_in(tx: &mut Tx, given: &Manifest, now_ms: u64, cause: &str) -> Result<Applied> {
-    let m = stored_form(given);
+    let m = objects::stamp(tx, stored_form(given)).await?;
     let name = &m.metadata.name;
     let json = to_json(&m);
     let existing = tx.fetch_optional("SELECT manifest, revision FROM workloads WHERE name = ?", &[name.into()]).await?;
@@ -625,8 +627,7 @@ impl Store {
             .iter()
             .map(|r| r.text(0))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        tx.commit().await?;
-        let assignments = rows
+        let assignments: Vec<Assignment> = rows
             .iter()
             .map(|r| {
                 let name = r.text(0)?;
@@ -639,7 +640,10 @@ impl Store {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs })
+        let refs = assignments.iter().flat_map(|a| a.template.objects()).collect();
+        let objects = objects::versions_in(&mut tx, &refs).await?;
+        tx.commit().await?;
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects })
     }
 
     // -----------------------------------------------------------------------------------------

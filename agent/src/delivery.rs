@@ -1,0 +1,230 @@
+//! Configs and secrets on the node: which versions the hub's set asks for, fetching them over
+//! the session, keeping them sealed on disk ([`crate::objects::ObjectCache`]) and plaintext
+//! only in this process and on tmpfs, where each replica's config and secret volumes live
+//! (`<secrets dir>/<replica>/<volume>`, updated in place by an atomic swap).
+//!
+//! The event loop owns [`Objects`]; fetches run as tasks over the current connection
+//! ([`fetch`]) and come back as events. A replica is started from a template [`Objects::resolve`]
+//! made concrete: environment values filled in, config and secret volumes turned into
+//! read-only host directories on tmpfs, so the runtimes need know nothing of objects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::manifest::ReplicaTemplate;
+use proto::messages::{AgentRequest, AssignmentSet, ObjectAnswer};
+use proto::objects::{ObjectData, ObjectRef, ObjectVersion};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use transport::frame;
+
+use crate::objects::{self, ObjectCache};
+
+/// How long one fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fetch attempts before giving up until the next set (or connection) asks again.
+const FETCH_ATTEMPTS: u32 = 5;
+
+pub struct Objects {
+    cache: ObjectCache,
+    /// Plaintext of what the cache holds, loaded once at start.
+    loaded: BTreeMap<ObjectRef, (ObjectVersion, ObjectData)>,
+    /// The versions the current set names (objects that exist on the hub).
+    wanted: BTreeMap<ObjectRef, ObjectVersion>,
+    /// Fetches in flight.
+    fetching: BTreeSet<ObjectRef>,
+    /// tmpfs: one directory per replica that has config or secret volumes.
+    root: PathBuf,
+}
+
+impl Objects {
+    /// Opens the cache and loads what it holds. Unreadable entries (another node key, altered)
+    /// are dropped with a warning: the hub gives them again.
+    pub fn open(cache: ObjectCache, root: PathBuf) -> Objects {
+        let mut loaded = BTreeMap::new();
+        for r in cache.list().unwrap_or_default() {
+            match cache.load(&r) {
+                Ok(Some(entry)) => {
+                    loaded.insert(r, entry);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(object = %r, error = %e, "dropping an unreadable cached object");
+                    let _ = cache.remove(&r);
+                }
+            }
+        }
+        Objects { cache, loaded, wanted: BTreeMap::new(), fetching: BTreeSet::new(), root }
+    }
+
+    /// Takes the set's versions; returns those to fetch (not held at that version and not
+    /// already being fetched). Cached objects no assignment reads any more are forgotten.
+    pub fn want(&mut self, set: &AssignmentSet) -> Vec<ObjectRef> {
+        let read: BTreeSet<ObjectRef> = set.assignments.iter().flat_map(|a| a.template.objects()).collect();
+        self.wanted =
+            set.objects.iter().filter(|v| read.contains(&v.reference())).map(|v| (v.reference(), v.clone())).collect();
+        let stale: Vec<ObjectRef> = self.loaded.keys().filter(|r| !read.contains(*r)).cloned().collect();
+        for r in stale {
+            self.loaded.remove(&r);
+            if let Err(e) = self.cache.remove(&r) {
+                warn!(object = %r, error = %e, "cannot remove a cached object");
+            }
+        }
+        self.missing()
+    }
+
+    /// Wanted versions not held and not being fetched; marks them as being fetched.
+    pub fn missing(&mut self) -> Vec<ObjectRef> {
+        let out: Vec<ObjectRef> = self
+            .wanted
+            .iter()
+            .filter(|(r, v)| self.loaded.get(*r).is_none_or(|(have, _)| have.version != v.version))
+            .filter(|(r, _)| !self.fetching.contains(*r))
+            .map(|(r, _)| r.clone())
+            .collect();
+        self.fetching.extend(out.iter().cloned());
+        out
+    }
+
+    /// A fetch ended. On success the object is sealed to the cache and held; returns whether
+    /// it is new content (running replicas' volumes need refreshing).
+    pub fn fetched(&mut self, r: &ObjectRef, result: Result<(ObjectVersion, ObjectData), String>) -> bool {
+        self.fetching.remove(r);
+        let (version, data) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(object = %r, error = %e, "cannot fetch an object from the hub");
+                return false;
+            }
+        };
+        if data.reference() != *r || data.digest() != version.digest {
+            warn!(object = %r, "the hub's answer does not match the version asked for; dropped");
+            return false;
+        }
+        if let Err(e) = self.cache.save(&version, &data) {
+            // Held in memory all the same: the replica runs; only an offline restart needs it.
+            warn!(object = %r, error = %e, "cannot store a fetched object");
+        }
+        info!(object = %r, version = version.version, "object fetched");
+        let changed = self.loaded.get(r).is_none_or(|(have, _)| have.digest != version.digest);
+        self.loaded.insert(r.clone(), (version, data));
+        changed
+    }
+
+    /// Why `t` cannot start yet, naming the missing object or key; `None` when it can.
+    fn lookup(&self, t: &ReplicaTemplate) -> Result<BTreeMap<ObjectRef, ObjectData>, String> {
+        let mut out = BTreeMap::new();
+        for r in t.objects() {
+            match self.loaded.get(&r) {
+                Some((_, data)) => {
+                    out.insert(r, data.clone());
+                }
+                None if self.wanted.contains_key(&r) || self.fetching.contains(&r) => {
+                    return Err(format!("waiting for {r}: not yet fetched from the hub"));
+                }
+                None => return Err(format!("{r} not found: the replica starts once it exists")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `t` made concrete for a start: environment values in `env`, config and secret volumes
+    /// as read-only directories on tmpfs. An error says what is missing.
+    pub fn resolve(&self, replica: &str, t: &ReplicaTemplate) -> Result<ReplicaTemplate, String> {
+        if t.objects().is_empty() {
+            return Ok(t.clone());
+        }
+        let data = self.lookup(t)?;
+        let mut out = t.clone();
+        out.env = objects::environment(t, &data).map_err(|e| e.to_string())?.into_iter().collect();
+        out.env_refs.clear();
+        out.env_from.clear();
+        for v in out.volumes.iter_mut() {
+            let Some(r) = v.object() else { continue };
+            let dir = self.volume_dir(replica, &v.name);
+            self.write_volume(&dir, v, &data[&r])?;
+            v.host_path = Some(dir.display().to_string());
+            v.read_only = true;
+            v.config = None;
+            v.secret = None;
+            v.items.clear();
+        }
+        Ok(out)
+    }
+
+    /// Rewrites, in place, the volumes of `replica` that hold `r` (a new version arrived).
+    pub fn refresh(&self, replica: &str, t: &ReplicaTemplate, r: &ObjectRef) {
+        let Some((_, data)) = self.loaded.get(r) else { return };
+        for v in t.volumes.iter().filter(|v| v.object().as_ref() == Some(r)) {
+            let dir = self.volume_dir(replica, &v.name);
+            if !dir.exists() {
+                continue;
+            }
+            match self.write_volume(&dir, v, data) {
+                Ok(()) => info!(%replica, volume = %v.name, object = %r, "volume updated in place"),
+                Err(e) => warn!(%replica, volume = %v.name, error = %e, "cannot update a volume"),
+            }
+        }
+    }
+
+    fn volume_dir(&self, replica: &str, volume: &str) -> PathBuf {
+        self.root.join(replica).join(volume)
+    }
+
+    fn write_volume(
+        &self,
+        dir: &std::path::Path,
+        v: &proto::manifest::Volume,
+        data: &ObjectData,
+    ) -> Result<(), String> {
+        let files = objects::volume_files(v, data).map_err(|e| e.to_string())?;
+        objects::ensure_tmpfs(&self.root).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        objects::write_files(dir, &files).map_err(|e| format!("cannot write {}: {e}", dir.display()))
+    }
+
+    /// Removes a replica's volumes (it left the node).
+    pub fn remove_replica(&self, replica: &str) {
+        let dir = self.root.join(replica);
+        if dir.exists()
+            && let Err(e) = objects::remove_dir(&dir)
+        {
+            warn!(%replica, error = %e, "cannot remove the replica's config and secret volumes");
+        }
+    }
+}
+
+/// Fetches `r` over the current connection, waiting for one, retrying transient failures
+/// a few times. A refusal is final.
+pub async fn fetch(
+    mut conn: watch::Receiver<Option<quinn::Connection>>,
+    r: ObjectRef,
+) -> Result<(ObjectVersion, ObjectData), String> {
+    let mut last = String::new();
+    for attempt in 0..FETCH_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+        }
+        let current = conn.borrow_and_update().clone();
+        let Some(c) = current else {
+            last = "not connected to the hub".into();
+            let _ = tokio::time::timeout(FETCH_TIMEOUT, conn.changed()).await;
+            continue;
+        };
+        let exchange = async {
+            let (mut send, mut recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+            frame::write(&mut send, &AgentRequest::Object { object: r.clone() }).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            frame::read::<ObjectAnswer>(&mut recv).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(FETCH_TIMEOUT, exchange).await {
+            Ok(Ok(Some(ObjectAnswer::Found { version, data }))) => return Ok((version, data)),
+            Ok(Ok(Some(ObjectAnswer::Refused { message }))) => return Err(format!("refused by the hub: {message}")),
+            Ok(Ok(None)) => last = "the hub closed the stream without an answer".into(),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no answer in time".into(),
+        }
+    }
+    Err(last)
+}

@@ -1,0 +1,197 @@
+//! Configs and secrets on the hub: sealed into the store with the cluster key, shown as
+//! keys, sizes and a digest, and given to a node only for the replicas assigned to it.
+//!
+//! Who can read what:
+//! - The store holds every object sealed ([`seal`]: ChaCha20-Poly1305 under the cluster key,
+//!   the object's reference as associated data), so `hub.db`, a PostgreSQL dump or a backup
+//!   reveals keys and sizes, never a value. The cluster key file never enters the store.
+//! - The API shows [`proto::objects::ObjectView`]s: no request returns a value.
+//! - A node gets an object over its own authenticated link ([`answer_node`]) only while a
+//!   replica assigned to it reads the object; any other request is refused and logged.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use proto::messages::{ApiResponse, ObjectAnswer};
+use proto::objects::{ObjectData, ObjectKind, ObjectRef};
+use tracing::{info, warn};
+
+use crate::cluster::Shared;
+use crate::sealed::{ClusterKey, SealError};
+use crate::store::{NewObject, ObjectDeletion, ObjectRow, StoreError};
+
+/// The associated data an object is sealed with: its reference, so a sealed value cannot be
+/// moved to another object's row.
+fn aad(r: &ObjectRef) -> String {
+    format!("object:{r}")
+}
+
+/// Seals `data` for the store.
+pub(crate) fn seal(key: &ClusterKey, data: &ObjectData) -> Result<NewObject, SealError> {
+    let json = serde_json::to_string(data).expect("object data serializes");
+    Ok(NewObject {
+        kind: data.kind,
+        name: data.name.clone(),
+        digest: data.digest(),
+        keys: data.data.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect(),
+        sealed: key.seal(&aad(&data.reference()), &json)?,
+    })
+}
+
+/// Why a stored object could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    #[error("{object} does not open with this hub's cluster key: {source}")]
+    Seal { object: ObjectRef, source: SealError },
+    #[error("{object} is stored in an unreadable form")]
+    Corrupt { object: ObjectRef },
+}
+
+/// Opens a stored object.
+pub(crate) fn open(key: &ClusterKey, row: &ObjectRow) -> Result<ObjectData, OpenError> {
+    let r = row.reference();
+    let json = key.open(&aad(&r), &row.sealed).map_err(|source| OpenError::Seal { object: r.clone(), source })?;
+    let data: ObjectData = serde_json::from_str(&json).map_err(|_| OpenError::Corrupt { object: r.clone() })?;
+    if data.reference() != r || data.digest() != row.digest {
+        return Err(OpenError::Corrupt { object: r });
+    }
+    Ok(data)
+}
+
+/// `get configs` / `get secrets`.
+pub(crate) async fn get(shared: &Shared, kind: ObjectKind) -> Result<ApiResponse, StoreError> {
+    let rows = shared.store.objects(kind).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in rows {
+        let used_by = shared.store.object_readers(&row.reference()).await?;
+        items.push(view(&row, used_by));
+    }
+    Ok(ApiResponse::Objects { items })
+}
+
+fn view(row: &ObjectRow, used_by: Vec<String>) -> proto::objects::ObjectView {
+    proto::objects::ObjectView {
+        kind: row.kind,
+        name: row.name.clone(),
+        version: row.version,
+        digest: row.digest.clone(),
+        keys: row.keys.clone(),
+        used_by,
+    }
+}
+
+/// `describe config NAME` / `describe secret NAME`: never a value.
+pub(crate) async fn describe(shared: &Shared, r: &ObjectRef) -> Result<Option<String>, StoreError> {
+    let Some(row) = shared.store.object(r).await? else { return Ok(None) };
+    let used_by = shared.store.object_readers(r).await?;
+    let mut s = String::new();
+    let _ = writeln!(s, "Name:       {}", row.name);
+    let _ = writeln!(s, "Kind:       {}", row.kind);
+    let _ = writeln!(s, "Version:    {}", row.version);
+    let _ = writeln!(s, "Digest:     sha256:{}", row.digest);
+    let _ = writeln!(s, "Updated:    {}", crate::api::age_since_ms(row.updated_at_ms));
+    let _ = writeln!(s, "Used by:    {}", if used_by.is_empty() { "<none>".to_string() } else { used_by.join(", ") });
+    let _ = writeln!(s, "Keys:");
+    for (k, size) in &row.keys {
+        let _ = writeln!(s, "  {k}: {size} bytes");
+    }
+    Ok(Some(s))
+}
+
+/// `delete config|secret NAME [--force]`.
+pub(crate) async fn delete(shared: &Shared, r: &ObjectRef, force: bool) -> Result<ApiResponse, StoreError> {
+    let (outcome, nodes) = shared.store.delete_object(r, force, crate::now_ms()).await?;
+    Ok(match outcome {
+        ObjectDeletion::NotFound => ApiResponse::Error { message: format!("{} {:?} not found", r.kind.word(), r.name) },
+        ObjectDeletion::InUse(readers) => ApiResponse::Error {
+            message: format!(
+                "{r} is in use by {}; delete or change those workloads first, or delete with --force (their replicas then wait for it)",
+                readers.join(", ")
+            ),
+        },
+        ObjectDeletion::Deleted => {
+            info!(object = %r, "deleted");
+            shared.wake_nodes(&nodes);
+            shared.trigger_reconcile();
+            ApiResponse::Deleted { names: vec![r.to_string()] }
+        }
+    })
+}
+
+/// A node's request for an object on its authenticated link. Refused (and logged) unless a
+/// replica assigned to the node reads the object.
+pub(crate) async fn answer_node(shared: &Arc<Shared>, node: &str, r: &ObjectRef) -> ObjectAnswer {
+    let refused = |message: String| ObjectAnswer::Refused { message };
+    match shared.store.node_reads(node, r).await {
+        Err(e) => {
+            warn!(%node, object = %r, error = %e, "cannot check an object request");
+            return refused("the hub's store is unreachable; retry".into());
+        }
+        Ok(false) => {
+            warn!(%node, object = %r, "refused an object to a node that runs no replica reading it");
+            return refused(format!("no replica assigned to node {node} reads {r}"));
+        }
+        Ok(true) => {}
+    }
+    let row = match shared.store.object(r).await {
+        Err(e) => {
+            warn!(%node, object = %r, error = %e, "cannot read an object");
+            return refused("the hub's store is unreachable; retry".into());
+        }
+        Ok(None) => return refused(format!("{r} does not exist")),
+        Ok(Some(row)) => row,
+    };
+    match open(&shared.objects_key, &row) {
+        Ok(data) => ObjectAnswer::Found { version: row.version(), data },
+        Err(e) => {
+            warn!(%node, error = %e, "cannot open a stored object");
+            refused(e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ClusterKey {
+        ClusterKey::from_material(ClusterKey::generate_material().unwrap().as_bytes()).unwrap()
+    }
+
+    fn row(o: &NewObject) -> ObjectRow {
+        ObjectRow {
+            kind: o.kind,
+            name: o.name.clone(),
+            version: 1,
+            digest: o.digest.clone(),
+            keys: o.keys.clone(),
+            sealed: o.sealed.clone(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_sealed_object_reveals_keys_and_sizes_only_and_opens_only_as_itself() {
+        let k = key();
+        let data = ObjectData {
+            kind: ObjectKind::Secret,
+            name: "db".into(),
+            data: [("password".to_string(), b"hunter2-very-secret".to_vec())].into(),
+        };
+        let sealed = seal(&k, &data).unwrap();
+        assert_eq!(sealed.keys["password"], 19);
+        assert!(!sealed.sealed.contains("hunter2") && !sealed.sealed.contains(&hex::encode("hunter2")));
+        assert_eq!(open(&k, &row(&sealed)).unwrap(), data);
+        // Moved to another object's row: does not open.
+        let mut moved = row(&sealed);
+        moved.name = "other".into();
+        assert!(matches!(open(&k, &moved), Err(OpenError::Seal { .. })));
+        // Another cluster's key: does not open.
+        assert!(matches!(open(&key(), &row(&sealed)), Err(OpenError::Seal { .. })));
+        // A digest that does not match the content: refused.
+        let mut wrong = row(&sealed);
+        wrong.digest = "0".repeat(64);
+        assert!(matches!(open(&k, &wrong), Err(OpenError::Corrupt { .. })));
+    }
+}
