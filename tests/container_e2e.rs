@@ -983,25 +983,6 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
     assert!(audit.contains("upgrade agents") && audit.contains(&broken_ref), "{audit}");
 }
 
-/// Every file under `dir` (symlinks not followed) that holds `needle`.
-fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return found };
-    for e in entries.flatten() {
-        let Ok(kind) = e.file_type() else { continue };
-        let path = e.path();
-        if kind.is_dir() {
-            found.extend(files_holding(&path, needle));
-        } else if kind.is_file()
-            && let Ok(bytes) = std::fs::read(&path)
-            && bytes.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(path);
-        }
-    }
-    found
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -1044,11 +1025,11 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
     );
     apply(&c, "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {mode: one}\n");
     c.wait_for("the replica waiting for the secret, saying so", WAIT, || {
-        replica(&c, "app-0").is_some_and(|r| {
-            r.status.phase != Phase::Running
-                && r.status.last_termination.as_ref().is_some_and(|t| t.to_string().contains("secret/db not found"))
-        })
+        replica(&c, "app-0")
+            .is_some_and(|r| r.status.phase == Phase::Pending && r.status.message.contains("secret/db not found"))
     });
+    let describe = c.ok(&["describe", "replica", "app-0"]);
+    assert!(describe.contains("secret/db not found"), "{describe}");
     // Deleting a config in use is refused.
     let out = c.cli(&["delete", "config", "app"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by app"), "{out:?}");
@@ -1062,6 +1043,7 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
         l.contains(&format!("env={s1}")) && l.contains(&format!("file={f1} mode=one"))
     });
     let before = replica(&c, "app-0").unwrap();
+    assert_eq!(before.status.restarts, 0, "waiting for a secret is not a restart");
 
     // A config change reaches the running container in place: no restart.
     apply(&c, "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {mode: two}\n");
@@ -1096,7 +1078,7 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
     // Nowhere on disk: not the hub's store or logs, not the agents' data dirs (their state,
     // caches, container bundles), not any log file of the cluster.
     for p in [&p1, &p2] {
-        let found = files_holding(c.dir.path(), p.as_bytes());
+        let found = cluster::files_holding(c.dir.path(), p.as_bytes());
         assert!(found.is_empty(), "the plaintext of a secret is on disk in {found:?}");
     }
 }

@@ -392,3 +392,106 @@ fn a_wasm_http_component_refuses_no_connection_while_its_agent_restarts() {
     let text = c.ok(&["describe", "replica", "web-0"]);
     assert!(text.contains("AgentRestarted") && text.contains("started again"), "{text}");
 }
+
+/// Asks the hub for `object` over a session made with the node identity in `data_dir`, as a
+/// hostile agent would: hello first, then the request on a stream of its own.
+fn ask_for_object(hub: &str, node: &str, data_dir: &Path, object: proto::objects::ObjectRef) -> proto::ObjectAnswer {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let tuning = transport::tls::Tuning::default();
+        let id = agent::identity::load_or_join(&data_dir.join("identity"), hub, None, node, &tuning).await.unwrap();
+        let config =
+            transport::tls::client_config_mtls(&id.ca_pem, &id.cert_pem, &id.key_pem, transport::ALPN_AGENT, &tuning)
+                .unwrap();
+        let endpoint = transport::tls::client_endpoint().unwrap();
+        let addr = transport::tls::resolve(hub).await.unwrap();
+        let conn = transport::tls::connect(&endpoint, config, addr).await.unwrap();
+        let (mut control, _control_recv) = conn.open_bi().await.unwrap();
+        let facts = proto::NodeFacts { agent_version: proto::version::VERSION.to_string(), ..Default::default() };
+        let hello = proto::AgentMsg::Hello { facts, generation: 0, statuses: Default::default() };
+        transport::frame::write(&mut control, &hello).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        transport::frame::write(&mut send, &proto::AgentRequest::Object { object }).await.unwrap();
+        let _ = send.finish();
+        let answer = transport::frame::read::<proto::ObjectAnswer>(&mut recv).await.unwrap().expect("an answer");
+        conn.close(0u32.into(), b"done");
+        answer
+    })
+}
+
+#[test]
+fn a_wasm_component_reads_secrets_as_env_and_files_offline_too_and_only_its_node_gets_them() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let http =
+        push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:obj");
+    let port = cluster::free_tcp_port();
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &["--label", "site=a"]);
+    c.add_agent("edge-2", &["--label", "site=b"]);
+    c.wait_for("two Ready nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
+    let suffix: u64 = rand::random();
+    let secret = format!("wasm-secret-{suffix:x}");
+    let out = c.cli(&["create", "secret", "db", "--from-literal", &format!("password={secret}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = |mode: &str| {
+        format!("apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {{name: app}}\ndata: {{mode: {mode}}}\n")
+    };
+    apply(
+        &c,
+        &[
+            config("one"),
+            workload(
+                "web",
+                &http,
+                &format!(
+                    "  http: {{port: {port}}}\n  nodeSelector: {{site: a}}\n  env: {{DB_PASS: {{valueFrom: {{secret: db, key: password}}}}}}\n  volumes:\n  - {{name: creds, mountPath: /run/secrets, secret: db}}\n  - {{name: settings, mountPath: /etc/app, config: app, items: [{{key: mode, path: conf/mode}}]}}\n"
+                ),
+            ),
+        ],
+    );
+    c.wait_for("web answers", WAIT, || http_get(port, "/env/DB_PASS").is_some_and(|(s, _)| s == 200));
+    assert_eq!(http_get(port, "/env/DB_PASS").unwrap(), (200, secret.clone()));
+    assert_eq!(http_get(port, "/file/run/secrets/password").unwrap(), (200, secret.clone()));
+    assert_eq!(http_get(port, "/file/etc/app/conf/mode").unwrap(), (200, "one".to_string()));
+
+    // A config change is seen by the running component, which is not restarted.
+    apply(&c, &[config("two")]);
+    c.wait_for("the new config file", WAIT, || {
+        http_get(port, "/file/etc/app/conf/mode").is_some_and(|(_, b)| b == "two")
+    });
+    assert_eq!(replica(&c, "web-0").unwrap().status.restarts, 0);
+
+    // edge-2 runs no reader: on its own authenticated link, a hand-made request is refused,
+    // and the hub logs the attempt.
+    let idx = c.agents.iter().position(|a| a.name == "agent edge-2").unwrap();
+    c.agents[idx].kill();
+    let db = proto::objects::ObjectRef::new(proto::objects::ObjectKind::Secret, "db");
+    match ask_for_object(&c.hub_addr, "edge-2", &c.agent_dir("edge-2"), db.clone()) {
+        proto::ObjectAnswer::Refused { message } => assert!(message.contains("reads secret/db"), "{message}"),
+        proto::ObjectAnswer::Found { .. } => panic!("a node running no reader obtained the secret"),
+    }
+    c.wait_for("the refusal logged", WAIT, || c.hub.log_text().contains("refused an object to a node"));
+    // The reader's node gets it the same way.
+    assert!(matches!(
+        ask_for_object(&c.hub_addr, "edge-1", &c.agent_dir("edge-1"), db),
+        proto::ObjectAnswer::Found { .. }
+    ));
+
+    // Offline restart: with the hub down, edge-1's agent is killed (its component dies with
+    // it) and started again; the component comes back from the node's sealed copy.
+    c.hub.kill();
+    let idx = c.agents.iter().position(|a| a.name == "agent edge-1").unwrap();
+    c.agents[idx].kill();
+    drop(c.agents.remove(idx));
+    assert!(http_get(port, "/env/DB_PASS").is_none(), "the component still answers after its agent died");
+    c.add_agent("edge-1", &["--label", "site=a"]);
+    c.wait_for("web answers again without the hub", WAIT, || {
+        http_get(port, "/env/DB_PASS").is_some_and(|(s, b)| s == 200 && b == secret)
+    });
+    assert_eq!(http_get(port, "/file/run/secrets/password").unwrap(), (200, secret.clone()));
+    assert_eq!(http_get(port, "/file/etc/app/conf/mode").unwrap(), (200, "two".to_string()));
+
+    // On the node's disk the secret is sealed: not in its data dir, nor in any log.
+    let found = cluster::files_holding(c.dir.path(), secret.as_bytes());
+    assert!(found.is_empty(), "the plaintext of the secret is on disk in {found:?}");
+}

@@ -26,6 +26,15 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Fetch attempts before giving up until the next set (or connection) asks again.
 const FETCH_ATTEMPTS: u32 = 5;
 
+/// Why a template cannot start as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unresolved {
+    /// An object or one of its keys is not on the node (yet): the replica waits for it.
+    Waiting(String),
+    /// The node cannot give the replica its volumes (no tmpfs, a write failed).
+    Failed(String),
+}
+
 pub struct Objects {
     cache: ObjectCache,
     /// Plaintext of what the cache holds, loaded once at start.
@@ -112,7 +121,7 @@ impl Objects {
         changed
     }
 
-    /// Why `t` cannot start yet, naming the missing object or key; `None` when it can.
+    /// The objects `t` reads, or why it cannot start yet, naming the missing one.
     fn lookup(&self, t: &ReplicaTemplate) -> Result<BTreeMap<ObjectRef, ObjectData>, String> {
         let mut out = BTreeMap::new();
         for r in t.objects() {
@@ -131,19 +140,24 @@ impl Objects {
 
     /// `t` made concrete for a start: environment values in `env`, config and secret volumes
     /// as read-only directories on tmpfs. An error says what is missing.
-    pub fn resolve(&self, replica: &str, t: &ReplicaTemplate) -> Result<ReplicaTemplate, String> {
+    pub fn resolve(&self, replica: &str, t: &ReplicaTemplate) -> Result<ReplicaTemplate, Unresolved> {
         if t.objects().is_empty() {
             return Ok(t.clone());
         }
-        let data = self.lookup(t)?;
+        let data = self.lookup(t).map_err(Unresolved::Waiting)?;
+        for v in &t.volumes {
+            if let Some(r) = v.object() {
+                objects::volume_files(v, &data[&r]).map_err(|e| Unresolved::Waiting(e.to_string()))?;
+            }
+        }
         let mut out = t.clone();
-        out.env = objects::environment(t, &data).map_err(|e| e.to_string())?.into_iter().collect();
+        out.env = objects::environment(t, &data).map_err(|e| Unresolved::Waiting(e.to_string()))?.into_iter().collect();
         out.env_refs.clear();
         out.env_from.clear();
         for v in out.volumes.iter_mut() {
             let Some(r) = v.object() else { continue };
             let dir = self.volume_dir(replica, &v.name);
-            self.write_volume(&dir, v, &data[&r])?;
+            self.write_volume(&dir, v, &data[&r]).map_err(Unresolved::Failed)?;
             v.host_path = Some(dir.display().to_string());
             v.read_only = true;
             v.config = None;

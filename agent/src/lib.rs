@@ -759,6 +759,10 @@ fn previous_exit(previous: &SavedStatuses, boot_id: &str) -> PreviousExit {
     }
 }
 
+/// How long a replica waiting for a config or secret waits before looking again, should the
+/// arrival that wakes it at once be missed.
+const OBJECT_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Each replica's template in `set`.
 fn templates_of(set: &AssignmentSet) -> HashMap<String, proto::manifest::ReplicaTemplate> {
     set.assignments.iter().map(|a| (a.name.clone(), a.template.clone())).collect()
@@ -884,7 +888,11 @@ fn execute(
             // (retried at once when it arrives).
             let template = match objs.resolve(&replica, &assignment.template) {
                 Ok(t) => t,
-                Err(message) => {
+                Err(delivery::Unresolved::Waiting(why)) => {
+                    sup.on_waiting(&replica, run_id, why, OBJECT_RECHECK, now());
+                    return;
+                }
+                Err(delivery::Unresolved::Failed(message)) => {
                     fail(sup, message);
                     return;
                 }

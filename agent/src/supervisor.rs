@@ -79,6 +79,11 @@ enum RunState {
     BackingOff {
         until: Instant,
     },
+    /// Not started: what it needs (a config or secret) is not on the node yet. Started when
+    /// it arrives ([`Supervisor::retry_now`]) or, at the latest, at `until`. Not a restart.
+    Waiting {
+        until: Instant,
+    },
     /// Ended for good under its restart policy.
     Done,
 }
@@ -115,6 +120,8 @@ enum Note {
     /// Carried over from the previous agent process's saved status of a finished replica (it
     /// stays finished until a new template replaces the note with `Updating`).
     Restored(String),
+    /// Waiting for what it needs: "secret/db not found: ...".
+    Waiting(String),
 }
 
 impl Note {
@@ -127,14 +134,14 @@ impl Note {
             Note::BackOff { secs } => format!("back-off {secs}s before restarting"),
             Note::Stopping => "stopping".into(),
             Note::Stopped => "stopped".into(),
-            Note::Unhealthy(message) | Note::Restored(message) => message.clone(),
+            Note::Unhealthy(message) | Note::Restored(message) | Note::Waiting(message) => message.clone(),
         }
     }
 
     /// A start replaces no message, or a back-off's; other notes (an update in progress, a
     /// probe failure) stay until the run has started.
     fn replaced_by_start(&self) -> bool {
-        matches!(self, Note::None | Note::BackOff { .. })
+        matches!(self, Note::None | Note::BackOff { .. } | Note::Waiting(_))
     }
 }
 
@@ -223,7 +230,10 @@ impl Supervisor {
             // the old attempt no longer runs it starts over with a fresh status.
             if self.replicas.get(name).is_some_and(|r| {
                 r.assignment.attempt != a.attempt
-                    && matches!(r.state, RunState::Done | RunState::Ready | RunState::BackingOff { .. })
+                    && matches!(
+                        r.state,
+                        RunState::Done | RunState::Ready | RunState::BackingOff { .. } | RunState::Waiting { .. }
+                    )
             }) {
                 self.replicas.remove(name);
             }
@@ -392,6 +402,24 @@ impl Supervisor {
         self.changed.insert(replica.to_string());
     }
 
+    /// The start of `run_id` could not begin: `why` (a config or secret not on the node).
+    /// The replica waits, Pending with `why` as its message, and starts when
+    /// [`Supervisor::retry_now`] says what it waited for arrived, or after `recheck`. It is
+    /// not a failure: no back-off grows and no restart is counted.
+    pub fn on_waiting(&mut self, replica: &str, run_id: u64, why: String, recheck: Duration, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        if r.state != (RunState::Starting { run_id }) {
+            return;
+        }
+        r.state = RunState::Waiting { until: now.mono + recheck };
+        r.status.phase = Phase::Pending;
+        r.status.observed_at_ms = now.wall_ms;
+        if r.note != Note::Waiting(why.clone()) {
+            r.note(Note::Waiting(why));
+        }
+        self.changed.insert(replica.to_string());
+    }
+
     /// A run ended `how`: restart it under its policy with back-off, or finish it.
     fn ended(r: &mut Replica, how: Termination, since: Option<Instant>, backoff: Backoff, now: Now) {
         let success = matches!(how, Termination::Exited { code: 0 });
@@ -494,6 +522,7 @@ impl Supervisor {
                     r.status.restarts += 1;
                     r.state = RunState::Ready;
                 }
+                RunState::Waiting { until } if until <= now.mono => r.state = RunState::Ready,
                 _ => {}
             }
             match r.state {
@@ -535,7 +564,7 @@ impl Supervisor {
     /// reads); its next start comes with the next `poll_actions`.
     pub fn retry_now(&mut self, replica: &str, now: Now) {
         if let Some(r) = self.replicas.get_mut(replica)
-            && let RunState::BackingOff { until } = &mut r.state
+            && let RunState::BackingOff { until } | RunState::Waiting { until } = &mut r.state
         {
             *until = (*until).min(now.mono);
         }
@@ -546,7 +575,7 @@ impl Supervisor {
         self.replicas
             .values()
             .filter_map(|r| match r.state {
-                RunState::BackingOff { until } => Some(until),
+                RunState::BackingOff { until } | RunState::Waiting { until } => Some(until),
                 _ => None,
             })
             .min()
@@ -639,6 +668,38 @@ mod tests {
         s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
         assert!(s.poll_actions(c.now()).is_empty());
         assert_eq!(s.statuses()["w-0"].phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_replica_waiting_for_a_secret_is_not_restarting_and_starts_when_it_arrives() {
+        let mut c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        let recheck = Duration::from_secs(10);
+        s.on_waiting("w-0", id, "secret/db not found".into(), recheck, c.now());
+        let st = &s.statuses()["w-0"];
+        assert_eq!((st.phase, st.message.as_str(), st.restarts), (Phase::Pending, "secret/db not found", 0));
+        assert!(s.poll_actions(c.now()).is_empty(), "no start before it arrives");
+        assert_eq!(s.next_deadline(), Some(c.now().mono + recheck));
+        // A stale run id changes nothing.
+        s.on_waiting("w-0", id + 7, "other".into(), recheck, c.now());
+        assert_eq!(s.statuses()["w-0"].message, "secret/db not found");
+        // It arrives: the next poll starts the replica, and no restart is counted.
+        c.advance(Duration::from_secs(1));
+        s.retry_now("w-0", c.now());
+        let id2 = start_id(&s.poll_actions(c.now()));
+        s.on_started("w-0", id2, c.now());
+        let st = &s.statuses()["w-0"];
+        assert_eq!((st.phase, st.restarts, st.message.as_str()), (Phase::Running, 0, ""));
+        // Without a wake-up, the recheck starts it all the same.
+        s.set_assignments(&[assignment("w-0", "b", RestartPolicy::Always)], c.now());
+        let _ = s.poll_actions(c.now());
+        s.on_stopped("w-0", id2, c.now());
+        let id3 = start_id(&s.poll_actions(c.now()));
+        s.on_waiting("w-0", id3, "waiting for config/app".into(), recheck, c.now());
+        c.advance(recheck);
+        start_id(&s.poll_actions(c.now()));
     }
 
     #[test]

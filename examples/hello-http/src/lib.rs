@@ -4,6 +4,8 @@
 //! - `GET /`          -> `200 text/plain` `hello from flotilla over wasi:http\n`
 //! - `GET /env/NAME`  -> `200 text/plain` with the value of environment variable
 //!   NAME (no trailing newline), or `404` if it is unset
+//! - `GET /file/PATH` -> `200 text/plain` with the contents of the file `/PATH` in
+//!   the component's preopened directories (its volumes), or `404`
 //! - anything else    -> `404 text/plain` `not found\n`
 //!
 //! A query string (`?...`) is ignored. Environment variables come from the
@@ -59,7 +61,14 @@ wasi::http::proxy::export!(Component);
 impl Guest for Component {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let is_get = matches!(request.method(), Method::Get);
-        let reply = route(is_get, request.path_with_query().as_deref(), |name| std::env::var(name).ok());
+        let target = request.path_with_query();
+        let path = target.as_deref().unwrap_or("/").split('?').next().unwrap_or("/");
+        let reply = match path.strip_prefix("/file/") {
+            Some(rel) if is_get => {
+                std::fs::read_to_string(format!("/{rel}")).map_or_else(|_| Reply::not_found(), Reply::ok)
+            }
+            _ => route(is_get, target.as_deref(), |name| std::env::var(name).ok()),
+        };
         respond(response_out, reply);
     }
 }
