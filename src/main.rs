@@ -380,12 +380,24 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The cluster key that seals configs, secrets and the cluster's CA key in the store.
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
     /// Create or update a config or a secret from literal values and files
     /// (`create secret db --from-literal password=s3cret --from-file tls.key`).
     Create {
         #[command(subcommand)]
         what: CreateWhat,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsAction {
+    /// Add a new key to the hub's cluster key file and seal everything again with it (admin).
+    /// Older keys stay in the file until every hub sharing the store has the new one.
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -1243,6 +1255,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                         let shown = if shown.is_empty() && !n.contains('/') { "workload/" } else { shown };
                         println!("{shown}{n} deleted");
                     }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Secrets { action: SecretsAction::RotateKey } => {
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::RotateKey).await? {
+                ApiResponse::Described { text } => {
+                    print!("{text}");
                     Ok(())
                 }
                 other => unexpected(other),

@@ -1075,6 +1075,18 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
     assert!(shown.contains("password"), "{shown}");
     assert!(!shown.contains(&p1) && !shown.contains(&p2), "a secret value was shown:\n{shown}");
 
+    // Rotating the cluster key seals everything again with a new key; the hub, restarted on
+    // the new key file, still serves its readers.
+    let rotated = c.ok(&["secrets", "rotate-key"]);
+    assert!(rotated.contains("2 configs and secrets"), "{rotated}");
+    let key_file = std::fs::read_to_string(c.hub_dir().join("cluster.key")).unwrap();
+    assert_eq!(key_file.lines().count(), 2, "the old key stays until every hub has the new file");
+    c.restart_hub();
+    apply(&c, "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {mode: three}\n");
+    c.wait_for("a config sealed under the new key reaches the container", WAIT, || {
+        logs(&c, "app-0").contains("mode=three")
+    });
+
     // Nowhere on disk: not the hub's store or logs, not the agents' data dirs (their state,
     // caches, container bundles), not any log file of the cluster.
     for p in [&p1, &p2] {

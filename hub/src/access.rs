@@ -61,7 +61,8 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::UserList
         | ApiRequest::UserRevoke { .. }
         | ApiRequest::Audit { .. }
-        | ApiRequest::UpgradeAgents { .. } => Role::Admin,
+        | ApiRequest::UpgradeAgents { .. }
+        | ApiRequest::RotateKey => Role::Admin,
     }
 }
 
@@ -112,6 +113,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         ApiRequest::UserRevoke { name } => ("user revoke", name.clone()),
         ApiRequest::RenewCredential { .. } => ("renew credential", String::new()),
         ApiRequest::UpgradeAgents { image, .. } => ("upgrade agents", image.clone()),
+        ApiRequest::RotateKey => ("rotate cluster key", String::new()),
         ApiRequest::Get { .. }
         | ApiRequest::Describe { .. }
         | ApiRequest::RolloutStatus { .. }

@@ -267,6 +267,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             crate::upgrade::shell::start(shared, &caller.user, &image, &selector, max_unavailable, deadline_ms).await?
         }
         ApiRequest::UpgradeStatus => ApiResponse::Upgrade { upgrade: crate::upgrade::shell::status(shared).await? },
+        ApiRequest::RotateKey => crate::objects::rotate_key(shared).await?,
     })
 }
 
@@ -277,7 +278,7 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
     for d in &documents {
         match d {
             Document::Workload(m) => workloads.push(m.as_ref().clone()),
-            Document::Object(o) => match crate::objects::seal(&shared.objects_key, o) {
+            Document::Object(o) => match crate::objects::seal(&shared.objects_key(), o) {
                 Ok(sealed) => objects.push(sealed),
                 Err(e) => return Ok(ApiResponse::Error { message: format!("cannot seal {}: {e}", o.reference()) }),
             },

@@ -31,7 +31,7 @@ use crate::store::{Store, StoreError};
 
 pub const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The cluster-wide record of the CA and join token on a shared store.
-const IDENTITY_SECRET: &str = "cluster-identity";
+pub(crate) const IDENTITY_SECRET: &str = "cluster-identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {

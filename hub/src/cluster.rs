@@ -58,8 +58,14 @@ pub(crate) struct Shared {
     pub(crate) heartbeats: crate::heartbeats::Heartbeats,
     /// Wakes the agent upgrade loop ([`crate::upgrade::shell`]) before its next tick.
     pub(crate) upgrades: Notify,
-    /// Seals configs and secrets in the store ([`crate::objects`]): the cluster key.
-    pub(crate) objects_key: crate::sealed::ClusterKey,
+    /// Seals configs and secrets in the store ([`crate::objects`]): the cluster key ring,
+    /// replaced whole when it is rotated or read again. std RwLock: never held across an
+    /// await.
+    objects_key: std::sync::RwLock<Arc<crate::sealed::ClusterKey>>,
+    /// The cluster key file.
+    pub(crate) key_path: std::path::PathBuf,
+    /// One key rotation at a time.
+    pub(crate) rotation: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -70,7 +76,7 @@ impl Shared {
         ca: Ca,
         certs: crate::identity::CertPolicy,
         host_policy: crate::access::HostPolicy,
-        objects_key: crate::sealed::ClusterKey,
+        (objects_key, key_path): (crate::sealed::ClusterKey, std::path::PathBuf),
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -92,8 +98,20 @@ impl Shared {
             skew_refused: Mutex::new(HashMap::new()),
             upgrades: Notify::new(),
             heartbeats: Default::default(),
-            objects_key,
+            objects_key: std::sync::RwLock::new(Arc::new(objects_key)),
+            key_path,
+            rotation: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The cluster key ring as it is now.
+    pub(crate) fn objects_key(&self) -> Arc<crate::sealed::ClusterKey> {
+        self.objects_key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the cluster key ring (after a rotation, or the file read again).
+    pub(crate) fn set_objects_key(&self, key: crate::sealed::ClusterKey) {
+        *self.objects_key.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
     }
 
     /// Milliseconds on this process's monotonic clock since the hub started.

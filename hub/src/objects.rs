@@ -58,6 +58,93 @@ pub(crate) fn open(key: &ClusterKey, row: &ObjectRow) -> Result<ObjectData, Open
     Ok(data)
 }
 
+/// Opens a stored object; a value sealed with a key this hub's ring lacks (another hub
+/// rotated the key) makes it read its key file again once.
+fn open_current(shared: &Shared, row: &ObjectRow) -> Result<ObjectData, OpenError> {
+    match open(&shared.objects_key(), row) {
+        Err(OpenError::Seal { source: SealError::UnknownKey(_), .. }) => {
+            if let Ok(material) = std::fs::read(&shared.key_path)
+                && let Ok(ring) = ClusterKey::from_material(&material)
+            {
+                info!(path = %shared.key_path.display(), "cluster key file read again: a value names a newer key");
+                shared.set_objects_key(ring);
+            }
+            open(&shared.objects_key(), row)
+        }
+        other => other,
+    }
+}
+
+/// `flotilla secrets rotate-key`: a new key is appended to the cluster key file and seals
+/// every object and cluster secret again; older keys stay in the file (they open what they
+/// sealed until it is sealed again, and other hubs may not have the new file yet).
+pub(crate) async fn rotate_key(shared: &Shared) -> Result<ApiResponse, StoreError> {
+    let _one = shared.rotation.lock().await;
+    let path = shared.key_path.clone();
+    let material = match std::fs::read_to_string(&path) {
+        Ok(m) => m,
+        Err(e) => {
+            return Ok(ApiResponse::Error {
+                message: format!("cannot read the cluster key file {}: {e}", path.display()),
+            });
+        }
+    };
+    let (text, ring) = match ClusterKey::rotated(&material) {
+        Ok(r) => r,
+        Err(e) => return Ok(ApiResponse::Error { message: format!("cannot rotate the cluster key: {e}") }),
+    };
+    if let Err(e) = crate::fsutil::write_private(&path, text.as_bytes()) {
+        return Ok(ApiResponse::Error {
+            message: format!("cannot write the cluster key file {}: {e}", path.display()),
+        });
+    }
+    shared.set_objects_key(ClusterKey::from_material(text.as_bytes()).expect("the ring just made parses"));
+    let id = ring.current_id().to_string();
+    let resealed = shared
+        .store
+        .reseal_objects(|row| {
+            if ring.is_current(&row.sealed) {
+                return Ok(None);
+            }
+            let aad = aad(&row.reference());
+            let plain = ring.open(&aad, &row.sealed).map_err(|e| format!("{}: {e}", row.reference()))?;
+            ring.seal(&aad, &plain).map(Some).map_err(|e| e.to_string())
+        })
+        .await?;
+    let objects = match resealed {
+        Ok(n) => n,
+        Err(e) => {
+            return Ok(ApiResponse::Error {
+                message: format!(
+                    "the new key {id} is in the key file, but sealing again stopped at {e}; nothing was lost: retry"
+                ),
+            });
+        }
+    };
+    // The cluster identity a shared store holds.
+    let mut cluster = 0;
+    let name = crate::bootstrap::IDENTITY_SECRET;
+    if let Some(old) = shared.store.secret(name).await?.filter(|v| crate::sealed::is_sealed(v) && !ring.is_current(v)) {
+        match ring.open(name, &old).and_then(|plain| ring.seal(name, &plain)) {
+            Ok(new) => {
+                if shared.store.replace_secret(name, &old, &new).await? {
+                    cluster = 1;
+                }
+            }
+            Err(e) => warn!(error = %e, "the cluster identity was not sealed again"),
+        }
+    }
+    info!(key = %id, objects, cluster, "cluster key rotated");
+    Ok(ApiResponse::Described {
+        text: format!(
+            "cluster key rotated: new key {id}; {objects} configs and secrets and {cluster} cluster secrets sealed with it.\n\
+             {} keeps the older keys, which open nothing sealed since. Copy it to every hub sharing this store;\n\
+             then the older lines may be removed.\n",
+            path.display()
+        ),
+    })
+}
+
 /// `get configs` / `get secrets`.
 pub(crate) async fn get(shared: &Shared, kind: ObjectKind) -> Result<ApiResponse, StoreError> {
     let rows = shared.store.objects(kind).await?;
@@ -141,7 +228,7 @@ pub(crate) async fn answer_node(shared: &Arc<Shared>, node: &str, r: &ObjectRef)
         Ok(None) => return refused(format!("{r} does not exist")),
         Ok(Some(row)) => row,
     };
-    match open(&shared.objects_key, &row) {
+    match open_current(shared, &row) {
         Ok(data) => ObjectAnswer::Found { version: row.version(), data },
         Err(e) => {
             warn!(%node, error = %e, "cannot open a stored object");

@@ -1,45 +1,71 @@
 //! Cluster secrets sealed with a key the database does not hold.
 //!
-//! Hubs that share a PostgreSQL store share the cluster's CA key and join token through it
-//! (`cluster_secrets`). Whoever reads the database, or a backup of it, must not get them: the
-//! row holds them sealed (ChaCha20-Poly1305, from `ring`, the AEAD the TLS stack already
-//! links) with a key derived (HKDF-SHA256) from the *cluster key*, a file every hub of the
-//! cluster has and the database never sees (`hub --cluster-key-file`, by default
-//! `<data dir>/cluster.key`, made by the first hub). The row's name is the associated data,
-//! so a sealed value cannot be moved to another row.
+//! The store holds the cluster's CA key and join token (`cluster_secrets`, shared by hubs on
+//! PostgreSQL) and every config and secret (`objects`, see [`crate::objects`]). Whoever
+//! reads the database, or a backup of it, must not get them: each value is sealed
+//! (ChaCha20-Poly1305, from `ring`, the AEAD the TLS stack already links) with a key derived
+//! (HKDF-SHA256) from the *cluster key file*, which every hub of the cluster has and the
+//! database never sees (`hub --cluster-key-file`, by default `<data dir>/cluster.key`, made
+//! by the first hub). The row's name is the associated data, so a sealed value cannot be
+//! moved to another row.
 //!
-//! Pure but for the random nonce: [`ClusterKey::seal`] and [`ClusterKey::open`].
+//! The key file is a ring: one key per line (hex), oldest first; the last one seals. A value
+//! names the key that sealed it (`sealed:v2:<key id>:...`), so after a rotation
+//! ([`ClusterKey::rotated`]: a new line, every value sealed again) old values still open
+//! until they are sealed again, and a hub whose file lacks a key says which one. Values of
+//! format v1 (no key id, from before rotation) open with any key of the ring.
+//!
+//! Pure but for the random nonce and key: [`ClusterKey::seal`] and [`ClusterKey::open`].
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
+use sha2::{Digest, Sha256};
 
-/// What a sealed value starts with (the version names the algorithm and derivation).
-pub const SEALED_PREFIX: &str = "sealed:v1:";
+/// What a value sealed before key rotation starts with.
+const SEALED_V1: &str = "sealed:v1:";
+/// What a sealed value starts with: `sealed:v2:<key id>:<hex of nonce and ciphertext>`.
+const SEALED_V2: &str = "sealed:v2:";
 
-/// The least key material a cluster key file must hold.
+/// The least key material one key of a cluster key file must hold.
 pub const MIN_KEY_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
-    #[error("the cluster key holds {0} bytes; at least {MIN_KEY_BYTES} are needed")]
+    #[error("a key of the cluster key file holds {0} bytes; at least {MIN_KEY_BYTES} are needed")]
     ShortKey(usize),
-    #[error("the value is not sealed (it does not start with {SEALED_PREFIX:?})")]
+    #[error("the cluster key file holds no key")]
+    NoKey,
+    #[error("the value is not sealed (it does not start with sealed:v1: or sealed:v2:)")]
     NotSealed,
     #[error("the sealed value is malformed")]
     Malformed,
     #[error("the sealed value does not open with this cluster key (another cluster's key, or altered)")]
     WrongKey,
+    #[error(
+        "the value is sealed with key {0}, which this hub's cluster key file lacks (copy the file from the hub that rotated it)"
+    )]
+    UnknownKey(String),
     #[error("no randomness for a nonce")]
     Random,
 }
 
-/// The key that seals cluster secrets.
-pub struct ClusterKey(LessSafeKey);
+/// One key of the ring.
+struct Key {
+    /// First 8 bytes of SHA-256 of the derived key, hex: names the key in sealed values
+    /// without revealing anything of it.
+    id: String,
+    key: LessSafeKey,
+}
+
+/// The keys that seal cluster secrets: the last one seals, all of them open.
+pub struct ClusterKey {
+    keys: Vec<Key>,
+}
 
 impl std::fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClusterKey(..)")
+        write!(f, "ClusterKey({} keys, current {})", self.keys.len(), self.current_id())
     }
 }
 
@@ -51,21 +77,34 @@ impl hkdf::KeyType for KeyLen {
     }
 }
 
+fn derive(material: &[u8]) -> Result<Key, SealError> {
+    if material.len() < MIN_KEY_BYTES {
+        return Err(SealError::ShortKey(material.len()));
+    }
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"flotilla cluster secrets");
+    let prk = salt.extract(material);
+    let okm = prk.expand(&[b"sealed:v1"], KeyLen).map_err(|_| SealError::Malformed)?;
+    let mut bytes = [0u8; 32];
+    okm.fill(&mut bytes).map_err(|_| SealError::Malformed)?;
+    let id = hex::encode(&Sha256::digest(bytes)[..8]);
+    let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| SealError::Malformed)?;
+    Ok(Key { id, key: LessSafeKey::new(key) })
+}
+
 impl ClusterKey {
-    /// Derives the sealing key from the contents of a cluster key file (surrounding
-    /// whitespace ignored, so a hex line with a newline is as good as raw bytes).
+    /// The ring in the contents of a cluster key file: each non-empty line (surrounding
+    /// whitespace ignored) is one key's material, oldest first.
     pub fn from_material(material: &[u8]) -> Result<ClusterKey, SealError> {
-        let material = material.trim_ascii();
-        if material.len() < MIN_KEY_BYTES {
-            return Err(SealError::ShortKey(material.len()));
+        let keys = material
+            .split(|b| *b == b'\n')
+            .map(<[u8]>::trim_ascii)
+            .filter(|l| !l.is_empty())
+            .map(derive)
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(SealError::NoKey);
         }
-        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"flotilla cluster secrets");
-        let prk = salt.extract(material);
-        let okm = prk.expand(&[b"sealed:v1"], KeyLen).map_err(|_| SealError::Malformed)?;
-        let mut bytes = [0u8; 32];
-        okm.fill(&mut bytes).map_err(|_| SealError::Malformed)?;
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| SealError::Malformed)?;
-        Ok(ClusterKey(LessSafeKey::new(key)))
+        Ok(ClusterKey { keys })
     }
 
     /// New key material for a cluster key file: 32 random bytes, hex, one line.
@@ -75,38 +114,76 @@ impl ClusterKey {
         Ok(format!("{}\n", hex::encode(bytes)))
     }
 
-    /// Seals `value` for the row `name`.
+    /// The id of the key that seals.
+    pub fn current_id(&self) -> &str {
+        &self.keys.last().expect("a ring holds a key").id
+    }
+
+    /// Whether `sealed` was sealed by the current key (no need to seal it again).
+    pub fn is_current(&self, sealed: &str) -> bool {
+        sealed
+            .strip_prefix(SEALED_V2)
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(id, _)| id == self.current_id())
+    }
+
+    /// Seals `value` for the row `name` with the current key.
     pub fn seal(&self, name: &str, value: &str) -> Result<String, SealError> {
+        let current = self.keys.last().expect("a ring holds a key");
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce).map_err(|_| SealError::Random)?;
         let mut data = value.as_bytes().to_vec();
-        self.0
+        current
+            .key
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(name.as_bytes()), &mut data)
             .map_err(|_| SealError::Malformed)?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);
-        Ok(format!("{SEALED_PREFIX}{}", hex::encode(out)))
+        Ok(format!("{SEALED_V2}{}:{}", current.id, hex::encode(out)))
     }
 
-    /// Opens a value [`ClusterKey::seal`] made for the row `name`.
+    /// Opens a value [`ClusterKey::seal`] made for the row `name`, with whichever key of the
+    /// ring sealed it.
     pub fn open(&self, name: &str, sealed: &str) -> Result<String, SealError> {
-        let hex_text = sealed.strip_prefix(SEALED_PREFIX).ok_or(SealError::NotSealed)?;
-        let mut bytes = hex::decode(hex_text).map_err(|_| SealError::Malformed)?;
+        let (candidates, hex_text): (Vec<&Key>, &str) = if let Some(rest) = sealed.strip_prefix(SEALED_V2) {
+            let (id, hex_text) = rest.split_once(':').ok_or(SealError::Malformed)?;
+            let key = self.keys.iter().find(|k| k.id == id).ok_or_else(|| SealError::UnknownKey(id.to_string()))?;
+            (vec![key], hex_text)
+        } else if let Some(hex_text) = sealed.strip_prefix(SEALED_V1) {
+            (self.keys.iter().collect(), hex_text)
+        } else {
+            return Err(SealError::NotSealed);
+        };
+        let bytes = hex::decode(hex_text).map_err(|_| SealError::Malformed)?;
         if bytes.len() < NONCE_LEN + CHACHA20_POLY1305.tag_len() {
             return Err(SealError::Malformed);
         }
-        let nonce = Nonce::try_assume_unique_for_key(&bytes[..NONCE_LEN]).map_err(|_| SealError::Malformed)?;
-        let plain = self
-            .0
-            .open_in_place(nonce, Aad::from(name.as_bytes()), &mut bytes[NONCE_LEN..])
-            .map_err(|_| SealError::WrongKey)?;
-        String::from_utf8(plain.to_vec()).map_err(|_| SealError::Malformed)
+        for key in candidates {
+            let mut data = bytes[NONCE_LEN..].to_vec();
+            let nonce = Nonce::try_assume_unique_for_key(&bytes[..NONCE_LEN]).map_err(|_| SealError::Malformed)?;
+            if let Ok(plain) = key.key.open_in_place(nonce, Aad::from(name.as_bytes()), &mut data) {
+                return String::from_utf8(plain.to_vec()).map_err(|_| SealError::Malformed);
+            }
+        }
+        Err(SealError::WrongKey)
+    }
+
+    /// `material` (the key file's contents) with a new key appended: the file to write for a
+    /// rotation, and the ring it makes.
+    pub fn rotated(material: &str) -> Result<(String, ClusterKey), SealError> {
+        let mut text = material.trim_end().to_string();
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&ClusterKey::generate_material()?);
+        let ring = ClusterKey::from_material(text.as_bytes())?;
+        Ok((text, ring))
     }
 }
 
 /// Whether a stored value is sealed (rather than written by a hub from before sealing).
 pub fn is_sealed(value: &str) -> bool {
-    value.starts_with(SEALED_PREFIX)
+    value.starts_with(SEALED_V1) || value.starts_with(SEALED_V2)
 }
 
 #[cfg(test)]
@@ -132,7 +209,11 @@ mod tests {
         assert_eq!(key(material.trim()).open("cluster-identity", &sealed).unwrap(), secret);
 
         let other = key(&ClusterKey::generate_material().unwrap());
-        assert_eq!(other.open("cluster-identity", &sealed), Err(SealError::WrongKey));
+        assert_eq!(other.open("cluster-identity", &sealed), Err(SealError::UnknownKey(k.current_id().to_string())));
+        // Another key claiming the same id (or a v1 value, which names none) does not open.
+        let as_v1 = format!("sealed:v1:{}", sealed.rsplit(':').next().unwrap());
+        assert_eq!(k.open("cluster-identity", &as_v1).unwrap(), secret, "values from before rotation open");
+        assert_eq!(other.open("cluster-identity", &as_v1), Err(SealError::WrongKey));
         assert_eq!(k.open("another-row", &sealed), Err(SealError::WrongKey), "bound to its row");
         let mut altered = sealed.clone().into_bytes();
         let last = altered.len() - 1;
@@ -147,5 +228,29 @@ mod tests {
         assert_eq!(k.open("r", "{\"json\": 1}"), Err(SealError::NotSealed));
         assert_eq!(k.open("r", "sealed:v1:zz"), Err(SealError::Malformed));
         assert_eq!(k.open("r", "sealed:v1:00"), Err(SealError::Malformed));
+        assert_eq!(k.open("r", "sealed:v2:nocolon"), Err(SealError::Malformed));
+        assert_eq!(ClusterKey::from_material(b" \n\n").unwrap_err(), SealError::NoKey);
+    }
+
+    #[test]
+    fn a_rotation_seals_with_the_new_key_and_old_values_open_until_sealed_again() {
+        let first = ClusterKey::generate_material().unwrap();
+        let old = key(&first);
+        let before = old.seal("object:secret/db", "v").unwrap();
+        let (file, ring) = ClusterKey::rotated(&first).unwrap();
+        assert_eq!(file.lines().count(), 2, "{file}");
+        assert!(file.starts_with(first.trim()), "the old key stays in the file");
+        assert_ne!(ring.current_id(), old.current_id());
+        assert!(old.is_current(&before) && !ring.is_current(&before));
+        // Readable until done: the ring opens what the old key sealed.
+        assert_eq!(ring.open("object:secret/db", &before).unwrap(), "v");
+        let after = ring.seal("object:secret/db", "v").unwrap();
+        assert!(ring.is_current(&after));
+        // Once every value is sealed again, the old key can go from the file.
+        let new_only = key(file.lines().last().unwrap());
+        assert_eq!(new_only.open("object:secret/db", &after).unwrap(), "v");
+        assert_eq!(new_only.open("object:secret/db", &before), Err(SealError::UnknownKey(old.current_id().into())));
+        // The old key alone cannot read what the new one sealed.
+        assert_eq!(old.open("object:secret/db", &after), Err(SealError::UnknownKey(ring.current_id().into())));
     }
 }

@@ -171,7 +171,7 @@ impl Hub {
                 identity.ca,
                 config.certs,
                 config.host_policy,
-                objects_key,
+                (objects_key, key_path.clone()),
             )),
         })
     }

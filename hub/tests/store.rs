@@ -1099,7 +1099,7 @@ async fn the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key(b: B
     share(&s, &dir("a"), &key).await.unwrap();
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "made by the first hub, private");
     let raw = s.secret("cluster-identity").await.unwrap().expect("stored");
-    assert!(raw.starts_with("sealed:v1:"), "{raw}");
+    assert!(raw.starts_with("sealed:v2:"), "{raw}");
     for clear in ["PRIVATE KEY", "CERTIFICATE", "FLT1"] {
         assert!(!raw.contains(clear), "the database holds no {clear}");
     }
@@ -1143,7 +1143,7 @@ async fn a_cluster_identity_stored_in_clear_is_sealed_in_place(b: Backing) {
     let fresh = root.path().join("fresh.key");
     share(&s, &root.path().join("b"), &fresh).await.unwrap();
     let now = s.secret("cluster-identity").await.unwrap().unwrap();
-    assert!(now.starts_with("sealed:v1:") && !now.contains("PRIVATE KEY"), "{now}");
+    assert!(now.starts_with("sealed:v2:") && !now.contains("PRIVATE KEY"), "{now}");
     let reopened = ClusterKey::from_material(read(&fresh).as_bytes()).unwrap().open("cluster-identity", &now).unwrap();
     assert_eq!(reopened, clear);
     assert_eq!(read(&root.path().join("a/tls/ca.pem")), read(&root.path().join("b/tls/ca.pem")));

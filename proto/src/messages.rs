@@ -646,6 +646,10 @@ pub enum ApiRequest {
     },
     /// Where the fleet upgrade stands; answered with [`ApiResponse::Upgrade`].
     UpgradeStatus,
+    /// Adds a new key to the cluster key file and seals every config, secret and cluster
+    /// secret again with it (older keys open what they sealed until then); answered with
+    /// [`ApiResponse::Described`].
+    RotateKey,
 }
 
 /// What an API user may do. Each role holds the rights of the ones before it.
