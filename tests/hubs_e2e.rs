@@ -210,6 +210,19 @@ fn two_hubs_on_postgres_survive_the_leader_being_killed() {
         a.get::<Vec<ReplicaView>>("replicas").is_some_and(|r| running(&r, "hello", 2))
     });
 
+    // A secret applied through one hub is sealed in PostgreSQL: the other hub describes it
+    // (keys and sizes), and the database's files hold the sealed row, never the value.
+    let pw = format!("pg-secret-{:x}", rand::random::<u64>());
+    b.ok(&["create", "secret", "db", "--from-literal", &format!("password={pw}")], None);
+    let shown = a.ok(&["describe", "secret", "db"], None);
+    assert!(shown.contains("password: ") && !shown.contains(&pw), "{shown}");
+    assert!(
+        !cluster::files_holding(pg.data_dir(), b"sealed:v2:").is_empty(),
+        "the sealed row is not in the files read"
+    );
+    let found = cluster::files_holding(pg.data_dir(), pw.as_bytes());
+    assert!(found.is_empty(), "the secret's plaintext is in PostgreSQL's files: {found:?}");
+
     let before: Vec<ReplicaView> = a.get("replicas").unwrap();
     let (mut leader, survivor) = if a.leads() { (a, b) } else { (b, a) };
     // SIGKILL: no lease release, no goodbye to the agents.

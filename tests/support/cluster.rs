@@ -82,6 +82,24 @@ impl Drop for Proc {
     }
 }
 
+/// Removes the tmpfs directories (`/dev/shm/flotilla-*`) the cluster's agents wrote config
+/// and secret volumes and container specs to, once the agents are stopped.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        for e in entries.flatten() {
+            let is_agent = e.file_name().to_string_lossy().starts_with("agent-") && e.path().is_dir();
+            if is_agent {
+                let config = agent::AgentConfig::new(String::new(), String::new(), e.path());
+                let _ = std::fs::remove_dir_all(config.secrets_dir());
+            }
+        }
+    }
+}
+
 /// Dropped in field order: the agents, then the hub (each printing its log when the test
 /// panicked), and the directory holding those logs last.
 pub struct Cluster {

@@ -159,6 +159,11 @@ impl TestPostgres {
     }
 
     /// The URL of the server's `postgres` database.
+    /// The cluster's directory: its data files and WAL.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn url(&self) -> String {
         self.url_for("postgres")
     }
