@@ -26,6 +26,8 @@ PACKAGES=(
     # The hub's PostgreSQL datastore: the store and multi-hub tests start their
     # own throwaway server from /usr/lib/postgresql/<major>/bin as user postgres.
     postgresql
+    # The metrics test scrapes a hub and agents with a real Prometheus of its own.
+    prometheus
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }
@@ -52,6 +54,12 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
     log "system packages present: ${PACKAGES[*]}"
+fi
+
+# Debian's prometheus package starts a server on :9090 where an init system runs;
+# the tests start their own. Stop it so it holds no port.
+if command -v service >/dev/null 2>&1 && service prometheus status >/dev/null 2>&1; then
+    service prometheus stop >/dev/null 2>&1 || true
 fi
 
 # Debian's postinst creates (and, with systemd, starts) a `main` cluster on

@@ -89,6 +89,9 @@ enum Command {
         /// Every hub sharing the store needs a copy.
         #[arg(long, env = "FLOTILLA_CLUSTER_KEY_FILE")]
         cluster_key_file: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run the edge agent.
     Agent {
@@ -151,6 +154,9 @@ enum Command {
         /// /dev/shm/flotilla-<hash of the data dir>).
         #[arg(long, value_name = "DIR")]
         secrets_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// The hub link is dead after this long without a packet (QUIC uses the smaller of
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
@@ -808,6 +814,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         registry_auth,
         objects_key_file,
         secrets_dir,
+        metrics_listen,
         link_timeout,
         stop_workloads_on_exit,
     } = command
@@ -841,6 +848,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         config.stop_workloads_on_exit = stop_workloads_on_exit;
         config.objects_key_file = objects_key_file;
         config.secrets_dir = secrets_dir;
+        config.metrics_listen = metrics_listen;
         config.min_free_disk_bytes =
             proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
         if let Some(path) = registry_auth {
@@ -878,6 +886,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             allow_host_paths,
             allow_host_network,
             cluster_key_file,
+            metrics_listen,
         } => {
             init_tracing();
             let hub = hub::Hub::start(hub::HubConfig {
@@ -896,6 +905,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 },
                 host_policy: hub::access::HostPolicy { host_paths: allow_host_paths, host_network: allow_host_network },
                 cluster_key_file,
+                metrics_listen,
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);

@@ -1094,3 +1094,117 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
         assert!(found.is_empty(), "the plaintext of a secret is on disk in {found:?}");
     }
 }
+
+/// A Prometheus of the test's own, scraping `targets` every second.
+struct Prometheus {
+    proc: cluster::Proc,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[String]) -> Option<Prometheus> {
+        let Ok(bin) = which("prometheus") else {
+            assert!(std::env::var_os("CI").is_none(), "prometheus missing: CI must run the metrics test");
+            eprintln!("skipping: no prometheus binary (Debian's prometheus package)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 900ms}}\nscrape_configs:\n- job_name: flotilla\n  static_configs:\n  - targets: [{}]\n",
+            list.join(", ")
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let addr = format!("127.0.0.1:{}", cluster::free_tcp_port());
+        let args = vec![
+            format!("--config.file={}", dir.path().join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            format!("--web.listen-address={addr}"),
+        ];
+        let proc = cluster::Proc::spawn_program("prometheus", &bin, &args, dir.path().join("prometheus.log"));
+        Some(Prometheus { proc, addr, _dir: dir })
+    }
+
+    /// The samples of an instant query, as (labels, value).
+    fn query(&self, promql: &str) -> Vec<(serde_json::Value, f64)> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let Some(body) = http_get(&self.addr, &format!("/api/v1/query?query={encoded}")) else { return Vec::new() };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else { return Vec::new() };
+        v["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter().filter_map(|s| Some((s["metric"].clone(), s["value"][1].as_str()?.parse().ok()?))).collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn which(program: &str) -> Result<String, ()> {
+    let out =
+        std::process::Command::new("sh").args(["-c", &format!("command -v {program}")]).output().map_err(|_| ())?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !path.is_empty() { Ok(path) } else { Err(()) }
+}
+
+/// A GET on loopback; the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+#[test]
+fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let hub_metrics = format!("127.0.0.1:{}", cluster::free_tcp_port());
+    let mut c = Cluster::start_with(&["--metrics-listen", &hub_metrics]);
+    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["m1", "m2"] };
+    let agent_metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", cluster::free_tcp_port())).collect();
+    c.add_agent("m1", &["--containers", "on", "--label", "site=a", "--metrics-listen", &agent_metrics[0]]);
+    c.add_agent("m2", &["--containers", "on", "--label", "site=b", "--metrics-listen", &agent_metrics[1]]);
+    c.wait_for("two Ready nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
+    let crash = push_busybox(&reg, c.dir.path(), "busybox:crash", &["sh", "-c", "echo crashing; exit 3"]);
+    let burn = push_busybox(&reg, c.dir.path(), "busybox:burn", &["sh", "-c", "while :; do :; done"]);
+    apply(&c, &workload("crash", &crash, "  nodeSelector: {site: a}\n"));
+    apply(&c, &workload("burn", &burn, "  nodeSelector: {site: b}\n  resources: {cpu: 250m, memory: 32Mi}\n"));
+
+    let mut targets = vec![hub_metrics.clone()];
+    targets.extend(agent_metrics.iter().cloned());
+    let Some(prom) = Prometheus::start(&targets) else { return };
+    c.wait_for("every target up", WAIT, || prom.query("up").iter().filter(|(_, v)| *v == 1.0).count() == 3);
+
+    // The crash loop's restarts, as the hub and its node count them, against what the hub
+    // says through its API at the same time (Prometheus lags by a scrape).
+    c.wait_for("the crash loop's restarts in Prometheus", WAIT, || {
+        let hub = prom.query("flotilla_hub_replica_restarts_total{replica=\"crash-0\",workload=\"crash\",node=\"m1\"}");
+        let agent = prom.query("flotilla_agent_replica_restarts_total{replica=\"crash-0\"}");
+        let now = replica(&c, "crash-0").map_or(0, |r| r.status.restarts) as f64;
+        matches!((hub.as_slice(), agent.as_slice()), ([(_, h)], [(_, a)]) if *h >= 2.0 && *a >= 2.0 && *h <= now && *a <= now)
+    });
+    // Nodes and replicas by state and phase.
+    c.wait_for("two ready nodes and a running container in Prometheus", WAIT, || {
+        let ready = prom.query("flotilla_hub_nodes{state=\"ready\"}");
+        let running = prom.query("flotilla_hub_replicas{phase=\"Running\",runtime=\"container\"}");
+        matches!(ready.as_slice(), [(_, v)] if *v == 2.0) && matches!(running.as_slice(), [(_, v)] if *v >= 1.0)
+    });
+    // The burning container's CPU, near its 250m limit, and its memory.
+    c.wait_for("the burning container's usage", WAIT, || {
+        let cpu = prom.query("rate(flotilla_agent_container_cpu_seconds_total{replica=\"burn-0\"}[5s])");
+        let mem = prom.query("flotilla_agent_container_memory_bytes{replica=\"burn-0\"}");
+        matches!(cpu.as_slice(), [(_, r)] if *r > 0.1 && *r < 0.4) && matches!(mem.as_slice(), [(_, m)] if *m > 0.0)
+    });
+    assert!(!prom.query("flotilla_hub_controller_pass_duration_seconds_count").is_empty());
+    drop(prom.proc);
+}

@@ -26,6 +26,7 @@ pub mod handoff;
 pub mod identity;
 pub mod link;
 pub mod logs;
+pub mod metrics;
 pub mod netwatch;
 pub mod objects;
 pub mod probe;
@@ -108,6 +109,8 @@ pub struct AgentConfig {
     /// Where config and secret volumes are written: must be on tmpfs (default
     /// `/dev/shm/flotilla-<hash of the data dir>`).
     pub secrets_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -136,6 +139,7 @@ impl AgentConfig {
             upgrade: None,
             objects_key_file: None,
             secrets_dir: None,
+            metrics_listen: None,
         }
     }
 
@@ -178,6 +182,8 @@ pub enum AgentError {
     Link(#[from] link::Fatal),
     #[error("cannot use the node key for configs and secrets: {0}")]
     ObjectsKey(objects::ObjectsError),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 fn now() -> Now {
@@ -457,7 +463,26 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let (acked_tx, acked_rx) = watch::channel(generation);
     let (status_tx, status_rx) = watch::channel(sup.statuses());
     let (assign_tx, mut assign_rx) = mpsc::channel::<AssignmentSet>(8);
-    let (connected_tx, _connected_rx) = watch::channel(false);
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let (runtimes_tx, runtimes_rx) = watch::channel(runtimes_of(&saved));
+    let metrics_task = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Metrics { addr, source })?;
+            let m = metrics::AgentMetrics::new(metrics::Sources {
+                statuses: status_rx.clone(),
+                runtimes: runtimes_rx,
+                connected: connected_rx,
+                node: config.name.clone(),
+            });
+            let render: transport::metrics::Render = Arc::new(move || {
+                let m = m.clone();
+                Box::pin(async move { m.render() })
+            });
+            Some(tokio::spawn(transport::metrics::serve(listener, render)))
+        }
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // The last fleet upgrade of this agent's binary, as the hello reports it.
     let upgrade_state_path = upgrade::state_path(&config.data_dir);
@@ -624,6 +649,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 }
                 generation = set.generation;
                 templates = templates_of(&set);
+                runtimes_tx.send_replace(runtimes_of(&set));
                 info!(generation, replicas = set.assignments.len(), "new assignment set");
                 sup.set_assignments(&set.assignments, now());
                 sockets.keep_only(&http_addrs(&set));
@@ -689,6 +715,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     // statuses are saved as a clean stop's and the listeners handed on. What the next process
     // has to wait for is only the last two steps.
     let _ = shutdown_tx.send(true);
+    if let Some(m) = metrics_task {
+        m.abort();
+    }
     if !link_task.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut link_task).await;
     }
@@ -762,6 +791,11 @@ fn previous_exit(previous: &SavedStatuses, boot_id: &str) -> PreviousExit {
 /// How long a replica waiting for a config or secret waits before looking again, should the
 /// arrival that wakes it at once be missed.
 const OBJECT_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Each replica's runtime in `set`.
+fn runtimes_of(set: &AssignmentSet) -> HashMap<String, RuntimeKind> {
+    set.assignments.iter().map(|a| (a.name.clone(), a.template.runtime)).collect()
+}
 
 /// Each replica's template in `set`.
 fn templates_of(set: &AssignmentSet) -> HashMap<String, proto::manifest::ReplicaTemplate> {

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     pub(crate) key_path: std::path::PathBuf,
     /// One key rotation at a time.
     pub(crate) rotation: tokio::sync::Mutex<()>,
+    /// Prometheus metrics ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::HubMetrics,
 }
 
 impl Shared {
@@ -101,6 +103,7 @@ impl Shared {
             objects_key: std::sync::RwLock::new(Arc::new(objects_key)),
             key_path,
             rotation: tokio::sync::Mutex::new(()),
+            metrics: Default::default(),
         }
     }
 

@@ -64,6 +64,13 @@ pub(crate) async fn controller_loop(shared: Arc<Shared>) {
 /// One pass: read → [`controller::pass`] → fenced write → wake. Returns how long until the
 /// next deadline the pass named, if any.
 async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
+    let started = std::time::Instant::now();
+    let result = reconcile_once(shared).await;
+    shared.metrics.pass_duration.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_once(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     for _ in 0..STALE_RETRIES {
         let rows = shared.store.controller_rows().await?;
         let mono = shared.mono_ms();

@@ -30,6 +30,7 @@ mod heartbeats;
 pub mod identity;
 pub mod leader;
 pub mod logs;
+mod metrics;
 mod objects;
 pub mod revisions;
 pub mod scheduler;
@@ -71,6 +72,8 @@ pub struct HubConfig {
     /// The cluster key that seals the CA key and join token in a shared store (default
     /// `<data dir>/cluster.key`, made by the first hub; see [`sealed`]).
     pub cluster_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

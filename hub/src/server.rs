@@ -63,6 +63,8 @@ pub enum HubError {
     Tls(#[from] tls::TlsError),
     #[error("cluster identity: {0}")]
     Identity(String),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// A running hub.
@@ -75,6 +77,8 @@ pub struct Hub {
     admin_config: std::path::PathBuf,
     token: String,
     serving: crate::certs::Serving,
+    /// The `/metrics` listener (`--metrics-listen`).
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl Hub {
@@ -157,9 +161,16 @@ impl Hub {
             node_grace: config.node_grace,
             cert_pem: identity.server.cert_pem.clone(),
         };
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| HubError::Metrics { addr, source })?)
+            }
+            None => None,
+        };
         Ok(Hub {
             endpoint,
             serving,
+            metrics,
             gate: crate::guard::Gate::new(config.limits.clone()),
             token: identity.token.to_string(),
             admin_config: identity.admin_config_path,
@@ -197,6 +208,14 @@ impl Hub {
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         let upgrades = tokio::spawn(crate::upgrade::shell::upgrade_loop(self.shared.clone()));
         let heartbeats = tokio::spawn(crate::heartbeats::flush_loop(self.shared.clone()));
+        let metrics = self.metrics.map(|listener| {
+            let shared = self.shared.clone();
+            let render: transport::metrics::Render = Arc::new(move || {
+                let shared = shared.clone();
+                Box::pin(async move { crate::metrics::render(&shared).await })
+            });
+            tokio::spawn(transport::metrics::serve(listener, render))
+        });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -220,6 +239,9 @@ impl Hub {
         renewer.abort();
         upgrades.abort();
         heartbeats.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         if let Some(w) = watcher {
             w.abort();
         }

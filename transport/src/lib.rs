@@ -11,6 +11,7 @@
 
 pub mod frame;
 pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod tls;
 

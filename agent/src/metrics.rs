@@ -1,0 +1,256 @@
+//! The agent's Prometheus metrics (`agent --metrics-listen ADDR`, `GET /metrics`; off by
+//! default). Read at scrape time from what the event loop publishes (replica statuses and
+//! runtimes, the link's state) and from the containers' cgroups; nothing is computed unless
+//! something scrapes. Per-replica series exist only while the replica is on the node.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `flotilla_agent_replicas` | gauge | `phase`, `runtime` |
+//! | `flotilla_agent_replica_restarts_total` | counter | `replica` |
+//! | `flotilla_agent_hub_connected` | gauge | (1 while the link to the hub is up) |
+//! | `flotilla_agent_hub_connects_total` | counter | (sessions made with the hub) |
+//! | `flotilla_agent_container_cpu_seconds_total` | counter | `replica` (cgroup CPU time) |
+//! | `flotilla_agent_container_memory_bytes` | gauge | `replica` (cgroup memory in use) |
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::manifest::Runtime;
+use proto::messages::ReplicaStatus;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+    runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
+/// What the metrics read, published by the event loop and the link.
+pub struct Sources {
+    pub statuses: watch::Receiver<BTreeMap<String, ReplicaStatus>>,
+    pub runtimes: watch::Receiver<HashMap<String, Runtime>>,
+    pub connected: watch::Receiver<bool>,
+    /// The node's name: its containers' cgroups are `flotilla/<node>/<replica>`.
+    pub node: String,
+}
+
+pub struct AgentMetrics {
+    registry: Registry,
+    replicas: Family<PhaseLabels, Gauge>,
+    restarts: Family<ReplicaLabel, Counter>,
+    connected: Gauge,
+    connects: Counter,
+    cpu: Family<ReplicaLabel, Counter<f64, AtomicU64>>,
+    memory: Family<ReplicaLabel, Gauge>,
+    sources: Sources,
+    /// Values last exported per counter, so each grows by the difference (a smaller value
+    /// means the replica or its container started over: a new series).
+    seen: Mutex<(HashMap<String, u64>, HashMap<String, f64>)>,
+}
+
+impl AgentMetrics {
+    pub fn new(sources: Sources) -> Arc<AgentMetrics> {
+        let mut registry = Registry::default();
+        let m = AgentMetrics {
+            registry: Registry::default(),
+            replicas: Family::default(),
+            restarts: Family::default(),
+            connected: Gauge::default(),
+            connects: Counter::default(),
+            cpu: Family::default(),
+            memory: Family::default(),
+            sources,
+            seen: Mutex::new((HashMap::new(), HashMap::new())),
+        };
+        registry.register("flotilla_agent_replicas", "Replicas on this node by phase and runtime", m.replicas.clone());
+        registry.register(
+            "flotilla_agent_replica_restarts",
+            "Restarts of each replica on this node",
+            m.restarts.clone(),
+        );
+        registry.register("flotilla_agent_hub_connected", "1 while the link to the hub is up", m.connected.clone());
+        registry.register("flotilla_agent_hub_connects", "Sessions made with the hub", m.connects.clone());
+        registry.register(
+            "flotilla_agent_container_cpu_seconds",
+            "CPU time of each container (its cgroup)",
+            m.cpu.clone(),
+        );
+        registry.register(
+            "flotilla_agent_container_memory_bytes",
+            "Memory in use by each container (its cgroup)",
+            m.memory.clone(),
+        );
+        let m = Arc::new(AgentMetrics { registry, ..m });
+        // Count sessions as the link comes up.
+        let (watcher, mut connected) = (Arc::downgrade(&m), m.sources.connected.clone());
+        tokio::spawn(async move {
+            while connected.changed().await.is_ok() {
+                let up = *connected.borrow_and_update();
+                let Some(m) = watcher.upgrade() else { return };
+                if up {
+                    m.connects.inc();
+                }
+            }
+        });
+        m
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let statuses = self.sources.statuses.borrow().clone();
+        let runtimes = self.sources.runtimes.borrow().clone();
+        self.connected.set(i64::from(*self.sources.connected.borrow()));
+        self.replicas.clear();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen_restarts, seen_cpu) = &mut *seen;
+        let mut restarts_now = HashMap::new();
+        let mut cpu_now = HashMap::new();
+        self.memory.clear();
+        for (name, st) in &statuses {
+            let runtime = runtimes.get(name).map(ToString::to_string).unwrap_or_default();
+            self.replicas.get_or_create(&PhaseLabels { phase: format!("{:?}", st.phase), runtime }).inc();
+            let label = ReplicaLabel { replica: name.clone() };
+            grow(&self.restarts, &label, seen_restarts.get(name).copied(), u64::from(st.restarts));
+            restarts_now.insert(name.clone(), u64::from(st.restarts));
+            if runtimes.get(name) == Some(&Runtime::Container)
+                && let Some(usage) = cgroup_usage(&self.sources.node, name)
+            {
+                grow_f64(&self.cpu, &label, seen_cpu.get(name).copied(), usage.cpu_seconds);
+                cpu_now.insert(name.clone(), usage.cpu_seconds);
+                self.memory.get_or_create(&label).set(usage.memory_bytes as i64);
+            }
+        }
+        for gone in seen_restarts.keys().filter(|n| !restarts_now.contains_key(*n)) {
+            self.restarts.remove(&ReplicaLabel { replica: gone.clone() });
+        }
+        for gone in seen_cpu.keys().filter(|n| !cpu_now.contains_key(*n)) {
+            self.cpu.remove(&ReplicaLabel { replica: gone.clone() });
+        }
+        (*seen_restarts, *seen_cpu) = (restarts_now, cpu_now);
+        drop(seen);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Raises `family[label]` to `value` (from `before`, what it was last set to); a smaller
+/// value starts the series over.
+fn grow(family: &Family<ReplicaLabel, Counter>, label: &ReplicaLabel, before: Option<u64>, value: u64) {
+    match before {
+        Some(b) if value >= b => {
+            family.get_or_create(label).inc_by(value - b);
+        }
+        _ => {
+            family.remove(label);
+            family.get_or_create(label).inc_by(value);
+        }
+    }
+}
+
+fn grow_f64(
+    family: &Family<ReplicaLabel, Counter<f64, AtomicU64>>,
+    label: &ReplicaLabel,
+    before: Option<f64>,
+    value: f64,
+) {
+    match before {
+        Some(b) if value >= b => {
+            family.get_or_create(label).inc_by(value - b);
+        }
+        _ => {
+            family.remove(label);
+            family.get_or_create(label).inc_by(value);
+        }
+    }
+}
+
+/// A container's CPU time and memory in use, from its cgroup (v1 or v2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+/// Reads `flotilla/<node>/<replica>` under `/sys/fs/cgroup`.
+pub fn cgroup_usage(node: &str, replica: &str) -> Option<Usage> {
+    usage_under(Path::new("/sys/fs/cgroup"), node, replica)
+}
+
+fn usage_under(root: &Path, node: &str, replica: &str) -> Option<Usage> {
+    let rel = PathBuf::from("flotilla").join(node).join(replica);
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    let number = |s: String| s.trim().parse::<u64>().ok();
+    // cgroup v2: one hierarchy.
+    let unified = root.join(&rel);
+    if let Some(stat) = read(unified.join("cpu.stat")) {
+        let usec =
+            stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<u64>().ok())?;
+        let memory = read(unified.join("memory.current")).and_then(number)?;
+        return Some(Usage { cpu_seconds: usec as f64 / 1e6, memory_bytes: memory });
+    }
+    // cgroup v1: a hierarchy per controller.
+    let ns = ["cpuacct", "cpu,cpuacct"]
+        .iter()
+        .find_map(|c| read(root.join(c).join(&rel).join("cpuacct.usage")).and_then(number))?;
+    let memory = read(root.join("memory").join(&rel).join("memory.usage_in_bytes")).and_then(number)?;
+    Some(Usage { cpu_seconds: ns as f64 / 1e9, memory_bytes: memory })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_either_cgroup_version() {
+        let v1 = tempfile::tempdir().unwrap();
+        let rel = Path::new("flotilla/n1/web-0");
+        std::fs::create_dir_all(v1.path().join("cpuacct").join(rel)).unwrap();
+        std::fs::create_dir_all(v1.path().join("memory").join(rel)).unwrap();
+        std::fs::write(v1.path().join("cpuacct").join(rel).join("cpuacct.usage"), "2500000000\n").unwrap();
+        std::fs::write(v1.path().join("memory").join(rel).join("memory.usage_in_bytes"), "1048576\n").unwrap();
+        assert_eq!(usage_under(v1.path(), "n1", "web-0"), Some(Usage { cpu_seconds: 2.5, memory_bytes: 1 << 20 }));
+        assert_eq!(usage_under(v1.path(), "n1", "other"), None);
+
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(v2.path().join(rel)).unwrap();
+        std::fs::write(v2.path().join(rel).join("cpu.stat"), "usage_usec 1500000\nuser_usec 1000000\n").unwrap();
+        std::fs::write(v2.path().join(rel).join("memory.current"), "4096\n").unwrap();
+        assert_eq!(usage_under(v2.path(), "n1", "web-0"), Some(Usage { cpu_seconds: 1.5, memory_bytes: 4096 }));
+    }
+
+    #[tokio::test]
+    async fn replicas_and_restarts_are_exported_and_follow_the_replicas() {
+        let status = |phase, restarts| ReplicaStatus { phase, restarts, ..Default::default() };
+        let (st_tx, statuses) = watch::channel(BTreeMap::from([
+            ("a-0".to_string(), status(proto::messages::Phase::Running, 2)),
+            ("b-0".to_string(), status(proto::messages::Phase::Pending, 0)),
+        ]));
+        let (_rt_tx, runtimes) =
+            watch::channel(HashMap::from([("a-0".to_string(), Runtime::Wasm), ("b-0".to_string(), Runtime::Wasm)]));
+        let (_c_tx, connected) = watch::channel(true);
+        let m = AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into() });
+        let text = m.render();
+        assert!(text.contains("flotilla_agent_replicas{phase=\"Running\",runtime=\"wasm\"} 1"), "{text}");
+        assert!(text.contains("flotilla_agent_replica_restarts_total{replica=\"a-0\"} 2"), "{text}");
+        assert!(text.contains("flotilla_agent_hub_connected 1"), "{text}");
+        // The restart count grows; a replica that left the node leaves no series.
+        st_tx.send_replace(BTreeMap::from([("a-0".to_string(), status(proto::messages::Phase::Running, 5))]));
+        let text = m.render();
+        assert!(text.contains("flotilla_agent_replica_restarts_total{replica=\"a-0\"} 5"), "{text}");
+        assert!(!text.contains("b-0"), "{text}");
+    }
+}

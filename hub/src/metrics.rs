@@ -1,0 +1,186 @@
+//! The hub's Prometheus metrics (`hub --metrics-listen ADDR`, `GET /metrics`).
+//!
+//! Most are read at scrape time from the store and the sessions (a scrape every 15 s costs
+//! two queries); the controller's pass duration is observed as passes run. Labels are
+//! bounded by what the cluster holds: states, phases and runtimes are fixed sets, and the
+//! per-replica and per-node series exist only while their replica or node does.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `flotilla_hub_nodes` | gauge | `state`: `ready`, `not_ready`, `cordoned` |
+//! | `flotilla_hub_replicas` | gauge | `phase`, `runtime` |
+//! | `flotilla_hub_replica_restarts_total` | counter | `workload`, `replica`, `node` |
+//! | `flotilla_hub_agent_sessions` | gauge | (agents connected to this hub) |
+//! | `flotilla_hub_node_rtt_seconds` | gauge | `node` (its link's round-trip time) |
+//! | `flotilla_hub_workloads` | gauge | |
+//! | `flotilla_hub_controller_pass_duration_seconds` | histogram | |
+//! | `flotilla_hub_leader` | gauge | 1 while this hub holds the controller lease |
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::cluster::Shared;
+use crate::store::StoreError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+    runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    workload: String,
+    replica: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+pub(crate) struct HubMetrics {
+    registry: Registry,
+    nodes: Family<StateLabel, Gauge>,
+    replicas: Family<PhaseLabels, Gauge>,
+    restarts: Family<ReplicaLabels, Counter>,
+    sessions: Gauge,
+    rtt: Family<NodeLabel, Gauge<f64, AtomicU64>>,
+    workloads: Gauge,
+    leader: Gauge,
+    pub(crate) pass_duration: Histogram,
+    /// One scrape refreshes the families at a time (they are cleared and filled again).
+    refreshing: tokio::sync::Mutex<()>,
+    /// The restart counts last exported, per replica: counters only grow by the difference.
+    seen_restarts: Mutex<HashMap<ReplicaLabels, u32>>,
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = HubMetrics {
+            nodes: Family::default(),
+            replicas: Family::default(),
+            restarts: Family::default(),
+            sessions: Gauge::default(),
+            rtt: Family::default(),
+            workloads: Gauge::default(),
+            leader: Gauge::default(),
+            // 1 ms to about 16 s.
+            pass_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            refreshing: tokio::sync::Mutex::new(()),
+            seen_restarts: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register("flotilla_hub_nodes", "Nodes by state", m.nodes.clone());
+        registry.register("flotilla_hub_replicas", "Replicas by phase and runtime", m.replicas.clone());
+        registry.register(
+            "flotilla_hub_replica_restarts",
+            "Restarts of each replica on its node, as its agent reports them",
+            m.restarts.clone(),
+        );
+        registry.register("flotilla_hub_agent_sessions", "Agents connected to this hub", m.sessions.clone());
+        registry.register(
+            "flotilla_hub_node_rtt_seconds",
+            "Round-trip time of each node's link to this hub",
+            m.rtt.clone(),
+        );
+        registry.register("flotilla_hub_workloads", "Workloads in the store", m.workloads.clone());
+        registry.register("flotilla_hub_leader", "1 while this hub holds the controller lease", m.leader.clone());
+        registry.register(
+            "flotilla_hub_controller_pass_duration_seconds",
+            "Duration of controller passes (read, decide, write)",
+            m.pass_duration.clone(),
+        );
+        HubMetrics { registry, ..m }
+    }
+}
+
+/// The exposition text, refreshed from the store and the sessions (with the store down, the
+/// values of the last refresh).
+pub(crate) async fn render(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let _one = m.refreshing.lock().await;
+    if let Err(e) = refresh(shared).await {
+        tracing::warn!(error = %e, "metrics: cannot read the store; serving the last values");
+    }
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+    out
+}
+
+async fn refresh(shared: &Shared) -> Result<(), StoreError> {
+    let m = &shared.metrics;
+    let nodes = shared.store.nodes().await?;
+    let replicas = shared.store.replicas().await?;
+    let workloads = shared.store.workloads().await?;
+    let runtimes: HashMap<String, String> =
+        workloads.iter().map(|w| (w.manifest.metadata.name.clone(), w.manifest.spec.runtime.to_string())).collect();
+
+    m.nodes.clear();
+    for state in ["ready", "not_ready", "cordoned"] {
+        m.nodes.get_or_create(&StateLabel { state }).set(0);
+    }
+    for n in &nodes {
+        let state = if shared.is_connected(&n.name) { "ready" } else { "not_ready" };
+        m.nodes.get_or_create(&StateLabel { state }).inc();
+        if n.cordoned {
+            m.nodes.get_or_create(&StateLabel { state: "cordoned" }).inc();
+        }
+    }
+    m.replicas.clear();
+    let mut seen = m.seen_restarts.lock().unwrap_or_else(|e| e.into_inner());
+    let mut current = HashMap::with_capacity(replicas.len());
+    for r in &replicas {
+        let runtime = runtimes.get(&r.workload).cloned().unwrap_or_default();
+        m.replicas.get_or_create(&PhaseLabels { phase: format!("{:?}", r.status.phase), runtime }).inc();
+        let labels = ReplicaLabels {
+            workload: r.workload.clone(),
+            replica: r.name.clone(),
+            node: r.node.clone().unwrap_or_default(),
+        };
+        let before = seen.get(&labels).copied().unwrap_or(0);
+        let counter = m.restarts.get_or_create(&labels);
+        // A replica started over (moved, recreated) reports fewer: a new series would be
+        // right, so the counter is made anew.
+        if r.status.restarts < before {
+            drop(counter);
+            m.restarts.remove(&labels);
+            m.restarts.get_or_create(&labels).inc_by(u64::from(r.status.restarts));
+        } else {
+            counter.inc_by(u64::from(r.status.restarts - before));
+        }
+        current.insert(labels, r.status.restarts);
+    }
+    for gone in seen.keys().filter(|l| !current.contains_key(*l)) {
+        m.restarts.remove(gone);
+    }
+    *seen = current;
+    drop(seen);
+
+    m.rtt.clear();
+    let sessions: Vec<(String, quinn::Connection)> =
+        shared.sessions.lock().unwrap().iter().map(|(n, s)| (n.clone(), s.conn.clone())).collect();
+    m.sessions.set(sessions.len() as i64);
+    for (node, conn) in sessions {
+        m.rtt.get_or_create(&NodeLabel { node }).set(conn.rtt().as_secs_f64());
+    }
+    m.workloads.set(workloads.len() as i64);
+    m.leader.set(i64::from(*shared.leader.borrow()));
+    Ok(())
+}
