@@ -386,6 +386,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// What nodes and their containers use now: CPU over half a second, memory (nodes
+    /// connected to the hub the CLI talks to; Wasm replicas are not measured yet).
+    Top {
+        /// nodes or replicas.
+        kind: String,
+        /// table or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
     /// The cluster key that seals configs, secrets and the cluster's CA key in the store.
     Secrets {
         #[command(subcommand)]
@@ -1264,6 +1273,24 @@ async fn run_command(cli: Cli) -> Result<()> {
                     for n in names {
                         let shown = if shown.is_empty() && !n.contains('/') { "workload/" } else { shown };
                         println!("{shown}{n} deleted");
+                    }
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Top { kind, output } => {
+            let replicas = match kind.as_str() {
+                "nodes" | "node" | "no" => false,
+                "replicas" | "replica" | "rep" => true,
+                other => bail!("top shows nodes or replicas, not {other:?}"),
+            };
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            match client.request(&ApiRequest::Top).await? {
+                ApiResponse::Top { nodes } => {
+                    match output {
+                        output::Format::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                        _ => print!("{}", output::top(&nodes, replicas)),
                     }
                     Ok(())
                 }

@@ -285,6 +285,36 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
     Ok(table(rows))
 }
 
+/// `flotilla top nodes` (or `replicas`, with `replicas`) as a table: CPU in thousandths of a
+/// core (`250m`), memory in MiB.
+pub fn top(nodes: &[proto::messages::NodeUsageView], replicas: bool) -> String {
+    let mib = |b: u64| format!("{}Mi", b >> 20);
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if replicas {
+        rows.push(["NAME", "NODE", "CPU", "MEMORY"].map(String::from).to_vec());
+        for n in nodes {
+            for (name, u) in n.report.iter().flat_map(|r| &r.replicas) {
+                rows.push(vec![name.clone(), n.node.clone(), format!("{}m", u.cpu_millis), mib(u.memory_bytes)]);
+            }
+        }
+        rows[1..].sort();
+    } else {
+        rows.push(["NAME", "CPU", "MEMORY", "MEMORY%"].map(String::from).to_vec());
+        for n in nodes {
+            rows.push(match &n.report {
+                Some(r) => vec![
+                    n.node.clone(),
+                    format!("{}m", r.node.cpu_millis),
+                    mib(r.node.memory_bytes),
+                    format!("{}%", (r.node.memory_bytes * 100).checked_div(r.memory_total_bytes).unwrap_or(0)),
+                ],
+                None => vec![n.node.clone(), "<unknown>".into(), "<unknown>".into(), "-".into()],
+            });
+        }
+    }
+    table(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::rfc3339;

@@ -1206,5 +1206,18 @@ fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
         matches!(cpu.as_slice(), [(_, r)] if *r > 0.1 && *r < 0.4) && matches!(mem.as_slice(), [(_, m)] if *m > 0.0)
     });
     assert!(!prom.query("flotilla_hub_controller_pass_duration_seconds_count").is_empty());
+
+    // `flotilla top`: the nodes answer on their own links; the busy container near its limit.
+    let top: Vec<proto::messages::NodeUsageView> =
+        serde_json::from_str(&c.ok(&["top", "nodes", "-o", "json"])).expect("top as JSON");
+    let answered: Vec<&str> = top.iter().filter(|n| n.report.is_some()).map(|n| n.node.as_str()).collect();
+    assert_eq!(answered, ["m1", "m2"], "{top:?}");
+    let burn = top
+        .iter()
+        .find_map(|n| n.report.as_ref()?.replicas.get("burn-0"))
+        .unwrap_or_else(|| panic!("burn-0 not measured: {top:?}"));
+    assert!((100..400).contains(&burn.cpu_millis) && burn.memory_bytes > 0, "{burn:?}");
+    let table = c.ok(&["top", "replicas"]);
+    assert!(table.lines().any(|l| l.starts_with("burn-0") && l.contains("m2")), "{table}");
     drop(prom.proc);
 }

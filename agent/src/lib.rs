@@ -472,7 +472,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Metrics { addr, source })?;
             let m = metrics::AgentMetrics::new(metrics::Sources {
                 statuses: status_rx.clone(),
-                runtimes: runtimes_rx,
+                runtimes: runtimes_rx.clone(),
                 connected: connected_rx,
                 node: config.name.clone(),
             });
@@ -531,6 +531,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         network: netwatch::spawn(),
         upgrades: upgrade_tx,
         session: session_tx,
+        runtimes: runtimes_rx.clone(),
     };
     for r in to_fetch.drain(..) {
         spawn_fetch(r);

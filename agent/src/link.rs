@@ -67,6 +67,8 @@ pub struct Link {
     /// The current connection while a session is up, for requests the agent makes of the
     /// hub on it (configs and secrets, see [`crate::delivery`]).
     pub session: watch::Sender<Option<quinn::Connection>>,
+    /// Each replica's runtime, for the usage the hub asks for (`HubRequest::Usage`).
+    pub runtimes: watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
 }
 
 /// An upgrade order from the hub, for the main loop, which answers through `reply` with the
@@ -327,7 +329,10 @@ impl Link {
                     }
                 }
                 stream = conn.accept_bi() => match stream {
-                    Ok((s, r)) => { tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), s, r)); }
+                    Ok((s, r)) => {
+                        let usage = (self.node_name.clone(), self.runtimes.clone());
+                        tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), usage, s, r));
+                    }
                     Err(e) => break e.to_string(),
                 },
             }
@@ -514,6 +519,7 @@ enum SessionError {
 async fn serve_stream(
     logs: LogStore,
     upgrades: mpsc::Sender<UpgradeCall>,
+    (node, runtimes): (String, watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -541,6 +547,13 @@ async fn serve_stream(
                 let _ = tokio::time::timeout(Duration::from_secs(3), send.stopped()).await;
             }
             let _ = delivered.send(());
+        }
+        HubRequest::Usage => {
+            let runtimes = runtimes.borrow().clone();
+            let report = crate::metrics::measure(&node, &runtimes).await;
+            if frame::write(&mut send, &report).await.is_ok() {
+                let _ = send.finish();
+            }
         }
     }
 }

@@ -210,6 +210,90 @@ fn usage_under(root: &Path, node: &str, replica: &str) -> Option<Usage> {
     Some(Usage { cpu_seconds: ns as f64 / 1e9, memory_bytes: memory })
 }
 
+/// How long [`measure`] watches CPU time to turn it into a rate.
+pub const USAGE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What the node and its containers use now (`flotilla top`): CPU over [`USAGE_WINDOW`],
+/// memory at its end. Wasm replicas are not measured yet.
+pub async fn measure(node: &str, runtimes: &HashMap<String, Runtime>) -> proto::messages::UsageReport {
+    let containers: Vec<&String> =
+        runtimes.iter().filter(|(_, r)| **r == Runtime::Container).map(|(name, _)| name).collect();
+    let sample = || {
+        let node_cpu = node_cpu_seconds();
+        let each: HashMap<&String, Usage> =
+            containers.iter().filter_map(|r| Some((*r, cgroup_usage(node, r)?))).collect();
+        (std::time::Instant::now(), node_cpu, each)
+    };
+    let (t0, node0, each0) = sample();
+    tokio::time::sleep(USAGE_WINDOW).await;
+    let (t1, node1, each1) = sample();
+    let window = t1.duration_since(t0).as_secs_f64().max(1e-3);
+    let millis = |a: f64, b: f64| ((b - a).max(0.0) / window * 1000.0).round() as u64;
+    let (memory_total_bytes, memory_available) = meminfo().unwrap_or((0, 0));
+    let replicas = each1
+        .iter()
+        .filter_map(|(name, now)| {
+            let before = each0.get(name)?;
+            let usage = proto::messages::Usage {
+                cpu_millis: millis(before.cpu_seconds, now.cpu_seconds),
+                memory_bytes: now.memory_bytes,
+            };
+            Some(((*name).clone(), usage))
+        })
+        .collect();
+    proto::messages::UsageReport {
+        node: proto::messages::Usage {
+            cpu_millis: match (node0, node1) {
+                (Some(a), Some(b)) => millis(a, b),
+                _ => 0,
+            },
+            memory_bytes: memory_total_bytes.saturating_sub(memory_available),
+        },
+        memory_total_bytes,
+        replicas,
+    }
+}
+
+/// CPU time the whole node spent busy (not idle or waiting for I/O), from `/proc/stat`.
+fn node_cpu_seconds() -> Option<f64> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_proc_stat(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    // USER_HZ is 100 on every Linux architecture Flotilla builds for.
+    Some(total.saturating_sub(idle) as f64 / 100.0)
+}
+
+/// `MemTotal` and `MemAvailable` from `/proc/meminfo`, in bytes.
+fn meminfo() -> Option<(u64, u64)> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
+    let kb = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    Some((kb("MemTotal:")? * 1024, kb("MemAvailable:")? * 1024))
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn node_counters_are_read_from_proc() {
+        let stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        assert_eq!(parse_proc_stat(stat), Some(1.6), "user+nice+system+irq+softirq+steal, in seconds");
+        let mem = "MemTotal:       2048 kB\nMemFree:         100 kB\nMemAvailable:    512 kB\n";
+        assert_eq!(parse_meminfo(mem), Some((2048 * 1024, 512 * 1024)));
+        assert!(node_cpu_seconds().is_some() && meminfo().is_some_and(|(t, a)| t >= a && t > 0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

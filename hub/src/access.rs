@@ -39,6 +39,7 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::RenewCredential { .. }
         | ApiRequest::CertsStatus
         | ApiRequest::UpgradeStatus
+        | ApiRequest::Top
         | ApiRequest::Version => Role::Viewer,
         ApiRequest::Apply { .. }
         | ApiRequest::DeleteManifests { .. }
@@ -125,6 +126,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::Audit { .. }
         | ApiRequest::CertsStatus
         | ApiRequest::UpgradeStatus
+        | ApiRequest::Top
         | ApiRequest::Version => return None,
     };
     Some(Audited { action, target })

@@ -268,6 +268,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         }
         ApiRequest::UpgradeStatus => ApiResponse::Upgrade { upgrade: crate::upgrade::shell::status(shared).await? },
         ApiRequest::RotateKey => crate::objects::rotate_key(shared).await?,
+        ApiRequest::Top => crate::metrics::top(shared).await,
     })
 }
 

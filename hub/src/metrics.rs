@@ -184,3 +184,41 @@ async fn refresh(shared: &Shared) -> Result<(), StoreError> {
     m.leader.set(i64::from(*shared.leader.borrow()));
     Ok(())
 }
+
+/// Nodes asked at once by `flotilla top`.
+const TOP_PARALLEL: usize = 64;
+/// How long a node has to answer `flotilla top` (it measures for half a second).
+const TOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `flotilla top`: asks every node connected to this hub what it uses now
+/// (`HubRequest::Usage`), a bounded number at a time; a node that does not answer in time
+/// is listed without a report.
+pub(crate) async fn top(shared: &Shared) -> proto::messages::ApiResponse {
+    use proto::messages::{HubRequest, NodeUsageView, UsageReport};
+    let sessions: Vec<(String, quinn::Connection)> =
+        shared.sessions.lock().unwrap().iter().map(|(n, s)| (n.clone(), s.conn.clone())).collect();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(TOP_PARALLEL));
+    let mut asks = tokio::task::JoinSet::new();
+    for (node, conn) in sessions {
+        let slots = slots.clone();
+        asks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let ask = async {
+                let (mut send, mut recv) = conn.open_bi().await.ok()?;
+                transport::frame::write(&mut send, &HubRequest::Usage).await.ok()?;
+                let _ = send.finish();
+                transport::frame::read::<UsageReport>(&mut recv).await.ok()?
+            };
+            let report = tokio::time::timeout(TOP_TIMEOUT, ask).await.ok().flatten();
+            NodeUsageView { node, report }
+        });
+    }
+    let mut nodes = Vec::new();
+    while let Some(done) = asks.join_next().await {
+        if let Ok(view) = done {
+            nodes.push(view);
+        }
+    }
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    proto::messages::ApiResponse::Top { nodes }
+}

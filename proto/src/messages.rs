@@ -423,6 +423,31 @@ pub enum HubRequest {
     /// the fleet upgrade; the agent reports how it ended in [`NodeFacts::last_upgrade`].
     /// Agents older than remote upgrades cannot read it and close the stream.
     Upgrade { image: String, attempt: u64, deadline_ms: u64 },
+    /// What the node and its replicas use now; answered with one [`UsageReport`]. Asked on
+    /// demand (`flotilla top`), so an idle fleet sends none. Agents older than it close the
+    /// stream.
+    Usage,
+}
+
+/// CPU and memory in use, measured by the agent over a short window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// Thousandths of a CPU over the window.
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+/// A node's answer to [`HubRequest::Usage`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    /// The whole node (every process, not only workloads).
+    pub node: Usage,
+    pub memory_total_bytes: u64,
+    /// Containers, from their cgroups. Wasm replicas are not measured yet.
+    #[serde(default)]
+    pub replicas: BTreeMap<String, Usage>,
 }
 
 /// The agent's answer to [`HubRequest::Upgrade`].
@@ -646,6 +671,9 @@ pub enum ApiRequest {
     },
     /// Where the fleet upgrade stands; answered with [`ApiResponse::Upgrade`].
     UpgradeStatus,
+    /// What the nodes connected to this hub and their replicas use now; answered with
+    /// [`ApiResponse::Top`].
+    Top,
     /// Adds a new key to the cluster key file and seals every config, secret and cluster
     /// secret again with it (older keys open what they sealed until then); answered with
     /// [`ApiResponse::Described`].
@@ -744,6 +772,10 @@ pub enum ApiResponse {
     },
     Replicas {
         items: Vec<ReplicaView>,
+    },
+    /// `flotilla top`: each node that answered, with its replicas' usage.
+    Top {
+        nodes: Vec<NodeUsageView>,
     },
     /// Configs or secrets: keys, sizes and digests, never values.
     Objects {
@@ -1083,4 +1115,13 @@ pub struct ClientConfigFile {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// One node's usage as `flotilla top` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUsageView {
+    pub node: String,
+    /// `None` when the node did not answer in time (or runs an agent too old to).
+    pub report: Option<UsageReport>,
 }
