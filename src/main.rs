@@ -386,6 +386,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Cluster events, oldest first: replicas' (crash loops, probe failures, starts, also from
+    /// a node's offline period), rollouts, and nodes' links.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Only those about node/NAME, workload/NAME (its replicas too) or replica/NAME.
+        #[arg(long = "for", value_name = "KIND/NAME")]
+        object: Option<String>,
+        /// How far back to start, e.g. 10m or 24h.
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// table, or json: one JSON object per line.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: output::Format,
+    },
     /// What nodes and their containers use now: CPU over half a second, memory (nodes
     /// connected to the hub the CLI talks to; Wasm replicas are not measured yet).
     Top {
@@ -1277,6 +1293,42 @@ async fn run_command(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 other => unexpected(other),
+            }
+        }
+        Command::Events { watch, object, since, output: format } => {
+            let back = proto::manifest::parse_duration_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let mut since_ms = output::now_ms().saturating_sub(back);
+            let mut shown: std::collections::BTreeSet<proto::messages::ClusterEvent> = Default::default();
+            let mut header = true;
+            loop {
+                let req = ApiRequest::Events { since_ms, object: object.clone() };
+                let items = match client.request(&req).await? {
+                    ApiResponse::Events { items } => items,
+                    other => return unexpected(other),
+                };
+                let new: Vec<_> = items.into_iter().filter(|e| !shown.contains(e)).collect();
+                match format {
+                    output::Format::Json => {
+                        for e in &new {
+                            println!("{}", serde_json::to_string(e)?);
+                        }
+                    }
+                    _ => print!("{}", output::events(&new, header)),
+                }
+                header = false;
+                if !watch {
+                    return Ok(());
+                }
+                // Events keep their own (agent) timestamps: one that arrives late, from a node
+                // back from offline, is older than what was shown; a window of 10 minutes
+                // back catches those, and what was shown is not shown again.
+                shown.extend(new);
+                since_ms = output::now_ms().saturating_sub(back.min(10 * 60 * 1000));
+                shown.retain(|e| e.at_ms >= since_ms);
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
         Command::Top { kind, output } => {

@@ -43,6 +43,25 @@ fn rfc3339(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// `flotilla events` lines (with the column heads first when `header`), as they come, so
+/// in fixed columns rather than a table sized to its contents.
+pub fn events(items: &[proto::messages::ClusterEvent], header: bool) -> String {
+    let mut out = String::new();
+    if header {
+        let _ = writeln!(out, "{:<20}   {:<32}   {:<11}   MESSAGE", "TIME", "OBJECT", "REASON");
+    }
+    for e in items {
+        let line = format!("{:<20}   {:<32}   {:<11}   {}", rfc3339(e.at_ms), e.object, e.reason, e.message);
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
 fn table(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();

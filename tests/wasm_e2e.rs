@@ -495,3 +495,72 @@ fn a_wasm_component_reads_secrets_as_env_and_files_offline_too_and_only_its_node
     let found = cluster::files_holding(c.dir.path(), secret.as_bytes());
     assert!(found.is_empty(), "the plaintext of the secret is on disk in {found:?}");
 }
+
+/// `flotilla events` as (at_ms, object, reason, message), oldest first.
+fn events(c: &Cluster, args: &[&str]) -> Vec<proto::messages::ClusterEvent> {
+    let mut all = vec!["events", "-o", "json"];
+    all.extend_from_slice(args);
+    c.ok(&all).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[test]
+fn events_show_a_crash_loop_a_rollout_and_a_node_leaving_and_returning_in_order_offline_ones_too() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let hello = push_file(&reg, &example("examples/hello/target/wasm32-wasip1/release/hello.wasm"), "hello:events");
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let crash = workload("crash", &hello, "  args: [\"--count\", \"1\", \"--exit-code\", \"3\"]\n");
+    let web = |greeting: &str| workload("web", &hello, &format!("  env: {{GREETING: {greeting}}}\n"));
+    apply(&c, &[crash, web("one")]);
+    c.wait_for("the crash loop backing off", WAIT, || {
+        events(&c, &["--for", "replica/crash-0"]).iter().any(|e| e.reason == "BackOff")
+    });
+    apply(&c, &[web("two")]);
+    c.wait_for("the rollout as an event", WAIT, || {
+        events(&c, &["--for", "workload/web"]).iter().any(|e| e.reason == "Rollout" && e.message.contains("revision 2"))
+    });
+
+    // The hub goes away; the crash loop goes on, its events recorded on the node.
+    c.hub.kill();
+    let down = now_ms();
+    std::thread::sleep(Duration::from_secs(6));
+    let up = now_ms();
+    c.restart_hub();
+    c.wait_for("the node back", WAIT, || c.nodes().iter().any(|n| n.ready));
+    c.wait_for("events from the hub's downtime, from the node", WAIT, || {
+        events(&c, &["--for", "node/edge-1"])
+            .iter()
+            .any(|e| e.object == "replica/crash-0" && (down..up).contains(&e.at_ms))
+    });
+
+    // The node leaves (killed: its link times out) and returns.
+    let idx = c.agents.iter().position(|a| a.name == "agent edge-1").unwrap();
+    c.agents[idx].kill();
+    drop(c.agents.remove(idx));
+    c.wait_for("the node NotReady", WAIT, || c.nodes().iter().any(|n| !n.ready));
+    c.add_agent("edge-1", &[]);
+    c.wait_for("the node Ready again", WAIT, || c.nodes().iter().any(|n| n.ready));
+    c.wait_for("its return as an event", WAIT, || {
+        events(&c, &["--for", "node/edge-1"]).iter().filter(|e| e.reason == "Ready").count() >= 3
+    });
+
+    // One list, in order: the crash loop's first back-off, the rollout, the node leaving,
+    // the node returning.
+    let all = events(&c, &["--since", "1h"]);
+    let first = |pred: &dyn Fn(&proto::messages::ClusterEvent) -> bool| {
+        all.iter().position(pred).unwrap_or_else(|| panic!("missing from {all:#?}"))
+    };
+    let backoff = first(&|e| e.object == "replica/crash-0" && e.reason == "BackOff");
+    let rollout = first(&|e| e.object == "workload/web" && e.message.contains("revision 2"));
+    let left = first(&|e| e.object == "node/edge-1" && e.reason == "NotReady" && e.at_ms > up);
+    let back = all.iter().rposition(|e| e.object == "node/edge-1" && e.reason == "Ready").unwrap();
+    assert!(backoff < rollout && rollout < left && left < back, "{all:#?}");
+    assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "ordered by time");
+    let text = c.ok(&["events", "--for", "workload/web"]);
+    assert!(text.starts_with("TIME") && text.contains("workload/web") && text.contains("Rollout"), "{text}");
+}

@@ -40,6 +40,7 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::CertsStatus
         | ApiRequest::UpgradeStatus
         | ApiRequest::Top
+        | ApiRequest::Events { .. }
         | ApiRequest::Version => Role::Viewer,
         ApiRequest::Apply { .. }
         | ApiRequest::DeleteManifests { .. }
@@ -127,6 +128,7 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::CertsStatus
         | ApiRequest::UpgradeStatus
         | ApiRequest::Top
+        | ApiRequest::Events { .. }
         | ApiRequest::Version => return None,
     };
     Some(Audited { action, target })

@@ -269,6 +269,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         ApiRequest::UpgradeStatus => ApiResponse::Upgrade { upgrade: crate::upgrade::shell::status(shared).await? },
         ApiRequest::RotateKey => crate::objects::rotate_key(shared).await?,
         ApiRequest::Top => crate::metrics::top(shared).await,
+        ApiRequest::Events { since_ms, object } => crate::events::list(shared, since_ms, object.as_deref()).await?,
     })
 }
 

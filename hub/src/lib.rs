@@ -24,6 +24,7 @@ mod certs;
 pub(crate) mod cluster;
 pub(crate) mod control;
 pub mod controller;
+mod events;
 pub mod fsutil;
 pub mod guard;
 mod heartbeats;

@@ -466,7 +466,11 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         );
     }
     let not_after_ms = leaf.not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
-    match shared.store.check_in(&node, &cert, not_after_ms, &facts, now).await {
+    let check_in = shared.store.check_in(&node, &cert, not_after_ms, &facts, now).await;
+    if matches!(check_in, Ok((_, Some(_)))) {
+        crate::events::node(&shared, &node, "Ready", format!("connected to hub {}", shared.hub_id)).await;
+    }
+    match check_in {
         Ok((_, Some(row))) => {
             // What the hub will not take from the agent's claims, said once per session.
             for notice in &row.notices {
@@ -627,6 +631,7 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
     };
     if ended {
         let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
+        crate::events::node(&shared, &node, "NotReady", format!("its link to hub {} ended", shared.hub_id)).await;
         shared.trigger_reconcile();
     } else {
         let _ = shared.store.touch_node(&node, now_ms()).await;

@@ -157,7 +157,25 @@ on_both_backends!(
     a_cluster_identity_stored_in_clear_is_sealed_in_place,
     agent_upgrades_replace_each_other_and_only_the_leader_writes_their_passes,
     objects_are_versioned_stamped_into_env_readers_and_given_only_to_their_nodes,
+    node_events_are_kept_in_time_order,
 );
+
+async fn node_events_are_kept_in_time_order(b: Backing) {
+    use flotilla_hub::store::EventRow;
+    let s = b.open().await;
+    let event = |at_ms, reason: &str| EventRow {
+        at_ms,
+        object: "node/n".into(),
+        reason: reason.into(),
+        message: format!("at {at_ms}"),
+    };
+    for e in [event(30, "Ready"), event(10, "Ready"), event(20, "NotReady")] {
+        s.record_event(&e).await.unwrap();
+    }
+    let got: Vec<(u64, String)> = s.events(15).await.unwrap().into_iter().map(|e| (e.at_ms, e.reason)).collect();
+    assert_eq!(got, [(20, "NotReady".to_string()), (30, "Ready".to_string())]);
+    assert_eq!(s.events(0).await.unwrap().len(), 3);
+}
 
 fn new_object(kind: proto::objects::ObjectKind, name: &str, value: &str) -> flotilla_hub::store::NewObject {
     flotilla_hub::store::NewObject {

@@ -674,6 +674,14 @@ pub enum ApiRequest {
     /// What the nodes connected to this hub and their replicas use now; answered with
     /// [`ApiResponse::Top`].
     Top,
+    /// Cluster events at or after `since_ms`, oldest first, only those about `object`
+    /// (`node/NAME`, `workload/NAME`, `replica/NAME`) when given; answered with
+    /// [`ApiResponse::Events`].
+    Events {
+        since_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        object: Option<String>,
+    },
     /// Adds a new key to the cluster key file and seals every config, secret and cluster
     /// secret again with it (older keys open what they sealed until then); answered with
     /// [`ApiResponse::Described`].
@@ -772,6 +780,9 @@ pub enum ApiResponse {
     },
     Replicas {
         items: Vec<ReplicaView>,
+    },
+    Events {
+        items: Vec<ClusterEvent>,
     },
     /// `flotilla top`: each node that answered, with its replicas' usage.
     Top {
@@ -1124,4 +1135,17 @@ pub struct NodeUsageView {
     pub node: String,
     /// `None` when the node did not answer in time (or runs an agent too old to).
     pub report: Option<UsageReport>,
+}
+
+/// One event of `flotilla events`: a replica's (recorded by its agent, on the agent's clock,
+/// also while the node was offline), a rollout's or a node's link.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterEvent {
+    pub at_ms: u64,
+    /// `replica/NAME`, `workload/NAME` or `node/NAME`.
+    pub object: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }

@@ -30,6 +30,7 @@
 //!   successor's decisions.
 
 mod db;
+mod events;
 mod identity;
 mod objects;
 mod upgrades;
@@ -45,6 +46,7 @@ use proto::messages::{Assignment, AssignmentSet, NodeFacts, ReplicaStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
+pub use self::events::{EVENTS_KEPT, EventRow};
 pub use self::identity::{Admitted, NewToken, TokenRow};
 pub use self::objects::{AppliedDocuments, NewObject, ObjectDeletion, ObjectRow};
 pub use self::upgrades::{NewUpgrade, UpgradeOrder};
