@@ -84,9 +84,10 @@ enum Command {
         /// admins, or by the role given and above (--allow-host-network=admin). Default: refused.
         #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "operator")]
         allow_host_network: Option<proto::messages::Role>,
-        /// With a PostgreSQL store: the file holding the cluster key that seals the CA key and
-        /// join token in the database (default: DATA_DIR/cluster.key, made by the first hub).
-        /// Every hub sharing the store needs a copy.
+        /// The file holding the cluster key ring that seals configs and secrets in the store,
+        /// and with PostgreSQL the CA key and join token (default: DATA_DIR/cluster.key, made
+        /// by the first hub, 0600). Every hub sharing a store needs a copy (`flotilla secrets
+        /// rotate-key` adds a key to it).
         #[arg(long, env = "FLOTILLA_CLUSTER_KEY_FILE")]
         cluster_key_file: Option<PathBuf>,
         /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.

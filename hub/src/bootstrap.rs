@@ -146,7 +146,10 @@ fn create_cluster_key(path: &Path) -> Result<ClusterKey, BootstrapError> {
         fs::create_dir_all(dir).map_err(io("create", dir))?;
     }
     write_private(path, material.as_bytes())?;
-    info!(path = %path.display(), "cluster key created: every hub sharing this store needs a copy");
+    info!(
+        path = %path.display(),
+        "cluster key created: it seals configs and secrets in the store; every hub sharing a store needs a copy"
+    );
     ClusterKey::from_material(material.as_bytes())
         .map_err(|source| BootstrapError::ClusterKey { path: path.to_path_buf(), source })
 }

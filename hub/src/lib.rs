@@ -70,8 +70,9 @@ pub struct HubConfig {
     pub certs: identity::CertPolicy,
     /// Which host paths and whether the host network workloads may be given.
     pub host_policy: access::HostPolicy,
-    /// The cluster key that seals the CA key and join token in a shared store (default
-    /// `<data dir>/cluster.key`, made by the first hub; see [`sealed`]).
+    /// The cluster key ring that seals configs and secrets, and in a shared store the CA key
+    /// and join token (default `<data dir>/cluster.key`, made by the first hub; see
+    /// [`sealed`]).
     pub cluster_key_file: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
     pub metrics_listen: Option<SocketAddr>,
