@@ -34,6 +34,8 @@ mod api;
 mod busybox_image;
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[path = "../tests/support/janitor.rs"]
+mod janitor;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
@@ -115,54 +117,6 @@ impl Tail {
             }
         }
         self.text.contains(needle)
-    }
-}
-
-/// Kills what the agents' containers may leave behind if the bench fails half-way (processes
-/// in their cgroups, overlay mounts under the cluster dir, the cgroups, the tmpfs volumes).
-/// Declared after the cluster, so it runs before the cluster's directory is removed.
-struct Janitor {
-    dir: PathBuf,
-    nodes: Vec<String>,
-    secrets: PathBuf,
-}
-
-impl Drop for Janitor {
-    fn drop(&mut self) {
-        let hierarchies: Vec<PathBuf> =
-            std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-        for node in &self.nodes {
-            for h in &hierarchies {
-                let Ok(children) = std::fs::read_dir(h.join("flotilla").join(node)) else { continue };
-                for child in children.flatten().filter(|e| e.path().is_dir()) {
-                    let procs = std::fs::read_to_string(child.path().join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = std::process::Command::new("kill")
-                            .args(["-9", &pid.to_string()])
-                            .stderr(std::process::Stdio::null())
-                            .status();
-                    }
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.to_string_lossy().into_owned();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)) {
-            let _ = std::process::Command::new("umount").args(["-l", m]).status();
-        }
-        for node in &self.nodes {
-            for h in &hierarchies {
-                let parent = h.join("flotilla").join(node);
-                if let Ok(children) = std::fs::read_dir(&parent) {
-                    for child in children.flatten().filter(|e| e.path().is_dir()) {
-                        let _ = std::fs::remove_dir(child.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(&parent);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.secrets);
     }
 }
 
@@ -371,7 +325,7 @@ fn main() {
     let mut c = cluster::Cluster::start();
     let nodes: Vec<String> = (1..=agents).map(|i| format!("obj-{i}")).collect();
     let secrets = PathBuf::from(format!("/dev/shm/flotilla-bench-objects-{}", std::process::id()));
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: nodes.clone(), secrets: secrets.clone() };
+    let _janitor = janitor::Janitor::new(c.dir.path(), &nodes).removing(secrets.clone());
 
     // Images: busybox (its command comes from each workload) and the example module.
     let layout = c.dir.path().join("layout-busybox");

@@ -7,6 +7,8 @@
 mod busybox_image;
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/janitor.rs"]
+mod janitor;
 #[path = "support/netns.rs"]
 mod netns;
 #[path = "../oci-runtime/tests/support/mod.rs"]
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster::Cluster;
+use janitor::Janitor;
 use proto::messages::{Phase, ReplicaView, Termination};
 use registry::TestRegistry;
 
@@ -112,54 +115,6 @@ fn leftovers(c: &Cluster, node: &str, replica: &str) -> Vec<String> {
     left
 }
 
-/// Removes what a test's agents may leave behind when the test fails half-way (containers,
-/// their cgroups, overlay mounts under the cluster dir). Declared after the cluster, so it
-/// runs before the cluster's temporary directory is removed.
-struct Janitor {
-    dir: PathBuf,
-    nodes: Vec<&'static str>,
-}
-
-impl Drop for Janitor {
-    fn drop(&mut self) {
-        let hierarchies: Vec<PathBuf> =
-            std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-        for node in &self.nodes {
-            for h in &hierarchies {
-                let parent = h.join("flotilla").join(node);
-                let Ok(children) = std::fs::read_dir(&parent) else { continue };
-                for child in children.flatten().filter(|e| e.path().is_dir()) {
-                    let procs = std::fs::read_to_string(child.path().join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        // A process may have exited since the cgroup was read: nothing to say then.
-                        let _ = std::process::Command::new("kill")
-                            .args(["-9", &pid.to_string()])
-                            .stderr(std::process::Stdio::null())
-                            .status();
-                    }
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.to_string_lossy().into_owned();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)) {
-            let _ = std::process::Command::new("umount").args(["-l", m]).status();
-        }
-        for node in &self.nodes {
-            for h in &hierarchies {
-                let parent = h.join("flotilla").join(node);
-                if let Ok(children) = std::fs::read_dir(&parent) {
-                    for child in children.flatten().filter(|e| e.path().is_dir()) {
-                        let _ = std::fs::remove_dir(child.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(&parent);
-            }
-        }
-    }
-}
-
 /// A hub listening on all addresses and one agent in a network namespace of its own, reaching
 /// the hub and the registry (forwarded on the namespace's host-side address) over its veth
 /// link. Dropped in field order: hub and agent, data dir, forwarder, namespace.
@@ -202,7 +157,7 @@ fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothi
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["n1", "n2"] };
+    let _janitor = Janitor::new(c.dir.path(), &["n1", "n2"]);
     let image = push_busybox(
         &reg,
         c.dir.path(),
@@ -270,7 +225,7 @@ fn a_failed_container_job_shows_why_and_its_output_stays_readable_through_the_hu
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
     // A node name of its own: the janitor clears every container of its nodes.
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["cj1"] };
+    let _janitor = Janitor::new(c.dir.path(), &["cj1"]);
     let image = push_busybox(
         &reg,
         c.dir.path(),
@@ -309,7 +264,7 @@ fn memory_hog_is_oomkilled_fork_bomb_is_held_and_tampered_layer_refused() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["oom-1"] };
+    let _janitor = Janitor::new(c.dir.path(), &["oom-1"]);
     let hog = push_busybox(&reg, c.dir.path(), "hog:v1", &["sh", "-c", "x=aaaaaaaa; while true; do x=$x$x; done"]);
     let bomb = push_busybox(
         &reg,
@@ -397,7 +352,7 @@ fn imported_image_runs_on_an_agent_without_any_registry() {
         return;
     }
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["air-1"] };
+    let _janitor = Janitor::new(c.dir.path(), &["air-1"]);
     // An air-gapped site: the image arrives as an OCI layout tar and is imported on the node;
     // the reference names a registry that does not exist.
     let layout = c.dir.path().join("layout");
@@ -451,7 +406,7 @@ fn a_node_short_of_disk_refuses_to_pull_with_a_clear_status() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["disk-1"] };
+    let _janitor = Janitor::new(c.dir.path(), &["disk-1"]);
     let image = push_busybox(&reg, c.dir.path(), "busybox:v1", &["sleep", "100000"]);
     // No disk has a million GiB free: every pull and container start is refused.
     c.add_agent("disk-1", &["--containers", "on", "--min-free-disk", "1000000Gi"]);
@@ -480,7 +435,7 @@ fn probes_reach_into_the_container_and_an_unhealthy_one_is_restarted() {
     let Some(reg) = TestRegistry::start() else { return };
     // The agent runs in a network namespace of its own.
     let Some(mut site) = NsSite::start(&reg, "probe-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["probe-1"] };
+    let _janitor = Janitor::new(site.c.dir.path(), &["probe-1"]);
     // Serves HTTP on 8080 inside its own network namespace and is healthy for two seconds.
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && touch /tmp/healthy && \
                   httpd -f -p 8080 -h /tmp/www & (sleep 2; rm /tmp/healthy) & exec sleep 100000";
@@ -564,7 +519,7 @@ fn httpd_site(reg: &TestRegistry, node: &'static str, tag: &str) -> Option<(Jani
         return None;
     }
     let site = NsSite::start(reg, node)?;
-    let janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec![node] };
+    let janitor = Janitor::new(site.c.dir.path(), &[node]);
     let image = push_busybox(reg, site.c.dir.path(), tag, &["sh", "-c", HTTPD]);
     let image = site.via_link(reg, &image);
     site.c.wait_for("node", WAIT, || site.c.nodes().iter().any(|n| n.ready));
@@ -724,7 +679,7 @@ fn a_crash_looping_container_backs_off_doubling_and_describe_shows_why() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let Some(mut site) = NsSite::start(&reg, "crash-1") else { return };
-    let _janitor = Janitor { dir: site.c.dir.path().to_path_buf(), nodes: vec!["crash-1"] };
+    let _janitor = Janitor::new(site.c.dir.path(), &["crash-1"]);
     let image = push_busybox(&reg, site.c.dir.path(), "busybox:crash", &["sh", "-c", "echo failing; exit 3"]);
     let image = site.via_link(&reg, &image);
     let c = &mut site.c;
@@ -768,7 +723,7 @@ fn an_agent_stopped_with_sigterm_leaves_its_containers_running_and_adopts_them()
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["term-1"] };
+    let _janitor = Janitor::new(c.dir.path(), &["term-1"]);
     let image = push_busybox(&reg, c.dir.path(), "busybox:term", &["sh", "-c", "echo up; exec sleep 100000"]);
     c.add_agent("term-1", &["--containers", "on"]);
     c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.ready));
@@ -880,7 +835,7 @@ fn agents_upgrade_in_batches_keeping_their_containers_and_a_broken_binary_rolls_
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["up-1", "up-2"] };
+    let _janitor = Janitor::new(c.dir.path(), &["up-1", "up-2"]);
     let _orphans = Orphans(c.dir.path().to_path_buf());
     let nodes = ["up-1", "up-2"];
     let root = c.dir.path().to_path_buf();
@@ -995,7 +950,7 @@ fn containers_read_configs_and_secrets_as_files_and_env_updated_in_place_and_nev
     }
     let Some(reg) = TestRegistry::start() else { return };
     let mut c = Cluster::start();
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["s1", "s2"] };
+    let _janitor = Janitor::new(c.dir.path(), &["s1", "s2"]);
     // The container shows digests of what it reads, never the secret itself.
     let image = push_busybox(
         &reg,
@@ -1170,7 +1125,7 @@ fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
     let Some(reg) = TestRegistry::start() else { return };
     let hub_metrics = format!("127.0.0.1:{}", cluster::free_tcp_port());
     let mut c = Cluster::start_with(&["--metrics-listen", &hub_metrics]);
-    let _janitor = Janitor { dir: c.dir.path().to_path_buf(), nodes: vec!["m1", "m2"] };
+    let _janitor = Janitor::new(c.dir.path(), &["m1", "m2"]);
     let agent_metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", cluster::free_tcp_port())).collect();
     c.add_agent("m1", &["--containers", "on", "--label", "site=a", "--metrics-listen", &agent_metrics[0]]);
     c.add_agent("m2", &["--containers", "on", "--label", "site=b", "--metrics-listen", &agent_metrics[1]]);
