@@ -35,6 +35,43 @@ pub enum Unresolved {
     Failed(String),
 }
 
+/// Why a fetch gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("refused by the hub: {0}")]
+    Refused(String),
+    #[error("not connected to the hub")]
+    NotConnected,
+    #[error("cannot open a stream to the hub: {0}")]
+    Stream(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Frame(#[from] transport::frame::FrameError),
+    #[error("the hub closed the stream without an answer")]
+    NoAnswer,
+    #[error("no answer in time")]
+    TimedOut,
+}
+
+/// An object a template reads that the node does not hold.
+#[derive(Debug, thiserror::Error)]
+enum Missing {
+    #[error("waiting for {0}: not yet fetched from the hub")]
+    NotFetched(ObjectRef),
+    #[error("{0} not found: the replica starts once it exists")]
+    NotFound(ObjectRef),
+}
+
+/// Why a config or secret volume could not be written.
+#[derive(Debug, thiserror::Error)]
+enum VolumeError {
+    #[error(transparent)]
+    MissingKey(#[from] objects::MissingKey),
+    #[error(transparent)]
+    NoTmpfs(std::io::Error),
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
 pub struct Objects {
     cache: ObjectCache,
     /// Plaintext of what the cache holds, loaded once at start.
@@ -98,7 +135,7 @@ impl Objects {
 
     /// A fetch ended. On success the object is sealed to the cache and held; returns whether
     /// it is new content (running replicas' volumes need refreshing).
-    pub fn fetched(&mut self, r: &ObjectRef, result: Result<(ObjectVersion, ObjectData), String>) -> bool {
+    pub fn fetched(&mut self, r: &ObjectRef, result: Result<(ObjectVersion, ObjectData), FetchError>) -> bool {
         self.fetching.remove(r);
         let (version, data) = match result {
             Ok(v) => v,
@@ -122,7 +159,7 @@ impl Objects {
     }
 
     /// The objects `t` reads, or why it cannot start yet, naming the missing one.
-    fn lookup(&self, t: &ReplicaTemplate) -> Result<BTreeMap<ObjectRef, ObjectData>, String> {
+    fn lookup(&self, t: &ReplicaTemplate) -> Result<BTreeMap<ObjectRef, ObjectData>, Missing> {
         let mut out = BTreeMap::new();
         for r in t.objects() {
             match self.loaded.get(&r) {
@@ -130,9 +167,9 @@ impl Objects {
                     out.insert(r, data.clone());
                 }
                 None if self.wanted.contains_key(&r) || self.fetching.contains(&r) => {
-                    return Err(format!("waiting for {r}: not yet fetched from the hub"));
+                    return Err(Missing::NotFetched(r));
                 }
-                None => return Err(format!("{r} not found: the replica starts once it exists")),
+                None => return Err(Missing::NotFound(r)),
             }
         }
         Ok(out)
@@ -144,7 +181,7 @@ impl Objects {
         if t.objects().is_empty() {
             return Ok(t.clone());
         }
-        let data = self.lookup(t).map_err(Unresolved::Waiting)?;
+        let data = self.lookup(t).map_err(|e| Unresolved::Waiting(e.to_string()))?;
         for v in &t.volumes {
             if let Some(r) = v.object() {
                 objects::volume_files(v, &data[&r]).map_err(|e| Unresolved::Waiting(e.to_string()))?;
@@ -157,7 +194,7 @@ impl Objects {
         for v in out.volumes.iter_mut() {
             let Some(r) = v.object() else { continue };
             let dir = self.volume_dir(replica, &v.name);
-            self.write_volume(&dir, v, &data[&r]).map_err(Unresolved::Failed)?;
+            self.write_volume(&dir, v, &data[&r]).map_err(|e| Unresolved::Failed(e.to_string()))?;
             v.host_path = Some(dir.display().to_string());
             v.read_only = true;
             v.config = None;
@@ -191,11 +228,12 @@ impl Objects {
         dir: &std::path::Path,
         v: &proto::manifest::Volume,
         data: &ObjectData,
-    ) -> Result<(), String> {
-        let files = objects::volume_files(v, data).map_err(|e| e.to_string())?;
-        objects::ensure_tmpfs(&self.root).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        objects::write_files(dir, &files).map_err(|e| format!("cannot write {}: {e}", dir.display()))
+    ) -> Result<(), VolumeError> {
+        let files = objects::volume_files(v, data)?;
+        objects::ensure_tmpfs(&self.root).map_err(VolumeError::NoTmpfs)?;
+        let io = |action| move |source| VolumeError::Io { action, path: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io("create"))?;
+        objects::write_files(dir, &files).map_err(io("write"))
     }
 
     /// Removes a replica's volumes (it left the node).
@@ -214,30 +252,30 @@ impl Objects {
 pub async fn fetch(
     mut conn: watch::Receiver<Option<quinn::Connection>>,
     r: ObjectRef,
-) -> Result<(ObjectVersion, ObjectData), String> {
-    let mut last = String::new();
+) -> Result<(ObjectVersion, ObjectData), FetchError> {
+    let mut last = FetchError::NotConnected;
     for attempt in 0..FETCH_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
         }
         let current = conn.borrow_and_update().clone();
         let Some(c) = current else {
-            last = "not connected to the hub".into();
+            last = FetchError::NotConnected;
             let _ = tokio::time::timeout(FETCH_TIMEOUT, conn.changed()).await;
             continue;
         };
         let exchange = async {
-            let (mut send, mut recv) = c.open_bi().await.map_err(|e| e.to_string())?;
-            frame::write(&mut send, &AgentRequest::Object { object: r.clone() }).await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = c.open_bi().await?;
+            frame::write(&mut send, &AgentRequest::Object { object: r.clone() }).await?;
             let _ = send.finish();
-            frame::read::<ObjectAnswer>(&mut recv).await.map_err(|e| e.to_string())
+            Ok::<_, FetchError>(frame::read::<ObjectAnswer>(&mut recv).await?)
         };
         match tokio::time::timeout(FETCH_TIMEOUT, exchange).await {
             Ok(Ok(Some(ObjectAnswer::Found { version, data }))) => return Ok((version, data)),
-            Ok(Ok(Some(ObjectAnswer::Refused { message }))) => return Err(format!("refused by the hub: {message}")),
-            Ok(Ok(None)) => last = "the hub closed the stream without an answer".into(),
+            Ok(Ok(Some(ObjectAnswer::Refused { message }))) => return Err(FetchError::Refused(message)),
+            Ok(Ok(None)) => last = FetchError::NoAnswer,
             Ok(Err(e)) => last = e,
-            Err(_) => last = "no answer in time".into(),
+            Err(_) => last = FetchError::TimedOut,
         }
     }
     Err(last)

@@ -500,7 +500,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let (agent_binary, last_upgrade) = upgrade_state.as_ref().map(upgrade::State::facts).unwrap_or_default();
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<link::UpgradeCall>(4);
     let (session_tx, session_rx) = watch::channel::<Option<quinn::Connection>>(None);
-    let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel::<(ObjectRef, Result<_, String>)>();
+    let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel::<(ObjectRef, Result<_, delivery::FetchError>)>();
     let spawn_fetch = |r: ObjectRef| {
         let (conn, done) = (session_rx.clone(), fetched_tx.clone());
         tokio::spawn(async move {

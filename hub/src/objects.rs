@@ -45,6 +45,8 @@ pub(crate) enum OpenError {
     Seal { object: ObjectRef, source: SealError },
     #[error("{object} is stored in an unreadable form")]
     Corrupt { object: ObjectRef },
+    #[error("cannot seal {object} again: {source}")]
+    Reseal { object: ObjectRef, source: SealError },
 }
 
 /// Opens a stored object.
@@ -106,9 +108,11 @@ pub(crate) async fn rotate_key(shared: &Shared) -> Result<ApiResponse, StoreErro
             if ring.is_current(&row.sealed) {
                 return Ok(None);
             }
-            let aad = aad(&row.reference());
-            let plain = ring.open(&aad, &row.sealed).map_err(|e| format!("{}: {e}", row.reference()))?;
-            ring.seal(&aad, &plain).map(Some).map_err(|e| e.to_string())
+            let object = row.reference();
+            let aad = aad(&object);
+            let plain =
+                ring.open(&aad, &row.sealed).map_err(|source| OpenError::Seal { object: object.clone(), source })?;
+            ring.seal(&aad, &plain).map(Some).map_err(|source| OpenError::Reseal { object, source })
         })
         .await?;
     let objects = match resealed {

@@ -960,7 +960,7 @@ impl Manifest {
                 EnvValue::Text(_) => {}
                 EnvValue::From(sel) => {
                     let path = format!("spec.env.{k}.valueFrom");
-                    validate_object_names(&sel.config, &sel.secret).map_err(|m| (path.clone(), m))?;
+                    validate_object_names(&sel.config, &sel.secret).map_err(|InvalidValue(m)| (path.clone(), m))?;
                     if let Err(InvalidValue(m)) = validate_key(&sel.key) {
                         return err(&format!("{path}.key"), m);
                     }
@@ -968,7 +968,8 @@ impl Manifest {
             }
         }
         for (i, from) in spec.env_from.iter().enumerate() {
-            validate_object_names(&from.config, &from.secret).map_err(|m| (format!("spec.envFrom[{i}]"), m))?;
+            validate_object_names(&from.config, &from.secret)
+                .map_err(|InvalidValue(m)| (format!("spec.envFrom[{i}]"), m))?;
         }
         for (k, v) in &spec.node_selector {
             if let Err(msg) = validate_label(k, v) {
@@ -1086,7 +1087,8 @@ impl Manifest {
                 if v.host_path.is_some() {
                     return err(&path("hostPath"), "a volume is a host path, a config or a secret: set one".into());
                 }
-                validate_object_names(&v.config, &v.secret).map_err(|m| (format!("spec.volumes[{i}]"), m))?;
+                validate_object_names(&v.config, &v.secret)
+                    .map_err(|InvalidValue(m)| (format!("spec.volumes[{i}]"), m))?;
             } else if !v.items.is_empty() {
                 return err(&path("items"), "applies to config and secret volumes only".into());
             }
@@ -1096,7 +1098,7 @@ impl Manifest {
                 if let Err(InvalidValue(m)) = validate_key(&item.key) {
                     return err(&path("key"), m);
                 }
-                if let Err(m) = validate_item_path(&item.path) {
+                if let Err(InvalidValue(m)) = validate_item_path(&item.path) {
                     return err(&path("path"), m);
                 }
                 if !files.insert(item.path.as_str()) {
@@ -1184,23 +1186,23 @@ impl Manifest {
 }
 
 /// Exactly one of `config` and `secret`, a valid name.
-fn validate_object_names(config: &Option<String>, secret: &Option<String>) -> Result<(), String> {
+fn validate_object_names(config: &Option<String>, secret: &Option<String>) -> Result<(), InvalidValue> {
     match object_of(config, secret) {
-        None => Err("set exactly one of config and secret".into()),
-        Some(r) => validate_name(&r.name).map_err(|InvalidValue(m)| m),
+        None => Err(InvalidValue("set exactly one of config and secret".into())),
+        Some(r) => validate_name(&r.name),
     }
 }
 
 /// A file inside a config or secret volume: relative, no `..` or empty components, and no
 /// component starting with `..` (the updater's own names do).
-fn validate_item_path(p: &str) -> Result<(), String> {
+fn validate_item_path(p: &str) -> Result<(), InvalidValue> {
     let bad = p.is_empty()
         || p.len() > 1024
         || p.starts_with('/')
         || p.contains('\0')
         || p.split('/').any(|c| c.is_empty() || c == "." || c.starts_with(".."));
     if bad {
-        return Err(format!("{p:?} must be a relative path without '.', '..' or empty components"));
+        return Err(InvalidValue(format!("{p:?} must be a relative path without '.', '..' or empty components")));
     }
     Ok(())
 }

@@ -311,12 +311,13 @@ impl Store {
         Ok(false)
     }
 
-    /// Replaces every object's sealed data with `reseal(row)` (key rotation), in one
-    /// transaction; versions and digests stay. Returns how many were rewritten.
-    pub async fn reseal_objects(
+    /// Replaces every object's sealed data with `reseal(row)` (key rotation; `None` leaves a
+    /// row as it is), in one transaction; versions and digests stay. Returns how many were
+    /// rewritten, or `reseal`'s first error, with nothing written.
+    pub async fn reseal_objects<E>(
         &self,
-        mut reseal: impl FnMut(&ObjectRow) -> std::result::Result<Option<String>, String>,
-    ) -> Result<std::result::Result<u64, String>> {
+        mut reseal: impl FnMut(&ObjectRow) -> std::result::Result<Option<String>, E>,
+    ) -> Result<std::result::Result<u64, E>> {
         let mut tx = self.pool.write_tx().await?;
         let rows = tx.fetch(&format!("SELECT {OBJECT_COLUMNS} ORDER BY kind, name"), &[]).await?;
         let mut rewritten = 0;
