@@ -134,6 +134,12 @@ impl Client {
         Ok((send, recv))
     }
 
+    /// Runs `spec` in its replica (`flotilla exec`) and returns the command's exit code.
+    pub async fn exec(&self, spec: proto::messages::ExecSpec) -> Result<i32> {
+        let (send, recv) = self.open(&ApiRequest::Exec(spec.clone())).await?;
+        crate::remote_exec::run(send, recv, &spec).await
+    }
+
     pub async fn request(&self, req: &ApiRequest) -> Result<ApiResponse> {
         let (mut send, mut recv) = self.open(req).await?;
         let _ = send.finish();

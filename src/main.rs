@@ -6,6 +6,7 @@ mod client;
 mod local;
 mod oci_cli;
 mod output;
+mod remote_exec;
 mod sim;
 
 use std::collections::BTreeMap;
@@ -403,6 +404,22 @@ enum Command {
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
+    /// Run a command in a container replica, wherever its node is: through the hub and the
+    /// node's own link (no connection to the node is needed). Exits with the command's exit
+    /// code; 125 when exec itself failed.
+    Exec {
+        /// The replica (see `flotilla get replicas`).
+        replica: String,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long = "stdin")]
+        stdin: bool,
+        /// Give the command a terminal (stdin must be one); with -i to type into it.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// What nodes and their containers use now: CPU over half a second, memory (nodes
     /// connected to the hub the CLI talks to; Wasm replicas are not measured yet).
     Top {
@@ -742,6 +759,7 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Exec { replica, stdin, tty, command } => return exec_command(global, replica, stdin, tty, command),
         Command::AgentUpgradeWatch { state, pid, detached } => {
             init_tracing();
             return watch_upgrade(&state, pid, detached);
@@ -775,6 +793,37 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flotilla exec`: its own exit code is the command's.
+fn exec_command(
+    global: Global,
+    replica: String,
+    stdin: bool,
+    tty: bool,
+    command: Vec<String>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if tty && !remote_exec::stdin_is_terminal() {
+        eprintln!("error: -t needs a terminal on stdin (leave -t out to pipe input)");
+        return ExitCode::from(remote_exec::EXEC_FAILED);
+    }
+    let (rows, cols) = if tty { remote_exec::local_window_size().unwrap_or((24, 80)) } else { (0, 0) };
+    let spec = proto::messages::ExecSpec { replica, command, stdin, tty, rows, cols };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        let client = client::Client::connect(global.config.as_deref()).await?;
+        client.exec(spec).await
+    });
+    // A read of stdin may still be blocked in a runtime thread: do not wait for it.
+    rt.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(remote_exec::EXEC_FAILED)
         }
     }
 }
@@ -943,6 +992,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Agent { .. } => bail!("the agent runs through run_agent"),
         Command::Oci(_)
         | Command::AgentHandoff { .. }
+        | Command::Exec { .. }
         | Command::AgentUpgradeWatch { .. }
         | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")

@@ -120,6 +120,13 @@ struct ExecArgs {
     /// Bytes of stdout and of stderr kept each; the rest is dropped.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     output_limit: usize,
+    /// The command uses this process's stdin, stdout and stderr directly (nothing is
+    /// collected); only the exit code is this process's own.
+    #[arg(short, long)]
+    interactive: bool,
+    /// With --interactive: stdin is a terminal, made the command's controlling terminal.
+    #[arg(short, long, requires = "interactive")]
+    tty: bool,
     /// The container, which must be running.
     id: String,
     /// The program and its arguments.
@@ -226,6 +233,8 @@ fn run_exec(root: &std::path::Path, args: ExecArgs) -> u8 {
         cwd: args.cwd,
         timeout: args.timeout.unwrap_or(Duration::MAX),
         output_limit: args.output_limit,
+        interactive: args.interactive,
+        tty: args.tty,
     };
     match exec(root, &args.id, &req) {
         Ok(outcome) => {

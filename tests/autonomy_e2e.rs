@@ -343,3 +343,179 @@ fn s5_twenty_percent_loss_still_brings_a_new_workload_to_running() {
     }
     assert_eq!(site.box_pids(), pids, "the container was replaced");
 }
+
+/// Whether a TCP connection from this (the CLI's) namespace reaches `addr` within a second.
+fn reachable(addr: std::net::SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// Reads a pseudo-terminal's master on a thread of its own (blocking reads) into a channel.
+fn read_terminal(master: std::fs::File) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut master = master;
+        let mut buf = [0u8; 4096];
+        // EIO once every slave is closed: the session is over.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects terminal output into `seen` until it contains `needle` or `limit` passes.
+fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut String, needle: &str, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while !seen.contains(needle) {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            Err(_) => return seen.contains(needle),
+        }
+    }
+    true
+}
+
+/// Waits for a child to exit, at most `limit`.
+fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(POLL);
+    }
+    None
+}
+
+/// Remote exec: the agent sits in its own network namespace that accepts no inbound
+/// connection (as behind a NAT), and `flotilla exec` still runs commands in its container
+/// through the hub and the agent's own link: output, stderr, exit code, stdin, an interactive
+/// shell on a pseudo-terminal with a window size change, a clear refusal for a Wasm replica,
+/// and a killed CLI leaving nothing running in the container.
+#[test]
+fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
+    if !edge_site::possible() {
+        return;
+    }
+    let Some(site) = Site::start("edge-exec") else { return };
+    let c = &site.c;
+
+    // A listener on the node: reachable from here before the NAT-like rule, not after.
+    let port = 7999;
+    let mut prefix = site.ns.exec_prefix();
+    prefix.extend(["busybox", "nc", "-l", "-p", &port.to_string()].map(String::from));
+    let mut listener = std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap();
+    let node_addr = std::net::SocketAddr::from((site.ns.agent_ip(), port));
+    assert!(
+        Site::time_until(Duration::from_secs(5), POLL, || reachable(node_addr)).is_some(),
+        "the test listener on the node should be reachable before the rule"
+    );
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let mut listener = std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ns = &site.ns.name;
+    let rule = ["netns", "exec", ns, "iptables", "-I", "INPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"];
+    let st = std::process::Command::new("ip").args(rule).status().unwrap();
+    assert!(st.success(), "cannot add the no-inbound rule in {ns}");
+    assert!(!reachable(node_addr), "the node must accept no connection from the CLI's side now");
+    let _ = listener.kill();
+    let _ = listener.wait();
+
+    // Output, stderr and the exit code.
+    let out = c.cli(&["exec", BOX_REPLICA, "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"), "{}", String::from_utf8_lossy(&out.stderr));
+    // It runs in the container: its root is the image's, its pid namespace the container's.
+    let out = c.cli(&["exec", BOX_REPLICA, "--", "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sleep 100000"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Stdin with -i; without it the command reads end-of-file at once.
+    let out = c.cli_with_stdin(&["exec", "-i", BOX_REPLICA, "--", "sh", "-c", "tr a-z A-Z"], Some("piped in\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\n");
+    let out = c.cli(&["exec", BOX_REPLICA, "--", "cat"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"");
+
+    // Clear refusals: a Wasm replica, a missing program, a missing replica; exec's own
+    // failures exit 125-127 as docker's do.
+    let out = c.cli(&["exec", WASM_REPLICA, "--", "sh"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("containers only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.cli(&["exec", BOX_REPLICA, "--", "no-such-program"]);
+    assert_eq!(out.status.code(), Some(127), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.cli(&["exec", "nothing-0", "--", "sh"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // -it through a pseudo-terminal: an interactive shell that sees a terminal of the CLI's
+    // size, follows a resize, and whose exit code comes back.
+    let pty = oci_runtime::container::tty::open_pty(30, 100).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut cli = std::process::Command::new(cluster::bin())
+        .arg("--config")
+        .arg(c.config_path())
+        .args(["exec", "-i", "-t", BOX_REPLICA, "--", "sh"])
+        .stdin(slave())
+        .stdout(slave())
+        .stderr(slave())
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
+    let output = read_terminal(master.try_clone().unwrap());
+    use std::io::Write;
+    let mut seen = String::new();
+    master.write_all(b"[ -t 0 ] && echo TTY-$((6*7)); stty size\n").unwrap();
+    assert!(read_until(&output, &mut seen, "TTY-42", Duration::from_secs(20)), "no answer from the shell: {seen:?}");
+    assert!(read_until(&output, &mut seen, "30 100", Duration::from_secs(10)), "window size: {seen:?}");
+    // The kernel sends SIGWINCH to the terminal's foreground group; the CLI is not in one
+    // here (no controlling terminal), so the signal is sent as the kernel would.
+    oci_runtime::container::tty::set_window_size(std::os::fd::AsFd::as_fd(&pty.master), 50, 132).unwrap();
+    let st = std::process::Command::new("kill").args(["-WINCH", &cli.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(500));
+    master.write_all(b"stty size\n").unwrap();
+    assert!(read_until(&output, &mut seen, "50 132", Duration::from_secs(10)), "resized window: {seen:?}");
+    master.write_all(b"exit 3\n").unwrap();
+    let status = wait_child(&mut cli, Duration::from_secs(20)).expect("the CLI did not exit after the shell");
+    assert_eq!(status.code(), Some(3), "terminal output: {seen:?}");
+
+    // A CLI killed mid-command: the command and all it started go from the container.
+    let before = site.box_pids().len();
+    let mut cli = std::process::Command::new(cluster::bin())
+        .arg("--config")
+        .arg(c.config_path())
+        .args(["exec", BOX_REPLICA, "--", "sh", "-c", "sleep 1000 & sleep 1000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        Site::time_until(Duration::from_secs(20), POLL, || site.box_pids().len() >= before + 3).is_some(),
+        "the exec'd processes never showed up in the container: {:?}",
+        site.box_pids()
+    );
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert!(
+        Site::time_until(Duration::from_secs(15), POLL, || site.box_pids().len() == before).is_some(),
+        "processes left in the container after the CLI died: {:?} (before: {before})",
+        site.box_pids()
+    );
+    assert!(site.running(BOX_REPLICA), "the container itself must keep running");
+
+    // Every exec is in the audit log, with the program but not its arguments.
+    let audit = c.ok(&["audit"]);
+    assert!(audit.contains(&format!("{BOX_REPLICA}: sh")), "{audit}");
+    assert!(!audit.contains("echo out"), "arguments must not reach the audit log: {audit}");
+}

@@ -95,6 +95,11 @@ impl ContainerRuntime {
         }
     }
 
+    /// `flotilla oci` with this runtime's state and cgroup roots (see [`Inner::oci_argv`]).
+    pub fn oci_argv(&self) -> Vec<std::ffi::OsString> {
+        self.inner.oci_argv()
+    }
+
     /// Removes containers (and their cgroups, mounts and bundles) of replicas that are not in
     /// `keep`: left over when the agent stopped between a replica's removal and its cleanup.
     /// Called at agent start, before any run begins.
@@ -288,12 +293,18 @@ impl Inner {
                 }
             },
         };
+        ProbeTarget { netns, exec: Some(ExecTarget { oci_argv: self.oci_argv(), container_id: id.to_string() }) }
+    }
+
+    /// `flotilla oci` with this runtime's state and cgroup roots: how exec probes and
+    /// `flotilla exec` reach its containers.
+    pub fn oci_argv(&self) -> Vec<std::ffi::OsString> {
         let version = match self.oci.cgroup.version {
             container::CgroupVersion::Auto => "auto",
             container::CgroupVersion::V1 => "v1",
             container::CgroupVersion::V2 => "v2",
         };
-        let oci_argv = vec![
+        vec![
             self.exe.clone().into_os_string(),
             "oci".into(),
             "--root".into(),
@@ -302,8 +313,7 @@ impl Inner {
             self.oci.cgroup.root.clone().into_os_string(),
             "--cgroup-version".into(),
             version.into(),
-        ];
-        ProbeTarget { netns, exec: Some(ExecTarget { oci_argv, container_id: id.to_string() }) }
+        ]
     }
 
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.

@@ -21,6 +21,7 @@
 pub mod container;
 pub mod delivery;
 pub mod durable;
+pub mod exec;
 pub mod facts;
 pub mod handoff;
 pub mod identity;
@@ -532,6 +533,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         upgrades: upgrade_tx,
         session: session_tx,
         runtimes: runtimes_rx.clone(),
+        exec: containers_rt.as_ref().map(|rt| Arc::new(exec::Target::new(rt.oci_argv()))),
     };
     for r in to_fetch.drain(..) {
         spawn_fetch(r);

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::messages::{
@@ -69,6 +70,8 @@ pub struct Link {
     pub session: watch::Sender<Option<quinn::Connection>>,
     /// Each replica's runtime, for the usage the hub asks for (`HubRequest::Usage`).
     pub runtimes: watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
+    /// How `flotilla exec` reaches this node's containers (None: containers disabled).
+    pub exec: Option<Arc<crate::exec::Target>>,
 }
 
 /// An upgrade order from the hub, for the main loop, which answers through `reply` with the
@@ -331,7 +334,8 @@ impl Link {
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
                         let usage = (self.node_name.clone(), self.runtimes.clone());
-                        tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), usage, s, r));
+                        let exec = self.exec.clone();
+                        tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), usage, exec, s, r));
                     }
                     Err(e) => break e.to_string(),
                 },
@@ -520,6 +524,7 @@ async fn serve_stream(
     logs: LogStore,
     upgrades: mpsc::Sender<UpgradeCall>,
     (node, runtimes): (String, watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>),
+    exec: Option<Arc<crate::exec::Target>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -554,6 +559,10 @@ async fn serve_stream(
             if frame::write(&mut send, &report).await.is_ok() {
                 let _ = send.finish();
             }
+        }
+        HubRequest::Exec(spec) => {
+            let runtimes = runtimes.borrow().clone();
+            crate::exec::serve(exec, &node, &runtimes, spec, send, recv).await;
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::DeleteManifests { .. }
         | ApiRequest::SetScheduling { .. }
         | ApiRequest::RolloutUndo { .. }
+        | ApiRequest::Exec(_)
         | ApiRequest::Scale { .. } => Role::Operator,
         ApiRequest::Delete { kind, .. } => match kind {
             ResourceKind::Node => Role::Admin,
@@ -116,6 +117,11 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         ApiRequest::RenewCredential { .. } => ("renew credential", String::new()),
         ApiRequest::UpgradeAgents { image, .. } => ("upgrade agents", image.clone()),
         ApiRequest::RotateKey => ("rotate cluster key", String::new()),
+        // The program only: arguments may carry what an audit log must not keep.
+        ApiRequest::Exec(spec) => {
+            let program = spec.command.first().map(String::as_str).unwrap_or("");
+            ("exec", format!("{}: {program}", spec.replica))
+        }
         ApiRequest::Get { .. }
         | ApiRequest::Describe { .. }
         | ApiRequest::RolloutStatus { .. }
@@ -299,6 +305,24 @@ mod tests {
 
     fn apply() -> ApiRequest {
         ApiRequest::Apply { source: "kind: Workload".into() }
+    }
+
+    #[test]
+    fn exec_is_an_operators_right_and_audited_without_its_arguments() {
+        let exec = ApiRequest::Exec(proto::messages::ExecSpec {
+            replica: "web-0".into(),
+            command: vec!["sh".into(), "-c".into(), "echo $TOKEN".into()],
+            stdin: true,
+            tty: true,
+            rows: 24,
+            cols: 80,
+        });
+        assert_eq!(
+            denial(Role::Viewer, &exec).as_deref(),
+            Some("the viewer role may not exec: that needs the operator role")
+        );
+        assert_eq!(denial(Role::Operator, &exec), None);
+        assert_eq!(audited(&exec), Some(Audited { action: "exec", target: "web-0: sh".into() }));
     }
 
     #[test]

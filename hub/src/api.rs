@@ -35,9 +35,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection, caller: 
     let caller = Arc::new(caller);
     let leaf = Arc::new(leaf);
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (shared, caller, leaf) = (shared.clone(), caller.clone(), leaf.clone());
+        let (shared, caller, leaf, conn) = (shared.clone(), caller.clone(), leaf.clone(), conn.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(shared, &caller, &leaf, send, recv).await {
+            if let Err(e) = handle(shared, &caller, &leaf, &conn, send, recv).await {
                 debug!(error = %e, "API stream ended with an error");
             }
         });
@@ -45,18 +45,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection, caller: 
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
+pub(crate) enum StreamError {
     #[error(transparent)]
     Frame(#[from] frame::FrameError),
-    #[error("relaying logs: cannot open a stream to the agent: {0}")]
+    #[error("relaying to the agent: cannot open a stream to it: {0}")]
     OpenAgentStream(#[from] quinn::ConnectionError),
-    #[error("relaying logs: {0}")]
+    #[error("relaying to the agent: {0}")]
     Relay(#[from] std::io::Error),
 }
 
 /// Why a replica's log cannot be relayed; sent to the CLI as the stream's error.
 #[derive(Debug, thiserror::Error)]
-enum NoLogSource {
+pub(crate) enum NoLogSource {
     #[error("replica {0:?} not found")]
     NotFound(String),
     #[error("replica {0:?} has no attempt {1}")]
@@ -77,6 +77,7 @@ async fn handle(
     shared: Arc<Shared>,
     caller: &Caller,
     leaf: &LeafFacts,
+    conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
@@ -88,6 +89,17 @@ async fn handle(
             audit(&shared, caller, a, format!("denied: {why}")).await;
         }
         frame::write(&mut send, &ApiResponse::Error { message: format!("user {:?}: {why}", caller.user) }).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
+    if let ApiRequest::Exec(spec) = req {
+        let started = crate::exec::start(&shared, spec, &mut send).await?;
+        if let Some(a) = &audited {
+            audit(&shared, caller, a, started.outcome()).await;
+        }
+        if let crate::exec::Started::Running(agent) = started {
+            crate::exec::relay(conn, &mut send, &mut recv, agent).await;
+        }
         let _ = send.finish();
         return Ok(());
     }
@@ -234,6 +246,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             ApiResponse::Nodes { items }
         }
         ApiRequest::Logs { .. } => ApiResponse::Error { message: "logs are streamed, not answered".into() },
+        ApiRequest::Exec(_) => ApiResponse::Error { message: "exec is streamed, not answered".into() },
         ApiRequest::LogSources { workload, replica, attempt, wait_ms } => {
             let until = std::time::Instant::now() + std::time::Duration::from_millis(wait_ms.min(MAX_LOG_WAIT_MS));
             loop {
@@ -695,31 +708,35 @@ struct LogRequest {
 }
 
 /// Where a log is: the node's connection and, for a Job attempt, its workload.
-struct Located {
-    conn: quinn::Connection,
+pub(crate) struct Located {
+    pub(crate) conn: quinn::Connection,
     workload: Option<String>,
 }
 
 /// Finds the node holding the log `req` names: the replica's (or its running attempt's)
 /// node, or the node an ended Job attempt ran on.
-async fn locate(shared: &Shared, req: &LogRequest) -> Result<Result<Located, NoLogSource>, StoreError> {
-    let live = shared.store.replicas().await?.into_iter().find(|r| r.name == req.replica);
-    let live = live.filter(|r| req.attempt.is_none() || r.attempt == req.attempt);
+pub(crate) async fn locate(
+    shared: &Shared,
+    replica: &str,
+    attempt: Option<u32>,
+) -> Result<Result<Located, NoLogSource>, StoreError> {
+    let live = shared.store.replicas().await?.into_iter().find(|r| r.name == replica);
+    let live = live.filter(|r| attempt.is_none() || r.attempt == attempt);
     if let Some(r) = live {
-        let Some(node) = r.node else { return Ok(Err(NoLogSource::NotPlaced(req.replica.clone()))) };
+        let Some(node) = r.node else { return Ok(Err(NoLogSource::NotPlaced(replica.to_string()))) };
         let workload = r.attempt.map(|_| r.workload);
         return Ok(match shared.connection(&node) {
             Some(conn) => Ok(Located { conn, workload }),
-            None => Err(NoLogSource::NodeNotConnected { node, replica: req.replica.clone() }),
+            None => Err(NoLogSource::NodeNotConnected { node, replica: replica.to_string() }),
         });
     }
-    let Some(n) = req.attempt else { return Ok(Err(NoLogSource::NotFound(req.replica.clone()))) };
-    let Some(a) = shared.store.job_attempt(&req.replica, n).await? else {
-        return Ok(Err(NoLogSource::NoAttempt(req.replica.clone(), n)));
+    let Some(n) = attempt else { return Ok(Err(NoLogSource::NotFound(replica.to_string()))) };
+    let Some(a) = shared.store.job_attempt(replica, n).await? else {
+        return Ok(Err(NoLogSource::NoAttempt(replica.to_string(), n)));
     };
     Ok(match shared.connection(&a.node) {
         Some(conn) => Ok(Located { conn, workload: Some(a.workload) }),
-        None => Err(NoLogSource::RanOnNodeNotConnected { node: a.node, replica: req.replica.clone() }),
+        None => Err(NoLogSource::RanOnNodeNotConnected { node: a.node, replica: replica.to_string() }),
     })
 }
 
@@ -750,7 +767,7 @@ async fn relay_logs(shared: &Shared, send: &mut quinn::SendStream, req: LogReque
     let started = std::time::Instant::now();
     let until = started + std::time::Duration::from_millis(req.wait_ms);
     let located = loop {
-        match locate(shared, &req).await {
+        match locate(shared, &req.replica, req.attempt).await {
             Err(e) => {
                 frame::write(send, &fail(e.to_string())).await?;
                 return Ok(());

@@ -25,6 +25,7 @@ pub(crate) mod cluster;
 pub(crate) mod control;
 pub mod controller;
 mod events;
+mod exec;
 pub mod fsutil;
 pub mod guard;
 mod heartbeats;

@@ -4,6 +4,7 @@
 //! use it and its tests run in milliseconds.
 
 pub mod codec;
+pub mod exec;
 pub mod manifest;
 pub mod messages;
 pub mod objects;

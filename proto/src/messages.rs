@@ -427,6 +427,50 @@ pub enum HubRequest {
     /// demand (`flotilla top`), so an idle fleet sends none. Agents older than it close the
     /// stream.
     Usage,
+    /// Run a command in a container replica (`flotilla exec`): answered with a
+    /// [`StreamStart`], then the stream carries [`crate::exec`] chunks both ways until the
+    /// agent sends the exit code and finishes. Closing the stream kills the command. Agents
+    /// older than it close the stream.
+    Exec(ExecSpec),
+}
+
+/// What `flotilla exec` runs, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSpec {
+    pub replica: String,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Stdin is passed (`-i`); without it the command reads end-of-file.
+    #[serde(default)]
+    pub stdin: bool,
+    /// A terminal (`-t`), `rows` × `cols` to start with; stdout and stderr are then one.
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub rows: u16,
+    #[serde(default)]
+    pub cols: u16,
+}
+
+/// Longest command line `flotilla exec` takes (bytes of every argument together).
+pub const MAX_EXEC_COMMAND_BYTES: usize = 64 * 1024;
+
+impl ExecSpec {
+    /// Refuses what no agent could run: no command, a command too long, a NUL byte.
+    pub fn check(&self) -> Result<(), String> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err("exec needs a command".into());
+        }
+        let bytes: usize = self.command.iter().map(|a| a.len() + 1).sum();
+        if bytes > MAX_EXEC_COMMAND_BYTES {
+            return Err(format!("the command is {bytes} bytes; at most {MAX_EXEC_COMMAND_BYTES}"));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err("the command contains a NUL byte".into());
+        }
+        Ok(())
+    }
 }
 
 /// CPU and memory in use, measured by the agent over a short window.
@@ -581,6 +625,9 @@ pub enum ApiRequest {
         #[serde(default)]
         wait_ms: u64,
     },
+    /// Runs a command in a container replica through its node's link; answered with
+    /// [`StreamStart`], then [`crate::exec`] chunks both ways (see [`HubRequest::Exec`]).
+    Exec(ExecSpec),
     /// Which logs `flotilla logs` reads for a workload: its replicas, or for a Job each
     /// index's latest attempt (or attempt `attempt`), finished ones included. With `wait_ms`,
     /// a workload with nothing to read yet is waited for that long. Answered with

@@ -21,6 +21,8 @@ pub enum FrameError {
     Truncated { part: &'static str, got: usize, expected: usize },
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Chunk(#[from] proto::exec::ChunkError),
 }
 
 /// Writes one frame.
@@ -65,4 +67,28 @@ pub async fn read_within<T: DeserializeOwned>(
         }
     }
     Ok(Some(codec::decode(&body)?))
+}
+
+/// Reads one chunk of an exec stream ([`proto::exec`]): its kind and body. Ok(None) on a
+/// clean end of stream between chunks. Not cancel-safe, like [`read_within`].
+pub async fn read_chunk(recv: &mut quinn::RecvStream) -> Result<Option<(u8, Vec<u8>)>, FrameError> {
+    use proto::exec::CHUNK_HEADER;
+    let mut header = [0u8; CHUNK_HEADER];
+    let mut filled = 0;
+    while filled < CHUNK_HEADER {
+        match recv.read(&mut header[filled..]).await? {
+            Some(n) => filled += n,
+            None if filled == 0 => return Ok(None),
+            None => return Err(FrameError::Truncated { part: "chunk header", got: filled, expected: CHUNK_HEADER }),
+        }
+    }
+    let (kind, len) = proto::exec::parse_header(header)?;
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(FrameError::Truncated { part: "chunk body", got: body.len(), expected: len }),
+        }
+    }
+    Ok(Some((kind, body)))
 }

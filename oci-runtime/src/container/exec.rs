@@ -102,6 +102,13 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Bytes kept of stdout and of stderr each; the rest is read and dropped.
     pub output_limit: usize,
+    /// The command reads the caller's stdin and writes to the caller's stdout and stderr
+    /// itself; nothing is collected (the outcome's output is empty). `flotilla exec` runs
+    /// this way, its agent holding the other ends (pipes or a terminal).
+    pub interactive: bool,
+    /// With `interactive`: the caller's stdin is a terminal, which the command gets as the
+    /// controlling terminal of a session of its own (^C, job control, window size changes).
+    pub tty: bool,
 }
 
 /// How the command ended.
@@ -172,6 +179,11 @@ struct Prepared<'a> {
     /// cgroup files the helper writes `0` into to join the container's cgroups.
     attach: Vec<OwnedFd>,
     deadline: Option<Instant>,
+    tty: bool,
+    /// Read end of a pipe whose only writer is the caller: when the caller dies (even by
+    /// SIGKILL) it reads end-of-file and the supervisor kills the command and all it started,
+    /// so an abandoned `exec` leaves nothing running in the container.
+    lifeline: Option<OwnedFd>,
 }
 
 /// Runs `req` inside the running container `id` whose state lives under `root` (the
@@ -248,8 +260,10 @@ pub fn exec(root: &Path, id: &str, req: &ExecRequest) -> Result<ExecOutcome, Exe
         user_ns,
         attach,
         deadline: Instant::now().checked_add(req.timeout),
+        tty: req.interactive && req.tty,
+        lifeline: None,
     };
-    run(id, prepared, req.output_limit)
+    run(id, prepared, req.output_limit, req.interactive)
 }
 
 /// The container process's environment with `extra` added; a key in `extra` replaces the
@@ -329,9 +343,9 @@ impl Drop for Reaped {
     }
 }
 
-/// One of the caller's pipes and what has been read from it.
+/// One of the caller's pipes (none: not collected) and what has been read from it.
 struct Stream {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     buf: Vec<u8>,
     limit: usize,
     truncated: bool,
@@ -339,8 +353,8 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(fd: OwnedFd, limit: usize) -> Stream {
-        Stream { fd, buf: Vec::new(), limit, truncated: false, open: true }
+    fn new(fd: Option<OwnedFd>, limit: usize) -> Stream {
+        Stream { open: fd.is_some(), fd, buf: Vec::new(), limit, truncated: false }
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -358,21 +372,31 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
 
 /// The caller's side: fork the helper, learn the supervisor's pid from it, collect output
 /// and reports until every writer is gone, reap both.
-fn run(id: &str, p: Prepared<'_>, output_limit: usize) -> Result<ExecOutcome, ExecError> {
-    let null = super::shim::dev_null().map_err(io_err("open", Path::new("/dev/null")))?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
+fn run(id: &str, mut p: Prepared<'_>, output_limit: usize, interactive: bool) -> Result<ExecOutcome, ExecError> {
+    let (stdio, out_r, err_r) = if interactive {
+        let dup =
+            |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(io_err("duplicate", Path::new("stdio")));
+        ([dup(io::stdin().as_fd())?, dup(io::stdout().as_fd())?, dup(io::stderr().as_fd())?], None, None)
+    } else {
+        let null = super::shim::dev_null().map_err(io_err("open", Path::new("/dev/null")))?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        ([null, out_w, err_w], Some(out_r), Some(err_r))
+    };
     let (rep_r, rep_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
+    let (life_r, life_w) = pipe()?;
+    p.lifeline = Some(life_r);
     let helper = match sys::clone_process(0).map_err(io_err("fork the exec helper for", Path::new(id)))? {
         Forked::Child => {
-            drop((out_r, err_r, rep_r, pid_r));
-            helper_main(p, [null, out_w, err_w], rep_w, pid_w)
+            drop((out_r, err_r, rep_r, pid_r, life_w));
+            helper_main(p, stdio, rep_w, pid_w)
         }
         Forked::Parent(pid) => pid,
     };
-    drop((null, out_w, err_w, rep_w, pid_w));
+    drop((stdio, rep_w, pid_w));
     let (deadline, program) = (p.deadline, p.program.clone());
+    // Closes this side's read end of the lifeline; the write end stays open until return.
     drop(p);
     let mut helper = Reaped { pid: Pid::from_raw(helper), group: false, done: false };
     let mut pid_bytes = Vec::with_capacity(4);
@@ -382,7 +406,7 @@ fn run(id: &str, p: Prepared<'_>, output_limit: usize) -> Result<ExecOutcome, Ex
     let mut supervisor = supervisor.map(|pid| Reaped { pid: Pid::from_raw(pid), group: true, done: false });
 
     let mut streams =
-        [Stream::new(out_r, output_limit), Stream::new(err_r, output_limit), Stream::new(rep_r, 64 * 1024)];
+        [Stream::new(out_r, output_limit), Stream::new(err_r, output_limit), Stream::new(Some(rep_r), 64 * 1024)];
     // The supervisor enforces the deadline itself; this is the backstop should it not.
     let mut stop_at = deadline.and_then(|d| d.checked_add(KILL_GRACE));
     let mut killed = false;
@@ -392,8 +416,9 @@ fn run(id: &str, p: Prepared<'_>, output_limit: usize) -> Result<ExecOutcome, Ex
         {
             let mut fds = Vec::with_capacity(3);
             let mut which = Vec::with_capacity(3);
-            for (i, s) in streams.iter().enumerate().filter(|(_, s)| s.open) {
-                fds.push(PollFd::new(s.fd.as_fd(), PollFlags::POLLIN));
+            for (i, fd) in streams.iter().enumerate().filter_map(|(i, s)| Some((i, s.fd.as_ref().filter(|_| s.open)?)))
+            {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                 which.push(i);
             }
             match poll(&mut fds, poll_timeout(stop_at)) {
@@ -415,7 +440,8 @@ fn run(id: &str, p: Prepared<'_>, output_limit: usize) -> Result<ExecOutcome, Ex
             }
         }
         for (s, _) in streams.iter_mut().zip(ready).filter(|(_, r)| *r) {
-            match nix::unistd::read(&s.fd, &mut chunk) {
+            let Some(fd) = &s.fd else { continue };
+            match nix::unistd::read(fd, &mut chunk) {
                 Ok(0) => s.open = false,
                 Ok(n) => s.push(&chunk[..n]),
                 Err(nix::Error::EINTR) | Err(nix::Error::EAGAIN) => {}
@@ -664,7 +690,7 @@ fn supervise(p: &Prepared<'_>, report: &mut fs::File) -> Result<Report, Report> 
         Forked::Child => command_main(&path, p, report),
         Forked::Parent(pid) => Pid::from_raw(pid),
     };
-    Ok(wait_and_clear(child, &sfd, p.deadline))
+    Ok(wait_and_clear(child, &sfd, p.deadline, p.lifeline.as_ref()))
 }
 
 /// The container process's oom score, then the privilege drop init does too
@@ -715,6 +741,16 @@ fn resolve_program(program: &str, search: &str) -> Result<PathBuf, Report> {
 fn command_main(path: &CString, p: &Prepared<'_>, report: &mut fs::File) -> ! {
     sys::reset_signals();
     let _ = sys::cloexec_from(3);
+    if p.tty {
+        // A session of its own whose controlling terminal is stdin: the line discipline's
+        // ^C and window size changes reach the command's foreground process group.
+        let made =
+            nix::unistd::setsid().map_err(io::Error::from).and_then(|_| sys::set_controlling_terminal(&io::stdin()));
+        if let Err(e) = made {
+            send(report, &Report::Setup(format!("making the terminal the command's controlling terminal: {e}")));
+            sys::exit_now(125)
+        }
+    }
     let err = nix::unistd::execve(path, &p.args, &p.env).err();
     let text = format!("{}: {}", path.to_string_lossy(), err.map(|e| e.desc()).unwrap_or("exec returned"));
     if err == Some(nix::Error::ENOENT) {
@@ -733,9 +769,9 @@ fn status_of(w: WaitStatus) -> Option<(Pid, ExecStatus)> {
     }
 }
 
-/// Waits for the command until the deadline (killing it then), kills and reaps everything it
-/// left, and returns the `Done` report.
-fn wait_and_clear(child: Pid, sfd: &SignalFd, deadline: Option<Instant>) -> Report {
+/// Waits for the command until the deadline or until the caller is gone (killing it then),
+/// kills and reaps everything it left, and returns the `Done` report.
+fn wait_and_clear(child: Pid, sfd: &SignalFd, deadline: Option<Instant>, lifeline: Option<&OwnedFd>) -> Report {
     let mut status = None;
     let mut timed_out = false;
     let wait_signal = |until: Option<Instant>| {
@@ -743,6 +779,16 @@ fn wait_and_clear(child: Pid, sfd: &SignalFd, deadline: Option<Instant>) -> Repo
         let n = poll(&mut fds, poll_timeout(until));
         while let Ok(Some(_)) = sfd.read_signal() {}
         n
+    };
+    // Like `wait_signal`, but also wakes when the caller has gone: Ok(None).
+    let wait_signal_or_caller = |until: Option<Instant>| -> nix::Result<Option<i32>> {
+        let Some(life) = lifeline else { return wait_signal(until).map(Some) };
+        let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN), PollFd::new(life.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, poll_timeout(until))?;
+        while let Ok(Some(_)) = sfd.read_signal() {}
+        // The pipe is never written: readable or hung up means its writer is gone.
+        let gone = fds[1].revents().is_some_and(|r| !r.is_empty());
+        Ok(if gone { None } else { Some(n) })
     };
     'command: while status.is_none() {
         loop {
@@ -760,9 +806,14 @@ fn wait_and_clear(child: Pid, sfd: &SignalFd, deadline: Option<Instant>) -> Repo
                 Err(_) => break,
             }
         }
-        if let Ok(0) = wait_signal(deadline) {
-            timed_out = true;
-            break;
+        match wait_signal_or_caller(deadline) {
+            Ok(Some(0)) => {
+                timed_out = true;
+                break;
+            }
+            // Nobody waits for the outcome any more: clear everything up now.
+            Ok(None) => break,
+            _ => {}
         }
     }
     // Whatever is left: the command itself after a timeout, and all it started.
@@ -891,7 +942,7 @@ mod tests {
     #[test]
     fn output_is_cut_at_the_limit() {
         let (r, _w) = pipe().unwrap();
-        let mut s = Stream::new(r, 5);
+        let mut s = Stream::new(Some(r), 5);
         s.push(b"abc");
         assert!(!s.truncated);
         s.push(b"defg");

@@ -14,6 +14,7 @@
 //! - [`seccomp`]: OCI seccomp to classic BPF, and the default profile.
 //! - [`shim`]: the supervisor process and the agent's handle on it.
 //! - [`overlay`]: overlayfs rootfs mount helpers.
+//! - [`tty`]: pseudo-terminals, window sizes and raw mode for `exec -t`.
 
 pub mod cgroup;
 pub mod exec;
@@ -26,6 +27,7 @@ pub mod shim;
 pub mod spec;
 mod sys;
 mod syscalls;
+pub mod tty;
 
 pub use cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager, CgroupVersion, Resources};
 pub use exec::{ExecError, ExecOutcome, ExecRequest, ExecStatus, exec};

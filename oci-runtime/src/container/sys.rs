@@ -1,7 +1,8 @@
 //! The container executor's raw system calls: the few operations neither `std` nor `nix`
 //! offers safely (a fork-like `clone` with namespace flags, capability sets, ambient and
 //! bounding capabilities, seccomp filter installation, signal disposition reset, bringing up
-//! loopback, marking descriptors close-on-exec, recursive read-only mounts). This is the only
+//! loopback, marking descriptors close-on-exec, recursive read-only mounts, a terminal's
+//! controlling session and window size). This is the only
 //! file of the executor with `unsafe`; every block says why it is sound. It owns no state and
 //! must never be called from a process with more than one thread where it says so.
 
@@ -187,6 +188,45 @@ pub(crate) fn cloexec_from(first: u32) -> io::Result<()> {
     let ret =
         unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_uint) };
     if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Makes the terminal open on `fd` the calling process's controlling terminal. The caller
+/// must lead a session without one (just after `setsid`).
+pub(crate) fn set_controlling_terminal(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the terminal from another
+    // session), no pointer.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0 as libc::c_int) };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The window size (rows, columns) of the terminal open on `fd`.
+pub(crate) fn window_size(fd: &impl AsRawFd) -> io::Result<(u16, u16)> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points at a live,
+    // properly aligned `winsize` on this stack frame.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok((ws.ws_row, ws.ws_col)) }
+}
+
+/// Sets the window size of the terminal open on `fd` (its foreground process group gets
+/// SIGWINCH).
+pub(crate) fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which points at a live,
+    // properly aligned `winsize` on this stack frame.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Registers `fd` with tokio's reactor (made non-blocking first), for async I/O on
+/// descriptors tokio has no type for (a pseudo-terminal master).
+pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+    fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and names the same
+    // file description until the AsyncFd drops it; OwnedFd::as_raw_fd always returns it.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 /// Sets IFF_UP on the loopback interface of the current network namespace.
