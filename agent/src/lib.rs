@@ -35,6 +35,7 @@ pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod upgrade;
+pub mod wasm_usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -406,6 +407,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let mut wasm = WasmRuntime::new(host, registry, images, volumes.clone(), sockets.clone());
     wasm.min_free_disk = config.min_free_disk_bytes;
+    let wasm_usage = wasm.usage.clone();
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.
@@ -475,6 +477,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 runtimes: runtimes_rx.clone(),
                 connected: connected_rx,
                 node: config.name.clone(),
+                wasm: wasm_usage.clone(),
             });
             let render: transport::metrics::Render = Arc::new(move || {
                 let m = m.clone();
@@ -532,6 +535,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         upgrades: upgrade_tx,
         session: session_tx,
         runtimes: runtimes_rx.clone(),
+        wasm_usage,
     };
     for r in to_fetch.drain(..) {
         spawn_fetch(r);

@@ -69,6 +69,8 @@ pub struct Link {
     pub session: watch::Sender<Option<quinn::Connection>>,
     /// Each replica's runtime, for the usage the hub asks for (`HubRequest::Usage`).
     pub runtimes: watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
+    /// What the Wasm replicas use, for the same.
+    pub wasm_usage: crate::wasm_usage::WasmUsage,
 }
 
 /// An upgrade order from the hub, for the main loop, which answers through `reply` with the
@@ -330,7 +332,7 @@ impl Link {
                 }
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
-                        let usage = (self.node_name.clone(), self.runtimes.clone());
+                        let usage = (self.node_name.clone(), self.runtimes.clone(), self.wasm_usage.clone());
                         tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), usage, s, r));
                     }
                     Err(e) => break e.to_string(),
@@ -519,7 +521,11 @@ enum SessionError {
 async fn serve_stream(
     logs: LogStore,
     upgrades: mpsc::Sender<UpgradeCall>,
-    (node, runtimes): (String, watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>),
+    (node, runtimes, wasm): (
+        String,
+        watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
+        crate::wasm_usage::WasmUsage,
+    ),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -550,7 +556,7 @@ async fn serve_stream(
         }
         HubRequest::Usage => {
             let runtimes = runtimes.borrow().clone();
-            let report = crate::metrics::measure(&node, &runtimes).await;
+            let report = crate::metrics::measure(&node, &runtimes, &wasm).await;
             if frame::write(&mut send, &report).await.is_ok() {
                 let _ = send.finish();
             }
