@@ -403,8 +403,8 @@ enum Command {
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: output::Format,
     },
-    /// What nodes and their containers use now: CPU over half a second, memory (nodes
-    /// connected to the hub the CLI talks to; Wasm replicas are not measured yet).
+    /// What nodes and their replicas (containers and Wasm) use now: CPU over half a second,
+    /// memory (nodes connected to the hub the CLI talks to).
     Top {
         /// nodes or replicas.
         kind: String,
