@@ -979,6 +979,18 @@ async fn a_sleeping_guest_uses_next_to_no_cpu_and_grown_memory_counts() {
     let (cpu, memory, wall) = usage_after(&host, &program, Duration::from_secs(1)).await;
     assert!(cpu < Duration::from_millis(50), "cpu {cpu:?} over {wall:?} of sleep");
     assert_eq!(memory, 7 * WASM_PAGE_SIZE);
+
+    // The same on the pooling allocator (what the agent uses on nodes with 4 GiB or more),
+    // whose memory slots are reserved up front: only what the guest has is counted.
+    let pooled = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        pooling: Some(PoolingConfig { total_instances: 2, total_memory_bytes: 16 << 20, memory_guard_bytes: 0 }),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let program = pooled.load_bytes(&grown_sleeper).unwrap();
+    let (_, memory, _) = usage_after(&pooled, &program, Duration::from_millis(300)).await;
+    assert_eq!(memory, 7 * WASM_PAGE_SIZE);
 }
 
 #[tokio::test]

@@ -332,6 +332,7 @@ async fn usage_counts_each_handlers_cpu_and_the_memory_of_live_instances_only() 
     assert_eq!(usage.memory_bytes(), 0, "no request, no instance");
 
     let addr = running.addr;
+    let started = Instant::now();
     let spin = tokio::spawn(async move { get(addr, "/spin").await });
     // While the spinner runs, its instance's linear memory is held.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -342,9 +343,12 @@ async fn usage_counts_each_handlers_cpu_and_the_memory_of_live_instances_only() 
     assert_eq!(usage.memory_bytes() % flotilla_wasm_runtime::WASM_PAGE_SIZE, 0);
     let (status, _) = tokio::time::timeout(Duration::from_secs(10), spin).await.unwrap().unwrap();
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    // It spun through its 500 ms budget (counted in epoch ticks, so up to a tick or two more).
+    let wall = started.elapsed();
+    // It spun until its 500 ms budget ran out. The budget counts epoch ticks while it runs,
+    // wall time on its thread, so on a machine busy with other tests the guest got less CPU
+    // than that; it cannot have had more than the request's wall time.
     let cpu = usage.cpu_time();
-    assert!(cpu >= Duration::from_millis(400) && cpu < Duration::from_millis(1500), "{cpu:?}");
+    assert!(cpu >= Duration::from_millis(100) && cpu <= wall, "{cpu:?} of CPU in {wall:?}");
     // Quick requests add a little; a finished request's instance holds nothing.
     assert_eq!(get(running.addr, "/").await, (StatusCode::OK, "ok\n".to_string()));
     assert!(usage.cpu_time() > cpu);
