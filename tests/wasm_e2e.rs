@@ -591,9 +591,9 @@ fn events_show_a_crash_loop_a_rollout_and_a_node_leaving_and_returning_in_order_
     assert!(text.starts_with("TIME") && text.contains("workload/web") && text.contains("Rollout"), "{text}");
 }
 
-/// `flotilla top replicas` measures Wasm replicas too, though they share the agent's process:
-/// a guest spinning on one core shows about one CPU and its linear memory, a sleeping one next
-/// to no CPU.
+/// `flotilla top replicas` and the agent's metrics measure Wasm replicas too, though they
+/// share the agent's process: a guest spinning on one core shows about one CPU and its linear
+/// memory, a sleeping one next to no CPU.
 #[test]
 fn top_shows_a_spinning_wasm_replica_near_one_cpu_and_a_sleeping_one_near_none() {
     let Some(reg) = TestRegistry::start() else { return };
@@ -623,7 +623,8 @@ fn top_shows_a_spinning_wasm_replica_near_one_cpu_and_a_sleeping_one_near_none()
                 (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#),
     );
     let mut c = Cluster::start();
-    c.add_agent("edge-1", &[]);
+    let metrics_port = cluster::free_tcp_port();
+    c.add_agent("edge-1", &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
     c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
     apply(&c, &[workload("spin", &spin, ""), workload("sleep", &sleep, "")]);
     c.wait_for("both Running", WAIT, || {
@@ -652,4 +653,19 @@ fn top_shows_a_spinning_wasm_replica_near_one_cpu_and_a_sleeping_one_near_none()
     let row = table.lines().find(|l| l.starts_with("spin-0")).unwrap_or_else(|| panic!("{table}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!((cols[1], cols[2]), ("edge-1", "wasm"), "{table}");
+
+    // The agent's Prometheus series: the spinner's CPU counter grows, memory is its pages.
+    let scrape = || http_get(metrics_port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let cpu = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("flotilla_agent_wasm_cpu_seconds_total{replica=\"spin-0\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let first = scrape();
+    assert!(first.contains("flotilla_agent_wasm_memory_bytes{replica=\"spin-0\"} 262144"), "{first}");
+    assert!(first.contains("flotilla_agent_wasm_memory_bytes{replica=\"sleep-0\"} 131072"), "{first}");
+    let before = cpu(&first).unwrap_or_else(|| panic!("no CPU series for spin-0: {first}"));
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = cpu(&scrape()).unwrap() - before;
+    assert!((0.5..=1.3).contains(&grown), "spin-0 used {grown} s of CPU in about 1 s");
 }
