@@ -420,8 +420,8 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// What nodes and their containers use now: CPU over half a second, memory (nodes
-    /// connected to the hub the CLI talks to; Wasm replicas are not measured yet).
+    /// What nodes and their replicas (containers and Wasm) use now: CPU over half a second,
+    /// memory (nodes connected to the hub the CLI talks to).
     Top {
         /// nodes or replicas.
         kind: String,

@@ -305,15 +305,19 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
 }
 
 /// `flotilla top nodes` (or `replicas`, with `replicas`) as a table: CPU in thousandths of a
-/// core (`250m`), memory in MiB.
+/// core (`250m`), memory in MiB. A container's memory is its cgroup's, a Wasm replica's the
+/// linear memory of its instances.
 pub fn top(nodes: &[proto::messages::NodeUsageView], replicas: bool) -> String {
     let mib = |b: u64| format!("{}Mi", b >> 20);
     let mut rows: Vec<Vec<String>> = Vec::new();
     if replicas {
-        rows.push(["NAME", "NODE", "CPU", "MEMORY"].map(String::from).to_vec());
+        rows.push(["NAME", "NODE", "RUNTIME", "CPU", "MEMORY"].map(String::from).to_vec());
         for n in nodes {
             for (name, u) in n.report.iter().flat_map(|r| &r.replicas) {
-                rows.push(vec![name.clone(), n.node.clone(), format!("{}m", u.cpu_millis), mib(u.memory_bytes)]);
+                // An agent that predates the field measured containers only.
+                let runtime = u.runtime.unwrap_or(proto::manifest::Runtime::Container).to_string();
+                let (cpu, memory) = (format!("{}m", u.cpu_millis), mib(u.memory_bytes));
+                rows.push(vec![name.clone(), n.node.clone(), runtime, cpu, memory]);
             }
         }
         rows[1..].sort();
@@ -337,6 +341,34 @@ pub fn top(nodes: &[proto::messages::NodeUsageView], replicas: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::rfc3339;
+
+    #[test]
+    fn top_replicas_shows_each_replicas_runtime() {
+        use proto::manifest::Runtime;
+        use proto::messages::{NodeUsageView, Usage, UsageReport};
+        let usage = |cpu_millis, mib: u64, runtime| Usage { cpu_millis, memory_bytes: mib << 20, runtime };
+        let report = UsageReport {
+            replicas: [
+                ("spin-0".to_string(), usage(987, 3, Some(Runtime::Wasm))),
+                ("db-0".to_string(), usage(120, 64, Some(Runtime::Container))),
+                ("old-0".to_string(), usage(5, 1, None)),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let table = super::top(&[NodeUsageView { node: "n1".into(), report: Some(report) }], true);
+        let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["NAME", "NODE", "RUNTIME", "CPU", "MEMORY"],
+                vec!["db-0", "n1", "container", "120m", "64Mi"],
+                vec!["old-0", "n1", "container", "5m", "1Mi"],
+                vec!["spin-0", "n1", "wasm", "987m", "3Mi"],
+            ],
+            "{table}"
+        );
+    }
 
     #[test]
     fn timestamps_print_as_utc() {

@@ -590,3 +590,82 @@ fn events_show_a_crash_loop_a_rollout_and_a_node_leaving_and_returning_in_order_
     let text = c.ok(&["events", "--for", "workload/web"]);
     assert!(text.starts_with("TIME") && text.contains("workload/web") && text.contains("Rollout"), "{text}");
 }
+
+/// `flotilla top replicas` and the agent's metrics measure Wasm replicas too, though they
+/// share the agent's process: a guest spinning on one core shows about one CPU and its linear
+/// memory, a sleeping one next to no CPU.
+#[test]
+fn top_shows_a_spinning_wasm_replica_near_one_cpu_and_a_sleeping_one_near_none() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let wat = |w: &str| wat::parse_str(w).unwrap();
+    let spin = push_bytes(
+        &reg,
+        dir.path(),
+        "spin:top",
+        &wat(r#"(module (memory (export "memory") 4) (func (export "_start") (loop $l (br $l))))"#),
+    );
+    // Sleeps for an hour (poll_oneoff on a relative monotonic clock).
+    let sleep = push_bytes(
+        &reg,
+        dir.path(),
+        "sleep:top",
+        &wat(r#"(module
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 2)
+            (func (export "_start")
+                (i64.store (i32.const 0) (i64.const 7))
+                (i32.store8 (i32.const 8) (i32.const 0))
+                (i32.store (i32.const 16) (i32.const 1))
+                (i64.store (i32.const 24) (i64.const 3600000000000))
+                (i64.store (i32.const 32) (i64.const 0))
+                (i32.store16 (i32.const 40) (i32.const 0))
+                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#),
+    );
+    let mut c = Cluster::start();
+    let metrics_port = cluster::free_tcp_port();
+    c.add_agent("edge-1", &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    apply(&c, &[workload("spin", &spin, ""), workload("sleep", &sleep, "")]);
+    c.wait_for("both Running", WAIT, || {
+        phase_is(&c, "spin-0", Phase::Running) && phase_is(&c, "sleep-0", Phase::Running)
+    });
+
+    let usage = |c: &Cluster| {
+        let top: Vec<proto::messages::NodeUsageView> =
+            serde_json::from_str(&c.ok(&["top", "replicas", "-o", "json"])).expect("top as JSON");
+        top.into_iter().find_map(|n| n.report).map(|r| r.replicas).unwrap_or_default()
+    };
+    // One core's worth over the agent's 500 ms window; allowed a few tries, as the machine
+    // running the tests may be busy with more than this guest.
+    let mut last = Default::default();
+    let near_one_cpu = cluster::time_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        last = usage(&c);
+        last.get("spin-0").is_some_and(|u| (500..=1200).contains(&u.cpu_millis))
+    });
+    assert!(near_one_cpu.is_some(), "spin-0 never measured near one CPU: {last:?}");
+    let (spin, sleep) = (last["spin-0"], last["sleep-0"]);
+    let wasm = Some(proto::manifest::Runtime::Wasm);
+    assert_eq!((spin.memory_bytes, spin.runtime), (4 << 16, wasm), "{last:?}");
+    assert!(sleep.cpu_millis < 50, "{last:?}");
+    assert_eq!((sleep.memory_bytes, sleep.runtime), (2 << 16, wasm), "{last:?}");
+    let table = c.ok(&["top", "replicas"]);
+    let row = table.lines().find(|l| l.starts_with("spin-0")).unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cols[1], cols[2]), ("edge-1", "wasm"), "{table}");
+
+    // The agent's Prometheus series: the spinner's CPU counter grows, memory is its pages.
+    let scrape = || http_get(metrics_port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let cpu = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("flotilla_agent_wasm_cpu_seconds_total{replica=\"spin-0\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let first = scrape();
+    assert!(first.contains("flotilla_agent_wasm_memory_bytes{replica=\"spin-0\"} 262144"), "{first}");
+    assert!(first.contains("flotilla_agent_wasm_memory_bytes{replica=\"sleep-0\"} 131072"), "{first}");
+    let before = cpu(&first).unwrap_or_else(|| panic!("no CPU series for spin-0: {first}"));
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = cpu(&scrape()).unwrap() - before;
+    assert!((0.5..=1.3).contains(&grown), "spin-0 used {grown} s of CPU in about 1 s");
+}

@@ -36,6 +36,7 @@ pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod upgrade;
+pub mod wasm_usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -407,6 +408,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let mut wasm = WasmRuntime::new(host, registry, images, volumes.clone(), sockets.clone());
     wasm.min_free_disk = config.min_free_disk_bytes;
+    let wasm_usage = wasm.usage.clone();
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.
@@ -476,6 +478,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 runtimes: runtimes_rx.clone(),
                 connected: connected_rx,
                 node: config.name.clone(),
+                wasm: wasm_usage.clone(),
             });
             let render: transport::metrics::Render = Arc::new(move || {
                 let m = m.clone();
@@ -534,6 +537,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         session: session_tx,
         runtimes: runtimes_rx.clone(),
         exec: containers_rt.as_ref().map(|rt| Arc::new(exec::Target::new(rt.oci_argv()))),
+        wasm_usage,
     };
     for r in to_fetch.drain(..) {
         spawn_fetch(r);

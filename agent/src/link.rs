@@ -72,6 +72,8 @@ pub struct Link {
     pub runtimes: watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
     /// How `flotilla exec` reaches this node's containers (None: containers disabled).
     pub exec: Option<Arc<crate::exec::Target>>,
+    /// What the Wasm replicas use, for the same.
+    pub wasm_usage: crate::wasm_usage::WasmUsage,
 }
 
 /// An upgrade order from the hub, for the main loop, which answers through `reply` with the
@@ -333,7 +335,7 @@ impl Link {
                 }
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
-                        let usage = (self.node_name.clone(), self.runtimes.clone());
+                        let usage = (self.node_name.clone(), self.runtimes.clone(), self.wasm_usage.clone());
                         let exec = self.exec.clone();
                         tokio::spawn(serve_stream(self.logs.clone(), self.upgrades.clone(), usage, exec, s, r));
                     }
@@ -523,7 +525,11 @@ enum SessionError {
 async fn serve_stream(
     logs: LogStore,
     upgrades: mpsc::Sender<UpgradeCall>,
-    (node, runtimes): (String, watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>),
+    (node, runtimes, wasm): (
+        String,
+        watch::Receiver<std::collections::HashMap<String, proto::manifest::Runtime>>,
+        crate::wasm_usage::WasmUsage,
+    ),
     exec: Option<Arc<crate::exec::Target>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -555,7 +561,7 @@ async fn serve_stream(
         }
         HubRequest::Usage => {
             let runtimes = runtimes.borrow().clone();
-            let report = crate::metrics::measure(&node, &runtimes).await;
+            let report = crate::metrics::measure(&node, &runtimes, &wasm).await;
             if frame::write(&mut send, &report).await.is_ok() {
                 let _ = send.finish();
             }

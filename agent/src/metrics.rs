@@ -1,7 +1,10 @@
 //! The agent's Prometheus metrics (`agent --metrics-listen ADDR`, `GET /metrics`; off by
-//! default). Read at scrape time from what the event loop publishes (replica statuses and
-//! runtimes, the link's state) and from the containers' cgroups; nothing is computed unless
-//! something scrapes. Per-replica series exist only while the replica is on the node.
+//! default), and the usage report of `flotilla top` ([`measure`]). Read at scrape time from
+//! what the event loop publishes (replica statuses and runtimes, the link's state), from the
+//! containers' cgroups and from what the Wasm runtime counts for each Wasm replica
+//! ([`crate::wasm_usage`]: CPU time spent running its guest code, linear memory of its live
+//! instances); nothing is computed unless something scrapes. Per-replica series exist only
+//! while the replica is on the node (a Wasm replica's, while it runs).
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -11,6 +14,8 @@
 //! | `flotilla_agent_hub_connects_total` | counter | (sessions made with the hub) |
 //! | `flotilla_agent_container_cpu_seconds_total` | counter | `replica` (cgroup CPU time) |
 //! | `flotilla_agent_container_memory_bytes` | gauge | `replica` (cgroup memory in use) |
+//! | `flotilla_agent_wasm_cpu_seconds_total` | counter | `replica` (CPU time running its guests) |
+//! | `flotilla_agent_wasm_memory_bytes` | gauge | `replica` (linear memory of its instances) |
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,6 +30,8 @@ use prometheus_client::registry::Registry;
 use proto::manifest::Runtime;
 use proto::messages::ReplicaStatus;
 use tokio::sync::watch;
+
+use crate::wasm_usage::WasmUsage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
@@ -44,6 +51,8 @@ pub struct Sources {
     pub connected: watch::Receiver<bool>,
     /// The node's name: its containers' cgroups are `flotilla/<node>/<replica>`.
     pub node: String,
+    /// What the Wasm replicas use.
+    pub wasm: WasmUsage,
 }
 
 pub struct AgentMetrics {
@@ -54,10 +63,20 @@ pub struct AgentMetrics {
     connects: Counter,
     cpu: Family<ReplicaLabel, Counter<f64, AtomicU64>>,
     memory: Family<ReplicaLabel, Gauge>,
+    wasm_cpu: Family<ReplicaLabel, Counter<f64, AtomicU64>>,
+    wasm_memory: Family<ReplicaLabel, Gauge>,
     sources: Sources,
     /// Values last exported per counter, so each grows by the difference (a smaller value
     /// means the replica or its container started over: a new series).
-    seen: Mutex<(HashMap<String, u64>, HashMap<String, f64>)>,
+    seen: Mutex<Seen>,
+}
+
+/// Per counter, the value last exported for each replica.
+#[derive(Default)]
+struct Seen {
+    restarts: HashMap<String, u64>,
+    cpu: HashMap<String, f64>,
+    wasm_cpu: HashMap<String, f64>,
 }
 
 impl AgentMetrics {
@@ -71,8 +90,10 @@ impl AgentMetrics {
             connects: Counter::default(),
             cpu: Family::default(),
             memory: Family::default(),
+            wasm_cpu: Family::default(),
+            wasm_memory: Family::default(),
             sources,
-            seen: Mutex::new((HashMap::new(), HashMap::new())),
+            seen: Mutex::new(Seen::default()),
         };
         registry.register("flotilla_agent_replicas", "Replicas on this node by phase and runtime", m.replicas.clone());
         registry.register(
@@ -91,6 +112,16 @@ impl AgentMetrics {
             "flotilla_agent_container_memory_bytes",
             "Memory in use by each container (its cgroup)",
             m.memory.clone(),
+        );
+        registry.register(
+            "flotilla_agent_wasm_cpu_seconds",
+            "CPU time spent running each Wasm replica's guest code",
+            m.wasm_cpu.clone(),
+        );
+        registry.register(
+            "flotilla_agent_wasm_memory_bytes",
+            "Linear memory held by each Wasm replica's live instances",
+            m.wasm_memory.clone(),
         );
         let m = Arc::new(AgentMetrics { registry, ..m });
         // Count sessions as the link comes up.
@@ -111,34 +142,45 @@ impl AgentMetrics {
     pub fn render(&self) -> String {
         let statuses = self.sources.statuses.borrow().clone();
         let runtimes = self.sources.runtimes.borrow().clone();
+        let wasm = self.sources.wasm.sample();
         self.connected.set(i64::from(*self.sources.connected.borrow()));
         self.replicas.clear();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let (seen_restarts, seen_cpu) = &mut *seen;
-        let mut restarts_now = HashMap::new();
-        let mut cpu_now = HashMap::new();
+        let mut now = Seen::default();
         self.memory.clear();
+        self.wasm_memory.clear();
         for (name, st) in &statuses {
             let runtime = runtimes.get(name).map(ToString::to_string).unwrap_or_default();
             self.replicas.get_or_create(&PhaseLabels { phase: format!("{:?}", st.phase), runtime }).inc();
             let label = ReplicaLabel { replica: name.clone() };
-            grow(&self.restarts, &label, seen_restarts.get(name).copied(), u64::from(st.restarts));
-            restarts_now.insert(name.clone(), u64::from(st.restarts));
-            if runtimes.get(name) == Some(&Runtime::Container)
-                && let Some(usage) = cgroup_usage(&self.sources.node, name)
-            {
-                grow_f64(&self.cpu, &label, seen_cpu.get(name).copied(), usage.cpu_seconds);
+            grow(&self.restarts, &label, seen.restarts.get(name).copied(), u64::from(st.restarts));
+            now.restarts.insert(name.clone(), u64::from(st.restarts));
+            let (usage, cpu, memory, seen_cpu, cpu_now) = match runtimes.get(name) {
+                Some(Runtime::Container) => {
+                    (cgroup_usage(&self.sources.node, name), &self.cpu, &self.memory, &seen.cpu, &mut now.cpu)
+                }
+                Some(Runtime::Wasm) => {
+                    (wasm.get(name).copied(), &self.wasm_cpu, &self.wasm_memory, &seen.wasm_cpu, &mut now.wasm_cpu)
+                }
+                None => continue,
+            };
+            if let Some(usage) = usage {
+                grow_f64(cpu, &label, seen_cpu.get(name).copied(), usage.cpu_seconds);
                 cpu_now.insert(name.clone(), usage.cpu_seconds);
-                self.memory.get_or_create(&label).set(usage.memory_bytes as i64);
+                memory.get_or_create(&label).set(i64::try_from(usage.memory_bytes).unwrap_or(i64::MAX));
             }
         }
-        for gone in seen_restarts.keys().filter(|n| !restarts_now.contains_key(*n)) {
+        for (family, before, after) in
+            [(&self.cpu, &seen.cpu, &now.cpu), (&self.wasm_cpu, &seen.wasm_cpu, &now.wasm_cpu)]
+        {
+            for gone in before.keys().filter(|n| !after.contains_key(*n)) {
+                family.remove(&ReplicaLabel { replica: gone.clone() });
+            }
+        }
+        for gone in seen.restarts.keys().filter(|n| !now.restarts.contains_key(*n)) {
             self.restarts.remove(&ReplicaLabel { replica: gone.clone() });
         }
-        for gone in seen_cpu.keys().filter(|n| !cpu_now.contains_key(*n)) {
-            self.cpu.remove(&ReplicaLabel { replica: gone.clone() });
-        }
-        (*seen_restarts, *seen_cpu) = (restarts_now, cpu_now);
+        *seen = now;
         drop(seen);
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -178,7 +220,8 @@ fn grow_f64(
     }
 }
 
-/// A container's CPU time and memory in use, from its cgroup (v1 or v2).
+/// A replica's CPU time so far and memory in use now: a container's from its cgroup (v1 or
+/// v2), a Wasm replica's from [`WasmUsage`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Usage {
     pub cpu_seconds: f64,
@@ -213,15 +256,24 @@ fn usage_under(root: &Path, node: &str, replica: &str) -> Option<Usage> {
 /// How long [`measure`] watches CPU time to turn it into a rate.
 pub const USAGE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// What the node and its containers use now (`flotilla top`): CPU over [`USAGE_WINDOW`],
-/// memory at its end. Wasm replicas are not measured yet.
-pub async fn measure(node: &str, runtimes: &HashMap<String, Runtime>) -> proto::messages::UsageReport {
+/// What the node and its replicas use now (`flotilla top`): CPU over [`USAGE_WINDOW`], memory
+/// at its end. Containers from their cgroups, Wasm replicas from `wasm`.
+pub async fn measure(
+    node: &str,
+    runtimes: &HashMap<String, Runtime>,
+    wasm: &WasmUsage,
+) -> proto::messages::UsageReport {
     let containers: Vec<&String> =
         runtimes.iter().filter(|(_, r)| **r == Runtime::Container).map(|(name, _)| name).collect();
     let sample = || {
         let node_cpu = node_cpu_seconds();
-        let each: HashMap<&String, Usage> =
-            containers.iter().filter_map(|r| Some((*r, cgroup_usage(node, r)?))).collect();
+        let mut each: HashMap<String, (Usage, Runtime)> = containers
+            .iter()
+            .filter_map(|r| Some(((*r).clone(), (cgroup_usage(node, r)?, Runtime::Container))))
+            .collect();
+        // Only replicas still assigned as Wasm: a run of a removed one may be winding down.
+        let listed = wasm.sample().into_iter().filter(|(name, _)| runtimes.get(name) == Some(&Runtime::Wasm));
+        each.extend(listed.map(|(name, usage)| (name, (usage, Runtime::Wasm))));
         (std::time::Instant::now(), node_cpu, each)
     };
     let (t0, node0, each0) = sample();
@@ -231,14 +283,15 @@ pub async fn measure(node: &str, runtimes: &HashMap<String, Runtime>) -> proto::
     let millis = |a: f64, b: f64| ((b - a).max(0.0) / window * 1000.0).round() as u64;
     let (memory_total_bytes, memory_available) = meminfo().unwrap_or((0, 0));
     let replicas = each1
-        .iter()
-        .filter_map(|(name, now)| {
-            let before = each0.get(name)?;
+        .into_iter()
+        .filter_map(|(name, (now, runtime))| {
+            let (before, _) = each0.get(&name)?;
             let usage = proto::messages::Usage {
                 cpu_millis: millis(before.cpu_seconds, now.cpu_seconds),
                 memory_bytes: now.memory_bytes,
+                runtime: Some(runtime),
             };
-            Some(((*name).clone(), usage))
+            Some((name, usage))
         })
         .collect();
     proto::messages::UsageReport {
@@ -248,6 +301,7 @@ pub async fn measure(node: &str, runtimes: &HashMap<String, Runtime>) -> proto::
                 _ => 0,
             },
             memory_bytes: memory_total_bytes.saturating_sub(memory_available),
+            runtime: None,
         },
         memory_total_bytes,
         replicas,
@@ -326,7 +380,8 @@ mod tests {
         let (_rt_tx, runtimes) =
             watch::channel(HashMap::from([("a-0".to_string(), Runtime::Wasm), ("b-0".to_string(), Runtime::Wasm)]));
         let (_c_tx, connected) = watch::channel(true);
-        let m = AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into() });
+        let m =
+            AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into(), wasm: WasmUsage::default() });
         let text = m.render();
         assert!(text.contains("flotilla_agent_replicas{phase=\"Running\",runtime=\"wasm\"} 1"), "{text}");
         assert!(text.contains("flotilla_agent_replica_restarts_total{replica=\"a-0\"} 2"), "{text}");
@@ -336,5 +391,108 @@ mod tests {
         let text = m.render();
         assert!(text.contains("flotilla_agent_replica_restarts_total{replica=\"a-0\"} 5"), "{text}");
         assert!(!text.contains("b-0"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod wasm_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use wasm_runtime::{HostConfig, OutputSink, RunOptions, WasmHost};
+
+    struct Discard;
+    impl OutputSink for Discard {
+        fn write(&self, _: &[u8]) {}
+    }
+
+    /// Sleeps for 60 s (poll_oneoff on a relative monotonic clock) in `pages` pages of memory.
+    fn sleeper(pages: u32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") {pages})
+                (func (export "_start")
+                    (i64.store (i32.const 0) (i64.const 7))
+                    (i32.store8 (i32.const 8) (i32.const 0))
+                    (i32.store (i32.const 16) (i32.const 1))
+                    (i64.store (i32.const 24) (i64.const 60000000000))
+                    (i64.store (i32.const 32) (i64.const 0))
+                    (i32.store16 (i32.const 40) (i32.const 0))
+                    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#
+        ))
+        .unwrap()
+    }
+
+    // Two workers, as the agent has at least: the busy guest keeps one, the test the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wasm_replicas_are_measured_for_top_and_exported_while_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = WasmHost::new(HostConfig { cache_dir: dir.path().to_path_buf(), ..HostConfig::default() }).unwrap();
+        let busy =
+            wat::parse_str(r#"(module (memory (export "memory") 4) (func (export "_start") (loop $l (br $l))))"#)
+                .unwrap();
+        let wasm = WasmUsage::default();
+        let start = |name: &str, bytes: &[u8]| {
+            let program = host.load_bytes(bytes).unwrap();
+            let metering = wasm.track(name);
+            let mut o = RunOptions::new(name, Arc::new(Discard), Arc::new(Discard));
+            o.usage = Some(metering.usage());
+            let host = host.clone();
+            tokio::spawn(async move {
+                let _listed = metering;
+                host.run(&program, o).await
+            })
+        };
+        let started = Instant::now();
+        let runs = [start("spin-0", &busy), start("idle-0", &sleeper(2))];
+        let runtimes = HashMap::from([
+            ("spin-0".to_string(), Runtime::Wasm),
+            ("idle-0".to_string(), Runtime::Wasm),
+            // Assigned but not running: nothing to show.
+            ("later-0".to_string(), Runtime::Wasm),
+        ]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let report = measure("n", &runtimes, &wasm).await;
+        let elapsed = started.elapsed();
+        assert_eq!(report.replicas.keys().collect::<Vec<_>>(), ["idle-0", "spin-0"], "{report:?}");
+        let (spin, idle) = (report.replicas["spin-0"], report.replicas["idle-0"]);
+        // One core busy, measured over the window: about 1000m (less on a loaded machine).
+        assert!((500..=1200).contains(&spin.cpu_millis), "{spin:?}");
+        assert_eq!((spin.memory_bytes, spin.runtime), (4 << 16, Some(Runtime::Wasm)));
+        assert!(idle.cpu_millis < 50, "{idle:?}");
+        assert_eq!((idle.memory_bytes, idle.runtime), (2 << 16, Some(Runtime::Wasm)));
+        // Over the whole ~1 s run so far, the same share of wall time.
+        let total = wasm.sample()["spin-0"].cpu_seconds / elapsed.as_secs_f64();
+        assert!((0.5..=1.2).contains(&total), "{total} of {elapsed:?}");
+
+        // Prometheus: the running replicas' series, and none once they end.
+        let status = ReplicaStatus { phase: proto::messages::Phase::Running, ..Default::default() };
+        let statuses = runtimes.keys().map(|n| (n.clone(), status.clone())).collect();
+        let (_st_tx, statuses) = watch::channel(statuses);
+        let (_rt_tx, runtimes) = watch::channel(runtimes);
+        let (_c_tx, connected) = watch::channel(true);
+        let m = AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into(), wasm: wasm.clone() });
+        let text = m.render();
+        assert!(text.contains("flotilla_agent_wasm_memory_bytes{replica=\"spin-0\"} 262144"), "{text}");
+        assert!(text.contains("flotilla_agent_wasm_memory_bytes{replica=\"idle-0\"} 131072"), "{text}");
+        let cpu = |text: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("flotilla_agent_wasm_cpu_seconds_total{replica=\"spin-0\"} "))
+                .map(|v| v.parse::<f64>().unwrap())
+        };
+        let first = cpu(&text).unwrap_or_else(|| panic!("no cpu series: {text}"));
+        assert!(first > 0.5, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(cpu(&m.render()).unwrap() > first, "the counter grows while the guest runs");
+        // A replica that does not run has no usage series (only its restart count).
+        assert!(!text.lines().any(|l| l.starts_with("flotilla_agent_wasm") && l.contains("later-0")), "{text}");
+        for run in runs {
+            run.abort();
+            let _ = run.await;
+        }
+        assert!(wasm.sample().is_empty());
+        let text = m.render();
+        assert!(!text.contains("flotilla_agent_wasm_cpu_seconds_total{"), "{text}");
+        assert!(!text.contains("flotilla_agent_wasm_memory_bytes{"), "{text}");
     }
 }

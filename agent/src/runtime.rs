@@ -23,6 +23,7 @@ use crate::handoff::Sockets;
 use crate::logs::LogSink;
 use crate::probe::Verdict;
 use crate::prober::ProbeTarget;
+use crate::wasm_usage::WasmUsage;
 
 /// Why a run could not get what it needs before it starts: disk space, its artifact, its
 /// volumes. Shown to users as the run's start failure.
@@ -168,6 +169,8 @@ pub struct WasmRuntime {
     /// Listening sockets of HTTP components handed over by the previous agent process, and
     /// those this process hands on when it exits.
     pub sockets: Arc<Sockets>,
+    /// Where each run's CPU time and memory are counted, for metrics and `flotilla top`.
+    pub usage: WasmUsage,
 }
 
 /// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
@@ -212,6 +215,7 @@ impl WasmRuntime {
             preparing: Default::default(),
             min_free_disk: 0,
             sockets,
+            usage: WasmUsage::default(),
         }
     }
 }
@@ -336,6 +340,7 @@ impl Runtime for WasmRuntime {
         let preparing = self.preparing.clone();
         let sockets = self.sockets.clone();
         let min_free_disk = self.min_free_disk;
+        let usage = self.usage.clone();
         Box::pin(async move {
             let failed = |message: String| RunEnd::Ended(Termination::StartFailed { message });
             let t = &ctx.template;
@@ -364,6 +369,8 @@ impl Runtime for WasmRuntime {
             };
             let env: Vec<(String, String)> = t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let network = t.network == NetworkMode::Host;
+            // Listed from here until this run's future ends (its guests are gone by then).
+            let metering = usage.track(&ctx.replica);
             match (t.http, program.is_http()) {
                 (Some(http), true) => {
                     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, http.port));
@@ -372,6 +379,7 @@ impl Runtime for WasmRuntime {
                     o.program_name = ctx.replica.clone();
                     o.args = t.args.clone();
                     (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
+                    o.usage = Some(metering.usage());
                     // The previous agent process's socket, if it handed one over: connections
                     // that arrived during the restart wait in its backlog and are served now.
                     o.listener = sockets.take(addr);
@@ -405,6 +413,7 @@ impl Runtime for WasmRuntime {
                     let mut o = RunOptions::new(ctx.replica.clone(), ctx.log.clone(), ctx.log.clone());
                     o.args = t.args.clone();
                     (o.env, o.preopens, o.network, o.limits) = (env, preopens, network, limits);
+                    o.usage = Some(metering.usage());
                     ctx.started();
                     tokio::select! {
                         exit = host.run(&program, o) => RunEnd::Ended(match exit {

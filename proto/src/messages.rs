@@ -480,6 +480,9 @@ pub struct Usage {
     /// Thousandths of a CPU over the window.
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// A replica's runtime (`None` for the node, and from agents that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
 }
 
 /// A node's answer to [`HubRequest::Usage`].
@@ -489,7 +492,9 @@ pub struct UsageReport {
     /// The whole node (every process, not only workloads).
     pub node: Usage,
     pub memory_total_bytes: u64,
-    /// Containers, from their cgroups. Wasm replicas are not measured yet.
+    /// Containers, from their cgroups, and Wasm replicas: the CPU time spent running their
+    /// guests' code and the linear memory of their live instances (they share the agent's
+    /// process, so no cgroup separates them).
     #[serde(default)]
     pub replicas: BTreeMap<String, Usage>,
 }

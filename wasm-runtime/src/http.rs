@@ -32,6 +32,7 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
 use crate::program::Pre;
 use crate::run::describe_guest_failure;
+use crate::usage::{GuestUsage, Metered};
 use crate::wasi::{ComponentState, GuestEnv};
 use crate::{Error, Limits, OutputSink, Preopen, Program, WasmHost};
 
@@ -78,6 +79,9 @@ pub struct HttpOptions {
     pub stdout: Arc<dyn OutputSink>,
     /// Receives the guest's stderr and one line per failed request.
     pub stderr: Arc<dyn OutputSink>,
+    /// Counts the CPU time of every request's handler and the linear memory of the instances
+    /// alive at any moment, summed (see [`GuestUsage`]). Default `None`.
+    pub usage: Option<Arc<GuestUsage>>,
 }
 
 impl HttpOptions {
@@ -98,6 +102,7 @@ impl HttpOptions {
             limits: Limits::default(),
             stdout,
             stderr,
+            usage: None,
         }
     }
 }
@@ -145,6 +150,7 @@ struct Shared {
     limits: Limits,
     stdout: Arc<dyn OutputSink>,
     stderr: Arc<dyn OutputSink>,
+    usage: Option<Arc<GuestUsage>>,
     request_timeout: Option<Duration>,
     /// One permit per concurrent instance.
     instances: Arc<Semaphore>,
@@ -180,6 +186,7 @@ impl WasmHost {
             limits: opts.limits,
             stdout: opts.stdout,
             stderr: opts.stderr,
+            usage: opts.usage,
             request_timeout: opts.request_timeout,
             instances: Arc::new(Semaphore::new(opts.max_concurrency.min(Semaphore::MAX_PERMITS))),
             max_queued: opts.max_queued,
@@ -377,7 +384,7 @@ impl Shared {
     }
 
     fn new_store(&self) -> Result<Store<ComponentState>, Error> {
-        let limiter = self.host.memory_limiter(&self.limits);
+        let limiter = self.host.memory_limiter(&self.limits, self.usage.clone());
         let mut store = Store::new(&self.host.inner.engine, self.guest_env().component_state(limiter)?);
         self.host.configure_store(&mut store, &self.limits)?;
         Ok(store)
@@ -459,10 +466,14 @@ impl Shared {
     /// normally; failures are reported here.
     async fn run_guest(self: Arc<Self>, job: GuestJob, mut phase: watch::Receiver<Phase>) -> bool {
         let GuestJob { mut store, incoming: request, outparam, what, _permit, _guard } = job;
-        let work = async {
-            let proxy = self.pre.instantiate_async(&mut store).await?;
-            proxy.wasi_http_incoming_handler().call_handle(&mut store, request, outparam).await
-        };
+        // Only the instance's own work is metered, not the timers and shutdown watch around it.
+        let work = Metered::new(
+            async {
+                let proxy = self.pre.instantiate_async(&mut store).await?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, request, outparam).await
+            },
+            self.usage.clone(),
+        );
         let bounded = async {
             match self.request_timeout {
                 None => work.await,

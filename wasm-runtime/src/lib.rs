@@ -9,7 +9,8 @@
 //! on-disk cache of compiled artifacts under a directory it is given. It runs programs with WASI
 //! args, env, stdout/stderr capture, optional preopened directories and network access, a
 //! per-store linear memory cap, a CPU-time budget and optional fuel, and cooperative time slicing
-//! so that dropping the run future cancels even a guest stuck in a loop. It knows nothing of the
+//! so that dropping the run future cancels even a guest stuck in a loop, and counts what each run
+//! or server uses (CPU time, linear memory) into a [`GuestUsage`] when given one. It knows nothing of the
 //! hub, the agent or the wire protocol. It must never panic or block the async executor for longer
 //! than one epoch tick on any guest input (malformed bytes, traps, infinite loops, memory bombs),
 //! never give a guest access to host files, sockets, stdin or the host environment beyond what
@@ -18,7 +19,8 @@
 //!
 //! Module map: [`WasmHost`] and its creation live in `host`; the engine's configuration, pooling
 //! sizing and epoch ticker in `engine`; loading and the on-disk compile cache in `cache`; linking
-//! and pre-instantiation ([`Program`]) in `program`; per-store limits in `limits`; WASI contexts
+//! and pre-instantiation ([`Program`]) in `program`; per-store limits in `limits`; what guests
+//! use ([`GuestUsage`]: CPU time per poll, linear memory per store) in `usage`; WASI contexts
 //! and stdio capture in `wasi`; running a command in `run`; serving `wasi:http` in `http`. This
 //! file holds the public option and result types and the re-exports.
 
@@ -34,6 +36,7 @@ mod http;
 mod limits;
 mod program;
 mod run;
+mod usage;
 mod wasi;
 
 pub use cache::sha256_digest;
@@ -41,6 +44,7 @@ pub use engine::{HostConfig, PoolingConfig, PoolingPlan};
 pub use host::WasmHost;
 pub use http::{HttpOptions, HttpServer, Shutdown};
 pub use program::Program;
+pub use usage::GuestUsage;
 
 #[cfg(test)]
 mod tests;
@@ -184,6 +188,9 @@ pub struct RunOptions {
     /// Whether the guest may use sockets (TCP, UDP, to any address the host can reach), resolve
     /// names and, for components, make outgoing `wasi:http` requests. Default `false`.
     pub network: bool,
+    /// Counts the run's CPU time and linear memory (see [`GuestUsage`]). Default `None`: not
+    /// counted, and no clock is read.
+    pub usage: Option<Arc<GuestUsage>>,
 }
 
 impl RunOptions {
@@ -198,6 +205,7 @@ impl RunOptions {
             limits: Limits::default(),
             preopens: Vec::new(),
             network: false,
+            usage: None,
         }
     }
 }

@@ -1,12 +1,15 @@
 //! Per-store resource limits: the linear-memory cap (a [`ResourceLimiter`] that traps with the
 //! numbers), the CPU-time budget counted in epoch ticks while wasm runs, optional fuel, and the
-//! epoch time slicing that lets a dropped run future cancel its guest.
+//! epoch time slicing that lets a dropped run future cancel its guest. The memory limiter also
+//! keeps the store's [`GuestUsage`] memory count, since it sees every allocation and growth.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 
+use crate::usage::GuestUsage;
 use crate::wasi::{ComponentState, StoreState};
 use crate::{Error, Limits, WasmHost, one_line};
 
@@ -34,12 +37,13 @@ impl WasmHost {
         }
     }
 
-    pub(crate) fn memory_limiter(&self, limits: &Limits) -> MemoryLimiter {
+    /// The limiter of one store, counting its memory into `usage` when there is one.
+    pub(crate) fn memory_limiter(&self, limits: &Limits, usage: Option<Arc<GuestUsage>>) -> MemoryLimiter {
         let limit = match (limits.memory_bytes, self.inner.max_memory_per_instance) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        MemoryLimiter::new(limit)
+        MemoryLimiter::new(limit, usage)
     }
 
     /// Applies memory, CPU-time and fuel limits and time slicing to a fresh store.
@@ -90,16 +94,43 @@ impl fmt::Display for CpuTimeExceeded {
 
 impl std::error::Error for CpuTimeExceeded {}
 
-/// Caps the total size of a store's linear memories; exceeding the cap traps.
+/// Caps the total size of a store's linear memories; exceeding the cap traps. Lives in the
+/// store's data, so it is dropped with the store and its memories.
 pub(crate) struct MemoryLimiter {
     limit: Option<usize>,
     total: usize,
     before_last_grow: usize,
+    /// Where `total` is also counted, for whoever watches the guest's usage.
+    usage: Option<Arc<GuestUsage>>,
 }
 
 impl MemoryLimiter {
-    pub(crate) fn new(limit: Option<u64>) -> Self {
-        MemoryLimiter { limit: limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX)), total: 0, before_last_grow: 0 }
+    pub(crate) fn new(limit: Option<u64>, usage: Option<Arc<GuestUsage>>) -> Self {
+        MemoryLimiter {
+            limit: limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX)),
+            total: 0,
+            before_last_grow: 0,
+            usage,
+        }
+    }
+
+    /// Moves `total` to `new_total`, keeping the usage count in step.
+    fn set_total(&mut self, new_total: usize) {
+        if let Some(usage) = &self.usage {
+            if new_total >= self.total {
+                usage.add_memory((new_total - self.total) as u64);
+            } else {
+                usage.remove_memory((self.total - new_total) as u64);
+            }
+        }
+        self.total = new_total;
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        // The store, and with it every memory this limiter counted, is going away.
+        self.set_total(0);
     }
 }
 
@@ -117,13 +148,13 @@ impl ResourceLimiter for MemoryLimiter {
             );
         }
         self.before_last_grow = self.total;
-        self.total = new_total;
+        self.set_total(new_total);
         Ok(true)
     }
 
     fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
         // The host could not provide the memory; memory.grow returns -1 to the guest.
-        self.total = self.before_last_grow;
+        self.set_total(self.before_last_grow);
         Ok(())
     }
 

@@ -2,18 +2,22 @@
 //! `wasi:cli/run`, and turning how it ended into an [`Exit`] (exit code, or trap reason with the
 //! innermost frames).
 
+use std::sync::Arc;
+
 use wasmtime::{InstancePre, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::limits::CpuTimeExceeded;
 use crate::program::Pre;
+use crate::usage::{GuestUsage, Metered};
 use crate::wasi::{ComponentState, GuestEnv, StoreState};
 use crate::{Error, Exit, Limits, Program, ProgramKind, RunOptions, WasmHost, one_line};
 
 impl WasmHost {
     /// Runs a program to completion: a module's `_start`, or a component's `wasi:cli/run`.
     /// Cancel by dropping the future: the guest yields to the executor every epoch tick, even
-    /// inside an infinite loop. HTTP components are refused ([`Error::ServesHttp`]).
+    /// inside an infinite loop. HTTP components are refused ([`Error::ServesHttp`]). With
+    /// [`RunOptions::usage`], instantiation and the run are metered into it.
     pub async fn run(&self, program: &Program, opts: RunOptions) -> Result<Exit, Error> {
         self.check_program(program)?;
         self.check_limits(&opts.limits)?;
@@ -27,11 +31,16 @@ impl WasmHost {
             preopens: &opts.preopens,
             network: opts.network,
         };
-        match &program.inner.pre {
-            Pre::Module(pre) => self.run_module(digest, pre, &env, &opts.limits).await,
-            Pre::Command(pre) => self.run_command(digest, pre, &env, &opts.limits).await,
-            Pre::Http(_) => Err(Error::ServesHttp { digest: digest.to_string() }),
-        }
+        let usage = opts.usage.clone();
+        let run = async {
+            match &program.inner.pre {
+                Pre::Module(pre) => self.run_module(digest, pre, &env, &opts.limits, usage.clone()).await,
+                Pre::Command(pre) => self.run_command(digest, pre, &env, &opts.limits, usage.clone()).await,
+                Pre::Http(_) => Err(Error::ServesHttp { digest: digest.to_string() }),
+            }
+        };
+        // The guest runs inside this future's polls (see `usage`), so metering it meters the guest.
+        Metered::new(run, opts.usage.clone()).await
     }
 
     async fn run_module(
@@ -40,8 +49,9 @@ impl WasmHost {
         pre: &InstancePre<StoreState>,
         env: &GuestEnv<'_>,
         limits: &Limits,
+        usage: Option<Arc<GuestUsage>>,
     ) -> Result<Exit, Error> {
-        let state = StoreState { wasi: env.wasi_builder()?.build_p1(), limiter: self.memory_limiter(limits) };
+        let state = StoreState { wasi: env.wasi_builder()?.build_p1(), limiter: self.memory_limiter(limits, usage) };
         let mut store = Store::new(&self.inner.engine, state);
         self.configure_store(&mut store, limits)?;
 
@@ -71,8 +81,9 @@ impl WasmHost {
         pre: &CommandPre<ComponentState>,
         env: &GuestEnv<'_>,
         limits: &Limits,
+        usage: Option<Arc<GuestUsage>>,
     ) -> Result<Exit, Error> {
-        let mut store = Store::new(&self.inner.engine, env.component_state(self.memory_limiter(limits))?);
+        let mut store = Store::new(&self.inner.engine, env.component_state(self.memory_limiter(limits, usage))?);
         self.configure_store(&mut store, limits)?;
         let command = match pre.instantiate_async(&mut store).await {
             Ok(command) => command,

@@ -923,3 +923,98 @@ fn concurrent_loads_of_one_program_compile_it_once() {
     // Nothing is left in flight.
     assert!(lock(&host.inner.loading).is_empty());
 }
+
+/// Starts `program` with a [`GuestUsage`], lets it run for `for_how_long` and returns the usage
+/// seen then (CPU time, memory) and the wall time it ran, then cancels the run.
+async fn usage_after(host: &WasmHost, program: &Program, for_how_long: Duration) -> (Duration, u64, Duration) {
+    let usage = GuestUsage::new();
+    let (mut o, _, _) = opts();
+    o.usage = Some(usage.clone());
+    let started = Instant::now();
+    let mut run = Box::pin(host.run(program, o));
+    let seen = tokio::select! {
+        exit = &mut run => panic!("the guest ended early: {exit:?}"),
+        () = tokio::time::sleep(for_how_long) => (usage.cpu_time(), usage.memory_bytes(), started.elapsed()),
+    };
+    drop(run);
+    // The run and its store are gone: no memory is held any more.
+    assert_eq!(usage.memory_bytes(), 0);
+    seen
+}
+
+#[tokio::test]
+async fn a_busy_guest_is_charged_about_its_wall_time_and_its_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let busy = wasm(r#"(module (memory (export "memory") 3) (func (export "_start") (loop $l (br $l))))"#);
+    let program = host.load_bytes(&busy).unwrap();
+    let (cpu, memory, wall) = usage_after(&host, &program, Duration::from_secs(1)).await;
+    // One core busy: close to the wall time (less when the machine is loaded and the guest
+    // waited for a core, never much more).
+    let share = cpu.as_secs_f64() / wall.as_secs_f64();
+    assert!((0.5..=1.2).contains(&share), "cpu {cpu:?} over {wall:?}");
+    assert_eq!(memory, 3 * WASM_PAGE_SIZE);
+}
+
+#[tokio::test]
+async fn a_sleeping_guest_uses_next_to_no_cpu_and_grown_memory_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    // Grows its 2 pages by 5, then sleeps for 60 s.
+    let grown_sleeper = wasm(
+        r#"(module
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 2)
+            (func (export "_start")
+                (drop (memory.grow (i32.const 5)))
+                (i64.store (i32.const 0) (i64.const 7))
+                (i32.store8 (i32.const 8) (i32.const 0))
+                (i32.store (i32.const 16) (i32.const 1))
+                (i64.store (i32.const 24) (i64.const 60000000000))
+                (i64.store (i32.const 32) (i64.const 0))
+                (i32.store16 (i32.const 40) (i32.const 0))
+                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
+    );
+    let program = host.load_bytes(&grown_sleeper).unwrap();
+    let (cpu, memory, wall) = usage_after(&host, &program, Duration::from_secs(1)).await;
+    assert!(cpu < Duration::from_millis(50), "cpu {cpu:?} over {wall:?} of sleep");
+    assert_eq!(memory, 7 * WASM_PAGE_SIZE);
+
+    // The same on the pooling allocator (what the agent uses on nodes with 4 GiB or more),
+    // whose memory slots are reserved up front: only what the guest has is counted.
+    let pooled = WasmHost::new(HostConfig {
+        cache_dir: dir.path().to_path_buf(),
+        pooling: Some(PoolingConfig { total_instances: 2, total_memory_bytes: 16 << 20, memory_guard_bytes: 0 }),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let program = pooled.load_bytes(&grown_sleeper).unwrap();
+    let (_, memory, _) = usage_after(&pooled, &program, Duration::from_millis(300)).await;
+    assert_eq!(memory, 7 * WASM_PAGE_SIZE);
+}
+
+#[tokio::test]
+async fn memory_that_could_not_be_grown_is_not_counted() {
+    // Asks for far more than the limit allows, then sleeps: memory.grow fails (-1)...
+    let module = wasm(
+        r#"(module
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1 4)
+            (func (export "_start")
+                (drop (memory.grow (i32.const 100)))
+                (drop (memory.grow (i32.const 1)))
+                (i64.store (i32.const 0) (i64.const 7))
+                (i32.store8 (i32.const 8) (i32.const 0))
+                (i32.store (i32.const 16) (i32.const 1))
+                (i64.store (i32.const 24) (i64.const 60000000000))
+                (i64.store (i32.const 32) (i64.const 0))
+                (i32.store16 (i32.const 40) (i32.const 0))
+                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&module).unwrap();
+    let (_, memory, _) = usage_after(&host, &program, Duration::from_millis(300)).await;
+    // ...past the module's own maximum of 4 pages; the later growth by 1 succeeds.
+    assert_eq!(memory, 2 * WASM_PAGE_SIZE);
+}

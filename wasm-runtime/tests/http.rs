@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Capture, Client, get, load_guest, shared_host};
-use flotilla_wasm_runtime::{Error, HttpOptions, Limits, Program, WasmHost};
+use flotilla_wasm_runtime::{Error, GuestUsage, HttpOptions, Limits, Program, WasmHost};
 use hyper::StatusCode;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -315,4 +315,47 @@ async fn a_handed_off_listener_queues_connections_for_the_next_server() {
     opts.listener = Some(other);
     let err = host.serve_http(&program, opts).await.unwrap_err();
     assert!(err.to_string().contains("not 127.0.0.1"), "{err}");
+}
+
+// Two workers: on one thread, a guest that yields every epoch tick keeps the run queue busy,
+// and tokio looks at its timers only every few dozen polls, so the checks below would run late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_each_handlers_cpu_and_the_memory_of_live_instances_only() {
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_misbehave");
+    let usage = GuestUsage::new();
+    let running = serve(&host, &program, |o| {
+        o.limits = Limits { cpu_time: Some(Duration::from_millis(500)), ..Limits::default() };
+        o.usage = Some(usage.clone());
+    })
+    .await;
+    assert_eq!(usage.memory_bytes(), 0, "no request, no instance");
+
+    let addr = running.addr;
+    let started = Instant::now();
+    let spin = tokio::spawn(async move { get(addr, "/spin").await });
+    // While the spinner runs, its instance's linear memory is held.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while usage.memory_bytes() == 0 {
+        assert!(Instant::now() < deadline, "the running handler's memory was never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(usage.memory_bytes() % flotilla_wasm_runtime::WASM_PAGE_SIZE, 0);
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), spin).await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let wall = started.elapsed();
+    // It spun until its 500 ms budget ran out. The budget counts epoch ticks while it runs,
+    // wall time on its thread, so on a machine busy with other tests the guest got less CPU
+    // than that; it cannot have had more than the request's wall time.
+    let cpu = usage.cpu_time();
+    assert!(cpu >= Duration::from_millis(100) && cpu <= wall, "{cpu:?} of CPU in {wall:?}");
+    // Quick requests add a little; a finished request's instance holds nothing.
+    assert_eq!(get(running.addr, "/").await, (StatusCode::OK, "ok\n".to_string()));
+    assert!(usage.cpu_time() > cpu);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while usage.memory_bytes() != 0 {
+        assert!(Instant::now() < deadline, "{} bytes still counted after the requests", usage.memory_bytes());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.shutdown().await;
 }
