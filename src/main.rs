@@ -1348,15 +1348,35 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Events { watch, object, since, output: format } => {
             let back = proto::manifest::parse_duration_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let config = cli.global.config.as_deref();
+            let mut client = Some(client::Client::connect(config).await?);
             let mut since_ms = output::now_ms().saturating_sub(back);
             let mut shown: std::collections::BTreeSet<proto::messages::ClusterEvent> = Default::default();
             let mut header = true;
             loop {
                 let req = ApiRequest::Events { since_ms, object: object.clone() };
-                let items = match client.request(&req).await? {
-                    ApiResponse::Events { items } => items,
-                    other => return unexpected(other),
+                let asked = match &client {
+                    Some(c) => c.request(&req).await,
+                    None => match client::Client::connect(config).await {
+                        Ok(c) => {
+                            eprintln!("flotilla: reconnected to the hub");
+                            client.insert(c).request(&req).await
+                        }
+                        Err(e) => Err(e),
+                    },
+                };
+                let items = match asked {
+                    Ok(ApiResponse::Events { items }) => items,
+                    Ok(other) => return unexpected(other),
+                    Err(e) if !watch => return Err(e),
+                    // Watching outlives a hub restart: say so once, then try again every second.
+                    Err(e) => {
+                        if client.take().is_some() {
+                            eprintln!("flotilla: lost the hub ({e:#}); retrying");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
                 };
                 let new: Vec<_> = items.into_iter().filter(|e| !shown.contains(e)).collect();
                 match format {

@@ -534,18 +534,42 @@ fn now_ms() -> u64 {
 }
 
 #[test]
-fn events_show_a_crash_loop_a_rollout_and_a_node_leaving_and_returning_in_order_offline_ones_too() {
+fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_returning_in_order_offline_ones_too() {
     let Some(reg) = TestRegistry::start() else { return };
     let hello = push_file(&reg, &example("examples/hello/target/wasm32-wasip1/release/hello.wasm"), "hello:events");
     let mut c = Cluster::start();
     c.add_agent("edge-1", &[]);
     c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    // `events -w` from the start, through everything below (a hub restart included).
+    let watched = c.dir.path().join("events-watch.json");
+    let mut watcher = std::process::Command::new(cluster::bin())
+        .arg("--config")
+        .arg(c.config_path())
+        .args(["events", "-w", "-o", "json", "--since", "1h"])
+        .stdout(std::fs::File::create(&watched).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let crash = workload("crash", &hello, "  args: [\"--count\", \"1\", \"--exit-code\", \"3\"]\n");
     let web = |greeting: &str| workload("web", &hello, &format!("  env: {{GREETING: {greeting}}}\n"));
     apply(&c, &[crash, web("one")]);
     c.wait_for("the crash loop backing off", WAIT, || {
         events(&c, &["--for", "replica/crash-0"]).iter().any(|e| e.reason == "BackOff")
     });
+    // A liveness probe that cannot pass: the component answers 404 there.
+    let http =
+        push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:ev");
+    let port = cluster::free_tcp_port();
+    let sick = workload(
+        "sick",
+        &http,
+        &format!("  http: {{port: {port}}}\n  livenessProbe: {{httpGet: {{path: /healthz}}, period: 200ms}}\n"),
+    );
+    apply(&c, &[sick]);
+    c.wait_for("the probe failure", WAIT, || {
+        events(&c, &["--for", "replica/sick-0"]).iter().any(|e| e.reason == "Unhealthy")
+    });
+    c.ok(&["delete", "workload", "sick"]);
     apply(&c, &[web("two")]);
     c.wait_for("the rollout as an event", WAIT, || {
         events(&c, &["--for", "workload/web"]).iter().any(|e| e.reason == "Rollout" && e.message.contains("revision 2"))
@@ -589,6 +613,39 @@ fn events_show_a_crash_loop_a_rollout_and_a_node_leaving_and_returning_in_order_
     assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "ordered by time");
     let text = c.ok(&["events", "--for", "workload/web"]);
     assert!(text.starts_with("TIME") && text.contains("workload/web") && text.contains("Rollout"), "{text}");
+
+    // The watcher saw the same, in the order it happened, the offline period's events
+    // included (they arrive with the node's return), the pull and compile of the module too.
+    let seen = |all: &[proto::messages::ClusterEvent]| {
+        all.iter().any(|e| e.object == "node/edge-1" && e.reason == "Ready" && e.at_ms > up)
+            && all.iter().filter(|e| e.object == "node/edge-1" && e.reason == "Ready").count() >= 3
+    };
+    let read = || -> Vec<proto::messages::ClusterEvent> {
+        let text = std::fs::read_to_string(&watched).unwrap();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    c.wait_for("the watcher caught up", Duration::from_secs(15), || seen(&read()));
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let w = read();
+    let first = |pred: &dyn Fn(&proto::messages::ClusterEvent) -> bool| {
+        w.iter().position(pred).unwrap_or_else(|| panic!("missing from the watch: {w:#?}"))
+    };
+    let pulling = first(&|e| e.reason == "Pulling" && e.message.contains("hello:events"));
+    let pulled = first(&|e| e.reason == "Pulled" && e.message.contains(" ms"));
+    let compiled = first(&|e| e.reason == "Compiled" && e.message.starts_with("module in "));
+    let backoff = first(&|e| e.object == "replica/crash-0" && e.reason == "BackOff");
+    let unhealthy = first(&|e| e.object == "replica/sick-0" && e.reason == "Unhealthy");
+    let rollout = first(&|e| e.object == "workload/web" && e.message.contains("revision 2"));
+    let offline = first(&|e| e.object == "replica/crash-0" && (down..up).contains(&e.at_ms));
+    let left = first(&|e| e.object == "node/edge-1" && e.reason == "NotReady" && e.at_ms > up);
+    let back = first(&|e| e.object == "node/edge-1" && e.reason == "Ready" && e.at_ms > w[left].at_ms);
+    assert!(pulling < pulled && pulled < compiled && compiled < backoff, "{w:#?}");
+    assert!(backoff < unhealthy && unhealthy < rollout && rollout < offline && offline < left && left < back, "{w:#?}");
+    let mut unique = w.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), w.len(), "the watcher shows each event once");
 }
 
 /// `flotilla top replicas` and the agent's metrics measure Wasm replicas too, though they

@@ -15,7 +15,7 @@ use std::time::Duration;
 use oci_runtime::container::{self, BindMount, ExitInfo, RuntimeConfig, ShimHandle, ShimOptions, SpecInputs};
 use oci_runtime::{Image, ImageError, ImageStore, Platform};
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
-use proto::messages::Termination;
+use proto::messages::{EventReason, Termination};
 use tracing::{info, warn};
 
 use crate::prober::{ExecTarget, ProbeTarget};
@@ -325,7 +325,14 @@ impl Inner {
             match self.images.image(&t.image) {
                 // Pulled before (IfNotPresent): no registry contact, works offline.
                 Ok(image) => image,
-                Err(_) => self.images.pull(&self.registry, &t.image, &self.platform).await?,
+                Err(_) => {
+                    ctx.progress(EventReason::Pulling, &t.image);
+                    let started = std::time::Instant::now();
+                    let image = self.images.pull(&self.registry, &t.image, &self.platform).await?;
+                    let took = crate::runtime::took(started.elapsed());
+                    ctx.progress(EventReason::Pulled, format!("{} in {took}", t.image));
+                    image
+                }
             }
         };
         let lowers = self.images.unpack(&image).await?;

@@ -692,6 +692,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                         h.probes = spawn_probes(&replica, run_id, &h.probes_of, target, &events_tx);
                     }
                 }
+                RunEvent::Progress { replica, run_id, reason, message } => {
+                    sup.on_progress(&replica, run_id, reason, message, now());
+                }
                 RunEvent::Probe { replica, run_id, verdict } => {
                     info!(%replica, run_id, ?verdict, "probe verdict");
                     sup.on_probe(&replica, run_id, verdict, now());

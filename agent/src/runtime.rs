@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind, Volume};
-use proto::messages::Termination;
+use proto::messages::{EventReason, Termination};
 use tokio::sync::{mpsc, watch};
 use wasm_runtime::{Exit, HttpOptions, Limits, Preopen, RunOptions, Shutdown, WasmHost};
 
@@ -61,6 +61,8 @@ pub enum RunEvent {
     },
     /// A verdict of the run's health probes.
     Probe { replica: String, run_id: u64, verdict: Verdict },
+    /// A step of a start worth an event (a pull, a compile).
+    Progress { replica: String, run_id: u64, reason: proto::messages::EventReason, message: String },
 }
 
 /// What the agent wants of a run in flight.
@@ -121,6 +123,13 @@ impl RunContext {
     pub fn started_at(&self, target: ProbeTarget) {
         let started = RunEvent::Started { replica: self.replica.clone(), run_id: self.run_id, target, adopted: None };
         let _ = self.events.send(started);
+    }
+
+    /// Tells the supervisor of a step of the start (`Pulling`, `Pulled`, `Compiled`), which
+    /// becomes one of the replica's events.
+    pub fn progress(&self, reason: proto::messages::EventReason, message: impl Into<String>) {
+        let (replica, run_id, message) = (self.replica.clone(), self.run_id, message.into());
+        let _ = self.events.send(RunEvent::Progress { replica, run_id, reason, message });
     }
 
     /// Tells the supervisor the run took over a workload that an earlier agent process
@@ -220,15 +229,21 @@ impl WasmRuntime {
     }
 }
 
+/// A duration as events and logs show it: milliseconds below ten seconds, else seconds.
+pub fn took(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(10) { format!("{} ms", d.as_millis()) } else { format!("{:.1} s", d.as_secs_f64()) }
+}
+
 /// The image's module in the artifact store: from this process's earlier pull when its blob
 /// is still there, else pulled (digest-verified) now.
 async fn fetch(
-    image: &str,
+    ctx: &RunContext,
     registry: &LazyRegistry,
     images: &ImageStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
     min_free_disk: u64,
 ) -> Result<PulledWasm, PrepareError> {
+    let image = ctx.template.image.as_str();
     let known = resolved.lock().unwrap_or_else(|p| p.into_inner()).get(image).cloned();
     if let Some(p) = known
         && p.path.exists()
@@ -244,7 +259,10 @@ async fn fetch(
         return Ok(p);
     }
     check_disk_space(images.blobs().root(), min_free_disk)?;
+    ctx.progress(EventReason::Pulling, image);
+    let started = std::time::Instant::now();
     let pulled = images.pull_wasm(registry, image).await?;
+    ctx.progress(EventReason::Pulled, format!("{image} in {}", took(started.elapsed())));
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
 }
@@ -347,13 +365,18 @@ impl Runtime for WasmRuntime {
             // The module stays in the store for as long as this run lasts.
             let _hold = images.hold(&t.image);
             let preparing = preparing.lock(&t.image).await;
-            let pulled = match fetch(&t.image, &registry, &images, &resolved, min_free_disk).await {
+            let pulled = match fetch(&ctx, &registry, &images, &resolved, min_free_disk).await {
                 Ok(p) => p,
                 Err(e) => return failed(e.to_string()),
             };
             let (h, digest, path) = (host.clone(), pulled.wasm_digest.clone(), pulled.path.clone());
-            let program = match tokio::task::spawn_blocking(move || h.load(&digest, &path)).await {
-                Ok(Ok(p)) => p,
+            let program = match tokio::task::spawn_blocking(move || h.load_from(&digest, &path)).await {
+                Ok(Ok((p, how))) => {
+                    if let wasm_runtime::Loaded::Compiled { kind, elapsed } = how {
+                        ctx.progress(EventReason::Compiled, format!("{kind} in {}", took(elapsed)));
+                    }
+                    p
+                }
                 Ok(Err(e)) => return failed(e.to_string()),
                 Err(e) => return failed(format!("module compilation did not finish: {e}")),
             };

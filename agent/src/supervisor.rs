@@ -335,6 +335,17 @@ impl Supervisor {
         self.started(replica, run_id, None, now);
     }
 
+    /// A step of run `run_id`'s start worth an event (a pull, a compile); ignored once the run
+    /// is no longer the one starting.
+    pub fn on_progress(&mut self, replica: &str, run_id: u64, reason: EventReason, message: String, now: Now) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        if r.state != (RunState::Starting { run_id }) {
+            return;
+        }
+        r.status.record(now.wall_ms, reason, message);
+        self.changed.insert(replica.to_string());
+    }
+
     /// The runtime took over a workload an earlier agent process started, which kept running
     /// (`how` says what it adopted): running again, and not a restart.
     pub fn on_adopted(&mut self, replica: &str, run_id: u64, how: String, now: Now) {
@@ -755,6 +766,32 @@ mod tests {
         assert_eq!(events.last().unwrap().reason, EventReason::BackOff);
         assert_eq!(events[events.len() - 2].reason, EventReason::StartFailed);
         assert!(events.last().unwrap().message.contains("21 failures in a row"), "{events:?}");
+    }
+
+    #[test]
+    fn pulls_and_compiles_of_the_starting_run_become_events() {
+        let c = Clock(Instant::now(), 1_000);
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&[assignment("w-0", "a", RestartPolicy::Always)], c.now());
+        let id = start_id(&s.poll_actions(c.now()));
+        s.on_progress("w-0", id, EventReason::Pulling, "reg/w:1".into(), c.now());
+        s.on_progress("w-0", id + 1, EventReason::Pulled, "another run's".into(), c.now());
+        s.on_progress("w-0", id, EventReason::Compiled, "module in 80 ms".into(), c.now());
+        s.on_started("w-0", id, c.now());
+        // Once running, a late step of the start is not an event.
+        s.on_progress("w-0", id, EventReason::Pulled, "late".into(), c.now());
+        let statuses = s.statuses();
+        let events: Vec<(EventReason, &str)> =
+            statuses["w-0"].events.iter().map(|e| (e.reason, e.message.as_str())).collect();
+        assert_eq!(
+            events,
+            [
+                (EventReason::Starting, "image a"),
+                (EventReason::Pulling, "reg/w:1"),
+                (EventReason::Compiled, "module in 80 ms"),
+                (EventReason::Started, "")
+            ],
+        );
     }
 
     #[test]

@@ -275,6 +275,13 @@ pub enum EventReason {
     /// A restarted agent found the replica's container still running and took it over: the
     /// workload did not restart.
     Adopted,
+    /// The node is pulling the replica's image or module (it had no copy).
+    Pulling,
+    /// The pull finished; the message says how long it took.
+    Pulled,
+    /// The node compiled the replica's Wasm program (no compiled copy in its cache); the
+    /// message says how long it took.
+    Compiled,
     /// An event code from a newer version.
     #[serde(other)]
     Other,

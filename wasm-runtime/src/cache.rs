@@ -52,6 +52,12 @@ impl WasmHost {
     /// the disk cache, else by compiling it (after checking that the file matches `digest`) and
     /// writing the cache entry. A corrupt cache entry is deleted and rebuilt.
     pub fn load(&self, digest: &str, wasm_path: &Path) -> Result<Program, Error> {
+        self.load_from(digest, wasm_path).map(|(program, _)| program)
+    }
+
+    /// [`WasmHost::load`], also saying where the program came from (for the replica's
+    /// events: a compile is worth reporting, a cache hit is not).
+    pub fn load_from(&self, digest: &str, wasm_path: &Path) -> Result<(Program, Loaded), Error> {
         digest_hex(digest)?;
         self.load_with(digest, || {
             let bytes = std::fs::read(wasm_path).map_err(|e| Error::io("read wasm module", wasm_path, e))?;
@@ -70,16 +76,16 @@ impl WasmHost {
     /// Blocking, like [`WasmHost::load`], from bytes; the digest is their sha256.
     pub fn load_bytes(&self, bytes: &[u8]) -> Result<Program, Error> {
         let digest = sha256_digest(bytes);
-        self.load_with(&digest, || Ok(std::borrow::Cow::Borrowed(bytes)))
+        self.load_with(&digest, || Ok(std::borrow::Cow::Borrowed(bytes))).map(|(program, _)| program)
     }
 
     fn load_with<'b>(
         &self,
         digest: &str,
         read: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
-    ) -> Result<Program, Error> {
+    ) -> Result<(Program, Loaded), Error> {
         if let Some(program) = self.memory_hit(digest) {
-            return Ok(program);
+            return Ok((program, Loaded::Memory));
         }
         // Single flight: a thousand replicas of a new image compile it once. Loads of one
         // digest queue behind a per-digest lock; the first fills the in-memory map and the rest
@@ -116,14 +122,14 @@ impl WasmHost {
         &self,
         digest: &str,
         read: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
-    ) -> Result<Program, Error> {
+    ) -> Result<(Program, Loaded), Error> {
         // A loader that waited its turn finds what the one before it compiled.
         if let Some(program) = self.memory_hit(digest) {
-            return Ok(program);
+            return Ok((program, Loaded::Memory));
         }
         if let Some(artifact) = self.load_cached(digest)? {
             let program = self.link(digest, &artifact)?;
-            return Ok(self.remember(program));
+            return Ok((self.remember(program), Loaded::Disk));
         }
 
         let bytes = read()?;
@@ -138,11 +144,12 @@ impl WasmHost {
             }
         };
         self.inner.compiled.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(digest, %kind, elapsed = ?started.elapsed(), "compiled wasm program");
+        let elapsed = started.elapsed();
+        tracing::info!(digest, %kind, ?elapsed, "compiled wasm program");
         // Link before caching so that unusable programs do not fill the cache.
         let program = self.link(digest, &artifact)?;
         self.store_cached(digest, &artifact);
-        Ok(self.remember(program))
+        Ok((self.remember(program), Loaded::Compiled { kind, elapsed }))
     }
 
     /// Returns the cached module or component, or `None` if there is no usable entry (a corrupt
@@ -228,6 +235,17 @@ impl WasmHost {
     fn remember(&self, program: Program) -> Program {
         lock(&self.inner.programs).entry(program.inner.digest.clone()).or_insert(program).clone()
     }
+}
+
+/// Where a loaded program came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// Already loaded by this host.
+    Memory,
+    /// The on-disk cache of compiled artifacts.
+    Disk,
+    /// Compiled now, taking `elapsed`.
+    Compiled { kind: ProgramKind, elapsed: std::time::Duration },
 }
 
 /// A freshly compiled or deserialized program, before linking.

@@ -39,7 +39,7 @@ mod run;
 mod usage;
 mod wasi;
 
-pub use cache::sha256_digest;
+pub use cache::{Loaded, sha256_digest};
 pub use engine::{HostConfig, PoolingConfig, PoolingPlan};
 pub use host::WasmHost;
 pub use http::{HttpOptions, HttpServer, Shutdown};
