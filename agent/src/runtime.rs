@@ -364,6 +364,9 @@ impl Runtime for WasmRuntime {
             };
             let env: Vec<(String, String)> = t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let network = t.network == NetworkMode::Host;
+            // A guest never outlives the agent's process, so every run here is a new one:
+            // the log so far becomes the previous run's (`flotilla logs --previous`).
+            ctx.log.begin_run();
             match (t.http, program.is_http()) {
                 (Some(http), true) => {
                     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, http.port));
