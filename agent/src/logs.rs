@@ -8,7 +8,10 @@
 //! When a replica's new run starts ([`LogSink::begin_run`], not when a restarted agent adopts
 //! a container still running), the current log becomes `<replica>.prev.log` (what
 //! `flotilla logs --previous` reads) and `.log.1` is deleted: a replica keeps its current run
-//! (at most twice the bound) and the last part of its previous run (at most the bound).
+//! (at most twice the bound) and the last part of its previous run (at most the bound). Each
+//! run starts its log with an invisible marker record, so a run that wrote nothing still
+//! counts as the previous one, and a start that failed before its run (a module that could
+//! not be pulled) does not.
 //!
 //! Job attempts (assignments with an attempt number) get a log each, with the same bound:
 //! `<dir>/attempts/<workload>/<replica>.<attempt>.log`. They outlive their attempt, so that
@@ -90,20 +93,17 @@ impl LogStore {
         self.open_sink(path, None)
     }
 
-    /// A sink on `path`. The file is created by the first write or [`LogSink::begin_run`],
-    /// not here: a start that fails before its run (say, its config not delivered yet) then
-    /// leaves no empty log that would later pass for a run's.
+    /// A sink on `path`, created if missing (so `flotilla logs` finds the replica's log,
+    /// empty, while its first run is still being prepared).
     fn open_sink(&self, path: PathBuf, prev: Option<PathBuf>) -> io::Result<Arc<LogSink>> {
-        let file = match OpenOptions::new().append(true).open(&path) {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        let len = match &file {
-            Some(f) => f.metadata()?.len(),
-            None => 0,
-        };
-        Ok(Arc::new(LogSink { path, prev, max_bytes: self.max_bytes, inner: Mutex::new(Inner { file, len }) }))
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata()?.len();
+        Ok(Arc::new(LogSink {
+            path,
+            prev,
+            max_bytes: self.max_bytes,
+            inner: Mutex::new(Inner { file: Some(file), len }),
+        }))
     }
 
     /// Deletes logs nothing names any more: the logs of replicas not in `replicas` (removed
@@ -144,7 +144,7 @@ impl LogStore {
 }
 
 struct Inner {
-    /// `None` until the file exists (see [`LogStore::open_sink`]).
+    /// `None` after the file was renamed away, until it is opened again.
     file: Option<File>,
     len: u64,
 }
@@ -190,24 +190,36 @@ impl LogSink {
         }
     }
 
-    /// A new run of the replica starts (not an adopted one): its log so far becomes the
-    /// previous run's (`<replica>.prev.log`, replacing the one before), the older rotated
-    /// part is deleted, and an empty log is started, so that even a run that writes nothing
-    /// is the previous run for the next. Errors are logged: the run goes ahead regardless.
+    /// A new run of the replica starts (not an adopted one). If the log holds anything (a
+    /// run's marker at least; or only its rotated part does, a shim having just rotated),
+    /// that becomes the previous run's log (`<replica>.prev.log`, replacing the one before)
+    /// and the older rotated part is deleted. Then the run's marker starts the log, so that
+    /// even a run that writes nothing is the previous run for the next. Errors are logged:
+    /// the run goes ahead regardless.
     pub fn begin_run(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(prev) = &self.prev
-            && self.path.exists()
-        {
-            if let Err(e) = fs::rename(&self.path, prev) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot keep the previous run's log");
+        if let Some(prev) = &self.prev {
+            let older = self.path.with_extension("log.1");
+            let written = fs::metadata(&self.path).is_ok_and(|m| m.len() > 0);
+            let last = if written { Some(&self.path) } else { Some(&older).filter(|o| o.exists()) };
+            if let Some(last) = last {
+                if let Err(e) = fs::rename(last, prev) {
+                    tracing::warn!(path = %last.display(), error = %e, "cannot keep the previous run's log");
+                }
+                let _ = fs::remove_file(&older);
+                inner.file = None;
+                inner.len = 0;
             }
-            let _ = fs::remove_file(self.path.with_extension("log.1"));
-            inner.file = None;
-            inner.len = 0;
         }
-        if let Err(e) = self.file(&mut inner) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot create log");
+        let mut marker = Vec::with_capacity(logline::HEADER_LEN + 1);
+        logline::run_start(wall_ns(), &mut marker);
+        let written = match self.file(&mut inner) {
+            Ok(file) => file.write_all(&marker),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => inner.len += marker.len() as u64,
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot start the run's log"),
         }
     }
 
@@ -349,7 +361,6 @@ mod tests {
         // A 100-byte partial line takes 134 bytes as a record (33 of header, 1 of newline).
         let store = LogStore::open(dir.path(), 200).unwrap();
         let sink = store.sink("w-0").unwrap();
-        assert!(!store.path("w-0").exists(), "no file before the first write");
         sink.write_bytes(&[b'a'; 100]);
         sink.write_bytes(&[b'b'; 100]);
         assert_eq!(read_log(&store.path("w-0")), vec![b'b'; 100]);
@@ -412,10 +423,26 @@ mod tests {
         assert_eq!(read_log(&store.prev_path("w-0")), [&[b'a'; 100][..], b"run one\n[flotilla] adopted\n"].concat());
         assert_eq!(read_log(&store.path("w-0")), b"run two\n");
         assert!(!store.path("w-0").with_extension("log.1").exists());
-        // A run that wrote nothing is still the previous one for the next run.
+        // A run that wrote nothing is still the previous one for the next run...
         store.sink("w-0").unwrap().begin_run();
         store.sink("w-0").unwrap().begin_run();
         assert_eq!(read_log(&store.prev_path("w-0")), b"");
+        assert!(fs::metadata(store.prev_path("w-0")).unwrap().len() > 0, "its marker");
+        // ... but a start that failed before its run is not.
+        store.sink("w-0").unwrap().write_bytes(b"run four\n");
+        let _failed_early = store.sink("w-0").unwrap();
+        store.sink("w-0").unwrap().begin_run();
+        assert_eq!(read_log(&store.prev_path("w-0")), b"run four\n");
+        // A fresh replica: its log exists (empty) from the first start, and no previous run.
+        let fresh = store.sink("f-0").unwrap();
+        assert!(store.path("f-0").exists());
+        fresh.begin_run();
+        assert!(!store.prev_path("f-0").exists(), "a first run has no previous");
+        // The shim rotated and the run wrote nothing since: the rotated part is the previous.
+        fs::rename(store.path("f-0"), store.path("f-0").with_extension("log.1")).unwrap();
+        fs::write(store.path("f-0"), b"").unwrap();
+        store.sink("f-0").unwrap().begin_run();
+        assert!(store.prev_path("f-0").exists() && !store.path("f-0").with_extension("log.1").exists());
         // Job attempts have no previous run of their own.
         let attempt = store.attempt_sink("j", "j-0", 1).unwrap();
         attempt.write_bytes(b"x\n");

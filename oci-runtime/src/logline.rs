@@ -18,7 +18,9 @@
 //! newline is only the framing, and the next record continues the same line. So writing is
 //! stateless (each chunk is framed by itself, whichever writer wrote the one before), and the
 //! workload's bytes come back exactly: every payload, plus a newline after each `F` record.
-//! A line's time is that of its first record.
+//! A line's time is that of its first record. Tag `S` (empty payload) marks where a run of the
+//! workload started ([`run_start`]); it is never printed, and it is what tells the agent that
+//! a log holds a run even when that run wrote nothing.
 //!
 //! A line that does not start with a valid header (written by an agent or shim older than
 //! this format, or a shim's own message on its stderr) is a raw line: its bytes and its
@@ -45,6 +47,12 @@ pub fn frame(now_ns: u64, bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends the record marking that a run started at `now_ns` (tag `S`, no payload).
+pub fn run_start(now_ns: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(format_timestamp(now_ns).as_bytes());
+    out.extend_from_slice(b" S \n");
+}
+
 /// The bytes [`frame`] writes for `bytes`, without building them.
 pub fn framed_len(bytes: &[u8]) -> u64 {
     let records = bytes.split_inclusive(|&b| b == b'\n').count() as u64;
@@ -59,20 +67,23 @@ pub struct Record<'a> {
     pub at_ns: Option<u64>,
     /// The payload continues on the next record (tag `P`).
     pub partial: bool,
+    /// A run's start (tag `S`): nothing to print.
+    pub run_start: bool,
     pub payload: &'a [u8],
 }
 
 /// Reads a line of a log file (without its newline): a record, or a raw line.
 pub fn parse_record(line: &[u8]) -> Record<'_> {
-    let raw = Record { at_ns: None, partial: false, payload: line };
+    let raw = Record { at_ns: None, partial: false, run_start: false, payload: line };
     let Some(header) = line.get(..HEADER_LEN) else { return raw };
-    let partial = match &header[TIMESTAMP_LEN..] {
-        b" F " => false,
-        b" P " => true,
+    let (partial, run_start) = match &header[TIMESTAMP_LEN..] {
+        b" F " => (false, false),
+        b" P " => (true, false),
+        b" S " if line.len() == HEADER_LEN => (false, true),
         _ => return raw,
     };
     match parse_timestamp(&header[..TIMESTAMP_LEN]) {
-        Some(at) => Record { at_ns: Some(at), partial, payload: &line[HEADER_LEN..] },
+        Some(at) => Record { at_ns: Some(at), partial, run_start, payload: &line[HEADER_LEN..] },
         None => raw,
     }
 }
@@ -141,6 +152,9 @@ impl Decoder {
 
     fn line(&mut self, line: &[u8], ended: bool, out: &mut Vec<u8>) {
         let r = parse_record(line);
+        if r.run_start {
+            return;
+        }
         if !self.open {
             if let Some(since) = self.since_ns {
                 // A raw line keeps the decision of the line before it.
@@ -178,7 +192,8 @@ pub fn decode(bytes: &[u8], timestamps: bool, since_ns: Option<u64>) -> Vec<u8> 
 
 /// Where the last `lines` lines of a `len`-byte log start, reading backwards in blocks. A
 /// line is a raw line or a run of records ending with an `F` one (so a line written in
-/// several chunks counts once); a final line not ended yet counts as a line.
+/// several chunks counts once); a final line not ended yet counts as a line, a run's start
+/// marker as none.
 pub fn tail_offset(
     mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
     len: u64,
@@ -187,11 +202,12 @@ pub fn tail_offset(
     if lines == 0 {
         return Ok(len);
     }
-    // Whether the record starting at `at` is partial (its line goes on in the next record).
-    fn partial_at(
+    // Whether the record starting at `at` is partial (its line goes on in the next record),
+    // and whether it is a run's start marker.
+    fn kind_at(
         read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
         at: u64,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<(bool, bool)> {
         let mut header = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -200,14 +216,20 @@ pub fn tail_offset(
                 n => got += n,
             }
         }
-        Ok(parse_record(&header[..got]).partial)
+        // A marker is a header and its newline; anything longer is no marker.
+        let line = match header[..got].iter().position(|&b| b == b'\n') {
+            Some(end) => &header[..end],
+            None => &header[..got],
+        };
+        let r = parse_record(line);
+        Ok((r.partial, r.run_start))
     }
     let mut buf = vec![0u8; 64 * 1024];
     let mut end = len;
     let mut found = 0u64;
-    // The start of the record after the one being looked at: a line starts there unless
-    // the record before it is partial.
-    let mut later: Option<u64> = None;
+    // The start of the record after the one being looked at, and whether it is a marker: a
+    // line starts there unless it is a marker or the record before it is partial.
+    let mut later: Option<(u64, bool)> = None;
     while end > 0 {
         let start = end.saturating_sub(buf.len() as u64);
         let n = {
@@ -220,22 +242,23 @@ pub fn tail_offset(
             if buf[i] != b'\n' || record >= len {
                 continue;
             }
-            if let Some(l) = later
-                && !partial_at(&mut read_at, record)?
+            let (partial, marker) = kind_at(&mut read_at, record)?;
+            if let Some((l, false)) = later
+                && !partial
             {
                 found += 1;
                 if found == lines {
                     return Ok(l);
                 }
             }
-            later = Some(record);
+            later = Some((record, marker));
         }
         end = start;
     }
     // The file's first record, before `later`; it starts a line itself, whatever it is, and
     // that is as far back as the file goes.
-    if let Some(l) = later
-        && !partial_at(&mut read_at, 0)?
+    if let Some((l, false)) = later
+        && !kind_at(&mut read_at, 0)?.0
         && found + 1 == lines
     {
         return Ok(l);
@@ -399,6 +422,28 @@ mod tests {
         // Short lines, and a valid timestamp with an unknown tag, are raw too.
         assert_eq!(parse_record(b"2026-12-07T00:14:44.123456789Z X y").at_ns, None);
         assert_eq!(parse_record(b"2026-12-07T00:14:44.123456789Z F").at_ns, None);
+    }
+
+    #[test]
+    fn a_run_start_marker_is_never_printed_nor_counted() {
+        let mut log = Vec::new();
+        run_start(T0, &mut log);
+        assert_eq!(log, b"2026-12-07T00:14:44.123456789Z S \n");
+        assert!(parse_record(&log[..log.len() - 1]).run_start);
+        // With a payload it is no marker: a raw line.
+        assert_eq!(parse_record(b"2026-12-07T00:14:44.123456789Z S x").at_ns, None);
+        log.extend(framed(&[(T0 + 1, b"a\nb\n")]));
+        run_start(T0 + 2, &mut log);
+        log.extend(framed(&[(T0 + 3, b"c\n")]));
+        assert_eq!(decode(&log, false, None), b"a\nb\nc\n");
+        assert_eq!(decode(&log, true, Some(T0 + 2)), b"2026-12-07T00:14:44.123456792Z c\n");
+        let tail = |n| decode(&log[tail_at(&log, n)..], false, None);
+        assert_eq!(tail(1), b"c\n");
+        assert_eq!(tail(2), b"b\nc\n");
+        assert_eq!(tail(3), b"a\nb\nc\n");
+        let mut only = Vec::new();
+        run_start(T0, &mut only);
+        assert_eq!(decode(&only[tail_at(&only, 1)..], false, None), b"");
     }
 
     #[test]
