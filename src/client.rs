@@ -1,11 +1,14 @@
 //! The CLI's connection to the hub: QUIC with the admin certificate from the client config,
 //! one bi stream per request.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::messages::{ApiRequest, ApiResponse, ClientConfigFile, NodeView, ResourceKind, Role, StreamStart};
+use proto::messages::{
+    ApiRequest, ApiResponse, ClientConfigFile, NodeView, ResourceKind, Role, StreamStart, WorkloadView,
+};
 use transport::{ALPN_API, frame, pki, tls};
 
 /// How often `drain` looks at the node's progress.
@@ -188,22 +191,43 @@ impl Client {
         }
     }
 
-    /// Prints logs: of one replica, or of every replica of `workload` (for a Job, each
-    /// index's latest attempt or attempt `attempt`), with each line prefixed by the replica's
-    /// name when there are several. Each stream's error is printed once: one failure is
-    /// returned (the caller prints it), several are printed here and summed up.
-    pub async fn logs(&self, workload: &str, req: &LogsRequest) -> Result<()> {
-        let ask = ApiRequest::LogSources {
-            workload: workload.to_string(),
-            replica: req.replica.clone(),
-            attempt: req.attempt,
-            wait_ms: req.wait_ms,
+    /// Prints logs: of one replica, or of every replica of a workload (for a Job, each
+    /// index's latest attempt or attempt `attempt`), or of every workload `target`'s selector
+    /// matches, with each line prefixed by the replica's name when there are several. Each
+    /// stream's error is printed once: one failure is returned (the caller prints it),
+    /// several are printed here and summed up.
+    pub async fn logs(&self, target: &LogTarget, req: &LogsRequest) -> Result<()> {
+        let workloads = match target {
+            LogTarget::Workload(w) => vec![w.clone()],
+            LogTarget::Selector(selector) => {
+                // Matched here, from the list any viewer may read, so that -l works against
+                // hubs older than it.
+                let items = match self.request(&ApiRequest::Get { kind: ResourceKind::Workload }).await? {
+                    ApiResponse::Workloads { items } => items,
+                    ApiResponse::Error { message } => bail!("{message}"),
+                    other => bail!("unexpected answer from the hub: {other:?}"),
+                };
+                let names = matching_workloads(&items, selector);
+                if names.is_empty() {
+                    bail!("no workload has the labels {}", show_selector(selector));
+                }
+                names
+            }
         };
-        let sources = match self.request(&ask).await? {
-            ApiResponse::LogSources { sources } => sources,
-            ApiResponse::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer from the hub: {other:?}"),
-        };
+        let mut sources = Vec::new();
+        for workload in workloads {
+            let ask = ApiRequest::LogSources {
+                workload,
+                replica: req.replica.clone(),
+                attempt: req.attempt,
+                wait_ms: req.wait_ms,
+            };
+            match self.request(&ask).await? {
+                ApiResponse::LogSources { sources: s } => sources.extend(s),
+                ApiResponse::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the hub: {other:?}"),
+            }
+        }
         let prefix = sources.len() > 1;
         let mut tasks = Vec::new();
         for s in sources {
@@ -217,6 +241,9 @@ impl Client {
                 tail_lines: req.tail,
                 attempt: s.attempt,
                 wait_ms: req.wait_ms,
+                since_ms: req.since_ms,
+                timestamps: req.timestamps,
+                previous: req.previous,
             };
             let (send, recv) = self.open(&ask).await?;
             tasks.push(tokio::spawn(print_log(label, send, recv, prefix)));
@@ -240,6 +267,35 @@ pub struct LogsRequest {
     pub attempt: Option<u32>,
     /// With `follow`: how long the hub waits for a replica that has not started.
     pub wait_ms: u64,
+    /// Only lines written in the last this many milliseconds.
+    pub since_ms: Option<u64>,
+    /// Each line prefixed with the time it was written.
+    pub timestamps: bool,
+    /// The previous run's log of each replica.
+    pub previous: bool,
+}
+
+/// Whose logs `flotilla logs` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// A workload, or a replica by name.
+    Workload(String),
+    /// Every workload whose labels include all of these.
+    Selector(BTreeMap<String, String>),
+}
+
+/// The names of the workloads among `items` whose labels include every pair of `selector`,
+/// in the hub's order.
+fn matching_workloads(items: &[WorkloadView], selector: &BTreeMap<String, String>) -> Vec<String> {
+    items
+        .iter()
+        .filter(|w| selector.iter().all(|(k, v)| w.manifest.metadata.labels.get(k) == Some(v)))
+        .map(|w| w.manifest.metadata.name.clone())
+        .collect()
+}
+
+fn show_selector(selector: &BTreeMap<String, String>) -> String {
+    selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// The errors of several log streams as one result, each printed once: a single error is
@@ -327,7 +383,33 @@ fn explain_frame(e: frame::FrameError, conn: &quinn::Connection) -> anyhow::Erro
 
 #[cfg(test)]
 mod tests {
-    use super::one_error;
+    use super::*;
+
+    #[test]
+    fn a_selector_matches_workloads_having_all_its_labels() {
+        let workload = |name: &str, labels: &[(&str, &str)]| {
+            let yaml = format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\n  labels: {{{}}}\nspec:\n  runtime: wasm\n  image: r/x:1\n",
+                labels.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+            );
+            let manifest = proto::manifest::parse_manifests(&yaml).unwrap().remove(0);
+            serde_json::from_value::<WorkloadView>(serde_json::json!({
+                "manifest": manifest, "revision": 1, "readyReplicas": 0, "desiredReplicas": 1, "createdAtMs": 0,
+            }))
+            .unwrap()
+        };
+        let items = [
+            workload("web", &[("app", "shop"), ("tier", "front")]),
+            workload("api", &[("app", "shop"), ("tier", "back")]),
+            workload("other", &[("app", "blog")]),
+            workload("bare", &[]),
+        ];
+        let sel = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(matching_workloads(&items, &sel(&[("app", "shop")])), ["web", "api"]);
+        assert_eq!(matching_workloads(&items, &sel(&[("app", "shop"), ("tier", "back")])), ["api"]);
+        assert!(matching_workloads(&items, &sel(&[("app", "none")])).is_empty());
+        assert_eq!(show_selector(&sel(&[("tier", "x"), ("app", "y")])), "app=y,tier=x");
+    }
 
     #[test]
     fn one_failed_stream_is_returned_once_and_several_are_summed_up() {

@@ -144,6 +144,10 @@ enum Command {
         /// Refuse pulls and container starts while the data dir's disk has less than this free.
         #[arg(long, default_value = "256Mi")]
         min_free_disk: String,
+        /// Bound on each log file (a replica's current log, its rotated older part, its
+        /// previous run's log, each Job attempt's), e.g. 4Mi or 512Ki; timestamps count.
+        #[arg(long, default_value = "4Mi")]
+        log_max_bytes: String,
         /// Registry credentials: a Docker config.json (`auths`).
         #[arg(long)]
         registry_auth: Option<PathBuf>,
@@ -256,17 +260,38 @@ enum Command {
         /// Its name.
         name: String,
     },
-    /// Print a workload's logs (all its replicas, or one). For a Job, each index's latest
-    /// attempt, finished and failed ones included.
+    /// Print a workload's logs (all its replicas, or one), or those of every workload whose
+    /// labels match -l. For a Job, each index's latest attempt, finished and failed ones
+    /// included.
     Logs {
-        /// The workload (or a replica's name).
-        workload: String,
+        /// The workload (or a replica's name); or -l instead.
+        #[arg(required_unless_present = "selector", conflicts_with = "selector")]
+        workload: Option<String>,
+        /// The workloads with these labels (K=V, comma-separated or repeated), all their
+        /// replicas; each line is prefixed with its replica's name.
+        #[arg(
+            short = 'l',
+            long = "selector",
+            value_delimiter = ',',
+            value_parser = parse_label,
+            conflicts_with_all = ["replica", "attempt"]
+        )]
+        selector: Vec<(String, String)>,
         /// Only this replica's log.
         #[arg(long)]
         replica: Option<String>,
         /// Keep printing what is written (waits for the first output, see --wait).
         #[arg(short = 'f', long)]
         follow: bool,
+        /// Only lines written in the last DURATION (e.g. 10s, 5m, 1h), by the node's clock.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Prefix each line with the RFC 3339 UTC time (nanoseconds) it was written.
+        #[arg(long)]
+        timestamps: bool,
+        /// The log of each replica's previous run (before its last restart) instead.
+        #[arg(short = 'p', long, conflicts_with_all = ["follow", "attempt"])]
+        previous: bool,
         /// Only the last N lines of each log.
         #[arg(long)]
         tail: Option<u64>,
@@ -687,6 +712,16 @@ fn parse_range(s: &str, min_ms: u64, max_ms: u64, range: &'static str) -> Result
     Ok(std::time::Duration::from_millis(ms))
 }
 
+/// `--log-max-bytes`: a quantity, at least 1 KiB (a smaller bound would rotate at every
+/// line, and 0 would mean "never" to a container's shim but "always" to the agent).
+fn parse_log_max_bytes(s: &str) -> Result<u64> {
+    let bytes = proto::manifest::parse_quantity(s).map_err(|e| anyhow::anyhow!("--log-max-bytes: {e}"))?;
+    if bytes < 1024 {
+        bail!("--log-max-bytes: {s:?} is below the least bound, 1Ki");
+    }
+    Ok(bytes)
+}
+
 fn parse_label(s: &str) -> Result<(String, String), ArgError> {
     let (k, v) = s.split_once('=').ok_or_else(|| ArgError::Label { value: s.to_string() })?;
     Ok((k.to_string(), v.to_string()))
@@ -886,6 +921,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         containers,
         image_gc_threshold,
         min_free_disk,
+        log_max_bytes,
         registry_auth,
         objects_key_file,
         secrets_dir,
@@ -926,6 +962,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         config.metrics_listen = metrics_listen;
         config.min_free_disk_bytes =
             proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
+        config.log_max_bytes = parse_log_max_bytes(&log_max_bytes)?;
         if let Some(path) = registry_auth {
             let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
@@ -1093,11 +1130,29 @@ async fn run_command(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Logs { workload, replica, follow, tail, attempt, wait } => {
+        Command::Logs { workload, selector, replica, follow, since, timestamps, previous, tail, attempt, wait } => {
             let wait = proto::manifest::parse_duration_ms(&wait).map_err(|e| anyhow::anyhow!("--wait: {e}"))?;
+            let since_ms = since
+                .as_deref()
+                .map(proto::manifest::parse_duration_ms)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
-            let which = client::LogsRequest { replica, follow, tail, attempt, wait_ms: if follow { wait } else { 0 } };
-            client.logs(&workload, &which).await
+            let which = client::LogsRequest {
+                replica,
+                follow,
+                tail,
+                attempt,
+                wait_ms: if follow { wait } else { 0 },
+                since_ms,
+                timestamps,
+                previous,
+            };
+            let target = match workload {
+                Some(w) => client::LogTarget::Workload(w),
+                None => client::LogTarget::Selector(selector.into_iter().collect()),
+            };
+            client.logs(&target, &which).await
         }
         Command::Cordon { node } => {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
@@ -1626,6 +1681,41 @@ mod tests {
         assert!(matches!(parse_grace("soon"), Err(ArgError::Duration(_))));
         assert_eq!(parse_label("a=b").unwrap(), ("a".to_string(), "b".to_string()));
         assert_eq!(parse_label("ab").unwrap_err().to_string(), "label \"ab\" must be KEY=VALUE");
+    }
+
+    #[test]
+    fn log_bounds_parse_as_quantities_and_tiny_ones_are_refused() {
+        assert_eq!(parse_log_max_bytes("4Mi").unwrap(), 4 << 20);
+        assert_eq!(parse_log_max_bytes("1Ki").unwrap(), 1024);
+        assert!(parse_log_max_bytes("0").unwrap_err().to_string().contains("least bound"));
+        assert!(parse_log_max_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn logs_takes_a_workload_or_a_selector_not_both() {
+        use clap::Parser as _;
+        let logs = |args: &[&str]| Cli::try_parse_from([&["flotilla", "logs"][..], args].concat());
+        let Command::Logs { workload, selector, since, timestamps, previous, .. } =
+            logs(&["-l", "app=web,tier=front", "-l", "site=a", "--since", "5m", "--timestamps"]).unwrap().command
+        else {
+            panic!("not logs")
+        };
+        assert_eq!(workload, None);
+        let pairs = [("app", "web"), ("tier", "front"), ("site", "a")];
+        assert_eq!(selector, pairs.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert_eq!((since.as_deref(), timestamps, previous), (Some("5m"), true, false));
+        let Command::Logs { workload, previous, .. } = logs(&["web", "-p"]).unwrap().command else { panic!() };
+        assert_eq!((workload.as_deref(), previous), (Some("web"), true));
+        for bad in [
+            &["web", "-l", "app=web"][..],
+            &[],
+            &["-l", "app"],
+            &["-l", "app=web", "--replica", "web-0"],
+            &["web", "--previous", "-f"],
+            &["job", "--previous", "--attempt", "1"],
+        ] {
+            assert!(logs(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }
 

@@ -102,6 +102,9 @@ enum OciCommand {
         log: PathBuf,
         #[arg(long, default_value_t = 10 << 20)]
         log_max_bytes: u64,
+        /// Write timestamped records (the agent's log format) instead of raw bytes.
+        #[arg(long)]
+        log_timestamps: bool,
     },
 }
 
@@ -355,8 +358,8 @@ fn run(args: OciArgs) -> Result<u8> {
             let json = serde_json::to_string_pretty(&spec)?;
             std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
         }
-        OciCommand::Shim { id, bundle, log, log_max_bytes } => {
-            run_shim(&runtime, &ShimOptions { id, bundle, log, log_max_bytes })?;
+        OciCommand::Shim { id, bundle, log, log_max_bytes, log_timestamps } => {
+            run_shim(&runtime, &ShimOptions { id, bundle, log, log_max_bytes, log_timestamps })?;
         }
     }
     Ok(0)

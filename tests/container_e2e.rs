@@ -204,6 +204,16 @@ fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothi
             .contains("adopted running container"),
         "no adoption note"
     );
+    // The shim stamped the container's output like the agent's own lines, and an adopted
+    // container is the same run: no previous one.
+    let stamped = c.ok(&["logs", &r0, "--timestamps"]);
+    for line in stamped.lines() {
+        let ts = line.split(' ').next().unwrap();
+        assert!(oci_runtime::logline::parse_timestamp(ts.as_bytes()).is_some(), "unstamped line {line:?}");
+    }
+    assert!(stamped.contains(&format!("Z hello from {r0} pid 1\n")), "{stamped}");
+    let out = c.cli(&["logs", &r0, "--previous"]);
+    assert!(!out.status.success(), "adoption made a previous run: {}", String::from_utf8_lossy(&out.stdout));
 
     // Deleting the workload removes containers, cgroups, mounts and state.
     let out = c.cli(&["delete", "workload", "web"]);

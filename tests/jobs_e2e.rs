@@ -2,7 +2,8 @@
 //! Job whose attempts show in `describe` with their exit code, reason and last lines, whose
 //! back-off shows as BackOff, whose logs `flotilla logs` returns (latest attempt, or
 //! `--attempt N`) after it failed, and which the node deletes with the workload; `logs -f`
-//! waiting for a replica that has not started, and saying why when it never does. Wasm
+//! waiting for a replica that has not started, and saying why when it never does; and
+//! `logs --timestamps`, `--since`, `--previous` and `-l` on the node's timestamped logs. Wasm
 //! replicas (examples/hello) pulled from a real registry (Debian's docker-registry); without
 //! it the tests say why and skip, unless `CI` is set.
 
@@ -168,4 +169,108 @@ fn logs_follow_waits_for_a_replica_that_has_not_started_and_says_why_one_never_d
     let out = c.cli(&["logs", "nowhere"]);
     assert!(!out.status.success());
     assert_eq!(stderr(&out).matches("is not placed on any node").count(), 1, "{}", stderr(&out));
+}
+
+/// The nanoseconds since the Unix epoch now, by the clock the agent stamps lines with.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// `logs --timestamps` output as (time, line) pairs; panics on a line without a valid time.
+fn stamped(out: &str) -> Vec<(u64, String)> {
+    out.lines()
+        .map(|l| {
+            let (ts, rest) = l.split_once(' ').unwrap_or_else(|| panic!("no timestamp in {l:?}"));
+            let at = oci_runtime::logline::parse_timestamp(ts.as_bytes()).unwrap_or_else(|| panic!("bad time {ts:?}"));
+            (at, rest.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn logs_carry_timestamps_filter_by_age_show_the_previous_run_and_select_by_label() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let image = push_hello(&reg);
+    let test_start = now_ns();
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
+    let workload = |name: &str, app: &str, args: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec:\n  runtime: wasm\n  image: {image}\n  args: [{args}]\n  env: {{GREETING: {name}}}\n"
+        )
+    };
+    // Two lines a run, then a crash: restarted with a back-off (1 s, then 2 s, ...).
+    apply(&c, &workload("crashy", "demo", r#""--count", "2", "--interval-ms", "50", "--exit-code", "1""#));
+    apply(&c, &workload("steady", "demo", r#""--interval-ms", "200""#));
+    apply(&c, &workload("elsewise", "other", r#""--interval-ms", "200""#));
+    c.wait_for("steady to print", WAIT, || {
+        String::from_utf8_lossy(&c.cli(&["logs", "steady"]).stdout).contains("steady #1 ")
+    });
+    let started = Instant::now();
+
+    // --timestamps: every line stamped, in order, within the test's run; without the stamps
+    // the lines are exactly what the workload wrote.
+    let plain = c.ok(&["logs", "steady"]);
+    let with_ts = c.ok(&["logs", "steady", "--timestamps"]);
+    let lines = stamped(&with_ts);
+    assert!(lines.len() >= plain.lines().count() && !lines.is_empty(), "{with_ts}");
+    assert!(lines.windows(2).all(|w| w[0].0 <= w[1].0), "out of order:\n{with_ts}");
+    assert!(lines.iter().all(|(at, _)| (test_start..=now_ns()).contains(at)), "outside the test:\n{with_ts}");
+    let unstamped: String = lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+    assert!(unstamped.starts_with(&plain), "{unstamped:?} does not continue {plain:?}");
+    assert!(lines[0].1.starts_with("steady #1 from"), "{with_ts}");
+
+    // --since: after more than 4 s of output, the last 2 s leave the first lines out.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(started.elapsed()));
+    let asked = now_ns();
+    let recent = c.ok(&["logs", "steady", "--since", "2s", "--timestamps"]);
+    let recent = stamped(&recent);
+    let all = c.ok(&["logs", "steady"]).lines().count();
+    assert!(!recent.is_empty() && recent.len() < all, "{} recent of {all}", recent.len());
+    assert!(recent.iter().all(|(at, _)| *at + 2_000_000_000 >= asked - 500_000_000), "{recent:?}");
+    assert!(!recent.iter().any(|(_, l)| l.starts_with("steady #1 ")), "{recent:?}");
+    // At 5 lines a second, 2 s hold about 10 (a little slack for scheduling).
+    assert!(recent.len() <= 14, "{recent:?}");
+    let plain_recent = c.ok(&["logs", "steady", "--since", "2s"]);
+    assert!(plain_recent.lines().all(|l| l.starts_with("steady #")), "{plain_recent}");
+
+    // --previous: after a crash, the run before the current one, and only it.
+    c.wait_for("crashy to restart", WAIT, || {
+        c.replicas().iter().any(|r| r.workload == "crashy" && r.status.restarts >= 1)
+    });
+    let restarts = || c.replicas().into_iter().find(|r| r.workload == "crashy").map(|r| r.status.restarts);
+    let (previous, current) = loop {
+        // Both read between the same two restarts, or read again.
+        let before = restarts();
+        let previous = c.ok(&["logs", "crashy", "--previous", "--timestamps"]);
+        let current = c.ok(&["logs", "crashy", "--timestamps"]);
+        if restarts() == before {
+            break (stamped(&previous), stamped(&current));
+        }
+    };
+    let texts =
+        |v: &[(u64, String)]| v.iter().map(|(_, l)| l.split(" from ").next().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(texts(&previous), ["crashy #1", "crashy #2"], "one run's output: {previous:?}");
+    assert!(texts(&current).len() <= 2, "only the current run: {current:?}");
+    if let (Some(last_prev), Some(first_cur)) = (previous.last(), current.first()) {
+        assert!(last_prev.0 < first_cur.0, "previous {previous:?} is not before current {current:?}");
+    }
+    // A replica that never restarted has no previous run: one clear error.
+    let out = c.cli(&["logs", "steady", "--previous"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).matches("has no previous run").count(), 1, "{}", stderr(&out));
+
+    // -l: every replica of every workload with the label, each line prefixed with its name.
+    let out = c.ok(&["logs", "-l", "app=demo", "--tail", "2"]);
+    assert!(out.lines().any(|l| l.starts_with("[steady-0] steady #")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("[crashy-0] crashy #")), "{out}");
+    assert!(out.lines().all(|l| l.starts_with("[steady-0] ") || l.starts_with("[crashy-0] ")), "{out}");
+    let one = c.ok(&["logs", "-l", "app=other", "--timestamps", "--tail", "1"]);
+    assert!(one.lines().count() == 1 && stamped(&one)[0].1.starts_with("elsewise #"), "{one}");
+    let out = c.cli(&["logs", "-l", "app=none"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no workload has the labels app=none"), "{}", stderr(&out));
+    let out = c.cli(&["logs", "steady", "-l", "app=demo"]);
+    assert!(!out.status.success(), "a workload and a selector together must be refused");
 }

@@ -335,7 +335,13 @@ fn memory_limit_kills_and_reports_oom() {
         i.memory_bytes = Some(32 << 20)
     });
     let log = b.dir.path().join("oom.log");
-    let opts = ShimOptions { id: b.id.clone(), bundle: b.bundle(), log: log.clone(), log_max_bytes: 1 << 20 };
+    let opts = ShimOptions {
+        id: b.id.clone(),
+        bundle: b.bundle(),
+        log: log.clone(),
+        log_max_bytes: 1 << 20,
+        log_timestamps: false,
+    };
     let handle = ShimHandle::spawn(Path::new(bin()), &b.config(), &opts).unwrap();
     let exit = handle.wait_exit(Some(Duration::from_secs(30))).unwrap();
     assert!(exit.oom_killed, "{exit:?}");
@@ -402,8 +408,13 @@ fn stop_kills_after_the_grace_period() {
     }
     // pid 1 without a TERM handler ignores SIGTERM, so only SIGKILL ends it.
     let b = Bundle::new("grace", &["sleep", "1000"], |_| {});
-    let opts =
-        ShimOptions { id: b.id.clone(), bundle: b.bundle(), log: b.dir.path().join("g.log"), log_max_bytes: 1 << 20 };
+    let opts = ShimOptions {
+        id: b.id.clone(),
+        bundle: b.bundle(),
+        log: b.dir.path().join("g.log"),
+        log_max_bytes: 1 << 20,
+        log_timestamps: false,
+    };
     let handle = ShimHandle::spawn(Path::new(bin()), &b.config(), &opts).unwrap();
     let start = Instant::now();
     let exit = handle.stop(Duration::from_millis(300)).unwrap();

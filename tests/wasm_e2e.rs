@@ -522,6 +522,22 @@ fn a_wasm_component_reads_secrets_as_env_and_files_offline_too_and_only_its_node
     assert!(found.is_empty(), "the plaintext of the secret is on disk in {found:?}");
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `flotilla events` as (at_ms, object, reason, message), oldest first.
 fn events(c: &Cluster, args: &[&str]) -> Vec<proto::messages::ClusterEvent> {
     let mut all = vec!["events", "-o", "json"];
@@ -542,14 +558,18 @@ fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_ret
     c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
     // `events -w` from the start, through everything below (a hub restart included).
     let watched = c.dir.path().join("events-watch.json");
-    let mut watcher = std::process::Command::new(cluster::bin())
-        .arg("--config")
-        .arg(c.config_path())
-        .args(["events", "-w", "-o", "json", "--since", "1h"])
-        .stdout(std::fs::File::create(&watched).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed however the test ends: a watcher left running would hold the e2e lock it
+    // inherited.
+    let mut watcher = KillOnDrop(
+        std::process::Command::new(cluster::bin())
+            .arg("--config")
+            .arg(c.config_path())
+            .args(["events", "-w", "-o", "json", "--since", "1h"])
+            .stdout(std::fs::File::create(&watched).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let crash = workload("crash", &hello, "  args: [\"--count\", \"1\", \"--exit-code\", \"3\"]\n");
     let web = |greeting: &str| workload("web", &hello, &format!("  env: {{GREETING: {greeting}}}\n"));
     apply(&c, &[crash, web("one")]);
@@ -625,8 +645,7 @@ fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_ret
         text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     };
     c.wait_for("the watcher caught up", Duration::from_secs(15), || seen(&read()));
-    let _ = watcher.kill();
-    let _ = watcher.wait();
+    watcher.stop();
     let w = read();
     let first = |pred: &dyn Fn(&proto::messages::ClusterEvent) -> bool| {
         w.iter().position(pred).unwrap_or_else(|| panic!("missing from the watch: {w:#?}"))

@@ -339,7 +339,9 @@ impl Inner {
         let this = self.clone();
         let (replica, template, hash) = (ctx.replica.clone(), t.clone(), hash.to_string());
         // The shim writes the container's output itself, into the run's log (a Job attempt's
-        // own, for attempts).
+        // own, for attempts). A new container (not an adopted one) is a new run: the log so
+        // far becomes the previous run's, before the shim opens the file.
+        ctx.log.begin_run();
         let log = ctx.log.path().to_path_buf();
         blocking(move || this.create(&replica, &template, &image, &lowers, &hash, log)).await
     }
@@ -432,7 +434,14 @@ impl Inner {
         std::os::unix::fs::symlink(&private_config, &link)
             .map_err(|error| StartError::Write { path: link.clone(), error })?;
         write_file(&bundle.join("template"), hash.as_bytes())?;
-        let opts = ShimOptions { id: id.to_string(), bundle: bundle.clone(), log, log_max_bytes: self.log_max_bytes };
+        // Timestamped records, as the agent's own writes to the same file ([`crate::logs`]).
+        let opts = ShimOptions {
+            id: id.to_string(),
+            bundle: bundle.clone(),
+            log,
+            log_max_bytes: self.log_max_bytes,
+            log_timestamps: true,
+        };
         let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts)?;
         info!(replica = id, pid = handle.pid(), shim = handle.shim_pid(), "container started");
         Ok(handle)

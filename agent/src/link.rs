@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use oci_runtime::logline;
 use proto::messages::{
     AgentMsg, AgentRequest, AssignmentSet, CLOSE_REVOKED, HubMsg, HubRequest, NodeFacts, RenewResponse, ReplicaStatus,
     StreamStart, UpgradeAnswer,
@@ -475,44 +476,6 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Where the last `lines` lines of a `len`-byte log start, reading backwards in blocks. A
-/// final line without its newline counts as a line.
-fn tail_offset(
-    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
-    len: u64,
-    lines: u64,
-) -> std::io::Result<u64> {
-    if lines == 0 {
-        return Ok(len);
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut end = len;
-    // The newline that ends the file's last line does not start a line.
-    let mut newlines_to_skip = 1;
-    let mut found = 0u64;
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        let n = read_at(start, chunk)?;
-        for i in (0..n).rev() {
-            if chunk[i] != b'\n' {
-                newlines_to_skip = 0;
-                continue;
-            }
-            if newlines_to_skip > 0 {
-                newlines_to_skip = 0;
-                continue;
-            }
-            found += 1;
-            if found == lines {
-                return Ok(start + i as u64 + 1);
-            }
-        }
-        end = start;
-    }
-    Ok(0)
-}
-
 enum SessionError {
     Fatal(IdentityError),
     Transient(String),
@@ -539,8 +502,19 @@ async fn serve_stream(
         _ => return,
     };
     match req {
-        HubRequest::Logs { replica, follow, tail_lines, attempt, workload, wait_ms } => {
-            let which = LogRequest { replica, attempt, workload, follow, tail_lines, wait_ms };
+        HubRequest::Logs {
+            replica,
+            follow,
+            tail_lines,
+            attempt,
+            workload,
+            wait_ms,
+            since_ms,
+            timestamps,
+            previous,
+        } => {
+            let which =
+                LogRequest { replica, attempt, workload, follow, tail_lines, wait_ms, since_ms, timestamps, previous };
             if let Err(e) = stream_log(&logs, &mut send, &which).await {
                 debug!(replica = %which.replica, error = %e, "log stream ended");
             }
@@ -585,6 +559,9 @@ struct LogRequest {
     follow: bool,
     tail_lines: Option<u64>,
     wait_ms: u64,
+    since_ms: Option<u64>,
+    timestamps: bool,
+    previous: bool,
 }
 
 /// How often a follower looks for new bytes, or for a log that does not exist yet.
@@ -597,7 +574,8 @@ async fn stream_log(
     send: &mut quinn::SendStream,
     req: &LogRequest,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (replica, follow) = (req.replica.as_str(), req.follow);
+    // The previous run's log no longer grows: it is read once, not followed.
+    let (replica, follow) = (req.replica.as_str(), req.follow && !req.previous);
     // The names come from the hub; they become a path, so they must be plain names.
     let path = match log_path(logs, req) {
         Ok(p) => p,
@@ -610,6 +588,10 @@ async fn stream_log(
         Some(n) => format!("attempt {n} of replica {replica}"),
         None => format!("replica {replica}"),
     };
+    // The cutoff by this node's clock, the one that stamped the lines.
+    let since_ns = req.since_ms.map(|ms| wall_ns().saturating_sub(ms.saturating_mul(1_000_000)));
+    let mut decoder = logline::Decoder::new(req.timestamps, since_ns);
+    let mut out = Vec::new();
     // Following a run that has not started yet: wait (bounded) for its first output.
     let wait = if follow { req.wait_ms.min(MAX_LOG_WAIT_MS) } else { 0 };
     let wait_until = tokio::time::Instant::now() + Duration::from_millis(wait);
@@ -621,6 +603,11 @@ async fn stream_log(
                     _ = tokio::time::sleep(FOLLOW_POLL) => {}
                     _ = send.stopped() => return Ok(()),
                 }
+            }
+            Err(_) if req.previous => {
+                let message = format!("{what} has no previous run on this node (it has not restarted here)");
+                frame::write(send, &StreamStart::Error { message }).await?;
+                return Ok(());
             }
             Err(_) => {
                 let message = format!("no logs yet for {what} on this node");
@@ -636,7 +623,7 @@ async fn stream_log(
             tokio::task::spawn_blocking(move || {
                 use std::os::unix::fs::FileExt;
                 let len = std_file.metadata()?.len();
-                tail_offset(|off, buf| std_file.read_at(buf, off), len, lines)
+                logline::tail_offset(|off, buf| std_file.read_at(buf, off), len, lines)
             })
             .await??
         }
@@ -647,11 +634,17 @@ async fn stream_log(
     loop {
         let n = file.read(&mut buf).await?;
         if n > 0 {
-            send.write_all(&buf[..n]).await?;
+            // Records back to the workload's bytes (a record cut by this read waits for the
+            // next one).
+            decoder.push(&buf[..n], &mut out);
+            send.write_all(&out).await?;
+            out.clear();
             pos += n as u64;
             continue;
         }
         if !follow {
+            decoder.finish(&mut out);
+            send.write_all(&out).await?;
             break;
         }
         tokio::select! {
@@ -665,6 +658,7 @@ async fn stream_log(
         {
             file = tokio::fs::File::open(&path).await?;
             pos = 0;
+            decoder.restart();
         }
     }
     send.finish()?;
@@ -680,6 +674,8 @@ enum BadLogRequest {
     Workload(String),
     #[error("a Job attempt's log needs its workload")]
     NoWorkload,
+    #[error("a Job attempt runs once and has no previous run; see --attempt")]
+    PreviousAttempt,
 }
 
 /// The file a log request names, or why it names none.
@@ -689,11 +685,17 @@ fn log_path(logs: &LogStore, req: &LogRequest) -> Result<PathBuf, BadLogRequest>
         return Err(BadLogRequest::Replica(req.replica.clone()));
     }
     match (req.attempt, req.workload.as_deref()) {
+        (None, _) if req.previous => Ok(logs.prev_path(&req.replica)),
         (None, _) => Ok(logs.path(&req.replica)),
+        (Some(_), _) if req.previous => Err(BadLogRequest::PreviousAttempt),
         (Some(n), Some(w)) if valid(w) => Ok(logs.attempt_path(w, &req.replica, n)),
         (Some(_), Some(w)) => Err(BadLogRequest::Workload(w.to_string())),
         (Some(_), None) => Err(BadLogRequest::NoWorkload),
     }
+}
+
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn wall_ms() -> u64 {
@@ -702,35 +704,27 @@ fn wall_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::tail_offset;
+    use super::*;
 
-    fn tail(text: &str, lines: u64) -> &str {
-        let bytes = text.as_bytes();
-        let read_at = |off: u64, buf: &mut [u8]| {
-            let off = off as usize;
-            let n = buf.len().min(bytes.len() - off);
-            buf[..n].copy_from_slice(&bytes[off..off + n]);
-            Ok(n)
+    #[test]
+    fn a_log_request_names_the_current_previous_or_attempt_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path(), 1000).unwrap();
+        let req = |replica: &str, attempt, previous| LogRequest {
+            replica: replica.into(),
+            attempt,
+            workload: Some("j".into()),
+            follow: false,
+            tail_lines: None,
+            wait_ms: 0,
+            since_ms: None,
+            timestamps: false,
+            previous,
         };
-        &text[tail_offset(read_at, bytes.len() as u64, lines).unwrap() as usize..]
-    }
-
-    #[test]
-    fn tails_whole_lines() {
-        assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
-        assert_eq!(tail("a\nb\nc\n", 1), "c\n");
-        assert_eq!(tail("a\nb\nc\n", 9), "a\nb\nc\n");
-        assert_eq!(tail("a\nb\npartial", 1), "partial");
-        assert_eq!(tail("a\nb\npartial", 2), "b\npartial");
-        assert_eq!(tail("a\n\n", 1), "\n");
-        assert_eq!(tail("", 3), "");
-        assert_eq!(tail("a\nb\n", 0), "");
-    }
-
-    #[test]
-    fn tails_across_read_blocks() {
-        let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(tail(&text, 3), "line 19997\nline 19998\nline 19999\n");
-        assert_eq!(tail(&text, 20_000).len(), text.len());
+        assert_eq!(log_path(&logs, &req("w-0", None, false)), Ok(logs.path("w-0")));
+        assert_eq!(log_path(&logs, &req("w-0", None, true)), Ok(logs.prev_path("w-0")));
+        assert_eq!(log_path(&logs, &req("j-0", Some(2), false)), Ok(logs.attempt_path("j", "j-0", 2)));
+        assert_eq!(log_path(&logs, &req("j-0", Some(2), true)), Err(BadLogRequest::PreviousAttempt));
+        assert_eq!(log_path(&logs, &req("../x", None, true)), Err(BadLogRequest::Replica("../x".into())));
     }
 }

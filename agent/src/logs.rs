@@ -1,6 +1,17 @@
-//! Per-replica log files: stdout and stderr of every run appended to `<dir>/<replica>.log`,
-//! bounded by rotation to one previous file (`.log.1`), so a chatty workload cannot fill a
-//! gateway's flash.
+//! Per-replica log files: stdout and stderr of a run appended to `<dir>/<replica>.log`,
+//! bounded by rotation to one older file (`.log.1`), so a chatty workload cannot fill a
+//! gateway's flash. Every write is stored as timestamped records ([`oci_runtime::logline`],
+//! which the container shims write too), so `flotilla logs --timestamps` and `--since` can be
+//! answered; read back without options the bytes are exactly the workload's. Files of older
+//! agents (raw bytes) read as raw lines.
+//!
+//! When a replica's new run starts ([`LogSink::begin_run`], not when a restarted agent adopts
+//! a container still running), the current log becomes `<replica>.prev.log` (what
+//! `flotilla logs --previous` reads) and `.log.1` is deleted: a replica keeps its current run
+//! (at most twice the bound) and the last part of its previous run (at most the bound). Each
+//! run starts its log with an invisible marker record, so a run that wrote nothing still
+//! counts as the previous one, and a start that failed before its run (a module that could
+//! not be pulled) does not.
 //!
 //! Job attempts (assignments with an attempt number) get a log each, with the same bound:
 //! `<dir>/attempts/<workload>/<replica>.<attempt>.log`. They outlive their attempt, so that
@@ -14,6 +25,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use oci_runtime::logline;
 use proto::messages::{LAST_OUTPUT_LINE_BYTES, LAST_OUTPUT_LINES};
 
 /// Attempts of one Job replica whose logs a node keeps; older ones are deleted when a new
@@ -44,6 +56,11 @@ impl LogStore {
         self.dir.join(format!("{replica}.log"))
     }
 
+    /// The log of `replica`'s previous run (see [`LogSink::begin_run`]).
+    pub fn prev_path(&self, replica: &str) -> PathBuf {
+        self.dir.join(format!("{replica}.prev.log"))
+    }
+
     /// The log of attempt `attempt` of Job replica `replica` of `workload` (both names
     /// checked by the caller).
     pub fn attempt_path(&self, workload: &str, replica: &str, attempt: u32) -> PathBuf {
@@ -56,7 +73,7 @@ impl LogStore {
 
     /// A sink appending to `replica`'s log.
     pub fn sink(&self, replica: &str) -> io::Result<Arc<LogSink>> {
-        self.open_sink(self.path(replica))
+        self.open_sink(self.path(replica), Some(self.prev_path(replica)))
     }
 
     /// A sink appending to the log of attempt `attempt` of Job replica `replica`. A new
@@ -72,13 +89,21 @@ impl LogStore {
                 let _ = fs::remove_file(old);
             }
         }
-        self.open_sink(path)
+        // An attempt runs once: it has no previous run of its own (see `--attempt`).
+        self.open_sink(path, None)
     }
 
-    fn open_sink(&self, path: PathBuf) -> io::Result<Arc<LogSink>> {
+    /// A sink on `path`, created if missing (so `flotilla logs` finds the replica's log,
+    /// empty, while its first run is still being prepared).
+    fn open_sink(&self, path: PathBuf, prev: Option<PathBuf>) -> io::Result<Arc<LogSink>> {
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let len = file.metadata()?.len();
-        Ok(Arc::new(LogSink { path, max_bytes: self.max_bytes, inner: Mutex::new(Inner { file, len }) }))
+        Ok(Arc::new(LogSink {
+            path,
+            prev,
+            max_bytes: self.max_bytes,
+            inner: Mutex::new(Inner { file: Some(file), len }),
+        }))
     }
 
     /// Deletes logs nothing names any more: the logs of replicas not in `replicas` (removed
@@ -88,7 +113,10 @@ impl LogStore {
         if let Ok(entries) = fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let replica = name.strip_suffix(".log.1").or_else(|| name.strip_suffix(".log"));
+                let replica = name
+                    .strip_suffix(".log.1")
+                    .or_else(|| name.strip_suffix(".prev.log"))
+                    .or_else(|| name.strip_suffix(".log"));
                 if let Some(r) = replica
                     && !replicas.contains(r)
                     && e.file_type().is_ok_and(|t| t.is_file())
@@ -110,41 +138,102 @@ impl LogStore {
     pub fn remove(&self, replica: &str) {
         let path = self.path(replica);
         let _ = fs::remove_file(path.with_extension("log.1"));
+        let _ = fs::remove_file(self.prev_path(replica));
         let _ = fs::remove_file(path);
     }
 }
 
 struct Inner {
-    file: File,
+    /// `None` after the file was renamed away, until it is opened again.
+    file: Option<File>,
     len: u64,
 }
 
 /// An append-only, size-bounded log file. Writers on several threads share it.
 pub struct LogSink {
     path: PathBuf,
+    /// Where the log goes when a new run starts; `None` for a Job attempt.
+    prev: Option<PathBuf>,
     max_bytes: u64,
     // std Mutex: writes are short and never await.
     inner: Mutex<Inner>,
 }
 
 impl LogSink {
+    /// Appends `bytes`, written now, as timestamped records. The bound counts the records'
+    /// bytes on disk (a 33-byte header per line), so a workload gets a little less than
+    /// `max_bytes` of its own output per file.
     pub fn write_bytes(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut framed = Vec::with_capacity(bytes.len() + logline::HEADER_LEN);
+        logline::frame(wall_ns(), bytes, &mut framed);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.len + bytes.len() as u64 > self.max_bytes && inner.len > 0 {
+        if inner.len + framed.len() as u64 > self.max_bytes && inner.len > 0 {
             match rotate(&self.path) {
                 Ok(f) => {
-                    inner.file = f;
+                    inner.file = Some(f);
                     inner.len = 0;
                 }
                 Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate log"),
             }
         }
         // A full disk must not take the agent down; the bytes are lost and that is logged.
-        if let Err(e) = inner.file.write_all(bytes) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write log");
-        } else {
-            inner.len += bytes.len() as u64;
+        let written = match self.file(&mut inner) {
+            Ok(file) => file.write_all(&framed),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => inner.len += framed.len() as u64,
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot write log"),
         }
+    }
+
+    /// A new run of the replica starts (not an adopted one). If the log holds anything (a
+    /// run's marker at least; or only its rotated part does, a shim having just rotated),
+    /// that becomes the previous run's log (`<replica>.prev.log`, replacing the one before)
+    /// and the older rotated part is deleted. Then the run's marker starts the log, so that
+    /// even a run that writes nothing is the previous run for the next. Errors are logged:
+    /// the run goes ahead regardless.
+    pub fn begin_run(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(prev) = &self.prev {
+            let older = self.path.with_extension("log.1");
+            let written = fs::metadata(&self.path).is_ok_and(|m| m.len() > 0);
+            let last = if written { Some(&self.path) } else { Some(&older).filter(|o| o.exists()) };
+            if let Some(last) = last {
+                if let Err(e) = fs::rename(last, prev) {
+                    tracing::warn!(path = %last.display(), error = %e, "cannot keep the previous run's log");
+                }
+                let _ = fs::remove_file(&older);
+                inner.file = None;
+                inner.len = 0;
+            }
+        }
+        let mut marker = Vec::with_capacity(logline::HEADER_LEN + 1);
+        logline::run_start(wall_ns(), &mut marker);
+        let written = match self.file(&mut inner) {
+            Ok(file) => file.write_all(&marker),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => inner.len += marker.len() as u64,
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot start the run's log"),
+        }
+    }
+
+    /// The open file, created (or, after a rename, reopened) when needed.
+    fn file<'a>(&self, inner: &'a mut Inner) -> io::Result<&'a mut File> {
+        let file = match inner.file.take() {
+            Some(f) => f,
+            None => {
+                let f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+                inner.len = f.metadata()?.len();
+                f
+            }
+        };
+        Ok(inner.file.insert(file))
     }
 
     /// A line from the agent itself ("starting", "exited with code 1"), marked as such.
@@ -204,10 +293,9 @@ pub fn last_output(path: &Path) -> Vec<String> {
         f.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
         let mut buf = Vec::new();
         f.take(WINDOW).read_to_end(&mut buf)?;
-        Ok(buf)
+        Ok(window_text(&buf, len > WINDOW))
     };
-    let bytes = read(path).unwrap_or_default();
-    let lines = last_lines(&bytes);
+    let lines = last_lines(&read(path).unwrap_or_default());
     if !lines.is_empty() {
         return lines;
     }
@@ -215,8 +303,15 @@ pub fn last_output(path: &Path) -> Vec<String> {
     last_lines(&read(&path.with_extension("log.1")).unwrap_or_default())
 }
 
-/// The workload's last lines in `bytes` (the end of a log), as [`last_output`] keeps them. The
-/// first line may be cut by the window, so it counts only when the window is not full.
+/// The workload's bytes in the end of a log: a window that does not start at the file's
+/// start (`cut`) begins with a cut record, which is left out.
+fn window_text(bytes: &[u8], cut: bool) -> Vec<u8> {
+    let whole = if cut { bytes.iter().position(|&b| b == b'\n').map_or(&[][..], |i| &bytes[i + 1..]) } else { bytes };
+    logline::decode(whole, false, None)
+}
+
+/// The workload's last lines in `bytes` (the end of a log, decoded by [`window_text`]), as
+/// [`last_output`] keeps them.
 fn last_lines(bytes: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(bytes);
     let mut lines: Vec<String> = text
@@ -235,6 +330,11 @@ fn last_lines(bytes: &[u8]) -> Vec<String> {
     lines
 }
 
+/// The wall clock, in nanoseconds since the Unix epoch: when a log line was written.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn rotate(path: &Path) -> io::Result<File> {
     fs::rename(path, path.with_extension("log.1"))?;
     OpenOptions::new().create(true).append(true).open(path)
@@ -250,21 +350,127 @@ impl wasm_runtime::OutputSink for LogSink {
 mod tests {
     use super::*;
 
+    /// What `flotilla logs` prints of the file at `path`.
+    fn read_log(path: &Path) -> Vec<u8> {
+        logline::decode(&fs::read(path).unwrap(), false, None)
+    }
+
     #[test]
     fn appends_and_rotates_at_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path(), 100).unwrap();
+        // A 100-byte partial line takes 134 bytes as a record (33 of header, 1 of newline).
+        let store = LogStore::open(dir.path(), 200).unwrap();
         let sink = store.sink("w-0").unwrap();
-        sink.write_bytes(&[b'a'; 60]);
-        sink.write_bytes(&[b'b'; 60]);
-        assert_eq!(fs::read(store.path("w-0")).unwrap(), vec![b'b'; 60]);
-        assert_eq!(fs::read(store.path("w-0").with_extension("log.1")).unwrap(), vec![b'a'; 60]);
-        // A reopened sink continues the count.
+        sink.write_bytes(&[b'a'; 100]);
+        sink.write_bytes(&[b'b'; 100]);
+        assert_eq!(read_log(&store.path("w-0")), vec![b'b'; 100]);
+        assert_eq!(read_log(&store.path("w-0").with_extension("log.1")), vec![b'a'; 100]);
+        assert_eq!(fs::metadata(store.path("w-0")).unwrap().len(), 134);
+        // A reopened sink continues the count: 134 + 64 fits, 35 more does not.
         let again = store.sink("w-0").unwrap();
         again.write_bytes(&[b'c'; 30]);
-        assert_eq!(fs::metadata(store.path("w-0")).unwrap().len(), 90);
+        assert_eq!(fs::metadata(store.path("w-0")).unwrap().len(), 198);
+        again.write_bytes(b"d");
+        let mut older = vec![b'b'; 100];
+        older.extend([b'c'; 30]);
+        assert_eq!(read_log(&store.path("w-0").with_extension("log.1")), older);
+        assert_eq!(read_log(&store.path("w-0")), b"d");
         store.remove("w-0");
         assert!(!store.path("w-0").exists());
+    }
+
+    #[test]
+    fn lines_are_stored_with_the_time_they_were_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), 1 << 20).unwrap();
+        let sink = store.sink("w-0").unwrap();
+        let before = wall_ns();
+        sink.write_bytes(b"one\ntw");
+        sink.write_bytes(b"o\n");
+        sink.note("exited with code 0");
+        let after = wall_ns();
+        let stored = fs::read(store.path("w-0")).unwrap();
+        assert_eq!(logline::decode(&stored, false, None), b"one\ntwo\n[flotilla] exited with code 0\n");
+        let times: Vec<u64> = stored
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| logline::parse_record(l).at_ns.unwrap())
+            .collect();
+        assert_eq!(times.len(), 4, "one record per line or chunk");
+        assert!(times.windows(2).all(|w| w[0] <= w[1]) && times[0] >= before && times[3] <= after, "{times:?}");
+    }
+
+    #[test]
+    fn a_new_run_keeps_the_previous_runs_log_and_an_adopted_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        // 134 bytes per 100-byte chunk: the second rotates, "run one" and the note fit.
+        let store = LogStore::open(dir.path(), 250).unwrap();
+        let first = store.sink("w-0").unwrap();
+        first.begin_run();
+        assert!(store.path("w-0").exists() && !store.prev_path("w-0").exists(), "a first run has no previous");
+        first.write_bytes(&[b'a'; 100]);
+        first.write_bytes(&[b'a'; 100]);
+        first.write_bytes(b"run one\n");
+        assert!(store.path("w-0").with_extension("log.1").exists(), "rotated by size");
+        // A restarted agent adopting the container opens a sink but starts no run.
+        let adopted = store.sink("w-0").unwrap();
+        adopted.note("adopted");
+        assert!(!store.prev_path("w-0").exists());
+        // A restart: run one's log (its last file) is the previous; its older part goes.
+        let second = store.sink("w-0").unwrap();
+        second.begin_run();
+        second.write_bytes(b"run two\n");
+        assert_eq!(read_log(&store.prev_path("w-0")), [&[b'a'; 100][..], b"run one\n[flotilla] adopted\n"].concat());
+        assert_eq!(read_log(&store.path("w-0")), b"run two\n");
+        assert!(!store.path("w-0").with_extension("log.1").exists());
+        // A run that wrote nothing is still the previous one for the next run...
+        store.sink("w-0").unwrap().begin_run();
+        store.sink("w-0").unwrap().begin_run();
+        assert_eq!(read_log(&store.prev_path("w-0")), b"");
+        assert!(fs::metadata(store.prev_path("w-0")).unwrap().len() > 0, "its marker");
+        // ... but a start that failed before its run is not.
+        store.sink("w-0").unwrap().write_bytes(b"run four\n");
+        let _failed_early = store.sink("w-0").unwrap();
+        store.sink("w-0").unwrap().begin_run();
+        assert_eq!(read_log(&store.prev_path("w-0")), b"run four\n");
+        // A fresh replica: its log exists (empty) from the first start, and no previous run.
+        let fresh = store.sink("f-0").unwrap();
+        assert!(store.path("f-0").exists());
+        fresh.begin_run();
+        assert!(!store.prev_path("f-0").exists(), "a first run has no previous");
+        // The shim rotated and the run wrote nothing since: the rotated part is the previous.
+        fs::rename(store.path("f-0"), store.path("f-0").with_extension("log.1")).unwrap();
+        fs::write(store.path("f-0"), b"").unwrap();
+        store.sink("f-0").unwrap().begin_run();
+        assert!(store.prev_path("f-0").exists() && !store.path("f-0").with_extension("log.1").exists());
+        // Job attempts have no previous run of their own.
+        let attempt = store.attempt_sink("j", "j-0", 1).unwrap();
+        attempt.write_bytes(b"x\n");
+        attempt.begin_run();
+        assert_eq!(read_log(&store.attempt_path("j", "j-0", 1)), b"x\n");
+        store.remove("w-0");
+        assert!(!store.path("w-0").exists() && !store.prev_path("w-0").exists());
+    }
+
+    #[test]
+    fn last_output_reads_records_and_old_raw_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // An older agent's file: raw bytes.
+        let raw = dir.path().join("old.log");
+        fs::write(&raw, b"[flotilla] starting\nraw one\nraw two\n").unwrap();
+        assert_eq!(last_output(&raw), ["raw one", "raw two"]);
+        // A window that cuts the file leaves the cut record out rather than show its header.
+        let store = LogStore::open(dir.path(), 1 << 20).unwrap();
+        let sink = store.sink("big-0").unwrap();
+        for i in 0..2000 {
+            sink.write_bytes(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(
+            last_output(&store.path("big-0")),
+            ["line 1995", "line 1996", "line 1997", "line 1998", "line 1999"]
+        );
+        let window = window_text(&fs::read(store.path("big-0")).unwrap()[5..], true);
+        assert!(window.starts_with(b"line 1\n"), "{}", String::from_utf8_lossy(&window[..20]));
     }
 
     #[test]
@@ -276,9 +482,9 @@ mod tests {
         let second = store.attempt_sink("j", "j-0", 2).unwrap();
         second.write_bytes(&[b'x'; 60]);
         second.write_bytes(&[b'y'; 60]);
-        assert_eq!(fs::read(store.attempt_path("j", "j-0", 1)).unwrap(), b"attempt one\n");
+        assert_eq!(read_log(&store.attempt_path("j", "j-0", 1)), b"attempt one\n");
         // Rotated at the same bound as a replica's log.
-        assert_eq!(fs::read(store.attempt_path("j", "j-0", 2)).unwrap(), vec![b'y'; 60]);
+        assert_eq!(read_log(&store.attempt_path("j", "j-0", 2)), vec![b'y'; 60]);
         assert!(store.attempt_path("j", "j-0", 2).with_extension("log.1").exists());
         assert!(!store.path("j-0").exists(), "an attempt does not write the replica's own log");
         // Attempt 1 + KEPT_ATTEMPTS drops attempt 1 (and only it).
@@ -302,12 +508,15 @@ mod tests {
             store.sink(r).unwrap().write_bytes(b"x\n");
         }
         fs::write(store.path("gone-0").with_extension("log.1"), b"old").unwrap();
+        fs::write(store.prev_path("gone-0"), b"older").unwrap();
+        fs::write(store.prev_path("a-0"), b"kept").unwrap();
         store.attempt_sink("job", "job-0", 1).unwrap().write_bytes(b"x\n");
         store.attempt_sink("deleted", "deleted-0", 3).unwrap().write_bytes(b"x\n");
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         store.sweep(&names(&["a-0"]), &names(&["job"]));
-        assert!(store.path("a-0").exists());
+        assert!(store.path("a-0").exists() && store.prev_path("a-0").exists());
         assert!(!store.path("gone-0").exists() && !store.path("gone-0").with_extension("log.1").exists());
+        assert!(!store.prev_path("gone-0").exists());
         assert!(store.attempt_path("job", "job-0", 1).exists());
         assert!(!dir.path().join("attempts/deleted").exists());
     }

@@ -231,7 +231,11 @@ impl WasmRuntime {
 
 /// A duration as events and logs show it: milliseconds below ten seconds, else seconds.
 pub fn took(d: std::time::Duration) -> String {
-    if d < std::time::Duration::from_secs(10) { format!("{} ms", d.as_millis()) } else { format!("{:.1} s", d.as_secs_f64()) }
+    if d < std::time::Duration::from_secs(10) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// The image's module in the artifact store: from this process's earlier pull when its blob
@@ -394,6 +398,9 @@ impl Runtime for WasmRuntime {
             let network = t.network == NetworkMode::Host;
             // Listed from here until this run's future ends (its guests are gone by then).
             let metering = usage.track(&ctx.replica);
+            // A guest never outlives the agent's process, so every run here is a new one:
+            // the log so far becomes the previous run's (`flotilla logs --previous`).
+            ctx.log.begin_run();
             match (t.http, program.is_http()) {
                 (Some(http), true) => {
                     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, http.port));

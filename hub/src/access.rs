@@ -330,7 +330,16 @@ mod tests {
         let reads = [
             ApiRequest::Get { kind: ResourceKind::Workload },
             ApiRequest::Describe { kind: ResourceKind::Node, name: "n".into() },
-            ApiRequest::Logs { replica: "r".into(), follow: true, tail_lines: None, attempt: None, wait_ms: 0 },
+            ApiRequest::Logs {
+                replica: "r".into(),
+                follow: true,
+                tail_lines: None,
+                attempt: None,
+                wait_ms: 0,
+                since_ms: None,
+                timestamps: false,
+                previous: false,
+            },
             ApiRequest::RolloutStatus { name: "w".into() },
             ApiRequest::CertsStatus,
             ApiRequest::UpgradeStatus,

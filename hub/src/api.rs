@@ -103,9 +103,9 @@ async fn handle(
         let _ = send.finish();
         return Ok(());
     }
-    if let ApiRequest::Logs { replica, follow, tail_lines, attempt, wait_ms } = req {
+    if let ApiRequest::Logs { replica, follow, tail_lines, attempt, wait_ms, since_ms, timestamps, previous } = req {
         let wait_ms = if follow { wait_ms.min(MAX_LOG_WAIT_MS) } else { 0 };
-        let req = LogRequest { replica, attempt, follow, tail_lines, wait_ms };
+        let req = LogRequest { replica, attempt, follow, tail_lines, wait_ms, since_ms, timestamps, previous };
         return relay_logs(&shared, &mut send, req).await;
     }
     let response = match crate::users::answer(&shared, caller, leaf, &req).await {
@@ -705,6 +705,10 @@ struct LogRequest {
     tail_lines: Option<u64>,
     /// How long to wait for the replica to start (0 unless following).
     wait_ms: u64,
+    /// Passed on to the agent, which alone knows when its lines were written.
+    since_ms: Option<u64>,
+    timestamps: bool,
+    previous: bool,
 }
 
 /// Where a log is: the node's connection and, for a Job attempt, its workload.
@@ -804,6 +808,9 @@ async fn relay_logs(shared: &Shared, send: &mut quinn::SendStream, req: LogReque
         attempt: req.attempt,
         workload: located.workload,
         wait_ms,
+        since_ms: req.since_ms,
+        timestamps: req.timestamps,
+        previous: req.previous,
     };
     frame::write(&mut agent_send, &ask).await?;
     let start = frame::read::<StreamStart>(&mut agent_recv)

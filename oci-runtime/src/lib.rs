@@ -21,6 +21,7 @@
 pub mod container;
 pub mod durable;
 pub mod image;
+pub mod logline;
 mod registry;
 mod store;
 

@@ -421,6 +421,18 @@ pub enum HubRequest {
         /// started) before answering an error. 0: answer at once.
         #[serde(default)]
         wait_ms: u64,
+        /// Only the lines written in the last `since_ms` by the agent's clock (with
+        /// `tail_lines`: of those last lines). Agents older than this field ignore it, and
+        /// the two below, and send the whole log as it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ms: Option<u64>,
+        /// Each line prefixed with the RFC 3339 UTC time it was written and a space.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timestamps: bool,
+        /// The replica's previous run's log (`<replica>.prev.log`) instead of its current
+        /// one; never followed, since it no longer grows. Not for Job attempts.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        previous: bool,
     },
     /// Replace the agent binary with `image` (an agent artifact, see `flotilla push --agent`)
     /// for this node's platform. The agent pulls and verifies it, answers with one
@@ -636,6 +648,14 @@ pub enum ApiRequest {
         /// node not connected, no log yet) before answering why.
         #[serde(default)]
         wait_ms: u64,
+        /// Passed on to the agent as [`HubRequest::Logs`] has them; hubs older than these
+        /// fields drop them (the whole current log is sent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timestamps: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        previous: bool,
     },
     /// Runs a command in a container replica through its node's link; answered with
     /// [`StreamStart`], then [`crate::exec`] chunks both ways (see [`HubRequest::Exec`]).
@@ -1123,11 +1143,36 @@ mod tests {
     fn log_requests_and_sets_of_older_peers_still_parse() {
         let r: HubRequest =
             serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":true,"tailLines":null}"#).unwrap();
-        let HubRequest::Logs { attempt, workload, wait_ms, .. } = r else { panic!("{r:?}") };
-        assert_eq!((attempt, workload, wait_ms), (None, None, 0));
+        let HubRequest::Logs { attempt, workload, wait_ms, since_ms, timestamps, previous, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((attempt, workload, wait_ms, since_ms, timestamps, previous), (None, None, 0, None, false, false));
         let r: ApiRequest =
             serde_json::from_str(r#"{"type":"logs","replica":"w-0","follow":false,"tailLines":3}"#).unwrap();
-        assert!(matches!(r, ApiRequest::Logs { attempt: None, wait_ms: 0, .. }), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                ApiRequest::Logs { attempt: None, wait_ms: 0, since_ms: None, timestamps: false, previous: false, .. }
+            ),
+            "{r:?}"
+        );
+        // A plain request says nothing an older agent or hub would not know.
+        let ask = |since_ms, timestamps, previous| HubRequest::Logs {
+            replica: "w-0".into(),
+            follow: false,
+            tail_lines: None,
+            attempt: None,
+            workload: None,
+            wait_ms: 0,
+            since_ms,
+            timestamps,
+            previous,
+        };
+        let json = serde_json::to_string(&ask(None, false, false)).unwrap();
+        // (The variant's fields keep their Rust names: `rename_all` names the variants.)
+        assert_eq!(json, r#"{"type":"logs","replica":"w-0","follow":false,"tail_lines":null,"wait_ms":0}"#);
+        let json = serde_json::to_string(&ask(Some(2000), true, true)).unwrap();
+        assert!(json.contains(r#""since_ms":2000,"timestamps":true,"previous":true"#), "{json}");
         let set: AssignmentSet = serde_json::from_str(r#"{"generation":3,"assignments":[]}"#).unwrap();
         assert!(set.kept_logs.is_empty());
         let status: ReplicaStatus =

@@ -59,6 +59,9 @@ pub struct ShimOptions {
     pub log: PathBuf,
     /// Once the log passes this size it is renamed to `<log>.1` and a new one is started.
     pub log_max_bytes: u64,
+    /// Write the output as timestamped records ([`crate::logline`]), as the agent reads it;
+    /// off, the bytes go in as they are (`flotilla oci`, whose users read the file).
+    pub log_timestamps: bool,
 }
 
 /// An append-only log file rotated by size.
@@ -66,6 +69,7 @@ struct RotatingLog {
     path: PathBuf,
     file: fs::File,
     max: u64,
+    timestamps: bool,
 }
 
 fn open_append(path: &Path) -> io::Result<fs::File> {
@@ -80,12 +84,19 @@ pub fn rotated_path(path: &Path) -> PathBuf {
 }
 
 impl RotatingLog {
-    fn open(path: &Path, max: u64) -> io::Result<Self> {
-        Ok(RotatingLog { path: path.to_path_buf(), file: open_append(path)?, max })
+    fn open(path: &Path, max: u64, timestamps: bool) -> io::Result<Self> {
+        Ok(RotatingLog { path: path.to_path_buf(), file: open_append(path)?, max, timestamps })
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)?;
+        if self.timestamps {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let mut framed = Vec::with_capacity(buf.len() + crate::logline::HEADER_LEN);
+            crate::logline::frame(now.as_nanos() as u64, buf, &mut framed);
+            self.file.write_all(&framed)?;
+        } else {
+            self.file.write_all(buf)?;
+        }
         // Measured on the file, not counted: the agent appends to it too.
         if self.max > 0 && self.file.metadata()?.len() > self.max {
             fs::rename(&self.path, rotated_path(&self.path))?;
@@ -174,7 +185,8 @@ pub fn run_shim(runtime: &Runtime, opts: &ShimOptions) -> Result<(), ShimError> 
 /// `report` is written and closed once the container runs, so the caller stops waiting.
 fn supervise(runtime: &Runtime, opts: &ShimOptions, report: &mut Option<fs::File>) -> Result<(), ShimError> {
     sys::set_child_subreaper().map_err(io_err("become subreaper", Path::new("shim")))?;
-    let log = RotatingLog::open(&opts.log, opts.log_max_bytes).map_err(io_err("open", &opts.log))?;
+    let log =
+        RotatingLog::open(&opts.log, opts.log_max_bytes, opts.log_timestamps).map_err(io_err("open", &opts.log))?;
     let null: OwnedFd = fs::File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?.into();
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -308,6 +320,7 @@ impl ShimHandle {
             .arg(&opts.log)
             .arg("--log-max-bytes")
             .arg(opts.log_max_bytes.to_string())
+            .args(opts.log_timestamps.then_some("--log-timestamps"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -448,7 +461,7 @@ mod tests {
     fn log_rotates_past_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.log");
-        let mut log = RotatingLog::open(&path, 10).unwrap();
+        let mut log = RotatingLog::open(&path, 10, false).unwrap();
         log.write(b"0123456789").unwrap();
         assert!(!rotated_path(&path).exists());
         log.write(b"abc").unwrap();
@@ -456,5 +469,20 @@ mod tests {
         log.write(b"next").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"next");
         assert_eq!(rotated_path(Path::new("/x/y.log")), Path::new("/x/y.log.1"));
+    }
+
+    #[test]
+    fn the_agents_log_gets_timestamped_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut log = RotatingLog::open(&path, 1 << 20, true).unwrap();
+        log.write(b"out\npart").unwrap();
+        log.write(b"ial\n").unwrap();
+        let stored = fs::read(&path).unwrap();
+        assert_eq!(stored.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(), 3, "one record a chunk line");
+        for record in stored.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            assert!(crate::logline::parse_record(record).at_ns.is_some(), "{}", String::from_utf8_lossy(record));
+        }
+        assert_eq!(crate::logline::decode(&stored, false, None), b"out\npartial\n");
     }
 }
