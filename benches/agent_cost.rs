@@ -55,9 +55,7 @@ fn scrape(addr: &str) -> String {
 
 /// The value of the series `name` with label text `labels` (e.g. `direction="sent"`).
 fn value(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    text.lines().filter(|l| l.starts_with(name) && l.contains(labels)).find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn median(v: &mut [u64]) -> u64 {
@@ -113,7 +111,11 @@ fn main() {
             max as f64 / 1024.0
         );
     }
-    println!("on/off: CPU {:.2}×, RSS median {:.2}×", cpu_on / cpu_off.max(0.01), med_on as f64 / med_off.max(1) as f64);
+    println!(
+        "on/off: CPU {:.2}×, RSS median {:.2}×",
+        cpu_on / cpu_off.max(0.01),
+        med_on as f64 / med_off.max(1) as f64
+    );
 
     // The link traffic of `flotilla top`, on the metrics agent's link.
     let bytes = || {

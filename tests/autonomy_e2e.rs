@@ -378,6 +378,22 @@ fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut String, needle
     true
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Waits for a child to exit, at most `limit`.
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let until = Instant::now() + limit;
@@ -407,23 +423,21 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
     let port = 7999;
     let mut prefix = site.ns.exec_prefix();
     prefix.extend(["busybox", "nc", "-l", "-p", &port.to_string()].map(String::from));
-    let mut listener = std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap();
+    let mut listener = KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
     let node_addr = std::net::SocketAddr::from((site.ns.agent_ip(), port));
     assert!(
         Site::time_until(Duration::from_secs(5), POLL, || reachable(node_addr)).is_some(),
         "the test listener on the node should be reachable before the rule"
     );
-    let _ = listener.kill();
-    let _ = listener.wait();
-    let mut listener = std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap();
+    listener.stop();
+    let mut listener = KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let ns = &site.ns.name;
     let rule = ["netns", "exec", ns, "iptables", "-I", "INPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"];
     let st = std::process::Command::new("ip").args(rule).status().unwrap();
     assert!(st.success(), "cannot add the no-inbound rule in {ns}");
     assert!(!reachable(node_addr), "the node must accept no connection from the CLI's side now");
-    let _ = listener.kill();
-    let _ = listener.wait();
+    listener.stop();
 
     // Output, stderr and the exit code.
     let out = c.cli(&["exec", BOX_REPLICA, "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
@@ -462,15 +476,18 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
     // size, follows a resize, and whose exit code comes back.
     let pty = oci_runtime::container::tty::open_pty(30, 100).unwrap();
     let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
-    let mut cli = std::process::Command::new(cluster::bin())
-        .arg("--config")
-        .arg(c.config_path())
-        .args(["exec", "-i", "-t", BOX_REPLICA, "--", "sh"])
-        .stdin(slave())
-        .stdout(slave())
-        .stderr(slave())
-        .spawn()
-        .unwrap();
+    // Killed however the test ends: a CLI left running would hold the e2e lock it inherited.
+    let mut cli = KillOnDrop(
+        std::process::Command::new(cluster::bin())
+            .arg("--config")
+            .arg(c.config_path())
+            .args(["exec", "-i", "-t", BOX_REPLICA, "--", "sh"])
+            .stdin(slave())
+            .stdout(slave())
+            .stderr(slave())
+            .spawn()
+            .unwrap(),
+    );
     let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
     let output = read_terminal(master.try_clone().unwrap());
     use std::io::Write;
@@ -481,32 +498,33 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
     // The kernel sends SIGWINCH to the terminal's foreground group; the CLI is not in one
     // here (no controlling terminal), so the signal is sent as the kernel would.
     oci_runtime::container::tty::set_window_size(std::os::fd::AsFd::as_fd(&pty.master), 50, 132).unwrap();
-    let st = std::process::Command::new("kill").args(["-WINCH", &cli.id().to_string()]).status().unwrap();
+    let st = std::process::Command::new("kill").args(["-WINCH", &cli.0.id().to_string()]).status().unwrap();
     assert!(st.success());
     std::thread::sleep(Duration::from_millis(500));
     master.write_all(b"stty size\n").unwrap();
     assert!(read_until(&output, &mut seen, "50 132", Duration::from_secs(10)), "resized window: {seen:?}");
     master.write_all(b"exit 3\n").unwrap();
-    let status = wait_child(&mut cli, Duration::from_secs(20)).expect("the CLI did not exit after the shell");
+    let status = wait_child(&mut cli.0, Duration::from_secs(20)).expect("the CLI did not exit after the shell");
     assert_eq!(status.code(), Some(3), "terminal output: {seen:?}");
 
     // A CLI killed mid-command: the command and all it started go from the container.
     let before = site.box_pids().len();
-    let mut cli = std::process::Command::new(cluster::bin())
-        .arg("--config")
-        .arg(c.config_path())
-        .args(["exec", BOX_REPLICA, "--", "sh", "-c", "sleep 1000 & sleep 1000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cli = KillOnDrop(
+        std::process::Command::new(cluster::bin())
+            .arg("--config")
+            .arg(c.config_path())
+            .args(["exec", BOX_REPLICA, "--", "sh", "-c", "sleep 1000 & sleep 1000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(
         Site::time_until(Duration::from_secs(20), POLL, || site.box_pids().len() >= before + 3).is_some(),
         "the exec'd processes never showed up in the container: {:?}",
         site.box_pids()
     );
-    let _ = cli.kill();
-    let _ = cli.wait();
+    cli.stop();
     assert!(
         Site::time_until(Duration::from_secs(15), POLL, || site.box_pids().len() == before).is_some(),
         "processes left in the container after the CLI died: {:?} (before: {before})",

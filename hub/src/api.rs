@@ -106,7 +106,7 @@ async fn handle(
     if let ApiRequest::Logs { replica, follow, tail_lines, attempt, wait_ms, since_ms, timestamps, previous } = req {
         let wait_ms = if follow { wait_ms.min(MAX_LOG_WAIT_MS) } else { 0 };
         let req = LogRequest { replica, attempt, follow, tail_lines, wait_ms, since_ms, timestamps, previous };
-        return relay_logs(&shared, &mut send, req).await;
+        return relay_logs(&shared, conn, &mut send, req).await;
     }
     let response = match crate::users::answer(&shared, caller, leaf, &req).await {
         Some(answer) => answer,
@@ -766,7 +766,12 @@ async fn why_not_started(shared: &Shared, replica: &str) -> String {
 /// Relays a log from the agent that holds it: one stream to the agent per request, bytes
 /// copied through until either side ends. Following a replica that has not started yet
 /// waits (up to `wait_ms`) for it to be placed, for its node, and for its first output.
-async fn relay_logs(shared: &Shared, send: &mut quinn::SendStream, req: LogRequest) -> Result<(), StreamError> {
+async fn relay_logs(
+    shared: &Shared,
+    client: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    req: LogRequest,
+) -> Result<(), StreamError> {
     let fail = |message: String| StreamStart::Error { message };
     let started = std::time::Instant::now();
     let until = started + std::time::Duration::from_millis(req.wait_ms);
@@ -832,8 +837,14 @@ async fn relay_logs(shared: &Shared, send: &mut quinn::SendStream, req: LogReque
     frame::write(send, &start).await?;
     if ok {
         // Ends when the agent finishes (no follow) or when the CLI goes away (follow): a
-        // failed write drops both agent streams, which tells the agent to stop.
-        tokio::io::copy(&mut agent_recv, send).await?;
+        // failed write, or the CLI's connection closing while the log is quiet, drops both
+        // agent streams, which tells the agent to stop.
+        tokio::select! {
+            copied = tokio::io::copy(&mut agent_recv, send) => {
+                copied?;
+            }
+            _ = client.closed() => return Ok(()),
+        }
     }
     let _ = send.finish();
     Ok(())
