@@ -832,6 +832,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A `--ttl` duration in milliseconds (`None`: no expiry).
+fn parse_ttl(ttl: Option<&str>) -> Result<Option<u64>> {
+    ttl.map(proto::manifest::parse_duration_ms).transpose().map_err(|e| anyhow::anyhow!("--ttl: {e}"))
+}
+
 /// `flotilla exec`: its own exit code is the command's.
 fn exec_command(
     global: Global,
@@ -1235,11 +1240,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             match action {
                 TokenAction::Create { ttl, uses, name_pattern, labels } => {
-                    let ttl_ms = ttl
-                        .as_deref()
-                        .map(proto::manifest::parse_duration_ms)
-                        .transpose()
-                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    let ttl_ms = parse_ttl(ttl.as_deref())?;
                     let labels = labels.into_iter().collect();
                     match client.request(&ApiRequest::TokenCreate { ttl_ms, uses, name_pattern, labels }).await? {
                         ApiResponse::Token { token, view } => {
@@ -1266,11 +1267,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
             match action {
                 UserAction::Add { name, role, ttl, output } => {
-                    let ttl_ms = ttl
-                        .as_deref()
-                        .map(proto::manifest::parse_duration_ms)
-                        .transpose()
-                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    let ttl_ms = parse_ttl(ttl.as_deref())?;
                     let path = output.unwrap_or_else(|| PathBuf::from(format!("{name}.yaml")));
                     client.add_user(&name, role, ttl_ms, &path).await?;
                     println!("user/{name} added ({role}); its CLI config is {}", path.display());

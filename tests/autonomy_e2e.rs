@@ -378,22 +378,6 @@ fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut String, needle
     true
 }
 
-/// A child process killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl KillOnDrop {
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// Waits for a child to exit, at most `limit`.
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let until = Instant::now() + limit;
@@ -423,14 +407,14 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
     let port = 7999;
     let mut prefix = site.ns.exec_prefix();
     prefix.extend(["busybox", "nc", "-l", "-p", &port.to_string()].map(String::from));
-    let mut listener = KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
+    let mut listener = cluster::KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
     let node_addr = std::net::SocketAddr::from((site.ns.agent_ip(), port));
     assert!(
         Site::time_until(Duration::from_secs(5), POLL, || reachable(node_addr)).is_some(),
         "the test listener on the node should be reachable before the rule"
     );
     listener.stop();
-    let mut listener = KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
+    let mut listener = cluster::KillOnDrop(std::process::Command::new(&prefix[0]).args(&prefix[1..]).spawn().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let ns = &site.ns.name;
     let rule = ["netns", "exec", ns, "iptables", "-I", "INPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"];
@@ -477,7 +461,7 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
     let pty = oci_runtime::container::tty::open_pty(30, 100).unwrap();
     let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
     // Killed however the test ends: a CLI left running would hold the e2e lock it inherited.
-    let mut cli = KillOnDrop(
+    let mut cli = cluster::KillOnDrop(
         std::process::Command::new(cluster::bin())
             .arg("--config")
             .arg(c.config_path())
@@ -509,7 +493,7 @@ fn exec_reaches_a_container_on_a_node_that_accepts_no_connections() {
 
     // A CLI killed mid-command: the command and all it started go from the container.
     let before = site.box_pids().len();
-    let mut cli = KillOnDrop(
+    let mut cli = cluster::KillOnDrop(
         std::process::Command::new(cluster::bin())
             .arg("--config")
             .arg(c.config_path())

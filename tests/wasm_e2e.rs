@@ -522,22 +522,6 @@ fn a_wasm_component_reads_secrets_as_env_and_files_offline_too_and_only_its_node
     assert!(found.is_empty(), "the plaintext of the secret is on disk in {found:?}");
 }
 
-/// A child process killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl KillOnDrop {
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// `flotilla events` as (at_ms, object, reason, message), oldest first.
 fn events(c: &Cluster, args: &[&str]) -> Vec<proto::messages::ClusterEvent> {
     let mut all = vec!["events", "-o", "json"];
@@ -560,7 +544,7 @@ fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_ret
     let watched = c.dir.path().join("events-watch.json");
     // Killed however the test ends: a watcher left running would hold the e2e lock it
     // inherited.
-    let mut watcher = KillOnDrop(
+    let mut watcher = cluster::KillOnDrop(
         std::process::Command::new(cluster::bin())
             .arg("--config")
             .arg(c.config_path())
