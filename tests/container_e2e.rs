@@ -1143,7 +1143,16 @@ fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
     let crash = push_busybox(&reg, c.dir.path(), "busybox:crash", &["sh", "-c", "echo crashing; exit 3"]);
     let burn = push_busybox(&reg, c.dir.path(), "busybox:burn", &["sh", "-c", "while :; do :; done"]);
     apply(&c, &workload("crash", &crash, "  nodeSelector: {site: a}\n"));
-    apply(&c, &workload("burn", &burn, "  nodeSelector: {site: b}\n  resources: {cpu: 250m, memory: 32Mi}\n"));
+    // Its readiness probe never passes (nothing listens on port 9): failed checks to count.
+    let probe = "  readinessProbe: {tcpSocket: {port: 9}, period: 500ms}\n";
+    apply(
+        &c,
+        &workload(
+            "burn",
+            &burn,
+            &format!("  nodeSelector: {{site: b}}\n  resources: {{cpu: 250m, memory: 32Mi}}\n{probe}"),
+        ),
+    );
 
     let mut targets = vec![hub_metrics.clone()];
     targets.extend(agent_metrics.iter().cloned());
@@ -1171,6 +1180,23 @@ fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
         matches!(cpu.as_slice(), [(_, r)] if *r > 0.1 && *r < 0.4) && matches!(mem.as_slice(), [(_, m)] if *m > 0.0)
     });
     assert!(!prom.query("flotilla_hub_controller_pass_duration_seconds_count").is_empty());
+    // Pulls, link traffic both ways on both ends, rollout progress, store latency, probe
+    // failures: by now (the CPU rate took several scrapes) all are in.
+    c.wait_for("pulls, link bytes, workload replicas, store times and probe failures", WAIT, || {
+        let all = |q: &str, n: usize, ok: &dyn Fn(f64) -> bool| {
+            let got = prom.query(q);
+            got.len() == n && got.iter().all(|(_, v)| ok(*v))
+        };
+        // Each agent pulled its workload's image.
+        all("flotilla_agent_pulls_total{kind=\"image\",result=\"ok\"}", 2, &|v| v >= 1.0)
+            && all("flotilla_agent_pulled_bytes_total{kind=\"image\"}", 2, &|v| v > 0.0)
+            && all("flotilla_agent_link_bytes_total", 4, &|v| v > 0.0)
+            && all("flotilla_hub_link_bytes_total{node=~\"m1|m2\"}", 4, &|v| v > 0.0)
+            && all("flotilla_hub_workload_replicas{workload=\"burn\",state=\"desired\"}", 1, &|v| v == 1.0)
+            && all("flotilla_hub_workload_replicas{workload=\"burn\",state=\"ready\"}", 1, &|v| v == 0.0)
+            && all("flotilla_hub_store_seconds_count{op=~\"status|apply|controller_write\"}", 3, &|v| v > 0.0)
+            && all("flotilla_agent_probe_failures_total{replica=\"burn-0\",probe=\"readiness\"}", 1, &|v| v >= 1.0)
+    });
 
     // `flotilla top`: the nodes answer on their own links; the busy container near its limit.
     let top: Vec<proto::messages::NodeUsageView> =

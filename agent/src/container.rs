@@ -51,6 +51,7 @@ struct Inner {
     min_free_disk: u64,
     /// See [`ContainerConfig::private`].
     private: PathBuf,
+    pulls: crate::metrics::Pulls,
 }
 
 pub struct ContainerConfig {
@@ -70,6 +71,8 @@ pub struct ContainerConfig {
     /// (the bundle holds a symlink to it), so environment values taken from secrets never
     /// reach the disk.
     pub private: PathBuf,
+    /// Where pulls are counted, for metrics.
+    pub pulls: crate::metrics::Pulls,
 }
 
 impl ContainerRuntime {
@@ -91,6 +94,7 @@ impl ContainerRuntime {
                 preparing: KeyedLocks::default(),
                 min_free_disk: c.min_free_disk,
                 private: c.private,
+                pulls: c.pulls,
             }),
         }
     }
@@ -328,8 +332,18 @@ impl Inner {
                 Err(_) => {
                     ctx.progress(EventReason::Pulling, &t.image);
                     let started = std::time::Instant::now();
-                    let image = self.images.pull(&self.registry, &t.image, &self.platform).await?;
-                    let took = crate::runtime::took(started.elapsed());
+                    let image = self.images.pull(&self.registry, &t.image, &self.platform).await;
+                    let elapsed = started.elapsed();
+                    // The layers' sizes from the manifest, cheap to know: a layer already in
+                    // the store (shared with another image) is not fetched again but counts.
+                    let fetched = |i: &oci_runtime::Image| i.layers.iter().map(|l| l.size).sum::<u64>();
+                    self.pulls.record(
+                        crate::metrics::PullKind::Image,
+                        elapsed,
+                        image.as_ref().map(fetched).map_err(|_| ()),
+                    );
+                    let image = image?;
+                    let took = crate::runtime::took(elapsed);
                     ctx.progress(EventReason::Pulled, format!("{} in {took}", t.image));
                     image
                 }

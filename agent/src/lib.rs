@@ -219,15 +219,18 @@ fn spawn_probes(
     probes: &proto::manifest::Probes,
     target: prober::ProbeTarget,
     events: &mpsc::UnboundedSender<RunEvent>,
+    failures: &metrics::ProbeFailures,
 ) -> Option<ProbeTask> {
     if probes.is_empty() {
         return None;
     }
-    let (events, replica) = (events.clone(), replica.to_string());
+    let (events, name) = (events.clone(), replica.to_string());
     let report = move |verdict| {
-        let _ = events.send(RunEvent::Probe { replica: replica.clone(), run_id, verdict });
+        let _ = events.send(RunEvent::Probe { replica: name.clone(), run_id, verdict });
     };
-    let task = prober::run(probes.clone(), Instant::now(), target, report);
+    let (failures, name) = (failures.clone(), replica.to_string());
+    let failed = move |kind| failures.failed(&name, kind);
+    let task = prober::run(probes.clone(), Instant::now(), target, report, failed);
     Some(ProbeTask(tokio::spawn(task)))
 }
 
@@ -386,6 +389,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let node_key = objects::NodeKey::load_or_create(&objects_key_path).map_err(AgentError::ObjectsKey)?;
     let mut objs = delivery::Objects::open(objects::ObjectCache::new(dir("objects")?, node_key), config.secrets_dir());
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+    let recorders = metrics::Recorders::default();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
     if containers.is_some() {
         let exe =
@@ -401,6 +405,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             volumes: volumes.clone(),
             min_free_disk: config.min_free_disk_bytes,
             private: config.secrets_dir(),
+            pulls: recorders.pulls.clone(),
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
@@ -408,7 +413,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let mut wasm = WasmRuntime::new(host, registry, images, volumes.clone(), sockets.clone());
     wasm.min_free_disk = config.min_free_disk_bytes;
+    wasm.pulls = recorders.pulls.clone();
     let wasm_usage = wasm.usage.clone();
+    let wasm_host = wasm.host.clone();
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.
@@ -468,6 +475,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let (assign_tx, mut assign_rx) = mpsc::channel::<AssignmentSet>(8);
     let (connected_tx, connected_rx) = watch::channel(false);
     let (runtimes_tx, runtimes_rx) = watch::channel(runtimes_of(&saved));
+    let (session_tx, session_rx) = watch::channel::<Option<quinn::Connection>>(None);
     let metrics_task = match config.metrics_listen {
         None => None,
         Some(addr) => {
@@ -479,6 +487,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 connected: connected_rx,
                 node: config.name.clone(),
                 wasm: wasm_usage.clone(),
+                wasm_host: Some(wasm_host),
+                session: session_rx.clone(),
+                recorders: recorders.clone(),
             });
             let render: transport::metrics::Render = Arc::new(move || {
                 let m = m.clone();
@@ -503,7 +514,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let (agent_binary, last_upgrade) = upgrade_state.as_ref().map(upgrade::State::facts).unwrap_or_default();
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<link::UpgradeCall>(4);
-    let (session_tx, session_rx) = watch::channel::<Option<quinn::Connection>>(None);
     let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel::<(ObjectRef, Result<_, delivery::FetchError>)>();
     let spawn_fetch = |r: ObjectRef| {
         let (conn, done) = (session_rx.clone(), fetched_tx.clone());
@@ -689,7 +699,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                         None => sup.on_started(&replica, run_id, now()),
                     }
                     if let Some(h) = runs.get_mut(&replica).filter(|h| h.run_id == run_id) {
-                        h.probes = spawn_probes(&replica, run_id, &h.probes_of, target, &events_tx);
+                        h.probes = spawn_probes(
+                            &replica,
+                            run_id,
+                            &h.probes_of,
+                            target,
+                            &events_tx,
+                            &recorders.probe_failures,
+                        );
                     }
                 }
                 RunEvent::Progress { replica, run_id, reason, message } => {

@@ -6,6 +6,11 @@
 //! instances); nothing is computed unless something scrapes. Per-replica series exist only
 //! while the replica is on the node (a Wasm replica's, while it runs).
 //!
+//! A few things are counted as they happen, by the shells that do them, into the handles of
+//! [`Recorders`]: artifact pulls (the runtimes' starts) and failed probe checks (the prober;
+//! the pure [`crate::probe`] core knows nothing of metrics). The link's traffic is quinn's
+//! byte count of each hub connection, added up over the sessions ([`LinkTraffic`]).
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `flotilla_agent_replicas` | gauge | `phase`, `runtime` |
@@ -16,6 +21,13 @@
 //! | `flotilla_agent_container_memory_bytes` | gauge | `replica` (cgroup memory in use) |
 //! | `flotilla_agent_wasm_cpu_seconds_total` | counter | `replica` (CPU time running its guests) |
 //! | `flotilla_agent_wasm_memory_bytes` | gauge | `replica` (linear memory of its instances) |
+//! | `flotilla_agent_wasm_instances` | gauge | (live Wasm guest runs; an HTTP component's server counts once) |
+//! | `flotilla_agent_wasm_programs_loaded_total` | counter | `source`: `compiled`, `disk`, `memory` |
+//! | `flotilla_agent_probe_failures_total` | counter | `replica`, `probe`: `liveness`, `readiness`, `startup` |
+//! | `flotilla_agent_pulls_total` | counter | `kind`: `image`, `wasm`; `result`: `ok`, `error` |
+//! | `flotilla_agent_pull_duration_seconds` | histogram | `kind` |
+//! | `flotilla_agent_pulled_bytes_total` | counter | `kind` (an image's layer sizes, a module's size) |
+//! | `flotilla_agent_link_bytes_total` | counter | `direction`: `sent`, `received` (UDP bytes of the hub link) |
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,11 +38,14 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use proto::manifest::Runtime;
 use proto::messages::ReplicaStatus;
 use tokio::sync::watch;
+use transport::metrics::{LinkTraffic, Traffic};
 
+use crate::probe::ProbeKind;
 use crate::wasm_usage::WasmUsage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +59,124 @@ struct ReplicaLabel {
     replica: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    replica: String,
+    probe: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PullLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// What a pull fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullKind {
+    /// A container image.
+    Image,
+    /// A Wasm module or component.
+    Wasm,
+}
+
+impl PullKind {
+    fn label(self) -> &'static str {
+        match self {
+            PullKind::Image => "image",
+            PullKind::Wasm => "wasm",
+        }
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Artifact pulls, recorded by the runtimes as they pull; clones share the counts.
+#[derive(Clone)]
+pub struct Pulls {
+    pulls: Family<PullLabels, Counter>,
+    duration: HistogramFamily<KindLabel>,
+    bytes: Family<KindLabel, Counter>,
+}
+
+impl Default for Pulls {
+    fn default() -> Self {
+        let pulls = Pulls {
+            pulls: Family::default(),
+            // 50 ms to about 14 min: a small module on a LAN to a large image over a slow link.
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 15))),
+            bytes: Family::default(),
+        };
+        // Every series from the start, so a first pull shows as an increase from zero.
+        for kind in [PullKind::Image, PullKind::Wasm] {
+            for result in ["ok", "error"] {
+                let _ = pulls.pulls.get_or_create(&PullLabels { kind: kind.label(), result });
+            }
+            let _ = pulls.bytes.get_or_create(&KindLabel { kind: kind.label() });
+        }
+        pulls
+    }
+}
+
+impl Pulls {
+    /// One pull that took `took`: `Ok` with the bytes it fetched, or `Err` if it failed.
+    pub fn record(&self, kind: PullKind, took: std::time::Duration, fetched: Result<u64, ()>) {
+        let kind = kind.label();
+        let result = if fetched.is_ok() { "ok" } else { "error" };
+        self.pulls.get_or_create(&PullLabels { kind, result }).inc();
+        self.duration.get_or_create(&KindLabel { kind }).observe(took.as_secs_f64());
+        if let Ok(bytes) = fetched {
+            self.bytes.get_or_create(&KindLabel { kind }).inc_by(bytes);
+        }
+    }
+}
+
+/// Failed probe checks per replica and probe, recorded by the prober; clones share the counts.
+/// Exported only for replicas on the node (a replica that left takes its counts with it).
+#[derive(Clone, Default)]
+pub struct ProbeFailures {
+    // std Mutex: held only to add one or copy out, never across an await.
+    counts: Arc<Mutex<HashMap<(String, ProbeKind), u64>>>,
+}
+
+impl ProbeFailures {
+    /// One failed check of `replica`'s `kind` probe.
+    pub fn failed(&self, replica: &str, kind: ProbeKind) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry((replica.to_string(), kind)).or_default() += 1;
+    }
+
+    /// The counts of the replicas `on_node` says are here; the others are forgotten.
+    fn keep(&self, on_node: impl Fn(&str) -> bool) -> Vec<(String, ProbeKind, u64)> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.retain(|(replica, _), _| on_node(replica));
+        counts.iter().map(|((replica, kind), n)| (replica.clone(), *kind, *n)).collect()
+    }
+}
+
+/// What the shells count as things happen, handed to them when the agent starts (whether or
+/// not metrics are served: counting costs an atomic add).
+#[derive(Clone, Default)]
+pub struct Recorders {
+    pub pulls: Pulls,
+    pub probe_failures: ProbeFailures,
+}
+
 /// What the metrics read, published by the event loop and the link.
 pub struct Sources {
     pub statuses: watch::Receiver<BTreeMap<String, ReplicaStatus>>,
@@ -53,6 +186,12 @@ pub struct Sources {
     pub node: String,
     /// What the Wasm replicas use.
     pub wasm: WasmUsage,
+    /// The Wasm engine, for its compile cache counters (`None`: no Wasm runtime).
+    pub wasm_host: Option<wasm_runtime::WasmHost>,
+    /// The hub connection while a session is up (published by the link).
+    pub session: watch::Receiver<Option<quinn::Connection>>,
+    /// What the shells count.
+    pub recorders: Recorders,
 }
 
 pub struct AgentMetrics {
@@ -65,6 +204,12 @@ pub struct AgentMetrics {
     memory: Family<ReplicaLabel, Gauge>,
     wasm_cpu: Family<ReplicaLabel, Counter<f64, AtomicU64>>,
     wasm_memory: Family<ReplicaLabel, Gauge>,
+    wasm_instances: Gauge,
+    programs: Family<SourceLabel, Counter>,
+    probe_failures: Family<ProbeLabels, Counter>,
+    link_bytes: Family<DirectionLabel, Counter>,
+    /// The hub connections' totals already counted into `link_bytes`.
+    link: Mutex<LinkTraffic<()>>,
     sources: Sources,
     /// Values last exported per counter, so each grows by the difference (a smaller value
     /// means the replica or its container started over: a new series).
@@ -77,6 +222,8 @@ struct Seen {
     restarts: HashMap<String, u64>,
     cpu: HashMap<String, f64>,
     wasm_cpu: HashMap<String, f64>,
+    /// The Wasm host's cache counters last exported.
+    programs: wasm_runtime::CacheStats,
 }
 
 impl AgentMetrics {
@@ -92,6 +239,11 @@ impl AgentMetrics {
             memory: Family::default(),
             wasm_cpu: Family::default(),
             wasm_memory: Family::default(),
+            wasm_instances: Gauge::default(),
+            programs: Family::default(),
+            probe_failures: Family::default(),
+            link_bytes: Family::default(),
+            link: Mutex::new(LinkTraffic::default()),
             sources,
             seen: Mutex::new(Seen::default()),
         };
@@ -123,7 +275,62 @@ impl AgentMetrics {
             "Linear memory held by each Wasm replica's live instances",
             m.wasm_memory.clone(),
         );
+        registry.register(
+            "flotilla_agent_wasm_instances",
+            "Wasm guest runs live on this node (an HTTP component's server counts once)",
+            m.wasm_instances.clone(),
+        );
+        registry.register(
+            "flotilla_agent_wasm_programs_loaded",
+            "Wasm programs loaded: compiled, deserialized from the disk cache, or found in memory",
+            m.programs.clone(),
+        );
+        registry.register(
+            "flotilla_agent_probe_failures",
+            "Failed health probe checks of each replica on this node",
+            m.probe_failures.clone(),
+        );
+        let pulls = &m.sources.recorders.pulls;
+        registry.register("flotilla_agent_pulls", "Artifact pulls from registries, by result", pulls.pulls.clone());
+        registry.register(
+            "flotilla_agent_pull_duration_seconds",
+            "Duration of artifact pulls from registries",
+            pulls.duration.clone(),
+        );
+        registry.register(
+            "flotilla_agent_pulled_bytes",
+            "Bytes of artifacts pulled (an image's layer sizes, a module's size)",
+            pulls.bytes.clone(),
+        );
+        registry.register(
+            "flotilla_agent_link_bytes",
+            "UDP bytes of this node's links to the hub, over all sessions",
+            m.link_bytes.clone(),
+        );
+        for source in ["compiled", "disk", "memory"] {
+            let _ = m.programs.get_or_create(&SourceLabel { source });
+        }
+        for direction in ["sent", "received"] {
+            let _ = m.link_bytes.get_or_create(&DirectionLabel { direction });
+        }
         let m = Arc::new(AgentMetrics { registry, ..m });
+        // A session's last bytes count when it ends (a scrape sees only the current one).
+        let (watcher, mut session) = (Arc::downgrade(&m), m.sources.session.clone());
+        tokio::spawn(async move {
+            let mut current = session.borrow_and_update().clone();
+            while session.changed().await.is_ok() {
+                let next = session.borrow_and_update().clone();
+                let Some(m) = watcher.upgrade() else { return };
+                if let Some(ended) =
+                    current.take().filter(|c| next.as_ref().is_none_or(|n| n.stable_id() != c.stable_id()))
+                {
+                    let (id, total) = Traffic::of(&ended);
+                    let grown = m.link.lock().unwrap_or_else(|e| e.into_inner()).end((), id, total);
+                    m.count_link(grown);
+                }
+                current = next;
+            }
+        });
         // Count sessions as the link comes up.
         let (watcher, mut connected) = (Arc::downgrade(&m), m.sources.connected.clone());
         tokio::spawn(async move {
@@ -138,12 +345,30 @@ impl AgentMetrics {
         m
     }
 
+    fn count_link(&self, grown: Traffic) {
+        self.link_bytes.get_or_create(&DirectionLabel { direction: "sent" }).inc_by(grown.sent);
+        self.link_bytes.get_or_create(&DirectionLabel { direction: "received" }).inc_by(grown.received);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let statuses = self.sources.statuses.borrow().clone();
         let runtimes = self.sources.runtimes.borrow().clone();
         let wasm = self.sources.wasm.sample();
         self.connected.set(i64::from(*self.sources.connected.borrow()));
+        self.wasm_instances.set(i64::try_from(self.sources.wasm.runs()).unwrap_or(i64::MAX));
+        {
+            // The session is read under the link's lock: a session's end is counted after the
+            // link unlisted it, so no byte counts twice (see `LinkTraffic`).
+            let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+            let current = self.sources.session.borrow().as_ref().map(Traffic::of);
+            let grown = link.tally(current.map(|(id, t)| ((), id, t)));
+            self.count_link(grown.get(&()).copied().unwrap_or_default());
+        }
+        self.probe_failures.clear();
+        for (replica, kind, n) in self.sources.recorders.probe_failures.keep(|r| statuses.contains_key(r)) {
+            self.probe_failures.get_or_create(&ProbeLabels { replica, probe: kind.as_str() }).inc_by(n);
+        }
         self.replicas.clear();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = Seen::default();
@@ -179,6 +404,18 @@ impl AgentMetrics {
         }
         for gone in seen.restarts.keys().filter(|n| !now.restarts.contains_key(*n)) {
             self.restarts.remove(&ReplicaLabel { replica: gone.clone() });
+        }
+        if let Some(host) = &self.sources.wasm_host {
+            let (before, stats) = (seen.programs, host.stats());
+            for (source, b, n) in [
+                ("compiled", before.compiled, stats.compiled),
+                ("disk", before.loaded_from_disk, stats.loaded_from_disk),
+                ("memory", before.memory_hits, stats.memory_hits),
+            ] {
+                // The host's counters only grow while this process lives, as a counter does.
+                self.programs.get_or_create(&SourceLabel { source }).inc_by(n.saturating_sub(b));
+            }
+            now.programs = stats;
         }
         *seen = now;
         drop(seen);
@@ -352,6 +589,101 @@ mod usage_tests {
 mod tests {
     use super::*;
 
+    pub(super) fn sources(
+        statuses: watch::Receiver<BTreeMap<String, ReplicaStatus>>,
+        runtimes: watch::Receiver<HashMap<String, Runtime>>,
+        connected: watch::Receiver<bool>,
+        wasm: WasmUsage,
+    ) -> Sources {
+        let (session_tx, session) = watch::channel(None);
+        // No link in these tests: the sender may go.
+        drop(session_tx);
+        Sources {
+            statuses,
+            runtimes,
+            connected,
+            node: "n".into(),
+            wasm,
+            wasm_host: None,
+            session,
+            recorders: Recorders::default(),
+        }
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn pulls_probe_failures_programs_and_instances_are_exported() {
+        let running = ReplicaStatus { phase: proto::messages::Phase::Running, ..Default::default() };
+        let (st_tx, statuses) = watch::channel(BTreeMap::from([("web-0".to_string(), running.clone())]));
+        let (_rt_tx, runtimes) = watch::channel(HashMap::from([("web-0".to_string(), Runtime::Wasm)]));
+        let (_c_tx, connected) = watch::channel(true);
+        let wasm = WasmUsage::default();
+        let dir = tempfile::tempdir().unwrap();
+        let host = wasm_runtime::WasmHost::new(wasm_runtime::HostConfig {
+            cache_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut s = sources(statuses, runtimes, connected, wasm.clone());
+        s.wasm_host = Some(host.clone());
+        let recorders = s.recorders.clone();
+        let m = AgentMetrics::new(s);
+
+        // Before anything happened: every pull series at zero, no probe series.
+        let text = m.render();
+        assert_eq!(value(&text, "flotilla_agent_pulls_total{kind=\"image\",result=\"ok\"}"), Some(0.0), "{text}");
+        assert_eq!(value(&text, "flotilla_agent_link_bytes_total{direction=\"sent\"}"), Some(0.0), "{text}");
+        assert!(!text.contains("flotilla_agent_probe_failures_total{"), "{text}");
+
+        let second = std::time::Duration::from_secs(1);
+        recorders.pulls.record(PullKind::Image, second, Ok(1000));
+        recorders.pulls.record(PullKind::Image, second, Ok(24));
+        recorders.pulls.record(PullKind::Wasm, second, Err(()));
+        for kind in [ProbeKind::Readiness, ProbeKind::Readiness, ProbeKind::Liveness] {
+            recorders.probe_failures.failed("web-0", kind);
+        }
+        recorders.probe_failures.failed("gone-0", ProbeKind::Startup);
+        let module = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
+        let _ = host.load_bytes(&module).unwrap();
+        let _ = host.load_bytes(&module).unwrap();
+        let _run = wasm.track("web-0");
+
+        let text = m.render();
+        let v = |series: &str| value(&text, series).unwrap_or_else(|| panic!("no {series}: {text}"));
+        assert_eq!(v("flotilla_agent_pulls_total{kind=\"image\",result=\"ok\"}"), 2.0);
+        assert_eq!(v("flotilla_agent_pulls_total{kind=\"wasm\",result=\"error\"}"), 1.0);
+        assert_eq!(v("flotilla_agent_pulled_bytes_total{kind=\"image\"}"), 1024.0);
+        assert_eq!(v("flotilla_agent_pulled_bytes_total{kind=\"wasm\"}"), 0.0, "a failed pull fetched nothing");
+        assert_eq!(v("flotilla_agent_pull_duration_seconds_count{kind=\"image\"}"), 2.0);
+        assert_eq!(v("flotilla_agent_probe_failures_total{replica=\"web-0\",probe=\"readiness\"}"), 2.0);
+        assert_eq!(v("flotilla_agent_probe_failures_total{replica=\"web-0\",probe=\"liveness\"}"), 1.0);
+        assert!(!text.contains("gone-0"), "a replica not on the node has no series: {text}");
+        assert_eq!(v("flotilla_agent_wasm_programs_loaded_total{source=\"compiled\"}"), 1.0);
+        assert_eq!(v("flotilla_agent_wasm_programs_loaded_total{source=\"memory\"}"), 1.0);
+        assert_eq!(v("flotilla_agent_wasm_instances"), 1.0);
+
+        // Counters hold across scrapes and grow by what happened since.
+        recorders.probe_failures.failed("web-0", ProbeKind::Readiness);
+        let _ = host.load_bytes(&module).unwrap();
+        let text = m.render();
+        assert_eq!(
+            value(&text, "flotilla_agent_probe_failures_total{replica=\"web-0\",probe=\"readiness\"}"),
+            Some(3.0)
+        );
+        assert_eq!(value(&text, "flotilla_agent_wasm_programs_loaded_total{source=\"memory\"}"), Some(2.0));
+        assert_eq!(value(&text, "flotilla_agent_wasm_programs_loaded_total{source=\"compiled\"}"), Some(1.0));
+        // The replica leaves the node: its probe series go, and a new replica of the same
+        // name later counts from zero.
+        st_tx.send_replace(BTreeMap::new());
+        let text = m.render();
+        assert!(!text.contains("flotilla_agent_probe_failures_total{"), "{text}");
+        st_tx.send_replace(BTreeMap::from([("web-0".to_string(), running)]));
+        assert!(!m.render().contains("flotilla_agent_probe_failures_total{"));
+    }
+
     #[test]
     fn usage_is_read_from_either_cgroup_version() {
         let v1 = tempfile::tempdir().unwrap();
@@ -380,8 +712,7 @@ mod tests {
         let (_rt_tx, runtimes) =
             watch::channel(HashMap::from([("a-0".to_string(), Runtime::Wasm), ("b-0".to_string(), Runtime::Wasm)]));
         let (_c_tx, connected) = watch::channel(true);
-        let m =
-            AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into(), wasm: WasmUsage::default() });
+        let m = AgentMetrics::new(sources(statuses, runtimes, connected, WasmUsage::default()));
         let text = m.render();
         assert!(text.contains("flotilla_agent_replicas{phase=\"Running\",runtime=\"wasm\"} 1"), "{text}");
         assert!(text.contains("flotilla_agent_replica_restarts_total{replica=\"a-0\"} 2"), "{text}");
@@ -471,7 +802,7 @@ mod wasm_tests {
         let (_st_tx, statuses) = watch::channel(statuses);
         let (_rt_tx, runtimes) = watch::channel(runtimes);
         let (_c_tx, connected) = watch::channel(true);
-        let m = AgentMetrics::new(Sources { statuses, runtimes, connected, node: "n".into(), wasm: wasm.clone() });
+        let m = AgentMetrics::new(super::tests::sources(statuses, runtimes, connected, wasm.clone()));
         let text = m.render();
         assert!(text.contains("flotilla_agent_wasm_memory_bytes{replica=\"spin-0\"} 262144"), "{text}");
         assert!(text.contains("flotilla_agent_wasm_memory_bytes{replica=\"idle-0\"} 131072"), "{text}");

@@ -16,20 +16,27 @@ use std::time::{Duration, Instant};
 
 use proto::manifest::{Probe, Probes};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProbeKind {
     Startup,
     Liveness,
     Readiness,
 }
 
-impl fmt::Display for ProbeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ProbeKind {
+    /// Its name in events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
             ProbeKind::Startup => "startup",
             ProbeKind::Liveness => "liveness",
             ProbeKind::Readiness => "readiness",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

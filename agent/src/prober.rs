@@ -22,7 +22,7 @@ use proto::manifest::{ProbeAction, Probes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::probe::{ProbeSet, Verdict};
+use crate::probe::{ProbeKind, ProbeSet, Verdict};
 
 /// How to reach one run's workload.
 #[derive(Debug, Clone, Default)]
@@ -93,12 +93,23 @@ fn exec_detail(stderr: &str) -> String {
 }
 
 /// Probes one run until its probes are done (a kill was decided) or the task is aborted.
-pub async fn run(probes: Probes, started: Instant, target: ProbeTarget, report: impl Fn(Verdict)) {
+/// `failed` hears of every failed check (for metrics: a verdict comes only when a threshold
+/// is crossed).
+pub async fn run(
+    probes: Probes,
+    started: Instant,
+    target: ProbeTarget,
+    report: impl Fn(Verdict),
+    failed: impl Fn(ProbeKind),
+) {
     let mut set = ProbeSet::new(&probes, started);
     while let Some((kind, at)) = set.next_due() {
         tokio::time::sleep_until(at.into()).await;
         let Some(probe) = set.probe(kind).cloned() else { return };
         let result = check(&probe.action, Duration::from_millis(probe.timeout_ms), &target).await;
+        if result.is_err() {
+            failed(kind);
+        }
         if let Some(verdict) = set.record(kind, result, Instant::now()) {
             report(verdict);
         }

@@ -180,6 +180,8 @@ pub struct WasmRuntime {
     pub sockets: Arc<Sockets>,
     /// Where each run's CPU time and memory are counted, for metrics and `flotilla top`.
     pub usage: WasmUsage,
+    /// Where pulls are counted, for metrics.
+    pub pulls: crate::metrics::Pulls,
 }
 
 /// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
@@ -225,6 +227,7 @@ impl WasmRuntime {
             min_free_disk: 0,
             sockets,
             usage: WasmUsage::default(),
+            pulls: Default::default(),
         }
     }
 }
@@ -246,6 +249,7 @@ async fn fetch(
     images: &ImageStore,
     resolved: &std::sync::Mutex<HashMap<String, PulledWasm>>,
     min_free_disk: u64,
+    pulls: &crate::metrics::Pulls,
 ) -> Result<PulledWasm, PrepareError> {
     let image = ctx.template.image.as_str();
     let known = resolved.lock().unwrap_or_else(|p| p.into_inner()).get(image).cloned();
@@ -265,8 +269,13 @@ async fn fetch(
     check_disk_space(images.blobs().root(), min_free_disk)?;
     ctx.progress(EventReason::Pulling, image);
     let started = std::time::Instant::now();
-    let pulled = images.pull_wasm(registry, image).await?;
-    ctx.progress(EventReason::Pulled, format!("{image} in {}", took(started.elapsed())));
+    let pulled = images.pull_wasm(registry, image).await;
+    let elapsed = started.elapsed();
+    // A module found in the store because the registry was unreachable fetched nothing.
+    let fetched = |p: &PulledWasm| if p.from_cache { 0 } else { std::fs::metadata(&p.path).map_or(0, |m| m.len()) };
+    pulls.record(crate::metrics::PullKind::Wasm, elapsed, pulled.as_ref().map(fetched).map_err(|_| ()));
+    let pulled = pulled?;
+    ctx.progress(EventReason::Pulled, format!("{image} in {}", took(elapsed)));
     resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(image.to_string(), pulled.clone());
     Ok(pulled)
 }
@@ -363,13 +372,14 @@ impl Runtime for WasmRuntime {
         let sockets = self.sockets.clone();
         let min_free_disk = self.min_free_disk;
         let usage = self.usage.clone();
+        let pulls = self.pulls.clone();
         Box::pin(async move {
             let failed = |message: String| RunEnd::Ended(Termination::StartFailed { message });
             let t = &ctx.template;
             // The module stays in the store for as long as this run lasts.
             let _hold = images.hold(&t.image);
             let preparing = preparing.lock(&t.image).await;
-            let pulled = match fetch(&ctx, &registry, &images, &resolved, min_free_disk).await {
+            let pulled = match fetch(&ctx, &registry, &images, &resolved, min_free_disk, &pulls).await {
                 Ok(p) => p,
                 Err(e) => return failed(e.to_string()),
             };

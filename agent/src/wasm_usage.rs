@@ -71,6 +71,12 @@ impl WasmUsage {
         Metering { registry: self.clone(), replica: replica.to_string(), usage: entry.usage.clone() }
     }
 
+    /// Runs live now, over all replicas (an HTTP component's server is one run however many
+    /// requests it handles).
+    pub fn runs(&self) -> usize {
+        self.lock().values().map(|e| e.runs).sum()
+    }
+
     /// Every listed replica's CPU time so far and linear memory now.
     pub fn sample(&self) -> HashMap<String, Usage> {
         self.lock()
@@ -95,10 +101,12 @@ mod tests {
         let first = registry.track("web-0");
         let other = registry.track("job-0");
         assert_eq!(registry.sample().len(), 2);
+        assert_eq!(registry.runs(), 2);
         // A new run while the old one winds down: the same usage, still listed after the old
         // run ends, gone after the new one does.
         let second = registry.track("web-0");
         assert!(Arc::ptr_eq(&first.usage(), &second.usage()));
+        assert_eq!(registry.runs(), 3, "each run counts, a replica's too");
         assert!(!Arc::ptr_eq(&first.usage(), &other.usage()));
         drop(first);
         assert!(registry.sample().contains_key("web-0"));
@@ -106,6 +114,7 @@ mod tests {
         assert_eq!(registry.sample().keys().collect::<Vec<_>>(), ["job-0"]);
         drop(other);
         assert!(registry.sample().is_empty());
+        assert_eq!(registry.runs(), 0);
         // Listed again later: a fresh count.
         let again = registry.track("web-0");
         assert_eq!(registry.sample()["web-0"], Usage { cpu_seconds: 0.0, memory_bytes: 0 });

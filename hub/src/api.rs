@@ -303,7 +303,8 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
     if let Some(why) = workloads.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
         return Ok(ApiResponse::Error { message: format!("refused: {why}") });
     }
-    let applied = shared.store.apply_documents(&objects, &workloads, now_ms()).await?;
+    let applying = shared.store.apply_documents(&objects, &workloads, now_ms());
+    let applied = shared.metrics.timed(crate::metrics::StoreOp::Apply, applying).await?;
     shared.wake_nodes(&applied.nodes);
     shared.trigger_reconcile();
     let (mut objects_done, mut workloads_done) = (applied.objects.into_iter(), applied.workloads.into_iter());

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::Shared;
 use crate::controller::{self, Node, Snapshot, StopReason, Workload, WriteOp, time};
 use crate::leader;
+use crate::metrics::StoreOp;
 use crate::now_ms;
 use crate::store::{Fence, StoreError, Written};
 
@@ -72,7 +73,7 @@ async fn reconcile(shared: &Shared) -> Result<Option<Duration>, StoreError> {
 
 async fn reconcile_once(shared: &Shared) -> Result<Option<Duration>, StoreError> {
     for _ in 0..STALE_RETRIES {
-        let rows = shared.store.controller_rows().await?;
+        let rows = shared.metrics.timed(StoreOp::ControllerRead, shared.store.controller_rows()).await?;
         let mono = shared.mono_ms();
         let now = shared.clock.now(rows.clock.as_ref(), mono);
         let nodes = {
@@ -117,7 +118,8 @@ async fn reconcile_once(shared: &Shared) -> Result<Option<Duration>, StoreError>
         }
         let fence = Fence { lease: leader::CONTROLLER_LEASE, holder: &shared.hub_id };
         let anchor = shared.clock.anchor(now, mono);
-        match shared.store.write_pass(Some(fence), &pass, &anchor, now_ms()).await? {
+        let written = shared.store.write_pass(Some(fence), &pass, &anchor, now_ms());
+        match shared.metrics.timed(StoreOp::ControllerWrite, written).await? {
             Written::Stale(why) => {
                 debug!(%why, "the store changed under the pass; running it again");
                 continue;

@@ -83,6 +83,40 @@ pub fn history_text(name: &str, revisions: &[RevisionRow], current_hash: &str) -
     s
 }
 
+/// How many of a workload's replicas are where, as `get workloads` and `rollout status` count
+/// them (the hub's Prometheus gauge `flotilla_hub_workload_replicas`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RolloutCounts {
+    /// What the manifest asks for (a Replicated workload's `replicas`); for the other kinds,
+    /// the replicas the controller made (one per matching node, one per running Job index).
+    pub desired: u32,
+    /// Replicas on the current template.
+    pub updated: u32,
+    /// Of those, the available ones.
+    pub ready: u32,
+    /// Available replicas on any template.
+    pub available: u32,
+}
+
+/// Counts `replicas` (the workload's own) by [`RolloutCounts`]' states.
+pub fn rollout_counts(
+    w: &WorkloadRow,
+    replicas: &[&ReplicaRow],
+    available: impl Fn(&ReplicaRow) -> bool,
+) -> RolloutCounts {
+    let current = w.manifest.template().hash();
+    let count = |keep: &dyn Fn(&ReplicaRow) -> bool| replicas.iter().filter(|r| keep(r)).count() as u32;
+    RolloutCounts {
+        desired: match w.manifest.spec.kind {
+            WorkloadKind::Replicated => w.manifest.spec.replicas(),
+            WorkloadKind::EveryNode | WorkloadKind::Job => replicas.len() as u32,
+        },
+        updated: count(&|r| r.template_hash == current),
+        ready: count(&|r| r.template_hash == current && available(r)),
+        available: count(&|r| available(r)),
+    }
+}
+
 /// Where a workload's rollout stands: (complete, one-line text).
 pub fn status(w: &WorkloadRow, replicas: &[&ReplicaRow], available: impl Fn(&ReplicaRow) -> bool) -> (bool, String) {
     let current = w.manifest.template().hash();
@@ -111,6 +145,37 @@ pub fn status(w: &WorkloadRow, replicas: &[&ReplicaRow], available: impl Fn(&Rep
 #[cfg(test)]
 mod tests {
     use proto::manifest::parse_manifests;
+
+    use super::*;
+
+    #[test]
+    fn rollout_counts_follow_template_and_availability() {
+        let manifest = |image: &str, replicas: u32| {
+            parse_manifests(&format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  runtime: container\n  image: {image}\n  replicas: {replicas}\n"
+            ))
+            .unwrap()
+            .remove(0)
+        };
+        let w = WorkloadRow { manifest: manifest("r/w:2", 4), revision: 2, created_at_ms: 0 };
+        let (old, new) = (manifest("r/w:1", 4).template().hash(), w.manifest.template().hash());
+        let replica = |i: u32, hash: &str, phase| ReplicaRow {
+            name: format!("w-{i}"),
+            workload: "w".into(),
+            index: i,
+            node: Some("n".into()),
+            template_hash: hash.to_string(),
+            status: proto::messages::ReplicaStatus { phase, ..Default::default() },
+            unschedulable: String::new(),
+            attempt: None,
+        };
+        use proto::messages::Phase::{Pending, Running};
+        let rows = [replica(0, &new, Running), replica(1, &new, Pending), replica(2, &old, Running)];
+        let refs: Vec<&ReplicaRow> = rows.iter().collect();
+        let counts = rollout_counts(&w, &refs, |r| r.status.phase == Running);
+        // Desired is the manifest's 4 even while a replica is still to be made.
+        assert_eq!(counts, RolloutCounts { desired: 4, updated: 2, ready: 1, available: 2 });
+    }
 
     #[test]
     fn a_rollback_keeps_replicas_and_placement_and_takes_the_template() {

@@ -34,6 +34,7 @@ use transport::{ALPN_AGENT, ALPN_API, ALPN_JOIN, frame, tls};
 use crate::bootstrap::{self, BootstrapError};
 use crate::cluster::{Session, Shared};
 use crate::leader::{self, LeaderConfig};
+use crate::metrics::StoreOp;
 use crate::store::{Store, StoreError};
 use crate::{HubConfig, now_ms};
 
@@ -505,7 +506,7 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
     };
     let statuses = held_statuses(statuses, &held);
-    if let Err(e) = shared.store.record_statuses(&node, &statuses).await {
+    if let Err(e) = shared.metrics.timed(StoreOp::Status, shared.store.record_statuses(&node, &statuses)).await {
         warn!(error = %e, "cannot record statuses");
     }
     if let Err(e) = shared.store.set_node_session(&node, &shared.hub_id, true, now).await {
@@ -629,6 +630,8 @@ async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, node: Strin
         }
         ours
     };
+    // After the session left the list (see `LinkTraffic`): its last bytes count once.
+    shared.metrics.link_ended(&node, &conn);
     if ended {
         let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
         crate::events::node(&shared, &node, "NotReady", format!("its link to hub {} ended", shared.hub_id)).await;
@@ -714,7 +717,8 @@ async fn handle_agent_msg(shared: &Shared, node: &str, cert: &str, msg: AgentMsg
     let result = match msg {
         AgentMsg::Ack { generation } => shared.store.ack_generation(node, generation).await,
         AgentMsg::Status { statuses } => {
-            let r = shared.store.record_statuses(node, &statuses).await.map(|_| ());
+            let r =
+                shared.metrics.timed(StoreOp::Status, shared.store.record_statuses(node, &statuses)).await.map(|_| ());
             // A replica that became ready (or stopped being) may let a rollout advance.
             shared.trigger_reconcile();
             r

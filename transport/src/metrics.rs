@@ -3,9 +3,14 @@
 //! (OpenMetrics text) and 404 to anything else. It is meant for a Prometheus on the same
 //! network, not for the internet: it serves at most [`MAX_CONNECTIONS`] connections at once,
 //! each for at most [`CONNECTION_TIME`], and reads nothing but request heads.
+//!
+//! [`LinkTraffic`] is the pure part of the hub's and agents' link byte counters: quinn counts
+//! each connection's bytes from zero, a counter per link must add its sessions up.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +83,91 @@ async fn answer(req: Request<Incoming>, render: &Render) -> Response<Full<Bytes>
     text(StatusCode::OK, render().await, CONTENT_TYPE)
 }
 
+/// Bytes one QUIC connection carried so far (UDP payloads, as quinn counts them: handshakes,
+/// retransmissions and acknowledgements included, which is what the link costs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Traffic {
+    /// The connection's id (unique while it lives) and its totals so far.
+    pub fn of(conn: &quinn::Connection) -> (usize, Traffic) {
+        let stats = conn.stats();
+        (conn.stable_id(), Traffic { sent: stats.udp_tx.bytes, received: stats.udp_rx.bytes })
+    }
+
+    fn since(self, before: Traffic) -> Traffic {
+        // Saturating: quinn's totals only grow, but a miscount must not show as 16 EiB.
+        Traffic { sent: self.sent.saturating_sub(before.sent), received: self.received.saturating_sub(before.received) }
+    }
+}
+
+/// Turns the byte totals of connections (each counted from zero by quinn) into how much a
+/// link's counters grow, so a counter per link (a node, the hub) adds up its sessions one
+/// after the other. Sans-IO: the caller reads [`Traffic::of`] and feeds the totals in.
+///
+/// [`LinkTraffic::tally`] takes the live connections' totals; [`LinkTraffic::end`] counts the
+/// last bytes of a connection that closed and forgets it. A connection that leaves the live
+/// set is remembered for one more tally, so an `end` called just after it left (the session
+/// is unlisted first, then ended) still counts only what is new. One that is never ended is
+/// forgotten at the tally after that, so the state never outgrows the connections alive.
+///
+/// Callers take the live set and tally it under one lock, and end a connection only after
+/// it left the live set: then no byte counts twice.
+#[derive(Debug)]
+pub struct LinkTraffic<K> {
+    last: HashMap<(K, usize), Seen>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    total: Traffic,
+    /// Missing from the last tally.
+    gone: bool,
+}
+
+impl<K> Default for LinkTraffic<K> {
+    fn default() -> Self {
+        LinkTraffic { last: HashMap::new() }
+    }
+}
+
+impl<K: Eq + Hash + Clone> LinkTraffic<K> {
+    /// The totals so far of every live connection (`key`, connection id, totals): by how much
+    /// each key's counters grow.
+    pub fn tally(&mut self, live: impl IntoIterator<Item = (K, usize, Traffic)>) -> HashMap<K, Traffic> {
+        let mut grown: HashMap<K, Traffic> = HashMap::new();
+        let mut now = HashMap::new();
+        for (key, id, total) in live {
+            let before = self.last.remove(&(key.clone(), id)).map(|s| s.total).unwrap_or_default();
+            let add = total.since(before);
+            let sum = grown.entry(key.clone()).or_default();
+            sum.sent += add.sent;
+            sum.received += add.received;
+            now.insert((key, id), Seen { total: total.max_each(before), gone: false });
+        }
+        // Left since the last tally: kept once, for its `end`.
+        now.extend(self.last.drain().filter(|(_, s)| !s.gone).map(|(k, s)| (k, Seen { gone: true, ..s })));
+        self.last = now;
+        grown
+    }
+
+    /// The final totals of a connection that closed: by how much its key's counters grow.
+    pub fn end(&mut self, key: K, id: usize, total: Traffic) -> Traffic {
+        let before = self.last.remove(&(key, id)).map(|s| s.total).unwrap_or_default();
+        total.since(before)
+    }
+}
+
+impl Traffic {
+    /// What was counted already stays counted if a total ever went down.
+    fn max_each(self, other: Traffic) -> Traffic {
+        Traffic { sent: self.sent.max(other.sent), received: self.received.max(other.received) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,5 +199,35 @@ mod tests {
         let garbage = get(addr, "\x00\x01 not http\r\n\r\n").await;
         assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage}");
         server.abort();
+    }
+
+    #[test]
+    fn link_traffic_adds_up_sessions_and_forgets_closed_ones() {
+        let t = |sent, received| Traffic { sent, received };
+        let mut links = LinkTraffic::default();
+        // First sight of a connection: all its bytes so far.
+        let grown = links.tally([("n1", 1, t(100, 50)), ("n2", 7, t(10, 20))]);
+        assert_eq!(grown, HashMap::from([("n1", t(100, 50)), ("n2", t(10, 20))]));
+        // Then only the difference.
+        assert_eq!(links.tally([("n1", 1, t(130, 60)), ("n2", 7, t(10, 20))])["n1"], t(30, 10));
+        // n1's session ends: its last bytes count once; a new session counts from zero and
+        // adds to the same key.
+        assert_eq!(links.end("n1", 1, t(150, 70)), t(20, 10));
+        assert_eq!(links.end("n1", 1, t(150, 70)), t(150, 70), "an ended connection is forgotten");
+        let grown = links.tally([("n1", 2, t(5, 5)), ("n2", 7, t(10, 20))]);
+        assert_eq!(grown, HashMap::from([("n1", t(5, 5)), ("n2", t(0, 0))]));
+        // Two connections of one key at once (a new session before the old one is ended).
+        let grown = links.tally([("n1", 2, t(8, 9)), ("n1", 3, t(1, 1)), ("n2", 7, t(11, 20))]);
+        assert_eq!(grown["n1"], t(4, 5));
+        // n2's session is unlisted, a tally runs, then it is ended: only the new bytes count.
+        assert!(!links.tally([("n1", 2, t(8, 9))]).contains_key("n2"));
+        assert_eq!(links.end("n2", 7, t(15, 21)), t(4, 1));
+        // A connection never ended is forgotten at the second tally without it.
+        links.tally([("n1", 2, t(8, 9))]);
+        links.tally([("n1", 2, t(8, 9))]);
+        assert_eq!(links.last.len(), 1, "only live connections are remembered: {:?}", links.last);
+        // A total that went down adds nothing and does not count twice afterwards.
+        assert_eq!(links.tally([("n1", 2, t(6, 9))])["n1"], t(0, 0));
+        assert_eq!(links.tally([("n1", 2, t(9, 9))])["n1"], t(1, 0));
     }
 }
