@@ -28,6 +28,9 @@ PACKAGES=(
     postgresql
     # The metrics test scrapes a hub and agents with a real Prometheus of its own.
     prometheus
+    # tests/service.rs: `systemd-analyze verify` on deploy/systemd/*.service and shellcheck
+    # on scripts/install.sh.
+    systemd shellcheck
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }

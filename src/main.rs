@@ -7,6 +7,7 @@ mod local;
 mod oci_cli;
 mod output;
 mod remote_exec;
+mod service;
 mod sim;
 
 use std::collections::BTreeMap;
@@ -764,12 +765,18 @@ fn init_tracing() {
         .init();
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT. The handlers are installed at the call, not when the future is first
+/// polled: a service manager may send SIGTERM as soon as it has READY=1, which comes before
+/// the hub or the agent polls this, and an uninstalled handler would let it kill the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
@@ -980,7 +987,14 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
                 None
             }
         };
-        match agent::run(config, shutdown_signal()).await? {
+        let shutdown = service::stopping_on(shutdown_signal());
+        let ready = std::sync::Arc::new(tokio::sync::Notify::new());
+        config.ready = Some(ready.clone());
+        tokio::spawn(async move {
+            ready.notified().await;
+            service::ready();
+        });
+        match agent::run(config, shutdown).await? {
             agent::Stopped::Shutdown => Ok(None),
             agent::Stopped::Upgrade(invocation) => Ok(Some(invocation)),
         }
@@ -1006,6 +1020,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             metrics_listen,
         } => {
             init_tracing();
+            let shutdown = service::stopping_on(shutdown_signal());
             let hub = hub::Hub::start(hub::HubConfig {
                 data_dir,
                 listen,
@@ -1028,7 +1043,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);
             eprintln!("admin config: {}", hub.admin_config_path().display());
             eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());
-            hub.run(shutdown_signal()).await?;
+            service::ready();
+            hub.run(shutdown).await?;
             Ok(())
         }
         Command::Agent { .. } => bail!("the agent runs through run_agent"),

@@ -1212,3 +1212,107 @@ fn prometheus_scrapes_the_hub_and_agents_replica_restart_and_usage_series() {
     assert!(table.lines().any(|l| l.starts_with("burn-0") && l.contains("m2")), "{table}");
     drop(prom.proc);
 }
+
+/// A cgroup standing in for a systemd unit's delegated cgroup (`Delegate=yes`): the pids
+/// controller's hierarchy on cgroup v1, the unified one on v2. Dropped, it SIGKILLs every
+/// process left in it and removes it, even when the test panicked.
+struct UnitCgroup(PathBuf);
+
+impl UnitCgroup {
+    fn create() -> UnitCgroup {
+        let root = if Path::new("/sys/fs/cgroup/pids").is_dir() { "/sys/fs/cgroup/pids" } else { "/sys/fs/cgroup" };
+        let path = Path::new(root).join(format!("flotilla-test-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        UnitCgroup(path)
+    }
+
+    fn procs(&self) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+
+    /// A command prefix that moves itself into this cgroup and then execs the agent, as
+    /// systemd starts a unit's main process in the unit's cgroup.
+    fn exec_prefix(&self) -> Vec<String> {
+        let procs = self.0.join("cgroup.procs");
+        vec!["sh".into(), "-c".into(), format!("echo $$ > '{}' && exec \"$0\" \"$@\"", procs.display())]
+    }
+}
+
+impl Drop for UnitCgroup {
+    fn drop(&mut self) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let procs = self.procs();
+            if procs.is_empty() && std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            for pid in procs {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("cannot remove the test cgroup {}", self.0.display());
+    }
+}
+
+/// What `systemctl restart flotilla-agent` does with the unit's `KillMode=process` and
+/// `Delegate=yes` (deploy/systemd/flotilla-agent.service): the agent runs in the unit's cgroup,
+/// its containers' shims are spawned into it, and the restart is a SIGTERM to the main process
+/// only, a wait for it to exit, and a new main process in the same cgroup. The shims stay in the
+/// cgroup throughout, and every container keeps running: same pids, 0 restarts at the hub.
+#[test]
+fn systemctl_restart_of_the_agent_unit_keeps_every_container_running() {
+    if !containers_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    // Dropped after the cluster: kills what the agents left in it (their shims), then removes it.
+    let unit = UnitCgroup::create();
+    let mut c = Cluster::start();
+    let _janitor = Janitor::new(c.dir.path(), &["unit-1"]);
+    let image = push_busybox(&reg, c.dir.path(), "busybox:unit", &["sh", "-c", "exec sleep 100000"]);
+    let hub = c.hub_addr.clone();
+    c.add_agent_via(&unit.exec_prefix(), &hub, "unit-1", &["--containers", "on"]);
+    c.wait_for("node", WAIT, || c.nodes().iter().any(|n| n.name == "unit-1" && n.ready));
+    apply(&c, &workload("svc", &image, "  replicas: 2\n"));
+    let replicas = ["svc-0", "svc-1"];
+    c.wait_for("both running", WAIT, || replicas.iter().all(|r| running(&c, r)));
+    let before: Vec<Vec<u32>> = replicas.iter().map(|r| container_pids("unit-1", r)).collect();
+    assert!(before.iter().all(|p| !p.is_empty()), "no container processes: {before:?}");
+    let agent = c.agents[0].child.id();
+    let shims: Vec<u32> = before.iter().map(|p| parent_of(p[0]).expect("the container's shim")).collect();
+    let in_unit = unit.procs();
+    assert!(in_unit.contains(&agent), "the agent {agent} is not in the unit's cgroup: {in_unit:?}");
+    for shim in &shims {
+        assert!(in_unit.contains(shim), "shim {shim} is not in the unit's cgroup {in_unit:?}");
+    }
+
+    // KillMode=process: SIGTERM to the main process only; systemd waits for it to exit and
+    // leaves the rest of the cgroup alone.
+    assert!(std::process::Command::new("kill").args(["-TERM", &agent.to_string()]).status().unwrap().success());
+    let status = c.agents[0].wait_exit(Duration::from_secs(30)).expect("the agent exits on SIGTERM");
+    assert!(status.success(), "agent exit status {status:?}");
+    c.agents.clear();
+    let left = unit.procs();
+    assert!(shims.iter().all(|s| left.contains(s)), "shims {shims:?} left the unit's cgroup: {left:?}");
+    assert_eq!(replicas.iter().map(|r| container_pids("unit-1", r)).collect::<Vec<_>>(), before);
+
+    // The new main process, in the same cgroup, adopts them.
+    c.add_agent_via(&unit.exec_prefix(), &hub, "unit-1", &["--containers", "on"]);
+    let restarted = c.agents[0].child.id();
+    c.wait_for("node back and both running", WAIT, || {
+        c.nodes().iter().any(|n| n.name == "unit-1" && n.ready) && replicas.iter().all(|r| running(&c, r))
+    });
+    assert!(unit.procs().contains(&restarted), "the new agent is not in the unit's cgroup");
+    let after: Vec<Vec<u32>> = replicas.iter().map(|r| container_pids("unit-1", r)).collect();
+    assert_eq!(after, before, "the restart replaced a container");
+    let in_unit = unit.procs();
+    for shim in &shims {
+        assert!(in_unit.contains(shim), "shim {shim} gone from the unit's cgroup after the restart: {in_unit:?}");
+    }
+    for r in replicas {
+        let st = replica(&c, r).unwrap().status;
+        assert_eq!(st.restarts, 0, "{r}: {st:?}");
+    }
+}

@@ -113,6 +113,10 @@ pub struct AgentConfig {
     pub secrets_dir: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Notified once the local state has started (the persisted desired state handed to the
+    /// supervisor, the hub link started), before any hub contact: the binary's sd_notify
+    /// readiness.
+    pub ready: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AgentConfig {
@@ -142,6 +146,7 @@ impl AgentConfig {
             objects_key_file: None,
             secrets_dir: None,
             metrics_listen: None,
+            ready: None,
         }
     }
 
@@ -553,6 +558,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         spawn_fetch(r);
     }
     let mut link_task = tokio::spawn(link.run().instrument(info_span!("link", node = %config.name)));
+    if let Some(ready) = &config.ready {
+        ready.notify_one();
+    }
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<RunEvent>();
     let mut runs: HashMap<String, RunHandle> = HashMap::new();
