@@ -203,10 +203,12 @@ impl Drop for Site {
     }
 }
 
-/// Lines of `path` (and its rotated `.1`) containing `needle`.
+/// Lines of `path` (with its rotated `.1` and the previous run's `.prev.log`) containing
+/// `needle`.
 pub fn count_lines(path: &Path, needle: &str) -> usize {
     let mut n = 0;
-    for p in [path.with_extension("log.1"), path.to_path_buf()] {
+    // A new run moves the log so far to `.prev.log` (`flotilla logs --previous`).
+    for p in [path.with_extension("prev.log"), path.with_extension("log.1"), path.to_path_buf()] {
         if let Ok(text) = std::fs::read_to_string(&p) {
             n += text.lines().filter(|l| l.contains(needle)).count();
         }
