@@ -75,6 +75,15 @@ impl WasmHost {
         let mut linker: Linker<StoreState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut StoreState| &mut s.wasi)
             .map_err(|e| Error::Engine { reason: format!("cannot add wasi preview 1 to linker: {e:#}") })?;
+        // wasmtime-wasi traps on proc_exit(126..=255) (WASI reserves them); a shell user expects
+        // `exit 200` to be status 200, as from a native program, so codes up to 255 are exits.
+        linker.allow_shadowing(true);
+        linker
+            .func_wrap("wasi_snapshot_preview1", "proc_exit", |_: wasmtime::Caller<'_, StoreState>, status: i32| {
+                Err::<(), _>(crate::run::proc_exit(status as u32))
+            })
+            .map_err(|e| Error::Engine { reason: format!("cannot define proc_exit: {e:#}") })?;
+        linker.allow_shadowing(false);
 
         let mut component_linker = wasmtime::component::Linker::<ComponentState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)

@@ -33,7 +33,7 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use crate::program::Pre;
 use crate::run::describe_guest_failure;
 use crate::usage::{GuestUsage, Metered};
-use crate::wasi::{ComponentState, GuestEnv};
+use crate::wasi::{ComponentState, GuestEnv, GuestStdio};
 use crate::{Error, Limits, OutputSink, Preopen, Program, WasmHost};
 
 /// How long [`HttpServer::run`] waits, after cancelling the requests still running at the end of
@@ -376,8 +376,7 @@ impl Shared {
             program_name: &self.program_name,
             args: &self.args,
             env: &self.env,
-            stdout: &self.stdout,
-            stderr: &self.stderr,
+            stdio: GuestStdio::Sinks { stdout: &self.stdout, stderr: &self.stderr },
             preopens: &self.preopens,
             network: self.network,
         }

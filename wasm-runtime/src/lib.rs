@@ -14,7 +14,8 @@
 //! hub, the agent or the wire protocol. It must never panic or block the async executor for longer
 //! than one epoch tick on any guest input (malformed bytes, traps, infinite loops, memory bombs),
 //! never give a guest access to host files, sockets, stdin or the host environment beyond what
-//! [`RunOptions`] / [`HttpOptions`] grant, and never load a compiled artifact from anywhere except
+//! [`RunOptions`] / [`HttpOptions`] grant (the host process's own stdio only with
+//! [`Stdio::Inherit`]), and never load a compiled artifact from anywhere except
 //! its own private cache directory.
 //!
 //! Module map: [`WasmHost`] and its creation live in `host`; the engine's configuration, pooling
@@ -67,8 +68,11 @@ pub enum Error {
     /// The program's imports cannot be satisfied by the WASI (and wasi:http) linker.
     #[error("cannot link wasm {kind} {digest}: {reason}")]
     Link { kind: ProgramKind, digest: String, reason: String },
-    /// The module has no `_start` export.
-    #[error("wasm module {digest} does not export a `_start` function")]
+    /// The module has no `_start` export: a library or reactor module, not a command.
+    #[error(
+        "wasm module {digest} has no _start export: it is a library or reactor module, not a command; \
+         build it as a WASI command (a binary crate for wasm32-wasip1, or clang/wasi-sdk without -mexec-model=reactor)"
+    )]
     MissingStart { digest: String },
     /// The module exports `_start`, but not as a function taking and returning nothing.
     #[error("wasm module {digest} exports `_start` as {found}, expected a function with no params and no results")]
@@ -143,6 +147,28 @@ pub trait OutputSink: Send + Sync + 'static {
     fn write(&self, bytes: &[u8]);
 }
 
+/// Where a run's stdin, stdout and stderr go.
+#[derive(Clone)]
+pub enum Stdio {
+    /// stdout and stderr to sinks that cannot fail; no stdin (a read sees end-of-file). What the
+    /// agent's replicas get: nothing of the host process's own stdio reaches them.
+    Sinks { stdout: Arc<dyn OutputSink>, stderr: Arc<dyn OutputSink> },
+    /// This process's own stdin, stdout and stderr, through wasmtime-wasi's stdio streams, as
+    /// `wasmtime run` gives them: reads block on the terminal or pipe, a failed write (EPIPE when
+    /// the reader has gone) is returned to the guest as an error, and a terminal is reported as a
+    /// character device. For `flotilla run`.
+    Inherit,
+}
+
+impl fmt::Debug for Stdio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stdio::Sinks { .. } => "Sinks",
+            Stdio::Inherit => "Inherit",
+        })
+    }
+}
+
 /// Per-run (for HTTP: per-request) resource limits. All are optional; `Limits::default()` has
 /// none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -180,8 +206,8 @@ pub struct RunOptions {
     pub args: Vec<String>,
     /// The guest's entire environment (nothing is inherited from the host).
     pub env: Vec<(String, String)>,
-    pub stdout: Arc<dyn OutputSink>,
-    pub stderr: Arc<dyn OutputSink>,
+    /// Stdin, stdout and stderr: sinks (and no stdin), or this process's own.
+    pub stdio: Stdio,
     pub limits: Limits,
     /// Host directories visible to the guest. Default: none.
     pub preopens: Vec<Preopen>,
@@ -194,14 +220,19 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// Options with no args, env, preopens, network or limits.
+    /// Options with stdout and stderr to sinks, no stdin, and no args, env, preopens, network or
+    /// limits.
     pub fn new(program_name: impl Into<String>, stdout: Arc<dyn OutputSink>, stderr: Arc<dyn OutputSink>) -> Self {
+        RunOptions::with_stdio(program_name, Stdio::Sinks { stdout, stderr })
+    }
+
+    /// Options with the given stdio, and no args, env, preopens, network or limits.
+    pub fn with_stdio(program_name: impl Into<String>, stdio: Stdio) -> Self {
         RunOptions {
             program_name: program_name.into(),
             args: Vec::new(),
             env: Vec::new(),
-            stdout,
-            stderr,
+            stdio,
             limits: Limits::default(),
             preopens: Vec::new(),
             network: false,
@@ -213,7 +244,8 @@ impl RunOptions {
 /// How a program run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
-    /// `_start` returned (0) or the guest called `proc_exit(n)`; for components, `wasi:cli/run`
+    /// `_start` returned (0) or the guest called `proc_exit(n)` with n in 0..=255 (wider than
+    /// the 0..126 wasmtime-wasi allows, so a shell sees the code it expects); for components, `wasi:cli/run`
     /// returned `Ok` (0) or `Err` (1), or the guest called `wasi:cli/exit` with a code.
     Code(i32),
     /// The guest trapped or was killed by the host (memory, CPU-time or fuel limit);

@@ -10,8 +10,8 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use crate::limits::CpuTimeExceeded;
 use crate::program::Pre;
 use crate::usage::{GuestUsage, Metered};
-use crate::wasi::{ComponentState, GuestEnv, StoreState};
-use crate::{Error, Exit, Limits, Program, ProgramKind, RunOptions, WasmHost, one_line};
+use crate::wasi::{ComponentState, GuestEnv, GuestStdio, StoreState};
+use crate::{Error, Exit, Limits, Program, ProgramKind, RunOptions, Stdio, WasmHost, one_line};
 
 impl WasmHost {
     /// Runs a program to completion: a module's `_start`, or a component's `wasi:cli/run`.
@@ -26,8 +26,10 @@ impl WasmHost {
             program_name: &opts.program_name,
             args: &opts.args,
             env: &opts.env,
-            stdout: &opts.stdout,
-            stderr: &opts.stderr,
+            stdio: match &opts.stdio {
+                Stdio::Sinks { stdout, stderr } => GuestStdio::Sinks { stdout, stderr },
+                Stdio::Inherit => GuestStdio::Inherit,
+            },
             preopens: &opts.preopens,
             network: opts.network,
         };
@@ -98,6 +100,15 @@ impl WasmHost {
         };
         let result = command.wasi_cli_run().call_run(&mut store).await;
         Ok(guest_exit(digest, result.map(|r| if r.is_ok() { 0 } else { 1 })))
+    }
+}
+
+/// What a preview 1 `proc_exit(status)` raises: an exit with that code when it fits a process's
+/// exit status (0..=255), else a trap naming it (a code above 255 would be truncated by the OS).
+pub(crate) fn proc_exit(status: u32) -> wasmtime::Error {
+    match u8::try_from(status) {
+        Ok(code) => wasmtime_wasi::I32Exit(i32::from(code)).into(),
+        Err(_) => wasmtime::Error::msg(format!("exit with invalid exit status {status} outside of [0..256)")),
     }
 }
 

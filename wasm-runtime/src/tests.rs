@@ -131,6 +131,57 @@ async fn proc_exit_code() {
     assert_eq!(exit, Exit::Code(3));
 }
 
+/// WASI reserves 126..=255 and wasmtime-wasi traps on them; a shell expects `exit 200` to be
+/// status 200. Above 255 the OS would truncate the code, so that stays a trap.
+#[tokio::test]
+async fn proc_exit_codes_up_to_255_are_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    for (status, expected) in [(126, Some(126)), (200, Some(200)), (255, Some(255)), (256, None), (-1, None)] {
+        let module = wasm(&format!(
+            r#"(module
+                (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                (memory (export "memory") 1)
+                (func (export "_start") (call $exit (i32.const {status})) unreachable))"#
+        ));
+        let program = host.load_bytes(&module).unwrap();
+        let exit = host.run(&program, opts().0).await.unwrap();
+        match expected {
+            Some(code) => assert_eq!(exit, Exit::Code(code), "proc_exit({status})"),
+            None => {
+                let Exit::Trap(msg) = exit else { panic!("proc_exit({status}): expected a trap, got {exit:?}") };
+                assert!(msg.contains("outside of [0..256)"), "{msg}");
+            }
+        }
+    }
+}
+
+/// The agent's replicas have no stdin: a read sees end-of-file, never the agent's own stdin.
+#[tokio::test]
+async fn sinks_give_no_stdin() {
+    let module = wasm(&format!(
+        r#"(module {FD_WRITE}
+            (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (i32.store (i32.const 0) (i32.const 64))
+                (i32.store (i32.const 4) (i32.const 16))
+                (i32.store (i32.const 8) (i32.const 99))
+                (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+                ;; print the count read as one digit
+                (i32.store8 (i32.const 32) (i32.add (i32.load (i32.const 8)) (i32.const 48)))
+                (i32.store (i32.const 16) (i32.const 32))
+                (i32.store (i32.const 20) (i32.const 1))
+                (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path());
+    let program = host.load_bytes(&module).unwrap();
+    let (opts, out, _) = opts();
+    assert_eq!(host.run(&program, opts).await.unwrap(), Exit::Code(0));
+    assert_eq!(out.contents(), b"0");
+}
+
 #[tokio::test]
 async fn unreachable_is_trap() {
     let module = wasm(
@@ -241,7 +292,7 @@ fn missing_or_bad_start_is_error() {
     let host = host(dir.path());
     let err = host.load_bytes(&wasm(r#"(module (memory (export "memory") 1) (func (export "main")))"#)).unwrap_err();
     assert!(matches!(err, Error::MissingStart { .. }), "{err}");
-    assert!(err.to_string().contains("_start"), "{err}");
+    assert!(err.to_string().contains("no _start export: it is a library or reactor module, not a command"), "{err}");
 
     let err = host.load_bytes(&wasm(r#"(module (func (export "_start") (param i32)))"#)).unwrap_err();
     assert!(matches!(err, Error::BadStart { .. }), "{err}");

@@ -84,10 +84,15 @@ pub(crate) struct GuestEnv<'a> {
     pub(crate) program_name: &'a str,
     pub(crate) args: &'a [String],
     pub(crate) env: &'a [(String, String)],
-    pub(crate) stdout: &'a Arc<dyn OutputSink>,
-    pub(crate) stderr: &'a Arc<dyn OutputSink>,
+    pub(crate) stdio: GuestStdio<'a>,
     pub(crate) preopens: &'a [Preopen],
     pub(crate) network: bool,
+}
+
+/// [`Stdio`](crate::Stdio) as a [`GuestEnv`] borrows it (HTTP servers keep their sinks apart).
+pub(crate) enum GuestStdio<'a> {
+    Sinks { stdout: &'a Arc<dyn OutputSink>, stderr: &'a Arc<dyn OutputSink> },
+    Inherit,
 }
 
 impl GuestEnv<'_> {
@@ -96,11 +101,20 @@ impl GuestEnv<'_> {
         wasi.arg(self.program_name)
             .args(self.args)
             .envs(self.env)
-            .stdout(SinkStream(self.stdout.clone()))
-            .stderr(SinkStream(self.stderr.clone()))
             .allow_tcp(self.network)
             .allow_udp(self.network)
             .allow_ip_name_lookup(self.network);
+        match &self.stdio {
+            // No stdin: the builder's default is a closed stream, so a read sees end-of-file.
+            GuestStdio::Sinks { stdout, stderr } => {
+                wasi.stdout(SinkStream((*stdout).clone())).stderr(SinkStream((*stderr).clone()));
+            }
+            // wasmtime-wasi's own stdio, not a sink: only it reports write errors to the guest
+            // and answers isatty from the real descriptor.
+            GuestStdio::Inherit => {
+                wasi.inherit_stdio();
+            }
+        }
         if self.network {
             wasi.inherit_network();
         }
