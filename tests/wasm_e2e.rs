@@ -522,6 +522,12 @@ fn a_wasm_component_reads_secrets_as_env_and_files_offline_too_and_only_its_node
     assert!(found.is_empty(), "the plaintext of the secret is on disk in {found:?}");
 }
 
+/// What an `events -w -o json` watcher has written to `path` so far.
+fn watched_events(path: &std::path::Path) -> Vec<proto::messages::ClusterEvent> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
 /// `flotilla events` as (at_ms, object, reason, message), oldest first.
 fn events(c: &Cluster, args: &[&str]) -> Vec<proto::messages::ClusterEvent> {
     let mut all = vec!["events", "-o", "json"];
@@ -572,6 +578,11 @@ fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_ret
     apply(&c, &[sick]);
     c.wait_for("the probe failure", WAIT, || {
         events(&c, &["--for", "replica/sick-0"]).iter().any(|e| e.reason == "Unhealthy")
+    });
+    // A replica's events go with it: the watcher (polling every second) must have shown
+    // this one before the workload is deleted.
+    c.wait_for("the watcher to show the probe failure", Duration::from_secs(15), || {
+        watched_events(&watched).iter().any(|e| e.object == "replica/sick-0" && e.reason == "Unhealthy")
     });
     c.ok(&["delete", "workload", "sick"]);
     apply(&c, &[web("two")]);
@@ -624,10 +635,7 @@ fn events_show_a_crash_loop_a_probe_failure_a_rollout_and_a_node_leaving_and_ret
         all.iter().any(|e| e.object == "node/edge-1" && e.reason == "Ready" && e.at_ms > up)
             && all.iter().filter(|e| e.object == "node/edge-1" && e.reason == "Ready").count() >= 3
     };
-    let read = || -> Vec<proto::messages::ClusterEvent> {
-        let text = std::fs::read_to_string(&watched).unwrap();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
+    let read = || watched_events(&watched);
     c.wait_for("the watcher caught up", Duration::from_secs(15), || seen(&read()));
     watcher.stop();
     let w = read();
