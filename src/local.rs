@@ -39,13 +39,13 @@ pub struct RunArgs {
 }
 
 /// `KEY=VALUE`, or `KEY` alone (its value to come from the host's environment).
-fn parse_env(s: &str) -> Result<(String, Option<String>), String> {
+fn parse_env(s: &str) -> Result<(String, Option<String>)> {
     let (key, value) = match s.split_once('=') {
         Some((k, v)) => (k, Some(v.to_string())),
         None => (s, None),
     };
     if key.is_empty() {
-        return Err(format!("expected KEY=VALUE or KEY, got {s:?}"));
+        anyhow::bail!("expected KEY=VALUE or KEY, got {s:?}");
     }
     Ok((key.to_string(), value))
 }

@@ -45,8 +45,8 @@ impl Target {
 /// Why this node will not run an exec; sent to the CLI as the stream's error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] proto::messages::ExecSpecError),
     #[error("{0:?} is not a replica name")]
     BadName(String),
     #[error("replica {replica:?} does not run on node {node:?}")]
@@ -63,7 +63,7 @@ pub enum Refusal {
 
 /// Whether node `node` runs `spec`: a valid request for a container replica it runs.
 pub fn check(spec: &ExecSpec, node: &str, runtime: Option<Runtime>, containers: bool) -> Result<(), Refusal> {
-    spec.check().map_err(Refusal::Invalid)?;
+    spec.check()?;
     // The name becomes a path in the container runtime's state root.
     if proto::manifest::validate_name(&spec.replica).is_err() {
         return Err(Refusal::BadName(spec.replica.clone()));
@@ -189,7 +189,7 @@ impl Session {
 
     /// Pumps until the command has ended and its output is sent (its exit code), or until
     /// the stream fails (the command is then killed, by dropping the child).
-    async fn pump(mut self, mut send: quinn::SendStream, recv: quinn::RecvStream) -> Result<i32, String> {
+    async fn pump(mut self, mut send: quinn::SendStream, recv: quinn::RecvStream) -> Result<i32, EndedEarly> {
         let mut input = tokio::spawn(feed(recv, std::mem::replace(&mut self.stdin, Stdin::None), self.resize.take()));
         // Aborts the input task however this returns.
         let _abort = AbortOnDrop(input.abort_handle());
@@ -215,14 +215,14 @@ impl Session {
                 ended = &mut input, if !input_done => match ended {
                     Ok(Fed::Finished) => input_done = true,
                     Ok(Fed::Gone(why)) => return Err(why),
-                    Err(e) => return Err(format!("the input task failed: {e}")),
+                    Err(e) => return Err(EndedEarly::InputTask(e)),
                 },
-                _ = send.stopped() => return Err("the hub stopped reading".into()),
+                _ = send.stopped() => return Err(EndedEarly::HubStopped),
             }
         }
         let status = tokio::select! {
-            s = self.child.wait() => s.map_err(|e| format!("waiting for the command: {e}"))?,
-            _ = send.stopped() => return Err("the hub stopped reading".into()),
+            s = self.child.wait() => s.map_err(EndedEarly::Wait)?,
+            _ = send.stopped() => return Err(EndedEarly::HubStopped),
         };
         let code = exit_code(status);
         write(&mut send, Output::Exit { code }).await?;
@@ -239,8 +239,25 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-async fn write(send: &mut quinn::SendStream, output: Output) -> Result<(), String> {
-    send.write_all(&output.encode()).await.map_err(|e| format!("sending output: {e}"))
+async fn write(send: &mut quinn::SendStream, output: Output) -> Result<(), EndedEarly> {
+    Ok(send.write_all(&output.encode()).await?)
+}
+
+/// Why a session ended before the command did (the command is then killed).
+#[derive(Debug, thiserror::Error)]
+enum EndedEarly {
+    #[error("the hub stopped reading")]
+    HubStopped,
+    #[error("sending output: {0}")]
+    Send(#[from] quinn::WriteError),
+    #[error("reading input: {0}")]
+    Read(#[from] frame::FrameError),
+    #[error("bad input: {0}")]
+    BadInput(#[from] proto::exec::ChunkError),
+    #[error("the input task failed: {0}")]
+    InputTask(tokio::task::JoinError),
+    #[error("waiting for the command: {0}")]
+    Wait(io::Error),
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -256,7 +273,7 @@ enum Fed {
     /// The CLI sent all it had (its stream finished cleanly).
     Finished,
     /// The stream failed or carried garbage: the session ends.
-    Gone(String),
+    Gone(EndedEarly),
 }
 
 /// Reads the CLI's chunks: stdin bytes to the command, window sizes to the terminal.
@@ -265,11 +282,11 @@ async fn feed(mut recv: quinn::RecvStream, mut stdin: Stdin, resize: Option<Owne
         let (kind, body) = match frame::read_chunk(&mut recv).await {
             Ok(Some(c)) => c,
             Ok(None) => return Fed::Finished,
-            Err(e) => return Fed::Gone(format!("reading input: {e}")),
+            Err(e) => return Fed::Gone(e.into()),
         };
         let input = match Input::decode(kind, body) {
             Ok(i) => i,
-            Err(e) => return Fed::Gone(e.to_string()),
+            Err(e) => return Fed::Gone(e.into()),
         };
         match input {
             Input::Stdin(data) => {
@@ -302,6 +319,7 @@ async fn feed(mut recv: quinn::RecvStream, mut stdin: Stdin, resize: Option<Owne
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::messages::ExecSpecError;
 
     fn spec(replica: &str, command: &[&str]) -> ExecSpec {
         ExecSpec {
@@ -327,16 +345,19 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_before_anything_runs() {
-        assert!(matches!(check(&spec("web-0", &[]), "n", Some(Runtime::Container), true), Err(Refusal::Invalid(_))));
-        assert!(matches!(
+        assert_eq!(
+            check(&spec("web-0", &[]), "n", Some(Runtime::Container), true),
+            Err(Refusal::Invalid(ExecSpecError::NoCommand))
+        );
+        assert_eq!(
             check(&spec("web-0", &["a\0b"]), "n", Some(Runtime::Container), true),
-            Err(Refusal::Invalid(_))
-        ));
+            Err(Refusal::Invalid(ExecSpecError::Nul))
+        );
         let long = "x".repeat(proto::messages::MAX_EXEC_COMMAND_BYTES);
-        assert!(matches!(
+        assert_eq!(
             check(&spec("web-0", &[&long]), "n", Some(Runtime::Container), true),
-            Err(Refusal::Invalid(_))
-        ));
+            Err(Refusal::Invalid(ExecSpecError::TooLong(long.len() + 1)))
+        );
         for name in ["../etc", "a/b", "", "Web-0"] {
             assert_eq!(
                 check(&spec(name, &["sh"]), "n", Some(Runtime::Container), true),

@@ -38,7 +38,7 @@ pub(crate) async fn start(
 ) -> Result<Started, StreamError> {
     let refuse = |why: String| (StreamStart::Error { message: why.clone() }, Started::Refused(why));
     let (answer, started) = match spec.check() {
-        Err(why) => refuse(why),
+        Err(why) => refuse(why.to_string()),
         Ok(()) => match locate(shared, &spec.replica, None).await {
             Err(e) => refuse(e.to_string()),
             Ok(Err(why)) => refuse(why.to_string()),

@@ -475,18 +475,29 @@ pub struct ExecSpec {
 /// Longest command line `flotilla exec` takes (bytes of every argument together).
 pub const MAX_EXEC_COMMAND_BYTES: usize = 64 * 1024;
 
+/// Why no agent could run an [`ExecSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecSpecError {
+    #[error("exec needs a command")]
+    NoCommand,
+    #[error("the command is {0} bytes; at most {MAX_EXEC_COMMAND_BYTES}")]
+    TooLong(usize),
+    #[error("the command contains a NUL byte")]
+    Nul,
+}
+
 impl ExecSpec {
     /// Refuses what no agent could run: no command, a command too long, a NUL byte.
-    pub fn check(&self) -> Result<(), String> {
-        if self.command.is_empty() || self.command[0].is_empty() {
-            return Err("exec needs a command".into());
+    pub fn check(&self) -> Result<(), ExecSpecError> {
+        if self.command.first().is_none_or(|p| p.is_empty()) {
+            return Err(ExecSpecError::NoCommand);
         }
         let bytes: usize = self.command.iter().map(|a| a.len() + 1).sum();
         if bytes > MAX_EXEC_COMMAND_BYTES {
-            return Err(format!("the command is {bytes} bytes; at most {MAX_EXEC_COMMAND_BYTES}"));
+            return Err(ExecSpecError::TooLong(bytes));
         }
         if self.command.iter().any(|a| a.contains('\0')) {
-            return Err("the command contains a NUL byte".into());
+            return Err(ExecSpecError::Nul);
         }
         Ok(())
     }
