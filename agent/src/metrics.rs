@@ -390,7 +390,7 @@ impl AgentMetrics {
                 None => continue,
             };
             if let Some(usage) = usage {
-                grow_f64(cpu, &label, seen_cpu.get(name).copied(), usage.cpu_seconds);
+                grow(cpu, &label, seen_cpu.get(name).copied(), usage.cpu_seconds);
                 cpu_now.insert(name.clone(), usage.cpu_seconds);
                 memory.get_or_create(&label).set(i64::try_from(usage.memory_bytes).unwrap_or(i64::MAX));
             }
@@ -427,25 +427,12 @@ impl AgentMetrics {
 }
 
 /// Raises `family[label]` to `value` (from `before`, what it was last set to); a smaller
-/// value starts the series over.
-fn grow(family: &Family<ReplicaLabel, Counter>, label: &ReplicaLabel, before: Option<u64>, value: u64) {
-    match before {
-        Some(b) if value >= b => {
-            family.get_or_create(label).inc_by(value - b);
-        }
-        _ => {
-            family.remove(label);
-            family.get_or_create(label).inc_by(value);
-        }
-    }
-}
-
-fn grow_f64(
-    family: &Family<ReplicaLabel, Counter<f64, AtomicU64>>,
-    label: &ReplicaLabel,
-    before: Option<f64>,
-    value: f64,
-) {
+/// value starts the series over. For counters of whole numbers (restarts) and of seconds.
+fn grow<N, A>(family: &Family<ReplicaLabel, Counter<N, A>>, label: &ReplicaLabel, before: Option<N>, value: N)
+where
+    N: Copy + PartialOrd + std::ops::Sub<Output = N>,
+    A: prometheus_client::metrics::counter::Atomic<N> + Default,
+{
     match before {
         Some(b) if value >= b => {
             family.get_or_create(label).inc_by(value - b);
