@@ -38,6 +38,7 @@ pub mod revisions;
 pub mod scheduler;
 pub mod sealed;
 pub mod server;
+mod session;
 pub mod store;
 pub mod tokens;
 pub mod upgrade;
