@@ -55,19 +55,26 @@ fn looping() -> Vec<u8> {
 
 /// Sleeps for 60 s via poll_oneoff on a relative monotonic clock.
 fn sleeping() -> Vec<u8> {
-    wasm(
+    sleeping_with("1", "")
+}
+
+/// [`sleeping`] with memory `memory` (the limits in `(memory ...)`), running `first` before
+/// the sleep.
+fn sleeping_with(memory: &str, first: &str) -> Vec<u8> {
+    wasm(&format!(
         r#"(module
             (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-            (memory (export "memory") 1)
+            (memory (export "memory") {memory})
             (func (export "_start")
+                {first}
                 (i64.store (i32.const 0) (i64.const 7))          ;; userdata
                 (i32.store8 (i32.const 8) (i32.const 0))         ;; tag = clock
                 (i32.store (i32.const 16) (i32.const 1))         ;; clock id = monotonic
                 (i64.store (i32.const 24) (i64.const 60000000000)) ;; timeout 60 s
                 (i64.store (i32.const 32) (i64.const 0))         ;; precision
                 (i32.store16 (i32.const 40) (i32.const 0))       ;; flags: relative
-                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
-    )
+                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#
+    ))
 }
 
 #[tokio::test]
@@ -1012,20 +1019,7 @@ async fn a_sleeping_guest_uses_next_to_no_cpu_and_grown_memory_counts() {
     let dir = tempfile::tempdir().unwrap();
     let host = host(dir.path());
     // Grows its 2 pages by 5, then sleeps for 60 s.
-    let grown_sleeper = wasm(
-        r#"(module
-            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-            (memory (export "memory") 2)
-            (func (export "_start")
-                (drop (memory.grow (i32.const 5)))
-                (i64.store (i32.const 0) (i64.const 7))
-                (i32.store8 (i32.const 8) (i32.const 0))
-                (i32.store (i32.const 16) (i32.const 1))
-                (i64.store (i32.const 24) (i64.const 60000000000))
-                (i64.store (i32.const 32) (i64.const 0))
-                (i32.store16 (i32.const 40) (i32.const 0))
-                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
-    );
+    let grown_sleeper = sleeping_with("2", "(drop (memory.grow (i32.const 5)))");
     let program = host.load_bytes(&grown_sleeper).unwrap();
     let (cpu, memory, wall) = usage_after(&host, &program, Duration::from_secs(1)).await;
     assert!(cpu < Duration::from_millis(50), "cpu {cpu:?} over {wall:?} of sleep");
@@ -1047,21 +1041,7 @@ async fn a_sleeping_guest_uses_next_to_no_cpu_and_grown_memory_counts() {
 #[tokio::test]
 async fn memory_that_could_not_be_grown_is_not_counted() {
     // Asks for far more than the limit allows, then sleeps: memory.grow fails (-1)...
-    let module = wasm(
-        r#"(module
-            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-            (memory (export "memory") 1 4)
-            (func (export "_start")
-                (drop (memory.grow (i32.const 100)))
-                (drop (memory.grow (i32.const 1)))
-                (i64.store (i32.const 0) (i64.const 7))
-                (i32.store8 (i32.const 8) (i32.const 0))
-                (i32.store (i32.const 16) (i32.const 1))
-                (i64.store (i32.const 24) (i64.const 60000000000))
-                (i64.store (i32.const 32) (i64.const 0))
-                (i32.store16 (i32.const 40) (i32.const 0))
-                (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
-    );
+    let module = sleeping_with("1 4", "(drop (memory.grow (i32.const 100))) (drop (memory.grow (i32.const 1)))");
     let dir = tempfile::tempdir().unwrap();
     let host = host(dir.path());
     let program = host.load_bytes(&module).unwrap();
