@@ -23,6 +23,9 @@ PACKAGES=(
     # Fault injection in the autonomy tests: packet loss by iptables where the
     # kernel lacks netem; nsenter (util-linux) runs agents in their namespaces.
     iptables util-linux
+    # Container networks: the agent runs the standard CNI plugins (bridge, host-local,
+    # portmap, and macvlan/ipvlan for `network: {cni: NAME}`) from /usr/lib/cni.
+    containernetworking-plugins
     # The hub's PostgreSQL datastore: the store and multi-hub tests start their
     # own throwaway server from /usr/lib/postgresql/<major>/bin as user postgres.
     postgresql

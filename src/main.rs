@@ -95,6 +95,15 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Container addresses of the whole cluster; each node that runs containers gets a
+        /// subnet of it for good (see --node-cidr-mask). Recorded by the first hub: a later
+        /// hub with another value keeps the recorded one.
+        #[arg(long, value_name = "CIDR", default_value = "10.42.0.0/16")]
+        cluster_cidr: ipnet::Ipv4Net,
+        /// Prefix length of each node's container subnet (24: 253 containers a node, 256
+        /// nodes in a /16).
+        #[arg(long, value_name = "BITS", default_value_t = 24)]
+        node_cidr_mask: u8,
     },
     /// Run the edge agent.
     Agent {
@@ -173,6 +182,16 @@ enum Command {
         /// hands its Wasm HTTP listeners on; only Wasm replicas restart with the agent.
         #[arg(long)]
         stop_workloads_on_exit: bool,
+        /// The Linux bridge containers with `network: bridge` are attached to (made on first
+        /// use, holding the first address of the node's subnet).
+        #[arg(long, value_name = "NAME", default_value = "flotilla0")]
+        bridge: String,
+        /// Where CNI plugins are looked for, in order (repeatable).
+        #[arg(long, value_name = "DIR", default_values = ["/usr/lib/cni", "/opt/cni/bin"])]
+        cni_bin_dir: Vec<PathBuf>,
+        /// Where `network: {cni: NAME}` finds NAME.conflist or NAME.conf.
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
     },
     /// Watches a new agent binary after an upgrade and rolls it back if it does not reach the
     /// hub in time (spawned by the agent itself).
@@ -940,6 +959,9 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         metrics_listen,
         link_timeout,
         stop_workloads_on_exit,
+        bridge,
+        cni_bin_dir,
+        cni_conf_dir,
     } = command
     else {
         bail!("not the agent command")
@@ -972,6 +994,9 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         config.objects_key_file = objects_key_file;
         config.secrets_dir = secrets_dir;
         config.metrics_listen = metrics_listen;
+        config.network.bridge = bridge;
+        config.network.cni_bin_dirs = cni_bin_dir;
+        config.network.cni_conf_dir = cni_conf_dir;
         config.min_free_disk_bytes =
             proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
         config.log_max_bytes = parse_log_max_bytes(&log_max_bytes)?;
@@ -1018,8 +1043,11 @@ async fn run_command(cli: Cli) -> Result<()> {
             allow_host_network,
             cluster_key_file,
             metrics_listen,
+            cluster_cidr,
+            node_cidr_mask,
         } => {
             init_tracing();
+            let network = hub::network::ClusterNetwork::new(cluster_cidr, node_cidr_mask)?;
             let shutdown = service::stopping_on(shutdown_signal());
             let hub = hub::Hub::start(hub::HubConfig {
                 data_dir,
@@ -1038,6 +1066,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 host_policy: hub::access::HostPolicy { host_paths: allow_host_paths, host_network: allow_host_network },
                 cluster_key_file,
                 metrics_listen,
+                network,
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);

@@ -106,13 +106,32 @@ fn leftovers(c: &Cluster, node: &str, replica: &str) -> Vec<String> {
             left.push(format!("mount {m}"));
         }
     }
-    for sub in ["containers/state", "containers/bundles"] {
+    for sub in ["containers/state", "containers/bundles", "network/netns"] {
         let p = agent_dir.join(sub).join(replica);
         if p.exists() {
             left.push(format!("dir {}", p.display()));
         }
     }
+    let record = agent_dir.join("network/attachments").join(format!("{replica}.json"));
+    if record.exists() {
+        left.push(format!("network attachment {}", record.display()));
+    }
+    // host-local keeps one file per address, holding the container id.
+    for f in walk(&agent_dir.join("network/ipam")) {
+        if std::fs::read_to_string(&f).is_ok_and(|t| t.lines().next() == Some(replica)) {
+            left.push(format!("address allocation {}", f.display()));
+        }
+    }
     left
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
 }
 
 /// A hub listening on all addresses and one agent in a network namespace of its own, reaching
@@ -138,6 +157,13 @@ impl NsSite {
         let hub = format!("{}:{port}", ns.host_ip());
         c.add_agent_via(&ns.exec_prefix(), &hub, node, &["--containers", "on", "--insecure-registry", &registry]);
         Some(NsSite { c, fwd, _ns: ns })
+    }
+
+    /// Runs `args` in the agent's network namespace; its stdout.
+    fn in_ns(&self, args: &[&str]) -> String {
+        let prefix = self._ns.exec_prefix();
+        let out = std::process::Command::new(&prefix[0]).args(&prefix[1..]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `reference` (pushed to the registry on loopback) as the agent pulls it, over its link.
@@ -174,6 +200,12 @@ fn container_workload_runs_on_two_agents_survives_agent_restart_and_leaves_nothi
         ["web-0", "web-1"].iter().map(|r| (r.to_string(), replica(&c, r).unwrap().node.unwrap())).collect();
     let nodes: std::collections::BTreeSet<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
     assert_eq!(nodes.len(), 2, "spread over both agents: {placed:?}");
+    // Containers are on their node's bridge by default, each node with a subnet of its own.
+    let addresses: Vec<std::net::IpAddr> =
+        placed.iter().map(|(r, _)| replica(&c, r).unwrap().status.address.expect("a bridged address")).collect();
+    let subnets: std::collections::BTreeSet<String> =
+        addresses.iter().map(|a| a.to_string().rsplit_once('.').unwrap().0.to_string()).collect();
+    assert_eq!(subnets.len(), 2, "one subnet per node: {addresses:?}");
 
     // Logs come through `flotilla logs`; the container sees its own hostname and is pid 1.
     for (r, _) in &placed {
@@ -1315,4 +1347,84 @@ fn systemctl_restart_of_the_agent_unit_keeps_every_container_running() {
         let st = replica(&c, r).unwrap().status;
         assert_eq!(st.restarts, 0, "{r}: {st:?}");
     }
+}
+
+/// The node network, end to end in an agent's own network namespace: containers on the node's
+/// bridge reach each other by address, a published port is reached from outside the node, a
+/// second workload wanting the same host port is kept off the node with the reason, an agent
+/// SIGKILLed and restarted keeps every address, and deleting leaves no namespace, veth,
+/// address allocation or port rule behind.
+#[test]
+fn bridged_containers_reach_each_other_publish_ports_keep_addresses_and_leave_nothing() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let Some((_janitor, mut site, image)) = httpd_site(&reg, "lan-1", "busybox:net") else { return };
+    let site = &mut site;
+    let ns_ip = site._ns.agent_ip();
+    let doc = workload(
+        "web",
+        &image,
+        "  replicas: 2\n  env: {PAGE: index.html}\n  ports:\n    - {name: http, containerPort: 8080}\n",
+    );
+    apply(&site.c, &doc);
+    let pub_doc = workload("front", &image, "  ports:\n    - {containerPort: 8080, hostPort: 9080}\n");
+    apply(&site.c, &pub_doc);
+    let all = ["web-0", "web-1", "front-0"];
+    site.c.wait_for("three bridged replicas running", WAIT, || all.iter().all(|r| running(&site.c, r)));
+    let addr = |c: &Cluster, r: &str| replica(c, r).unwrap().status.address.expect("an address");
+    let before: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    assert!(before.iter().all(|a| a.to_string().starts_with("10.")), "{before:?}");
+
+    // Container to container across the bridge: front-0 fetches each web replica's page.
+    for (r, a) in all.iter().zip(&before).take(2) {
+        let out = site.c.cli(&["exec", "front-0", "--", "wget", "-qO-", &format!("http://{a}:8080/index.html")]);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+            "front-0 -> {r} at {a}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The published port, from outside the node (the test's own namespace, over the link).
+    site.c.wait_for("the published port answers from outside the node", WAIT, || {
+        http_get(&format!("{ns_ip}:9080"), "/index.html").is_some_and(|b| b.contains("ok"))
+    });
+
+    // The same host port again: not placed on the node, and describe says why.
+    apply(&site.c, &workload("front2", &image, "  ports:\n    - {containerPort: 8080, hostPort: 9080}\n"));
+    site.c.wait_for("front2 unschedulable", WAIT, || {
+        replica(&site.c, "front2-0").is_some_and(|r| r.node.is_none() && r.unschedulable.contains("9080/tcp"))
+    });
+    let describe = site.c.ok(&["describe", "workload", "front2"]);
+    assert!(describe.contains("port 9080/tcp in use"), "{describe}");
+    site.c.ok(&["delete", "workload", "front2"]);
+
+    // SIGKILL the agent and start it again: every container adopted with its address.
+    site.c.agents[0].kill();
+    site.c.agents.clear();
+    let hub = format!("{}:{}", site._ns.host_ip(), site.c.hub_listen.as_ref().unwrap().rsplit_once(':').unwrap().1);
+    let registry = site.fwd.addr.to_string();
+    let prefix = site._ns.exec_prefix();
+    site.c.add_agent_via(&prefix, &hub, "lan-1", &["--containers", "on", "--insecure-registry", &registry]);
+    site.c.wait_for("node back, all running", WAIT, || {
+        site.c.nodes().iter().any(|n| n.ready) && all.iter().all(|r| running(&site.c, r))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let after: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    assert_eq!(after, before, "addresses changed across the agent's restart");
+    for r in all {
+        assert_eq!(replica(&site.c, r).unwrap().status.restarts, 0, "{r} restarted");
+    }
+    assert!(http_get(&format!("{ns_ip}:9080"), "/index.html").is_some_and(|b| b.contains("ok")));
+
+    // Delete: nothing of the network stays.
+    site.c.ok(&["delete", "workload", "web"]);
+    site.c.ok(&["delete", "workload", "front"]);
+    site.c.wait_for("replicas gone", WAIT, || site.c.replicas().is_empty());
+    site.c.wait_for("no leftovers", WAIT, || all.iter().all(|r| leftovers(&site.c, "lan-1", r).is_empty()));
+    let links = site.in_ns(&["ip", "-o", "link", "show", "type", "veth"]);
+    // Containers' host-side veths are the ones on a bridge; the site's own link is not.
+    let veths: Vec<&str> = links.lines().filter(|l| l.contains("master")).collect();
+    assert!(veths.is_empty(), "container veths left: {veths:?}");
+    let nat = site.in_ns(&["iptables", "-w", "-t", "nat", "-S"]);
+    assert!(!nat.contains("CNI-DN") && !nat.contains("9080"), "port rules left:\n{nat}");
+    assert!(http_get(&format!("{ns_ip}:9080"), "/index.html").is_none(), "the port still answers");
 }

@@ -18,6 +18,7 @@ use proto::manifest::{NetworkMode, ReplicaTemplate, Runtime as RuntimeKind};
 use proto::messages::{EventReason, Termination};
 use tracing::{info, warn};
 
+use crate::network::{Attachment, NetworkError, Networks};
 use crate::prober::{ExecTarget, ProbeTarget};
 use crate::runtime::{
     KeyedLocks, PrepareError, RunContext, RunControl, RunEnd, RunFuture, Runtime, VolumeStore, stopping,
@@ -52,6 +53,7 @@ struct Inner {
     /// See [`ContainerConfig::private`].
     private: PathBuf,
     pulls: crate::metrics::Pulls,
+    networks: Arc<Networks>,
 }
 
 pub struct ContainerConfig {
@@ -73,6 +75,8 @@ pub struct ContainerConfig {
     pub private: PathBuf,
     /// Where pulls are counted, for metrics.
     pub pulls: crate::metrics::Pulls,
+    /// The node's container networks (`network: bridge` and `{cni: NAME}`).
+    pub networks: Arc<Networks>,
 }
 
 impl ContainerRuntime {
@@ -95,6 +99,7 @@ impl ContainerRuntime {
                 min_free_disk: c.min_free_disk,
                 private: c.private,
                 pulls: c.pulls,
+                networks: c.networks,
             }),
         }
     }
@@ -172,6 +177,8 @@ pub enum StartError {
     Write { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Shim(#[from] container::ShimError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// The image's `USER` names an account the image does not have.
@@ -222,7 +229,9 @@ impl Inner {
             Some(Adopted::Running(h)) => {
                 let how = format!("adopted running container (pid {})", h.pid());
                 ctx.log.note(&how);
-                ctx.adopted(self.probe_target(&id, h.pid(), ctx.template.network), how);
+                let mut target = self.probe_target(&id, h.pid(), &ctx.template.network);
+                target.address = self.networks.address(&id);
+                ctx.adopted(target, how);
                 h
             }
             Some(Adopted::Exited(exit)) => {
@@ -230,8 +239,10 @@ impl Inner {
                 return RunEnd::Ended(termination(&exit));
             }
             None => match self.clone().start(&ctx, &hash).await {
-                Ok(h) => {
-                    ctx.started_at(self.probe_target(&id, h.pid(), ctx.template.network));
+                Ok((h, attachment)) => {
+                    let mut target = self.probe_target(&id, h.pid(), &ctx.template.network);
+                    target.address = attachment.and_then(|a| a.address);
+                    ctx.started_at(target);
                     h
                 }
                 Err(e) => {
@@ -285,19 +296,25 @@ impl Inner {
     /// How health probes reach a running container: its network namespace (held open, so a
     /// recycled pid cannot redirect the probes) and `flotilla oci exec` with this runtime's
     /// state and cgroup roots.
-    fn probe_target(&self, id: &str, pid: i32, network: NetworkMode) -> ProbeTarget {
+    fn probe_target(&self, id: &str, pid: i32, network: &NetworkMode) -> ProbeTarget {
         let netns = match network {
             NetworkMode::Host => None,
-            NetworkMode::None => match std::fs::File::open(format!("/proc/{pid}/ns/net")) {
-                Ok(f) => Some(Arc::new(f)),
-                Err(e) => {
-                    // The probes then fail to connect and say so; the run itself is fine.
-                    warn!(replica = id, pid, error = %e, "cannot open the container's network namespace");
-                    None
+            NetworkMode::None | NetworkMode::Bridge | NetworkMode::Cni(_) => {
+                match std::fs::File::open(format!("/proc/{pid}/ns/net")) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        // The probes then fail to connect and say so; the run itself is fine.
+                        warn!(replica = id, pid, error = %e, "cannot open the container's network namespace");
+                        None
+                    }
                 }
-            },
+            }
         };
-        ProbeTarget { netns, exec: Some(ExecTarget { oci_argv: self.oci_argv(), container_id: id.to_string() }) }
+        ProbeTarget {
+            netns,
+            exec: Some(ExecTarget { oci_argv: self.oci_argv(), container_id: id.to_string() }),
+            address: None,
+        }
     }
 
     /// `flotilla oci` with this runtime's state and cgroup roots: how exec probes and
@@ -321,7 +338,11 @@ impl Inner {
     }
 
     /// Pulls (once per image at a time), unpacks, builds the bundle and spawns the shim.
-    async fn start(self: Arc<Self>, ctx: &RunContext, hash: &str) -> Result<ShimHandle, StartError> {
+    async fn start(
+        self: Arc<Self>,
+        ctx: &RunContext,
+        hash: &str,
+    ) -> Result<(ShimHandle, Option<Attachment>), StartError> {
         let t = &ctx.template;
         crate::runtime::check_disk_space(&self.bundles, self.min_free_disk)?;
         let image = {
@@ -368,7 +389,7 @@ impl Inner {
         lowers: &[PathBuf],
         hash: &str,
         log: PathBuf,
-    ) -> Result<ShimHandle, StartError> {
+    ) -> Result<(ShimHandle, Option<Attachment>), StartError> {
         // Leftovers of an earlier run of this replica go first.
         self.cleanup(id, None);
         let bundle = self.bundles.join(id);
@@ -396,12 +417,20 @@ impl Inner {
         }
         env.extend(t.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let (uid, gid) = resolve_user(c.user.as_deref().unwrap_or(""), &rootfs)?;
-        let binds = self
+        let mut binds: Vec<BindMount> = self
             .volumes
             .host_dirs(id, &t.volumes)?
             .into_iter()
             .map(|(source, v)| BindMount { source, destination: PathBuf::from(&v.mount_path), readonly: v.read_only })
             .collect();
+        // Its own namespace and address, kept across this replica's restarts on the node.
+        let attachment = match &t.network {
+            NetworkMode::None | NetworkMode::Host => None,
+            mode => Some(self.networks.attach(id, mode, &t.ports)?),
+        };
+        if let Some(a) = &attachment {
+            binds.extend(name_files(&bundle, id, a)?);
+        }
         let inputs = SpecInputs {
             args,
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -412,9 +441,10 @@ impl Inner {
             memory_bytes: t.memory_bytes.and_then(|m| i64::try_from(m).ok()),
             cpu_millicores: t.cpu_millis.map(u64::from),
             pids_limit: t.pids.map(i64::from),
-            network: match t.network {
-                NetworkMode::None => container::NetworkMode::None,
-                NetworkMode::Host => container::NetworkMode::Host,
+            network: match (&t.network, &attachment) {
+                (_, Some(a)) => container::NetworkMode::Joined(a.netns.clone()),
+                (NetworkMode::Host, None) => container::NetworkMode::Host,
+                _ => container::NetworkMode::None,
             },
             binds,
             rootfs: "rootfs".into(),
@@ -458,7 +488,7 @@ impl Inner {
         };
         let handle = ShimHandle::spawn(&self.exe, &self.oci, &opts)?;
         info!(replica = id, pid = handle.pid(), shim = handle.shim_pid(), "container started");
-        Ok(handle)
+        Ok((handle, attachment))
     }
 
     fn adopt(&self, id: &str, hash: &str) -> Option<Adopted> {
@@ -520,6 +550,44 @@ impl Inner {
             warn!(replica = id, error = %e, "cannot remove bundle");
         }
     }
+}
+
+/// `/etc/resolv.conf` and `/etc/hosts` of a container with an address of its own, written to
+/// its bundle and bound read-only: the node's name servers (loopback ones, unreachable from
+/// the container's namespace, left out) and its own name at its address.
+fn name_files(bundle: &Path, id: &str, a: &Attachment) -> Result<Vec<BindMount>, StartError> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = resolv_conf(&host);
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(addr) = a.address {
+        hosts.push_str(&format!("{addr}\t{id}\n"));
+    }
+    let mut out = Vec::new();
+    for (name, text, dest) in [("resolv.conf", resolv, "/etc/resolv.conf"), ("hosts", hosts, "/etc/hosts")] {
+        let path = bundle.join(name);
+        write_file(&path, text.as_bytes())?;
+        out.push(BindMount { source: path, destination: dest.into(), readonly: true });
+    }
+    Ok(out)
+}
+
+/// The node's resolv.conf as a container on a bridge can use it.
+fn resolv_conf(host: &str) -> String {
+    let mut out = String::new();
+    for line in host.lines() {
+        let t = line.trim();
+        if let Some(server) = t.strip_prefix("nameserver") {
+            let ip: Option<std::net::IpAddr> = server.trim().parse().ok();
+            if ip.is_none_or(|ip| ip.is_loopback()) {
+                continue;
+            }
+        }
+        if t.starts_with("nameserver") || t.starts_with("search") || t.starts_with("options") {
+            out.push_str(t);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 enum Adopted {
@@ -611,6 +679,14 @@ mod tests {
         assert_eq!(resolve_user("nobody", dir.path()), Err(UserError::UnknownUser { user: "nobody".into() }));
         assert!(resolve_user("nobody", dir.path()).unwrap_err().to_string().contains("nobody"));
         assert!(resolve_user("web:nogroup", dir.path()).is_err());
+    }
+
+    #[test]
+    fn containers_get_the_nodes_reachable_name_servers() {
+        let host =
+            "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver ::1\nsearch lan\noptions edns0\n";
+        assert_eq!(resolv_conf(host), "nameserver 192.0.2.53\nsearch lan\noptions edns0\n");
+        assert_eq!(resolv_conf(""), "");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod link;
 pub mod logs;
 pub mod metrics;
 pub mod netwatch;
+pub mod network;
 pub mod objects;
 pub mod probe;
 pub mod prober;
@@ -38,7 +39,7 @@ pub mod supervisor;
 pub mod upgrade;
 pub mod wasm_usage;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -113,6 +114,9 @@ pub struct AgentConfig {
     pub secrets_dir: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Container networks: the bridge's name and where CNI plugins and configs are (`dir` is
+    /// set by the agent to `<data dir>/network`).
+    pub network: network::NetworkConfig,
     /// Notified once the local state has started (the persisted desired state handed to the
     /// supervisor, the hub link started), before any hub contact: the binary's sd_notify
     /// readiness.
@@ -146,6 +150,7 @@ impl AgentConfig {
             objects_key_file: None,
             secrets_dir: None,
             metrics_listen: None,
+            network: network::NetworkConfig::new(PathBuf::new()),
             ready: None,
         }
     }
@@ -396,7 +401,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     let recorders = metrics::Recorders::default();
     let mut containers_rt: Option<Arc<container::ContainerRuntime>> = None;
+    let mut networks: Option<Arc<network::Networks>> = None;
     if containers.is_some() {
+        let mut net_config = config.network.clone();
+        net_config.dir = dir("network")?;
+        let nets = network::Networks::new(net_config)
+            .map_err(|source| AgentError::DataDir { path: config.data_dir.join("network"), source })?;
+        let nets = Arc::new(nets);
+        networks = Some(nets.clone());
         let exe =
             std::env::current_exe().map_err(|source| AgentError::DataDir { path: "/proc/self/exe".into(), source })?;
         let rt = container::ContainerRuntime::new(container::ContainerConfig {
@@ -411,6 +423,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             min_free_disk: config.min_free_disk_bytes,
             private: config.secrets_dir(),
             pulls: recorders.pulls.clone(),
+            networks: nets,
         });
         let rt = Arc::new(rt);
         containers_rt = Some(rt.clone());
@@ -432,9 +445,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         }
     };
     if let Some(rt) = &containers_rt {
-        let keep = saved.assignments.iter().map(|a| a.name.clone()).collect();
+        let keep: HashSet<String> = saved.assignments.iter().map(|a| a.name.clone()).collect();
         let rt = rt.clone();
-        let _ = tokio::task::spawn_blocking(move || rt.remove_orphans(&keep)).await;
+        let nets = networks.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            rt.remove_orphans(&keep);
+            // Then the networks of replicas that left: their containers are gone.
+            if let Some(n) = nets {
+                n.keep_only(&keep);
+            }
+        })
+        .await;
+    }
+    if let Some(n) = &networks {
+        n.set_node(saved.network.as_ref());
     }
     let mut generation = saved.generation;
     let mut sup = Supervisor::new(config.backoff);
@@ -673,6 +697,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     continue;
                 }
                 generation = set.generation;
+                if let Some(n) = &networks {
+                    n.set_node(set.network.as_ref());
+                }
                 templates = templates_of(&set);
                 runtimes_tx.send_replace(runtimes_of(&set));
                 info!(generation, replicas = set.assignments.len(), "new assignment set");
@@ -685,6 +712,12 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 // replica of the next set creating its log.
                 let (replicas, workloads) = logs::kept(&set, sup.statuses().into_keys().chain(runs.keys().cloned()));
                 logs.sweep(&replicas, &workloads);
+                // Networks of replicas removed while not running (a run that ends takes its
+                // own down below).
+                if let Some(n) = networks.clone() {
+                    let keep: HashSet<String> = replicas.iter().cloned().collect();
+                    tokio::task::spawn_blocking(move || n.keep_only(&keep));
+                }
             }
             Some((r, result)) = fetched_rx.recv() => {
                 if objs.fetched(&r, result) {
@@ -702,6 +735,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             }
             Some(ev) = events_rx.recv() => match ev {
                 RunEvent::Started { replica, run_id, target, adopted } => {
+                    sup.set_address(&replica, target.address);
                     match adopted {
                         Some(how) => sup.on_adopted(&replica, run_id, how, now()),
                         None => sup.on_started(&replica, run_id, now()),
@@ -737,6 +771,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                         logs.remove(&replica);
                         volumes.remove(&replica);
                         objs.remove_replica(&replica);
+                        if let Some(n) = networks.clone() {
+                            let r = replica.clone();
+                            tokio::task::spawn_blocking(move || n.detach(&r));
+                        }
                     }
                 }
             },

@@ -31,6 +31,9 @@ pub struct ProbeTarget {
     pub netns: Option<Arc<File>>,
     /// How exec probes enter the workload; `None`: exec probes are not possible.
     pub exec: Option<ExecTarget>,
+    /// The workload's own address on the node's container network, if it has one (reported
+    /// in its status, for services).
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The `flotilla oci ... exec ID` command line that runs a command in a container, without
@@ -316,6 +319,7 @@ mod tests {
                 oci_argv: vec!["sh".into(), "-c".into(), script.into()],
                 container_id: "c1".into(),
             }),
+            address: None,
         };
         let probe = |cmd: &str| ProbeAction::Exec { command: vec![cmd.into()] };
         let t = target("echo \"unhealthy: $5 ($2)\" >&2; exit 3");
@@ -338,7 +342,7 @@ mod tests {
         let Ok(ns) = File::open("/proc/self/ns/net") else { return };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let target = ProbeTarget { netns: Some(Arc::new(ns)), exec: None };
+        let target = ProbeTarget { netns: Some(Arc::new(ns)), exec: None, address: None };
         match check(&ProbeAction::Tcp { port }, Duration::from_secs(1), &target).await {
             Ok(()) => {}
             // Entering a namespace needs CAP_SYS_ADMIN; unprivileged runs see that error.

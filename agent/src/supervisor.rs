@@ -330,6 +330,16 @@ impl Supervisor {
         }
     }
 
+    /// The replica's address on the node's container network, as its runtime reports it when
+    /// a run starts (it keeps it across runs while it stays on the node).
+    pub fn set_address(&mut self, replica: &str, address: Option<std::net::IpAddr>) {
+        let Some(r) = self.replicas.get_mut(replica) else { return };
+        if r.status.address != address {
+            r.status.address = address;
+            self.changed.insert(replica.to_string());
+        }
+    }
+
     /// The runtime started the run.
     pub fn on_started(&mut self, replica: &str, run_id: u64, now: Now) {
         self.started(replica, run_id, None, now);
@@ -636,6 +646,7 @@ mod tests {
             http: None,
             volumes: vec![],
             network: Default::default(),
+            ports: Vec::new(),
             command: vec![],
             cpu_millis: None,
             pids: None,
@@ -1047,6 +1058,7 @@ mod restore_tests {
             http: None,
             volumes: vec![],
             network: Default::default(),
+            ports: Vec::new(),
             command: vec![],
             cpu_millis: None,
             pids: None,

@@ -107,7 +107,8 @@ fn workloads(replicas: u32) -> Vec<SchedWorkload> {
                 w.packing = Packing::BinPack;
             }
             if j % 9 == 0 {
-                w.host_ports = vec![8000 + j as u16];
+                w.host_ports =
+                    vec![proto::manifest::HostPort { port: 8000 + j as u16, protocol: proto::manifest::Protocol::Tcp }];
             }
             w
         })

@@ -874,18 +874,18 @@ fn write_run_spec(s: &mut String, spec: &proto::manifest::WorkloadSpec) {
         let ro = if v.read_only { ", read-only" } else { "" };
         let _ = writeln!(s, "Volume:         {} at {} ({source}{ro})", v.name, v.mount_path);
     }
-    let network = match spec.network {
-        NetworkMode::None => "none",
-        NetworkMode::Host => "host",
-    };
+    let network = spec.network.clone().unwrap_or_else(|| NetworkMode::default_for(spec.runtime));
     let _ = writeln!(s, "Network:        {network}");
-    match spec.http {
-        Some(h) => {
-            let _ = writeln!(s, "Ports:          {}/tcp (wasi:http)", h.port);
-        }
-        None => {
-            let _ = writeln!(s, "Ports:          <none>");
-        }
+    if let Some(h) = spec.http {
+        let _ = writeln!(s, "Ports:          {}/tcp (wasi:http)", h.port);
+    }
+    for p in &spec.ports {
+        let name = p.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let published = p.host_port.map(|h| format!(", published on the node's port {h}")).unwrap_or_default();
+        let _ = writeln!(s, "Ports:          {}/{}{name}{published}", p.container_port, p.protocol);
+    }
+    if spec.http.is_none() && spec.ports.is_empty() {
+        let _ = writeln!(s, "Ports:          <none>");
     }
 }
 

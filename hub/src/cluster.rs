@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) certs: crate::identity::CertPolicy,
     /// Which host paths and whether the host network workloads may be given.
     pub(crate) host_policy: crate::access::HostPolicy,
+    /// The cluster network in force (the store's record wins over this hub's flags).
+    pub(crate) network: crate::network::ClusterNetwork,
     /// std Mutex: held only for map operations, never across an await.
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
@@ -71,6 +73,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    // Each argument is a part of the hub's configuration the shared state is made of, passed
+    // once at start.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: Store,
         hub_id: String,
@@ -79,6 +84,7 @@ impl Shared {
         certs: crate::identity::CertPolicy,
         host_policy: crate::access::HostPolicy,
         (objects_key, key_path): (crate::sealed::ClusterKey, std::path::PathBuf),
+        network: crate::network::ClusterNetwork,
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -91,6 +97,7 @@ impl Shared {
             ca,
             certs,
             host_policy,
+            network,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),

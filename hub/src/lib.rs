@@ -33,6 +33,7 @@ pub mod identity;
 pub mod leader;
 pub mod logs;
 mod metrics;
+pub mod network;
 mod objects;
 pub mod revisions;
 pub mod scheduler;
@@ -78,6 +79,8 @@ pub struct HubConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`, see [`metrics`]) on this TCP address.
     pub metrics_listen: Option<SocketAddr>,
+    /// The cluster CIDR and each node's share of it ([`network`]).
+    pub network: network::ClusterNetwork,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

@@ -139,6 +139,16 @@ impl Hub {
                 now_ms(),
             )
             .await?;
+        let network = store.cluster_network(config.network).await?;
+        if network != config.network {
+            warn!(
+                recorded = %network.cidr,
+                recorded_mask = network.node_prefix,
+                flag = %config.network.cidr,
+                flag_mask = config.network.node_prefix,
+                "the store records another cluster network; using the recorded one (nodes keep their subnets)"
+            );
+        }
         let hub_id = hub_id(&config.data_dir)?;
         let (leader, election) = leader::spawn(store.clone(), LeaderConfig::controller(hub_id.clone()));
         let server_config = tls::server_config(
@@ -180,6 +190,7 @@ impl Hub {
                 config.certs,
                 config.host_policy,
                 (objects_key, key_path.clone()),
+                network,
             )),
         })
     }

@@ -20,6 +20,7 @@ use crate::cluster::{Session, Shared};
 use crate::metrics::StoreOp;
 use crate::now_ms;
 use crate::server::{CLOSE_PROTOCOL, CLOSE_REPLACED, CLOSE_REVOKED, CLOSE_UNAUTHORIZED, HANDSHAKE_MSG_TIMEOUT};
+use crate::store::SubnetOutcome;
 
 /// How long a session refused for the agent's version is held before it is closed.
 const SKEW_HOLD: Duration = Duration::from_secs(20);
@@ -134,6 +135,26 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
             warn!(error = %e, "cannot record node");
             conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hub store error");
             return;
+        }
+    }
+    // A node that runs containers holds a subnet of the cluster CIDR from its first session on.
+    if facts.runtimes.contains(&proto::manifest::Runtime::Container) {
+        match shared.store.ensure_node_subnet(&node, shared.network).await {
+            Ok(SubnetOutcome::Held(_)) => {}
+            Ok(SubnetOutcome::Allocated(n)) => info!(subnet = %n.subnet, "node got its container subnet"),
+            Ok(SubnetOutcome::Exhausted { cidr, nodes }) => {
+                warn!(%cidr, nodes, "no container subnet left for this node: the cluster CIDR is exhausted");
+                crate::events::node(
+                    &shared,
+                    &node,
+                    "NoSubnet",
+                    format!(
+                        "no container subnet left in {cidr} ({nodes} nodes hold one); bridged containers stay Pending"
+                    ),
+                )
+                .await;
+            }
+            Err(e) => warn!(error = %e, "cannot allocate the node's container subnet"),
         }
     }
     // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
@@ -307,6 +328,7 @@ async fn fence_revoked(
         assignments: Vec::new(),
         kept_logs: Vec::new(),
         objects: Vec::new(),
+        network: None,
     };
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {

@@ -126,9 +126,16 @@ pub struct WorkloadSpec {
     pub http: Option<HttpSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
-    /// Network access: `none` (the default: no sockets at all) or `host`.
-    #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
-    pub network: NetworkMode,
+    /// Network access. Containers: `bridge` (the default: an address on the node's network,
+    /// outbound NAT, published `ports`), `none` (loopback only), `host`, or `{cni: NAME}` (a
+    /// CNI network configured on the node, e.g. macvlan to a shop-floor LAN). Wasm: `none`
+    /// (the default: no sockets at all) or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkMode>,
+    /// Containers: ports the container listens on, published on the node's addresses when
+    /// `hostPort` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
     /// Containers: how long a stopping container gets between SIGTERM and SIGKILL (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_grace_period: Option<String>,
@@ -427,17 +434,101 @@ impl ObjectSource {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
+    /// Loopback only (containers); no sockets at all (Wasm).
     #[default]
     None,
+    /// The node's own network namespace.
     Host,
+    /// The node's container network: a bridge, an address from the node's subnet, outbound
+    /// NAT and published ports.
+    Bridge,
+    /// A CNI network the node's administrator configured (`<cni-conf-dir>/NAME.conflist` or
+    /// `NAME.conf`), e.g. macvlan or ipvlan onto a LAN.
+    Cni(String),
 }
 
 impl NetworkMode {
     pub fn is_none(&self) -> bool {
         *self == NetworkMode::None
+    }
+
+    /// The mode a workload gets when its manifest names none.
+    pub fn default_for(runtime: Runtime) -> NetworkMode {
+        match runtime {
+            Runtime::Container => NetworkMode::Bridge,
+            Runtime::Wasm => NetworkMode::None,
+        }
+    }
+
+    /// Whether the replica has a network namespace of its own with an interface beyond
+    /// loopback (an address other replicas and services reach).
+    pub fn is_attached(&self) -> bool {
+        matches!(self, NetworkMode::Bridge | NetworkMode::Cni(_))
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetworkMode::None => f.write_str("none"),
+            NetworkMode::Host => f.write_str("host"),
+            NetworkMode::Bridge => f.write_str("bridge"),
+            NetworkMode::Cni(name) => write!(f, "cni:{name}"),
+        }
+    }
+}
+
+/// A port a container listens on (`containerPort`), optionally published on the node
+/// (`hostPort`, reached on every address of the node).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    /// A name services may target instead of the number (`http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A port taken on a node: a published container port or a Wasm HTTP component's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
     }
 }
 
@@ -1036,6 +1127,9 @@ impl Manifest {
                 return err("spec.http.maxConcurrency", "must be at least 1".into());
             }
         }
+        if let Err((path, msg)) = validate_network(spec) {
+            return err(&path, msg);
+        }
         if let Some(d) = &spec.strategy.progress_deadline
             && let Err(InvalidValue(msg)) = parse_duration_ms(d)
         {
@@ -1132,7 +1226,8 @@ impl Manifest {
         s.resources = Resources { requests: s.resources.requests.clone(), ..o.resources.clone() };
         s.http = o.http;
         s.volumes = o.volumes.clone();
-        s.network = o.network;
+        s.network = o.network.clone();
+        s.ports = o.ports.clone();
         s.termination_grace_period = o.termination_grace_period.clone();
         s.startup_probe = o.startup_probe.clone();
         s.liveness_probe = o.liveness_probe.clone();
@@ -1171,7 +1266,8 @@ impl Manifest {
             fuel: s.resources.fuel,
             http: s.http,
             volumes: s.volumes.clone(),
-            network: s.network,
+            network: s.network.clone().unwrap_or_else(|| NetworkMode::default_for(s.runtime)),
+            ports: s.ports.clone(),
             command: s.command.clone(),
             cpu_millis: s.resources.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
             pids: s.resources.pids,
@@ -1186,6 +1282,85 @@ impl Manifest {
 }
 
 /// Exactly one of `config` and `secret`, a valid name.
+/// `spec.network` and `spec.ports`: modes the runtime has, ports that can be published.
+fn validate_network(spec: &WorkloadSpec) -> Result<(), (String, String)> {
+    let mode = spec.network.clone().unwrap_or_else(|| NetworkMode::default_for(spec.runtime));
+    match (&mode, spec.runtime) {
+        (NetworkMode::Bridge | NetworkMode::Cni(_), Runtime::Wasm) => {
+            return Err((
+                "spec.network".into(),
+                format!("Wasm replicas run inside the agent: network is none or host, not {mode}"),
+            ));
+        }
+        (NetworkMode::Cni(name), _) => {
+            if let Err(InvalidValue(msg)) = validate_name(name) {
+                return Err(("spec.network.cni".into(), msg));
+            }
+        }
+        _ => {}
+    }
+    if !spec.ports.is_empty() && spec.runtime == Runtime::Wasm {
+        return Err(("spec.ports".into(), "ports are for containers; a Wasm component serves spec.http.port".into()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut inside = std::collections::BTreeSet::new();
+    let mut published = std::collections::BTreeSet::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        let path = |f: &str| format!("spec.ports[{i}].{f}");
+        if let Some(name) = &p.name {
+            // IANA service names, as Kubernetes takes them: at most 15 characters.
+            if let Err(InvalidValue(msg)) = validate_name(name) {
+                return Err((path("name"), msg));
+            }
+            if name.len() > 15 || !name.chars().any(|c| c.is_ascii_lowercase()) {
+                return Err((path("name"), format!("{name:?}: at most 15 characters, with at least one letter")));
+            }
+            if !names.insert(name.as_str()) {
+                return Err((path("name"), format!("{name:?} names two ports")));
+            }
+        }
+        if p.container_port == 0 {
+            return Err((path("containerPort"), "port must be between 1 and 65535".into()));
+        }
+        if !inside.insert((p.container_port, p.protocol)) {
+            return Err((path("containerPort"), format!("{}/{} is listed twice", p.container_port, p.protocol)));
+        }
+        if let Some(h) = p.host_port {
+            if h == 0 {
+                return Err((path("hostPort"), "port must be between 1 and 65535".into()));
+            }
+            match mode {
+                NetworkMode::None => {
+                    return Err((
+                        path("hostPort"),
+                        "a container with network: none has no address to publish a port from".into(),
+                    ));
+                }
+                NetworkMode::Host if h != p.container_port => {
+                    return Err((
+                        path("hostPort"),
+                        format!(
+                            "with network: host the container listens on the node itself: hostPort must equal containerPort ({})",
+                            p.container_port
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let on_node = match mode {
+            NetworkMode::Host => Some(p.host_port.unwrap_or(p.container_port)),
+            _ => p.host_port,
+        };
+        if let Some(h) = on_node
+            && !published.insert((h, p.protocol))
+        {
+            return Err((path("hostPort"), format!("{h}/{} is published twice", p.protocol)));
+        }
+    }
+    Ok(())
+}
+
 fn validate_object_names(config: &Option<String>, secret: &Option<String>) -> Result<(), InvalidValue> {
     match object_of(config, secret) {
         None => Err(InvalidValue("set exactly one of config and secret".into())),
@@ -1655,6 +1830,8 @@ pub struct ReplicaTemplate {
     #[serde(default, skip_serializing_if = "NetworkMode::is_none")]
     pub network: NetworkMode,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millis: Option<u32>,
@@ -1688,6 +1865,24 @@ impl ReplicaTemplate {
         let mut out: std::collections::BTreeSet<ObjectRef> =
             self.env_refs.values().filter_map(KeySelector::object).collect();
         out.extend(self.env_from.iter().filter_map(ObjectSource::object));
+        out
+    }
+
+    /// The ports the replica takes on its node: published container ports and a Wasm HTTP
+    /// component's port. The scheduler keeps two replicas taking one of them off one node.
+    pub fn host_ports(&self) -> Vec<HostPort> {
+        let published = self.ports.iter().filter_map(|p| {
+            let port = match self.network {
+                // On the host's network the container's own port is the node's.
+                NetworkMode::Host => Some(p.host_port.unwrap_or(p.container_port)),
+                _ => p.host_port,
+            };
+            port.map(|port| HostPort { port, protocol: p.protocol })
+        });
+        let http = self.http.iter().map(|h| HostPort { port: h.port, protocol: Protocol::Tcp });
+        let mut out: Vec<HostPort> = published.chain(http).collect();
+        out.sort();
+        out.dedup();
         out
     }
 
@@ -1923,6 +2118,80 @@ spec:
         assert_eq!(e.path, "spec.resources.cpuTime");
         let e = parse_manifests(&format!("{GOOD}  network: bridge\n")).unwrap_err();
         assert_eq!(e.path, "spec.network");
+        assert!(e.to_string().contains("none or host"), "{e}");
+    }
+
+    #[test]
+    fn container_networks_and_ports_parse_default_and_validate() {
+        let c = |extra: &str| {
+            format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: web}}\nspec:\n  runtime: container\n  image: r/web:1\n{extra}"
+            )
+        };
+        // Containers default to the node's bridge; the default is in the template, not the spec.
+        let m = parse_manifests(&c("")).unwrap().remove(0);
+        assert_eq!(m.spec.network, None);
+        assert_eq!(m.template().network, NetworkMode::Bridge);
+        assert!(m.template().host_ports().is_empty());
+        let m = parse_manifests(&c("  network: {cni: lan}\n")).unwrap().remove(0);
+        assert_eq!(m.template().network, NetworkMode::Cni("lan".into()));
+        let m = parse_manifests(&c("  network: none\n")).unwrap().remove(0);
+        assert_eq!(m.template().network, NetworkMode::None);
+
+        let ports = "  ports:\n    - {name: http, containerPort: 80, hostPort: 8080}\n    - {containerPort: 53, protocol: udp, hostPort: 8080}\n    - {containerPort: 9000}\n";
+        let t = parse_manifests(&c(ports)).unwrap().remove(0).template();
+        assert_eq!(t.ports.len(), 3);
+        assert_eq!(
+            t.host_ports(),
+            vec![HostPort { port: 8080, protocol: Protocol::Tcp }, HostPort { port: 8080, protocol: Protocol::Udp }]
+        );
+        // With the host's network the container port is the node's.
+        let t = parse_manifests(&c("  network: host\n  ports:\n    - {containerPort: 9000}\n"))
+            .unwrap()
+            .remove(0)
+            .template();
+        assert_eq!(t.host_ports(), vec![HostPort { port: 9000, protocol: Protocol::Tcp }]);
+
+        for (extra, path, says) in [
+            ("  network: {cni: Lan}\n", "spec.network.cni", "lowercase"),
+            ("  network: bridged\n", "spec.network", "unknown variant"),
+            (
+                "  network: none\n  ports:\n    - {containerPort: 80, hostPort: 80}\n",
+                "spec.ports[0].hostPort",
+                "no address",
+            ),
+            (
+                "  network: host\n  ports:\n    - {containerPort: 80, hostPort: 81}\n",
+                "spec.ports[0].hostPort",
+                "must equal",
+            ),
+            ("  ports:\n    - {containerPort: 0}\n", "spec.ports[0].containerPort", "between"),
+            ("  ports:\n    - {containerPort: 80, hostPort: 0}\n", "spec.ports[0].hostPort", "between"),
+            (
+                "  ports:\n    - {containerPort: 80}\n    - {containerPort: 80}\n",
+                "spec.ports[1].containerPort",
+                "twice",
+            ),
+            (
+                "  ports:\n    - {containerPort: 80, hostPort: 8080}\n    - {containerPort: 81, hostPort: 8080}\n",
+                "spec.ports[1].hostPort",
+                "twice",
+            ),
+            (
+                "  ports:\n    - {name: http, containerPort: 80}\n    - {name: http, containerPort: 81}\n",
+                "spec.ports[1].name",
+                "two ports",
+            ),
+            ("  ports:\n    - {name: a-very-long-port-name, containerPort: 80}\n", "spec.ports[0].name", "15"),
+            ("  ports:\n    - {containerPort: 80, hostport: 80}\n", "spec.ports[0]", "unknown field"),
+            ("  ports:\n    - {containerPort: 80, protocol: sctp}\n", "spec.ports[0].protocol", "unknown variant"),
+        ] {
+            let e = parse_manifests(&c(extra)).unwrap_err();
+            assert!(e.path.starts_with(path), "{extra}: {e}");
+            assert!(e.to_string().contains(says), "{extra}: {e}");
+        }
+        let wasm = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: w}\nspec: {runtime: wasm, image: r/w:1, ports: [{containerPort: 80}]}\n";
+        assert_eq!(parse_manifests(wasm).unwrap_err().path, "spec.ports");
     }
 
     #[test]

@@ -123,6 +123,20 @@ pub struct AssignmentSet {
     /// exist): the agent fetches a version it does not hold ([`AgentRequest::Object`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<crate::objects::ObjectVersion>,
+    /// The node's container network, once the hub allocated the node a subnet (nodes that
+    /// run containers). Persisted with the set, so an agent restarted offline keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NodeNetwork>,
+}
+
+/// What the hub decided about a node's container network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetwork {
+    /// The node's share of the cluster CIDR: its containers' addresses, the bridge's the first.
+    pub subnet: ipnet::Ipv4Net,
+    /// The whole cluster CIDR (every node's container addresses).
+    pub cluster_cidr: ipnet::Ipv4Net,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,6 +233,10 @@ pub struct ReplicaStatus {
     /// [`LAST_OUTPUT_LINE_BYTES`] bytes each), so `describe` can show why it ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_output: Vec<String>,
+    /// The replica's own address on its node's container network (bridge or CNI), while it
+    /// has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// How many lines of a run's output its status keeps once the run ended.

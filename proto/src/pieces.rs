@@ -39,6 +39,9 @@ pub struct AssignmentPart {
     /// The set's [`AssignmentSet::objects`], on every piece.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<crate::objects::ObjectVersion>,
+    /// The set's [`AssignmentSet::network`], on every piece.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::messages::NodeNetwork>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +98,7 @@ fn split_within(set: &AssignmentSet, budget: usize, frame: usize) -> Result<Vec<
             assignments,
             kept_logs: set.kept_logs.clone(),
             objects: set.objects.clone(),
+            network: set.network.clone(),
         })
         .collect())
 }
@@ -140,6 +144,7 @@ impl Assembler {
                 assignments: gathered.assignments,
                 kept_logs: gathered.kept_logs,
                 objects: gathered.objects,
+                network: gathered.network,
             }));
         }
         self.pending = Some(gathered);
@@ -181,6 +186,10 @@ mod tests {
                 version: 3,
                 digest: "d".into(),
             }],
+            network: Some(crate::messages::NodeNetwork {
+                subnet: "10.42.3.0/24".parse().unwrap(),
+                cluster_cidr: "10.42.0.0/16".parse().unwrap(),
+            }),
         }
     }
 

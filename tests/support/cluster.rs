@@ -100,6 +100,25 @@ impl Drop for Cluster {
     }
 }
 
+/// The bridge an agent in the test process's own network namespace puts its containers on:
+/// one per agent (its data dir), so agents and clusters sharing the namespace never share one,
+/// and the janitor knows what to remove. Linux interface names hold 15 bytes.
+pub fn test_bridge(agent_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    agent_dir.hash(&mut h);
+    format!("flt{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// A cluster CIDR of the test's own (from its directory), so clusters running side by side in
+/// one network namespace give their nodes different subnets.
+fn test_cluster_cidr(dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    format!("10.{}.0.0/16", 64 + h.finish() % 128)
+}
+
 /// Dropped in field order: the agents, then the hub (each printing its log when the test
 /// panicked), and the directory holding those logs last.
 pub struct Cluster {
@@ -167,6 +186,7 @@ impl Cluster {
     pub fn add_agent(&mut self, name: &str, extra: &[&str]) {
         let token = self.token_path();
         let data = self.agent_dir(name);
+        let bridge = test_bridge(&data);
         let mut args = vec![
             "agent",
             "--hub",
@@ -177,6 +197,8 @@ impl Cluster {
             name,
             "--data-dir",
             data.to_str().unwrap(),
+            "--bridge",
+            &bridge,
         ];
         args.extend_from_slice(extra);
         let log = self.dir.path().join(format!("agent-{name}.log"));
@@ -194,6 +216,7 @@ impl Cluster {
                 .map(|s| s.to_string())
                 .collect();
         args.extend(["--data-dir".to_string(), data.to_str().unwrap().to_string()]);
+        args.extend(["--bridge".to_string(), test_bridge(&data)]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.dir.path().join(format!("agent-{name}.log"));
         self.agents.push(Proc::spawn_program(&format!("agent {name}"), program.to_str().unwrap(), &args, log));
@@ -211,6 +234,7 @@ impl Cluster {
             args.push(a.to_string());
         }
         args.push(data.to_str().unwrap().to_string());
+        args.extend(["--bridge".to_string(), test_bridge(&data)]);
         args.extend(extra.iter().map(|s| s.to_string()));
         // A restarted agent gets a log of its own, so the earlier run's stays for post-mortems.
         let mut log = self.dir.path().join(format!("agent-{name}.log"));
@@ -307,16 +331,28 @@ pub fn backoff_delays(describe: &str) -> Vec<String> {
 
 fn start_hub(dir: &Path, addr: &str, extra: &[&str]) -> Proc {
     let data = dir.join("hub");
-    let mut args = vec!["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr];
+    let cidr = test_cluster_cidr(dir);
+    let mut args = vec!["hub", "--data-dir", data.to_str().unwrap(), "--listen", addr, "--cluster-cidr", &cidr];
     args.extend_from_slice(extra);
     Proc::spawn("hub", &args, dir.join("hub.log"))
 }
 
 fn start_hub_listening(dir: &Path, listen: &str, advertise: &str) -> Proc {
     let data = dir.join("hub");
+    let cidr = test_cluster_cidr(dir);
     Proc::spawn(
         "hub",
-        &["hub", "--data-dir", data.to_str().unwrap(), "--listen", listen, "--advertise", advertise],
+        &[
+            "hub",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            listen,
+            "--advertise",
+            advertise,
+            "--cluster-cidr",
+            &cidr,
+        ],
         dir.join("hub.log"),
     )
 }

@@ -67,6 +67,27 @@ impl Drop for Janitor {
                 let _ = std::fs::remove_dir(&parent);
             }
         }
+        // The bridges of agents in this namespace and their masquerade rules (named after the
+        // bridge); agents in namespaces of their own took theirs with the namespace.
+        let rules = std::process::Command::new("iptables")
+            .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for node in &self.nodes {
+            let bridge = crate::cluster::test_bridge(&self.dir.join(format!("agent-{node}")));
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &bridge])
+                .stderr(std::process::Stdio::null())
+                .status();
+            for rule in rules.lines().filter(|l| l.contains(&format!("from {bridge}\""))) {
+                let Some(spec) = rule.strip_prefix("-A POSTROUTING ") else { continue };
+                let _ = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("iptables -w -t nat -D POSTROUTING {spec}"))
+                    .status();
+            }
+        }
         for dir in &self.also {
             let _ = std::fs::remove_dir_all(dir);
         }

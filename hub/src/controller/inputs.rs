@@ -97,7 +97,7 @@ pub fn sched_workload(m: &Manifest) -> SchedWorkload {
         surge: 0,
         runtime: s.runtime,
         node_selector: s.node_selector.clone(),
-        host_ports: s.http.iter().map(|h| h.port).collect(),
+        host_ports: m.template().host_ports(),
         kind: match s.kind {
             pm::WorkloadKind::Replicated => scheduler::WorkloadKind::Replicated,
             pm::WorkloadKind::EveryNode => scheduler::WorkloadKind::EveryNode,

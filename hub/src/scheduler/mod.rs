@@ -44,7 +44,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use proto::manifest::Runtime;
+use proto::manifest::{HostPort, Runtime};
 
 pub use filter::{ARCH_LABEL, OS_LABEL};
 pub use job::{IndexOutcome, JobPhase, JobPlan, JobProgress, JobSpec, job_plan};
@@ -170,8 +170,8 @@ pub struct SchedWorkload {
     pub runtime: Runtime,
     /// `matchLabels`.
     pub node_selector: BTreeMap<String, String>,
-    /// Ports each replica binds on its node.
-    pub host_ports: Vec<u16>,
+    /// Ports each replica takes on its node (published container ports, Wasm HTTP ports).
+    pub host_ports: Vec<HostPort>,
     pub kind: WorkloadKind,
     /// Required value of the node's `flotilla.dev/os` label.
     pub os: Option<String>,
@@ -296,7 +296,7 @@ enum Misfit {
 struct NodeState {
     used: Resources,
     load: u32,
-    ports: Vec<u16>,
+    ports: Vec<HostPort>,
 }
 
 impl NodeState {

@@ -70,7 +70,11 @@ fn arb_workload(j: usize) -> impl Strategy<Value = SchedWorkload> {
                     packing: if binpack { Packing::BinPack } else { Packing::LeastAllocated },
                     failover: failover.map_or(Failover::Never, Failover::After),
                     max_unavailable,
-                    host_ports: if port { vec![80] } else { vec![] },
+                    host_ports: if port {
+                        vec![HostPort { port: 80, protocol: proto::manifest::Protocol::Tcp }]
+                    } else {
+                        vec![]
+                    },
                     ..Default::default()
                 };
                 if let Some(x) = selector {
@@ -156,7 +160,7 @@ proptest! {
     fn placements_respect_filters_capacity_and_ports(s in arb_snapshot()) {
         let d = run(&s);
         let mut used: HashMap<&str, Resources> = HashMap::new();
-        let mut ports: HashSet<(&str, u16)> = HashSet::new();
+        let mut ports: HashSet<(&str, HostPort)> = HashSet::new();
         for p in &d.placements {
             let Some(n) = p.node.as_deref() else {
                 prop_assert!(d.unschedulable.contains_key(&p.replica), "{} unplaced without a reason", p.replica);

@@ -1,6 +1,10 @@
 //! Rule-by-rule tests on small hand-built snapshots.
 use super::*;
 
+fn tcp(port: u16) -> HostPort {
+    HostPort { port, protocol: proto::manifest::Protocol::Tcp }
+}
+
 fn node(name: &str, ready: bool, runtimes: &[Runtime], labels: &[(&str, &str)]) -> SchedNode {
     SchedNode {
         name: name.into(),
@@ -98,15 +102,15 @@ fn scaling_down_drops_the_highest_indexes_and_keeps_the_rest_in_place() {
 fn a_host_port_holds_one_replica_per_node() {
     let nodes = [node("a", true, WASM, &[]), node("b", true, WASM, &[])];
     let mut web = wl("web", 3, &[]);
-    web.host_ports = vec![8080];
+    web.host_ports = vec![tcp(8080)];
     let d = schedule(&nodes, std::slice::from_ref(&web), &[]);
     assert_eq!(nodes_of(&d), [Some("a"), Some("b"), None]);
-    assert_eq!(d.unschedulable["web-2"], "0/2 nodes available: 2 have port 8080 in use");
+    assert_eq!(d.unschedulable["web-2"], "0/2 nodes available: 2 have port 8080/tcp in use");
     // Another workload on the same port finds no room either; one on another port does.
     let mut other = wl("other", 1, &[]);
-    other.host_ports = vec![8080];
+    other.host_ports = vec![tcp(8080)];
     let mut third = wl("third", 1, &[]);
-    third.host_ports = vec![9090];
+    third.host_ports = vec![tcp(9090)];
     let d2 = schedule(&nodes, &[web, other, third], &d.placements);
     let by_name: HashMap<_, _> = d2.placements.iter().map(|p| (p.replica.as_str(), p.node.as_deref())).collect();
     assert_eq!(by_name["other-0"], None);

@@ -32,6 +32,7 @@
 mod db;
 mod events;
 mod identity;
+mod network;
 mod objects;
 mod upgrades;
 mod users;
@@ -48,6 +49,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use self::db::{Pool, Rec, Tx};
 pub use self::events::{EVENTS_KEPT, EventRow};
 pub use self::identity::{Admitted, NewToken, TokenRow};
+pub use self::network::SubnetOutcome;
 pub use self::objects::{AppliedDocuments, NewObject, ObjectDeletion, ObjectRow};
 pub use self::upgrades::{NewUpgrade, UpgradeOrder};
 pub use self::users::{AUDIT_KEEP, AuditEntry, NewUser, UserRefusal, UserRow};
@@ -644,8 +646,9 @@ impl Store {
             .collect::<Result<_>>()?;
         let refs = assignments.iter().flat_map(|a| a.template.objects()).collect();
         let objects = objects::versions_in(&mut tx, &refs).await?;
+        let network = network::node_network(&mut tx, node).await?;
         tx.commit().await?;
-        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects })
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects, network })
     }
 
     // -----------------------------------------------------------------------------------------

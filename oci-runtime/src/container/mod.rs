@@ -19,6 +19,7 @@
 pub mod cgroup;
 pub mod exec;
 mod init;
+pub mod netns;
 pub mod overlay;
 mod privileges;
 pub mod runtime;

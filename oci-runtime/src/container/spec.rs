@@ -38,7 +38,7 @@ pub enum SpecError {
 }
 
 /// Network mode of a generated spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// Own network namespace with only loopback, up.
@@ -46,6 +46,9 @@ pub enum NetworkMode {
     None,
     /// The host's network namespace.
     Host,
+    /// The network namespace bound at this path (see [`super::netns`]), made and plumbed
+    /// before the container.
+    Joined(PathBuf),
 }
 
 /// A host path bind-mounted into the container.
@@ -137,8 +140,10 @@ pub fn default_spec(inputs: &SpecInputs) -> Result<Spec, SpecError> {
         json!({"type": "uts"}),
         json!({"type": "cgroup"}),
     ];
-    if inputs.network == NetworkMode::None {
-        namespaces.push(json!({"type": "network"}));
+    match &inputs.network {
+        NetworkMode::None => namespaces.push(json!({"type": "network"})),
+        NetworkMode::Joined(path) => namespaces.push(json!({"type": "network", "path": path})),
+        NetworkMode::Host => {}
     }
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
@@ -167,7 +172,7 @@ pub fn default_spec(inputs: &SpecInputs) -> Result<Spec, SpecError> {
         linux["gidMappings"] = json!([{"containerID": 0, "hostID": gid, "size": 65536}]);
         // A user namespace may not mount sysfs for a network namespace it does not own, and
         // mqueue needs its own ipc namespace owned by it; bind the host's read-only instead.
-        if inputs.network == NetworkMode::Host {
+        if inputs.network != NetworkMode::None {
             mounts[5] = json!({"destination": "/sys", "type": "bind", "source": "/sys",
                                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]});
         }
