@@ -27,8 +27,8 @@ mod store;
 
 pub use image::{
     AGENT_BINARY_MEDIA_TYPE, AGENT_CONFIG_MEDIA_TYPE, AgentArtifact, AgentError, ArtifactHold, ArtifactKind,
-    Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore, Imported, LayerRecord, Platform,
-    PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
+    Credential, CredentialHelper, Credentials, DockerConfigFile, GcReport, Image, ImageConfig, ImageError, ImageStore,
+    Imported, LayerRecord, Platform, PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
 };
 pub use registry::{
     LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryConfig, RegistryError, WASM_CONFIG_MEDIA_TYPE,
