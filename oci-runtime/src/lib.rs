@@ -31,7 +31,7 @@ pub use image::{
     Imported, LayerRecord, Platform, PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
 };
 pub use registry::{
-    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryConfig, RegistryError, WASM_CONFIG_MEDIA_TYPE,
-    WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
+    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, PushProgress, Registry, RegistryConfig, RegistryError,
+    WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
 };
 pub use store::{BlobStore, FetchTurn, ResumableIngest, StoreError, sha256_digest, validate_digest};

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
-use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
 /// Errors parsing a Docker `config.json`.
@@ -162,16 +161,6 @@ impl Credentials {
         }
         Ok(out)
     }
-
-    /// The oci-client authentication for a reference whose registry is `registry` (as
-    /// written) or `resolved` (after docker.io → index.docker.io).
-    pub(crate) fn auth_for(&self, registry: &str, resolved: &str) -> RegistryAuth {
-        match self.get(registry).or_else(|| self.get(resolved)) {
-            Some(Credential::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
-            Some(Credential::Bearer(token)) => RegistryAuth::Bearer(token.clone()),
-            None => RegistryAuth::Anonymous,
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -245,15 +234,17 @@ mod tests {
             creds.get("docker.io"),
             Some(&Credential::Basic { username: "alice".into(), password: "s3cr:et".into() })
         );
-        // oci-client resolves docker.io to index.docker.io; both find the entry.
-        assert!(matches!(creds.auth_for("docker.io", "index.docker.io"), RegistryAuth::Basic(u, _) if u == "alice"));
-        assert!(matches!(creds.auth_for("x", "index.docker.io"), RegistryAuth::Basic(..)));
+        // Docker Hub's aliases find the same entry.
         assert!(
-            matches!(creds.auth_for("registry.lan:5000", "registry.lan:5000"), RegistryAuth::Basic(u, p) if u == "bob" && p == "pw")
+            matches!(creds.get("index.docker.io"), Some(Credential::Basic { username, .. }) if username == "alice")
         );
-        assert!(matches!(creds.auth_for("tokens.example", "tokens.example"), RegistryAuth::Bearer(t) if t == "tok"));
-        assert!(matches!(creds.auth_for("helper.example", "helper.example"), RegistryAuth::Anonymous));
-        assert!(matches!(creds.auth_for("registry.lan", "registry.lan"), RegistryAuth::Anonymous));
+        assert_eq!(
+            creds.get("registry.lan:5000"),
+            Some(&Credential::Basic { username: "bob".into(), password: "pw".into() })
+        );
+        assert_eq!(creds.get("tokens.example"), Some(&Credential::Bearer("tok".into())));
+        assert_eq!(creds.get("helper.example"), None);
+        assert_eq!(creds.get("registry.lan"), None);
         // Secrets never show in Debug output.
         let dbg = format!("{creds:?}");
         assert!(!dbg.contains("s3cr") && !dbg.contains("tok\"") && !dbg.contains("\"pw\""), "{dbg}");
