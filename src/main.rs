@@ -1083,9 +1083,13 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Logout(args) => registry_login::logout(args).await,
         Command::Push { files, reference, agent, agent_version, insecure_registries } => {
             let progress = registry_login::CliProgress::new(&reference);
-            let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries })
-                .with_docker_config(registry_login::docker_config_path()?)
-                .with_progress(progress.clone());
+            let mut registry =
+                oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries })
+                    .with_progress(progress.clone());
+            // Without a home there is no docker config: the push goes anonymously.
+            if let Ok(path) = registry_login::docker_config_path() {
+                registry = registry.with_docker_config(path);
+            }
             let pushed = push(&registry, &files, &reference, agent, agent_version.as_deref()).await;
             progress.finish();
             pushed.map_err(|e| registry_login::login_hint(e, &reference))
