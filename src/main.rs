@@ -6,6 +6,7 @@ mod client;
 mod local;
 mod oci_cli;
 mod output;
+mod registry_login;
 mod remote_exec;
 mod service;
 mod sim;
@@ -158,7 +159,9 @@ enum Command {
         /// previous run's log, each Job attempt's), e.g. 4Mi or 512Ki; timestamps count.
         #[arg(long, default_value = "4Mi")]
         log_max_bytes: String,
-        /// Registry credentials: a Docker config.json (`auths`).
+        /// Registry credentials: a Docker config.json (`auths`, `credsStore`, `credHelpers`),
+        /// ahead of the agent's user's own ($DOCKER_CONFIG/config.json or
+        /// ~/.docker/config.json, read at each pull).
         #[arg(long)]
         registry_auth: Option<PathBuf>,
         /// The key that seals the configs and secrets this node keeps on disk (made if
@@ -257,6 +260,12 @@ enum Command {
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
     },
+    /// Log in to a registry: checks the credentials with it, then keeps them where docker
+    /// does (the credential helper of ~/.docker/config.json, or its `auths`), for `push` and
+    /// for agents running as this user.
+    Login(registry_login::LoginArgs),
+    /// Remove a registry's credentials (from the credential helper and ~/.docker/config.json).
+    Logout(registry_login::LogoutArgs),
     /// Create or update workloads from a manifest file (`-` for stdin).
     Apply {
         /// The manifest file (YAML, several documents allowed), or `-` for stdin.
@@ -1005,6 +1014,17 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
             config.registry_credentials = oci_runtime::Credentials::from_docker_config(&json)
                 .with_context(|| format!("parsing {}", path.display()))?;
         }
+        // The docker config of the user the agent runs as, read again at each pull (so a
+        // `flotilla login` needs no restart); a bad one fails those pulls, not the agent.
+        match registry_login::docker_config_path() {
+            Ok(path) => {
+                if let Err(e) = oci_runtime::DockerConfigFile::load(&path).and_then(|f| f.credentials()) {
+                    eprintln!("warning: registry credentials: {e}");
+                }
+                config.docker_config = Some(path);
+            }
+            Err(e) => eprintln!("warning: registry credentials: {e:#}"),
+        }
         config.upgrade = match agent::upgrade::Invocation::of_this_process() {
             Ok(inv) => Some(inv),
             Err(e) => {
@@ -1088,29 +1108,20 @@ async fn run_command(cli: Cli) -> Result<()> {
             let code = local::run(args).await?;
             std::process::exit(code);
         }
+        Command::Login(args) => registry_login::login(args).await,
+        Command::Logout(args) => registry_login::logout(args).await,
         Command::Push { files, reference, agent, agent_version, insecure_registries } => {
-            let registry = oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries });
-            if agent {
-                return push_agent(&registry, &files, &reference, agent_version.as_deref()).await;
+            let progress = registry_login::CliProgress::new(&reference);
+            let mut registry =
+                oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure: insecure_registries })
+                    .with_progress(progress.clone());
+            // Without a home there is no docker config: the push goes anonymously.
+            if let Ok(path) = registry_login::docker_config_path() {
+                registry = registry.with_docker_config(path);
             }
-            let [file] = files.as_slice() else {
-                bail!("push takes one FILE, not {}; several are for agent binaries (--agent)", files.len());
-            };
-            let digest = if is_wasm_file(file)? {
-                let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-                registry.push_wasm(&reference, &wasm).await?
-            } else {
-                // An OCI image layout (directory or tar) or a `docker save` archive.
-                let scratch = tempfile::Builder::new()
-                    .prefix("flotilla-push-")
-                    .tempdir()
-                    .context("creating a scratch directory for the push")?;
-                oci_runtime::image::push_archive(&registry, file, &reference, scratch.path())
-                    .await
-                    .with_context(|| format!("pushing {}", file.display()))?
-            };
-            println!("pushed {reference}@{digest}");
-            Ok(())
+            let pushed = push(&registry, &files, &reference, agent, agent_version.as_deref()).await;
+            progress.finish();
+            pushed.map_err(|e| registry_login::login_hint(e, &reference))
         }
         Command::Image { command: ImageCommand::Import { file, data_dir, name } } => {
             let blobs = oci_runtime::BlobStore::open(data_dir.join("images"))
@@ -1665,6 +1676,37 @@ enum ImageCommand {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+}
+
+/// `flotilla push`: a Wasm module, an image archive or (`agent`) agent binaries.
+async fn push(
+    registry: &oci_runtime::Registry,
+    files: &[PathBuf],
+    reference: &str,
+    agent: bool,
+    agent_version: Option<&str>,
+) -> Result<()> {
+    if agent {
+        return push_agent(registry, files, reference, agent_version).await;
+    }
+    let [file] = files else {
+        bail!("push takes one FILE, not {}; several are for agent binaries (--agent)", files.len());
+    };
+    let digest = if is_wasm_file(file)? {
+        let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        registry.push_wasm(reference, &wasm).await?
+    } else {
+        // An OCI image layout (directory or tar) or a `docker save` archive.
+        let scratch = tempfile::Builder::new()
+            .prefix("flotilla-push-")
+            .tempdir()
+            .context("creating a scratch directory for the push")?;
+        oci_runtime::image::push_archive(registry, file, reference, scratch.path())
+            .await
+            .with_context(|| format!("pushing {}", file.display()))?
+    };
+    println!("pushed {reference}@{digest}");
+    Ok(())
 }
 
 /// `flotilla push --agent`: pushes `files`, each labelled with the platform its ELF header

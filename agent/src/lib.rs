@@ -86,6 +86,9 @@ pub struct AgentConfig {
     pub min_free_disk_bytes: u64,
     /// Registry credentials (e.g. from a Docker `config.json`).
     pub registry_credentials: oci_runtime::Credentials,
+    /// A Docker `config.json` (typically that of the user the agent runs as) read again at
+    /// each pull, after `registry_credentials`: its `auths`, `credsStore` and `credHelpers`.
+    pub docker_config: Option<PathBuf>,
     /// Wasm instances that may exist at once on the pooling allocator; `Some(0)` selects the
     /// on-demand allocator; `None` decides from the node (see [`wasm_pooling`]).
     pub wasm_instances: Option<u32>,
@@ -142,6 +145,7 @@ impl AgentConfig {
             image_gc_threshold_bytes: 4 << 30,
             min_free_disk_bytes: 256 << 20,
             registry_credentials: oci_runtime::Credentials::default(),
+            docker_config: None,
             link_timeout: std::time::Duration::from_secs(8),
             stop_workloads_on_exit: false,
             exe: None,
@@ -388,8 +392,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let upgrade_images = images.clone();
     let registry: Arc<runtime::LazyRegistry> = {
         let (insecure, credentials) = (config.insecure_registries.clone(), config.registry_credentials.clone());
+        let docker_config = config.docker_config.clone();
         Arc::new(std::sync::LazyLock::new(Box::new(move || {
-            oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure }).with_credentials(credentials)
+            let registry =
+                oci_runtime::Registry::new(oci_runtime::RegistryConfig { insecure }).with_credentials(credentials);
+            match docker_config {
+                Some(path) => registry.with_docker_config(path),
+                None => registry,
+            }
         })))
     };
     let upgrade_registry = registry.clone();

@@ -27,11 +27,11 @@ mod store;
 
 pub use image::{
     AGENT_BINARY_MEDIA_TYPE, AGENT_CONFIG_MEDIA_TYPE, AgentArtifact, AgentError, ArtifactHold, ArtifactKind,
-    Credential, Credentials, GcReport, Image, ImageConfig, ImageError, ImageStore, Imported, LayerRecord, Platform,
-    PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
+    Credential, CredentialHelper, Credentials, DockerConfigFile, GcReport, Image, ImageConfig, ImageError, ImageStore,
+    Imported, LayerRecord, Platform, PulledAgent, PulledWasm, UnpackOptions, WasmArtifact, elf_platform,
 };
 pub use registry::{
-    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryConfig, RegistryError, WASM_CONFIG_MEDIA_TYPE,
-    WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
+    LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, PushProgress, Registry, RegistryConfig, RegistryError,
+    WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, is_loopback_registry,
 };
 pub use store::{BlobStore, FetchTurn, ResumableIngest, StoreError, sha256_digest, validate_digest};

@@ -2,10 +2,17 @@
 //! registries, credentials per host, timeouts), the mapping of its errors onto
 //! [`RegistryError`], and pushing Wasm modules and agent binaries as OCI artifacts. Pulls of
 //! every artifact kind go through [`crate::ImageStore`], which uses this client.
+//!
+//! Credentials are looked up per session (one pull, one push), as Docker does: the
+//! registry's credential helper if the config names one (`credHelpers`, then `credsStore`),
+//! else its inline `auths` entry, else anonymous. Docker config files given with
+//! [`Registry::with_docker_config`] are read again at each lookup, so a `flotilla login`
+//! reaches a running agent without a restart.
 
 use std::error::Error as StdError;
 use std::io;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +22,13 @@ use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
-use crate::image::{AgentArtifact, AgentError, Credentials, Platform, WasmArtifact};
+use crate::image::{
+    AgentArtifact, AgentError, Credential, CredentialHelper, Credentials, DockerConfigFile, Platform, WasmArtifact,
+    server_address,
+};
 use crate::store::sha256_digest;
 
+mod login;
 mod manifest;
 pub(crate) use manifest::ManifestError;
 
@@ -101,6 +112,23 @@ pub enum RegistryError {
         #[source]
         source: AgentError,
     },
+    /// The credentials for a registry could not be found: a Docker config that does not
+    /// parse, a credential helper that fails or answers nonsense.
+    #[error("credentials for registry {registry}: {reason}")]
+    Credentials {
+        /// Registry host[:port].
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A login was refused, or could not be checked.
+    #[error("cannot log in to registry {registry}: {reason}")]
+    Login {
+        /// Registry host[:port].
+        registry: String,
+        /// Why.
+        reason: String,
+    },
     /// Any other failure reported by the registry or the client.
     #[error("registry error for image {reference}: {message}")]
     Registry {
@@ -126,11 +154,23 @@ impl RegistryConfig {
     }
 }
 
+/// Told how a push advances, for a progress display: the bytes of all its blobs once, then
+/// each blob as it is sent (or found in the registry already).
+pub trait PushProgress: Send + Sync {
+    /// The push has `blobs` blobs of `bytes` bytes in all.
+    fn start(&self, blobs: usize, bytes: u64);
+    /// One blob of `bytes` bytes is in the registry.
+    fn blob_done(&self, bytes: u64);
+}
+
 /// A registry client: wraps [`oci_client::Client`] plus [`RegistryConfig`].
 #[derive(Clone)]
 pub struct Registry {
     cfg: RegistryConfig,
     credentials: Credentials,
+    /// Docker config files read at each lookup, after `credentials`.
+    docker_configs: Vec<PathBuf>,
+    progress: Option<Arc<dyn PushProgress>>,
     https: Client,
     http: Client,
     /// Manifests and indexes are read through this, with a bound (see [`manifest`]).
@@ -139,7 +179,11 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("cfg", &self.cfg).field("credentials", &self.credentials).finish()
+        f.debug_struct("Registry")
+            .field("cfg", &self.cfg)
+            .field("credentials", &self.credentials)
+            .field("docker_configs", &self.docker_configs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,7 +208,55 @@ impl Registry {
             manifests: Arc::new(manifest::ManifestReader::new()),
             cfg,
             credentials: Credentials::default(),
+            docker_configs: Vec::new(),
+            progress: None,
         }
+    }
+
+    /// The same client, also reading credentials from the Docker config file at `path`
+    /// (`auths`, `credsStore`, `credHelpers`) at each lookup. A missing file holds nothing;
+    /// one that does not parse fails the lookup. Credentials given with
+    /// [`Registry::with_credentials`] and earlier files win, registry by registry.
+    pub fn with_docker_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.docker_configs.push(path.into());
+        self
+    }
+
+    /// The same client, telling `progress` how its pushes advance.
+    pub fn with_progress(mut self, progress: Arc<dyn PushProgress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    pub(crate) fn progress_start(&self, blobs: usize, bytes: u64) {
+        if let Some(p) = &self.progress {
+            p.start(blobs, bytes);
+        }
+    }
+
+    pub(crate) fn progress_blob(&self, bytes: u64) {
+        if let Some(p) = &self.progress {
+            p.blob_done(bytes);
+        }
+    }
+
+    /// The credentials this client presents to `registry` (host[:port]): from its credential
+    /// helper if one is configured for it and holds some, else the inline ones, else `None`
+    /// (anonymous).
+    pub async fn credential_for(&self, registry: &str) -> Result<Option<Credential>, RegistryError> {
+        let failed = |reason: String| RegistryError::Credentials { registry: registry.to_owned(), reason };
+        let mut credentials = self.credentials.clone();
+        for path in &self.docker_configs {
+            let file = DockerConfigFile::load(path).and_then(|f| f.credentials()).map_err(|e| failed(e.to_string()))?;
+            credentials.merge(file);
+        }
+        if let Some(name) = credentials.helper_for(registry) {
+            let helper = CredentialHelper::named(name).map_err(|e| failed(e.to_string()))?;
+            if let Some(found) = helper.get(&server_address(registry)).await.map_err(|e| failed(e.to_string()))? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(credentials.get(registry).cloned())
     }
 
     /// The same client, presenting `credentials` to the registries they name (basic or bearer;
@@ -243,15 +335,17 @@ impl Registry {
         manifests: Vec<(Vec<u8>, &str)>,
     ) -> Result<(), RegistryError> {
         let client = self.client_for(r);
-        let auth = self.auth_for(r);
+        let auth = self.auth_for(r).await?;
         client.store_auth_if_needed(r.resolve_registry(), &auth).await;
         let map = |e| self.map_oci_error(reference, r, Op::Push, e);
+        self.progress_start(blobs.len(), blobs.iter().map(|(data, _)| data.len() as u64).sum());
         for (data, digest) in blobs {
             if client.blob_exists(r, digest).await.map_err(map)? {
                 tracing::debug!(reference, digest, "blob already in registry");
-                continue;
+            } else {
+                client.push_blob(r, bytes::Bytes::copy_from_slice(data), digest).await.map_err(map)?;
             }
-            client.push_blob(r, bytes::Bytes::copy_from_slice(data), digest).await.map_err(map)?;
+            self.progress_blob(data.len() as u64);
         }
         let count = manifests.len();
         for (i, (bytes, media_type)) in manifests.into_iter().enumerate() {
@@ -278,17 +372,27 @@ impl Registry {
     pub(crate) async fn manifest_bounded(
         &self,
         r: &Reference,
+        auth: &RegistryAuth,
         accepted: &[&str],
         limit: u64,
     ) -> Result<(Vec<u8>, Option<String>), ManifestError> {
         let plain = self.cfg.is_plain_http(r.registry()) || self.cfg.is_plain_http(r.resolve_registry());
         let scheme = if plain { "http" } else { "https" };
-        self.manifests.get(self.client_for(r), scheme, r, &self.auth_for(r), accepted, limit).await
+        self.manifests.get(self.client_for(r), scheme, r, auth, accepted, limit).await
     }
 
-    /// Credentials for the registry of `r`: the configured ones for its host, else anonymous.
-    pub(crate) fn auth_for(&self, r: &Reference) -> RegistryAuth {
-        self.credentials.auth_for(r.registry(), r.resolve_registry())
+    /// Credentials for the registry of `r` (see [`Registry::credential_for`]).
+    pub(crate) async fn auth_for(&self, r: &Reference) -> Result<RegistryAuth, RegistryError> {
+        let found = match self.credential_for(r.registry()).await? {
+            Some(c) => Some(c),
+            None if r.resolve_registry() != r.registry() => self.credential_for(r.resolve_registry()).await?,
+            None => None,
+        };
+        Ok(match found {
+            Some(Credential::Basic { username, password }) => RegistryAuth::Basic(username, password),
+            Some(Credential::Bearer(token)) => RegistryAuth::Bearer(token),
+            None => RegistryAuth::Anonymous,
+        })
     }
 
     pub(crate) fn map_oci_error(
@@ -323,6 +427,11 @@ impl Registry {
             }
             E::ServerError { code: 404, .. } if op == Op::Manifest => return not_found(),
             E::ServerError { code: 401 | 403, .. } | E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
+                return unauthorized(error_chain(&e));
+            }
+            // oci-client reports some refusals (a blob's HEAD before a push) as the plain
+            // HTTP status of its request.
+            E::RequestError(req) if req.status().is_some_and(|s| matches!(s.as_u16(), 401 | 403)) => {
                 return unauthorized(error_chain(&e));
             }
             E::DigestError(DigestError::VerificationError { expected, actual }) => {

@@ -406,9 +406,13 @@ pub fn example_wasm() -> PathBuf {
     let wasm = root.join("examples/hello/target/wasm32-wasip1/release/hello.wasm");
     if !wasm.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Its own target dir, named: a CARGO_TARGET_DIR in the environment (as the tests'
+        // own build may use) would otherwise put the module somewhere else than `wasm`.
         let status = Command::new(cargo)
             .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
             .arg(root.join("examples/hello/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(root.join("examples/hello/target"))
             .status()
             .unwrap();
         assert!(status.success(), "building examples/hello for wasm32-wasip1 failed (is the target installed?)");

@@ -433,7 +433,7 @@ impl ImageStore {
         r: oci_client::Reference,
         platform: &Platform,
     ) -> Result<(ImageRecord, Option<String>), ImageError> {
-        let s = Session::open(registry, r, reference).await;
+        let s = Session::open(registry, r, reference).await?;
         let bad = |reason: String| ImageError::BadAgent { reference: reference.to_owned(), reason };
         let wrong_kind = |found: ArtifactKind| ImageError::WrongKind {
             reference: reference.to_owned(),

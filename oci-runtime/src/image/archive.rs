@@ -640,12 +640,15 @@ pub async fn push_archive(
         .map_err(|e| archive_err(path, format!("push task failed: {e}")))??;
 
     let client = registry.client_for(&r);
-    let auth = registry.auth_for(&r);
+    let auth = registry.auth_for(&r).await?;
     client.store_auth_if_needed(r.resolve_registry(), &auth).await;
     let rr = &r;
     let map = |op: Op| move |e| ImageError::Registry(registry.map_oci_error(reference, rr, op, e));
-    for (digest, file) in &plan.blobs {
+    let sizes: Vec<u64> = plan.blobs.iter().map(|(_, file)| fs::metadata(file).map_or(0, |m| m.len())).collect();
+    registry.progress_start(plan.blobs.len(), sizes.iter().sum());
+    for ((digest, file), size) in plan.blobs.iter().zip(sizes) {
         if client.blob_exists(&r, digest).await.map_err(map(Op::Push))? {
+            registry.progress_blob(size);
             continue;
         }
         let bytes = tokio::fs::read(file).await.map_err(ImageError::io(file))?;
@@ -658,6 +661,7 @@ pub async fn push_archive(
             });
         }
         client.push_blob(&r, bytes::Bytes::from(bytes), digest).await.map_err(map(Op::Push))?;
+        registry.progress_blob(size);
     }
     let mut top = String::new();
     for (i, (media_type, bytes)) in plan.manifests.iter().enumerate() {

@@ -1,14 +1,15 @@
-//! Registry credentials: a typed table of basic or bearer credentials per registry host, and
-//! a parser for Docker's `config.json` (`auths.<host>.auth` = base64 `user:password`, or
-//! `username`/`password`, or `identitytoken`/`registrytoken`). The caller reads the file; this
-//! module never touches the file system or the environment, and its `Debug` output never shows
-//! a secret.
+//! Registry credentials: a typed table of basic or bearer credentials per registry host, the
+//! credential helpers Docker defers to (`credsStore` for every registry, `credHelpers` per
+//! registry), and a parser for Docker's `config.json` (`auths.<host>.auth` = base64
+//! `user:password`, or `username`/`password`, or `identitytoken`/`registrytoken`). The caller
+//! reads the file (see [`super::docker_config`]) and runs the helpers (see
+//! [`super::cred_helper`]); this module never touches the file system, a process or the
+//! environment, and its `Debug` output never shows a secret.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
-use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
 /// Errors parsing a Docker `config.json`.
@@ -53,10 +54,14 @@ impl fmt::Debug for Credential {
 }
 
 /// Credentials per registry host (`host[:port]`, as in image references; `docker.io` and
-/// `index.docker.io` are the same registry).
+/// `index.docker.io` are the same registry), and the credential helpers to ask first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     by_registry: BTreeMap<String, Credential>,
+    /// `credsStore`: the helper (`docker-credential-<name>`) for every registry.
+    helper_default: Option<String>,
+    /// `credHelpers`: a helper per registry host, ahead of `credsStore`.
+    helper_by_registry: BTreeMap<String, String>,
 }
 
 impl Credentials {
@@ -86,11 +91,50 @@ impl Credentials {
         self.by_registry.is_empty()
     }
 
-    /// Parses a Docker `config.json` document. Entries without usable credentials (for
-    /// example ones that defer to a credential helper) are skipped.
+    /// The credential helper to ask for `registry`'s credentials, as Docker picks it:
+    /// `credHelpers` for that registry, else `credsStore`. Only a name: the helper program is
+    /// `docker-credential-<name>`.
+    pub fn helper_for(&self, registry: &str) -> Option<&str> {
+        self.helper_by_registry.get(&normalize_registry(registry)).or(self.helper_default.as_ref()).map(String::as_str)
+    }
+
+    /// Sets `credsStore`: the helper asked for every registry without a `credHelpers` entry.
+    pub fn set_default_helper(&mut self, name: Option<String>) {
+        self.helper_default = name.filter(|n| !n.is_empty());
+    }
+
+    /// Sets the `credHelpers` entry for `registry`.
+    pub fn set_helper(&mut self, registry: &str, name: &str) {
+        self.helper_by_registry.insert(normalize_registry(registry), name.to_owned());
+    }
+
+    /// Adds what `other` has and `self` lacks: its credentials for registries `self` has none
+    /// for, its per-registry helpers likewise, and its `credsStore` if `self` has none. So the
+    /// first source merged into wins, registry by registry.
+    pub fn merge(&mut self, other: Credentials) {
+        for (registry, credential) in other.by_registry {
+            self.by_registry.entry(registry).or_insert(credential);
+        }
+        for (registry, helper) in other.helper_by_registry {
+            self.helper_by_registry.entry(registry).or_insert(helper);
+        }
+        if self.helper_default.is_none() {
+            self.helper_default = other.helper_default;
+        }
+    }
+
+    /// Parses a Docker `config.json` document: its `auths`, `credsStore` and `credHelpers`.
+    /// Entries without inline credentials (for example the empty ones Docker writes beside a
+    /// credential helper) are skipped.
     pub fn from_docker_config(json: &[u8]) -> Result<Self, AuthError> {
         let doc: DockerConfig = serde_json::from_slice(json)?;
         let mut out = Credentials::new();
+        out.set_default_helper(doc.creds_store);
+        for (registry, helper) in doc.cred_helpers {
+            if !helper.is_empty() {
+                out.set_helper(&registry, &helper);
+            }
+        }
         for (registry, entry) in doc.auths {
             let bad = |reason: String| AuthError::BadEntry { registry: registry.clone(), reason };
             let credential = if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
@@ -117,22 +161,36 @@ impl Credentials {
         }
         Ok(out)
     }
-
-    /// The oci-client authentication for a reference whose registry is `registry` (as
-    /// written) or `resolved` (after docker.io → index.docker.io).
-    pub(crate) fn auth_for(&self, registry: &str, resolved: &str) -> RegistryAuth {
-        match self.get(registry).or_else(|| self.get(resolved)) {
-            Some(Credential::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
-            Some(Credential::Bearer(token)) => RegistryAuth::Bearer(token.clone()),
-            None => RegistryAuth::Anonymous,
-        }
-    }
 }
 
 #[derive(Deserialize)]
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, DockerAuthEntry>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+}
+
+/// Encodes `user:password` as Docker's `auths.<registry>.auth` holds it (standard base64).
+pub fn encode_basic_auth(username: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+}
+
+/// The server address Docker uses for `registry` in `config.json` keys and with credential
+/// helpers: `https://index.docker.io/v1/` for Docker Hub, else `host[:port]`.
+pub fn server_address(registry: &str) -> String {
+    match normalize_registry(registry).as_str() {
+        "docker.io" => "https://index.docker.io/v1/".to_owned(),
+        host => host.to_owned(),
+    }
+}
+
+/// The registry host a `config.json` key or image registry names: scheme and path dropped,
+/// lower case, Docker Hub's aliases as `docker.io`.
+pub fn registry_host(registry: &str) -> String {
+    normalize_registry(registry)
 }
 
 #[derive(Deserialize, Default)]
@@ -176,18 +234,53 @@ mod tests {
             creds.get("docker.io"),
             Some(&Credential::Basic { username: "alice".into(), password: "s3cr:et".into() })
         );
-        // oci-client resolves docker.io to index.docker.io; both find the entry.
-        assert!(matches!(creds.auth_for("docker.io", "index.docker.io"), RegistryAuth::Basic(u, _) if u == "alice"));
-        assert!(matches!(creds.auth_for("x", "index.docker.io"), RegistryAuth::Basic(..)));
+        // Docker Hub's aliases find the same entry.
         assert!(
-            matches!(creds.auth_for("registry.lan:5000", "registry.lan:5000"), RegistryAuth::Basic(u, p) if u == "bob" && p == "pw")
+            matches!(creds.get("index.docker.io"), Some(Credential::Basic { username, .. }) if username == "alice")
         );
-        assert!(matches!(creds.auth_for("tokens.example", "tokens.example"), RegistryAuth::Bearer(t) if t == "tok"));
-        assert!(matches!(creds.auth_for("helper.example", "helper.example"), RegistryAuth::Anonymous));
-        assert!(matches!(creds.auth_for("registry.lan", "registry.lan"), RegistryAuth::Anonymous));
+        assert_eq!(
+            creds.get("registry.lan:5000"),
+            Some(&Credential::Basic { username: "bob".into(), password: "pw".into() })
+        );
+        assert_eq!(creds.get("tokens.example"), Some(&Credential::Bearer("tok".into())));
+        assert_eq!(creds.get("helper.example"), None);
+        assert_eq!(creds.get("registry.lan"), None);
         // Secrets never show in Debug output.
         let dbg = format!("{creds:?}");
         assert!(!dbg.contains("s3cr") && !dbg.contains("tok\"") && !dbg.contains("\"pw\""), "{dbg}");
+    }
+
+    #[test]
+    fn helpers_are_picked_as_docker_picks_them_and_merges_keep_the_first_source() {
+        let json = br#"{"auths": {"r.example": {}, "plain.example": {"auth": "dTpw"}},
+            "credsStore": "desktop", "credHelpers": {"https://GCR.io": "gcloud", "empty.example": ""}}"#;
+        let file = Credentials::from_docker_config(json).unwrap();
+        assert_eq!(file.helper_for("gcr.io"), Some("gcloud"));
+        assert_eq!(file.helper_for("r.example"), Some("desktop"));
+        assert_eq!(file.helper_for("empty.example"), Some("desktop"));
+        assert_eq!(file.len(), 1, "the empty entry defers to the helper");
+
+        let mut option = Credentials::new();
+        option.insert("plain.example", Credential::Basic { username: "opt".into(), password: "x".into() });
+        option.set_helper("r.example", "pass");
+        option.merge(file.clone());
+        // The first source wins per registry; the rest fills the gaps.
+        assert!(matches!(option.get("plain.example"), Some(Credential::Basic { username, .. }) if username == "opt"));
+        assert_eq!(option.helper_for("r.example"), Some("pass"));
+        assert_eq!(option.helper_for("gcr.io"), Some("gcloud"));
+        assert_eq!(option.helper_for("other.example"), Some("desktop"));
+        assert_eq!(Credentials::new().helper_for("x"), None);
+    }
+
+    #[test]
+    fn auth_encoding_and_server_addresses_match_docker() {
+        assert_eq!(encode_basic_auth("alice", "pw"), "YWxpY2U6cHc=");
+        let decoded = base64::engine::general_purpose::STANDARD.decode(encode_basic_auth("a", "b:c")).unwrap();
+        assert_eq!(decoded, b"a:b:c");
+        assert_eq!(server_address("docker.io"), "https://index.docker.io/v1/");
+        assert_eq!(server_address("registry-1.docker.io"), "https://index.docker.io/v1/");
+        assert_eq!(server_address("https://Registry.Lan:5000/v2/"), "registry.lan:5000");
+        assert_eq!(registry_host("https://index.docker.io/v1/"), "docker.io");
     }
 
     #[test]

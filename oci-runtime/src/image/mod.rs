@@ -21,6 +21,8 @@
 mod agent;
 mod archive;
 mod auth;
+mod cred_helper;
+mod docker_config;
 mod gc;
 mod index;
 mod platform;
@@ -41,7 +43,9 @@ pub use agent::{
     PulledAgent, elf_platform,
 };
 pub use archive::{Imported, push_archive, save_wasm};
-pub use auth::{AuthError, Credential, Credentials};
+pub use auth::{AuthError, Credential, Credentials, encode_basic_auth, registry_host, server_address};
+pub use cred_helper::{CredentialHelper, HelperError};
+pub use docker_config::{DockerConfigError, DockerConfigFile};
 pub use gc::{ArtifactHold, GcReport};
 pub use index::{ArtifactKind, ImageIndex, ImageRecord, IndexError, LayerRecord};
 pub use platform::Platform;

@@ -13,6 +13,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::{self, TryStreamExt as _};
 use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use super::spec::{self, Parsed};
@@ -35,6 +36,8 @@ pub(super) struct Session<'a> {
     client: &'a Client,
     pub(super) r: Reference,
     reference: &'a str,
+    /// The credentials found for the registry when the session opened.
+    auth: RegistryAuth,
 }
 
 /// Checks the first bytes of a blob as they arrive (`complete` once the whole blob is in):
@@ -43,10 +46,15 @@ pub(super) type HeadCheck<'c> = &'c (dyn Fn(&[u8], bool) -> Result<(), ImageErro
 
 impl<'a> Session<'a> {
     /// A session for `r` with the registry's credentials for its host.
-    pub(super) async fn open(registry: &'a Registry, r: Reference, reference: &'a str) -> Session<'a> {
+    pub(super) async fn open(
+        registry: &'a Registry,
+        r: Reference,
+        reference: &'a str,
+    ) -> Result<Session<'a>, ImageError> {
         let client = registry.client_for(&r);
-        client.store_auth_if_needed(r.resolve_registry(), &registry.auth_for(&r)).await;
-        Session { registry, client, r, reference }
+        let auth = registry.auth_for(&r).await?;
+        client.store_auth_if_needed(r.resolve_registry(), &auth).await;
+        Ok(Session { registry, client, r, reference, auth })
     }
 
     fn map(&self, op: Op) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
@@ -97,7 +105,7 @@ impl<'a> Session<'a> {
         expected: Option<&str>,
     ) -> Result<(Vec<u8>, String), ImageError> {
         let (bytes, sent_digest) =
-            match self.registry.manifest_bounded(r, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
+            match self.registry.manifest_bounded(r, &self.auth, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
                 Ok(got) => got,
                 Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
                 Err(ManifestError::TooLarge { limit, declared }) => {
@@ -312,7 +320,7 @@ impl ImageStore {
         r: Reference,
         platform: &Platform,
     ) -> Result<ImageRecord, ImageError> {
-        let s = Session::open(registry, r, reference).await;
+        let s = Session::open(registry, r, reference).await?;
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
         let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)

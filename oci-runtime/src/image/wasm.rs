@@ -335,7 +335,7 @@ impl ImageStore {
         reference: &str,
         r: oci_client::Reference,
     ) -> Result<ImageRecord, ImageError> {
-        let s = Session::open(registry, r, reference).await;
+        let s = Session::open(registry, r, reference).await?;
         let not_wasm = |found: String| ImageError::NotWasm { reference: reference.to_owned(), found };
         let not_wasm_e = |e: &dyn std::fmt::Display| not_wasm(e.to_string());
 

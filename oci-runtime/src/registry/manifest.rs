@@ -59,6 +59,11 @@ impl std::fmt::Debug for ManifestReader {
 }
 
 impl ManifestReader {
+    /// The HTTP client (for requests oci-client has no call for, such as a login check).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub(crate) fn new() -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)

@@ -32,6 +32,17 @@ impl TestRegistry {
     /// Starts a registry, or returns `None` (after saying why) if `docker-registry` is not
     /// installed and `CI` is unset.
     pub fn start() -> Option<TestRegistry> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that requires HTTP basic authentication against `htpasswd` (the
+    /// content of an Apache htpasswd file with bcrypt hashes, as distribution requires), or
+    /// returns `None` as [`TestRegistry::start`] does.
+    pub fn start_with_htpasswd(htpasswd: &str) -> Option<TestRegistry> {
+        Self::start_inner(Some(htpasswd))
+    }
+
+    fn start_inner(htpasswd: Option<&str>) -> Option<TestRegistry> {
         let Some(bin) = find_binary() else {
             let why = "docker-registry not found (install Debian's docker-registry package or set \
                        DOCKER_REGISTRY_BIN)";
@@ -43,7 +54,7 @@ impl TestRegistry {
         };
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(&bin) {
+            match Self::try_start(&bin, htpasswd) {
                 Ok(registry) => return Some(registry),
                 Err(e) => last_error = e,
             }
@@ -51,7 +62,7 @@ impl TestRegistry {
         panic!("docker-registry ({}) did not start: {last_error}", bin.display());
     }
 
-    fn try_start(bin: &Path) -> Result<TestRegistry, String> {
+    fn try_start(bin: &Path, htpasswd: Option<&str>) -> Result<TestRegistry, String> {
         let tempdir = tempfile::Builder::new()
             .prefix("flotilla-test-registry-")
             .tempdir()
@@ -61,11 +72,19 @@ impl TestRegistry {
         let storage = tempdir.path().join("storage");
         std::fs::create_dir_all(&storage).map_err(|e| format!("cannot create storage: {e}"))?;
         let config_path = tempdir.path().join("config.yml");
+        let auth = match htpasswd {
+            Some(content) => {
+                let path = tempdir.path().join("htpasswd");
+                std::fs::write(&path, content).map_err(|e| format!("cannot write htpasswd: {e}"))?;
+                format!("auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n", path.display())
+            }
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\n\
              log:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n",
+             http:\n  addr: {addr}\n{auth}",
             storage.display()
         );
         std::fs::write(&config_path, config).map_err(|e| format!("cannot write config: {e}"))?;
@@ -160,7 +179,7 @@ fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Whether `GET /v2/` answers 200.
+/// Whether `GET /v2/` answers: 200, or 401 from a registry that requires a login.
 fn probe(addr: &str) -> bool {
     let Ok(sock) = addr.parse::<SocketAddr>() else {
         return false;
@@ -177,5 +196,5 @@ fn probe(addr: &str) -> bool {
     let _ = stream.take(4096).read_to_end(&mut response);
     let status_line = String::from_utf8_lossy(&response);
     let status_line = status_line.lines().next().unwrap_or_default();
-    status_line.starts_with("HTTP/1.") && status_line.split_whitespace().nth(1) == Some("200")
+    status_line.starts_with("HTTP/1.") && matches!(status_line.split_whitespace().nth(1), Some("200" | "401"))
 }
