@@ -11,6 +11,13 @@ use proto::messages::{
 };
 use transport::{ALPN_API, frame, pki, tls};
 
+/// How long the CLI waits for a hub to answer its first packet before saying none is there
+/// (see [`tls::connect_answered_within`]): a round trip and one resend of the first packet
+/// (quinn's first resend comes after about a second) on links up to a few hundred ms of RTT,
+/// well under the 2 s a person waits for "the hub is down". `FLOTILLA_CONNECT_TIMEOUT`
+/// (a duration, e.g. 5s) lengthens it for slower links, satellite ones for example.
+const FIRST_ANSWER: Duration = Duration::from_millis(1500);
+
 /// How often `drain` looks at the node's progress.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
 
@@ -43,6 +50,16 @@ fn find_config(path: Option<&Path>) -> Result<(PathBuf, ClientConfigFile)> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLI config {}", path.display()))?;
     let config = serde_yaml::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))?;
     Ok((path, config))
+}
+
+/// [`FIRST_ANSWER`], or `FLOTILLA_CONNECT_TIMEOUT` when set.
+fn first_answer() -> Result<Duration> {
+    match std::env::var("FLOTILLA_CONNECT_TIMEOUT") {
+        Ok(v) if !v.is_empty() => proto::manifest::parse_duration_ms(&v)
+            .map(Duration::from_millis)
+            .map_err(|e| anyhow::anyhow!("FLOTILLA_CONNECT_TIMEOUT: {e}")),
+        _ => Ok(FIRST_ANSWER),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -83,11 +100,11 @@ impl Client {
         let tuning = tls::Tuning::default();
         let config = tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tuning)
             .context("the CLI config's credentials are unusable")?;
-        let addr = tls::resolve(&cfg.hub).await?;
+        let addr = tls::resolve(&cfg.hub).await.with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
         let endpoint = tls::client_endpoint()?;
-        let conn = tls::connect(&endpoint, config, addr)
+        let conn = tls::connect_answered_within(&endpoint, config, addr, first_answer()?)
             .await
-            .with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
+            .with_context(|| format!("connecting to the hub at {} (from {})", cfg.hub, path.display()))?;
         let client = Client { conn, _endpoint: endpoint, hub: cfg.hub.clone(), ca_pem: cfg.ca_pem.clone() };
         // Two thirds into its life the credential asks for its successor (same key, same
         // user); a failure costs nothing now, so it is reported and the command goes on.

@@ -759,10 +759,21 @@ fn init_tracing() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+        .with_ansi(colour(std::io::stderr().is_terminal(), |k| std::env::var_os(k)))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Whether to colour a stream (a terminal or not, `is_terminal`), by the same rules clap's
+/// help and errors follow (anstream's): never when `NO_COLOR` is set and not empty
+/// (no-color.org), always when `CLICOLOR_FORCE` is, else only on a terminal. These two
+/// writers, clap's and the logs', are the only ones that colour anything.
+fn colour(is_terminal: bool, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let set = |k: &str| env(k).is_some_and(|v| !v.is_empty() && v != "0");
+    if env("NO_COLOR").is_some_and(|v| !v.is_empty()) {
+        return false;
+    }
+    set("CLICOLOR_FORCE") || is_terminal
 }
 
 /// SIGTERM or SIGINT. The handlers are installed at the call, not when the future is first
@@ -1694,6 +1705,20 @@ mod tests {
         assert!(matches!(parse_grace("soon"), Err(ArgError::Duration(_))));
         assert_eq!(parse_label("a=b").unwrap(), ("a".to_string(), "b".to_string()));
         assert_eq!(parse_label("ab").unwrap_err().to_string(), "label \"ab\" must be KEY=VALUE");
+    }
+
+    #[test]
+    fn colour_follows_no_color_then_clicolor_force_then_the_terminal() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| std::ffi::OsString::from(v))
+        };
+        assert!(colour(true, env(&[])));
+        assert!(!colour(false, env(&[])));
+        assert!(!colour(true, env(&[("NO_COLOR", "1")])));
+        assert!(!colour(true, env(&[("NO_COLOR", "1"), ("CLICOLOR_FORCE", "1")])));
+        assert!(colour(true, env(&[("NO_COLOR", "")])), "an empty NO_COLOR is unset");
+        assert!(colour(false, env(&[("CLICOLOR_FORCE", "1")])));
+        assert!(!colour(false, env(&[("CLICOLOR_FORCE", "0")])));
     }
 
     #[test]

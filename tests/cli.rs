@@ -182,3 +182,87 @@ fn push_agent_pushes_one_binary_per_platform_that_an_agent_pulls_back() {
     assert!(!version_alone.status.success());
     assert!(String::from_utf8_lossy(&version_alone.stderr).contains("--agent"));
 }
+
+/// The admin config of `c`, pointing at `hub` instead (same CA and credential).
+fn config_for(c: &Cluster, hub: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(c.config_path()).unwrap();
+    let line = text.lines().find(|l| l.starts_with("hub:")).unwrap().to_string();
+    let path = dir.join("elsewhere.yaml");
+    std::fs::write(&path, text.replace(&line, &format!("hub: {hub}"))).unwrap();
+    path
+}
+
+#[test]
+fn a_hub_that_is_down_is_reported_within_two_seconds_with_its_address() {
+    let c = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: QUIC alone would wait out its 8 s idle timeout.
+    let dead = format!("127.0.0.1:{}", cluster::free_udp_port());
+    let config = config_for(&c, &dead, dir.path());
+    let start = std::time::Instant::now();
+    let o = cluster::flotilla(&["--config".as_ref(), config.as_os_str(), "get".as_ref(), "workloads".as_ref()]);
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(took < std::time::Duration::from_secs(2), "took {took:?}: {stderr}");
+    assert!(stderr.contains(&format!("no answer from a hub at {dead}")), "{stderr}");
+    assert!(stderr.contains("is it running"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A longer first-answer bound for slow links is taken from the environment, and a bad
+    // one is refused by name.
+    let mut cmd = std::process::Command::new(cluster::bin());
+    cmd.env("FLOTILLA_CONNECT_TIMEOUT", "3s").arg("--config").arg(&config).args(["get", "workloads"]);
+    let start = std::time::Instant::now();
+    let o = cluster::run_with_stdin(cmd, None);
+    assert!(!o.status.success() && start.elapsed() >= std::time::Duration::from_secs(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("within 3s"), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut cmd = std::process::Command::new(cluster::bin());
+    cmd.env("FLOTILLA_CONNECT_TIMEOUT", "soon").args(["--config", c.config_path().to_str().unwrap(), "version"]);
+    let o = cluster::run_with_stdin(cmd, None);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("FLOTILLA_CONNECT_TIMEOUT"));
+
+    // The hub that is up still answers through the same path.
+    assert!(c.ok(&["get", "workloads"]).starts_with("NAME"));
+}
+
+#[test]
+fn no_color_turns_colour_off_in_errors_help_and_logs() {
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(cluster::bin());
+        cmd.env_remove("NO_COLOR").envs(env.iter().copied()).args(args);
+        cluster::run_with_stdin(cmd, None)
+    };
+    let escape = |b: &[u8]| b.windows(2).any(|w| w == b"\x1b[");
+    // Forced (as a terminal would get it), clap colours its error; NO_COLOR wins over that.
+    let forced = run(&[("CLICOLOR_FORCE", "1")], &["get", "--bogus"]);
+    assert!(escape(&forced.stderr), "no colour even when forced: {}", String::from_utf8_lossy(&forced.stderr));
+    let plain = run(&[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")], &["get", "--bogus"]);
+    assert!(!escape(&plain.stderr), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("--bogus"));
+    let help = run(&[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")], &["get", "--help"]);
+    assert!(!escape(&help.stdout) && help.status.success());
+
+    // The hub's log lines: coloured when forced, plain under NO_COLOR.
+    for (no_color, want_colour) in [(None, true), (Some("1"), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hub.log");
+        let mut cmd = std::process::Command::new(cluster::bin());
+        cmd.env_remove("NO_COLOR").env("CLICOLOR_FORCE", "1").env("FLOTILLA_LOG", "info");
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let addr = format!("127.0.0.1:{}", cluster::free_udp_port());
+        cmd.args(["hub", "--data-dir", dir.path().join("hub").to_str().unwrap(), "--listen", &addr])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
+        let mut hub = cluster::KillOnDrop(cmd.spawn().unwrap());
+        cluster::wait_for("the hub to log", std::time::Duration::from_secs(20), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("INFO"))
+        });
+        hub.stop();
+        let text = std::fs::read(&log).unwrap();
+        assert_eq!(escape(&text), want_colour, "NO_COLOR={no_color:?}:\n{}", String::from_utf8_lossy(&text));
+    }
+}
