@@ -3,7 +3,9 @@
 //! file only parses arguments and hands typed configs to the libraries.
 
 mod client;
+mod jsonpath;
 mod local;
+mod manifests;
 mod oci_cli;
 mod output;
 mod remote_exec;
@@ -244,15 +246,26 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// List nodes, workloads or replicas.
+    /// List nodes, workloads, replicas, configs or secrets (`get workload web -o yaml`,
+    /// `get workloads -l app=shop -w`, `get nodes -o jsonpath='{.items[*].metadata.name}'`).
     Get {
-        /// nodes, workloads or replicas (singular and short forms work too).
+        /// nodes, workloads, replicas, configs or secrets (singular and short forms work too).
         kind: String,
         /// Only these, by name (`get workload web`); each must exist.
         names: Vec<String>,
-        /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        /// table, wide, json (the API's list), yaml (manifests `apply -f` takes back), name, or
+        /// jsonpath=TEMPLATE (kubectl's, e.g. '{.items[*].metadata.name}' or
+        /// '{range .items[*]}{.metadata.name}{"\n"}{end}').
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
+        /// Only those with these labels (K=V, comma-separated or repeated): workloads' and
+        /// nodes' labels.
+        #[arg(short = 'l', long = "selector", value_delimiter = ',', value_parser = parse_label)]
+        selector: Vec<(String, String)>,
+        /// After the list, print each change as the hub sees it (streamed from the hub) until
+        /// interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Show one resource in detail, including why a replica is not running.
     Describe {
@@ -382,7 +395,7 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
         /// table, wide, json, yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Shell completions: `source <(flotilla completion bash)`, or write them where your shell
@@ -427,7 +440,7 @@ enum Command {
         #[arg(long, default_value = "1h")]
         since: String,
         /// table, or json: one JSON object per line.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Run a command in a container replica, wherever its node is: through the hub and the
@@ -452,7 +465,7 @@ enum Command {
         /// nodes or replicas.
         kind: String,
         /// table or json.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// The cluster key that seals configs, secrets and the cluster's CA key in the store.
@@ -516,7 +529,7 @@ enum TokenAction {
     /// List join tokens (never their secrets).
     List {
         /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
@@ -548,7 +561,7 @@ enum UserAction {
     /// List users.
     List {
         /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Revoke a user: every certificate it holds is refused from its next connection.
@@ -579,13 +592,13 @@ enum UpgradeAction {
         #[arg(long, default_value = "2m")]
         deadline: String,
         /// How to show the upgrade once started: table, json or yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Where the agent upgrade stands, node by node.
     Status {
         /// table, json or yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
 }
@@ -734,7 +747,7 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
     if let ApiResponse::Error { message } = response {
         bail!("{message}");
     }
-    print!("{}", output::render(&response, format)?);
+    print!("{}", output::render(&response, &format)?);
     Ok(())
 }
 
@@ -1119,7 +1132,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Apply { file } => {
-            let source = read_source(&file)?;
+            let source = manifests::for_apply(&read_source(&file)?)
+                .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
             // Validate locally first for a fast, offline error; the hub validates again.
             proto::manifest::parse_documents(&source)
                 .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
@@ -1134,16 +1148,21 @@ async fn run_command(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Get { kind, names, output } => {
+        Command::Get { kind, names, output, selector, watch } => {
             let kind = parse_kind(&kind)?;
+            let selector: BTreeMap<String, String> = selector.into_iter().collect();
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            if watch {
+                return client.watch(kind, &names, &selector, &output).await;
+            }
             let response = client.request(&ApiRequest::Get { kind }).await?;
             if let ApiResponse::Error { message } = response {
                 bail!("{message}");
             }
             let (response, missing) = output::only_named(response, &names);
+            let response = output::only_labelled(response, &selector);
             if names.is_empty() || missing.len() < names.len() {
-                print!("{}", output::render(&response, output)?);
+                print!("{}", client.show(&response, &output, names.len() == 1).await?);
             }
             match missing.as_slice() {
                 [] => Ok(()),
@@ -1403,7 +1422,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Delete { file, kind, name, force } => {
             let request = match (file, kind, name) {
-                (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
+                (Some(f), _, _) => ApiRequest::DeleteManifests { source: manifests::for_apply(&read_source(&f)?)? },
                 (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name, force },
                 _ => bail!("give either -f FILE or KIND NAME"),
             };

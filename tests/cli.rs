@@ -266,3 +266,150 @@ fn no_color_turns_colour_off_in_errors_help_and_logs() {
         assert_eq!(escape(&text), want_colour, "NO_COLOR={no_color:?}:\n{}", String::from_utf8_lossy(&text));
     }
 }
+
+fn applied(c: &Cluster, yaml: &str) -> String {
+    let o = c.cli_with_stdin(&["apply", "-f", "-"], Some(yaml));
+    assert!(o.status.success(), "apply:\n{yaml}\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Whether `s` holds an RFC 3339 UTC time after `key: ` (quoted or not).
+fn has_time(s: &str, key: &str) -> bool {
+    s.lines().any(|l| {
+        let Some(v) = l.trim().strip_prefix(&format!("{key}: ")) else { return false };
+        let v = v.trim_matches(|c| c == '\'' || c == '"');
+        v.len() >= 20 && v.as_bytes()[4] == b'-' && v.as_bytes()[10] == b'T' && v.ends_with('Z')
+    })
+}
+
+#[test]
+fn get_o_yaml_prints_manifests_apply_takes_back_unchanged_for_every_kind() {
+    let mut c = Cluster::start();
+    c.add_agent("n1", &["--containers", "off", "--label", "site=a"]);
+    let workload = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: web, labels: {app: shop}}\nspec:\n  runtime: wasm\n  image: r/web:1\n  replicas: 0\n  env: {GREETING: hi}\n  resources: {memory: 64Mi}\n";
+    applied(&c, workload);
+    applied(
+        &c,
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: api}\nspec: {runtime: wasm, image: r/api:1, replicas: 0}\n",
+    );
+    applied(
+        &c,
+        "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {app.toml: \"a = 1\\n\"}\nbinaryData: {blob: AAEC}\n",
+    );
+    let o = c.cli(&["create", "secret", "db", "--from-literal", "password=s3cret"]);
+    assert!(o.status.success());
+
+    // Each appliable kind, one object and the whole list: unchanged when applied back, and
+    // printed the same again.
+    for (args, outcome) in [
+        (&["get", "workload", "web", "-o", "yaml"][..], "workload/web unchanged\n"),
+        (&["get", "config", "app", "-o", "yaml"][..], "config/app unchanged\n"),
+        (&["get", "workloads", "-o", "yaml"][..], "workload/api unchanged\nworkload/web unchanged\n"),
+    ] {
+        let yaml = c.ok(args);
+        assert!(has_time(&yaml, "creationTimestamp") || args[1] == "config", "{yaml}");
+        assert!(!yaml.contains("AtMs") && !yaml.contains("createdAt"), "{yaml}");
+        let mut got: Vec<&str> = Vec::new();
+        let out = applied(&c, &yaml);
+        got.extend(out.lines());
+        got.sort();
+        let mut want: Vec<&str> = outcome.lines().collect();
+        want.sort();
+        assert_eq!(got, want, "{args:?}:\n{yaml}");
+        assert_eq!(c.ok(args), yaml, "{args:?} printed differently after the apply");
+    }
+    let one = c.ok(&["get", "workload", "web", "-o", "yaml"]);
+    assert!(one.starts_with("apiVersion: flotilla.dev/v1\nkind: Workload\n"), "{one}");
+    assert!(one.contains("resourceVersion: 1") && one.contains("GREETING: hi"), "{one}");
+    let config = c.ok(&["get", "config", "app", "-o", "yaml"]);
+    assert!(config.contains("blob: AAEC") && config.contains("app.toml"), "{config}");
+    // An edit comes back as a change.
+    let edited = one.replace("image: r/web:1", "image: r/web:2");
+    assert_eq!(applied(&c, &edited), "workload/web configured\n");
+
+    // A secret: keys and sizes, never a value.
+    let secret = c.ok(&["get", "secret", "db", "-o", "yaml"]);
+    assert!(secret.contains("kind: Secret") && secret.contains("password: 6"), "{secret}");
+    assert!(!secret.contains("s3cret") && !secret.contains("czNjcmV0"), "{secret}");
+
+    // A node: its labels, spec and status, times in RFC 3339.
+    c.wait_for("n1 to join", std::time::Duration::from_secs(30), || c.nodes().iter().any(|n| n.ready));
+    let node = c.ok(&["get", "node", "n1", "-o", "yaml"]);
+    assert!(node.contains("kind: Node") && node.contains("site: a"), "{node}");
+    assert!(has_time(&node, "creationTimestamp") && has_time(&node, "lastSeen"), "{node}");
+    let replicas = c.cli(&["get", "replicas", "-o", "yaml"]);
+    assert!(replicas.status.success());
+}
+
+#[test]
+fn get_o_jsonpath_takes_kubectl_templates_and_refuses_bad_ones() {
+    let c = Cluster::start();
+    for (name, replicas) in [("web", 2), ("api", 1)] {
+        applied(
+            &c,
+            &format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}, labels: {{tier: t{replicas}}}}}\nspec: {{runtime: wasm, image: r/{name}:1, replicas: 0}}\n"
+            ),
+        );
+    }
+    assert_eq!(c.ok(&["get", "workloads", "-o", "jsonpath={.items[*].metadata.name}"]), "api web");
+    assert_eq!(c.ok(&["get", "workload", "web", "-o", "jsonpath={.spec.image}"]), "r/web:1");
+    let t = r#"jsonpath={range .items[*]}{.metadata.name}={.metadata.labels.tier}{"\n"}{end}"#;
+    assert_eq!(c.ok(&["get", "workloads", "-o", t]), "api=t1\nweb=t2\n");
+    assert_eq!(c.ok(&["get", "workloads", "-l", "tier=t2", "-o", "name"]), "workload/web\n");
+    assert!(c.ok(&["get", "workloads", "-o", "jsonpath={.items[*].creationTimestamp}"]).is_empty());
+
+    for bad in ["jsonpath={.items[", "jsonpath={.items[}", "jsonpath={end}", "jsonish"] {
+        let o = c.cli(&["get", "workloads", "-o", bad]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && o.status.code() == Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("invalid value") && !stderr.contains("panicked"), "{bad}: {stderr}");
+    }
+}
+
+#[test]
+fn get_w_streams_a_change_from_the_hub_within_a_second() {
+    use std::io::BufRead as _;
+    let c = Cluster::start();
+    applied(
+        &c,
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: old}\nspec: {runtime: wasm, image: r/old:1, replicas: 0}\n",
+    );
+    let mut cmd = std::process::Command::new(cluster::bin());
+    cmd.arg("--config").arg(c.config_path()).args(["get", "workloads", "-w"]);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _watch = cluster::KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send((std::time::Instant::now(), line));
+        }
+    });
+    let next = |what: &str| {
+        let (at, line) = rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap_or_else(|_| panic!("no {what}"));
+        (at, line)
+    };
+    assert!(next("header").1.starts_with("NAME"));
+    assert!(next("first row").1.starts_with("old "));
+
+    let sent = std::time::Instant::now();
+    applied(
+        &c,
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: new}\nspec: {runtime: wasm, image: r/new:1, replicas: 0}\n",
+    );
+    let applied_at = std::time::Instant::now();
+    let (seen, line) = next("the new workload");
+    assert!(line.starts_with("new "), "{line}");
+    assert!(
+        seen.duration_since(applied_at) < std::time::Duration::from_secs(1),
+        "seen {:?} after the apply",
+        seen.duration_since(applied_at)
+    );
+    assert!(seen.duration_since(sent) < std::time::Duration::from_secs(3));
+
+    c.ok(&["delete", "workload", "new"]);
+    assert_eq!(next("the deletion").1, "workload/new deleted");
+    assert!(rx.try_recv().is_err(), "nothing else changed");
+}
