@@ -3,6 +3,7 @@
 //! file only parses arguments and hands typed configs to the libraries.
 
 mod client;
+mod diff;
 mod jsonpath;
 mod local;
 mod manifests;
@@ -266,6 +267,14 @@ enum Command {
         /// interrupted.
         #[arg(short = 'w', long)]
         watch: bool,
+    },
+    /// Show what `apply -f FILE` would change, as a unified diff per document between what
+    /// the hub stores and the file, without applying anything (`diff -f web.yaml`). Exits 0
+    /// when nothing differs, 1 when something does, 2 on an error (as kubectl diff).
+    Diff {
+        /// The manifest file (YAML, several documents allowed), or `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
     },
     /// Show one resource in detail, including why a replica is not running.
     Describe {
@@ -826,6 +835,7 @@ fn main() -> std::process::ExitCode {
             };
         }
         Command::Exec { replica, stdin, tty, command } => return exec_command(global, replica, stdin, tty, command),
+        Command::Diff { file } => return diff_command(global, &file),
         Command::AgentUpgradeWatch { state, pid, detached } => {
             init_tracing();
             return watch_upgrade(&state, pid, detached);
@@ -866,6 +876,24 @@ fn main() -> std::process::ExitCode {
 /// A `--ttl` duration in milliseconds (`None`: no expiry).
 fn parse_ttl(ttl: Option<&str>) -> Result<Option<u64>> {
     ttl.map(proto::manifest::parse_duration_ms).transpose().map_err(|e| anyhow::anyhow!("--ttl: {e}"))
+}
+
+/// `flotilla diff`: 0 nothing differs, 1 something does, 2 an error.
+fn diff_command(global: Global, file: &std::path::Path) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        let source = read_source(&file.to_path_buf())?;
+        let client = client::Client::connect(global.config.as_deref()).await?;
+        diff::run(&client, &source).await.with_context(|| format!("diff -f {}", file.display()))
+    });
+    match result {
+        Ok(false) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 /// `flotilla exec`: its own exit code is the command's.
@@ -1075,6 +1103,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Oci(_)
         | Command::AgentHandoff { .. }
         | Command::Exec { .. }
+        | Command::Diff { .. }
         | Command::AgentUpgradeWatch { .. }
         | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")

@@ -413,3 +413,40 @@ fn get_w_streams_a_change_from_the_hub_within_a_second() {
     assert_eq!(next("the deletion").1, "workload/new deleted");
     assert!(rx.try_recv().is_err(), "nothing else changed");
 }
+
+#[test]
+fn diff_shows_what_apply_would_change_and_exits_like_kubectl() {
+    let c = Cluster::start();
+    let web = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: web}\nspec: {runtime: wasm, image: r/web:1, replicas: 0}\n";
+    let config = "apiVersion: flotilla.dev/v1\nkind: Config\nmetadata: {name: app}\ndata: {k: one}\n";
+    applied(&c, &format!("{web}---\n{config}"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.yaml");
+    let diff = |text: &str| {
+        std::fs::write(&file, text).unwrap();
+        c.cli(&["diff", "-f", file.to_str().unwrap()])
+    };
+    // The same content, written differently: no change.
+    let same = diff(&format!("# comment\n{}---\n{config}", web.replace("replicas: 0", "replicas: 0 ")));
+    assert_eq!(same.status.code(), Some(0), "{}", String::from_utf8_lossy(&same.stderr));
+    assert!(same.stdout.is_empty());
+    // What -o yaml printed: no change either.
+    assert_eq!(diff(&c.ok(&["get", "workload", "web", "-o", "yaml"])).status.code(), Some(0));
+
+    let changed = diff(&format!("{}---\n{}", web.replace("r/web:1", "r/web:2"), config.replace("one", "two")));
+    assert_eq!(changed.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&changed.stdout);
+    assert!(out.contains("--- live/workload/web\n+++ file/workload/web\n"), "{out}");
+    assert!(out.contains("-  image: r/web:1\n+  image: r/web:2\n"), "{out}");
+    assert!(out.contains("-k: \"one\"\n+k: \"two\"\n"), "{out}");
+    // Nothing was applied.
+    assert!(c.ok(&["get", "workload", "web", "-o", "yaml"]).contains("r/web:1"));
+    // A new object is all additions.
+    let new = diff(&web.replace("name: web", "name: fresh"));
+    assert_eq!(new.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&new.stdout).contains("+++ file/workload/fresh"));
+
+    let bad = diff("kind: Workload\nmetadata: {name: x}\nspec: {replicaz: 1}\n");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error: "));
+}
