@@ -9,7 +9,17 @@ use anyhow::{Context, Result, bail};
 use proto::messages::{
     ApiRequest, ApiResponse, ClientConfigFile, NodeView, ResourceKind, Role, StreamStart, WorkloadView,
 };
+use proto::objects::{ObjectData, ObjectKind};
+
+use crate::output::{self, Format};
 use transport::{ALPN_API, frame, pki, tls};
+
+/// How long the CLI waits for a hub to answer its first packet before saying none is there
+/// (see [`tls::connect_answered_within`]): a round trip and one resend of the first packet
+/// (quinn's first resend comes after about a second) on links up to a few hundred ms of RTT,
+/// well under the 2 s a person waits for "the hub is down". `FLOTILLA_CONNECT_TIMEOUT`
+/// (a duration, e.g. 5s) lengthens it for slower links, satellite ones for example.
+const FIRST_ANSWER: Duration = Duration::from_millis(1500);
 
 /// How often `drain` looks at the node's progress.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
@@ -41,8 +51,18 @@ fn find_config(path: Option<&Path>) -> Result<(PathBuf, ClientConfigFile)> {
         )?,
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLI config {}", path.display()))?;
-    let config = serde_yaml::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))?;
+    let config = serde_saphyr::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))?;
     Ok((path, config))
+}
+
+/// [`FIRST_ANSWER`], or `FLOTILLA_CONNECT_TIMEOUT` when set.
+fn first_answer() -> Result<Duration> {
+    match std::env::var("FLOTILLA_CONNECT_TIMEOUT") {
+        Ok(v) if !v.is_empty() => proto::manifest::parse_duration_ms(&v)
+            .map(Duration::from_millis)
+            .map_err(|e| anyhow::anyhow!("FLOTILLA_CONNECT_TIMEOUT: {e}")),
+        _ => Ok(FIRST_ANSWER),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -55,7 +75,7 @@ pub fn now_ms() -> u64 {
 fn write_config(path: &Path, config: &ClientConfigFile, create_new: bool) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let yaml = serde_yaml::to_string(config)?;
+    let yaml = serde_saphyr::to_string(config)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".flotilla-config")
@@ -83,11 +103,11 @@ impl Client {
         let tuning = tls::Tuning::default();
         let config = tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tuning)
             .context("the CLI config's credentials are unusable")?;
-        let addr = tls::resolve(&cfg.hub).await?;
+        let addr = tls::resolve(&cfg.hub).await.with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
         let endpoint = tls::client_endpoint()?;
-        let conn = tls::connect(&endpoint, config, addr)
+        let conn = tls::connect_answered_within(&endpoint, config, addr, first_answer()?)
             .await
-            .with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
+            .with_context(|| format!("connecting to the hub at {} (from {})", cfg.hub, path.display()))?;
         let client = Client { conn, _endpoint: endpoint, hub: cfg.hub.clone(), ca_pem: cfg.ca_pem.clone() };
         // Two thirds into its life the credential asks for its successor (same key, same
         // user); a failure costs nothing now, so it is reported and the command goes on.
@@ -149,6 +169,99 @@ impl Client {
         match frame::read::<ApiResponse>(&mut recv).await.map_err(|e| explain_frame(e, &self.conn))? {
             Some(r) => Ok(r),
             None => bail!("the hub closed the request without answering"),
+        }
+    }
+
+    /// `response` as `format` shows it. `-o yaml` and `-o jsonpath` show manifest-shaped
+    /// objects ([`output::objects`]), with each config's values asked of the hub; `single`:
+    /// one object named on the command line, shown as itself rather than in a `kind: List`.
+    pub async fn show(&self, response: &ApiResponse, format: &Format, single: bool) -> Result<String> {
+        if !matches!(format, Format::Yaml | Format::JsonPath(_)) {
+            return output::render(response, format);
+        }
+        let Some(items) = output::objects(response, &self.config_data(response).await?)? else {
+            return output::render(response, format);
+        };
+        let value = output::one_or_list(items, single);
+        match format {
+            Format::JsonPath(t) => Ok(t.render(&value)),
+            _ => output::yaml(&value),
+        }
+    }
+
+    /// The contents of the configs listed in `response`.
+    async fn config_data(&self, response: &ApiResponse) -> Result<BTreeMap<String, ObjectData>> {
+        let mut configs = BTreeMap::new();
+        let ApiResponse::Objects { items } = response else { return Ok(configs) };
+        for o in items.iter().filter(|o| o.kind == ObjectKind::Config) {
+            match self.request(&ApiRequest::ConfigData { name: o.name.clone() }).await? {
+                ApiResponse::ConfigData { object } => {
+                    configs.insert(o.name.clone(), object);
+                }
+                ApiResponse::Error { message } => bail!("config {}: {message}", o.name),
+                other => bail!("unexpected answer from the hub: {other:?}"),
+            }
+        }
+        Ok(configs)
+    }
+
+    /// `get KIND -w`: the list, then each change the hub streams, until interrupted or the
+    /// hub goes away. Tables print their header once; `-o yaml` prints one document per
+    /// changed object, `-o jsonpath` renders the template once per changed object.
+    pub async fn watch(
+        &self,
+        kind: ResourceKind,
+        names: &[String],
+        selector: &BTreeMap<String, String>,
+        format: &Format,
+    ) -> Result<()> {
+        let (mut send, mut recv) = self.open(&ApiRequest::Watch { kind }).await?;
+        let _ = send.finish();
+        match frame::read::<StreamStart>(&mut recv).await.map_err(|e| explain_frame(e, &self.conn))? {
+            Some(StreamStart::Ok) => {}
+            Some(StreamStart::Error { message }) => bail!("{message}"),
+            None => bail!("the hub closed the watch without starting it"),
+        }
+        let mut first = true;
+        loop {
+            let Some(response) =
+                frame::read::<ApiResponse>(&mut recv).await.map_err(|e| explain_frame(e, &self.conn))?
+            else {
+                bail!("the hub ended the watch");
+            };
+            let text = match response {
+                ApiResponse::Error { message } => bail!("{message}"),
+                ApiResponse::Deleted { names: gone } => gone
+                    .iter()
+                    .filter(|n| names.is_empty() || names.contains(n))
+                    .map(|n| format!("{}/{n} deleted\n", kind.singular()))
+                    .collect(),
+                response => {
+                    let (response, _) = output::only_named(response, names);
+                    let response = output::only_labelled(response, selector);
+                    match format {
+                        Format::Yaml | Format::JsonPath(_) => {
+                            let items =
+                                output::objects(&response, &self.config_data(&response).await?)?.unwrap_or_default();
+                            let mut text = String::new();
+                            for item in &items {
+                                match format {
+                                    Format::JsonPath(t) => text.push_str(&t.render(item)),
+                                    _ => text.push_str(&format!("---\n{}", output::yaml(item)?)),
+                                }
+                            }
+                            text
+                        }
+                        Format::Table | Format::Wide if !first => {
+                            let all = output::render(&response, format)?;
+                            all.lines().skip(1).map(|l| format!("{l}\n")).collect()
+                        }
+                        _ => output::render(&response, format)?,
+                    }
+                }
+            };
+            first = false;
+            emit(text.as_bytes())?;
         }
     }
 

@@ -3,7 +3,10 @@
 //! file only parses arguments and hands typed configs to the libraries.
 
 mod client;
+mod diff;
+mod jsonpath;
 mod local;
+mod manifests;
 mod oci_cli;
 mod output;
 mod registry_login;
@@ -272,15 +275,34 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// List nodes, workloads or replicas.
+    /// List nodes, workloads, replicas, configs or secrets (`get workload web -o yaml`,
+    /// `get workloads -l app=shop -w`, `get nodes -o jsonpath='{.items[*].metadata.name}'`).
     Get {
-        /// nodes, workloads or replicas (singular and short forms work too).
+        /// nodes, workloads, replicas, configs or secrets (singular and short forms work too).
         kind: String,
         /// Only these, by name (`get workload web`); each must exist.
         names: Vec<String>,
-        /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        /// table, wide, json (the API's list), yaml (manifests `apply -f` takes back), name, or
+        /// jsonpath=TEMPLATE (kubectl's, e.g. '{.items[*].metadata.name}' or
+        /// '{range .items[*]}{.metadata.name}{"\n"}{end}').
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
+        /// Only those with these labels (K=V, comma-separated or repeated): workloads' and
+        /// nodes' labels.
+        #[arg(short = 'l', long = "selector", value_delimiter = ',', value_parser = parse_label)]
+        selector: Vec<(String, String)>,
+        /// After the list, print each change as the hub sees it (streamed from the hub) until
+        /// interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Show what `apply -f FILE` would change, as a unified diff per document between what
+    /// the hub stores and the file, without applying anything (`diff -f web.yaml`). Exits 0
+    /// when nothing differs, 1 when something does, 2 on an error (as kubectl diff).
+    Diff {
+        /// The manifest file (YAML, several documents allowed), or `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
     },
     /// Show one resource in detail, including why a replica is not running.
     Describe {
@@ -410,7 +432,7 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
         /// table, wide, json, yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Shell completions: `source <(flotilla completion bash)`, or write them where your shell
@@ -455,7 +477,7 @@ enum Command {
         #[arg(long, default_value = "1h")]
         since: String,
         /// table, or json: one JSON object per line.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Run a command in a container replica, wherever its node is: through the hub and the
@@ -480,7 +502,7 @@ enum Command {
         /// nodes or replicas.
         kind: String,
         /// table or json.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// The cluster key that seals configs, secrets and the cluster's CA key in the store.
@@ -544,7 +566,7 @@ enum TokenAction {
     /// List join tokens (never their secrets).
     List {
         /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Revoke a join token by id (`cluster` is the token printed at the hub's first start).
@@ -576,7 +598,7 @@ enum UserAction {
     /// List users.
     List {
         /// table, wide, json, yaml or name.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Revoke a user: every certificate it holds is refused from its next connection.
@@ -607,13 +629,13 @@ enum UpgradeAction {
         #[arg(long, default_value = "2m")]
         deadline: String,
         /// How to show the upgrade once started: table, json or yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
     /// Where the agent upgrade stands, node by node.
     Status {
         /// table, json or yaml.
-        #[arg(short = 'o', long = "output", default_value = "table")]
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
     },
 }
@@ -762,7 +784,7 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
     if let ApiResponse::Error { message } = response {
         bail!("{message}");
     }
-    print!("{}", output::render(&response, format)?);
+    print!("{}", output::render(&response, &format)?);
     Ok(())
 }
 
@@ -787,10 +809,21 @@ fn init_tracing() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+        .with_ansi(colour(std::io::stderr().is_terminal(), |k| std::env::var_os(k)))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Whether to colour a stream (a terminal or not, `is_terminal`), by the same rules clap's
+/// help and errors follow (anstream's): never when `NO_COLOR` is set and not empty
+/// (no-color.org), always when `CLICOLOR_FORCE` is, else only on a terminal. These two
+/// writers, clap's and the logs', are the only ones that colour anything.
+fn colour(is_terminal: bool, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let set = |k: &str| env(k).is_some_and(|v| !v.is_empty() && v != "0");
+    if env("NO_COLOR").is_some_and(|v| !v.is_empty()) {
+        return false;
+    }
+    set("CLICOLOR_FORCE") || is_terminal
 }
 
 /// SIGTERM or SIGINT. The handlers are installed at the call, not when the future is first
@@ -830,6 +863,7 @@ fn main() -> std::process::ExitCode {
             };
         }
         Command::Exec { replica, stdin, tty, command } => return exec_command(global, replica, stdin, tty, command),
+        Command::Diff { file } => return diff_command(global, &file),
         Command::AgentUpgradeWatch { state, pid, detached } => {
             init_tracing();
             return watch_upgrade(&state, pid, detached);
@@ -870,6 +904,24 @@ fn main() -> std::process::ExitCode {
 /// A `--ttl` duration in milliseconds (`None`: no expiry).
 fn parse_ttl(ttl: Option<&str>) -> Result<Option<u64>> {
     ttl.map(proto::manifest::parse_duration_ms).transpose().map_err(|e| anyhow::anyhow!("--ttl: {e}"))
+}
+
+/// `flotilla diff`: 0 nothing differs, 1 something does, 2 an error.
+fn diff_command(global: Global, file: &std::path::Path) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        let source = read_source(&file.to_path_buf())?;
+        let client = client::Client::connect(global.config.as_deref()).await?;
+        diff::run(&client, &source).await.with_context(|| format!("diff -f {}", file.display()))
+    });
+    match result {
+        Ok(false) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 /// `flotilla exec`: its own exit code is the command's.
@@ -1100,6 +1152,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Oci(_)
         | Command::AgentHandoff { .. }
         | Command::Exec { .. }
+        | Command::Diff { .. }
         | Command::AgentUpgradeWatch { .. }
         | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")
@@ -1148,7 +1201,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Apply { file } => {
-            let source = read_source(&file)?;
+            let source = manifests::for_apply(&read_source(&file)?)
+                .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
             // Validate locally first for a fast, offline error; the hub validates again.
             proto::manifest::parse_documents(&source)
                 .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
@@ -1163,16 +1217,21 @@ async fn run_command(cli: Cli) -> Result<()> {
                 other => unexpected(other),
             }
         }
-        Command::Get { kind, names, output } => {
+        Command::Get { kind, names, output, selector, watch } => {
             let kind = parse_kind(&kind)?;
+            let selector: BTreeMap<String, String> = selector.into_iter().collect();
             let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            if watch {
+                return client.watch(kind, &names, &selector, &output).await;
+            }
             let response = client.request(&ApiRequest::Get { kind }).await?;
             if let ApiResponse::Error { message } = response {
                 bail!("{message}");
             }
             let (response, missing) = output::only_named(response, &names);
+            let response = output::only_labelled(response, &selector);
             if names.is_empty() || missing.len() < names.len() {
-                print!("{}", output::render(&response, output)?);
+                print!("{}", client.show(&response, &output, names.len() == 1).await?);
             }
             match missing.as_slice() {
                 [] => Ok(()),
@@ -1432,7 +1491,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Delete { file, kind, name, force } => {
             let request = match (file, kind, name) {
-                (Some(f), _, _) => ApiRequest::DeleteManifests { source: read_source(&f)? },
+                (Some(f), _, _) => ApiRequest::DeleteManifests { source: manifests::for_apply(&read_source(&f)?)? },
                 (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name, force },
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
@@ -1765,6 +1824,20 @@ mod tests {
         assert!(matches!(parse_grace("soon"), Err(ArgError::Duration(_))));
         assert_eq!(parse_label("a=b").unwrap(), ("a".to_string(), "b".to_string()));
         assert_eq!(parse_label("ab").unwrap_err().to_string(), "label \"ab\" must be KEY=VALUE");
+    }
+
+    #[test]
+    fn colour_follows_no_color_then_clicolor_force_then_the_terminal() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| std::ffi::OsString::from(v))
+        };
+        assert!(colour(true, env(&[])));
+        assert!(!colour(false, env(&[])));
+        assert!(!colour(true, env(&[("NO_COLOR", "1")])));
+        assert!(!colour(true, env(&[("NO_COLOR", "1"), ("CLICOLOR_FORCE", "1")])));
+        assert!(colour(true, env(&[("NO_COLOR", "")])), "an empty NO_COLOR is unset");
+        assert!(colour(false, env(&[("CLICOLOR_FORCE", "1")])));
+        assert!(!colour(false, env(&[("CLICOLOR_FORCE", "0")])));
     }
 
     #[test]

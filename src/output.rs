@@ -3,16 +3,43 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use proto::messages::ApiResponse;
+use serde_json::{Map, Value, json};
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone)]
 pub enum Format {
     Table,
     Wide,
+    /// The API's own list (views with millisecond times), for scripts written against it.
     Json,
+    /// Manifests, as kubectl prints them: one object (`get KIND NAME`) or a `kind: List`, which
+    /// `apply -f` takes back (status and creationTimestamp are output only).
     Yaml,
     /// `kind/name`, one per line (kubectl's `-o name`), for scripts.
     Name,
+    /// kubectl's `-o jsonpath=TEMPLATE`, over what `-o yaml` shows.
+    JsonPath(std::sync::Arc<crate::jsonpath::Template>),
+}
+
+impl Format {
+    /// `table`, `wide`, `json`, `yaml`, `name` or `jsonpath=TEMPLATE` (clap's value parser).
+    pub fn parse(s: &str) -> Result<Format, String> {
+        Ok(match s {
+            "table" => Format::Table,
+            "wide" => Format::Wide,
+            "json" => Format::Json,
+            "yaml" => Format::Yaml,
+            "name" => Format::Name,
+            _ => match s.split_once('=') {
+                Some(("jsonpath", t)) => Format::JsonPath(std::sync::Arc::new(
+                    crate::jsonpath::Template::parse(t).map_err(|e| e.to_string())?,
+                )),
+                _ => return Err(format!("{s:?} is none of table, wide, json, yaml, name, jsonpath=TEMPLATE")),
+            },
+        })
+    }
 }
 
 fn age(ms: u64) -> String {
@@ -106,7 +133,176 @@ pub fn only_named(response: ApiResponse, names: &[String]) -> (ApiResponse, Vec<
     (response, missing)
 }
 
-pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
+/// Each item of `response` as a manifest-shaped object (apiVersion, kind, metadata, spec or
+/// data, status), times in RFC 3339: what `-o yaml` and `-o jsonpath` show. `configs` holds
+/// the contents of the configs listed (values are fetched apart, secrets' never). `None` for
+/// responses that are no list of objects.
+pub fn objects(
+    response: &ApiResponse,
+    configs: &std::collections::BTreeMap<String, proto::objects::ObjectData>,
+) -> Result<Option<Vec<Value>>> {
+    let api = proto::manifest::API_VERSION;
+    let items = match response {
+        ApiResponse::Workloads { items } => items
+            .iter()
+            .map(|w| {
+                let mut o = serde_json::to_value(&w.manifest)?;
+                o["metadata"]["creationTimestamp"] = rfc3339(w.created_at_ms).into();
+                let mut status = json!({
+                    "revision": w.revision,
+                    "readyReplicas": w.ready_replicas,
+                    "desiredReplicas": w.desired_replicas,
+                });
+                if let Some(job) = &w.job {
+                    status["job"] = serde_json::to_value(job)?;
+                }
+                o["status"] = status;
+                Ok(o)
+            })
+            .collect::<Result<Vec<_>>>()?,
+        ApiResponse::Objects { items } => items
+            .iter()
+            .map(|o| {
+                let mut obj = json!({"apiVersion": api, "kind": o.kind.to_string(), "metadata": {"name": o.name}});
+                if let Some(data) = configs.get(&o.name).filter(|_| o.kind == proto::objects::ObjectKind::Config) {
+                    let (mut text, mut binary) = (Map::new(), Map::new());
+                    for (k, v) in &data.data {
+                        // Text that reads as text; anything else (not UTF-8, control
+                        // characters) as base64, as kubectl splits data and binaryData.
+                        match std::str::from_utf8(v) {
+                            Ok(t) if !t.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r')) => {
+                                text.insert(k.clone(), t.into())
+                            }
+                            _ => binary.insert(k.clone(), BASE64.encode(v).into()),
+                        };
+                    }
+                    if !text.is_empty() {
+                        obj["data"] = text.into();
+                    }
+                    if !binary.is_empty() {
+                        obj["binaryData"] = binary.into();
+                    }
+                }
+                obj["status"] = json!({"version": o.version, "digest": o.digest, "keys": o.keys, "usedBy": o.used_by});
+                obj
+            })
+            .map(Ok)
+            .collect::<Result<Vec<_>>>()?,
+        ApiResponse::Nodes { items } => items
+            .iter()
+            .map(|n| {
+                let mut status = serde_json::to_value(n)?;
+                if let Some(m) = status.as_object_mut() {
+                    for k in ["name", "cordoned", "draining", "adminLabels", "adminTaints"] {
+                        m.remove(k);
+                    }
+                }
+                times_as_rfc3339(&mut status);
+                Ok(json!({
+                    "apiVersion": api,
+                    "kind": "Node",
+                    "metadata": {
+                        "name": n.name,
+                        "labels": n.facts.labels,
+                        "creationTimestamp": rfc3339(n.joined_at_ms),
+                    },
+                    "spec": {
+                        "unschedulable": n.cordoned,
+                        "draining": n.draining,
+                        "adminLabels": n.admin_labels,
+                        "adminTaints": n.admin_taints,
+                    },
+                    "status": status,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        ApiResponse::Replicas { items } => items
+            .iter()
+            .map(|r| {
+                let mut status = serde_json::to_value(&r.status)?;
+                times_as_rfc3339(&mut status);
+                if !r.unschedulable.is_empty() {
+                    status["unschedulable"] = r.unschedulable.clone().into();
+                }
+                Ok(json!({
+                    "apiVersion": api,
+                    "kind": "Replica",
+                    "metadata": {"name": r.name},
+                    "spec": {"workload": r.workload, "node": r.node, "templateHash": r.template_hash},
+                    "status": status,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => return Ok(None),
+    };
+    Ok(Some(items))
+}
+
+/// One object as it is, several (or none) as kubectl's `kind: List`.
+pub fn one_or_list(mut items: Vec<Value>, single: bool) -> Value {
+    if single && items.len() == 1 {
+        return items.remove(0);
+    }
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+/// Replaces, everywhere in `v`, a `...AtMs`, `lastSeenMs` or `...ExpiresMs` number (ms since
+/// the epoch) by an RFC 3339 string under the name without `Ms`.
+fn times_as_rfc3339(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            let keys: Vec<String> = m.keys().cloned().collect();
+            for k in keys {
+                let is_time = k.ends_with("AtMs") || k.ends_with("ExpiresMs") || k == "lastSeenMs";
+                if is_time && let Some(ms) = m.get(&k).and_then(Value::as_u64) {
+                    m.remove(&k);
+                    m.insert(k.trim_end_matches("Ms").to_string(), rfc3339_ms(ms).into());
+                } else if let Some(inner) = m.get_mut(&k) {
+                    times_as_rfc3339(inner);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(times_as_rfc3339),
+        _ => {}
+    }
+}
+
+/// `ms` since the epoch as UTC RFC 3339 with milliseconds when there are some.
+fn rfc3339_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// `value` as YAML (one document).
+pub fn yaml(value: &Value) -> Result<String> {
+    Ok(serde_saphyr::to_string(value)?)
+}
+
+/// `response`'s workloads or nodes whose labels include all of `selector` (every item when
+/// it is empty; kinds without labels are left as they are).
+pub fn only_labelled(response: ApiResponse, selector: &std::collections::BTreeMap<String, String>) -> ApiResponse {
+    if selector.is_empty() {
+        return response;
+    }
+    let has =
+        |labels: &std::collections::BTreeMap<String, String>| selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+    match response {
+        ApiResponse::Workloads { mut items } => {
+            items.retain(|w| has(&w.manifest.metadata.labels));
+            ApiResponse::Workloads { items }
+        }
+        ApiResponse::Nodes { mut items } => {
+            items.retain(|n| has(&n.facts.labels));
+            ApiResponse::Nodes { items }
+        }
+        other => other,
+    }
+}
+
+pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
     if matches!(format, Format::Name) {
         let names: Vec<String> = match response {
             ApiResponse::Nodes { items } => items.iter().map(|i| format!("node/{}", i.name)).collect(),
@@ -134,7 +330,9 @@ pub fn render(response: &ApiResponse, format: Format) -> Result<String> {
     };
     let wide = match format {
         Format::Json => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
-        Format::Yaml => return Ok(serde_yaml::to_string(&items)?),
+        // Lists that are no manifests (tokens, users, audit, ...): as the API has them.
+        Format::Yaml => return yaml(&items),
+        Format::JsonPath(t) => return Ok(t.render(&items)),
         Format::Wide => true,
         Format::Table | Format::Name => false,
     };

@@ -54,7 +54,7 @@ fn roles_limit_what_each_user_may_do_and_every_change_is_audited() {
     assert!(!dir.join("vic2.yaml").exists(), "a refused add writes no config");
     let over = c.cli(&["user", "add", "eve", "--role", "viewer", "-o", vic.to_str().unwrap()]);
     assert!(!over.status.success() && stderr(&over).contains("exists"), "{}", stderr(&over));
-    let cfg: ClientConfigFile = serde_yaml::from_str(&std::fs::read_to_string(&vic).unwrap()).unwrap();
+    let cfg: ClientConfigFile = serde_saphyr::from_str(&std::fs::read_to_string(&vic).unwrap()).unwrap();
     assert_eq!(cfg.hub, c.hub_addr);
 
     // The viewer reads, and may not apply: nothing is applied.
@@ -127,7 +127,7 @@ fn roles_limit_what_each_user_may_do_and_every_change_is_audited() {
     let forged = ca.issue_client("admin:admin", Duration::from_secs(3600)).unwrap();
     let forged_cfg = ClientConfigFile { cert_pem: forged.cert_pem, key_pem: forged.key_pem, ..cfg };
     let forged_path = dir.join("forged.yaml");
-    std::fs::write(&forged_path, serde_yaml::to_string(&forged_cfg).unwrap()).unwrap();
+    std::fs::write(&forged_path, serde_saphyr::to_string(&forged_cfg).unwrap()).unwrap();
     let refused = as_user(&forged_path, &["get", "workloads"]);
     assert!(!refused.status.success() && stderr(&refused).contains("not one the hub issued"), "{}", stderr(&refused));
 }
@@ -139,7 +139,7 @@ fn a_short_lived_credential_renews_itself_and_outlives_its_first_certificate() {
     c.ok(&["user", "add", "rita", "--role", "viewer", "--ttl", "30s", "-o", rita.to_str().unwrap()]);
     let added = Instant::now();
     let cert = |p: &Path| {
-        let cfg: ClientConfigFile = serde_yaml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let cfg: ClientConfigFile = serde_saphyr::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         transport::pki::leaf_facts(&cfg.cert_pem).unwrap()
     };
     let first = cert(&rita);

@@ -207,7 +207,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
 
     // A node's certificate is not the admin credential.
     let admin: proto::messages::ClientConfigFile =
-        serde_yaml::from_str(&std::fs::read_to_string(c.config_path()).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(c.config_path()).unwrap()).unwrap();
     let id = c.agent_dir("good").join("identity");
     let as_node = proto::messages::ClientConfigFile {
         cert_pem: std::fs::read_to_string(id.join("node.pem")).unwrap(),
@@ -215,7 +215,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
         ..admin.clone()
     };
     let cfg = c.dir.path().join("node-as-admin.yaml");
-    std::fs::write(&cfg, serde_yaml::to_string(&as_node).unwrap()).unwrap();
+    std::fs::write(&cfg, serde_saphyr::to_string(&as_node).unwrap()).unwrap();
     let out = cluster::flotilla(&["--config", cfg.to_str().unwrap(), "get", "nodes"]);
     assert!(!out.status.success());
     assert!(
@@ -226,7 +226,7 @@ fn wrong_token_and_missing_admin_credential_are_refused() {
 
     // A config with no usable credential at all.
     let none = proto::messages::ClientConfigFile { cert_pem: String::new(), key_pem: String::new(), ..admin };
-    std::fs::write(&cfg, serde_yaml::to_string(&none).unwrap()).unwrap();
+    std::fs::write(&cfg, serde_saphyr::to_string(&none).unwrap()).unwrap();
     let out = cluster::flotilla(&["--config", cfg.to_str().unwrap(), "get", "nodes"]);
     assert!(!out.status.success());
     assert!(

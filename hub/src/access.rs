@@ -41,6 +41,8 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::UpgradeStatus
         | ApiRequest::Top
         | ApiRequest::Events { .. }
+        | ApiRequest::ConfigData { .. }
+        | ApiRequest::Watch { .. }
         | ApiRequest::Version => Role::Viewer,
         ApiRequest::Apply { .. }
         | ApiRequest::DeleteManifests { .. }
@@ -135,6 +137,8 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         | ApiRequest::UpgradeStatus
         | ApiRequest::Top
         | ApiRequest::Events { .. }
+        | ApiRequest::ConfigData { .. }
+        | ApiRequest::Watch { .. }
         | ApiRequest::Version => return None,
     };
     Some(Audited { action, target })

@@ -108,6 +108,9 @@ async fn handle(
         let req = LogRequest { replica, attempt, follow, tail_lines, wait_ms, since_ms, timestamps, previous };
         return relay_logs(&shared, conn, &mut send, req).await;
     }
+    if let ApiRequest::Watch { kind } = req {
+        return crate::watch::serve(&shared, &mut send, kind).await;
+    }
     let response = match crate::users::answer(&shared, caller, leaf, &req).await {
         Some(answer) => answer,
         None => answer(&shared, caller, req).await,
@@ -210,13 +213,7 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
                 }
             }
         }
-        ApiRequest::Get { kind } => match kind {
-            ResourceKind::Node => ApiResponse::Nodes { items: node_views(shared).await? },
-            ResourceKind::Workload => ApiResponse::Workloads { items: workload_views(shared).await? },
-            ResourceKind::Replica => ApiResponse::Replicas { items: replica_views(shared).await? },
-            ResourceKind::Config => crate::objects::get(shared, ObjectKind::Config).await?,
-            ResourceKind::Secret => crate::objects::get(shared, ObjectKind::Secret).await?,
-        },
+        ApiRequest::Get { kind } => list(shared, kind).await?,
         ApiRequest::Describe { kind, name } => match describe(shared, kind, &name).await? {
             Some(text) => ApiResponse::Described { text },
             None => ApiResponse::Error { message: format!("{} {name:?} not found", kind.singular()) },
@@ -283,11 +280,24 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
         ApiRequest::RotateKey => crate::objects::rotate_key(shared).await?,
         ApiRequest::Top => crate::metrics::top(shared).await,
         ApiRequest::Events { since_ms, object } => crate::events::list(shared, since_ms, object.as_deref()).await?,
+        ApiRequest::ConfigData { name } => crate::objects::config_data(shared, &name).await?,
+        ApiRequest::Watch { .. } => ApiResponse::Error { message: "watches are streamed, not answered".into() },
     })
 }
 
 /// Applies a file's documents: its configs and secrets sealed, then all of it in one
 /// transaction.
+/// The list `get KIND` shows (and `get KIND -w` watches).
+pub(crate) async fn list(shared: &Shared, kind: ResourceKind) -> Result<ApiResponse, StoreError> {
+    Ok(match kind {
+        ResourceKind::Node => ApiResponse::Nodes { items: node_views(shared).await? },
+        ResourceKind::Workload => ApiResponse::Workloads { items: workload_views(shared).await? },
+        ResourceKind::Replica => ApiResponse::Replicas { items: replica_views(shared).await? },
+        ResourceKind::Config => crate::objects::get(shared, ObjectKind::Config).await?,
+        ResourceKind::Secret => crate::objects::get(shared, ObjectKind::Secret).await?,
+    })
+}
+
 async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Result<ApiResponse, StoreError> {
     let (mut workloads, mut objects) = (Vec::new(), Vec::new());
     for d in &documents {

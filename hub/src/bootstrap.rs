@@ -302,7 +302,7 @@ pub fn load_or_create(
     let admin_config_path = data_dir.join("admin.yaml");
     let kept = fs::read_to_string(&admin_config_path)
         .ok()
-        .and_then(|t| serde_yaml::from_str::<ClientConfigFile>(&t).ok())
+        .and_then(|t| serde_saphyr::from_str::<ClientConfigFile>(&t).ok())
         .filter(|old| old.ca_pem == ca.cert_pem())
         .filter(|old| leaf_facts(&old.cert_pem).is_ok_and(|f| f.renew_after() > std::time::SystemTime::now()));
     let admin = match kept {
@@ -318,7 +318,7 @@ pub fn load_or_create(
         cert_pem: admin.cert_pem,
         key_pem: admin.key_pem,
     };
-    let yaml = serde_yaml::to_string(&config).expect("client config serializes");
+    let yaml = serde_saphyr::to_string(&config).expect("client config serializes");
     write_private(&admin_config_path, yaml.as_bytes())?;
 
     Ok(Identity { ca, server, token, admin_config_path, admin_cert_pem })
@@ -333,10 +333,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = load_or_create(dir.path(), "127.0.0.1:7443", &[], YEAR).unwrap();
         let admin_a: ClientConfigFile =
-            serde_yaml::from_str(&fs::read_to_string(&a.admin_config_path).unwrap()).unwrap();
+            serde_saphyr::from_str(&fs::read_to_string(&a.admin_config_path).unwrap()).unwrap();
         let b = load_or_create(dir.path(), "10.0.0.1:7443", &[], YEAR).unwrap();
         let admin_b: ClientConfigFile =
-            serde_yaml::from_str(&fs::read_to_string(&b.admin_config_path).unwrap()).unwrap();
+            serde_saphyr::from_str(&fs::read_to_string(&b.admin_config_path).unwrap()).unwrap();
         assert_eq!(a.ca.fingerprint(), b.ca.fingerprint());
         assert_eq!(a.token, b.token);
         assert_eq!(a.token.ca_fingerprint, a.ca.fingerprint());

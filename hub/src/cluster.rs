@@ -42,6 +42,10 @@ pub(crate) struct Shared {
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
     pub(crate) reconcile: Notify,
+    /// Ticks at each [`Shared::trigger_reconcile`], the hub's "something changed" (an apply,
+    /// a delete, a node coming or going, a replica's status): what `get -w` streams wake on
+    /// ([`crate::watch`]).
+    pub(crate) changes: watch::Sender<u64>,
     /// The monotonic clock, anchored once at start: every timer and deadline of this hub
     /// reads it through [`Shared::mono_ms`], never the wall clock.
     started: Instant,
@@ -101,6 +105,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),
+            changes: watch::Sender::new(0),
             started: Instant::now(),
             presence: Mutex::new(Presence::new(0)),
             warned: Mutex::new(HashSet::new()),
@@ -145,6 +150,7 @@ impl Shared {
 
     pub(crate) fn trigger_reconcile(&self) {
         self.reconcile.notify_one();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub(crate) fn wake_nodes<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {

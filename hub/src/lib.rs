@@ -44,6 +44,7 @@ pub mod store;
 pub mod tokens;
 pub mod upgrade;
 pub mod users;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

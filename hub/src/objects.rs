@@ -160,6 +160,18 @@ pub(crate) async fn get(shared: &Shared, kind: ObjectKind) -> Result<ApiResponse
     Ok(ApiResponse::Objects { items })
 }
 
+/// A config's contents (`ApiRequest::ConfigData`); secrets' are never answered.
+pub(crate) async fn config_data(shared: &Shared, name: &str) -> Result<ApiResponse, StoreError> {
+    let r = ObjectRef::new(ObjectKind::Config, name.to_string());
+    let Some(row) = shared.store.object(&r).await? else {
+        return Ok(ApiResponse::Error { message: format!("config {name:?} not found") });
+    };
+    Ok(match open_current(shared, &row) {
+        Ok(object) => ApiResponse::ConfigData { object },
+        Err(e) => ApiResponse::Error { message: e.to_string() },
+    })
+}
+
 fn view(row: &ObjectRow, used_by: Vec<String>) -> proto::objects::ObjectView {
     proto::objects::ObjectView {
         kind: row.kind,

@@ -794,6 +794,18 @@ pub enum ApiRequest {
     /// secret again with it (older keys open what they sealed until then); answered with
     /// [`ApiResponse::Described`].
     RotateKey,
+    /// A config's contents (`get config NAME -o yaml`, `diff`); answered with
+    /// [`ApiResponse::ConfigData`]. There is no such request for secrets.
+    ConfigData {
+        name: String,
+    },
+    /// `get KIND -w`: answered with [`StreamStart`], then one [`ApiResponse`] frame (the
+    /// kind's list, as [`ApiRequest::Get`] answers it) at once and again whenever an item
+    /// changes, holding only the items that changed; a deleted item comes as
+    /// [`ApiResponse::Deleted`]. The stream lasts until the client closes it.
+    Watch {
+        kind: ResourceKind,
+    },
 }
 
 /// What an API user may do. Each role holds the rights of the ones before it.
@@ -944,6 +956,10 @@ pub enum ApiResponse {
     /// The fleet upgrade, if one was ever started.
     Upgrade {
         upgrade: Option<UpgradeView>,
+    },
+    /// A config with its values.
+    ConfigData {
+        object: crate::objects::ObjectData,
     },
 }
 

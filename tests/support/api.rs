@@ -14,7 +14,7 @@ pub struct Api {
 
 impl Api {
     pub async fn connect(config: &Path) -> Api {
-        let cfg: ClientConfigFile = serde_yaml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+        let cfg: ClientConfigFile = serde_saphyr::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
         let client =
             tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tls::Tuning::default())
                 .unwrap();

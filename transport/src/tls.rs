@@ -45,6 +45,8 @@ pub enum TlsError {
     Connect { addr: SocketAddr, source: quinn::ConnectError },
     #[error("handshake with hub at {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: quinn::ConnectionError },
+    #[error("no answer from a hub at {addr} within {waited:?} (is it running, and is UDP port {port} open to you?)", port = .addr.port())]
+    NoAnswer { addr: SocketAddr, waited: Duration },
 }
 
 /// QUIC liveness settings shared by the hub and its clients.
@@ -329,6 +331,33 @@ pub async fn connect(
         .map_err(|source| TlsError::Connect { addr, source })?
         .await
         .map_err(|source| TlsError::Handshake { addr, source })
+}
+
+/// Like [`connect`], but gives up when nothing at `addr` has answered the first handshake
+/// packet within `first_answer`.
+///
+/// A hub that is down (or a port that drops UDP) never answers, and QUIC would wait out the
+/// whole idle timeout (8 s by default) before saying so; a person at a prompt should know
+/// in a second or two. Only the *first* answer is bounded: once the hub's first handshake
+/// flight has arrived (the server hello, whose ALPN is the handshake data), the rest of the
+/// handshake runs under the usual idle timeout, so a slow but alive link (a long RTT, a lost
+/// packet retransmitted) still connects. `first_answer` should cover a round trip plus one
+/// retransmission of the client's first packet (quinn resends it after about a second when no
+/// RTT is known yet).
+pub async fn connect_answered_within(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    first_answer: Duration,
+) -> Result<quinn::Connection, TlsError> {
+    let mut connecting =
+        endpoint.connect_with(config, addr, HUB_SERVER_NAME).map_err(|source| TlsError::Connect { addr, source })?;
+    match tokio::time::timeout(first_answer, connecting.handshake_data()).await {
+        Err(_elapsed) => return Err(TlsError::NoAnswer { addr, waited: first_answer }),
+        Ok(Err(source)) => return Err(TlsError::Handshake { addr, source }),
+        Ok(Ok(_)) => {}
+    }
+    connecting.await.map_err(|source| TlsError::Handshake { addr, source })
 }
 
 /// What the peer's leaf certificate says (name, validity, key), if it presented one. The
