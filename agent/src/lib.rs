@@ -834,6 +834,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     if waited.is_err() {
         warn!(runs = ?runs.keys().collect::<Vec<_>>(), "runs still letting go at exit");
     }
+    // Workloads stopped with the agent (--stop-workloads-on-exit) leave nothing on the node:
+    // their networks go with their containers, and the next start attaches them anew.
+    if control == RunControl::Stop
+        && let Some(n) = networks.clone()
+    {
+        let _ = tokio::task::spawn_blocking(move || n.keep_only(&HashSet::new())).await;
+    }
     let (seq, last) = saved_statuses(&sup, true);
     {
         let file = status_file.clone();

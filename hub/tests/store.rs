@@ -158,7 +158,51 @@ on_both_backends!(
     agent_upgrades_replace_each_other_and_only_the_leader_writes_their_passes,
     objects_are_versioned_stamped_into_env_readers_and_given_only_to_their_nodes,
     node_events_are_kept_in_time_order,
+    node_subnets_are_held_for_good_unique_and_carried_in_the_set,
 );
+
+async fn node_subnets_are_held_for_good_unique_and_carried_in_the_set(b: Backing) {
+    use flotilla_hub::network::ClusterNetwork;
+    use flotilla_hub::store::SubnetOutcome;
+    let (s, other) = (b.open().await, b.open().await);
+    let want = ClusterNetwork::new("10.50.0.0/16".parse().unwrap(), 24).unwrap();
+    // The first hub's CIDR is recorded; a second hub with another flag gets the recorded one.
+    assert_eq!(s.cluster_network(want).await.unwrap(), want);
+    let later = ClusterNetwork::new("10.60.0.0/16".parse().unwrap(), 24).unwrap();
+    assert_eq!(other.cluster_network(later).await.unwrap(), want);
+    for n in ["a", "b", "c"] {
+        s.upsert_node(n, &NodeFacts::default(), 1).await.unwrap();
+    }
+    let before = s.assignment_set("a").await.unwrap();
+    assert_eq!(before.network, None);
+    let SubnetOutcome::Allocated(a) = s.ensure_node_subnet("a", want).await.unwrap() else { panic!("a: allocated") };
+    assert_eq!(a.subnet.to_string(), "10.50.0.0/24");
+    // The set that carries it has a new generation, so it is sent.
+    let set = s.assignment_set("a").await.unwrap();
+    assert!(set.generation > before.generation);
+    assert_eq!(set.network.as_ref().map(|n| (n.subnet, n.cluster_cidr)), Some((a.subnet, want.cidr)));
+    // Held for good, through either hub, without another generation.
+    assert_eq!(other.ensure_node_subnet("a", want).await.unwrap(), SubnetOutcome::Held(a.clone()));
+    assert_eq!(s.assignment_set("a").await.unwrap().generation, set.generation);
+    // Two hubs allocating at once never hand out one subnet twice.
+    let (rb, rc) = tokio::join!(s.ensure_node_subnet("b", want), other.ensure_node_subnet("c", want));
+    let subnet = |o: SubnetOutcome| match o {
+        SubnetOutcome::Allocated(n) | SubnetOutcome::Held(n) => n.subnet,
+        SubnetOutcome::Exhausted { .. } => panic!("exhausted"),
+    };
+    let (sb, sc) = (subnet(rb.unwrap()), subnet(rc.unwrap()));
+    assert!(sb != sc && sb != a.subnet && sc != a.subnet, "{sb} {sc} {}", a.subnet);
+    let all: BTreeSet<String> = s.node_subnets().await.unwrap().into_iter().map(|(_, n)| n.to_string()).collect();
+    assert_eq!(all.len(), 3);
+    // A CIDR with no subnet left says so.
+    let tiny = ClusterNetwork::new("10.70.0.0/27".parse().unwrap(), 28).unwrap();
+    s.upsert_node("d", &NodeFacts::default(), 1).await.unwrap();
+    s.upsert_node("e", &NodeFacts::default(), 1).await.unwrap();
+    assert!(matches!(s.ensure_node_subnet("d", tiny).await.unwrap(), SubnetOutcome::Allocated(_)));
+    assert!(matches!(s.ensure_node_subnet("e", tiny).await.unwrap(), SubnetOutcome::Allocated(_)));
+    s.upsert_node("f", &NodeFacts::default(), 1).await.unwrap();
+    assert_eq!(s.ensure_node_subnet("f", tiny).await.unwrap(), SubnetOutcome::Exhausted { cidr: tiny.cidr, nodes: 2 });
+}
 
 async fn node_events_are_kept_in_time_order(b: Backing) {
     use flotilla_hub::store::EventRow;
