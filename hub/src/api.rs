@@ -307,6 +307,11 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
                 Ok(sealed) => objects.push(sealed),
                 Err(e) => return Ok(ApiResponse::Error { message: format!("cannot seal {}: {e}", o.reference()) }),
             },
+            Document::Service(s) => {
+                return Ok(ApiResponse::Error {
+                    message: format!("service {}: services are not stored by this hub yet", s.metadata.name),
+                });
+            }
         }
     }
     // All or nothing, as the apply itself.
@@ -324,11 +329,13 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
             let o = match d {
                 Document::Workload(_) => workloads_done.next(),
                 Document::Object(_) => objects_done.next(),
+                Document::Service(_) => None,
             };
             let outcome = outcome(o.unwrap_or(Applied::Unchanged));
             match d {
                 Document::Workload(m) => info!(workload = %m.metadata.name, ?outcome, "applied"),
                 Document::Object(o) => info!(object = %o.reference(), ?outcome, "applied"),
+                Document::Service(s) => info!(service = %s.metadata.name, ?outcome, "applied"),
             }
             ApplyResult { kind: d.kind(), name: d.name().to_string(), outcome }
         })

@@ -329,6 +329,7 @@ async fn fence_revoked(
         kept_logs: Vec::new(),
         objects: Vec::new(),
         network: None,
+        services: None,
     };
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {

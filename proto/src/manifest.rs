@@ -923,9 +923,11 @@ pub fn parse_documents(source: &str) -> Result<Vec<Document>, ManifestError> {
     let mut out: Vec<Document> = Vec::new();
     for (i, value) in values.into_iter().enumerate() {
         let document = i + 1;
-        let is_object = matches!(value.get("kind").and_then(|k| k.as_str()), Some("Config" | "Secret"));
-        let parsed = if is_object {
+        let kind = value.get("kind").and_then(|k| k.as_str());
+        let parsed = if matches!(kind, Some("Config" | "Secret")) {
             Document::Object(crate::objects::parse_object(document, value)?)
+        } else if kind == Some("Service") {
+            Document::Service(Box::new(crate::service::parse_service(document, value)?))
         } else {
             let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
                 let path = e.path().to_string();
@@ -957,7 +959,7 @@ pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
         .into_iter()
         .filter_map(|d| match d {
             Document::Workload(m) => Some(*m),
-            Document::Object(_) => None,
+            Document::Object(_) | Document::Service(_) => None,
         })
         .collect();
     if workloads.is_empty() {
@@ -972,6 +974,7 @@ pub enum Document {
     Workload(Box<Manifest>),
     /// A `kind: Config` or `kind: Secret`.
     Object(ObjectData),
+    Service(Box<crate::service::ServiceManifest>),
 }
 
 impl Document {
@@ -980,6 +983,7 @@ impl Document {
         match self {
             Document::Workload(m) => m.kind.to_string(),
             Document::Object(o) => o.kind.to_string(),
+            Document::Service(_) => "Service".to_string(),
         }
     }
 
@@ -987,6 +991,7 @@ impl Document {
         match self {
             Document::Workload(m) => &m.metadata.name,
             Document::Object(o) => &o.name,
+            Document::Service(s) => &s.metadata.name,
         }
     }
 }

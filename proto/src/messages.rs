@@ -127,6 +127,10 @@ pub struct AssignmentSet {
     /// run containers). Persisted with the set, so an agent restarted offline keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NodeNetwork>,
+    /// The services this node's workloads reach and their backends in scope (see
+    /// [`crate::service`]). Part of the set, so it is persisted and holds offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<crate::service::ServiceTable>,
 }
 
 /// What the hub decided about a node's container network.

@@ -42,6 +42,9 @@ pub struct AssignmentPart {
     /// The set's [`AssignmentSet::network`], on every piece.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::messages::NodeNetwork>,
+    /// The set's [`AssignmentSet::services`], on every piece.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<crate::service::ServiceTable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +102,7 @@ fn split_within(set: &AssignmentSet, budget: usize, frame: usize) -> Result<Vec<
             kept_logs: set.kept_logs.clone(),
             objects: set.objects.clone(),
             network: set.network.clone(),
+            services: set.services.clone(),
         })
         .collect())
 }
@@ -145,6 +149,7 @@ impl Assembler {
                 kept_logs: gathered.kept_logs,
                 objects: gathered.objects,
                 network: gathered.network,
+                services: gathered.services,
             }));
         }
         self.pending = Some(gathered);
@@ -190,6 +195,7 @@ mod tests {
                 subnet: "10.42.3.0/24".parse().unwrap(),
                 cluster_cidr: "10.42.0.0/16".parse().unwrap(),
             }),
+            services: None,
         }
     }
 

@@ -648,7 +648,15 @@ impl Store {
         let objects = objects::versions_in(&mut tx, &refs).await?;
         let network = network::node_network(&mut tx, node).await?;
         tx.commit().await?;
-        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects, network })
+        Ok(AssignmentSet {
+            generation,
+            store: self.id.clone(),
+            assignments,
+            kept_logs,
+            objects,
+            network,
+            services: None,
+        })
     }
 
     // -----------------------------------------------------------------------------------------
