@@ -108,6 +108,16 @@ enum Command {
         /// nodes in a /16).
         #[arg(long, value_name = "BITS", default_value_t = 24)]
         node_cidr_mask: u8,
+        /// Virtual addresses of services (each service holds one for as long as it exists).
+        #[arg(long, value_name = "CIDR", default_value = hub::services::DEFAULT_SERVICE_CIDR)]
+        service_cidr: ipnet::Ipv4Net,
+        /// Services resolve as NAME and NAME.svc.DOMAIN.
+        #[arg(long, value_name = "DOMAIN", default_value = hub::services::DEFAULT_DOMAIN)]
+        cluster_domain: String,
+        /// The node label whose value names a node's site (`scope: site` services stay within
+        /// it).
+        #[arg(long, value_name = "LABEL", default_value = hub::services::DEFAULT_SITE_LABEL)]
+        site_label: String,
     },
     /// Run the edge agent.
     Agent {
@@ -789,7 +799,9 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
 }
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
-    ResourceKind::parse(s).with_context(|| format!("unknown resource kind {s:?}; use nodes, workloads or replicas"))
+    ResourceKind::parse(s).with_context(|| {
+        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets or services")
+    })
 }
 
 fn read_source(path: &PathBuf) -> Result<String> {
@@ -1117,6 +1129,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             metrics_listen,
             cluster_cidr,
             node_cidr_mask,
+            service_cidr,
+            cluster_domain,
+            site_label,
         } => {
             init_tracing();
             let network = hub::network::ClusterNetwork::new(cluster_cidr, node_cidr_mask)?;
@@ -1139,6 +1154,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 cluster_key_file,
                 metrics_listen,
                 network,
+                services: hub::services_shell::ServiceConfig { cidr: service_cidr, domain: cluster_domain, site_label },
             })
             .await?;
             eprintln!("flotilla hub listening on {}", hub.local_addr()?);

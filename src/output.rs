@@ -313,6 +313,9 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
             ApiResponse::Tokens { items } => items.iter().map(|i| format!("token/{}", i.id)).collect(),
             ApiResponse::Users { items } => items.iter().map(|i| format!("user/{}", i.name)).collect(),
             ApiResponse::Objects { items } => items.iter().map(|i| format!("{}/{}", i.kind.word(), i.name)).collect(),
+            ApiResponse::Services { items } => {
+                items.iter().map(|i| format!("service/{}", i.manifest.metadata.name)).collect()
+            }
             _ => anyhow::bail!("-o name is for lists of nodes, workloads, replicas, tokens or users"),
         };
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());
@@ -324,6 +327,7 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
         ApiResponse::Tokens { items } => serde_json::to_value(items)?,
         ApiResponse::Users { items } => serde_json::to_value(items)?,
         ApiResponse::Objects { items } => serde_json::to_value(items)?,
+        ApiResponse::Services { items } => serde_json::to_value(items)?,
         ApiResponse::Audit { items } => serde_json::to_value(items)?,
         ApiResponse::Upgrade { upgrade } => serde_json::to_value(upgrade)?,
         other => serde_json::to_value(other)?,
@@ -453,6 +457,30 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
                 ];
                 if wide {
                     row.push(format!("sha256:{}", o.digest));
+                }
+                rows.push(row);
+            }
+        }
+        ApiResponse::Services { items } => {
+            rows.push(["NAME", "ADDRESS", "PORTS", "SCOPE", "ENDPOINTS", "AGE"].map(String::from).to_vec());
+            if wide {
+                rows[0].push("SELECTOR".into());
+            }
+            for v in items {
+                let m = &v.manifest;
+                let ports: Vec<String> = m.spec.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                let ready = v.endpoints.iter().filter(|e| e.ready).count();
+                let mut row = vec![
+                    m.metadata.name.clone(),
+                    v.address.to_string(),
+                    ports.join(","),
+                    m.spec.scope.to_string(),
+                    format!("{ready}/{}", v.endpoints.len()),
+                    age(v.created_at_ms),
+                ];
+                if wide {
+                    let sel: Vec<String> = m.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    row.push(sel.join(","));
                 }
                 rows.push(row);
             }

@@ -52,9 +52,11 @@ pub fn required_role(req: &ApiRequest) -> Role {
         | ApiRequest::Scale { .. } => Role::Operator,
         ApiRequest::Delete { kind, .. } => match kind {
             ResourceKind::Node => Role::Admin,
-            ResourceKind::Workload | ResourceKind::Replica | ResourceKind::Config | ResourceKind::Secret => {
-                Role::Operator
-            }
+            ResourceKind::Workload
+            | ResourceKind::Replica
+            | ResourceKind::Config
+            | ResourceKind::Secret
+            | ResourceKind::Service => Role::Operator,
         },
         ApiRequest::TokenCreate { .. }
         | ApiRequest::TokenList

@@ -228,6 +228,15 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             ResourceKind::Replica => ApiResponse::Error {
                 message: "deleting a replica is not supported; delete its workload".to_string(),
             },
+            ResourceKind::Service => {
+                if shared.store.delete_service(&name).await? {
+                    info!(service = %name, "deleted");
+                    shared.trigger_reconcile();
+                    ApiResponse::Deleted { names: vec![name] }
+                } else {
+                    ApiResponse::Error { message: format!("service {name:?} not found") }
+                }
+            }
         },
         ApiRequest::DeleteManifests { source } => match crate::guard::parse_documents(source).await {
             Err(e) => ApiResponse::Error { message: format!("invalid manifest: {e}") },
@@ -295,11 +304,87 @@ pub(crate) async fn list(shared: &Shared, kind: ResourceKind) -> Result<ApiRespo
         ResourceKind::Replica => ApiResponse::Replicas { items: replica_views(shared).await? },
         ResourceKind::Config => crate::objects::get(shared, ObjectKind::Config).await?,
         ResourceKind::Secret => crate::objects::get(shared, ObjectKind::Secret).await?,
+        ResourceKind::Service => ApiResponse::Services { items: service_views(shared).await? },
     })
 }
 
+/// `describe service`: address, ports, scope, and its backends per node, ready or not, or why
+/// its selector reaches nothing.
+async fn describe_service(shared: &Shared, name: &str) -> Result<Option<String>, StoreError> {
+    let Some(row) = shared.store.services().await?.into_iter().find(|r| r.service.manifest.metadata.name == name)
+    else {
+        return Ok(None);
+    };
+    let i = crate::services_shell::inputs(shared).await?;
+    let m = &row.service.manifest;
+    let mut s = String::new();
+    let selector: Vec<String> = m.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(s, "Name:           {name}");
+    let _ = writeln!(s, "Address:        {}", row.service.address);
+    let _ = writeln!(s, "DNS names:      {name}, {name}.svc.{}", shared.services.domain);
+    let _ = writeln!(s, "Selector:       {}", selector.join(","));
+    let _ = writeln!(s, "Scope:          {} (site label {:?})", m.spec.scope, shared.services.site_label);
+    for p in &m.spec.ports {
+        let name = p.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let target = p.target_port.as_ref().map_or(p.port.to_string(), |t| t.to_string());
+        let _ = writeln!(s, "Port:           {}/{}{name} -> {target}", p.port, p.protocol);
+    }
+    let members = crate::services::members(m, &i.workloads, &i.members);
+    if members.is_empty() {
+        let why = crate::services::why_empty(m, &i.workloads, &i.members).unwrap_or_default();
+        let _ = writeln!(s, "Endpoints:      <none>: {why}");
+    } else {
+        let _ = writeln!(s, "Endpoints:");
+        let mut by_node: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (e, ports) in &members {
+            let ports: Vec<String> = ports.iter().map(|p| p.map_or("-".into(), |p| p.to_string())).collect();
+            let state = if e.ready { "ready" } else { "not ready" };
+            by_node.entry(&e.node).or_default().push(format!(
+                "{} {}:{} {state}",
+                e.replica,
+                e.address,
+                ports.join(",")
+            ));
+        }
+        for (node, list) in by_node {
+            let site = i.sites.get(node).cloned().flatten().unwrap_or_else(|| "-".into());
+            let _ = writeln!(s, "  node {node} (site {site}):");
+            for l in list {
+                let _ = writeln!(s, "    {l}");
+            }
+        }
+    }
+    Ok(Some(s))
+}
+
+/// Every service with its backends anywhere (scope is applied per node, in the tables).
+async fn service_views(shared: &Shared) -> Result<Vec<proto::messages::ServiceView>, StoreError> {
+    let i = crate::services_shell::inputs(shared).await?;
+    let rows = shared.store.services().await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let endpoints = crate::services::members(&r.service.manifest, &i.workloads, &i.members)
+                .into_iter()
+                .map(|(m, _)| proto::messages::EndpointView {
+                    replica: m.replica.clone(),
+                    node: m.node.clone(),
+                    address: m.address,
+                    ready: m.ready,
+                })
+                .collect();
+            proto::messages::ServiceView {
+                manifest: r.service.manifest,
+                address: r.service.address,
+                endpoints,
+                created_at_ms: r.created_at_ms,
+            }
+        })
+        .collect())
+}
+
 async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Result<ApiResponse, StoreError> {
-    let (mut workloads, mut objects) = (Vec::new(), Vec::new());
+    let (mut workloads, mut objects, mut services) = (Vec::new(), Vec::new(), Vec::new());
     for d in &documents {
         match d {
             Document::Workload(m) => workloads.push(m.as_ref().clone()),
@@ -307,17 +392,19 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
                 Ok(sealed) => objects.push(sealed),
                 Err(e) => return Ok(ApiResponse::Error { message: format!("cannot seal {}: {e}", o.reference()) }),
             },
-            Document::Service(s) => {
-                return Ok(ApiResponse::Error {
-                    message: format!("service {}: services are not stored by this hub yet", s.metadata.name),
-                });
-            }
+            Document::Service(s) => services.push(s.as_ref().clone()),
         }
     }
     // All or nothing, as the apply itself.
     if let Some(why) = workloads.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
         return Ok(ApiResponse::Error { message: format!("refused: {why}") });
     }
+    // Services first: the only part that can be refused after validation (no address
+    // left), so a refusal leaves the rest of the file unapplied too.
+    let mut services_done = match shared.store.apply_services(&services, shared.services.cidr, now_ms()).await? {
+        Ok(done) => done.into_iter(),
+        Err(e) => return Ok(ApiResponse::Error { message: format!("refused: {e}") }),
+    };
     let applying = shared.store.apply_documents(&objects, &workloads, now_ms());
     let applied = shared.metrics.timed(crate::metrics::StoreOp::Apply, applying).await?;
     shared.wake_nodes(&applied.nodes);
@@ -329,7 +416,7 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
             let o = match d {
                 Document::Workload(_) => workloads_done.next(),
                 Document::Object(_) => objects_done.next(),
-                Document::Service(_) => None,
+                Document::Service(_) => services_done.next(),
             };
             let outcome = outcome(o.unwrap_or(Applied::Unchanged));
             match d {
@@ -368,6 +455,14 @@ async fn delete_documents(shared: &Shared, documents: Vec<Document>) -> Result<A
                     return Ok(ApiResponse::Error { message: format!("deleted {}; {message}", deleted.join(", ")) });
                 }
                 _ => {}
+            }
+        }
+        if let Document::Service(svc) = d {
+            let name = &svc.metadata.name;
+            if shared.store.delete_service(name).await? {
+                info!(service = %name, "deleted");
+                deleted.push(format!("service/{name}"));
+                shared.trigger_reconcile();
             }
         }
     }
@@ -546,6 +641,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             let kind = kind.object_kind().expect("an object kind");
             return crate::objects::describe(shared, &ObjectRef::new(kind, name)).await;
         }
+        ResourceKind::Service => return describe_service(shared, name).await,
         ResourceKind::Workload => {
             let Some(w) = workload_views(shared).await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
                 return Ok(None);

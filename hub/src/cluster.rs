@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) host_policy: crate::access::HostPolicy,
     /// The cluster network in force (the store's record wins over this hub's flags).
     pub(crate) network: crate::network::ClusterNetwork,
+    /// Service addresses, the cluster domain and the site label.
+    pub(crate) services: crate::services_shell::ServiceConfig,
     /// std Mutex: held only for map operations, never across an await.
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
@@ -88,7 +90,7 @@ impl Shared {
         certs: crate::identity::CertPolicy,
         host_policy: crate::access::HostPolicy,
         (objects_key, key_path): (crate::sealed::ClusterKey, std::path::PathBuf),
-        network: crate::network::ClusterNetwork,
+        (network, services): (crate::network::ClusterNetwork, crate::services_shell::ServiceConfig),
     ) -> Shared {
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
@@ -102,6 +104,7 @@ impl Shared {
             certs,
             host_policy,
             network,
+            services,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             reconcile: Notify::new(),

@@ -39,6 +39,8 @@ pub mod revisions;
 pub mod scheduler;
 pub mod sealed;
 pub mod server;
+pub mod services;
+pub mod services_shell;
 mod session;
 pub mod store;
 pub mod tokens;
@@ -82,6 +84,8 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The cluster CIDR and each node's share of it ([`network`]).
     pub network: network::ClusterNetwork,
+    /// Service addresses, the cluster domain and the site label ([`services`]).
+    pub services: services_shell::ServiceConfig,
 }
 
 /// Milliseconds since the Unix epoch, for timestamps shown to users.

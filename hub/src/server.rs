@@ -190,7 +190,7 @@ impl Hub {
                 config.certs,
                 config.host_policy,
                 (objects_key, key_path.clone()),
-                network,
+                (network, config.services.clone()),
             )),
         })
     }
@@ -216,6 +216,7 @@ impl Hub {
         let watcher = self.shared.store.is_shared().then(|| tokio::spawn(watch_cluster(self.shared.clone())));
         let upgrades = tokio::spawn(crate::upgrade::shell::upgrade_loop(self.shared.clone()));
         let heartbeats = tokio::spawn(crate::heartbeats::flush_loop(self.shared.clone()));
+        let services = tokio::spawn(crate::services_shell::services_loop(self.shared.clone()));
         let metrics = self.metrics.map(|listener| {
             let shared = self.shared.clone();
             let render: transport::metrics::Render = Arc::new(move || {
@@ -247,6 +248,7 @@ impl Hub {
         renewer.abort();
         upgrades.abort();
         heartbeats.abort();
+        services.abort();
         if let Some(m) = metrics {
             m.abort();
         }

@@ -159,7 +159,59 @@ on_both_backends!(
     objects_are_versioned_stamped_into_env_readers_and_given_only_to_their_nodes,
     node_events_are_kept_in_time_order,
     node_subnets_are_held_for_good_unique_and_carried_in_the_set,
+    services_keep_their_address_and_node_tables_change_generations_only_when_they_change,
 );
+
+async fn services_keep_their_address_and_node_tables_change_generations_only_when_they_change(b: Backing) {
+    use flotilla_hub::store::Applied;
+    use proto::service::{ServiceEntry, ServiceTable};
+    let s = b.open().await;
+    let cidr: ipnet::Ipv4Net = "10.43.0.0/29".parse().unwrap();
+    let doc = |name: &str, port: u16| {
+        let text = format!(
+            "apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{selector: {{app: a}}, ports: [{{port: {port}}}]}}\n"
+        );
+        match proto::manifest::parse_documents(&text).unwrap().remove(0) {
+            proto::manifest::Document::Service(m) => *m,
+            _ => unreachable!(),
+        }
+    };
+    let done = s.apply_services(&[doc("api", 80), doc("db", 5432)], cidr, 1).await.unwrap().unwrap();
+    assert_eq!(done, vec![Applied::Created, Applied::Created]);
+    let rows = s.services().await.unwrap();
+    let addr = |name: &str| rows.iter().find(|r| r.service.manifest.metadata.name == name).unwrap().service.address;
+    assert_eq!((addr("api").to_string(), addr("db").to_string()), ("10.43.0.2".into(), "10.43.0.3".into()));
+    // Changed: the address stays; unchanged: nothing written.
+    let again = s.apply_services(&[doc("api", 8080), doc("db", 5432)], cidr, 2).await.unwrap().unwrap();
+    assert_eq!(again, vec![Applied::Configured, Applied::Unchanged]);
+    assert_eq!(s.services().await.unwrap()[0].service.address, addr("api"));
+    // A deleted service's address is free again; a full range refuses with the reason.
+    assert!(s.delete_service("api").await.unwrap());
+    assert!(!s.delete_service("api").await.unwrap());
+    let more: Vec<_> = ["a", "b", "c", "d", "e"].iter().map(|n| doc(n, 1)).collect();
+    let e = s.apply_services(&more, cidr, 3).await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("no service address left in 10.43.0.0/29"), "{e}");
+    assert_eq!(s.services().await.unwrap().len(), 1, "a refused apply stores none of its services");
+
+    // Node tables: written (and the generation raised) only when they change.
+    s.upsert_node("n1", &NodeFacts::default(), 1).await.unwrap();
+    let g0 = s.assignment_set("n1").await.unwrap().generation;
+    let table = ServiceTable {
+        domain: "flotilla.local".into(),
+        services: vec![ServiceEntry { name: "db".into(), address: addr("db"), ports: vec![], endpoints: vec![] }],
+    };
+    let tables: BTreeMap<String, ServiceTable> = [("n1".to_string(), table.clone())].into();
+    assert_eq!(s.write_service_tables(&tables).await.unwrap(), vec!["n1".to_string()]);
+    let set = s.assignment_set("n1").await.unwrap();
+    assert_eq!((set.generation, set.services), (g0 + 1, Some(table)));
+    assert!(s.write_service_tables(&tables).await.unwrap().is_empty());
+    assert_eq!(s.assignment_set("n1").await.unwrap().generation, g0 + 1);
+    // No service at all: the table goes, once.
+    let empty: BTreeMap<String, ServiceTable> = [("n1".to_string(), ServiceTable::default())].into();
+    assert_eq!(s.write_service_tables(&empty).await.unwrap().len(), 1);
+    assert!(s.write_service_tables(&empty).await.unwrap().is_empty());
+    assert_eq!(s.assignment_set("n1").await.unwrap().services, None);
+}
 
 async fn node_subnets_are_held_for_good_unique_and_carried_in_the_set(b: Backing) {
     use flotilla_hub::network::ClusterNetwork;

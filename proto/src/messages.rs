@@ -583,6 +583,7 @@ pub enum ResourceKind {
     Replica,
     Config,
     Secret,
+    Service,
 }
 
 impl ResourceKind {
@@ -594,6 +595,7 @@ impl ResourceKind {
             "replica" | "replicas" | "rep" => Some(ResourceKind::Replica),
             "config" | "configs" | "cfg" => Some(ResourceKind::Config),
             "secret" | "secrets" => Some(ResourceKind::Secret),
+            "service" | "services" | "svc" => Some(ResourceKind::Service),
             _ => None,
         }
     }
@@ -606,6 +608,7 @@ impl ResourceKind {
             ResourceKind::Replica => "replica",
             ResourceKind::Config => "config",
             ResourceKind::Secret => "secret",
+            ResourceKind::Service => "service",
         }
     }
 
@@ -915,6 +918,9 @@ pub enum ApiResponse {
     /// Configs or secrets: keys, sizes and digests, never values.
     Objects {
         items: Vec<crate::objects::ObjectView>,
+    },
+    Services {
+        items: Vec<ServiceView>,
     },
     Described {
         text: String,
@@ -1279,6 +1285,27 @@ pub struct ClientConfigFile {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// A service as `get services` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub manifest: crate::service::ServiceManifest,
+    /// The service's virtual address.
+    pub address: std::net::Ipv4Addr,
+    /// Its backends anywhere (no scope applied), by replica.
+    pub endpoints: Vec<EndpointView>,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    pub replica: String,
+    pub node: String,
+    pub address: std::net::IpAddr,
+    pub ready: bool,
 }
 
 /// One node's usage as `flotilla top` shows it.

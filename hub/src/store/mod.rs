@@ -34,6 +34,7 @@ mod events;
 mod identity;
 mod network;
 mod objects;
+mod services;
 mod upgrades;
 mod users;
 
@@ -51,6 +52,7 @@ pub use self::events::{EVENTS_KEPT, EventRow};
 pub use self::identity::{Admitted, NewToken, TokenRow};
 pub use self::network::SubnetOutcome;
 pub use self::objects::{AppliedDocuments, NewObject, ObjectDeletion, ObjectRow};
+pub use self::services::{ServiceRefusal, ServiceRow};
 pub use self::upgrades::{NewUpgrade, UpgradeOrder};
 pub use self::users::{AUDIT_KEEP, AuditEntry, NewUser, UserRefusal, UserRow};
 use crate::controller::time::ClockAnchor;
@@ -647,16 +649,9 @@ impl Store {
         let refs = assignments.iter().flat_map(|a| a.template.objects()).collect();
         let objects = objects::versions_in(&mut tx, &refs).await?;
         let network = network::node_network(&mut tx, node).await?;
+        let services = services::node_table(&mut tx, node).await?;
         tx.commit().await?;
-        Ok(AssignmentSet {
-            generation,
-            store: self.id.clone(),
-            assignments,
-            kept_logs,
-            objects,
-            network,
-            services: None,
-        })
+        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects, network, services })
     }
 
     // -----------------------------------------------------------------------------------------

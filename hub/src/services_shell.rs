@@ -1,0 +1,103 @@
+//! The services controller's I/O shell: on the leader, after every change the hub hears of
+//! (an apply, a status, a session) and at least every [`RESYNC`], read the services, workloads,
+//! replicas and nodes, compute every node's table ([`crate::services::tables`], pure), write
+//! the tables that changed (raising those nodes' generations) and wake their sessions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::cluster::Shared;
+use crate::services::{self, Backend, Member};
+use crate::store::StoreError;
+
+/// Passes run at least this often (level-triggered; other hubs' writes on a shared store).
+const RESYNC: Duration = Duration::from_secs(2);
+/// A burst of changes (statuses of a rollout) is taken in one pass.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// `hub --service-cidr`, `--cluster-domain`, `--site-label`.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub cidr: ipnet::Ipv4Net,
+    pub domain: String,
+    pub site_label: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            cidr: services::DEFAULT_SERVICE_CIDR.parse().expect("valid CIDR"),
+            domain: services::DEFAULT_DOMAIN.into(),
+            site_label: services::DEFAULT_SITE_LABEL.into(),
+        }
+    }
+}
+
+pub(crate) async fn services_loop(shared: Arc<Shared>) {
+    let mut changes = shared.changes.subscribe();
+    let mut leader = shared.leader.clone();
+    loop {
+        if !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if let Err(e) = pass(&shared).await {
+            warn!(error = %e, "service tables not updated; retrying");
+        }
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                tokio::time::sleep(SETTLE).await;
+            }
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = leader.changed() => {}
+        }
+    }
+}
+
+/// What [`services::tables`] reads, from the store.
+pub(crate) struct Inputs {
+    pub services: Vec<services::Service>,
+    pub workloads: BTreeMap<String, Backend>,
+    pub members: Vec<Member>,
+    pub sites: BTreeMap<String, Option<String>>,
+}
+
+pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
+    let services = shared.store.services().await?.into_iter().map(|r| r.service).collect();
+    let workloads = shared
+        .store
+        .workloads()
+        .await?
+        .iter()
+        .map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest)))
+        .collect();
+    let members = shared
+        .store
+        .replicas()
+        .await?
+        .iter()
+        .filter_map(|r| Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status))
+        .collect();
+    let label = &shared.services.site_label;
+    let sites = shared.store.nodes().await?.into_iter().map(|n| (n.name, n.facts.labels.get(label).cloned())).collect();
+    Ok(Inputs { services, workloads, members, sites })
+}
+
+async fn pass(shared: &Shared) -> Result<(), StoreError> {
+    let i = inputs(shared).await?;
+    let tables = services::tables(&i.services, &i.workloads, &i.members, &i.sites, &shared.services.domain);
+    let changed = shared.store.write_service_tables(&tables).await?;
+    if !changed.is_empty() {
+        debug!(nodes = ?changed, "service tables changed");
+        shared.wake_nodes(&changed);
+    }
+    Ok(())
+}
