@@ -208,6 +208,10 @@ enum Command {
         /// Where `network: {cni: NAME}` finds NAME.conflist or NAME.conf.
         #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
+        /// The address this node's site peers reach it at, on the site's LAN (they route its
+        /// container subnet to it). Default: the address the hub link leaves from.
+        #[arg(long, value_name = "IP")]
+        node_ip: Option<std::net::IpAddr>,
     },
     /// Watches a new agent binary after an upgrade and rolls it back if it does not reach the
     /// hub in time (spawned by the agent itself).
@@ -1035,6 +1039,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         bridge,
         cni_bin_dir,
         cni_conf_dir,
+        node_ip,
     } = command
     else {
         bail!("not the agent command")
@@ -1070,6 +1075,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         config.network.bridge = bridge;
         config.network.cni_bin_dirs = cni_bin_dir;
         config.network.cni_conf_dir = cni_conf_dir;
+        config.node_ip = node_ip;
         config.min_free_disk_bytes =
             proto::manifest::parse_quantity(&min_free_disk).map_err(|e| anyhow::anyhow!("--min-free-disk: {e}"))?;
         config.log_max_bytes = parse_log_max_bytes(&log_max_bytes)?;

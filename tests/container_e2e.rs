@@ -1428,3 +1428,122 @@ fn bridged_containers_reach_each_other_publish_ports_keep_addresses_and_leave_no
     assert!(!nat.contains("CNI-DN") && !nat.contains("9080"), "port rules left:\n{nat}");
     assert!(http_get(&format!("{ns_ip}:9080"), "/index.html").is_none(), "the port still answers");
 }
+
+/// A site's LAN: a bridge in a namespace of its own, with a veth into each member agent's
+/// namespace carrying 192.168.250.(i+1)/24. Dropping it deletes the namespace, and with it
+/// every veth (their peers in the agents' namespaces go too).
+struct SiteLan {
+    name: String,
+}
+
+impl SiteLan {
+    fn create(members: &[&netns::Netns]) -> SiteLan {
+        let pid = std::process::id() % 100_000;
+        let lan = SiteLan { name: format!("fltlan{pid}") };
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &lan.name]);
+        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.name, "link", "set", "br0", "up"]);
+        for (i, ns) in members.iter().enumerate() {
+            let agent_ns = ns.exec_prefix()[1].trim_start_matches("--net=/run/netns/").to_string();
+            let (here, there) = (format!("lan{i}"), format!("fl{pid}s{i}"));
+            ip(&["-n", &lan.name, "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &agent_ns]);
+            ip(&["-n", &lan.name, "link", "set", &here, "master", "br0", "up"]);
+            ip(&["-n", &agent_ns, "addr", "add", &format!("{}/24", Self::ip(i)), "dev", &there]);
+            ip(&["-n", &agent_ns, "link", "set", &there, "up"]);
+        }
+        lan
+    }
+
+    fn ip(i: usize) -> String {
+        format!("192.168.250.{}", i + 1)
+    }
+}
+
+impl Drop for SiteLan {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two nodes of one site, each in its own namespace, joined by their LAN: each routes the
+/// other's container subnet to it (host-gw, told by the hub), so a container on one fetches a
+/// page from a container on the other by address, with no NAT between them.
+#[test]
+fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
+    if !containers_possible() || !netns::netns_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let (ns1, ns2) = (netns::Netns::create(), netns::Netns::create());
+    let lan = SiteLan::create(&[&ns1, &ns2]);
+    let target: std::net::SocketAddr = reg.addr.parse().unwrap();
+    let (fwd1, fwd2) =
+        (netns::TcpForward::start(ns1.host_ip(), target), netns::TcpForward::start(ns2.host_ip(), target));
+    let port = cluster::free_udp_port();
+    let mut c = Cluster::start_listening(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{port}"));
+    let _janitor = Janitor::new(c.dir.path(), &["s1", "s2"]);
+    let image = push_busybox(&reg, c.dir.path(), "busybox:lan", &["sh", "-c", HTTPD]);
+    for (i, (ns, fwd, name)) in [(&ns1, &fwd1, "s1"), (&ns2, &fwd2, "s2")].into_iter().enumerate() {
+        let (registry, node_ip, hub) = (fwd.addr.to_string(), SiteLan::ip(i), format!("{}:{port}", ns.host_ip()));
+        let label = format!("box={name}");
+        c.add_agent_via(
+            &ns.exec_prefix(),
+            &hub,
+            name,
+            &[
+                "--containers",
+                "on",
+                "--insecure-registry",
+                &registry,
+                "--label",
+                "site=shop",
+                "--label",
+                &label,
+                "--node-ip",
+                &node_ip,
+            ],
+        );
+    }
+    c.wait_for("both nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 2);
+    for (name, fwd) in [("s1", &fwd1), ("s2", &fwd2)] {
+        let image = image.replacen(&reg.addr, &fwd.addr.to_string(), 1);
+        apply(&c, &workload(&format!("web-{name}"), &image, &format!("  nodeSelector: {{box: {name}}}\n")));
+    }
+    c.wait_for("both running", WAIT, || running(&c, "web-s1-0") && running(&c, "web-s2-0"));
+    let far = replica(&c, "web-s2-0").unwrap().status.address.expect("an address");
+    // Each node routes the other's subnet to it over the LAN.
+    let routes = |ns: &netns::Netns| {
+        let p = ns.exec_prefix();
+        let out = std::process::Command::new(&p[0]).args(&p[1..]).args(["ip", "route"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    c.wait_for("site routes in place", WAIT, || {
+        routes(&ns1).contains(&format!("via {}", SiteLan::ip(1)))
+            && routes(&ns2).contains(&format!("via {}", SiteLan::ip(0)))
+    });
+    // From web-s1-0's own network namespace (its eth0 and address), with the host's busybox:
+    // the image's busybox-static wget, run through `flotilla exec`, crashes here on some
+    // attempts (exit 139) while the same request from the namespace succeeds; the crash is
+    // the tool's, not the network's, and is left for a later look.
+    let ns = c.agent_dir("s1").join("network/netns/web-s1-0");
+    let mut last = String::new();
+    let reached = cluster::time_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .args(["--", "busybox", "wget", "-qO-", &format!("http://{far}:8080/index.html")])
+            .output()
+            .unwrap();
+        last = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        out.status.success() && last.contains("ok")
+    });
+    assert!(reached.is_some(), "web-s1-0 cannot reach web-s2-0 at {far} over the LAN: {last}\n{}", routes(&ns1));
+    c.ok(&["delete", "workload", "web-s1"]);
+    c.ok(&["delete", "workload", "web-s2"]);
+    c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
+    drop(c);
+    drop(lan);
+}

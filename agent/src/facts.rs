@@ -20,6 +20,7 @@ pub fn collect(labels: &BTreeMap<String, String>, runtimes: Vec<Runtime>) -> Nod
         taints: Vec::new(),
         agent_binary: None,
         last_upgrade: None,
+        node_ip: None,
     }
 }
 

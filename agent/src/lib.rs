@@ -120,6 +120,9 @@ pub struct AgentConfig {
     /// Container networks: the bridge's name and where CNI plugins and configs are (`dir` is
     /// set by the agent to `<data dir>/network`).
     pub network: network::NetworkConfig,
+    /// The address site peers reach this node at (where they route its container subnet);
+    /// `None`: the address the hub link leaves from.
+    pub node_ip: Option<std::net::IpAddr>,
     /// Notified once the local state has started (the persisted desired state handed to the
     /// supervisor, the hub link started), before any hub contact: the binary's sd_notify
     /// readiness.
@@ -155,6 +158,7 @@ impl AgentConfig {
             secrets_dir: None,
             metrics_listen: None,
             network: network::NetworkConfig::new(PathBuf::new()),
+            node_ip: None,
             ready: None,
         }
     }
@@ -469,6 +473,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     if let Some(n) = &networks {
         n.set_node(saved.network.as_ref());
+        let (n, peers) = (n.clone(), saved.services.as_ref().map(|t| t.peers.clone()).unwrap_or_default());
+        let _ = tokio::task::spawn_blocking(move || n.set_peers(&peers)).await;
     }
     let mut generation = saved.generation;
     let mut sup = Supervisor::new(config.backoff);
@@ -572,6 +578,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             taints: config.taints.clone(),
             agent_binary: agent_binary.clone(),
             last_upgrade,
+            node_ip: config.node_ip,
             ..node_facts
         },
         tuning: transport::tls::Tuning::with_idle_timeout(config.link_timeout),
@@ -709,6 +716,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 generation = set.generation;
                 if let Some(n) = &networks {
                     n.set_node(set.network.as_ref());
+                    let (n, peers) = (n.clone(), set.services.as_ref().map(|t| t.peers.clone()).unwrap_or_default());
+                    tokio::task::spawn_blocking(move || n.set_peers(&peers));
                 }
                 templates = templates_of(&set);
                 runtimes_tx.send_replace(runtimes_of(&set));

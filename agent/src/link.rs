@@ -236,7 +236,10 @@ impl Link {
 
         let mut sent = self.statuses.borrow_and_update().clone();
         let mut acked = *self.acked.borrow_and_update();
-        let facts = proto::messages::NodeFacts { clock_ms: Some(wall_ms()), ..self.facts.clone() };
+        // Unless set (`--node-ip`), peers reach this node at the address its hub link leaves
+        // from: on a site, the LAN address its default route uses.
+        let node_ip = self.facts.node_ip.or_else(|| conn.local_ip());
+        let facts = proto::messages::NodeFacts { clock_ms: Some(wall_ms()), node_ip, ..self.facts.clone() };
         let hello = AgentMsg::Hello { facts, generation: acked, statuses: sent.clone() };
         frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
         info!(%hub, "connected to hub");

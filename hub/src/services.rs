@@ -14,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use proto::manifest::{Manifest, Runtime};
 use proto::messages::Phase;
-use proto::service::{Endpoint, Scope, ServiceEntry, ServiceEntryPort, ServiceManifest, ServiceTable, TargetPort};
+use proto::service::{
+    Endpoint, NodePeer, Scope, ServiceEntry, ServiceEntryPort, ServiceManifest, ServiceTable, TargetPort,
+};
 
 /// `hub --service-cidr` default: virtual addresses of services (K3s's default range).
 pub const DEFAULT_SERVICE_CIDR: &str = "10.43.0.0/16";
@@ -106,6 +108,8 @@ fn backend_ports(svc: &ServiceManifest, backend: &Backend) -> Vec<Option<u16>> {
 pub type Backing<'a> = (&'a Member, Vec<Option<u16>>);
 /// Each node's site (the site label's value), if it has one.
 pub type Sites = BTreeMap<String, Option<String>>;
+/// Nodes with a container subnet and an address peers reach them at.
+pub type Routes = BTreeMap<String, (Ipv4Net, IpAddr)>;
 
 /// The service's backends anywhere, with no scope applied (for `describe service`).
 pub fn members<'a>(
@@ -129,6 +133,7 @@ pub fn tables(
     workloads: &BTreeMap<String, Backend>,
     replicas: &[Member],
     sites: &Sites,
+    routes: &Routes,
     domain: &str,
 ) -> BTreeMap<String, ServiceTable> {
     let mut sorted: Vec<&Service> = services.iter().collect();
@@ -183,7 +188,16 @@ pub fn tables(
                 }
             })
             .collect();
-        out.insert(node.clone(), ServiceTable { domain: domain.to_string(), services });
+        // Site peers' subnets, routed over the site's LAN; a node without a site has none.
+        let peers = match site {
+            Some(site) => routes
+                .iter()
+                .filter(|(n, _)| *n != node && sites.get(*n).is_some_and(|s| s.as_ref() == Some(site)))
+                .map(|(n, (subnet, address))| NodePeer { node: n.clone(), subnet: *subnet, address: *address })
+                .collect(),
+            None => Vec::new(),
+        };
+        out.insert(node.clone(), ServiceTable { domain: domain.to_string(), services, peers });
     }
     out
 }
@@ -276,7 +290,19 @@ mod tests {
             svc("node", Scope::Node, None, 11),
             svc("fleet", Scope::Fleet, None, 12),
         ];
-        let t = tables(&services, &w, &r, &sites, "flotilla.local");
+        let routes: Routes = [
+            ("a1".to_string(), ("10.42.0.0/24".parse().unwrap(), "192.168.1.1".parse().unwrap())),
+            ("a2".to_string(), ("10.42.1.0/24".parse().unwrap(), "192.168.1.2".parse().unwrap())),
+            ("b1".to_string(), ("10.42.2.0/24".parse().unwrap(), "192.168.2.1".parse().unwrap())),
+        ]
+        .into();
+        let t = tables(&services, &w, &r, &sites, &routes, "flotilla.local");
+        // Site peers: a1 routes a2's subnet (and not b1's, another site); b1 and the siteless
+        // node route none.
+        let peers: Vec<(String, String)> =
+            t["a1"].peers.iter().map(|p| (p.node.clone(), format!("{} via {}", p.subnet, p.address))).collect();
+        assert_eq!(peers, vec![("a2".to_string(), "10.42.1.0/24 via 192.168.1.2".to_string())]);
+        assert!(t["b1"].peers.is_empty() && t["lone"].peers.is_empty());
         assert_eq!(t.len(), 4, "every node gets a table");
         let eps = |node: &str, service: &str| -> Vec<(String, u8)> {
             t[node]
@@ -310,7 +336,7 @@ mod tests {
         let (w, r, sites) = fixture();
         let named = svc("n", Scope::Fleet, Some(TargetPort::Name("http".into())), 10);
         let missing = svc("m", Scope::Fleet, Some(TargetPort::Name("grpc".into())), 11);
-        let t = tables(&[named, missing], &w, &r, &sites, "d");
+        let t = tables(&[named, missing], &w, &r, &sites, &Routes::new(), "d");
         let ports = |s: &str| t["a1"].services.iter().find(|e| e.name == s).unwrap().endpoints[0].ports.clone();
         assert_eq!(ports("n"), vec![Some(8080)]);
         assert_eq!(ports("m"), vec![None]);

@@ -68,6 +68,7 @@ pub(crate) struct Inputs {
     pub workloads: BTreeMap<String, Backend>,
     pub members: Vec<Member>,
     pub sites: BTreeMap<String, Option<String>>,
+    pub routes: services::Routes,
 }
 
 pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
@@ -87,13 +88,17 @@ pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
         .filter_map(|r| Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status))
         .collect();
     let label = &shared.services.site_label;
-    let sites = shared.store.nodes().await?.into_iter().map(|n| (n.name, n.facts.labels.get(label).cloned())).collect();
-    Ok(Inputs { services, workloads, members, sites })
+    let nodes = shared.store.nodes().await?;
+    let subnets: BTreeMap<String, ipnet::Ipv4Net> = shared.store.node_subnets().await?.into_iter().collect();
+    let routes =
+        nodes.iter().filter_map(|n| Some((n.name.clone(), (*subnets.get(&n.name)?, n.facts.node_ip?)))).collect();
+    let sites = nodes.into_iter().map(|n| (n.name, n.facts.labels.get(label).cloned())).collect();
+    Ok(Inputs { services, workloads, members, sites, routes })
 }
 
 async fn pass(shared: &Shared) -> Result<(), StoreError> {
     let i = inputs(shared).await?;
-    let tables = services::tables(&i.services, &i.workloads, &i.members, &i.sites, &shared.services.domain);
+    let tables = services::tables(&i.services, &i.workloads, &i.members, &i.sites, &i.routes, &shared.services.domain);
     let changed = shared.store.write_service_tables(&tables).await?;
     if !changed.is_empty() {
         debug!(nodes = ?changed, "service tables changed");

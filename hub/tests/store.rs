@@ -199,6 +199,7 @@ async fn services_keep_their_address_and_node_tables_change_generations_only_whe
     let table = ServiceTable {
         domain: "flotilla.local".into(),
         services: vec![ServiceEntry { name: "db".into(), address: addr("db"), ports: vec![], endpoints: vec![] }],
+        peers: vec![],
     };
     let tables: BTreeMap<String, ServiceTable> = [("n1".to_string(), table.clone())].into();
     assert_eq!(s.write_service_tables(&tables).await.unwrap(), vec!["n1".to_string()]);

@@ -46,6 +46,10 @@ pub struct NodeFacts {
     /// How the last upgrade the node was ordered ended (ok, or rolled back and why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_upgrade: Option<UpgradeOutcome>,
+    /// The address the node's site peers reach it at (`agent --node-ip`, else the address its
+    /// hub link leaves from): where they route its container subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<std::net::IpAddr>,
 }
 
 /// An agent binary from a registry: the reference it was ordered as and the digest of the

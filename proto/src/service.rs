@@ -180,6 +180,25 @@ pub struct ServiceTable {
     /// The cluster domain: `NAME.svc.<domain>` resolves as `NAME` does.
     pub domain: String,
     pub services: Vec<ServiceEntry>,
+    /// The other nodes of this node's site with a container subnet: their subnets are routed
+    /// straight to them over the site's LAN (as flannel's host-gw does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<NodePeer>,
+}
+
+impl ServiceTable {
+    /// Nothing to tell the node.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.peers.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePeer {
+    pub node: String,
+    pub subnet: ipnet::Ipv4Net,
+    pub address: IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

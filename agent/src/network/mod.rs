@@ -26,6 +26,7 @@ use ipnet::Ipv4Net;
 use oci_runtime::container::netns;
 use proto::manifest::{NetworkMode, PortSpec};
 use proto::messages::NodeNetwork;
+use proto::service::NodePeer;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -291,6 +292,52 @@ impl Networks {
     pub fn dir(&self) -> &Path {
         &self.cfg.dir
     }
+
+    /// Routes each site peer's container subnet to the peer over the LAN (host-gw), replacing
+    /// the routes of peers that left or moved. The routes made are recorded
+    /// (`<dir>/routes.json`), so a restarted agent removes those of peers gone meanwhile.
+    pub fn set_peers(&self, peers: &[NodePeer]) {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.cfg.dir.join("routes.json");
+        let before: Vec<NodePeer> =
+            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let (add, remove) = route_changes(&before, peers);
+        if add.is_empty() && remove.is_empty() {
+            return;
+        }
+        let ip = |args: &[&str]| std::process::Command::new("ip").args(args).output();
+        for p in &remove {
+            let _ = ip(&["route", "del", &p.subnet.to_string()]);
+        }
+        let mut made: Vec<NodePeer> = peers.iter().filter(|p| !add.contains(p)).cloned().collect();
+        for p in add {
+            match ip(&["route", "replace", &p.subnet.to_string(), "via", &p.address.to_string()]) {
+                Ok(out) if out.status.success() => {
+                    info!(peer = %p.node, subnet = %p.subnet, via = %p.address, "routing a site peer's containers");
+                    made.push(p.clone());
+                }
+                Ok(out) => warn!(
+                    peer = %p.node,
+                    subnet = %p.subnet,
+                    via = %p.address,
+                    error = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "cannot route a site peer's containers"
+                ),
+                Err(e) => warn!(error = %e, "cannot run ip"),
+            }
+        }
+        made.sort();
+        if let Err(e) = std::fs::write(&path, serde_json::to_vec(&made).expect("routes serialize")) {
+            warn!(error = %e, "cannot record the site routes");
+        }
+    }
+}
+
+/// Routes to add (new or moved peers) and to remove (peers gone or moved), pure.
+pub fn route_changes<'a>(before: &'a [NodePeer], now: &'a [NodePeer]) -> (Vec<&'a NodePeer>, Vec<&'a NodePeer>) {
+    let add = now.iter().filter(|p| !before.contains(p)).collect();
+    let remove = before.iter().filter(|b| !now.iter().any(|p| p.subnet == b.subnet)).collect();
+    (add, remove)
 }
 
 /// The node bridge's network list: bridge with host-local addresses, then portmap.
@@ -380,6 +427,23 @@ mod tests {
                 {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
             ]})
         );
+    }
+
+    #[test]
+    fn routes_follow_the_peers() {
+        let peer = |n: &str, subnet: &str, via: &str| NodePeer {
+            node: n.into(),
+            subnet: subnet.parse().unwrap(),
+            address: via.parse().unwrap(),
+        };
+        let before = [peer("a", "10.42.1.0/24", "192.168.1.2"), peer("b", "10.42.2.0/24", "192.168.1.3")];
+        // b moved to another address, c came, a left.
+        let now = [peer("b", "10.42.2.0/24", "192.168.1.9"), peer("c", "10.42.3.0/24", "192.168.1.4")];
+        let (add, remove) = route_changes(&before, &now);
+        assert_eq!(add.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        // A moved peer's route is replaced in place, not removed.
+        assert_eq!(remove.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(route_changes(&now, &now), (vec![], vec![]));
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl Store {
         let changed: Vec<(&String, Option<String>)> = tables
             .iter()
             .filter_map(|(node, t)| {
-                let want = (!t.services.is_empty()).then(|| to_json(t));
+                let want = (!t.is_empty()).then(|| to_json(t));
                 let old = stored.get(node)?;
                 (*old != want).then_some((node, want))
             })
