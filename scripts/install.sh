@@ -4,8 +4,10 @@
 #   scripts/install.sh hub [--listen ADDR] [OPTIONS] [-- HUB_FLAGS...]
 #   scripts/install.sh agent --hub HOST:PORT (--token-file FILE | --token TOKEN) [--name N] [OPTIONS] [-- AGENT_FLAGS...]
 #
-# It installs the binary as /usr/local/bin/flotilla, writes /etc/flotilla/{hub,agent}.env
-# (the unit's flags) and, for an agent, the join token as /etc/flotilla/token (0600), installs
+# It installs the binary as /usr/local/bin/flotilla, writes /etc/flotilla/{hub,agent}.yaml
+# (the service's config file: the options above, keys named as the flags; edit it and restart
+# the unit to change them), /etc/flotilla/{hub,agent}.env (the flags after `--`, which
+# override the file's keys) and, for an agent, the join token as /etc/flotilla/token (0600), installs
 # deploy/systemd/flotilla-{hub,agent}.service into /etc/systemd/system/ and, when systemd is
 # running, `systemctl daemon-reload && systemctl enable --now` the unit.
 #
@@ -151,11 +153,19 @@ run install -d -m 0755 "$DEST/usr/local/bin" "$DEST/etc/systemd/system"
 run install -d -m 0700 "$ETC"
 run install -m 0755 "$BINARY" "$DEST/usr/local/bin/flotilla"
 
+# The header of a service's config file.
+config_header() {
+    echo "# /etc/flotilla/$1.yaml: the config file of 'flotilla $1', read at each start. Keys are
+# its long flags without the dashes ('flotilla $1 --help'), e.g. label: [site=a, tier=edge];
+# flags in /etc/flotilla/$1.env override them. Written by scripts/install.sh."
+}
+
 case $ROLE in
     hub)
-        ARGS=(--listen "${LISTEN:-0.0.0.0:7443}" "${EXTRA[@]}")
-        write_file "$ETC/hub.env" 0600 "# Flags of 'flotilla hub' (see 'flotilla hub --help'), written by scripts/install.sh.
-FLOTILLA_HUB_ARGS=\"${ARGS[*]}\""
+        write_file "$ETC/hub.yaml" 0600 "$(config_header hub)
+listen: '${LISTEN:-0.0.0.0:7443}'"
+        write_file "$ETC/hub.env" 0600 "# Flags of 'flotilla hub' over /etc/flotilla/hub.yaml, written by scripts/install.sh.
+FLOTILLA_HUB_ARGS=\"${EXTRA[*]}\""
         ;;
     agent)
         if [[ -n $TOKEN_FILE ]]; then
@@ -163,11 +173,14 @@ FLOTILLA_HUB_ARGS=\"${ARGS[*]}\""
         fi
         [[ -n ${TOKEN//[[:space:]]/} ]] || die "the join token is empty"
         write_file "$ETC/token" 0600 "$TOKEN"
-        ARGS=(--hub "$HUB" --token-file /etc/flotilla/token)
-        [[ -z $NAME ]] || ARGS+=(--name "$NAME")
-        ARGS+=("${EXTRA[@]}")
-        write_file "$ETC/agent.env" 0600 "# Flags of 'flotilla agent' (see 'flotilla agent --help'), written by scripts/install.sh.
-FLOTILLA_AGENT_ARGS=\"${ARGS[*]}\""
+        CONFIG="$(config_header agent)
+hub: '$HUB'
+token-file: /etc/flotilla/token"
+        [[ -z $NAME ]] || CONFIG+="
+name: '$NAME'"
+        write_file "$ETC/agent.yaml" 0600 "$CONFIG"
+        write_file "$ETC/agent.env" 0600 "# Flags of 'flotilla agent' over /etc/flotilla/agent.yaml, written by scripts/install.sh.
+FLOTILLA_AGENT_ARGS=\"${EXTRA[*]}\""
         ;;
 esac
 run install -m 0644 "$UNIT_SRC" "$DEST/etc/systemd/system/$UNIT"

@@ -11,6 +11,7 @@ use proto::messages::{
 };
 use proto::objects::{ObjectData, ObjectKind};
 
+use crate::contexts::{self, ConfigFile};
 use crate::output::{self, Format};
 use transport::{ALPN_API, frame, pki, tls};
 
@@ -32,27 +33,20 @@ pub struct Client {
     ca_pem: String,
 }
 
-/// Where the CLI looks for its config when neither --config nor FLOTILLA_CONFIG is given.
-fn default_config_paths() -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    if let Some(home) = std::env::var_os("HOME") {
-        paths.push(PathBuf::from(home).join(".flotilla/config.yaml"));
-    }
-    paths.push(PathBuf::from("/var/lib/flotilla/hub/admin.yaml"));
-    paths
+/// Which cluster a client verb talks to: the CLI config file (`--config`, else the first of
+/// [`contexts::default_config_paths`]) and its context (`--context`, else the file's current one).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Target<'a> {
+    pub config: Option<&'a Path>,
+    pub context: Option<&'a str>,
 }
 
-/// The config file the CLI uses, and what it says.
-fn find_config(path: Option<&Path>) -> Result<(PathBuf, ClientConfigFile)> {
-    let path = match path {
-        Some(p) => p.to_path_buf(),
-        None => default_config_paths().into_iter().find(|p| p.exists()).context(
-            "no CLI config found: pass --config, set FLOTILLA_CONFIG, or copy the hub's admin.yaml to ~/.flotilla/config.yaml",
-        )?,
-    };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLI config {}", path.display()))?;
-    let config = serde_saphyr::from_str(&text).with_context(|| format!("parsing CLI config {}", path.display()))?;
-    Ok((path, config))
+/// The config file the CLI uses, its context's name and credentials.
+fn find_config(target: Target<'_>) -> Result<(PathBuf, String, ClientConfigFile)> {
+    let path = contexts::find(target.config)?;
+    let (context, config) =
+        ConfigFile::load(&path)?.select(target.context).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((path, context, config))
 }
 
 /// [`FIRST_ANSWER`], or `FLOTILLA_CONNECT_TIMEOUT` when set.
@@ -70,63 +64,39 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Writes `config` to `path` (mode 0600): replacing it atomically, or, with `create_new`,
-/// only if nothing is there.
-fn write_config(path: &Path, config: &ClientConfigFile, create_new: bool) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let yaml = serde_saphyr::to_string(config)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".flotilla-config")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .tempfile_in(dir)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.write_all(yaml.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    if create_new {
-        // Fails if the file exists: a credential is never overwritten by another.
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (choose another --output)", path.display()))?;
-    }
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 impl Client {
-    pub async fn connect(config_path: Option<&Path>) -> Result<Client> {
-        let (path, cfg) = find_config(config_path)?;
+    pub async fn connect(target: Target<'_>) -> Result<Client> {
+        let (path, context, cfg) = find_config(target)?;
         let tuning = tls::Tuning::default();
         let config = tls::client_config_mtls(&cfg.ca_pem, &cfg.cert_pem, &cfg.key_pem, ALPN_API, &tuning)
             .context("the CLI config's credentials are unusable")?;
         let addr = tls::resolve(&cfg.hub).await.with_context(|| format!("connecting to the hub at {}", cfg.hub))?;
         let endpoint = tls::client_endpoint()?;
-        let conn = tls::connect_answered_within(&endpoint, config, addr, first_answer()?)
-            .await
-            .with_context(|| format!("connecting to the hub at {} (from {})", cfg.hub, path.display()))?;
+        let conn = tls::connect_answered_within(&endpoint, config, addr, first_answer()?).await.with_context(|| {
+            format!("connecting to the hub at {} (context {context} of {})", cfg.hub, path.display())
+        })?;
         let client = Client { conn, _endpoint: endpoint, hub: cfg.hub.clone(), ca_pem: cfg.ca_pem.clone() };
         // Two thirds into its life the credential asks for its successor (same key, same
         // user); a failure costs nothing now, so it is reported and the command goes on.
         if pki::leaf_facts(&cfg.cert_pem).is_ok_and(|f| f.renew_after() <= std::time::SystemTime::now())
-            && let Err(e) = client.renew(&path, cfg).await
+            && let Err(e) = client.renew(&path, &context, cfg).await
         {
             eprintln!("warning: could not renew the credential in {}: {e:#}", path.display());
         }
         Ok(client)
     }
 
-    /// Replaces the certificate in the config at `path` with a renewed one.
-    async fn renew(&self, path: &Path, mut cfg: ClientConfigFile) -> Result<()> {
+    /// Replaces the certificate of `context` in the config at `path` with a renewed one.
+    async fn renew(&self, path: &Path, context: &str, cfg: ClientConfigFile) -> Result<()> {
         let subject = pki::leaf_facts(&cfg.cert_pem)?.common_name;
         let csr_pem = pki::csr_for_key(&cfg.key_pem, &subject)?;
         match self.request(&ApiRequest::RenewCredential { csr_pem }).await? {
             ApiResponse::CredentialRenewed { cert_pem } => {
-                cfg.cert_pem = cert_pem;
-                write_config(path, &cfg, false)
+                // Read again: only this context's certificate changes, whatever else another
+                // command changed in the file meanwhile.
+                let mut file = ConfigFile::load(path)?;
+                file.set_cert(context, cert_pem)?;
+                file.save(path)
             }
             ApiResponse::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer from the hub: {other:?}"),
@@ -144,7 +114,7 @@ impl Client {
         match self.request(&req).await? {
             ApiResponse::UserCreated { cert_pem, .. } => {
                 let config = ClientConfigFile { hub: self.hub.clone(), ca_pem: self.ca_pem.clone(), cert_pem, key_pem };
-                write_config(output, &config, true)
+                contexts::write_private(output, &serde_saphyr::to_string(&config)?, true)
             }
             ApiResponse::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer from the hub: {other:?}"),

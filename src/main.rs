@@ -3,6 +3,8 @@
 //! file only parses arguments and hands typed configs to the libraries.
 
 mod client;
+mod contexts;
+mod daemon;
 mod diff;
 mod jsonpath;
 mod local;
@@ -39,6 +41,17 @@ struct Global {
     /// /var/lib/flotilla/hub/admin.yaml.
     #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
+    /// The cluster of the CLI config to talk to (default: its current context; `flotilla
+    /// config get-contexts` lists them).
+    #[arg(long, global = true, env = "FLOTILLA_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
+}
+
+impl Global {
+    /// The cluster client verbs connect to.
+    fn target(&self) -> client::Target<'_> {
+        client::Target { config: self.config.as_deref(), context: self.context.as_deref() }
+    }
 }
 
 #[derive(Subcommand)]
@@ -118,6 +131,8 @@ enum Command {
         /// it).
         #[arg(long, value_name = "LABEL", default_value = hub::services::DEFAULT_SITE_LABEL)]
         site_label: String,
+        #[command(flatten)]
+        daemon: daemon::DaemonArgs,
     },
     /// Run the edge agent.
     Agent {
@@ -212,6 +227,8 @@ enum Command {
         /// container subnet to it). Default: the address the hub link leaves from.
         #[arg(long, value_name = "IP")]
         node_ip: Option<std::net::IpAddr>,
+        #[command(flatten)]
+        daemon: daemon::DaemonArgs,
     },
     /// Watches a new agent binary after an upgrade and rolls it back if it does not reach the
     /// hub in time (spawned by the agent itself).
@@ -457,6 +474,12 @@ enum Command {
     },
     /// This CLI's version and the hub's (the hub's only when its config is found and it answers).
     Version,
+    /// The CLI config's contexts, one a cluster, as kubectl's: `flotilla config get-contexts`,
+    /// `config use-context edge-eu`, `config add-context edge-eu --from admin.yaml`.
+    Config {
+        #[command(subcommand)]
+        action: contexts::ConfigAction,
+    },
     /// Certificates: `certs status` shows when the CA, your credential, each user's and each
     /// node's certificate expire.
     Certs {
@@ -819,15 +842,23 @@ fn read_source(path: &PathBuf) -> Result<String> {
 }
 
 fn init_tracing() {
+    init_tracing_as(daemon::LogFormat::Text)
+}
+
+/// Logs to stderr as text or, for log shippers, one JSON object a line (the event's fields
+/// at its top level, beside `timestamp`, `level`, `target` and its spans).
+fn init_tracing_as(format: daemon::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,quinn=warn,sqlx=warn,wasmtime=warn,cranelift=warn")
     });
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour(std::io::stderr().is_terminal(), |k| std::env::var_os(k)))
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        daemon::LogFormat::Text => {
+            logs.with_ansi(colour(std::io::stderr().is_terminal(), |k| std::env::var_os(k))).init()
+        }
+        daemon::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 /// Whether to colour a stream (a terminal or not, `is_terminal`), by the same rules clap's
@@ -858,7 +889,18 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let Cli { global, command } = Cli::parse();
+    // `flotilla hub` and `flotilla agent` take flags from their config file too (daemon.rs).
+    let argv = {
+        use clap::CommandFactory as _;
+        match daemon::with_config_file(&Cli::command(), std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
+    let Cli { global, command } = Cli::parse_from(argv);
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
@@ -927,7 +969,7 @@ fn diff_command(global: Global, file: &std::path::Path) -> std::process::ExitCod
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         let source = read_source(&file.to_path_buf())?;
-        let client = client::Client::connect(global.config.as_deref()).await?;
+        let client = client::Client::connect(global.target()).await?;
         diff::run(&client, &source).await.with_context(|| format!("diff -f {}", file.display()))
     });
     match result {
@@ -957,7 +999,7 @@ fn exec_command(
     let spec = proto::messages::ExecSpec { replica, command, stdin, tty, rows, cols };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
-        let client = client::Client::connect(global.config.as_deref()).await?;
+        let client = client::Client::connect(global.target()).await?;
         client.exec(spec).await
     });
     // A read of stdin may still be blocked in a runtime thread: do not wait for it.
@@ -1040,12 +1082,13 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         cni_bin_dir,
         cni_conf_dir,
         node_ip,
+        daemon,
     } = command
     else {
         bail!("not the agent command")
     };
     {
-        init_tracing();
+        init_tracing_as(daemon.log_format);
         let token = match (token, token_file) {
             (Some(t), _) => Some(t),
             (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
@@ -1089,16 +1132,16 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         match registry_login::docker_config_path() {
             Ok(path) => {
                 if let Err(e) = oci_runtime::DockerConfigFile::load(&path).and_then(|f| f.credentials()) {
-                    eprintln!("warning: registry credentials: {e}");
+                    tracing::warn!(error = %e, "registry credentials unusable");
                 }
                 config.docker_config = Some(path);
             }
-            Err(e) => eprintln!("warning: registry credentials: {e:#}"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "registry credentials unusable"),
         }
         config.upgrade = match agent::upgrade::Invocation::of_this_process() {
             Ok(inv) => Some(inv),
             Err(e) => {
-                eprintln!("warning: this agent cannot take upgrades: {e}");
+                tracing::warn!(error = %e, "this agent cannot take upgrades");
                 None
             }
         };
@@ -1138,8 +1181,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             service_cidr,
             cluster_domain,
             site_label,
+            daemon,
         } => {
-            init_tracing();
+            init_tracing_as(daemon.log_format);
             let network = hub::network::ClusterNetwork::new(cluster_cidr, node_cidr_mask)?;
             let shutdown = service::stopping_on(shutdown_signal());
             let hub = hub::Hub::start(hub::HubConfig {
@@ -1163,9 +1207,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                 services: hub::services_shell::ServiceConfig { cidr: service_cidr, domain: cluster_domain, site_label },
             })
             .await?;
-            eprintln!("flotilla hub listening on {}", hub.local_addr()?);
-            eprintln!("admin config: {}", hub.admin_config_path().display());
-            eprintln!("join token:   {}", hub.admin_config_path().with_file_name("token").display());
+            let (listen, admin) = (hub.local_addr()?, hub.admin_config_path());
+            let token = admin.with_file_name("token");
+            if daemon.log_format == daemon::LogFormat::Json {
+                // Nothing but JSON lines on stderr for a log shipper.
+                tracing::info!(%listen, admin_config = %admin.display(), join_token = %token.display(), "hub listening");
+            } else {
+                eprintln!("flotilla hub listening on {listen}");
+                eprintln!("admin config: {}", admin.display());
+                eprintln!("join token:   {}", token.display());
+            }
             service::ready();
             hub.run(shutdown).await?;
             Ok(())
@@ -1228,7 +1279,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             // Validate locally first for a fast, offline error; the hub validates again.
             proto::manifest::parse_documents(&source)
                 .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", file.display()))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::Apply { source }).await? {
                 ApiResponse::Applied { results } => {
                     for r in results {
@@ -1242,7 +1293,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Get { kind, names, output, selector, watch } => {
             let kind = parse_kind(&kind)?;
             let selector: BTreeMap<String, String> = selector.into_iter().collect();
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             if watch {
                 return client.watch(kind, &names, &selector, &output).await;
             }
@@ -1263,7 +1314,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Describe { kind, name } => {
             let kind = parse_kind(&kind)?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::Describe { kind, name }).await? {
                 ApiResponse::Described { text } => {
                     print!("{text}");
@@ -1279,7 +1330,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .map(proto::manifest::parse_duration_ms)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             let which = client::LogsRequest {
                 replica,
                 follow,
@@ -1297,13 +1348,13 @@ async fn run_command(cli: Cli) -> Result<()> {
             client.logs(&target, &which).await
         }
         Command::Cordon { node } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             client.set_scheduling(&node, true, false).await?;
             println!("node/{node} cordoned");
             Ok(())
         }
         Command::Uncordon { node } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             client.set_scheduling(&node, false, false).await?;
             println!("node/{node} uncordoned");
             Ok(())
@@ -1311,13 +1362,13 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Drain { node, timeout } => {
             let timeout =
                 proto::manifest::parse_duration_ms(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             client.drain(&node, std::time::Duration::from_millis(timeout)).await?;
             println!("node/{node} drained");
             Ok(())
         }
         Command::Rollout { action } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match action {
                 RolloutAction::Status { workload, timeout } => {
                     let timeout =
@@ -1364,7 +1415,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
         Command::Scale { workload, replicas } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::Scale { name: workload.clone(), replicas }).await? {
                 ApiResponse::Applied { .. } => {
                     println!("workload/{workload} scaled to {replicas}");
@@ -1374,7 +1425,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
         Command::Token { action } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match action {
                 TokenAction::Create { ttl, uses, name_pattern, labels } => {
                     let ttl_ms = parse_ttl(ttl.as_deref())?;
@@ -1401,7 +1452,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
         Command::User { action } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match action {
                 UserAction::Add { name, role, ttl, output } => {
                     let ttl_ms = parse_ttl(ttl.as_deref())?;
@@ -1429,7 +1480,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--since: {e}"))?
                 .map(|ago| client::now_ms().saturating_sub(ago));
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             print_list(&client, &ApiRequest::Audit { limit, since_ms }, output).await
         }
         Command::Upgrade { action: UpgradeAction::Agents { image, selector, max_unavailable, deadline, output } } => {
@@ -1441,20 +1492,23 @@ async fn run_command(cli: Cli) -> Result<()> {
                 max_unavailable,
                 deadline_ms,
             };
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             print_list(&client, &req, output).await
         }
         Command::Upgrade { action: UpgradeAction::Status { output } } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             print_list(&client, &ApiRequest::UpgradeStatus, output).await
         }
         Command::Sim(args) => {
             init_tracing();
             sim::run(args).await
         }
+        Command::Config { action } => {
+            contexts::run(action, cli.global.config.as_deref(), cli.global.context.as_deref())
+        }
         Command::Version => {
             println!("client: {}", proto::version::VERSION);
-            let client = client::Client::connect(cli.global.config.as_deref()).await.context("hub: unknown")?;
+            let client = client::Client::connect(cli.global.target()).await.context("hub: unknown")?;
             match client.request(&ApiRequest::Version).await? {
                 ApiResponse::Version { version } => {
                     println!("hub:    {version}");
@@ -1467,7 +1521,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
         Command::Certs { action: CertsAction::Status } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::CertsStatus).await? {
                 ApiResponse::Described { text } => {
                     print!("{text}");
@@ -1479,7 +1533,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Label { kind, name, changes } => {
             node_kind(&kind)?;
             let (set, remove) = parse_label_changes(&changes)?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::LabelNode { node: name.clone(), set, remove }).await? {
                 ApiResponse::Nodes { .. } => {
                     println!("node/{name} labeled");
@@ -1491,7 +1545,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Taint { kind, name, changes } => {
             node_kind(&kind)?;
             let (set, remove) = parse_taint_changes(&changes)?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::TaintNode { node: name.clone(), set, remove }).await? {
                 ApiResponse::Nodes { .. } => {
                     println!("node/{name} tainted");
@@ -1502,7 +1556,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Node { action: NodeAction::AllowRejoin { name, within } } => {
             let for_ms = proto::manifest::parse_duration_ms(&within).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::AllowRejoin { node: name.clone(), for_ms }).await? {
                 ApiResponse::Nodes { .. } => {
                     println!("node/{name} may re-join within {within}");
@@ -1517,7 +1571,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 (None, Some(kind), Some(name)) => ApiRequest::Delete { kind: parse_kind(&kind)?, name, force },
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             let shown = match &request {
                 ApiRequest::Delete { kind: ResourceKind::Node, .. } => "node/",
                 ApiRequest::Delete { kind: ResourceKind::Workload, .. } => "workload/",
@@ -1537,7 +1591,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Events { watch, object, since, output: format } => {
             let back = proto::manifest::parse_duration_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-            let config = cli.global.config.as_deref();
+            let config = cli.global.target();
             let mut client = Some(client::Client::connect(config).await?);
             let mut since_ms = output::now_ms().saturating_sub(back);
             let mut shown: std::collections::BTreeSet<proto::messages::ClusterEvent> = Default::default();
@@ -1597,7 +1651,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 "replicas" | "replica" | "rep" => true,
                 other => bail!("top shows nodes or replicas, not {other:?}"),
             };
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::Top).await? {
                 ApiResponse::Top { nodes } => {
                     match output {
@@ -1610,7 +1664,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
         }
         Command::Secrets { action: SecretsAction::RotateKey } => {
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::RotateKey).await? {
                 ApiResponse::Described { text } => {
                     print!("{text}");
@@ -1626,7 +1680,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             };
             let source = object_manifest(kind, &args)?;
             proto::manifest::parse_documents(&source).map_err(|e| anyhow::anyhow!("{kind} {}: {e}", args.name))?;
-            let client = client::Client::connect(cli.global.config.as_deref()).await?;
+            let client = client::Client::connect(cli.global.target()).await?;
             match client.request(&ApiRequest::Apply { source }).await? {
                 ApiResponse::Applied { results } => {
                     for r in results {

@@ -208,8 +208,8 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
 }
 
-/// `install.sh agent` and `install.sh hub` with `--root` stage the binary, the unit, the env
-/// file with the service's flags and the token (0600); `--dry-run` changes nothing; bad
+/// `install.sh agent` and `install.sh hub` with `--root` stage the binary, the unit, the
+/// config file the binary reads, the env file with the extra flags and the token (0600); `--dry-run` changes nothing; bad
 /// invocations fail with a clear error; shellcheck finds nothing.
 #[test]
 fn install_sh_stages_a_hub_and_an_agent_and_refuses_bad_invocations() {
@@ -247,18 +247,31 @@ fn install_sh_stages_a_hub_and_an_agent_and_refuses_bad_invocations() {
     assert_eq!(std::fs::read_to_string(root.join("etc/flotilla/token")).unwrap(), "K10secret::server:abc\n");
     assert_eq!(mode(&root.join("etc/flotilla/token")), 0o600);
     assert_eq!(mode(&root.join("etc/flotilla")), 0o700);
+    // The script's options go to the config file, the flags after `--` to the env file.
+    let config = std::fs::read_to_string(root.join("etc/flotilla/agent.yaml")).unwrap();
+    let keys: Vec<&str> = config.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(keys, ["hub: 'hub.example:7443'", "token-file: /etc/flotilla/token", "name: 'edge-1'"], "{config}");
+    assert_eq!(mode(&root.join("etc/flotilla/agent.yaml")), 0o600);
     let env = std::fs::read_to_string(root.join("etc/flotilla/agent.env")).unwrap();
-    assert!(
-        env.lines().any(|l| l
-            == r#"FLOTILLA_AGENT_ARGS="--hub hub.example:7443 --token-file /etc/flotilla/token --name edge-1 --containers on""#),
-        "{env}"
-    );
+    assert!(env.lines().any(|l| l == r#"FLOTILLA_AGENT_ARGS="--containers on""#), "{env}");
     assert_eq!(mode(&root.join("etc/flotilla/agent.env")), 0o600);
+    // The agent takes the file as written: it gets as far as reading the (unstaged) token.
+    let out = Command::new(&installed)
+        .args(["agent", "--config-file"])
+        .arg(root.join("etc/flotilla/agent.yaml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("agent-data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("reading /etc/flotilla/token"), "{stderr}");
 
     let out = install(&["hub", "--listen", "0.0.0.0:9443", "--binary", bin(), "--root", root_s]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = std::fs::read_to_string(root.join("etc/flotilla/hub.yaml")).unwrap();
+    assert!(config.lines().any(|l| l == "listen: '0.0.0.0:9443'"), "{config}");
     let env = std::fs::read_to_string(root.join("etc/flotilla/hub.env")).unwrap();
-    assert!(env.lines().any(|l| l == r#"FLOTILLA_HUB_ARGS="--listen 0.0.0.0:9443""#), "{env}");
+    assert!(env.lines().any(|l| l == r#"FLOTILLA_HUB_ARGS="""#), "{env}");
     assert!(root.join("etc/systemd/system/flotilla-hub.service").is_file());
 
     // --dry-run says what it would do and writes nothing.

@@ -112,7 +112,7 @@ pub fn test_bridge(agent_dir: &Path) -> String {
 
 /// A cluster CIDR of the test's own (from its directory), so clusters running side by side in
 /// one network namespace give their nodes different subnets.
-fn test_cluster_cidr(dir: &Path) -> String {
+pub fn test_cluster_cidr(dir: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     dir.hash(&mut h);
