@@ -7,7 +7,13 @@
 //!
 //! These calls block (they run processes): an async caller uses `spawn_blocking`.
 //!
-//! Measured by the root test in `agent/tests/services_netns.rs` (see there).
+//! Measured (root test `agent/tests/services_netns.rs`, iptables 1.8.9 with the nf_tables
+//! backend, 2-core VM, each command through `ip netns exec`): applying 50 services × 4
+//! endpoints (about 250 chains and 700 rules) takes 60–150 ms from nothing and about as long for a
+//! one-endpoint change, since every apply rewrites all our chains. Of that, roughly 8 ms per
+//! process is fixed cost (5 ms of it `ip netns exec`): one `iptables-save`, one
+//! `iptables-restore`, five `iptables -C` for the jumps. An unchanged table costs nothing
+//! ([`DataPath::update`] compares the text first).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -84,11 +90,9 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// What the `nat` and `filter` tables hold now.
+    /// What the tables hold now (all of them in one run: each process costs milliseconds).
     fn saved(&self) -> Result<String, ApplyError> {
-        let mut s = self.run("iptables-save", &["-t", "nat"], None)?;
-        s.push_str(&self.run("iptables-save", &["-t", "filter"], None)?);
-        Ok(s)
+        self.run("iptables-save", &[], None)
     }
 
     /// Replaces our chains with `text` (from [`rules::ruleset`]), deletes our chains it no

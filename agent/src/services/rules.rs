@@ -17,7 +17,9 @@
 //!   reaching itself through its service) and a neighbour on the same bridge, whose replies
 //!   would otherwise go back over the bridge without being un-NATed (no `br_netfilter` is
 //!   required). Clients on this node therefore see the bridge's address as the peer; endpoints
-//!   on other nodes see the client's own address.
+//!   on other nodes see the client's own address. With `br_netfilter` loaded, the hairpin
+//!   also needs the bridge port's hairpin mode, which the CNI bridge config sets
+//!   (`hairpinMode: true` in `network/`).
 //! - `filter P-SERVICES`, jumped to from `FORWARD` and `OUTPUT` for new connections: a service
 //!   port with no ready endpoint is rejected (`tcp-reset`, `icmp-port-unreachable`), so clients
 //!   fail at once instead of waiting for a timeout. (`REJECT` exists only in `filter`.)
