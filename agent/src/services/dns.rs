@@ -671,6 +671,37 @@ mod tests {
             s.read_exact(&mut b).await.unwrap();
             assert_eq!(Message::from_vec(&b).unwrap().answers.len(), 1, "{name}");
         }
+        server.abort();
+
+        // Over TCP, other names are forwarded over TCP: here to a second server of ours that
+        // knows `web.svc.example`.
+        let upstream_records = Records::from_table(&ServiceTable {
+            domain: "example".into(),
+            services: vec![ServiceEntry {
+                name: "web".into(),
+                address: [10, 1, 2, 3].into(),
+                ports: vec![],
+                endpoints: vec![],
+            }],
+        });
+        let (_up_tx, up_rx) = watch::channel(Arc::new(upstream_records));
+        let upstream = DnsServer::bind("127.0.0.1:0".parse().unwrap(), DnsConfig::default()).unwrap();
+        let upstream_at = upstream.local_addr().unwrap();
+        let upstream = upstream.spawn(up_rx);
+        let (at, _tx, server) = start(DnsConfig { upstreams: vec![upstream_at], ..Default::default() });
+        let mut s = TcpStream::connect(at).await.unwrap();
+        let q = query("web.svc.example.", RecordType::A);
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&q).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_u16()).await.unwrap().unwrap();
+        let mut b = vec![0u8; n as usize];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(addresses(&Message::from_vec(&b).unwrap()), [Ipv4Addr::new(10, 1, 2, 3)]);
+        // And over UDP, to the same upstream over UDP.
+        let m = ask(at, &query("WEB.svc.example", RecordType::A)).await.unwrap();
+        assert_eq!(addresses(&m), [Ipv4Addr::new(10, 1, 2, 3)]);
+        upstream.abort();
+
         // Garbage closes the connection.
         s.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
         let mut rest = Vec::new();

@@ -552,6 +552,96 @@ mod tests {
         assert!(text.contains("REJECT"), "an IPv6-only service has no usable endpoint here");
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// (distance, hub's ready, agent's ready, serves port 0, serves port 1)
+        type Spec = (u8, bool, Option<bool>, bool, bool);
+
+        fn build(services: &[Vec<Spec>]) -> (ServiceTable, BTreeMap<String, bool>) {
+            let mut local = BTreeMap::new();
+            let services = services
+                .iter()
+                .enumerate()
+                .map(|(s, eps)| {
+                    let eps = eps
+                        .iter()
+                        .enumerate()
+                        .map(|(e, &(distance, ready, local_ready, p0, p1))| {
+                            let replica = format!("s{s}-{e}");
+                            if let Some(r) = local_ready {
+                                local.insert(replica.clone(), r);
+                            }
+                            let ports = [p0.then_some(8000 + e as u16), p1.then_some(9000)];
+                            ep(&replica, &format!("10.42.{s}.{}", e + 2), &ports, ready, distance)
+                        })
+                        .collect();
+                    svc(
+                        &format!("svc{s}"),
+                        &format!("10.96.0.{}", s + 1),
+                        &[(Some("a"), 80, Protocol::Tcp), (Some("b"), 53, Protocol::Udp)],
+                        eps,
+                    )
+                })
+                .collect();
+            (table(services), local)
+        }
+
+        proptest! {
+            #[test]
+            fn targets_are_the_nearest_ready_and_picked_uniformly(
+                services in prop::collection::vec(
+                    prop::collection::vec((0u8..3, any::<bool>(), prop::option::of(any::<bool>()), any::<bool>(), any::<bool>()), 0..7),
+                    1..4,
+                ),
+            ) {
+                let (t, local) = build(&services);
+                let plans = plan(&t, &local);
+                prop_assert_eq!(plans.len(), services.len() * 2);
+                for (p, (s, port)) in plans.iter().zip((0..services.len()).flat_map(|s| [(s, 0), (s, 1)])) {
+                    let eligible: Vec<(u8, String)> = services[s]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (d, ready, lr, p0, p1))| {
+                            let ok = if *d == 0 { lr.unwrap_or(false) } else { *ready };
+                            ok && if port == 0 { *p0 } else { *p1 }
+                        })
+                        .map(|(e, (d, ..))| (*d, format!("s{s}-{e}")))
+                        .collect();
+                    let nearest = eligible.iter().map(|(d, _)| *d).min();
+                    let mut want: Vec<String> =
+                        eligible.iter().filter(|(d, _)| Some(*d) == nearest).map(|(_, r)| r.clone()).collect();
+                    want.sort();
+                    let got: Vec<String> = p.targets.iter().map(|t| t.replica.clone()).collect();
+                    prop_assert_eq!(got, want);
+                }
+                let text = ruleset(&t, &local, "FLOTILLA");
+                let total: usize = plans.iter().map(|p| p.targets.len()).sum();
+                prop_assert_eq!(dnats(&text).len(), total);
+                let rejects = text.lines().filter(|l| l.contains("-j REJECT")).count();
+                prop_assert_eq!(rejects, plans.iter().filter(|p| p.targets.is_empty()).count());
+                for chain in svc_chains(&text) {
+                    let probs = probabilities(&text, &chain);
+                    let n = probs.len() as f64;
+                    let mut left = 1.0;
+                    for p in probs {
+                        let p = p.unwrap_or(1.0);
+                        prop_assert!((left * p - 1.0 / n).abs() < 1e-9);
+                        left *= 1.0 - p;
+                    }
+                }
+                // The same table in another order gives the same text.
+                let mut shuffled = t.clone();
+                shuffled.services.reverse();
+                for s in &mut shuffled.services {
+                    s.endpoints.reverse();
+                }
+                prop_assert_eq!(ruleset(&shuffled, &local, "FLOTILLA"), text);
+            }
+        }
+    }
+
     #[test]
     fn stale_chains_are_emptied_and_deleted_in_the_same_transaction() {
         let t = table(vec![svc(
