@@ -2,7 +2,8 @@
 //! "endpoint" namespaces on it running a TCP responder that says who it is, and a "client"
 //! namespace on the same bridge, as a container would be. The rules go into the node
 //! namespace's own tables, so nothing on the machine running the test is touched, and all
-//! traffic goes to addresses the test made.
+//! traffic goes to addresses the test made. The node's name server is bound on the bridge's
+//! address there too and asked by the client.
 //!
 //! Needs root, iproute2 and iptables (1.8, either backend); skips with the reason when they
 //! are missing, except under CI, where it must run.
@@ -16,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_agent::services::{DataPath, Iptables};
+use flotilla_agent::services::{DataPath, DnsConfig, DnsServer, Iptables, Records};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
 use proto::manifest::Protocol;
 use proto::service::{Endpoint, ServiceEntry, ServiceEntryPort, ServiceTable};
 
@@ -214,6 +217,45 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     let (_, errors) = spread(&client, 2);
     assert_eq!(errors, vec![std::io::ErrorKind::ConnectionRefused; 2], "from a container too");
+
+    // The name server on the bridge's address, asked by a container.
+    let (stop_dns, stopped) = std::sync::mpsc::channel::<()>();
+    let dns = {
+        let (path, records) = (format!("/run/netns/{node}"), Records::from_table(&both));
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (_tx, rx) = tokio::sync::watch::channel(Arc::new(records));
+                let server = DnsServer::bind("10.249.0.1:53".parse().unwrap(), DnsConfig::default()).unwrap();
+                let serving = server.spawn(rx);
+                let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(60))).await;
+                serving.abort();
+            });
+        })
+    };
+    let answer = in_netns(&client, || {
+        let mut q = Message::query();
+        q.add_query(Query::query(Name::from_ascii("api.svc.flotilla.local.").unwrap(), RecordType::A));
+        let q = q.to_vec().unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut buf = [0u8; 512];
+        // The server may still be starting: a few tries, 200 ms each.
+        for _ in 0..25 {
+            s.send_to(&q, "10.249.0.1:53").unwrap();
+            if let Ok(n) = s.recv(&mut buf) {
+                return Some(Message::from_vec(&buf[..n]).unwrap());
+            }
+        }
+        None
+    });
+    let _ = stop_dns.send(());
+    dns.join().unwrap();
+    let answer = answer.expect("the name server on the bridge answers");
+    let got: Vec<String> = answer.answers.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(got, [VIP]);
 
     // 50 services × 4 endpoints: how long an apply takes (through `ip netns exec`, which adds
     // a few milliseconds per command).
