@@ -5,7 +5,7 @@
 //! traffic goes to addresses the test made. The node's name server is bound on the bridge's
 //! address there too and asked by the client.
 //!
-//! Needs root, iproute2 and iptables (1.8, either backend); skips with the reason when they
+//! Needs root, iproute2, iptables (1.8, either backend) and conntrack; skips with the reason when they
 //! are missing, except under CI, where it must run.
 
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ fn usable() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root (network namespaces and iptables)".into());
     }
-    for tool in [["ip", "-V"], ["iptables-restore", "--version"]] {
+    for tool in [["ip", "-V"], ["iptables-restore", "--version"], ["conntrack", "--version"]] {
         match Command::new(tool[0]).arg(tool[1]).output() {
             Ok(o) if o.status.success() => {}
             _ => return Err(format!("needs {}", tool[0])),
@@ -79,6 +79,20 @@ fn respond(listener: TcpListener, name: &'static str, stop: Arc<AtomicBool>) -> 
                     let _ = s.write_all(name.as_bytes());
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    })
+}
+
+/// Answers every datagram on `socket` with `name`, until `stop` or a minute has passed.
+fn udp_respond(socket: std::net::UdpSocket, name: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(name.as_bytes(), peer);
             }
         }
     })
@@ -218,6 +232,45 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     let (_, errors) = spread(&client, 2);
     assert_eq!(errors, vec![std::io::ErrorKind::ConnectionRefused; 2], "from a container too");
 
+    // UDP: a client keeping its source port stays with the endpoint conntrack picked first;
+    // when the agent withdraws that endpoint, the flow is forgotten and it moves on.
+    let ua = in_netns(&a, || std::net::UdpSocket::bind("10.249.0.2:5353").unwrap());
+    let ub = in_netns(&b, || std::net::UdpSocket::bind("10.249.0.3:5353").unwrap());
+    let udp_responders = [udp_respond(ua, "a", stop.clone()), udp_respond(ub, "b", stop.clone())];
+    let mut dns_svc = service("dns", "10.250.0.53", vec![]);
+    dns_svc.ports = vec![ServiceEntryPort { name: None, port: 53, protocol: Protocol::Udp }];
+    dns_svc.endpoints = ["10.249.0.2", "10.249.0.3"]
+        .iter()
+        .zip(["api-a", "api-b"])
+        .map(|(addr, r)| Endpoint { ports: vec![Some(5353)], ..endpoint(r, addr, true, 0) })
+        .collect();
+    let mut with_udp = both.clone();
+    with_udp.services.push(dns_svc);
+    assert!(path.update(&with_udp, &ready).unwrap());
+    let client_socket = in_netns(&node, || {
+        let s = std::net::UdpSocket::bind("10.249.0.1:40053").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let ask = |s: &std::net::UdpSocket| -> String {
+        s.send_to(b"who", "10.250.0.53:53").unwrap();
+        let mut buf = [0u8; 16];
+        let n = s.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = ask(&client_socket);
+    for _ in 0..10 {
+        assert_eq!(ask(&client_socket), first, "one flow, one endpoint");
+    }
+    let replica = if first == "a" { "api-a" } else { "api-b" };
+    let mut withdrawn = ready.clone();
+    withdrawn.insert(replica.into(), false);
+    assert!(path.update(&with_udp, &withdrawn).unwrap());
+    for _ in 0..5 {
+        assert_ne!(ask(&client_socket), first, "the flow to the withdrawn endpoint was forgotten");
+    }
+    assert!(path.update(&both, &ready).unwrap());
+
     // The name server on the bridge's address, asked by a container.
     let (stop_dns, stopped) = std::sync::mpsc::channel::<()>();
     let dns = {
@@ -293,7 +346,7 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     path.remove_all().unwrap();
 
     stop.store(true, Ordering::Relaxed);
-    for r in responders {
+    for r in responders.into_iter().chain(udp_responders) {
         r.join().unwrap();
     }
 }

@@ -147,16 +147,37 @@ impl Default for Iptables {
     }
 }
 
+impl Iptables {
+    /// Deletes the conntrack entries of UDP flows sent to endpoints the rules no longer name
+    /// (`conntrack -D`, as kube-proxy does). Best effort: an entry that is not there is not an
+    /// error, and without `conntrack(8)` the flows time out on their own (30 s to 180 s).
+    pub fn forget_flows(&self, flows: &[rules::StaleFlow]) -> Result<(), ApplyError> {
+        for f in flows {
+            let (vip, port, endpoint) = (f.vip.to_string(), f.port.to_string(), f.endpoint.to_string());
+            let args = ["-D", "-p", "udp", "--orig-dst", &vip, "--dport", &port, "--dst-nat", &endpoint];
+            match self.run("conntrack", &args, None) {
+                Ok(_) => {}
+                // conntrack exits 1 when no entry matched.
+                Err(ApplyError::Failed { status, .. }) if status.code() == Some(1) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies the table's rules only when they differ from the last applied ones.
 #[derive(Debug)]
 pub struct DataPath {
     iptables: Iptables,
     last: Option<String>,
+    /// What the last applied rules chose, for the UDP flows a change leaves behind.
+    last_plan: Vec<rules::PortPlan>,
 }
 
 impl DataPath {
     pub fn new(iptables: Iptables) -> Self {
-        DataPath { iptables, last: None }
+        DataPath { iptables, last: None, last_plan: Vec::new() }
     }
 
     /// Brings the kernel's rules to `table` with this node's readiness of its own replicas.
@@ -169,12 +190,20 @@ impl DataPath {
         self.last = None;
         self.iptables.apply_ruleset(&text)?;
         self.last = Some(text);
+        let plan = rules::plan(table, local_ready);
+        let stale = rules::withdrawn_udp(&self.last_plan, &plan);
+        self.last_plan = plan;
+        if let Err(e) = self.iptables.forget_flows(&stale) {
+            // The rules are in; flows left behind only time out later.
+            tracing::warn!(error = %e, flows = stale.len(), "cannot delete UDP flows to withdrawn endpoints");
+        }
         Ok(true)
     }
 
     /// Removes every rule and chain of ours (the agent leaving the node, or a janitor).
     pub fn remove_all(&mut self) -> Result<(), ApplyError> {
         self.last = None;
+        self.last_plan.clear();
         self.iptables.remove_all()
     }
 }

@@ -119,6 +119,30 @@ pub fn plan(table: &ServiceTable, local_ready: &BTreeMap<String, bool>) -> Vec<P
     out
 }
 
+/// A UDP flow's DNAT that must be forgotten: conntrack keeps sending a UDP "connection" (a
+/// client reusing its source port, as resolvers do) to the endpoint it first picked, even
+/// after the rules no longer name it, until the entry times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StaleFlow {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub endpoint: Ipv4Addr,
+}
+
+/// The UDP endpoints `before` sent a service port's traffic to and `after` does not. (TCP
+/// needs nothing: a connection to a withdrawn endpoint ends with it, and new ones follow the
+/// rules.)
+pub fn withdrawn_udp(before: &[PortPlan], after: &[PortPlan]) -> Vec<StaleFlow> {
+    let flows = |plans: &[PortPlan]| -> BTreeSet<StaleFlow> {
+        plans
+            .iter()
+            .filter(|p| p.protocol == Protocol::Udp)
+            .flat_map(|p| p.targets.iter().map(|t| StaleFlow { vip: p.vip, port: p.port, endpoint: t.address }))
+            .collect()
+    };
+    flows(before).difference(&flows(after)).copied().collect()
+}
+
 /// 12 hex characters of the SHA-256 of `parts`: a chain name's tail that depends only on what
 /// the chain stands for.
 fn short_hash(parts: &[&str]) -> String {
@@ -550,6 +574,28 @@ mod tests {
         assert!(text.matches('"').count().is_multiple_of(2));
         assert!(!text.contains("; -F"));
         assert!(text.contains("REJECT"), "an IPv6-only service has no usable endpoint here");
+    }
+
+    #[test]
+    fn udp_flows_to_withdrawn_endpoints_are_named() {
+        let eps = vec![
+            ep("d-0", "10.42.2.2", &[Some(53), Some(80)], true, 1),
+            ep("d-1", "10.42.2.3", &[Some(53), Some(80)], true, 1),
+        ];
+        let t = table(vec![svc(
+            "dns",
+            "10.96.0.53",
+            &[(Some("dns"), 53, Protocol::Udp), (Some("web"), 80, Protocol::Tcp)],
+            eps,
+        )]);
+        let before = plan(&t, &BTreeMap::new());
+        let mut t2 = t.clone();
+        t2.services[0].endpoints[1].ready = false;
+        let after = plan(&t2, &BTreeMap::new());
+        let flow = StaleFlow { vip: [10, 96, 0, 53].into(), port: 53, endpoint: [10, 42, 2, 3].into() };
+        assert_eq!(withdrawn_udp(&before, &after), [flow], "the UDP port only");
+        assert!(withdrawn_udp(&after, &before).is_empty(), "an endpoint coming back needs nothing");
+        assert_eq!(withdrawn_udp(&before, &[]).len(), 2, "a service gone takes its flows");
     }
 
     mod properties {
