@@ -5,8 +5,8 @@
 //! traffic goes to addresses the test made. The node's name server is bound on the bridge's
 //! address there too and asked by the client.
 //!
-//! Needs root, iproute2, iptables (1.8, either backend) and conntrack; skips with the reason when they
-//! are missing, except under CI, where it must run.
+//! Needs root, iproute2, iptables (1.8, either backend) and conntrack; skips with the reason
+//! when they are missing, except under CI, where it must run.
 
 use std::collections::BTreeMap;
 use std::io::Read;
