@@ -26,6 +26,8 @@ PACKAGES=(
     # Container networks: the agent runs the standard CNI plugins (bridge, host-local,
     # portmap, and macvlan/ipvlan for `network: {cni: NAME}`) from /usr/lib/cni.
     containernetworking-plugins
+    # Services: conntrack(8) forgets UDP flows to a withdrawn endpoint (agent/src/services).
+    conntrack
     # The hub's PostgreSQL datastore: the store and multi-hub tests start their
     # own throwaway server from /usr/lib/postgresql/<major>/bin as user postgres.
     postgresql

@@ -34,6 +34,7 @@ pub mod objects;
 pub mod probe;
 pub mod prober;
 pub mod runtime;
+pub mod services;
 pub mod state;
 pub mod supervisor;
 pub mod upgrade;
