@@ -443,6 +443,7 @@ mod tests {
             endpoints: vec![],
         };
         Records::from_table(&ServiceTable {
+            peers: vec![],
             domain: "Flotilla.Local.".into(),
             services: vec![s("api", [10, 96, 0, 10]), s("db", [10, 96, 0, 11])],
         })
@@ -612,7 +613,7 @@ mod tests {
         assert_eq!(addresses(&m), [Ipv4Addr::new(10, 96, 0, 11)]);
         assert!(tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await.is_err(), "no more replies");
         // The table changes: so do the answers.
-        let mut t = ServiceTable { domain: "flotilla.local".into(), services: vec![] };
+        let mut t = ServiceTable { peers: vec![], domain: "flotilla.local".into(), services: vec![] };
         t.services.push(ServiceEntry {
             name: "gone".into(),
             address: [10, 96, 0, 99].into(),
@@ -676,6 +677,7 @@ mod tests {
         // Over TCP, other names are forwarded over TCP: here to a second server of ours that
         // knows `web.svc.example`.
         let upstream_records = Records::from_table(&ServiceTable {
+            peers: vec![],
             domain: "example".into(),
             services: vec![ServiceEntry {
                 name: "web".into(),
