@@ -1547,3 +1547,63 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
     drop(c);
     drop(lan);
 }
+
+/// A service on the node: its name resolves through the node's name server on the bridge, and
+/// connections to its address are spread over its ready replicas by the node's kernel rules.
+#[test]
+fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let Some(site) = NsSite::start(&reg, "svc-1") else { return };
+    if !containers_possible() {
+        return;
+    }
+    let _janitor = Janitor::new(site.c.dir.path(), &["svc-1"]);
+    let who = "mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let image = site.via_link(&reg, &push_busybox(&reg, site.c.dir.path(), "busybox:who", &["sh", "-c", who]));
+    site.c.wait_for("node", WAIT, || site.c.nodes().iter().any(|n| n.ready));
+    let api = format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: api, labels: {{app: api}}}}\nspec:\n  runtime: container\n  image: {image}\n  replicas: 2\n  ports: [{{name: http, containerPort: 8080}}]\n---\napiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {{name: api}}\nspec: {{selector: {{app: api}}, ports: [{{port: 80, targetPort: http}}]}}\n"
+    );
+    apply(&site.c, &api);
+    apply(&site.c, &workload("client", &image, ""));
+    let all = ["api-0", "api-1", "client-0"];
+    site.c.wait_for("replicas running", WAIT, || all.iter().all(|r| running(&site.c, r)));
+    let svc: serde_json::Value = serde_json::from_str(&site.c.ok(&["get", "services", "-o", "json"])).unwrap();
+    let vip = svc[0]["address"].as_str().expect("the service's address").to_string();
+    let client_ns = site.c.agent_dir("svc-1").join("network/netns/client-0");
+    let in_client = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", client_ns.display()))
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    // The name, at the node's name server (the client's gateway, as its resolv.conf says).
+    let resolv = site.c.ok(&["exec", "client-0", "--", "cat", "/etc/resolv.conf"]);
+    let server = resolv.lines().find_map(|l| l.strip_prefix("nameserver ")).expect("a name server").trim().to_string();
+    site.c.wait_for("the service name resolves", WAIT, || {
+        in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip)
+    });
+    assert!(in_client(&["busybox", "nslookup", "api.svc.flotilla.local", &server]).1.contains(&vip));
+    // Connections to the service's address reach both replicas.
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    site.c.wait_for("the service answers", WAIT, || {
+        in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]).0
+    });
+    for _ in 0..40 {
+        let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+        assert!(ok, "{page}");
+        *seen.entry(page.trim().to_string()).or_default() += 1;
+    }
+    assert_eq!(seen.keys().map(String::as_str).collect::<Vec<_>>(), ["api-0", "api-1"], "{seen:?}");
+    let describe = site.c.ok(&["describe", "service", "api"]);
+    assert!(describe.contains(&vip) && describe.contains("api-0") && describe.contains("ready"), "{describe}");
+    // Deleted: the name is gone and nothing answers at the address.
+    site.c.ok(&["delete", "service", "api"]);
+    site.c.wait_for("the name is gone", WAIT, || !in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip));
+}

@@ -429,7 +429,7 @@ impl Inner {
             mode => Some(self.networks.attach(id, mode, &t.ports)?),
         };
         if let Some(a) = &attachment {
-            binds.extend(name_files(&bundle, id, a)?);
+            binds.extend(name_files(&bundle, id, a, &self.networks.domain())?);
         }
         let inputs = SpecInputs {
             args,
@@ -553,11 +553,16 @@ impl Inner {
 }
 
 /// `/etc/resolv.conf` and `/etc/hosts` of a container with an address of its own, written to
-/// its bundle and bound read-only: the node's name servers (loopback ones, unreachable from
-/// the container's namespace, left out) and its own name at its address.
-fn name_files(bundle: &Path, id: &str, a: &Attachment) -> Result<Vec<BindMount>, StartError> {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let resolv = resolv_conf(&host);
+/// its bundle and bound read-only: on the node's bridge, the node's name server (service
+/// names, the rest forwarded); on another network, the node's name servers (loopback ones,
+/// unreachable from the container's namespace, left out); and its own name at its address.
+fn name_files(bundle: &Path, id: &str, a: &Attachment, domain: &str) -> Result<Vec<BindMount>, StartError> {
+    // The node's name server on the bridge answers service names and forwards the rest to
+    // the node's own servers; a network of another kind (CNI) gets the node's servers.
+    let resolv = match a.gateway.filter(|_| a.bridged) {
+        Some(gw) => format!("search svc.{domain} {domain}\nnameserver {gw}\n"),
+        None => resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+    };
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(addr) = a.address {
         hosts.push_str(&format!("{addr}\t{id}\n"));

@@ -41,6 +41,7 @@ pub mod upgrade;
 pub mod wasm_usage;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -472,8 +473,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         })
         .await;
     }
+    // Services (names and load balancing) for containers on the node's network.
+    let services_tx = networks.as_ref().map(|_| services::shell::spawn());
+    let gateway_of = |set: &AssignmentSet| set.network.as_ref().and_then(|n| n.subnet.hosts().next()).map(IpAddr::V4);
+    if let Some(tx) = &services_tx {
+        tx.send_modify(|w| {
+            w.table = saved.services.clone().unwrap_or_default();
+            w.dns = gateway_of(&saved);
+        });
+    }
     if let Some(n) = &networks {
         n.set_node(saved.network.as_ref());
+        if let Some(t) = &saved.services {
+            n.set_domain(&t.domain);
+        }
         let (n, peers) = (n.clone(), saved.services.as_ref().map(|t| t.peers.clone()).unwrap_or_default());
         let _ = tokio::task::spawn_blocking(move || n.set_peers(&peers)).await;
     }
@@ -618,6 +631,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let changes = sup.take_status_changes();
         if !changes.is_empty() {
             status_tx.send_replace(sup.statuses());
+            if let Some(tx) = &services_tx {
+                let local = local_readiness(&sup);
+                tx.send_if_modified(|w| {
+                    let changed = w.local_ready != local;
+                    w.local_ready = local;
+                    changed
+                });
+            }
             unsaved = true;
         }
         if unsaved && tokio::time::Instant::now() >= next_save {
@@ -715,8 +736,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     continue;
                 }
                 generation = set.generation;
+                if let Some(tx) = &services_tx {
+                    let (table, dns) = (set.services.clone().unwrap_or_default(), gateway_of(&set));
+                    tx.send_if_modified(|w| {
+                        let changed = w.table != table || w.dns != dns;
+                        w.table = table;
+                        w.dns = dns;
+                        changed
+                    });
+                }
                 if let Some(n) = &networks {
                     n.set_node(set.network.as_ref());
+                    if let Some(t) = &set.services {
+                        n.set_domain(&t.domain);
+                    }
                     let (n, peers) = (n.clone(), set.services.as_ref().map(|t| t.peers.clone()).unwrap_or_default());
                     tokio::task::spawn_blocking(move || n.set_peers(&peers));
                 }
@@ -1063,6 +1096,15 @@ fn execute(
             _ => sup.on_stopped(&replica, run_id, now()),
         },
     }
+}
+
+/// This node's replicas and whether each is running and ready: what its service rules use
+/// for its own endpoints, ahead of the hub.
+fn local_readiness(sup: &Supervisor) -> BTreeMap<String, bool> {
+    sup.statuses()
+        .into_iter()
+        .map(|(name, st)| (name, st.phase == proto::messages::Phase::Running && st.ready))
+        .collect()
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ use tracing::{info, warn};
 
 use cni::{AddResult, CniError, Invoker, NetworkList, Target};
 
+/// The cluster domain until the hub names one (the hub's default).
+pub const DEFAULT_DOMAIN: &str = "flotilla.local";
 /// The interface name containers see.
 pub const IFNAME: &str = "eth0";
 /// The CNI network name of the node's bridge.
@@ -93,6 +95,8 @@ pub struct Attachment {
     pub netns: PathBuf,
     pub address: Option<IpAddr>,
     pub gateway: Option<IpAddr>,
+    /// On the node's bridge (whose address serves names), not a CNI network of another kind.
+    pub bridged: bool,
 }
 
 pub struct Networks {
@@ -100,6 +104,8 @@ pub struct Networks {
     invoker: Invoker,
     /// The node's network from the hub (the persisted assignment set).
     node: Mutex<Option<NodeNetwork>>,
+    /// The cluster domain containers search (from the node's service table).
+    domain: Mutex<String>,
     /// The subnet whose masquerade rule is in place.
     masquerading: Mutex<Option<Ipv4Net>>,
     /// Attachments are made and undone one at a time (the plugins serialize on their own
@@ -113,7 +119,14 @@ impl Networks {
             std::fs::create_dir_all(cfg.dir.join(d))?;
         }
         let invoker = Invoker { bin_dirs: cfg.cni_bin_dirs.clone() };
-        Ok(Networks { cfg, invoker, node: Mutex::new(None), masquerading: Mutex::new(None), turn: Mutex::new(()) })
+        Ok(Networks {
+            cfg,
+            invoker,
+            node: Mutex::new(None),
+            domain: Mutex::new(DEFAULT_DOMAIN.into()),
+            masquerading: Mutex::new(None),
+            turn: Mutex::new(()),
+        })
     }
 
     /// Takes the node's network from an assignment set (applied or loaded at start).
@@ -127,6 +140,17 @@ impl Networks {
         if let Some(n) = n {
             *node = Some(n.clone());
         }
+    }
+
+    /// Takes the cluster domain from the node's service table.
+    pub fn set_domain(&self, domain: &str) {
+        if !domain.is_empty() {
+            *self.domain.lock().unwrap_or_else(|e| e.into_inner()) = domain.to_string();
+        }
+    }
+
+    pub fn domain(&self) -> String {
+        self.domain.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn record_path(&self, replica: &str) -> PathBuf {
@@ -220,7 +244,8 @@ impl Networks {
                 && let Some(result) = &r.result
             {
                 let a = AddResult::parse(result);
-                return Ok(Attachment { netns: r.netns.clone(), address: a.address, gateway: a.gateway });
+                let bridged = *mode == NetworkMode::Bridge;
+                return Ok(Attachment { netns: r.netns.clone(), address: a.address, gateway: a.gateway, bridged });
             }
             self.undo(replica, r);
         }
@@ -250,7 +275,12 @@ impl Networks {
                     plugins_ms = ms(plugins),
                     "network attached"
                 );
-                Ok(Attachment { netns: path, address: a.address, gateway: a.gateway })
+                Ok(Attachment {
+                    netns: path,
+                    address: a.address,
+                    gateway: a.gateway,
+                    bridged: *mode == NetworkMode::Bridge,
+                })
             }
             Err(e) => {
                 self.undo(replica, record);

@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod dns;
 pub mod rules;
+pub mod shell;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
