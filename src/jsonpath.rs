@@ -12,7 +12,7 @@
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("jsonpath template {template:?}: unclosed {{ at byte {at}")]
     Unclosed { template: String, at: usize },
@@ -21,7 +21,20 @@ pub enum TemplateError {
     #[error("jsonpath template {template:?}: {{range}} without {{end}}")]
     RangeWithoutEnd { template: String },
     #[error("jsonpath template {template:?}: {{{expr}}}: {reason}")]
-    Expression { template: String, expr: String, reason: String },
+    Expression { template: String, expr: String, reason: ExprError },
+}
+
+/// Why one `{...}` action is not an expression.
+#[derive(Debug, thiserror::Error)]
+pub enum ExprError {
+    #[error(transparent)]
+    Path(#[from] serde_json_path::ParseError),
+    #[error("a string literal must end with its quote")]
+    Unterminated,
+    #[error("unknown escape \\{0}")]
+    UnknownEscape(char),
+    #[error("a string literal ends in \\")]
+    TrailingBackslash,
 }
 
 /// A parsed template.
@@ -45,7 +58,7 @@ impl Template {
                 Piece::Text(t) => stack.last_mut().expect("the stack keeps its root").1.push(Node::Text(t)),
                 Piece::Action(a) => {
                     let a = a.trim();
-                    let err = |reason: String| TemplateError::Expression {
+                    let err = |reason: ExprError| TemplateError::Expression {
                         template: template.to_string(),
                         expr: a.to_string(),
                         reason,
@@ -109,7 +122,7 @@ fn show(v: &Value) -> String {
 }
 
 /// kubectl's path (`.a.b`, `[0]`, `..a`, `@`, `$...`) as an RFC 9535 query.
-fn path(expr: &str) -> Result<JsonPath, String> {
+fn path(expr: &str) -> Result<JsonPath, ExprError> {
     let query = match expr {
         "" | "@" | "$" => "$".to_string(),
         e if e.starts_with('$') => e.to_string(),
@@ -118,16 +131,13 @@ fn path(expr: &str) -> Result<JsonPath, String> {
         // kubectl takes `{metadata.name}` too.
         e => format!("$.{e}"),
     };
-    JsonPath::parse(&query).map_err(|e| e.to_string())
+    Ok(JsonPath::parse(&query)?)
 }
 
 /// A quoted string action: `"\n"`, `"\t"`, `", "`.
-fn literal(a: &str) -> Result<String, String> {
+fn literal(a: &str) -> Result<String, ExprError> {
     let quote = a.chars().next().unwrap_or('"');
-    let inner = a
-        .strip_prefix(quote)
-        .and_then(|s| s.strip_suffix(quote))
-        .ok_or_else(|| "a string literal must end with its quote".to_string())?;
+    let inner = a.strip_prefix(quote).and_then(|s| s.strip_suffix(quote)).ok_or(ExprError::Unterminated)?;
     let mut out = String::new();
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
@@ -140,8 +150,8 @@ fn literal(a: &str) -> Result<String, String> {
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
             Some(c @ ('\\' | '"' | '\'')) => out.push(c),
-            Some(c) => return Err(format!("unknown escape \\{c}")),
-            None => return Err("a string literal ends in \\".into()),
+            Some(c) => return Err(ExprError::UnknownEscape(c)),
+            None => return Err(ExprError::TrailingBackslash),
         }
     }
     Ok(out)

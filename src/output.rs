@@ -23,9 +23,18 @@ pub enum Format {
     JsonPath(std::sync::Arc<crate::jsonpath::Template>),
 }
 
+/// Why `-o` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{0:?} is none of table, wide, json, yaml, name, jsonpath=TEMPLATE")]
+    Unknown(String),
+    #[error(transparent)]
+    Template(#[from] crate::jsonpath::TemplateError),
+}
+
 impl Format {
     /// `table`, `wide`, `json`, `yaml`, `name` or `jsonpath=TEMPLATE` (clap's value parser).
-    pub fn parse(s: &str) -> Result<Format, String> {
+    pub fn parse(s: &str) -> Result<Format, FormatError> {
         Ok(match s {
             "table" => Format::Table,
             "wide" => Format::Wide,
@@ -33,10 +42,8 @@ impl Format {
             "yaml" => Format::Yaml,
             "name" => Format::Name,
             _ => match s.split_once('=') {
-                Some(("jsonpath", t)) => Format::JsonPath(std::sync::Arc::new(
-                    crate::jsonpath::Template::parse(t).map_err(|e| e.to_string())?,
-                )),
-                _ => return Err(format!("{s:?} is none of table, wide, json, yaml, name, jsonpath=TEMPLATE")),
+                Some(("jsonpath", t)) => Format::JsonPath(std::sync::Arc::new(crate::jsonpath::Template::parse(t)?)),
+                _ => return Err(FormatError::Unknown(s.to_string())),
             },
         })
     }

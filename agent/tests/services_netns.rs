@@ -25,17 +25,15 @@ use proto::service::{Endpoint, ServiceEntry, ServiceEntryPort, ServiceTable};
 
 const VIP: &str = "10.250.0.10";
 
-fn usable() -> Result<(), String> {
+/// What this machine lacks for the test, if anything (a reason to skip, not an error).
+fn missing() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (network namespaces and iptables)".into());
+        return Some("needs root (network namespaces and iptables)".into());
     }
-    for tool in [["ip", "-V"], ["iptables-restore", "--version"], ["conntrack", "--version"]] {
-        match Command::new(tool[0]).arg(tool[1]).output() {
-            Ok(o) if o.status.success() => {}
-            _ => return Err(format!("needs {}", tool[0])),
-        }
-    }
-    Ok(())
+    [["ip", "-V"], ["iptables-restore", "--version"], ["conntrack", "--version"]]
+        .into_iter()
+        .find(|tool| !Command::new(tool[0]).arg(tool[1]).output().is_ok_and(|o| o.status.success()))
+        .map(|tool| format!("needs {}", tool[0]))
 }
 
 fn run(args: &[&str]) -> String {
@@ -149,7 +147,7 @@ fn our_chains(node: &str) -> usize {
 
 #[test]
 fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
-    if let Err(why) = usable() {
+    if let Some(why) = missing() {
         assert!(std::env::var_os("CI").is_none(), "{why}, and CI must run this test");
         eprintln!("skipping: {why}");
         return;

@@ -28,6 +28,17 @@ pub struct TestRegistry {
     tempdir: tempfile::TempDir,
 }
 
+/// Why one attempt to start the registry failed.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot {what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("exited with {status}; log:\n{log}")]
+    Exited { status: std::process::ExitStatus, log: String },
+    #[error("no answer to GET /v2/ on {addr} within {READY_TIMEOUT:?}; log:\n{log}")]
+    NoAnswer { addr: String, log: String },
+}
+
 impl TestRegistry {
     /// Starts a registry, or returns `None` (after saying why) if `docker-registry` is not
     /// installed and `CI` is unset.
@@ -52,30 +63,30 @@ impl TestRegistry {
             eprintln!("skipping registry test: {why}");
             return None;
         };
-        let mut last_error = String::new();
+        let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             match Self::try_start(&bin, htpasswd) {
                 Ok(registry) => return Some(registry),
-                Err(e) => last_error = e,
+                Err(e) => last_error = Some(e),
             }
         }
-        panic!("docker-registry ({}) did not start: {last_error}", bin.display());
+        let why = last_error.map(|e| e.to_string()).unwrap_or_default();
+        panic!("docker-registry ({}) did not start: {why}", bin.display());
     }
 
-    fn try_start(bin: &Path, htpasswd: Option<&str>) -> Result<TestRegistry, String> {
-        let tempdir = tempfile::Builder::new()
-            .prefix("flotilla-test-registry-")
-            .tempdir()
-            .map_err(|e| format!("cannot create temp dir: {e}"))?;
-        let port = free_port().map_err(|e| format!("cannot find a free port: {e}"))?;
+    fn try_start(bin: &Path, htpasswd: Option<&str>) -> Result<TestRegistry, StartError> {
+        let io = |what: &'static str| move |source| StartError::Io { what, source };
+        let tempdir =
+            tempfile::Builder::new().prefix("flotilla-test-registry-").tempdir().map_err(io("create a temp dir"))?;
+        let port = free_port().map_err(io("find a free port"))?;
         let addr = format!("127.0.0.1:{port}");
         let storage = tempdir.path().join("storage");
-        std::fs::create_dir_all(&storage).map_err(|e| format!("cannot create storage: {e}"))?;
+        std::fs::create_dir_all(&storage).map_err(io("create storage"))?;
         let config_path = tempdir.path().join("config.yml");
         let auth = match htpasswd {
             Some(content) => {
                 let path = tempdir.path().join("htpasswd");
-                std::fs::write(&path, content).map_err(|e| format!("cannot write htpasswd: {e}"))?;
+                std::fs::write(&path, content).map_err(io("write htpasswd"))?;
                 format!("auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n", path.display())
             }
             None => String::new(),
@@ -87,10 +98,10 @@ impl TestRegistry {
              http:\n  addr: {addr}\n{auth}",
             storage.display()
         );
-        std::fs::write(&config_path, config).map_err(|e| format!("cannot write config: {e}"))?;
+        std::fs::write(&config_path, config).map_err(io("write config"))?;
         let log_path = tempdir.path().join("registry.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| format!("cannot create log: {e}"))?;
-        let log_err = log.try_clone().map_err(|e| format!("cannot clone log handle: {e}"))?;
+        let log = std::fs::File::create(&log_path).map_err(io("create log"))?;
+        let log_err = log.try_clone().map_err(io("clone log handle"))?;
         let child = Command::new(bin)
             .arg("serve")
             .arg(&config_path)
@@ -98,16 +109,13 @@ impl TestRegistry {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(|e| format!("cannot spawn {}: {e}", bin.display()))?;
+            .map_err(io("spawn docker-registry"))?;
         let mut registry = TestRegistry { addr, child, tempdir };
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = registry.child.try_wait() {
-                return Err(format!(
-                    "exited with {status}; log:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                ));
+                return Err(StartError::Exited { status, log: std::fs::read_to_string(&log_path).unwrap_or_default() });
             }
             if probe(&registry.addr) {
                 return Ok(registry);
@@ -115,10 +123,7 @@ impl TestRegistry {
             if Instant::now() >= deadline {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 registry.kill();
-                return Err(format!(
-                    "no answer to GET /v2/ on {} within {:?}; log:\n{log}",
-                    registry.addr, READY_TIMEOUT
-                ));
+                return Err(StartError::NoAnswer { addr: registry.addr.clone(), log });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
