@@ -47,18 +47,21 @@ mod busybox_image;
 mod cluster;
 #[path = "../tests/support/janitor.rs"]
 mod janitor;
+#[path = "support/measure.rs"]
+mod measure;
 #[path = "../tests/support/netns.rs"]
 mod netns;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
-use std::io::{BufRead, Read, Seek, SeekFrom};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use agent::network::{NetworkConfig, Networks};
 use api::Api;
+use measure::{Tail, env_usize, median, ms};
 use proto::manifest::NetworkMode;
 use proto::messages::{ApiRequest, ApiResponse, NodeNetwork, ResourceKind};
 
@@ -68,62 +71,10 @@ const NODE: &str = "net-1";
 const SCRIPT: &str = "trap 'exit 0' TERM\necho started\nsleep 999999 &\nwait";
 const NEEDLE: &str = "started";
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn sorted(v: &[Duration]) -> Vec<Duration> {
+fn p90(v: &[Duration]) -> Duration {
     let mut s = v.to_vec();
     s.sort();
-    s
-}
-
-fn median(v: &[Duration]) -> Duration {
-    let s = sorted(v);
-    let n = s.len();
-    if n == 0 {
-        Duration::ZERO
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2
-    }
-}
-
-fn p90(v: &[Duration]) -> Duration {
-    let s = sorted(v);
     if s.is_empty() { Duration::ZERO } else { s[((s.len() - 1) as f64 * 0.9).round() as usize] }
-}
-
-/// The new bytes of a log file since the tail started (someone else writes it).
-struct Tail {
-    path: PathBuf,
-    offset: u64,
-    text: String,
-}
-
-impl Tail {
-    fn new(path: PathBuf) -> Tail {
-        Tail { path, offset: 0, text: String::new() }
-    }
-
-    fn saw(&mut self, needle: &str) -> bool {
-        if let Ok(mut f) = std::fs::File::open(&self.path) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len > self.offset && f.seek(SeekFrom::Start(self.offset)).is_ok() {
-                let mut buf = Vec::new();
-                if f.read_to_end(&mut buf).is_ok() {
-                    self.offset += buf.len() as u64;
-                    self.text.push_str(&String::from_utf8_lossy(&buf));
-                }
-            }
-        }
-        self.text.contains(needle)
-    }
 }
 
 fn is_root() -> bool {
@@ -135,23 +86,22 @@ fn which(tool: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
-fn possible() -> Result<(), String> {
+/// What this machine lacks for the bench, if anything (a reason to skip, not an error).
+fn missing() -> Option<String> {
     if !is_root() {
-        return Err("not running as root".into());
+        return Some("not running as root".into());
     }
     if !Path::new("/bin/busybox").exists() {
-        return Err("/bin/busybox missing (Debian's busybox-static)".into());
+        return Some("/bin/busybox missing (Debian's busybox-static)".into());
     }
     if let Some(t) = ["ip", "nsenter", "unshare", "iptables"].iter().find(|t| which(t).is_none()) {
-        return Err(format!("`{t}` not found"));
+        return Some(format!("`{t}` not found"));
     }
     let cni = NetworkConfig::new(PathBuf::new()).cni_bin_dirs;
-    for plugin in ["bridge", "host-local", "portmap"] {
-        if !cni.iter().any(|d| d.join(plugin).is_file()) {
-            return Err(format!("CNI plugin {plugin} not found (Debian's containernetworking-plugins)"));
-        }
-    }
-    Ok(())
+    ["bridge", "host-local", "portmap"]
+        .into_iter()
+        .find(|plugin| !cni.iter().any(|d| d.join(plugin).is_file()))
+        .map(|plugin| format!("CNI plugin {plugin} not found (Debian's containernetworking-plugins)"))
 }
 
 /// Runs `cmd` with its output captured; `None` if it could not run or took longer than
@@ -519,7 +469,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    if let Err(why) = possible() {
+    if let Some(why) = missing() {
         eprintln!("networks bench needs containers and network namespaces: {why}; nothing measured");
         return;
     }

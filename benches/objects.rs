@@ -36,14 +36,16 @@ mod busybox_image;
 mod cluster;
 #[path = "../tests/support/janitor.rs"]
 mod janitor;
+#[path = "support/measure.rs"]
+mod measure;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api::Api;
+use measure::{Tail, env_usize, median, ms};
 use proto::messages::{ApiRequest, ApiResponse, ResourceKind};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -64,60 +66,12 @@ wait";
 const PASSWORD: &str = "bench-password-0123456789";
 const GREETING: &str = "hi-from-a-secret";
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2 }
-}
-
 fn max(v: &[Duration]) -> Duration {
     v.iter().copied().max().unwrap_or_default()
 }
 
 fn min(v: &[Duration]) -> Duration {
     v.iter().copied().min().unwrap_or_default()
-}
-
-/// The new bytes of a log file since the last look (the agent writes it; we only read).
-struct Tail {
-    path: PathBuf,
-    offset: u64,
-    text: String,
-}
-
-impl Tail {
-    /// Starts at the current end of `path`.
-    fn at_end(path: PathBuf) -> Tail {
-        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Tail { path, offset, text: String::new() }
-    }
-
-    /// Whether `needle` appeared since the tail started.
-    fn saw(&mut self, needle: &str) -> bool {
-        if let Ok(mut f) = std::fs::File::open(&self.path) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < self.offset {
-                self.offset = 0; // rotated
-            }
-            if len > self.offset && f.seek(SeekFrom::Start(self.offset)).is_ok() {
-                let mut buf = Vec::new();
-                if f.read_to_end(&mut buf).is_ok() {
-                    self.offset += buf.len() as u64;
-                    self.text.push_str(&String::from_utf8_lossy(&buf));
-                }
-            }
-        }
-        self.text.contains(needle)
-    }
 }
 
 /// Whether a container of `replica` on `node` still has a cgroup.
@@ -235,7 +189,7 @@ async fn start_once(api: &Api, c: &cluster::Cluster, kind: Kind, name: &str, ima
         Kind::Container => format!("start env={} file={}", PASSWORD.len(), if secret { PASSWORD.len() } else { 0 }),
         Kind::Wasm => format!("{GREETING} #1 from"),
     };
-    let mut tail = Tail { path: log, offset: 0, text: String::new() };
+    let mut tail = Tail::new(log);
     let start = Instant::now();
     apply(api, &source).await;
     let (mut running, mut first_line) = (None, None);
@@ -372,7 +326,7 @@ fn main() {
                 assert_eq!(std::fs::read_to_string(f).ok().as_deref(), Some("init"), "{}", f.display());
             }
             for l in &logs {
-                let mut t = Tail { path: l.clone(), offset: 0, text: String::new() };
+                let mut t = Tail::new(l.clone());
                 let deadline = Instant::now() + LIMIT;
                 while !t.saw("v=init\n") {
                     assert!(Instant::now() < deadline, "{} never showed the first value: {}", l.display(), t.text);
