@@ -538,7 +538,7 @@ impl Inner {
         }
         let bundle = self.bundles.join(id);
         let rootfs = bundle.join("rootfs");
-        if is_mountpoint(&rootfs)
+        if container::is_mountpoint(&rootfs)
             && let Err(e) = container::unmount(&rootfs)
         {
             warn!(replica = id, error = %e, "cannot unmount rootfs");
@@ -620,13 +620,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
     std::fs::write(path, bytes).map_err(|error| StartError::Write { path: path.to_path_buf(), error })
-}
-
-/// Whether `path` is a mount point (listed in this process's mountinfo).
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let want = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
 }
 
 /// The image's `USER` as numeric ids: `uid`, `uid:gid`, or names looked up in the rootfs's

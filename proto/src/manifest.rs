@@ -929,13 +929,7 @@ pub fn parse_documents(source: &str) -> Result<Vec<Document>, ManifestError> {
         } else if kind == Some("Service") {
             Document::Service(Box::new(crate::service::parse_service(document, value)?))
         } else {
-            let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path == "." { "(document)".to_string() } else { path };
-                ManifestError::new(document, path, e.into_inner().to_string())
-            })?;
-            manifest.validate().map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
-            Document::Workload(Box::new(manifest))
+            Document::Workload(Box::new(parse_checked(document, value, Manifest::validate)?))
         };
         if out.iter().any(|d| d.kind() == parsed.kind() && d.name() == parsed.name()) {
             return Err(ManifestError::new(
@@ -950,6 +944,30 @@ pub fn parse_documents(source: &str) -> Result<Vec<Document>, ManifestError> {
         return Err(ManifestError::new(1, "(document)", "no manifest found"));
     }
     Ok(out)
+}
+
+/// Reads document number `document` as a `T` and checks it with `validate`; either failure
+/// names the field's path.
+pub(crate) fn parse_checked<T: serde::de::DeserializeOwned>(
+    document: usize,
+    value: serde_json::Value,
+    validate: impl FnOnce(&T) -> Result<(), (String, String)>,
+) -> Result<T, ManifestError> {
+    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { "(document)".to_string() } else { path };
+        ManifestError::new(document, path, e.into_inner().to_string())
+    })?;
+    validate(&parsed).map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
+    Ok(parsed)
+}
+
+/// What every kind checks first: the API version and the object's name.
+pub(crate) fn validate_header(api_version: &str, name: &str) -> Result<(), (String, String)> {
+    if api_version != API_VERSION {
+        return Err(("apiVersion".into(), format!("unsupported apiVersion {api_version:?}, expected {API_VERSION:?}")));
+    }
+    validate_name(name).map_err(|InvalidValue(msg)| ("metadata.name".to_string(), msg))
 }
 
 /// The workloads of [`parse_documents`] (configs and secrets are left out); an error when
@@ -1011,15 +1029,7 @@ impl Manifest {
     /// what is wrong with it.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |path: &str, msg: String| Err((path.to_string(), msg));
-        if self.api_version != API_VERSION {
-            return err(
-                "apiVersion",
-                format!("unsupported apiVersion {:?}, expected {API_VERSION:?}", self.api_version),
-            );
-        }
-        if let Err(InvalidValue(msg)) = validate_name(&self.metadata.name) {
-            return err("metadata.name", msg);
-        }
+        validate_header(&self.api_version, &self.metadata.name)?;
         for (k, v) in &self.metadata.labels {
             if let Err(msg) = validate_label(k, v) {
                 return err(&format!("metadata.labels.{k}"), msg.to_string());

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{API_VERSION, ManifestError, Metadata, Protocol, validate_name};
+use crate::manifest::{ManifestError, Metadata, Protocol, validate_header, validate_name};
 
 /// `kind: Service`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,15 +97,7 @@ impl fmt::Display for TargetPort {
 impl ServiceManifest {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |path: &str, msg: String| Err((path.to_string(), msg));
-        if self.api_version != API_VERSION {
-            return err(
-                "apiVersion",
-                format!("unsupported apiVersion {:?}, expected {API_VERSION:?}", self.api_version),
-            );
-        }
-        if let Err(e) = validate_name(&self.metadata.name) {
-            return err("metadata.name", e.0);
-        }
+        validate_header(&self.api_version, &self.metadata.name)?;
         // A service name is a DNS label.
         if self.metadata.name.len() > 63 || !self.metadata.name.starts_with(|c: char| c.is_ascii_lowercase()) {
             return err(
@@ -159,13 +151,7 @@ impl ServiceManifest {
 
 /// Reads one `kind: Service` document.
 pub fn parse_service(document: usize, value: serde_json::Value) -> Result<ServiceManifest, ManifestError> {
-    let m: ServiceManifest = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { "(document)".to_string() } else { path };
-        ManifestError::new(document, path, e.into_inner().to_string())
-    })?;
-    m.validate().map_err(|(path, msg)| ManifestError::new(document, path, msg))?;
-    Ok(m)
+    crate::manifest::parse_checked(document, value, ServiceManifest::validate)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ pub use cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager, Cgr
 pub use exec::{ExecError, ExecOutcome, ExecRequest, ExecStatus, exec};
 /// Signals as the runtime API takes them.
 pub use nix::sys::signal::{SigSet, Signal};
-pub use overlay::{OverlayError, mount_overlay, unmount};
+pub use overlay::{OverlayError, is_mountpoint, mount_overlay, unmount};
 pub use runtime::{
     ContainerError, ContainerRecord, CreateOptions, Created, ExitInfo, NetworkHook, NetworkHookError, OciState,
     Runtime, RuntimeConfig, Status, signal_process,

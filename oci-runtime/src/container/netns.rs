@@ -50,13 +50,7 @@ pub fn remove(path: &Path) -> io::Result<()> {
 
 /// Whether a namespace is bound at `path` (it is a mount point of this mount namespace).
 pub fn is_bound(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let want = path.to_string_lossy();
-    // Field 5 is the mount point; nsfs mounts name the namespace as their root.
-    info.lines().any(|l| {
-        let mut f = l.split(' ');
-        f.nth(4).is_some_and(|m| m == want)
-    })
+    super::overlay::is_mountpoint(path)
 }
 
 /// Every file in `dir` (the namespaces made there), by file name.

@@ -47,3 +47,11 @@ pub fn unmount(target: &Path) -> Result<(), OverlayError> {
         Err(source) => Err(OverlayError::Unmount { target: target.into(), source }),
     }
 }
+
+/// Whether `path` is a mount point of this process's mount namespace (field 5 of a line of
+/// `/proc/self/mountinfo`).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+}
