@@ -73,6 +73,14 @@ impl Store {
 
     /// The node's subnet, allocated now (lowest free, generation raised) if it holds none.
     pub async fn ensure_node_subnet(&self, node: &str, net: ClusterNetwork) -> Result<SubnetOutcome> {
+        // Every session start asks: a node that holds its subnet costs a read, not a turn at
+        // the store's write lock.
+        let mut tx = self.pool.read_tx().await?;
+        let held = node_network(&mut tx, node).await?;
+        tx.commit().await?;
+        if let Some(held) = held {
+            return Ok(SubnetOutcome::Held(held));
+        }
         let mut tx = self.pool.write_tx().await?;
         if let Some(held) = node_network(&mut tx, node).await? {
             tx.commit().await?;
