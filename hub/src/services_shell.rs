@@ -73,22 +73,27 @@ pub(crate) struct Inputs {
 
 pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
     let services = shared.store.services().await?.into_iter().map(|r| r.service).collect();
-    let workloads = shared
+    let workloads: BTreeMap<String, Backend> = shared
         .store
         .workloads()
         .await?
         .iter()
         .map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest)))
         .collect();
+    let nodes = shared.store.nodes().await?;
+    let node_ips: BTreeMap<&str, std::net::IpAddr> =
+        nodes.iter().filter_map(|n| Some((n.name.as_str(), n.facts.node_ip?))).collect();
     let members = shared
         .store
         .replicas()
         .await?
         .iter()
-        .filter_map(|r| Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status))
+        .filter_map(|r| {
+            let node_ip = r.node.as_deref().and_then(|n| node_ips.get(n).copied());
+            Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status, workloads.get(&r.workload), node_ip)
+        })
         .collect();
     let label = &shared.services.site_label;
-    let nodes = shared.store.nodes().await?;
     let subnets: BTreeMap<String, ipnet::Ipv4Net> = shared.store.node_subnets().await?.into_iter().collect();
     let routes =
         nodes.iter().filter_map(|n| Some((n.name.clone(), (*subnets.get(&n.name)?, n.facts.node_ip?)))).collect();
