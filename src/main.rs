@@ -827,7 +827,7 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
     ResourceKind::parse(s).with_context(|| {
-        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets or services")
+        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services or endpoints")
     })
 }
 
@@ -1288,6 +1288,25 @@ async fn run_command(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 other => unexpected(other),
+            }
+        }
+        Command::Get { kind, names, output, selector, watch } if output::is_endpoints(&kind) => {
+            if watch || !selector.is_empty() {
+                bail!("get endpoints takes no -w or -l; watch or select the services instead");
+            }
+            let client = client::Client::connect(cli.global.target()).await?;
+            let response = client.request(&ApiRequest::Get { kind: ResourceKind::Service }).await?;
+            if let ApiResponse::Error { message } = response {
+                bail!("{message}");
+            }
+            let (response, missing) = output::only_named(response, &names);
+            let ApiResponse::Services { items } = response else { return unexpected(response) };
+            if names.is_empty() || missing.len() < names.len() {
+                print!("{}", output::render_endpoints(&items, &output)?);
+            }
+            match missing.as_slice() {
+                [] => Ok(()),
+                many => bail!("service {} not found", many.join(", ")),
             }
         }
         Command::Get { kind, names, output, selector, watch } => {
