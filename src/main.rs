@@ -47,6 +47,60 @@ struct Global {
     context: Option<String>,
 }
 
+/// Verbs that never talk to a hub through the CLI config: `--config` and `--context` are
+/// hidden from their help and refused on their command line.
+/// (`sim` is not one: its `--config` is the admin config its `--apply` uses.)
+const LOCAL_VERBS: [&str; 11] = [
+    "hub",
+    "agent",
+    "run",
+    "oci",
+    "image",
+    "push",
+    "login",
+    "logout",
+    "completion",
+    "agent-upgrade-watch",
+    "agent-handoff",
+];
+
+/// The command line. `--config` and `--context` are global, so a client verb takes them
+/// anywhere on its line (as kubectl's `--kubeconfig` and `--context`). The local verbs, all the
+/// way down (`oci run`, `image import`), get hidden arguments of the same names first, which
+/// clap's propagation of global arguments leaves in place, so their help does not show the
+/// options and [`misplaced_client_option`] can refuse them.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory as _;
+    fn hide_client_options(cmd: clap::Command) -> clap::Command {
+        let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+        let cmd = names.iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, hide_client_options));
+        cmd.arg(clap::Arg::new("config").long("config").hide(true).value_parser(clap::value_parser!(PathBuf)))
+            .arg(clap::Arg::new("context").long("context").hide(true))
+    }
+    LOCAL_VERBS.into_iter().fold(Cli::command(), |cmd, verb| cmd.mut_subcommand(verb, hide_client_options))
+}
+
+/// The client-only option given on a local verb's command line, if any (`flotilla hub
+/// --config hub.yaml` would otherwise be silently ignored: the hub's own file is
+/// `--config-file`).
+fn misplaced_client_option(matches: &clap::ArgMatches) -> Option<(String, &'static str)> {
+    let (verb, mut sub) = matches.subcommand()?;
+    if !LOCAL_VERBS.contains(&verb) {
+        return None;
+    }
+    loop {
+        for id in ["config", "context"] {
+            if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                return Some((verb.to_string(), id));
+            }
+        }
+        match sub.subcommand() {
+            Some((_, next)) => sub = next,
+            None => return None,
+        }
+    }
+}
+
 impl Global {
     /// The cluster client verbs connect to.
     fn target(&self) -> client::Target<'_> {
@@ -900,17 +954,28 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    let Cli { global, command } = Cli::parse_from(argv);
+    let matches = cli_command().get_matches_from(argv);
+    if let Some((verb, option)) = misplaced_client_option(&matches) {
+        let hint = if matches!(verb.as_str(), "hub" | "agent") { "; its own config file is --config-file" } else { "" };
+        eprintln!("error: --{option} is for the verbs that talk to a hub; `flotilla {verb}` does not take it{hint}");
+        return std::process::ExitCode::from(2);
+    }
+    let Cli { global, command } = {
+        use clap::FromArgMatches as _;
+        match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    };
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
         // A small single-threaded process: no async runtime needed.
         Command::Completion { shell } => {
-            use clap::CommandFactory as _;
             use std::io::Write as _;
             // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut script);
+            clap_complete::generate(shell, &mut cli_command(), "flotilla", &mut script);
             return match std::io::stdout().write_all(&script) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
@@ -1997,5 +2062,50 @@ mod help_tests {
         let mut missing = Vec::new();
         without_help(&super::Cli::command(), "flotilla", &mut missing);
         assert!(missing.is_empty(), "{} arguments without help:\n{}", missing.len(), missing.join("\n"));
+    }
+}
+
+#[cfg(test)]
+mod client_option_tests {
+    use super::{cli_command, misplaced_client_option};
+
+    fn help(args: &[&str]) -> String {
+        let mut cmd = cli_command();
+        cmd.build();
+        let mut sub = &mut cmd;
+        for a in args {
+            sub = sub.find_subcommand_mut(a).unwrap();
+        }
+        sub.render_long_help().to_string()
+    }
+
+    fn misplaced(argv: &[&str]) -> Option<(String, &'static str)> {
+        misplaced_client_option(&cli_command().try_get_matches_from(argv).unwrap())
+    }
+
+    #[test]
+    fn client_options_show_and_work_only_on_client_verbs() {
+        for local in [&["hub"][..], &["agent"], &["oci", "run"], &["image", "import"], &["push"]] {
+            let text = help(local);
+            assert!(!text.contains("--config <") && !text.contains("--context"), "{local:?}:\n{text}");
+        }
+        for client in [&["get"][..], &["apply"], &["rollout", "status"]] {
+            let text = help(client);
+            assert!(text.contains("--config <") && text.contains("--context"), "{client:?}:\n{text}");
+        }
+        assert_eq!(misplaced(&["flotilla", "hub", "--config", "hub.yaml"]), Some(("hub".into(), "config")));
+        assert_eq!(
+            misplaced(&["flotilla", "agent", "--hub", "h:1", "--context", "eu"]),
+            Some(("agent".into(), "context"))
+        );
+        assert_eq!(misplaced(&["flotilla", "get", "nodes", "--context", "eu"]), None);
+        assert_eq!(misplaced(&["flotilla", "--config", "c.yaml", "get", "nodes"]), None);
+        // The hub's own config file is not the client's.
+        assert_eq!(misplaced(&["flotilla", "hub", "--config-file", "hub.yaml"]), None);
+        // Parsed values still reach the client verbs.
+        use clap::FromArgMatches as _;
+        let m = cli_command().try_get_matches_from(["flotilla", "get", "nodes", "--config", "c.yaml"]).unwrap();
+        let cli = super::Cli::from_arg_matches(&m).unwrap();
+        assert_eq!(cli.global.config.as_deref(), Some(std::path::Path::new("c.yaml")));
     }
 }
