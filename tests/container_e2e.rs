@@ -1429,46 +1429,6 @@ fn bridged_containers_reach_each_other_publish_ports_keep_addresses_and_leave_no
     assert!(http_get(&format!("{ns_ip}:9080"), "/index.html").is_none(), "the port still answers");
 }
 
-/// A site's LAN: a bridge in a namespace of its own, with a veth into each member agent's
-/// namespace carrying 192.168.250.(i+1)/24. Dropping it deletes the namespace, and with it
-/// every veth (their peers in the agents' namespaces go too).
-struct SiteLan {
-    name: String,
-}
-
-impl SiteLan {
-    fn create(members: &[&netns::Netns]) -> SiteLan {
-        let pid = std::process::id() % 100_000;
-        let lan = SiteLan { name: format!("fltlan{pid}") };
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip").args(args).output().unwrap();
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ip(&["netns", "add", &lan.name]);
-        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &lan.name, "link", "set", "br0", "up"]);
-        for (i, ns) in members.iter().enumerate() {
-            let agent_ns = ns.exec_prefix()[1].trim_start_matches("--net=/run/netns/").to_string();
-            let (here, there) = (format!("lan{i}"), format!("fl{pid}s{i}"));
-            ip(&["-n", &lan.name, "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &agent_ns]);
-            ip(&["-n", &lan.name, "link", "set", &here, "master", "br0", "up"]);
-            ip(&["-n", &agent_ns, "addr", "add", &format!("{}/24", Self::ip(i)), "dev", &there]);
-            ip(&["-n", &agent_ns, "link", "set", &there, "up"]);
-        }
-        lan
-    }
-
-    fn ip(i: usize) -> String {
-        format!("192.168.250.{}", i + 1)
-    }
-}
-
-impl Drop for SiteLan {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 /// Two nodes of one site, each in its own namespace, joined by their LAN: each routes the
 /// other's container subnet to it (host-gw, told by the hub), so a container on one fetches a
 /// page from a container on the other by address, with no NAT between them.
@@ -1479,7 +1439,7 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let (ns1, ns2) = (netns::Netns::create(), netns::Netns::create());
-    let lan = SiteLan::create(&[&ns1, &ns2]);
+    let lan = netns::SiteLan::create(&[&ns1, &ns2]);
     let target: std::net::SocketAddr = reg.addr.parse().unwrap();
     let (fwd1, fwd2) =
         (netns::TcpForward::start(ns1.host_ip(), target), netns::TcpForward::start(ns2.host_ip(), target));
@@ -1488,7 +1448,8 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
     let _janitor = Janitor::new(c.dir.path(), &["s1", "s2"]);
     let image = push_busybox(&reg, c.dir.path(), "busybox:lan", &["sh", "-c", HTTPD]);
     for (i, (ns, fwd, name)) in [(&ns1, &fwd1, "s1"), (&ns2, &fwd2, "s2")].into_iter().enumerate() {
-        let (registry, node_ip, hub) = (fwd.addr.to_string(), SiteLan::ip(i), format!("{}:{port}", ns.host_ip()));
+        let (registry, node_ip, hub) =
+            (fwd.addr.to_string(), netns::SiteLan::ip(i), format!("{}:{port}", ns.host_ip()));
         let label = format!("box={name}");
         c.add_agent_via(
             &ns.exec_prefix(),
@@ -1522,8 +1483,8 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     c.wait_for("site routes in place", WAIT, || {
-        routes(&ns1).contains(&format!("via {}", SiteLan::ip(1)))
-            && routes(&ns2).contains(&format!("via {}", SiteLan::ip(0)))
+        routes(&ns1).contains(&format!("via {}", netns::SiteLan::ip(1)))
+            && routes(&ns2).contains(&format!("via {}", netns::SiteLan::ip(0)))
     });
     // From web-s1-0's own network namespace (its eth0 and address), with the host's busybox:
     // the image's busybox-static wget, run through `flotilla exec`, crashes here on some
@@ -1553,7 +1514,7 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
 #[test]
 fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas() {
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(site) = NsSite::start(&reg, "svc-1") else { return };
+    let Some(mut site) = NsSite::start(&reg, "svc-1") else { return };
     if !containers_possible() {
         return;
     }
@@ -1601,8 +1562,43 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
         *seen.entry(page.trim().to_string()).or_default() += 1;
     }
     assert_eq!(seen.keys().map(String::as_str).collect::<Vec<_>>(), ["api-0", "api-1"], "{seen:?}");
-    // By name, from inside the container, through its resolv.conf.
-    let by_name = site.c.ok(&["exec", "client-0", "--", "wget", "-qO-", "http://api/index.html"]);
+    // The agent SIGKILLed: the kernel's rules keep serving the address while it is down; back
+    // (adopting its containers), it keeps every address, and names resolve and answer again.
+    let addr = |c: &Cluster, r: &str| replica(c, r).unwrap().status.address.expect("an address");
+    let before: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    site.c.agents[0].kill();
+    site.c.agents.clear();
+    let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+    assert!(ok && page.trim().starts_with("api-"), "the service must answer with its agent down: {page}");
+    let hub = format!("{}:{}", site._ns.host_ip(), site.c.hub_listen.as_ref().unwrap().rsplit_once(':').unwrap().1);
+    let registry = site.fwd.addr.to_string();
+    let prefix = site._ns.exec_prefix();
+    site.c.add_agent_via(&prefix, &hub, "svc-1", &["--containers", "on", "--insecure-registry", &registry]);
+    site.c.wait_for("node back, all running", WAIT, || {
+        site.c.nodes().iter().any(|n| n.ready) && all.iter().all(|r| running(&site.c, r))
+    });
+    let after: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    assert_eq!(after, before, "addresses changed across the agent's restart");
+    site.c.wait_for("the name resolves after the restart", WAIT, || {
+        in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip)
+    });
+    let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+    assert!(ok && page.trim().starts_with("api-"), "the service after the restart: {page}");
+    let endpoints = site.c.ok(&["get", "endpoints", "api"]);
+    for a in &after[..2] {
+        assert!(endpoints.contains(&format!("{a}:8080")), "{a}:8080 missing from\n{endpoints}");
+    }
+    // By name, from inside the container, through its resolv.conf. The hub may still hold the
+    // killed agent's session for a moment (until the new one replaces it): an exec sent over it
+    // fails with that reason, and the next one goes over the new link.
+    let mut by_name = String::new();
+    site.c.wait_for("exec over the agent's new link", WAIT, || {
+        let out = site.c.cli(&["exec", "client-0", "--", "wget", "-qO-", "http://api/index.html"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() || err.contains("ended before the command started"), "exec: {err}");
+        by_name = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success()
+    });
     assert!(by_name.trim().starts_with("api-"), "{by_name}");
     // A Wasm HTTP component is an endpoint too, served on its node's address.
     let component =
@@ -1635,6 +1631,11 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
     // Deleted: the name is gone and nothing answers at the address.
     site.c.ok(&["delete", "service", "api"]);
     site.c.wait_for("the name is gone", WAIT, || !in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip));
+    // And no service rule is left in the node's tables.
+    let dnat = || site.in_ns(&["iptables", "-w", "-t", "nat", "-S"]).lines().filter(|l| l.contains("DNAT")).count();
+    site.c.wait_for("no DNAT rule left", WAIT, || dnat() == 0);
+    let filter = site.in_ns(&["iptables", "-w", "-t", "filter", "-S"]);
+    assert!(!filter.contains("REJECT"), "service reject rules left:\n{filter}");
 }
 
 /// The site's httpd that answers with its replica's name, ready while `/tmp/www/ready` exists.
@@ -1666,7 +1667,7 @@ fn a_site_service_follows_readiness_never_leaves_the_site_and_works_cut_off_from
     }
     let Some(reg) = TestRegistry::start() else { return };
     let (ns1, ns2, ns3) = (netns::Netns::create(), netns::Netns::create(), netns::Netns::create());
-    let lan = SiteLan::create(&[&ns1, &ns2]);
+    let lan = netns::SiteLan::create(&[&ns1, &ns2]);
     let target: std::net::SocketAddr = reg.addr.parse().unwrap();
     let fwds: Vec<netns::TcpForward> =
         [&ns1, &ns2, &ns3].iter().map(|ns| netns::TcpForward::start(ns.host_ip(), target)).collect();
@@ -1681,7 +1682,7 @@ fn a_site_service_follows_readiness_never_leaves_the_site_and_works_cut_off_from
         let (box_label, site_label) = (format!("box={name}"), format!("site={site}"));
         let mut args =
             vec!["--containers", "on", "--insecure-registry", &registry, "--label", &site_label, "--label", &box_label];
-        let node_ip = SiteLan::ip(i);
+        let node_ip = netns::SiteLan::ip(i);
         if site == "shop" {
             args.extend(["--node-ip", &node_ip]);
         }

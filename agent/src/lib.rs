@@ -476,12 +476,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     // Services (names and load balancing) for containers on the node's network.
     let services_tx = networks.as_ref().map(|_| services::shell::spawn());
     let gateway_of = |set: &AssignmentSet| set.network.as_ref().and_then(|n| n.subnet.hosts().next()).map(IpAddr::V4);
-    if let Some(tx) = &services_tx {
-        tx.send_modify(|w| {
-            w.table = saved.services.clone().unwrap_or_default();
-            w.dns = gateway_of(&saved);
-        });
-    }
     if let Some(n) = &networks {
         n.set_node(saved.network.as_ref());
         if let Some(t) = &saved.services {
@@ -508,6 +502,15 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         }
         Ok(None) => {}
         Err(e) => warn!(error = %e, "ignoring unreadable saved statuses"),
+    }
+    // The persisted table, with this node's replicas as the previous process left them: an
+    // agent restart withdraws no local endpoint (`Supervisor::serving`).
+    if let Some(tx) = &services_tx {
+        tx.send_modify(|w| {
+            w.table = saved.services.clone().unwrap_or_default();
+            w.dns = gateway_of(&saved);
+            w.local_ready = local_readiness(&sup);
+        });
     }
     // From now on the saved statuses say "not a clean stop" until this process stops cleanly.
     let mut status_seq = 0u64;
@@ -1101,10 +1104,7 @@ fn execute(
 /// This node's replicas and whether each is running and ready: what its service rules use
 /// for its own endpoints, ahead of the hub.
 fn local_readiness(sup: &Supervisor) -> BTreeMap<String, bool> {
-    sup.statuses()
-        .into_iter()
-        .map(|(name, st)| (name, st.phase == proto::messages::Phase::Running && st.ready))
-        .collect()
+    sup.serving()
 }
 
 #[cfg(test)]
