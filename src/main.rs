@@ -50,9 +50,11 @@ struct Global {
 /// Verbs that never talk to a hub through the CLI config: `--config` and `--context` are
 /// hidden from their help and refused on their command line.
 /// (`sim` is not one: its `--config` is the admin config its `--apply` uses.)
-const LOCAL_VERBS: [&str; 11] = [
+const LOCAL_VERBS: [&str; 13] = [
     "hub",
     "agent",
+    "backup",
+    "restore",
     "run",
     "oci",
     "image",
@@ -321,6 +323,32 @@ enum Command {
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
+    /// Back up a hub on SQLite, while it runs: a consistent snapshot of its store and its CA,
+    /// keys, token and admin config, into a new directory readable by its owner only
+    /// (`backup --data-dir /var/lib/flotilla/hub --to /backup/hub-$(date +%F)`). On PostgreSQL,
+    /// use pg_dump and keep the cluster key file.
+    Backup {
+        /// The hub's data dir.
+        #[arg(long, default_value = "/var/lib/flotilla/hub")]
+        data_dir: PathBuf,
+        /// The hub's --cluster-key-file, when it is not DATA_DIR/cluster.key.
+        #[arg(long, value_name = "PATH")]
+        cluster_key_file: Option<PathBuf>,
+        /// The new directory to write the backup to.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Restore a hub from `flotilla backup` into a data dir that holds no hub, then start the
+    /// hub on it: same CA, store and keys, so agents reconnect and keep what they run
+    /// (`restore --from /backup/hub-2026-12-07 --data-dir /var/lib/flotilla/hub`).
+    Restore {
+        /// The backup directory.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The data dir to restore into (must hold no hub.db).
+        #[arg(long, default_value = "/var/lib/flotilla/hub")]
+        data_dir: PathBuf,
+    },
     /// Manage the artifacts of an agent's local store (air-gapped sites): import them, or
     /// save a Wasm module as an archive to import.
     Image {
@@ -1298,6 +1326,24 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             let code = local::run(args).await?;
             std::process::exit(code);
+        }
+        Command::Backup { data_dir, cluster_key_file, to } => {
+            let written = hub::backup::backup(&data_dir, cluster_key_file.as_deref(), &to).await?;
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!("backed up {} into {}: {}", data_dir.display(), to.display(), names.join(", "));
+            Ok(())
+        }
+        Command::Restore { from, data_dir } => {
+            let written = hub::backup::restore(&from, &data_dir)?;
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!(
+                "restored {} into {}: {}; start the hub with --data-dir {}",
+                from.display(),
+                data_dir.display(),
+                names.join(", "),
+                data_dir.display()
+            );
+            Ok(())
         }
         Command::Login(args) => registry_login::login(args).await,
         Command::Logout(args) => registry_login::logout(args).await,
