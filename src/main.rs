@@ -1365,11 +1365,13 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
             let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
                 .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
+            let progress = registry_login::CliProgress::of("importing", &file.display().to_string());
             let imported = store
-                .import(&file, &oci_runtime::Platform::host(), name.as_deref())
+                .import_with_progress(&file, &oci_runtime::Platform::host(), name.as_deref(), Some(progress.clone()))
                 .await
-                .with_context(|| format!("importing {}", file.display()))?;
-            for artifact in imported {
+                .with_context(|| format!("importing {}", file.display()));
+            progress.finish();
+            for artifact in imported? {
                 println!("imported {} ({}, {})", artifact.reference(), artifact.kind(), artifact.manifest_digest());
             }
             Ok(())
