@@ -79,8 +79,92 @@ fn cli_command() -> clap::Command {
         cmd.arg(clap::Arg::new("config").long("config").hide(true).value_parser(clap::value_parser!(PathBuf)))
             .arg(clap::Arg::new("context").long("context").hide(true))
     }
-    LOCAL_VERBS.into_iter().fold(Cli::command(), |cmd, verb| cmd.mut_subcommand(verb, hide_client_options))
+    let cmd = LOCAL_VERBS.into_iter().fold(Cli::command(), |cmd, verb| cmd.mut_subcommand(verb, hide_client_options));
+    EXAMPLES
+        .iter()
+        .fold(cmd, |cmd, (verb, text)| cmd.mut_subcommand(verb, |s| s.after_help(format!("Examples:\n  {text}"))))
 }
+
+/// Examples shown under each verb's help (`flotilla VERB --help`), as kubectl's "Examples:".
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "hub",
+        "flotilla hub --data-dir /var/lib/flotilla/hub --listen 0.0.0.0:7443 --advertise hub.example.com:7443\n  flotilla hub --datastore postgres://flotilla:secret@db:5432/flotilla --cluster-key-file /etc/flotilla/cluster.key",
+    ),
+    (
+        "agent",
+        "flotilla agent --hub hub.example.com:7443 --token-file /etc/flotilla/token --label site=store-042\n  flotilla agent --hub 10.0.0.1:7443,10.0.0.2:7443 --containers on --node-ip 192.168.1.20",
+    ),
+    ("sim", "flotilla sim --hub 127.0.0.1:7443 --token-file /var/lib/flotilla/hub/token --agents 1000 --sites 50"),
+    (
+        "run",
+        "flotilla run hello.wasm -- --name edge\n  echo hi | flotilla run --env LANG --dir ./data::/data --memory 64Mi filter.wasm",
+    ),
+    ("oci", "flotilla oci spec --bundle ./bundle -- /bin/echo hello\n  flotilla oci run --bundle ./bundle demo"),
+    (
+        "image",
+        "flotilla image import busybox.tar --name registry.lan/busybox\n  flotilla image save hello.wasm registry.lan/hello:v1 -o hello.tar",
+    ),
+    (
+        "push",
+        "flotilla push hello.wasm registry.lan:5000/hello:v1\n  flotilla push ./busybox-layout registry.lan:5000/busybox:1.36\n  flotilla push --agent --agent-version 0.9.0 flotilla-amd64 flotilla-arm64 registry.lan:5000/flotilla-agent:0.9.0",
+    ),
+    ("login", "flotilla login ghcr.io -u octocat --password-stdin < token.txt"),
+    ("logout", "flotilla logout ghcr.io"),
+    ("apply", "flotilla apply -f web.yaml\n  flotilla get workload web -o yaml | flotilla apply -f -"),
+    (
+        "get",
+        "flotilla get nodes\n  flotilla get workload web -o yaml\n  flotilla get replicas -l app=shop -w\n  flotilla get endpoints api\n  flotilla get nodes -o jsonpath='{.items[*].metadata.name}'",
+    ),
+    ("diff", "flotilla diff -f web.yaml"),
+    ("describe", "flotilla describe replica web-0\n  flotilla describe node gw-1\n  flotilla describe service api"),
+    (
+        "logs",
+        "flotilla logs web\n  flotilla logs web --replica web-1 -f --since 10m\n  flotilla logs -l app=shop --tail 20 --timestamps",
+    ),
+    ("cordon", "flotilla cordon gw-1"),
+    ("uncordon", "flotilla uncordon gw-1"),
+    ("drain", "flotilla drain gw-1 --timeout 5m"),
+    (
+        "rollout",
+        "flotilla rollout status web\n  flotilla rollout history web\n  flotilla rollout undo web --to-revision 3",
+    ),
+    ("scale", "flotilla scale web --replicas 5"),
+    (
+        "token",
+        "flotilla token create --ttl 24h --uses 10 --label site=store-042\n  flotilla token list\n  flotilla token revoke cluster",
+    ),
+    ("label", "flotilla label node gw-1 site=store-042 tier-"),
+    ("taint", "flotilla taint node gw-1 dedicated=pos:NoSchedule\n  flotilla taint node gw-1 dedicated-"),
+    ("node", "flotilla node allow-rejoin gw-1"),
+    (
+        "user",
+        "flotilla user add alice --role operator -o alice.yaml\n  flotilla user list\n  flotilla user revoke alice",
+    ),
+    ("audit", "flotilla audit --since 24h\n  flotilla audit --limit 50 -o json"),
+    (
+        "completion",
+        "source <(flotilla completion bash)\n  flotilla completion fish > ~/.config/fish/completions/flotilla.fish",
+    ),
+    ("version", "flotilla version"),
+    (
+        "config",
+        "flotilla config get-contexts\n  flotilla config add-context edge-eu --from admin.yaml --use\n  flotilla config use-context edge-eu",
+    ),
+    ("certs", "flotilla certs status"),
+    ("delete", "flotilla delete workload web\n  flotilla delete -f web.yaml\n  flotilla delete node gw-1"),
+    ("events", "flotilla events -w\n  flotilla events --for node/gw-1 --since 1h"),
+    ("exec", "flotilla exec web-0 -- sh -c 'df -h'\n  flotilla exec -it web-0 -- sh"),
+    ("top", "flotilla top nodes\n  flotilla top replicas"),
+    ("secrets", "flotilla secrets rotate-key"),
+    (
+        "create",
+        "flotilla create secret db --from-literal password=s3cret --from-file tls.key\n  flotilla create config site --from-file nginx.conf",
+    ),
+    ("upgrade", "flotilla upgrade agents --to registry.lan:5000/flotilla-agent:0.9.0\n  flotilla upgrade status"),
+    ("backup", "flotilla backup --data-dir /var/lib/flotilla/hub --to /backup/hub-$(date +%F)"),
+    ("restore", "flotilla restore --from /backup/hub-2026-12-07 --data-dir /var/lib/flotilla/hub"),
+];
 
 /// The client-only option given on a local verb's command line, if any (`flotilla hub
 /// --config hub.yaml` would otherwise be silently ignored: the hub's own file is
@@ -2129,6 +2213,31 @@ mod client_option_tests {
 
     fn misplaced(argv: &[&str]) -> Option<(String, &'static str)> {
         misplaced_client_option(&cli_command().try_get_matches_from(argv).unwrap())
+    }
+
+    #[test]
+    fn every_verb_has_an_example_that_parses() {
+        let cmd = cli_command();
+        for verb in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            let name = verb.get_name();
+            let (_, text) = super::EXAMPLES
+                .iter()
+                .find(|(v, _)| *v == name)
+                .unwrap_or_else(|| panic!("`flotilla {name}` has no example in EXAMPLES"));
+            assert!(verb.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")), "{name}");
+            // Each example line that is a plain `flotilla ...` command parses as written.
+            for line in text.lines().map(str::trim).filter(|l| l.starts_with("flotilla ")) {
+                let line = line.split(" && ").next().unwrap().split(" | ").next().unwrap();
+                let line = line.split(" < ").next().unwrap().split(" > ").next().unwrap();
+                if line.contains(['$', '\'', '(']) {
+                    continue; // shell syntax: quoted or substituted arguments
+                }
+                let argv: Vec<&str> = line.split_whitespace().collect();
+                if let Err(e) = cli_command().try_get_matches_from(&argv) {
+                    panic!("example `{line}` of `flotilla {name}` does not parse: {e}");
+                }
+            }
+        }
     }
 
     #[test]
