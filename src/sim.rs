@@ -361,6 +361,8 @@ impl Node {
         });
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
+        // As the agent: heartbeats only to a hub that wants them.
+        let mut connection_liveness = false;
         // Replicas to report Running, and when.
         let mut due: Vec<(tokio::time::Instant, String, String)> = Vec::new();
         let why = loop {
@@ -368,6 +370,7 @@ impl Node {
             tokio::select! {
                 set = sets.recv() => {
                     let Some(set) = set else { break "the reader ended".to_string() };
+                    connection_liveness = set.connection_liveness;
                     if set.generation == state.generation && state.generation != 0 {
                         continue;
                     }
@@ -410,7 +413,7 @@ impl Node {
                     let at = Instant::now();
                     self.stats.running.lock().unwrap_or_else(|e| e.into_inner()).extend(std::iter::repeat_n(at, n));
                 }
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if !connection_liveness => {
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await {
                         break e.to_string();
                     }

@@ -1,6 +1,6 @@
 //! The agent's link to the hub: join if needed, then hold one QUIC connection with mutual TLS,
 //! reconnecting with capped exponential backoff and jitter. Over it the agent sends hello,
-//! acknowledgements, status changes and heartbeats on the control stream, receives assignment
+//! acknowledgements, status changes and (to hubs that want them) heartbeats on the control stream, receives assignment
 //! sets, and answers the log streams the hub opens.
 //!
 //! The link never decides what runs: it forwards assignment sets to the agent's main loop and
@@ -254,6 +254,9 @@ impl Link {
         let assignments = self.assignments.clone();
         let mut binding = identity::StoreBinding::load(&self.identity_dir);
         let (refused_tx, mut refused_rx) = mpsc::channel::<AgentMsg>(4);
+        // Whether this session's hub wants heartbeats: yes until a set it sent says otherwise
+        // (hubs that take liveness from the connection; see `AssignmentSet::connection_liveness`).
+        let (liveness_tx, liveness_rx) = tokio::sync::watch::channel(false);
         let mut reader = tokio::spawn(async move {
             let mut pieces = proto::pieces::Assembler::default();
             loop {
@@ -261,6 +264,11 @@ impl Link {
                     Ok(set) => set,
                     Err(end) => return end.to_string(),
                 };
+                liveness_tx.send_if_modified(|by_connection| {
+                    let changed = *by_connection != set.connection_liveness;
+                    *by_connection = set.connection_liveness;
+                    changed
+                });
                 if let Err(foreign) = binding.check(&set.store) {
                     tracing::error!(generation = set.generation, reason = %foreign, "assignment set refused");
                     let report = AgentMsg::SetRefused { generation: set.generation, message: foreign.to_string() };
@@ -289,7 +297,9 @@ impl Link {
                 Some(report) = refused_rx.recv() => {
                     if let Err(e) = frame::write(&mut send, &report).await { break e.to_string() }
                 }
-                _ = heartbeat.tick() => {
+                // To a hub that takes liveness from the connection, the QUIC keep-alives are
+                // the sign of life.
+                _ = heartbeat.tick(), if !*liveness_rx.borrow() => {
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Heartbeat).await { break e.to_string() }
                 }
                 _ = tokio::time::sleep_until(renew_at.unwrap_or_else(far_future)), if renewal.is_none() && renew_at.is_some() => {

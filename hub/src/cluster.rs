@@ -18,6 +18,9 @@ use crate::store::Store;
 pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) conn: quinn::Connection,
+    /// The certificate the session speaks with (the handshake's, then each renewal's): what
+    /// [`crate::heartbeats`] records the node's liveness as.
+    pub(crate) cert: String,
     /// Woken when the node's assignment set may have changed.
     pub(crate) wake: Arc<Notify>,
 }

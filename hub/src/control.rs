@@ -20,8 +20,18 @@ use crate::metrics::StoreOp;
 use crate::now_ms;
 use crate::store::{Fence, StoreError, Written};
 
-/// The controller re-runs at least this often even without triggers (level-triggered safety).
+/// The controller re-runs at least this often even without triggers (level-triggered safety)
+/// on a shared store, where other hubs write too.
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+/// The same alone on SQLite, where every change comes through this hub's own triggers. A pass
+/// reads the whole store: with 10,000 idle nodes a pass every 5 s was most of the hub's idle
+/// CPU (BENCHMARKS.md, "Fleet scale").
+const RESYNC_ALONE: Duration = Duration::from_secs(30);
+
+/// How long the controller may go without a pass when nothing triggers one.
+pub(crate) fn resync_period(shared: &Shared, shared_store: Duration, alone: Duration) -> Duration {
+    if shared.store.is_shared() { shared_store } else { alone }
+}
 /// Wait past a deadline before the pass that acts on it (clock granularity).
 const DEADLINE_SLACK: Duration = Duration::from_millis(20);
 /// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
@@ -33,6 +43,7 @@ const STALE_RETRIES: u32 = 3;
 pub(crate) async fn controller_loop(shared: Arc<Shared>) {
     let mut failures = 0u32;
     let mut leader = shared.leader.clone();
+    let resync = resync_period(&shared, RESYNC_PERIOD, RESYNC_ALONE);
     loop {
         if !*leader.borrow_and_update() {
             debug!("not the leader; controllers idle");
@@ -46,7 +57,7 @@ pub(crate) async fn controller_loop(shared: Arc<Shared>) {
             Ok(deadline) => {
                 failures = 0;
                 // A deadline is met to within a few ms, not at the next resync.
-                deadline.map_or(RESYNC_PERIOD, |d| (d + DEADLINE_SLACK).min(RESYNC_PERIOD))
+                deadline.map_or(resync, |d| (d + DEADLINE_SLACK).min(resync))
             }
             Err(e) => {
                 failures += 1;

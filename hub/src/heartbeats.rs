@@ -1,8 +1,15 @@
-//! Agent heartbeats, written in batches. Each agent sends one every 5 s; written one by one
-//! they cost the store 2,000 transactions a second at 10,000 nodes (BENCHMARKS.md, "Fleet
-//! scale"). Sessions [`Heartbeats::record`] them instead, and [`flush_loop`] writes all those
-//! received in the last second in one transaction, then wakes the sessions whose node is gone
-//! or no longer admits their certificate (another hub's delete or re-join), so they check.
+//! Node liveness in the store (`nodes.last_seen_ms`), written in batches: the sign by which
+//! the other hubs on a shared store see that a node is held by a live session here.
+//!
+//! A node's session is its sign of life: the QUIC connection ends after the idle timeout
+//! without the agent's keep-alives. So every [`LIVE_EVERY`] [`flush_loop`] records each session
+//! this hub holds, and agents are told (`AssignmentSet::connection_liveness`) that they need
+//! send no heartbeat frames, which halves an idle node's traffic and the hub's packets
+//! (BENCHMARKS.md, "Fleet scale"). Agents that predate that still send a heartbeat every 5 s:
+//! sessions [`Heartbeats::record`] them. Either way one transaction a second writes what was
+//! recorded (written one by one they cost the store 2,000 transactions a second at 10,000
+//! nodes), then wakes the sessions whose node is gone or no longer admits their certificate
+//! (another hub's delete or re-join), so they check.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +22,10 @@ use crate::now_ms;
 
 /// How often the heartbeats received meanwhile are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often every session this hub holds is recorded as alive: well within
+/// [`crate::controller::time::REMOTE_STALE_MS`], after which other hubs stop counting a node
+/// as held here.
+const LIVE_EVERY: u32 = 5;
 
 /// Heartbeats received since the last flush: node → the certificate its session holds. At
 /// most one entry per node. std Mutex: map operations only.
@@ -33,8 +44,16 @@ impl Heartbeats {
 
 /// Writes the recorded heartbeats every [`FLUSH_EVERY`] until the hub stops.
 pub(crate) async fn flush_loop(shared: Arc<Shared>) {
+    let mut tick = 0u32;
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
+        tick = tick.wrapping_add(1);
+        if tick.is_multiple_of(LIVE_EVERY) {
+            let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            for (node, session) in sessions.iter() {
+                shared.heartbeats.record(node, &session.cert);
+            }
+        }
         let beats = shared.heartbeats.take();
         if beats.is_empty() {
             continue;

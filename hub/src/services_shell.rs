@@ -1,5 +1,5 @@
 //! The services controller's I/O shell: on the leader, after every change the hub hears of
-//! (an apply, a status, a session) and at least every [`RESYNC`], read the services, workloads,
+//! (an apply, a status, a session) and at least every [`RESYNC`] ([`RESYNC_ALONE`] on SQLite), read the services, workloads,
 //! replicas and nodes, compute every node's table ([`crate::services::tables`], pure), write
 //! the tables that changed (raising those nodes' generations) and wake their sessions.
 
@@ -13,8 +13,11 @@ use crate::cluster::Shared;
 use crate::services::{self, Backend, Member};
 use crate::store::StoreError;
 
-/// Passes run at least this often (level-triggered; other hubs' writes on a shared store).
+/// Passes run at least this often (level-triggered; other hubs' writes on a shared store)...
 const RESYNC: Duration = Duration::from_secs(2);
+/// ...and this often alone on SQLite, where every change comes through this hub's triggers (a
+/// pass reads every node and replica: see `control::resync_period`).
+const RESYNC_ALONE: Duration = Duration::from_secs(30);
 /// A burst of changes (statuses of a rollout) is taken in one pass.
 const SETTLE: Duration = Duration::from_millis(20);
 
@@ -39,6 +42,7 @@ impl Default for ServiceConfig {
 pub(crate) async fn services_loop(shared: Arc<Shared>) {
     let mut changes = shared.changes.subscribe();
     let mut leader = shared.leader.clone();
+    let resync = crate::control::resync_period(&shared, RESYNC, RESYNC_ALONE);
     loop {
         if !*leader.borrow_and_update() {
             if leader.changed().await.is_err() {
@@ -56,7 +60,7 @@ pub(crate) async fn services_loop(shared: Arc<Shared>) {
                 }
                 tokio::time::sleep(SETTLE).await;
             }
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(resync) => {}
             _ = leader.changed() => {}
         }
     }

@@ -175,8 +175,11 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let wake = Arc::new(Notify::new());
-    let old =
-        shared.sessions.lock().unwrap().insert(node.clone(), Session { id, conn: conn.clone(), wake: wake.clone() });
+    let old = shared
+        .sessions
+        .lock()
+        .unwrap()
+        .insert(node.clone(), Session { id, conn: conn.clone(), cert: cert.clone(), wake: wake.clone() });
     if let Some(old) = old {
         old.conn.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a newer session of the same node");
     }
@@ -225,7 +228,10 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                 Err(e) => warn!(error = %e, "cannot check the node's certificate"),
             }
             match shared.store.assignment_set(&node).await {
-                Ok(set) if Some(set.generation) != sent_generation => {
+                Ok(mut set) if Some(set.generation) != sent_generation => {
+                    // This hub takes the node's liveness from the connection itself
+                    // (`crate::heartbeats`): the agent need not send heartbeats.
+                    set.connection_liveness = true;
                     let generation = set.generation;
                     let names = set.assignments.iter().map(|a| a.name.clone()).collect();
                     match send_set(&mut send, &set).await {
@@ -264,6 +270,9 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
             Some(renewed) = renewed_rx.recv() => {
                 cert = renewed.facts.fingerprint.clone();
                 leaf = renewed.facts;
+                if let Some(s) = shared.sessions.lock().unwrap().get_mut(&node).filter(|s| s.id == id) {
+                    s.cert = cert.clone();
+                }
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
@@ -330,6 +339,7 @@ async fn fence_revoked(
         objects: Vec::new(),
         network: None,
         services: None,
+        connection_liveness: true,
     };
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {

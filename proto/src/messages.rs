@@ -135,6 +135,13 @@ pub struct AssignmentSet {
     /// [`crate::service`]). Part of the set, so it is persisted and holds offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<crate::service::ServiceTable>,
+    /// The hub that sent the set takes the node's liveness from its QUIC connection (the
+    /// agent's keep-alives), so the agent sends no [`AgentMsg::Heartbeat`] on this session.
+    /// Absent (false) from hubs that predate it, which need the heartbeats: a node whose
+    /// heartbeats stop looks gone to the other hubs on a shared store. Not part of the
+    /// desired state: a property of the session that carried the set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub connection_liveness: bool,
 }
 
 /// What the hub decided about a node's container network.

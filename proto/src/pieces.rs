@@ -45,6 +45,9 @@ pub struct AssignmentPart {
     /// The set's [`AssignmentSet::services`], on every piece.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<crate::service::ServiceTable>,
+    /// The set's [`AssignmentSet::connection_liveness`], on every piece.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub connection_liveness: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +106,7 @@ fn split_within(set: &AssignmentSet, budget: usize, frame: usize) -> Result<Vec<
             objects: set.objects.clone(),
             network: set.network.clone(),
             services: set.services.clone(),
+            connection_liveness: set.connection_liveness,
         })
         .collect())
 }
@@ -150,6 +154,7 @@ impl Assembler {
                 objects: gathered.objects,
                 network: gathered.network,
                 services: gathered.services,
+                connection_liveness: gathered.connection_liveness,
             }));
         }
         self.pending = Some(gathered);
@@ -196,6 +201,7 @@ mod tests {
                 cluster_cidr: "10.42.0.0/16".parse().unwrap(),
             }),
             services: None,
+            connection_liveness: true,
         }
     }
 

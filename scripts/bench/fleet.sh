@@ -7,6 +7,7 @@
 #   scripts/bench/fleet.sh            # 1,000 nodes, 3 runs
 #   scripts/bench/fleet.sh 10000      # 10,000 nodes
 #   RUNS=1 IDLE=60s scripts/bench/fleet.sh 10000
+#   BIN=/work/bench/base/flotilla scripts/bench/fleet.sh 1000   # a given build (A/B runs)
 #
 # Prints the simulator's lines for each run (see BENCHMARKS.md, "Fleet scale").
 set -euo pipefail
@@ -14,8 +15,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 n=${1:-1000}
 runs=${RUNS:-3}
 idle=${IDLE:-30s}
-cargo build --release --bin flotilla
-bin=$PWD/target/release/flotilla
+if [[ -n ${BIN:-} ]]; then
+    bin=$BIN
+else
+    cargo build --release --bin flotilla
+    bin=$PWD/target/release/flotilla
+fi
 for r in $(seq 1 "$runs"); do
     dir=$(mktemp -d /tmp/flotilla-fleet.XXXXXX)
     port=$((20000 + RANDOM % 20000))

@@ -52,7 +52,7 @@ pub enum TlsError {
 /// QUIC liveness settings shared by the hub and its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {
-    /// How often an idle connection sends a keep-alive (default 2s).
+    /// How often an idle connection sends a keep-alive (default 5s).
     pub keep_alive: Duration,
     /// How long without any packet before a connection is considered dead (default 8s).
     pub idle_timeout: Duration,
@@ -60,16 +60,29 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { keep_alive: Duration::from_secs(2), idle_timeout: Duration::from_secs(8) }
+        Tuning::with_idle_timeout(Duration::from_secs(8))
     }
 }
 
+/// Of the idle timeout, what is left after a keep-alive for QUIC's loss recovery to resend a
+/// lost one (probe timeouts, doubling from a few round trips) before the peer gives up.
+const RECOVERY_MARGIN: Duration = Duration::from_secs(3);
+/// The longest keep-alive interval: a NAT on the way forgets an idle UDP mapping after 30 s
+/// or more.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 impl Tuning {
-    /// Tuning that declares a connection dead after `idle_timeout` of silence, with
-    /// keep-alives four times as often (at most every 2 s). QUIC uses the smaller of the two
-    /// peers' idle timeouts.
+    /// Tuning that declares a connection dead after `idle_timeout` of silence. Keep-alives go
+    /// out as rarely as that allows: [`RECOVERY_MARGIN`] before the timeout, but at least four
+    /// per timeout when it is short, at most every [`MAX_KEEP_ALIVE`] when it is long (8 s:
+    /// every 5 s). An idle link carries a keep-alive and its acknowledgement per interval and
+    /// nothing else, so this interval is an idle node's traffic (BENCHMARKS.md, "Fleet
+    /// scale"). QUIC uses the smaller of the two peers' idle timeouts.
     pub fn with_idle_timeout(idle_timeout: Duration) -> Tuning {
-        let keep_alive = (idle_timeout / 4).min(Duration::from_secs(2)).max(Duration::from_millis(100));
+        let keep_alive = (idle_timeout / 4)
+            .max(idle_timeout.saturating_sub(RECOVERY_MARGIN))
+            .min(MAX_KEEP_ALIVE)
+            .max(Duration::from_millis(100));
         Tuning { keep_alive, idle_timeout }
     }
 
@@ -521,13 +534,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
 mod tests {
 
     #[test]
-    fn idle_timeouts_set_keep_alives_to_a_quarter_at_most_two_seconds() {
+    fn keep_alives_leave_three_seconds_to_recover_a_lost_one_and_stay_within_nat_timeouts() {
         let t = Tuning::with_idle_timeout(Duration::from_secs(8));
-        assert_eq!((t.keep_alive, t.idle_timeout), (Duration::from_secs(2), Duration::from_secs(8)));
-        let t = Tuning::with_idle_timeout(Duration::from_secs(3));
-        assert_eq!(t.keep_alive, Duration::from_millis(750));
+        assert_eq!((t.keep_alive, t.idle_timeout), (Duration::from_secs(5), Duration::from_secs(8)));
+        assert_eq!(Tuning::default(), t);
+        // Short timeouts: four keep-alives per timeout.
+        assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(3)).keep_alive, Duration::from_millis(750));
+        assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(2)).keep_alive, Duration::from_millis(500));
+        assert_eq!(Tuning::with_idle_timeout(Duration::from_millis(200)).keep_alive, Duration::from_millis(100));
+        // Long ones: never rarer than a NAT's memory.
+        assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(12)).keep_alive, Duration::from_secs(9));
         let t = Tuning::with_idle_timeout(Duration::from_secs(60));
-        assert_eq!(t.keep_alive, Duration::from_secs(2));
+        assert_eq!(t.keep_alive, Duration::from_secs(15));
         assert!(t.transport().is_ok());
     }
     use super::*;

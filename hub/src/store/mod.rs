@@ -651,7 +651,16 @@ impl Store {
         let network = network::node_network(&mut tx, node).await?;
         let services = services::node_table(&mut tx, node).await?;
         tx.commit().await?;
-        Ok(AssignmentSet { generation, store: self.id.clone(), assignments, kept_logs, objects, network, services })
+        Ok(AssignmentSet {
+            generation,
+            store: self.id.clone(),
+            assignments,
+            kept_logs,
+            objects,
+            network,
+            services,
+            connection_liveness: false,
+        })
     }
 
     // -----------------------------------------------------------------------------------------
