@@ -1582,8 +1582,18 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
     site.c.wait_for("the name resolves after the restart", WAIT, || {
         in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip)
     });
-    let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
-    assert!(ok && page.trim().starts_with("api-"), "the service after the restart: {page}");
+    // Once (in 1 of 4 runs, three tests in parallel on two loaded cores) the first request
+    // after the restart timed out and the next answered: allowed 10 s, and said when it happens.
+    let mut page = String::new();
+    let answered = cluster::time_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let (ok, p) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+        page = p;
+        ok && page.trim().starts_with("api-")
+    });
+    let answered = answered.unwrap_or_else(|| panic!("the service after the restart: {page}"));
+    if answered > Duration::from_millis(500) {
+        eprintln!("the service answered {answered:?} after the restart was seen");
+    }
     let endpoints = site.c.ok(&["get", "endpoints", "api"]);
     for a in &after[..2] {
         assert!(endpoints.contains(&format!("{a}:8080")), "{a}:8080 missing from\n{endpoints}");
