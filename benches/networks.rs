@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use agent::network::{NetworkConfig, Networks};
 use api::Api;
-use measure::{Tail, env_usize, median, ms};
+use measure::{Tail, env_usize, is_root, median, ms, percentile, which};
 use proto::manifest::NetworkMode;
 use proto::messages::{ApiRequest, ApiResponse, NodeNetwork, ResourceKind};
 
@@ -70,21 +70,6 @@ const NODE: &str = "net-1";
 /// The container's command, for Flotilla and podman alike: one line, then idle until SIGTERM.
 const SCRIPT: &str = "trap 'exit 0' TERM\necho started\nsleep 999999 &\nwait";
 const NEEDLE: &str = "started";
-
-fn p90(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    if s.is_empty() { Duration::ZERO } else { s[((s.len() - 1) as f64 * 0.9).round() as usize] }
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
-}
 
 /// What this machine lacks for the bench, if anything (a reason to skip, not an error).
 fn missing() -> Option<String> {
@@ -555,9 +540,9 @@ fn main() {
             "  {:40} | {:7.1} / {:7.1} | {:7.1} / {:7.1}",
             v.label(),
             ms(median(&r)),
-            ms(p90(&r)),
+            ms(percentile(&r, 0.9)),
             ms(median(&l)),
-            ms(p90(&l))
+            ms(percentile(&l, 0.9))
         );
     }
     println!("  (flotilla ready = apply sent -> Running in the hub; podman ready = `podman run -d` spawned -> exited)");
@@ -585,7 +570,8 @@ fn main() {
         println!("{out}");
     }
     println!("== the network's own share, timed directly, {attach_runs} runs: median / p90 ==");
-    let row = |what: &str, v: &[Duration]| println!("  {what:52} {:6.2} / {:6.2} ms", ms(median(v)), ms(p90(v)));
+    let row =
+        |what: &str, v: &[Duration]| println!("  {what:52} {:6.2} / {:6.2} ms", ms(median(v)), ms(percentile(v, 0.9)));
     row("Networks::attach (netns + CNI ADD bridge, portmap)", &d.attach);
     row("Networks::detach (CNI DEL portmap, bridge; netns)", &d.detach);
     row("a bare network namespace made (loopback up, bound)", &d.netns);

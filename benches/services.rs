@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use measure::{WrkResult, env_usize, median, ms};
+use measure::{WrkResult, env_usize, is_root, median, median_f64, ms, percentile, which};
 
 const WAIT: Duration = Duration::from_secs(120);
 const NODES: [&str; 2] = ["svc-a", "svc-b"];
@@ -54,15 +54,6 @@ const NODES: [&str; 2] = ["svc-a", "svc-b"];
 const WHO: &str =
     "mkdir -p /tmp/www && hostname > /tmp/www/index.html && touch /tmp/www/ready && exec httpd -f -p 8080 -h /tmp/www";
 const PROBE_PERIOD: Duration = Duration::from_millis(500);
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
-}
 
 fn hello_http_wasm() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm")
@@ -122,25 +113,6 @@ fn until_all(prefixes: &[Vec<String>], target: &str, want: bool) -> Vec<Duration
         std::thread::sleep(Duration::from_millis(5));
     }
     seen.into_iter().map(Option::unwrap).collect()
-}
-
-fn p(v: &[Duration], q: f64) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    if s.is_empty() { Duration::ZERO } else { s[((s.len() - 1) as f64 * q).round() as usize] }
-}
-
-fn fmed(v: impl Iterator<Item = f64>) -> f64 {
-    let mut s: Vec<f64> = v.collect();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 fn main() {
@@ -302,14 +274,14 @@ fn main() {
             let v = &results[ci][t];
             println!(
                 "  -c{n:<3} {what:34} {:9.0} req/s  p50 {:7.3} ms  p99 {:7.3} ms  errors {}",
-                fmed(v.iter().map(|r| r.rps)),
-                fmed(v.iter().map(|r| r.p50_ms)),
-                fmed(v.iter().map(|r| r.p99_ms)),
+                median_f64(v.iter().map(|r| r.rps)),
+                median_f64(v.iter().map(|r| r.p50_ms)),
+                median_f64(v.iter().map(|r| r.p99_ms)),
                 v.iter().map(|r| r.errors).sum::<u64>()
             );
         }
         for (svc_i, direct_i, what) in [(0, 1, "api"), (2, 3, "hello")] {
-            let m = |i: usize, f: fn(&WrkResult) -> f64| fmed(results[ci][i].iter().map(f));
+            let m = |i: usize, f: fn(&WrkResult) -> f64| median_f64(results[ci][i].iter().map(f));
             println!(
                 "  -c{n:<3} {what}: service / direct  p50 {:.2}x  p99 {:.2}x  req/s {:.2}x",
                 m(svc_i, |r| r.p50_ms) / m(direct_i, |r| r.p50_ms),
@@ -325,8 +297,8 @@ fn main() {
             println!(
                 "  {node} ({how:15}) {what:22} {:7.1} / {:7.1} / {:7.1}",
                 ms(median(v)),
-                ms(p(v, 0.9)),
-                ms(p(v, 1.0))
+                ms(percentile(v, 0.9)),
+                ms(percentile(v, 1.0))
             );
         }
     }

@@ -28,6 +28,37 @@ pub fn median(v: &[Duration]) -> Duration {
     }
 }
 
+/// The `q` quantile (0.0 to 1.0, nearest rank) of the samples; zero for none.
+pub fn percentile(v: &[Duration], q: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() { Duration::ZERO } else { s[((s.len() - 1) as f64 * q).round() as usize] }
+}
+
+/// The median of plain numbers; NaN for none.
+pub fn median_f64(v: impl Iterator<Item = f64>) -> f64 {
+    let mut s: Vec<f64> = v.collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// `tool` on PATH, if it is there.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
 /// The new bytes of a log file since the tail started (the agent or its shim writes it; the
 /// bench only reads).
 pub struct Tail {
