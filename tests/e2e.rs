@@ -341,26 +341,19 @@ fn a_hub_restored_from_a_backup_keeps_its_agents_and_their_replicas() {
     // Applied after the backup: not in it.
     let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&manifest("later", &image, 1, "")));
     assert!(out.status.success());
+    let restore = || {
+        let args: [&std::ffi::OsStr; 5] =
+            ["restore".as_ref(), "--from".as_ref(), backup.as_os_str(), "--data-dir".as_ref(), hub_dir.as_os_str()];
+        cluster::flotilla(&args)
+    };
     // Restoring over a live data dir is refused, and changes nothing.
-    let out = cluster::flotilla(&[
-        "restore".as_ref(),
-        "--from".as_ref(),
-        backup.as_os_str(),
-        "--data-dir".as_ref(),
-        hub_dir.as_os_str(),
-    ]);
+    let out = restore();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already holds a hub"));
 
     // The hub machine is lost: its data dir goes, a new hub is restored from the backup.
     c.hub.kill();
     std::fs::rename(&hub_dir, c.dir.path().join("hub-lost")).unwrap();
-    let out = cluster::flotilla(&[
-        "restore".as_ref(),
-        "--from".as_ref(),
-        backup.as_os_str(),
-        "--data-dir".as_ref(),
-        hub_dir.as_os_str(),
-    ]);
+    let out = restore();
     assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
     c.restart_hub();
     c.wait_for("the agent back and Ready", WAIT, || {
