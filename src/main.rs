@@ -827,7 +827,7 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
     ResourceKind::parse(s).with_context(|| {
-        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets or services")
+        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services or routes")
     })
 }
 

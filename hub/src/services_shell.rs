@@ -69,36 +69,53 @@ pub(crate) struct Inputs {
     pub members: Vec<Member>,
     pub sites: BTreeMap<String, Option<String>>,
     pub routes: services::Routes,
+    /// The HTTP gateways' routes (`kind: Route`).
+    pub http_routes: Vec<proto::route::RouteManifest>,
 }
 
 pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
     let services = shared.store.services().await?.into_iter().map(|r| r.service).collect();
-    let workloads = shared
-        .store
-        .workloads()
-        .await?
+    let stored = shared.store.workloads().await?;
+    let workloads = stored.iter().map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest))).collect();
+    let nodes = shared.store.nodes().await?;
+    let node_ips: BTreeMap<&str, std::net::IpAddr> =
+        nodes.iter().filter_map(|n| Some((n.name.as_str(), n.facts.node_ip?))).collect();
+    let wasm_http: std::collections::BTreeSet<&str> = stored
         .iter()
-        .map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest)))
+        .filter(|w| w.manifest.spec.runtime == proto::Runtime::Wasm && w.manifest.spec.http.is_some())
+        .map(|w| w.manifest.metadata.name.as_str())
         .collect();
     let members = shared
         .store
         .replicas()
         .await?
         .iter()
-        .filter_map(|r| Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status))
+        .filter_map(|r| {
+            Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status).or_else(|| {
+                // Stand-in until `services.rs` knows Wasm endpoints: a running Wasm HTTP
+                // component serves on its node's address, at the port of `spec.http`.
+                let node = r.node.as_deref()?;
+                let running = r.status.phase == proto::messages::Phase::Running;
+                (running && wasm_http.contains(r.workload.as_str())).then_some(())?;
+                let status = proto::messages::ReplicaStatus { address: Some(*node_ips.get(node)?), ..r.status.clone() };
+                Member::of(&r.name, &r.workload, Some(node), &status)
+            })
+        })
         .collect();
+    let http_routes = shared.store.routes().await?.into_iter().map(|r| r.manifest).collect();
     let label = &shared.services.site_label;
-    let nodes = shared.store.nodes().await?;
     let subnets: BTreeMap<String, ipnet::Ipv4Net> = shared.store.node_subnets().await?.into_iter().collect();
     let routes =
         nodes.iter().filter_map(|n| Some((n.name.clone(), (*subnets.get(&n.name)?, n.facts.node_ip?)))).collect();
     let sites = nodes.into_iter().map(|n| (n.name, n.facts.labels.get(label).cloned())).collect();
-    Ok(Inputs { services, workloads, members, sites, routes })
+    Ok(Inputs { services, workloads, members, sites, routes, http_routes })
 }
 
 async fn pass(shared: &Shared) -> Result<(), StoreError> {
     let i = inputs(shared).await?;
-    let tables = services::tables(&i.services, &i.workloads, &i.members, &i.sites, &i.routes, &shared.services.domain);
+    let mut tables =
+        services::tables(&i.services, &i.workloads, &i.members, &i.sites, &i.routes, &shared.services.domain);
+    crate::routes::add_to(&mut tables, &crate::routes::entries(&i.http_routes, &i.services));
     let changed = shared.store.write_service_tables(&tables).await?;
     if !changed.is_empty() {
         debug!(nodes = ?changed, "service tables changed");

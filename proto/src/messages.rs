@@ -588,6 +588,7 @@ pub enum ResourceKind {
     Config,
     Secret,
     Service,
+    Route,
 }
 
 impl ResourceKind {
@@ -600,6 +601,7 @@ impl ResourceKind {
             "config" | "configs" | "cfg" => Some(ResourceKind::Config),
             "secret" | "secrets" => Some(ResourceKind::Secret),
             "service" | "services" | "svc" => Some(ResourceKind::Service),
+            "route" | "routes" | "rt" => Some(ResourceKind::Route),
             _ => None,
         }
     }
@@ -613,6 +615,7 @@ impl ResourceKind {
             ResourceKind::Config => "config",
             ResourceKind::Secret => "secret",
             ResourceKind::Service => "service",
+            ResourceKind::Route => "route",
         }
     }
 
@@ -925,6 +928,9 @@ pub enum ApiResponse {
     },
     Services {
         items: Vec<ServiceView>,
+    },
+    Routes {
+        items: Vec<RouteView>,
     },
     Described {
         text: String,
@@ -1300,6 +1306,17 @@ pub struct ServiceView {
     pub address: std::net::Ipv4Addr,
     /// Its backends anywhere (no scope applied), by replica.
     pub endpoints: Vec<EndpointView>,
+    pub created_at_ms: u64,
+}
+
+/// A route as `get routes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteView {
+    pub manifest: crate::route::RouteManifest,
+    /// The service port it goes to, by number (`None`: no longer resolvable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub created_at_ms: u64,
 }
 
