@@ -9,8 +9,9 @@
 //! - [`shell`]: the hyper server and client. A request for a Wasm HTTP component of this node
 //!   goes to the component's handler in-process ([`shell::Handlers`], filled by the Wasm
 //!   runtime while a component serves); anything else is proxied to the endpoint's address.
-//!   Errors are plain text: 404 no route, 503 no ready endpoint, 502 endpoint unreachable,
-//!   504 no answer within 30 s.
+//!   Errors are plain text naming what is missing ([`core::Refusal`]): 404 no route, 503 no
+//!   ready endpoint, 502 endpoint unreachable, 504 no answer within 30 s. The port may face
+//!   untrusted clients: connections and header read time are bounded ([`shell::Limits`]).
 //!
 //! The main loop feeds a `watch` of [`View`] (the newest table, and this node's replicas'
 //! readiness from every status change), so a local replica that stops being ready gets no
