@@ -37,6 +37,8 @@
 mod api;
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[path = "support/measure.rs"]
+mod measure;
 #[path = "../oci-runtime/tests/support/mod.rs"]
 mod registry;
 
@@ -49,6 +51,7 @@ use std::time::{Duration, Instant};
 use agent::logs::LogStore;
 use agent::runtime::{RunContext, RunControl, RunEnd, Runtime, VolumeStore, WasmRuntime};
 use api::Api;
+use measure::WrkResult;
 use proto::messages::{ApiRequest, ApiResponse, Phase, ReplicaView, Termination};
 use wasm_runtime::{Exit, HostConfig, OutputSink, RunOptions, WasmHost};
 
@@ -474,53 +477,8 @@ fn wait_http(port: u16, what: &str) {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-struct WrkResult {
-    rps: f64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    requests: u64,
-    errors: u64,
-}
-
-fn parse_wrk_duration_ms(s: &str) -> f64 {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
-    let v: f64 = num.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => v / 1000.0,
-        "ms" => v,
-        "s" => v * 1000.0,
-        "m" => v * 60_000.0,
-        _ => f64::NAN,
-    }
-}
-
 fn wrk(port: u16, conns: usize, secs: usize) -> WrkResult {
-    let out = Command::new("wrk")
-        .args([&format!("-t{}", conns.min(2)), &format!("-c{conns}"), &format!("-d{secs}s"), "--latency"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    let mut r = WrkResult::default();
-    for line in text.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["Requests/sec:", v] => r.rps = v.parse().unwrap(),
-            ["50%", v] => r.p50_ms = parse_wrk_duration_ms(v),
-            ["90%", v] => r.p90_ms = parse_wrk_duration_ms(v),
-            ["99%", v] => r.p99_ms = parse_wrk_duration_ms(v),
-            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
-            ["Socket", "errors:", rest @ ..] => {
-                r.errors += rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
-            }
-            _ => {}
-        }
-    }
-    r
+    measure::wrk(&[], &format!("http://127.0.0.1:{port}/"), conns, secs)
 }
 
 /// Two in-process `serve_http` servers of one component on a two-worker runtime of their own:

@@ -47,6 +47,146 @@ struct Global {
     context: Option<String>,
 }
 
+/// Verbs that never talk to a hub through the CLI config: `--config` and `--context` are
+/// hidden from their help and refused on their command line.
+/// (`sim` is not one: its `--config` is the admin config its `--apply` uses.)
+const LOCAL_VERBS: [&str; 13] = [
+    "hub",
+    "agent",
+    "backup",
+    "restore",
+    "run",
+    "oci",
+    "image",
+    "push",
+    "login",
+    "logout",
+    "completion",
+    "agent-upgrade-watch",
+    "agent-handoff",
+];
+
+/// The command line. `--config` and `--context` are global, so a client verb takes them
+/// anywhere on its line (as kubectl's `--kubeconfig` and `--context`). The local verbs, all the
+/// way down (`oci run`, `image import`), get hidden arguments of the same names first, which
+/// clap's propagation of global arguments leaves in place, so their help does not show the
+/// options and [`misplaced_client_option`] can refuse them.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory as _;
+    fn hide_client_options(cmd: clap::Command) -> clap::Command {
+        let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+        let cmd = names.iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, hide_client_options));
+        cmd.arg(clap::Arg::new("config").long("config").hide(true).value_parser(clap::value_parser!(PathBuf)))
+            .arg(clap::Arg::new("context").long("context").hide(true))
+    }
+    let cmd = LOCAL_VERBS.into_iter().fold(Cli::command(), |cmd, verb| cmd.mut_subcommand(verb, hide_client_options));
+    EXAMPLES
+        .iter()
+        .fold(cmd, |cmd, (verb, text)| cmd.mut_subcommand(verb, |s| s.after_help(format!("Examples:\n  {text}"))))
+}
+
+/// Examples shown under each verb's help (`flotilla VERB --help`), as kubectl's "Examples:".
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "hub",
+        "flotilla hub --data-dir /var/lib/flotilla/hub --listen 0.0.0.0:7443 --advertise hub.example.com:7443\n  flotilla hub --datastore postgres://flotilla:secret@db:5432/flotilla --cluster-key-file /etc/flotilla/cluster.key",
+    ),
+    (
+        "agent",
+        "flotilla agent --hub hub.example.com:7443 --token-file /etc/flotilla/token --label site=store-042\n  flotilla agent --hub 10.0.0.1:7443,10.0.0.2:7443 --containers on --node-ip 192.168.1.20",
+    ),
+    ("sim", "flotilla sim --hub 127.0.0.1:7443 --token-file /var/lib/flotilla/hub/token --agents 1000 --sites 50"),
+    (
+        "run",
+        "flotilla run hello.wasm -- --name edge\n  echo hi | flotilla run --env LANG --dir ./data::/data --memory 64Mi filter.wasm",
+    ),
+    ("oci", "flotilla oci spec --bundle ./bundle -- /bin/echo hello\n  flotilla oci run --bundle ./bundle demo"),
+    (
+        "image",
+        "flotilla image import busybox.tar --name registry.lan/busybox\n  flotilla image save hello.wasm registry.lan/hello:v1 -o hello.tar",
+    ),
+    (
+        "push",
+        "flotilla push hello.wasm registry.lan:5000/hello:v1\n  flotilla push ./busybox-layout registry.lan:5000/busybox:1.36\n  flotilla push --agent --agent-version 0.9.0 flotilla-amd64 flotilla-arm64 registry.lan:5000/flotilla-agent:0.9.0",
+    ),
+    ("login", "flotilla login ghcr.io -u octocat --password-stdin < token.txt"),
+    ("logout", "flotilla logout ghcr.io"),
+    ("apply", "flotilla apply -f web.yaml\n  flotilla get workload web -o yaml | flotilla apply -f -"),
+    (
+        "get",
+        "flotilla get nodes\n  flotilla get workload web -o yaml\n  flotilla get replicas -l app=shop -w\n  flotilla get endpoints api\n  flotilla get nodes -o jsonpath='{.items[*].metadata.name}'",
+    ),
+    ("diff", "flotilla diff -f web.yaml"),
+    ("describe", "flotilla describe replica web-0\n  flotilla describe node gw-1\n  flotilla describe service api"),
+    (
+        "logs",
+        "flotilla logs web\n  flotilla logs web --replica web-1 -f --since 10m\n  flotilla logs -l app=shop --tail 20 --timestamps",
+    ),
+    ("cordon", "flotilla cordon gw-1"),
+    ("uncordon", "flotilla uncordon gw-1"),
+    ("drain", "flotilla drain gw-1 --timeout 5m"),
+    (
+        "rollout",
+        "flotilla rollout status web\n  flotilla rollout history web\n  flotilla rollout undo web --to-revision 3",
+    ),
+    ("scale", "flotilla scale web --replicas 5"),
+    (
+        "token",
+        "flotilla token create --ttl 24h --uses 10 --label site=store-042\n  flotilla token list\n  flotilla token revoke cluster",
+    ),
+    ("label", "flotilla label node gw-1 site=store-042 tier-"),
+    ("taint", "flotilla taint node gw-1 dedicated=pos:NoSchedule\n  flotilla taint node gw-1 dedicated-"),
+    ("node", "flotilla node allow-rejoin gw-1"),
+    (
+        "user",
+        "flotilla user add alice --role operator -o alice.yaml\n  flotilla user list\n  flotilla user revoke alice",
+    ),
+    ("audit", "flotilla audit --since 24h\n  flotilla audit --limit 50 -o json"),
+    (
+        "completion",
+        "source <(flotilla completion bash)\n  flotilla completion fish > ~/.config/fish/completions/flotilla.fish",
+    ),
+    ("version", "flotilla version"),
+    (
+        "config",
+        "flotilla config get-contexts\n  flotilla config add-context edge-eu --from admin.yaml --use\n  flotilla config use-context edge-eu",
+    ),
+    ("certs", "flotilla certs status"),
+    ("delete", "flotilla delete workload web\n  flotilla delete -f web.yaml\n  flotilla delete node gw-1"),
+    ("events", "flotilla events -w\n  flotilla events --for node/gw-1 --since 1h"),
+    ("exec", "flotilla exec web-0 -- sh -c 'df -h'\n  flotilla exec -it web-0 -- sh"),
+    ("top", "flotilla top nodes\n  flotilla top replicas"),
+    ("secrets", "flotilla secrets rotate-key"),
+    (
+        "create",
+        "flotilla create secret db --from-literal password=s3cret --from-file tls.key\n  flotilla create config site --from-file nginx.conf",
+    ),
+    ("upgrade", "flotilla upgrade agents --to registry.lan:5000/flotilla-agent:0.9.0\n  flotilla upgrade status"),
+    ("backup", "flotilla backup --data-dir /var/lib/flotilla/hub --to /backup/hub-$(date +%F)"),
+    ("restore", "flotilla restore --from /backup/hub-2026-12-07 --data-dir /var/lib/flotilla/hub"),
+];
+
+/// The client-only option given on a local verb's command line, if any (`flotilla hub
+/// --config hub.yaml` would otherwise be silently ignored: the hub's own file is
+/// `--config-file`).
+fn misplaced_client_option(matches: &clap::ArgMatches) -> Option<(String, &'static str)> {
+    let (verb, mut sub) = matches.subcommand()?;
+    if !LOCAL_VERBS.contains(&verb) {
+        return None;
+    }
+    loop {
+        for id in ["config", "context"] {
+            if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                return Some((verb.to_string(), id));
+            }
+        }
+        match sub.subcommand() {
+            Some((_, next)) => sub = next,
+            None => return None,
+        }
+    }
+}
+
 impl Global {
     /// The cluster client verbs connect to.
     fn target(&self) -> client::Target<'_> {
@@ -271,6 +411,32 @@ enum Command {
     Run(local::RunArgs),
     /// Run OCI containers here (an OCI runtime with runc's verbs).
     Oci(oci_cli::OciArgs),
+    /// Back up a hub on SQLite, while it runs: a consistent snapshot of its store and its CA,
+    /// keys, token and admin config, into a new directory readable by its owner only
+    /// (`backup --data-dir /var/lib/flotilla/hub --to /backup/hub-$(date +%F)`). On PostgreSQL,
+    /// use pg_dump and keep the cluster key file.
+    Backup {
+        /// The hub's data dir.
+        #[arg(long, default_value = "/var/lib/flotilla/hub")]
+        data_dir: PathBuf,
+        /// The hub's --cluster-key-file, when it is not DATA_DIR/cluster.key.
+        #[arg(long, value_name = "PATH")]
+        cluster_key_file: Option<PathBuf>,
+        /// The new directory to write the backup to.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Restore a hub from `flotilla backup` into a data dir that holds no hub, then start the
+    /// hub on it: same CA, store and keys, so agents reconnect and keep what they run
+    /// (`restore --from /backup/hub-2026-12-07 --data-dir /var/lib/flotilla/hub`).
+    Restore {
+        /// The backup directory.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The data dir to restore into (must hold no hub.db).
+        #[arg(long, default_value = "/var/lib/flotilla/hub")]
+        data_dir: PathBuf,
+    },
     /// Manage the artifacts of an agent's local store (air-gapped sites): import them, or
     /// save a Wasm module as an archive to import.
     Image {
@@ -831,7 +997,9 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
     ResourceKind::parse(s).with_context(|| {
-        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services or routes")
+        format!(
+            "unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services, endpoints or routes"
+        )
     })
 }
 
@@ -904,17 +1072,28 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    let Cli { global, command } = Cli::parse_from(argv);
+    let matches = cli_command().get_matches_from(argv);
+    if let Some((verb, option)) = misplaced_client_option(&matches) {
+        let hint = if matches!(verb.as_str(), "hub" | "agent") { "; its own config file is --config-file" } else { "" };
+        eprintln!("error: --{option} is for the verbs that talk to a hub; `flotilla {verb}` does not take it{hint}");
+        return std::process::ExitCode::from(2);
+    }
+    let Cli { global, command } = {
+        use clap::FromArgMatches as _;
+        match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    };
     // Creating a container clones this process, which must then still be single-threaded.
     let command = match command {
         Command::Oci(args) => return oci_cli::main(args),
         // A small single-threaded process: no async runtime needed.
         Command::Completion { shell } => {
-            use clap::CommandFactory as _;
             use std::io::Write as _;
             // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut script);
+            clap_complete::generate(shell, &mut cli_command(), "flotilla", &mut script);
             return match std::io::stdout().write_all(&script) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
@@ -1240,6 +1419,24 @@ async fn run_command(cli: Cli) -> Result<()> {
             let code = local::run(args).await?;
             std::process::exit(code);
         }
+        Command::Backup { data_dir, cluster_key_file, to } => {
+            let written = hub::backup::backup(&data_dir, cluster_key_file.as_deref(), &to).await?;
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!("backed up {} into {}: {}", data_dir.display(), to.display(), names.join(", "));
+            Ok(())
+        }
+        Command::Restore { from, data_dir } => {
+            let written = hub::backup::restore(&from, &data_dir)?;
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!(
+                "restored {} into {}: {}; start the hub with --data-dir {}",
+                from.display(),
+                data_dir.display(),
+                names.join(", "),
+                data_dir.display()
+            );
+            Ok(())
+        }
         Command::Login(args) => registry_login::login(args).await,
         Command::Logout(args) => registry_login::logout(args).await,
         Command::Push { files, reference, agent, agent_version, insecure_registries } => {
@@ -1260,11 +1457,13 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening the blob store under {}", data_dir.display()))?;
             let store = oci_runtime::ImageStore::open(data_dir.join("containers/images"), blobs)
                 .with_context(|| format!("opening the image store under {}", data_dir.display()))?;
+            let progress = registry_login::CliProgress::of("importing", &file.display().to_string());
             let imported = store
-                .import(&file, &oci_runtime::Platform::host(), name.as_deref())
+                .import_with_progress(&file, &oci_runtime::Platform::host(), name.as_deref(), Some(progress.clone()))
                 .await
-                .with_context(|| format!("importing {}", file.display()))?;
-            for artifact in imported {
+                .with_context(|| format!("importing {}", file.display()));
+            progress.finish();
+            for artifact in imported? {
                 println!("imported {} ({}, {})", artifact.reference(), artifact.kind(), artifact.manifest_digest());
             }
             Ok(())
@@ -1294,6 +1493,25 @@ async fn run_command(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 other => unexpected(other),
+            }
+        }
+        Command::Get { kind, names, output, selector, watch } if output::is_endpoints(&kind) => {
+            if watch || !selector.is_empty() {
+                bail!("get endpoints takes no -w or -l; watch or select the services instead");
+            }
+            let client = client::Client::connect(cli.global.target()).await?;
+            let response = client.request(&ApiRequest::Get { kind: ResourceKind::Service }).await?;
+            if let ApiResponse::Error { message } = response {
+                bail!("{message}");
+            }
+            let (response, missing) = output::only_named(response, &names);
+            let ApiResponse::Services { items } = response else { return unexpected(response) };
+            if names.is_empty() || missing.len() < names.len() {
+                print!("{}", output::render_endpoints(&items, &output)?);
+            }
+            match missing.as_slice() {
+                [] => Ok(()),
+                many => bail!("service {} not found", many.join(", ")),
             }
         }
         Command::Get { kind, names, output, selector, watch } => {
@@ -1984,5 +2202,75 @@ mod help_tests {
         let mut missing = Vec::new();
         without_help(&super::Cli::command(), "flotilla", &mut missing);
         assert!(missing.is_empty(), "{} arguments without help:\n{}", missing.len(), missing.join("\n"));
+    }
+}
+
+#[cfg(test)]
+mod client_option_tests {
+    use super::{cli_command, misplaced_client_option};
+
+    fn help(args: &[&str]) -> String {
+        let mut cmd = cli_command();
+        cmd.build();
+        let mut sub = &mut cmd;
+        for a in args {
+            sub = sub.find_subcommand_mut(a).unwrap();
+        }
+        sub.render_long_help().to_string()
+    }
+
+    fn misplaced(argv: &[&str]) -> Option<(String, &'static str)> {
+        misplaced_client_option(&cli_command().try_get_matches_from(argv).unwrap())
+    }
+
+    #[test]
+    fn every_verb_has_an_example_that_parses() {
+        let cmd = cli_command();
+        for verb in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            let name = verb.get_name();
+            let (_, text) = super::EXAMPLES
+                .iter()
+                .find(|(v, _)| *v == name)
+                .unwrap_or_else(|| panic!("`flotilla {name}` has no example in EXAMPLES"));
+            assert!(verb.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")), "{name}");
+            // Each example line that is a plain `flotilla ...` command parses as written.
+            for line in text.lines().map(str::trim).filter(|l| l.starts_with("flotilla ")) {
+                let line = line.split(" && ").next().unwrap().split(" | ").next().unwrap();
+                let line = line.split(" < ").next().unwrap().split(" > ").next().unwrap();
+                if line.contains(['$', '\'', '(']) {
+                    continue; // shell syntax: quoted or substituted arguments
+                }
+                let argv: Vec<&str> = line.split_whitespace().collect();
+                if let Err(e) = cli_command().try_get_matches_from(&argv) {
+                    panic!("example `{line}` of `flotilla {name}` does not parse: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn client_options_show_and_work_only_on_client_verbs() {
+        for local in [&["hub"][..], &["agent"], &["oci", "run"], &["image", "import"], &["push"]] {
+            let text = help(local);
+            assert!(!text.contains("--config <") && !text.contains("--context"), "{local:?}:\n{text}");
+        }
+        for client in [&["get"][..], &["apply"], &["rollout", "status"]] {
+            let text = help(client);
+            assert!(text.contains("--config <") && text.contains("--context"), "{client:?}:\n{text}");
+        }
+        assert_eq!(misplaced(&["flotilla", "hub", "--config", "hub.yaml"]), Some(("hub".into(), "config")));
+        assert_eq!(
+            misplaced(&["flotilla", "agent", "--hub", "h:1", "--context", "eu"]),
+            Some(("agent".into(), "context"))
+        );
+        assert_eq!(misplaced(&["flotilla", "get", "nodes", "--context", "eu"]), None);
+        assert_eq!(misplaced(&["flotilla", "--config", "c.yaml", "get", "nodes"]), None);
+        // The hub's own config file is not the client's.
+        assert_eq!(misplaced(&["flotilla", "hub", "--config-file", "hub.yaml"]), None);
+        // Parsed values still reach the client verbs.
+        use clap::FromArgMatches as _;
+        let m = cli_command().try_get_matches_from(["flotilla", "get", "nodes", "--config", "c.yaml"]).unwrap();
+        let cli = super::Cli::from_arg_matches(&m).unwrap();
+        assert_eq!(cli.global.config.as_deref(), Some(std::path::Path::new("c.yaml")));
     }
 }

@@ -323,6 +323,56 @@ pub fn only_labelled(response: ApiResponse, selector: &std::collections::BTreeMa
     }
 }
 
+/// Whether `kind` names endpoints (`get endpoints`): the ready backends of each service, a
+/// view of the services the CLI renders on its own.
+pub fn is_endpoints(kind: &str) -> bool {
+    matches!(kind.to_ascii_lowercase().as_str(), "endpoints" | "endpoint" | "ep")
+}
+
+/// `get endpoints`: per service, its ready backends as `address:port` (the first port's), and
+/// how many are not ready; `-o json|yaml|jsonpath` give every backend with all its ports.
+pub fn render_endpoints(items: &[proto::messages::ServiceView], format: &Format) -> Result<String> {
+    let value: Vec<serde_json::Value> = items
+        .iter()
+        .map(|v| serde_json::json!({ "service": v.manifest.metadata.name, "endpoints": v.endpoints }))
+        .collect();
+    let wide = match format {
+        Format::Json => return Ok(serde_json::to_string_pretty(&value)? + "\n"),
+        Format::Yaml => return yaml(&serde_json::Value::Array(value)),
+        Format::JsonPath(t) => return Ok(t.render(&serde_json::Value::Array(value))),
+        Format::Name => {
+            return Ok(items.iter().map(|v| format!("endpoints/{}\n", v.manifest.metadata.name)).collect());
+        }
+        Format::Wide => true,
+        Format::Table => false,
+    };
+    /// The table lists this many ready endpoints per service (all of them with -o wide).
+    const SHOWN: usize = 3;
+    let mut rows = vec![["NAME", "ENDPOINTS", "NOT READY"].map(String::from).to_vec()];
+    for v in items {
+        let ready: Vec<String> = v
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| match e.ports.first().copied().flatten() {
+                Some(p) => std::net::SocketAddr::new(e.address, p).to_string(),
+                None => e.address.to_string(),
+            })
+            .collect();
+        let mut shown = if wide { ready.clone() } else { ready.iter().take(SHOWN).cloned().collect() };
+        if ready.len() > shown.len() {
+            shown.push(format!("+ {} more", ready.len() - shown.len()));
+        }
+        let not_ready = v.endpoints.iter().filter(|e| !e.ready).count();
+        rows.push(vec![
+            v.manifest.metadata.name.clone(),
+            if shown.is_empty() { "<none>".into() } else { shown.join(",") },
+            not_ready.to_string(),
+        ]);
+    }
+    Ok(table(rows))
+}
+
 pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
     if matches!(format, Format::Name) {
         let names: Vec<String> = match response {
@@ -606,6 +656,41 @@ pub fn top(nodes: &[proto::messages::NodeUsageView], replicas: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::rfc3339;
+
+    #[test]
+    fn endpoints_list_ready_backends_at_their_port_and_count_the_rest() {
+        use proto::messages::{EndpointView, ServiceView};
+        let manifest: proto::service::ServiceManifest = serde_json::from_value(serde_json::json!({
+            "apiVersion": proto::manifest::API_VERSION, "kind": "Service", "metadata": {"name": "api"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .unwrap();
+        let ep = |i: u8, ready| EndpointView {
+            replica: format!("api-{i}"),
+            node: "n1".into(),
+            address: format!("10.42.0.{i}").parse().unwrap(),
+            ready,
+            ports: vec![Some(8080)],
+        };
+        let view = ServiceView {
+            manifest,
+            address: "10.43.0.2".parse().unwrap(),
+            endpoints: (1..=5).map(|i| ep(i, i != 2)).collect(),
+            created_at_ms: 0,
+        };
+        let text = super::render_endpoints(std::slice::from_ref(&view), &super::Format::Table).unwrap();
+        let row = text.lines().nth(1).unwrap();
+        assert!(row.starts_with("api"), "{text}");
+        assert!(row.contains("10.42.0.1:8080,10.42.0.3:8080,10.42.0.4:8080,+ 1 more"), "{text}");
+        assert!(row.trim_end().ends_with('1'), "one not ready: {text}");
+        let wide = super::render_endpoints(std::slice::from_ref(&view), &super::Format::Wide).unwrap();
+        assert!(wide.contains("10.42.0.5:8080") && !wide.contains("10.42.0.2:"), "{wide}");
+        let json: serde_json::Value =
+            serde_json::from_str(&super::render_endpoints(&[view], &super::Format::Json).unwrap()).unwrap();
+        assert_eq!(json[0]["service"], "api");
+        assert_eq!(json[0]["endpoints"][1]["ready"], false);
+        assert_eq!(json[0]["endpoints"][1]["ports"][0], 8080);
+    }
 
     #[test]
     fn top_replicas_shows_each_replicas_runtime() {

@@ -207,6 +207,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Push progress on stderr: a bar on a terminal, else a line every few seconds.
 pub struct CliProgress {
+    /// "pushing", "importing".
+    verb: &'static str,
     label: String,
     bar: Option<indicatif::ProgressBar>,
     lines: Mutex<Lines>,
@@ -223,6 +225,11 @@ struct Lines {
 impl CliProgress {
     /// Progress of pushing `label` (the reference).
     pub fn new(label: &str) -> Arc<Self> {
+        Self::of("pushing", label)
+    }
+
+    /// Progress of `verb` (e.g. "importing") `label`.
+    pub fn of(verb: &'static str, label: &str) -> Arc<Self> {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(0);
             let style = indicatif::ProgressStyle::with_template(
@@ -231,11 +238,11 @@ impl CliProgress {
             .map(|s| s.progress_chars("=> "))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
-            bar.set_message(format!("pushing {label}"));
+            bar.set_message(format!("{verb} {label}"));
             bar
         });
         let lines = Lines { blobs: 0, bytes: 0, done_blobs: 0, done_bytes: 0, last: Instant::now() };
-        Arc::new(Self { label: label.to_owned(), bar, lines: Mutex::new(lines) })
+        Arc::new(Self { verb, label: label.to_owned(), bar, lines: Mutex::new(lines) })
     }
 
     /// Clears the bar (the caller prints the outcome).
@@ -266,8 +273,8 @@ impl PushProgress for CliProgress {
         if l.last.elapsed() >= PROGRESS_EVERY && l.done_blobs < l.blobs {
             l.last = Instant::now();
             eprintln!(
-                "pushing {}: {} of {} bytes, {} of {} blobs",
-                self.label, l.done_bytes, l.bytes, l.done_blobs, l.blobs
+                "{} {}: {} of {} bytes, {} of {} blobs",
+                self.verb, self.label, l.done_bytes, l.bytes, l.done_blobs, l.blobs
             );
         }
     }

@@ -1429,46 +1429,6 @@ fn bridged_containers_reach_each_other_publish_ports_keep_addresses_and_leave_no
     assert!(http_get(&format!("{ns_ip}:9080"), "/index.html").is_none(), "the port still answers");
 }
 
-/// A site's LAN: a bridge in a namespace of its own, with a veth into each member agent's
-/// namespace carrying 192.168.250.(i+1)/24. Dropping it deletes the namespace, and with it
-/// every veth (their peers in the agents' namespaces go too).
-struct SiteLan {
-    name: String,
-}
-
-impl SiteLan {
-    fn create(members: &[&netns::Netns]) -> SiteLan {
-        let pid = std::process::id() % 100_000;
-        let lan = SiteLan { name: format!("fltlan{pid}") };
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip").args(args).output().unwrap();
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ip(&["netns", "add", &lan.name]);
-        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &lan.name, "link", "set", "br0", "up"]);
-        for (i, ns) in members.iter().enumerate() {
-            let agent_ns = ns.exec_prefix()[1].trim_start_matches("--net=/run/netns/").to_string();
-            let (here, there) = (format!("lan{i}"), format!("fl{pid}s{i}"));
-            ip(&["-n", &lan.name, "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &agent_ns]);
-            ip(&["-n", &lan.name, "link", "set", &here, "master", "br0", "up"]);
-            ip(&["-n", &agent_ns, "addr", "add", &format!("{}/24", Self::ip(i)), "dev", &there]);
-            ip(&["-n", &agent_ns, "link", "set", &there, "up"]);
-        }
-        lan
-    }
-
-    fn ip(i: usize) -> String {
-        format!("192.168.250.{}", i + 1)
-    }
-}
-
-impl Drop for SiteLan {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 /// Two nodes of one site, each in its own namespace, joined by their LAN: each routes the
 /// other's container subnet to it (host-gw, told by the hub), so a container on one fetches a
 /// page from a container on the other by address, with no NAT between them.
@@ -1479,7 +1439,7 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
     }
     let Some(reg) = TestRegistry::start() else { return };
     let (ns1, ns2) = (netns::Netns::create(), netns::Netns::create());
-    let lan = SiteLan::create(&[&ns1, &ns2]);
+    let lan = netns::SiteLan::create(&[&ns1, &ns2]);
     let target: std::net::SocketAddr = reg.addr.parse().unwrap();
     let (fwd1, fwd2) =
         (netns::TcpForward::start(ns1.host_ip(), target), netns::TcpForward::start(ns2.host_ip(), target));
@@ -1488,7 +1448,8 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
     let _janitor = Janitor::new(c.dir.path(), &["s1", "s2"]);
     let image = push_busybox(&reg, c.dir.path(), "busybox:lan", &["sh", "-c", HTTPD]);
     for (i, (ns, fwd, name)) in [(&ns1, &fwd1, "s1"), (&ns2, &fwd2, "s2")].into_iter().enumerate() {
-        let (registry, node_ip, hub) = (fwd.addr.to_string(), SiteLan::ip(i), format!("{}:{port}", ns.host_ip()));
+        let (registry, node_ip, hub) =
+            (fwd.addr.to_string(), netns::SiteLan::ip(i), format!("{}:{port}", ns.host_ip()));
         let label = format!("box={name}");
         c.add_agent_via(
             &ns.exec_prefix(),
@@ -1522,8 +1483,8 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     c.wait_for("site routes in place", WAIT, || {
-        routes(&ns1).contains(&format!("via {}", SiteLan::ip(1)))
-            && routes(&ns2).contains(&format!("via {}", SiteLan::ip(0)))
+        routes(&ns1).contains(&format!("via {}", netns::SiteLan::ip(1)))
+            && routes(&ns2).contains(&format!("via {}", netns::SiteLan::ip(0)))
     });
     // From web-s1-0's own network namespace (its eth0 and address), with the host's busybox:
     // the image's busybox-static wget, run through `flotilla exec`, crashes here on some
@@ -1553,7 +1514,7 @@ fn containers_on_two_nodes_of_a_site_reach_each_other_over_the_lan() {
 #[test]
 fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas() {
     let Some(reg) = TestRegistry::start() else { return };
-    let Some(site) = NsSite::start(&reg, "svc-1") else { return };
+    let Some(mut site) = NsSite::start(&reg, "svc-1") else { return };
     if !containers_possible() {
         return;
     }
@@ -1601,9 +1562,240 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
         *seen.entry(page.trim().to_string()).or_default() += 1;
     }
     assert_eq!(seen.keys().map(String::as_str).collect::<Vec<_>>(), ["api-0", "api-1"], "{seen:?}");
+    // The agent SIGKILLed: the kernel's rules keep serving the address while it is down; back
+    // (adopting its containers), it keeps every address, and names resolve and answer again.
+    let addr = |c: &Cluster, r: &str| replica(c, r).unwrap().status.address.expect("an address");
+    let before: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    site.c.agents[0].kill();
+    site.c.agents.clear();
+    let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+    assert!(ok && page.trim().starts_with("api-"), "the service must answer with its agent down: {page}");
+    let hub = format!("{}:{}", site._ns.host_ip(), site.c.hub_listen.as_ref().unwrap().rsplit_once(':').unwrap().1);
+    let registry = site.fwd.addr.to_string();
+    let prefix = site._ns.exec_prefix();
+    site.c.add_agent_via(&prefix, &hub, "svc-1", &["--containers", "on", "--insecure-registry", &registry]);
+    site.c.wait_for("node back, all running", WAIT, || {
+        site.c.nodes().iter().any(|n| n.ready) && all.iter().all(|r| running(&site.c, r))
+    });
+    let after: Vec<std::net::IpAddr> = all.iter().map(|r| addr(&site.c, r)).collect();
+    assert_eq!(after, before, "addresses changed across the agent's restart");
+    site.c.wait_for("the name resolves after the restart", WAIT, || {
+        in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip)
+    });
+    let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+    assert!(ok && page.trim().starts_with("api-"), "the service after the restart: {page}");
+    let endpoints = site.c.ok(&["get", "endpoints", "api"]);
+    for a in &after[..2] {
+        assert!(endpoints.contains(&format!("{a}:8080")), "{a}:8080 missing from\n{endpoints}");
+    }
+    // By name, from inside the container, through its resolv.conf. The hub may still hold the
+    // killed agent's session for a moment (until the new one replaces it): an exec sent over it
+    // fails with that reason, and the next one goes over the new link.
+    let mut by_name = String::new();
+    site.c.wait_for("exec over the agent's new link", WAIT, || {
+        let out = site.c.cli(&["exec", "client-0", "--", "wget", "-qO-", "http://api/index.html"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() || err.contains("ended before the command started"), "exec: {err}");
+        by_name = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success()
+    });
+    assert!(by_name.trim().starts_with("api-"), "{by_name}");
+    // A Wasm HTTP component is an endpoint too, served on its node's address.
+    let component =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm");
+    assert!(component.exists(), "{} is missing: build the examples first (scripts/test.sh does)", component.display());
+    let reference = reg.reference("hello-http:svc");
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), component.as_os_str(), reference.as_ref()]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    let hello = format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: hello, labels: {{app: hello}}}}\nspec:\n  runtime: wasm\n  image: {}\n  http: {{port: 8088}}\n---\napiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {{name: hello}}\nspec: {{selector: {{app: hello}}, ports: [{{port: 80}}]}}\n",
+        site.via_link(&reg, &reference)
+    );
+    apply(&site.c, &hello);
+    site.c.wait_for("the component running", WAIT, || running(&site.c, "hello-0"));
+    let by_name = || site.c.cli(&["exec", "client-0", "--", "wget", "-qO-", "http://hello.svc.flotilla.local/"]);
+    let answered = cluster::time_until(WAIT, Duration::from_millis(200), || {
+        String::from_utf8_lossy(&by_name().stdout).contains("hello from flotilla")
+    });
+    assert!(
+        answered.is_some(),
+        "the component does not answer through its service:\n{}\n{}\n{}",
+        site.c.ok(&["describe", "service", "hello"]),
+        String::from_utf8_lossy(&by_name().stderr),
+        site.in_ns(&["iptables", "-w", "-t", "nat", "-S"])
+    );
+    site.c.ok(&["delete", "workload", "hello"]);
+    site.c.ok(&["delete", "service", "hello"]);
     let describe = site.c.ok(&["describe", "service", "api"]);
     assert!(describe.contains(&vip) && describe.contains("api-0") && describe.contains("ready"), "{describe}");
     // Deleted: the name is gone and nothing answers at the address.
     site.c.ok(&["delete", "service", "api"]);
     site.c.wait_for("the name is gone", WAIT, || !in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip));
+    // And no service rule is left in the node's tables.
+    let dnat = || site.in_ns(&["iptables", "-w", "-t", "nat", "-S"]).lines().filter(|l| l.contains("DNAT")).count();
+    site.c.wait_for("no DNAT rule left", WAIT, || dnat() == 0);
+    let filter = site.in_ns(&["iptables", "-w", "-t", "filter", "-S"]);
+    assert!(!filter.contains("REJECT"), "service reject rules left:\n{filter}");
+}
+
+/// The site's httpd that answers with its replica's name, ready while `/tmp/www/ready` exists.
+const WHO: &str =
+    "mkdir -p /tmp/www && hostname > /tmp/www/index.html && touch /tmp/www/ready && exec httpd -f -p 8080 -h /tmp/www";
+
+/// Runs `args` (the host's busybox) in a container's network namespace, named by the agent.
+fn in_replica_ns(c: &Cluster, node: &str, replica: &str, args: &[&str]) -> (bool, String) {
+    let ns = c.agent_dir(node).join("network/netns").join(replica);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .arg("--")
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A service across two sites: two nodes of site `shop` joined by their LAN and a node of
+/// site `far`, one `api` replica on each, a client on the first. The client's requests go to
+/// the replica on its own node; when that one is unready (its probe failing), to the one on
+/// the other node of the site, never to the other site's; when it is ready again, back. Then
+/// the site is cut off from the hub for 60 s: the name still resolves, requests still succeed,
+/// and the local replica killed during the cut is withdrawn by its agent alone.
+#[test]
+fn a_site_service_follows_readiness_never_leaves_the_site_and_works_cut_off_from_the_hub() {
+    if !containers_possible() || !netns::netns_possible() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let (ns1, ns2, ns3) = (netns::Netns::create(), netns::Netns::create(), netns::Netns::create());
+    let lan = netns::SiteLan::create(&[&ns1, &ns2]);
+    let target: std::net::SocketAddr = reg.addr.parse().unwrap();
+    let fwds: Vec<netns::TcpForward> =
+        [&ns1, &ns2, &ns3].iter().map(|ns| netns::TcpForward::start(ns.host_ip(), target)).collect();
+    let port = cluster::free_udp_port();
+    let mut c = Cluster::start_listening(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{port}"));
+    let _janitor = Janitor::new(c.dir.path(), &["near", "peer", "far"]);
+    let image = push_busybox(&reg, c.dir.path(), "busybox:who", &["sh", "-c", WHO]);
+    for (i, (ns, name, site)) in
+        [(&ns1, "near", "shop"), (&ns2, "peer", "shop"), (&ns3, "far", "far")].into_iter().enumerate()
+    {
+        let (registry, hub) = (fwds[i].addr.to_string(), format!("{}:{port}", ns.host_ip()));
+        let (box_label, site_label) = (format!("box={name}"), format!("site={site}"));
+        let mut args =
+            vec!["--containers", "on", "--insecure-registry", &registry, "--label", &site_label, "--label", &box_label];
+        let node_ip = netns::SiteLan::ip(i);
+        if site == "shop" {
+            args.extend(["--node-ip", &node_ip]);
+        }
+        c.add_agent_via(&ns.exec_prefix(), &hub, name, &args);
+    }
+    c.wait_for("three nodes", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 3);
+    let probe =
+        "  readinessProbe: {httpGet: {path: /ready, port: 8080}, period: 500ms, timeout: 1s, failureThreshold: 1}\n";
+    let mut docs = Vec::new();
+    for (i, name) in ["near", "peer", "far"].into_iter().enumerate() {
+        let image = image.replacen(&reg.addr, &fwds[i].addr.to_string(), 1);
+        docs.push(format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: api-{name}, labels: {{app: api}}}}\nspec:\n  runtime: container\n  image: {image}\n  nodeSelector: {{box: {name}}}\n  terminationGracePeriod: 1s\n{probe}"
+        ));
+    }
+    let client_image = image.replacen(&reg.addr, &fwds[0].addr.to_string(), 1);
+    docs.push(workload("client", &client_image, "  nodeSelector: {box: near}\n"));
+    docs.push("apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {name: api}\nspec: {selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}\n".into());
+    apply(&c, &docs.join("---\n"));
+    let ready = |r: &str| replica(&c, r).is_some_and(|v| v.status.ready && v.status.phase == Phase::Running);
+    c.wait_for("replicas ready", WAIT, || {
+        ["api-near-0", "api-peer-0", "api-far-0"].iter().all(|r| ready(r)) && running(&c, "client-0")
+    });
+    let svc: serde_json::Value = serde_json::from_str(&c.ok(&["get", "services", "-o", "json"])).unwrap();
+    let vip = svc[0]["address"].as_str().expect("the service's address").to_string();
+    let resolv = c.ok(&["exec", "client-0", "--", "cat", "/etc/resolv.conf"]);
+    let server = resolv.lines().find_map(|l| l.strip_prefix("nameserver ")).expect("a name server").trim().to_string();
+    let client = |args: &[&str]| in_replica_ns(&c, "near", "client-0", args);
+    let resolves = || client(&["busybox", "nslookup", "api", &server]).1.contains(&vip);
+    let url = format!("http://{vip}/index.html");
+    // Who answers a request through the service (`None`: no answer).
+    let ask = || {
+        let (ok, page) = client(&["busybox", "wget", "-qO-", &url]);
+        ok.then(|| page.trim().to_string())
+    };
+    c.wait_for("the name resolves", WAIT, resolves);
+    c.wait_for("the nearest replica answers", WAIT, || ask().as_deref() == Some("api-near-0"));
+    let tally = |n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for _ in 0..n {
+            *seen.entry(ask().unwrap_or_else(|| "(no answer)".into())).or_default() += 1;
+        }
+        seen
+    };
+    let only = |seen: &std::collections::BTreeMap<String, u32>| seen.keys().cloned().collect::<Vec<_>>();
+    // The replica on the client's own node takes every request while it is ready.
+    let seen = tally(20);
+    assert_eq!(only(&seen), ["api-near-0"], "{seen:?}");
+
+    // Unready: withdrawn within about one probe period; the site's other node takes over.
+    c.ok(&["exec", "api-near-0", "--", "rm", "/tmp/www/ready"]);
+    let moved = cluster::time_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        ask().as_deref() == Some("api-peer-0")
+    });
+    let moved = moved.expect("requests never moved to the site's other node");
+    eprintln!("unready replica withdrawn {moved:?} after its probe began failing");
+    assert!(moved < Duration::from_secs(3), "withdrawal took {moved:?} with a 500 ms probe period");
+    let seen = tally(30);
+    assert_eq!(only(&seen), ["api-peer-0"], "site scope: the far site's replica must never answer: {seen:?}");
+    // Ready again: back to the nearest.
+    c.ok(&["exec", "api-near-0", "--", "touch", "/tmp/www/ready"]);
+    let back = cluster::time_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        ask().as_deref() == Some("api-near-0")
+    });
+    eprintln!("ready replica back in {back:?}");
+    assert!(back.is_some(), "the replica ready again never got requests back");
+
+    // The site cut off from the hub.
+    ns1.cut();
+    ns2.cut();
+    let cut = std::time::Instant::now();
+    c.wait_for("the hub sees the site gone", Duration::from_secs(30), || {
+        c.nodes().iter().filter(|n| n.ready).count() == 1
+    });
+    let mut asked = 0;
+    let mut killed_at = None;
+    while cut.elapsed() < Duration::from_secs(60) {
+        assert!(resolves(), "the name stopped resolving {:?} into the cut", cut.elapsed());
+        if killed_at.is_none() && cut.elapsed() > Duration::from_secs(20) {
+            let pids = container_pids("near", "api-near-0");
+            assert!(!pids.is_empty(), "no processes of api-near-0");
+            for pid in pids {
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            // Its agent alone withdraws it: the other node of the site answers.
+            let gone = cluster::time_until(Duration::from_secs(10), Duration::from_millis(20), || {
+                ask().as_deref() == Some("api-peer-0")
+            });
+            let gone = gone.expect("a killed replica was not withdrawn while the hub was away");
+            eprintln!("killed replica withdrawn locally in {gone:?}");
+            assert!(gone < Duration::from_secs(2), "local withdrawal took {gone:?}");
+            killed_at = Some(std::time::Instant::now());
+            continue;
+        }
+        let who = ask();
+        assert!(
+            who.as_deref().is_some_and(|w| w == "api-near-0" || w == "api-peer-0"),
+            "{:?} into the cut the service answered {who:?}",
+            cut.elapsed()
+        );
+        asked += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(killed_at.is_some() && asked >= 60, "only {asked} requests during the cut");
+    ns1.restore();
+    ns2.restore();
+    c.wait_for("the site back", WAIT, || c.nodes().iter().filter(|n| n.ready).count() == 3);
+    c.wait_for("the killed replica ready again", WAIT, || ready("api-near-0"));
+    c.wait_for("the nearest replica answers again", WAIT, || ask().as_deref() == Some("api-near-0"));
+    for w in ["api-near", "api-peer", "api-far", "client"] {
+        c.ok(&["delete", "workload", w]);
+    }
+    c.wait_for("replicas gone", WAIT, || c.replicas().is_empty());
+    drop(c);
+    drop(lan);
 }

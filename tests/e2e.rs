@@ -314,6 +314,69 @@ fn hub_restart_keeps_credentials_state_and_running_replicas() {
     assert_eq!(r.status.restarts, 0);
 }
 
+/// A backup taken while the hub runs, the hub's data dir lost, a restore into a new one: the
+/// hub started on it is the same cluster (the agent reconnects with its certificate, the
+/// replica keeps running unrestarted), and holds what was applied before the backup, not
+/// after. Restore refuses a data dir that holds a hub.
+#[test]
+fn a_hub_restored_from_a_backup_keeps_its_agents_and_their_replicas() {
+    let Some(reg) = TestRegistry::start() else { return };
+    let image = push(&reg, &cluster::example_wasm(), "hello:v1");
+    let mut c = Cluster::start();
+    c.add_agent("edge-1", &[]);
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&manifest("hello", &image, 1, "")));
+    assert!(out.status.success());
+    c.wait_for("replica Running", WAIT, || all_running(&c, "hello", 1));
+    let started = c.replicas()[0].status.started_at_ms;
+    let backup = c.dir.path().join("backup");
+    let hub_dir = c.hub_dir();
+    let out = cluster::flotilla(&[
+        "backup".as_ref(),
+        "--data-dir".as_ref(),
+        hub_dir.as_os_str(),
+        "--to".as_ref(),
+        backup.as_os_str(),
+    ]);
+    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    // Applied after the backup: not in it.
+    let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&manifest("later", &image, 1, "")));
+    assert!(out.status.success());
+    // Restoring over a live data dir is refused, and changes nothing.
+    let out = cluster::flotilla(&[
+        "restore".as_ref(),
+        "--from".as_ref(),
+        backup.as_os_str(),
+        "--data-dir".as_ref(),
+        hub_dir.as_os_str(),
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already holds a hub"));
+
+    // The hub machine is lost: its data dir goes, a new hub is restored from the backup.
+    c.hub.kill();
+    std::fs::rename(&hub_dir, c.dir.path().join("hub-lost")).unwrap();
+    let out = cluster::flotilla(&[
+        "restore".as_ref(),
+        "--from".as_ref(),
+        backup.as_os_str(),
+        "--data-dir".as_ref(),
+        hub_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    c.restart_hub();
+    c.wait_for("the agent back and Ready", WAIT, || {
+        let out = c.cli(&["get", "nodes", "-o", "json"]);
+        out.status.success()
+            && serde_json::from_slice::<Vec<proto::messages::NodeView>>(&out.stdout)
+                .is_ok_and(|n| n.len() == 1 && n[0].ready && n[0].name == "edge-1")
+    });
+    let names: Vec<String> = c.workloads().iter().map(|w| w.manifest.metadata.name.clone()).collect();
+    assert_eq!(names, ["hello"], "the restored hub holds what the backup held");
+    c.wait_for("the agent's report in", WAIT, || all_running(&c, "hello", 1));
+    let r = &c.replicas()[0];
+    assert_eq!(r.status.started_at_ms, started, "the replica was not restarted");
+    assert_eq!(r.status.restarts, 0);
+}
+
 #[test]
 fn a_stopped_agent_leaves_at_once_and_its_replicas_show_unknown() {
     let Some(reg) = TestRegistry::start() else { return };

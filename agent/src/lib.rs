@@ -483,12 +483,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     // Services (names and load balancing) for containers on the node's network.
     let services_tx = networks.as_ref().map(|_| services::shell::spawn());
     let gateway_of = |set: &AssignmentSet| set.network.as_ref().and_then(|n| n.subnet.hosts().next()).map(IpAddr::V4);
-    if let Some(tx) = &services_tx {
-        tx.send_modify(|w| {
-            w.table = saved.services.clone().unwrap_or_default();
-            w.dns = gateway_of(&saved);
-        });
-    }
     if let Some(n) = &networks {
         n.set_node(saved.network.as_ref());
         if let Some(t) = &saved.services {
@@ -528,7 +522,16 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         Ok(None) => {}
         Err(e) => warn!(error = %e, "ignoring unreadable saved statuses"),
     }
-    // The gateway starts from this node's replicas as the previous process left them too.
+    // The persisted table, with this node's replicas as the previous process left them: an
+    // agent restart withdraws no local endpoint (`Supervisor::serving`), from the service
+    // rules or the gateway.
+    if let Some(tx) = &services_tx {
+        tx.send_modify(|w| {
+            w.table = saved.services.clone().unwrap_or_default();
+            w.dns = gateway_of(&saved);
+            w.local_ready = local_readiness(&sup);
+        });
+    }
     if let Some(tx) = &gateway_tx {
         tx.send_modify(|v| v.local_ready = local_readiness(&sup));
     }
@@ -1145,10 +1148,7 @@ fn gateway_table(tx: &Option<watch::Sender<gateway::View>>, set: &AssignmentSet)
 /// This node's replicas and whether each is running and ready: what its service rules and
 /// its gateway use for its own endpoints, ahead of the hub.
 fn local_readiness(sup: &Supervisor) -> BTreeMap<String, bool> {
-    sup.statuses()
-        .into_iter()
-        .map(|(name, st)| (name, st.phase == proto::messages::Phase::Running && st.ready))
-        .collect()
+    sup.serving()
 }
 
 #[cfg(test)]

@@ -238,7 +238,11 @@ impl Link {
         let mut acked = *self.acked.borrow_and_update();
         // Unless set (`--node-ip`), peers reach this node at the address its hub link leaves
         // from: on a site, the LAN address its default route uses.
-        let node_ip = self.facts.node_ip.or_else(|| conn.local_ip());
+        let node_ip = self
+            .facts
+            .node_ip
+            .or_else(|| conn.local_ip().map(|ip| ip.to_canonical()))
+            .or_else(|| source_address(conn.remote_address()));
         let facts = proto::messages::NodeFacts { clock_ms: Some(wall_ms()), node_ip, ..self.facts.clone() };
         let hello = AgentMsg::Hello { facts, generation: acked, statuses: sent.clone() };
         frame::write(&mut send, &hello).await.map_err(|e| SessionError::Transient(e.to_string()))?;
@@ -705,9 +709,32 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The address this host's routes send packets to `to` from (a connected UDP socket's local
+/// address: the kernel picks it, and nothing is sent). quinn knows the local address of a
+/// connection only on its server side, so the agent asks the kernel.
+fn source_address(to: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    // The endpoint's socket is dual-stack: an IPv4 hub's address comes IPv4-mapped.
+    let to = std::net::SocketAddr::new(to.ip().to_canonical(), to.port());
+    let any: std::net::SocketAddr = match to {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(to).ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_source_address_is_the_one_the_route_to_the_hub_leaves_from() {
+        let lo = source_address("127.0.0.1:9".parse().unwrap());
+        assert_eq!(lo, Some("127.0.0.1".parse().unwrap()));
+        let mapped = source_address("[::ffff:127.0.0.1]:9".parse().unwrap());
+        assert_eq!(mapped, Some("127.0.0.1".parse().unwrap()), "an IPv4 hub is reached from an IPv4 address");
+    }
 
     #[test]
     fn a_log_request_names_the_current_previous_or_attempt_log() {

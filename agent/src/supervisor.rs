@@ -159,6 +159,10 @@ struct Replica {
     /// was running then. Its next start is then either an adoption (it kept running) or a
     /// restart caused by the agent's own restart, counted as one.
     resumed: Option<bool>,
+    /// Restored, and the previous process last saw it running and ready: its endpoint keeps
+    /// serving while this process adopts it (see [`Supervisor::serving`]), and an adopted run
+    /// starts ready (the same process kept running); a probe that fails withdraws it as usual.
+    resumed_ready: bool,
 }
 
 impl Replica {
@@ -281,6 +285,7 @@ impl Supervisor {
                         status,
                         removed: false,
                         resumed: None,
+                        resumed_ready: false,
                     };
                     replica.note(Note::Starting);
                     self.replicas.insert(name.to_string(), replica);
@@ -324,10 +329,29 @@ impl Supervisor {
                 r.note(Note::Restored(old.message.clone()));
             } else {
                 r.resumed = Some(old.phase == Phase::Running);
+                r.resumed_ready = old.phase == Phase::Running && old.ready;
             }
             r.status.observed_at_ms = now.wall_ms;
             self.changed.insert(name.clone());
         }
+    }
+
+    /// Which replicas take traffic on this node now: those running and ready, and, right after
+    /// an agent restart, those being adopted or started again that the previous process last
+    /// saw ready (a container kept running; a Wasm component's listening socket was handed
+    /// over and queues connections), so an agent restart withdraws no endpoint.
+    pub fn serving(&self) -> BTreeMap<String, bool> {
+        self.replicas
+            .iter()
+            .map(|(name, r)| {
+                let serving = match r.state {
+                    RunState::Running { .. } => r.status.phase == Phase::Running && r.status.ready,
+                    RunState::Ready | RunState::Starting { .. } => r.resumed_ready && !r.removed,
+                    _ => false,
+                };
+                (name.clone(), serving)
+            })
+            .collect()
     }
 
     /// The replica's address on the node's container network, as its runtime reports it when
@@ -369,6 +393,7 @@ impl Supervisor {
         }
         r.state = RunState::Running { run_id, since: now.mono };
         let was_running = r.resumed.take() == Some(true);
+        let still_ready = std::mem::take(&mut r.resumed_ready) && adopted.is_some();
         match adopted {
             Some(how) => r.status.record(now.wall_ms, EventReason::Adopted, how),
             // It ran in the previous agent process (a Wasm guest, or a container that did not
@@ -385,7 +410,7 @@ impl Supervisor {
         }
         r.status.phase = Phase::Running;
         r.note(Note::None);
-        r.status.ready = crate::probe::ProbeSet::ready_at_start(&r.assignment.template.probes);
+        r.status.ready = still_ready || crate::probe::ProbeSet::ready_at_start(&r.assignment.template.probes);
         r.status.started_at_ms = Some(now.wall_ms);
         r.status.observed_at_ms = now.wall_ms;
         self.changed.insert(replica.to_string());
@@ -1134,6 +1159,58 @@ mod restore_tests {
         // A later start of the same replica is an ordinary one.
         s.on_exited("wasm-0", ids["wasm-0"], Termination::Exited { code: 1 }, now(5_003));
         assert_eq!(s.statuses()["wasm-0"].restarts, 2);
+    }
+
+    #[test]
+    fn an_agent_restart_withdraws_no_endpoint_that_was_ready() {
+        let probed = |name: &str| {
+            let mut a = assignment(name, "a", RestartPolicy::Always);
+            a.template.probes.readiness = Some(proto::manifest::Probe {
+                action: proto::manifest::ProbeAction::Tcp { port: 80 },
+                initial_delay_ms: 0,
+                period_ms: 500,
+                timeout_ms: 1_000,
+                failure_threshold: 1,
+                success_threshold: 1,
+            });
+            a.template_hash = a.template.hash();
+            a
+        };
+        let set = [probed("kept-0"), probed("gone-0"), probed("unready-0")];
+        let mut saved = previous_life(&set);
+        for name in ["kept-0", "gone-0"] {
+            saved.get_mut(name).unwrap().ready = true;
+        }
+        let mut s = Supervisor::new(Backoff::default());
+        s.set_assignments(&set, now(5_000));
+        s.restore(&saved, PreviousExit::Unclean, now(5_000));
+        // Before anything is adopted: what was ready still serves, what was not does not.
+        let serving = s.serving();
+        assert_eq!((serving["kept-0"], serving["gone-0"], serving["unready-0"]), (true, true, false));
+        let mut ids = BTreeMap::new();
+        for a in s.poll_actions(now(5_001)) {
+            let Action::Start { replica, run_id, .. } = a else { panic!() };
+            ids.insert(replica, run_id);
+        }
+        assert!(s.serving()["kept-0"], "still serving while its adoption runs");
+        // Adopted: the same process, still ready until a probe says otherwise. Not adopted (the
+        // container died with the agent): a fresh start, unready until its probe passes.
+        s.on_adopted("kept-0", ids["kept-0"], "adopted running container (pid 42)".into(), now(5_002));
+        s.on_started("gone-0", ids["gone-0"], now(5_002));
+        s.on_adopted("unready-0", ids["unready-0"], "adopted running container (pid 43)".into(), now(5_002));
+        let (serving, st) = (s.serving(), s.statuses());
+        assert!(serving["kept-0"] && st["kept-0"].ready);
+        assert!(!serving["gone-0"] && !st["gone-0"].ready);
+        assert!(!serving["unready-0"] && !st["unready-0"].ready);
+        // The carried readiness is spent: a later start of the same replica begins unready.
+        s.on_exited("kept-0", ids["kept-0"], Termination::Exited { code: 1 }, now(5_003));
+        assert!(!s.serving()["kept-0"]);
+        for a in s.poll_actions(now(60_000)) {
+            if let Action::Start { replica, run_id, .. } = a {
+                s.on_started(&replica, run_id, now(60_001));
+            }
+        }
+        assert!(!s.serving()["kept-0"] && !s.statuses()["kept-0"].ready);
     }
 
     #[test]

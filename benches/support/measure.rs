@@ -66,3 +66,61 @@ impl Tail {
         self.text.contains(needle)
     }
 }
+
+/// What one `wrk --latency` run reports.
+#[derive(Debug, Clone, Default)]
+pub struct WrkResult {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
+    pub errors: u64,
+}
+
+fn parse_wrk_duration_ms(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Parses the text `wrk --latency` prints.
+pub fn parse_wrk(text: &str) -> WrkResult {
+    let mut r = WrkResult::default();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(f64::NAN),
+            ["50%", v] => r.p50_ms = parse_wrk_duration_ms(v),
+            ["90%", v] => r.p90_ms = parse_wrk_duration_ms(v),
+            ["99%", v] => r.p99_ms = parse_wrk_duration_ms(v),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors += rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+/// Runs `wrk` (behind `prefix`, e.g. `nsenter --net=...`) at `url` with `conns` connections
+/// (and up to two threads) for `secs` seconds; panics with its output if it fails.
+pub fn wrk(prefix: &[String], url: &str, conns: usize, secs: usize) -> WrkResult {
+    let mut argv: Vec<String> = prefix.to_vec();
+    argv.push("wrk".into());
+    argv.extend([format!("-t{}", conns.clamp(1, 2)), format!("-c{conns}"), format!("-d{secs}s"), "--latency".into()]);
+    argv.push(url.into());
+    let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    parse_wrk(&text)
+}

@@ -442,11 +442,12 @@ async fn service_views(shared: &Shared) -> Result<Vec<proto::messages::ServiceVi
         .map(|r| {
             let endpoints = crate::services::members(&r.service.manifest, &i.workloads, &i.members)
                 .into_iter()
-                .map(|(m, _)| proto::messages::EndpointView {
+                .map(|(m, ports)| proto::messages::EndpointView {
                     replica: m.replica.clone(),
                     node: m.node.clone(),
                     address: m.address,
                     ready: m.ready,
+                    ports,
                 })
                 .collect();
             proto::messages::ServiceView {

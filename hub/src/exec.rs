@@ -43,12 +43,24 @@ pub(crate) async fn start(
             Err(e) => refuse(e.to_string()),
             Ok(Err(why)) => refuse(why.to_string()),
             Ok(Ok(located)) => {
-                let (mut agent_send, mut agent_recv) = located.conn.open_bi().await?;
-                frame::write(&mut agent_send, &HubRequest::Exec(spec)).await?;
-                match frame::read::<StreamStart>(&mut agent_recv).await? {
-                    Some(StreamStart::Ok) => (StreamStart::Ok, Started::Running((agent_send, agent_recv))),
-                    Some(StreamStart::Error { message }) => refuse(message),
-                    None => refuse("the agent closed the exec stream (is it older than exec?)".into()),
+                // The node's link can end under the request (the agent restarting, its session
+                // replaced by a newer one): the CLI is told so, not left with a closed stream.
+                let replica = spec.replica.clone();
+                let asked = async {
+                    let (mut agent_send, mut agent_recv) = located.conn.open_bi().await?;
+                    frame::write(&mut agent_send, &HubRequest::Exec(spec)).await?;
+                    let answer = frame::read::<StreamStart>(&mut agent_recv).await?;
+                    Ok::<_, StreamError>((answer, agent_send, agent_recv))
+                };
+                match asked.await {
+                    Ok((Some(StreamStart::Ok), agent_send, agent_recv)) => {
+                        (StreamStart::Ok, Started::Running((agent_send, agent_recv)))
+                    }
+                    Ok((Some(StreamStart::Error { message }), ..)) => refuse(message),
+                    Ok((None, ..)) => refuse("the agent closed the exec stream (is it older than exec?)".into()),
+                    Err(e) => refuse(format!(
+                        "the link to {replica}'s node ended before the command started ({e}); if the agent is reconnecting, try again"
+                    )),
                 }
             }
         },

@@ -19,6 +19,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod backup;
 pub mod bootstrap;
 mod certs;
 pub(crate) mod cluster;

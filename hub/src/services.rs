@@ -39,6 +39,9 @@ pub struct Backend {
     /// Container port names (`ports[].name`) to numbers.
     pub port_names: BTreeMap<String, u16>,
     pub runtime: Option<Runtime>,
+    /// A Wasm HTTP component's port (`spec.http.port`): it serves that one port on its node's
+    /// address, so every port of a service reaches it there.
+    pub http_port: Option<u16>,
 }
 
 impl Backend {
@@ -47,6 +50,7 @@ impl Backend {
             labels: m.metadata.labels.clone(),
             port_names: m.spec.ports.iter().filter_map(|p| Some((p.name.clone()?, p.container_port))).collect(),
             runtime: Some(m.spec.runtime),
+            http_port: m.spec.http.as_ref().filter(|_| m.spec.runtime == Runtime::Wasm).map(|h| h.port),
         }
     }
 }
@@ -62,15 +66,19 @@ pub struct Member {
 }
 
 impl Member {
-    /// A replica placed on a node and running with an address of its own; `None` otherwise
-    /// (not a backend anyone can reach).
+    /// A replica placed on a node and running where others can reach it: at an address of its
+    /// own (a container on the node's network), or, for a Wasm HTTP component (`backend` with
+    /// an HTTP port), at its node's address (`node_address`); `None` otherwise.
     pub fn of(
         replica: &str,
         workload: &str,
         node: Option<&str>,
         status: &proto::messages::ReplicaStatus,
+        backend: Option<&Backend>,
+        node_address: Option<IpAddr>,
     ) -> Option<Member> {
-        let address = status.address?;
+        let served_by_node = backend.is_some_and(|b| b.http_port.is_some());
+        let address = status.address.or(node_address.filter(|_| served_by_node))?;
         let node = node?;
         if status.phase != Phase::Running {
             return None;
@@ -93,6 +101,9 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 /// The backend port of each service port for a replica of `backend` (`None`: a named target
 /// the workload does not name).
 fn backend_ports(svc: &ServiceManifest, backend: &Backend) -> Vec<Option<u16>> {
+    if let Some(port) = backend.http_port {
+        return vec![Some(port); svc.spec.ports.len()];
+    }
     svc.spec
         .ports
         .iter()
@@ -220,7 +231,7 @@ pub fn why_empty(svc: &ServiceManifest, workloads: &BTreeMap<String, Backend>, r
     if !replicas.iter().any(|m| picked.contains(&&m.workload)) {
         let names: Vec<&str> = picked.iter().map(|s| s.as_str()).collect();
         return Some(format!(
-            "workloads {} match, but none of their replicas runs with an address (Wasm replicas and containers on network none or host are not backends yet)",
+            "workloads {} match, but none of their replicas runs with an address (Wasm components without spec.http and containers on network none or host are not backends)",
             names.join(", ")
         ));
     }
@@ -264,6 +275,7 @@ mod tests {
             labels: [("app".to_string(), "api".to_string())].into(),
             port_names: [("http".to_string(), 8080)].into(),
             runtime: Some(Runtime::Container),
+            http_port: None,
         };
         let other = Backend { labels: [("app".to_string(), "db".to_string())].into(), ..Default::default() };
         let workloads = [("api".to_string(), api), ("db".to_string(), other)].into();
@@ -346,13 +358,41 @@ mod tests {
     #[test]
     fn only_running_replicas_with_addresses_are_members() {
         use proto::messages::ReplicaStatus;
+        let container = Backend::default();
+        let node_ip: Option<IpAddr> = Some("192.168.1.7".parse().unwrap());
         let mut st = ReplicaStatus { phase: Phase::Running, ready: true, ..Default::default() };
-        assert!(Member::of("r", "w", Some("n"), &st).is_none(), "no address");
+        assert!(Member::of("r", "w", Some("n"), &st, Some(&container), node_ip).is_none(), "no address");
         st.address = Some("10.42.0.5".parse().unwrap());
-        assert!(Member::of("r", "w", Some("n"), &st).is_some());
-        assert!(Member::of("r", "w", None, &st).is_none(), "not placed");
+        let m = Member::of("r", "w", Some("n"), &st, Some(&container), node_ip).unwrap();
+        assert_eq!(m.address, "10.42.0.5".parse::<IpAddr>().unwrap());
+        assert!(Member::of("r", "w", None, &st, Some(&container), node_ip).is_none(), "not placed");
         st.phase = Phase::Pending;
-        assert!(Member::of("r", "w", Some("n"), &st).is_none());
+        assert!(Member::of("r", "w", Some("n"), &st, Some(&container), node_ip).is_none());
+    }
+
+    #[test]
+    fn a_wasm_http_component_is_reached_at_its_node_address_on_its_http_port() {
+        use proto::messages::ReplicaStatus;
+        let wasm = Backend {
+            labels: [("app".to_string(), "api".to_string())].into(),
+            runtime: Some(Runtime::Wasm),
+            http_port: Some(8088),
+            ..Default::default()
+        };
+        let plain = Backend { http_port: None, ..wasm.clone() };
+        let node_ip: IpAddr = "192.168.1.7".parse().unwrap();
+        let st = ReplicaStatus { phase: Phase::Running, ready: true, ..Default::default() };
+        let m = Member::of("api-0", "api", Some("a1"), &st, Some(&wasm), Some(node_ip)).unwrap();
+        assert_eq!(m.address, node_ip);
+        assert!(Member::of("r", "w", Some("a1"), &st, Some(&plain), Some(node_ip)).is_none(), "no HTTP port");
+        assert!(Member::of("r", "w", Some("a1"), &st, Some(&wasm), None).is_none(), "node address unknown");
+        // Every service port, whatever its target, reaches the one port the component serves.
+        let workloads: BTreeMap<String, Backend> = [("api".to_string(), wasm)].into();
+        let named = svc("n", Scope::Fleet, Some(TargetPort::Name("web".into())), 10);
+        let sites: Sites = [("a1".to_string(), None)].into();
+        let t = tables(&[named], &workloads, &[m], &sites, &Routes::new(), "d");
+        let e = &t["a1"].services[0].endpoints[0];
+        assert_eq!((e.address, e.ports.clone()), (node_ip, vec![Some(8088)]));
     }
 
     #[test]

@@ -75,31 +75,24 @@ pub(crate) struct Inputs {
 
 pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
     let services = shared.store.services().await?.into_iter().map(|r| r.service).collect();
-    let stored = shared.store.workloads().await?;
-    let workloads = stored.iter().map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest))).collect();
+    let workloads: BTreeMap<String, Backend> = shared
+        .store
+        .workloads()
+        .await?
+        .iter()
+        .map(|w| (w.manifest.metadata.name.clone(), Backend::of(&w.manifest)))
+        .collect();
     let nodes = shared.store.nodes().await?;
     let node_ips: BTreeMap<&str, std::net::IpAddr> =
         nodes.iter().filter_map(|n| Some((n.name.as_str(), n.facts.node_ip?))).collect();
-    let wasm_http: std::collections::BTreeSet<&str> = stored
-        .iter()
-        .filter(|w| w.manifest.spec.runtime == proto::Runtime::Wasm && w.manifest.spec.http.is_some())
-        .map(|w| w.manifest.metadata.name.as_str())
-        .collect();
     let members = shared
         .store
         .replicas()
         .await?
         .iter()
         .filter_map(|r| {
-            Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status).or_else(|| {
-                // Stand-in until `services.rs` knows Wasm endpoints: a running Wasm HTTP
-                // component serves on its node's address, at the port of `spec.http`.
-                let node = r.node.as_deref()?;
-                let running = r.status.phase == proto::messages::Phase::Running;
-                (running && wasm_http.contains(r.workload.as_str())).then_some(())?;
-                let status = proto::messages::ReplicaStatus { address: Some(*node_ips.get(node)?), ..r.status.clone() };
-                Member::of(&r.name, &r.workload, Some(node), &status)
-            })
+            let node_ip = r.node.as_deref().and_then(|n| node_ips.get(n).copied());
+            Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status, workloads.get(&r.workload), node_ip)
         })
         .collect();
     let http_routes = shared.store.routes().await?.into_iter().map(|r| r.manifest).collect();

@@ -56,6 +56,21 @@ fn tool(name: &str) -> Option<std::path::PathBuf> {
     None
 }
 
+/// What an import told its progress: (blobs, bytes) announced, (blobs, bytes) done.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<(usize, u64, usize, u64)>);
+
+impl flotilla_oci_runtime::PushProgress for Recorder {
+    fn start(&self, blobs: usize, bytes: u64) {
+        let mut s = self.0.lock().unwrap();
+        (s.0, s.1) = (blobs, bytes);
+    }
+    fn blob_done(&self, bytes: u64) {
+        let mut s = self.0.lock().unwrap();
+        (s.2, s.3) = (s.2 + 1, s.3 + bytes);
+    }
+}
+
 #[tokio::test]
 async fn import_busybox_layout_dir_and_tar_then_unpack() {
     if !need_root("import_busybox_layout_dir_and_tar_then_unpack") {
@@ -89,7 +104,15 @@ async fn import_busybox_layout_dir_and_tar_then_unpack() {
     let store2 = open_store(tempfile::tempdir().unwrap().keep().as_path());
     let err = store2.import(&archive, &host(), None).await.unwrap_err();
     assert!(matches!(err, ImageError::Archive { .. }) && err.to_string().contains("give it a name"), "{err}");
-    let imported = containers(store2.import(&archive, &host(), Some("registry.lan/bb")).await.unwrap());
+    // With progress: told the blobs to copy (config and layer) and their bytes, then each one.
+    let progress = std::sync::Arc::new(Recorder::default());
+    let imported =
+        store2.import_with_progress(&archive, &host(), Some("registry.lan/bb"), Some(progress.clone())).await.unwrap();
+    let imported = containers(imported);
+    let blob_bytes = |d: &str| std::fs::metadata(layout.join("blobs/sha256").join(&d[7..])).unwrap().len();
+    let want = blob_bytes(&image.layers[0].digest) + blob_bytes(&image.config_digest);
+    let seen = *progress.0.lock().unwrap();
+    assert_eq!(seen, (2, want, 2, want), "(blobs, bytes) announced, then done");
     assert_eq!(imported[0].manifest_digest, image.manifest_digest);
     assert_eq!(imported[0].reference, "registry.lan/bb:v1");
     // No extraction left behind.

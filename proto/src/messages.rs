@@ -1327,6 +1327,10 @@ pub struct EndpointView {
     pub node: String,
     pub address: std::net::IpAddr,
     pub ready: bool,
+    /// The backend's port for each of the service's ports, in order (`None`: a named target
+    /// port the workload does not name).
+    #[serde(default)]
+    pub ports: Vec<Option<u16>>,
 }
 
 /// One node's usage as `flotilla top` shows it.

@@ -395,3 +395,43 @@ impl Drop for TcpForward {
         }
     }
 }
+
+/// A site's LAN: a bridge in a namespace of its own, with a veth into each member agent's
+/// namespace carrying 192.168.250.(i+1)/24. Dropping it deletes the namespace, and with it
+/// every veth (their peers in the agents' namespaces go too).
+pub struct SiteLan {
+    name: String,
+}
+
+impl SiteLan {
+    pub fn create(members: &[&Netns]) -> SiteLan {
+        let pid = std::process::id() % 100_000;
+        let lan = SiteLan { name: format!("fltlan{pid}") };
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &lan.name]);
+        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.name, "link", "set", "br0", "up"]);
+        for (i, ns) in members.iter().enumerate() {
+            let agent_ns = ns.exec_prefix()[1].trim_start_matches("--net=/run/netns/").to_string();
+            let (here, there) = (format!("lan{i}"), format!("fl{pid}s{i}"));
+            ip(&["-n", &lan.name, "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &agent_ns]);
+            ip(&["-n", &lan.name, "link", "set", &here, "master", "br0", "up"]);
+            ip(&["-n", &agent_ns, "addr", "add", &format!("{}/24", Self::ip(i)), "dev", &there]);
+            ip(&["-n", &agent_ns, "link", "set", &there, "up"]);
+        }
+        lan
+    }
+
+    pub fn ip(i: usize) -> String {
+        format!("192.168.250.{}", i + 1)
+    }
+}
+
+impl Drop for SiteLan {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

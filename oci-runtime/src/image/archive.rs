@@ -11,6 +11,7 @@
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_client::Reference;
@@ -423,20 +424,47 @@ impl ImageStore {
         platform: &Platform,
         name: Option<&str>,
     ) -> Result<Vec<Imported>, ImageError> {
+        self.import_with_progress(path, platform, name, None).await
+    }
+
+    /// [`ImageStore::import`], telling `progress` the blobs to copy in (their count and bytes)
+    /// once the archive is read, then each blob as it is verified and stored.
+    pub async fn import_with_progress(
+        &self,
+        path: &Path,
+        platform: &Platform,
+        name: Option<&str>,
+        progress: Option<Arc<dyn crate::registry::PushProgress>>,
+    ) -> Result<Vec<Imported>, ImageError> {
         let _shared = self.inner.gc_lock.read().await;
         let this = self.clone();
         let (path, platform, name) = (path.to_owned(), platform.clone(), name.map(str::to_owned));
         let task_path = path.clone();
-        tokio::task::spawn_blocking(move || this.import_sync(&task_path, &platform, name.as_deref()))
-            .await
-            .map_err(|e| archive_err(&path, format!("import task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            this.import_sync(&task_path, &platform, name.as_deref(), progress.as_deref())
+        })
+        .await
+        .map_err(|e| archive_err(&path, format!("import task failed: {e}")))?
     }
 
-    fn import_sync(&self, path: &Path, platform: &Platform, name: Option<&str>) -> Result<Vec<Imported>, ImageError> {
+    fn import_sync(
+        &self,
+        path: &Path,
+        platform: &Platform,
+        name: Option<&str>,
+        progress: Option<&dyn crate::registry::PushProgress>,
+    ) -> Result<Vec<Imported>, ImageError> {
         let src = Source::open(path, &self.blobs().root().join("ingest"))?;
         let shown = path.display().to_string();
         let mut imported = Vec::new();
-        for found in find_images(&src, platform, name)? {
+        let found_images = find_images(&src, platform, name)?;
+        let size = |file: &Path| std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if let Some(p) = progress {
+            let files = found_images.iter().flat_map(|f| f.files.iter());
+            let (blobs, bytes) = files.fold((0, 0), |(n, b), (_, file)| (n + 1, b + size(file)));
+            p.start(blobs, bytes);
+        }
+        for found in found_images {
             if found.references.is_empty() {
                 return Err(archive_err(
                     path,
@@ -505,10 +533,13 @@ impl ImageStore {
             // The layout's blobs are verified as they are copied in; only a Wasm artifact's
             // config and module are needed of it (other layers of a Wasm manifest are not).
             for (digest, file) in &found.files {
-                if found.kind == ArtifactKind::Wasm && !record.blobs().any(|d| d == digest) {
-                    continue;
+                // Of a Wasm artifact, only its config and module.
+                if found.kind != ArtifactKind::Wasm || record.blobs().any(|d| d == digest) {
+                    self.blobs().ingest_file(digest, file).map_err(ImageError::store(&shown))?;
                 }
-                self.blobs().ingest_file(digest, file).map_err(ImageError::store(&shown))?;
+                if let Some(p) = progress {
+                    p.blob_done(size(file));
+                }
             }
             self.blobs().ingest_bytes(&found.manifest_digest, &found.manifest).map_err(ImageError::store(&shown))?;
             if let Some((digest, bytes)) = &found.index {
