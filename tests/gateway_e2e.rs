@@ -1,8 +1,9 @@
 //! End-to-end tests of the node's HTTP gateway (`agent --gateway-port`, `kind: Route`): a real
-//! hub, and an agent in its own network namespace running a busybox httpd container, with
-//! requests sent from outside the namespace to the gateway's port, as a client on the site's
-//! LAN would. They need root, cgroup controllers and iproute2; without them they say why and
-//! skip, unless `CI` is set.
+//! hub, and an agent in its own network namespace running a busybox httpd container and the
+//! `hello-http` Wasm component, with requests sent from outside the namespace to the
+//! gateway's port, as a client on the site's LAN would. They need root, cgroup controllers,
+//! iproute2, the registry and the examples (`scripts/test.sh` builds them); without them they
+//! say why and skip, unless `CI` is set.
 
 #[path = "../oci-runtime/tests/support/busybox_image.rs"]
 mod busybox_image;
@@ -17,7 +18,7 @@ mod registry;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster::Cluster;
@@ -109,11 +110,18 @@ fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
 /// An httpd with a page and a CGI script that prints the `X-Forwarded-For` it was sent.
 const HTTPD: &str = r#"mkdir -p /tmp/www/cgi-bin && echo ok > /tmp/www/index.html && printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\nxff=%%s\\n" "$HTTP_X_FORWARDED_FOR"\n' > /tmp/www/cgi-bin/xff && chmod +x /tmp/www/cgi-bin/xff && exec httpd -f -p 8080 -h /tmp/www"#;
 
-/// The gateway of a node serves a container service by host name, passing the client's
-/// address on in `X-Forwarded-For`; a route whose service has no ready endpoint answers 503
-/// naming the service, and a host no route takes answers 404.
+fn example(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    assert!(p.exists(), "{} is missing: build the examples first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// The gateway of a node serves a Wasm HTTP component of the node in-process and a container
+/// service through a proxy, each by host name, passing the client's address on in
+/// `X-Forwarded-For`; a route whose service has no ready endpoint answers 503 naming the
+/// service, and a host no route takes answers 404.
 #[test]
-fn the_gateway_routes_by_host_name_and_says_why_when_it_cannot() {
+fn the_gateway_serves_a_wasm_component_and_a_container_by_host_name_and_says_why_when_it_cannot() {
     let Some(reg) = TestRegistry::start() else { return };
     if !containers_possible() || !netns::netns_possible() {
         return;
@@ -142,6 +150,11 @@ fn the_gateway_routes_by_host_name_and_says_why_when_it_cannot() {
     );
     let shop = push_busybox(&reg, c.dir.path(), "busybox:gateway", &["sh", "-c", HTTPD]);
     let shop = shop.replacen(&reg.addr, &registry, 1);
+    let wasm = example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm");
+    let hello = reg.reference("hello-http:gateway");
+    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), wasm.as_os_str(), hello.as_ref()]);
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    let hello = hello.replacen(&reg.addr, &registry, 1);
     c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
     apply(
         &c,
@@ -166,6 +179,25 @@ metadata: {{name: shop}}
 spec: {{host: shop.example, service: shop}}
 ---
 apiVersion: flotilla.dev/v1
+kind: Workload
+metadata: {{name: hello, labels: {{app: hello}}}}
+spec:
+  runtime: wasm
+  image: {hello}
+  http: {{port: 8081}}
+  env: {{GREETING: from-the-gateway}}
+---
+apiVersion: flotilla.dev/v1
+kind: Service
+metadata: {{name: hello}}
+spec: {{selector: {{app: hello}}, ports: [{{port: 80}}]}}
+---
+apiVersion: flotilla.dev/v1
+kind: Route
+metadata: {{name: hello}}
+spec: {{host: hello.example, service: hello}}
+---
+apiVersion: flotilla.dev/v1
 kind: Service
 metadata: {{name: nothing}}
 spec: {{selector: {{app: nothing}}, ports: [{{port: 80}}]}}
@@ -179,7 +211,7 @@ spec: {{host: down.example, pathPrefix: /, service: nothing}}
     );
     let routes = c.ok(&["get", "routes"]);
     assert!(routes.contains("shop.example") && routes.contains("down.example"), "{routes}");
-    c.wait_for("shop-0 running and ready", WAIT, || running(&c, "shop-0"));
+    c.wait_for("shop-0 and hello-0 running and ready", WAIT, || running(&c, "shop-0") && running(&c, "hello-0"));
 
     let gateway = SocketAddr::from((ns.agent_ip(), GATEWAY_PORT));
     c.wait_for("the gateway serves shop.example", WAIT, || {
@@ -190,6 +222,15 @@ spec: {{host: down.example, pathPrefix: /, service: nothing}}
     let xff = request(gateway, "shop.example", "/cgi-bin/xff", "X-Forwarded-For: 203.0.113.7\r\n");
     assert_eq!(xff, Some((200, format!("xff=203.0.113.7, {}\n", ns.host_ip()))));
 
+    // The Wasm component, by its own handler in the agent: no proxy hop.
+    c.wait_for("the gateway serves hello.example", WAIT, || {
+        request(gateway, "hello.example", "/", "").is_some_and(|(s, _)| s == 200)
+    });
+    let hello = request(gateway, "HELLO.example", "/", "");
+    assert_eq!(hello, Some((200, "hello from flotilla over wasi:http\n".to_string())));
+    let env = request(gateway, "hello.example", "/env/GREETING", "");
+    assert_eq!(env, Some((200, "from-the-gateway".to_string())));
+
     let (status, body) = request(gateway, "down.example", "/", "").expect("an answer");
     assert_eq!((status, body.as_str()), (503, "no ready endpoint for service nothing (route down)\n"));
     let (status, body) = request(gateway, "nowhere.example", "/a/b", "").expect("an answer");
@@ -198,6 +239,10 @@ spec: {{host: down.example, pathPrefix: /, service: nothing}}
     let metrics = SocketAddr::from((ns.agent_ip(), METRICS_PORT));
     let proxied = metric(metrics, "flotilla_agent_gateway_requests_total{route=\"shop\",outcome=\"proxied\"}");
     assert!(proxied.is_some_and(|n| n >= 2.0), "{proxied:?}");
+    let in_process = metric(metrics, "flotilla_agent_gateway_requests_total{route=\"hello\",outcome=\"in_process\"}");
+    assert!(in_process.is_some_and(|n| n >= 3.0), "{in_process:?}");
+    let hop = metric(metrics, "flotilla_agent_gateway_requests_total{route=\"hello\",outcome=\"proxied\"}");
+    assert_eq!(hop, None, "no request for the component went through a socket");
     let refused = metric(metrics, "flotilla_agent_gateway_requests_total{route=\"down\",outcome=\"no_endpoint\"}");
     assert_eq!(refused, Some(1.0));
 
