@@ -52,6 +52,7 @@ pub async fn run(client: &Client, source: &str) -> Result<bool> {
                 (format!("secret/{}", o.name), live, object_text(o, Some(())))
             }
             Document::Service(s) => bail!("service/{}: diff does not compare services yet", s.metadata.name),
+            Document::Route(r) => bail!("route/{}: diff does not compare routes yet", r.metadata.name),
         };
         if live.as_deref() == Some(file.as_str()) {
             continue;

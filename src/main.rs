@@ -344,6 +344,10 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Serve the node's HTTP gateway (routes, `kind: Route`) on this TCP port of every
+        /// address (off by default).
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        gateway_port: Option<u16>,
         /// The hub link is dead after this long without a packet (QUIC uses the smaller of
         /// this and the hub's --node-grace), e.g. 8s; longer tolerates flakier links.
         #[arg(long, default_value = "8s", value_parser = parse_grace)]
@@ -993,7 +997,9 @@ async fn print_list(client: &client::Client, req: &ApiRequest, format: output::F
 
 fn parse_kind(s: &str) -> Result<ResourceKind> {
     ResourceKind::parse(s).with_context(|| {
-        format!("unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services or endpoints")
+        format!(
+            "unknown resource kind {s:?}; use nodes, workloads, replicas, configs, secrets, services, endpoints or routes"
+        )
     })
 }
 
@@ -1253,6 +1259,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         objects_key_file,
         secrets_dir,
         metrics_listen,
+        gateway_port,
         link_timeout,
         stop_workloads_on_exit,
         bridge,
@@ -1292,6 +1299,7 @@ async fn run_agent(command: Command) -> Result<Option<agent::upgrade::Invocation
         config.objects_key_file = objects_key_file;
         config.secrets_dir = secrets_dir;
         config.metrics_listen = metrics_listen;
+        config.gateway = gateway_port.map(|p| std::net::SocketAddr::from(([0, 0, 0, 0], p)));
         config.network.bridge = bridge;
         config.network.cni_bin_dirs = cni_bin_dir;
         config.network.cni_conf_dir = cni_conf_dir;

@@ -134,6 +134,11 @@ pub fn only_named(response: ApiResponse, names: &[String]) -> (ApiResponse, Vec<
             let found = items.iter().map(|i| i.name.clone()).collect();
             (ApiResponse::Objects { items }, found)
         }
+        ApiResponse::Routes { mut items } => {
+            items.retain(|i| wanted(&i.manifest.metadata.name));
+            let found = items.iter().map(|i| i.manifest.metadata.name.clone()).collect();
+            (ApiResponse::Routes { items }, found)
+        }
         other => return (other, Vec::new()),
     };
     let missing = names.iter().filter(|n| !found.contains(n)).cloned().collect();
@@ -238,6 +243,15 @@ pub fn objects(
                     "spec": {"workload": r.workload, "node": r.node, "templateHash": r.template_hash},
                     "status": status,
                 }))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        ApiResponse::Routes { items } => items
+            .iter()
+            .map(|r| {
+                let mut o = serde_json::to_value(&r.manifest)?;
+                o["metadata"]["creationTimestamp"] = rfc3339(r.created_at_ms).into();
+                o["status"] = json!({"port": r.port});
+                Ok(o)
             })
             .collect::<Result<Vec<_>>>()?,
         _ => return Ok(None),
@@ -373,6 +387,9 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
             ApiResponse::Services { items } => {
                 items.iter().map(|i| format!("service/{}", i.manifest.metadata.name)).collect()
             }
+            ApiResponse::Routes { items } => {
+                items.iter().map(|i| format!("route/{}", i.manifest.metadata.name)).collect()
+            }
             _ => anyhow::bail!("-o name is for lists of nodes, workloads, replicas, tokens or users"),
         };
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());
@@ -385,6 +402,7 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
         ApiResponse::Users { items } => serde_json::to_value(items)?,
         ApiResponse::Objects { items } => serde_json::to_value(items)?,
         ApiResponse::Services { items } => serde_json::to_value(items)?,
+        ApiResponse::Routes { items } => serde_json::to_value(items)?,
         ApiResponse::Audit { items } => serde_json::to_value(items)?,
         ApiResponse::Upgrade { upgrade } => serde_json::to_value(upgrade)?,
         other => serde_json::to_value(other)?,
@@ -540,6 +558,20 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
                     row.push(sel.join(","));
                 }
                 rows.push(row);
+            }
+        }
+        ApiResponse::Routes { items } => {
+            rows.push(["NAME", "HOST", "PATH", "SERVICE", "PORT", "AGE"].map(String::from).to_vec());
+            for v in items {
+                let spec = &v.manifest.spec;
+                rows.push(vec![
+                    v.manifest.metadata.name.clone(),
+                    spec.host.clone().unwrap_or_else(|| "*".into()),
+                    spec.path_prefix.clone(),
+                    spec.service.clone(),
+                    v.port.map_or_else(|| "<none>".into(), |p| p.to_string()),
+                    age(v.created_at_ms),
+                ]);
             }
         }
         ApiResponse::Audit { items } => {

@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod durable;
 pub mod exec;
 pub mod facts;
+pub mod gateway;
 pub mod handoff;
 pub mod identity;
 pub mod link;
@@ -122,6 +123,8 @@ pub struct AgentConfig {
     /// Container networks: the bridge's name and where CNI plugins and configs are (`dir` is
     /// set by the agent to `<data dir>/network`).
     pub network: network::NetworkConfig,
+    /// Serve the HTTP gateway (routes, `kind: Route`) on this TCP address; `None`: no gateway.
+    pub gateway: Option<std::net::SocketAddr>,
     /// The address site peers reach this node at (where they route its container subnet);
     /// `None`: the address the hub link leaves from.
     pub node_ip: Option<std::net::IpAddr>,
@@ -159,6 +162,7 @@ impl AgentConfig {
             objects_key_file: None,
             secrets_dir: None,
             metrics_listen: None,
+            gateway: None,
             network: network::NetworkConfig::new(PathBuf::new()),
             node_ip: None,
             ready: None,
@@ -206,6 +210,8 @@ pub enum AgentError {
     ObjectsKey(objects::ObjectsError),
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot listen for the HTTP gateway on {addr}: {source}")]
+    Gateway { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 fn now() -> Now {
@@ -450,6 +456,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     wasm.pulls = recorders.pulls.clone();
     let wasm_usage = wasm.usage.clone();
     let wasm_host = wasm.host.clone();
+    let handlers = wasm.handlers.clone();
     runtimes.insert(RuntimeKind::Wasm, Arc::new(wasm));
 
     // Autonomy: start the last persisted desired state before any hub contact.
@@ -484,6 +491,18 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let (n, peers) = (n.clone(), saved.services.as_ref().map(|t| t.peers.clone()).unwrap_or_default());
         let _ = tokio::task::spawn_blocking(move || n.set_peers(&peers)).await;
     }
+    // The HTTP gateway, from the same table (and, below, the same local readiness).
+    let gateway_tx = match config.gateway {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Gateway { addr, source })?;
+            let (tx, rx) = watch::channel(gateway::View::default());
+            gateway::shell::spawn(listener, rx, handlers, recorders.gateway.clone(), Default::default());
+            Some(tx)
+        }
+    };
+    gateway_table(&gateway_tx, &saved);
     let mut generation = saved.generation;
     let mut sup = Supervisor::new(config.backoff);
     if !saved.assignments.is_empty() {
@@ -504,13 +523,17 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         Err(e) => warn!(error = %e, "ignoring unreadable saved statuses"),
     }
     // The persisted table, with this node's replicas as the previous process left them: an
-    // agent restart withdraws no local endpoint (`Supervisor::serving`).
+    // agent restart withdraws no local endpoint (`Supervisor::serving`), from the service
+    // rules or the gateway.
     if let Some(tx) = &services_tx {
         tx.send_modify(|w| {
             w.table = saved.services.clone().unwrap_or_default();
             w.dns = gateway_of(&saved);
             w.local_ready = local_readiness(&sup);
         });
+    }
+    if let Some(tx) = &gateway_tx {
+        tx.send_modify(|v| v.local_ready = local_readiness(&sup));
     }
     // From now on the saved statuses say "not a clean stop" until this process stops cleanly.
     let mut status_seq = 0u64;
@@ -642,6 +665,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     changed
                 });
             }
+            if let Some(tx) = &gateway_tx {
+                let local = local_readiness(&sup);
+                tx.send_if_modified(|v| {
+                    let changed = v.local_ready != local;
+                    v.local_ready = local;
+                    changed
+                });
+            }
             unsaved = true;
         }
         if unsaved && tokio::time::Instant::now() >= next_save {
@@ -739,6 +770,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     continue;
                 }
                 generation = set.generation;
+                gateway_table(&gateway_tx, &set);
                 if let Some(tx) = &services_tx {
                     let (table, dns) = (set.services.clone().unwrap_or_default(), gateway_of(&set));
                     tx.send_if_modified(|w| {
@@ -1101,8 +1133,20 @@ fn execute(
     }
 }
 
-/// This node's replicas and whether each is running and ready: what its service rules use
-/// for its own endpoints, ahead of the hub.
+/// Gives the gateway (if any) the set's table.
+fn gateway_table(tx: &Option<watch::Sender<gateway::View>>, set: &AssignmentSet) {
+    if let Some(tx) = tx {
+        let table = set.services.clone().unwrap_or_default();
+        tx.send_if_modified(|v| {
+            let changed = *v.table != table;
+            v.table = Arc::new(table);
+            changed
+        });
+    }
+}
+
+/// This node's replicas and whether each is running and ready: what its service rules and
+/// its gateway use for its own endpoints, ahead of the hub.
 fn local_readiness(sup: &Supervisor) -> BTreeMap<String, bool> {
     sup.serving()
 }

@@ -7,8 +7,8 @@
 //! while the replica is on the node (a Wasm replica's, while it runs).
 //!
 //! A few things are counted as they happen, by the shells that do them, into the handles of
-//! [`Recorders`]: artifact pulls (the runtimes' starts) and failed probe checks (the prober;
-//! the pure [`crate::probe`] core knows nothing of metrics). The link's traffic is quinn's
+//! [`Recorders`]: artifact pulls (the runtimes' starts), failed probe checks (the prober;
+//! the pure [`crate::probe`] core knows nothing of metrics) and the HTTP gateway's requests. The link's traffic is quinn's
 //! byte count of each hub connection, added up over the sessions ([`LinkTraffic`]).
 //!
 //! | metric | type | labels |
@@ -28,6 +28,8 @@
 //! | `flotilla_agent_pull_duration_seconds` | histogram | `kind` |
 //! | `flotilla_agent_pulled_bytes_total` | counter | `kind` (an image's layer sizes, a module's size) |
 //! | `flotilla_agent_link_bytes_total` | counter | `direction`: `sent`, `received` (UDP bytes of the hub link) |
+//! | `flotilla_agent_gateway_requests_total` | counter | `route`; `outcome`: `in_process`, `proxied`, `no_route`, `no_endpoint`, `unreachable`, `timeout` |
+//! | `flotilla_agent_gateway_refused_connections_total` | counter | (connections over the gateway's limit) |
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,7 @@ use proto::messages::ReplicaStatus;
 use tokio::sync::watch;
 use transport::metrics::{LinkTraffic, Traffic};
 
+use crate::gateway::core::Outcome;
 use crate::probe::ProbeKind;
 use crate::wasm_usage::WasmUsage;
 
@@ -79,6 +82,12 @@ struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayLabels {
+    route: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -169,12 +178,42 @@ impl ProbeFailures {
     }
 }
 
+/// What the HTTP gateway did with each request, by route (admins name routes, clients do not:
+/// a request that matched none counts under `route=""`), and the connections it refused for
+/// being over its limit; clones share the counts.
+#[derive(Clone, Default)]
+pub struct GatewayCounts {
+    requests: Family<GatewayLabels, Counter>,
+    refused: Counter,
+}
+
+impl GatewayCounts {
+    pub fn request(&self, route: &str, outcome: Outcome) {
+        self.requests.get_or_create(&GatewayLabels { route: route.to_string(), outcome: outcome.as_str() }).inc();
+    }
+
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    /// Requests counted for `route` with `outcome` (for tests).
+    pub fn count(&self, route: &str, outcome: Outcome) -> u64 {
+        self.requests.get_or_create(&GatewayLabels { route: route.to_string(), outcome: outcome.as_str() }).get()
+    }
+
+    /// Connections refused so far (for tests).
+    pub fn refused_count(&self) -> u64 {
+        self.refused.get()
+    }
+}
+
 /// What the shells count as things happen, handed to them when the agent starts (whether or
 /// not metrics are served: counting costs an atomic add).
 #[derive(Clone, Default)]
 pub struct Recorders {
     pub pulls: Pulls,
     pub probe_failures: ProbeFailures,
+    pub gateway: GatewayCounts,
 }
 
 /// What the metrics read, published by the event loop and the link.
@@ -301,6 +340,17 @@ impl AgentMetrics {
             "flotilla_agent_pulled_bytes",
             "Bytes of artifacts pulled (an image's layer sizes, a module's size)",
             pulls.bytes.clone(),
+        );
+        let gateway = &m.sources.recorders.gateway;
+        registry.register(
+            "flotilla_agent_gateway_requests",
+            "Requests to the node's HTTP gateway, by route and what became of them",
+            gateway.requests.clone(),
+        );
+        registry.register(
+            "flotilla_agent_gateway_refused_connections",
+            "Connections the node's HTTP gateway closed for being over its limit",
+            gateway.refused.clone(),
         );
         registry.register(
             "flotilla_agent_link_bytes",

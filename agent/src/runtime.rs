@@ -182,6 +182,9 @@ pub struct WasmRuntime {
     pub usage: WasmUsage,
     /// Where pulls are counted, for metrics.
     pub pulls: crate::metrics::Pulls,
+    /// The handlers of the HTTP components serving now, for the node's gateway to call
+    /// in-process.
+    pub handlers: crate::gateway::Handlers,
 }
 
 /// Async locks by key, created on demand and forgotten when nobody holds or waits for them.
@@ -228,6 +231,7 @@ impl WasmRuntime {
             sockets,
             usage: WasmUsage::default(),
             pulls: Default::default(),
+            handlers: Default::default(),
         }
     }
 }
@@ -373,6 +377,7 @@ impl Runtime for WasmRuntime {
         let min_free_disk = self.min_free_disk;
         let usage = self.usage.clone();
         let pulls = self.pulls.clone();
+        let handlers = self.handlers.clone();
         Box::pin(async move {
             let failed = |message: String| RunEnd::Ended(Termination::StartFailed { message });
             let t = &ctx.template;
@@ -430,6 +435,8 @@ impl Runtime for WasmRuntime {
                     };
                     let how = if inherited { "socket handed over by the previous agent process" } else { "bound" };
                     ctx.log.note(&format!("serving wasi:http on {} ({how})", server.local_addr()));
+                    // The gateway's way in, for as long as this run serves.
+                    let _in_process = handlers.register(&ctx.replica, server.handler());
                     ctx.started();
                     let mut stop = ctx.stop.clone();
                     let shutdown = async move {

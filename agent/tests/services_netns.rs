@@ -187,6 +187,7 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     let mut path = DataPath::new(Iptables::new().in_netns(&node));
     let both = ServiceTable {
         peers: vec![],
+        routes: vec![],
         domain: "flotilla.local".into(),
         services: vec![service(
             "api",
@@ -221,8 +222,12 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     assert_eq!(seen, [("b".to_string(), 50)].into());
 
     // No ready endpoint: refused at once, not a timeout.
-    let none =
-        ServiceTable { peers: vec![], domain: "flotilla.local".into(), services: vec![service("api", VIP, vec![])] };
+    let none = ServiceTable {
+        peers: vec![],
+        routes: vec![],
+        domain: "flotilla.local".into(),
+        services: vec![service("api", VIP, vec![])],
+    };
     assert!(path.update(&none, &ready).unwrap());
     let started = Instant::now();
     let (seen, errors) = spread(&node, 5);
@@ -314,6 +319,7 @@ fn a_service_address_spreads_over_ready_endpoints_in_a_namespace() {
     // a few milliseconds per command).
     let big = ServiceTable {
         peers: vec![],
+        routes: vec![],
         domain: "flotilla.local".into(),
         services: (0..50)
             .map(|s| {

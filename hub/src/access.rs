@@ -56,7 +56,8 @@ pub fn required_role(req: &ApiRequest) -> Role {
             | ResourceKind::Replica
             | ResourceKind::Config
             | ResourceKind::Secret
-            | ResourceKind::Service => Role::Operator,
+            | ResourceKind::Service
+            | ResourceKind::Route => Role::Operator,
         },
         ApiRequest::TokenCreate { .. }
         | ApiRequest::TokenList
@@ -100,6 +101,8 @@ pub fn audited(req: &ApiRequest) -> Option<Audited> {
         ApiRequest::Delete { kind: ResourceKind::Node, name, .. } => ("delete node", name.clone()),
         ApiRequest::Delete { kind: ResourceKind::Config, name, .. } => ("delete config", name.clone()),
         ApiRequest::Delete { kind: ResourceKind::Secret, name, .. } => ("delete secret", name.clone()),
+        ApiRequest::Delete { kind: ResourceKind::Service, name, .. } => ("delete service", name.clone()),
+        ApiRequest::Delete { kind: ResourceKind::Route, name, .. } => ("delete route", name.clone()),
         ApiRequest::Delete { name, .. } => ("delete workload", name.clone()),
         ApiRequest::SetScheduling { node, cordoned, draining } => {
             let action = match (cordoned, draining) {

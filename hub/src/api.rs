@@ -21,7 +21,7 @@ use crate::controller::{self, Reported, jobs, node_labels};
 use crate::logs::{EndedAttempt, LiveReplica, LogSourceError};
 use crate::now_ms;
 use crate::revisions::RevisionError;
-use crate::store::{Applied, AuditEntry, JobAttemptRow, ReplicaRow, StoreError};
+use crate::store::{Applied, AuditEntry, JobAttemptRow, ReplicaRow, ServiceDeletion, StoreError};
 
 /// How often a waiting `logs -f` looks again for a replica to read.
 const LOG_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
@@ -228,13 +228,18 @@ async fn answer(shared: &Shared, caller: &Caller, req: ApiRequest) -> Result<Api
             ResourceKind::Replica => ApiResponse::Error {
                 message: "deleting a replica is not supported; delete its workload".to_string(),
             },
-            ResourceKind::Service => {
-                if shared.store.delete_service(&name).await? {
-                    info!(service = %name, "deleted");
+            ResourceKind::Service => match delete_service(shared, &name).await? {
+                Ok(true) => ApiResponse::Deleted { names: vec![name] },
+                Ok(false) => ApiResponse::Error { message: format!("service {name:?} not found") },
+                Err(message) => ApiResponse::Error { message },
+            },
+            ResourceKind::Route => {
+                if shared.store.delete_route(&name).await? {
+                    info!(route = %name, "deleted");
                     shared.trigger_reconcile();
                     ApiResponse::Deleted { names: vec![name] }
                 } else {
-                    ApiResponse::Error { message: format!("service {name:?} not found") }
+                    ApiResponse::Error { message: format!("route {name:?} not found") }
                 }
             }
         },
@@ -305,7 +310,78 @@ pub(crate) async fn list(shared: &Shared, kind: ResourceKind) -> Result<ApiRespo
         ResourceKind::Config => crate::objects::get(shared, ObjectKind::Config).await?,
         ResourceKind::Secret => crate::objects::get(shared, ObjectKind::Secret).await?,
         ResourceKind::Service => ApiResponse::Services { items: service_views(shared).await? },
+        ResourceKind::Route => ApiResponse::Routes { items: route_views(shared).await? },
     })
+}
+
+/// Deletes a service unless a route goes to it: `Ok(whether it existed)`, or why not.
+async fn delete_service(shared: &Shared, name: &str) -> Result<Result<bool, String>, StoreError> {
+    Ok(match shared.store.delete_service(name).await? {
+        ServiceDeletion::Deleted => {
+            info!(service = %name, "deleted");
+            shared.trigger_reconcile();
+            Ok(true)
+        }
+        ServiceDeletion::NotFound => Ok(false),
+        ServiceDeletion::Routed(routes) => Err(format!(
+            "service {name:?} is in use by route {}; delete the route first (or delete both with delete -f)",
+            routes.join(", ")
+        )),
+    })
+}
+
+/// Every route, with the service port it resolves to.
+async fn route_views(shared: &Shared) -> Result<Vec<proto::messages::RouteView>, StoreError> {
+    let services = shared.store.services().await?;
+    Ok(shared
+        .store
+        .routes()
+        .await?
+        .into_iter()
+        .map(|r| {
+            let svc = services.iter().find(|s| s.service.manifest.metadata.name == r.manifest.spec.service);
+            let port = svc.and_then(|s| r.manifest.port_of(&s.service.manifest).ok());
+            proto::messages::RouteView { manifest: r.manifest, port, created_at_ms: r.created_at_ms }
+        })
+        .collect())
+}
+
+/// `describe route`: what it matches, where it goes, and the endpoints of its service.
+async fn describe_route(shared: &Shared, name: &str) -> Result<Option<String>, StoreError> {
+    let Some(route) = shared.store.routes().await?.into_iter().find(|r| r.manifest.metadata.name == name) else {
+        return Ok(None);
+    };
+    let spec = &route.manifest.spec;
+    let services = shared.store.services().await?;
+    let svc = services.iter().find(|s| s.service.manifest.metadata.name == spec.service);
+    let mut s = String::new();
+    let _ = writeln!(s, "Name:           {name}");
+    let _ = writeln!(s, "Host:           {}", spec.host.as_deref().unwrap_or("* (any)"));
+    let _ = writeln!(s, "Path prefix:    {}", spec.path_prefix);
+    let _ = writeln!(s, "Service:        {}", spec.service);
+    match svc.map(|v| route.manifest.port_of(&v.service.manifest)) {
+        Some(Ok(port)) => {
+            let _ = writeln!(s, "Port:           {port}");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(s, "Port:           <none>: {e}");
+        }
+        None => {
+            let _ = writeln!(s, "Port:           <none>: service {:?} does not exist", spec.service);
+        }
+    }
+    if let Some(v) = svc {
+        let i = crate::services_shell::inputs(shared).await?;
+        let members = crate::services::members(&v.service.manifest, &i.workloads, &i.members);
+        let ready = members.iter().filter(|(m, _)| m.ready).count();
+        let _ = writeln!(
+            s,
+            "Endpoints:      {ready} ready of {} (describe service {} for each)",
+            members.len(),
+            spec.service
+        );
+    }
+    Ok(Some(s))
 }
 
 /// `describe service`: address, ports, scope, and its backends per node, ready or not, or why
@@ -385,7 +461,7 @@ async fn service_views(shared: &Shared) -> Result<Vec<proto::messages::ServiceVi
 }
 
 async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Result<ApiResponse, StoreError> {
-    let (mut workloads, mut objects, mut services) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut workloads, mut objects, mut services, mut routes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for d in &documents {
         match d {
             Document::Workload(m) => workloads.push(m.as_ref().clone()),
@@ -394,16 +470,19 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
                 Err(e) => return Ok(ApiResponse::Error { message: format!("cannot seal {}: {e}", o.reference()) }),
             },
             Document::Service(s) => services.push(s.as_ref().clone()),
+            Document::Route(r) => routes.push(r.as_ref().clone()),
         }
     }
     // All or nothing, as the apply itself.
     if let Some(why) = workloads.iter().find_map(|m| shared.host_policy.denial(caller.role, m)) {
         return Ok(ApiResponse::Error { message: format!("refused: {why}") });
     }
-    // Services first: the only part that can be refused after validation (no address
-    // left), so a refusal leaves the rest of the file unapplied too.
-    let mut services_done = match shared.store.apply_services(&services, shared.services.cidr, now_ms()).await? {
-        Ok(done) => done.into_iter(),
+    // Services and routes first: the only parts that can be refused after validation (no
+    // address left, a route to a missing service or port), so a refusal leaves the rest of
+    // the file unapplied too.
+    let done = shared.store.apply_services_and_routes(&services, &routes, shared.services.cidr, now_ms()).await?;
+    let (mut services_done, mut routes_done) = match done {
+        Ok(done) => (done.services.into_iter(), done.routes.into_iter()),
         Err(e) => return Ok(ApiResponse::Error { message: format!("refused: {e}") }),
     };
     let applying = shared.store.apply_documents(&objects, &workloads, now_ms());
@@ -418,12 +497,14 @@ async fn apply(shared: &Shared, caller: &Caller, documents: Vec<Document>) -> Re
                 Document::Workload(_) => workloads_done.next(),
                 Document::Object(_) => objects_done.next(),
                 Document::Service(_) => services_done.next(),
+                Document::Route(_) => routes_done.next(),
             };
             let outcome = outcome(o.unwrap_or(Applied::Unchanged));
             match d {
                 Document::Workload(m) => info!(workload = %m.metadata.name, ?outcome, "applied"),
                 Document::Object(o) => info!(object = %o.reference(), ?outcome, "applied"),
                 Document::Service(s) => info!(service = %s.metadata.name, ?outcome, "applied"),
+                Document::Route(r) => info!(route = %r.metadata.name, ?outcome, "applied"),
             }
             ApplyResult { kind: d.kind(), name: d.name().to_string(), outcome }
         })
@@ -458,12 +539,28 @@ async fn delete_documents(shared: &Shared, documents: Vec<Document>) -> Result<A
                 _ => {}
             }
         }
+    }
+    // Routes before services, so a file holding a service and its routes deletes both.
+    for d in &documents {
+        if let Document::Route(r) = d {
+            let name = &r.metadata.name;
+            if shared.store.delete_route(name).await? {
+                info!(route = %name, "deleted");
+                deleted.push(format!("route/{name}"));
+                shared.trigger_reconcile();
+            }
+        }
+    }
+    for d in &documents {
         if let Document::Service(svc) = d {
             let name = &svc.metadata.name;
-            if shared.store.delete_service(name).await? {
-                info!(service = %name, "deleted");
-                deleted.push(format!("service/{name}"));
-                shared.trigger_reconcile();
+            match delete_service(shared, name).await? {
+                Ok(true) => deleted.push(format!("service/{name}")),
+                Ok(false) => {}
+                Err(message) if deleted.is_empty() => return Ok(ApiResponse::Error { message }),
+                Err(message) => {
+                    return Ok(ApiResponse::Error { message: format!("deleted {}; {message}", deleted.join(", ")) });
+                }
             }
         }
     }
@@ -643,6 +740,7 @@ async fn describe(shared: &Shared, kind: ResourceKind, name: &str) -> Result<Opt
             return crate::objects::describe(shared, &ObjectRef::new(kind, name)).await;
         }
         ResourceKind::Service => return describe_service(shared, name).await,
+        ResourceKind::Route => return describe_route(shared, name).await,
         ResourceKind::Workload => {
             let Some(w) = workload_views(shared).await?.into_iter().find(|w| w.manifest.metadata.name == name) else {
                 return Ok(None);

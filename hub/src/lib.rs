@@ -37,6 +37,7 @@ mod metrics;
 pub mod network;
 mod objects;
 pub mod revisions;
+pub mod routes;
 pub mod scheduler;
 pub mod sealed;
 pub mod server;

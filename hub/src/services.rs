@@ -208,7 +208,8 @@ pub fn tables(
                 .collect(),
             None => Vec::new(),
         };
-        out.insert(node.clone(), ServiceTable { domain: domain.to_string(), services, peers });
+        // Routes are the same on every node: `crate::routes::add_to` fills them in.
+        out.insert(node.clone(), ServiceTable { domain: domain.to_string(), services, peers, routes: Vec::new() });
     }
     out
 }

@@ -73,6 +73,8 @@ pub(crate) struct Inputs {
     pub members: Vec<Member>,
     pub sites: BTreeMap<String, Option<String>>,
     pub routes: services::Routes,
+    /// The HTTP gateways' routes (`kind: Route`).
+    pub http_routes: Vec<proto::route::RouteManifest>,
 }
 
 pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
@@ -97,17 +99,20 @@ pub(crate) async fn inputs(shared: &Shared) -> Result<Inputs, StoreError> {
             Member::of(&r.name, &r.workload, r.node.as_deref(), &r.status, workloads.get(&r.workload), node_ip)
         })
         .collect();
+    let http_routes = shared.store.routes().await?.into_iter().map(|r| r.manifest).collect();
     let label = &shared.services.site_label;
     let subnets: BTreeMap<String, ipnet::Ipv4Net> = shared.store.node_subnets().await?.into_iter().collect();
     let routes =
         nodes.iter().filter_map(|n| Some((n.name.clone(), (*subnets.get(&n.name)?, n.facts.node_ip?)))).collect();
     let sites = nodes.into_iter().map(|n| (n.name, n.facts.labels.get(label).cloned())).collect();
-    Ok(Inputs { services, workloads, members, sites, routes })
+    Ok(Inputs { services, workloads, members, sites, routes, http_routes })
 }
 
 async fn pass(shared: &Shared) -> Result<(), StoreError> {
     let i = inputs(shared).await?;
-    let tables = services::tables(&i.services, &i.workloads, &i.members, &i.sites, &i.routes, &shared.services.domain);
+    let mut tables =
+        services::tables(&i.services, &i.workloads, &i.members, &i.sites, &i.routes, &shared.services.domain);
+    crate::routes::add_to(&mut tables, &crate::routes::entries(&i.http_routes, &i.services));
     let changed = shared.store.write_service_tables(&tables).await?;
     if !changed.is_empty() {
         debug!(nodes = ?changed, "service tables changed");

@@ -160,10 +160,71 @@ on_both_backends!(
     node_events_are_kept_in_time_order,
     node_subnets_are_held_for_good_unique_and_carried_in_the_set,
     services_keep_their_address_and_node_tables_change_generations_only_when_they_change,
+    routes_need_their_service_and_port_and_keep_their_service_from_deletion,
 );
 
+async fn routes_need_their_service_and_port_and_keep_their_service_from_deletion(b: Backing) {
+    use flotilla_hub::store::{Applied, ApplyRefusal, ServiceDeletion};
+    let s = b.open().await;
+    let cidr: ipnet::Ipv4Net = "10.43.0.0/24".parse().unwrap();
+    let parse = |text: &str| {
+        let (mut services, mut routes) = (Vec::new(), Vec::new());
+        for d in proto::manifest::parse_documents(text).unwrap() {
+            match d {
+                proto::manifest::Document::Service(m) => services.push(*m),
+                proto::manifest::Document::Route(r) => routes.push(*r),
+                _ => unreachable!(),
+            }
+        }
+        (services, routes)
+    };
+    let svc = |name: &str, ports: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{selector: {{app: a}}, ports: {ports}}}\n---\n"
+        )
+    };
+    let route = |name: &str, spec: &str| {
+        format!("apiVersion: flotilla.dev/v1\nkind: Route\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n")
+    };
+    // A route to a service that does not exist: nothing of the file is stored.
+    let (sv, rt) = parse(&(svc("api", "[{port: 80}]") + &route("web", "{service: shop}")));
+    let e = s.apply_services_and_routes(&sv, &rt, cidr, 1).await.unwrap().unwrap_err();
+    assert!(matches!(e, ApplyRefusal::Route(_)), "{e}");
+    assert!(e.to_string().contains("route \"web\" names service \"shop\", which does not exist"), "{e}");
+    assert!(s.services().await.unwrap().is_empty() && s.routes().await.unwrap().is_empty());
+    // A route beside its service in the same file, then again unchanged, then changed.
+    let (sv, rt) = parse(
+        &(svc("shop", "[{name: http, port: 80}, {name: admin, port: 9000}]")
+            + &route("web", "{host: shop.example, service: shop, port: http}")),
+    );
+    let done = s.apply_services_and_routes(&sv, &rt, cidr, 1).await.unwrap().unwrap();
+    assert_eq!((done.services, done.routes), (vec![Applied::Created], vec![Applied::Created]));
+    let done = s.apply_services_and_routes(&[], &rt, cidr, 2).await.unwrap().unwrap();
+    assert_eq!(done.routes, vec![Applied::Unchanged]);
+    let (_, rt2) = parse(&route("web", "{host: shop.example, service: shop, port: 9000}"));
+    assert_eq!(
+        s.apply_services_and_routes(&[], &rt2, cidr, 3).await.unwrap().unwrap().routes,
+        vec![Applied::Configured]
+    );
+    let rows = s.routes().await.unwrap();
+    assert_eq!((rows.len(), rows[0].created_at_ms, rows[0].manifest.spec.path_prefix.as_str()), (1, 1, "/"));
+    // A port the service lacks, and a service change that drops the port a route uses.
+    let (_, bad) = parse(&route("web", "{service: shop, port: grpc}"));
+    let e = s.apply_services_and_routes(&[], &bad, cidr, 4).await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("names port grpc of service \"shop\""), "{e}");
+    let (narrower, _) = parse(&svc("shop", "[{name: http, port: 80}]"));
+    let e = s.apply_services_and_routes(&narrower, &[], cidr, 4).await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("names port 9000 of service \"shop\""), "{e}");
+    assert_eq!(s.services().await.unwrap()[0].service.manifest.spec.ports.len(), 2, "the refused change is not stored");
+    // The service stays while a route goes to it; the route first, then the service.
+    assert_eq!(s.delete_service("shop").await.unwrap(), ServiceDeletion::Routed(vec!["web".into()]));
+    assert!(s.delete_route("web").await.unwrap());
+    assert!(!s.delete_route("web").await.unwrap());
+    assert_eq!(s.delete_service("shop").await.unwrap(), ServiceDeletion::Deleted);
+}
+
 async fn services_keep_their_address_and_node_tables_change_generations_only_when_they_change(b: Backing) {
-    use flotilla_hub::store::Applied;
+    use flotilla_hub::store::{Applied, ServiceDeletion};
     use proto::service::{ServiceEntry, ServiceTable};
     let s = b.open().await;
     let cidr: ipnet::Ipv4Net = "10.43.0.0/29".parse().unwrap();
@@ -186,8 +247,8 @@ async fn services_keep_their_address_and_node_tables_change_generations_only_whe
     assert_eq!(again, vec![Applied::Configured, Applied::Unchanged]);
     assert_eq!(s.services().await.unwrap()[0].service.address, addr("api"));
     // A deleted service's address is free again; a full range refuses with the reason.
-    assert!(s.delete_service("api").await.unwrap());
-    assert!(!s.delete_service("api").await.unwrap());
+    assert_eq!(s.delete_service("api").await.unwrap(), ServiceDeletion::Deleted);
+    assert_eq!(s.delete_service("api").await.unwrap(), ServiceDeletion::NotFound);
     let more: Vec<_> = ["a", "b", "c", "d", "e"].iter().map(|n| doc(n, 1)).collect();
     let e = s.apply_services(&more, cidr, 3).await.unwrap().unwrap_err();
     assert!(e.to_string().contains("no service address left in 10.43.0.0/29"), "{e}");
@@ -200,6 +261,7 @@ async fn services_keep_their_address_and_node_tables_change_generations_only_whe
         domain: "flotilla.local".into(),
         services: vec![ServiceEntry { name: "db".into(), address: addr("db"), ports: vec![], endpoints: vec![] }],
         peers: vec![],
+        routes: vec![],
     };
     let tables: BTreeMap<String, ServiceTable> = [("n1".to_string(), table.clone())].into();
     assert_eq!(s.write_service_tables(&tables).await.unwrap(), vec!["n1".to_string()]);

@@ -928,6 +928,8 @@ pub fn parse_documents(source: &str) -> Result<Vec<Document>, ManifestError> {
             Document::Object(crate::objects::parse_object(document, value)?)
         } else if kind == Some("Service") {
             Document::Service(Box::new(crate::service::parse_service(document, value)?))
+        } else if kind == Some("Route") {
+            Document::Route(Box::new(crate::route::parse_route(document, value)?))
         } else {
             Document::Workload(Box::new(parse_checked(document, value, Manifest::validate)?))
         };
@@ -977,7 +979,7 @@ pub fn parse_manifests(source: &str) -> Result<Vec<Manifest>, ManifestError> {
         .into_iter()
         .filter_map(|d| match d {
             Document::Workload(m) => Some(*m),
-            Document::Object(_) | Document::Service(_) => None,
+            Document::Object(_) | Document::Service(_) | Document::Route(_) => None,
         })
         .collect();
     if workloads.is_empty() {
@@ -993,6 +995,7 @@ pub enum Document {
     /// A `kind: Config` or `kind: Secret`.
     Object(ObjectData),
     Service(Box<crate::service::ServiceManifest>),
+    Route(Box<crate::route::RouteManifest>),
 }
 
 impl Document {
@@ -1002,6 +1005,7 @@ impl Document {
             Document::Workload(m) => m.kind.to_string(),
             Document::Object(o) => o.kind.to_string(),
             Document::Service(_) => "Service".to_string(),
+            Document::Route(_) => "Route".to_string(),
         }
     }
 
@@ -1010,6 +1014,7 @@ impl Document {
             Document::Workload(m) => &m.metadata.name,
             Document::Object(o) => &o.name,
             Document::Service(s) => &s.metadata.name,
+            Document::Route(r) => &r.metadata.name,
         }
     }
 }

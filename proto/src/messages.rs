@@ -595,6 +595,7 @@ pub enum ResourceKind {
     Config,
     Secret,
     Service,
+    Route,
 }
 
 impl ResourceKind {
@@ -607,6 +608,7 @@ impl ResourceKind {
             "config" | "configs" | "cfg" => Some(ResourceKind::Config),
             "secret" | "secrets" => Some(ResourceKind::Secret),
             "service" | "services" | "svc" => Some(ResourceKind::Service),
+            "route" | "routes" | "rt" => Some(ResourceKind::Route),
             _ => None,
         }
     }
@@ -620,6 +622,7 @@ impl ResourceKind {
             ResourceKind::Config => "config",
             ResourceKind::Secret => "secret",
             ResourceKind::Service => "service",
+            ResourceKind::Route => "route",
         }
     }
 
@@ -932,6 +935,9 @@ pub enum ApiResponse {
     },
     Services {
         items: Vec<ServiceView>,
+    },
+    Routes {
+        items: Vec<RouteView>,
     },
     Described {
         text: String,
@@ -1307,6 +1313,17 @@ pub struct ServiceView {
     pub address: std::net::Ipv4Addr,
     /// Its backends anywhere (no scope applied), by replica.
     pub endpoints: Vec<EndpointView>,
+    pub created_at_ms: u64,
+}
+
+/// A route as `get routes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteView {
+    pub manifest: crate::route::RouteManifest,
+    /// The service port it goes to, by number (`None`: no longer resolvable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub created_at_ms: u64,
 }
 

@@ -170,12 +170,16 @@ pub struct ServiceTable {
     /// straight to them over the site's LAN (as flannel's host-gw does).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<NodePeer>,
+    /// The routes of the node's HTTP gateway (every route, everywhere), in name order. Absent
+    /// from tables written before routes existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::route::RouteEntry>,
 }
 
 impl ServiceTable {
     /// Nothing to tell the node.
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.peers.is_empty()
+        self.services.is_empty() && self.peers.is_empty() && self.routes.is_empty()
     }
 }
 

@@ -116,6 +116,48 @@ pub struct HttpServer {
     max_connections: usize,
     shutdown_grace: Duration,
     shared: Arc<Shared>,
+    /// Made with the server so [`HttpServer::handler`]s follow its shutdown too.
+    phase: watch::Sender<Phase>,
+}
+
+/// The body of a response from [`HttpHandler::handle`].
+pub type HandlerBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A cloneable handle on a server's request handling, for requests that reached the host
+/// some other way (a gateway in the same process): each request is handled exactly as one
+/// arriving on the server's own socket (same instance limit, queue, limits, stderr reports),
+/// with no TCP hop. Once the server shuts down, requests get `503`.
+#[derive(Clone)]
+pub struct HttpHandler {
+    shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+}
+
+impl std::fmt::Debug for HttpHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpHandler").field("digest", &self.shared.digest).finish_non_exhaustive()
+    }
+}
+
+impl HttpHandler {
+    /// Handles one request (the caller adds whatever headers it must, e.g. `X-Forwarded-For`).
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<HandlerBody> {
+        let response = if *self.phase.borrow() != Phase::Serving {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "the component is shutting down\n")
+        } else {
+            // Shutdown waits for this request as for one of the server's own connections.
+            let _guard = self.shared.tasks.enter();
+            self.shared.clone().handle(request, self.phase.clone()).await
+        };
+        response.map(|body| {
+            body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { format!("{e:?}").into() }).boxed_unsync()
+        })
+    }
+
+    /// Whether the server still takes requests.
+    pub fn is_serving(&self) -> bool {
+        *self.phase.borrow() == Phase::Serving
+    }
 }
 
 impl std::fmt::Debug for HttpServer {
@@ -209,6 +251,7 @@ impl WasmHost {
             max_connections: opts.max_connections.min(Semaphore::MAX_PERMITS),
             shutdown_grace: opts.shutdown_grace,
             shared: Arc::new(shared),
+            phase: watch::Sender::new(Phase::Serving),
         })
     }
 }
@@ -252,6 +295,11 @@ impl HttpServer {
         self.local_addr
     }
 
+    /// A handle that serves requests in-process, for as long as this server serves.
+    pub fn handler(&self) -> HttpHandler {
+        HttpHandler { shared: self.shared.clone(), phase: self.phase.subscribe() }
+    }
+
     /// Accepts connections until `shutdown` completes, then stops accepting, lets in-flight
     /// requests finish for up to [`HttpOptions::shutdown_grace`] (idle keep-alive connections are
     /// closed at once), cancels whatever is still running and returns. Accept errors (e.g. out of
@@ -270,8 +318,8 @@ impl HttpServer {
     /// with [`Shutdown::HandOff`] it is returned, still listening, once in-flight requests are
     /// done (connections not yet accepted stay queued in it for whoever serves it next).
     pub async fn serve(self, shutdown: impl Future<Output = Shutdown>) -> Result<Option<std::net::TcpListener>, Error> {
-        let HttpServer { listener, local_addr, max_connections, shutdown_grace, shared } = self;
-        let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+        let HttpServer { listener, local_addr, max_connections, shutdown_grace, shared, phase: phase_tx } = self;
+        let phase_rx = phase_tx.subscribe();
         let connections = Arc::new(Semaphore::new(max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
         let how = loop {

@@ -359,3 +359,46 @@ async fn usage_counts_each_handlers_cpu_and_the_memory_of_live_instances_only() 
     }
     running.shutdown().await;
 }
+
+/// A server's handler serves requests that came in on another socket (an in-process gateway)
+/// as the server's own, and answers 503 once the server has shut down.
+#[tokio::test]
+async fn a_handler_serves_requests_in_process_until_its_server_stops() {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    let host = shared_host();
+    let program = load_guest(&host, "guest_http_hello");
+    let (opts, _stderr) = options(|o| o.env = vec![("GREETING".into(), "in process".into())]);
+    let server = host.serve_http(&program, opts).await.unwrap();
+    let handler = server.handler();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    // A front of our own: every request goes to the handler, none to the server's socket.
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let h = handler.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = front.accept().await else { return };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let h = h.clone();
+                    async move { Ok::<_, std::convert::Infallible>(h.handle(req).await) }
+                });
+                let io = wasmtime_wasi_http::io::TokioIo::new(stream);
+                let _ = http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    let (status, body) = get(addr, "/front").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello from wasm: GET /front\nin process\n"));
+    assert!(handler.is_serving());
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
+    assert!(!handler.is_serving());
+    let (status, body) = get(addr, "/late").await;
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "the component is shutting down\n"));
+}

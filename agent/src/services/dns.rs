@@ -444,6 +444,7 @@ mod tests {
         };
         Records::from_table(&ServiceTable {
             peers: vec![],
+            routes: vec![],
             domain: "Flotilla.Local.".into(),
             services: vec![s("api", [10, 96, 0, 10]), s("db", [10, 96, 0, 11])],
         })
@@ -613,7 +614,7 @@ mod tests {
         assert_eq!(addresses(&m), [Ipv4Addr::new(10, 96, 0, 11)]);
         assert!(tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await.is_err(), "no more replies");
         // The table changes: so do the answers.
-        let mut t = ServiceTable { peers: vec![], domain: "flotilla.local".into(), services: vec![] };
+        let mut t = ServiceTable { peers: vec![], routes: vec![], domain: "flotilla.local".into(), services: vec![] };
         t.services.push(ServiceEntry {
             name: "gone".into(),
             address: [10, 96, 0, 99].into(),
@@ -678,6 +679,7 @@ mod tests {
         // knows `web.svc.example`.
         let upstream_records = Records::from_table(&ServiceTable {
             peers: vec![],
+            routes: vec![],
             domain: "example".into(),
             services: vec![ServiceEntry {
                 name: "web".into(),

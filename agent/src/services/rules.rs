@@ -385,7 +385,7 @@ mod tests {
     }
 
     fn table(services: Vec<ServiceEntry>) -> ServiceTable {
-        ServiceTable { peers: vec![], domain: "flotilla.local".into(), services }
+        ServiceTable { peers: vec![], routes: vec![], domain: "flotilla.local".into(), services }
     }
 
     fn ready(names: &[&str]) -> BTreeMap<String, bool> {

@@ -25,6 +25,16 @@ pub enum ServiceRefusal {
     Exhausted(Ipv4Net),
 }
 
+/// What [`Store::delete_service`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceDeletion {
+    Deleted,
+    NotFound,
+    /// Not deleted: these routes go to it. (Refused rather than leaving routes that answer
+    /// 503 for good, or deleting routes nobody named: the routes go first, by name.)
+    Routed(Vec<String>),
+}
+
 fn bad_address(name: &str, text: &str) -> StoreError {
     let source = serde_json::Error::io(std::io::Error::new(
         std::io::ErrorKind::InvalidData,
@@ -42,6 +52,53 @@ pub(super) async fn node_table(tx: &mut Tx, node: &str) -> Result<Option<Service
         Some(text) => Ok(Some(serde_json::from_str(&text).map_err(corrupt("node service table", node))?)),
         None => Ok(None),
     }
+}
+
+/// [`Store::apply_services`] inside the caller's write transaction (which also applies the
+/// file's routes, [`Store::apply_services_and_routes`]).
+pub(super) async fn apply_services_in(
+    tx: &mut Tx,
+    services: &[ServiceManifest],
+    cidr: Ipv4Net,
+    now_ms: u64,
+) -> Result<std::result::Result<Vec<Applied>, ServiceRefusal>> {
+    let rows = tx.fetch("SELECT name, manifest, address FROM services", &[]).await?;
+    let mut taken: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut existing: BTreeMap<String, String> = BTreeMap::new();
+    for r in &rows {
+        if let Ok(a) = r.text(2)?.parse() {
+            taken.insert(a);
+        }
+        existing.insert(r.text(0)?, r.text(1)?);
+    }
+    let mut out = Vec::new();
+    for s in services {
+        let mut m = s.clone();
+        m.metadata.resource_version = None;
+        let json = to_json(&m);
+        let name = m.metadata.name.as_str();
+        match existing.get(name) {
+            Some(old) if *old == json => out.push(Applied::Unchanged),
+            Some(_) => {
+                tx.exec("UPDATE services SET manifest = ? WHERE name = ?", &[json.as_str().into(), name.into()])
+                    .await?;
+                out.push(Applied::Configured);
+            }
+            None => {
+                let Some(address) = next_address(&cidr, &taken) else {
+                    return Ok(Err(ServiceRefusal::Exhausted(cidr)));
+                };
+                taken.insert(address);
+                tx.exec(
+                    "INSERT INTO services (name, manifest, address, created_at_ms) VALUES (?, ?, ?, ?)",
+                    &[name.into(), json.as_str().into(), address.to_string().as_str().into(), now_ms.into()],
+                )
+                .await?;
+                out.push(Applied::Created);
+            }
+        }
+    }
+    Ok(Ok(out))
 }
 
 impl Store {
@@ -71,49 +128,24 @@ impl Store {
             return Ok(Ok(Vec::new()));
         }
         let mut tx = self.pool.write_tx().await?;
-        let rows = tx.fetch("SELECT name, manifest, address FROM services", &[]).await?;
-        let mut taken: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let mut existing: BTreeMap<String, String> = BTreeMap::new();
-        for r in &rows {
-            if let Ok(a) = r.text(2)?.parse() {
-                taken.insert(a);
-            }
-            existing.insert(r.text(0)?, r.text(1)?);
-        }
-        let mut out = Vec::new();
-        for s in services {
-            let mut m = s.clone();
-            m.metadata.resource_version = None;
-            let json = to_json(&m);
-            let name = m.metadata.name.as_str();
-            match existing.get(name) {
-                Some(old) if *old == json => out.push(Applied::Unchanged),
-                Some(_) => {
-                    tx.exec("UPDATE services SET manifest = ? WHERE name = ?", &[json.as_str().into(), name.into()])
-                        .await?;
-                    out.push(Applied::Configured);
-                }
-                None => {
-                    let Some(address) = next_address(&cidr, &taken) else {
-                        return Ok(Err(ServiceRefusal::Exhausted(cidr)));
-                    };
-                    taken.insert(address);
-                    tx.exec(
-                        "INSERT INTO services (name, manifest, address, created_at_ms) VALUES (?, ?, ?, ?)",
-                        &[name.into(), json.as_str().into(), address.to_string().as_str().into(), now_ms.into()],
-                    )
-                    .await?;
-                    out.push(Applied::Created);
-                }
-            }
-        }
+        let out = match apply_services_in(&mut tx, services, cidr, now_ms).await? {
+            Ok(out) => out,
+            Err(refused) => return Ok(Err(refused)),
+        };
         tx.commit().await?;
         Ok(Ok(out))
     }
 
-    /// Deletes a service; whether it existed.
-    pub async fn delete_service(&self, name: &str) -> Result<bool> {
-        Ok(self.pool.exec("DELETE FROM services WHERE name = ?", &[name.into()]).await? > 0)
+    /// Deletes a service, unless a route still goes to it.
+    pub async fn delete_service(&self, name: &str) -> Result<ServiceDeletion> {
+        let mut tx = self.pool.write_tx().await?;
+        let routes = super::routes::routes_to(&mut tx, name).await?;
+        if !routes.is_empty() {
+            return Ok(ServiceDeletion::Routed(routes));
+        }
+        let n = tx.exec("DELETE FROM services WHERE name = ?", &[name.into()]).await?;
+        tx.commit().await?;
+        Ok(if n > 0 { ServiceDeletion::Deleted } else { ServiceDeletion::NotFound })
     }
 
     /// Writes the nodes' service tables that differ from the stored ones, raising those
