@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod messages;
 pub mod objects;
 pub mod pieces;
+pub mod schema;
 pub mod service;
 pub mod token;
 pub mod version;
