@@ -6,6 +6,7 @@ mod client;
 mod contexts;
 mod daemon;
 mod diff;
+mod explain;
 mod jsonpath;
 mod local;
 mod manifests;
@@ -50,7 +51,7 @@ struct Global {
 /// Verbs that never talk to a hub through the CLI config: `--config` and `--context` are
 /// hidden from their help and refused on their command line.
 /// (`sim` is not one: its `--config` is the admin config its `--apply` uses.)
-const LOCAL_VERBS: [&str; 13] = [
+const LOCAL_VERBS: [&str; 14] = [
     "hub",
     "agent",
     "backup",
@@ -62,6 +63,7 @@ const LOCAL_VERBS: [&str; 13] = [
     "login",
     "logout",
     "completion",
+    "explain",
     "agent-upgrade-watch",
     "agent-handoff",
 ];
@@ -117,6 +119,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "flotilla get nodes\n  flotilla get workload web -o yaml\n  flotilla get replicas -l app=shop -w\n  flotilla get endpoints api\n  flotilla get nodes -o jsonpath='{.items[*].metadata.name}'",
     ),
     ("diff", "flotilla diff -f web.yaml"),
+    (
+        "explain",
+        "flotilla explain workload.spec.probes\n  flotilla explain service -r\n  flotilla explain --json-schema > flotilla.schema.json",
+    ),
     ("describe", "flotilla describe replica web-0\n  flotilla describe node gw-1\n  flotilla describe service api"),
     (
         "logs",
@@ -644,6 +650,23 @@ enum Command {
     },
     /// This CLI's version and the hub's (the hub's only when its config is found and it answers).
     Version,
+    /// Describe a manifest kind or field from the manifest schema, as kubectl explain does:
+    /// its description, type, default and fields; no hub needed (`explain
+    /// workload.spec.readinessProbe`, `explain service --recursive`). `explain --json-schema`
+    /// prints the JSON Schema of every kind, for editors (docs/flotilla.schema.json).
+    Explain {
+        /// workload, service, config or secret, then field names: `workload.spec.ports`,
+        /// `workload.spec.readinessProbe.period`. Without it, the kinds are listed.
+        #[arg(value_name = "KIND[.FIELD]...")]
+        path: Option<String>,
+        /// Show every field below it, as an indented tree, instead of one level.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Print the JSON Schema (draft 7) of all manifest kinds instead: one document, one
+        /// branch per kind.
+        #[arg(long, conflicts_with_all = ["path", "recursive"])]
+        json_schema: bool,
+    },
     /// The CLI config's contexts, one a cluster, as kubectl's: `flotilla config get-contexts`,
     /// `config use-context edge-eu`, `config add-context edge-eu --from admin.yaml`.
     Config {
@@ -1103,6 +1126,9 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Explain { path, recursive, json_schema } => {
+            return explain::main(path.as_deref(), recursive, json_schema);
+        }
         Command::Exec { replica, stdin, tty, command } => return exec_command(global, replica, stdin, tty, command),
         Command::Diff { file } => return diff_command(global, &file),
         Command::AgentUpgradeWatch { state, pid, detached } => {
@@ -1412,6 +1438,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         | Command::Exec { .. }
         | Command::Diff { .. }
         | Command::AgentUpgradeWatch { .. }
+        | Command::Explain { .. }
         | Command::Completion { .. } => {
             bail!("this command runs before the async runtime starts")
         }

@@ -10,6 +10,7 @@ pub mod messages;
 pub mod objects;
 pub mod pieces;
 pub mod route;
+pub mod schema;
 pub mod service;
 pub mod token;
 pub mod version;

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::objects::{ObjectData, ObjectKind, ObjectRef, validate_key};
+use crate::schema::{Cpu, Duration, FileMode, Quantity};
 use crate::yaml;
 
 pub const API_VERSION: &str = "flotilla.dev/v1";
@@ -20,16 +22,23 @@ pub const MAX_NAME_LEN: usize = 53;
 /// Replicas one workload may ask for.
 pub const MAX_REPLICAS: u32 = 10_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `kind: Workload`: a program (a Wasm module or component, or a container image), how many
+/// replicas of it run, on which nodes, and how they are checked and updated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Manifest {
+    /// Always `flotilla.dev/v1`.
+    #[schemars(extend("const" = API_VERSION))]
     pub api_version: String,
+    /// Always `Workload`.
     pub kind: Kind,
+    /// The workload's name and labels.
     pub metadata: Metadata,
+    /// What the workload runs and where.
     pub spec: WorkloadSpec,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Kind {
     Workload,
 }
@@ -42,39 +51,48 @@ impl fmt::Display for Kind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
+    /// The name, unique per kind: lowercase letters, digits and '-', at most 53 characters.
+    #[schemars(length(min = 1, max = 53), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
+    /// Labels (`KEY: VALUE`) that service selectors and `get -l` match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// The stored revision this manifest was read at. An `apply` that carries it is refused
-    /// when the workload changed since (optimistic concurrency); without it the apply wins.
+    /// Workloads: the stored revision this manifest was read at (`get -o yaml` prints it). An
+    /// `apply` that carries it is refused when the workload changed since (optimistic
+    /// concurrency); without it the apply wins. Other kinds ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
     /// Set by the hub, ignored on apply: the version of each config and secret (`secret/db`)
-    /// the workload reads through environment variables. It is part of the replica template,
+    /// a workload reads through environment variables. It is part of the replica template,
     /// so a change of such an object rolls the workload out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub object_versions: BTreeMap<String, u64>,
 }
 
-/// What a workload runs and where. Everything in here is the replica template (changing it
+/// Everything in here is the replica template (changing it
 /// makes the agents restart replicas with the new template) except `replicas`, `kind`,
 /// `strategy` and the placement fields (`nodeSelector`, `nodeAffinity`, `tolerations`, `os`,
 /// `arch`, `resources.requests`, `spreadBy`, `packing`, `failover`), which only the scheduler
 /// reads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
+    /// What runs the image.
     pub runtime: Runtime,
+    /// The artifact to run, as an OCI reference (`127.0.0.1:5000/hello:v1`), pulled from its
+    /// registry or found in the agent's local store.
     pub image: String,
-    /// Replicated only (default 1); must be absent with `kind: EveryNode`. Read it through
-    /// [`WorkloadSpec::replicas`].
+    /// How many replicas run (default 1); only with `kind: Replicated`.
+    // Read it through [`WorkloadSpec::replicas`], which gives other kinds 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10_000), extend("default" = 1))]
     pub replicas: Option<u32>,
-    /// `Replicated` (the default) or `EveryNode` (one replica on each matching node).
+    /// How the replicas are laid out (default `Replicated`).
     #[serde(default, skip_serializing_if = "WorkloadKind::is_default")]
+    #[schemars(extend("default" = "Replicated"))]
     pub kind: WorkloadKind,
     /// `kind: Job` only: completions, parallelism and retry limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +109,7 @@ pub struct WorkloadSpec {
     /// Every key of these configs and secrets as an environment variable (`env` wins).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_from: Vec<ObjectSource>,
+    /// Node labels (`KEY: VALUE`) a node must all carry to take a replica.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
     /// Node label expressions (Kubernetes `matchExpressions`), all of which must hold.
@@ -109,21 +128,27 @@ pub struct WorkloadSpec {
     /// the fewest of them, and only to nodes carrying the label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread_by: Option<String>,
-    /// `leastAllocated` (the default: spread load) or `binPack` (fill nodes).
+    /// How to choose among the nodes that may take a replica (default `leastAllocated`).
     #[serde(default, skip_serializing_if = "Packing::is_default")]
+    #[schemars(extend("default" = "leastAllocated"))]
     pub packing: Packing,
     /// What happens to replicas of a node that is lost: `never` (the default: they stay, for
     /// site-bound work) or `{after: 30s}` (moved elsewhere once the node has been NotReady
     /// that long; the old copy is stopped when the node returns).
     #[serde(default, skip_serializing_if = "Failover::is_never")]
+    #[schemars(extend("default" = "never"))]
     pub failover: Failover,
+    /// Whether a replica whose program ended is started again (a Job's never is: the hub
+    /// retries a failed index).
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Limits of each replica, and what the scheduler reserves for it (`requests`).
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
     /// Serve a `wasi:http/incoming-handler` component on this port of the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSpec>,
+    /// Directories given to the replicas: host paths, configs, secrets or scratch space.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
     /// Network access. Containers: `bridge` (the default: an address on the node's network,
@@ -138,6 +163,7 @@ pub struct WorkloadSpec {
     pub ports: Vec<PortSpec>,
     /// Containers: how long a stopping container gets between SIGTERM and SIGKILL (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>", extend("default" = "10s"))]
     pub termination_grace_period: Option<String>,
     /// Until it succeeds, liveness and readiness are not checked; failing it restarts the
     /// replica (for slow starters).
@@ -156,7 +182,7 @@ pub struct WorkloadSpec {
 
 /// A rolling update: replicas move to a new template in place, a batch at a time, each batch
 /// only once the previous one is ready.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Strategy {
     /// Replicas that may be unavailable (updating, or not ready) at once during a rollout
@@ -166,10 +192,12 @@ pub struct Strategy {
     /// Extra replicas (beyond `replicas`) a rollout may run while it replaces old ones
     /// (default 0). With `maxUnavailable: 0`, availability never drops during a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 0))]
     pub max_surge: Option<u32>,
     /// How long a rollout may go without an updated replica becoming available before the
     /// hub rolls the workload back to its previous template (default 10m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>", extend("default" = "10m"))]
     pub progress_deadline: Option<String>,
 }
 
@@ -201,39 +229,52 @@ impl Strategy {
 
 /// A health check, Kubernetes-shaped: one handler (`httpGet`, `tcpSocket` or `exec`) and its
 /// timing. Durations are strings (`500ms`, `10s`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProbeSpec {
+    /// Check with an HTTP GET (set one of `httpGet`, `tcpSocket` and `exec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_get: Option<HttpGetAction>,
+    /// Check with a TCP connect (set one of `httpGet`, `tcpSocket` and `exec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_socket: Option<TcpSocketAction>,
+    /// Check with a command in the container (set one of `httpGet`, `tcpSocket` and `exec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecAction>,
-    /// Wait before the first check (default 0s).
+    /// Wait before the first check (default: none); Kubernetes' `initialDelaySeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>")]
     pub initial_delay: Option<String>,
-    /// Between checks (default 10s).
+    /// Time between checks (default 10s, at least 100ms); Kubernetes' `periodSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>", extend("default" = "10s"))]
     pub period: Option<String>,
-    /// One check fails when it takes longer (default 1s).
+    /// One check fails when it takes longer (default 1s, at least 100ms); Kubernetes'
+    /// `timeoutSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>", extend("default" = "1s"))]
     pub timeout: Option<String>,
     /// Failures in a row that make the probe fail (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("default" = 3))]
     pub failure_threshold: Option<u32>,
     /// Successes in a row that make it pass again (default 1; must be 1 except for readiness).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("default" = 1))]
     pub success_threshold: Option<u32>,
 }
 
 /// An HTTP GET on the replica; 200–399 passes. The port defaults to `spec.http.port` for Wasm.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpGetAction {
+    /// The path to request (default `/`).
     #[serde(default = "root_path")]
     pub path: String,
+    /// The port to request it on: a Wasm component's is `spec.http.port` (the default),
+    /// a container's must be given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
 }
 
@@ -242,23 +283,30 @@ fn root_path() -> String {
 }
 
 /// A TCP connect to the replica's port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TcpSocketAction {
+    /// The port to connect to: a Wasm component's is `spec.http.port` (the default), a
+    /// container's must be given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
 }
 
 /// Containers: a command run inside the container; exit code 0 passes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ExecAction {
+    /// The program and its arguments (no shell unless the command runs one).
     pub command: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Each request gets an instance of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpSpec {
+    /// The port the node serves the component on (on all its addresses).
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Instances handling requests at once; further requests wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,17 +317,25 @@ pub struct HttpSpec {
 /// secret as read-only files (`config`, `secret`, optionally only the `items` named), or
 /// without any of them a scratch directory private to the replica, emptied when the replica
 /// leaves the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Volume {
+    /// The volume's name, unique in the workload (lowercase letters, digits and '-').
     pub name: String,
+    /// Where the replica sees it: an absolute path, one volume per path.
     pub mount_path: String,
+    /// A directory of the node, given as it is (refused unless the hub's `--allow-host-path`
+    /// allows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<String>,
+    /// Mount it read-only (config and secret files are read-only anyway).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(extend("default" = false))]
     pub read_only: bool,
+    /// A config whose keys become files here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// A secret whose keys become files here (on tmpfs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
     /// Which keys become which files (default: every key, as a file of its name).
@@ -295,14 +351,16 @@ impl Volume {
 }
 
 /// One key of a config or secret volume as a file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KeyToPath {
+    /// The config's or secret's key.
     pub key: String,
-    /// Relative to the mount path (`tls/server.key`); no `..`.
+    /// The file, relative to the mount path (`tls/server.key`); no `..`.
     pub path: String,
-    /// Octal permission bits as text (`"0400"`); default `0444`.
+    /// The file's permission bits, octal, as text (`"0400"`); default `0444`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<FileMode>", extend("default" = "0444"))]
     pub mode: Option<String>,
 }
 
@@ -363,9 +421,26 @@ impl From<String> for EnvValue {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+impl JsonSchema for EnvValue {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EnvValue".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A variable's value: text, or a key of a config or secret.",
+            "anyOf": [
+                {"type": "string", "description": "The value itself (quote numbers and booleans)."},
+                generator.subschema_for::<ValueFrom>(),
+            ],
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ValueFrom {
+    /// The value of a config's or a secret's key.
     value_from: KeySelector,
 }
 
@@ -402,13 +477,16 @@ impl<'de> Deserialize<'de> for EnvValue {
 }
 
 /// One key of a config or secret (`secret` or `config`, and `key`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KeySelector {
+    /// The config holding the key (set `config` or `secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// The secret holding the key (set `config` or `secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// The key whose value the variable takes.
     pub key: String,
 }
 
@@ -419,11 +497,13 @@ impl KeySelector {
 }
 
 /// A whole config or secret (`envFrom` entries).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectSource {
+    /// A config whose keys all become variables (set `config` or `secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// A secret whose keys all become variables (set `config` or `secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
@@ -434,7 +514,7 @@ impl ObjectSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// Loopback only (containers); no sockets at all (Wasm).
@@ -483,20 +563,26 @@ impl fmt::Display for NetworkMode {
 
 /// A port a container listens on (`containerPort`), optionally published on the node
 /// (`hostPort`, reached on every address of the node).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortSpec {
-    /// A name services may target instead of the number (`http`).
+    /// A name services may target instead of the number (`http`): at most 15 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The port the container listens on.
+    #[schemars(range(min = 1))]
     pub container_port: u16,
+    /// Publish it on this port of every address of the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub host_port: Option<u16>,
+    /// The port's protocol (default `tcp`).
     #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    #[schemars(extend("default" = "tcp"))]
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -532,10 +618,12 @@ impl fmt::Display for HostPort {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
+    /// A Wasm module or component, run inside the agent by wasmtime.
     Wasm,
+    /// An OCI container image, run in namespaces and cgroups of its own.
     Container,
 }
 
@@ -548,11 +636,14 @@ impl fmt::Display for Runtime {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum RestartPolicy {
+    /// Whenever it ends.
     #[default]
     Always,
+    /// When it ends with a failure (a non-zero exit, a trap, a kill).
     OnFailure,
+    /// Never.
     Never,
 }
 
@@ -567,21 +658,26 @@ impl RestartPolicy {
     }
 }
 
-/// Per-replica limits. Memory is a string with a binary suffix (`64Mi`, `1Gi`) or bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+// Per-replica limits.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Resources {
+    /// Memory limit (`64Mi`, `1Gi`): a Wasm instance's linear memory, a container's cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Quantity>")]
     pub memory: Option<String>,
-    /// CPU time one run (or, for HTTP, one request) may spend executing before it is stopped,
-    /// as a duration (`500ms`, `2s`, `1m`).
+    /// Wasm: CPU time one run (or, for HTTP, one request) may spend executing before it is
+    /// stopped, as a duration (`500ms`, `2s`, `1m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Duration>")]
     pub cpu_time: Option<String>,
-    /// Wasm instructions budget (wasmtime fuel) per run or request.
+    /// Wasm instructions budget (wasmtime fuel) per run or request; the agent must run with
+    /// `--wasm-fuel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel: Option<u64>,
-    /// Containers: CPU limit in cores (`500m`, `1`, `1.5`), enforced as a CFS quota.
+    /// Containers: CPU limit in cores (`500m`, `"1"`, `"1.5"`), enforced as a CFS quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Cpu>")]
     pub cpu: Option<String>,
     /// Containers: the most processes and threads the container may have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -604,12 +700,16 @@ impl Resources {
 }
 
 /// CPU (`250m`, `0.5`) and memory (`64Mi`) a replica needs on its node.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ResourceRequests {
+    /// CPU to reserve, in cores or millicores (`250m`, `"0.5"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Cpu>")]
     pub cpu: Option<String>,
+    /// Memory to reserve (`64Mi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Quantity>")]
     pub memory: Option<String>,
 }
 
@@ -624,17 +724,20 @@ impl ResourceRequests {
 }
 
 /// A run-to-completion workload (Kubernetes Indexed Job semantics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JobSpec {
     /// Indexes that must each succeed once (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000), extend("default" = 1))]
     pub completions: Option<u32>,
     /// Indexes running at once (default 1; 0 suspends the job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10_000), extend("default" = 1))]
     pub parallelism: Option<u32>,
     /// The job fails once its failed attempts exceed this (default 6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 6))]
     pub backoff_limit: Option<u32>,
 }
 
@@ -652,8 +755,8 @@ impl JobSpec {
     }
 }
 
-/// How replicas of a workload are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+// How replicas of a workload are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum WorkloadKind {
     /// `replicas` copies spread over matching nodes.
     #[default]
@@ -677,12 +780,14 @@ impl fmt::Display for WorkloadKind {
     }
 }
 
-/// How to choose among the nodes that may take a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+// How to choose among the nodes that may take a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Packing {
+    /// The node with the most room left: spreads the load.
     #[default]
     LeastAllocated,
+    /// The fullest node that still fits: keeps other nodes free.
     BinPack,
 }
 
@@ -722,9 +827,11 @@ enum FailoverRepr {
     After(FailoverAfter),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct FailoverAfter {
+    /// Move the replicas once their node has been NotReady this long.
+    #[schemars(with = "Duration")]
     after: String,
 }
 
@@ -735,6 +842,21 @@ impl Serialize for Failover {
             Failover::After(after) => FailoverRepr::After(FailoverAfter { after: after.clone() }),
         }
         .serialize(s)
+    }
+}
+
+impl JsonSchema for Failover {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Failover".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                {"type": "string", "const": "never", "description": "The replicas stay with their node, for site-bound work."},
+                generator.subschema_for::<FailoverAfter>(),
+            ],
+        })
     }
 }
 
@@ -753,26 +875,32 @@ impl<'de> Deserialize<'de> for Failover {
 }
 
 /// One node label expression.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeSelectorRequirement {
+    /// The node label's key.
     pub key: String,
+    /// How the label is tested.
     pub operator: SelectorOperator,
     /// Required by `In` and `NotIn`, refused by `Exists` and `DoesNotExist`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SelectorOperator {
+    /// The node has the label, with one of `values`.
     In,
+    /// The node lacks the label, or has it with none of `values`.
     NotIn,
+    /// The node has the label, with any value.
     Exists,
+    /// The node lacks the label.
     DoesNotExist,
 }
 
 /// What a node taint does to workloads that do not tolerate it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum TaintEffect {
     /// No new replicas; running ones stay.
     NoSchedule,
@@ -827,26 +955,29 @@ impl fmt::Display for Taint {
 }
 
 /// Lets a workload onto (or keep running on) nodes with matching taints.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Toleration {
-    /// Empty with `Exists`: every key.
+    /// The taint's key; empty with `Exists`: every key.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// How the taint is matched.
     #[serde(default)]
     pub operator: TolerationOperator,
-    /// Compared under `Equal`; must be empty under `Exists`.
+    /// The taint's value, compared under `Equal`; must be empty under `Exists`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub value: String,
-    /// Unset: every effect.
+    /// The taint effect tolerated; unset: every effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effect: Option<TaintEffect>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum TolerationOperator {
+    /// The taint's key and value are the toleration's.
     #[default]
     Equal,
+    /// The taint's key is the toleration's (or the toleration has none), whatever its value.
     Exists,
 }
 

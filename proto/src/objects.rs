@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -21,9 +22,12 @@ pub const MAX_OBJECT_DATA: usize = 1024 * 1024;
 /// Longest key (a key becomes a file name).
 pub const MAX_KEY_LEN: usize = 253;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum ObjectKind {
+    /// `kind: Config`: plain settings and files.
     Config,
+    /// `kind: Secret`: confidential values, sealed in the hub's store, sent only to the nodes
+    /// that run a reader, and never shown.
     Secret,
 }
 
@@ -196,6 +200,27 @@ impl ObjectVersion {
     pub fn reference(&self) -> ObjectRef {
         ObjectRef::new(self.kind, self.name.clone())
     }
+}
+
+/// Named keys and values that workloads read as files (a volume's `config` or `secret`) or as
+/// environment variables (`env`, `envFrom`); at most 1 MiB of keys and values.
+// The shape [`parse_object`] reads, for the manifest schema only: that function reads these
+// documents by hand, so that no error echoes a value, and keeps only `metadata.name`.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectManifest {
+    /// Always `flotilla.dev/v1`.
+    #[schemars(extend("const" = API_VERSION))]
+    pub api_version: String,
+    /// `Config` or `Secret`.
+    pub kind: ObjectKind,
+    /// The object's name (labels are accepted and not kept).
+    pub metadata: Metadata,
+    /// Keys and their text values (quote numbers and booleans). A key names a file: letters,
+    /// digits, '-', '_' and '.'.
+    pub data: Option<BTreeMap<String, String>>,
+    /// Keys and their binary values, base64-encoded; a key may not also be in `data`.
+    pub binary_data: Option<BTreeMap<String, String>>,
 }
 
 /// Reads one `kind: Config` or `kind: Secret` document (already parsed from YAML within

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{ManifestError, Metadata, validate_header, validate_name};
@@ -13,22 +14,29 @@ use crate::service::{ServiceManifest, ServicePort};
 /// Longest `spec.pathPrefix` accepted.
 pub const MAX_PATH_PREFIX: usize = 1024;
 
-/// `kind: Route`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `kind: Route`: HTTP requests arriving at a node's gateway (`agent --gateway-port`), picked
+/// by host name and path prefix, sent to a port of a service; every node routes them, also
+/// while it is cut off from the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteManifest {
+    /// Always `flotilla.dev/v1`.
+    #[schemars(extend("const" = crate::manifest::API_VERSION))]
     pub api_version: String,
+    /// Always `Route`.
     pub kind: RouteKind,
+    /// The route's name and labels.
     pub metadata: Metadata,
+    /// Which requests, to which service.
     pub spec: RouteSpec,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum RouteKind {
     Route,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteSpec {
     /// The request's host name, exactly (compared without case and without a port); absent:
@@ -56,7 +64,7 @@ fn is_root(p: &String) -> bool {
 }
 
 /// A service port by name or by number.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),

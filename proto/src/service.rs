@@ -6,39 +6,54 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{ManifestError, Metadata, Protocol, validate_header, validate_name};
 
-/// `kind: Service`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `kind: Service`: one name and one virtual address for the ready replicas of the workloads
+/// a label selector picks, resolved and balanced by every node, also while it is cut off from
+/// the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceManifest {
+    /// Always `flotilla.dev/v1`.
+    #[schemars(extend("const" = crate::manifest::API_VERSION))]
     pub api_version: String,
+    /// Always `Service`.
     pub kind: ServiceKind,
+    /// The service's name (a DNS label starting with a letter: the name workloads resolve)
+    /// and labels.
     pub metadata: Metadata,
+    /// Which workloads serve it, on which ports, within which scope.
     pub spec: ServiceSpec,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ServiceKind {
     Service,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
-    /// Workloads whose `metadata.labels` hold every one of these are the service's backends.
+    /// Workloads whose `metadata.labels` hold every one of these are the service's backends
+    /// (at least one label).
+    #[schemars(length(min = 1))]
     pub selector: BTreeMap<String, String>,
+    /// The ports of the service's address, each forwarded to a port of the backends (at least
+    /// one).
+    #[schemars(length(min = 1))]
     pub ports: Vec<ServicePort>,
     /// Which backends a node's clients reach: those on the same `node`, the same `site` (the
     /// default: nodes with the same value of the hub's `--site-label`, default `site`), or
     /// anywhere in the `fleet`. Nearer backends are preferred within the scope.
     #[serde(default, skip_serializing_if = "Scope::is_default")]
+    #[schemars(extend("default" = "site"))]
     pub scope: Scope,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     Node,
@@ -63,25 +78,29 @@ impl fmt::Display for Scope {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
+    /// The port's name, unique in the service; required when it has several ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The port on the service's address.
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// The backend's port: a number, or the name of a container port (`ports[].name`); the
     /// service port's own number by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<TargetPort>,
+    /// The port's protocol (default `tcp`).
     #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    #[schemars(extend("default" = "tcp"))]
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum TargetPort {
-    Number(u16),
+    Number(#[schemars(range(min = 1))] u16),
     Name(String),
 }
 
