@@ -709,6 +709,35 @@ mod tests {
         );
     }
 
+    /// The bytes of an agent artifact are pinned: agents are told to upgrade to a digest, and
+    /// an index pushed again must name the same one.
+    #[test]
+    fn the_document_bytes_are_pinned() {
+        let (amd64, arm64) = (elf(2, 1, X86_64), elf(2, 1, AARCH64));
+        let (pa, pb) = (Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap());
+        let a = AgentArtifact::build(&[(pa, &amd64), (pb, &arm64)], Some("1.2.3")).unwrap();
+        assert_eq!(
+            String::from_utf8(a.index.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:8ce560e5884b6a961975d8eaa64dcc452f819ea9b40af068c6c8ea6646d4d3d7","size":523,"platform":{"architecture":"amd64","os":"linux"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"},{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:184068faa0f743b66072fe7e3955c3e33dfd35c183a8082d9582d9e7905e22f8","size":523,"platform":{"architecture":"arm64","os":"linux"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"}],"annotations":{"org.opencontainers.image.version":"1.2.3"}}"#
+        );
+        assert_eq!(
+            String::from_utf8(a.manifests[0].manifest.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","config":{"mediaType":"application/vnd.flotilla.agent.config.v1+json","digest":"sha256:856960b945c2520a6dd5aaa5859b9e23dfb84aac38ba601e9f5fb9e1d069d4d8","size":55},"layers":[{"mediaType":"application/vnd.flotilla.agent.binary.v1","digest":"sha256:fac1ecd4990500ce3d68a41947d21e042f592eb9007dddd2d636e8f514605ca0","size":64}],"annotations":{"org.opencontainers.image.version":"1.2.3"}}"#
+        );
+        assert_eq!(a.index_digest, "sha256:8d794ddf0e56bcd5d429b8bcb38d509cfbb254685033e6b8e3f7285f1336ebf6");
+        let v7 = Platform::parse("linux/arm/v7").unwrap();
+        let b = AgentArtifact::build(&[(v7, &elf(1, 1, ARM))], None).unwrap();
+        assert_eq!(
+            String::from_utf8(b.index.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:77f34121c9ad64bf1193bf02f01a6c5c4e557f748e9e151880471ce1a8d1188c","size":464,"platform":{"architecture":"arm","os":"linux","variant":"v7"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"}]}"#
+        );
+        assert_eq!(b.index_digest, "sha256:53ff1ad5c17206b6ce85971bd9749bd523f108f7f55c32468c745d1275c27f6a");
+        assert_eq!(
+            b.manifests[0].manifest_digest,
+            "sha256:77f34121c9ad64bf1193bf02f01a6c5c4e557f748e9e151880471ce1a8d1188c"
+        );
+    }
+
     #[test]
     fn unusable_binaries_are_refused() {
         let amd64 = elf(2, 1, X86_64);

@@ -778,3 +778,43 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
     }
     Ok((src, plan))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The archive `image save` writes is pinned byte for byte (its index.json included), and
+    /// so is the manifest import makes of a `docker save` archive, whose digest names the image
+    /// in the store and in a push.
+    #[test]
+    fn written_bytes_are_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.tar");
+        save_wasm(b"\0asm\x01\x00\x00\x00", "registry.example/mod:v1", &out).unwrap();
+        assert_eq!(
+            sha256_digest(&fs::read(&out).unwrap()),
+            "sha256:209bf2a760157aeece2d4a3df04af45330752c7610f5aae8d24094e309603b34"
+        );
+
+        let save = dir.path().join("save");
+        fs::create_dir(&save).unwrap();
+        fs::write(
+            save.join("config.json"),
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
+        fs::write(save.join("layer.tar"), [0u8; 1024]).unwrap();
+        fs::write(
+            save.join("manifest.json"),
+            br#"[{"Config":"config.json","RepoTags":["x/y:1"],"Layers":["layer.tar"]}]"#,
+        )
+        .unwrap();
+        let src = Source::open(&save, dir.path()).unwrap();
+        let found = find_images(&src, &Platform::new("linux", "amd64", None), None).unwrap();
+        assert_eq!(
+            String::from_utf8(found[0].manifest.clone()).unwrap(),
+            r#"{"config":{"digest":"sha256:c5b1d63604f273462ef36fadac3182d43ae6a6138731cf594b314835cf1c034f","mediaType":"application/vnd.docker.container.image.v1+json","size":78},"layers":[{"digest":"sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef","mediaType":"application/vnd.docker.image.rootfs.diff.tar","size":1024}],"mediaType":"application/vnd.docker.distribution.manifest.v2+json","schemaVersion":2}"#
+        );
+        assert_eq!(found[0].manifest_digest, "sha256:36b70d792ad1afe3aa87b2ece03b2e493e8d42f41111f15ac3d12f4a331c15f7");
+    }
+}

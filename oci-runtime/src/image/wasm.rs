@@ -499,6 +499,24 @@ mod tests {
         assert!(String::from_utf8(b.config).unwrap().contains(r#""os":"wasip1""#));
     }
 
+    /// The bytes `flotilla push` and `image save` write for a module are pinned: a registry,
+    /// skopeo and every earlier push name the artifact by their digest, so no change of types
+    /// or serializer may move a byte.
+    #[test]
+    fn the_manifest_bytes_are_pinned() {
+        let core = WasmArtifact::build(b"\0asm\x01\x00\x00\x00").unwrap();
+        assert_eq!(
+            String::from_utf8(core.manifest.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.wasm.config.v0+json","digest":"sha256:44baf8d006feb6f6da7b91f2d1767c82e8fdfedee427aaa406feaee55be89f16","size":128},"layers":[{"mediaType":"application/wasm","digest":"sha256:93a44bbb96c751218e4c00d479e4c14358122a389acca16205b1e4d0dc5f9476","size":8}]}"#
+        );
+        assert_eq!(core.manifest_digest, "sha256:81b5e3c266ef5da36063e7f98304b2fb02de5e23c5cb9ea3dadcf2f1f9de3f18");
+        let component = WasmArtifact::build(b"\0asm\x0d\x00\x01\x00").unwrap();
+        assert_eq!(
+            component.manifest_digest,
+            "sha256:6da360538846aeeeae3f14172a9c10e1ee1edab8df87de64311353cd7843c1dc"
+        );
+    }
+
     #[test]
     fn the_artifact_is_deterministic_and_well_formed() {
         let wasm = b"\0asm\x01\x00\x00\x00";
