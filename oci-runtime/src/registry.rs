@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
-use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use oci_spec::image::MediaType;
 
 use crate::image::{
     AgentArtifact, AgentError, Credential, CredentialHelper, Credentials, DockerConfigFile, Platform, WasmArtifact,
@@ -282,7 +282,7 @@ impl Registry {
             .map_err(|e| RegistryError::NotWasm { reference: reference.to_owned(), found: e.to_string() })?;
         let WasmArtifact { config, config_digest, layer_digest, manifest, manifest_digest, .. } = artifact;
         let blobs = [(wasm, layer_digest.as_str()), (&config[..], config_digest.as_str())];
-        self.push_documents(reference, &r, &blobs, vec![(manifest, OCI_IMAGE_MEDIA_TYPE)]).await?;
+        self.push_documents(reference, &r, &blobs, vec![(manifest, MediaType::ImageManifest)]).await?;
         tracing::info!(reference, %manifest_digest, "pushed wasm module");
         Ok(manifest_digest)
     }
@@ -310,9 +310,9 @@ impl Registry {
             let Some((_, binary)) = binaries.iter().find(|(p, _)| *p == m.platform) else { continue };
             blobs.push((*binary, m.binary_digest.as_str()));
             blobs.push((&m.config[..], m.config_digest.as_str()));
-            manifests.push((m.manifest.clone(), OCI_IMAGE_MEDIA_TYPE));
+            manifests.push((m.manifest.clone(), MediaType::ImageManifest));
         }
-        manifests.push((artifact.index.clone(), OCI_IMAGE_INDEX_MEDIA_TYPE));
+        manifests.push((artifact.index.clone(), MediaType::ImageIndex));
         self.push_documents(reference, &r, &blobs, manifests).await?;
         tracing::info!(
             reference,
@@ -332,7 +332,7 @@ impl Registry {
         reference: &str,
         r: &Reference,
         blobs: &[(&[u8], &str)],
-        manifests: Vec<(Vec<u8>, &str)>,
+        manifests: Vec<(Vec<u8>, MediaType)>,
     ) -> Result<(), RegistryError> {
         let client = self.client_for(r);
         let auth = self.auth_for(r).await?;
@@ -350,7 +350,7 @@ impl Registry {
         let count = manifests.len();
         for (i, (bytes, media_type)) in manifests.into_iter().enumerate() {
             let target = if i + 1 == count { r.clone() } else { r.clone_with_digest(sha256_digest(&bytes)) };
-            let content_type = header_value(media_type).ok_or_else(|| RegistryError::Registry {
+            let content_type = header_value(media_type.as_ref()).ok_or_else(|| RegistryError::Registry {
                 reference: reference.to_owned(),
                 message: format!("cannot build a content-type header of {media_type}"),
             })?;

@@ -13,13 +13,14 @@
 //! digest reference, which names immutable content, is answered from the store. Pure except
 //! for the pull, which goes through [`super::pull`].
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
+use oci_spec::image::{Arch, Descriptor, ImageIndexBuilder, ImageManifestBuilder, MediaType, SCHEMA_VERSION};
 use serde::{Deserialize, Serialize};
 
 use super::pull::Session;
-use super::spec::{self, Descriptor, Parsed, PlatformJson};
+use super::spec::{self, Parsed};
 use super::{ArtifactHold, ArtifactKind, ImageError, ImageRecord, ImageStore, LayerRecord, Platform, wasm};
 use crate::registry::{Registry, parse_reference};
 use crate::store::{sha256_digest, validate_digest};
@@ -96,6 +97,15 @@ pub enum AgentError {
         #[source]
         source: serde_json::Error,
     },
+    /// A document could not be built of its parts.
+    #[error("cannot build {what}: {source}")]
+    Build {
+        /// Which document.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
 }
 
 /// The platform of a Linux executable, read from its ELF header (`EI_CLASS`, `EI_DATA`,
@@ -140,7 +150,9 @@ pub(crate) fn read_elf_platform(bytes: &[u8]) -> Result<Platform, AgentError> {
 }
 
 /// The config blob of an agent artifact:
-/// `{"os":"linux","architecture":"arm","variant":"v7","version":"1.2.0"}`.
+/// `{"os":"linux","architecture":"arm","variant":"v7","version":"1.2.0"}`. Flotilla's own
+/// format, not an OCI image config (it has no `rootfs`), so not oci-spec's
+/// `ImageConfiguration`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct AgentConfig {
     os: String,
@@ -149,42 +161,6 @@ struct AgentConfig {
     variant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<String>,
-}
-
-/// An OCI image manifest with an `artifactType`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestDoc<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    artifact_type: &'a str,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
-/// An entry of an OCI image index, with an `artifactType`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct IndexEntryDoc<'a> {
-    media_type: &'a str,
-    digest: &'a str,
-    size: usize,
-    platform: PlatformJson,
-    artifact_type: &'a str,
-}
-
-/// An OCI image index with an `artifactType`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct IndexDoc<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    artifact_type: &'a str,
-    manifests: Vec<IndexEntryDoc<'a>>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
 }
 
 /// One platform's manifest in an [`AgentArtifact`].
@@ -235,8 +211,13 @@ impl AgentArtifact {
         if let Some(pair) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
             return Err(AgentError::DuplicatePlatform { platform: pair[0].0.clone() });
         }
-        let annotations: BTreeMap<String, String> =
-            version.map(|v| (VERSION_ANNOTATION.to_owned(), v.to_owned())).into_iter().collect();
+        // oci-spec's documents serialize their fields in the order Flotilla's own types did, so
+        // the bytes and digests are unchanged (pinned by `the_document_bytes_are_pinned`). Its
+        // annotations are a HashMap, whose order varies from run to run: one annotation at
+        // most, or the same binaries would give another digest at each push.
+        let annotations: Option<HashMap<String, String>> =
+            version.map(|v| HashMap::from([(VERSION_ANNOTATION.to_owned(), v.to_owned())]));
+        let artifact_type = MediaType::from(AGENT_CONFIG_MEDIA_TYPE);
         let mut manifests = Vec::with_capacity(sorted.len());
         for (platform, binary) in sorted {
             let elf = read_elf_platform(binary)?;
@@ -252,22 +233,21 @@ impl AgentArtifact {
             .map_err(|source| AgentError::Encode { what: "agent config", source })?;
             let config_digest = sha256_digest(&config);
             let binary_digest = sha256_digest(binary);
-            let descriptor = |media_type: &str, digest: &str, size: usize| Descriptor {
-                media_type: media_type.to_owned(),
-                digest: digest.to_owned(),
-                size: size as i64,
-                platform: None,
-                annotations: None,
-            };
-            let manifest = serde_json::to_vec(&ManifestDoc {
-                schema_version: 2,
-                media_type: spec::OCI_MANIFEST,
-                artifact_type: AGENT_CONFIG_MEDIA_TYPE,
-                config: descriptor(AGENT_CONFIG_MEDIA_TYPE, &config_digest, config.len()),
-                layers: vec![descriptor(AGENT_BINARY_MEDIA_TYPE, &binary_digest, binary.len())],
-                annotations: annotations.clone(),
-            })
-            .map_err(|source| AgentError::Encode { what: "agent manifest", source })?;
+            let build = |source| AgentError::Build { what: "agent manifest", source };
+            let mut manifest = ImageManifestBuilder::default()
+                .schema_version(SCHEMA_VERSION)
+                .media_type(MediaType::ImageManifest)
+                .artifact_type(artifact_type.clone())
+                .config(spec::descriptor(artifact_type.clone(), &config_digest, config.len() as u64).map_err(build)?)
+                .layers(vec![
+                    spec::descriptor(AGENT_BINARY_MEDIA_TYPE.into(), &binary_digest, binary.len() as u64)
+                        .map_err(build)?,
+                ])
+                .build()
+                .map_err(build)?;
+            manifest.set_annotations(annotations.clone());
+            let manifest = serde_json::to_vec(&manifest)
+                .map_err(|source| AgentError::Encode { what: "agent manifest", source })?;
             manifests.push(AgentManifest {
                 platform: platform.clone(),
                 manifest_digest: sha256_digest(&manifest),
@@ -278,27 +258,27 @@ impl AgentArtifact {
                 manifest,
             });
         }
-        let index = serde_json::to_vec(&IndexDoc {
-            schema_version: 2,
-            media_type: spec::OCI_INDEX,
-            artifact_type: AGENT_CONFIG_MEDIA_TYPE,
-            manifests: manifests
-                .iter()
-                .map(|m| IndexEntryDoc {
-                    media_type: spec::OCI_MANIFEST,
-                    digest: &m.manifest_digest,
-                    size: m.manifest.len(),
-                    platform: PlatformJson {
-                        architecture: m.platform.architecture.clone(),
-                        os: m.platform.os.clone(),
-                        variant: m.platform.variant.clone(),
-                    },
-                    artifact_type: AGENT_CONFIG_MEDIA_TYPE,
-                })
-                .collect(),
-            annotations,
-        })
-        .map_err(|source| AgentError::Encode { what: "agent image index", source })?;
+        let build = |source| AgentError::Build { what: "agent image index", source };
+        let entries = manifests
+            .iter()
+            .map(|m| {
+                let mut entry =
+                    spec::descriptor(MediaType::ImageManifest, &m.manifest_digest, m.manifest.len() as u64)?;
+                entry.set_platform(Some((&m.platform).into())).set_artifact_type(Some(artifact_type.clone()));
+                Ok(entry)
+            })
+            .collect::<Result<Vec<Descriptor>, _>>()
+            .map_err(build)?;
+        let mut index = ImageIndexBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .media_type(MediaType::ImageIndex)
+            .artifact_type(artifact_type)
+            .manifests(entries)
+            .build()
+            .map_err(build)?;
+        index.set_annotations(annotations);
+        let index =
+            serde_json::to_vec(&index).map_err(|source| AgentError::Encode { what: "agent image index", source })?;
         let index_digest = sha256_digest(&index);
         Ok(AgentArtifact { manifests, index, index_digest })
     }
@@ -306,7 +286,7 @@ impl AgentArtifact {
 
 /// Whether a manifest says by its config media type that it is an agent binary artifact.
 pub(crate) fn is_agent_manifest(config: &Descriptor) -> bool {
-    config.media_type == AGENT_CONFIG_MEDIA_TYPE
+    config.media_type().as_ref() == AGENT_CONFIG_MEDIA_TYPE
 }
 
 /// An agent binary in the artifact store: the result of [`ImageStore::pull_agent_binary`].
@@ -442,64 +422,64 @@ impl ImageStore {
         };
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
-        let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
+        let (index, manifest_bytes, manifest_digest, manifest) = match spec::parse_manifest(&top_bytes)
             .map_err(|e| bad(e.to_string()))?
         {
-            Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
-            Parsed::Index(entries) => {
-                let entry = match spec::select_platform(&entries, platform) {
+            Parsed::Manifest(manifest) => (None, top_bytes, top_digest, manifest),
+            Parsed::Index(index) => {
+                let entries = index.manifests();
+                let entry = match spec::select_platform(entries, platform) {
                     Ok(entry) => entry,
                     // An index of Wasm entries only is a Wasm artifact, not an agent
                     // built for other platforms.
-                    Err(_) if wasm::select_platform(&entries).is_some() && entries.iter().all(is_wasm_entry) => {
+                    Err(_) if wasm::select_platform(entries).is_some() && entries.iter().all(is_wasm_entry) => {
                         return Err(wrong_kind(ArtifactKind::Wasm));
                     }
                     Err(e) => {
                         return Err(ImageError::Platform { reference: reference.to_owned(), reason: e.to_string() });
                     }
                 };
-                validate_digest(&entry.digest).map_err(|e| bad(format!("image index entry digest: {e}")))?;
-                tracing::debug!(reference, digest = %entry.digest, %platform, "following image index");
-                let child = s.r.clone_with_digest(entry.digest.clone());
-                let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
+                let entry_digest = entry.digest().as_ref();
+                validate_digest(entry_digest).map_err(|e| bad(format!("image index entry digest: {e}")))?;
+                tracing::debug!(reference, digest = entry_digest, %platform, "following image index");
+                let child = s.r.clone_with_digest(entry_digest.to_owned());
+                let (bytes, digest) = s.manifest(&child, Some(entry_digest)).await?;
                 match spec::parse_manifest(&bytes).map_err(|e| bad(e.to_string()))? {
-                    Parsed::Manifest { config, layers } => {
-                        (Some((top_bytes, top_digest)), bytes, digest, config, layers)
-                    }
+                    Parsed::Manifest(manifest) => (Some((top_bytes, top_digest)), bytes, digest, manifest),
                     Parsed::Index(_) => {
-                        return Err(bad(format!("image index entry {} is itself an image index", entry.digest)));
+                        return Err(bad(format!("image index entry {entry_digest} is itself an image index")));
                     }
                 }
             }
         };
-        if !is_agent_manifest(&config) {
+        let (config, layers) = (manifest.config(), manifest.layers());
+        if !is_agent_manifest(config) {
             let found =
-                if wasm::is_wasm_manifest(&config, &layers) { ArtifactKind::Wasm } else { ArtifactKind::Container };
+                if wasm::is_wasm_manifest(config, layers) { ArtifactKind::Wasm } else { ArtifactKind::Container };
             return Err(wrong_kind(found));
         }
         let layer = match layers.as_slice() {
-            [layer] if layer.media_type == AGENT_BINARY_MEDIA_TYPE => layer.clone(),
+            [layer] if layer.media_type().as_ref() == AGENT_BINARY_MEDIA_TYPE => layer,
             _ => {
                 return Err(bad(format!(
                     "one layer of media type {AGENT_BINARY_MEDIA_TYPE} expected; {}",
-                    wasm::describe_manifest(&config, &layers)
+                    wasm::describe_manifest(config, layers)
                 )));
             }
         };
-        validate_digest(&config.digest).map_err(|e| bad(format!("config digest: {e}")))?;
-        validate_digest(&layer.digest).map_err(|e| bad(format!("binary digest: {e}")))?;
-        let size =
-            u64::try_from(layer.size).map_err(|_| bad(format!("binary {} has size {}", layer.digest, layer.size)))?;
+        let (binary_digest, size) = (layer.digest().as_ref(), layer.size());
+        validate_digest(config.digest().as_ref()).map_err(|e| bad(format!("config digest: {e}")))?;
+        validate_digest(binary_digest).map_err(|e| bad(format!("binary digest: {e}")))?;
         if size > MAX_AGENT_BYTES {
             return Err(ImageError::TooLarge {
                 reference: reference.to_owned(),
-                digest: layer.digest.clone(),
+                digest: binary_digest.to_owned(),
                 limit: MAX_AGENT_BYTES,
             });
         }
-        let config_bytes = s.config(self, &config, MAX_AGENT_CONFIG_BYTES).await?;
+        let config_bytes = s.config(self, config, MAX_AGENT_CONFIG_BYTES).await?;
         let doc: AgentConfig = serde_json::from_slice(&config_bytes)
-            .map_err(|e| bad(format!("config {} is not an agent config: {e}", config.digest)))?;
+            .map_err(|e| bad(format!("config {} is not an agent config: {e}", config.digest())))?;
         let found = Platform::new(&doc.os, &doc.architecture, doc.variant.as_deref());
         if platform.fit(&doc.os, &doc.architecture, doc.variant.as_deref()).is_none() {
             return Err(ImageError::Platform {
@@ -517,21 +497,21 @@ impl ImageStore {
             match read_elf_platform(head) {
                 Ok(elf) if elf.os == found.os && elf.architecture == found.architecture => Ok(()),
                 Ok(elf) => {
-                    Err(bad(format!("binary {} is an ELF executable for {elf}, its config says {found}", layer.digest)))
+                    Err(bad(format!("binary {binary_digest} is an ELF executable for {elf}, its config says {found}")))
                 }
-                Err(e) => Err(bad(format!("binary {}: {e}", layer.digest))),
+                Err(e) => Err(bad(format!("binary {binary_digest}: {e}"))),
             }
         };
-        s.blob(self, &layer, Some(&check)).await?;
+        s.blob(self, layer, Some(&check)).await?;
         // Content-addressed: a blob already present was verified when it was written, but it
         // may have come as another kind of artifact, so its header is checked too.
-        let head = self.blobs().read_head(&layer.digest, ELF_HEAD_BYTES).map_err(ImageError::store(reference))?;
+        let head = self.blobs().read_head(binary_digest, ELF_HEAD_BYTES).map_err(ImageError::store(reference))?;
         check(&head, true)?;
 
         // Everything verified; now the small documents become visible too.
         s.publish_documents(
             self,
-            (&config_bytes, &config.digest),
+            (&config_bytes, config.digest().as_ref()),
             (&manifest_bytes, &manifest_digest),
             index.as_ref(),
         )?;
@@ -539,12 +519,12 @@ impl ImageStore {
             kind: ArtifactKind::Agent,
             manifest_digest,
             index_digest: index.map(|(_, d)| d),
-            config_digest: Some(config.digest.clone()),
+            config_digest: Some(config.digest().to_string()),
             layers: vec![LayerRecord {
-                digest: layer.digest.clone(),
-                media_type: layer.media_type.clone(),
+                digest: binary_digest.to_owned(),
+                media_type: layer.media_type().to_string(),
                 size,
-                diff_id: layer.digest.clone(),
+                diff_id: binary_digest.to_owned(),
             }],
             chain_ids: Vec::new(),
             platform: found,
@@ -555,7 +535,7 @@ impl ImageStore {
 }
 
 fn is_wasm_entry(entry: &Descriptor) -> bool {
-    entry.platform.as_ref().is_some_and(|p| p.architecture == "wasm")
+    entry.platform().as_ref().is_some_and(|p| *p.architecture() == Arch::Wasm)
 }
 
 #[cfg(test)]
@@ -644,14 +624,14 @@ mod tests {
 
         let index = parse_json(&a.index);
         assert_eq!(index["schemaVersion"], 2);
-        assert_eq!(index["mediaType"], spec::OCI_INDEX);
+        assert_eq!(index["mediaType"], MediaType::ImageIndex.as_ref());
         assert_eq!(index["artifactType"], AGENT_CONFIG_MEDIA_TYPE);
         assert_eq!(index["annotations"][VERSION_ANNOTATION], "1.2.3");
         let entries = index["manifests"].as_array().unwrap();
         assert_eq!(entries.len(), 2);
         for ((entry, m), (platform, binary)) in entries.iter().zip(&a.manifests).zip([(&pa, &amd64), (&pb, &arm64)]) {
             assert_eq!(&m.platform, platform);
-            assert_eq!(entry["mediaType"], spec::OCI_MANIFEST);
+            assert_eq!(entry["mediaType"], MediaType::ImageManifest.as_ref());
             assert_eq!(entry["digest"], m.manifest_digest.as_str());
             assert_eq!(entry["size"], m.manifest.len());
             assert_eq!(entry["platform"]["os"], "linux");
@@ -665,7 +645,7 @@ mod tests {
             assert_eq!(m.binary_size, binary.len() as u64);
             let manifest = parse_json(&m.manifest);
             assert_eq!(manifest["schemaVersion"], 2);
-            assert_eq!(manifest["mediaType"], spec::OCI_MANIFEST);
+            assert_eq!(manifest["mediaType"], MediaType::ImageManifest.as_ref());
             assert_eq!(manifest["artifactType"], AGENT_CONFIG_MEDIA_TYPE);
             assert_eq!(manifest["annotations"][VERSION_ANNOTATION], "1.2.3");
             assert_eq!(manifest["config"]["mediaType"], AGENT_CONFIG_MEDIA_TYPE);
@@ -681,15 +661,14 @@ mod tests {
                 format!(r#"{{"os":"linux","architecture":"{}","version":"1.2.3"}}"#, platform.architecture)
             );
             // What a pull reads of it.
-            let Ok(Parsed::Manifest { config, layers }) = spec::parse_manifest(&m.manifest) else {
-                panic!("not a manifest")
-            };
-            assert!(is_agent_manifest(&config) && !wasm::is_wasm_manifest(&config, &layers));
+            let Ok(Parsed::Manifest(parsed)) = spec::parse_manifest(&m.manifest) else { panic!("not a manifest") };
+            assert!(is_agent_manifest(parsed.config()) && !wasm::is_wasm_manifest(parsed.config(), parsed.layers()));
         }
-        let Ok(Parsed::Index(entries)) = spec::parse_manifest(&a.index) else { panic!("not an index") };
-        let picked = spec::select_platform(&entries, &pb).unwrap();
-        assert_eq!(picked.digest, a.manifests[1].manifest_digest);
-        let err = spec::select_platform(&entries, &Platform::parse("linux/riscv64").unwrap()).unwrap_err();
+        let Ok(Parsed::Index(parsed)) = spec::parse_manifest(&a.index) else { panic!("not an index") };
+        let entries = parsed.manifests();
+        let picked = spec::select_platform(entries, &pb).unwrap();
+        assert_eq!(picked.digest().as_ref(), a.manifests[1].manifest_digest);
+        let err = spec::select_platform(entries, &Platform::parse("linux/riscv64").unwrap()).unwrap_err();
         assert!(err.to_string().contains("linux/amd64, linux/arm64"), "{err}");
     }
 
@@ -699,13 +678,42 @@ mod tests {
         let v7 = Platform::parse("linux/arm/v7").unwrap();
         let a = AgentArtifact::build(&[(v7.clone(), &arm)], None).unwrap();
         let index = parse_json(&a.index);
-        assert_eq!(index["mediaType"], spec::OCI_INDEX);
+        assert_eq!(index["mediaType"], MediaType::ImageIndex.as_ref());
         assert!(index.get("annotations").is_none());
         assert_eq!(index["manifests"][0]["platform"]["variant"], "v7");
         assert!(parse_json(&a.manifests[0].manifest).get("annotations").is_none());
         assert_eq!(
             String::from_utf8(a.manifests[0].config.clone()).unwrap(),
             r#"{"os":"linux","architecture":"arm","variant":"v7"}"#
+        );
+    }
+
+    /// The bytes of an agent artifact are pinned: agents are told to upgrade to a digest, and
+    /// an index pushed again must name the same one.
+    #[test]
+    fn the_document_bytes_are_pinned() {
+        let (amd64, arm64) = (elf(2, 1, X86_64), elf(2, 1, AARCH64));
+        let (pa, pb) = (Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap());
+        let a = AgentArtifact::build(&[(pa, &amd64), (pb, &arm64)], Some("1.2.3")).unwrap();
+        assert_eq!(
+            String::from_utf8(a.index.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:8ce560e5884b6a961975d8eaa64dcc452f819ea9b40af068c6c8ea6646d4d3d7","size":523,"platform":{"architecture":"amd64","os":"linux"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"},{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:184068faa0f743b66072fe7e3955c3e33dfd35c183a8082d9582d9e7905e22f8","size":523,"platform":{"architecture":"arm64","os":"linux"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"}],"annotations":{"org.opencontainers.image.version":"1.2.3"}}"#
+        );
+        assert_eq!(
+            String::from_utf8(a.manifests[0].manifest.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","config":{"mediaType":"application/vnd.flotilla.agent.config.v1+json","digest":"sha256:856960b945c2520a6dd5aaa5859b9e23dfb84aac38ba601e9f5fb9e1d069d4d8","size":55},"layers":[{"mediaType":"application/vnd.flotilla.agent.binary.v1","digest":"sha256:fac1ecd4990500ce3d68a41947d21e042f592eb9007dddd2d636e8f514605ca0","size":64}],"annotations":{"org.opencontainers.image.version":"1.2.3"}}"#
+        );
+        assert_eq!(a.index_digest, "sha256:8d794ddf0e56bcd5d429b8bcb38d509cfbb254685033e6b8e3f7285f1336ebf6");
+        let v7 = Platform::parse("linux/arm/v7").unwrap();
+        let b = AgentArtifact::build(&[(v7, &elf(1, 1, ARM))], None).unwrap();
+        assert_eq!(
+            String::from_utf8(b.index.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","artifactType":"application/vnd.flotilla.agent.config.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:77f34121c9ad64bf1193bf02f01a6c5c4e557f748e9e151880471ce1a8d1188c","size":464,"platform":{"architecture":"arm","os":"linux","variant":"v7"},"artifactType":"application/vnd.flotilla.agent.config.v1+json"}]}"#
+        );
+        assert_eq!(b.index_digest, "sha256:53ff1ad5c17206b6ce85971bd9749bd523f108f7f55c32468c745d1275c27f6a");
+        assert_eq!(
+            b.manifests[0].manifest_digest,
+            "sha256:77f34121c9ad64bf1193bf02f01a6c5c4e557f748e9e151880471ce1a8d1188c"
         );
     }
 

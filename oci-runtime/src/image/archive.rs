@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_client::Reference;
+use oci_spec::image::{Descriptor, MediaType};
 use serde::Deserialize;
 
 use super::agent;
-use super::spec::{self, Descriptor, Parsed};
+use super::spec::{self, Parsed};
 use super::wasm::{self, PulledWasm, WASM_MAGIC, WasmArtifact};
 use super::{ArtifactKind, Image, ImageError, ImageStore, Platform, build_record};
 use crate::registry::{MAX_MODULE_BYTES, Op, Registry, header_value, parse_reference};
@@ -182,44 +183,51 @@ fn full_reference(annotation: Option<&str>, name: Option<&str>) -> Option<String
     }
 }
 
+/// The name an index entry gives its image: containerd's full reference, else the OCI
+/// `ref.name` (often a bare tag).
+fn name_annotation(entry: &Descriptor) -> Option<&str> {
+    let annotations = entry.annotations().as_ref()?;
+    annotations.get(CONTAINERD_NAME).or(annotations.get(REF_NAME)).map(String::as_str)
+}
+
 /// Reads the images of a layout or docker-save archive for `platform`.
 fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<Vec<Found>, ImageError> {
     let given = &src.given;
     let index_path = src.file("index.json")?;
     if index_path.is_file() {
         let bytes = read_limited(&index_path, given)?;
-        let entries = match spec::parse_manifest(&bytes).map_err(|e| archive_err(given, format!("index.json: {e}")))? {
-            Parsed::Index(entries) => entries,
-            Parsed::Manifest { .. } => return Err(archive_err(given, "index.json is a manifest, not an index")),
+        let layout = match spec::parse_manifest(&bytes).map_err(|e| archive_err(given, format!("index.json: {e}")))? {
+            Parsed::Index(index) => index,
+            Parsed::Manifest(_) => return Err(archive_err(given, "index.json is a manifest, not an index")),
         };
         let mut found = Vec::new();
-        for entry in &entries {
-            let annotations = entry.annotations.clone().unwrap_or_default();
-            let reference = full_reference(
-                annotations.get(CONTAINERD_NAME).or(annotations.get(REF_NAME)).map(String::as_str),
-                name,
-            );
-            let top = src.doc(&entry.digest)?;
+        for entry in layout.manifests() {
+            let entry_digest = entry.digest().as_ref();
+            let reference = full_reference(name_annotation(entry), name);
+            let top = src.doc(entry_digest)?;
             let (index, manifest_digest, manifest) =
-                match spec::parse_manifest(&top).map_err(|e| archive_err(given, format!("{}: {e}", entry.digest)))? {
+                match spec::parse_manifest(&top).map_err(|e| archive_err(given, format!("{entry_digest}: {e}")))? {
                     Parsed::Index(children) => {
                         // The node's platform, else a Wasm entry: Wasm runs on any node.
-                        let child = match spec::select_platform(&children, platform) {
+                        let children = children.manifests();
+                        let child = match spec::select_platform(children, platform) {
                             Ok(child) => child,
-                            Err(e) => wasm::select_platform(&children).ok_or_else(|| ImageError::Platform {
+                            Err(e) => wasm::select_platform(children).ok_or_else(|| ImageError::Platform {
                                 reference: given.display().to_string(),
                                 reason: e.to_string(),
                             })?,
                         };
-                        (Some((entry.digest.clone(), top)), child.digest.clone(), src.doc(&child.digest)?)
+                        let child_digest = child.digest().as_ref();
+                        (Some((entry_digest.to_owned(), top)), child_digest.to_owned(), src.doc(child_digest)?)
                     }
-                    Parsed::Manifest { .. } => (None, entry.digest.clone(), top),
+                    Parsed::Manifest(_) => (None, entry_digest.to_owned(), top),
                 };
-            let Parsed::Manifest { config, layers } =
+            let Parsed::Manifest(parsed) =
                 spec::parse_manifest(&manifest).map_err(|e| archive_err(given, format!("{manifest_digest}: {e}")))?
             else {
                 return Err(archive_err(given, format!("{manifest_digest} is an index inside an index")));
             };
+            let (config, layers) = (parsed.config().clone(), parsed.layers().clone());
             let kind = if agent::is_agent_manifest(&config) {
                 ArtifactKind::Agent
             } else if wasm::is_wasm_manifest(&config, &layers) || holds_raw_module(src, &layers)? {
@@ -229,14 +237,15 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
             };
             if kind == ArtifactKind::Container
                 && index.is_none()
-                && let Some(p) = &entry.platform
-                && platform.fit(&p.os, &p.architecture, p.variant.as_deref()).is_none()
+                && let Some(p) = entry.platform()
+                && platform.fit_entry(p).is_none()
             {
                 continue;
             }
-            let mut files = vec![(config.digest.clone(), src.blob_path(&config.digest)?)];
-            for l in &layers {
-                files.push((l.digest.clone(), src.blob_path(&l.digest)?));
+            let mut files = Vec::with_capacity(layers.len() + 1);
+            for d in std::iter::once(&config).chain(&layers) {
+                let digest = d.digest().as_ref();
+                files.push((digest.to_owned(), src.blob_path(digest)?));
             }
             found.push(Found {
                 kind,
@@ -271,27 +280,28 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
     for entry in entries {
         let config_path = src.file(&entry.config)?;
         let config_bytes = read_limited(&config_path, given)?;
-        let config = Descriptor {
-            media_type: spec::DOCKER_CONFIG.to_owned(),
-            digest: sha256_digest(&config_bytes),
-            size: config_bytes.len() as i64,
-            platform: None,
-            annotations: None,
+        let descriptor = |media_type: MediaType, digest: &str, size: u64| {
+            spec::descriptor(media_type, digest, size).map_err(|e| archive_err(given, e.to_string()))
         };
-        let mut files = vec![(config.digest.clone(), config_path)];
+        let config_digest = sha256_digest(&config_bytes);
+        let config = descriptor(spec::DOCKER_CONFIG.into(), &config_digest, config_bytes.len() as u64)?;
+        let mut files = vec![(config_digest, config_path)];
         let mut layers = Vec::new();
         for rel in &entry.layers {
             let path = src.file(rel)?;
             let (digest, size, media_type) = hash_layer_file(&path, given)?;
-            layers.push(Descriptor { media_type, digest: digest.clone(), size, platform: None, annotations: None });
+            layers.push(descriptor(media_type, &digest, size)?);
             files.push((digest, path));
         }
+        // A map of serde_json's, which orders the keys, as this manifest has always been
+        // written: its digest names the image in the store and in a push, so its bytes must
+        // not change (oci-spec's ImageManifest would order the fields otherwise).
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": spec::DOCKER_MANIFEST,
-            "config": {"mediaType": config.media_type, "size": config.size, "digest": config.digest},
+            "config": {"mediaType": config.media_type(), "size": config.size(), "digest": config.digest()},
             "layers": layers.iter().map(|l| serde_json::json!({
-                "mediaType": l.media_type, "size": l.size, "digest": l.digest,
+                "mediaType": l.media_type(), "size": l.size(), "digest": l.digest(),
             })).collect::<Vec<_>>(),
         }))
         .map_err(|e| archive_err(given, format!("cannot encode manifest: {e}")))?;
@@ -324,10 +334,10 @@ fn find_images(src: &Source, platform: &Platform, name: Option<&str>) -> Result<
 /// layer that is no layer tar and whose blob in the layout starts with the Wasm magic.
 fn holds_raw_module(src: &Source, layers: &[Descriptor]) -> Result<bool, ImageError> {
     let [only] = layers else { return Ok(false) };
-    if spec::is_layer_media_type(&only.media_type) {
+    if spec::is_layer_media_type(only.media_type()) {
         return Ok(false);
     }
-    Ok(read_head(&src.blob_path(&only.digest)?).starts_with(WASM_MAGIC))
+    Ok(read_head(&src.blob_path(only.digest().as_ref())?).starts_with(WASM_MAGIC))
 }
 
 /// The first bytes of a file (fewer if it is shorter or unreadable).
@@ -338,13 +348,13 @@ fn read_head(path: &Path) -> Vec<u8> {
 }
 
 /// Digest, size and media type (by its first bytes) of a layer file.
-fn hash_layer_file(path: &Path, given: &Path) -> Result<(String, i64, String), ImageError> {
+fn hash_layer_file(path: &Path, given: &Path) -> Result<(String, u64, MediaType), ImageError> {
     use sha2::Digest as _;
     let mut f = fs::File::open(path).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut head = Vec::new();
-    let mut size = 0i64;
+    let mut size = 0u64;
     loop {
         let n = io::Read::read(&mut f, &mut buf).map_err(|e| archive_err(given, format!("{}: {e}", path.display())))?;
         if n == 0 {
@@ -354,16 +364,16 @@ fn hash_layer_file(path: &Path, given: &Path) -> Result<(String, i64, String), I
             head.extend_from_slice(&buf[..n.min(4)]);
         }
         hasher.update(&buf[..n]);
-        size += n as i64;
+        size += n as u64;
     }
     let media_type = if head.starts_with(&[0x1f, 0x8b]) {
-        spec::DOCKER_LAYER_GZIP
+        spec::DOCKER_LAYER_GZIP.into()
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        spec::OCI_LAYER_ZSTD
+        MediaType::ImageLayerZstd
     } else {
-        spec::DOCKER_LAYER_TAR
+        spec::DOCKER_LAYER_TAR.into()
     };
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, media_type.to_owned()))
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, media_type))
 }
 
 /// An artifact [`ImageStore::import`] recorded.
@@ -500,22 +510,22 @@ impl ImageStore {
                 ArtifactKind::Wasm => {
                     let layer = wasm::select_layer(&found.config, &found.layers)
                         .map_err(|e| ImageError::NotWasm { reference: shown.clone(), found: e.to_string() })?;
-                    validate_digest(&layer.digest).map_err(|e| archive_err(path, e.to_string()))?;
-                    if !u64::try_from(layer.size).is_ok_and(|size| size <= MAX_MODULE_BYTES) {
+                    let layer_digest = layer.digest().as_ref();
+                    validate_digest(layer_digest).map_err(|e| archive_err(path, e.to_string()))?;
+                    if layer.size() > MAX_MODULE_BYTES {
                         return Err(ImageError::TooLarge {
                             reference: shown.clone(),
-                            digest: layer.digest.clone(),
+                            digest: layer_digest.to_owned(),
                             limit: MAX_MODULE_BYTES,
                         });
                     }
-                    let head = read_head(&src.blob_path(&layer.digest)?);
+                    let head = read_head(&src.blob_path(layer_digest)?);
                     if !head.starts_with(WASM_MAGIC) {
                         return Err(ImageError::NotWasm {
                             reference: shown.clone(),
                             found: format!(
-                                "layer {} ({}) starts with {} instead of the wasm magic \\0asm; {}",
-                                layer.digest,
-                                layer.media_type,
+                                "layer {layer_digest} ({}) starts with {} instead of the wasm magic \\0asm; {}",
+                                layer.media_type(),
                                 wasm::describe_head(&head),
                                 wasm::describe_manifest(&found.config, &found.layers)
                             ),
@@ -590,11 +600,14 @@ pub fn save_wasm(wasm: &[u8], reference: &str, out: &Path) -> Result<String, Ima
     let mut annotations = std::collections::BTreeMap::new();
     annotations.insert(CONTAINERD_NAME.to_owned(), r.whole());
     annotations.insert(REF_NAME.to_owned(), r.tag().unwrap_or("latest").to_owned());
+    // serde_json's map, which orders the keys, rather than oci-spec's ImageIndex: that keeps
+    // annotations in a HashMap, and with two of them the archive's bytes would vary from run
+    // to run.
     let index = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": spec::OCI_INDEX,
+        "mediaType": MediaType::ImageIndex,
         "manifests": [{
-            "mediaType": spec::OCI_MANIFEST,
+            "mediaType": MediaType::ImageManifest,
             "digest": a.manifest_digest,
             "size": a.manifest.len(),
             "platform": {"architecture": "wasm", "os": a.os},
@@ -736,45 +749,85 @@ fn plan_push(path: &Path, scratch: &Path, r: &Reference) -> Result<(Source, Push
         return Ok((src, plan));
     }
     let bytes = read_limited(&index_path, path)?;
-    let Parsed::Index(entries) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e.to_string()))? else {
+    let Parsed::Index(index) = spec::parse_manifest(&bytes).map_err(|e| archive_err(path, e.to_string()))? else {
         return Err(archive_err(path, "index.json is not an index"));
     };
+    let entries = index.manifests();
     let tag = r.tag().unwrap_or("latest");
     let wanted = r.whole();
-    let name_of =
-        |e: &Descriptor| e.annotations.as_ref().and_then(|a| a.get(CONTAINERD_NAME).or(a.get(REF_NAME))).cloned();
-    let entry = match entries
-        .iter()
-        .find(|e| name_of(e).is_some_and(|n| n == tag || full_reference(Some(&n), None).as_deref() == Some(&wanted)))
-    {
+    let entry = match entries.iter().find(|e| {
+        name_annotation(e).is_some_and(|n| n == tag || full_reference(Some(n), None).as_deref() == Some(&wanted))
+    }) {
         Some(e) => e,
         None if entries.len() == 1 => &entries[0],
         None => {
             return Err(archive_err(path, format!("layout holds {} images and none is tagged {tag}", entries.len())));
         }
     };
-    let top = src.doc(&entry.digest)?;
-    let add_manifest = |plan: &mut PushPlan, digest: &str, bytes: Vec<u8>, media_type: &str| {
-        let Parsed::Manifest { config, layers } =
+    let top = src.doc(entry.digest().as_ref())?;
+    let add_manifest = |plan: &mut PushPlan, child: &Descriptor, bytes: Vec<u8>| {
+        let digest = child.digest();
+        let Parsed::Manifest(manifest) =
             spec::parse_manifest(&bytes).map_err(|e| archive_err(path, format!("{digest}: {e}")))?
         else {
             return Err(archive_err(path, format!("{digest} is an index inside an index")));
         };
-        for d in std::iter::once(&config).chain(&layers) {
-            plan.blobs.push((d.digest.clone(), src.blob_path(&d.digest)?));
+        for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let digest = d.digest().as_ref();
+            plan.blobs.push((digest.to_owned(), src.blob_path(digest)?));
         }
-        plan.manifests.push((media_type.to_owned(), bytes));
+        plan.manifests.push((child.media_type().to_string(), bytes));
         Ok(())
     };
     match spec::parse_manifest(&top).map_err(|e| archive_err(path, e.to_string()))? {
         Parsed::Index(children) => {
-            for child in &children {
-                let bytes = src.doc(&child.digest)?;
-                add_manifest(&mut plan, &child.digest, bytes, &child.media_type)?;
+            for child in children.manifests() {
+                let bytes = src.doc(child.digest().as_ref())?;
+                add_manifest(&mut plan, child, bytes)?;
             }
-            plan.manifests.push((entry.media_type.clone(), top));
+            plan.manifests.push((entry.media_type().to_string(), top));
         }
-        Parsed::Manifest { .. } => add_manifest(&mut plan, &entry.digest, top, &entry.media_type)?,
+        Parsed::Manifest(_) => add_manifest(&mut plan, entry, top)?,
     }
     Ok((src, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The archive `image save` writes is pinned byte for byte (its index.json included), and
+    /// so is the manifest import makes of a `docker save` archive, whose digest names the image
+    /// in the store and in a push.
+    #[test]
+    fn written_bytes_are_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.tar");
+        save_wasm(b"\0asm\x01\x00\x00\x00", "registry.example/mod:v1", &out).unwrap();
+        assert_eq!(
+            sha256_digest(&fs::read(&out).unwrap()),
+            "sha256:209bf2a760157aeece2d4a3df04af45330752c7610f5aae8d24094e309603b34"
+        );
+
+        let save = dir.path().join("save");
+        fs::create_dir(&save).unwrap();
+        fs::write(
+            save.join("config.json"),
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
+        fs::write(save.join("layer.tar"), [0u8; 1024]).unwrap();
+        fs::write(
+            save.join("manifest.json"),
+            br#"[{"Config":"config.json","RepoTags":["x/y:1"],"Layers":["layer.tar"]}]"#,
+        )
+        .unwrap();
+        let src = Source::open(&save, dir.path()).unwrap();
+        let found = find_images(&src, &Platform::new("linux", "amd64", None), None).unwrap();
+        assert_eq!(
+            String::from_utf8(found[0].manifest.clone()).unwrap(),
+            r#"{"config":{"digest":"sha256:c5b1d63604f273462ef36fadac3182d43ae6a6138731cf594b314835cf1c034f","mediaType":"application/vnd.docker.container.image.v1+json","size":78},"layers":[{"digest":"sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef","mediaType":"application/vnd.docker.image.rootfs.diff.tar","size":1024}],"mediaType":"application/vnd.docker.distribution.manifest.v2+json","schemaVersion":2}"#
+        );
+        assert_eq!(found[0].manifest_digest, "sha256:36b70d792ad1afe3aa87b2ece03b2e493e8d42f41111f15ac3d12f4a331c15f7");
+    }
 }

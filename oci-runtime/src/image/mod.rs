@@ -38,6 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use oci_spec::image::{Descriptor, ImageConfiguration};
+
 pub use agent::{
     AGENT_BINARY_MEDIA_TYPE, AGENT_CONFIG_MEDIA_TYPE, AgentArtifact, AgentError, AgentManifest, MAX_AGENT_BYTES,
     PulledAgent, elf_platform,
@@ -432,9 +434,9 @@ impl ImageStore {
         let config_digest = record.config_digest.ok_or(ImageError::NotFound { reference: key.to_owned() })?;
         let path = self.inner.blobs.path(&config_digest).map_err(ImageError::store(key))?;
         let bytes = std::fs::read(&path).map_err(|_| ImageError::NotFound { reference: key.to_owned() })?;
-        let doc: spec::ConfigDoc = serde_json::from_slice(&bytes).map_err(|e| ImageError::BadImage {
+        let doc = spec::parse_config(&bytes).map_err(|e| ImageError::BadImage {
             reference: key.to_owned(),
-            reason: format!("config {config_digest} is not valid json: {e}"),
+            reason: format!("config {config_digest} is not an image config: {e}"),
         })?;
         Ok(Image {
             reference: key.to_owned(),
@@ -449,18 +451,25 @@ impl ImageStore {
     }
 }
 
-fn exec_config(doc: &spec::ConfigDoc) -> ImageConfig {
-    let c = doc.config.clone().unwrap_or_default();
+fn exec_config(doc: &ImageConfiguration) -> ImageConfig {
+    let Some(c) = doc.config() else { return ImageConfig::default() };
+    // oci-spec reads these sets through a HashMap; sorted, they come in the order they always
+    // have, whatever the run.
+    let sorted = |set: &Option<Vec<String>>| {
+        let mut keys = set.clone().unwrap_or_default();
+        keys.sort();
+        keys
+    };
     ImageConfig {
-        entrypoint: c.entrypoint.unwrap_or_default(),
-        cmd: c.cmd.unwrap_or_default(),
-        env: c.env.unwrap_or_default(),
-        working_dir: c.working_dir.filter(|w| !w.is_empty()),
-        user: c.user.filter(|u| !u.is_empty()),
-        exposed_ports: c.exposed_ports.map(|m| m.into_keys().collect()).unwrap_or_default(),
-        volumes: c.volumes.map(|m| m.into_keys().collect()).unwrap_or_default(),
-        labels: c.labels.unwrap_or_default(),
-        stop_signal: c.stop_signal.filter(|s| !s.is_empty()),
+        entrypoint: c.entrypoint().clone().unwrap_or_default(),
+        cmd: c.cmd().clone().unwrap_or_default(),
+        env: c.env().clone().unwrap_or_default(),
+        working_dir: c.working_dir().clone().filter(|w| !w.is_empty()),
+        user: c.user().clone().filter(|u| !u.is_empty()),
+        exposed_ports: sorted(c.exposed_ports()),
+        volumes: sorted(c.volumes()),
+        labels: c.labels().clone().unwrap_or_default().into_iter().collect(),
+        stop_signal: c.stop_signal().clone().filter(|s| !s.is_empty()),
     }
 }
 
@@ -476,45 +485,45 @@ fn build_record(
     reference: &str,
     manifest_digest: &str,
     index_digest: Option<String>,
-    config: &spec::Descriptor,
-    layers: &[spec::Descriptor],
+    config: &Descriptor,
+    layers: &[Descriptor],
     config_bytes: &[u8],
     platform: &Platform,
 ) -> Result<ImageRecord, ImageError> {
     let bad = |reason: String| ImageError::BadImage { reference: reference.to_owned(), reason };
-    let doc: spec::ConfigDoc = serde_json::from_slice(config_bytes)
-        .map_err(|e| bad(format!("config {} is not valid json: {e}", config.digest)))?;
-    let diff_ids = doc.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    let doc = spec::parse_config(config_bytes)
+        .map_err(|e| bad(format!("config {} is not an image config: {e}", config.digest())))?;
+    let diff_ids = doc.rootfs().diff_ids();
     if diff_ids.len() != layers.len() {
         return Err(bad(format!("manifest has {} layers but config lists {} diff ids", layers.len(), diff_ids.len())));
     }
     let mut out = Vec::with_capacity(layers.len());
-    for (layer, diff_id) in layers.iter().zip(&diff_ids) {
-        validate_digest(&layer.digest).map_err(|e| bad(format!("layer digest: {e}")))?;
-        validate_digest(diff_id).map_err(|e| bad(format!("diff id of layer {}: {e}", layer.digest)))?;
-        if !spec::is_layer_media_type(&layer.media_type) {
-            return Err(bad(format!("layer {} has media type {}, not a layer tar", layer.digest, layer.media_type)));
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let digest = layer.digest().as_ref();
+        validate_digest(digest).map_err(|e| bad(format!("layer digest: {e}")))?;
+        validate_digest(diff_id).map_err(|e| bad(format!("diff id of layer {digest}: {e}")))?;
+        if !spec::is_layer_media_type(layer.media_type()) {
+            return Err(bad(format!("layer {digest} has media type {}, not a layer tar", layer.media_type())));
         }
-        let size =
-            u64::try_from(layer.size).map_err(|_| bad(format!("layer {} has size {}", layer.digest, layer.size)))?;
         out.push(LayerRecord {
-            digest: layer.digest.clone(),
-            media_type: layer.media_type.clone(),
-            size,
+            digest: digest.to_owned(),
+            media_type: layer.media_type().to_string(),
+            size: layer.size(),
             diff_id: diff_id.clone(),
         });
     }
-    let platform = if doc.os.is_empty() {
+    let os = doc.os().to_string();
+    let platform = if os.is_empty() {
         platform.clone()
     } else {
-        Platform::new(&doc.os, &doc.architecture, doc.variant.as_deref())
+        Platform::new(&os, &doc.architecture().to_string(), doc.variant().as_deref())
     };
     Ok(ImageRecord {
         kind: ArtifactKind::Container,
         manifest_digest: manifest_digest.to_owned(),
         index_digest,
-        config_digest: Some(config.digest.clone()),
-        chain_ids: spec::chain_ids(&diff_ids),
+        config_digest: Some(config.digest().to_string()),
+        chain_ids: spec::chain_ids(diff_ids),
         layers: out,
         platform,
         last_used_unix: 0,

@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use oci_spec::image as oci;
 use serde::{Deserialize, Serialize};
 
 /// An OCI platform: `os`/`architecture`[/`variant`], with Go's names (`linux`, `amd64`,
@@ -71,6 +72,31 @@ impl Platform {
             (Some(want), got) => (norm(Some(want)) == norm(got)).then_some(2),
         }
     }
+
+    /// [`Platform::fit`] of an index entry's platform.
+    pub(crate) fn fit_entry(&self, entry: &oci::Platform) -> Option<u8> {
+        let entry = Platform::from(entry);
+        self.fit(&entry.os, &entry.architecture, entry.variant.as_deref())
+    }
+}
+
+/// The platform an index entry names. oci-spec keeps `os` and `architecture` as enums that
+/// give back the names they were read from, save one: it reads `armbe` as `arm64be`.
+impl From<&oci::Platform> for Platform {
+    fn from(p: &oci::Platform) -> Self {
+        Self { os: p.os().to_string(), architecture: p.architecture().to_string(), variant: p.variant().clone() }
+    }
+}
+
+/// The platform of an index entry Flotilla writes (no OS version or features).
+impl From<&Platform> for oci::Platform {
+    fn from(p: &Platform) -> Self {
+        let mut out = oci::Platform::default();
+        out.set_os(p.os.as_str().into())
+            .set_architecture(p.architecture.as_str().into())
+            .set_variant(p.variant.clone());
+        out
+    }
 }
 
 impl fmt::Display for Platform {
@@ -112,5 +138,21 @@ mod tests {
         assert_eq!(v7.fit("linux", "arm", None), None);
         let v8 = Platform::new("linux", "arm64", Some("v8"));
         assert_eq!(v8.fit("linux", "arm64", None), Some(2));
+        assert_eq!(v7.fit_entry(&(&Platform::new("linux", "arm", Some("v7"))).into()), Some(2));
+    }
+
+    #[test]
+    fn oci_platforms_keep_their_names() {
+        for p in ["linux/amd64", "linux/arm64/v8", "linux/arm/v7", "linux/386", "linux/loong64", "wasip1/wasm", "x/y/z"]
+        {
+            let ours = Platform::parse(p).unwrap();
+            let theirs = oci::Platform::from(&ours);
+            assert_eq!(Platform::from(&theirs), ours);
+            let json = serde_json::to_string(&theirs).unwrap();
+            assert!(
+                json.starts_with(&format!(r#"{{"architecture":"{}","os":"{}""#, ours.architecture, ours.os)),
+                "{json}"
+            );
+        }
     }
 }

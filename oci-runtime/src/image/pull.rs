@@ -12,9 +12,9 @@
 use futures_util::StreamExt as _;
 use futures_util::stream::{self, TryStreamExt as _};
 use oci_client::client::BlobResponse;
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use oci_spec::image::Descriptor;
 
 use super::spec::{self, Parsed};
 use super::{Image, ImageError, ImageRecord, ImageStore, Platform, build_record};
@@ -66,12 +66,13 @@ impl<'a> Session<'a> {
     pub(super) async fn config(
         &self,
         store: &ImageStore,
-        config: &spec::Descriptor,
+        config: &Descriptor,
         limit: u64,
     ) -> Result<Vec<u8>, ImageError> {
-        let path = store.blobs().path(&config.digest).map_err(ImageError::store(self.reference))?;
+        let digest = config.digest().as_ref();
+        let path = store.blobs().path(digest).map_err(ImageError::store(self.reference))?;
         match std::fs::read(path) {
-            Ok(b) if store.blobs().contains(&config.digest) => Ok(b),
+            Ok(b) if store.blobs().contains(digest) => Ok(b),
             _ => self.small_blob(config, limit).await,
         }
     }
@@ -104,15 +105,18 @@ impl<'a> Session<'a> {
         r: &Reference,
         expected: Option<&str>,
     ) -> Result<(Vec<u8>, String), ImageError> {
-        let (bytes, sent_digest) =
-            match self.registry.manifest_bounded(r, &self.auth, spec::ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES).await {
-                Ok(got) => got,
-                Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
-                Err(ManifestError::TooLarge { limit, declared }) => {
-                    let size = declared.map_or_else(|| "more than that".to_owned(), |n| format!("{n} bytes"));
-                    return Err(self.bad(format!("manifest larger than the {limit}-byte limit ({size}); not read")));
-                }
-            };
+        let (bytes, sent_digest) = match self
+            .registry
+            .manifest_bounded(r, &self.auth, &spec::accepted_manifests(), MAX_MANIFEST_BYTES)
+            .await
+        {
+            Ok(got) => got,
+            Err(ManifestError::Oci(e)) => return Err(self.map(Op::Manifest)(e)),
+            Err(ManifestError::TooLarge { limit, declared }) => {
+                let size = declared.map_or_else(|| "more than that".to_owned(), |n| format!("{n} bytes"));
+                return Err(self.bad(format!("manifest larger than the {limit}-byte limit ({size}); not read")));
+            }
+        };
         let actual = sha256_digest(&bytes);
         // The digest the registry says it sent is checked too when it is a sha256 one, as
         // oci-client did: content changed on the way is refused even when pulled by tag.
@@ -130,34 +134,32 @@ impl<'a> Session<'a> {
     }
 
     /// Downloads a small blob into memory, verified.
-    pub(super) async fn small_blob(&self, desc: &spec::Descriptor, limit: u64) -> Result<Vec<u8>, ImageError> {
-        let size =
-            u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
+    pub(super) async fn small_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>, ImageError> {
+        let (digest, size) = (desc.digest().as_ref(), desc.size());
         if size > limit {
             return Err(ImageError::TooLarge {
                 reference: self.reference.to_owned(),
-                digest: desc.digest.clone(),
+                digest: digest.to_owned(),
                 limit,
             });
         }
-        let mut stream =
-            self.client.pull_blob_stream(&self.r, &oci_descriptor(desc)).await.map_err(self.map(Op::Blob))?;
+        let mut stream = self.client.pull_blob_stream(&self.r, digest).await.map_err(self.map(Op::Blob))?;
         let mut out = Vec::new();
-        while let Some(chunk) = next_chunk(self, &mut stream.stream, &desc.digest).await? {
+        while let Some(chunk) = next_chunk(self, &mut stream.stream, digest).await? {
             if out.len() as u64 + chunk.len() as u64 > size {
                 return Err(ImageError::TooLarge {
                     reference: self.reference.to_owned(),
-                    digest: desc.digest.clone(),
+                    digest: digest.to_owned(),
                     limit: size,
                 });
             }
             out.extend_from_slice(&chunk);
         }
         let actual = sha256_digest(&out);
-        if actual != desc.digest {
+        if actual != digest {
             return Err(ImageError::DigestMismatch {
                 reference: self.reference.to_owned(),
-                digest: desc.digest.clone(),
+                digest: digest.to_owned(),
                 actual,
             });
         }
@@ -170,23 +172,22 @@ impl<'a> Session<'a> {
     pub(super) async fn blob(
         &self,
         store: &ImageStore,
-        desc: &spec::Descriptor,
+        desc: &Descriptor,
         check: Option<HeadCheck<'_>>,
     ) -> Result<(), ImageError> {
         let blobs = store.blobs();
-        if blobs.contains(&desc.digest) {
-            tracing::debug!(reference = self.reference, digest = %desc.digest, "blob already present");
+        let (digest, size) = (desc.digest().as_ref(), desc.size());
+        if blobs.contains(digest) {
+            tracing::debug!(reference = self.reference, digest, "blob already present");
             return Ok(());
         }
-        let size =
-            u64::try_from(desc.size).map_err(|_| self.bad(format!("blob {} has size {}", desc.digest, desc.size)))?;
-        let _turn = blobs.fetch_turn(&desc.digest).await.map_err(ImageError::store(self.reference))?;
-        if blobs.contains(&desc.digest) {
-            tracing::debug!(reference = self.reference, digest = %desc.digest, "blob fetched by another pull meanwhile");
+        let _turn = blobs.fetch_turn(digest).await.map_err(ImageError::store(self.reference))?;
+        if blobs.contains(digest) {
+            tracing::debug!(reference = self.reference, digest, "blob fetched by another pull meanwhile");
             return Ok(());
         }
         let store_err = ImageError::store(self.reference);
-        let mut ingest = blobs.begin_resumable_ingest(&desc.digest).await.map_err(store_err)?;
+        let mut ingest = blobs.begin_resumable_ingest(digest).await.map_err(store_err)?;
         if ingest.offset() > size {
             ingest.restart().await.map_err(ImageError::store(self.reference))?;
         }
@@ -201,37 +202,43 @@ impl<'a> Session<'a> {
             match ingest.commit().await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::DigestMismatch { .. }) => {
-                    ingest =
-                        blobs.begin_resumable_ingest(&desc.digest).await.map_err(ImageError::store(self.reference))?;
+                    ingest = blobs.begin_resumable_ingest(digest).await.map_err(ImageError::store(self.reference))?;
                 }
                 Err(e) => return Err(ImageError::store(self.reference)(e)),
             }
         }
-        let oci = oci_descriptor(desc);
+        // By digest alone: a non-distributable layer's `urls` are not followed, the registry
+        // serves every blob.
         let mut body = if ingest.offset() > 0 {
-            tracing::info!(reference = self.reference, digest = %desc.digest, offset = ingest.offset(), size, "resuming layer download");
+            tracing::info!(
+                reference = self.reference,
+                digest,
+                offset = ingest.offset(),
+                size,
+                "resuming layer download"
+            );
             match self
                 .client
-                .pull_blob_stream_partial(&self.r, &oci, ingest.offset(), None)
+                .pull_blob_stream_partial(&self.r, digest, ingest.offset(), None)
                 .await
                 .map_err(self.map(Op::Blob))?
             {
                 BlobResponse::Partial(s) => s.stream,
                 BlobResponse::Full(s) => {
-                    tracing::info!(reference = self.reference, digest = %desc.digest, "registry ignored the range, starting over");
+                    tracing::info!(reference = self.reference, digest, "registry ignored the range, starting over");
                     ingest.restart().await.map_err(ImageError::store(self.reference))?;
                     s.stream
                 }
             }
         } else {
-            self.client.pull_blob_stream(&self.r, &oci).await.map_err(self.map(Op::Blob))?.stream
+            self.client.pull_blob_stream(&self.r, digest).await.map_err(self.map(Op::Blob))?.stream
         };
-        while let Some(chunk) = next_chunk(self, &mut body, &desc.digest).await? {
+        while let Some(chunk) = next_chunk(self, &mut body, digest).await? {
             if ingest.offset() + chunk.len() as u64 > size {
                 ingest.discard();
                 return Err(ImageError::TooLarge {
                     reference: self.reference.to_owned(),
-                    digest: desc.digest.clone(),
+                    digest: digest.to_owned(),
                     limit: size,
                 });
             }
@@ -250,7 +257,7 @@ impl<'a> Session<'a> {
             return Err(e);
         }
         ingest.commit().await.map_err(ImageError::store(self.reference))?;
-        tracing::debug!(reference = self.reference, digest = %desc.digest, size, "blob downloaded");
+        tracing::debug!(reference = self.reference, digest, size, "blob downloaded");
         Ok(())
     }
 }
@@ -272,10 +279,6 @@ where
         Ok(Some(Err(e))) if is_digest_verification(&e) => Ok(None),
         Ok(Some(Err(e))) => Err(ImageError::Registry(s.registry.map_io_error(s.reference, &s.r, e))),
     }
-}
-
-fn oci_descriptor(d: &spec::Descriptor) -> OciDescriptor {
-    OciDescriptor { media_type: d.media_type.clone(), digest: d.digest.clone(), size: d.size, ..Default::default() }
 }
 
 impl ImageStore {
@@ -323,33 +326,32 @@ impl ImageStore {
         let s = Session::open(registry, r, reference).await?;
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
-        let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
-            .map_err(|e| s.bad(e.to_string()))?
-        {
-            Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
-            Parsed::Index(entries) => {
-                let entry = spec::select_platform(&entries, platform)
-                    .map_err(|e| ImageError::Platform { reference: reference.to_owned(), reason: e.to_string() })?;
-                validate_digest(&entry.digest).map_err(|e| s.bad(format!("index entry digest: {e}")))?;
-                tracing::debug!(reference, digest = %entry.digest, %platform, "following image index");
-                let child = s.r.clone_with_digest(entry.digest.clone());
-                let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
-                match spec::parse_manifest(&bytes).map_err(|e| s.bad(e.to_string()))? {
-                    Parsed::Manifest { config, layers } => {
-                        (Some((top_bytes, top_digest)), bytes, digest, config, layers)
+        let (index, manifest_bytes, manifest_digest, manifest) =
+            match spec::parse_manifest(&top_bytes).map_err(|e| s.bad(e.to_string()))? {
+                Parsed::Manifest(manifest) => (None, top_bytes, top_digest, manifest),
+                Parsed::Index(index) => {
+                    let entry = spec::select_platform(index.manifests(), platform)
+                        .map_err(|e| ImageError::Platform { reference: reference.to_owned(), reason: e.to_string() })?;
+                    let entry_digest = entry.digest().as_ref();
+                    validate_digest(entry_digest).map_err(|e| s.bad(format!("index entry digest: {e}")))?;
+                    tracing::debug!(reference, digest = entry_digest, %platform, "following image index");
+                    let child = s.r.clone_with_digest(entry_digest.to_owned());
+                    let (bytes, digest) = s.manifest(&child, Some(entry_digest)).await?;
+                    match spec::parse_manifest(&bytes).map_err(|e| s.bad(e.to_string()))? {
+                        Parsed::Manifest(manifest) => (Some((top_bytes, top_digest)), bytes, digest, manifest),
+                        Parsed::Index(_) => return Err(s.bad(format!("index entry {entry_digest} is itself an index"))),
                     }
-                    Parsed::Index(_) => return Err(s.bad(format!("index entry {} is itself an index", entry.digest))),
                 }
-            }
-        };
-        validate_digest(&config.digest).map_err(|e| s.bad(format!("config digest: {e}")))?;
-        let config_bytes = s.config(self, &config, MAX_CONFIG_BYTES).await?;
+            };
+        let (config, layers) = (manifest.config(), manifest.layers());
+        validate_digest(config.digest().as_ref()).map_err(|e| s.bad(format!("config digest: {e}")))?;
+        let config_bytes = s.config(self, config, MAX_CONFIG_BYTES).await?;
         let record = build_record(
             reference,
             &manifest_digest,
             index.as_ref().map(|(_, d)| d.clone()),
-            &config,
-            &layers,
+            config,
+            layers,
             &config_bytes,
             platform,
         )?;
@@ -362,7 +364,7 @@ impl ImageStore {
         // Everything verified; now the small documents become visible too.
         s.publish_documents(
             self,
-            (&config_bytes, &config.digest),
+            (&config_bytes, config.digest().as_ref()),
             (&manifest_bytes, &manifest_digest),
             index.as_ref(),
         )?;

@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
+use oci_spec::image::{Arch, Descriptor, ImageManifestBuilder, MediaType, Os, SCHEMA_VERSION};
 use serde::Serialize;
 
 use super::pull::Session;
-use super::spec::{self, Descriptor, Parsed};
+use super::spec::{self, ManifestError, Parsed};
 use super::{ArtifactKind, ImageError, ImageRecord, ImageStore, LayerRecord, Platform, normalize_reference};
 use crate::registry::{
     LEGACY_WASM_LAYER_MEDIA_TYPE, MAX_MODULE_BYTES, Registry, RegistryError, WASM_CONFIG_MEDIA_TYPE,
@@ -67,6 +67,15 @@ pub enum WasmError {
         #[source]
         source: serde_json::Error,
     },
+    /// A document could not be built of its parts.
+    #[error("cannot build {what}: {source}")]
+    Build {
+        /// Which document.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
 }
 
 /// A Wasm module in the artifact store: the result of [`ImageStore::pull_wasm`] and
@@ -87,7 +96,8 @@ pub struct PulledWasm {
     pub from_cache: bool,
 }
 
-/// The config blob of the CNCF Wasm OCI artifact layout.
+/// The config blob of the CNCF Wasm OCI artifact layout: not an OCI image config (no
+/// `rootfs`, a `layerDigests` of its own), so not oci-spec's `ImageConfiguration`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct WasmConfig<'a> {
@@ -130,25 +140,21 @@ impl WasmArtifact {
             serde_json::to_vec(&WasmConfig { architecture: "wasm", os, layer_digests: vec![layer_digest.clone()] })
                 .map_err(|source| WasmError::Encode { what: "wasm config", source })?;
         let config_digest = sha256_digest(&config);
-        // oci-client's manifest type, so the bytes (and digest) are those `flotilla push` has
-        // always produced for the same module.
-        let manifest = OciImageManifest {
-            schema_version: 2,
-            media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_owned()),
-            config: OciDescriptor {
-                media_type: WASM_CONFIG_MEDIA_TYPE.to_owned(),
-                digest: config_digest.clone(),
-                size: config.len() as i64,
-                ..Default::default()
-            },
-            layers: vec![OciDescriptor {
-                media_type: WASM_LAYER_MEDIA_TYPE.to_owned(),
-                digest: layer_digest.clone(),
-                size: wasm.len() as i64,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        // oci-spec serializes the fields in the order oci-client's manifest type did, so the
+        // bytes (and digest) are those `flotilla push` has always produced for the same module
+        // (pinned by `the_manifest_bytes_are_pinned`).
+        let build = |source| WasmError::Build { what: "manifest", source };
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .media_type(MediaType::ImageManifest)
+            .config(
+                spec::descriptor(WASM_CONFIG_MEDIA_TYPE.into(), &config_digest, config.len() as u64).map_err(build)?,
+            )
+            .layers(vec![
+                spec::descriptor(WASM_LAYER_MEDIA_TYPE.into(), &layer_digest, wasm.len() as u64).map_err(build)?,
+            ])
+            .build()
+            .map_err(build)?;
         let manifest =
             serde_json::to_vec(&manifest).map_err(|source| WasmError::Encode { what: "manifest", source })?;
         let manifest_digest = sha256_digest(&manifest);
@@ -176,16 +182,16 @@ pub(crate) fn wasm_os_of_file(path: &Path) -> &'static str {
 
 /// Picks the Wasm entry of an image index: wasm/wasip1 first, then wasm/wasip2, then wasm/wasi.
 pub(crate) fn select_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
-    ["wasip1", "wasip2", "wasi"].into_iter().find_map(|os| {
-        entries.iter().find(|e| e.platform.as_ref().is_some_and(|p| p.architecture == "wasm" && p.os == os))
+    ["wasip1", "wasip2", "wasi"].into_iter().map(Os::from).find_map(|os| {
+        entries.iter().find(|e| e.platform().as_ref().is_some_and(|p| *p.architecture() == Arch::Wasm && *p.os() == os))
     })
 }
 
 pub(crate) fn describe_platforms(entries: &[Descriptor]) -> String {
     entries
         .iter()
-        .map(|e| match &e.platform {
-            Some(p) => format!("{}/{}", p.os, p.architecture),
+        .map(|e| match e.platform() {
+            Some(p) => format!("{}/{}", p.os(), p.architecture()),
             None => "unspecified".to_owned(),
         })
         .collect::<Vec<_>>()
@@ -195,8 +201,8 @@ pub(crate) fn describe_platforms(entries: &[Descriptor]) -> String {
 pub(crate) fn describe_manifest(config: &Descriptor, layers: &[Descriptor]) -> String {
     format!(
         "config media type {}, layer media types [{}]",
-        config.media_type,
-        layers.iter().map(|l| l.media_type.as_str()).collect::<Vec<_>>().join(", ")
+        config.media_type(),
+        layers.iter().map(|l| l.media_type().as_ref()).collect::<Vec<_>>().join(", ")
     )
 }
 
@@ -208,23 +214,23 @@ pub(crate) fn describe_head(head: &[u8]) -> String {
     }
 }
 
-fn is_wasm_layer_type(media_type: &str) -> bool {
-    media_type == WASM_LAYER_MEDIA_TYPE || media_type == LEGACY_WASM_LAYER_MEDIA_TYPE
+fn is_wasm_layer_type(media_type: &MediaType) -> bool {
+    matches!(media_type.as_ref(), WASM_LAYER_MEDIA_TYPE | LEGACY_WASM_LAYER_MEDIA_TYPE)
 }
 
 /// Whether a manifest says by its media types that it is a Wasm artifact (a Wasm config or
 /// a Wasm-typed layer). A single raw layer of another type may still hold a module; only its
 /// bytes tell.
 pub(crate) fn is_wasm_manifest(config: &Descriptor, layers: &[Descriptor]) -> bool {
-    config.media_type.starts_with("application/vnd.wasm.config")
-        || layers.iter().any(|l| is_wasm_layer_type(&l.media_type))
+    config.media_type().as_ref().starts_with("application/vnd.wasm.config")
+        || layers.iter().any(|l| is_wasm_layer_type(l.media_type()))
 }
 
 /// The layer holding the module: the single layer typed as Wasm, else the only layer of a
 /// single-layer image (its content is checked for the Wasm magic later). The error says
 /// what was found.
 pub(crate) fn select_layer<'a>(config: &Descriptor, layers: &'a [Descriptor]) -> Result<&'a Descriptor, WasmError> {
-    let wasm: Vec<&Descriptor> = layers.iter().filter(|l| is_wasm_layer_type(&l.media_type)).collect();
+    let wasm: Vec<&Descriptor> = layers.iter().filter(|l| is_wasm_layer_type(l.media_type())).collect();
     let manifest = || describe_manifest(config, layers);
     match (wasm.as_slice(), layers) {
         ([layer], _) => Ok(layer),
@@ -247,12 +253,12 @@ pub(crate) fn record(
         kind: ArtifactKind::Wasm,
         manifest_digest: manifest_digest.to_owned(),
         index_digest,
-        config_digest: Some(config.digest.clone()),
+        config_digest: Some(config.digest().to_string()),
         layers: vec![LayerRecord {
-            digest: layer.digest.clone(),
-            media_type: layer.media_type.clone(),
-            size: u64::try_from(layer.size).unwrap_or(0),
-            diff_id: layer.digest.clone(),
+            digest: layer.digest().to_string(),
+            media_type: layer.media_type().to_string(),
+            size: layer.size(),
+            diff_id: layer.digest().to_string(),
         }],
         chain_ids: Vec::new(),
         platform: Platform::new(wasm_os(head), "wasm", None),
@@ -338,54 +344,61 @@ impl ImageStore {
         let s = Session::open(registry, r, reference).await?;
         let not_wasm = |found: String| ImageError::NotWasm { reference: reference.to_owned(), found };
         let not_wasm_e = |e: &dyn std::fmt::Display| not_wasm(e.to_string());
+        // A document that breaks the image spec (a malformed digest, a negative size) is
+        // unusable, as an unusable digest is below; any other is not a Wasm artifact.
+        let parse_err = |e: ManifestError| match e {
+            e @ ManifestError::Invalid { .. } => s.bad(e.to_string()),
+            e => not_wasm_e(&e),
+        };
 
         let (top_bytes, top_digest) = s.manifest(&s.r, None).await?;
-        let (index, manifest_bytes, manifest_digest, config, layers) = match spec::parse_manifest(&top_bytes)
-            .map_err(|e| not_wasm_e(&e))?
-        {
-            Parsed::Manifest { config, layers } => (None, top_bytes, top_digest, config, layers),
-            Parsed::Index(entries) => {
-                let entry = select_platform(&entries).ok_or_else(|| {
-                    not_wasm(format!(
-                        "image index has no wasm/wasip1, wasm/wasip2 or wasm/wasi entry (platforms: [{}])",
-                        describe_platforms(&entries)
-                    ))
-                })?;
-                validate_digest(&entry.digest)
-                    .map_err(|e| s.bad(format!("image index entry has an unusable digest: {e}")))?;
-                tracing::debug!(reference, digest = %entry.digest, "following image index");
-                let child = s.r.clone_with_digest(entry.digest.clone());
-                let (bytes, digest) = s.manifest(&child, Some(&entry.digest)).await?;
-                match spec::parse_manifest(&bytes).map_err(|e| not_wasm_e(&e))? {
-                    Parsed::Manifest { config, layers } => {
-                        (Some((top_bytes, top_digest)), bytes, digest, config, layers)
-                    }
-                    Parsed::Index(_) => {
-                        return Err(not_wasm(format!("image index entry {} is itself an image index", entry.digest)));
+        let (index, manifest_bytes, manifest_digest, manifest) =
+            match spec::parse_manifest(&top_bytes).map_err(parse_err)? {
+                Parsed::Manifest(manifest) => (None, top_bytes, top_digest, manifest),
+                Parsed::Index(index) => {
+                    let entries = index.manifests();
+                    let entry = select_platform(entries).ok_or_else(|| {
+                        not_wasm(format!(
+                            "image index has no wasm/wasip1, wasm/wasip2 or wasm/wasi entry (platforms: [{}])",
+                            describe_platforms(entries)
+                        ))
+                    })?;
+                    let entry_digest = entry.digest().as_ref();
+                    validate_digest(entry_digest)
+                        .map_err(|e| s.bad(format!("image index entry has an unusable digest: {e}")))?;
+                    tracing::debug!(reference, digest = entry_digest, "following image index");
+                    let child = s.r.clone_with_digest(entry_digest.to_owned());
+                    let (bytes, digest) = s.manifest(&child, Some(entry_digest)).await?;
+                    match spec::parse_manifest(&bytes).map_err(parse_err)? {
+                        Parsed::Manifest(manifest) => (Some((top_bytes, top_digest)), bytes, digest, manifest),
+                        Parsed::Index(_) => {
+                            return Err(not_wasm(format!("image index entry {entry_digest} is itself an image index")));
+                        }
                     }
                 }
-            }
-        };
-        let layer = select_layer(&config, &layers).map_err(|e| not_wasm_e(&e))?.clone();
-        validate_digest(&layer.digest).map_err(|e| s.bad(format!("wasm layer has an unusable digest: {e}")))?;
-        validate_digest(&config.digest).map_err(|e| s.bad(format!("config digest: {e}")))?;
-        if !u64::try_from(layer.size).is_ok_and(|size| size <= MAX_MODULE_BYTES) {
+            };
+        let (config, layers) = (manifest.config(), manifest.layers());
+        let layer = select_layer(config, layers).map_err(|e| not_wasm_e(&e))?;
+        validate_digest(layer.digest().as_ref())
+            .map_err(|e| s.bad(format!("wasm layer has an unusable digest: {e}")))?;
+        validate_digest(config.digest().as_ref()).map_err(|e| s.bad(format!("config digest: {e}")))?;
+        if layer.size() > MAX_MODULE_BYTES {
             return Err(ImageError::TooLarge {
                 reference: reference.to_owned(),
-                digest: layer.digest.clone(),
+                digest: layer.digest().to_string(),
                 limit: MAX_MODULE_BYTES,
             });
         }
         let refuse = |head: &[u8]| {
             not_wasm(format!(
                 "layer {} ({}) starts with {} instead of the wasm magic \\0asm; {}",
-                layer.digest,
-                layer.media_type,
+                layer.digest(),
+                layer.media_type(),
                 describe_head(head),
-                describe_manifest(&config, &layers)
+                describe_manifest(config, layers)
             ))
         };
-        let config_bytes = s.config(self, &config, MAX_WASM_CONFIG_BYTES).await?;
+        let config_bytes = s.config(self, config, MAX_WASM_CONFIG_BYTES).await?;
         // The magic is checked as soon as four bytes are in, so a tarball behind a mistaken
         // reference is refused without downloading it, and before it becomes visible.
         let check = |head: &[u8], complete: bool| -> Result<(), ImageError> {
@@ -394,20 +407,20 @@ impl ImageStore {
             }
             Ok(())
         };
-        s.blob(self, &layer, Some(&check)).await?;
+        s.blob(self, layer, Some(&check)).await?;
         // Content-addressed: a blob already present was verified when it was written, but it
         // may be a container layer, so it must be a module too.
-        let head = self.blobs().read_head(&layer.digest, 8).map_err(ImageError::store(reference))?;
+        let head = self.blobs().read_head(layer.digest().as_ref(), 8).map_err(ImageError::store(reference))?;
         check(&head, true)?;
 
         // Everything verified; now the small documents become visible too.
         s.publish_documents(
             self,
-            (&config_bytes, &config.digest),
+            (&config_bytes, config.digest().as_ref()),
             (&manifest_bytes, &manifest_digest),
             index.as_ref(),
         )?;
-        Ok(record(&manifest_digest, index.map(|(_, d)| d), &config, &layer, &head))
+        Ok(record(&manifest_digest, index.map(|(_, d)| d), config, layer, &head))
     }
 }
 
@@ -416,13 +429,7 @@ mod tests {
     use super::*;
 
     fn descriptor(media_type: &str) -> Descriptor {
-        Descriptor {
-            media_type: media_type.to_owned(),
-            digest: sha256_digest(media_type.as_bytes()),
-            size: 4,
-            platform: None,
-            annotations: None,
-        }
+        spec::descriptor(media_type.into(), &sha256_digest(media_type.as_bytes()), 4).unwrap()
     }
 
     fn layers(types: &[&str]) -> Vec<Descriptor> {
@@ -434,13 +441,13 @@ mod tests {
         let wasm_config = descriptor(WASM_CONFIG_MEDIA_TYPE);
         let oci_config = descriptor("application/vnd.oci.image.config.v1+json");
         let l = layers(&[WASM_LAYER_MEDIA_TYPE]);
-        assert_eq!(select_layer(&wasm_config, &l).unwrap().media_type, WASM_LAYER_MEDIA_TYPE);
+        assert_eq!(select_layer(&wasm_config, &l).unwrap().media_type().as_ref(), WASM_LAYER_MEDIA_TYPE);
         assert!(is_wasm_manifest(&oci_config, &l));
 
         let l = layers(&[LEGACY_WASM_LAYER_MEDIA_TYPE]);
         assert_eq!(
-            select_layer(&descriptor("application/vnd.wasm.config.v1+json"), &l).unwrap().media_type,
-            l[0].media_type
+            select_layer(&descriptor("application/vnd.wasm.config.v1+json"), &l).unwrap().media_type(),
+            l[0].media_type()
         );
 
         // A single layer of any type is a candidate; its bytes decide.
@@ -450,7 +457,7 @@ mod tests {
 
         // The wasm-typed layer wins among several.
         let l = layers(&["application/json", WASM_LAYER_MEDIA_TYPE]);
-        assert_eq!(select_layer(&wasm_config, &l).unwrap().media_type, WASM_LAYER_MEDIA_TYPE);
+        assert_eq!(select_layer(&wasm_config, &l).unwrap().media_type().as_ref(), WASM_LAYER_MEDIA_TYPE);
 
         let l = layers(&["application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.oci.image.layer.v1.tar+gzip"]);
         let err = select_layer(&oci_config, &l).unwrap_err().to_string();
@@ -465,16 +472,15 @@ mod tests {
 
     #[test]
     fn index_platform_selection() {
-        let entry = |os: &str, arch: &str, n: u8| Descriptor {
-            media_type: spec::OCI_MANIFEST.to_owned(),
-            digest: format!("sha256:{}", hex::encode([n; 32])),
-            size: 1,
-            platform: Some(spec::PlatformJson { architecture: arch.into(), os: os.into(), variant: None }),
-            annotations: None,
+        let entry = |os: &str, arch: &str, n: u8| {
+            let mut d =
+                spec::descriptor(MediaType::ImageManifest, &format!("sha256:{}", hex::encode([n; 32])), 1).unwrap();
+            d.set_platform(Some((&Platform::new(os, arch, None)).into()));
+            d
         };
         let entries = vec![entry("linux", "amd64", 1), entry("wasi", "wasm", 2), entry("wasip1", "wasm", 3)];
-        assert_eq!(select_platform(&entries).unwrap().digest, entries[2].digest);
-        assert_eq!(select_platform(&entries[..2]).unwrap().digest, entries[1].digest);
+        assert_eq!(select_platform(&entries).unwrap().digest(), entries[2].digest());
+        assert_eq!(select_platform(&entries[..2]).unwrap().digest(), entries[1].digest());
         assert!(select_platform(&entries[..1]).is_none());
         assert_eq!(describe_platforms(&entries[..1]), "linux/amd64");
     }
@@ -499,6 +505,24 @@ mod tests {
         assert!(String::from_utf8(b.config).unwrap().contains(r#""os":"wasip1""#));
     }
 
+    /// The bytes `flotilla push` and `image save` write for a module are pinned: a registry,
+    /// skopeo and every earlier push name the artifact by their digest, so no change of types
+    /// or serializer may move a byte.
+    #[test]
+    fn the_manifest_bytes_are_pinned() {
+        let core = WasmArtifact::build(b"\0asm\x01\x00\x00\x00").unwrap();
+        assert_eq!(
+            String::from_utf8(core.manifest.clone()).unwrap(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.wasm.config.v0+json","digest":"sha256:44baf8d006feb6f6da7b91f2d1767c82e8fdfedee427aaa406feaee55be89f16","size":128},"layers":[{"mediaType":"application/wasm","digest":"sha256:93a44bbb96c751218e4c00d479e4c14358122a389acca16205b1e4d0dc5f9476","size":8}]}"#
+        );
+        assert_eq!(core.manifest_digest, "sha256:81b5e3c266ef5da36063e7f98304b2fb02de5e23c5cb9ea3dadcf2f1f9de3f18");
+        let component = WasmArtifact::build(b"\0asm\x0d\x00\x01\x00").unwrap();
+        assert_eq!(
+            component.manifest_digest,
+            "sha256:6da360538846aeeeae3f14172a9c10e1ee1edab8df87de64311353cd7843c1dc"
+        );
+    }
+
     #[test]
     fn the_artifact_is_deterministic_and_well_formed() {
         let wasm = b"\0asm\x01\x00\x00\x00";
@@ -507,17 +531,16 @@ mod tests {
         assert_eq!(a.manifest, b.manifest);
         assert_eq!(a.manifest_digest, sha256_digest(&a.manifest));
         assert_eq!(a.config_digest, sha256_digest(&a.config));
-        let Ok(Parsed::Manifest { config, layers }) = spec::parse_manifest(&a.manifest) else {
-            panic!("not a manifest")
-        };
-        assert_eq!(config.media_type, WASM_CONFIG_MEDIA_TYPE);
-        assert_eq!(config.digest, a.config_digest);
-        assert_eq!(config.size as usize, a.config.len());
+        let Ok(Parsed::Manifest(m)) = spec::parse_manifest(&a.manifest) else { panic!("not a manifest") };
+        let (config, layers) = (m.config(), m.layers());
+        assert_eq!(config.media_type().as_ref(), WASM_CONFIG_MEDIA_TYPE);
+        assert_eq!(config.digest().as_ref(), a.config_digest);
+        assert_eq!(config.size() as usize, a.config.len());
         assert_eq!(layers.len(), 1);
-        assert_eq!(layers[0].media_type, WASM_LAYER_MEDIA_TYPE);
-        assert_eq!(layers[0].digest, sha256_digest(wasm));
-        assert_eq!(layers[0].size as usize, wasm.len());
-        assert!(is_wasm_manifest(&config, &layers));
+        assert_eq!(layers[0].media_type().as_ref(), WASM_LAYER_MEDIA_TYPE);
+        assert_eq!(layers[0].digest().as_ref(), sha256_digest(wasm));
+        assert_eq!(layers[0].size() as usize, wasm.len());
+        assert!(is_wasm_manifest(config, layers));
 
         let err = WasmArtifact::build(b"MZ not wasm").unwrap_err().to_string();
         assert!(err.contains("instead of the wasm magic") && err.contains("\"MZ n\""), "{err}");
