@@ -121,7 +121,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("diff", "flotilla diff -f web.yaml"),
     (
         "explain",
-        "flotilla explain workload.spec.probes\n  flotilla explain service -r\n  flotilla explain --json-schema > flotilla.schema.json",
+        "flotilla explain workload.spec.readinessProbe\n  flotilla explain service -r\n  flotilla explain --json-schema > flotilla.schema.json",
     ),
     ("describe", "flotilla describe replica web-0\n  flotilla describe node gw-1\n  flotilla describe service api"),
     (

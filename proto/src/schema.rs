@@ -603,7 +603,7 @@ mod tests {
             assert_eq!(k.field("apiVersion").unwrap().values[0].0, crate::manifest::API_VERSION);
         }
         let schema = json_schema();
-        assert_eq!(schema["oneOf"].as_array().unwrap().len(), 3);
+        assert_eq!(schema["oneOf"].as_array().unwrap().len(), 4);
         assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
     }
 
@@ -677,7 +677,10 @@ mod tests {
     fn an_unknown_kind_or_field_names_the_valid_ones() {
         let kinds = kinds();
         let e = find(&kinds, "deployment").unwrap_err();
-        assert_eq!(e.to_string(), "unknown kind \"deployment\"; the kinds are workload, service, route, config, secret");
+        assert_eq!(
+            e.to_string(),
+            "unknown kind \"deployment\"; the kinds are workload, service, route, config, secret"
+        );
         assert_eq!(find(&kinds, "Workloads").unwrap().0.name, "Workload");
         let e = find(&kinds, "workload.spec.readinessProbe.periodSeconds").unwrap_err();
         let ExplainError::UnknownField { at: parent, suggestion, valid, .. } = &e else { panic!("{e}") };
