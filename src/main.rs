@@ -482,10 +482,12 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// List nodes, workloads, replicas, configs or secrets (`get workload web -o yaml`,
-    /// `get workloads -l app=shop -w`, `get nodes -o jsonpath='{.items[*].metadata.name}'`).
+    /// List nodes, workloads, replicas, configs, secrets, services, endpoints or routes (`get
+    /// workload web -o yaml`, `get workloads -l app=shop -w`, `get nodes -o
+    /// jsonpath='{.items[*].metadata.name}'`).
     Get {
-        /// nodes, workloads, replicas, configs or secrets (singular and short forms work too).
+        /// nodes, workloads, replicas, configs, secrets, services (svc), endpoints (ep) or
+        /// routes (singular and short forms work too).
         kind: String,
         /// Only these, by name (`get workload web`); each must exist.
         names: Vec<String>,

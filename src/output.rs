@@ -245,6 +245,15 @@ pub fn objects(
                 }))
             })
             .collect::<Result<Vec<_>>>()?,
+        ApiResponse::Services { items } => items
+            .iter()
+            .map(|v| {
+                let mut o = serde_json::to_value(&v.manifest)?;
+                o["metadata"]["creationTimestamp"] = rfc3339(v.created_at_ms).into();
+                o["status"] = json!({"address": v.address, "endpoints": v.endpoints});
+                Ok(o)
+            })
+            .collect::<Result<Vec<_>>>()?,
         ApiResponse::Routes { items } => items
             .iter()
             .map(|r| {

@@ -298,12 +298,18 @@ fn get_o_yaml_prints_manifests_apply_takes_back_unchanged_for_every_kind() {
     );
     let o = c.cli(&["create", "secret", "db", "--from-literal", "password=s3cret"]);
     assert!(o.status.success());
+    applied(
+        &c,
+        "apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {name: shop}\nspec: {selector: {app: shop}, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\napiVersion: flotilla.dev/v1\nkind: Route\nmetadata: {name: shop}\nspec: {host: shop.example, pathPrefix: /api, service: shop, port: http}\n",
+    );
 
     // Each appliable kind, one object and the whole list: unchanged when applied back, and
     // printed the same again.
     for (args, outcome) in [
         (&["get", "workload", "web", "-o", "yaml"][..], "workload/web unchanged\n"),
         (&["get", "config", "app", "-o", "yaml"][..], "config/app unchanged\n"),
+        (&["get", "service", "shop", "-o", "yaml"][..], "service/shop unchanged\n"),
+        (&["get", "route", "shop", "-o", "yaml"][..], "route/shop unchanged\n"),
         (&["get", "workloads", "-o", "yaml"][..], "workload/api unchanged\nworkload/web unchanged\n"),
     ] {
         let yaml = c.ok(args);
