@@ -14,8 +14,11 @@
 //!    a new `WasmHost` on a populated cache dir, `load` (mmap of the `.cwasm`, no compile), `run`.
 //! 3. (whole-process starts are `scripts/bench/wasm-process.sh`, with hyperfine.)
 //! 4. **HTTP**: `examples/hello-http` served by a real agent (registry + hub + agent processes,
-//!    workload with `http: {port, maxConcurrency: 64}`) and by `wasmtime serve -Scli`, loaded with
-//!    `wrk` alternately, round after round; beside them, as a diagnosis, the same component served
+//!    workload with `http: {port, maxConcurrency: 64}`) on its own port and through the agent's
+//!    gateway (`--gateway-port`, a Service and a Route for host `web.bench`: handled in-process),
+//!    by `wasmtime serve -Scli`, and by Debian's nginx reverse-proxying to that `wasmtime serve`
+//!    (upstream keep-alive), loaded with `wrk` alternately, round after round; the gateway's
+//!    ratio is to nginx, the agent's to `wasmtime serve`; beside them, as a diagnosis, the same component served
 //!    in this process by `WasmHost::serve_http` with the default host config and with
 //!    `HostConfig::pooling`.
 //! 5. **density**: one agent, a workload of `BENCH_DENSITY` (1000) replicas of `examples/hello`
@@ -216,7 +219,7 @@ fn is_running(r: &ReplicaView) -> bool {
 
 /// An agent process with the binary's default log filter (info), as in production; the test
 /// harness's `Cluster::add_agent` turns on debug logging.
-fn spawn_quiet_agent(c: &mut cluster::Cluster, name: &str) {
+fn spawn_quiet_agent(c: &mut cluster::Cluster, name: &str, extra: &[&str]) {
     let token = c.token_path();
     let data = c.agent_dir(name);
     let log = c.dir.path().join(format!("agent-{name}.log"));
@@ -226,6 +229,7 @@ fn spawn_quiet_agent(c: &mut cluster::Cluster, name: &str) {
         .arg(&token)
         .args(["--name", name, "--data-dir"])
         .arg(&data)
+        .args(extra)
         .env_remove("FLOTILLA_LOG")
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
@@ -454,19 +458,23 @@ fn cold(hello: &Path) {
 // 4. HTTP
 
 /// One `GET /` on a fresh connection; returns the response text.
-fn http_get(port: u16) -> Option<String> {
+fn http_get(port: u16, host: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
 
 fn wait_http(port: u16, what: &str) {
+    wait_http_host(port, "localhost", what)
+}
+
+fn wait_http_host(port: u16, host: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(r) = http_get(port)
+        if let Some(r) = http_get(port, host)
             && r.starts_with("HTTP/1.1 200")
             && r.contains("hello from flotilla over wasi:http")
         {
@@ -477,8 +485,11 @@ fn wait_http(port: u16, what: &str) {
     }
 }
 
-fn wrk(port: u16, conns: usize, secs: usize) -> WrkResult {
-    measure::wrk(&[], &format!("http://127.0.0.1:{port}/"), conns, secs)
+/// `wrk` at `/` of a loopback port, with a `Host` header when the server routes by it.
+fn wrk(port: u16, host: Option<&str>, conns: usize, secs: usize) -> WrkResult {
+    let header = host.map(|h| format!("Host: {h}"));
+    let extra: Vec<&str> = header.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+    measure::wrk_with(&[], &format!("http://127.0.0.1:{port}/"), conns, secs, &extra)
 }
 
 /// Two in-process `serve_http` servers of one component on a two-worker runtime of their own:
@@ -576,10 +587,15 @@ fn http(reg: &registry::TestRegistry) {
     push(&wasm, &image);
 
     let mut c = cluster::Cluster::start();
-    spawn_quiet_agent(&mut c, "http-1");
+    // The agent's gateway routes `web.bench` to service `web`, whose one endpoint is the
+    // component on this node: handled in-process, no proxy hop.
+    let gateway_port = cluster::free_tcp_port();
+    spawn_quiet_agent(&mut c, "http-1", &["--gateway-port", &gateway_port.to_string()]);
     let port = cluster::free_tcp_port();
     let manifest = format!(
-        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: web}}\nspec: {{runtime: wasm, image: {image}, http: {{port: {port}, maxConcurrency: 64}}}}\n"
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: web, labels: {{app: web}}}}\nspec: {{runtime: wasm, image: {image}, http: {{port: {port}, maxConcurrency: 64}}}}\n---\n\
+         apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{selector: {{app: web}}, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: flotilla.dev/v1\nkind: Route\nmetadata: {{name: web}}\nspec: {{host: {GATEWAY_HOST}, service: web}}\n"
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -619,30 +635,39 @@ fn http(reg: &registry::TestRegistry) {
         println!("  holding for {hold} s: agent pid {agent_pid} on port {port}, wasmtime serve on port {peer_port}");
         std::thread::sleep(Duration::from_secs(hold.parse().unwrap_or(60)));
     }
+    wait_http_host(gateway_port, GATEWAY_HOST, "the agent's gateway");
+    // nginx (Debian's) reverse-proxying to `wasmtime serve`, keeping its upstream connections
+    // alive: the usual way to put a host-name front on a component served by the wasmtime CLI.
+    let nginx = peer.as_ref().and_then(|_| Nginx::start(c.dir.path(), peer_port));
     let agent_rss_before = rss_kib(agent_pid);
-    // targets: (name, port); the agent first and the peer second (the ratio is of these two).
-    let mut targets = vec![("flotilla agent", port)];
+    // targets: (name, port, Host header); the ratios are to "wasmtime serve" and, for the
+    // gateway, to nginx in front of it.
+    let mut targets = vec![("flotilla agent", port, None), ("flotilla gateway", gateway_port, Some(GATEWAY_HOST))];
     if peer.is_some() {
-        targets.push(("wasmtime serve", peer_port));
+        targets.push(("wasmtime serve", peer_port, None));
+    }
+    if let Some(n) = &nginx {
+        targets.push((NGINX, n.port, Some(GATEWAY_HOST)));
     }
     // Diagnosis (BENCH_HTTP_INPROC=0 to skip): the same component served in this process by
     // `WasmHost::serve_http` (two tokio workers like the agent), with the host's default
     // on-demand instance allocator and with its pooling allocator (`HostConfig::pooling`).
     let inproc = (std::env::var("BENCH_HTTP_INPROC").as_deref() != Ok("0")).then(|| InProc::start(&wasm));
     if let Some(p) = &inproc {
-        targets.push(("WasmHost default", p.ports[0]));
-        targets.push(("WasmHost pooling", p.ports[1]));
+        targets.push(("WasmHost default", p.ports[0], None));
+        targets.push(("WasmHost pooling", p.ports[1], None));
     }
     // Short warm-up of each (page faults, allocator arenas, connection setup).
-    for (_, p) in &targets {
-        wrk(*p, 32, 2);
+    for (name, p, host) in &targets {
+        let r = wrk(*p, *host, 32, 2);
+        assert!(r.requests > 0 && r.errors == 0, "{name} does not answer cleanly: {r:?}");
     }
     println!(
         "http GET / of examples/hello-http (one fresh instance per request), wrk -t2 (-t1 for -c1) -d{secs}s, {rounds} rounds, alternating:"
     );
     let mut results: Vec<(usize, &str, Vec<WrkResult>)> = Vec::new();
     for &c_n in &conns {
-        for (name, _) in &targets {
+        for (name, _, _) in &targets {
             results.push((c_n, name, Vec::new()));
         }
         for round in 0..rounds {
@@ -650,8 +675,8 @@ fn http(reg: &registry::TestRegistry) {
             // Rotate which target goes first.
             let order: Vec<usize> = (0..targets.len()).map(|k| (k + round) % targets.len()).collect();
             for ti in order {
-                let (name, p) = targets[ti];
-                let r = wrk(p, c_n, secs);
+                let (name, p, host) = targets[ti];
+                let r = wrk(p, host, c_n, secs);
                 println!(
                     "  -c{c_n:<3} round {round} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p90 {:7.3} ms   p99 {:7.3} ms   errors {}",
                     r.rps, r.p50_ms, r.p90_ms, r.p99_ms, r.errors
@@ -667,7 +692,7 @@ fn http(reg: &registry::TestRegistry) {
                 results.iter().find(|(cc, n, _)| *cc == c_n && *n == name).unwrap().2.iter().map(f).collect();
             median_f64(&v)
         };
-        for (name, _) in &targets {
+        for (name, _, _) in &targets {
             println!(
                 "  -c{c_n:<3} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p99 {:7.3} ms",
                 med(name, |r| r.rps),
@@ -677,7 +702,7 @@ fn http(reg: &registry::TestRegistry) {
         }
         if peer.is_some() {
             let base = "wasmtime serve";
-            for (name, _) in targets.iter().filter(|(n, _)| *n != base) {
+            for (name, _, _) in targets.iter().filter(|(n, _, _)| *n != base && *n != NGINX) {
                 println!(
                     "  -c{c_n:<3} {name} / {base}: req/s {:.2}   p50 {:.2}   p99 {:.2}",
                     med(name, |r| r.rps) / med(base, |r| r.rps),
@@ -685,6 +710,14 @@ fn http(reg: &registry::TestRegistry) {
                     med(name, |r| r.p99_ms) / med(base, |r| r.p99_ms)
                 );
             }
+        }
+        if nginx.is_some() {
+            println!(
+                "  -c{c_n:<3} flotilla gateway / {NGINX}: req/s {:.2}   p50 {:.2}   p99 {:.2}",
+                med("flotilla gateway", |r| r.rps) / med(NGINX, |r| r.rps),
+                med("flotilla gateway", |r| r.p50_ms) / med(NGINX, |r| r.p50_ms),
+                med("flotilla gateway", |r| r.p99_ms) / med(NGINX, |r| r.p99_ms)
+            );
         }
     }
     println!(
@@ -705,9 +738,87 @@ fn http(reg: &registry::TestRegistry) {
             rss_kib(std::process::id()) as f64 / 1024.0
         );
     }
+    if let Some(n) = &nginx {
+        let rss: u64 = n.pids().iter().map(|&p| rss_kib(p)).sum();
+        println!("  nginx RSS after load {:.1} MiB (master and workers)", rss as f64 / 1024.0);
+    }
     drop(inproc);
+    drop(nginx);
     drop(peer);
     keep(&mut c, "http");
+}
+
+/// The route's host name in the HTTP section.
+const GATEWAY_HOST: &str = "web.bench";
+const NGINX: &str = "nginx -> wasmtime serve";
+
+/// Debian's nginx as a reverse proxy to a local port, in a prefix dir of its own: as many
+/// workers as cores (`auto`, its packaged default), upstream connections kept alive (without
+/// `keepalive` every proxied request would open a new connection: not the fair comparison).
+/// Stopped when dropped.
+struct Nginx {
+    port: u16,
+    proc: cluster::Proc,
+}
+
+impl Nginx {
+    fn start(dir: &Path, upstream: u16) -> Option<Nginx> {
+        if !on_path("nginx") && !Path::new("/usr/sbin/nginx").exists() {
+            println!("http: nginx not installed (apt-get install nginx-light); no gateway comparison");
+            return None;
+        }
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let port = cluster::free_tcp_port();
+        let conf = format!(
+            "worker_processes auto;\nuser root;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+             \x20 fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+             \x20 upstream wasm {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    server_name {GATEWAY_HOST};\n\
+             \x20   location / {{\n      proxy_pass http://wasm;\n      proxy_http_version 1.1;\n\
+             \x20     proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
+             \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n",
+            p = prefix.display()
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = dir.join("nginx.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let bin = if on_path("nginx") { "nginx" } else { "/usr/sbin/nginx" };
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let n = Nginx { port, proc: cluster::Proc { child, log, name: "nginx".into() } };
+        wait_http_host(port, GATEWAY_HOST, NGINX);
+        Some(n)
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.proc.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
+        std::iter::once(master).chain(children.split_whitespace().filter_map(|p| p.parse().ok())).collect()
+    }
+}
+
+impl Drop for Nginx {
+    /// A fast shutdown through the master (SIGTERM), so no worker outlives it holding the port;
+    /// `Proc`'s SIGKILL follows only if it does not exit.
+    fn drop(&mut self) {
+        let master = nix::unistd::Pid::from_raw(self.proc.child.id() as i32);
+        let _ = nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.proc.wait_exit(Duration::from_secs(10));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,7 +878,7 @@ fn density(hello: &Path, reg: &registry::TestRegistry) {
 fn density_run(image: &str, n: usize, prewarm: bool) {
     let timeout = Duration::from_secs(env_usize("BENCH_DENSITY_TIMEOUT_S", 600) as u64);
     let mut c = cluster::Cluster::start();
-    spawn_quiet_agent(&mut c, "dense-1");
+    spawn_quiet_agent(&mut c, "dense-1", &[]);
     let pid = c.agents[0].child.id();
     let manifest = |name: &str, replicas: usize| {
         format!(

@@ -1582,18 +1582,11 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
     site.c.wait_for("the name resolves after the restart", WAIT, || {
         in_client(&["busybox", "nslookup", "api", &server]).1.contains(&vip)
     });
-    // Once (in 1 of 4 runs, three tests in parallel on two loaded cores) the first request
-    // after the restart timed out and the next answered: allowed 10 s, and said when it happens.
-    let mut page = String::new();
-    let answered = cluster::time_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        let (ok, p) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
-        page = p;
-        ok && page.trim().starts_with("api-")
-    });
-    let answered = answered.unwrap_or_else(|| panic!("the service after the restart: {page}"));
-    if answered > Duration::from_millis(500) {
-        eprintln!("the service answered {answered:?} after the restart was seen");
-    }
+    // The first request after the restart is answered, as every one before it. (`timeout`,
+    // not wget's `-T`: Debian's busybox wget crashes with it, which once passed for a slow
+    // first request here.)
+    let (ok, page) = in_client(&["timeout", "10", "busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
+    assert!(ok && page.trim().starts_with("api-"), "the service right after the restart: {page}");
     let endpoints = site.c.ok(&["get", "endpoints", "api"]);
     for a in &after[..2] {
         assert!(endpoints.contains(&format!("{a}:8080")), "{a}:8080 missing from\n{endpoints}");

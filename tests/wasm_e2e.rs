@@ -59,9 +59,14 @@ fn phase_is(c: &Cluster, name: &str, phase: Phase) -> bool {
 
 /// A minimal HTTP/1.1 GET on loopback; returns (status, body).
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_host(port, "localhost", path)
+}
+
+/// [`http_get`] with a `Host` header of its own (the gateway routes by it).
+fn http_get_host(port: u16, host: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let status = resp.split_whitespace().nth(1)?.parse().ok()?;
@@ -306,8 +311,9 @@ struct ClientLoop {
     longest_request: Duration,
 }
 
-/// Requests `/` on a fresh connection each time until `stop`, as fast as answers come.
-fn client_loop(port: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> ClientLoop {
+/// Requests `/` of `host` on a fresh connection each time until `stop`, as fast as answers
+/// come.
+fn client_loop(port: u16, host: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> ClientLoop {
     use std::sync::atomic::Ordering;
     let mut seen = ClientLoop::default();
     let mut last_ok = std::time::Instant::now();
@@ -316,7 +322,7 @@ fn client_loop(port: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -
         let result = (|| -> std::io::Result<u16> {
             let mut s = TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            write!(s, "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             Ok(resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
@@ -338,26 +344,40 @@ fn client_loop(port: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -
 }
 
 /// An agent restarted as `systemctl restart` does it (SIGTERM to the main pid, wait for the
-/// exit, start again) refuses no connection to a Wasm HTTP component: the listening socket
-/// goes from one agent process to the next through the socket holder, and connections that
-/// arrive in between wait in its backlog. The component itself restarts with the agent (it
-/// lives in its process), which shows as a counted restart and an event.
+/// exit, start again) refuses no connection to a Wasm HTTP component, on its own port or
+/// through the node's gateway: the listening sockets go from one agent process to the next
+/// through the socket holder, and connections that arrive in between wait in their backlogs.
+/// The component itself restarts with the agent (it lives in its process), which shows as a
+/// counted restart and an event.
 #[test]
 fn a_wasm_http_component_refuses_no_connection_while_its_agent_restarts() {
     let Some(reg) = TestRegistry::start() else { return };
     let http =
         push_file(&reg, &example("examples/hello-http/target/wasm32-wasip2/release/hello_http.wasm"), "hello-http:v1");
-    let port = cluster::free_tcp_port();
+    let (port, gateway) = (cluster::free_tcp_port(), cluster::free_tcp_port());
+    let agent_args = ["--gateway-port".to_string(), gateway.to_string()];
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let mut c = Cluster::start();
-    c.add_agent("edge-1", &[]);
+    c.add_agent("edge-1", &agent_args);
     c.wait_for("node Ready", WAIT, || c.nodes().iter().any(|n| n.ready));
-    apply(&c, &[workload("web", &http, &format!("  http: {{port: {port}}}\n"))]);
+    let mut web = workload("web", &http, &format!("  http: {{port: {port}}}\n"));
+    web = web.replacen("  name: web\n", "  name: web\n  labels: {app: web}\n", 1);
+    assert!(web.contains("app: web"), "{web}");
+    let route = "apiVersion: flotilla.dev/v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n---\napiVersion: flotilla.dev/v1\nkind: Route\nmetadata: {name: web}\nspec: {host: web.test, service: web}\n";
+    apply(&c, &[web, route.to_string()]);
     c.wait_for("web answers", WAIT, || http_get(port, "/").is_some_and(|(s, _)| s == 200));
+    c.wait_for("the gateway routes web.test", WAIT, || {
+        http_get_host(gateway, "web.test", "/").is_some_and(|(s, _)| s == 200)
+    });
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = std::thread::spawn({
         let stop = stop.clone();
-        move || client_loop(port, stop)
+        move || client_loop(port, "localhost", stop)
+    });
+    let through_gateway = std::thread::spawn({
+        let stop = stop.clone();
+        move || client_loop(gateway, "web.test", stop)
     });
     std::thread::sleep(Duration::from_millis(500));
     let restart = std::time::Instant::now();
@@ -367,25 +387,27 @@ fn a_wasm_http_component_refuses_no_connection_while_its_agent_restarts() {
     assert!(status.success(), "agent exit status {status:?}");
     let exited = restart.elapsed();
     c.agents.clear();
-    c.add_agent("edge-1", &[]);
+    c.add_agent("edge-1", &agent_args);
     c.wait_for("node Ready again", WAIT, || c.nodes().iter().any(|n| n.ready));
     c.wait_for("web Running again", WAIT, || phase_is(&c, "web-0", Phase::Running));
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let seen = client.join().unwrap();
-    eprintln!(
-        "agent restart (exit after {exited:?}): {} requests answered, {} refused, {} failed; longest gap between answers {:?}, longest request {:?}",
-        seen.ok,
-        seen.refused,
-        seen.failed.len(),
-        seen.longest_gap,
-        seen.longest_request
-    );
-    assert_eq!(seen.refused, 0, "connections were refused during the restart: {seen:?}");
-    assert!(seen.failed.is_empty(), "requests failed during the restart: {seen:?}");
-    assert!(seen.ok > 10, "{seen:?}");
+    for (what, seen) in [("own port", client.join().unwrap()), ("gateway", through_gateway.join().unwrap())] {
+        eprintln!(
+            "agent restart (exit after {exited:?}), {what}: {} requests answered, {} refused, {} failed; longest gap between answers {:?}, longest request {:?}",
+            seen.ok,
+            seen.refused,
+            seen.failed.len(),
+            seen.longest_gap,
+            seen.longest_request
+        );
+        assert_eq!(seen.refused, 0, "{what}: connections were refused during the restart: {seen:?}");
+        assert!(seen.failed.is_empty(), "{what}: requests failed during the restart: {seen:?}");
+        assert!(seen.ok > 10, "{what}: {seen:?}");
+    }
     let log = c.agents[0].log_text();
     assert!(log.contains("took over listening sockets from the previous agent process"), "{log}");
+    assert!(log.contains("HTTP gateway: listening socket handed over"), "{log}");
     // The component restarted with the agent: counted, and said so.
     let r = replica(&c, "web-0").unwrap();
     assert_eq!(r.status.restarts, 1, "{r:?}");

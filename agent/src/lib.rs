@@ -480,8 +480,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         })
         .await;
     }
-    // Services (names and load balancing) for containers on the node's network.
-    let services_tx = networks.as_ref().map(|_| services::shell::spawn());
     let gateway_of = |set: &AssignmentSet| set.network.as_ref().and_then(|n| n.subnet.hosts().next()).map(IpAddr::V4);
     if let Some(n) = &networks {
         n.set_node(saved.network.as_ref());
@@ -492,17 +490,24 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         let _ = tokio::task::spawn_blocking(move || n.set_peers(&peers)).await;
     }
     // The HTTP gateway, from the same table (and, below, the same local readiness).
-    let gateway_tx = match config.gateway {
+    // Its listening socket comes from the previous agent process when that one handed it over
+    // (so a restart refuses no connection), else is bound here.
+    // It starts serving below, once this node's replicas' readiness is known.
+    let gateway_listener = match config.gateway {
         None => None,
         Some(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Gateway { addr, source })?;
-            let (tx, rx) = watch::channel(gateway::View::default());
-            gateway::shell::spawn(listener, rx, handlers, recorders.gateway.clone(), Default::default());
-            Some(tx)
+            let gateway_error = |source| AgentError::Gateway { addr, source };
+            Some(match sockets.take(addr) {
+                Some(l) => {
+                    info!(%addr, "HTTP gateway: listening socket handed over by the previous agent process");
+                    l.set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(l))
+                        .map_err(gateway_error)?
+                }
+                None => tokio::net::TcpListener::bind(addr).await.map_err(gateway_error)?,
+            })
         }
     };
-    gateway_table(&gateway_tx, &saved);
     let mut generation = saved.generation;
     let mut sup = Supervisor::new(config.backoff);
     if !saved.assignments.is_empty() {
@@ -522,19 +527,32 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         Ok(None) => {}
         Err(e) => warn!(error = %e, "ignoring unreadable saved statuses"),
     }
-    // The persisted table, with this node's replicas as the previous process left them: an
+    // Services (names and load balancing) for containers on the node's network, started from
+    // the persisted table with this node's replicas as the previous process left them: an
     // agent restart withdraws no local endpoint (`Supervisor::serving`), from the service
-    // rules or the gateway.
-    if let Some(tx) = &services_tx {
-        tx.send_modify(|w| {
-            w.table = saved.services.clone().unwrap_or_default();
-            w.dns = gateway_of(&saved);
-            w.local_ready = local_readiness(&sup);
-        });
-    }
-    if let Some(tx) = &gateway_tx {
-        tx.send_modify(|v| v.local_ready = local_readiness(&sup));
-    }
+    // rules or the gateway. (Started any earlier, its first apply would be of an empty
+    // table: every service's rules gone until the saved one arrived.)
+    let services_tx = networks.as_ref().map(|_| {
+        services::shell::spawn(services::shell::Wanted {
+            table: saved.services.clone().unwrap_or_default(),
+            dns: gateway_of(&saved),
+            local_ready: local_readiness(&sup),
+        })
+    });
+    // The gateway from the same table and readiness, from its first accept (connections
+    // queued during an agent restart are served as soon as it starts).
+    let (gateway_tx, mut gateway_task) = match gateway_listener {
+        None => (None, None),
+        Some(listener) => {
+            let view = gateway::View {
+                table: Arc::new(saved.services.clone().unwrap_or_default()),
+                local_ready: local_readiness(&sup),
+            };
+            let (tx, rx) = watch::channel(view);
+            let task = gateway::shell::spawn(listener, rx, handlers, recorders.gateway.clone(), Default::default());
+            (Some(tx), Some(task))
+        }
+    };
     // From now on the saved statuses say "not a clean stop" until this process stops cleanly.
     let mut status_seq = 0u64;
     // Whether a clean stop of this process stops the workloads (never for an upgrade).
@@ -888,6 +906,16 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     let control = if stops_workloads.get() { RunControl::Stop } else { RunControl::Detach };
     info!(runs = runs.len(), ?control, "agent stopping");
+    // The gateway first, while the components it serves in-process still run: it stops
+    // accepting and finishes the requests under way. An agent leaving its workloads running
+    // hands its socket on with theirs.
+    drop(gateway_tx);
+    if let Some(task) = gateway_task.take()
+        && let Ok(Ok(Some(listener))) = tokio::time::timeout(DETACH_WAIT, task).await
+        && control == RunControl::Detach
+    {
+        sockets.give(listener);
+    }
     for h in runs.values() {
         let _ = h.stop.send(control);
     }

@@ -329,7 +329,17 @@ impl Supervisor {
                 r.note(Note::Restored(old.message.clone()));
             } else {
                 r.resumed = Some(old.phase == Phase::Running);
-                r.resumed_ready = old.phase == Phase::Running && old.ready;
+                // After a reboot or a stop that stopped the workloads nothing kept serving.
+                let kept = matches!(previous, PreviousExit::Clean | PreviousExit::Unclean);
+                r.resumed_ready = kept && old.phase == Phase::Running && old.ready;
+                // What it serves through the restart (`serving`) is what the hub hears too:
+                // still Running at its address, so no node's service table or gateway drops
+                // it while it is adopted or started again.
+                if kept && old.phase == Phase::Running {
+                    r.status.phase = Phase::Running;
+                    r.status.ready = r.resumed_ready;
+                    r.status.address = old.address;
+                }
             }
             r.status.observed_at_ms = now.wall_ms;
             self.changed.insert(name.clone());
@@ -1181,12 +1191,25 @@ mod restore_tests {
         for name in ["kept-0", "gone-0"] {
             saved.get_mut(name).unwrap().ready = true;
         }
+        saved.get_mut("kept-0").unwrap().address = Some("10.42.0.5".parse().unwrap());
         let mut s = Supervisor::new(Backoff::default());
         s.set_assignments(&set, now(5_000));
         s.restore(&saved, PreviousExit::Unclean, now(5_000));
         // Before anything is adopted: what was ready still serves, what was not does not.
         let serving = s.serving();
         assert_eq!((serving["kept-0"], serving["gone-0"], serving["unready-0"]), (true, true, false));
+        // The hub hears the same (it builds every node's service table from statuses): still
+        // Running, ready as it was, at its address.
+        let st = s.statuses();
+        let kept = (st["kept-0"].phase, st["kept-0"].ready, st["kept-0"].address);
+        assert_eq!(kept, (Phase::Running, true, Some("10.42.0.5".parse().unwrap())));
+        assert_eq!((st["unready-0"].phase, st["unready-0"].ready), (Phase::Running, false));
+        // After a reboot nothing kept running: nothing serves until it starts again.
+        let mut rebooted = Supervisor::new(Backoff::default());
+        rebooted.set_assignments(&set, now(5_000));
+        rebooted.restore(&saved, PreviousExit::Reboot, now(5_000));
+        assert!(rebooted.serving().values().all(|s| !s), "{:?}", rebooted.serving());
+        assert!(rebooted.statuses().values().all(|s| s.phase != Phase::Running && !s.ready));
         let mut ids = BTreeMap::new();
         for a in s.poll_actions(now(5_001)) {
             let Action::Start { replica, run_id, .. } = a else { panic!() };

@@ -146,9 +146,15 @@ pub fn parse_wrk(text: &str) -> WrkResult {
 /// Runs `wrk` (behind `prefix`, e.g. `nsenter --net=...`) at `url` with `conns` connections
 /// (and up to two threads) for `secs` seconds; panics with its output if it fails.
 pub fn wrk(prefix: &[String], url: &str, conns: usize, secs: usize) -> WrkResult {
+    wrk_with(prefix, url, conns, secs, &[])
+}
+
+/// [`wrk`] with further arguments before the URL (`-H "Host: web.example"`).
+pub fn wrk_with(prefix: &[String], url: &str, conns: usize, secs: usize, extra: &[&str]) -> WrkResult {
     let mut argv: Vec<String> = prefix.to_vec();
     argv.push("wrk".into());
     argv.extend([format!("-t{}", conns.clamp(1, 2)), format!("-c{conns}"), format!("-d{secs}s"), "--latency".into()]);
+    argv.extend(extra.iter().map(|a| a.to_string()));
     argv.push(url.into());
     let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -394,10 +394,18 @@ async fn serve_connection(
     };
     let connection = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
+    // Set once draining: when this connection closes after its request under way.
+    let mut close_at: Option<tokio::time::Instant> = None;
     if *phase.borrow_and_update() != Phase::Serving {
-        connection.as_mut().graceful_shutdown();
+        close_at = Some(tokio::time::Instant::now() + DRAIN_LINGER);
     }
     loop {
+        let linger = async {
+            match close_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -405,18 +413,29 @@ async fn serve_connection(
                 }
                 return;
             }
+            () = linger => {
+                connection.as_mut().graceful_shutdown();
+                close_at = None;
+            }
             changed = phase.changed() => {
                 // A dropped sender means `run` itself was dropped: stop at once.
                 let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Killing };
                 match now {
                     Phase::Serving => {}
-                    Phase::Draining => connection.as_mut().graceful_shutdown(),
+                    Phase::Draining => close_at = Some(tokio::time::Instant::now() + DRAIN_LINGER),
                     Phase::Killing => return,
                 }
             }
         }
     }
 }
+
+/// How long a connection lives on once its server drains before it is closed after the
+/// request under way (at once if it is idle). hyper's graceful shutdown treats a connection
+/// whose request it has not read yet as idle and closes it unanswered; a client that has just
+/// connected gets this long for its request to arrive and be served. Keep-alive connections
+/// idle for that long are closed as idle.
+pub const DRAIN_LINGER: Duration = Duration::from_millis(250);
 
 impl Shared {
     fn guest_env(&self) -> GuestEnv<'_> {

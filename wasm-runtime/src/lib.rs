@@ -43,7 +43,7 @@ mod wasi;
 pub use cache::{Loaded, sha256_digest};
 pub use engine::{HostConfig, PoolingConfig, PoolingPlan};
 pub use host::WasmHost;
-pub use http::{HandlerBody, HttpHandler, HttpOptions, HttpServer, Shutdown};
+pub use http::{DRAIN_LINGER, HandlerBody, HttpHandler, HttpOptions, HttpServer, Shutdown};
 pub use program::Program;
 pub use usage::GuestUsage;
 

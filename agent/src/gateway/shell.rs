@@ -49,6 +49,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// How long a connection to an endpoint may take: then 502.
     pub connect_timeout: Duration,
+    /// When the gateway stops: how long the requests it is in the middle of have to finish
+    /// (idle keep-alive connections close at once).
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +61,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            drain: Duration::from_secs(10),
         }
     }
 }
@@ -132,14 +136,17 @@ struct Gateway {
 }
 
 /// Serves on `listener` until `view`'s sender is dropped (the agent stopped), counting into
-/// `counts`.
+/// `counts`. Then it stops accepting, lets each connection finish the request it is in
+/// (`Limits::drain` at most; idle ones close), and yields the listener, still open, so the
+/// agent can hand it to its next process: connections arriving meanwhile wait in its backlog,
+/// as for Wasm HTTP servers.
 pub fn spawn(
     listener: TcpListener,
     view: watch::Receiver<View>,
     handlers: Handlers,
     counts: GatewayCounts,
     limits: Limits,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<Option<std::net::TcpListener>> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(limits.connect_timeout));
     connector.set_nodelay(true);
@@ -150,7 +157,10 @@ pub fn spawn(
         .build(connector);
     let mut stopped = view.clone();
     let gw = Arc::new(Gateway { view, handlers, client, counts, limits, turn: AtomicUsize::new(0) });
-    let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
+    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max));
+    // Tells every connection to finish its request and close (`closed` once it flips).
+    let (draining_tx, draining) = watch::channel(false);
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "HTTP gateway listening");
     tokio::spawn(async move {
@@ -165,7 +175,15 @@ pub fn spawn(
                         continue;
                     }
                 },
-                _ = closed(&mut stopped) => return,
+                _ = closed(&mut stopped) => {
+                    draining_tx.send_replace(true);
+                    // Every connection holds a slot: all of them back means all are done.
+                    let all = u32::try_from(max).unwrap_or(u32::MAX);
+                    if tokio::time::timeout(limits.drain, slots.acquire_many(all)).await.is_err() {
+                        warn!(addr = ?addr, "gateway: requests still running at the end of the drain are cut");
+                    }
+                    return listener.into_std().ok();
+                }
             };
             // Refused, not queued: a client that holds its slots should not make others wait
             // in the backlog unanswered.
@@ -178,6 +196,7 @@ pub fn spawn(
             };
             let _ = stream.set_nodelay(true);
             let gw = gw.clone();
+            let mut draining = draining.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let header_read_timeout = gw.limits.header_read_timeout;
@@ -190,7 +209,23 @@ pub fn spawn(
                     .header_read_timeout(header_read_timeout)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
+                tokio::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = draining.changed() => {
+                        // As the Wasm HTTP servers drain: a request that has just arrived
+                        // unread is not taken for idleness (see `DRAIN_LINGER`); then the
+                        // request under way (if any) is answered and the connection closes.
+                        tokio::select! {
+                            r = conn.as_mut() => r,
+                            () = tokio::time::sleep(wasm_runtime::DRAIN_LINGER) => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     debug!(%peer, error = %e, "gateway connection ended with an error");
                 }
             });
@@ -417,6 +452,55 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection to the endpoint serves them all");
         assert_eq!(gw.counts.count("shop", Outcome::Proxied), 6);
+    }
+
+    /// Stopping the gateway answers the request under way and one that had only just arrived,
+    /// closes the idle keep-alive connections, and yields the listener still open: a client
+    /// connecting afterwards waits in its backlog for whoever serves it next.
+    #[tokio::test]
+    async fn a_stopped_gateway_finishes_its_requests_and_yields_its_listener_open() {
+        // An endpoint that answers 300 ms late.
+        let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let slow_addr = slow.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = slow.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(|_req: Request<Incoming>| async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"late\n"))))
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(table(Some(slow_addr)));
+        let task = spawn(listener, rx, Handlers::default(), GatewayCounts::default(), Limits::default());
+        // An idle keep-alive connection, a request under way, and one sent as the stop comes.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n").await.unwrap();
+        let mut first = [0u8; 12];
+        idle.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 404");
+        let under_way = tokio::spawn(get(addr, "shop.example", "/", ""));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(tx);
+        late.write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, late.read_to_string(&mut answer)).await.unwrap().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("late\n"), "{answer}");
+        assert_eq!(under_way.await.unwrap(), (200, "late\n".to_string()));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, idle.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the idle keep-alive connection is closed by the drain");
+        let kept = tokio::time::timeout(WAIT, task).await.unwrap().unwrap().expect("the listener, still open");
+        assert_eq!(kept.local_addr().unwrap(), addr);
+        // Still listening: a new client's connection completes and waits in the backlog.
+        let queued = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.unwrap();
+        assert!(queued.is_ok(), "{queued:?}");
     }
 
     #[tokio::test]

@@ -32,9 +32,9 @@ pub struct Wanted {
 /// How long a failed apply or a name server that cannot bind yet waits before trying again.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// Starts the task; send to the returned channel.
-pub fn spawn() -> watch::Sender<Wanted> {
-    let (tx, mut rx) = watch::channel(Wanted::default());
+/// Starts the task, applying `first` before anything sent to the returned channel.
+pub fn spawn(first: Wanted) -> watch::Sender<Wanted> {
+    let (tx, mut rx) = watch::channel(first);
     tokio::spawn(async move {
         let path = Arc::new(std::sync::Mutex::new(ServicePath::new(Iptables::new())));
         let records = path.lock().unwrap_or_else(|e| e.into_inner()).records();
