@@ -126,6 +126,25 @@ fn rss_kib(pid: u32) -> u64 {
     proc_status_field(pid, "VmRSS:")
 }
 
+/// CPU time (user + system, all threads) the processes have used, in microseconds.
+fn cpu_us(pids: &[u32]) -> f64 {
+    // /proc counts in USER_HZ, which Linux fixes at 100 on every architecture it exports it.
+    let hz = 100.0;
+    let ticks: u64 = pids
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command (which may hold spaces): state is the 3rd field, utime
+            // the 14th and stime the 15th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum();
+    ticks as f64 * 1e6 / hz
+}
+
 fn threads(pid: u32) -> u64 {
     proc_status_field(pid, "Threads:")
 }
@@ -665,10 +684,26 @@ fn http(reg: &registry::TestRegistry) {
     println!(
         "http GET / of examples/hello-http (one fresh instance per request), wrk -t2 (-t1 for -c1) -d{secs}s, {rounds} rounds, alternating:"
     );
+    // Whose CPU each target's requests cost: (the servers, the proxy alone if any). The
+    // in-process diagnostics run in this process, beside wrk's bookkeeping: not counted.
+    let peer_pid = peer.as_ref().map(|p| p.child.id());
+    let nginx_pids = nginx.as_ref().map(Nginx::pids).unwrap_or_default();
+    let cpu_of = |name: &str| -> (Vec<u32>, Vec<u32>) {
+        match name {
+            "flotilla agent" | "flotilla gateway" => (vec![agent_pid], vec![]),
+            "wasmtime serve" => (peer_pid.into_iter().collect(), vec![]),
+            NGINX => (nginx_pids.iter().copied().chain(peer_pid).collect(), nginx_pids.clone()),
+            _ => (vec![], vec![]),
+        }
+    };
+    // Per run: CPU microseconds per request, of the servers and of the proxy alone.
+    type CpuRuns<'a> = Vec<(usize, &'a str, Vec<(f64, f64)>)>;
+    let mut cpu: CpuRuns = Vec::new();
     let mut results: Vec<(usize, &str, Vec<WrkResult>)> = Vec::new();
     for &c_n in &conns {
         for (name, _, _) in &targets {
             results.push((c_n, name, Vec::new()));
+            cpu.push((c_n, name, Vec::new()));
         }
         for round in 0..rounds {
             // Alternate which target goes first.
@@ -676,12 +711,17 @@ fn http(reg: &registry::TestRegistry) {
             let order: Vec<usize> = (0..targets.len()).map(|k| (k + round) % targets.len()).collect();
             for ti in order {
                 let (name, p, host) = targets[ti];
+                let (servers, proxy) = cpu_of(name);
+                let (servers_before, proxy_before) = (cpu_us(&servers), cpu_us(&proxy));
                 let r = wrk(p, host, c_n, secs);
+                let n = r.requests.max(1) as f64;
+                let per_request = ((cpu_us(&servers) - servers_before) / n, (cpu_us(&proxy) - proxy_before) / n);
                 println!(
-                    "  -c{c_n:<3} round {round} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p90 {:7.3} ms   p99 {:7.3} ms   errors {}",
-                    r.rps, r.p50_ms, r.p90_ms, r.p99_ms, r.errors
+                    "  -c{c_n:<3} round {round} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p90 {:7.3} ms   p99 {:7.3} ms   errors {}   CPU/request {:.0} us (proxy {:.0} us)",
+                    r.rps, r.p50_ms, r.p90_ms, r.p99_ms, r.errors, per_request.0, per_request.1
                 );
                 results.iter_mut().find(|(cc, n, _)| *cc == c_n && *n == name).unwrap().2.push(r);
+                cpu.iter_mut().find(|(cc, n, _)| *cc == c_n && *n == name).unwrap().2.push(per_request);
             }
         }
     }
@@ -692,12 +732,18 @@ fn http(reg: &registry::TestRegistry) {
                 results.iter().find(|(cc, n, _)| *cc == c_n && *n == name).unwrap().2.iter().map(f).collect();
             median_f64(&v)
         };
+        let med_cpu = |name: &str, f: fn(&(f64, f64)) -> f64| {
+            let v: Vec<f64> = cpu.iter().find(|(cc, n, _)| *cc == c_n && *n == name).unwrap().2.iter().map(f).collect();
+            median_f64(&v)
+        };
         for (name, _, _) in &targets {
             println!(
-                "  -c{c_n:<3} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p99 {:7.3} ms",
+                "  -c{c_n:<3} {name:<15} {:9.0} req/s   p50 {:7.3} ms   p99 {:7.3} ms   server CPU/request {:.0} us (proxy {:.0} us)",
                 med(name, |r| r.rps),
                 med(name, |r| r.p50_ms),
-                med(name, |r| r.p99_ms)
+                med(name, |r| r.p99_ms),
+                med_cpu(name, |c| c.0),
+                med_cpu(name, |c| c.1)
             );
         }
         if peer.is_some() {

@@ -1556,7 +1556,7 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
     site.c.wait_for("the service answers", WAIT, || {
         in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]).0
     });
-    for _ in 0..40 {
+    for _ in 0..100 {
         let (ok, page) = in_client(&["busybox", "wget", "-qO-", &format!("http://{vip}/index.html")]);
         assert!(ok, "{page}");
         *seen.entry(page.trim().to_string()).or_default() += 1;
