@@ -194,7 +194,7 @@ fn main() {
     // Each service's address and its one endpoint, as the hub lists them.
     let mut svc = Vec::new();
     c.wait_for("both services with a ready endpoint", WAIT, || {
-        let v: serde_json::Value = serde_json::from_str(&c.ok(&["get", "services", "-o", "json"])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&c.ok(&["get", "services", "-o", "api-json"])).unwrap();
         svc = v.as_array().cloned().unwrap_or_default();
         svc.len() == 2
             && svc.iter().all(|s| s["endpoints"][0]["ready"] == true && s["endpoints"][0]["ports"][0].is_u64())

@@ -142,11 +142,11 @@ impl Client {
         }
     }
 
-    /// `response` as `format` shows it. `-o yaml` and `-o jsonpath` show manifest-shaped
+    /// `response` as `format` shows it. `-o yaml`, `-o json` and `-o jsonpath` show manifest-shaped
     /// objects ([`output::objects`]), with each config's values asked of the hub; `single`:
     /// one object named on the command line, shown as itself rather than in a `kind: List`.
     pub async fn show(&self, response: &ApiResponse, format: &Format, single: bool) -> Result<String> {
-        if !matches!(format, Format::Yaml | Format::JsonPath(_)) {
+        if !matches!(format, Format::Yaml | Format::Json | Format::JsonPath(_)) {
             return output::render(response, format);
         }
         let Some(items) = output::objects(response, &self.config_data(response).await?)? else {
@@ -155,6 +155,7 @@ impl Client {
         let value = output::one_or_list(items, single);
         match format {
             Format::JsonPath(t) => Ok(t.render(&value)),
+            Format::Json => Ok(serde_json::to_string_pretty(&value)? + "\n"),
             _ => output::yaml(&value),
         }
     }
@@ -177,7 +178,8 @@ impl Client {
 
     /// `get KIND -w`: the list, then each change the hub streams, until interrupted or the
     /// hub goes away. Tables print their header once; `-o yaml` prints one document per
-    /// changed object, `-o jsonpath` renders the template once per changed object.
+    /// changed object, `-o json` one object, `-o jsonpath` renders the template once per
+    /// changed object.
     pub async fn watch(
         &self,
         kind: ResourceKind,
@@ -210,13 +212,14 @@ impl Client {
                     let (response, _) = output::only_named(response, names);
                     let response = output::only_labelled(response, selector);
                     match format {
-                        Format::Yaml | Format::JsonPath(_) => {
+                        Format::Yaml | Format::Json | Format::JsonPath(_) => {
                             let items =
                                 output::objects(&response, &self.config_data(&response).await?)?.unwrap_or_default();
                             let mut text = String::new();
                             for item in &items {
                                 match format {
                                     Format::JsonPath(t) => text.push_str(&t.render(item)),
+                                    Format::Json => text.push_str(&(serde_json::to_string_pretty(item)? + "\n")),
                                     _ => text.push_str(&format!("---\n{}", output::yaml(item)?)),
                                 }
                             }

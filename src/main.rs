@@ -491,9 +491,10 @@ enum Command {
         kind: String,
         /// Only these, by name (`get workload web`); each must exist.
         names: Vec<String>,
-        /// table, wide, json (the API's list), yaml (manifests `apply -f` takes back), name, or
-        /// jsonpath=TEMPLATE (kubectl's, e.g. '{.items[*].metadata.name}' or
-        /// '{range .items[*]}{.metadata.name}{"\n"}{end}').
+        /// table, wide, yaml (manifests `apply -f` takes back), json (the same objects as
+        /// JSON), name, jsonpath=TEMPLATE (kubectl's, e.g. '{.items[*].metadata.name}' or
+        /// '{range .items[*]}{.metadata.name}{"\n"}{end}'), or api-json (the hub API's own
+        /// list: every field, times in milliseconds, for tools written against its types).
         #[arg(short = 'o', long = "output", default_value = "table", value_parser = output::Format::parse)]
         output: output::Format,
         /// Only those with these labels (K=V, comma-separated or repeated): workloads' and
@@ -1876,7 +1877,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 };
                 let new: Vec<_> = items.into_iter().filter(|e| !shown.contains(e)).collect();
                 match format {
-                    output::Format::Json => {
+                    output::Format::Json | output::Format::ApiJson => {
                         for e in &new {
                             println!("{}", serde_json::to_string(e)?);
                         }
@@ -1908,7 +1909,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             match client.request(&ApiRequest::Top).await? {
                 ApiResponse::Top { nodes } => {
                     match output {
-                        output::Format::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                        output::Format::Json | output::Format::ApiJson => {
+                            println!("{}", serde_json::to_string_pretty(&nodes)?)
+                        }
                         _ => print!("{}", output::top(&nodes, replicas)),
                     }
                     Ok(())

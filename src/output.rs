@@ -12,8 +12,11 @@ use serde_json::{Map, Value, json};
 pub enum Format {
     Table,
     Wide,
-    /// The API's own list (views with millisecond times), for scripts written against it.
+    /// kubectl's `-o json`: the objects `-o yaml` shows, as JSON.
     Json,
+    /// The hub API's own list (its views, every field, times in milliseconds), for tools
+    /// written against the API's types.
+    ApiJson,
     /// Manifests, as kubectl prints them: one object (`get KIND NAME`) or a `kind: List`, which
     /// `apply -f` takes back (status and creationTimestamp are output only).
     Yaml,
@@ -26,19 +29,21 @@ pub enum Format {
 /// Why `-o` was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{0:?} is none of table, wide, json, yaml, name, jsonpath=TEMPLATE")]
+    #[error("{0:?} is none of table, wide, json, yaml, name, jsonpath=TEMPLATE, api-json")]
     Unknown(String),
     #[error(transparent)]
     Template(#[from] crate::jsonpath::TemplateError),
 }
 
 impl Format {
-    /// `table`, `wide`, `json`, `yaml`, `name` or `jsonpath=TEMPLATE` (clap's value parser).
+    /// `table`, `wide`, `json`, `yaml`, `name`, `jsonpath=TEMPLATE` or `api-json` (clap's value
+    /// parser).
     pub fn parse(s: &str) -> Result<Format, FormatError> {
         Ok(match s {
             "table" => Format::Table,
             "wide" => Format::Wide,
             "json" => Format::Json,
+            "api-json" => Format::ApiJson,
             "yaml" => Format::Yaml,
             "name" => Format::Name,
             _ => match s.split_once('=') {
@@ -346,7 +351,7 @@ pub fn render_endpoints(items: &[proto::messages::ServiceView], format: &Format)
         .map(|v| serde_json::json!({ "service": v.manifest.metadata.name, "endpoints": v.endpoints }))
         .collect();
     let wide = match format {
-        Format::Json => return Ok(serde_json::to_string_pretty(&value)? + "\n"),
+        Format::Json | Format::ApiJson => return Ok(serde_json::to_string_pretty(&value)? + "\n"),
         Format::Yaml => return yaml(&serde_json::Value::Array(value)),
         Format::JsonPath(t) => return Ok(t.render(&serde_json::Value::Array(value))),
         Format::Name => {
@@ -417,7 +422,7 @@ pub fn render(response: &ApiResponse, format: &Format) -> Result<String> {
         other => serde_json::to_value(other)?,
     };
     let wide = match format {
-        Format::Json => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
+        Format::Json | Format::ApiJson => return Ok(serde_json::to_string_pretty(&items)? + "\n"),
         // Lists that are no manifests (tokens, users, audit, ...): as the API has them.
         Format::Yaml => return yaml(&items),
         Format::JsonPath(t) => return Ok(t.render(&items)),

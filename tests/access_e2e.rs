@@ -33,7 +33,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn workloads(config: &Path) -> Vec<WorkloadView> {
-    let out = as_user(config, &["get", "workloads", "-o", "json"]);
+    let out = as_user(config, &["get", "workloads", "-o", "api-json"]);
     assert!(out.status.success(), "get workloads: {}", stderr(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -88,9 +88,19 @@ fn get_takes_names_and_prints_names_as_kubectl_does() {
     let out = c.cli_with_stdin(&["apply", "-f", "-"], Some(&both));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let one: Vec<serde_json::Value> = serde_json::from_str(&c.ok(&["get", "workload", "web", "-o", "json"])).unwrap();
-    assert_eq!(one.len(), 1);
-    assert_eq!(one[0]["manifest"]["metadata"]["name"], "web");
+    // kubectl's `-o json`: the object `-o yaml` shows, as JSON; a list is a `kind: List`.
+    let one: serde_json::Value = serde_json::from_str(&c.ok(&["get", "workload", "web", "-o", "json"])).unwrap();
+    assert_eq!((&one["kind"], &one["metadata"]["name"]), (&"Workload".into(), &"web".into()), "{one}");
+    let yaml: serde_json::Value = serde_saphyr::from_str(&c.ok(&["get", "workload", "web", "-o", "yaml"])).unwrap();
+    assert_eq!(one, yaml, "-o json and -o yaml show the same object");
+    let list: serde_json::Value = serde_json::from_str(&c.ok(&["get", "workloads", "-o", "json"])).unwrap();
+    assert_eq!(list["kind"], "List", "{list}");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2), "{list}");
+    // `-o api-json`: the hub API's own list, as tools built on its types read it.
+    let api: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["get", "workload", "web", "-o", "api-json"])).unwrap();
+    assert_eq!(api.len(), 1);
+    assert_eq!(api[0]["manifest"]["metadata"]["name"], "web");
     let table = c.ok(&["get", "workloads", "api", "web"]);
     assert_eq!(table.lines().count(), 3, "a header and two rows:\n{table}");
 
@@ -101,7 +111,7 @@ fn get_takes_names_and_prints_names_as_kubectl_does() {
     assert!(!none.status.success());
     assert!(none.stdout.is_empty(), "nothing printed for a name that is not there");
     assert_eq!(String::from_utf8_lossy(&none.stderr).trim(), "error: workload \"nope\" not found");
-    let some = c.cli(&["get", "workload", "web", "nope", "-o", "json"]);
+    let some = c.cli(&["get", "workload", "web", "nope", "-o", "api-json"]);
     assert!(!some.status.success());
     let printed: Vec<serde_json::Value> = serde_json::from_slice(&some.stdout).unwrap();
     assert_eq!(printed.len(), 1, "what exists is printed");

@@ -150,7 +150,7 @@ fn hub_and_agent_run_from_config_files_flags_override_them_and_log_json() {
     let args = ["agent", "--config-file", agent_yaml.to_str().unwrap(), "--name", "from-flag"];
     let mut agent = Proc::spawn("agent", &args, dir.path().join("agent.log"));
     let nodes = || -> Vec<proto::messages::NodeView> {
-        let o = cluster::flotilla(&["--config", admin.to_str().unwrap(), "get", "nodes", "-o", "json"]);
+        let o = cluster::flotilla(&["--config", admin.to_str().unwrap(), "get", "nodes", "-o", "api-json"]);
         serde_json::from_slice(&o.stdout).unwrap_or_default()
     };
     cluster::wait_for("the agent to join from its file", Duration::from_secs(30), || {

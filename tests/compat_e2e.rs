@@ -38,7 +38,11 @@ fn cli(program: &str, config: &Path, args: &[&str], stdin: Option<&str>) -> std:
 }
 
 fn json(program: &str, config: &Path, what: &str) -> Vec<Value> {
-    let out = cli(program, config, &["get", what, "-o", "json"], None);
+    let mut out = cli(program, config, &["get", what, "-o", "api-json"], None);
+    // A build from before `-o api-json` printed the API's list as `-o json`.
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("api-json") {
+        out = cli(program, config, &["get", what, "-o", "json"], None);
+    }
     assert!(out.status.success(), "get {what}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

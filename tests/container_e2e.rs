@@ -1529,7 +1529,7 @@ fn a_service_name_resolves_on_the_node_and_spreads_connections_over_its_replicas
     apply(&site.c, &workload("client", &image, ""));
     let all = ["api-0", "api-1", "client-0"];
     site.c.wait_for("replicas running", WAIT, || all.iter().all(|r| running(&site.c, r)));
-    let svc: serde_json::Value = serde_json::from_str(&site.c.ok(&["get", "services", "-o", "json"])).unwrap();
+    let svc: serde_json::Value = serde_json::from_str(&site.c.ok(&["get", "services", "-o", "api-json"])).unwrap();
     let vip = svc[0]["address"].as_str().expect("the service's address").to_string();
     let client_ns = site.c.agent_dir("svc-1").join("network/netns/client-0");
     let in_client = |args: &[&str]| {
@@ -1709,7 +1709,7 @@ fn a_site_service_follows_readiness_never_leaves_the_site_and_works_cut_off_from
     c.wait_for("replicas ready", WAIT, || {
         ["api-near-0", "api-peer-0", "api-far-0"].iter().all(|r| ready(r)) && running(&c, "client-0")
     });
-    let svc: serde_json::Value = serde_json::from_str(&c.ok(&["get", "services", "-o", "json"])).unwrap();
+    let svc: serde_json::Value = serde_json::from_str(&c.ok(&["get", "services", "-o", "api-json"])).unwrap();
     let vip = svc[0]["address"].as_str().expect("the service's address").to_string();
     let resolv = c.ok(&["exec", "client-0", "--", "cat", "/etc/resolv.conf"]);
     let server = resolv.lines().find_map(|l| l.strip_prefix("nameserver ")).expect("a name server").trim().to_string();

@@ -301,7 +301,7 @@ fn hub_restart_keeps_credentials_state_and_running_replicas() {
 
     c.restart_hub();
     c.wait_for("the agent back and Ready", WAIT, || {
-        let out = c.cli(&["get", "nodes", "-o", "json"]);
+        let out = c.cli(&["get", "nodes", "-o", "api-json"]);
         out.status.success()
             && serde_json::from_slice::<Vec<proto::messages::NodeView>>(&out.stdout)
                 .is_ok_and(|n| n.len() == 1 && n[0].ready)
@@ -357,7 +357,7 @@ fn a_hub_restored_from_a_backup_keeps_its_agents_and_their_replicas() {
     assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
     c.restart_hub();
     c.wait_for("the agent back and Ready", WAIT, || {
-        let out = c.cli(&["get", "nodes", "-o", "json"]);
+        let out = c.cli(&["get", "nodes", "-o", "api-json"]);
         out.status.success()
             && serde_json::from_slice::<Vec<proto::messages::NodeView>>(&out.stdout)
                 .is_ok_and(|n| n.len() == 1 && n[0].ready && n[0].name == "edge-1")

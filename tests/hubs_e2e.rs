@@ -101,7 +101,7 @@ impl HubProc {
 
     /// `get` as JSON, `None` while the hub cannot answer.
     fn get<T: serde::de::DeserializeOwned>(&self, kind: &str) -> Option<T> {
-        let out = self.cli(&["get", kind, "-o", "json"], None);
+        let out = self.cli(&["get", kind, "-o", "api-json"], None);
         if !out.status.success() {
             return None;
         }

@@ -280,15 +280,15 @@ impl Cluster {
     }
 
     pub fn replicas(&self) -> Vec<ReplicaView> {
-        serde_json::from_str(&self.ok(&["get", "replicas", "-o", "json"])).unwrap()
+        serde_json::from_str(&self.ok(&["get", "replicas", "-o", "api-json"])).unwrap()
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {
-        serde_json::from_str(&self.ok(&["get", "nodes", "-o", "json"])).unwrap()
+        serde_json::from_str(&self.ok(&["get", "nodes", "-o", "api-json"])).unwrap()
     }
 
     pub fn workloads(&self) -> Vec<WorkloadView> {
-        serde_json::from_str(&self.ok(&["get", "workloads", "-o", "json"])).unwrap()
+        serde_json::from_str(&self.ok(&["get", "workloads", "-o", "api-json"])).unwrap()
     }
 
     /// [`wait_for`], for a test holding a cluster.
