@@ -430,6 +430,47 @@ fn get_w_streams_a_change_from_the_hub_within_a_second() {
     assert!(rx.try_recv().is_err(), "nothing else changed");
 }
 
+/// `-w -o json` prints the list, then each changed object, each as the object `-o json` shows.
+#[test]
+fn get_w_o_json_prints_each_changed_object() {
+    use std::io::BufRead as _;
+    let c = Cluster::start();
+    let wl = |name: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec: {{runtime: wasm, image: r/{name}:1, replicas: 0}}\n"
+        )
+    };
+    applied(&c, &wl("old"));
+    let mut cmd = std::process::Command::new(cluster::bin());
+    cmd.arg("--config").arg(c.config_path()).args(["get", "workloads", "-w", "-o", "json"]);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _watch = cluster::KillOnDrop(child);
+    // Pretty-printed objects, one after another: each ends with a `}` alone on its line.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut doc = String::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            doc.push_str(&line);
+            doc.push('\n');
+            if line == "}" {
+                let _ = tx.send(std::mem::take(&mut doc));
+            }
+        }
+    });
+    let next = || -> serde_json::Value {
+        let doc = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a JSON object");
+        serde_json::from_str(&doc).unwrap_or_else(|e| panic!("{e}: {doc}"))
+    };
+    let first = next();
+    assert_eq!((&first["kind"], &first["metadata"]["name"]), (&"Workload".into(), &"old".into()), "{first}");
+    applied(&c, &wl("new"));
+    let change = next();
+    assert_eq!((&change["kind"], &change["metadata"]["name"]), (&"Workload".into(), &"new".into()), "{change}");
+    assert_eq!(change["spec"]["image"], "r/new:1", "{change}");
+}
+
 #[test]
 fn diff_shows_what_apply_would_change_and_exits_like_kubectl() {
     let c = Cluster::start();

@@ -5,7 +5,7 @@
 //!
 //! The guests are WAT. Where `wasmtime run` and `flotilla run` should agree byte for byte (stdin,
 //! `--env`, isatty), the test also runs the same module under the `wasmtime` CLI, but only when
-//! `which wasmtime` finds one; it is not installed on the CI machine, so there only flotilla's
+//! one is found (`$WASMTIME`, the PATH, `/opt/wasmtime-cli/bin`); where none is, only flotilla's
 //! side runs, against the expected output written in the test.
 
 use std::io::{Read, Write};
@@ -55,10 +55,18 @@ impl Guest {
     }
 }
 
+/// `$WASMTIME`, else `wasmtime` on the PATH, else the release tarball's usual place
+/// (`/opt/wasmtime-cli/bin`, where the benchmarks look too).
 fn wasmtime_cli() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WASMTIME").map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(p);
+    }
     let o = Command::new("which").arg("wasmtime").output().ok()?;
     let path = String::from_utf8(o.stdout).ok()?.trim().to_string();
-    (o.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+    if o.status.success() && !path.is_empty() {
+        return Some(PathBuf::from(path));
+    }
+    Some(PathBuf::from("/opt/wasmtime-cli/bin/wasmtime")).filter(|p| p.is_file())
 }
 
 /// Kills the child if a test panics while it runs.
