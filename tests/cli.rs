@@ -383,6 +383,16 @@ fn get_o_jsonpath_takes_kubectl_templates_and_refuses_bad_ones() {
     }
 }
 
+/// The CLI run with `args` (a watch), killed when the guard drops, and its stdout.
+fn watching(c: &Cluster, args: &[&str]) -> (cluster::KillOnDrop, std::process::ChildStdout) {
+    let mut cmd = std::process::Command::new(cluster::bin());
+    cmd.arg("--config").arg(c.config_path()).args(args);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    (cluster::KillOnDrop(child), stdout)
+}
+
 #[test]
 fn get_w_streams_a_change_from_the_hub_within_a_second() {
     use std::io::BufRead as _;
@@ -391,12 +401,7 @@ fn get_w_streams_a_change_from_the_hub_within_a_second() {
         &c,
         "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: old}\nspec: {runtime: wasm, image: r/old:1, replicas: 0}\n",
     );
-    let mut cmd = std::process::Command::new(cluster::bin());
-    cmd.arg("--config").arg(c.config_path()).args(["get", "workloads", "-w"]);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _watch = cluster::KillOnDrop(child);
+    let (_watch, stdout) = watching(&c, &["get", "workloads", "-w"]);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -441,12 +446,7 @@ fn get_w_o_json_prints_each_changed_object() {
         )
     };
     applied(&c, &wl("old"));
-    let mut cmd = std::process::Command::new(cluster::bin());
-    cmd.arg("--config").arg(c.config_path()).args(["get", "workloads", "-w", "-o", "json"]);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _watch = cluster::KillOnDrop(child);
+    let (_watch, stdout) = watching(&c, &["get", "workloads", "-w", "-o", "json"]);
     // Pretty-printed objects, one after another: each ends with a `}` alone on its line.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

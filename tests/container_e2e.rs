@@ -7,6 +7,8 @@
 mod busybox_image;
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/containers.rs"]
+mod containers;
 #[path = "support/janitor.rs"]
 mod janitor;
 #[path = "support/netns.rs"]
@@ -18,41 +20,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster::Cluster;
+use containers::push_busybox;
 use janitor::Janitor;
 use proto::messages::{Phase, ReplicaView, Termination};
 use registry::TestRegistry;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Root with cgroup controllers, or the reason these tests cannot run here.
 fn containers_possible() -> bool {
-    let why = if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
-        Some("not running as root")
-    } else if !Path::new("/sys/fs/cgroup/memory").is_dir() && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        Some("no cgroup memory controller")
-    } else if !Path::new("/bin/busybox").exists() {
-        Some("/bin/busybox missing (Debian's busybox-static)")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("container tests cannot run: {why}; CI must run them"),
-        Some(why) => {
-            eprintln!("skipping container test: {why}");
-            false
-        }
-    }
-}
-
-/// Builds a busybox OCI layout running `cmd` and pushes it with `flotilla push`.
-fn push_busybox(reg: &TestRegistry, dir: &Path, name: &str, cmd: &[&str]) -> String {
-    let layout = dir.join(format!("layout-{}", name.replace(':', "-")));
-    assert!(busybox_image::write_busybox_layout(&layout, name, cmd), "cannot build the busybox image");
-    let reference = reg.reference(name);
-    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), layout.as_os_str(), reference.as_ref()]);
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-    reference
+    containers::containers_possible("container")
 }
 
 fn workload(name: &str, image: &str, extra: &str) -> String {

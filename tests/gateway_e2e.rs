@@ -9,6 +9,8 @@
 mod busybox_image;
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/containers.rs"]
+mod containers;
 #[path = "support/janitor.rs"]
 mod janitor;
 #[path = "support/netns.rs"]
@@ -22,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster::Cluster;
+use containers::push_busybox;
 use janitor::Janitor;
 use proto::messages::Phase;
 use registry::TestRegistry;
@@ -31,35 +34,8 @@ const WAIT: Duration = Duration::from_secs(90);
 const GATEWAY_PORT: u16 = 8480;
 const METRICS_PORT: u16 = 9464;
 
-/// Root with cgroup controllers and busybox, or the reason these tests cannot run here.
 fn containers_possible() -> bool {
-    let why = if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
-        Some("not running as root")
-    } else if !Path::new("/sys/fs/cgroup/memory").is_dir() && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        Some("no cgroup memory controller")
-    } else if !Path::new("/bin/busybox").exists() {
-        Some("/bin/busybox missing (Debian's busybox-static)")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("gateway tests cannot run: {why}; CI must run them"),
-        Some(why) => {
-            eprintln!("skipping gateway test: {why}");
-            false
-        }
-    }
-}
-
-/// Builds a busybox OCI layout running `cmd` and pushes it with `flotilla push`.
-fn push_busybox(reg: &TestRegistry, dir: &Path, name: &str, cmd: &[&str]) -> String {
-    let layout = dir.join(format!("layout-{}", name.replace(':', "-")));
-    assert!(busybox_image::write_busybox_layout(&layout, name, cmd), "cannot build the busybox image");
-    let reference = reg.reference(name);
-    let out = cluster::flotilla(&[std::ffi::OsStr::new("push"), layout.as_os_str(), reference.as_ref()]);
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-    reference
+    containers::containers_possible("gateway")
 }
 
 fn apply(c: &Cluster, doc: &str) {
