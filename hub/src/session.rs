@@ -52,7 +52,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
     };
     // The certificate this session speaks with: the handshake's, then each one it renews.
     let mut cert = leaf.fingerprint.clone();
-    match shared.store.certificate_verdict(&node, &cert).await {
+    match Box::pin(shared.store.certificate_verdict(&node, &cert)).await {
         Ok(v) if v.admits() => {}
         Ok(v) => return refuse_certificate(&conn, &node, v),
         Err(e) => {
@@ -61,7 +61,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
             return;
         }
     }
-    let opened = tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
+    let opened = Box::pin(tokio::time::timeout(HANDSHAKE_MSG_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
         match frame::read::<AgentMsg>(&mut recv).await {
             Ok(Some(AgentMsg::Hello { facts, generation, statuses })) => {
@@ -72,7 +72,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                 None
             }
         }
-    })
+    }))
     .await;
     let Ok(Some((mut send, recv, mut facts, generation, statuses))) = opened else {
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hello expected on the control stream");
@@ -87,7 +87,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
             != Some(version);
         if first {
             warn!(agent_version = %facts.agent_version, reason = %why, "agent session refused: version skew");
-            if let Err(e) = shared.store.set_node_problem(&node, &why).await {
+            if let Err(e) = Box::pin(shared.store.set_node_problem(&node, &why)).await {
                 debug!(error = %e, "cannot record the node's problem");
             }
         }
@@ -107,9 +107,9 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
         );
     }
     let not_after_ms = leaf.not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
-    let check_in = shared.store.check_in(&node, &cert, not_after_ms, &facts, now).await;
+    let check_in = Box::pin(shared.store.check_in(&node, &cert, not_after_ms, &facts, now)).await;
     if matches!(check_in, Ok((_, Some(_)))) {
-        crate::events::node(&shared, &node, "Ready", format!("connected to hub {}", shared.hub_id)).await;
+        Box::pin(crate::events::node(&shared, &node, "Ready", format!("connected to hub {}", shared.hub_id))).await;
     }
     match check_in {
         Ok((_, Some(row))) => {
@@ -125,7 +125,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                     store_generation = row.generation,
                     "the agent is ahead of the store; raising its generation"
                 );
-                if let Err(e) = shared.store.raise_generation(&node, generation).await {
+                if let Err(e) = Box::pin(shared.store.raise_generation(&node, generation)).await {
                     warn!(error = %e, "cannot raise the node's generation");
                 }
             }
@@ -139,7 +139,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
     }
     // A node that runs containers holds a subnet of the cluster CIDR from its first session on.
     if facts.runtimes.contains(&proto::manifest::Runtime::Container) {
-        match shared.store.ensure_node_subnet(&node, shared.network).await {
+        match Box::pin(shared.store.ensure_node_subnet(&node, shared.network)).await {
             Ok(SubnetOutcome::Held(_)) => {}
             Ok(SubnetOutcome::Allocated(n)) => info!(subnet = %n.subnet, "node got its container subnet"),
             Ok(SubnetOutcome::Exhausted { cidr, nodes }) => {
@@ -158,7 +158,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
         }
     }
     // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
-    let mut held: BTreeSet<String> = match shared.store.assignment_set(&node).await {
+    let mut held: BTreeSet<String> = match Box::pin(shared.store.assignment_set(&node)).await {
         Ok(set) => set.assignments.into_iter().map(|a| a.name).collect(),
         Err(e) => {
             warn!(error = %e, "cannot load assignment set");
@@ -166,10 +166,12 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
         }
     };
     let statuses = held_statuses(statuses, &held);
-    if let Err(e) = shared.metrics.timed(StoreOp::Status, shared.store.record_statuses(&node, &statuses)).await {
+    if let Err(e) =
+        Box::pin(shared.metrics.timed(StoreOp::Status, shared.store.record_statuses(&node, &statuses))).await
+    {
         warn!(error = %e, "cannot record statuses");
     }
-    if let Err(e) = shared.store.set_node_session(&node, &shared.hub_id, true, now).await {
+    if let Err(e) = Box::pin(shared.store.set_node_session(&node, &shared.hub_id, true, now)).await {
         warn!(error = %e, "cannot record the node's session");
     }
 
@@ -189,13 +191,15 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
 
     // Frames are read on their own task: `frame::read` is not cancel-safe, so it must not sit
     // in a select! beside the wake-up.
-    let (tx, mut rx) = mpsc::channel::<AgentMsg>(64);
+    // Boxed: the channel allocates its slots in blocks of 32, which for `AgentMsg` inline
+    // (a few hundred bytes) was 12 KiB per session, idle or not.
+    let (tx, mut rx) = mpsc::channel::<Box<AgentMsg>>(64);
     let reader = tokio::spawn(async move {
         let mut recv = recv;
         loop {
             match frame::read::<AgentMsg>(&mut recv).await {
                 Ok(Some(msg)) => {
-                    if tx.send(msg).await.is_err() {
+                    if tx.send(Box::new(msg)).await.is_err() {
                         break;
                     }
                 }
@@ -219,7 +223,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
         if dirty {
             dirty = false;
             // A delete or a re-join revokes the certificate this session holds.
-            match shared.store.certificate_verdict(&node, &cert).await {
+            match Box::pin(shared.store.certificate_verdict(&node, &cert)).await {
                 Ok(v) if !v.admits() => {
                     revoked = Some(v);
                     break;
@@ -227,19 +231,19 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot check the node's certificate"),
             }
-            match shared.store.assignment_set(&node).await {
+            match Box::pin(shared.store.assignment_set(&node)).await {
                 Ok(mut set) if Some(set.generation) != sent_generation => {
                     // This hub takes the node's liveness from the connection itself
                     // (`crate::heartbeats`): the agent need not send heartbeats.
                     set.connection_liveness = true;
                     let generation = set.generation;
                     let names = set.assignments.iter().map(|a| a.name.clone()).collect();
-                    match send_set(&mut send, &set).await {
+                    match Box::pin(send_set(&mut send, &set)).await {
                         Ok(()) => {
                             held = names;
                             sent_generation = Some(generation);
                             if unsendable.take().is_some() {
-                                let _ = shared.store.set_node_problem(&node, "").await;
+                                let _ = Box::pin(shared.store.set_node_problem(&node, "")).await;
                             }
                         }
                         Err(SendError::Stream(_)) => break,
@@ -247,7 +251,7 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                             if unsendable != Some(generation) {
                                 let problem = format!("assignment set generation {generation} cannot be sent: {e}");
                                 tracing::error!(generation, error = %e, "assignment set cannot be sent; the node keeps its previous set");
-                                let _ = shared.store.set_node_problem(&node, &problem).await;
+                                let _ = Box::pin(shared.store.set_node_problem(&node, &problem)).await;
                                 unsendable = Some(generation);
                             }
                         }
@@ -275,17 +279,17 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
                 }
             }
             msg = rx.recv() => {
-                let Some(msg) = msg else { break };
+                let Some(msg) = msg.map(|m| *m) else { break };
                 let msg = match msg {
                     AgentMsg::Status { statuses } => AgentMsg::Status { statuses: held_statuses(statuses, &held) },
                     other => other,
                 };
-                handle_agent_msg(&shared, &node, &cert, msg).await;
+                Box::pin(handle_agent_msg(&shared, &node, &cert, msg)).await;
             }
         }
     }
     if let Some(verdict) = revoked {
-        fence_revoked(&conn, &mut send, &mut rx, &node, verdict, shared.store.id()).await;
+        Box::pin(fence_revoked(&conn, &mut send, &mut rx, &node, verdict, shared.store.id())).await;
     }
     reader.abort();
     let ended = {
@@ -302,11 +306,12 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
     // After the session left the list (see `LinkTraffic`): its last bytes count once.
     shared.metrics.link_ended(&node, &conn);
     if ended {
-        let _ = shared.store.set_node_session(&node, &shared.hub_id, false, now_ms()).await;
-        crate::events::node(&shared, &node, "NotReady", format!("its link to hub {} ended", shared.hub_id)).await;
+        let _ = Box::pin(shared.store.set_node_session(&node, &shared.hub_id, false, now_ms())).await;
+        Box::pin(crate::events::node(&shared, &node, "NotReady", format!("its link to hub {} ended", shared.hub_id)))
+            .await;
         shared.trigger_reconcile();
     } else {
-        let _ = shared.store.touch_node(&node, now_ms()).await;
+        let _ = Box::pin(shared.store.touch_node(&node, now_ms())).await;
     }
 }
 
@@ -326,7 +331,7 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 async fn fence_revoked(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    rx: &mut mpsc::Receiver<AgentMsg>,
+    rx: &mut mpsc::Receiver<Box<AgentMsg>>,
     node: &str,
     verdict: crate::identity::CertVerdict,
     store: &str,
@@ -344,7 +349,7 @@ async fn fence_revoked(
     if send_set(send, &empty).await.is_ok() {
         let _ = tokio::time::timeout(FENCE_TIMEOUT, async {
             while let Some(msg) = rx.recv().await {
-                if matches!(msg, AgentMsg::Ack { generation: 0 }) {
+                if matches!(*msg, AgentMsg::Ack { generation: 0 }) {
                     break;
                 }
             }
