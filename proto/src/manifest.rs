@@ -185,15 +185,18 @@ pub struct WorkloadSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Strategy {
-    /// Replicas that may be unavailable (updating, or not ready) at once during a rollout
-    /// (default: a quarter of the replicas, at least 1).
+    /// Replicas that may be unavailable (updating, or not ready) at once during a rollout: a
+    /// number, or a percentage of the replicas rounded down (`10%`) and at least 1 unless
+    /// `maxSurge` allows a surge, as Kubernetes' (default: a quarter of the replicas, at
+    /// least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_unavailable: Option<u32>,
-    /// Extra replicas (beyond `replicas`) a rollout may run while it replaces old ones
-    /// (default 0). With `maxUnavailable: 0`, availability never drops during a rollout.
+    pub max_unavailable: Option<IntOrPercent>,
+    /// Extra replicas (beyond `replicas`) a rollout may run while it replaces old ones: a
+    /// number, or a percentage of the replicas rounded up (default 0). With `maxUnavailable:
+    /// 0`, availability never drops during a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = 0))]
-    pub max_surge: Option<u32>,
+    pub max_surge: Option<IntOrPercent>,
     /// How long a rollout may go without an updated replica becoming available before the
     /// hub rolls the workload back to its previous template (default 10m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,13 +220,143 @@ impl Strategy {
             .unwrap_or(DEFAULT_PROGRESS_DEADLINE_MS)
     }
 
-    /// The batch size for a workload of `replicas`: as set (0 only with a surge), else a
-    /// quarter of the replicas, at least 1.
+    /// The batch size for a workload of `replicas`: as set (a percentage rounded down; at
+    /// least 1 unless [`Strategy::max_surge`] is more than 0, as Kubernetes does, since a
+    /// rollout with neither could never start), else a quarter of the replicas, at least 1.
     pub fn max_unavailable(&self, replicas: u32) -> u32 {
-        match self.max_unavailable {
+        match self.max_unavailable.map(|n| n.of(replicas, Rounding::Down)) {
+            Some(0) if self.max_surge(replicas) == 0 => 1,
             Some(n) => n,
             None => (replicas / 4).max(1),
         }
+    }
+
+    /// The surge for a workload of `replicas`: as set (a percentage rounded up), else 0.
+    pub fn max_surge(&self, replicas: u32) -> u32 {
+        self.max_surge.map_or(0, |n| n.of(replicas, Rounding::Up))
+    }
+}
+
+/// A count of replicas, or a percentage of them (`maxUnavailable: 10%`), as Kubernetes'
+/// `IntOrString` in a rollout strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntOrPercent {
+    Count(u32),
+    /// 0 to 100.
+    Percent(u32),
+}
+
+/// How a percentage of replicas becomes a whole number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    Down,
+    Up,
+}
+
+impl IntOrPercent {
+    /// The number this stands for out of `total` replicas.
+    pub fn of(self, total: u32, rounding: Rounding) -> u32 {
+        match self {
+            IntOrPercent::Count(n) => n,
+            IntOrPercent::Percent(p) => {
+                let scaled = u64::from(total) * u64::from(p.min(100));
+                let n = match rounding {
+                    Rounding::Down => scaled / 100,
+                    Rounding::Up => scaled.div_ceil(100),
+                };
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    /// Whether this is none of the replicas (0 or 0%).
+    pub fn is_zero(self) -> bool {
+        matches!(self, IntOrPercent::Count(0) | IntOrPercent::Percent(0))
+    }
+}
+
+impl From<u32> for IntOrPercent {
+    fn from(n: u32) -> IntOrPercent {
+        IntOrPercent::Count(n)
+    }
+}
+
+impl fmt::Display for IntOrPercent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntOrPercent::Count(n) => write!(f, "{n}"),
+            IntOrPercent::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for IntOrPercent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IntOrPercent, String> {
+        let bad = || format!("{s:?} is neither a number of replicas nor a percentage such as \"10%\"");
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u32>() {
+                Ok(p) if p <= 100 => Ok(IntOrPercent::Percent(p)),
+                Ok(_) => Err(format!("{s:?} is more than 100%")),
+                Err(_) => Err(bad()),
+            },
+            None => s.trim().parse::<u32>().map(IntOrPercent::Count).map_err(|_| bad()),
+        }
+    }
+}
+
+impl Serialize for IntOrPercent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IntOrPercent::Count(n) => s.serialize_u32(*n),
+            IntOrPercent::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IntOrPercent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IntOrPercent, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = IntOrPercent;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of replicas or a percentage such as \"10%\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<IntOrPercent, E> {
+                u32::try_from(n).map(IntOrPercent::Count).map_err(|_| E::custom(format!("{n} replicas is too many")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<IntOrPercent, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!("{n} is negative"))),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<IntOrPercent, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for IntOrPercent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrPercent".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*(100|[1-9]?[0-9])\s*%\s*$"},
+            ],
+            "examples": [1, "10%"],
+        })
     }
 }
 
@@ -1286,7 +1419,9 @@ impl Manifest {
         {
             return err("spec.strategy.progressDeadline", msg);
         }
-        if spec.strategy.max_unavailable == Some(0) && spec.strategy.max_surge.unwrap_or(0) == 0 {
+        if spec.strategy.max_unavailable.is_some_and(IntOrPercent::is_zero)
+            && spec.strategy.max_surge.is_none_or(IntOrPercent::is_zero)
+        {
             return err(
                 "spec.strategy.maxUnavailable",
                 "must be at least 1 unless maxSurge is (replicas are updated in place)".into(),
@@ -2083,6 +2218,38 @@ spec:
             .replace("resources: {memory: 64Mi}", "resources: {memory: 1.5Gi}\n  terminationGracePeriod: 1m30s");
         let t = parse_manifests(&c).unwrap()[0].template();
         assert_eq!((t.memory_bytes, t.grace_ms), (Some(3 << 29), Some(90_000)));
+    }
+
+    #[test]
+    fn rollout_limits_take_numbers_and_kubernetes_percentages() {
+        let with = |strategy: &str| {
+            parse_manifests(&GOOD.replace("replicas: 2", &format!("replicas: 2\n  strategy: {strategy}")))
+                .map(|m| m[0].spec.strategy.clone())
+        };
+        let s = with("{maxUnavailable: 10%}").unwrap();
+        assert_eq!(s.max_unavailable, Some(IntOrPercent::Percent(10)));
+        // Rounded down, as Kubernetes': 10 % of 10,000 is 1,000, of 15 is 1, of 5 is 0, which
+        // without a surge would never start, so 1.
+        assert_eq!((s.max_unavailable(10_000), s.max_unavailable(15), s.max_unavailable(5)), (1000, 1, 1));
+        // A surge is rounded up, and lets maxUnavailable round down to 0.
+        let s = with("{maxUnavailable: \"0%\", maxSurge: 25%}").unwrap();
+        assert_eq!((s.max_surge(2), s.max_surge(8), s.max_unavailable(8)), (1, 2, 0));
+        let s = with("{maxUnavailable: 3, maxSurge: 1}").unwrap();
+        assert_eq!((s.max_unavailable(10), s.max_surge(10)), (3, 1));
+        assert_eq!(Strategy::default().max_unavailable(8), 2);
+        // Written back as read: a number as a number, a percentage as a string.
+        let json = serde_json::to_value(with("{maxUnavailable: 10%, maxSurge: 2}").unwrap()).unwrap();
+        assert_eq!(json, serde_json::json!({"maxUnavailable": "10%", "maxSurge": 2}));
+        for (bad, says) in [
+            ("{maxUnavailable: 101%}", "more than 100%"),
+            ("{maxUnavailable: ten}", "neither a number of replicas nor a percentage"),
+            ("{maxUnavailable: -1}", "negative"),
+            ("{maxUnavailable: 0%}", "at least 1 unless maxSurge"),
+            ("{maxUnavailable: 0, maxSurge: 0%}", "at least 1 unless maxSurge"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub fn limits(m: &Manifest, current_replicas: u32) -> Limits {
     Limits {
         desired,
         max_unavailable: strategy.max_unavailable(desired),
-        max_surge: if replicated { strategy.max_surge.unwrap_or(0) } else { 0 },
+        max_surge: if replicated { strategy.max_surge(desired) } else { 0 },
         indexed: replicated,
     }
 }

@@ -553,7 +553,7 @@ impl Sim {
     fn check_running(&self) {
         for w in self.store.workloads.values().filter(|w| w.manifest.spec.kind == WorkloadKind::Replicated) {
             let name = &w.manifest.metadata.name;
-            let limit = w.manifest.spec.replicas() + w.manifest.spec.strategy.max_surge.unwrap_or(0);
+            let limit = w.manifest.spec.replicas() + w.manifest.spec.strategy.max_surge(w.manifest.spec.replicas());
             let running = self
                 .agents
                 .values()
@@ -679,7 +679,7 @@ impl Sim {
             let spec = &w.manifest.spec;
             let replicated = spec.kind == WorkloadKind::Replicated;
             let desired = if replicated { spec.replicas() } else { members.len() as u32 };
-            let surge = if replicated { spec.strategy.max_surge.unwrap_or(0) } else { 0 };
+            let surge = if replicated { spec.strategy.max_surge(desired) } else { 0 };
             // A scale-down removes the highest indexes whatever their state (as Kubernetes'
             // maxUnavailable does not limit a scale-down): those past every stand-in slot
             // count neither as available nor as disrupted.
@@ -746,7 +746,7 @@ impl Sim {
     fn check_surge(&self) {
         for w in self.store.workloads.values().filter(|w| w.manifest.spec.kind == WorkloadKind::Replicated) {
             let name = &w.manifest.metadata.name;
-            let limit = w.manifest.spec.replicas() + w.manifest.spec.strategy.max_surge.unwrap_or(0);
+            let limit = w.manifest.spec.replicas() + w.manifest.spec.strategy.max_surge(w.manifest.spec.replicas());
             let rows = self.store.replicas.values().filter(|r| r.replica.workload == *name).count() as u32;
             assert!(rows <= limit, "surge: {name} has {rows} replicas, limit {limit}");
         }
@@ -847,14 +847,14 @@ impl Setup {
         web.failover = self.failover_s.map_or(Failover::Never, |s| Failover::After(format!("{s}s")));
         // maxUnavailable 0 needs a surge.
         web.strategy.max_unavailable =
-            Some(if self.max_surge == 0 { self.max_unavailable.max(1) } else { self.max_unavailable });
-        web.strategy.max_surge = Some(self.max_surge);
+            Some(if self.max_surge == 0 { self.max_unavailable.max(1) } else { self.max_unavailable }.into());
+        web.strategy.max_surge = Some(self.max_surge.into());
         web.strategy.progress_deadline = deadline.clone();
         let every = &mut ws.every.spec;
         if let Some(site) = self.every_selector {
             every.node_selector.insert("site".into(), format!("s{site}"));
         }
-        every.strategy.max_unavailable = Some(1);
+        every.strategy.max_unavailable = Some(1.into());
         every.strategy.progress_deadline = deadline;
         let job = &mut ws.job.spec;
         job.env.insert("OUTCOME".into(), ["ok", "fail", "odd"][self.outcome as usize % 3].into());
