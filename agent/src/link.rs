@@ -190,7 +190,7 @@ impl Link {
                 config
             }
         };
-        let endpoint = tls::client_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
+        let endpoint = tls::link_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
         self.network.borrow_and_update();
         let conn = tokio::select! {
             r = tls::connect(&endpoint, config, addr) => r.map_err(|e| {

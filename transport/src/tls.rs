@@ -60,29 +60,38 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning::with_idle_timeout(Duration::from_secs(8))
+        Tuning::with_idle_timeout(DEFAULT_IDLE_TIMEOUT)
     }
 }
+
+/// The idle timeout of an agent's link and of the hub (`--link-timeout`, `--node-grace`)
+/// unless set otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Of the idle timeout, what is left after a keep-alive for QUIC's loss recovery to resend a
 /// lost one (probe timeouts, doubling from a few round trips) before the peer gives up.
 const RECOVERY_MARGIN: Duration = Duration::from_secs(3);
-/// The longest keep-alive interval: a NAT on the way forgets an idle UDP mapping after 30 s
-/// or more.
-const MAX_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The keep-alive interval an idle timeout allows on its own: [`RECOVERY_MARGIN`] before it,
+/// at least four per timeout, never below 100 ms.
+fn keep_alive_for(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).max(idle_timeout.saturating_sub(RECOVERY_MARGIN)).max(Duration::from_millis(100))
+}
 
 impl Tuning {
     /// Tuning that declares a connection dead after `idle_timeout` of silence. Keep-alives go
     /// out as rarely as that allows: [`RECOVERY_MARGIN`] before the timeout, but at least four
-    /// per timeout when it is short, at most every [`MAX_KEEP_ALIVE`] when it is long (8 s:
-    /// every 5 s). An idle link carries a keep-alive and its acknowledgement per interval and
-    /// nothing else, so this interval is an idle node's traffic (BENCHMARKS.md, "Fleet
-    /// scale"). QUIC uses the smaller of the two peers' idle timeouts.
+    /// per timeout when it is short (8 s: every 5 s). An idle link carries a keep-alive and
+    /// its acknowledgement per interval and nothing else, so this interval is an idle node's
+    /// traffic (BENCHMARKS.md, "Fleet scale").
+    ///
+    /// QUIC uses the smaller of the two peers' idle timeouts, but each side's keep-alives
+    /// follow its own settings. So a timeout longer than [`DEFAULT_IDLE_TIMEOUT`] still sends
+    /// keep-alives as often as the default does, which a hub on the default needs; a hub with
+    /// a shorter one than its agents sends keep-alives of its own
+    /// ([`Tuning::server_liveness`]).
     pub fn with_idle_timeout(idle_timeout: Duration) -> Tuning {
-        let keep_alive = (idle_timeout / 4)
-            .max(idle_timeout.saturating_sub(RECOVERY_MARGIN))
-            .min(MAX_KEEP_ALIVE)
-            .max(Duration::from_millis(100));
+        let keep_alive = keep_alive_for(idle_timeout).min(keep_alive_for(DEFAULT_IDLE_TIMEOUT));
         Tuning { keep_alive, idle_timeout }
     }
 
@@ -99,13 +108,17 @@ impl Tuning {
         Ok(transport)
     }
 
-    /// The hub's side: the idle timeout only. Clients send the keep-alives (an agent's every
-    /// `keep_alive`), and any packet received, an ACK of one included, restarts each side's
-    /// idle timer, so pings from both sides would only double the idle traffic of every
-    /// connection (measured with `flotilla sim`, BENCHMARKS.md "Fleet scale").
+    /// The hub's side. Clients send the keep-alives (an agent's at least as often as the
+    /// default tuning's), and any packet received, an ACK of one included, restarts each
+    /// side's idle timer, so pings from both sides would only double the idle traffic of every
+    /// connection (measured with `flotilla sim`, BENCHMARKS.md "Fleet scale"). A hub whose
+    /// idle timeout is shorter than the default (`--node-grace 3s`) would lose idle agents on
+    /// the default between two of their keep-alives, so it sends its own.
     fn server_liveness(&self) -> Result<quinn::TransportConfig, TlsError> {
         let mut transport = self.liveness()?;
-        transport.keep_alive_interval(None);
+        if self.idle_timeout >= DEFAULT_IDLE_TIMEOUT {
+            transport.keep_alive_interval(None);
+        }
         Ok(transport)
     }
 }
@@ -292,6 +305,36 @@ pub fn client_endpoint() -> Result<quinn::Endpoint, TlsError> {
             quinn::Endpoint::client(v4).map_err(|source| TlsError::Bind { addr: v4, source })
         }
     }
+}
+
+/// The endpoint of an agent's link to its hub: as [`client_endpoint`], but the connection IDs
+/// this side asks the hub to put on its packets are empty. An agent holds one connection to a
+/// hub at a time from its own socket, so the socket's address pair identifies the connection
+/// and the 8 bytes an ID would take come off every packet the hub sends it: an idle link's
+/// acknowledgements are 27 bytes instead of 35 (BENCHMARKS.md, "Fleet scale"). Migration still
+/// works the way an agent needs it: the hub's IDs are unchanged, so a NAT rebinding the agent's
+/// address keeps its connection. One connection per endpoint: a second one to the same
+/// address, even after the first closed (it drains for a while), would take over the routing
+/// of the first, and the first's end would take it away from the second; the agent makes an
+/// endpoint per session.
+pub fn link_endpoint() -> Result<quinn::Endpoint, TlsError> {
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+    let bind = |addr: SocketAddr| {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        quinn::Endpoint::new(link_endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime))
+    };
+    bind(v6).or_else(|e| {
+        tracing::debug!(error = %e, "ipv6 link endpoint unavailable, using ipv4");
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        bind(v4).map_err(|source| TlsError::Bind { addr: v4, source })
+    })
+}
+
+/// The endpoint configuration of [`link_endpoint`]: zero-length local connection IDs.
+pub fn link_endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(0)));
+    config
 }
 
 /// An endpoint accepting connections on `addr` with `config`.
@@ -534,7 +577,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
 mod tests {
 
     #[test]
-    fn keep_alives_leave_three_seconds_to_recover_a_lost_one_and_stay_within_nat_timeouts() {
+    fn keep_alives_leave_three_seconds_to_recover_a_lost_one_and_come_as_often_as_the_defaults() {
         let t = Tuning::with_idle_timeout(Duration::from_secs(8));
         assert_eq!((t.keep_alive, t.idle_timeout), (Duration::from_secs(5), Duration::from_secs(8)));
         assert_eq!(Tuning::default(), t);
@@ -542,11 +585,21 @@ mod tests {
         assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(3)).keep_alive, Duration::from_millis(750));
         assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(2)).keep_alive, Duration::from_millis(500));
         assert_eq!(Tuning::with_idle_timeout(Duration::from_millis(200)).keep_alive, Duration::from_millis(100));
-        // Long ones: never rarer than a NAT's memory.
-        assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(12)).keep_alive, Duration::from_secs(9));
+        // Long ones: as often as the default's, which a hub on the default times out by.
+        assert_eq!(Tuning::with_idle_timeout(Duration::from_secs(12)).keep_alive, Duration::from_secs(5));
         let t = Tuning::with_idle_timeout(Duration::from_secs(60));
-        assert_eq!(t.keep_alive, Duration::from_secs(15));
+        assert_eq!(t.keep_alive, Duration::from_secs(5));
         assert!(t.transport().is_ok());
+    }
+
+    #[test]
+    fn a_hub_pings_only_when_its_timeout_is_shorter_than_the_agents_default() {
+        let pings = |idle| {
+            let t = Tuning::with_idle_timeout(Duration::from_secs(idle)).server_liveness().unwrap();
+            format!("{t:?}").contains("keep_alive_interval: Some")
+        };
+        assert!(!pings(8) && !pings(30));
+        assert!(pings(3) && pings(7));
     }
     use super::*;
 

@@ -316,3 +316,69 @@ async fn a_reused_client_config_resumes_the_tls_session() {
     eprintln!("bytes received by the client: full handshake {}, resumed {}", received[0], received[1]);
     assert!(received[1] + 3000 < received[0], "no resumption: {received:?}");
 }
+
+/// Two ends of a connection from `endpoint` to `hub`, established.
+async fn connect_from(
+    hub: &Hub,
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+) -> (quinn::Connection, quinn::Connection) {
+    let server = hub.accept();
+    let client = tokio::time::timeout(STEP, tls::connect(endpoint, config, hub.addr)).await.unwrap().unwrap();
+    let server = tokio::time::timeout(STEP, server).await.unwrap().unwrap().unwrap();
+    (client, server)
+}
+
+/// Whichever side has the shorter idle timeout, an idle connection stays up: a hub with a
+/// short `--node-grace` pings its agents itself, and an agent with a long `--link-timeout`
+/// still pings as often as a hub on the default needs.
+#[tokio::test]
+async fn an_idle_link_outlives_either_sides_idle_timeout_when_the_two_differ() {
+    let short_hub = Hub::start_tuned(
+        Ca::generate("flotilla test ca").unwrap(),
+        &Tuning::with_idle_timeout(std::time::Duration::from_secs(2)),
+    );
+    let default_hub = Hub::start();
+    let long = Tuning::with_idle_timeout(std::time::Duration::from_secs(30));
+    let a = connect_from(&short_hub, &tls::link_endpoint().unwrap(), short_hub.mtls("node:a", ALPN_AGENT)).await;
+    let b =
+        connect_from(&default_hub, &tls::link_endpoint().unwrap(), default_hub.mtls_tuned("node:b", ALPN_AGENT, &long))
+            .await;
+    // Past the default's 8 s idle timeout, with nothing sent by either application.
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    for (what, (client, server)) in [("2 s hub, default agent", &a), ("default hub, 30 s agent", &b)] {
+        assert!(client.close_reason().is_none(), "{what}: the agent's side closed: {:?}", client.close_reason());
+        assert!(server.close_reason().is_none(), "{what}: the hub's side closed: {:?}", server.close_reason());
+    }
+}
+
+/// An agent's link endpoint asks the hub for empty connection IDs, so every packet the hub
+/// sends it is 8 bytes shorter than to an ordinary client, through the same exchange.
+#[tokio::test]
+async fn the_link_endpoint_takes_eight_bytes_off_each_packet_the_hub_sends() {
+    let hub = Hub::start();
+    async fn bytes_per_packet(hub: &Hub, endpoint: quinn::Endpoint) -> f64 {
+        let (client, server) = connect_from(hub, &endpoint, hub.mtls("node:a", ALPN_AGENT)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (mut send, _) = client.open_bi().await.unwrap();
+        send.write_all(b"x").await.unwrap();
+        let (_, mut recv) = tokio::time::timeout(STEP, server.accept_bi()).await.unwrap().unwrap();
+        let mut byte = [0u8; 1];
+        recv.read_exact(&mut byte).await.unwrap();
+        let before = server.stats().udp_tx;
+        for _ in 0..20 {
+            send.write_all(b"x").await.unwrap();
+            tokio::time::timeout(STEP, recv.read_exact(&mut byte)).await.unwrap().unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let after = server.stats().udp_tx;
+        assert!(after.datagrams > before.datagrams);
+        (after.bytes - before.bytes) as f64 / (after.datagrams - before.datagrams) as f64
+    }
+    let plain = bytes_per_packet(&hub, tls::client_endpoint().unwrap()).await;
+    let link = bytes_per_packet(&hub, tls::link_endpoint().unwrap()).await;
+    eprintln!("bytes per packet the hub sends: {plain:.1} to a client endpoint, {link:.1} to a link endpoint");
+    // 8 bytes of connection ID; an acknowledgement's delay field may differ by a byte or two.
+    assert!((6.0..=10.0).contains(&(plain - link)), "{plain:.1} vs {link:.1}");
+}

@@ -23,8 +23,13 @@ impl Hub {
     }
 
     pub fn start_with(ca: Ca) -> Hub {
+        Hub::start_tuned(ca, &Tuning::default())
+    }
+
+    /// A hub whose connections are tuned with `tuning` (its idle timeout is `--node-grace`).
+    pub fn start_tuned(ca: Ca, tuning: &Tuning) -> Hub {
         let server = ca.issue_server(&["127.0.0.1".to_string()], HOUR).unwrap();
-        let config = tls::server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), &Tuning::default()).unwrap();
+        let config = tls::server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), tuning).unwrap();
         let endpoint = tls::server_endpoint(config, "127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = endpoint.local_addr().unwrap();
         Hub { ca, endpoint, addr }
@@ -40,8 +45,12 @@ impl Hub {
     }
 
     pub fn mtls(&self, common_name: &str, alpn: &[u8]) -> quinn::ClientConfig {
+        self.mtls_tuned(common_name, alpn, &Tuning::default())
+    }
+
+    pub fn mtls_tuned(&self, common_name: &str, alpn: &[u8], tuning: &Tuning) -> quinn::ClientConfig {
         let creds = self.ca.issue_client(common_name, HOUR).unwrap();
-        tls::client_config_mtls(self.ca.cert_pem(), &creds.cert_pem, &creds.key_pem, alpn, &Tuning::default()).unwrap()
+        tls::client_config_mtls(self.ca.cert_pem(), &creds.cert_pem, &creds.key_pem, alpn, tuning).unwrap()
     }
 }
 
