@@ -11,12 +11,23 @@
 //! wire per node, the hub's and the simulator's CPU, the hub's memory), then, with `--apply`,
 //! apply a manifest through the CLI and measure how long each replica took to be reported
 //! Running. Bytes are QUIC's UDP payload (QUIC and TLS overhead included), from quinn's
-//! connection statistics.
+//! connection statistics. Then, each when asked for, in this order:
+//! - `--update`: apply a second manifest (a rolling update of the first) and time it until
+//!   every replica runs the new template;
+//! - `--drop-links N`: cut the links of N nodes at once (their packets are dropped both ways,
+//!   as a cut cable would), time until the hub shows all N NotReady, restore the links after
+//!   `--drop-for`, time until it shows them all Ready again;
+//! - `--restart-hub CMD`: SIGKILL the hub (`--hub-pid`), start it again with CMD, and time
+//!   until every node is connected and Ready, with the restarted hub's peak CPU and memory
+//!   and the replicas the hub had started again (0 expected).
+//!
+//! Each node has a socket and an endpoint of its own, set up as an agent's link endpoint
+//! ([`tls::link_endpoint_config`]), so the bytes are an agent's.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +50,7 @@ pub struct SimArgs {
     /// Simulated nodes.
     #[arg(long, default_value_t = 100)]
     agents: u32,
-    /// Nodes sharing one source address (and one QUIC endpoint).
+    /// Nodes sharing one source address (each with its own port).
     #[arg(long, default_value_t = 25)]
     per_address: u32,
     /// The first source address; the next groups take the addresses after it.
@@ -76,6 +87,22 @@ pub struct SimArgs {
     /// The hub's pid, to report its CPU and memory beside the simulator's.
     #[arg(long)]
     hub_pid: Option<u32>,
+    /// A manifest to apply after `--apply` has run everywhere, a new template of the same
+    /// workload (e.g. a new image, with `strategy: {maxUnavailable: 10%}`): the simulator
+    /// times the rolling update until every replica runs the new template.
+    #[arg(long, requires = "apply")]
+    update: Option<PathBuf>,
+    /// Cut the links of this many nodes (spread over the fleet) at once, then restore them.
+    #[arg(long, default_value_t = 0)]
+    drop_links: u32,
+    /// How long the links of `--drop-links` stay cut, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drop_for: Duration,
+    /// SIGKILL the hub (`--hub-pid`) at the end and start it again with this shell command,
+    /// which must `exec` the hub (its pid is then the one measured); the restarted hub is
+    /// stopped when the simulator ends.
+    #[arg(long, requires = "hub_pid")]
+    restart_hub: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, proto::manifest::InvalidValue> {
@@ -96,6 +123,10 @@ struct Stats {
     live: Mutex<Vec<Option<quinn::Connection>>>,
     /// When each replica was first reported Running.
     running: Mutex<Vec<Instant>>,
+    /// Replicas the hub asked a node to start (a new name, or a new template for one).
+    starts: AtomicU64,
+    /// When each node's latest session began.
+    sessions_from: Mutex<Vec<Option<Instant>>>,
 }
 
 impl Stats {
@@ -111,6 +142,13 @@ impl Stats {
         (tx, rx)
     }
 
+    /// Nodes connected in a session that began after `t`.
+    fn connected_since(&self, t: Instant) -> u64 {
+        let from = self.sessions_from.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        from.iter().zip(live.iter()).filter(|(f, l)| l.is_some() && f.is_some_and(|f| f > t)).count() as u64
+    }
+
     fn running_count(&self) -> u64 {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
     }
@@ -120,7 +158,10 @@ impl Stats {
 struct Node {
     index: usize,
     name: String,
-    endpoint: quinn::Endpoint,
+    /// The node's source address (its port chosen per endpoint).
+    bind: SocketAddr,
+    /// Set while the node's link is cut.
+    cut: Arc<AtomicBool>,
     hub: SocketAddr,
     token: JoinToken,
     facts: NodeFacts,
@@ -141,13 +182,8 @@ pub async fn run(args: SimArgs) -> Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let stats = Arc::new(Stats::default());
     stats.live.lock().unwrap_or_else(|e| e.into_inner()).resize(args.agents as usize, None);
+    stats.sessions_from.lock().unwrap_or_else(|e| e.into_inner()).resize(args.agents as usize, None);
     let groups = args.agents.div_ceil(args.per_address);
-    let mut endpoints = Vec::with_capacity(groups as usize);
-    for g in 0..groups {
-        let ip = Ipv4Addr::from(u32::from(args.first_address).wrapping_add(g));
-        let bind = SocketAddr::new(IpAddr::V4(ip), 0);
-        endpoints.push(quinn::Endpoint::client(bind).with_context(|| format!("binding {bind}"))?);
-    }
     let cpu = Cpu::new(args.hub_pid);
     let started = Instant::now();
     println!(
@@ -155,13 +191,18 @@ pub async fn run(args: SimArgs) -> Result<()> {
         args.agents, groups, args.first_address, args.connect_rate
     );
     let pace = Duration::from_secs(1) / args.connect_rate;
+    let mut cuts = Vec::with_capacity(args.agents as usize);
     for i in 0..args.agents as usize {
         let mut labels = BTreeMap::new();
         labels.insert("site".to_string(), format!("store-{}", i as u32 % args.sites.max(1)));
+        let ip = Ipv4Addr::from(u32::from(args.first_address).wrapping_add(i as u32 / args.per_address));
+        let cut = Arc::new(AtomicBool::new(false));
+        cuts.push(cut.clone());
         let node = Node {
             index: i,
             name: format!("{}-{i}", args.name_prefix),
-            endpoint: endpoints[i / args.per_address as usize].clone(),
+            bind: SocketAddr::new(IpAddr::V4(ip), 0),
+            cut,
             hub,
             token: token.clone(),
             facts: NodeFacts {
@@ -204,43 +245,16 @@ pub async fn run(args: SimArgs) -> Result<()> {
     println!("sim: simulator RSS {} MiB", rss_of("self").unwrap_or(0) >> 20);
 
     if let Some(manifest) = &args.apply {
-        let config = args.config.as_ref().context("--apply needs --config")?;
-        let expect = args.expect_replicas.unwrap_or(all);
-        stats.running.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let cpu0 = cpu.sample();
-        let t0 = Instant::now();
-        let out = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("--config")
-            .arg(config)
-            .args(["apply", "-f"])
-            .arg(manifest)
-            .output()
-            .await?;
-        if !out.status.success() {
-            bail!("apply: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let applied = t0.elapsed();
-        wait_for("running", args.wait, || stats.running_count(), expect, &stats).await?;
-        let mut times: Vec<Duration> = {
-            let running = stats.running.lock().unwrap_or_else(|e| e.into_inner());
-            running.iter().map(|t| t.saturating_duration_since(t0)).collect()
-        };
-        times.sort();
-        let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1];
-        println!(
-            "sim: apply answered in {:.2}s; {} replicas reported Running: p50 {:.2}s, p99 {:.2}s, last {:.2}s after the apply (run delay {:?})",
-            applied.as_secs_f64(),
-            times.len(),
-            pct(0.50).as_secs_f64(),
-            pct(0.99).as_secs_f64(),
-            pct(1.0).as_secs_f64(),
-            args.run_delay
-        );
-        let took = t0.elapsed();
-        println!("sim: CPU from the apply to the last Running: {}", cpu0.since(&cpu.sample(), took));
-        if let Some(rss) = cpu.hub_rss() {
-            println!("sim: hub RSS {} MiB", rss >> 20);
-        }
+        apply_and_time("apply", manifest, &args, &stats, &cpu).await?;
+    }
+    if let Some(manifest) = &args.update {
+        apply_and_time("rolling update", manifest, &args, &stats, &cpu).await?;
+    }
+    if args.drop_links > 0 {
+        drop_links(&args, &cuts, &stats).await?;
+    }
+    if let Some(command) = &args.restart_hub {
+        restart_hub(command, &args, &stats).await?;
     }
     println!(
         "sim: done: {} joined, {} join failures, {} sessions lost",
@@ -286,7 +300,12 @@ impl Node {
         let tuning = tls::Tuning::default();
         let mut backoff = BACKOFF_MIN;
         let id = loop {
-            match agent::identity::join_via(&self.endpoint, self.hub, &self.token, &self.name, &tuning).await {
+            // As the agent: a join has an endpoint of its own, each session another.
+            let joined = match quinn::Endpoint::client(self.bind) {
+                Ok(endpoint) => agent::identity::join_via(&endpoint, self.hub, &self.token, &self.name, &tuning).await,
+                Err(e) => Err(agent::identity::IdentityError::Unreachable(e.to_string())),
+            };
+            match joined {
                 Ok(id) => break id,
                 Err(e) => {
                     self.stats.join_failures.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +326,14 @@ impl Node {
         let mut state = Session::default();
         backoff = BACKOFF_MIN;
         loop {
-            match tls::connect(&self.endpoint, config.clone(), self.hub).await {
+            let endpoint = match link_endpoint(self.bind, self.cut.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(node = %self.name, error = %e, "no endpoint");
+                    return;
+                }
+            };
+            match tls::connect(&endpoint, config.clone(), self.hub).await {
                 Ok(conn) => {
                     backoff = BACKOFF_MIN;
                     self.stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +355,11 @@ impl Node {
     }
 
     fn slot(&self, conn: Option<quinn::Connection>) {
+        if conn.is_some()
+            && let Some(at) = self.stats.sessions_from.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index)
+        {
+            *at = Some(Instant::now());
+        }
         if let Some(s) = self.stats.live.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index) {
             *s = conn;
         }
@@ -363,10 +394,8 @@ impl Node {
         heartbeat.tick().await;
         // As the agent: heartbeats only to a hub that wants them.
         let mut connection_liveness = false;
-        // Replicas to report Running, and when.
-        let mut due: Vec<(tokio::time::Instant, String, String)> = Vec::new();
         let why = loop {
-            let next = due.iter().map(|d| d.0).min();
+            let next = state.due.iter().map(|d| d.0).min();
             tokio::select! {
                 set = sets.recv() => {
                     let Some(set) = set else { break "the reader ended".to_string() };
@@ -379,9 +408,13 @@ impl Node {
                     let wanted: BTreeMap<String, String> =
                         set.assignments.into_iter().map(|a| (a.name, a.template_hash)).collect();
                     state.statuses.retain(|name, _| wanted.contains_key(name));
+                    state.due.retain(|d| wanted.get(&d.1) == Some(&d.2));
                     for (name, hash) in wanted {
-                        if state.statuses.get(&name).is_none_or(|s| s.template_hash != hash) {
-                            due.push((at, name, hash));
+                        if state.statuses.get(&name).is_none_or(|s| s.template_hash != hash)
+                            && !state.due.iter().any(|d| d.1 == name)
+                        {
+                            self.stats.starts.fetch_add(1, Ordering::Relaxed);
+                            state.due.push((at, name, hash));
                         }
                     }
                     if let Err(e) = frame::write(&mut send, &AgentMsg::Ack { generation: state.generation }).await {
@@ -390,8 +423,8 @@ impl Node {
                 }
                 _ = sleep_until(next) => {
                     let now = tokio::time::Instant::now();
-                    let (ready, later): (Vec<_>, Vec<_>) = due.drain(..).partition(|d| d.0 <= now);
-                    due = later;
+                    let (ready, later): (Vec<_>, Vec<_>) = state.due.drain(..).partition(|d| d.0 <= now);
+                    state.due = later;
                     let mut report = BTreeMap::new();
                     for (_, name, hash) in ready {
                         let ms = wall_ms();
@@ -437,6 +470,8 @@ impl Node {
 struct Session {
     generation: u64,
     statuses: BTreeMap<String, ReplicaStatus>,
+    /// Replicas to report Running, when, and their template.
+    due: Vec<(tokio::time::Instant, String, String)>,
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -505,4 +540,294 @@ fn rss_of(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Applies `manifest` through the CLI and waits until every replica it assigns (or
+/// `--expect-replicas`) is reported Running with its template; prints how long each took.
+async fn apply_and_time(
+    what: &str,
+    manifest: &std::path::Path,
+    args: &SimArgs,
+    stats: &Stats,
+    cpu: &Cpu,
+) -> Result<()> {
+    let config = args.config.as_ref().context("--apply needs --config")?;
+    let expect = args.expect_replicas.unwrap_or(u64::from(args.agents));
+    stats.running.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let cpu0 = cpu.sample();
+    let t0 = Instant::now();
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(config)
+        .args(["apply", "-f"])
+        .arg(manifest)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let applied = t0.elapsed();
+    wait_for("running", args.wait, || stats.running_count(), expect, stats).await?;
+    let mut times: Vec<Duration> = {
+        let running = stats.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.iter().map(|t| t.saturating_duration_since(t0)).collect()
+    };
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1];
+    println!(
+        "sim: {what} answered in {:.2}s; {} replicas reported Running: p50 {:.2}s, p99 {:.2}s, last {:.2}s after the apply (run delay {:?})",
+        applied.as_secs_f64(),
+        times.len(),
+        pct(0.50).as_secs_f64(),
+        pct(0.99).as_secs_f64(),
+        pct(1.0).as_secs_f64(),
+        args.run_delay
+    );
+    let took = t0.elapsed();
+    println!("sim: CPU from the {what} to the last Running: {}", cpu0.since(&cpu.sample(), took));
+    if let Some(rss) = cpu.hub_rss() {
+        println!("sim: hub RSS {} MiB", rss >> 20);
+    }
+    Ok(())
+}
+
+/// How often the hub's view of the nodes is asked for while a phase waits on it.
+const VIEW_POLL: Duration = Duration::from_millis(500);
+
+/// The hub's view of the nodes, through its client API with the admin config.
+struct HubView {
+    config: PathBuf,
+    client: Option<crate::client::Client>,
+}
+
+impl HubView {
+    fn new(args: &SimArgs) -> Result<HubView> {
+        let config = args.config.clone().context("--drop-links and --restart-hub need --config")?;
+        Ok(HubView { config, client: None })
+    }
+
+    /// Names of the nodes the hub shows Ready, or None if it cannot be asked right now.
+    async fn ready(&mut self) -> Option<std::collections::HashSet<String>> {
+        if self.client.is_none() {
+            let target = crate::client::Target { config: Some(&self.config), context: None };
+            self.client = crate::client::Client::connect(target).await.ok();
+        }
+        let req = proto::messages::ApiRequest::Get { kind: proto::messages::ResourceKind::Node };
+        match self.client.as_ref()?.request(&req).await {
+            Ok(proto::messages::ApiResponse::Nodes { items }) => {
+                Some(items.into_iter().filter(|n| n.ready).map(|n| n.name).collect())
+            }
+            Ok(other) => {
+                tracing::warn!(answer = ?other, "unexpected answer to a node list");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "node list failed; reconnecting");
+                self.client = None;
+                None
+            }
+        }
+    }
+
+    /// Waits until `done(ready nodes)` holds; how long that took from `since`.
+    async fn until(
+        &mut self,
+        what: &str,
+        since: Instant,
+        limit: Duration,
+        mut done: impl FnMut(&std::collections::HashSet<String>) -> bool,
+    ) -> Result<Duration> {
+        let mut next_report = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(ready) = self.ready().await
+                && done(&ready)
+            {
+                return Ok(since.elapsed());
+            }
+            if since.elapsed() > limit {
+                bail!("{what}: not within {limit:?}");
+            }
+            if Instant::now() >= next_report {
+                println!("sim: waiting: {what} ({:.0}s)", since.elapsed().as_secs_f64());
+                next_report += Duration::from_secs(5);
+            }
+            tokio::time::sleep(VIEW_POLL).await;
+        }
+    }
+}
+
+/// Cuts the links of `--drop-links` nodes spread over the fleet, waits for the hub to show
+/// them NotReady (and the others still Ready), restores them after `--drop-for` and waits for
+/// the hub to show them Ready again.
+async fn drop_links(args: &SimArgs, cuts: &[Arc<AtomicBool>], stats: &Stats) -> Result<()> {
+    let all = cuts.len();
+    let n = (args.drop_links as usize).min(all);
+    let chosen: Vec<usize> = (0..n).map(|k| k * all / n).collect();
+    let names: std::collections::HashSet<String> = chosen.iter().map(|i| format!("{}-{i}", args.name_prefix)).collect();
+    let mut view = HubView::new(args)?;
+    let losses0 = stats.session_losses.load(Ordering::Relaxed);
+    println!("sim: cutting the links of {n} nodes for {:?}", args.drop_for);
+    let cut_at = Instant::now();
+    for &i in &chosen {
+        cuts[i].store(true, Ordering::Relaxed);
+    }
+    let mut others_lost = 0usize;
+    let not_ready = view
+        .until("the cut nodes NotReady", cut_at, args.wait, |ready| {
+            others_lost = others_lost.max(all - n - ready.iter().filter(|r| !names.contains(*r)).count());
+            ready.iter().all(|r| !names.contains(r))
+        })
+        .await?;
+    println!(
+        "sim: all {n} cut nodes NotReady at the hub {:.1}s after the cut ({} other nodes not Ready at worst)",
+        not_ready.as_secs_f64(),
+        others_lost
+    );
+    tokio::time::sleep_until((cut_at + args.drop_for).into()).await;
+    let back_at = Instant::now();
+    for &i in &chosen {
+        cuts[i].store(false, Ordering::Relaxed);
+    }
+    let ready = view.until("the cut nodes Ready again", back_at, args.wait, |ready| names.is_subset(ready)).await?;
+    println!(
+        "sim: all {n} nodes Ready again {:.1}s after their links came back ({} sessions ended meanwhile)",
+        ready.as_secs_f64(),
+        stats.session_losses.load(Ordering::Relaxed) - losses0
+    );
+    Ok(())
+}
+
+/// SIGKILLs the hub, starts it again with `command`, and times the reconnect storm: every
+/// node connected, every node Ready at the hub, the restarted hub's CPU and memory (peak of
+/// one-second samples, and the mean), and the replicas the hub asked nodes to start again.
+async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()> {
+    let old = args.hub_pid.context("--restart-hub needs --hub-pid")?;
+    let all = args.agents as usize;
+    let starts0 = stats.starts.load(Ordering::Relaxed);
+    let mut view = HubView::new(args)?;
+    let killed = std::process::Command::new("kill").args(["-KILL", &old.to_string()]).status()?;
+    if !killed.success() {
+        bail!("kill -KILL {old} failed");
+    }
+    let t0 = Instant::now();
+    // The old process must be gone (its socket closed) before the new one binds.
+    while std::path::Path::new(&format!("/proc/{old}/stat")).exists() && t0.elapsed() < Duration::from_secs(10) {
+        if std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut hub = tokio::process::Command::new("sh").args(["-c", command]).kill_on_drop(true).spawn()?;
+    let pid = hub.id().context("the restarted hub exited at once")?;
+    println!("sim: hub {old} SIGKILLed; restarted as {pid}");
+    let peaks = Arc::new(Mutex::new((0.0f64, 0u64)));
+    let sampler = {
+        let peaks = peaks.clone();
+        tokio::spawn(async move {
+            let cpu = Cpu::new(Some(pid));
+            let mut last = cpu.sample();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = cpu.sample();
+                let pct = match (last.hub, now.hub) {
+                    (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+                    _ => 0.0,
+                };
+                let mut p = peaks.lock().unwrap_or_else(|e| e.into_inner());
+                p.0 = p.0.max(pct);
+                p.1 = p.1.max(cpu.hub_rss().unwrap_or(0));
+                last = now;
+            }
+        })
+    };
+    let cpu = Cpu::new(Some(pid));
+    let cpu0 = cpu.sample();
+    let result = async {
+        wait_for("reconnected", args.wait, || stats.connected_since(t0), all as u64, stats).await?;
+        let connected = t0.elapsed();
+        let ready = view.until("every node Ready", t0, args.wait, |ready| ready.len() >= all).await?;
+        Ok::<_, anyhow::Error>((connected, ready))
+    }
+    .await;
+    sampler.abort();
+    if let Ok(Some(status)) = hub.try_wait() {
+        bail!("the restarted hub exited: {status}");
+    }
+    let (connected, ready) = result?;
+    let (peak_cpu, peak_rss) = *peaks.lock().unwrap_or_else(|e| e.into_inner());
+    println!(
+        "sim: hub restart: all {all} reconnected {:.1}s and Ready {:.1}s after the SIGKILL; {} replicas started again",
+        connected.as_secs_f64(),
+        ready.as_secs_f64(),
+        stats.starts.load(Ordering::Relaxed) - starts0
+    );
+    println!(
+        "sim: restarted hub: CPU {} until all Ready, peak {peak_cpu:.0} % of a core in a second; peak RSS {} MiB",
+        cpu0.since(&cpu.sample(), ready),
+        peak_rss >> 20
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(hub);
+    Ok(())
+}
+
+/// A simulated node's endpoint for one session: an agent's link endpoint on `bind`, its socket
+/// wrapped so the link can be cut (`cut` set) and restored.
+fn link_endpoint(bind: SocketAddr, cut: Arc<AtomicBool>) -> Result<quinn::Endpoint> {
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(Cuttable { inner, cut });
+    Ok(quinn::Endpoint::new_with_abstract_socket(tls::link_endpoint_config(), None, socket, runtime)?)
+}
+
+/// A UDP socket whose datagrams, both ways, are dropped while `cut` is set: a link cut
+/// between the node and the hub, with nothing said to either.
+#[derive(Debug)]
+struct Cuttable {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    cut: Arc<AtomicBool>,
+}
+
+impl quinn::AsyncUdpSocket for Cuttable {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        if self.cut.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            match self.inner.poll_recv(cx, bufs, meta) {
+                std::task::Poll::Ready(Ok(_)) if self.cut.load(Ordering::Relaxed) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }

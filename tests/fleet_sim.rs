@@ -1,7 +1,9 @@
 //! The fleet simulator (`flotilla sim`), test-sized so it cannot rot: 60 simulated nodes from
 //! three source addresses join a real hub, connect, sit idle for a moment, and take an
 //! EveryNode workload, reporting each replica Running; the hub sees all of them Ready and the
-//! workload 60/60 ready. The measured runs are in BENCHMARKS.md ("Fleet scale").
+//! workload 60/60 ready. A second run takes the same kind of fleet through every mode: a
+//! rolling update at `maxUnavailable: 10%`, links cut and restored, and the hub SIGKILLed and
+//! restarted. The measured runs are in BENCHMARKS.md ("Fleet scale").
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -59,4 +61,70 @@ fn simulated_nodes_join_connect_and_run_an_every_node_workload() {
     for a in ["127.1.0.1", "127.1.0.2", "127.1.0.3"] {
         assert!(log.contains(a), "no connection from {a} in the hub log");
     }
+}
+
+#[test]
+fn the_simulator_times_a_rolling_update_cut_links_and_a_hub_restart() {
+    let c = Cluster::start();
+    let every = |image: &str, strategy: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: tick\nspec:\n  runtime: wasm\n  image: {image}\n  kind: EveryNode\n{strategy}"
+        )
+    };
+    let (first, second) = (c.dir.path().join("every.yaml"), c.dir.path().join("update.yaml"));
+    std::fs::write(&first, every("registry.invalid/tick:1", "")).unwrap();
+    std::fs::write(&second, every("registry.invalid/tick:2", "  strategy: {maxUnavailable: 10%}\n")).unwrap();
+    // The restart runs the hub as the cluster started it: same data dir, address and CIDR.
+    let restart = format!(
+        "exec {} hub --data-dir {} --listen {} --cluster-cidr {} >>{} 2>&1",
+        cluster::bin(),
+        c.hub_dir().display(),
+        c.hub_addr,
+        cluster::test_cluster_cidr(c.dir.path()),
+        c.dir.path().join("hub-restarted.log").display()
+    );
+    let hub_pid = c.hub.child.id().to_string();
+    let out = cluster::flotilla(&[
+        "sim",
+        "--hub",
+        &c.hub_addr,
+        "--token-file",
+        c.token_path().to_str().unwrap(),
+        "--agents",
+        "40",
+        "--per-address",
+        "20",
+        "--first-address",
+        "127.1.1.1",
+        "--idle",
+        "1s",
+        "--run-delay",
+        "100ms",
+        "--wait",
+        "60s",
+        "--apply",
+        first.to_str().unwrap(),
+        "--update",
+        second.to_str().unwrap(),
+        "--drop-links",
+        "4",
+        "--drop-for",
+        "1s",
+        "--restart-hub",
+        &restart,
+        "--config",
+        c.config_path().to_str().unwrap(),
+        "--hub-pid",
+        &hub_pid,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success(), "sim: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("rolling update answered"), "{text}");
+    assert_eq!(text.matches("40 replicas reported Running").count(), 2, "{text}");
+    assert!(text.contains("all 4 cut nodes NotReady at the hub"), "{text}");
+    assert!(text.contains("all 4 nodes Ready again"), "{text}");
+    // Nothing a node runs is started again by a hub restart.
+    assert!(text.contains("all 40 reconnected") && text.contains("0 replicas started again"), "{text}");
+    assert!(text.contains("peak RSS"), "{text}");
 }
