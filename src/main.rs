@@ -193,6 +193,25 @@ fn misplaced_client_option(matches: &clap::ArgMatches) -> Option<(String, &'stat
     }
 }
 
+/// What to say instead of clap's error when a command line has an option kubectl takes and
+/// Flotilla has no use for (clap would suggest passing `-n` as a value).
+fn kubectl_only_option(e: &clap::Error) -> Option<&'static str> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else { return None };
+    let name = arg.split('=').next().unwrap_or_default();
+    match name {
+        "-n" | "--namespace" | "-A" | "--all-namespaces" => Some(
+            "flotilla has no namespaces: every object is the cluster's; drop -n (separate \
+             clusters are contexts: `flotilla config get-contexts`)",
+        ),
+        "--kubeconfig" => Some("flotilla's config file is --config (or FLOTILLA_CONFIG), its clusters are --context"),
+        _ => None,
+    }
+}
+
 impl Global {
     /// The cluster client verbs connect to.
     fn target(&self) -> client::Target<'_> {
@@ -1098,7 +1117,16 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    let matches = cli_command().get_matches_from(argv);
+    let matches = match cli_command().try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(why) = kubectl_only_option(&e) {
+                eprintln!("error: {why}");
+                return std::process::ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     if let Some((verb, option)) = misplaced_client_option(&matches) {
         let hint = if matches!(verb.as_str(), "hub" | "agent") { "; its own config file is --config-file" } else { "" };
         eprintln!("error: --{option} is for the verbs that talk to a hub; `flotilla {verb}` does not take it{hint}");

@@ -1,5 +1,5 @@
-//! The CLI as a shell user meets it: completions for bash, zsh and fish, `version`, `get`,
-//! and `push --agent` into a real registry (Debian's `docker-registry`).
+//! The CLI as a shell user meets it: completions for bash, zsh and fish, `version`, `get`, errors
+//! for wrong flags, and `push --agent` into a real registry (Debian's `docker-registry`).
 //!
 //! The bash completion is loaded into a real bash and asked to complete; zsh and fish are not
 //! installed here, so their scripts are checked for what those shells look for.
@@ -32,6 +32,38 @@ fn bash_completes(line: &[&str]) -> Vec<String> {
     let o = std::process::Command::new("bash").arg("-c").arg(script).output().unwrap();
     assert!(o.status.success(), "bash: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap().lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+/// A mistyped flag, a kubectl flag Flotilla has no use for, a wrong output format or kind: each
+/// is refused with an error that says what would have worked (exit status 2 for a command line
+/// that does not parse, 1 for an unknown kind, as kubectl), before any hub is asked.
+#[test]
+fn a_wrong_flag_gets_an_error_that_says_what_would_work() {
+    let unknown_kind: &[&str] = &["unknown resource kind \"wrkloads\"", "nodes, workloads, replicas"];
+    let o = cluster::flotilla(&["get", "wrkloads"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(unknown_kind.iter().all(|s| err.contains(s)), "{err}");
+    for (args, says) in [
+        (
+            &["get", "workloads", "--wtch"][..],
+            &["unexpected argument '--wtch'", "a similar argument exists: '--watch'"][..],
+        ),
+        (&["get", "-n", "default", "workloads"], &["flotilla has no namespaces", "config get-contexts"]),
+        (&["get", "pods", "--all-namespaces"], &["flotilla has no namespaces"]),
+        (&["--kubeconfig", "k.yaml", "get", "nodes"], &["--config (or FLOTILLA_CONFIG)"]),
+        (&["get", "workloads", "-o", "yml"], &["invalid value 'yml'", "table, wide, json, yaml"]),
+        (&["apply", "web.yaml"], &["unexpected argument 'web.yaml'", "--filename <FILE>"]),
+        (&["run"], &["required", "<FILE>"]),
+    ] {
+        let o = cluster::flotilla(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "flotilla {args:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "flotilla {args:?} should say {s:?}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]
