@@ -602,12 +602,14 @@ pub(crate) async fn node_views(shared: &Shared) -> Result<Vec<NodeView>, StoreEr
         .into_iter()
         .map(|n| NodeView {
             ready: shared.is_connected(&n.name),
+            // A node this hub holds a session with is being seen now (heartbeats.rs: on a
+            // store of its own the hub does not rewrite the record while the session lasts).
+            last_seen_ms: if shared.holds_session(&n.name) { Some(now_ms()) } else { n.last_seen_ms },
             movable_replicas: movable.get(&n.name).copied().unwrap_or(0),
             name: n.name,
             facts: n.facts,
             generation: n.generation,
             acked_generation: n.acked_generation,
-            last_seen_ms: n.last_seen_ms,
             joined_at_ms: n.joined_at_ms,
             cordoned: n.cordoned,
             draining: n.draining,

@@ -43,7 +43,9 @@ pub(crate) struct Shared {
     pub(crate) network: crate::network::ClusterNetwork,
     /// Service addresses, the cluster domain and the site label.
     pub(crate) services: crate::services_shell::ServiceConfig,
-    /// std Mutex: held only for map operations, never across an await.
+    /// std Mutex: held only for map operations, never across an await. Lock order: a holder
+    /// of `sessions` may take `presence` (a session records its end there), never the other
+    /// way round; `remote_connected` is taken alone or inside `sessions` ([`Shared::is_connected`]).
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     pub(crate) next_session: AtomicU64,
     pub(crate) reconcile: Notify,
@@ -56,7 +58,8 @@ pub(crate) struct Shared {
     started: Instant,
     /// This process's reading of cluster time (see [`crate::controller::time`]).
     pub(crate) clock: ClusterClock,
-    /// When each node was last heard of. std Mutex: map operations only.
+    /// When each node was last heard of. std Mutex: map operations only, and nothing else
+    /// taken while it is held (see `sessions` for the order).
     pub(crate) presence: Mutex<Presence>,
     /// The scheduler's warnings of the last pass, so each is logged once. std Mutex: set
     /// operations only.
@@ -143,6 +146,11 @@ impl Shared {
     /// Whether the node's agent is connected to this hub or, on a shared store, to another.
     pub(crate) fn is_connected(&self, node: &str) -> bool {
         self.sessions.lock().unwrap().contains_key(node) || self.remote_connected.lock().unwrap().contains(node)
+    }
+
+    /// Whether this hub holds a session with `node` (not another hub on the shared store).
+    pub(crate) fn holds_session(&self, node: &str) -> bool {
+        self.sessions.lock().unwrap().contains_key(node)
     }
 
     pub(crate) fn connection(&self, node: &str) -> Option<quinn::Connection> {

@@ -2,10 +2,15 @@
 //! the other hubs on a shared store see that a node is held by a live session here.
 //!
 //! A node's session is its sign of life: the QUIC connection ends after the idle timeout
-//! without the agent's keep-alives. So every [`LIVE_EVERY`] [`flush_loop`] records each session
-//! this hub holds, and agents are told (`AssignmentSet::connection_liveness`) that they need
-//! send no heartbeat frames, which halves an idle node's traffic and the hub's packets
-//! (BENCHMARKS.md, "Fleet scale"). Agents that predate that still send a heartbeat every 5 s:
+//! without the agent's keep-alives. So on a shared store (PostgreSQL, where other hubs read
+//! these records) every [`LIVE_EVERY`] [`flush_loop`] records each session this hub holds, and
+//! agents are told (`AssignmentSet::connection_liveness`) that they need send no heartbeat
+//! frames, which halves an idle node's traffic and the hub's packets (BENCHMARKS.md, "Fleet
+//! scale"). On a store of its own (SQLite) no other hub reads them, and writing every
+//! session's record every 5 s cost a hub of 10,000 idle nodes a transaction of 10,000 updates
+//! each time, so they are not written: a node's presence is its session here (its start and
+//! end are written), and the API shows a node this hub holds as seen now. Agents that predate
+//! `connection_liveness` still send a heartbeat every 5 s:
 //! sessions [`Heartbeats::record`] them. Either way one transaction a second writes what was
 //! recorded (written one by one they cost the store 2,000 transactions a second at 10,000
 //! nodes), then wakes the sessions whose node is gone or no longer admits their certificate
@@ -48,7 +53,7 @@ pub(crate) async fn flush_loop(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
         tick = tick.wrapping_add(1);
-        if tick.is_multiple_of(LIVE_EVERY) {
+        if tick.is_multiple_of(LIVE_EVERY) && shared.store.is_shared() {
             let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
             for (node, session) in sessions.iter() {
                 shared.heartbeats.record(node, &session.cert);
