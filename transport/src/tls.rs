@@ -360,9 +360,69 @@ pub fn server_endpoint(
     // The connection IDs carry a keyed check that lets an endpoint drop stray packets cheaply;
     // keyed from the same secret, a restarted process still recognizes its predecessor's IDs
     // and answers them with the reset instead of dropping them.
-    let cid_key = u64::from_le_bytes(derived[..8].try_into().unwrap_or_default());
-    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    endpoint_config.cid_generator(move || Box::new(HubConnectionIds::new(derived)));
     quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+/// The hub's connection IDs: 4 bytes, 3 random and 1 a keyed check of them. Every packet an
+/// agent sends carries one, so they are half the 8 bytes of quinn's keyed IDs
+/// (`HashedConnectionIdGenerator`: 3 random, 5 of check): an idle agent's keep-alive is 34
+/// bytes instead of 38 (BENCHMARKS.md, "Fleet scale"). 3 random bytes are 16.7 million IDs,
+/// the same as quinn's (quinn draws again when one is in use), enough for a few hundred
+/// thousand connections with the handful each holds. The 1-byte check lets one stray
+/// short-header packet in 256 through to be answered with a stateless reset (never larger than
+/// the packet that drew it) instead of being dropped; quinn's, a non-cryptographic hash, could
+/// be forged as well, so the check was never a defence, only a cheap filter.
+struct HubConnectionIds {
+    key: [u8; 32],
+    random: ring::rand::SystemRandom,
+}
+
+impl HubConnectionIds {
+    const RANDOM: usize = 3;
+
+    fn new(key: [u8; 32]) -> HubConnectionIds {
+        HubConnectionIds { key, random: ring::rand::SystemRandom::new() }
+    }
+
+    fn check(&self, random: &[u8]) -> u8 {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"flotilla quic connection id v1\0");
+        h.update(self.key);
+        h.update(random);
+        h.finalize()[0]
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for HubConnectionIds {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        use ring::rand::SecureRandom as _;
+        let mut id = [0u8; Self::RANDOM + 1];
+        if self.random.fill(&mut id[..Self::RANDOM]).is_err() {
+            // The system's random source failing is beyond recovery here; uniqueness is still
+            // kept (quinn draws again while an ID is in use), only unpredictability is lost.
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            id[..Self::RANDOM].copy_from_slice(&t.subsec_nanos().to_le_bytes()[..Self::RANDOM]);
+        }
+        id[Self::RANDOM] = self.check(&id[..Self::RANDOM]);
+        quinn_proto::ConnectionId::new(&id)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        match cid.len() == Self::RANDOM + 1 && cid[Self::RANDOM] == self.check(&cid[..Self::RANDOM]) {
+            true => Ok(()),
+            false => Err(quinn_proto::InvalidCid),
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        Self::RANDOM + 1
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The stateless reset key for `secret`: a hash under its own label, so the key reveals
@@ -590,6 +650,22 @@ mod tests {
         let t = Tuning::with_idle_timeout(Duration::from_secs(60));
         assert_eq!(t.keep_alive, Duration::from_secs(5));
         assert!(t.transport().is_ok());
+    }
+
+    #[test]
+    fn hub_connection_ids_are_four_bytes_that_the_same_key_recognizes_and_another_does_not() {
+        use quinn_proto::ConnectionIdGenerator as _;
+        let mut hub = HubConnectionIds::new([7; 32]);
+        let restarted = HubConnectionIds::new([7; 32]);
+        let other = HubConnectionIds::new([8; 32]);
+        let ids: Vec<_> = (0..1000).map(|_| hub.generate_cid()).collect();
+        assert!(ids.iter().all(|id| id.len() == 4 && restarted.validate(id).is_ok()));
+        // One in 256 passes another key's check by chance.
+        let passed = ids.iter().filter(|id| other.validate(id).is_ok()).count();
+        assert!(passed < 20, "{passed} of 1000 passed another key's check");
+        let distinct: std::collections::HashSet<_> = ids.iter().map(|id| id.to_vec()).collect();
+        assert!(distinct.len() > 990, "{} distinct of 1000", distinct.len());
+        assert!(restarted.validate(&quinn_proto::ConnectionId::new(&[1, 2, 3, 4, 5, 6, 7, 8])).is_err());
     }
 
     #[test]
