@@ -301,7 +301,7 @@ impl Node {
         let mut backoff = BACKOFF_MIN;
         let id = loop {
             // As the agent: a join has an endpoint of its own, each session another.
-            let joined = match quinn::Endpoint::client(self.bind) {
+            let joined = match sim_endpoint(self.bind, quinn::EndpointConfig::default(), self.cut.clone()) {
                 Ok(endpoint) => agent::identity::join_via(&endpoint, self.hub, &self.token, &self.name, &tuning).await,
                 Err(e) => Err(agent::identity::IdentityError::Unreachable(e.to_string())),
             };
@@ -326,7 +326,7 @@ impl Node {
         let mut state = Session::default();
         backoff = BACKOFF_MIN;
         loop {
-            let endpoint = match link_endpoint(self.bind, self.cut.clone()) {
+            let endpoint = match sim_endpoint(self.bind, tls::link_endpoint_config(), self.cut.clone()) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(node = %self.name, error = %e, "no endpoint");
@@ -710,10 +710,13 @@ async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()>
         bail!("kill -KILL {old} failed");
     }
     let t0 = Instant::now();
-    // The old process must be gone (its socket closed) before the new one binds.
-    while std::path::Path::new(&format!("/proc/{old}/stat")).exists() && t0.elapsed() < Duration::from_secs(10) {
-        if std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z ")) {
-            break;
+    // The old process must have closed its socket before the new one binds. Its main thread
+    // shows as a zombie before the last of its threads has closed the process's files, so
+    // what is waited for is the port itself.
+    let hub_addr = tls::resolve(&args.hub).await?;
+    while std::net::UdpSocket::bind(hub_addr).is_err() {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the killed hub's port {hub_addr} is still in use after 30 s");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -725,12 +728,16 @@ async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()>
         let peaks = peaks.clone();
         tokio::spawn(async move {
             let cpu = Cpu::new(Some(pid));
-            let mut last = cpu.sample();
+            let (mut last, mut at) = (cpu.sample(), Instant::now());
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = cpu.sample();
+                // Ticks are hundredths of a second: per second of wall time, a percentage of
+                // a core (the sleep may run long when the simulator is busy).
+                let secs = at.elapsed().as_secs_f64().max(0.001);
+                at = Instant::now();
                 let pct = match (last.hub, now.hub) {
-                    (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+                    (Some(a), Some(b)) => b.saturating_sub(a) as f64 / secs,
                     _ => 0.0,
                 };
                 let mut p = peaks.lock().unwrap_or_else(|e| e.into_inner());
@@ -742,17 +749,17 @@ async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()>
     };
     let cpu = Cpu::new(Some(pid));
     let cpu0 = cpu.sample();
-    let result = async {
+    let storm = async {
         wait_for("reconnected", args.wait, || stats.connected_since(t0), all as u64, stats).await?;
         let connected = t0.elapsed();
         let ready = view.until("every node Ready", t0, args.wait, |ready| ready.len() >= all).await?;
         Ok::<_, anyhow::Error>((connected, ready))
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = storm => r,
+        status = hub.wait() => Err(anyhow::anyhow!("the restarted hub exited: {status:?}")),
+    };
     sampler.abort();
-    if let Ok(Some(status)) = hub.try_wait() {
-        bail!("the restarted hub exited: {status}");
-    }
     let (connected, ready) = result?;
     let (peak_cpu, peak_rss) = *peaks.lock().unwrap_or_else(|e| e.into_inner());
     println!(
@@ -771,14 +778,17 @@ async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()>
     Ok(())
 }
 
-/// A simulated node's endpoint for one session: an agent's link endpoint on `bind`, its socket
-/// wrapped so the link can be cut (`cut` set) and restored.
-fn link_endpoint(bind: SocketAddr, cut: Arc<AtomicBool>) -> Result<quinn::Endpoint> {
+/// A simulated node's endpoint for a join or a session (`config`: an agent's link endpoint
+/// for sessions) on `bind`, its socket wrapped so the link can be cut (`cut` set) and restored.
+fn sim_endpoint(bind: SocketAddr, config: quinn::EndpointConfig, cut: Arc<AtomicBool>) -> Result<quinn::Endpoint> {
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
     let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+    let same = socket.try_clone()?;
     let inner = runtime.wrap_udp_socket(socket)?;
+    // quinn turns UDP GRO on; off again, since the wrapper receives one datagram at a time.
+    nix::sys::socket::setsockopt(&same, nix::sys::socket::sockopt::UdpGroSegment, &false)?;
     let socket = Arc::new(Cuttable { inner, cut });
-    Ok(quinn::Endpoint::new_with_abstract_socket(tls::link_endpoint_config(), None, socket, runtime)?)
+    Ok(quinn::Endpoint::new_with_abstract_socket(config, None, socket, runtime)?)
 }
 
 /// A UDP socket whose datagrams, both ways, are dropped while `cut` is set: a link cut
@@ -823,8 +833,12 @@ impl quinn::AsyncUdpSocket for Cuttable {
         self.inner.max_transmit_segments()
     }
 
+    /// One datagram per receive (GRO is off on the socket), not the 64 of UDP GRO: quinn sizes
+    /// an endpoint's receive buffer by this (1,472 bytes × segments × a batch of 32), and at
+    /// 64 ten thousand simulated nodes' buffers alone would take 30 GB. What goes on the wire
+    /// is the same.
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        1
     }
 
     fn may_fragment(&self) -> bool {

@@ -8,6 +8,7 @@
 #   scripts/bench/fleet.sh 10000      # 10,000 nodes
 #   RUNS=1 IDLE=60s scripts/bench/fleet.sh 10000
 #   BIN=/work/bench/base/flotilla scripts/bench/fleet.sh 1000   # a given build (A/B runs)
+#   SIM_BIN=/work/bench/head/flotilla BIN=... scripts/bench/fleet.sh 1000  # the simulator of another
 #
 # Further phases, each when its variable is set, in this order after the apply:
 #   UPDATE=1       a rolling update of the EveryNode workload (new image, maxUnavailable: 10%)
@@ -27,6 +28,7 @@ else
     cargo build --release --bin flotilla
     bin=$PWD/target/release/flotilla
 fi
+sim=${SIM_BIN:-$bin}
 for r in $(seq 1 "$runs"); do
     dir=$(mktemp -d /tmp/flotilla-fleet.XXXXXX)
     port=$((20000 + RANDOM % 20000))
@@ -55,7 +57,7 @@ MANIFEST
     [[ -n ${DROP:-} ]] && modes+=(--drop-links "$DROP" --drop-for "${DROP_FOR:-20s}")
     [[ -n ${RESTART:-} ]] && modes+=(--restart-hub "exec ${hub_cmd[*]@Q} >>$dir/hub.log 2>&1")
     echo "== run $r of $runs: $n nodes"
-    "$bin" sim --hub "127.0.0.1:$port" --token-file "$dir/hub/token" --agents "$n" --idle "$idle" \
+    "$sim" sim --hub "127.0.0.1:$port" --token-file "$dir/hub/token" --agents "$n" --idle "$idle" \
         --apply "$dir/every.yaml" --config "$dir/hub/admin.yaml" --hub-pid "$hub" --wait 600s "${modes[@]}"
     # After --restart-hub the first hub is gone (the simulator stopped the second).
     kill "$hub" 2>/dev/null || true
