@@ -291,14 +291,14 @@ impl fmt::Display for IntOrPercent {
 }
 
 impl std::str::FromStr for IntOrPercent {
-    type Err = String;
+    type Err = InvalidValue;
 
-    fn from_str(s: &str) -> Result<IntOrPercent, String> {
-        let bad = || format!("{s:?} is neither a number of replicas nor a percentage such as \"10%\"");
+    fn from_str(s: &str) -> Result<IntOrPercent, InvalidValue> {
+        let bad = || InvalidValue(format!("{s:?} is neither a number of replicas nor a percentage such as \"10%\""));
         match s.trim().strip_suffix('%') {
             Some(p) => match p.trim().parse::<u32>() {
                 Ok(p) if p <= 100 => Ok(IntOrPercent::Percent(p)),
-                Ok(_) => Err(format!("{s:?} is more than 100%")),
+                Ok(_) => Err(InvalidValue(format!("{s:?} is more than 100%"))),
                 Err(_) => Err(bad()),
             },
             None => s.trim().parse::<u32>().map(IntOrPercent::Count).map_err(|_| bad()),
