@@ -1,7 +1,7 @@
 #![allow(dead_code)] // shared by several test crates, each using part of it
 //! What the container end-to-end tests share: whether this machine can run containers, and a
 //! busybox image pushed to the test registry. The including crate declares `busybox_image`,
-//! `cluster` and `registry` (the usual `#[path]` modules) at its root.
+//! `cluster`, `netns` and `registry` (the usual `#[path]` modules) at its root.
 
 use std::path::Path;
 
@@ -19,14 +19,7 @@ pub fn containers_possible(what: &str) -> bool {
     } else {
         None
     };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("{what} tests cannot run: {why}; CI must run them"),
-        Some(why) => {
-            eprintln!("skipping {what} test: {why}");
-            false
-        }
-    }
+    crate::netns::runnable(what, why)
 }
 
 /// Builds a busybox OCI layout running `cmd` and pushes it with `flotilla push`.

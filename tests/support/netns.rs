@@ -47,13 +47,17 @@ pub fn netns_possible() -> bool {
             .find(|tool| which(tool).is_none())
             .map(|tool| format!("`{tool}` not found (install iproute2 and util-linux: scripts/install-deps.sh)"))
     };
+    runnable("network namespace", why.as_deref())
+}
+
+/// Whether the `what` tests can run: yes without a reason `why` they cannot; with one they
+/// skip, printing it, or panic under `CI`, which must run them.
+pub fn runnable(what: &str, why: Option<&str>) -> bool {
     match why {
         None => true,
-        Some(why) if std::env::var_os("CI").is_some() => {
-            panic!("network namespace tests cannot run: {why}; CI must run them")
-        }
+        Some(why) if std::env::var_os("CI").is_some() => panic!("{what} tests cannot run: {why}; CI must run them"),
         Some(why) => {
-            eprintln!("skipping network namespace test: {why}");
+            eprintln!("skipping {what} test: {why}");
             false
         }
     }
