@@ -8,32 +8,35 @@
 #[path = "support/cluster.rs"]
 mod cluster;
 
+use std::path::Path;
 use std::time::Duration;
 
 use cluster::Cluster;
 
-#[test]
-fn simulated_nodes_join_connect_and_run_an_every_node_workload() {
-    let c = Cluster::start();
-    let manifest = c.dir.path().join("every.yaml");
-    std::fs::write(
-        &manifest,
-        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: tick\nspec:\n  runtime: wasm\n  image: registry.invalid/tick:1\n  kind: EveryNode\n",
+/// An EveryNode workload `tick` running `image`, with `strategy` lines appended to its spec.
+fn every_node(image: &str, strategy: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: tick\nspec:\n  runtime: wasm\n  image: {image}\n  kind: EveryNode\n{strategy}"
     )
-    .unwrap();
+}
+
+/// `flotilla sim` with `agents` nodes against `c`'s hub, 20 to an address, replicas Running
+/// 100 ms after they arrive, each phase bounded at 60 s, applying `manifest`, with `extra`
+/// flags; its output, once it succeeded.
+fn sim(c: &Cluster, agents: &str, manifest: &Path, extra: &[&str]) -> String {
     let hub_pid = c.hub.child.id().to_string();
-    let out = cluster::flotilla(&[
+    let token = c.token_path();
+    let config = c.config_path();
+    let mut args = vec![
         "sim",
         "--hub",
         &c.hub_addr,
         "--token-file",
-        c.token_path().to_str().unwrap(),
+        token.to_str().unwrap(),
         "--agents",
-        "60",
+        agents,
         "--per-address",
         "20",
-        "--idle",
-        "2s",
         "--run-delay",
         "100ms",
         "--wait",
@@ -41,13 +44,24 @@ fn simulated_nodes_join_connect_and_run_an_every_node_workload() {
         "--apply",
         manifest.to_str().unwrap(),
         "--config",
-        c.config_path().to_str().unwrap(),
+        config.to_str().unwrap(),
         "--hub-pid",
         &hub_pid,
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    ];
+    args.extend_from_slice(extra);
+    let out = cluster::flotilla(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{text}");
     assert!(out.status.success(), "sim: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+#[test]
+fn simulated_nodes_join_connect_and_run_an_every_node_workload() {
+    let c = Cluster::start();
+    let manifest = c.dir.path().join("every.yaml");
+    std::fs::write(&manifest, every_node("registry.invalid/tick:1", "")).unwrap();
+    let text = sim(&c, "60", &manifest, &["--idle", "2s"]);
     assert!(text.contains("all 60 connected"), "{text}");
     assert!(text.contains("60 replicas reported Running"), "{text}");
     assert!(text.contains("per node") && text.contains("kbit/s"), "{text}");
@@ -66,14 +80,9 @@ fn simulated_nodes_join_connect_and_run_an_every_node_workload() {
 #[test]
 fn the_simulator_times_a_rolling_update_cut_links_and_a_hub_restart() {
     let c = Cluster::start();
-    let every = |image: &str, strategy: &str| {
-        format!(
-            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: tick\nspec:\n  runtime: wasm\n  image: {image}\n  kind: EveryNode\n{strategy}"
-        )
-    };
     let (first, second) = (c.dir.path().join("every.yaml"), c.dir.path().join("update.yaml"));
-    std::fs::write(&first, every("registry.invalid/tick:1", "")).unwrap();
-    std::fs::write(&second, every("registry.invalid/tick:2", "  strategy: {maxUnavailable: 10%}\n")).unwrap();
+    std::fs::write(&first, every_node("registry.invalid/tick:1", "")).unwrap();
+    std::fs::write(&second, every_node("registry.invalid/tick:2", "  strategy: {maxUnavailable: 10%}\n")).unwrap();
     // The restart runs the hub as the cluster started it: same data dir, address and CIDR.
     let restart = format!(
         "exec {} hub --data-dir {} --listen {} --cluster-cidr {} >>{} 2>&1",
@@ -83,43 +92,25 @@ fn the_simulator_times_a_rolling_update_cut_links_and_a_hub_restart() {
         cluster::test_cluster_cidr(c.dir.path()),
         c.dir.path().join("hub-restarted.log").display()
     );
-    let hub_pid = c.hub.child.id().to_string();
-    let out = cluster::flotilla(&[
-        "sim",
-        "--hub",
-        &c.hub_addr,
-        "--token-file",
-        c.token_path().to_str().unwrap(),
-        "--agents",
+    let text = sim(
+        &c,
         "40",
-        "--per-address",
-        "20",
-        "--first-address",
-        "127.1.1.1",
-        "--idle",
-        "1s",
-        "--run-delay",
-        "100ms",
-        "--wait",
-        "60s",
-        "--apply",
-        first.to_str().unwrap(),
-        "--update",
-        second.to_str().unwrap(),
-        "--drop-links",
-        "4",
-        "--drop-for",
-        "1s",
-        "--restart-hub",
-        &restart,
-        "--config",
-        c.config_path().to_str().unwrap(),
-        "--hub-pid",
-        &hub_pid,
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
-    assert!(out.status.success(), "sim: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        &first,
+        &[
+            "--first-address",
+            "127.1.1.1",
+            "--idle",
+            "1s",
+            "--update",
+            second.to_str().unwrap(),
+            "--drop-links",
+            "4",
+            "--drop-for",
+            "1s",
+            "--restart-hub",
+            &restart,
+        ],
+    );
     assert!(text.contains("rolling update answered"), "{text}");
     assert_eq!(text.matches("40 replicas reported Running").count(), 2, "{text}");
     assert!(text.contains("all 4 cut nodes NotReady at the hub"), "{text}");
