@@ -14,24 +14,16 @@
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[path = "support/measure.rs"]
+mod measure;
 
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
+use measure::cpu_seconds;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime 14 and stime 15 (1-based, whole line).
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = 100.0; // USER_HZ on Linux
-    (ticks(11) + ticks(12)) / hz
 }
 
 fn rss_kib(pid: u32) -> u64 {

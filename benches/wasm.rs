@@ -128,21 +128,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system, all threads) the processes have used, in microseconds.
 fn cpu_us(pids: &[u32]) -> f64 {
-    // /proc counts in USER_HZ, which Linux fixes at 100 on every architecture it exports it.
-    let hz = 100.0;
-    let ticks: u64 = pids
-        .iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Fields after the command (which may hold spaces): state is the 3rd field, utime
-            // the 14th and stime the 15th.
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        })
-        .sum();
-    ticks as f64 * 1e6 / hz
+    pids.iter().map(|&pid| measure::cpu_seconds(pid)).sum::<f64>() * 1e6
 }
 
 fn threads(pid: u32) -> u64 {

@@ -1,10 +1,23 @@
 #![allow(dead_code)] // shared by benches, each using part of it
 //! What the whole-cluster benches share: their knobs from the environment, medians of
-//! samples, and reading the lines a replica writes to its log on the host.
+//! samples, a process's CPU time, and reading the lines a replica writes to its log on the
+//! host.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// utime + stime of `pid` (all its threads), in seconds; 0 for a process that is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name (which may hold spaces): state is field 3, utime 14 and stime 15
+    // (1-based, whole line).
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = 100.0; // USER_HZ, which Linux fixes at 100 wherever it exports it
+    (ticks(11) + ticks(12)) / hz
+}
 
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
