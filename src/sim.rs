@@ -254,7 +254,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
         drop_links(&args, &cuts, &stats).await?;
     }
     if let Some(command) = &args.restart_hub {
-        restart_hub(command, &args, &stats).await?;
+        restart_hub(command, hub, &args, &stats).await?;
     }
     println!(
         "sim: done: {} joined, {} join failures, {} sessions lost",
@@ -700,7 +700,7 @@ async fn drop_links(args: &SimArgs, cuts: &[Arc<AtomicBool>], stats: &Stats) -> 
 /// SIGKILLs the hub, starts it again with `command`, and times the reconnect storm: every
 /// node connected, every node Ready at the hub, the restarted hub's CPU and memory (peak of
 /// one-second samples, and the mean), and the replicas the hub asked nodes to start again.
-async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()> {
+async fn restart_hub(command: &str, hub_addr: SocketAddr, args: &SimArgs, stats: &Stats) -> Result<()> {
     let old = args.hub_pid.context("--restart-hub needs --hub-pid")?;
     let all = args.agents as usize;
     let starts0 = stats.starts.load(Ordering::Relaxed);
@@ -713,7 +713,6 @@ async fn restart_hub(command: &str, args: &SimArgs, stats: &Stats) -> Result<()>
     // The old process must have closed its socket before the new one binds. Its main thread
     // shows as a zombie before the last of its threads has closed the process's files, so
     // what is waited for is the port itself.
-    let hub_addr = tls::resolve(&args.hub).await?;
     while std::net::UdpSocket::bind(hub_addr).is_err() {
         if t0.elapsed() > Duration::from_secs(30) {
             bail!("the killed hub's port {hub_addr} is still in use after 30 s");
