@@ -1,6 +1,8 @@
 //! `flotilla oci ...`: Flotilla's container executor as an OCI runtime command line with
-//! runc's verbs (create, start, state, kill, delete, run, exec), `spec` to write a default
-//! bundle config, and the hidden `shim` the agent spawns per container. The agent also
+//! runc's verbs and flags (create, start, state, kill, delete, run, exec, list, ps, pause,
+//! resume, update, events, features; `--log`/`--log-format`, `--pid-file`), so containerd,
+//! Podman and conmon can drive it as they drive runc; `spec` writes a default bundle
+//! config, and the hidden `shim` is what the agent spawns per container. The agent also
 //! spawns `exec` for exec probes, so its path to the library stays short (no tokio, no
 //! logging setup). It only parses arguments
 //! and calls `oci_runtime::container`; it runs before any async runtime or thread exists,
@@ -15,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use oci_runtime::container::{
     BindMount, CgroupConfig, CgroupVersion, CreateOptions, ExecRequest, NetworkMode, Runtime, RuntimeConfig,
-    ShimOptions, SigSet, Signal, SpecInputs, default_spec, exec, run_shim, signal_process,
+    ShimOptions, SigSet, Signal, SpecInputs, Status, default_spec, exec, run_shim, signal_process,
 };
 
 #[derive(Args)]
@@ -29,6 +31,18 @@ pub struct OciArgs {
     /// auto, v1 or v2.
     #[arg(long, default_value = "auto", value_parser = parse_version)]
     cgroup_version: CgroupVersion,
+    /// Also write errors and warnings to this file (as runc's --log; conmon reads it).
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// text or json (runc's format: {"level","msg","time"} per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Accepted for runc compatibility; the output does not change.
+    #[arg(long, hide = true)]
+    debug: bool,
+    /// Cgroups through systemd: refused, this runtime manages cgroupfs itself.
+    #[arg(long, hide = true)]
+    systemd_cgroup: bool,
     #[command(subcommand)]
     command: OciCommand,
 }
@@ -40,6 +54,8 @@ enum OciCommand {
         /// The bundle directory (config.json and rootfs).
         #[arg(short, long, default_value = ".")]
         bundle: PathBuf,
+        #[command(flatten)]
+        common: CreateFlags,
         /// The container's id.
         id: String,
     },
@@ -77,9 +93,57 @@ enum OciCommand {
         /// The bundle directory (config.json and rootfs).
         #[arg(short, long, default_value = ".")]
         bundle: PathBuf,
+        #[command(flatten)]
+        common: CreateFlags,
+        /// Start the container and return instead of waiting for it.
+        #[arg(short, long)]
+        detach: bool,
         /// The container's id.
         id: String,
     },
+    /// List the containers under the state root.
+    #[command(visible_alias = "ls")]
+    List {
+        /// table or json.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Print only the ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print the pids of a container's processes.
+    Ps {
+        /// table or json.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// The container's id.
+        id: String,
+    },
+    /// Freeze every process of a running container.
+    Pause {
+        /// The container's id.
+        id: String,
+    },
+    /// Thaw a paused container.
+    Resume {
+        /// The container's id.
+        id: String,
+    },
+    /// Change a container's resource limits.
+    Update(UpdateArgs),
+    /// Print a container's usage as JSON events (`--stats`: once).
+    Events {
+        /// Print one stats event and exit.
+        #[arg(long)]
+        stats: bool,
+        /// Seconds between stats events.
+        #[arg(long, default_value = "5", value_parser = parse_timeout)]
+        interval: Duration,
+        /// The container's id.
+        id: String,
+    },
+    /// Print what this runtime supports, as runtime-spec features.json.
+    Features,
     /// Run a command inside a running container and wait for it.
     ///
     /// It joins the container's namespaces and cgroups and runs with the restrictions of the
@@ -106,6 +170,63 @@ enum OciCommand {
         #[arg(long)]
         log_timestamps: bool,
     },
+}
+
+/// Flags of `create` and `run` that containerd, Podman and conmon pass.
+#[derive(Args)]
+struct CreateFlags {
+    /// Write the container's init pid to this file.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Unix socket to send a terminal's master to: refused, `process.terminal` is not
+    /// supported.
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility: the rootfs is always entered with pivot_root.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for runc compatibility: no session keyring is created.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Accepted for runc compatibility (systemd socket activation passes no fds here).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    /// A JSON file (`-` for stdin) with linux.resources as the runtime spec writes them.
+    #[arg(short, long, value_name = "FILE")]
+    resources: Option<PathBuf>,
+    /// Memory limit in bytes.
+    #[arg(long)]
+    memory: Option<i64>,
+    /// Memory plus swap limit in bytes.
+    #[arg(long)]
+    memory_swap: Option<i64>,
+    /// Memory soft limit in bytes.
+    #[arg(long)]
+    memory_reservation: Option<i64>,
+    /// CFS quota in microseconds per period.
+    #[arg(long)]
+    cpu_quota: Option<i64>,
+    /// CFS period in microseconds.
+    #[arg(long)]
+    cpu_period: Option<u64>,
+    /// Relative CPU weight (cgroup v1 shares).
+    #[arg(long)]
+    cpu_share: Option<u64>,
+    /// CPUs the container may run on (`0-1,3`).
+    #[arg(long)]
+    cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    #[arg(long)]
+    cpuset_mems: Option<String>,
+    /// Most processes the container may have.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// The container's id.
+    id: String,
 }
 
 #[derive(Args)]
@@ -271,9 +392,33 @@ fn parse_signal(s: &str) -> Result<Signal> {
     name.parse().with_context(|| format!("unknown signal {s:?}"))
 }
 
+/// Where errors and warnings go besides stderr (`--log`, `--log-format`).
+struct LogTarget {
+    file: Option<PathBuf>,
+    json: bool,
+}
+
+impl LogTarget {
+    fn write(&self, level: &str, message: &str) {
+        let prefix = if level == "error" { "error" } else { "warning" };
+        eprintln!("{prefix}: {message}");
+        let Some(path) = &self.file else { return };
+        let line = if self.json {
+            let time = oci_runtime::container::runtime::rfc3339_now();
+            format!("{}\n", serde_json::json!({"level": level, "msg": message, "time": time}))
+        } else {
+            format!("{level}: {message}\n")
+        };
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
 /// Runs an `oci` command; the process must still be single-threaded.
 pub fn main(args: OciArgs) -> ExitCode {
-    match run(args) {
+    let log = LogTarget { file: args.log.clone(), json: args.log_format == "json" };
+    match run(args, &log) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let mut text = String::new();
@@ -286,20 +431,102 @@ pub fn main(args: OciArgs) -> ExitCode {
                     text.push_str(&c);
                 }
             }
-            eprintln!("error: {text}");
+            log.write("error", &text);
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: OciArgs) -> Result<u8> {
+/// `create`'s common work: refuses what cannot be honoured, creates, writes the pid file.
+fn create(runtime: &Runtime, id: &str, bundle: &std::path::Path, flags: &CreateFlags, log: &LogTarget) -> Result<i32> {
+    if let Some(socket) = &flags.console_socket {
+        bail!("--console-socket {}: terminals (process.terminal) are not supported by this runtime", socket.display());
+    }
+    let created = runtime.create(id, bundle, CreateOptions { pausable: true, ..Default::default() })?;
+    for w in &created.warnings {
+        log.write("warning", w);
+    }
+    if let Some(path) = &flags.pid_file {
+        // Written whole and renamed into place: a reader never sees a partial pid.
+        let tmp = path.with_extension("flotilla-tmp");
+        let written = std::fs::write(&tmp, created.pid.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = runtime.delete(id, true);
+            return Err(e).with_context(|| format!("writing pid file {}", path.display()));
+        }
+    }
+    Ok(created.pid)
+}
+
+/// `update`'s resources: the JSON file's, then the flags over them.
+fn update_resources(u: &UpdateArgs) -> Result<oci_runtime::container::Resources> {
+    let mut r = match &u.resources {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading resources from stdin")?
+            } else {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+            };
+            oci_runtime::container::resources_from_json(&text)?
+        }
+        None => oci_runtime::container::Resources::default(),
+    };
+    r.memory_bytes = u.memory.or(r.memory_bytes);
+    r.memory_swap_bytes = u.memory_swap.or(r.memory_swap_bytes);
+    r.memory_reservation = u.memory_reservation.or(r.memory_reservation);
+    r.cpu_quota = u.cpu_quota.or(r.cpu_quota);
+    r.cpu_period = u.cpu_period.or(r.cpu_period);
+    r.cpu_shares = u.cpu_share.or(r.cpu_shares);
+    r.cpuset_cpus = u.cpuset_cpus.clone().or(r.cpuset_cpus);
+    r.cpuset_mems = u.cpuset_mems.clone().or(r.cpuset_mems);
+    r.pids_max = u.pids_limit.or(r.pids_max);
+    Ok(r)
+}
+
+/// What this runtime supports, in the runtime spec's features.json shape.
+fn features() -> serde_json::Value {
+    use oci_runtime::container::seccomp;
+    serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.2.0",
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
+        "mountOptions": ["ro", "rw", "rro", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async",
+            "dirsync", "remount", "mand", "nomand", "atime", "noatime", "diratime", "nodiratime", "relatime",
+            "norelatime", "strictatime", "nostrictatime", "bind", "rbind", "private", "rprivate", "shared",
+            "rshared", "slave", "rslave", "unbindable", "runbindable"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "capabilities": oci_runtime::container::spec::KNOWN_CAPABILITIES,
+            "cgroup": {"v1": true, "v2": true, "systemd": false, "systemdUser": false, "rdma": false},
+            "seccomp": {
+                "enabled": true,
+                "actions": seccomp::SUPPORTED_ACTIONS,
+                "operators": ["SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE",
+                    "SCMP_CMP_GT", "SCMP_CMP_MASKED_EQ"],
+                "archs": [seccomp::NATIVE_ARCH],
+                "knownFlags": ["SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+                "supportedFlags": ["SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+            },
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false},
+            "intelRdt": {"enabled": false},
+            "mountExtensions": {"idmap": {"enabled": false}},
+        },
+        "annotations": {"org.opencontainers.runc.checkpoint.enabled": "false"},
+    })
+}
+
+fn run(args: OciArgs, log: &LogTarget) -> Result<u8> {
+    if args.systemd_cgroup {
+        bail!("--systemd-cgroup: this runtime manages cgroups through cgroupfs only (use the cgroupfs manager)");
+    }
     let runtime = Runtime::new(RuntimeConfig {
         state_root: args.root,
         cgroup: CgroupConfig { root: args.cgroup_root, version: args.cgroup_version },
     });
     match args.command {
-        OciCommand::Create { bundle, id } => {
-            runtime.create(&id, &bundle, CreateOptions::default())?;
+        OciCommand::Create { bundle, common, id } => {
+            create(&runtime, &id, &bundle, &common, log)?;
         }
         OciCommand::Start { id } => runtime.start(&id)?,
         OciCommand::State { id } => {
@@ -307,11 +534,14 @@ fn run(args: OciArgs) -> Result<u8> {
         }
         OciCommand::Kill { id, signal, all } => runtime.kill(&id, parse_signal(&signal)?, all)?,
         OciCommand::Delete { id, force } => runtime.delete(&id, force)?,
-        OciCommand::Run { bundle, id } => {
-            let created = runtime.create(&id, &bundle, CreateOptions::default())?;
+        OciCommand::Run { bundle, common, detach, id } => {
+            let pid = create(&runtime, &id, &bundle, &common, log)?;
             if let Err(e) = runtime.start(&id) {
                 let _ = runtime.delete(&id, true);
                 return Err(e.into());
+            }
+            if detach {
+                return Ok(0);
             }
             // As runc does: termination signals for this command go to the container, which
             // decides; the command ends when the container does. Threads are fine now.
@@ -320,13 +550,12 @@ fn run(args: OciArgs) -> Result<u8> {
                 mask.add(s);
             }
             mask.thread_block().context("blocking signals")?;
-            let pid = created.pid;
             std::thread::spawn(move || {
                 while let Ok(sig) = mask.wait() {
                     let _ = signal_process(pid, sig);
                 }
             });
-            let exit = runtime.wait_child(&id, created.pid);
+            let exit = runtime.wait_child(&id, pid);
             runtime.delete(&id, true)?;
             let exit = exit?;
             if exit.oom_killed {
@@ -334,6 +563,56 @@ fn run(args: OciArgs) -> Result<u8> {
             }
             return Ok(u8::try_from(exit.code).unwrap_or(255));
         }
+        OciCommand::List { format, quiet } => {
+            let all = runtime.list()?;
+            if quiet {
+                for (r, _) in &all {
+                    println!("{}", r.id);
+                }
+            } else if format == "json" {
+                let list: Vec<_> = all
+                    .iter()
+                    .map(|(r, status)| {
+                        serde_json::json!({
+                            "ociVersion": "1.0.2", "id": r.id, "pid": if *status == Status::Stopped { 0 } else { r.pid },
+                            "status": status.to_string(), "bundle": r.bundle, "rootfs": r.bundle.join("rootfs"),
+                            "created": r.created, "owner": "root", "annotations": r.annotations,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                println!("{:<36} {:<8} {:<8} {:<48} CREATED", "ID", "PID", "STATUS", "BUNDLE");
+                for (r, status) in &all {
+                    let pid = if *status == Status::Stopped { 0 } else { r.pid };
+                    println!("{:<36} {:<8} {:<8} {:<48} {}", r.id, pid, status, r.bundle.display(), r.created);
+                }
+            }
+        }
+        OciCommand::Ps { format, id } => {
+            let pids = runtime.processes(&id)?;
+            if format == "json" {
+                println!("{}", serde_json::to_string(&pids)?);
+            } else {
+                println!("PID");
+                for p in pids {
+                    println!("{p}");
+                }
+            }
+        }
+        OciCommand::Pause { id } => runtime.pause(&id)?,
+        OciCommand::Resume { id } => runtime.resume(&id)?,
+        OciCommand::Update(u) => runtime.update(&u.id, &update_resources(&u)?)?,
+        OciCommand::Events { stats, interval, id } => loop {
+            let data = runtime.stats(&id)?;
+            println!("{}", serde_json::json!({"type": "stats", "id": id, "data": data}));
+            let status = runtime.state(&id)?.status;
+            if stats || status == Status::Stopped {
+                break;
+            }
+            std::thread::sleep(interval);
+        },
+        OciCommand::Features => println!("{}", serde_json::to_string_pretty(&features())?),
         OciCommand::Exec(e) => return Ok(run_exec(&runtime.config().state_root, e)),
         OciCommand::Spec(s) => {
             let spec = default_spec(&SpecInputs {

@@ -898,3 +898,196 @@ fn the_default_seccomp_profile_is_an_allow_list() {
     assert_ne!(host["personality_rie"], "EPERM", "{host:?}");
     b.assert_gone();
 }
+
+/// Rewrites a bundle's config.json through `edit`.
+fn edit_config(b: &Bundle, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = b.bundle().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn hooks_run_at_their_stages_with_the_state_on_stdin() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("hooks", &["sh", "-c", "echo process >> /tmp/order"], |_| {});
+    let order = b.bundle().join("rootfs/tmp/order");
+    let rootfs = b.bundle().join("rootfs");
+    let log = |stage: &str| {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c",
+            format!("echo {stage} >> {}; cat > {}/tmp/{stage}.json", order.display(), rootfs.display())]})
+    };
+    let in_container = |stage: &str| {
+        // createContainer resolves paths in the runtime's view (before pivot_root),
+        // startContainer in the container's.
+        let dir = if stage == "startContainer" { "".to_string() } else { rootfs.display().to_string() };
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {stage} >> {dir}/tmp/order")]})
+    };
+    edit_config(&b, |v| {
+        v["hooks"] = serde_json::json!({
+            "prestart": [log("prestart")],
+            "createRuntime": [log("createRuntime")],
+            "createContainer": [in_container("createContainer")],
+            "startContainer": [in_container("startContainer")],
+            "poststart": [log("poststart")],
+            "poststop": [log("poststop"), {"path": "/bin/false"}, log("poststop2")],
+        });
+    });
+    let out = b.create();
+    assert!(out.status.success(), "create: {}", b.output_file());
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "prestart\ncreateRuntime\ncreateContainer\n");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rootfs.join("tmp/createRuntime.json")).unwrap()).unwrap();
+    assert_eq!(state["id"], b.id.as_str());
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], b.state()["pid"]);
+    let out = b.oci(&["start", &b.id]);
+    assert!(out.status.success(), "start: {}", stderr(&out));
+    wait_until("the container to stop", Duration::from_secs(10), || b.state()["status"] == "stopped");
+    // Editing config.json after create changes nothing: the hooks were kept at create.
+    edit_config(&b, |v| v["hooks"] = serde_json::json!({}));
+    let out = b.oci(&["delete", &b.id]);
+    assert!(out.status.success(), "delete: {}", stderr(&out));
+    assert!(stderr(&out).contains("poststop hook /bin/false exited"), "a failed poststop hook is a warning");
+    let text = std::fs::read_to_string(&order).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| *l != "poststart").collect::<Vec<_>>(),
+        ["prestart", "createRuntime", "createContainer", "startContainer", "process", "poststop", "poststop2"]
+    );
+    assert!(text.contains("poststart\n"), "{text}");
+    let stopped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rootfs.join("tmp/poststop.json")).unwrap()).unwrap();
+    assert_eq!(stopped["status"], "stopped");
+}
+
+#[test]
+fn a_failing_create_hook_fails_create_and_leaves_nothing() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("hookfail", &["true"], |_| {});
+    let marker = b.dir.path().join("poststop-ran");
+    edit_config(&b, |v| {
+        v["hooks"] = serde_json::json!({
+            "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 7"]}],
+            "poststop": [{"path": "/bin/sh", "args": ["sh", "-c", format!("touch {}", marker.display())]}],
+        });
+    });
+    let out = b.create();
+    assert!(!out.status.success());
+    assert!(b.output_file().contains("createRuntime hook /bin/sh exited with exit status: 7"), "{}", b.output_file());
+    assert!(marker.exists(), "poststop hooks run after a failed create");
+    assert!(!b.root().join(&b.id).exists(), "no state left");
+    assert!(b.cgroup_dirs().iter().all(|d| !d.exists()), "no cgroups left");
+}
+
+#[test]
+fn runc_flags_and_verbs_that_containerd_and_podman_use() {
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("verbs", &["sleep", "100"], |_| {});
+    edit_config(&b, |v| v["someFutureProperty"] = serde_json::json!({"x": 1}));
+    let pid_file = b.dir.path().join("pid");
+    let log = b.dir.path().join("log.json");
+    // The container keeps create's stdio: a file, not a pipe that would never close.
+    let err_file = std::fs::File::create(b.dir.path().join("out")).unwrap();
+    let status = Command::new(bin())
+        .arg("oci")
+        .arg("--root")
+        .arg(b.root())
+        .args(["--log", log.to_str().unwrap(), "--log-format", "json", "create", "--no-pivot", "--pid-file"])
+        .arg(&pid_file)
+        .args(["-b", b.bundle().to_str().unwrap(), &b.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "create: {}", b.output_file());
+    assert!(
+        b.output_file().contains("someFutureProperty is not known to this runtime; ignored"),
+        "{}",
+        b.output_file()
+    );
+    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert_eq!(b.state()["pid"].as_i64(), Some(pid));
+    assert!(b.oci(&["start", &b.id]).status.success());
+
+    let list = b.oci(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["id"], b.id.as_str());
+    assert_eq!(list[0]["status"], "running");
+    let ps: Vec<i64> = serde_json::from_slice(&b.oci(&["ps", "--format", "json", &b.id]).stdout).unwrap();
+    assert_eq!(ps, [pid]);
+
+    assert!(b.oci(&["pause", &b.id]).status.success());
+    assert_eq!(b.state()["status"], "paused");
+    let frozen = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(frozen.lines().any(|l| l.starts_with("State:") && l.contains('S')), "{frozen}");
+    assert!(!b.oci(&["pause", &b.id]).status.success(), "pausing twice is an error");
+    assert!(b.oci(&["resume", &b.id]).status.success());
+    assert_eq!(b.state()["status"], "running");
+
+    let out = b.oci(&["update", "--memory", "67108864", "--pids-limit", "20", &b.id]);
+    assert!(out.status.success(), "update: {}", stderr(&out));
+    let mem = std::fs::read_to_string(
+        b.cgroup_dirs()
+            .into_iter()
+            .find(|d| d.starts_with("/sys/fs/cgroup/memory"))
+            .unwrap()
+            .join("memory.limit_in_bytes"),
+    )
+    .unwrap();
+    assert_eq!(mem.trim(), "67108864");
+    let events = b.oci(&["events", "--stats", &b.id]);
+    let event: serde_json::Value = serde_json::from_slice(&events.stdout).unwrap();
+    assert_eq!(event["type"], "stats");
+    assert!(event["data"]["memoryUsageBytes"].as_u64().unwrap() > 0);
+    assert_eq!(event["data"]["pidsCurrent"], 1);
+
+    // Errors also go to the --log file in runc's JSON form.
+    let out = Command::new(bin())
+        .arg("oci")
+        .arg("--root")
+        .arg(b.root())
+        .args(["--log", log.to_str().unwrap(), "--log-format", "json", "start", &b.id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let last = std::fs::read_to_string(&log).unwrap().lines().last().unwrap().to_string();
+    let line: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(line["level"], "error");
+    assert!(line["msg"].as_str().unwrap().contains("expected created"), "{line}");
+
+    let features: serde_json::Value = serde_json::from_slice(&b.oci(&["features"]).stdout).unwrap();
+    assert_eq!(features["hooks"].as_array().unwrap().len(), 6);
+    assert!(b.oci(&["delete", "--force", &b.id]).status.success());
+    assert!(b.cgroup_dirs().iter().all(|d| !d.exists()));
+}
+
+#[test]
+fn devices_rules_and_shared_root_propagation() {
+    if !can_run() {
+        return;
+    }
+    let script = "ls -l /dev/fuse0 && grep -E '^[0-9]+ [0-9]+ [0-9]+:[0-9]+ [^ ]+ / ' /proc/self/mountinfo";
+    let b = Bundle::new("devices", &["sh", "-c", script], |_| {});
+    edit_config(&b, |v| {
+        v["linux"]["devices"] =
+            serde_json::json!([{"path": "/dev/fuse0", "type": "c", "major": 10, "minor": 229, "fileMode": 432}]);
+        v["linux"]["resources"]["devices"] = serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "r"}
+        ]);
+        v["linux"]["rootfsPropagation"] = serde_json::json!("shared");
+    });
+    let out = b.run();
+    assert!(out.status.success(), "run: {} {}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    // The node is made (not bound from the host, which has no /dev/fuse0).
+    assert!(text.starts_with("crw-rw----") && text.contains("10, 229"), "{text}");
+    assert!(text.contains(" shared:"), "the new root is shared: {text}");
+}

@@ -49,7 +49,7 @@ fn v1_limits_membership_and_destroy() {
         return;
     }
     let path = PathBuf::from(format!("flotilla-test/v1-{}", std::process::id()));
-    let m = V1Manager::new(root, &path, false).unwrap();
+    let m = V1Manager::new(root, &path, &[]).unwrap();
     m.create().unwrap();
     m.apply(&Resources {
         memory_bytes: Some(32 << 20),
@@ -58,7 +58,7 @@ fn v1_limits_membership_and_destroy() {
         cpu_quota: Some(50_000),
         cpu_period: Some(100_000),
         pids_max: Some(10),
-        deny_devices: false,
+        ..Default::default()
     })
     .unwrap();
     let read = |c: &str, f: &str| std::fs::read_to_string(root.join(c).join(&path).join(f)).unwrap().trim().to_string();
@@ -98,7 +98,7 @@ fn v2_membership_and_destroy_on_the_host_mount() {
         return;
     };
     let path = PathBuf::from(format!("flotilla-test-v2-{}", std::process::id()));
-    let m = V2Manager::new(&root, &path).unwrap();
+    let m = V2Manager::new(&root, &path, &[]).unwrap();
     m.create().unwrap();
     let controllers = std::fs::read_to_string(root.join(&path).join("cgroup.controllers")).unwrap_or_default();
     if controllers.split_whitespace().any(|c| c == "pids") {

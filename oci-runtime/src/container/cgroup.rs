@@ -21,6 +21,10 @@ pub enum CgroupError {
     Busy(PathBuf, Duration),
     #[error("{0} is not supported on cgroup {1}")]
     Unsupported(&'static str, &'static str),
+    #[error("{0} needs the v1 {1} controller, which this host does not mount")]
+    MissingController(&'static str, &'static str),
+    #[error("cgroup controller {0:?} is not one a container can join")]
+    UnknownController(String),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CgroupError + use<> {
@@ -58,12 +62,93 @@ pub struct Resources {
     pub memory_bytes: Option<i64>,
     /// Memory plus swap; the executor sets it equal to `memory_bytes` so the limit is real.
     pub memory_swap_bytes: Option<i64>,
+    /// Soft limit: v1 `memory.soft_limit_in_bytes`, v2 `memory.low`.
+    pub memory_reservation: Option<i64>,
+    /// v1 only (`memory.swappiness`).
+    pub memory_swappiness: Option<u64>,
+    /// v1 only (`memory.kmem.tcp.limit_in_bytes`).
+    pub memory_kernel_tcp: Option<i64>,
+    /// v1 only: processes wait for memory instead of being OOM-killed (`memory.oom_control`).
+    pub disable_oom_killer: bool,
     pub cpu_shares: Option<u64>,
     pub cpu_quota: Option<i64>,
     pub cpu_period: Option<u64>,
+    /// v1 only: real-time scheduling budget (`cpu.rt_runtime_us`, `cpu.rt_period_us`).
+    pub cpu_realtime_runtime: Option<i64>,
+    pub cpu_realtime_period: Option<u64>,
+    /// CPUs and memory nodes, in the kernel's list syntax (`0-1,3`).
+    pub cpuset_cpus: Option<String>,
+    pub cpuset_mems: Option<String>,
     pub pids_max: Option<i64>,
-    /// v1 only: deny all device access except the executor's default device nodes.
-    pub deny_devices: bool,
+    /// Device access rules in the spec's order (v1 only; v2 would need an eBPF program).
+    /// When there are any, `device_nodes` are allowed after them: the executor's default
+    /// device nodes and the spec's `linux.devices`, as runc and crun allow them.
+    pub device_rules: Vec<DeviceRule>,
+    pub device_nodes: Vec<DeviceRule>,
+}
+
+impl Resources {
+    /// The v1 controllers these resources need beyond memory, cpu, cpuacct and pids.
+    pub fn extra_controllers(&self) -> Vec<String> {
+        let mut extra = Vec::new();
+        if !self.device_rules.is_empty() {
+            extra.push("devices".to_string());
+        }
+        if self.cpuset_cpus.is_some() || self.cpuset_mems.is_some() {
+            extra.push("cpuset".to_string());
+        }
+        extra
+    }
+}
+
+/// A container's usage, as `events --stats` reports it (None where the host lacks the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub memory_usage_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub cpu_usage_nanos: Option<u64>,
+    pub pids_current: Option<u64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file (`usage_usec 123`).
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls until `done` holds, for freezer state changes (the kernel settles them quickly).
+fn wait_until(what: &Path, done: impl Fn() -> bool) -> Result<(), CgroupError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(CgroupError::Busy(what.to_path_buf(), Duration::from_secs(10)));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// One device cgroup rule: `kind` is `a` (all), `c` or `b`; `None` numbers match any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRule {
+    pub allow: bool,
+    pub kind: char,
+    pub major: Option<i64>,
+    pub minor: Option<i64>,
+    pub access: String,
+}
+
+impl DeviceRule {
+    /// The rule as v1 `devices.allow`/`devices.deny` take it: `c 1:3 rwm`, `a *:* rwm`.
+    pub fn v1_line(&self) -> String {
+        let num = |n: Option<i64>| n.map_or("*".to_string(), |n| n.to_string());
+        format!("{} {}:{} {}", self.kind, num(self.major), num(self.minor), self.access)
+    }
 }
 
 /// The operations the executor needs from a cgroup backend.
@@ -80,6 +165,12 @@ pub trait CgroupManager {
     fn remove(&self) -> Result<(), CgroupError>;
     /// Directories this manager owns, for reporting and tests.
     fn paths(&self) -> Vec<PathBuf>;
+    /// Freezes (or thaws) every process of the cgroup and waits until the kernel says so.
+    fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError>;
+    /// Whether the cgroup is frozen (false without a freezer).
+    fn is_frozen(&self) -> bool;
+    /// Usage figures: memory bytes, CPU nanoseconds, processes.
+    fn stats(&self) -> Stats;
 
     /// Files a new process can write `0` into to move itself (its only thread) into the
     /// cgroup. On v1 that skips the global threadgroup lock whose RCU grace period makes a
@@ -170,11 +261,17 @@ fn rmdir(dir: &Path) -> Result<(), CgroupError> {
 pub struct V1Manager {
     root: PathBuf,
     path: PathBuf,
-    with_devices: bool,
+    /// Controllers joined beyond [`V1_CONTROLLERS`] (see [`Resources::extra_controllers`]).
+    extra: Vec<String>,
 }
 
-/// The v1 controllers a container joins (those mounted under the root).
+/// The v1 controllers every container joins (those mounted under the root).
 const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids"];
+
+/// Controllers a container joins when asked: devices and cpuset when its resources need
+/// them, the freezer when it may be paused (each costs a directory and an attach at start,
+/// which the agent's containers do not pay).
+const V1_OPTIONAL_CONTROLLERS: &[&str] = &["devices", "cpuset", "freezer"];
 
 /// Default device nodes, as v1 `devices.allow` rules: null, zero, full, tty, random, urandom,
 /// ptmx and the devpts slaves.
@@ -182,23 +279,69 @@ const V1_DEFAULT_DEVICES: &[&str] =
     &["c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:2 rwm", "c 136:* rwm"];
 
 impl V1Manager {
-    pub fn new(root: &Path, path: &Path, with_devices: bool) -> Result<Self, CgroupError> {
-        Ok(V1Manager { root: root.to_path_buf(), path: check_relative(path)?, with_devices })
+    /// `extra` names optional controllers to join (`devices`, `cpuset`, `freezer`); others
+    /// are refused.
+    pub fn new(root: &Path, path: &Path, extra: &[String]) -> Result<Self, CgroupError> {
+        let mut joined = Vec::new();
+        for c in extra {
+            let Some(known) = V1_OPTIONAL_CONTROLLERS.iter().find(|k| **k == c) else {
+                return Err(CgroupError::UnknownController(c.clone()));
+            };
+            if !joined.iter().any(|j: &String| j == known) {
+                joined.push(known.to_string());
+            }
+        }
+        Ok(V1Manager { root: root.to_path_buf(), path: check_relative(path)?, extra: joined })
     }
 
-    fn controllers(&self) -> impl Iterator<Item = &'static str> + '_ {
-        let extra: &'static [&'static str] = if self.with_devices { &["devices"] } else { &[] };
-        V1_CONTROLLERS.iter().chain(extra).copied().filter(|c| self.root.join(c).is_dir())
+    fn controllers(&self) -> impl Iterator<Item = &str> + '_ {
+        V1_CONTROLLERS
+            .iter()
+            .copied()
+            .chain(self.extra.iter().map(String::as_str))
+            .filter(|c| self.root.join(c).is_dir())
+    }
+
+    fn joins(&self, controller: &str) -> bool {
+        self.extra.iter().any(|c| c == controller) && self.root.join(controller).is_dir()
     }
 
     fn dir(&self, controller: &str) -> PathBuf {
         self.root.join(controller).join(&self.path)
+    }
+
+    /// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and no process can
+    /// join it until it has some: each level created inherits its parent's.
+    fn create_cpuset(&self) -> Result<(), CgroupError> {
+        let mut dir = self.root.join("cpuset");
+        for component in self.path.components() {
+            let parent = dir.clone();
+            dir.push(component);
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(CgroupError::Io { action: "create", path: dir, source: e }),
+            }
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let current = fs::read_to_string(dir.join(file)).unwrap_or_default();
+                if current.trim().is_empty() {
+                    let from = parent.join(file);
+                    let value = fs::read_to_string(&from).map_err(io_err("read", &from))?;
+                    write(&dir.join(file), value.trim())?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 impl CgroupManager for V1Manager {
     fn create(&self) -> Result<(), CgroupError> {
         for c in self.controllers() {
+            if c == "cpuset" {
+                self.create_cpuset()?;
+                continue;
+            }
             let dir = self.dir(c);
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         }
@@ -231,12 +374,46 @@ impl CgroupManager for V1Manager {
             let value = if max <= 0 { "max".to_string() } else { max.to_string() };
             write(&self.dir("pids").join("pids.max"), &value)?;
         }
-        if r.deny_devices {
-            if !self.with_devices {
-                return Err(CgroupError::Unsupported("device rules without the devices controller", "v1"));
+        if let Some(soft) = r.memory_reservation {
+            write(&mem.join("memory.soft_limit_in_bytes"), &soft.to_string())?;
+        }
+        if let Some(swappiness) = r.memory_swappiness {
+            write(&mem.join("memory.swappiness"), &swappiness.to_string())?;
+        }
+        if let Some(tcp) = r.memory_kernel_tcp {
+            write(&mem.join("memory.kmem.tcp.limit_in_bytes"), &tcp.to_string())?;
+        }
+        if r.disable_oom_killer {
+            write(&mem.join("memory.oom_control"), "1")?;
+        }
+        // The period first: the kernel checks runtime <= period.
+        if let Some(period) = r.cpu_realtime_period {
+            write(&cpu.join("cpu.rt_period_us"), &period.to_string())?;
+        }
+        if let Some(runtime) = r.cpu_realtime_runtime {
+            write(&cpu.join("cpu.rt_runtime_us"), &runtime.to_string())?;
+        }
+        if r.cpuset_cpus.is_some() || r.cpuset_mems.is_some() {
+            if !self.joins("cpuset") {
+                return Err(CgroupError::MissingController("linux.resources.cpu.cpus/mems", "cpuset"));
+            }
+            let dir = self.dir("cpuset");
+            if let Some(cpus) = &r.cpuset_cpus {
+                write(&dir.join("cpuset.cpus"), cpus)?;
+            }
+            if let Some(mems) = &r.cpuset_mems {
+                write(&dir.join("cpuset.mems"), mems)?;
+            }
+        }
+        if !r.device_rules.is_empty() {
+            if !self.joins("devices") {
+                return Err(CgroupError::MissingController("linux.resources.devices", "devices"));
             }
             let dev = self.dir("devices");
-            write(&dev.join("devices.deny"), "a")?;
+            for rule in r.device_rules.iter().chain(&r.device_nodes) {
+                let file = if rule.allow { "devices.allow" } else { "devices.deny" };
+                write(&dev.join(file), &rule.v1_line())?;
+            }
             for rule in V1_DEFAULT_DEVICES {
                 write(&dev.join("devices.allow"), rule)?;
             }
@@ -278,6 +455,31 @@ impl CgroupManager for V1Manager {
         self.controllers().map(|c| self.dir(c)).collect()
     }
 
+    fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let state = self.dir("freezer").join("freezer.state");
+        if !self.joins("freezer") || !state.exists() {
+            return Err(CgroupError::MissingController("pause and resume", "freezer"));
+        }
+        let want = if frozen { "FROZEN" } else { "THAWED" };
+        write(&state, want)?;
+        wait_until(&state, || fs::read_to_string(&state).is_ok_and(|s| s.trim() == want))
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.joins("freezer")
+            && fs::read_to_string(self.dir("freezer").join("freezer.state")).is_ok_and(|s| s.trim() != "THAWED")
+    }
+
+    fn stats(&self) -> Stats {
+        let mem = self.dir("memory");
+        Stats {
+            memory_usage_bytes: read_u64(&mem.join("memory.usage_in_bytes")),
+            memory_limit_bytes: read_u64(&mem.join("memory.limit_in_bytes")),
+            cpu_usage_nanos: read_u64(&self.dir("cpuacct").join("cpuacct.usage")),
+            pids_current: read_u64(&self.dir("pids").join("pids.current")),
+        }
+    }
+
     fn self_attach_files(&self) -> Vec<PathBuf> {
         self.controllers().map(|c| self.dir(c).join("tasks")).collect()
     }
@@ -289,11 +491,17 @@ impl CgroupManager for V1Manager {
 pub struct V2Manager {
     root: PathBuf,
     path: PathBuf,
+    /// Enable the cpuset controller too (the spec pins CPUs or memory nodes).
+    cpuset: bool,
 }
 
 impl V2Manager {
-    pub fn new(root: &Path, path: &Path) -> Result<Self, CgroupError> {
-        Ok(V2Manager { root: root.to_path_buf(), path: check_relative(path)? })
+    pub fn new(root: &Path, path: &Path, extra: &[String]) -> Result<Self, CgroupError> {
+        Ok(V2Manager {
+            root: root.to_path_buf(),
+            path: check_relative(path)?,
+            cpuset: extra.iter().any(|c| c == "cpuset"),
+        })
     }
 
     fn dir(&self) -> PathBuf {
@@ -322,6 +530,7 @@ impl CgroupManager for V2Manager {
             let available = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
             let wanted: Vec<String> = ["memory", "cpu", "pids"]
                 .iter()
+                .chain(self.cpuset.then_some(&"cpuset"))
                 .filter(|c| available.split_whitespace().any(|a| a == **c))
                 .map(|c| format!("+{c}"))
                 .collect();
@@ -360,8 +569,25 @@ impl CgroupManager for V2Manager {
             let value = if max <= 0 { "max".to_string() } else { max.to_string() };
             write(&dir.join("pids.max"), &value)?;
         }
-        if r.deny_devices {
-            return Err(CgroupError::Unsupported("device rules (they need an eBPF program)", "v2"));
+        if let Some(low) = r.memory_reservation {
+            write(&dir.join("memory.low"), &low.to_string())?;
+        }
+        if let Some(cpus) = &r.cpuset_cpus {
+            write(&dir.join("cpuset.cpus"), cpus)?;
+        }
+        if let Some(mems) = &r.cpuset_mems {
+            write(&dir.join("cpuset.mems"), mems)?;
+        }
+        for (set, field) in [
+            (r.memory_swappiness.is_some(), "linux.resources.memory.swappiness"),
+            (r.memory_kernel_tcp.is_some(), "linux.resources.memory.kernelTCP"),
+            (r.disable_oom_killer, "linux.resources.memory.disableOOMKiller"),
+            (r.cpu_realtime_runtime.is_some() || r.cpu_realtime_period.is_some(), "linux.resources.cpu.realtime*"),
+            (!r.device_rules.is_empty(), "linux.resources.devices (rules need an eBPF program)"),
+        ] {
+            if set {
+                return Err(CgroupError::Unsupported(field, "v2"));
+            }
         }
         Ok(())
     }
@@ -385,6 +611,27 @@ impl CgroupManager for V2Manager {
     fn paths(&self) -> Vec<PathBuf> {
         vec![self.dir()]
     }
+
+    fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let dir = self.dir();
+        write(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        let events = dir.join("cgroup.events");
+        wait_until(&events, || read_key(&events, "frozen") == Some(u64::from(frozen)))
+    }
+
+    fn is_frozen(&self) -> bool {
+        read_u64(&self.dir().join("cgroup.freeze")) == Some(1)
+    }
+
+    fn stats(&self) -> Stats {
+        let dir = self.dir();
+        Stats {
+            memory_usage_bytes: read_u64(&dir.join("memory.current")),
+            memory_limit_bytes: read_u64(&dir.join("memory.max")),
+            cpu_usage_nanos: read_key(&dir.join("cpu.stat"), "usage_usec").map(|us| us * 1000),
+            pids_current: read_u64(&dir.join("pids.current")),
+        }
+    }
 }
 
 /// Either backend, chosen once per container.
@@ -398,7 +645,8 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 impl AnyCgroupManager {
     /// A manager for the container cgroup `path` (relative to the hierarchy root).
-    pub fn new(config: &CgroupConfig, path: &Path, with_devices: bool) -> Result<Self, CgroupError> {
+    /// `extra`: the optional v1 controllers to join ([`Resources::extra_controllers`]).
+    pub fn new(config: &CgroupConfig, path: &Path, extra: &[String]) -> Result<Self, CgroupError> {
         let version = match config.version {
             CgroupVersion::Auto => {
                 let fs = nix::sys::statfs::statfs(&config.root).map_err(|e| CgroupError::Io {
@@ -411,8 +659,8 @@ impl AnyCgroupManager {
             v => v,
         };
         Ok(match version {
-            CgroupVersion::V2 => AnyCgroupManager::V2(V2Manager::new(&config.root, path)?),
-            _ => AnyCgroupManager::V1(V1Manager::new(&config.root, path, with_devices)?),
+            CgroupVersion::V2 => AnyCgroupManager::V2(V2Manager::new(&config.root, path, extra)?),
+            _ => AnyCgroupManager::V1(V1Manager::new(&config.root, path, extra)?),
         })
     }
 
@@ -449,6 +697,15 @@ impl CgroupManager for AnyCgroupManager {
     fn self_attach_files(&self) -> Vec<PathBuf> {
         self.inner().self_attach_files()
     }
+    fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        self.inner().set_frozen(frozen)
+    }
+    fn is_frozen(&self) -> bool {
+        self.inner().is_frozen()
+    }
+    fn stats(&self) -> Stats {
+        self.inner().stats()
+    }
 }
 
 #[cfg(test)]
@@ -466,7 +723,7 @@ mod tests {
     #[test]
     fn v2_writes_limits_with_swap_pinned_to_memory() {
         let root = fake_v2();
-        let m = V2Manager::new(root.path(), Path::new("flotilla/c1")).unwrap();
+        let m = V2Manager::new(root.path(), Path::new("flotilla/c1"), &[]).unwrap();
         m.create().unwrap();
         let dir = root.path().join("flotilla/c1");
         fs::write(dir.join("memory.swap.max"), "max").unwrap();
@@ -477,7 +734,7 @@ mod tests {
             cpu_quota: Some(50_000),
             cpu_period: Some(100_000),
             pids_max: Some(64),
-            deny_devices: false,
+            ..Default::default()
         })
         .unwrap();
         let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
@@ -491,16 +748,32 @@ mod tests {
         assert!(m.oom_killed().unwrap());
         fs::write(dir.join("cgroup.procs"), "12\n13\n").unwrap();
         assert_eq!(m.procs().unwrap(), vec![12, 13]);
-        assert!(m.apply(&Resources { deny_devices: true, ..Default::default() }).is_err());
+        let deny_all = DeviceRule { allow: false, kind: 'a', major: None, minor: None, access: "rwm".into() };
+        let err = m.apply(&Resources { device_rules: vec![deny_all], ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("linux.resources.devices"), "{err}");
+        let err = m.apply(&Resources { memory_swappiness: Some(10), ..Default::default() }).unwrap_err();
+        assert_eq!(err.to_string(), "linux.resources.memory.swappiness is not supported on cgroup v2");
     }
 
     #[test]
     fn auto_detects_v1_on_a_plain_directory_and_refuses_escaping_paths() {
         let root = tempfile::tempdir().unwrap();
         let config = CgroupConfig { root: root.path().to_path_buf(), version: CgroupVersion::Auto };
-        assert!(matches!(AnyCgroupManager::new(&config, Path::new("a/b"), false).unwrap(), AnyCgroupManager::V1(_)));
-        assert!(matches!(AnyCgroupManager::new(&config, Path::new("../x"), false), Err(CgroupError::BadPath(_))));
-        assert!(matches!(AnyCgroupManager::new(&config, Path::new("/"), false), Err(CgroupError::BadPath(_))));
+        assert!(matches!(AnyCgroupManager::new(&config, Path::new("a/b"), &[]).unwrap(), AnyCgroupManager::V1(_)));
+        assert!(matches!(AnyCgroupManager::new(&config, Path::new("../x"), &[]), Err(CgroupError::BadPath(_))));
+        assert!(matches!(AnyCgroupManager::new(&config, Path::new("/"), &[]), Err(CgroupError::BadPath(_))));
+    }
+
+    #[test]
+    fn device_rules_read_as_v1_lines_and_unknown_controllers_are_refused() {
+        let rule = DeviceRule { allow: true, kind: 'c', major: Some(10), minor: None, access: "rw".into() };
+        assert_eq!(rule.v1_line(), "c 10:* rw");
+        let all = DeviceRule { allow: false, kind: 'a', major: None, minor: None, access: "rwm".into() };
+        assert_eq!(all.v1_line(), "a *:* rwm");
+        let err = V1Manager::new(Path::new("/x"), Path::new("a"), &["net_cls".to_string()]).unwrap_err();
+        assert_eq!(err.to_string(), "cgroup controller \"net_cls\" is not one a container can join");
+        let r = Resources { device_rules: vec![all], cpuset_cpus: Some("0".into()), ..Default::default() };
+        assert_eq!(r.extra_controllers(), vec!["devices", "cpuset"]);
     }
 
     #[test]

@@ -227,7 +227,7 @@ pub fn exec(root: &Path, id: &str, req: &ExecRequest) -> Result<ExecOutcome, Exe
     if !cwd.is_absolute() {
         return Err(ExecError::Setup { id: id.into(), message: format!("cwd {} is not absolute", cwd.display()) });
     }
-    let cgroups = AnyCgroupManager::new(&record.cgroup_config, &record.cgroup_path, record.cgroup_devices)
+    let cgroups = AnyCgroupManager::new(&record.cgroup_config, &record.cgroup_path, &record.cgroup_controllers())
         .map_err(|source| ExecError::Cgroup { id: id.into(), source })?;
     // v1: the per-controller `tasks` files (no threadgroup lock, as create does); v2: the
     // directory's cgroup.procs. Either way the writer moves itself by writing `0`.

@@ -75,6 +75,9 @@ pub(crate) enum InitError {
     /// A path inside the rootfs resolves through too many symlinks.
     #[error("too many symlinks resolving {}", .0.display())]
     SymlinkLoop(PathBuf),
+    /// A createContainer hook failed.
+    #[error("{0}")]
+    Hook(String),
 }
 
 /// `InitError::Sys` for doing `what`.
@@ -116,8 +119,8 @@ pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
         join_cgroups(attach)?;
         prepare(plan, go, stdio)
     }));
-    let exec = match result {
-        Ok(Ok(exec)) => exec,
+    let (exec, state) = match result {
+        Ok(Ok(ready)) => ready,
         Ok(Err(e)) => fail(&mut report, &e.to_string()),
         Err(_) => fail(&mut report, "container init panicked"),
     };
@@ -132,6 +135,10 @@ pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
         sys::exit_now(127);
     }
     drop(fifo);
+    if let Err(e) = super::hooks::run("startContainer", &plan.hooks.start_container, &state) {
+        let _ = writeln!(io::stderr(), "flotilla-oci: {e}");
+        sys::exit_now(127);
+    }
     let _ = sys::cloexec_from(3);
     sys::reset_signals();
     if let Some(program) = plan.seccomp.as_ref().filter(|_| plan.no_new_privs)
@@ -165,10 +172,15 @@ struct Exec {
     env: Vec<CString>,
 }
 
-fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec, InitError> {
+/// Sets the container up; returns its program and the OCI state for its hooks.
+fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<(Exec, Vec<u8>), InitError> {
     let mut go = fs::File::from(go);
     let mut byte = [0u8; 1];
     go.read_exact(&mut byte).map_err(io_err("waiting for the runtime"))?;
+    let mut state = Vec::new();
+    if plan.hooks.in_container() {
+        go.read_to_end(&mut state).map_err(io_err("reading the container state"))?;
+    }
     drop(go);
 
     let [stdin, stdout, stderr] = stdio;
@@ -203,7 +215,7 @@ fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec
             .map_err(sys_err("setting uid 0 in the user namespace"))?;
     }
     umask(Mode::empty());
-    setup_rootfs(plan)?;
+    setup_rootfs(plan, &state)?;
 
     if let Some(name) = &plan.hostname {
         nix::unistd::sethostname(name).map_err(sys_err(format!("setting hostname {name:?}")))?;
@@ -221,7 +233,7 @@ fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<Exec
     privileges::drop_privileges(plan, user_ns, last_cap)?;
     nix::unistd::chdir(&plan.cwd).map_err(sys_err(format!("changing to cwd {}", plan.cwd.display())))?;
     umask(Mode::from_bits_truncate(plan.umask.unwrap_or(0o022)));
-    resolve_exec(plan)
+    Ok((resolve_exec(plan)?, state))
 }
 
 /// Finds the program: a path with a slash is used as is, otherwise the container's PATH is
@@ -308,11 +320,20 @@ fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> InitError 
     sys_err(format!("{what} {}", target.display()))
 }
 
-fn setup_rootfs(plan: &Plan) -> Result<(), InitError> {
+fn setup_rootfs(plan: &Plan, state: &[u8]) -> Result<(), InitError> {
     let none: Option<&str> = None;
     mount(none, "/", none, plan.rootfs_propagation, none)
         .map_err(mount_err("setting propagation of", Path::new("/")))?;
     let rootfs = &plan.rootfs;
+    // pivot_root refuses a new root, or a parent of it, with shared propagation, and an
+    // unbindable mount cannot be bind-mounted: the mount holding the rootfs is made private
+    // in this namespace (as runc does); the requested propagation is set on the new root
+    // after the pivot.
+    let shared_or_unbindable = plan.rootfs_propagation.intersects(MsFlags::MS_SHARED | MsFlags::MS_UNBINDABLE);
+    if shared_or_unbindable {
+        let holder = mount_point_holding(rootfs)?;
+        mount(none, &holder, none, MsFlags::MS_PRIVATE, none).map_err(mount_err("making private", &holder))?;
+    }
     mount(Some(rootfs), rootfs, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
         .map_err(mount_err("bind-mounting rootfs", rootfs))?;
     for m in &plan.mounts {
@@ -340,10 +361,22 @@ fn setup_rootfs(plan: &Plan) -> Result<(), InitError> {
             }
         }
     }
+    // createContainer hooks: in the container's namespaces, paths still the runtime's.
+    super::hooks::run("createContainer", &plan.hooks.create_container, state)
+        .map_err(|e| InitError::Hook(e.to_string()))?;
     nix::unistd::chdir(rootfs).map_err(mount_err("entering", rootfs))?;
     nix::unistd::pivot_root(".", ".").map_err(mount_err("pivot_root to", rootfs))?;
+    if plan.rootfs_propagation.contains(MsFlags::MS_SHARED) {
+        // The old root's mounts are peers of the host's: detaching them must not propagate.
+        mount(none, ".", none, MsFlags::MS_SLAVE | MsFlags::MS_REC, none)
+            .map_err(mount_err("making the old root a slave of", rootfs))?;
+    }
     umount2(".", MntFlags::MNT_DETACH).map_err(mount_err("detaching old root from", rootfs))?;
     nix::unistd::chdir("/").map_err(mount_err("entering", Path::new("/")))?;
+    if shared_or_unbindable {
+        mount(none, "/", none, plan.rootfs_propagation, none)
+            .map_err(mount_err("setting propagation of", Path::new("/")))?;
+    }
 
     for p in &plan.masked_paths {
         match fs::metadata(p) {
@@ -364,6 +397,45 @@ fn setup_rootfs(plan: &Plan) -> Result<(), InitError> {
         remount_readonly(Path::new("/"))?;
     }
     Ok(())
+}
+
+/// The mount point of the mount that holds `path` (the longest mount point above it).
+fn mount_point_holding(path: &Path) -> Result<PathBuf, InitError> {
+    let path = fs::canonicalize(path).map_err(io_err(format!("resolving {}", path.display())))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading mountinfo"))?;
+    let mut best = PathBuf::from("/");
+    for line in mountinfo.lines() {
+        let Some(point) = line.split(' ').nth(4) else { continue };
+        let point = PathBuf::from(unescape_mountinfo(point));
+        if path.starts_with(&point) && point.components().count() > best.components().count() {
+            best = point;
+        }
+    }
+    Ok(best)
+}
+
+/// Mountinfo writes space, tab, newline and backslash in paths as octal escapes (`\040`).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .and_then(|d| u8::try_from(d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0'))).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Remounts a bind mount read-only, keeping the flags the kernel would refuse to drop.
@@ -496,6 +568,14 @@ fn create_device(d: &super::spec::DevicePlan, target: &Path) -> Result<(), InitE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/short\\04"), "/short\\04");
+        assert_eq!(unescape_mountinfo("/big\\777"), "/big\\777", "not a byte: kept as written");
+    }
 
     #[test]
     fn secure_join_keeps_symlinks_inside_the_root() {

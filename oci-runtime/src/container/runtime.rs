@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::{AnyCgroupManager, CgroupConfig, CgroupError, CgroupManager};
+use super::hooks::{self, Hooks};
 use super::init::{ChildFds, child_main};
 use super::spec::{self, Plan, SpecError};
 use super::sys::{self, Forked};
@@ -52,6 +53,10 @@ pub enum ContainerError {
     BadState { id: String, message: String },
     #[error(transparent)]
     Durable(#[from] crate::durable::DurableError),
+    #[error("container {id}: {source}")]
+    Hook { id: String, source: super::hooks::HookError },
+    #[error("container {id} is paused: {action} it after `resume`")]
+    Paused { id: String, action: &'static str },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerError + use<> {
@@ -70,6 +75,8 @@ fn sys_err(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError
 pub enum Status {
     Created,
     Running,
+    /// Running, with every process frozen by `pause`.
+    Paused,
     Stopped,
 }
 
@@ -78,6 +85,7 @@ impl std::fmt::Display for Status {
         f.write_str(match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
         })
     }
@@ -98,10 +106,29 @@ pub struct ContainerRecord {
     pub created: String,
     pub cgroup_config: CgroupConfig,
     pub cgroup_path: PathBuf,
+    /// Whether the container joined the v1 devices controller (records written before
+    /// `cgroup_extra` existed say it here).
     pub cgroup_devices: bool,
+    /// Optional v1 controllers the container joined (`devices`, `cpuset`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_extra: Vec<String>,
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Mounts made for this container by its caller, detached on delete.
     pub owned_mounts: Vec<PathBuf>,
+    /// The spec's hooks as they were at create (poststart and poststop run later).
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    pub hooks: Hooks,
+}
+
+impl ContainerRecord {
+    /// The optional cgroup controllers this container joined.
+    pub fn cgroup_controllers(&self) -> Vec<String> {
+        let mut extra = self.cgroup_extra.clone();
+        if self.cgroup_devices && !extra.iter().any(|c| c == "devices") {
+            extra.push("devices".into());
+        }
+        extra
+    }
 }
 
 /// The OCI state document (`runc state`).
@@ -164,6 +191,8 @@ pub struct CreateOptions<'a> {
     pub shim_pid: Option<i32>,
     pub owned_mounts: Vec<PathBuf>,
     pub network_hook: Option<&'a dyn NetworkHook>,
+    /// Join the v1 freezer so `pause` works (v2 can always freeze).
+    pub pausable: bool,
 }
 
 /// A container just created: its init pid, blocked before exec.
@@ -171,6 +200,34 @@ pub struct CreateOptions<'a> {
 pub struct Created {
     pub id: String,
     pub pid: i32,
+    /// What the spec held that was ignored (unknown properties, labels without SELinux).
+    pub warnings: Vec<String>,
+}
+
+/// The OCI state document handed to hooks on stdin.
+fn hook_state(
+    id: &str,
+    status: &str,
+    pid: i32,
+    bundle: &Path,
+    plan_annotations: &std::collections::BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut state = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "id": id,
+        "status": status,
+        "pid": pid,
+        "bundle": bundle,
+    });
+    if !plan_annotations.is_empty() {
+        state["annotations"] = serde_json::json!(plan_annotations);
+    }
+    state.to_string().into_bytes()
+}
+
+/// A warning of a stage that does not fail its operation (poststart, poststop hooks).
+fn warn(message: impl std::fmt::Display) {
+    let _ = writeln!(io::stderr(), "warning: {message}");
 }
 
 /// The executor.
@@ -213,6 +270,11 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Now, as [`rfc3339`] formats it.
+pub fn rfc3339_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
 /// Whether `pid` is still the process that started at `start` (and not a zombie).
 pub(crate) fn same_process(pid: i32, start: u64) -> bool {
     matches!(sys::proc_start_time(pid), Some((s, state)) if s == start && state != 'Z' && state != 'X')
@@ -231,8 +293,8 @@ impl Runtime {
         self.config.state_root.join(id)
     }
 
-    fn cgroup_manager(record: &ContainerRecord) -> Result<AnyCgroupManager, ContainerError> {
-        Ok(AnyCgroupManager::new(&record.cgroup_config, &record.cgroup_path, record.cgroup_devices)?)
+    pub(crate) fn cgroup_manager(record: &ContainerRecord) -> Result<AnyCgroupManager, ContainerError> {
+        Ok(AnyCgroupManager::new(&record.cgroup_config, &record.cgroup_path, &record.cgroup_controllers())?)
     }
 
     /// Reads a container's record.
@@ -274,18 +336,29 @@ impl Runtime {
             Some(p) => p.clone(),
             None => PathBuf::from("flotilla").join(id),
         };
-        let cgroups = match AnyCgroupManager::new(&self.config.cgroup, &cgroup_path, plan.resources.deny_devices) {
+        let mut controllers = plan.resources.extra_controllers();
+        if options.pausable {
+            controllers.push("freezer".into());
+        }
+        let cgroups = match AnyCgroupManager::new(&self.config.cgroup, &cgroup_path, &controllers) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
                 return Err(e.into());
             }
         };
-        match self.create_in(id, &bundle, &plan, &dir, &cgroups, &cgroup_path, options) {
+        match self.create_in(id, &bundle, &plan, &dir, &cgroups, &cgroup_path, &controllers, options) {
             Ok(created) => Ok(created),
             Err(e) => {
                 let _ = cgroups.destroy(DELETE_TIMEOUT);
                 let _ = fs::remove_dir_all(&dir);
+                // A failed hook (or init) stops the container; poststop hooks still run.
+                if matches!(e, ContainerError::Hook { .. } | ContainerError::Init { .. }) {
+                    let state = hook_state(id, "stopped", 0, &bundle, &plan.annotations);
+                    for failure in hooks::run_all("poststop", &plan.hooks.poststop, &state) {
+                        warn(failure);
+                    }
+                }
                 Err(e)
             }
         }
@@ -300,6 +373,7 @@ impl Runtime {
         dir: &Path,
         cgroups: &AnyCgroupManager,
         cgroup_path: &Path,
+        controllers: &[String],
         options: CreateOptions<'_>,
     ) -> Result<Created, ContainerError> {
         cgroups.create()?;
@@ -316,7 +390,7 @@ impl Runtime {
             .into();
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
         let (rep_r, rep_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
-        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook } = options;
+        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook, pausable: _ } = options;
         let mut attach = Vec::new();
         for file in cgroups.self_attach_files() {
             let fd = fs::OpenOptions::new()
@@ -338,7 +412,7 @@ impl Runtime {
         };
         drop((go_r, rep_w, fifo, stdio, attach));
         let cgroups = if self_attach { None } else { Some(cgroups) };
-        let result = self.finish_create(id, pid, plan, cgroups, network_hook, go_w, rep_r);
+        let result = self.finish_create(id, pid, bundle, plan, cgroups, network_hook, go_w, rep_r);
         if let Err(e) = result {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(pid), None);
@@ -356,16 +430,18 @@ impl Runtime {
             created: rfc3339(SystemTime::now()),
             cgroup_config: self.config.cgroup.clone(),
             cgroup_path: cgroup_path.into(),
-            cgroup_devices: plan.resources.deny_devices,
+            cgroup_devices: !plan.resources.device_rules.is_empty(),
+            cgroup_extra: controllers.to_vec(),
             annotations: plan.annotations.clone(),
             owned_mounts,
+            hooks: plan.hooks.clone(),
         };
         if let Err(e) = self.write_record(&record) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(pid), None);
             return Err(e);
         }
-        Ok(Created { id: id.into(), pid })
+        Ok(Created { id: id.into(), pid, warnings: plan.warnings().to_vec() })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -373,6 +449,7 @@ impl Runtime {
         &self,
         id: &str,
         pid: i32,
+        bundle: &Path,
         plan: &Plan,
         cgroups: Option<&AnyCgroupManager>,
         network_hook: Option<&dyn NetworkHook>,
@@ -391,9 +468,23 @@ impl Runtime {
         if let Some(hook) = network_hook {
             hook.setup(id, pid).map_err(|source| ContainerError::Network { id: id.into(), source })?;
         }
-        let mut go = fs::File::from(go);
-        go.write_all(b"G").map_err(io_err("signal", Path::new("container init")))?;
-        drop(go);
+        let hooks = &plan.hooks;
+        if !hooks.prestart.is_empty() || !hooks.create_runtime.is_empty() || hooks.in_container() {
+            // "created", as crun and the runtime-tools suite have it for these hooks.
+            let state = hook_state(id, "created", pid, bundle, &plan.annotations);
+            for (stage, list) in [("prestart", &hooks.prestart), ("createRuntime", &hooks.create_runtime)] {
+                hooks::run(stage, list, &state).map_err(|source| ContainerError::Hook { id: id.into(), source })?;
+            }
+            let mut go = fs::File::from(go);
+            go.write_all(b"G").map_err(io_err("signal", Path::new("container init")))?;
+            // The init's own hooks (createContainer, startContainer) read the state from here.
+            if hooks.in_container() {
+                go.write_all(&state).map_err(io_err("signal", Path::new("container init")))?;
+            }
+        } else {
+            let mut go = fs::File::from(go);
+            go.write_all(b"G").map_err(io_err("signal", Path::new("container init")))?;
+        }
         let mut report = fs::File::from(report);
         let mut first = [0u8; 1];
         match report.read(&mut first) {
@@ -414,9 +505,82 @@ impl Runtime {
             Status::Stopped
         } else if self.state_dir(&record.id).join("exec.fifo").exists() {
             Status::Created
+        } else if Self::cgroup_manager(record).is_ok_and(|c| c.is_frozen()) {
+            Status::Paused
         } else {
             Status::Running
         }
+    }
+
+    /// Freezes every process of a running container (`pause`).
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let record = self.record(id)?;
+        let status = self.status(&record);
+        if status != Status::Running {
+            return Err(ContainerError::WrongStatus { id: id.into(), status, expected: "running" });
+        }
+        Ok(Self::cgroup_manager(&record)?.set_frozen(true)?)
+    }
+
+    /// Thaws a paused container (`resume`).
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let record = self.record(id)?;
+        let status = self.status(&record);
+        if status != Status::Paused {
+            return Err(ContainerError::WrongStatus { id: id.into(), status, expected: "paused" });
+        }
+        Ok(Self::cgroup_manager(&record)?.set_frozen(false)?)
+    }
+
+    /// Every container under the state root, by id (unreadable entries are skipped).
+    pub fn list(&self) -> Result<Vec<(ContainerRecord, Status)>, ContainerError> {
+        let root = &self.config.state_root;
+        let entries = match fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ContainerError::Io { action: "read", path: root.clone(), source: e }),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else { continue };
+            if let Ok(record) = self.record(&id) {
+                let status = self.status(&record);
+                out.push((record, status));
+            }
+        }
+        out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Ok(out)
+    }
+
+    /// The pids (host namespace) of a container's processes.
+    pub fn processes(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
+        let record = self.record(id)?;
+        Ok(Self::cgroup_manager(&record)?.procs()?)
+    }
+
+    /// Changes the limits of a created, running or paused container.
+    pub fn update(&self, id: &str, resources: &super::cgroup::Resources) -> Result<(), ContainerError> {
+        let record = self.record(id)?;
+        let status = self.status(&record);
+        if status == Status::Stopped {
+            return Err(ContainerError::WrongStatus { id: id.into(), status, expected: "created, running or paused" });
+        }
+        let cgroups = Self::cgroup_manager(&record)?;
+        let needed = resources.extra_controllers();
+        if let Some(missing) = needed.iter().find(|c| !record.cgroup_controllers().contains(c)) {
+            return Err(CgroupError::MissingController(
+                "this update (the container did not join it at create)",
+                if missing == "devices" { "devices" } else { "cpuset" },
+            )
+            .into());
+        }
+        Ok(cgroups.apply(resources)?)
+    }
+
+    /// A container's usage figures.
+    pub fn stats(&self, id: &str) -> Result<super::cgroup::Stats, ContainerError> {
+        let record = self.record(id)?;
+        Ok(Self::cgroup_manager(&record)?.stats())
     }
 
     /// Lets a created container exec its program.
@@ -436,6 +600,12 @@ impl Runtime {
             .map_err(io_err("open", &fifo))?;
         f.write_all(b"S").map_err(io_err("write", &fifo))?;
         fs::remove_file(&fifo).map_err(io_err("remove", &fifo))?;
+        if !record.hooks.poststart.is_empty() {
+            let state = hook_state(id, "running", record.pid, &record.bundle, &record.annotations);
+            for failure in hooks::run_all("poststart", &record.hooks.poststart, &state) {
+                warn(failure);
+            }
+        }
         Ok(())
     }
 
@@ -487,7 +657,12 @@ impl Runtime {
         if status != Status::Stopped {
             let _ = nix::sys::signal::kill(Pid::from_raw(record.pid), Signal::SIGKILL);
         }
-        Self::cgroup_manager(&record)?.destroy(DELETE_TIMEOUT)?;
+        let cgroups = Self::cgroup_manager(&record)?;
+        if status == Status::Paused {
+            // Frozen processes cannot die: thaw them after the kill is queued.
+            cgroups.set_frozen(false)?;
+        }
+        cgroups.destroy(DELETE_TIMEOUT)?;
         // A shim writes exit.json once its container is gone; let it finish first.
         if let (Some(pid), Some(start)) = (record.shim_pid, record.shim_start) {
             let deadline = std::time::Instant::now() + DELETE_TIMEOUT;
@@ -505,7 +680,14 @@ impl Runtime {
             })?;
         }
         let dir = self.state_dir(id);
-        fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))
+        fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
+        if !record.hooks.poststop.is_empty() {
+            let state = hook_state(id, "stopped", 0, &record.bundle, &record.annotations);
+            for failure in hooks::run_all("poststop", &record.hooks.poststop, &state) {
+                warn(failure);
+            }
+        }
+        Ok(())
     }
 
     /// Creates, starts and waits for a container in this process, then deletes it.

@@ -147,6 +147,24 @@ const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWCGROUP) as u64;
 
+/// The actions [`compile`] accepts, as the runtime spec names them.
+pub const SUPPORTED_ACTIONS: &[&str] = &[
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_TRAP",
+    "SCMP_ACT_TRACE",
+    "SCMP_ACT_LOG",
+];
+
+/// The one architecture a compiled filter admits (a foreign one is killed).
+#[cfg(target_arch = "x86_64")]
+pub const NATIVE_ARCH: &str = "SCMP_ARCH_X86_64";
+#[cfg(target_arch = "aarch64")]
+pub const NATIVE_ARCH: &str = "SCMP_ARCH_AARCH64";
+
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "aarch64")]

@@ -1,10 +1,12 @@
 //! OCI runtime specs for the executor: [`default_spec`] turns a few workload inputs into a
 //! complete `config.json` (Docker-like isolation), and [`load_bundle`] reads a bundle and
 //! checks its spec into a [`Plan`], the resolved form the executor acts on. It owns the
-//! decision of what the executor supports: every field it cannot honour exactly — unknown
-//! keys, hooks, a terminal, AppArmor/SELinux labels, time namespaces and so on — is refused
-//! with an error naming it, never ignored and never a panic. It performs no system calls
-//! beyond reading the bundle.
+//! decision of what the executor supports: every known field it cannot honour exactly — a
+//! terminal, AppArmor labels, time namespaces and so on — is refused with an error naming
+//! it, never a panic. Properties the spec does not define are ignored, as the runtime spec
+//! requires, and named in [`Plan::warnings`]; so are SELinux labels on a host without
+//! SELinux (they mean nothing there, as runc and crun treat them). It performs no system
+//! calls beyond reading the bundle and asking whether SELinux is enabled.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use nix::sched::CloneFlags;
 use oci_spec::runtime::{Capability, LinuxNamespaceType, PosixRlimitType, Spec};
 use serde_json::{Value, json};
 
-use super::cgroup::Resources;
+use super::cgroup::{DeviceRule, Resources};
 use super::seccomp::{self, SeccompError, SeccompProgram};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +27,6 @@ pub enum SpecError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid OCI runtime spec: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("spec field {0} is not known to this runtime")]
-    UnknownField(String),
     #[error("spec field {0} is not supported by this runtime")]
     Unsupported(String),
     #[error("rootfs {0} does not exist or is not a directory")]
@@ -295,9 +295,16 @@ pub struct Plan {
     pub(crate) resources: Resources,
     pub(crate) cgroups_path: Option<PathBuf>,
     pub(crate) annotations: std::collections::BTreeMap<String, String>,
+    pub(crate) warnings: Vec<String>,
+    pub(crate) hooks: super::hooks::Hooks,
 }
 
 impl Plan {
+    /// What the spec held that the runtime ignored, one sentence each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     /// Whether the container gets its own network namespace (the hook point for bridged
     /// networking: the parent sees the child's pid before the container continues).
     pub fn has_network_namespace(&self) -> bool {
@@ -319,36 +326,46 @@ pub fn load_bundle(bundle: &Path) -> Result<Plan, SpecError> {
     let spec: Spec = serde_json::from_value(raw.clone())
         .map_err(|e| SpecError::Invalid { path: path.clone(), message: e.to_string() })?;
     let parsed = serde_json::to_value(&spec).map_err(|e| SpecError::Invalid { path, message: e.to_string() })?;
-    find_unknown(&raw, &parsed, "")?;
-    plan(bundle, &spec)
+    let mut unknown = Vec::new();
+    find_unknown(&raw, &parsed, "", &mut unknown);
+    let mut plan = plan(bundle, &spec, selinux_enabled())?;
+    let mut warnings: Vec<String> =
+        unknown.into_iter().map(|f| format!("spec field {f} is not known to this runtime; ignored")).collect();
+    warnings.append(&mut plan.warnings);
+    plan.warnings = warnings;
+    Ok(plan)
 }
 
-/// Refuses keys of `raw` that did not survive parsing into the typed spec (serde ignores
-/// unknown fields silently). Annotations are free-form and skipped.
-fn find_unknown(raw: &Value, parsed: &Value, at: &str) -> Result<(), SpecError> {
+/// Whether the host enforces or audits SELinux labels (selinuxfs is mounted).
+fn selinux_enabled() -> bool {
+    Path::new("/sys/fs/selinux/enforce").exists()
+}
+
+/// Collects the keys of `raw` that did not survive parsing into the typed spec (serde drops
+/// unknown fields silently); the runtime spec says to ignore them, and the caller says so.
+/// Annotations are free-form and skipped.
+fn find_unknown(raw: &Value, parsed: &Value, at: &str, unknown: &mut Vec<String>) {
     match (raw, parsed) {
         (Value::Object(r), Value::Object(p)) => {
             if at == ".annotations" {
-                return Ok(());
+                return;
             }
             for (k, v) in r {
                 let here = format!("{at}.{k}");
                 match p.get(k) {
-                    Some(pv) => find_unknown(v, pv, &here)?,
+                    Some(pv) => find_unknown(v, pv, &here, unknown),
                     // Explicit nulls and empty containers may be dropped when serialized back.
                     None if v.is_null() || v == &json!({}) || v == &json!([]) => {}
-                    None => return Err(SpecError::UnknownField(here.trim_start_matches('.').to_string())),
+                    None => unknown.push(here.trim_start_matches('.').to_string()),
                 }
             }
-            Ok(())
         }
         (Value::Array(r), Value::Array(p)) => {
             for (i, (rv, pv)) in r.iter().zip(p).enumerate() {
-                find_unknown(rv, pv, &format!("{at}[{i}]"))?;
+                find_unknown(rv, pv, &format!("{at}[{i}]"), unknown);
             }
-            Ok(())
         }
-        _ => Ok(()),
+        _ => {}
     }
 }
 
@@ -356,52 +373,54 @@ fn unsupported<T>(field: &str, value: &Option<T>) -> Result<(), SpecError> {
     if value.is_some() { Err(SpecError::Unsupported(field.into())) } else { Ok(()) }
 }
 
+/// Capability names this runtime knows, in kernel order (the index is the number).
+pub const KNOWN_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
 pub(crate) fn cap_number(cap: &Capability) -> Result<u32, SpecError> {
     let name = serde_json::to_value(cap).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    const NAMES: &[&str] = &[
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETPCAP",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST",
-        "CAP_NET_ADMIN",
-        "CAP_NET_RAW",
-        "CAP_IPC_LOCK",
-        "CAP_IPC_OWNER",
-        "CAP_SYS_MODULE",
-        "CAP_SYS_RAWIO",
-        "CAP_SYS_CHROOT",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_PACCT",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_BOOT",
-        "CAP_SYS_NICE",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_TIME",
-        "CAP_SYS_TTY_CONFIG",
-        "CAP_MKNOD",
-        "CAP_LEASE",
-        "CAP_AUDIT_WRITE",
-        "CAP_AUDIT_CONTROL",
-        "CAP_SETFCAP",
-        "CAP_MAC_OVERRIDE",
-        "CAP_MAC_ADMIN",
-        "CAP_SYSLOG",
-        "CAP_WAKE_ALARM",
-        "CAP_BLOCK_SUSPEND",
-        "CAP_AUDIT_READ",
-        "CAP_PERFMON",
-        "CAP_BPF",
-        "CAP_CHECKPOINT_RESTORE",
-    ];
-    NAMES
+    KNOWN_CAPABILITIES
         .iter()
         .position(|n| *n == name)
         .map(|p| p as u32)
@@ -543,8 +562,101 @@ fn default_devices() -> Vec<DevicePlan> {
         .collect()
 }
 
-fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
-    unsupported("hooks", spec.hooks())?;
+/// `linux.resources` given as JSON (what `update --resources` reads), checked.
+pub fn resources_from_json(text: &str) -> Result<Resources, SpecError> {
+    let res: oci_spec::runtime::LinuxResources = serde_json::from_str(text)
+        .map_err(|e| SpecError::Invalid { path: "resources".into(), message: e.to_string() })?;
+    resources_from_spec(&res)
+}
+
+/// `linux.resources` as the cgroup managers apply them (also what `update` takes).
+pub fn resources_from_spec(res: &oci_spec::runtime::LinuxResources) -> Result<Resources, SpecError> {
+    let mut resources = Resources::default();
+    unsupported("linux.resources.blockIO", res.block_io())?;
+    unsupported("linux.resources.hugepageLimits", res.hugepage_limits())?;
+    unsupported("linux.resources.network", res.network())?;
+    unsupported("linux.resources.rdma", res.rdma())?;
+    unsupported("linux.resources.unified", res.unified())?;
+    for rule in res.devices().iter().flatten() {
+        use oci_spec::runtime::LinuxDeviceType as T;
+        let kind = match rule.typ() {
+            None | Some(T::A) => 'a',
+            Some(T::C) => 'c',
+            Some(T::B) => 'b',
+            Some(other) => {
+                return Err(SpecError::Inconsistent(format!(
+                    "linux.resources.devices type {other:?} is not a, c or b"
+                )));
+            }
+        };
+        let access = rule.access().clone().unwrap_or_else(|| "rwm".into());
+        if access.is_empty() || !access.chars().all(|c| matches!(c, 'r' | 'w' | 'm')) {
+            return Err(SpecError::Inconsistent(format!(
+                "linux.resources.devices access {access:?} is not made of r, w and m"
+            )));
+        }
+        resources.device_rules.push(DeviceRule {
+            allow: rule.allow(),
+            kind,
+            major: rule.major(),
+            minor: rule.minor(),
+            access,
+        });
+    }
+    if let Some(mem) = res.memory() {
+        #[allow(deprecated)]
+        let kernel = mem.kernel();
+        // Kernel memory limits were removed from Linux (5.16 deprecates, 6.x refuses).
+        unsupported("linux.resources.memory.kernel", &kernel)?;
+        resources.memory_reservation = mem.reservation();
+        resources.memory_kernel_tcp = mem.kernel_tcp();
+        resources.memory_swappiness = mem.swappiness();
+        if resources.memory_swappiness.is_some_and(|s| s > 100) {
+            return Err(SpecError::Inconsistent("linux.resources.memory.swappiness is above 100".into()));
+        }
+        resources.disable_oom_killer = mem.disable_oom_killer() == Some(true);
+        resources.memory_bytes = mem.limit();
+        resources.memory_swap_bytes = mem.swap();
+        if let (Some(l), Some(s)) = (mem.limit(), mem.swap())
+            && s >= 0
+            && s < l
+        {
+            return Err(SpecError::Inconsistent("memory.swap is below memory.limit".into()));
+        }
+    }
+    if let Some(cpu) = res.cpu() {
+        resources.cpu_realtime_runtime = cpu.realtime_runtime();
+        resources.cpu_realtime_period = cpu.realtime_period();
+        resources.cpuset_cpus = cpu.cpus().clone().filter(|c| !c.is_empty());
+        resources.cpuset_mems = cpu.mems().clone().filter(|m| !m.is_empty());
+        unsupported("linux.resources.cpu.idle", &cpu.idle())?;
+        unsupported("linux.resources.cpu.burst", &cpu.burst())?;
+        resources.cpu_shares = cpu.shares();
+        resources.cpu_quota = cpu.quota();
+        resources.cpu_period = cpu.period();
+    }
+    if let Some(pids) = res.pids() {
+        resources.pids_max = Some(pids.limit());
+    }
+    Ok(resources)
+}
+
+fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
+    let mut warnings = Vec::new();
+    let mut label = |field: &str, value: &Option<String>| -> Result<(), SpecError> {
+        match value {
+            Some(_) if selinux => Err(SpecError::Unsupported(format!("{field} (SELinux labels)"))),
+            Some(v) => {
+                warnings.push(format!("{field} {v:?} ignored: SELinux is not enabled on this host"));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    };
+    let hooks = match spec.hooks() {
+        Some(h) => super::hooks::from_spec(h).map_err(SpecError::Inconsistent)?,
+        None => super::hooks::Hooks::default(),
+    };
     unsupported("domainname", spec.domainname())?;
     unsupported("solaris", spec.solaris())?;
     unsupported("windows", spec.windows())?;
@@ -557,7 +669,7 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
     unsupported("process.consoleSize", &process.console_size())?;
     unsupported("process.commandLine", process.command_line())?;
     unsupported("process.apparmorProfile", process.apparmor_profile())?;
-    unsupported("process.selinuxLabel", process.selinux_label())?;
+    label("process.selinuxLabel", process.selinux_label())?;
     unsupported("process.ioPriority", process.io_priority())?;
     unsupported("process.scheduler", process.scheduler())?;
     unsupported("process.execCPUAffinity", process.exec_cpu_affinity())?;
@@ -567,7 +679,7 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
     }
     let linux = spec.linux().as_ref().ok_or_else(|| SpecError::Inconsistent("linux is missing".into()))?;
     unsupported("linux.netDevices", linux.net_devices())?;
-    unsupported("linux.mountLabel", linux.mount_label())?;
+    label("linux.mountLabel", linux.mount_label())?;
     unsupported("linux.intelRdt", linux.intel_rdt())?;
     unsupported("linux.memoryPolicy", linux.memory_policy())?;
     unsupported("linux.personality", linux.personality())?;
@@ -724,53 +836,28 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
         rlimits.push((rlimit_resource(r.typ())?, r.soft(), r.hard()));
     }
 
-    let mut resources = Resources::default();
-    if let Some(res) = linux.resources() {
-        unsupported("linux.resources.blockIO", res.block_io())?;
-        unsupported("linux.resources.hugepageLimits", res.hugepage_limits())?;
-        unsupported("linux.resources.network", res.network())?;
-        unsupported("linux.resources.rdma", res.rdma())?;
-        unsupported("linux.resources.unified", res.unified())?;
-        for rule in res.devices().iter().flatten() {
-            // Only a deny-everything rule is honoured (then the default devices are allowed).
-            if rule.allow() || rule.typ().is_some() || rule.major().is_some() || rule.minor().is_some() {
-                return Err(SpecError::Unsupported("linux.resources.devices rules other than deny-all".into()));
-            }
-            resources.deny_devices = true;
-        }
-        if let Some(mem) = res.memory() {
-            #[allow(deprecated)]
-            let kernel = mem.kernel();
-            unsupported("linux.resources.memory.reservation", &mem.reservation())?;
-            unsupported("linux.resources.memory.kernel", &kernel)?;
-            unsupported("linux.resources.memory.kernelTCP", &mem.kernel_tcp())?;
-            unsupported("linux.resources.memory.swappiness", &mem.swappiness())?;
-            unsupported("linux.resources.memory.disableOOMKiller", &mem.disable_oom_killer())?;
-            resources.memory_bytes = mem.limit();
-            resources.memory_swap_bytes = mem.swap();
-            if let (Some(l), Some(s)) = (mem.limit(), mem.swap())
-                && s >= 0
-                && s < l
-            {
-                return Err(SpecError::Inconsistent("memory.swap is below memory.limit".into()));
-            }
-        }
-        if let Some(cpu) = res.cpu() {
-            unsupported("linux.resources.cpu.realtimeRuntime", &cpu.realtime_runtime())?;
-            unsupported("linux.resources.cpu.realtimePeriod", &cpu.realtime_period())?;
-            unsupported("linux.resources.cpu.cpus", cpu.cpus())?;
-            unsupported("linux.resources.cpu.mems", cpu.mems())?;
-            unsupported("linux.resources.cpu.idle", &cpu.idle())?;
-            unsupported("linux.resources.cpu.burst", &cpu.burst())?;
-            resources.cpu_shares = cpu.shares();
-            resources.cpu_quota = cpu.quota();
-            resources.cpu_period = cpu.period();
-        }
-        if let Some(pids) = res.pids() {
-            resources.pids_max = Some(pids.limit());
+    let mut resources = match linux.resources() {
+        Some(res) => resources_from_spec(res)?,
+        None => Resources::default(),
+    };
+    // The spec's device nodes stay usable under its device rules, as runc and crun allow them.
+    if !resources.device_rules.is_empty() {
+        for d in linux.devices().iter().flatten() {
+            use oci_spec::runtime::LinuxDeviceType as T;
+            let kind = match d.typ() {
+                T::C | T::U => 'c',
+                T::B => 'b',
+                _ => continue,
+            };
+            resources.device_nodes.push(DeviceRule {
+                allow: true,
+                kind,
+                major: Some(d.major()),
+                minor: Some(d.minor()),
+                access: "rwm".into(),
+            });
         }
     }
-
     let seccomp = match linux.seccomp() {
         Some(s) => Some(seccomp::compile(s)?),
         None => None,
@@ -815,6 +902,8 @@ fn plan(bundle: &Path, spec: &Spec) -> Result<Plan, SpecError> {
         resources,
         cgroups_path: linux.cgroups_path().clone(),
         annotations: spec.annotations().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        warnings,
+        hooks,
     })
 }
 
@@ -860,12 +949,62 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_unsupported_fields_are_refused_by_name() {
+    fn unknown_properties_are_ignored_with_a_warning() {
         let mut v = generated();
         v["process"]["bogus"] = json!(1);
+        v["unknownTopLevel"] = json!({"a": 1});
         let dir = bundle_with(&v.to_string());
-        assert!(matches!(load_bundle(dir.path()), Err(SpecError::UnknownField(f)) if f == "process.bogus"));
+        let plan = load_bundle(dir.path()).unwrap();
+        assert_eq!(
+            plan.warnings(),
+            [
+                "spec field process.bogus is not known to this runtime; ignored",
+                "spec field unknownTopLevel is not known to this runtime; ignored"
+            ]
+        );
+    }
 
+    #[test]
+    fn selinux_labels_are_ignored_only_without_selinux() {
+        let mut v = generated();
+        v["linux"]["mountLabel"] = json!("system_u:object_r:container_file_t:s0");
+        let spec: Spec = serde_json::from_value(v).unwrap();
+        let dir = bundle_with("{}");
+        let plan = plan(dir.path(), &spec, false).unwrap();
+        assert!(plan.warnings()[0].starts_with("linux.mountLabel"), "{:?}", plan.warnings());
+        let err = super::plan(dir.path(), &spec, true).unwrap_err();
+        assert!(matches!(err, SpecError::Unsupported(f) if f.starts_with("linux.mountLabel")));
+    }
+
+    #[test]
+    fn resources_map_onto_the_cgroup_settings() {
+        let mut v = generated();
+        v["linux"]["resources"]["memory"] =
+            json!({"limit": 1 << 26, "reservation": 1 << 25, "swappiness": 10, "disableOOMKiller": true});
+        v["linux"]["resources"]["cpu"] =
+            json!({"cpus": "0-1", "mems": "0", "realtimeRuntime": 100, "realtimePeriod": 1000});
+        v["linux"]["resources"]["devices"] = json!([{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rw"}]);
+        v["linux"]["devices"] = json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+        let dir = bundle_with(&v.to_string());
+        let r = load_bundle(dir.path()).unwrap().resources;
+        assert_eq!(r.memory_reservation, Some(1 << 25));
+        assert_eq!(r.memory_swappiness, Some(10));
+        assert!(r.disable_oom_killer);
+        assert_eq!((r.cpuset_cpus.as_deref(), r.cpuset_mems.as_deref()), (Some("0-1"), Some("0")));
+        assert_eq!((r.cpu_realtime_runtime, r.cpu_realtime_period), (Some(100), Some(1000)));
+        let lines: Vec<String> = r.device_rules.iter().map(DeviceRule::v1_line).collect();
+        assert_eq!(lines, ["a *:* rwm", "c 10:229 rw"]);
+        assert_eq!(r.device_nodes[0].v1_line(), "c 10:229 rwm");
+        assert_eq!(r.extra_controllers(), ["devices", "cpuset"]);
+
+        let mut v = generated();
+        v["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwx"}]);
+        let dir = bundle_with(&v.to_string());
+        assert!(matches!(load_bundle(dir.path()), Err(SpecError::Inconsistent(m)) if m.contains("rwx")));
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name() {
         let mut v = generated();
         v["process"]["terminal"] = json!(true);
         let dir = bundle_with(&v.to_string());
