@@ -20,6 +20,8 @@ PACKAGES=(
     # umoci and debootstrap are the peers the container benchmarks compare with
     # and the tools that build their images.
     iproute2 runc crun skopeo umoci debootstrap
+    # tests/oci_cli.rs runs `podman run --runtime` with `flotilla oci` as Podman's runtime.
+    podman
     # Fault injection in the autonomy tests: packet loss by iptables where the
     # kernel lacks netem; nsenter (util-linux) runs agents in their namespaces.
     iptables util-linux

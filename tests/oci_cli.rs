@@ -1091,3 +1091,66 @@ fn devices_rules_and_shared_root_propagation() {
     assert!(text.starts_with("crw-rw----") && text.contains("10, 229"), "{text}");
     assert!(text.contains(" shared:"), "the new root is shared: {text}");
 }
+
+#[test]
+fn podman_runs_a_local_image_with_flotilla_oci_as_its_runtime() {
+    if !can_run() {
+        return;
+    }
+    if Command::new("podman").arg("--version").output().is_err() {
+        let why = "podman is not installed (Debian's podman; scripts/install-deps.sh installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{why}; CI is set, so this test must not be skipped");
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("flotilla-podman-test-").tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "id", "cat"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let tar = dir.path().join("rootfs.tar");
+    assert!(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".").status().unwrap().success());
+    // Podman runs one executable with runc's arguments: `flotilla oci` behind a wrapper.
+    let runtime = dir.path().join("flotilla-runtime");
+    let state = dir.path().join("oci-state");
+    std::fs::write(&runtime, format!("#!/bin/sh\nexec {} oci --root {} \"$@\"\n", bin(), state.display())).unwrap();
+    std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .arg("--root")
+            .arg(dir.path().join("storage"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = podman(&["import", tar.to_str().unwrap(), "localhost/flotilla-podman-test"]);
+    assert!(out.status.success(), "podman import: {}", stderr(&out));
+    // Podman's default rlimits are above what this machine lets any process raise to.
+    let out = podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=4096:4096",
+        "--runtime",
+        runtime.to_str().unwrap(),
+        "localhost/flotilla-podman-test",
+        "sh",
+        "-c",
+        "echo hello from podman; id -u; cat /proc/self/status | grep -c Seccomp:.2",
+    ]);
+    assert!(out.status.success(), "podman run: {}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out), "hello from podman\n0\n1\n", "ran under podman's seccomp profile");
+    let left = std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "podman's delete removed the container");
+    let _ = podman(&["rmi", "-af"]);
+}

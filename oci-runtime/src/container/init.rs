@@ -206,7 +206,8 @@ fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<(Exe
     if plan.cgroup_ns {
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys_err("creating cgroup namespace"))?;
     }
-    let user_ns = plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER);
+    let user_ns = plan.clone_flags.contains(CloneFlags::CLONE_NEWUSER)
+        || plan.join_namespaces.iter().any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER);
     if user_ns {
         // Become root of the new user namespace so mounts and the rest are permitted.
         nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
@@ -230,6 +231,7 @@ fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<(Exe
         }
         fs::write(&path, value).map_err(io_err(format!("setting sysctl {key}")))?;
     }
+    restrict_paths(plan)?;
     privileges::drop_privileges(plan, user_ns, last_cap)?;
     nix::unistd::chdir(&plan.cwd).map_err(sys_err(format!("changing to cwd {}", plan.cwd.display())))?;
     umask(Mode::from_bits_truncate(plan.umask.unwrap_or(0o022)));
@@ -378,6 +380,13 @@ fn setup_rootfs(plan: &Plan, state: &[u8]) -> Result<(), InitError> {
             .map_err(mount_err("setting propagation of", Path::new("/")))?;
     }
 
+    Ok(())
+}
+
+/// Masked and read-only paths, then a read-only root: after sysctls are written (through
+/// /proc/sys, which the default spec makes read-only), as runc orders them.
+fn restrict_paths(plan: &Plan) -> Result<(), InitError> {
+    let none: Option<&str> = None;
     for p in &plan.masked_paths {
         match fs::metadata(p) {
             Err(_) => continue,

@@ -402,6 +402,12 @@ impl Runtime {
         }
         let self_attach = !attach.is_empty();
 
+        if let Some(path) = &plan.join_pid {
+            // This process stays in its own pid namespace; its children (the init) go there.
+            let ns = fs::File::open(path).map_err(io_err("open", path))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWPID)
+                .map_err(sys_err(format!("joining pid namespace {}", path.display())))?;
+        }
         let pid = match sys::clone_process(plan.clone_flags.bits()).map_err(io_err("clone", bundle))? {
             Forked::Child => {
                 drop(go_w);

@@ -271,7 +271,10 @@ pub struct Plan {
     /// CLONE_NEW* flags for the clone itself (the cgroup namespace is entered later).
     pub(crate) clone_flags: CloneFlags,
     pub(crate) cgroup_ns: bool,
+    /// Namespaces the init joins by path (a user namespace first).
     pub(crate) join_namespaces: Vec<(CloneFlags, PathBuf)>,
+    /// A pid namespace the runtime enters before cloning the init into it.
+    pub(crate) join_pid: Option<PathBuf>,
     pub(crate) uid_map: String,
     pub(crate) gid_map: String,
     pub(crate) mounts: Vec<MountPlan>,
@@ -694,6 +697,7 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
     let mut clone_flags = CloneFlags::empty();
     let mut cgroup_ns = false;
     let mut join_namespaces = Vec::new();
+    let mut join_pid = None;
     let mut seen = HashSet::new();
     for ns in linux.namespaces().iter().flatten() {
         let flag = match ns.typ() {
@@ -710,25 +714,31 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
             return Err(SpecError::Inconsistent(format!("namespace {} is listed twice", ns.typ())));
         }
         match ns.path() {
-            Some(path)
-                if [CloneFlags::CLONE_NEWNET, CloneFlags::CLONE_NEWUTS, CloneFlags::CLONE_NEWIPC].contains(&flag) =>
-            {
-                join_namespaces.push((flag, path.clone()))
-            }
-            Some(_) => return Err(SpecError::Unsupported(format!("linux.namespaces {} with a path", ns.typ()))),
+            // A pid namespace is entered by the runtime before the clone (setns of a pid
+            // namespace applies to children); the init joins the others itself.
+            Some(path) if flag == CloneFlags::CLONE_NEWPID => join_pid = Some(path.clone()),
+            Some(path) => join_namespaces.push((flag, path.clone())),
             None if flag == CloneFlags::CLONE_NEWCGROUP => cgroup_ns = true,
             None => clone_flags |= flag,
         }
     }
-    if !clone_flags.contains(CloneFlags::CLONE_NEWNS) {
-        return Err(SpecError::Inconsistent("a mount namespace is required".into()));
+    // The user namespace first: joining it grants the rights to join the others.
+    join_namespaces.sort_by_key(|(flag, _)| *flag != CloneFlags::CLONE_NEWUSER);
+    let joins = |flag: CloneFlags| join_namespaces.iter().any(|(f, _)| *f == flag);
+    if !clone_flags.contains(CloneFlags::CLONE_NEWNS) && !joins(CloneFlags::CLONE_NEWNS) {
+        // Without one, the spec's mounts would land on the host and outlive the container.
+        return Err(SpecError::Unsupported(
+            "a container without its own mount namespace (linux.namespaces has no mount)".into(),
+        ));
     }
     let user_ns = clone_flags.contains(CloneFlags::CLONE_NEWUSER);
     if user_ns && (linux.uid_mappings().is_none() || linux.gid_mappings().is_none()) {
         return Err(SpecError::Inconsistent("a user namespace needs uidMappings and gidMappings".into()));
     }
     if !user_ns && (linux.uid_mappings().is_some() || linux.gid_mappings().is_some()) {
-        return Err(SpecError::Inconsistent("uidMappings without a user namespace".into()));
+        return Err(SpecError::Inconsistent(
+            "uidMappings without a new user namespace (a joined one has its mappings already)".into(),
+        ));
     }
     let has_uts = seen.contains(&CloneFlags::CLONE_NEWUTS.bits());
     if spec.hostname().is_some() && !has_uts {
@@ -862,6 +872,9 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
         Some(s) => Some(seccomp::compile(s)?),
         None => None,
     };
+    for name in seccomp.iter().flat_map(|p| &p.unknown_names) {
+        warnings.push(format!("seccomp syscall {name:?} is unknown on every architecture this runtime knows; skipped"));
+    }
     let rootfs_propagation = match linux.rootfs_propagation() {
         Some(p) => propagation_flags(p)?,
         None => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
@@ -879,6 +892,7 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
         clone_flags,
         cgroup_ns,
         join_namespaces,
+        join_pid,
         uid_map: id_map(linux.uid_mappings()),
         gid_map: id_map(linux.gid_mappings()),
         mounts,
@@ -1001,6 +1015,30 @@ mod tests {
         v["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwx"}]);
         let dir = bundle_with(&v.to_string());
         assert!(matches!(load_bundle(dir.path()), Err(SpecError::Inconsistent(m)) if m.contains("rwx")));
+    }
+
+    #[test]
+    fn namespaces_by_path_are_joined_user_first_and_pid_by_the_runtime() {
+        let mut v = generated();
+        v["linux"]["namespaces"] = json!([
+            {"type": "mount", "path": "/proc/1/ns/mnt"},
+            {"type": "pid", "path": "/proc/1/ns/pid"},
+            {"type": "user", "path": "/proc/1/ns/user"},
+            {"type": "network"}
+        ]);
+        v.as_object_mut().unwrap().remove("hostname");
+        let dir = bundle_with(&v.to_string());
+        let plan = load_bundle(dir.path()).unwrap();
+        let joined: Vec<CloneFlags> = plan.join_namespaces.iter().map(|(f, _)| *f).collect();
+        assert_eq!(joined, [CloneFlags::CLONE_NEWUSER, CloneFlags::CLONE_NEWNS]);
+        assert_eq!(plan.join_pid.as_deref(), Some(Path::new("/proc/1/ns/pid")));
+        assert_eq!(plan.clone_flags, CloneFlags::CLONE_NEWNET);
+
+        let mut v = generated();
+        v["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "uts"}]);
+        let dir = bundle_with(&v.to_string());
+        let err = load_bundle(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("without its own mount namespace"), "{err}");
     }
 
     #[test]
