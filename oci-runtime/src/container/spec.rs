@@ -644,7 +644,21 @@ pub fn resources_from_spec(res: &oci_spec::runtime::LinuxResources) -> Result<Re
     Ok(resources)
 }
 
+/// Whether `ociVersion` names a runtime spec this runtime implements: 1.x.y, with an
+/// optional pre-release suffix (`1.0.2-dev`).
+fn supported_oci_version(version: &str) -> bool {
+    let core = version.split_once(['-', '+']).map_or(version, |(c, _)| c);
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3 && parts[0] == "1" && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
+    if !supported_oci_version(spec.version()) {
+        return Err(SpecError::Inconsistent(format!(
+            "ociVersion {:?} is not a runtime spec version 1.x.y",
+            spec.version()
+        )));
+    }
     let mut warnings = Vec::new();
     let mut label = |field: &str, value: &Option<String>| -> Result<(), SpecError> {
         match value {
@@ -1039,6 +1053,21 @@ mod tests {
         let dir = bundle_with(&v.to_string());
         let err = load_bundle(dir.path()).unwrap_err().to_string();
         assert!(err.contains("without its own mount namespace"), "{err}");
+    }
+
+    #[test]
+    fn oci_versions_are_checked() {
+        for ok in ["1.0.0", "1.0.2-dev", "1.2.1", "1.1.0+dirty"] {
+            assert!(supported_oci_version(ok), "{ok}");
+        }
+        for bad in ["invalid", "2.0.0", "1.0", "1..0", "", "1.0.x"] {
+            assert!(!supported_oci_version(bad), "{bad}");
+        }
+        let mut v = generated();
+        v["ociVersion"] = json!("invalid");
+        let dir = bundle_with(&v.to_string());
+        let err = load_bundle(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("ociVersion \"invalid\""), "{err}");
     }
 
     #[test]
