@@ -178,8 +178,8 @@ struct CreateFlags {
     /// Write the container's init pid to this file.
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
-    /// Unix socket to send a terminal's master to: refused, `process.terminal` is not
-    /// supported.
+    /// Unix socket the container's pseudo-terminal master is sent to (SCM_RIGHTS), for a
+    /// spec with `process.terminal`.
     #[arg(long, value_name = "PATH")]
     console_socket: Option<PathBuf>,
     /// Accepted for runc compatibility: the rootfs is always entered with pivot_root.
@@ -439,10 +439,14 @@ pub fn main(args: OciArgs) -> ExitCode {
 
 /// `create`'s common work: refuses what cannot be honoured, creates, writes the pid file.
 fn create(runtime: &Runtime, id: &str, bundle: &std::path::Path, flags: &CreateFlags, log: &LogTarget) -> Result<i32> {
-    if let Some(socket) = &flags.console_socket {
-        bail!("--console-socket {}: terminals (process.terminal) are not supported by this runtime", socket.display());
-    }
-    let created = runtime.create(id, bundle, CreateOptions { pausable: true, ..Default::default() })?;
+    let console_socket = match &flags.console_socket {
+        Some(path) => Some(std::os::fd::OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(path)
+                .with_context(|| format!("connecting to console socket {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let created = runtime.create(id, bundle, CreateOptions { pausable: true, console_socket, ..Default::default() })?;
     for w in &created.warnings {
         log.write("warning", w);
     }

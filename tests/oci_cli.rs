@@ -1107,7 +1107,7 @@ fn podman_runs_a_local_image_with_flotilla_oci_as_its_runtime() {
     let rootfs = dir.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "id", "cat"] {
+    for applet in ["sh", "echo", "id", "cat", "grep", "ls"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let tar = dir.path().join("rootfs.tar");
@@ -1150,7 +1150,90 @@ fn podman_runs_a_local_image_with_flotilla_oci_as_its_runtime() {
     ]);
     assert!(out.status.success(), "podman run: {}{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out), "hello from podman\n0\n1\n", "ran under podman's seccomp profile");
+    // -t: conmon hands flotilla a console socket and gets the terminal's master back.
+    let out = podman(&[
+        "run",
+        "--rm",
+        "-t",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=4096:4096",
+        "--runtime",
+        runtime.to_str().unwrap(),
+        "localhost/flotilla-podman-test",
+        "sh",
+        "-c",
+        "ls -l /proc/self/fd/0",
+    ]);
+    assert!(out.status.success(), "podman run -t: {}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("-> /dev/pts/0"), "{}", stdout(&out));
     let left = std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "podman's delete removed the container");
     let _ = podman(&["rmi", "-af"]);
+}
+
+#[test]
+fn a_terminal_goes_to_the_console_socket() {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if !can_run() {
+        return;
+    }
+    let b = Bundle::new("tty", &["sh", "-c", "tty; stty size; echo done"], |_| {});
+    std::os::unix::fs::symlink("busybox", b.bundle().join("rootfs/bin/stty")).unwrap();
+    std::os::unix::fs::symlink("busybox", b.bundle().join("rootfs/bin/tty")).unwrap();
+    edit_config(&b, |v| {
+        v["process"]["terminal"] = serde_json::json!(true);
+        v["process"]["consoleSize"] = serde_json::json!({"height": 33, "width": 101});
+    });
+    // Without a console socket, a terminal spec is refused.
+    let out = b.create();
+    assert!(!out.status.success());
+    assert!(b.output_file().contains("a console socket is needed"), "{}", b.output_file());
+
+    let socket = b.dir.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+        let fd = msg
+            .cmsgs()
+            .unwrap()
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .expect("a descriptor");
+        // SAFETY: the descriptor just arrived with SCM_RIGHTS and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    });
+    let out =
+        b.oci(&["create", "--console-socket", socket.to_str().unwrap(), "-b", b.bundle().to_str().unwrap(), &b.id]);
+    assert!(out.status.success(), "create: {}", stderr(&out));
+    let master = receiver.join().unwrap();
+    assert!(b.oci(&["start", &b.id]).status.success());
+    let mut text = String::new();
+    let mut file = std::fs::File::from(master);
+    let mut buf = [0u8; 256];
+    // The master reads EIO once the container's side is closed.
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if text.contains("done") {
+            break;
+        }
+    }
+    assert!(text.starts_with("/dev/pts/0\r\n"), "{text:?}");
+    assert!(text.contains("33 101\r\n"), "consoleSize applied: {text:?}");
+    wait_until("the container to stop", Duration::from_secs(10), || b.state()["status"] == "stopped");
+    assert!(b.oci(&["delete", &b.id]).status.success());
 }

@@ -105,11 +105,13 @@ pub(crate) struct ChildFds {
     /// cgroup v1 `tasks` files, opened by the parent, into which the child writes `0` to
     /// join its cgroups itself (empty: the parent adds it).
     pub attach: Vec<OwnedFd>,
+    /// The caller's console socket, for `process.terminal`.
+    pub console: Option<OwnedFd>,
 }
 
 /// Entry point of the child after clone. Never returns.
 pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
-    let ChildFds { go, report, fifo, stdio, attach } = fds;
+    let ChildFds { go, report, fifo, stdio, attach, console } = fds;
     // Until it execs the container's program this process is the flotilla binary running
     // privileged inside the container: non-dumpable, so nothing in the container can open its
     // /proc entries (and through /proc/<pid>/exe the binary on the host). execve resets it.
@@ -117,7 +119,7 @@ pub(crate) fn child_main(plan: &Plan, fds: ChildFds) -> ! {
     let mut report = fs::File::from(report);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         join_cgroups(attach)?;
-        prepare(plan, go, stdio)
+        prepare(plan, go, stdio, console)
     }));
     let (exec, state) = match result {
         Ok(Ok(ready)) => ready,
@@ -173,7 +175,12 @@ struct Exec {
 }
 
 /// Sets the container up; returns its program and the OCI state for its hooks.
-fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<(Exec, Vec<u8>), InitError> {
+fn prepare(
+    plan: &Plan,
+    go: OwnedFd,
+    stdio: [Option<OwnedFd>; 3],
+    console: Option<OwnedFd>,
+) -> Result<(Exec, Vec<u8>), InitError> {
     let mut go = fs::File::from(go);
     let mut byte = [0u8; 1];
     go.read_exact(&mut byte).map_err(io_err("waiting for the runtime"))?;
@@ -218,6 +225,18 @@ fn prepare(plan: &Plan, go: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> Result<(Exe
     umask(Mode::empty());
     setup_rootfs(plan, &state)?;
 
+    if let Some(socket) = console {
+        // After pivot_root: the terminal is one of the container's own devpts.
+        let (rows, cols) = plan.console_size.unwrap_or((0, 0));
+        let pty = super::tty::open_pty(rows, cols).map_err(io_err("opening a pseudo-terminal"))?;
+        send_fd(&socket, &pty.master).map_err(io_err("sending the terminal to the console socket"))?;
+        drop((socket, pty.master));
+        nix::unistd::setsid().map_err(sys_err("starting a session"))?;
+        sys::set_controlling_terminal(&pty.slave).map_err(io_err("taking the terminal"))?;
+        nix::unistd::dup2_stdin(&pty.slave).map_err(sys_err("terminal as stdin"))?;
+        nix::unistd::dup2_stdout(&pty.slave).map_err(sys_err("terminal as stdout"))?;
+        nix::unistd::dup2_stderr(&pty.slave).map_err(sys_err("terminal as stderr"))?;
+    }
     if let Some(name) = &plan.hostname {
         nix::unistd::sethostname(name).map_err(sys_err(format!("setting hostname {name:?}")))?;
     }
@@ -380,6 +399,18 @@ fn setup_rootfs(plan: &Plan, state: &[u8]) -> Result<(), InitError> {
             .map_err(mount_err("setting propagation of", Path::new("/")))?;
     }
 
+    Ok(())
+}
+
+/// Sends `fd` over a unix socket (SCM_RIGHTS), with the terminal's name as the message, as
+/// runc does (conmon and containerd read the descriptor and ignore the text).
+fn send_fd(socket: &OwnedFd, fd: &OwnedFd) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let data = b"/dev/ptmx";
+    let iov = [io::IoSlice::new(data)];
+    let fds = [fd.as_raw_fd()];
+    sendmsg::<()>(socket.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
     Ok(())
 }
 

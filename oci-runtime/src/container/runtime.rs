@@ -55,8 +55,8 @@ pub enum ContainerError {
     Durable(#[from] crate::durable::DurableError),
     #[error("container {id}: {source}")]
     Hook { id: String, source: super::hooks::HookError },
-    #[error("container {id} is paused: {action} it after `resume`")]
-    Paused { id: String, action: &'static str },
+    #[error("{0}")]
+    Console(&'static str),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ContainerError + use<> {
@@ -193,6 +193,9 @@ pub struct CreateOptions<'a> {
     pub network_hook: Option<&'a dyn NetworkHook>,
     /// Join the v1 freezer so `pause` works (v2 can always freeze).
     pub pausable: bool,
+    /// A connected unix socket (runc's `--console-socket`): with `process.terminal` the init
+    /// sends its pseudo-terminal's master over it.
+    pub console_socket: Option<OwnedFd>,
 }
 
 /// A container just created: its init pid, blocked before exec.
@@ -390,7 +393,14 @@ impl Runtime {
             .into();
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
         let (rep_r, rep_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
-        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook, pausable: _ } = options;
+        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook, pausable: _, console_socket } = options;
+        match (plan.terminal, &console_socket) {
+            (true, None) => return Err(ContainerError::Console("process.terminal is set: a console socket is needed")),
+            (false, Some(_)) => {
+                return Err(ContainerError::Console("a console socket was given but process.terminal is not set"));
+            }
+            _ => {}
+        }
         let mut attach = Vec::new();
         for file in cgroups.self_attach_files() {
             let fd = fs::OpenOptions::new()
@@ -412,11 +422,11 @@ impl Runtime {
             Forked::Child => {
                 drop(go_w);
                 drop(rep_r);
-                child_main(plan, ChildFds { go: go_r, report: rep_w, fifo, stdio, attach })
+                child_main(plan, ChildFds { go: go_r, report: rep_w, fifo, stdio, attach, console: console_socket })
             }
             Forked::Parent(pid) => pid,
         };
-        drop((go_r, rep_w, fifo, stdio, attach));
+        drop((go_r, rep_w, fifo, stdio, attach, console_socket));
         let cgroups = if self_attach { None } else { Some(cgroups) };
         let result = self.finish_create(id, pid, bundle, plan, cgroups, network_hook, go_w, rep_r);
         if let Err(e) = result {

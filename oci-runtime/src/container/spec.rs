@@ -1,8 +1,8 @@
 //! OCI runtime specs for the executor: [`default_spec`] turns a few workload inputs into a
 //! complete `config.json` (Docker-like isolation), and [`load_bundle`] reads a bundle and
 //! checks its spec into a [`Plan`], the resolved form the executor acts on. It owns the
-//! decision of what the executor supports: every known field it cannot honour exactly — a
-//! terminal, AppArmor labels, time namespaces and so on — is refused with an error naming
+//! decision of what the executor supports: every known field it cannot honour exactly —
+//! AppArmor labels, time namespaces and so on — is refused with an error naming
 //! it, never a panic. Properties the spec does not define are ignored, as the runtime spec
 //! requires, and named in [`Plan::warnings`]; so are SELinux labels on a host without
 //! SELinux (they mean nothing there, as runc and crun treat them). It performs no system
@@ -300,12 +300,23 @@ pub struct Plan {
     pub(crate) annotations: std::collections::BTreeMap<String, String>,
     pub(crate) warnings: Vec<String>,
     pub(crate) hooks: super::hooks::Hooks,
+    /// The process gets a new pseudo-terminal as its stdio and controlling terminal; its
+    /// master goes to the caller's console socket.
+    pub(crate) terminal: bool,
+    /// Rows and columns for that terminal.
+    pub(crate) console_size: Option<(u16, u16)>,
 }
 
 impl Plan {
     /// What the spec held that the runtime ignored, one sentence each.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Whether the spec asks for a terminal (`process.terminal`), which needs a console
+    /// socket from the caller.
+    pub fn terminal(&self) -> bool {
+        self.terminal
     }
 
     /// Whether the container gets its own network namespace (the hook point for bridged
@@ -680,10 +691,11 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
     unsupported("vm", spec.vm())?;
     unsupported("zos", spec.zos())?;
     let process = spec.process().as_ref().ok_or_else(|| SpecError::Inconsistent("process is missing".into()))?;
-    if process.terminal() == Some(true) {
-        return Err(SpecError::Unsupported("process.terminal".into()));
-    }
-    unsupported("process.consoleSize", &process.console_size())?;
+    let terminal = process.terminal() == Some(true);
+    let console_size = process.console_size().map(|b| {
+        let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+        (clamp(b.height()), clamp(b.width()))
+    });
     unsupported("process.commandLine", process.command_line())?;
     unsupported("process.apparmorProfile", process.apparmor_profile())?;
     label("process.selinuxLabel", process.selinux_label())?;
@@ -932,6 +944,8 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
         annotations: spec.annotations().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect(),
         warnings,
         hooks,
+        terminal,
+        console_size,
     })
 }
 
@@ -1073,9 +1087,9 @@ mod tests {
     #[test]
     fn unsupported_fields_are_refused_by_name() {
         let mut v = generated();
-        v["process"]["terminal"] = json!(true);
+        v["process"]["apparmorProfile"] = json!("unconfined");
         let dir = bundle_with(&v.to_string());
-        assert!(matches!(load_bundle(dir.path()), Err(SpecError::Unsupported(f)) if f == "process.terminal"));
+        assert!(matches!(load_bundle(dir.path()), Err(SpecError::Unsupported(f)) if f == "process.apparmorProfile"));
 
         let mut v = generated();
         v["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "bogus"}));
