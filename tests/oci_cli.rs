@@ -1237,3 +1237,32 @@ fn a_terminal_goes_to_the_console_socket() {
     wait_until("the container to stop", Duration::from_secs(10), || b.state()["status"] == "stopped");
     assert!(b.oci(&["delete", &b.id]).status.success());
 }
+
+#[test]
+fn a_capability_the_runtime_lacks_is_named_at_create() {
+    if !can_run() {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own = u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim(), 16).unwrap();
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").unwrap().trim().parse().unwrap();
+    let Some(missing) = (0..=last).find(|bit| own & (1u64 << bit) == 0) else {
+        eprintln!("skipping: this process holds every capability, so none can be missing");
+        return;
+    };
+    let name = oci_runtime::container::spec::KNOWN_CAPABILITIES[missing as usize];
+    let b = Bundle::new("lackcap", &["true"], |_| {});
+    edit_config(&b, |v| {
+        for set in ["bounding", "permitted", "effective"] {
+            v["process"]["capabilities"][set].as_array_mut().unwrap().push(serde_json::json!(name));
+        }
+    });
+    let out = b.run();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("process.capabilities {name} (this runtime does not hold them itself)")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!b.root().join(&b.id).exists());
+}

@@ -328,6 +328,23 @@ impl Runtime {
         }
         let bundle = std::path::absolute(bundle).map_err(io_err("resolve", bundle))?;
         let plan = spec::load_bundle(&bundle)?;
+        if let Some(caps) = &plan.caps
+            && let Some(own) = sys::own_bounding_set()
+        {
+            // Asking for a capability this process does not hold could only fail later,
+            // inside the init, as a bare EPERM from capset; say which ones now.
+            let missing = (caps.bounding | caps.permitted | caps.effective | caps.ambient) & !own;
+            if missing != 0 {
+                let names: Vec<&str> = (0..64)
+                    .filter(|bit| missing & (1u64 << bit) != 0)
+                    .map(|bit| spec::KNOWN_CAPABILITIES.get(bit).copied().unwrap_or("CAP_?"))
+                    .collect();
+                return Err(ContainerError::Spec(SpecError::Unsupported(format!(
+                    "process.capabilities {} (this runtime does not hold them itself)",
+                    names.join(", ")
+                ))));
+            }
+        }
         fs::create_dir_all(&self.config.state_root).map_err(io_err("create", &self.config.state_root))?;
         let dir = self.state_dir(id);
         match fs::create_dir(&dir) {

@@ -190,6 +190,13 @@ pub(crate) fn cloexec_from(first: u32) -> io::Result<()> {
     if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// This process's capability bounding set (`CapBnd` of /proc/self/status), if readable.
+pub(crate) fn own_bounding_set() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// Makes the terminal open on `fd` the calling process's controlling terminal. The caller
 /// must lead a session without one (just after `setsid`).
 pub(crate) fn set_controlling_terminal(fd: &impl AsRawFd) -> io::Result<()> {
