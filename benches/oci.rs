@@ -7,7 +7,9 @@
 //! `cargo bench --bench oci` runs the three runtimes interleaved (run i of each back to back),
 //! BENCH_RUNS times (default 100), then each runtime BENCH_RUNS times in a row, and prints
 //! median, p90 and ratios for both orders. It needs root, busybox
-//! and the runc and crun binaries (`RUNC`, `CRUN` override their paths).
+//! and the runc and crun binaries (`RUNC`, `CRUN` override their paths). `FLOTILLA_BASE`
+//! names another `flotilla` binary (an earlier commit's build) to run interleaved with the
+//! others as `base`, for a before/after comparison in the same run.
 //!
 //! crun refuses the hybrid cgroup layout (v1 controllers plus a v2 mount at
 //! /sys/fs/cgroup/unified), so the benchmark re-executes itself in a private mount namespace
@@ -64,6 +66,8 @@ fn prepare_bundle(dir: &Path) -> PathBuf {
 
 struct Runner {
     name: &'static str,
+    /// Runs as `BIN oci ...` (a flotilla build) rather than `BIN ...`.
+    oci: bool,
     bin: String,
     root: PathBuf,
     samples: Vec<Duration>,
@@ -72,7 +76,7 @@ struct Runner {
 impl Runner {
     fn run_once(&mut self, bundle: &Path, id: &str) {
         let mut cmd = Command::new(&self.bin);
-        if self.name == "flotilla" {
+        if self.oci {
             cmd.arg("oci");
         }
         cmd.arg("--root").arg(&self.root);
@@ -112,16 +116,22 @@ fn main() {
     let bundle = prepare_bundle(dir.path());
     let runc = std::env::var("RUNC").unwrap_or_else(|_| "/usr/sbin/runc".into());
     let crun = std::env::var("CRUN").unwrap_or_else(|_| "/usr/bin/crun".into());
+    let runner = |name, oci, bin: String| Runner {
+        name,
+        oci,
+        bin,
+        root: dir.path().join(format!("{name}-state")),
+        samples: vec![],
+    };
     let mut runners = vec![
-        Runner {
-            name: "flotilla",
-            bin: env!("CARGO_BIN_EXE_flotilla").into(),
-            root: dir.path().join("flotilla-state"),
-            samples: vec![],
-        },
-        Runner { name: "crun", bin: crun.clone(), root: dir.path().join("crun-state"), samples: vec![] },
-        Runner { name: "runc", bin: runc.clone(), root: dir.path().join("runc-state"), samples: vec![] },
+        runner("flotilla", true, env!("CARGO_BIN_EXE_flotilla").into()),
+        runner("crun", false, crun.clone()),
+        runner("runc", false, runc.clone()),
     ];
+    if let Ok(base) = std::env::var("FLOTILLA_BASE") {
+        println!("base:     {base}");
+        runners.push(runner("base", true, base));
+    }
     println!("flotilla: {}", env!("CARGO_BIN_EXE_flotilla"));
     println!("crun:     {}", version(&crun));
     println!("runc:     {}", version(&runc));

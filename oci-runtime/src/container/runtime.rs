@@ -631,9 +631,21 @@ impl Runtime {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&fifo)
             .map_err(io_err("open", &fifo))?;
+        let exe = PathBuf::from(format!("/proc/{}/exe", record.pid));
+        let runtime_exe = if record.hooks.poststart.is_empty() { None } else { fs::read_link(&exe).ok() };
         f.write_all(b"S").map_err(io_err("write", &fifo))?;
         fs::remove_file(&fifo).map_err(io_err("remove", &fifo))?;
         if !record.hooks.poststart.is_empty() {
+            // Poststart hooks run once the program is executing: wait (briefly) until the init
+            // is no longer this runtime's binary.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while runtime_exe.is_some()
+                && same_process(record.pid, record.pid_start)
+                && fs::read_link(&exe).ok() == runtime_exe
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(500));
+            }
             let state = hook_state(id, "running", record.pid, &record.bundle, &record.annotations);
             for failure in hooks::run_all("poststart", &record.hooks.poststart, &state) {
                 warn(failure);
