@@ -446,7 +446,7 @@ fn create(runtime: &Runtime, id: &str, bundle: &std::path::Path, flags: &CreateF
         )),
         None => None,
     };
-    let created = runtime.create(id, bundle, CreateOptions { pausable: true, console_socket, ..Default::default() })?;
+    let created = runtime.create(id, bundle, CreateOptions { console_socket, ..Default::default() })?;
     for w in &created.warnings {
         log.write("warning", w);
     }

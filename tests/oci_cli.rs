@@ -1064,8 +1064,11 @@ fn runc_flags_and_verbs_that_containerd_and_podman_use() {
 
     let features: serde_json::Value = serde_json::from_slice(&b.oci(&["features"]).stdout).unwrap();
     assert_eq!(features["hooks"].as_array().unwrap().len(), 6);
+    let freezer = Path::new("/sys/fs/cgroup/freezer/flotilla").join(&b.id);
+    assert!(!Path::new("/sys/fs/cgroup/freezer").is_dir() || freezer.is_dir(), "pause made the freezer cgroup");
     assert!(b.oci(&["delete", "--force", &b.id]).status.success());
     assert!(b.cgroup_dirs().iter().all(|d| !d.exists()));
+    assert!(!freezer.exists(), "delete removed the freezer cgroup too");
 }
 
 #[test]

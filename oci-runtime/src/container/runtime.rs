@@ -191,8 +191,6 @@ pub struct CreateOptions<'a> {
     pub shim_pid: Option<i32>,
     pub owned_mounts: Vec<PathBuf>,
     pub network_hook: Option<&'a dyn NetworkHook>,
-    /// Join the v1 freezer so `pause` works (v2 can always freeze).
-    pub pausable: bool,
     /// A connected unix socket (runc's `--console-socket`): with `process.terminal` the init
     /// sends its pseudo-terminal's master over it.
     pub console_socket: Option<OwnedFd>,
@@ -356,10 +354,7 @@ impl Runtime {
             Some(p) => p.clone(),
             None => PathBuf::from("flotilla").join(id),
         };
-        let mut controllers = plan.resources.extra_controllers();
-        if options.pausable {
-            controllers.push("freezer".into());
-        }
+        let controllers = plan.resources.extra_controllers();
         let cgroups = match AnyCgroupManager::new(&self.config.cgroup, &cgroup_path, &controllers) {
             Ok(c) => c,
             Err(e) => {
@@ -410,7 +405,7 @@ impl Runtime {
             .into();
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
         let (rep_r, rep_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("creating sync pipe"))?;
-        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook, pausable: _, console_socket } = options;
+        let CreateOptions { stdio, shim_pid, owned_mounts, network_hook, console_socket } = options;
         match (plan.terminal, &console_socket) {
             (true, None) => return Err(ContainerError::Console("process.terminal is set: a console socket is needed")),
             (false, Some(_)) => {
