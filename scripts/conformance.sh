@@ -6,11 +6,13 @@
 #
 #   scripts/conformance.sh                      # all three runtimes, every test
 #   RUNTIMES="flotilla" TESTS="default linux_devices" scripts/conformance.sh
+#   FLOTILLA_PREBUILT=1 FLOTILLA=target/debug/flotilla scripts/conformance.sh   # no build
 #
 # The suite's source is fetched, never kept in this project: a git clone of
 # https://github.com/opencontainers/runtime-tools at $RT_COMMIT (the tree Debian 12 packages,
 # whose vendor/ directory holds every Go dependency, so the build is offline), or the
-# checkout named by RUNTIME_TOOLS_SRC (a directory or a bare git directory). It builds with
+# checkout named by RUNTIME_TOOLS_SRC (a directory or a bare git directory; where GitHub is
+# out of reach, a copy of the repository brought by other means). It builds with
 # Debian's golang-go in GOPATH mode. Needs root. Work files: $WORK (default
 # /var/tmp/flotilla-conformance); TAP output per runtime and test in $WORK/out.
 #
@@ -47,11 +49,6 @@ if [[ ${1:-} != --inside ]]; then
         rm -rf "$WORK/gopath"
         mkdir -p "$(dirname "$src")"
         from=${RUNTIME_TOOLS_SRC:-}
-        if [[ -z $from ]]; then
-            for m in /work/.mirror/opencontainers+runtime-tools/repo; do
-                [[ -d $m ]] && from=$m
-            done
-        fi
         if [[ -z $from ]]; then
             from=$WORK/runtime-tools.git
             [[ -d $from ]] || git clone --bare -q https://github.com/opencontainers/runtime-tools "$from"
@@ -131,7 +128,7 @@ for r in $RUNTIMES; do
     log "$r: ${passed[$r]}/${#tests[@]} tests, ${total_ok[$r]}/${total_all[$r]} assertions"
 done
 
-printf '\n| | %s |\n|---|%s\n' "$(echo $RUNTIMES | sed 's/ / | /g')" "$(for _ in $RUNTIMES; do printf -- '---|'; done)"
+printf '\n| | %s |\n|---|%s\n' "${RUNTIMES// / | }" "$(for _ in $RUNTIMES; do printf -- '---|'; done)"
 printf '| tests fully passed (of %d) |' "${#tests[@]}"
 for r in $RUNTIMES; do printf ' %d |' "${passed[$r]}"; done
 printf '\n| assertions ok/total |'
