@@ -74,9 +74,20 @@ if [[ ${1:-} != --inside ]]; then
 fi
 
 # --- inside a private mount namespace ---
-if [[ -s /sys/fs/cgroup/unified/cgroup.controllers ]] && grep -qw hugetlb /sys/fs/cgroup/unified/cgroup.controllers; then
-    mkdir -p /sys/fs/cgroup/hugetlb
-    mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
+# Once moved off v2, hugetlb stays on its v1 hierarchy (unmounted) until reboot: mount it
+# whenever the kernel has it and it is not mounted, so no runtime sees a bare directory.
+# The mount point lives in the host's /sys/fs/cgroup tmpfs; it is removed on the way out.
+hugetlb=/sys/fs/cgroup/hugetlb
+if grep -qw '^hugetlb' /proc/cgroups && ! mountpoint -q "$hugetlb" &&
+    ! grep -qw hugetlb /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    made=0
+    [[ -d $hugetlb ]] || { mkdir "$hugetlb" && made=1; }
+    mount -t cgroup -o hugetlb cgroup "$hugetlb"
+    unmount_hugetlb() {
+        umount "$hugetlb"
+        if ((made)); then rmdir "$hugetlb"; fi
+    }
+    trap unmount_hugetlb EXIT
 fi
 
 src=$WORK/gopath/src/github.com/opencontainers/runtime-tools
