@@ -1150,42 +1150,18 @@ fn podman_runs_a_local_image_with_flotilla_oci_as_its_runtime() {
     let out = podman(&["import", tar.to_str().unwrap(), "localhost/flotilla-podman-test"]);
     assert!(out.status.success(), "podman import: {}", stderr(&out));
     // Podman's default rlimits are above what this machine lets any process raise to.
-    let out = podman(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=4096:4096",
-        "--runtime",
-        runtime.to_str().unwrap(),
-        "localhost/flotilla-podman-test",
-        "sh",
-        "-c",
-        "echo hello from podman; id -u; cat /proc/self/status | grep -c Seccomp:.2",
-    ]);
+    let run = |options: &[&str], script: &str| {
+        let mut args = vec!["run", "--rm"];
+        args.extend_from_slice(options);
+        args.extend(["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]);
+        args.extend(["--runtime", runtime.to_str().unwrap(), "localhost/flotilla-podman-test", "sh", "-c", script]);
+        podman(&args)
+    };
+    let out = run(&[], "echo hello from podman; id -u; cat /proc/self/status | grep -c Seccomp:.2");
     assert!(out.status.success(), "podman run: {}{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out), "hello from podman\n0\n1\n", "ran under podman's seccomp profile");
     // -t: conmon hands flotilla a console socket and gets the terminal's master back.
-    let out = podman(&[
-        "run",
-        "--rm",
-        "-t",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=4096:4096",
-        "--runtime",
-        runtime.to_str().unwrap(),
-        "localhost/flotilla-podman-test",
-        "sh",
-        "-c",
-        "ls -l /proc/self/fd/0",
-    ]);
+    let out = run(&["-t"], "ls -l /proc/self/fd/0");
     assert!(out.status.success(), "podman run -t: {}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("-> /dev/pts/0"), "{}", stdout(&out));
     let left = std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0);

@@ -68,18 +68,27 @@ pub enum HookError {
     TimedOut { stage: &'static str, path: PathBuf, timeout: Duration },
 }
 
+/// A hook in the spec that cannot be run as written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HookSpecError {
+    #[error("hooks.{stage}[{index}].path {} is not absolute", path.display())]
+    RelativePath { stage: &'static str, index: usize, path: PathBuf },
+    #[error("hooks.{stage}[{index}].timeout {timeout} is not a positive number of seconds")]
+    BadTimeout { stage: &'static str, index: usize, timeout: i64 },
+}
+
 /// Checks the spec's hooks into [`Hooks`]: paths absolute, timeouts positive.
-pub(crate) fn from_spec(spec: &oci_spec::runtime::Hooks) -> Result<Hooks, String> {
-    let convert = |stage: &str, list: &Option<Vec<oci_spec::runtime::Hook>>| -> Result<Vec<Hook>, String> {
+pub(crate) fn from_spec(spec: &oci_spec::runtime::Hooks) -> Result<Hooks, HookSpecError> {
+    let convert = |stage: &'static str, list: &Option<Vec<oci_spec::runtime::Hook>>| {
         let mut out = Vec::new();
-        for (i, h) in list.iter().flatten().enumerate() {
+        for (index, h) in list.iter().flatten().enumerate() {
             if !h.path().is_absolute() {
-                return Err(format!("hooks.{stage}[{i}].path {} is not absolute", h.path().display()));
+                return Err(HookSpecError::RelativePath { stage, index, path: h.path().clone() });
             }
             let timeout = match h.timeout() {
                 None => None,
                 Some(t) if t > 0 => Some(Duration::from_secs(t as u64)),
-                Some(t) => return Err(format!("hooks.{stage}[{i}].timeout {t} is not a positive number of seconds")),
+                Some(timeout) => return Err(HookSpecError::BadTimeout { stage, index, timeout }),
             };
             out.push(Hook {
                 path: h.path().clone(),
@@ -189,10 +198,13 @@ mod tests {
     fn spec_hooks_are_checked() {
         let spec: oci_spec::runtime::Hooks =
             serde_json::from_value(serde_json::json!({"poststop": [{"path": "bin/x"}]})).unwrap();
-        assert_eq!(from_spec(&spec).unwrap_err(), "hooks.poststop[0].path bin/x is not absolute");
+        assert_eq!(from_spec(&spec).unwrap_err().to_string(), "hooks.poststop[0].path bin/x is not absolute");
         let spec: oci_spec::runtime::Hooks =
             serde_json::from_value(serde_json::json!({"createRuntime": [{"path": "/x", "timeout": 0}]})).unwrap();
-        assert!(from_spec(&spec).unwrap_err().contains("timeout 0"));
+        assert_eq!(
+            from_spec(&spec).unwrap_err(),
+            HookSpecError::BadTimeout { stage: "createRuntime", index: 0, timeout: 0 }
+        );
         let spec: oci_spec::runtime::Hooks = serde_json::from_value(
             serde_json::json!({"prestart": [{"path": "/x", "args": ["x", "-v"], "env": ["A=1"], "timeout": 2}]}),
         )

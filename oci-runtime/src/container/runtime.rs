@@ -205,25 +205,25 @@ pub struct Created {
     pub warnings: Vec<String>,
 }
 
-/// The OCI state document handed to hooks on stdin.
+/// The OCI state document handed to hooks on stdin (the one `state` prints).
 fn hook_state(
     id: &str,
-    status: &str,
+    status: Status,
     pid: i32,
     bundle: &Path,
-    plan_annotations: &std::collections::BTreeMap<String, String>,
+    annotations: &std::collections::BTreeMap<String, String>,
 ) -> Vec<u8> {
-    let mut state = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "id": id,
-        "status": status,
-        "pid": pid,
-        "bundle": bundle,
-    });
-    if !plan_annotations.is_empty() {
-        state["annotations"] = serde_json::json!(plan_annotations);
-    }
-    state.to_string().into_bytes()
+    let state = OciState {
+        oci_version: "1.0.2".into(),
+        id: id.into(),
+        status,
+        pid,
+        bundle: bundle.into(),
+        annotations: annotations.clone(),
+    };
+    // Serializing fails only for a bundle path that is not UTF-8: the hook then reads an
+    // empty stdin rather than the runtime panicking.
+    serde_json::to_vec(&state).unwrap_or_default()
 }
 
 /// A warning of a stage that does not fail its operation (poststart, poststop hooks).
@@ -369,7 +369,7 @@ impl Runtime {
                 let _ = fs::remove_dir_all(&dir);
                 // A failed hook (or init) stops the container; poststop hooks still run.
                 if matches!(e, ContainerError::Hook { .. } | ContainerError::Init { .. }) {
-                    let state = hook_state(id, "stopped", 0, &bundle, &plan.annotations);
+                    let state = hook_state(id, Status::Stopped, 0, &bundle, &plan.annotations);
                     for failure in hooks::run_all("poststop", &plan.hooks.poststop, &state) {
                         warn(failure);
                     }
@@ -499,7 +499,7 @@ impl Runtime {
         let hooks = &plan.hooks;
         if !hooks.prestart.is_empty() || !hooks.create_runtime.is_empty() || hooks.in_container() {
             // "created", as crun and the runtime-tools suite have it for these hooks.
-            let state = hook_state(id, "created", pid, bundle, &plan.annotations);
+            let state = hook_state(id, Status::Created, pid, bundle, &plan.annotations);
             for (stage, list) in [("prestart", &hooks.prestart), ("createRuntime", &hooks.create_runtime)] {
                 hooks::run(stage, list, &state).map_err(|source| ContainerError::Hook { id: id.into(), source })?;
             }
@@ -542,22 +542,22 @@ impl Runtime {
 
     /// Freezes every process of a running container (`pause`).
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
-        let record = self.record(id)?;
-        let status = self.status(&record);
-        if status != Status::Running {
-            return Err(ContainerError::WrongStatus { id: id.into(), status, expected: "running" });
-        }
-        Ok(Self::cgroup_manager(&record)?.set_frozen(true)?)
+        self.set_frozen(id, true)
     }
 
     /// Thaws a paused container (`resume`).
     pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        self.set_frozen(id, false)
+    }
+
+    fn set_frozen(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
         let record = self.record(id)?;
         let status = self.status(&record);
-        if status != Status::Paused {
-            return Err(ContainerError::WrongStatus { id: id.into(), status, expected: "paused" });
+        let (from, expected) = if frozen { (Status::Running, "running") } else { (Status::Paused, "paused") };
+        if status != from {
+            return Err(ContainerError::WrongStatus { id: id.into(), status, expected });
         }
-        Ok(Self::cgroup_manager(&record)?.set_frozen(false)?)
+        Ok(Self::cgroup_manager(&record)?.set_frozen(frozen)?)
     }
 
     /// Every container under the state root, by id (unreadable entries are skipped).
@@ -641,7 +641,7 @@ impl Runtime {
             {
                 std::thread::sleep(Duration::from_micros(500));
             }
-            let state = hook_state(id, "running", record.pid, &record.bundle, &record.annotations);
+            let state = hook_state(id, Status::Running, record.pid, &record.bundle, &record.annotations);
             for failure in hooks::run_all("poststart", &record.hooks.poststart, &state) {
                 warn(failure);
             }
@@ -722,7 +722,7 @@ impl Runtime {
         let dir = self.state_dir(id);
         fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
         if !record.hooks.poststop.is_empty() {
-            let state = hook_state(id, "stopped", 0, &record.bundle, &record.annotations);
+            let state = hook_state(id, Status::Stopped, 0, &record.bundle, &record.annotations);
             for failure in hooks::run_all("poststop", &record.hooks.poststop, &state) {
                 warn(failure);
             }

@@ -35,6 +35,8 @@ pub enum SpecError {
     Inconsistent(String),
     #[error("seccomp: {0}")]
     Seccomp(#[from] SeccompError),
+    #[error("spec is inconsistent: {0}")]
+    Hook(#[from] super::hooks::HookSpecError),
 }
 
 /// Network mode of a generated spec.
@@ -682,7 +684,7 @@ fn plan(bundle: &Path, spec: &Spec, selinux: bool) -> Result<Plan, SpecError> {
         }
     };
     let hooks = match spec.hooks() {
-        Some(h) => super::hooks::from_spec(h).map_err(SpecError::Inconsistent)?,
+        Some(h) => super::hooks::from_spec(h)?,
         None => super::hooks::Hooks::default(),
     };
     unsupported("domainname", spec.domainname())?;
