@@ -116,6 +116,8 @@ struct Stats {
     connected: AtomicU64,
     join_failures: AtomicU64,
     session_losses: AtomicU64,
+    /// Session handshakes the hub refused (over its handshake rate).
+    refusals: AtomicU64,
     /// Bytes of connections that ended.
     closed_tx: AtomicU64,
     closed_rx: AtomicU64,
@@ -257,10 +259,11 @@ pub async fn run(args: SimArgs) -> Result<()> {
         restart_hub(command, hub, &args, &stats).await?;
     }
     println!(
-        "sim: done: {} joined, {} join failures, {} sessions lost",
+        "sim: done: {} joined, {} join failures, {} sessions lost, {} session handshakes refused",
         stats.joined.load(Ordering::Relaxed),
         stats.join_failures.load(Ordering::Relaxed),
-        stats.session_losses.load(Ordering::Relaxed)
+        stats.session_losses.load(Ordering::Relaxed),
+        stats.refusals.load(Ordering::Relaxed)
     );
     Ok(())
 }
@@ -289,16 +292,14 @@ async fn wait_for(what: &str, limit: Duration, count: impl Fn() -> u64, want: u6
     }
 }
 
-/// Bounds of the simulated nodes' retries, as an agent's.
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// As the agent's link.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl Node {
     async fn run(self) {
         let tuning = tls::Tuning::default();
-        let mut backoff = BACKOFF_MIN;
+        // The agent's retry policy, jitter and all.
+        let mut backoff = agent::link::Backoff::default();
         let id = loop {
             // As the agent: a join has an endpoint of its own, each session another.
             let joined = match sim_endpoint(self.bind, quinn::EndpointConfig::default(), self.cut.clone()) {
@@ -310,8 +311,7 @@ impl Node {
                 Err(e) => {
                     self.stats.join_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(node = %self.name, error = %e, "join failed; retrying");
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::time::sleep(backoff.delay(false, rand::random())).await;
                 }
             }
         };
@@ -324,7 +324,7 @@ impl Node {
             }
         };
         let mut state = Session::default();
-        backoff = BACKOFF_MIN;
+        backoff.reset();
         loop {
             let endpoint = match sim_endpoint(self.bind, tls::link_endpoint_config(), self.cut.clone()) {
                 Ok(e) => e,
@@ -333,9 +333,10 @@ impl Node {
                     return;
                 }
             };
-            match tls::connect(&endpoint, config.clone(), self.hub).await {
+            let mut refused = false;
+            match tls::connect_answered_within(&endpoint, config.clone(), self.hub, agent::link::FIRST_ANSWER).await {
                 Ok(conn) => {
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     self.stats.connected.fetch_add(1, Ordering::Relaxed);
                     self.slot(Some(conn.clone()));
                     let why = self.session(&conn, &mut state).await;
@@ -347,10 +348,15 @@ impl Node {
                     self.stats.closed_tx.fetch_add(s.udp_tx.bytes, Ordering::Relaxed);
                     self.stats.closed_rx.fetch_add(s.udp_rx.bytes, Ordering::Relaxed);
                 }
-                Err(e) => tracing::debug!(node = %self.name, error = %e, "connect failed"),
+                Err(e) => {
+                    refused = e.is_refused();
+                    if refused {
+                        self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(node = %self.name, error = %e, "connect failed");
+                }
             }
-            tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::time::sleep(backoff.delay(refused, rand::random())).await;
         }
     }
 
@@ -479,10 +485,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.5..1.0))
 }
 
 fn wall_ms() -> u64 {
@@ -704,6 +706,7 @@ async fn restart_hub(command: &str, hub_addr: SocketAddr, args: &SimArgs, stats:
     let old = args.hub_pid.context("--restart-hub needs --hub-pid")?;
     let all = args.agents as usize;
     let starts0 = stats.starts.load(Ordering::Relaxed);
+    let refusals0 = stats.refusals.load(Ordering::Relaxed);
     let mut view = HubView::new(args)?;
     let killed = std::process::Command::new("kill").args(["-KILL", &old.to_string()]).status()?;
     if !killed.success() {
@@ -762,10 +765,11 @@ async fn restart_hub(command: &str, hub_addr: SocketAddr, args: &SimArgs, stats:
     let (connected, ready) = result?;
     let (peak_cpu, peak_rss) = *peaks.lock().unwrap_or_else(|e| e.into_inner());
     println!(
-        "sim: hub restart: all {all} reconnected {:.1}s and Ready {:.1}s after the SIGKILL; {} replicas started again",
+        "sim: hub restart: all {all} reconnected {:.1}s and Ready {:.1}s after the SIGKILL; {} replicas started again; {} handshakes refused meanwhile",
         connected.as_secs_f64(),
         ready.as_secs_f64(),
-        stats.starts.load(Ordering::Relaxed) - starts0
+        stats.starts.load(Ordering::Relaxed) - starts0,
+        stats.refusals.load(Ordering::Relaxed) - refusals0
     );
     println!(
         "sim: restarted hub: CPU {} until all Ready, peak {peak_cpu:.0} % of a core in a second; peak RSS {} MiB",

@@ -35,6 +35,44 @@ use crate::logs::LogStore;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The back-off's cap while the hub answers but turns the handshake away: it is up and pacing
+/// a storm of handshakes (see the hub's `guard`), so a retry costs it one small packet, and
+/// retries frequent enough to be served soon after the storm matter more than quiet.
+const BUSY_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// How long a handshake waits for the hub's first answer before it is abandoned and tried
+/// afresh. QUIC resends a first packet that got no answer after 1 s, then 3 s, then 7 s: a
+/// link that comes back in that last gap would otherwise wait up to 4 s more to be noticed.
+/// It covers the hub's pacing wait (2 s at most) and a slow round trip.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(5);
+
+/// The link's delays between attempts: exponential, capped, with full jitter so a fleet that
+/// lost its hub does not come back in lockstep. Pure: the jitter's random draw is passed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// A session was made, or the network changed: the next failure starts over.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    /// The delay before the next attempt, after one the hub `refused` (it answered, but would
+    /// not start a handshake now) or that failed otherwise; `draw` in [0, 1) is the jitter.
+    pub fn delay(&mut self, refused: bool, draw: f64) -> Duration {
+        let cap = if refused { BUSY_BACKOFF_MAX } else { BACKOFF_MAX };
+        let base = self.next.min(cap);
+        self.next = (base * 2).min(cap);
+        base.mul_f64(0.5 + draw.clamp(0.0, 1.0) / 2.0)
+    }
+}
 /// How long a burst of network change events gets to settle before a reconnect.
 const NETWORK_SETTLE: Duration = Duration::from_millis(200);
 /// How long a certificate renewal over the session may take.
@@ -94,7 +132,7 @@ pub struct Fatal(#[from] IdentityError);
 impl Link {
     /// Runs until shutdown (`None`) or a fatal error (the hub refused this node's join).
     pub async fn run(mut self) -> Option<Fatal> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         let hubs: Vec<String> =
             self.hub.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect();
         let hubs = if hubs.is_empty() { vec![self.hub.clone()] } else { hubs };
@@ -108,19 +146,24 @@ impl Link {
         loop {
             let hub = hubs[turn % hubs.len()].clone();
             turn = turn.wrapping_add(1);
+            let mut refused = false;
             match self.session(&hub, &mut tls_cache, &mut expired).await {
                 Ok(was_up) => {
                     if was_up {
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                 }
                 Err(SessionError::Fatal(e)) => return Some(Fatal(e)),
                 Err(SessionError::Transient(msg)) => warn!(%hub, error = %msg, "cannot reach the hub"),
+                Err(SessionError::Busy(msg)) => {
+                    refused = true;
+                    info!(%hub, error = %msg, "the hub is busy; retrying soon");
+                }
                 Err(SessionError::NetworkChanged) => {
                     let _ = self.connected.send(false);
                     tokio::time::sleep(NETWORK_SETTLE).await;
                     info!(%hub, "local network changed during the handshake; reconnecting now");
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     // The same hub again: the change, not the hub, ended the attempt.
                     turn = turn.wrapping_sub(1);
                     continue;
@@ -131,20 +174,17 @@ impl Link {
             if *self.shutdown.borrow() {
                 return None;
             }
-            // Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
-            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            let delay = backoff.delay(refused, rand::rng().random_range(0.0..1.0));
             debug!(delay_ms = delay.as_millis() as u64, "reconnecting later");
             // Only changes from now on count: the one that cut the link is old news.
             self.network.borrow_and_update();
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+                _ = tokio::time::sleep(delay) => {}
                 Ok(()) = self.network.changed() => {
                     // Let the burst settle (link up, then addresses, then routes).
                     tokio::time::sleep(NETWORK_SETTLE).await;
                     info!("local network changed; reconnecting now");
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                 }
                 _ = stopping(&mut self.shutdown) => return None,
             }
@@ -192,8 +232,12 @@ impl Link {
         };
         let endpoint = tls::link_endpoint().map_err(|e| SessionError::Transient(e.to_string()))?;
         self.network.borrow_and_update();
+        let first_answer = FIRST_ANSWER.min(self.tuning.idle_timeout);
         let conn = tokio::select! {
-            r = tls::connect(&endpoint, config, addr) => r.map_err(|e| {
+            r = tls::connect_answered_within(&endpoint, config, addr, first_answer) => r.map_err(|e| {
+                if e.is_refused() {
+                    return SessionError::Busy(e.to_string());
+                }
                 let msg = e.to_string();
                 // The hub's TLS refuses an expired client certificate with alert 45.
                 if msg.contains("error 45") || msg.to_ascii_lowercase().contains("expired") {
@@ -496,6 +540,8 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 enum SessionError {
     Fatal(IdentityError),
     Transient(String),
+    /// The hub answered and turned the handshake away (over its handshake rate): it is up.
+    Busy(String),
     /// The local network changed while the handshake was in flight: it may have been sent
     /// from an address that no longer exists, so it is abandoned and retried at once.
     NetworkChanged,
@@ -737,6 +783,21 @@ fn source_address(to: std::net::SocketAddr) -> Option<std::net::IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backoff_doubles_to_its_cap_and_a_busy_hub_keeps_it_short() {
+        let mut b = Backoff::default();
+        let lows: Vec<f64> = (0..8).map(|_| b.delay(false, 0.0).as_secs_f64()).collect();
+        // Full jitter: half the step at the lowest draw, the whole step at the highest.
+        assert_eq!(lows, [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]);
+        assert_eq!(b.delay(false, 1.0), BACKOFF_MAX);
+        // A refusal caps it at once, however long the hub was unreachable before.
+        assert_eq!(b.delay(true, 1.0), BUSY_BACKOFF_MAX);
+        assert_eq!(b.delay(true, 1.0), BUSY_BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.delay(true, 1.0), BACKOFF_MIN);
+        assert_eq!(b.delay(true, 0.5), BACKOFF_MIN * 2 * 3 / 4);
+    }
 
     #[test]
     fn the_source_address_is_the_one_the_route_to_the_hub_leaves_from() {

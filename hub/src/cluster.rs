@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) skew_refused: Mutex<HashMap<String, String>>,
     /// Heartbeats received since the last flush (see [`crate::heartbeats`]).
     pub(crate) heartbeats: crate::heartbeats::Heartbeats,
+    /// Sessions' hellos, written together (a group commit).
+    pub(crate) check_ins: crate::checkins::CheckIns,
     /// Wakes the agent upgrade loop ([`crate::upgrade::shell`]) before its next tick.
     pub(crate) upgrades: Notify,
     /// Seals configs and secrets in the store ([`crate::objects`]): the cluster key ring,
@@ -121,6 +123,7 @@ impl Shared {
             skew_refused: Mutex::new(HashMap::new()),
             upgrades: Notify::new(),
             heartbeats: Default::default(),
+            check_ins: Default::default(),
             objects_key: std::sync::RwLock::new(Arc::new(objects_key)),
             key_path,
             rotation: tokio::sync::Mutex::new(()),

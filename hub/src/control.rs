@@ -32,6 +32,19 @@ const RESYNC_ALONE: Duration = Duration::from_secs(30);
 pub(crate) fn resync_period(shared: &Shared, shared_store: Duration, alone: Duration) -> Duration {
     if shared.store.is_shared() { shared_store } else { alone }
 }
+/// A pass reads the whole store, so its cost grows with the fleet; a trigger that comes while
+/// one runs is served by the next pass, not one each. After a pass that took `took`, the next
+/// one triggered by an event waits this long: three times the pass, at most [`MAX_PASS_GAP`].
+/// At ten nodes that is a few milliseconds; at 10,000 reconnecting after a hub restart (every
+/// session start a trigger) it keeps each loop's passes to a quarter of a core, where a
+/// profile of that storm had the controller and services passes taking most of one between
+/// them (BENCHMARKS.md, "Fleet scale"). Deadlines the pass named are not delayed past their
+/// own time by more than the gap.
+pub(crate) fn pass_gap(took: Duration) -> Duration {
+    (took * 3).min(MAX_PASS_GAP)
+}
+const MAX_PASS_GAP: Duration = Duration::from_secs(1);
+
 /// Wait past a deadline before the pass that acts on it (clock granularity).
 const DEADLINE_SLACK: Duration = Duration::from_millis(20);
 /// First retry delay after a failed reconcile pass; doubles up to `RESYNC_PERIOD`.
@@ -52,6 +65,7 @@ pub(crate) async fn controller_loop(shared: Arc<Shared>) {
             }
             continue;
         }
+        let started = std::time::Instant::now();
         // A failed pass is retried soon with backoff, not at the next periodic resync.
         let wait = match reconcile(&shared).await {
             Ok(deadline) => {
@@ -65,9 +79,12 @@ pub(crate) async fn controller_loop(shared: Arc<Shared>) {
                 (RETRY_MIN * 2u32.saturating_pow(failures - 1)).min(RESYNC_PERIOD)
             }
         };
+        // Triggers meanwhile are kept (one `Notify` permit) and served after the gap.
+        let gap = pass_gap(started.elapsed()).min(wait);
+        tokio::time::sleep(gap).await;
         tokio::select! {
             _ = shared.reconcile.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait - gap) => {}
             _ = leader.changed() => {}
         }
     }

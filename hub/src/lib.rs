@@ -22,6 +22,7 @@ pub mod api;
 pub mod backup;
 pub mod bootstrap;
 mod certs;
+mod checkins;
 pub(crate) mod cluster;
 pub(crate) mod control;
 pub mod controller;

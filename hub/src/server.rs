@@ -232,10 +232,15 @@ impl Hub {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     // Refused or retried here, before any handshake work, when over a cap.
-                    let Some((incoming, permit)) = self.gate.admit(incoming) else { continue };
+                    let Some((incoming, permit, wait)) = self.gate.admit(incoming) else { continue };
                     let shared = self.shared.clone();
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
+                        // Paced: past the burst, a validated peer's handshake starts when its
+                        // token comes (see `guard`); its packets wait in quinn's buffer.
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
                         match incoming.await {
                             Ok(conn) => handle_connection(shared, conn, permit).instrument(info_span!("conn", %remote)).await,
                             Err(e) => debug!(%remote, error = %e, "handshake failed"),

@@ -50,15 +50,19 @@ pub(crate) async fn services_loop(shared: Arc<Shared>) {
             }
             continue;
         }
+        let started = std::time::Instant::now();
         if let Err(e) = pass(&shared).await {
             warn!(error = %e, "service tables not updated; retrying");
         }
+        // Paced as the controller's passes (see `control::pass_gap`): changes meanwhile are
+        // seen by the next pass.
+        let gap = crate::control::pass_gap(started.elapsed());
         tokio::select! {
             r = changes.changed() => {
                 if r.is_err() {
                     return;
                 }
-                tokio::time::sleep(SETTLE).await;
+                tokio::time::sleep(SETTLE.max(gap)).await;
             }
             _ = tokio::time::sleep(resync) => {}
             _ = leader.changed() => {}

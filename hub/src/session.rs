@@ -107,10 +107,26 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
         );
     }
     let not_after_ms = leaf.not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
-    let check_in = Box::pin(shared.store.check_in(&node, &cert, not_after_ms, &facts, now)).await;
-    if matches!(check_in, Ok((_, Some(_)))) {
-        Box::pin(crate::events::node(&shared, &node, "Ready", format!("connected to hub {}", shared.hub_id))).await;
-    }
+    // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
+    let mut held: BTreeSet<String> = match Box::pin(shared.store.assignment_set(&node)).await {
+        Ok(set) => set.assignments.into_iter().map(|a| a.name).collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot load assignment set");
+            BTreeSet::new()
+        }
+    };
+    // The hello's claims and statuses, with the node recorded as held here and its `Ready`
+    // event, written together with the hellos of other sessions starting meanwhile (see
+    // `crate::checkins`).
+    let start = crate::store::SessionStart {
+        name: node.clone(),
+        cert_sha256: cert.clone(),
+        cert_not_after_ms: not_after_ms,
+        claimed: facts.clone(),
+        now_ms: now,
+        statuses: held_statuses(statuses, &held),
+    };
+    let check_in = Box::pin(shared.check_ins.check_in(&shared.store, &shared.hub_id, start)).await;
     match check_in {
         Ok((_, Some(row))) => {
             // What the hub will not take from the agent's claims, said once per session.
@@ -157,24 +173,6 @@ pub(crate) async fn agent_session(shared: Arc<Shared>, conn: quinn::Connection, 
             Err(e) => warn!(error = %e, "cannot allocate the node's container subnet"),
         }
     }
-    // Only statuses of replicas the node holds are recorded (see `guard::held_statuses`).
-    let mut held: BTreeSet<String> = match Box::pin(shared.store.assignment_set(&node)).await {
-        Ok(set) => set.assignments.into_iter().map(|a| a.name).collect(),
-        Err(e) => {
-            warn!(error = %e, "cannot load assignment set");
-            BTreeSet::new()
-        }
-    };
-    let statuses = held_statuses(statuses, &held);
-    if let Err(e) =
-        Box::pin(shared.metrics.timed(StoreOp::Status, shared.store.record_statuses(&node, &statuses))).await
-    {
-        warn!(error = %e, "cannot record statuses");
-    }
-    if let Err(e) = Box::pin(shared.store.set_node_session(&node, &shared.hub_id, true, now)).await {
-        warn!(error = %e, "cannot record the node's session");
-    }
-
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let wake = Arc::new(Notify::new());
     let old = shared

@@ -151,6 +151,7 @@ on_both_backends!(
     a_tokens_last_use_goes_to_one_of_two_racing_joins,
     the_store_identity_is_one_per_database,
     renewed_certificates_replace_the_current_one_and_keep_one_previous,
+    hellos_written_together_answer_each_session_on_its_own_certificate,
     users_hold_roles_and_certificates_and_the_last_admin_stays,
     the_audit_log_keeps_the_newest_entries_in_order,
     the_cluster_identity_is_sealed_and_opens_only_with_the_cluster_key,
@@ -1119,6 +1120,39 @@ async fn a_node_name_is_taken_only_with_an_admins_permission(b: Backing) {
     assert_eq!((verdict, row.is_some()), (CertVerdict::Revoked, false), "a revoked certificate cannot check in");
     assert!(s.node("edge-1").await.unwrap().is_none());
     assert_eq!(join(&s, "secret", "edge-1", "fresh", now + 40).await, Ok(Admit::New));
+}
+
+async fn hellos_written_together_answer_each_session_on_its_own_certificate(b: Backing) {
+    use flotilla_hub::store::SessionStart;
+    let s = b.open().await;
+    let now = 9_000;
+    s.create_token(&token("t", "secret"), now).await.unwrap();
+    for (name, cert) in [("edge-1", "a1"), ("edge-2", "a2"), ("edge-3", "a3")] {
+        assert_eq!(join(&s, "secret", name, cert, now).await, Ok(Admit::New));
+    }
+    let start = |name: &str, cert: &str| SessionStart {
+        name: name.into(),
+        cert_sha256: cert.into(),
+        cert_not_after_ms: Some(99_000),
+        claimed: NodeFacts { cpus: 4, ..NodeFacts::default() },
+        now_ms: now + 5,
+        statuses: BTreeMap::new(),
+    };
+    // edge-2 presents a certificate that is not its own: refused, and the others still pass.
+    let answers = s
+        .check_in_many("hub-a", &[start("edge-1", "a1"), start("edge-2", "stolen"), start("edge-3", "a3")])
+        .await
+        .unwrap();
+    let got: Vec<(CertVerdict, bool)> = answers.iter().map(|(v, row)| (*v, row.is_some())).collect();
+    assert_eq!(got, [(CertVerdict::Current, true), (CertVerdict::Replaced, false), (CertVerdict::Current, true)]);
+    for (name, held) in [("edge-1", Some("hub-a")), ("edge-2", None), ("edge-3", Some("hub-a"))] {
+        let n = s.node(name).await.unwrap().unwrap();
+        assert_eq!(n.connected_via.as_deref(), held, "{name}");
+        assert_eq!(n.cert_not_after_ms, held.map(|_| 99_000), "{name}");
+    }
+    let ready: Vec<String> =
+        s.events(now).await.unwrap().into_iter().filter(|e| e.reason == "Ready").map(|e| e.object).collect();
+    assert_eq!(ready, ["node/edge-1", "node/edge-3"]);
 }
 
 async fn renewed_certificates_replace_the_current_one_and_keep_one_previous(b: Backing) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fleet scale: N simulated agents (`flotilla sim`) against one hub on SQLite, both release
 # builds on this machine. Each run starts a fresh hub, joins and connects every node (paced
-# at 150 per second, the hub's handshake rate being 200), measures a 30 s idle window, then
+# at 150 per second; each node makes two handshakes, a join and a session, against the hub's
+# rate of 300), measures a 30 s idle window, then
 # applies an EveryNode workload and measures until every replica is reported Running.
 #
 #   scripts/bench/fleet.sh            # 1,000 nodes, 3 runs

@@ -49,6 +49,19 @@ pub enum TlsError {
     NoAnswer { addr: SocketAddr, waited: Duration },
 }
 
+impl TlsError {
+    /// The peer answered and refused the connection before its handshake (a hub over its
+    /// handshake rate or caps): it is up, and busy. Retried soon, unlike a peer that never
+    /// answers.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            TlsError::Handshake { source: quinn::ConnectionError::ConnectionClosed(close), .. }
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
+}
+
 /// QUIC liveness settings shared by the hub and its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {

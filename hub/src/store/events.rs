@@ -25,11 +25,7 @@ impl Store {
             &[e.at_ms.into(), e.object.as_str().into(), e.reason.as_str().into(), e.message.as_str().into()],
         )
         .await?;
-        tx.exec(
-            "DELETE FROM events WHERE at_ms < (SELECT at_ms FROM events ORDER BY at_ms DESC LIMIT 1 OFFSET ?)",
-            &[(EVENTS_KEPT - 1).into()],
-        )
-        .await?;
+        trim_events(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -47,4 +43,14 @@ impl Store {
             .map(|r| Ok(EventRow { at_ms: r.u64(0)?, object: r.text(1)?, reason: r.text(2)?, message: r.text(3)? }))
             .collect()
     }
+}
+
+/// Deletes the events past the newest [`EVENTS_KEPT`], within `tx`.
+pub(super) async fn trim_events(tx: &mut super::db::Tx) -> Result<()> {
+    tx.exec(
+        "DELETE FROM events WHERE at_ms < (SELECT at_ms FROM events ORDER BY at_ms DESC LIMIT 1 OFFSET ?)",
+        &[(EVENTS_KEPT - 1).into()],
+    )
+    .await?;
+    Ok(())
 }

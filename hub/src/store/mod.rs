@@ -50,7 +50,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use self::db::{Pool, Rec, Tx};
 pub use self::events::{EVENTS_KEPT, EventRow};
-pub use self::identity::{Admitted, NewToken, TokenRow};
+pub use self::identity::{Admitted, NewToken, SessionStart, TokenRow};
 pub use self::network::SubnetOutcome;
 pub use self::objects::{AppliedDocuments, NewObject, ObjectDeletion, ObjectRow};
 pub use self::routes::{AppliedServices, ApplyRefusal, RouteRow};
@@ -991,16 +991,7 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.write_tx().await?;
-        let mut n = 0;
-        for (name, status) in statuses {
-            let status = to_json(status);
-            n += tx
-                .exec(
-                    "UPDATE replicas SET status = ? WHERE name = ? AND node = ?",
-                    &[(&status).into(), name.into(), node.into()],
-                )
-                .await?;
-        }
+        let n = statuses_tx(&mut tx, node, statuses).await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -1181,6 +1172,25 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// [`Store::record_statuses`] within `tx`: how many replicas of `node` took their status.
+pub(crate) async fn statuses_tx(
+    tx: &mut db::Tx,
+    node: &str,
+    statuses: &BTreeMap<String, ReplicaStatus>,
+) -> Result<u64> {
+    let mut n = 0;
+    for (name, status) in statuses {
+        let status = to_json(status);
+        n += tx
+            .exec(
+                "UPDATE replicas SET status = ? WHERE name = ? AND node = ?",
+                &[(&status).into(), name.into(), node.into()],
+            )
+            .await?;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
