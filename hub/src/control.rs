@@ -23,10 +23,11 @@ use crate::store::{Fence, StoreError, Written};
 /// The controller re-runs at least this often even without triggers (level-triggered safety)
 /// on a shared store, where other hubs write too.
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
-/// The same alone on SQLite, where every change comes through this hub's own triggers. A pass
-/// reads the whole store: with 10,000 idle nodes a pass every 5 s was most of the hub's idle
-/// CPU (BENCHMARKS.md, "Fleet scale").
-const RESYNC_ALONE: Duration = Duration::from_secs(30);
+/// The same alone on SQLite, where every change comes through this hub's own triggers and
+/// every deadline is named by the pass. A pass reads the whole store: with 10,000 idle nodes
+/// a pass every 5 s was most of the hub's idle CPU, and with the controller's and the
+/// services' passes every 30 s they were still a third of it (BENCHMARKS.md, "Fleet scale").
+const RESYNC_ALONE: Duration = Duration::from_secs(120);
 
 /// How long the controller may go without a pass when nothing triggers one.
 pub(crate) fn resync_period(shared: &Shared, shared_store: Duration, alone: Duration) -> Duration {

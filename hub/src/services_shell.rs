@@ -17,7 +17,7 @@ use crate::store::StoreError;
 const RESYNC: Duration = Duration::from_secs(2);
 /// ...and this often alone on SQLite, where every change comes through this hub's triggers (a
 /// pass reads every node and replica: see `control::resync_period`).
-const RESYNC_ALONE: Duration = Duration::from_secs(30);
+const RESYNC_ALONE: Duration = Duration::from_secs(120);
 /// A burst of changes (statuses of a rollout) is taken in one pass.
 const SETTLE: Duration = Duration::from_millis(20);
 
