@@ -72,19 +72,18 @@ impl CheckIns {
 
 /// Writes `batch` in one transaction and answers each hello; after an error, one by one.
 async fn commit(store: &Store, hub: &str, batch: Vec<(SessionStart, Reply)>) {
-    let starts: Vec<SessionStart> = batch.iter().map(|(s, _)| s.clone()).collect();
+    let (starts, replies): (Vec<SessionStart>, Vec<Reply>) = batch.into_iter().unzip();
     match store.check_in_many(hub, &starts).await {
-        Ok(answers) if answers.len() == batch.len() => {
-            for ((_, reply), answer) in batch.into_iter().zip(answers) {
+        // One answer per hello, in order (`check_in_many`).
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(Ok(answer));
             }
         }
-        other => {
-            if let Err(e) = other {
-                tracing::warn!(error = %e, hellos = batch.len(), "hellos not written together; writing them one by one");
-            }
-            for (start, reply) in batch {
-                let _ = reply.send(one(store, hub, &start).await);
+        Err(e) => {
+            tracing::warn!(error = %e, hellos = starts.len(), "hellos not written together; writing them one by one");
+            for (start, reply) in starts.iter().zip(replies) {
+                let _ = reply.send(one(store, hub, start).await);
             }
         }
     }
@@ -100,13 +99,7 @@ async fn one(store: &Store, hub: &str, s: &SessionStart) -> Result<(CertVerdict,
         if let Err(e) = store.set_node_session(&s.name, hub, true, s.now_ms).await {
             tracing::warn!(node = %s.name, error = %e, "cannot record the node's session");
         }
-        let event = crate::store::EventRow {
-            at_ms: s.now_ms,
-            object: format!("node/{}", s.name),
-            reason: "Ready".into(),
-            message: format!("connected to hub {hub}"),
-        };
-        if let Err(e) = store.record_event(&event).await {
+        if let Err(e) = store.record_event(&crate::store::EventRow::node_ready(&s.name, hub, s.now_ms)).await {
             tracing::warn!(node = %s.name, error = %e, "node event not recorded");
         }
     }

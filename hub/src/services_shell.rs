@@ -54,15 +54,15 @@ pub(crate) async fn services_loop(shared: Arc<Shared>) {
         if let Err(e) = pass(&shared).await {
             warn!(error = %e, "service tables not updated; retrying");
         }
-        // Paced as the controller's passes (see `control::pass_gap`): changes meanwhile are
-        // seen by the next pass.
-        let gap = crate::control::pass_gap(started.elapsed());
+        // Paced as the controller's passes (see `control::pass_gap`), from the pass's end:
+        // changes meanwhile are seen by the next pass.
+        let paced_until = tokio::time::Instant::now() + crate::control::pass_gap(started.elapsed());
         tokio::select! {
             r = changes.changed() => {
                 if r.is_err() {
                     return;
                 }
-                tokio::time::sleep(SETTLE.max(gap)).await;
+                tokio::time::sleep_until(paced_until.max(tokio::time::Instant::now() + SETTLE)).await;
             }
             _ = tokio::time::sleep(resync) => {}
             _ = leader.changed() => {}

@@ -20,11 +20,7 @@ impl Store {
     /// Records an event and deletes those past the newest [`EVENTS_KEPT`].
     pub async fn record_event(&self, e: &EventRow) -> Result<()> {
         let mut tx = self.pool.write_tx().await?;
-        tx.exec(
-            "INSERT INTO events (at_ms, object, reason, message) VALUES (?, ?, ?, ?)",
-            &[e.at_ms.into(), e.object.as_str().into(), e.reason.as_str().into(), e.message.as_str().into()],
-        )
-        .await?;
+        insert_event(&mut tx, e).await?;
         trim_events(&mut tx).await?;
         tx.commit().await?;
         Ok(())
@@ -43,6 +39,28 @@ impl Store {
             .map(|r| Ok(EventRow { at_ms: r.u64(0)?, object: r.text(1)?, reason: r.text(2)?, message: r.text(3)? }))
             .collect()
     }
+}
+
+impl EventRow {
+    /// A node's session started on `hub` at `at_ms`.
+    pub fn node_ready(node: &str, hub: &str, at_ms: u64) -> EventRow {
+        EventRow {
+            at_ms,
+            object: format!("node/{node}"),
+            reason: "Ready".into(),
+            message: format!("connected to hub {hub}"),
+        }
+    }
+}
+
+/// Inserts `e` within `tx` (the caller trims, [`trim_events`]).
+pub(super) async fn insert_event(tx: &mut super::db::Tx, e: &EventRow) -> Result<()> {
+    tx.exec(
+        "INSERT INTO events (at_ms, object, reason, message) VALUES (?, ?, ?, ?)",
+        &[e.at_ms.into(), e.object.as_str().into(), e.reason.as_str().into(), e.message.as_str().into()],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Deletes the events past the newest [`EVENTS_KEPT`], within `tx`.

@@ -348,28 +348,19 @@ impl Store {
     ) -> Result<Vec<(CertVerdict, Option<NodeRow>)>> {
         let mut tx = self.pool.write_tx().await?;
         let mut out = Vec::with_capacity(starts.len());
-        let mut events = 0u64;
+        let mut any_ready = false;
         for s in starts {
             let checked =
                 check_in_tx(&mut tx, &s.name, &s.cert_sha256, s.cert_not_after_ms, &s.claimed, s.now_ms).await?;
             if checked.1.is_some() {
                 super::statuses_tx(&mut tx, &s.name, &s.statuses).await?;
-                tx.exec(
-                    "UPDATE nodes SET connected_via = ?, last_seen_ms = ? WHERE name = ?",
-                    &[hub.into(), s.now_ms.into(), s.name.as_str().into()],
-                )
-                .await?;
-                let (object, message) = (format!("node/{}", s.name), format!("connected to hub {hub}"));
-                tx.exec(
-                    "INSERT INTO events (at_ms, object, reason, message) VALUES (?, ?, 'Ready', ?)",
-                    &[s.now_ms.into(), object.as_str().into(), message.as_str().into()],
-                )
-                .await?;
-                events += 1;
+                tx.exec(super::HOLD_NODE, &[hub.into(), s.now_ms.into(), s.name.as_str().into()]).await?;
+                super::events::insert_event(&mut tx, &super::EventRow::node_ready(&s.name, hub, s.now_ms)).await?;
+                any_ready = true;
             }
             out.push(checked);
         }
-        if events > 0 {
+        if any_ready {
             super::events::trim_events(&mut tx).await?;
         }
         tx.commit().await?;

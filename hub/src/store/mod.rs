@@ -569,12 +569,7 @@ impl Store {
     /// when ending, to name whose session ended.
     pub async fn set_node_session(&self, name: &str, hub: &str, connected: bool, now_ms: u64) -> Result<()> {
         if connected {
-            self.pool
-                .exec(
-                    "UPDATE nodes SET connected_via = ?, last_seen_ms = ? WHERE name = ?",
-                    &[hub.into(), now_ms.into(), name.into()],
-                )
-                .await?;
+            self.pool.exec(HOLD_NODE, &[hub.into(), now_ms.into(), name.into()]).await?;
         } else {
             self.pool
                 .exec(
@@ -1173,6 +1168,10 @@ pub fn redact(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// Records node `?3` as held by hub `?1` since `?2` ([`Store::set_node_session`], and each
+/// hello of [`Store::check_in_many`]).
+const HOLD_NODE: &str = "UPDATE nodes SET connected_via = ?, last_seen_ms = ? WHERE name = ?";
 
 /// [`Store::record_statuses`] within `tx`: how many replicas of `node` took their status.
 pub(crate) async fn statuses_tx(
